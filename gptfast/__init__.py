@@ -1,0 +1,17 @@
+"""gptfast: the GPT of *Build a Large Language Model (From Scratch)*, with fused kernels underneath.
+
+Swap ``from llms_from_scratch.ch05 import ...`` for ``from gptfast.ch05 import ...``.
+The hot spots (causal attention, cross-entropy, next-token sampling) go through
+``gptfast.ops``, which picks a backend (torch, cpu, triton, cuda).
+"""
+
+from . import ops
+from .config import GPT_CONFIG_124M, gpt2_config
+from .generation import generate, generate_stream
+from .model import GPTModel
+from .tokenizer import get_tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "GPTModel", "GPT_CONFIG_124M", "gpt2_config", "generate", "generate_stream", "get_tokenizer",
+           "__version__"]

@@ -1,0 +1,71 @@
+"""Sliding-window next-token datasets (chapter 2) and text loading helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .resources import default_text
+from .tokenizer import ENDOFTEXT, get_tokenizer
+
+
+class GPTDatasetV1(Dataset):
+    """Overlapping ``(input, target)`` windows of ``max_length`` tokens, ``stride`` apart.
+
+    The target window is the input window shifted by one token.  ``input_ids`` and
+    ``target_ids`` are 2-D tensors (one row per window) rather than lists of tensors,
+    which gives the same items without one Python object per window.
+    """
+
+    def __init__(self, txt, tokenizer, max_length, stride):
+        if max_length < 1 or stride < 1:
+            raise ValueError(f"max_length and stride must be >= 1, got {max_length} and {stride}")
+        self.tokenizer = tokenizer
+        token_ids = torch.tensor(tokenizer.encode(txt, allowed_special={ENDOFTEXT}), dtype=torch.long)
+        # Windows start at 0, stride, ... while a full input plus its shifted target fits.
+        windows = token_ids.unfold(0, max_length + 1, stride) if len(token_ids) > max_length else \
+            token_ids.new_empty((0, max_length + 1))
+        self.input_ids = windows[:, :-1]
+        self.target_ids = windows[:, 1:]
+
+    def __len__(self):
+        return len(self.input_ids)
+
+    def __getitem__(self, idx):
+        return self.input_ids[idx], self.target_ids[idx]
+
+
+def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=True, drop_last=True,
+                         num_workers=0):
+    """DataLoader over ``GPTDatasetV1`` windows of ``txt``, tokenized with GPT-2's BPE."""
+    dataset = GPTDatasetV1(txt, get_tokenizer(), max_length, stride)
+    if len(dataset) == 0:
+        raise ValueError(
+            f"txt is too short for one window: it has {len(dataset.tokenizer.encode(txt, allowed_special={ENDOFTEXT}))}"
+            f" tokens and max_length={max_length} needs at least {max_length + 1}")
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=num_workers)
+
+
+def load_text(path=None) -> str:
+    """Read a UTF-8 text file, or the embedded the-verdict when ``path`` is None."""
+    if path is None:
+        return default_text()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    return path.read_text(encoding="utf-8")
+
+
+def train_val_loaders(text, cfg, batch_size=2, train_ratio=0.90, seed=123):
+    """The chapter-5 split: first ``train_ratio`` of the characters for training, the rest for validation."""
+    split = int(train_ratio * len(text))
+    ctx = cfg["context_length"]
+    torch.manual_seed(seed)
+    train_loader = create_dataloader_v1(text[:split], batch_size=batch_size, max_length=ctx, stride=ctx,
+                                        drop_last=True, shuffle=True, num_workers=0)
+    val_loader = create_dataloader_v1(text[split:], batch_size=batch_size, max_length=ctx, stride=ctx,
+                                      drop_last=False, shuffle=False, num_workers=0)
+    return train_loader, val_loader

@@ -1,0 +1,278 @@
+"""The GPT model of the book (chapters 3 and 4), with attention routed through ``gptfast.ops``.
+
+Parameter names, shapes, creation order (and so the initial values under a seed)
+and buffers are those of ``llms_from_scratch``, so checkpoints load both ways.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import ops
+
+# sqrt(2 / pi) rounded to float32 exactly as the reference computes it.
+_GELU_COEF = float(torch.sqrt(torch.tensor(2.0 / torch.pi)))
+
+
+def _causal_mask_buffer(context_length: int) -> torch.Tensor:
+    """The reference's ``mask`` buffer: 1.0 above the diagonal (kept for state_dict compatibility)."""
+    return torch.triu(torch.ones(context_length, context_length), diagonal=1)
+
+
+# ----------------------------------------------------------------------------- chapter 3
+
+
+class SelfAttention_v1(nn.Module):
+    """Un-masked self-attention with raw weight matrices (chapter 3, first version)."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.W_query = nn.Parameter(torch.rand(d_in, d_out))
+        self.W_key = nn.Parameter(torch.rand(d_in, d_out))
+        self.W_value = nn.Parameter(torch.rand(d_in, d_out))
+
+    def forward(self, x):
+        keys, queries, values = x @ self.W_key, x @ self.W_query, x @ self.W_value
+        weights = torch.softmax((queries @ keys.T) / keys.shape[-1] ** 0.5, dim=-1)
+        return weights @ values
+
+
+class SelfAttention_v2(nn.Module):
+    """Un-masked self-attention with ``nn.Linear`` projections (chapter 3, second version)."""
+
+    def __init__(self, d_in, d_out, qkv_bias=False):
+        super().__init__()
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+
+    def forward(self, x):
+        keys, queries, values = self.W_key(x), self.W_query(x), self.W_value(x)
+        weights = torch.softmax((queries @ keys.T) / keys.shape[-1] ** 0.5, dim=-1)
+        return weights @ values
+
+
+class CausalAttention(nn.Module):
+    """Single-head causal attention with dropout on the attention weights."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, qkv_bias=False):
+        super().__init__()
+        self.d_out = d_out
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("mask", _causal_mask_buffer(context_length))
+
+    def forward(self, x):
+        keys, queries, values = self.W_key(x), self.W_query(x), self.W_value(x)
+        # One head: add a heads axis of size 1 for the fused op and drop it again.
+        context = ops.causal_attention(
+            queries.unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1),
+            dropout_p=self.dropout.p, training=self.training)
+        return context.squeeze(1)
+
+
+class MultiHeadAttentionWrapper(nn.Module):
+    """Several ``CausalAttention`` heads side by side, outputs concatenated."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        self.heads = nn.ModuleList(
+            [CausalAttention(d_in, d_out, context_length, dropout, qkv_bias) for _ in range(num_heads)])
+
+    def forward(self, x):
+        return torch.cat([head(x) for head in self.heads], dim=-1)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head attention: separate q/k/v projections, fused attention core, output projection."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        assert d_out % num_heads == 0, "d_out must be divisible by n_heads"
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("mask", _causal_mask_buffer(context_length))
+
+    def split_heads(self, x):
+        """``(b, t, d_out)`` -> ``(b, heads, t, head_dim)`` (a view, no copy)."""
+        b, t, _ = x.shape
+        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def merge_heads(self, x):
+        """``(b, heads, t, head_dim)`` -> ``(b, t, d_out)``."""
+        b, _, t, _ = x.shape
+        return x.transpose(1, 2).reshape(b, t, self.d_out)
+
+    def forward(self, x):
+        keys = self.split_heads(self.W_key(x))
+        queries = self.split_heads(self.W_query(x))
+        values = self.split_heads(self.W_value(x))
+        context = ops.causal_attention(queries, keys, values, dropout_p=self.dropout.p, training=self.training)
+        return self.out_proj(self.merge_heads(context))
+
+
+class PyTorchMultiHeadAttention(nn.Module):
+    """Multi-head attention with one fused qkv projection (the reference's "bonus" variant)."""
+
+    def __init__(self, d_in, d_out, num_heads, dropout=0.0, qkv_bias=False):
+        super().__init__()
+        assert d_out % num_heads == 0, "d_out is indivisible by num_heads"
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.d_out = d_out
+        self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
+        self.proj = nn.Linear(d_out, d_out)
+        self.dropout = dropout
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        # (b, t, 3 * d_out) -> three (b, heads, t, head_dim) views
+        queries, keys, values = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        context = ops.causal_attention(queries, keys, values, dropout_p=self.dropout, training=self.training)
+        return self.proj(context.transpose(1, 2).reshape(b, t, self.d_out))
+
+
+# ----------------------------------------------------------------------------- chapter 4
+
+
+class LayerNorm(nn.Module):
+    """Layer normalisation over the last axis with learnable ``scale`` and ``shift``."""
+
+    def __init__(self, emb_dim):
+        super().__init__()
+        self.eps = 1e-5
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x):
+        mean = x.mean(dim=-1, keepdim=True)
+        var = x.var(dim=-1, keepdim=True, unbiased=False)
+        return self.scale * ((x - mean) / torch.sqrt(var + self.eps)) + self.shift
+
+
+class GELU(nn.Module):
+    """GELU, tanh approximation (as in GPT-2)."""
+
+    def forward(self, x):
+        return 0.5 * x * (1 + torch.tanh(_GELU_COEF * (x + 0.044715 * torch.pow(x, 3))))
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: expand 4x, GELU, project back."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]),
+            GELU(),
+            nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + drop(attn(norm1(x))), then x + drop(ff(norm2(x)))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg["emb_dim"], d_out=cfg["emb_dim"], context_length=cfg["context_length"],
+            num_heads=cfg["n_heads"], dropout=cfg["drop_rate"], qkv_bias=cfg["qkv_bias"])
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg["emb_dim"])
+        self.norm2 = LayerNorm(cfg["emb_dim"])
+        self.drop_resid = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x):
+        x = x + self.drop_resid(self.att(self.norm1(x)))
+        return x + self.drop_resid(self.ff(self.norm2(x)))
+
+
+class GPTModel(nn.Module):
+    """GPT-2-style decoder: token + position embeddings, ``n_layers`` blocks, final norm, untied head."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = LayerNorm(cfg["emb_dim"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+
+    def embed(self, in_idx, start_pos: int = 0):
+        """Token plus position embeddings for positions ``start_pos ...``, with embedding dropout."""
+        positions = torch.arange(start_pos, start_pos + in_idx.shape[1], device=in_idx.device)
+        return self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
+
+    def hidden_states(self, in_idx):
+        """Final-norm hidden states ``(b, t, emb_dim)``: everything but the output head."""
+        return self.final_norm(self.trf_blocks(self.embed(in_idx)))
+
+    def forward(self, in_idx):
+        return self.out_head(self.hidden_states(in_idx))
+
+
+# The reference's speed-oriented variants, kept under the same names.
+
+
+class FeedForwardFast(nn.Module):
+    """``FeedForward`` with PyTorch's built-in tanh GELU."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class TransformerBlockFast(nn.Module):
+    """``TransformerBlock`` with built-in LayerNorm, fused qkv attention and built-in GELU."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.att = PyTorchMultiHeadAttention(
+            d_in=cfg["emb_dim"], d_out=cfg["emb_dim"], num_heads=cfg["n_heads"],
+            dropout=cfg["drop_rate"], qkv_bias=cfg["qkv_bias"])
+        self.ff = FeedForwardFast(cfg)
+        self.norm1 = nn.LayerNorm(cfg["emb_dim"])
+        self.norm2 = nn.LayerNorm(cfg["emb_dim"])
+        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x):
+        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class GPTModelFast(nn.Module):
+    """``GPTModel`` built from the fast blocks (same embeddings and head)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.Sequential(*[TransformerBlockFast(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = nn.LayerNorm(cfg["emb_dim"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+
+    def forward(self, in_idx):
+        positions = torch.arange(in_idx.shape[1], device=in_idx.device)
+        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
+        return self.out_head(self.final_norm(self.trf_blocks(x)))

@@ -1,0 +1,97 @@
+"""The one dispatch point for gptfast's fused hot spots.
+
+Model, training and generation code call only these functions.  Each validates
+its input (clear ``TypeError``/``ValueError`` naming the argument), picks a
+backend (``use_backend``, ``$GPTFAST_BACKEND`` or ``"auto"``) and runs it.
+
+Backends: ``"torch"`` (plain PyTorch, the parity oracle), ``"cpu"`` (csrc/cpu),
+``"triton"`` (csrc/triton), ``"cuda"`` (csrc/cuda).  ``"auto"`` takes, per op,
+the first backend in that priority order (cuda, triton, cpu, torch) that is built,
+serves the tensors' device and has been measured faster than the torch path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+from ._dispatch import (
+    BACKEND_CHOICES,
+    available_backends,
+    backend_status,
+    get_backend,
+    resolve,
+    unavailable_reason,
+    use_backend,
+)
+
+__all__ = [
+    "causal_attention",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "sample_next_token",
+    "available_backends",
+    "backend_status",
+    "get_backend",
+    "use_backend",
+    "selected_backend",
+    "BACKEND_CHOICES",
+]
+
+
+def selected_backend(op: str, *tensors: torch.Tensor) -> str:
+    """Name of the backend that would run ``op`` on these tensors right now."""
+    return resolve(op, tensors[0].device, tensors)[0]
+
+
+def causal_attention(q, k, v, *, dropout_p=0.0, training=False, scale=None, backend=None):
+    """Causal softmax attention ``softmax(q k^T * scale + mask) v`` with attention dropout.
+
+    q is ``(B, H, Tq, D)``, k and v ``(B, H, Tk, D)`` with ``Tq <= Tk``: the queries
+    are the last ``Tq`` positions of the keys (``Tq = 1`` is a KV-cache decode step).
+    ``scale`` defaults to ``1 / sqrt(D)``.  Dropout on the attention weights is applied
+    only when ``training`` is true.  Returns ``(B, H, Tq, D)``.
+    """
+    _checks.check_attention(q, k, v, dropout_p, scale)
+    kwargs = dict(dropout_p=float(dropout_p), training=bool(training), scale=scale)
+    _, fn = resolve("causal_attention", q.device, (q, k, v), kwargs, backend)
+    return fn(q, k, v, **kwargs)
+
+
+def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", backend=None):
+    """Softmax cross-entropy of ``logits`` ``(N, V)`` or ``(B, T, V)`` against class indices.
+
+    Same semantics as ``torch.nn.functional.cross_entropy``: targets equal to
+    ``ignore_index`` add nothing and are left out of the mean; ``reduction="none"``
+    returns one loss per target, in the targets' shape.
+    """
+    _checks.check_cross_entropy(logits, targets, ignore_index, reduction)
+    kwargs = dict(ignore_index=int(ignore_index), reduction=reduction)
+    _, fn = resolve("cross_entropy", logits.device, (logits, targets), kwargs, backend)
+    return fn(logits, targets, **kwargs)
+
+
+def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean",
+                         backend=None):
+    """Cross-entropy of the output head ``hidden @ weight.T (+ bias)`` against ``targets``.
+
+    Fused backends never build the full ``(N, V)`` logits; the torch backend does.
+    hidden is ``(..., H)``, weight ``(V, H)``, targets ``hidden.shape[:-1]``.
+    """
+    _checks.check_linear_cross_entropy(hidden, weight, targets, bias, ignore_index, reduction)
+    kwargs = dict(bias=bias, ignore_index=int(ignore_index), reduction=reduction)
+    _, fn = resolve("linear_cross_entropy", hidden.device, (hidden, weight, targets), kwargs, backend)
+    return fn(hidden, weight, targets, **kwargs)
+
+
+def sample_next_token(logits, *, temperature=0.0, top_k=None, generator=None, backend=None):
+    """Draw the next token of every row of ``logits`` ``(B, V)``; returns ``(B, 1)`` int64.
+
+    ``top_k`` keeps every logit >= the row's k-th largest (ties kept, as the
+    reference does); ``temperature`` divides the logits before the softmax, and 0
+    means argmax.  Both may be per-row tensors of shape ``(B,)``.
+    """
+    temperature, top_k = _checks.normalize_sampling_args(logits, temperature, top_k, generator)
+    kwargs = dict(temperature=temperature, top_k=top_k, generator=generator)
+    _, fn = resolve("sample_next_token", logits.device, (logits,), kwargs, backend)
+    return fn(logits, **kwargs)

@@ -1,0 +1,178 @@
+"""Input validation shared by every backend.
+
+Everything here runs in Python before a kernel is launched, so bad input gets a
+``TypeError``/``ValueError`` naming the argument instead of a crash inside C++,
+CUDA or Triton.  Checks that would need a device-to-host copy (the values of
+targets or per-row parameters on a GPU) are only done for CPU tensors; the GPU
+kernels bounds-check those values themselves.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def require_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def require_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float32/float16/bfloat16/float64), got {t.dtype}")
+
+
+def require_same_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    for name, device in devices.items():
+        if device != first:
+            listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+            raise ValueError(f"all inputs must be on one device, got {listing}")
+    return first
+
+
+def check_attention(q, k, v, dropout_p, scale) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        require_tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, tokens, head_dim), got shape {tuple(t.shape)}")
+        require_float(name, t)
+    require_same_device(q=q, k=k, v=v)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    (b, h, tq, d), tk = q.shape, k.shape[2]
+    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head_dim")
+    if tq == 0 or d == 0:
+        raise ValueError(f"q must have at least one token and a non-empty head_dim, got shape {tuple(q.shape)}")
+    if tq > tk:
+        raise ValueError(
+            f"q has {tq} tokens but k/v only {tk}: queries are the last positions of the keys, so Tq <= Tk")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0):
+        raise ValueError(f"scale must be None or a positive number, got {scale!r}")
+
+
+def check_reduction(reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_targets(targets: torch.Tensor, expected_shape, num_classes: int, ignore_index: int) -> None:
+    require_tensor("targets", targets)
+    if targets.dtype not in INDEX_DTYPES:
+        raise TypeError(f"targets must be an int64 or int32 tensor of class indices, got {targets.dtype}")
+    if tuple(targets.shape) != tuple(expected_shape):
+        raise ValueError(f"targets must have shape {tuple(expected_shape)}, got {tuple(targets.shape)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if targets.device.type == "cpu" and targets.numel() > 0:
+        bad = ((targets < 0) | (targets >= num_classes)) & (targets != ignore_index)
+        if bool(bad.any()):
+            value = int(targets[bad][0])
+            raise ValueError(f"targets contains {value}, outside [0, {num_classes}) and not ignore_index={ignore_index}")
+
+
+def check_cross_entropy(logits, targets, ignore_index, reduction) -> None:
+    require_tensor("logits", logits)
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be (N, V) or (B, T, V), got shape {tuple(logits.shape)}")
+    require_float("logits", logits)
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have at least one class")
+    check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index)
+    require_same_device(logits=logits, targets=targets)
+    check_reduction(reduction)
+
+
+def check_linear_cross_entropy(hidden, weight, targets, bias, ignore_index, reduction) -> None:
+    require_tensor("hidden", hidden)
+    require_tensor("weight", weight)
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be (N, H) or (B, T, H), got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be (V, H) with H={hidden.shape[-1]} to match hidden, got shape {tuple(weight.shape)}")
+    require_float("hidden", hidden)
+    require_float("weight", weight)
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden and weight must share one dtype, got {hidden.dtype} and {weight.dtype}")
+    if bias is not None:
+        require_tensor("bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        require_same_device(hidden=hidden, bias=bias)
+    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index)
+    require_same_device(hidden=hidden, weight=weight, targets=targets)
+    check_reduction(reduction)
+
+
+def _check_per_row(name, value, batch, device, integer):
+    if value.dim() == 0:
+        value = value.expand(batch)
+    if value.shape != (batch,):
+        raise ValueError(f"{name} as a tensor must have one value per row, shape ({batch},), got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} must be on the logits' device {device}, got {value.device}")
+    if integer and value.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} as a tensor must be int64 or int32, got {value.dtype}")
+    if not integer and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} as a tensor must be floating, got {value.dtype}")
+    return value
+
+
+def normalize_sampling_args(logits, temperature, top_k, generator):
+    """Validate the sampling arguments; return ``(temperature, top_k)`` as python numbers or per-row tensors.
+
+    Per-row tensors come back as float32 temperatures and int64 top_k of shape ``(B,)``.
+    """
+    require_tensor("logits", logits)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (batch, vocab), got shape {tuple(logits.shape)}")
+    require_float("logits", logits)
+    batch, vocab = logits.shape
+    if vocab == 0:
+        raise ValueError("logits must have at least one column")
+
+    if isinstance(temperature, torch.Tensor):
+        temperature = _check_per_row("temperature", temperature, batch, logits.device, integer=False)
+        temperature = temperature.to(torch.float32).contiguous()
+        if temperature.device.type == "cpu" and bool(((temperature < 0) | temperature.isnan()).any()):
+            raise ValueError("temperature must be >= 0 in every row")
+    elif isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a number or a tensor, got {type(temperature).__name__}")
+    elif not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    else:
+        temperature = float(temperature)
+
+    if isinstance(top_k, torch.Tensor):
+        top_k = _check_per_row("top_k", top_k, batch, logits.device, integer=True)
+        top_k = top_k.to(torch.int64).contiguous()
+        if top_k.device.type == "cpu" and bool(((top_k < 1) | (top_k > vocab)).any()):
+            raise ValueError(f"top_k must be in [1, {vocab}] in every row")
+    elif top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+            raise TypeError(f"top_k must be None, an int or a tensor, got {type(top_k).__name__}")
+        if not 1 <= top_k <= vocab:
+            raise ValueError(f"top_k must be in [1, vocab size {vocab}], got {top_k}")
+        top_k = int(top_k)
+
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != logits.device.type:
+            raise ValueError(f"generator is on {generator.device} but logits on {logits.device}")
+    return temperature, top_k

@@ -1,0 +1,165 @@
+"""Backend registry and selection for the three fused ops.
+
+A backend is a module that implements some of the ops below as plain functions
+taking already-validated tensors.  Modules are imported lazily, the first time a
+backend is considered, so importing gptfast never builds or loads a kernel.
+
+Contract for a backend module (see ``torch_ops.py`` for the oracle):
+
+``unavailable_reason() -> str | None``
+    ``None`` when usable on this machine, else a sentence saying why not
+    (extension not built, no CUDA device, triton missing ...).
+``DEVICES: tuple[str, ...]``
+    device types it serves (``"cpu"``, ``"cuda"``).
+``AUTO_OPS: frozenset[str]``
+    ops that ``"auto"`` may pick this backend for (only those measured faster
+    than the torch path on those devices).
+``<op>(...)``
+    one function per implemented op, same keyword names as ``gptfast.ops``.
+``supports(op, *tensors, **kwargs) -> str | None`` (optional)
+    ``None`` when this call can be served, else the reason (e.g. head dim 96).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+OPS = ("causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token")
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    module: str
+    description: str
+
+
+# Order matters: "auto" tries backends in this order for each op.
+BACKENDS: dict[str, BackendSpec] = {
+    spec.name: spec
+    for spec in (
+        BackendSpec("cuda", "gptfast.ops.cuda_ops", "hand-written CUDA C++ kernels (csrc/cuda)"),
+        BackendSpec("triton", "gptfast.ops.triton_ops", "Triton kernels (csrc/triton)"),
+        BackendSpec("cpu", "gptfast.ops.cpu_ops", "C++ CPU kernels (csrc/cpu)"),
+        BackendSpec("torch", "gptfast.ops.torch_ops", "plain PyTorch, the reference oracle"),
+    )
+}
+BACKEND_CHOICES = ("auto",) + tuple(BACKENDS)
+
+_modules: dict[str, ModuleType] = {}
+_import_errors: dict[str, str] = {}
+_state = threading.local()
+
+
+def _load(name: str) -> ModuleType | None:
+    """Import a backend module once; remember why it failed if it did."""
+    if name in _modules:
+        return _modules[name]
+    if name in _import_errors:
+        return None
+    try:
+        module = importlib.import_module(BACKENDS[name].module)
+    except ImportError as exc:  # not written yet, or a dependency is missing
+        _import_errors[name] = f"could not import {BACKENDS[name].module}: {exc}"
+        return None
+    _modules[name] = module
+    return module
+
+
+def unavailable_reason(name: str) -> str | None:
+    """``None`` if backend ``name`` can run here, else why it cannot."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_CHOICES}")
+    module = _load(name)
+    if module is None:
+        return _import_errors[name]
+    return module.unavailable_reason()
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable on this machine, in ``"auto"`` priority order."""
+    return [name for name in BACKENDS if unavailable_reason(name) is None]
+
+
+def backend_status() -> dict[str, str]:
+    """Each backend's name mapped to ``"available"`` or the reason it is not."""
+    return {name: unavailable_reason(name) or "available" for name in BACKENDS}
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {name!r}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend now selected: ``use_backend``'s choice, else ``$GPTFAST_BACKEND``, else ``"auto"``."""
+    chosen = getattr(_state, "backend", None)
+    if chosen is None:
+        chosen = _check_name(os.environ.get("GPTFAST_BACKEND", "auto") or "auto")
+    return chosen
+
+
+class use_backend:
+    """Select the backend for the gptfast ops.
+
+    Works both as a plain call, which changes the selection until changed again,
+    and as a context manager, which restores the previous selection on exit::
+
+        gptfast.ops.use_backend("cpu")
+        with gptfast.ops.use_backend("torch"):
+            ...
+
+    A named backend that cannot run here raises ``RuntimeError`` at once.
+    """
+
+    def __init__(self, name: str):
+        _check_name(name)
+        if name != "auto":
+            reason = unavailable_reason(name)
+            if reason is not None:
+                raise RuntimeError(f"gptfast backend {name!r} is not available: {reason}")
+        self.name = name
+        self._previous = getattr(_state, "backend", None)
+        _state.backend = name
+
+    def __enter__(self) -> "use_backend":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        _state.backend = self._previous
+
+
+def _serves(module: ModuleType, op: str, device: torch.device, args, kwargs) -> str | None:
+    """``None`` if ``module`` can run ``op`` for these inputs, else why not."""
+    if device.type not in module.DEVICES:
+        return f"it runs on {'/'.join(module.DEVICES)} tensors, not {device.type}"
+    if not hasattr(module, op):
+        return f"it does not implement {op}"
+    supports = getattr(module, "supports", None)
+    return supports(op, *args, **kwargs) if supports is not None else None
+
+
+def resolve(op: str, device: torch.device, args=(), kwargs=None, backend: str | None = None):
+    """Return ``(backend_name, function)`` that will run ``op`` on ``device``."""
+    kwargs = kwargs or {}
+    name = _check_name(backend) if backend is not None else get_backend()
+    if name != "auto":
+        reason = unavailable_reason(name)
+        if reason is None:
+            reason = _serves(_modules[name], op, device, args, kwargs)
+        if reason is not None:
+            raise RuntimeError(f"gptfast backend {name!r} cannot run {op}: {reason}")
+        return name, getattr(_modules[name], op)
+    for candidate in BACKENDS:
+        if candidate != "torch" and unavailable_reason(candidate) is None:
+            module = _modules[candidate]
+            if op in module.AUTO_OPS and _serves(module, op, device, args, kwargs) is None:
+                return candidate, getattr(module, op)
+    return "torch", getattr(_load("torch"), op)

@@ -1,0 +1,75 @@
+"""Backend ``"torch"``: plain PyTorch, written to match the reference numerically.
+
+This is the oracle every kernel is tested against.  Each function performs the
+same operations, in the same order, as ``llms_from_scratch`` does, so results
+(dropout masks and sampled tokens included) are bitwise equal under one seed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DEVICES = ("cpu", "cuda", "mps", "xpu", "meta")
+AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token"})
+
+
+def unavailable_reason():
+    return None
+
+
+def causal_mask(tq: int, tk: int, device) -> torch.Tensor:
+    """Boolean ``(tq, tk)`` mask, True where query ``i`` (position ``tk - tq + i``) must not see key ``j``."""
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).triu_(tk - tq + 1)
+
+
+def causal_attention(q, k, v, *, dropout_p=0.0, training=False, scale=None):
+    """Causal softmax attention, op for op as the reference's ``MultiHeadAttention.forward``."""
+    scores = q @ k.transpose(2, 3)
+    scores.masked_fill_(causal_mask(q.shape[2], k.shape[2], q.device), -torch.inf)
+    # The reference divides by sqrt(head_dim) after masking; keep that order for bitwise parity.
+    scores = scores / k.shape[-1] ** 0.5 if scale is None else scores * scale
+    weights = torch.softmax(scores, dim=-1)
+    weights = F.dropout(weights, dropout_p, training)
+    return weights @ v
+
+
+def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean"):
+    """``F.cross_entropy`` over the last dimension; ``reduction="none"`` keeps the targets' shape."""
+    loss = F.cross_entropy(logits.flatten(0, -2), targets.flatten().long(),
+                           ignore_index=ignore_index, reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
+def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean"):
+    """Cross-entropy of ``hidden @ weight.T (+ bias)``, materialising the full logits."""
+    return cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=ignore_index, reduction=reduction)
+
+
+def _keep_top_k(logits, top_k):
+    if isinstance(top_k, int):
+        top_logits, _ = torch.topk(logits, top_k)
+        threshold = top_logits[:, -1:]
+    else:  # one k per row: the k-th largest of each row
+        ordered = torch.sort(logits, dim=-1, descending=True).values
+        threshold = ordered.gather(1, (top_k - 1).unsqueeze(1))
+    # Reference semantics: everything >= the k-th largest value survives, ties included.
+    return torch.where(logits < threshold, torch.tensor(float("-inf"), device=logits.device), logits)
+
+
+def sample_next_token(logits, *, temperature=0.0, top_k=None, generator=None):
+    """Top-k filter, temperature, softmax and multinomial draw, as the reference's ``generate`` does it."""
+    if top_k is not None:
+        logits = _keep_top_k(logits, top_k)
+    if isinstance(temperature, float):
+        if temperature > 0.0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            return torch.multinomial(probs, num_samples=1, generator=generator)
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    # Per-row temperatures: rows at 0 are greedy, the others sample.
+    greedy = torch.argmax(logits, dim=-1, keepdim=True)
+    sampling = temperature > 0
+    safe_t = torch.where(sampling, temperature, torch.ones_like(temperature)).to(logits.dtype)
+    probs = torch.softmax(logits / safe_t.unsqueeze(1), dim=-1)
+    drawn = torch.multinomial(probs, num_samples=1, generator=generator)
+    return torch.where(sampling.unsqueeze(1), drawn, greedy)

@@ -1,0 +1,21 @@
+"""Files shipped inside the package (the-verdict, the GPT-2 ranks file)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+DEFAULT_TEXT = "the-verdict.txt"
+
+
+def resource_path(name: str) -> Path:
+    """Path of a file shipped in ``gptfast.embedded`` (the repo's top-level ``data/``)."""
+    path = Path(str(resources.files("gptfast.embedded").joinpath(name)))
+    if not path.is_file():
+        raise FileNotFoundError(f"gptfast data file {name!r} is missing from the installation ({path})")
+    return path
+
+
+def default_text() -> str:
+    """The embedded default training text, Edith Wharton's "The Verdict" (public domain)."""
+    return resource_path(DEFAULT_TEXT).read_text(encoding="utf-8")

@@ -1,0 +1,36 @@
+"""GPT-2 byte-pair tokenizer that works offline.
+
+gptfast ships the GPT-2 ranks file (the ``.tiktoken`` file tiktoken itself
+downloads for ``get_encoding("gpt2")``), so building the encoding needs no network.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import tiktoken
+import tiktoken.load
+
+from .resources import resource_path
+
+ENDOFTEXT = "<|endoftext|>"
+ENDOFTEXT_ID = 50256
+
+# The r50k/gpt2 split pattern, as tiktoken defines it for this encoding.
+try:
+    from tiktoken_ext.openai_public import r50k_pat_str as _GPT2_PATTERN
+except ImportError:  # older tiktoken without the constant
+    _GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+
+
+@functools.lru_cache(maxsize=1)
+def get_tokenizer() -> tiktoken.Encoding:
+    """The GPT-2 encoding (50,257 tokens), equal to ``tiktoken.get_encoding("gpt2")``."""
+    ranks = tiktoken.load.load_tiktoken_bpe(str(resource_path("gpt2.tiktoken")))
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=_GPT2_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: ENDOFTEXT_ID},
+        explicit_n_vocab=50257,
+    )

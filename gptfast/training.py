@@ -1,0 +1,210 @@
+"""Losses, evaluation and the training loops of chapter 5 and appendix D."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from . import ops
+from .generation import generate_text_simple
+from .tokenizer import ENDOFTEXT
+
+
+def text_to_token_ids(text, tokenizer):
+    """Encode ``text`` to a ``(1, n)`` tensor of token ids."""
+    return torch.tensor(tokenizer.encode(text, allowed_special={ENDOFTEXT})).unsqueeze(0)
+
+
+def token_ids_to_text(token_ids, tokenizer):
+    """Decode a ``(1, n)`` or ``(n,)`` tensor of token ids to text."""
+    return tokenizer.decode(token_ids.squeeze(0).tolist())
+
+
+def calc_loss_batch(input_batch, target_batch, model, device):
+    """Mean next-token cross-entropy of one batch (through ``gptfast.ops.cross_entropy``)."""
+    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    logits = model(input_batch)
+    return ops.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
+
+
+def calc_loss_loader(data_loader, model, device, num_batches=None):
+    """Average batch loss over the first ``num_batches`` batches (all by default); NaN for an empty loader."""
+    if len(data_loader) == 0:
+        return float("nan")
+    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    total = 0.0
+    for i, (input_batch, target_batch) in enumerate(data_loader):
+        if i >= num_batches:
+            break
+        total += calc_loss_batch(input_batch, target_batch, model, device).item()
+    return total / num_batches
+
+
+def evaluate_model(model, train_loader, val_loader, device, eval_iter):
+    """Train and validation loss over ``eval_iter`` batches each, in eval mode without gradients."""
+    model.eval()
+    with torch.no_grad():
+        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
+        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
+    model.train()
+    return train_loss, val_loss
+
+
+def generate_and_print_sample(model, tokenizer, device, start_context):
+    """Print 50 greedy tokens after ``start_context`` on one line."""
+    model.eval()
+    context_size = model.pos_emb.weight.shape[0]
+    encoded = text_to_token_ids(start_context, tokenizer).to(device)
+    with torch.no_grad():
+        token_ids = generate_text_simple(model=model, idx=encoded, max_new_tokens=50, context_size=context_size)
+    print(token_ids_to_text(token_ids, tokenizer).replace("\n", " "))
+    model.train()
+
+
+def _maybe_evaluate(model, train_loader, val_loader, device, eval_iter, history, tokens_seen, label):
+    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+    history[0].append(train_loss)
+    history[1].append(val_loss)
+    history[2].append(tokens_seen)
+    print(f"{label}: Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+
+
+def _batches(loader, progress, epoch, num_epochs):
+    """The loader itself, or wrapped in a tqdm bar when ``progress`` is set."""
+    if not progress:
+        return loader
+    from tqdm import tqdm
+
+    return tqdm(loader, desc=f"epoch {epoch + 1}/{num_epochs}", unit="step", leave=False)
+
+
+def train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs,
+                       eval_freq, eval_iter, start_context, tokenizer, progress=False):
+    """Chapter 5's loop: AdamW steps, evaluation every ``eval_freq`` steps, a sample after each epoch.
+
+    ``progress=True`` (not in the reference) shows a tqdm bar per epoch.
+    Returns ``(train_losses, val_losses, track_tokens_seen)``.
+    """
+    history = ([], [], [])
+    tokens_seen, global_step = 0, -1
+    for epoch in range(num_epochs):
+        model.train()
+        for input_batch, target_batch in _batches(train_loader, progress, epoch, num_epochs):
+            optimizer.zero_grad()
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            loss.backward()
+            optimizer.step()
+            tokens_seen += input_batch.numel()
+            global_step += 1
+            if global_step % eval_freq == 0:
+                _maybe_evaluate(model, train_loader, val_loader, device, eval_iter, history, tokens_seen,
+                                f"Ep {epoch + 1} (Step {global_step:06d})")
+        generate_and_print_sample(model, tokenizer, device, start_context)
+    return history
+
+
+def find_highest_gradient(model):
+    """Largest single gradient value over all parameters (None before any backward)."""
+    grads = [p.grad.detach().max() for p in model.parameters() if p.grad is not None]
+    return torch.stack(grads).max() if grads else None
+
+
+def warmup_cosine_lr(step, warmup_steps, total_steps, peak_lr, initial_lr, min_lr):
+    """Appendix D's schedule: linear warmup from ``initial_lr``, then cosine decay to ``min_lr``."""
+    if step < warmup_steps:
+        return initial_lr + step * (peak_lr - initial_lr) / warmup_steps
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_model(model, train_loader, val_loader, optimizer, device,
+                n_epochs, eval_freq, eval_iter, start_context, tokenizer,
+                warmup_steps, initial_lr=3e-05, min_lr=1e-6, orig_book_version=False):
+    """Appendix D's loop: warmup + cosine learning rate and gradient clipping (max norm 1).
+
+    Clipping starts at the step after warmup (``orig_book_version=True``, as printed in
+    the book) or at the first step after warmup has ended (default).
+    Returns ``(train_losses, val_losses, track_tokens_seen, track_lrs)``.
+    """
+    history, track_lrs = ([], [], []), []
+    tokens_seen, global_step = 0, -1
+    peak_lr = optimizer.param_groups[0]["lr"]
+    total_steps = len(train_loader) * n_epochs
+    for epoch in range(n_epochs):
+        model.train()
+        for input_batch, target_batch in train_loader:
+            optimizer.zero_grad()
+            global_step += 1
+            lr = warmup_cosine_lr(global_step, warmup_steps, total_steps, peak_lr, initial_lr, min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            track_lrs.append(lr)
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            loss.backward()
+            clip_from = warmup_steps + 1 if orig_book_version else warmup_steps
+            if global_step >= clip_from:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+            optimizer.step()
+            tokens_seen += input_batch.numel()
+            if global_step % eval_freq == 0:
+                _maybe_evaluate(model, train_loader, val_loader, device, eval_iter, history, tokens_seen,
+                                f"Ep {epoch + 1} (Iter {global_step:06d})")
+        generate_and_print_sample(model, tokenizer, device, start_context)
+    return (*history, track_lrs)
+
+
+def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, save_path="loss-plot.pdf", show=True):
+    """Plot train/validation loss against epochs (bottom axis) and tokens seen (top axis)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax1 = plt.subplots(figsize=(5, 3))
+    ax1.plot(epochs_seen, train_losses, label="Training loss")
+    ax1.plot(epochs_seen, val_losses, linestyle="-.", label="Validation loss")
+    ax1.set_xlabel("Epochs")
+    ax1.set_ylabel("Loss")
+    ax1.legend(loc="upper right")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax2 = ax1.twiny()
+    ax2.plot(tokens_seen, train_losses, alpha=0)  # invisible: only aligns the tokens axis
+    ax2.set_xlabel("Tokens seen")
+    fig.tight_layout()
+    plt.savefig(save_path)
+    if show:
+        plt.show()
+    return fig
+
+
+def save_checkpoint(path, model, optimizer=None, **extra):
+    """Save in the reference's format (``model_state_dict``/``optimizer_state_dict``) plus ``extra`` keys."""
+    state = {"model_state_dict": model.state_dict(), **extra}
+    if optimizer is not None:
+        state["optimizer_state_dict"] = optimizer.state_dict()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+
+
+def load_checkpoint(path, model, optimizer=None, map_location="cpu"):
+    """Load a checkpoint saved by ``save_checkpoint``, the reference, or a bare ``state_dict``.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` when the
+    weights do not fit ``model``.  Returns the loaded dictionary.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    model_state = state.get("model_state_dict", state) if isinstance(state, dict) else None
+    if not isinstance(model_state, dict):
+        raise ValueError(f"{path} holds no model state_dict")
+    try:
+        model.load_state_dict(model_state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint {path} does not match the model: {exc}") from None
+    if optimizer is not None:
+        if "optimizer_state_dict" not in state:
+            raise ValueError(f"checkpoint {path} has no optimizer state to resume from")
+        optimizer.load_state_dict(state["optimizer_state_dict"])
+    return state
