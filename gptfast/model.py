@@ -162,6 +162,9 @@ class LayerNorm(nn.Module):
 class GELU(nn.Module):
     """GELU, tanh approximation (as in GPT-2)."""
 
+    def __init__(self):
+        super().__init__()
+
     def forward(self, x):
         return 0.5 * x * (1 + torch.tanh(_GELU_COEF * (x + 0.044715 * torch.pow(x, 3))))
 

@@ -1,0 +1,240 @@
+"""gptfast against the real ``llms-from-scratch``: same API, same parameters, same numbers."""
+
+import importlib
+import inspect
+
+import pytest
+import torch
+
+from gptfast import ops
+from gptfast.config import GPT_CONFIG_124M
+
+ref_ch02 = pytest.importorskip("llms_from_scratch.ch02", reason="llms-from-scratch is a test dependency")
+import llms_from_scratch.appendix_d as ref_appendix_d  # noqa: E402
+import llms_from_scratch.ch04 as ref_ch04  # noqa: E402
+import llms_from_scratch.ch05 as ref_ch05  # noqa: E402
+
+import gptfast.appendix_d as appendix_d  # noqa: E402
+import gptfast.ch02 as ch02  # noqa: E402
+import gptfast.ch04 as ch04  # noqa: E402
+import gptfast.ch05 as ch05  # noqa: E402
+
+TINY = {"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads": 4, "n_layers": 2, "drop_rate": 0.1,
+        "qkv_bias": True}
+MODULES = ["ch02", "ch03", "ch04", "ch05", "appendix_d"]
+
+
+def _public_members(module):
+    return {name: obj for name, obj in vars(module).items()
+            if not name.startswith("_") and getattr(obj, "__module__", None) == module.__name__
+            and (inspect.isfunction(obj) or inspect.isclass(obj))}
+
+
+@pytest.mark.parametrize("chapter", MODULES)
+def test_every_public_reference_name_exists_with_the_same_parameters(chapter):
+    ref = importlib.import_module(f"llms_from_scratch.{chapter}")
+    ours = importlib.import_module(f"gptfast.{chapter}")
+    members = _public_members(ref)
+    assert members, f"no public members found in {ref.__name__}"
+    for name, ref_obj in members.items():
+        assert hasattr(ours, name), f"gptfast.{chapter} lacks {name}"
+        ref_params = list(inspect.signature(ref_obj).parameters.values())
+        our_params = list(inspect.signature(getattr(ours, name)).parameters.values())
+        # Same names, kinds and defaults, in order; extra trailing optional parameters are allowed.
+        assert [(p.name, p.kind, p.default) for p in our_params[:len(ref_params)]] == \
+               [(p.name, p.kind, p.default) for p in ref_params], f"{chapter}.{name} signature differs"
+        assert all(p.default is not inspect.Parameter.empty for p in our_params[len(ref_params):])
+
+
+def _pair(cfg, seed=123):
+    torch.manual_seed(seed)
+    ref = ref_ch04.GPTModel(cfg)
+    torch.manual_seed(seed)
+    ours = ch04.GPTModel(cfg)
+    return ref, ours
+
+
+def test_state_dict_keys_order_shapes_and_seeded_values_are_identical():
+    ref, ours = _pair(TINY)
+    ref_sd, our_sd = ref.state_dict(), ours.state_dict()
+    assert list(ref_sd) == list(our_sd)
+    for key in ref_sd:
+        assert ref_sd[key].shape == our_sd[key].shape, key
+        assert torch.equal(ref_sd[key], our_sd[key]), f"{key} differs under the same seed"
+
+
+def test_checkpoints_load_both_ways_strictly():
+    ref, ours = _pair(TINY)
+    torch.manual_seed(5)
+    other = ch04.GPTModel(TINY)
+    other.load_state_dict(ref.state_dict(), strict=True)
+    ref.load_state_dict(other.state_dict(), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), ref.state_dict().values()))
+
+
+@pytest.mark.parametrize("context_length,count", [(1024, 163_009_536), (256, 162_419_712)])
+def test_parameter_count_of_the_book_124m_config(context_length, count):
+    # 163,009,536 is the book's chapter-4 figure, for context 1024; chapter 5's context 256
+    # has 768 * 768 fewer position-embedding weights.  Both must equal the reference.
+    cfg = {**GPT_CONFIG_124M, "context_length": context_length}
+    model = ch04.GPTModel(cfg)
+    assert sum(p.numel() for p in model.parameters()) == count
+    assert sum(p.numel() for p in ref_ch04.GPTModel(cfg).parameters()) == count
+
+
+def test_eval_logits_match_the_reference_with_the_default_backend():
+    ref, ours = _pair(TINY)
+    ref.eval(), ours.eval()
+    idx = torch.randint(0, TINY["vocab_size"], (3, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), ref(idx), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("seq_len", [1, 9, TINY["context_length"]])
+def test_training_mode_with_dropout_is_bitwise_identical_with_the_torch_backend(seq_len):
+    ref, ours = _pair(TINY)
+    idx = torch.randint(0, TINY["vocab_size"], (2, seq_len))
+    with ops.use_backend("torch"):
+        torch.manual_seed(9)
+        out_ref = ref(idx)
+        torch.manual_seed(9)
+        out = ours(idx)
+        assert torch.equal(out, out_ref)
+        target = torch.randint(0, TINY["vocab_size"], (2, seq_len))
+        torch.manual_seed(10)
+        ch05.calc_loss_batch(idx, target, ours, "cpu").backward()
+        torch.manual_seed(10)  # the reference loss with the same dropout draws
+        ref_ch05.calc_loss_batch(idx, target, ref, "cpu").backward()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad), f"gradient of {name} differs"
+
+
+def test_the_books_two_example_cross_entropy():
+    # Chapter 5's example: "every effort moves" -> " effort moves you", "I really like" -> " really like chocolate".
+    inputs = torch.tensor([[16833, 3626, 6100], [40, 1107, 588]])
+    targets = torch.tensor([[3626, 6100, 345], [1107, 588, 11311]])
+    ref, ours = _pair(GPT_CONFIG_124M)
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        expected = ref_ch05.calc_loss_batch(inputs, targets, ref, "cpu")
+        got = ch05.calc_loss_batch(inputs, targets, ours, "cpu")
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert 10.0 < float(got) < 11.5  # ~ln(50257) for an untrained model
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.0, None), (0.0, 3), (1.4, None), (1.4, 25), (0.7, 1)])
+def test_generate_reproduces_the_reference_under_a_seed(temperature, top_k):
+    ref, ours = _pair(TINY)
+    ref.eval(), ours.eval()
+    idx = torch.tensor([[6109, 3626, 6100, 345]])
+    with ops.use_backend("torch"):
+        torch.manual_seed(321)
+        expected = ref_ch05.generate(ref, idx, 40, TINY["context_length"], temperature=temperature, top_k=top_k)
+        torch.manual_seed(321)
+        got = ch05.generate(ours, idx, 40, TINY["context_length"], temperature=temperature, top_k=top_k)
+    assert torch.equal(got, expected)
+
+
+def test_generate_stops_at_eos_like_the_reference():
+    ref, ours = _pair(TINY)
+    ref.eval(), ours.eval()
+    idx = torch.tensor([[6109, 3626]])
+    full = ref_ch05.generate(ref, idx, 12, TINY["context_length"])
+    eos = int(full[0, 5])  # the 4th generated token: generation must stop right before it
+    expected = ref_ch05.generate(ref, idx, 12, TINY["context_length"], eos_id=eos)
+    got = ch05.generate(ours, idx, 12, TINY["context_length"], eos_id=eos)
+    assert torch.equal(got, expected)
+    assert got.shape[1] < full.shape[1]
+
+
+def test_batched_generate_with_top_k_and_eos_finishes_rows_independently():
+    _, ours = _pair(TINY)
+    ours.eval()
+    prompts = torch.tensor([[6109, 3626, 6100], [40, 1107, 588]])
+    with ops.use_backend("torch"):
+        greedy = ch05.generate(ours, prompts, 10, TINY["context_length"], top_k=5)
+        eos = int(greedy[0, 5])  # row 0's third new token
+        assert eos not in greedy[1, 3:].tolist(), "pick a different prompt: eos would also end row 1"
+        out = ch05.generate(ours, prompts, 10, TINY["context_length"], top_k=5, eos_id=eos)
+    # Row 0 stops before its eos and is padded with eos; row 1 runs the full 10 tokens.
+    assert out.shape == greedy.shape
+    assert torch.equal(out[0, :5], greedy[0, :5])
+    assert (out[0, 5:] == eos).all()
+    assert torch.equal(out[1], greedy[1])
+    with ops.use_backend("torch"):
+        torch.manual_seed(3)
+        sampled = ch05.generate(ours, prompts, 6, TINY["context_length"], temperature=1.0, top_k=4, eos_id=eos)
+    assert sampled.shape[0] == 2 and sampled.shape[1] <= 9
+
+
+def _verdict_text():
+    from gptfast.resources import default_text
+    return default_text()
+
+
+def test_dataloaders_yield_the_reference_batches_under_a_seed():
+    text = _verdict_text()
+    torch.manual_seed(123)
+    ref_batches = list(ref_ch02.create_dataloader_v1(text, batch_size=4, max_length=64, stride=32))
+    torch.manual_seed(123)
+    our_batches = list(ch02.create_dataloader_v1(text, batch_size=4, max_length=64, stride=32))
+    assert len(ref_batches) == len(our_batches) > 10
+    for (xr, yr), (x, y) in zip(ref_batches, our_batches):
+        assert torch.equal(xr, x) and torch.equal(yr, y)
+
+
+def _loaders(module, text, cfg, batch_size=2):
+    split = int(0.9 * len(text))
+    torch.manual_seed(123)
+    ctx = cfg["context_length"]
+    train = module.create_dataloader_v1(text[:split], batch_size=batch_size, max_length=ctx, stride=ctx,
+                                        drop_last=True, shuffle=True, num_workers=0)
+    val = module.create_dataloader_v1(text[split:], batch_size=batch_size, max_length=ctx, stride=ctx,
+                                      drop_last=False, shuffle=False, num_workers=0)
+    return train, val
+
+
+def test_calc_loss_loader_matches_the_reference():
+    text = _verdict_text()
+    ref, ours = _pair(TINY)
+    ref.eval(), ours.eval()
+    with torch.no_grad(), ops.use_backend("torch"):
+        ref_loss = ref_ch05.calc_loss_loader(_loaders(ref_ch02, text, TINY)[1], ref, "cpu")
+        loss = ch05.calc_loss_loader(_loaders(ch02, text, TINY)[1], ours, "cpu")
+    assert loss == ref_loss
+
+
+def _run_training(chapter_mod, data_mod, model, text, trainer, **kwargs):
+    from gptfast.tokenizer import get_tokenizer
+    train, val = _loaders(data_mod, text[:6000], TINY)
+    torch.manual_seed(77)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
+    return getattr(chapter_mod, trainer)(model, train, val, optimizer, "cpu", **kwargs,
+                                         start_context="Every effort moves you", tokenizer=get_tokenizer())
+
+
+def test_train_model_simple_reproduces_the_reference(capsys):
+    text = _verdict_text()
+    ref, ours = _pair(TINY)
+    with ops.use_backend("torch"):
+        expected = _run_training(ref_ch05, ref_ch02, ref, text, "train_model_simple", num_epochs=2, eval_freq=3,
+                                 eval_iter=2)
+        ref_out = capsys.readouterr().out
+        got = _run_training(ch05, ch02, ours, text, "train_model_simple", num_epochs=2, eval_freq=3, eval_iter=2)
+        our_out = capsys.readouterr().out
+    assert got == expected
+    assert our_out == ref_out  # same progress lines and samples
+
+
+def test_appendix_d_train_model_reproduces_the_reference(capsys):
+    text = _verdict_text()
+    for orig in (False, True):
+        ref, ours = _pair(TINY)
+        with ops.use_backend("torch"):
+            expected = _run_training(ref_appendix_d, ref_ch02, ref, text, "train_model", n_epochs=2, eval_freq=4,
+                                     eval_iter=1, warmup_steps=3, orig_book_version=orig)
+            got = _run_training(appendix_d, ch02, ours, text, "train_model", n_epochs=2, eval_freq=4, eval_iter=1,
+                                warmup_steps=3, orig_book_version=orig)
+        assert got == expected
+        assert torch.equal(appendix_d.find_highest_gradient(ours), ref_appendix_d.find_highest_gradient(ref))
+    capsys.readouterr()
