@@ -1,0 +1,216 @@
+"""gptfast.ops: backend selection, error messages, input validation."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gptfast import ops
+from gptfast.ops import _dispatch, torch_ops
+
+
+def test_torch_backend_is_always_available_and_listed_first_of_the_fallbacks():
+    names = ops.available_backends()
+    assert "torch" in names and names[-1] == "torch"
+    status = ops.backend_status()
+    assert set(status) == {"cuda", "triton", "cpu", "torch"}
+    assert status["torch"] == "available"
+
+
+def test_use_backend_as_context_manager_restores_the_previous_choice():
+    before = ops.get_backend()
+    with ops.use_backend("torch") as chosen:
+        assert chosen.name == "torch" and ops.get_backend() == "torch"
+    assert ops.get_backend() == before
+
+
+def test_use_backend_as_a_plain_call_sticks_until_changed():
+    try:
+        ops.use_backend("torch")
+        assert ops.get_backend() == "torch"
+    finally:
+        ops.use_backend("auto")
+    assert ops.get_backend() == "auto"
+
+
+def test_environment_variable_selects_the_backend():
+    code = "import gptfast.ops as o; print(o.get_backend())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ, "GPTFAST_BACKEND": "torch"}, check=True)
+    assert out.stdout.strip() == "torch"
+
+
+def test_unknown_backend_name_is_a_value_error():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.use_backend("fastest")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), backend="nope")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_asking_for_an_unavailable_backend_explains_why():
+    with pytest.raises(RuntimeError, match="gptfast backend 'cuda' is not available: .+"):
+        ops.use_backend("cuda")
+    with pytest.raises(RuntimeError, match="cannot run cross_entropy"):
+        ops.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), backend="cuda")
+
+
+def test_auto_picks_a_backend_that_serves_the_device_and_falls_back_to_torch():
+    x = torch.randn(2, 3)
+    name = ops.selected_backend("cross_entropy", x)
+    assert name in ops.available_backends()
+    module = _dispatch._modules[name]
+    assert "cpu" in module.DEVICES
+    assert name == "torch" or "cross_entropy" in module.AUTO_OPS
+
+
+def test_a_backend_refusing_a_call_makes_auto_fall_back(monkeypatch):
+    class Refusing:
+        DEVICES = ("cpu",)
+        AUTO_OPS = frozenset({"cross_entropy"})
+
+        @staticmethod
+        def unavailable_reason():
+            return None
+
+        @staticmethod
+        def supports(op, *args, **kwargs):
+            return "refuses everything"
+
+        @staticmethod
+        def cross_entropy(*args, **kwargs):
+            raise AssertionError("must not be called")
+
+    monkeypatch.setitem(_dispatch._modules, "cpu", Refusing)
+    monkeypatch.delitem(_dispatch._import_errors, "cpu", raising=False)
+    logits, targets = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    assert ops.selected_backend("cross_entropy", logits) == "torch"
+    torch.testing.assert_close(ops.cross_entropy(logits, targets), torch.nn.functional.cross_entropy(logits, targets))
+    with pytest.raises(RuntimeError, match="refuses everything"):
+        ops.cross_entropy(logits, targets, backend="cpu")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _qkv(b=1, h=2, tq=4, tk=4, d=8, **kw):
+    return torch.randn(b, h, tq, d, **kw), torch.randn(b, h, tk, d, **kw), torch.randn(b, h, tk, d, **kw)
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda q, k, v: (q[0], k, v), ValueError, "q must be 4-D"),
+    (lambda q, k, v: (q, k[:, :, :3], v), ValueError, "k and v must have the same shape"),
+    (lambda q, k, v: (q, k[:, :1], v[:, :1]), ValueError, "agree in batch, heads and head_dim"),
+    (lambda q, k, v: (torch.randn(1, 2, 5, 8), k, v), ValueError, "Tq <= Tk"),
+    (lambda q, k, v: (q.long(), k, v), TypeError, "q must be a floating tensor"),
+    (lambda q, k, v: (q.double(), k, v), TypeError, "share one dtype"),
+    (lambda q, k, v: (q.numpy(), k, v), TypeError, "q must be a torch.Tensor"),
+    (lambda q, k, v: (q.to("meta"), k, v), ValueError, "one device"),
+])
+def test_attention_rejects_bad_input(mutate, error, match):
+    with pytest.raises(error, match=match):
+        ops.causal_attention(*mutate(*_qkv()))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dropout_p=1.5), "dropout_p"), (dict(dropout_p=-0.1), "dropout_p"), (dict(scale=0.0), "scale"),
+    (dict(scale=-1.0), "scale"),
+])
+def test_attention_rejects_bad_parameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ops.causal_attention(*_qkv(), **kwargs)
+
+
+def test_attention_decode_case_matches_full_attention_last_rows():
+    q, k, v = _qkv(tq=7, tk=7)
+    full = ops.causal_attention(q, k, v, backend="torch")
+    last = ops.causal_attention(q[:, :, -2:], k, v, backend="torch")
+    torch.testing.assert_close(last, full[:, :, -2:])
+
+
+@pytest.mark.parametrize("logits,targets,error,match", [
+    (torch.randn(4), torch.zeros(4, dtype=torch.long), ValueError, "logits must be"),
+    (torch.randn(4, 5), torch.zeros(3, dtype=torch.long), ValueError, "targets must have shape"),
+    (torch.randn(4, 5), torch.zeros(4), TypeError, "targets must be an int64"),
+    (torch.randn(4, 5).long(), torch.zeros(4, dtype=torch.long), TypeError, "logits must be a floating"),
+    (torch.randn(4, 5), torch.tensor([0, 1, 5, 2]), ValueError, "targets contains 5"),
+    (torch.randn(4, 5), torch.tensor([0, -3, 1, 2]), ValueError, "targets contains -3"),
+])
+def test_cross_entropy_rejects_bad_input(logits, targets, error, match):
+    with pytest.raises(error, match=match):
+        ops.cross_entropy(logits, targets)
+
+
+def test_cross_entropy_rejects_bad_reduction_and_accepts_3d_and_int32():
+    logits, targets = torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3))
+    with pytest.raises(ValueError, match="reduction"):
+        ops.cross_entropy(logits, targets, reduction="avg")
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    torch.testing.assert_close(ops.cross_entropy(logits, targets.int(), reduction="none"), expected.view(2, 3))
+
+
+def test_linear_cross_entropy_matches_linear_then_cross_entropy_and_checks_shapes():
+    hidden, weight, bias = torch.randn(2, 5, 8), torch.randn(11, 8), torch.randn(11)
+    targets = torch.randint(0, 11, (2, 5))
+    targets[0, 0] = -100
+    expected = torch.nn.functional.cross_entropy((hidden @ weight.T + bias).flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(ops.linear_cross_entropy(hidden, weight, targets, bias=bias), expected)
+    with pytest.raises(ValueError, match="weight must be"):
+        ops.linear_cross_entropy(hidden, torch.randn(11, 7), targets)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.linear_cross_entropy(hidden, weight, targets, bias=torch.randn(3))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(top_k=0), ValueError, "top_k must be in"),
+    (dict(top_k=51), ValueError, "top_k must be in"),
+    (dict(top_k=2.5), TypeError, "top_k must be"),
+    (dict(temperature=-0.1), ValueError, "temperature must be >= 0"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be >= 0"),
+    (dict(temperature="hot"), TypeError, "temperature must be"),
+    (dict(temperature=torch.tensor([1.0, -1.0])), ValueError, "temperature must be >= 0 in every row"),
+    (dict(top_k=torch.tensor([1, 60])), ValueError, "top_k must be in"),
+    (dict(top_k=torch.tensor([1, 2, 3])), ValueError, "one value per row"),
+    (dict(top_k=torch.tensor([1.0, 2.0])), TypeError, "int64 or int32"),
+    (dict(generator="seed"), TypeError, "generator"),
+])
+def test_sampling_rejects_bad_parameters(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ops.sample_next_token(torch.randn(2, 50), **kwargs)
+
+
+def test_sampling_rejects_bad_logits():
+    with pytest.raises(ValueError, match="logits must be"):
+        ops.sample_next_token(torch.randn(2, 3, 4))
+    with pytest.raises(TypeError, match="floating"):
+        ops.sample_next_token(torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_per_row_sampling_parameters_on_the_oracle():
+    logits = torch.randn(3, 40)
+    temperature = torch.tensor([0.0, 1.0, 0.0])
+    top_k = torch.tensor([1, 3, 40])
+    gen = torch.Generator().manual_seed(0)
+    out = ops.sample_next_token(logits, temperature=temperature, top_k=top_k, generator=gen, backend="torch")
+    argmax = logits.argmax(-1)
+    assert out[0, 0] == argmax[0] and out[2, 0] == argmax[2]
+    assert out[1, 0] in torch.topk(logits[1], 3).indices
+
+
+def test_top_k_keeps_ties_at_the_kth_value_like_the_reference():
+    logits = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0]])
+    kept = torch_ops._keep_top_k(logits, 2)
+    assert torch.isfinite(kept).tolist() == [[True, True, True, True, False]]
+
+
+def test_model_runs_under_torch_compile():
+    from gptfast.config import TINY_CONFIG
+    from gptfast.model import GPTModel
+
+    torch.manual_seed(0)
+    model = GPTModel(TINY_CONFIG).eval()
+    idx = torch.randint(0, 50257, (2, 12))
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(idx), model(idx), atol=1e-4, rtol=1e-4)
