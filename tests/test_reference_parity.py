@@ -82,10 +82,15 @@ def test_parameter_count_of_the_book_124m_config(context_length, count):
     assert sum(p.numel() for p in ref_ch04.GPTModel(cfg).parameters()) == count
 
 
-def test_eval_logits_match_the_reference_with_the_default_backend():
-    ref, ours = _pair(TINY)
+# GPT-2's real head size (12 heads of 64) at the chapter-5 context, two layers to keep it quick.
+GPT2_SHAPED = {**GPT_CONFIG_124M, "n_layers": 2}
+
+
+@pytest.mark.parametrize("cfg,seq_len", [(TINY, 17), (GPT2_SHAPED, 1), (GPT2_SHAPED, 200)])
+def test_eval_logits_match_the_reference_with_the_default_backend(cfg, seq_len):
+    ref, ours = _pair(cfg)
     ref.eval(), ours.eval()
-    idx = torch.randint(0, TINY["vocab_size"], (3, 17))
+    idx = torch.randint(0, cfg["vocab_size"], (2, seq_len))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), ref(idx), atol=2e-4, rtol=0)
 
