@@ -1,0 +1,43 @@
+"""Launch helpers shared by the gptfast Triton kernels.
+
+Each kernel is launched through ``wrap_triton`` inside a ``torch.library.triton_op``
+so ``torch.compile`` can trace into it.  Triton's interpreter (``TRITON_INTERPRET=1``)
+would try to run a kernel on FakeTensors while an op's shape-only ("fake") version
+is traced, so there the launch is skipped: only output shapes matter then.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import wrap_triton
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Seeds are drawn below 2**31 so they fit the low word of Philox's key; kernels put a
+# program's row or head index into the high word to get independent streams.
+_SEED_BOUND = 2**31 - 1
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """Run ``kernel[grid](*args, **kwargs)`` traceably; a no-op on FakeTensors under the interpreter."""
+    if INTERPRETER and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+        return
+    wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A one-element int64 seed tensor on ``device`` drawn from torch's generator (no host sync)."""
+    return torch.randint(0, _SEED_BOUND, (1,), device=device, dtype=torch.int64, generator=generator)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact fp32 ("ieee") for fp32 so results match the oracle, else native."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= ``n`` (at least 1)."""
+    return 1 << max(0, (int(n) - 1).bit_length())

@@ -1,0 +1,390 @@
+"""Causal flash attention (FlashAttention-2 style) in Triton, forward and backward.
+
+Layout: q ``(B, H, Tq, D)``, k/v ``(B, H, Tk, D)`` with ``Tq <= Tk``; query ``i`` sits at
+position ``Tk - Tq + i`` and sees keys ``j <= Tk - Tq + i`` (the KV-cache decode case).
+
+Forward: one program per (query block, batch*head).  It walks the key blocks with an
+online softmax (running max and sum, base-2 exponentials) and saves the log-sum-exp
+per query so the backward pass can rebuild the probabilities without storing them.
+Key blocks that are fully visible run without any mask; only the blocks crossing the
+diagonal are masked, and blocks entirely above it are never visited (loop bounds).
+
+Backward: ``delta = rowsum(dO * O)``, then two kernels without atomics: one program
+per key block accumulates dK and dV over the query blocks that see it, one program
+per query block accumulates dQ over its visible key blocks.
+
+Dropout on the attention weights is generated in the kernel with Philox
+(``tl.rand``): key = a seed drawn from torch's generator plus the batch*head index in
+the high word, counter = ``query * Tk + key``.  The backward regenerates the same
+mask from the same seed tensor, so nothing of size ``T x T`` is stored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from ._launch import INTERPRETER, dot_precision, draw_seed, launch
+
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LOG2E = 1.4426950408889634
+# Dropout counters are int32 ``query * Tk + key`` within one batch*head.
+MAX_TOKENS_SQUARED = 2**31 - 1
+
+
+# --------------------------------------------------------------------------- forward
+
+@triton.jit
+def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
+                    n_start, n_end, tk, pos_offset, qk_scale, seed, dropout_p, keep_scale,
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """Fold key blocks ``[n_start, n_end)`` into the running (acc, sum, max) of one query block."""
+    for block_start in range(n_start, n_end, BLOCK_N):
+        offs_n = block_start + tl.arange(0, BLOCK_N)
+        if MASKED:
+            in_range = offs_n < tk
+            k_t = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=in_range[None, :], other=0.0)
+        else:
+            k_t = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None])
+        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        if MASKED:
+            visible = (offs_n[None, :] <= pos_offset + offs_m[:, None]) & in_range[None, :]
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        # The normaliser uses the undropped weights: dropout acts after the softmax.
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            r = tl.rand(seed, offs_m[:, None] * tk + offs_n[None, :])
+            p = tl.where(r >= dropout_p, p * keep_scale, 0.0)
+        if MASKED:
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        else:
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr,
+                          sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
+                          n_heads, tq, tk, qk_scale, dropout_p, keep_scale,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    m_block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    start_m = m_block * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < tq
+    pos_offset = tk - tq
+
+    q_base = q_ptr + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
+    k_base = k_ptr + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
+    v_base = v_ptr + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
+    q = tl.load(q_base + offs_m[:, None] * sq_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr) + (bh.to(tl.int64) << 32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # Keys before `full_end` are visible to every query of this block: no mask needed.
+    full_end = ((pos_offset + start_m + 1) // BLOCK_N) * BLOCK_N
+    # Keys past the last query's position are never visited.
+    causal_end = tl.minimum(tk, pos_offset + start_m + BLOCK_M)
+    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, sk_t, sv_t, offs_m, offs_d,
+                                    0, full_end, tk, pos_offset, qk_scale, seed, dropout_p, keep_scale,
+                                    BLOCK_N, False, DROPOUT, PRECISION)
+    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, sk_t, sv_t, offs_m, offs_d,
+                                    full_end, causal_end, tk, pos_offset, qk_scale, seed, dropout_p,
+                                    keep_scale, BLOCK_N, True, DROPOUT, PRECISION)
+
+    out = acc / l_i[:, None]
+    o_base = o_ptr + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
+    tl.store(o_base + offs_m[:, None] * so_t + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    # Log-sum-exp in base 2 of the scaled scores, what the backward needs to rebuild p.
+    tl.store(lse_ptr + bh.to(tl.int64) * tq + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+
+
+# --------------------------------------------------------------------------- backward
+
+@triton.jit
+def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_t, sdo_t, offs_n, offs_d,
+                       m_start, m_end, tq, tk, pos_offset, qk_scale, seed, dropout_p, keep_scale,
+                       BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Add the contributions of query blocks ``[m_start, m_end)`` to one key block's dK, dV."""
+    for block_start in range(m_start, m_end, BLOCK_M):
+        offs_m = block_start + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < tq
+        q_t = tl.load(q_base + offs_m[None, :] * sq_t + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * sdo_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        # Rows past Tq get lse=+inf, so their probabilities are exactly 0.
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale  # (keys, queries)
+        p_t = tl.exp2(s_t - lse[None, :])
+        if MASKED:
+            p_t = tl.where(offs_n[:, None] <= pos_offset + offs_m[None, :], p_t, 0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if DROPOUT:
+            r = tl.rand(seed, offs_m[None, :] * tk + offs_n[:, None])
+            keep = r >= dropout_p
+            dv = tl.dot(tl.where(keep, p_t * keep_scale, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
+            dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, seed_ptr,
+                           sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
+                           n_heads, tq, tk, scale, qk_scale, dropout_p, keep_scale,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    n_block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    start_n = n_block * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n < tk
+    pos_offset = tk - tq
+
+    k_base = k_ptr + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
+    v_base = v_ptr + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
+    k = tl.load(k_base + offs_n[:, None] * sk_t + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * sv_t + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    q_base = q_ptr + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
+    do_base = do_ptr + b.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h
+    lse_base = lse_ptr + bh.to(tl.int64) * tq
+    delta_base = delta_ptr + bh.to(tl.int64) * tq
+
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr) + (bh.to(tl.int64) << 32)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    # Queries before the first one that sees key `start_n` contribute nothing: skipped.
+    first_m = (tl.maximum(start_n - pos_offset, 0) // BLOCK_M) * BLOCK_M
+    # From `full_m` on, every query sees the whole key block: no causal mask.
+    full_m = tl.maximum(start_n + BLOCK_N - 1 - pos_offset, 0)
+    full_m = first_m + tl.cdiv(tl.maximum(full_m - first_m, 0), BLOCK_M) * BLOCK_M
+    full_m = tl.minimum(full_m, tl.cdiv(tq, BLOCK_M) * BLOCK_M)
+    dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_t, sdo_t, offs_n, offs_d,
+                                first_m, full_m, tq, tk, pos_offset, qk_scale, seed, dropout_p, keep_scale,
+                                BLOCK_M, True, DROPOUT, PRECISION)
+    dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_t, sdo_t, offs_n, offs_d,
+                                full_m, tq, tq, tk, pos_offset, qk_scale, seed, dropout_p, keep_scale,
+                                BLOCK_M, False, DROPOUT, PRECISION)
+
+    # dK and dV are written contiguous (B, H, Tk, D).
+    out_offs = bh.to(tl.int64) * tk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(dk_ptr + out_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(dv_ptr + out_offs, dv.to(dv_ptr.dtype.element_ty), mask=key_ok[:, None])
+
+
+@triton.jit
+def _dq_key_blocks(dq, q, do, lse, delta, k_base, v_base, sk_t, sv_t, offs_m, offs_d, n_start, n_end, tk,
+                   pos_offset, qk_scale, seed, dropout_p, keep_scale,
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """Add the contributions of key blocks ``[n_start, n_end)`` to one query block's dQ."""
+    for block_start in range(n_start, n_end, BLOCK_N):
+        offs_n = block_start + tl.arange(0, BLOCK_N)
+        if MASKED:
+            in_range = offs_n < tk
+            k = tl.load(k_base + offs_n[:, None] * sk_t + offs_d[None, :], mask=in_range[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * sv_t + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * sk_t + offs_d[None, :])
+            v = tl.load(v_base + offs_n[:, None] * sv_t + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            visible = (offs_n[None, :] <= pos_offset + offs_m[:, None]) & in_range[None, :]
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            r = tl.rand(seed, offs_m[:, None] * tk + offs_n[None, :])
+            dp = tl.where(r >= dropout_p, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr,
+                         sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
+                         n_heads, tq, tk, scale, qk_scale, dropout_p, keep_scale,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    m_block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    start_m = m_block * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < tq
+    pos_offset = tk - tq
+
+    q_base = q_ptr + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
+    do_base = do_ptr + b.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h
+    q = tl.load(q_base + offs_m[:, None] * sq_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * sdo_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * tq + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * tq + offs_m, mask=row_ok, other=0.0)
+    k_base = k_ptr + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
+    v_base = v_ptr + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
+
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr) + (bh.to(tl.int64) << 32)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    full_end = ((pos_offset + start_m + 1) // BLOCK_N) * BLOCK_N
+    causal_end = tl.minimum(tk, pos_offset + start_m + BLOCK_M)
+    dq = _dq_key_blocks(dq, q, do, lse, delta, k_base, v_base, sk_t, sv_t, offs_m, offs_d, 0, full_end, tk,
+                        pos_offset, qk_scale, seed, dropout_p, keep_scale, BLOCK_N, False, DROPOUT, PRECISION)
+    dq = _dq_key_blocks(dq, q, do, lse, delta, k_base, v_base, sk_t, sv_t, offs_m, offs_d, full_end, causal_end,
+                        tk, pos_offset, qk_scale, seed, dropout_p, keep_scale, BLOCK_N, True, DROPOUT, PRECISION)
+
+    out_offs = bh.to(tl.int64) * tq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(dq_ptr + out_offs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+# --------------------------------------------------------------------------- host side
+
+def _fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes for the forward kernel (small in the interpreter so tests cover several tiles)."""
+    if INTERPRETER:
+        return dict(BLOCK_M=32, BLOCK_N=16)
+    if dtype == torch.float32 or head_dim == 128:
+        return dict(BLOCK_M=64, BLOCK_N=32 if dtype == torch.float32 else 64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if head_dim == 128 else 4, num_stages=3)
+
+
+def _bwd_configs(head_dim: int, dtype: torch.dtype) -> tuple[dict, dict]:
+    """Tile sizes for the (dK, dV) and dQ kernels."""
+    if INTERPRETER:
+        return dict(BLOCK_M=16, BLOCK_N=32), dict(BLOCK_M=32, BLOCK_N=16)
+    small = dtype == torch.float32 or head_dim == 128
+    block = 32 if small else 64
+    launch_cfg = dict(num_warps=4, num_stages=2 if small else 3)
+    return dict(BLOCK_M=block, BLOCK_N=block, **launch_cfg), dict(BLOCK_M=block, BLOCK_N=block, **launch_cfg)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _dropout_args(dropout_p: float) -> tuple[bool, float]:
+    """(dropout on?, scale of kept weights); p = 1 drops everything, like F.dropout."""
+    active = dropout_p > 0.0
+    keep_scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
+    return active, keep_scale
+
+
+@triton_op("gptfast_triton::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor,
+                  dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention forward; returns ``(out, lse)`` with lse ``(B, H, Tq)`` float32 (base 2)."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    b, h, tq, d = q.shape
+    tk = k.shape[2]
+    out = torch.empty((b, h, tq, d), device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, h, tq), device=q.device, dtype=torch.float32)
+    cfg = _fwd_config(d, q.dtype)
+    dropout, keep_scale = _dropout_args(dropout_p)
+    grid = (triton.cdiv(tq, cfg["BLOCK_M"]), b * h)
+    launch(_attention_fwd_kernel, grid, q, k, v, out, lse, seed,
+           *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+           h, tq, tk, scale * LOG2E, dropout_p, keep_scale,
+           HEAD_DIM=d, DROPOUT=dropout, PRECISION=dot_precision(q.dtype), **cfg)
+    return out, lse
+
+
+@triton_op("gptfast_triton::attention_bwd", mutates_args=())
+def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, seed: torch.Tensor, dropout_p: float,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of causal attention, recomputing the probabilities from ``lse``."""
+    q, k, v, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, grad_out))
+    b, h, tq, d = q.shape
+    tk = k.shape[2]
+    # delta_i = sum_j P_ij dP_ij = rowsum(dO * O), also with dropout (O already holds the mask).
+    delta = (grad_out.float() * out.float()).sum(-1)
+    dq = torch.empty((b, h, tq, d), device=q.device, dtype=q.dtype)
+    dk = torch.empty((b, h, tk, d), device=q.device, dtype=k.dtype)
+    dv = torch.empty((b, h, tk, d), device=q.device, dtype=v.dtype)
+    dropout, keep_scale = _dropout_args(dropout_p)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
+              h, tq, tk, scale, scale * LOG2E, dropout_p, keep_scale)
+    consts = dict(HEAD_DIM=d, DROPOUT=dropout, PRECISION=dot_precision(q.dtype))
+    kv_cfg, q_cfg = _bwd_configs(d, q.dtype)
+    launch(_attention_dkdv_kernel, (triton.cdiv(tk, kv_cfg["BLOCK_N"]), b * h),
+           q, k, v, grad_out, lse, delta, dk, dv, seed, *common, **consts, **kv_cfg)
+    launch(_attention_dq_kernel, (triton.cdiv(tq, q_cfg["BLOCK_M"]), b * h),
+           q, k, v, grad_out, lse, delta, dq, seed, *common, **consts, **q_cfg)
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, seed, dropout_p, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.dropout_p = dropout_p
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, seed, ctx.dropout_p, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """``None`` if these kernels can run this attention call, else why not."""
+    if q.dtype not in DTYPES:
+        return f"dtype {q.dtype} is not supported (float32/float16/bfloat16)"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} is not supported (one of {HEAD_DIMS})"
+    if q.shape[2] * k.shape[2] > MAX_TOKENS_SQUARED:
+        return f"Tq*Tk = {q.shape[2] * k.shape[2]} exceeds the dropout counter range 2**31"
+    return None
+
+
+def causal_attention(q, k, v, *, dropout_p=0.0, training=False, scale=None):
+    """Causal flash attention with in-kernel dropout (seed drawn from torch's generator on q's device)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    p = float(dropout_p) if training else 0.0
+    # Without dropout no random number is consumed: the kernel never reads this placeholder seed.
+    seed = draw_seed(q.device) if p > 0.0 else q.new_zeros(1, dtype=torch.int64)
+    out, _ = attention_fwd(q, k, v, seed, p, scale)
+    return out

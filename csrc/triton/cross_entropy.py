@@ -1,0 +1,153 @@
+"""Softmax cross-entropy in Triton with the gradient written during the forward pass.
+
+One program per row: a first sweep over vocabulary blocks keeps a running maximum
+and a running sum of exponentials (online log-sum-exp), so the row is read once for
+the loss; a second sweep writes ``(softmax - onehot) * scale`` for the row.  The
+backward pass then only multiplies that stored gradient by the upstream gradient.
+
+Targets are bounds-checked in the kernel: a target outside ``[0, V)`` that is not
+``ignore_index`` gives a NaN loss instead of an out-of-bounds read.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from ._launch import INTERPRETER, launch, next_power_of_2
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _cross_entropy_kernel(logits_ptr, logits_row_stride, targets_ptr, loss_ptr, grad_ptr, grad_row_stride,
+                          grad_scale_ptr, n_cols, ignore_index,
+                          BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALE_PER_ROW: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * logits_row_stride
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    ignored = target == ignore_index
+    valid = (target >= 0) & (target < n_cols)
+
+    # Sweep 1: online max and sum of exp over the vocabulary blocks.
+    row_max = tl.full([], float("-inf"), tl.float32)
+    row_sum = tl.zeros([], tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        x = tl.load(row_ptr + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(row_max, tl.max(x, 0))
+        # Shift by 0 while everything seen is -inf, so exp never sees (-inf) - (-inf).
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(x - shift), 0)
+        row_max = new_max
+    lse = row_max + tl.log(row_sum)
+
+    target_logit = tl.load(row_ptr + target, mask=valid & ~ignored, other=0.0).to(tl.float32)
+    loss = tl.where(ignored, 0.0, tl.where(valid, lse - target_logit, float("nan")))
+    tl.store(loss_ptr + row, loss)
+
+    if WRITE_GRAD:
+        # Sweep 2: d loss / d logits = softmax - onehot(target), times this row's scale.
+        if SCALE_PER_ROW:
+            scale = tl.load(grad_scale_ptr + row).to(tl.float32)
+        else:
+            scale = tl.load(grad_scale_ptr).to(tl.float32)
+        scale = tl.where(ignored, 0.0, scale)
+        grad_row_ptr = grad_ptr + row * grad_row_stride
+        for start in range(0, n_cols, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            in_row = offs < n_cols
+            x = tl.load(row_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
+            grad = tl.exp(x - lse) - tl.where(offs == target, 1.0, 0.0)
+            tl.store(grad_row_ptr + offs, (grad * scale).to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+def _config(n_cols: int) -> dict:
+    if INTERPRETER:
+        return dict(BLOCK_V=min(next_power_of_2(n_cols), 2048))
+    block = min(next_power_of_2(n_cols), 4096)
+    return dict(BLOCK_V=block, num_warps=8 if block >= 2048 else 4)
+
+
+def launch_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor,
+                         grad: torch.Tensor | None, grad_scale: torch.Tensor | None, ignore_index: int) -> None:
+    """Run the kernel on ``logits`` ``(N, V)`` (unit column stride); fills ``losses`` ``(N,)`` float32.
+
+    With ``grad`` given (``(N, V)``, may be ``logits`` itself: each element is read
+    before it is overwritten), also writes ``(softmax - onehot) * grad_scale`` into it;
+    ``grad_scale`` has one element (all rows) or ``N`` (one per row).
+    """
+    n_rows, n_cols = logits.shape
+    if n_rows == 0:
+        return
+    write_grad = grad is not None
+    per_row = write_grad and grad_scale.numel() == n_rows and n_rows != 1
+    launch(_cross_entropy_kernel, (n_rows,), logits, logits.stride(0), targets, losses,
+           grad if write_grad else logits, grad.stride(0) if write_grad else 0,
+           grad_scale if write_grad else losses, n_cols, ignore_index,
+           WRITE_GRAD=write_grad, SCALE_PER_ROW=per_row, **_config(n_cols))
+
+
+@triton_op("gptfast_triton::cross_entropy_fwd", mutates_args=())
+def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                      compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row losses ``(N,)`` float32 and, if ``compute_grad``, ``softmax - onehot`` ``(N, V)`` (else empty)."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    losses = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
+    if compute_grad:
+        grad = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
+        unit_scale = torch.ones(1, device=logits.device, dtype=torch.float32)
+        launch_cross_entropy(logits, targets, losses, grad, unit_scale, ignore_index)
+    else:
+        grad = logits.new_empty(0)
+        launch_cross_entropy(logits, targets, losses, None, None, ignore_index)
+    return losses, grad
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad = output
+    ctx.save_for_backward(grad)
+    ctx.mark_non_differentiable(grad)
+    ctx.computed_grad = inputs[3]
+
+
+def _backward(ctx, grad_losses, _unused):
+    if not ctx.computed_grad:
+        raise RuntimeError("gptfast_triton::cross_entropy_fwd ran with compute_grad=False; cannot backpropagate")
+    (grad,) = ctx.saved_tensors
+    # Scaled in place: the stored gradient is used once.  A second backward through the
+    # same graph (retain_graph=True) is caught by autograd's saved-tensor version check.
+    return grad.mul_(grad_losses.unsqueeze(1)), None, None, None
+
+
+cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def reduce_losses(losses: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str, shape):
+    """Apply ``reduction`` to per-row losses the way ``F.cross_entropy`` does (mean over kept targets)."""
+    if reduction == "none":
+        return losses.view(shape)
+    total = losses.sum()
+    if reduction == "sum":
+        return total
+    # 0 / 0 = NaN when every target is ignored, as in PyTorch.
+    return total / (targets != ignore_index).sum()
+
+
+def unsupported_reason(logits: torch.Tensor) -> str | None:
+    """``None`` if the kernel can run on these logits, else why not."""
+    if logits.dtype not in DTYPES:
+        return f"dtype {logits.dtype} is not supported (float32/float16/bfloat16)"
+    return None
+
+
+def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean"):
+    """``F.cross_entropy`` over the last dimension of ``(N, V)`` or ``(B, T, V)`` logits."""
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_targets = targets.reshape(-1)
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    losses, _ = cross_entropy_fwd(flat_logits, flat_targets, int(ignore_index), compute_grad)
+    return reduce_losses(losses, flat_targets, ignore_index, reduction, targets.shape).to(logits.dtype)

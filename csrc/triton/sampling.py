@@ -1,0 +1,157 @@
+"""Top-k / temperature sampling in Triton without sorting.
+
+Each program handles a tile of rows.  With top-k, the k-th largest logit of every
+row is found exactly by bisection over the 32-bit ordered integer image of the
+float values: 32 counting sweeps, each halving the interval ``[lo, hi)`` that holds
+the largest key whose count of ``key >= t`` is still ``>= k``.  Everything at or above
+that threshold is kept, so ties at the k-th value survive, as in the reference.
+
+The draw itself is a Gumbel-max over the kept tokens: ``argmax(x / T + G)`` with
+``G = -log(-log(U))`` has exactly the distribution ``softmax(x / T)`` restricted to the
+kept set.  ``U`` comes from Philox (``tl.rand``) keyed by a seed tensor drawn from
+torch's generator on the device, so there is no host synchronisation and the op can
+be captured in a CUDA graph.  Rows with temperature 0 take the plain argmax (first
+index on ties, like ``torch.argmax``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from ._launch import INTERPRETER, draw_seed, launch, next_power_of_2
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _ordered_key(x):
+    """int32 whose signed order is the float order of ``x`` (with -0 folded onto +0)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _kth_largest_key(row_base, row_stride, rows, row_ok, k, n_cols,
+                     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Key of each row's k-th largest value, by bisection on the ordered integer keys."""
+    # Invariant: count(key >= lo) >= k and count(key >= hi) < k.
+    lo = tl.full([BLOCK_R], -2147483648, tl.int64)
+    hi = tl.full([BLOCK_R], 2147483648, tl.int64)
+    for _ in range(32):
+        mid = lo + (hi - lo) // 2
+        count = tl.zeros([BLOCK_R], tl.int64)
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            ok = row_ok[:, None] & (cols[None, :] < n_cols)
+            x = tl.load(row_base + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            above = ok & (_ordered_key(x).to(tl.int64) >= mid[:, None])
+            count += tl.sum(above.to(tl.int64), 1)
+        enough = count >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    return lo
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, row_stride, out_ptr, seed_ptr, temperature_ptr, temperature_value,
+                   top_k_ptr, top_k_value, n_rows, n_cols,
+                   BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, PER_ROW_T: tl.constexpr,
+                   PER_ROW_K: tl.constexpr, HAS_TOP_K: tl.constexpr, GREEDY_ONLY: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    row_base = logits_ptr + rows.to(tl.int64)[:, None] * row_stride
+
+    if PER_ROW_T:
+        temperature = tl.load(temperature_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        temperature = tl.full([BLOCK_R], temperature_value, tl.float32)
+    sampling = temperature > 0.0  # 0 (and anything invalid) means greedy
+    inv_t = 1.0 / tl.where(sampling, temperature, 1.0)
+
+    threshold = tl.full([BLOCK_R], -2147483648, tl.int64)
+    if HAS_TOP_K and not GREEDY_ONLY:  # the argmax is always inside the top-k set
+        if PER_ROW_K:
+            k = tl.load(top_k_ptr + rows, mask=row_ok, other=1).to(tl.int64)
+        else:
+            k = tl.full([BLOCK_R], top_k_value, tl.int64)
+        k = tl.minimum(tl.maximum(k, 1), n_cols)  # out-of-range k on the GPU is clamped, not trusted
+        threshold = _kth_largest_key(row_base, row_stride, rows, row_ok, k, n_cols, BLOCK_R, BLOCK_V)
+
+    # Philox key: seed in the low word, row index in the high word; counter: column.
+    row_seed = 0
+    if not GREEDY_ONLY:
+        row_seed = tl.load(seed_ptr) + (rows.to(tl.int64) << 32)
+    best_score = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    best_index = tl.zeros([BLOCK_R], tl.int64)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        ok = row_ok[:, None] & (cols[None, :] < n_cols)
+        x = tl.load(row_base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
+        if GREEDY_ONLY:
+            score = x
+        else:
+            u = tl.rand(row_seed[:, None], tl.broadcast_to(cols[None, :], [BLOCK_R, BLOCK_V]))
+            gumbel = -tl.log(-tl.log(u))
+            kept = ok & (_ordered_key(x).to(tl.int64) >= threshold[:, None])
+            drawn = tl.where(kept, x * inv_t[:, None] + gumbel, float("-inf"))
+            score = tl.where(sampling[:, None], drawn, x)
+        block_best = tl.max(score, 1)
+        block_index = tl.argmax(score, 1, tie_break_left=True).to(tl.int64) + start
+        better = block_best > best_score  # strict: the earlier index wins ties, as torch.argmax
+        best_index = tl.where(better, block_index, best_index)
+        best_score = tl.where(better, block_best, best_score)
+    tl.store(out_ptr + rows, best_index, mask=row_ok)
+
+
+def _config(n_rows: int, n_cols: int) -> dict:
+    block_v = min(next_power_of_2(n_cols), 1024 if INTERPRETER else 4096)
+    block_r = max(1, min(next_power_of_2(n_rows), 4096 // block_v, 64))
+    if INTERPRETER:
+        return dict(BLOCK_R=block_r, BLOCK_V=block_v)
+    return dict(BLOCK_R=block_r, BLOCK_V=block_v, num_warps=8 if block_r * block_v >= 4096 else 4)
+
+
+@triton_op("gptfast_triton::sample", mutates_args=())
+def sample(logits: torch.Tensor, seed: torch.Tensor, temperature: torch.Tensor | None, temperature_value: float,
+           top_k: torch.Tensor | None, top_k_value: int) -> torch.Tensor:
+    """Next token per row, ``(B, 1)`` int64.
+
+    ``temperature``/``top_k`` are per-row tensors or None (then the scalar
+    ``temperature_value``/``top_k_value`` applies; ``top_k_value`` 0 means no top-k).
+    """
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    n_rows, n_cols = logits.shape
+    out = torch.empty((n_rows, 1), device=logits.device, dtype=torch.int64)
+    has_top_k = top_k is not None or 0 < top_k_value < n_cols
+    cfg = _config(n_rows, n_cols)
+    # An absent per-row tensor is never read; logits stands in for its pointer.
+    launch(_sample_kernel, (triton.cdiv(n_rows, cfg["BLOCK_R"]),), logits, logits.stride(0), out, seed,
+           temperature if temperature is not None else logits, temperature_value,
+           top_k if top_k is not None else logits, top_k_value, n_rows, n_cols,
+           PER_ROW_T=temperature is not None, PER_ROW_K=top_k is not None, HAS_TOP_K=has_top_k,
+           GREEDY_ONLY=temperature is None and temperature_value == 0.0, **cfg)
+    return out
+
+
+def unsupported_reason(logits: torch.Tensor) -> str | None:
+    """``None`` if the kernel can sample from these logits, else why not."""
+    if logits.dtype not in DTYPES:
+        return f"dtype {logits.dtype} is not supported (float32/float16/bfloat16)"
+    return None
+
+
+def sample_next_token(logits, *, temperature=0.0, top_k=None, generator=None):
+    """Top-k / temperature sampling; per-row tensors allowed; a seed is drawn from ``generator`` on the device."""
+    per_row_t = temperature if isinstance(temperature, torch.Tensor) else None
+    per_row_k = top_k if isinstance(top_k, torch.Tensor) else None
+    t_value = 0.0 if per_row_t is not None else float(temperature)
+    k_value = 0 if per_row_k is not None or top_k is None else int(top_k)
+    # Greedy decoding consumes no random numbers, like the torch path.
+    greedy = per_row_t is None and t_value == 0.0
+    seed = logits.new_zeros(1, dtype=torch.int64) if greedy else draw_seed(logits.device, generator)
+    return sample(logits, seed, per_row_t, t_value, per_row_k, k_value)
