@@ -1,0 +1,413 @@
+// Fused causal attention for CPU, forward and backward (flash-attention style).
+//
+// Forward: every (batch, head, query tile) is one task.  The task walks the key tiles
+// its queries may see, keeps a running row max and row sum (online softmax), and
+// accumulates P @ V in a tile-sized buffer, so the Tq x Tk score matrix never exists.
+// It saves the output and the per-row log-sum-exp; backward recomputes P from them.
+//
+// Dropout: the keep/drop decision of score (bh, i, j) is a hash of (seed, counter),
+// so backward regenerates exactly the forward's mask without storing it.
+//
+// All arithmetic is in acc_t (fp32, or fp64 for double inputs); bf16/fp16 inputs are
+// widened when a tile is loaded.  Tile products use the small register-blocked GEMM
+// below on scratch buffers whose widths are padded to the vector length.
+#include "cpu_common.h"
+
+namespace gptfast_cpu {
+namespace {
+
+constexpr int64_t kQueryTile = 64;
+constexpr int64_t kKeyTile = 64;
+constexpr int kMaxRows = 6;  // rows per micro-kernel: 6 x 2 vector accumulators fit in 16 registers
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ------------------------------------------------------------------ tile GEMM
+
+// C[R x n] (+)= A[R x k] * B[k x n]; row-major; n a multiple of the vector length.
+template <typename T, int R>
+inline void gemm_block(int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                       int64_t ldc, bool accumulate) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  int64_t j = 0;
+  for (; j + 2 * L <= n; j += 2 * L) {
+    V c0[R], c1[R];
+    for (int r = 0; r < R; ++r) c0[r] = c1[r] = V(T(0));
+    for (int64_t p = 0; p < k; ++p) {
+      const V b0 = V::loadu(B + p * ldb + j);
+      const V b1 = V::loadu(B + p * ldb + j + L);
+      for (int r = 0; r < R; ++r) {
+        const V a(A[r * lda + p]);
+        c0[r] = at::vec::fmadd(a, b0, c0[r]);
+        c1[r] = at::vec::fmadd(a, b1, c1[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      T* c = C + r * ldc + j;
+      if (accumulate) {
+        c0[r] = c0[r] + V::loadu(c);
+        c1[r] = c1[r] + V::loadu(c + L);
+      }
+      c0[r].store(c);
+      c1[r].store(c + L);
+    }
+  }
+  if (j < n) {  // one vector left (n is a multiple of L)
+    V c0[R];
+    for (int r = 0; r < R; ++r) c0[r] = V(T(0));
+    for (int64_t p = 0; p < k; ++p) {
+      const V b0 = V::loadu(B + p * ldb + j);
+      for (int r = 0; r < R; ++r) c0[r] = at::vec::fmadd(V(A[r * lda + p]), b0, c0[r]);
+    }
+    for (int r = 0; r < R; ++r) {
+      T* c = C + r * ldc + j;
+      if (accumulate) c0[r] = c0[r] + V::loadu(c);
+      c0[r].store(c);
+    }
+  }
+}
+
+// C[m x n] (+)= A[m x k] * B[k x n], all row-major with leading dimensions.
+template <typename T>
+void tile_gemm(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+               int64_t ldc, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(n % Vectorized<T>::size() == 0);
+  int64_t i = 0;
+  for (; i + kMaxRows <= m; i += kMaxRows)
+    gemm_block<T, kMaxRows>(n, k, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+  const T* a = A + i * lda;
+  T* c = C + i * ldc;
+  switch (m - i) {
+    case 5: gemm_block<T, 5>(n, k, a, lda, B, ldb, c, ldc, accumulate); break;
+    case 4: gemm_block<T, 4>(n, k, a, lda, B, ldb, c, ldc, accumulate); break;
+    case 3: gemm_block<T, 3>(n, k, a, lda, B, ldb, c, ldc, accumulate); break;
+    case 2: gemm_block<T, 2>(n, k, a, lda, B, ldb, c, ldc, accumulate); break;
+    case 1: gemm_block<T, 1>(n, k, a, lda, B, ldb, c, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+// dst[c * ld_dst + r] = src[r * ld_src + c] for an (rows x cols) block.
+template <typename T>
+void transpose_into(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+}
+
+// ------------------------------------------------------------------ dropout mask
+
+// splitmix64 finaliser: a counter-based generator, so any element's draw is random access.
+inline uint64_t mix64(uint64_t x) {
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+struct Dropout {
+  bool active = false;
+  uint64_t seed = 0;
+  uint64_t threshold = 0;  // drop when the 24-bit draw is below this (p * 2^24)
+  double keep_scale = 1.0;
+
+  Dropout(double p, int64_t seed_value) {
+    active = p > 0.0;
+    seed = static_cast<uint64_t>(seed_value);
+    threshold = static_cast<uint64_t>(std::llround(p * 16777216.0));
+    keep_scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
+  }
+  // Whether score number `counter` ((bh * Tq + i) * Tk + j) survives.
+  bool keep(uint64_t counter) const {
+    return (mix64(seed + counter * 0x9e3779b97f4a7c15ULL) >> 40) >= threshold;
+  }
+  // Multiplies row[0..n) (keys j0.. of query counter_base) by mask / (1 - p).
+  template <typename T>
+  void apply(T* row, int64_t n, uint64_t counter_base) const {
+    const T s = static_cast<T>(keep_scale);
+    for (int64_t j = 0; j < n; ++j) row[j] = keep(counter_base + j) ? row[j] * s : T(0);
+  }
+};
+
+// ------------------------------------------------------------------ shapes and loads
+
+struct Dims {
+  int64_t B, H, Tq, Tk, D, Dp, offset;  // offset = Tk - Tq: query i sits at position offset + i
+};
+
+// Reads an (rows x D) block of a (B, H, T, D) tensor with unit last stride into acc buffer dst
+// (leading dimension ld), multiplied by `factor`.
+template <typename scalar_t, typename T>
+void load_rows(const at::Tensor& t, int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t D, T factor,
+               T* dst, int64_t ld) {
+  const scalar_t* base = t.const_data_ptr<scalar_t>() + b * t.stride(0) + h * t.stride(1) + row0 * t.stride(2);
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* src = base + r * t.stride(2);
+    for (int64_t d = 0; d < D; ++d) dst[r * ld + d] = static_cast<T>(src[d]) * factor;
+  }
+}
+
+// Same, written transposed: dst[d * ld + r].
+template <typename scalar_t, typename T>
+void load_rows_transposed(const at::Tensor& t, int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t D,
+                          T* dst, int64_t ld) {
+  const scalar_t* base = t.const_data_ptr<scalar_t>() + b * t.stride(0) + h * t.stride(1) + row0 * t.stride(2);
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* src = base + r * t.stride(2);
+    for (int64_t d = 0; d < D; ++d) dst[d * ld + r] = static_cast<T>(src[d]);
+  }
+}
+
+// Number of keys in tile [j0, j0 + nk) visible to query i (may be <= 0).
+inline int64_t visible_keys(const Dims& s, int64_t i, int64_t j0, int64_t nk) {
+  return std::min(nk, s.offset + i - j0 + 1);
+}
+
+// ------------------------------------------------------------------ forward
+
+// Online-softmax update of one score row: turns row[0..nk) into probabilities relative to
+// the new running max (zero where masked), rescales the running sum and output row.
+template <typename T>
+void online_softmax_row(T* row, int64_t valid, int64_t nk, T& m, T& l, T* out_row, int64_t Dp) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  if (valid <= 0) {
+    std::fill(row, row + nk, T(0));
+    return;
+  }
+  const T m_new = std::max(m, vec_max(row, valid));
+  const T alpha = std::exp(m - m_new);  // 0 on the first tile (m = -inf)
+  const V vm(m_new);
+  V vsum(T(0));
+  int64_t j = 0;
+  for (; j + L <= valid; j += L) {
+    const V p = (V::loadu(row + j) - vm).exp_u20();
+    p.store(row + j);
+    vsum = vsum + p;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, vsum);
+  for (; j < valid; ++j) {
+    row[j] = std::exp(row[j] - m_new);
+    sum += row[j];
+  }
+  std::fill(row + valid, row + nk, T(0));
+  l = l * alpha + sum;
+  m = m_new;
+  if (alpha != T(1)) {
+    for (int64_t d = 0; d < Dp; d += L) (V::loadu(out_row + d) * V(alpha)).store(out_row + d);
+  }
+}
+
+template <typename scalar_t>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                  at::Tensor& lse, double scale, const Dropout& dropout, const Dims& s) {
+  using T = acc_t<scalar_t>;
+  constexpr int64_t L = Vectorized<T>::size();
+  const int64_t n_qtiles = (s.Tq + kQueryTile - 1) / kQueryTile;
+  scalar_t* out_data = out.data_ptr<scalar_t>();
+  T* lse_data = lse.data_ptr<T>();
+
+  at::parallel_for(0, s.B * s.H * n_qtiles, 1, [&](int64_t begin, int64_t end) {
+    // Scratch, allocated once per chunk; zero-initialised so padding columns stay zero.
+    std::vector<T> qs(kQueryTile * s.Dp, T(0)), kt(s.Dp * kKeyTile, T(0)), vs(kKeyTile * s.Dp, T(0));
+    std::vector<T> scores(kQueryTile * kKeyTile), acc(kQueryTile * s.Dp), m(kQueryTile), l(kQueryTile);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / n_qtiles, b = bh / s.H, h = bh % s.H;
+      const int64_t i0 = (task % n_qtiles) * kQueryTile, mq = std::min(kQueryTile, s.Tq - i0);
+      load_rows<scalar_t, T>(q, b, h, i0, mq, s.D, static_cast<T>(scale), qs.data(), s.Dp);
+      std::fill(acc.begin(), acc.end(), T(0));
+      std::fill(m.begin(), m.end(), neg_inf<T>());
+      std::fill(l.begin(), l.end(), T(0));
+      const int64_t last_key = s.offset + i0 + mq - 1;  // the last query's last visible key
+      for (int64_t j0 = 0; j0 <= last_key; j0 += kKeyTile) {
+        const int64_t nk = std::min(kKeyTile, last_key + 1 - j0), nkp = round_up(nk, L);
+        load_rows_transposed<scalar_t, T>(k, b, h, j0, nk, s.D, kt.data(), kKeyTile);
+        load_rows<scalar_t, T>(v, b, h, j0, nk, s.D, T(1), vs.data(), s.Dp);
+        tile_gemm<T>(mq, nkp, s.Dp, qs.data(), s.Dp, kt.data(), kKeyTile, scores.data(), kKeyTile, false);
+        for (int64_t r = 0; r < mq; ++r) {
+          T* row = scores.data() + r * kKeyTile;
+          const int64_t valid = visible_keys(s, i0 + r, j0, nk);
+          online_softmax_row<T>(row, valid, nk, m[r], l[r], acc.data() + r * s.Dp, s.Dp);
+          if (dropout.active && valid > 0)
+            dropout.apply(row, valid, static_cast<uint64_t>((bh * s.Tq + i0 + r) * s.Tk + j0));
+        }
+        tile_gemm<T>(mq, s.Dp, nk, scores.data(), kKeyTile, vs.data(), s.Dp, acc.data(), s.Dp, true);
+      }
+      for (int64_t r = 0; r < mq; ++r) {
+        const T inv = T(1) / l[r];
+        scalar_t* dst = out_data + (bh * s.Tq + i0 + r) * s.D;
+        for (int64_t d = 0; d < s.D; ++d) dst[d] = static_cast<scalar_t>(acc[r * s.Dp + d] * inv);
+        lse_data[bh * s.Tq + i0 + r] = m[r] + std::log(l[r]);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ backward
+
+// Per-(batch, head) scratch for backward: whole-sequence copies in acc_t, padded widths.
+template <typename T>
+struct BackwardScratch {
+  std::vector<T> qs, dout, delta, kt, ks, vt, dq, dk, dv, p, dp, pt;
+  BackwardScratch(const Dims& s, int64_t Tkp)
+      : qs(s.Tq * s.Dp, T(0)), dout(s.Tq * s.Dp, T(0)), delta(s.Tq), kt(s.Dp * Tkp, T(0)),
+        ks(s.Tk * s.Dp, T(0)), vt(s.Dp * Tkp, T(0)), dq(s.Tq * s.Dp), dk(kKeyTile * s.Dp), dv(kKeyTile * s.Dp),
+        p(kQueryTile * kKeyTile), dp(kQueryTile * kKeyTile), pt(kKeyTile * kQueryTile) {}
+};
+
+template <typename scalar_t>
+void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                   double scale, const Dropout& dropout, const Dims& s) {
+  using T = acc_t<scalar_t>;
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  const int64_t Tkp = round_up(s.Tk, L) + kKeyTile;  // room for a padded tile at any j0
+  const T* lse_data = lse.const_data_ptr<T>();
+  const T scale_t = static_cast<T>(scale), keep_scale = static_cast<T>(dropout.keep_scale);
+
+  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+    BackwardScratch<T> w(s, Tkp);
+    std::vector<T> orow(s.Dp);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / s.H, h = bh % s.H;
+      load_rows<scalar_t, T>(q, b, h, 0, s.Tq, s.D, scale_t, w.qs.data(), s.Dp);
+      load_rows<scalar_t, T>(grad_out, b, h, 0, s.Tq, s.D, T(1), w.dout.data(), s.Dp);
+      load_rows<scalar_t, T>(k, b, h, 0, s.Tk, s.D, T(1), w.ks.data(), s.Dp);
+      load_rows_transposed<scalar_t, T>(k, b, h, 0, s.Tk, s.D, w.kt.data(), Tkp);
+      load_rows_transposed<scalar_t, T>(v, b, h, 0, s.Tk, s.D, w.vt.data(), Tkp);
+      // delta_i = rowsum(dO_i * O_i): the softmax-backward correction term.
+      for (int64_t i = 0; i < s.Tq; ++i) {
+        load_rows<scalar_t, T>(out, b, h, i, 1, s.D, T(1), orow.data(), s.Dp);
+        T acc = 0;
+        for (int64_t d = 0; d < s.D; ++d) acc += orow[d] * w.dout[i * s.Dp + d];
+        w.delta[i] = acc;
+      }
+      std::fill(w.dq.begin(), w.dq.end(), T(0));
+      const T* lse_bh = lse_data + bh * s.Tq;
+
+      for (int64_t j0 = 0; j0 < s.Tk; j0 += kKeyTile) {
+        const int64_t nk = std::min(kKeyTile, s.Tk - j0), nkp = round_up(nk, L);
+        std::fill(w.dk.begin(), w.dk.end(), T(0));
+        std::fill(w.dv.begin(), w.dv.end(), T(0));
+        const int64_t first_query = std::max<int64_t>(0, j0 - s.offset);  // first query seeing key j0
+        for (int64_t i0 = first_query / kQueryTile * kQueryTile; i0 < s.Tq; i0 += kQueryTile) {
+          const int64_t mq = std::min(kQueryTile, s.Tq - i0);
+          T* p = w.p.data();
+          T* dp = w.dp.data();
+          // P = exp(S - lse), masked; S = (scale q) k^T
+          tile_gemm<T>(mq, nkp, s.Dp, w.qs.data() + i0 * s.Dp, s.Dp, w.kt.data() + j0, Tkp, p, kKeyTile, false);
+          // dP_dropped = dO V^T
+          tile_gemm<T>(mq, nkp, s.Dp, w.dout.data() + i0 * s.Dp, s.Dp, w.vt.data() + j0, Tkp, dp, kKeyTile,
+                       false);
+          for (int64_t r = 0; r < mq; ++r) {
+            T* prow = p + r * kKeyTile;
+            T* dprow = dp + r * kKeyTile;
+            const int64_t valid = std::max<int64_t>(0, visible_keys(s, i0 + r, j0, nk));
+            const V vl(lse_bh[i0 + r]);
+            int64_t j = 0;
+            for (; j + L <= valid; j += L) (V::loadu(prow + j) - vl).exp_u20().store(prow + j);
+            for (; j < valid; ++j) prow[j] = std::exp(prow[j] - lse_bh[i0 + r]);
+            std::fill(prow + valid, prow + nkp, T(0));
+            const uint64_t base = static_cast<uint64_t>((bh * s.Tq + i0 + r) * s.Tk + j0);
+            // dS = P * (dP - delta), with dP = dP_dropped * mask / (1 - p);
+            // the dropped P (what multiplied V) goes to the transposed buffer for dV.
+            const T delta = w.delta[i0 + r];
+            for (int64_t jj = 0; jj < nk; ++jj) {
+              const T keep = (!dropout.active || (jj < valid && dropout.keep(base + jj))) ? keep_scale : T(0);
+              w.pt[jj * kQueryTile + r] = prow[jj] * keep;
+              prow[jj] = prow[jj] * (dprow[jj] * keep - delta);  // prow now holds dS
+            }
+          }
+          // dV += P_dropped^T dO ; dK += dS^T (scale q) ; dQ += dS K  (scale applied at the end)
+          tile_gemm<T>(nk, s.Dp, mq, w.pt.data(), kQueryTile, w.dout.data() + i0 * s.Dp, s.Dp, w.dv.data(), s.Dp,
+                       true);
+          tile_gemm<T>(mq, s.Dp, nk, p, kKeyTile, w.ks.data() + j0 * s.Dp, s.Dp, w.dq.data() + i0 * s.Dp, s.Dp,
+                       true);
+          transpose_into<T>(p, kKeyTile, mq, nk, w.pt.data(), kQueryTile);
+          tile_gemm<T>(nk, s.Dp, mq, w.pt.data(), kQueryTile, w.qs.data() + i0 * s.Dp, s.Dp, w.dk.data(), s.Dp,
+                       true);
+        }
+        scalar_t* dk_dst = dk.data_ptr<scalar_t>() + (bh * s.Tk + j0) * s.D;
+        scalar_t* dv_dst = dv.data_ptr<scalar_t>() + (bh * s.Tk + j0) * s.D;
+        for (int64_t r = 0; r < nk; ++r)
+          for (int64_t d = 0; d < s.D; ++d) {
+            dk_dst[r * s.D + d] = static_cast<scalar_t>(w.dk[r * s.Dp + d]);
+            dv_dst[r * s.D + d] = static_cast<scalar_t>(w.dv[r * s.Dp + d]);
+          }
+      }
+      scalar_t* dq_dst = dq.data_ptr<scalar_t>() + bh * s.Tq * s.D;
+      for (int64_t i = 0; i < s.Tq; ++i)
+        for (int64_t d = 0; d < s.D; ++d)
+          dq_dst[i * s.D + d] = static_cast<scalar_t>(w.dq[i * s.Dp + d] * scale_t);
+    }
+  });
+}
+
+// ------------------------------------------------------------------ checks and entry points
+
+at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
+
+Dims check_and_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t vec_len) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "gptfast_cpu attention: q, k, v must be 4-D");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "gptfast_cpu attention: tensors must be on the CPU");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "gptfast_cpu attention: q, k, v must share one dtype");
+  TORCH_CHECK(k.sizes() == v.sizes(), "gptfast_cpu attention: k and v shapes differ");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "gptfast_cpu attention: q and k disagree in batch, heads or head_dim");
+  TORCH_CHECK(q.size(2) >= 1 && q.size(2) <= k.size(2), "gptfast_cpu attention: need 1 <= Tq <= Tk");
+  Dims s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), 0, k.size(2) - q.size(2)};
+  s.Dp = round_up(s.D, vec_len);
+  return s;
+}
+
+int64_t vec_len_for(at::ScalarType dtype) {
+  return dtype == at::kDouble ? Vectorized<double>::size() : Vectorized<float>::size();
+}
+
+at::ScalarType acc_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                     const at::Tensor& v_in, double scale, double dropout_p,
+                                                     int64_t seed) {
+  const Dims s = check_and_dims(q_in, k_in, v_in, vec_len_for(q_in.scalar_type()));
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "gptfast_cpu attention: dropout_p must be in [0, 1]");
+  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  at::Tensor out = at::empty({s.B, s.H, s.Tq, s.D}, q.options());
+  at::Tensor lse = at::empty({s.B, s.H, s.Tq}, q.options().dtype(acc_dtype(q.scalar_type())));
+  const Dropout dropout(dropout_p, seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gptfast_cpu_attention_forward",
+                                  [&] { forward_impl<scalar_t>(q, k, v, out, lse, scale, dropout, s); });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out_in,
+                                                                  const at::Tensor& q_in, const at::Tensor& k_in,
+                                                                  const at::Tensor& v_in, const at::Tensor& out_in,
+                                                                  const at::Tensor& lse_in, double scale,
+                                                                  double dropout_p, int64_t seed) {
+  const Dims s = check_and_dims(q_in, k_in, v_in, vec_len_for(q_in.scalar_type()));
+  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
+              "gptfast_cpu attention backward: grad_out and out must have q's shape");
+  TORCH_CHECK(grad_out_in.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(),
+              "gptfast_cpu attention backward: grad_out and out must have q's dtype");
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == s.B && lse_in.size(1) == s.H && lse_in.size(2) == s.Tq &&
+                  lse_in.scalar_type() == acc_dtype(q_in.scalar_type()),
+              "gptfast_cpu attention backward: lse must be (B, H, Tq) in the accumulation dtype");
+  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const at::Tensor grad_out = unit_last_stride(grad_out_in), out = unit_last_stride(out_in);
+  const at::Tensor lse = lse_in.contiguous();
+  at::Tensor dq = at::empty({s.B, s.H, s.Tq, s.D}, q.options());
+  at::Tensor dk = at::empty({s.B, s.H, s.Tk, s.D}, q.options());
+  at::Tensor dv = at::empty({s.B, s.H, s.Tk, s.D}, q.options());
+  const Dropout dropout(dropout_p, seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gptfast_cpu_attention_backward", [&] {
+    backward_impl<scalar_t>(grad_out, q, k, v, out, lse, dq, dk, dv, scale, dropout, s);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace gptfast_cpu

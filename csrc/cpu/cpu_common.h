@@ -1,0 +1,81 @@
+// Shared setup for gptfast's CPU kernels: vector width, small helpers.
+//
+// Include this header FIRST in every kernel source.  setup.py compiles without -mavx2
+// (it must build anywhere), but at::vec::Vectorized only uses 256-bit registers when
+// CPU_CAPABILITY_AVX2 is defined, so on x86-64 the kernel files are compiled for
+// AVX2+FMA here.  gptfast/ops/cpu_ops.py refuses to load the backend on an x86 CPU
+// without AVX2.  The vector code lives in its own inline namespace (GPTFAST_AVX2)
+// so it never collides with ATen's own copies of the same templates.
+#pragma once
+
+#if defined(__x86_64__) && !defined(__AVX2__)
+#pragma GCC target("avx,avx2,fma,f16c")
+// The pragma enables the instructions but not the feature macros that headers (Sleef) test.
+#define __AVX__ 1
+#define __AVX2__ 1
+#define __FMA__ 1
+#define __F16C__ 1
+#endif
+#if defined(__x86_64__) && !defined(CPU_CAPABILITY)
+#define CPU_CAPABILITY GPTFAST_AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace gptfast_cpu {
+
+using at::vec::Vectorized;
+
+// fp32 accumulation for every floating dtype except float64, which keeps double.
+template <typename scalar_t>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename scalar_t>
+using acc_t = typename AccType<scalar_t>::type;
+
+template <typename T>
+inline T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// Sum of a[0..n) (vectorized).
+template <typename T>
+inline T vec_sum(const T* a, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  V acc(T(0));
+  int64_t i = 0;
+  for (; i + L <= n; i += L) acc = acc + V::loadu(a + i);
+  T s = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, acc);
+  for (; i < n; ++i) s += a[i];
+  return s;
+}
+
+// Max of a[0..n) (vectorized); -inf when n == 0.
+template <typename T>
+inline T vec_max(const T* a, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  V acc(neg_inf<T>());
+  int64_t i = 0;
+  for (; i + L <= n; i += L) acc = at::vec::maximum(acc, V::loadu(a + i));
+  T m = at::vec::vec_reduce_all<T>([](V x, V y) { return at::vec::maximum(x, y); }, acc);
+  for (; i < n; ++i) m = std::max(m, a[i]);
+  return m;
+}
+
+}  // namespace gptfast_cpu

@@ -1,0 +1,114 @@
+// Softmax cross-entropy for CPU: loss and gradient of every row in one visit of the row.
+//
+// For each row (rows run in parallel): max, sum of exp(x - max) (the exponentials are kept
+// in the gradient buffer, or a per-thread row buffer for low-precision logits), the
+// target's log-probability, and -- when a gradient is wanted -- softmax - one_hot written
+// straight into the gradient.  Backward then only scales rows by the upstream gradient, so
+// the op needs at most one gradient-sized buffer and never a softmax/log-softmax tensor.
+#include "cpu_common.h"
+
+namespace gptfast_cpu {
+namespace {
+
+// e[j] = exp(x[j] - mx) for j < n when e is given; returns the sum of the exponentials.
+template <typename T>
+T sum_exp(const T* x, int64_t n, T mx, T* e) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  const V vmx(mx);
+  V vsum(T(0));
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    const V p = (V::loadu(x + j) - vmx).exp_u20();
+    if (e != nullptr) p.store(e + j);
+    vsum = vsum + p;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](V a, V b) { return a + b; }, vsum);
+  for (; j < n; ++j) {
+    const T p = std::exp(x[j] - mx);
+    if (e != nullptr) e[j] = p;
+    sum += p;
+  }
+  return sum;
+}
+
+// dst[j] = e[j] * factor, converted to the gradient's dtype.
+template <typename scalar_t, typename T>
+void write_scaled(const T* e, int64_t n, T factor, scalar_t* dst) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    at::vec::map([factor](Vectorized<T> x) { return x * Vectorized<T>(factor); }, dst, e, n);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(e[j] * factor);
+  }
+}
+
+template <typename scalar_t>
+void cross_entropy_impl(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
+                        at::Tensor& loss, at::Tensor* grad) {
+  using T = acc_t<scalar_t>;
+  constexpr bool kWide = std::is_same_v<scalar_t, T>;  // logits already in the accumulation dtype
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const scalar_t* x_all = logits.const_data_ptr<scalar_t>();
+  const int64_t* t_all = targets.const_data_ptr<int64_t>();
+  T* loss_all = loss.data_ptr<T>();
+  scalar_t* g_all = grad != nullptr ? grad->data_ptr<scalar_t>() : nullptr;
+
+  // Rows are long (the vocabulary), so one row per task is enough work.
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> widened(kWide ? 0 : V), exps((kWide && g_all != nullptr) ? 0 : V);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t target = t_all[r];
+      scalar_t* g = g_all != nullptr ? g_all + r * V : nullptr;
+      if (target == ignore_index) {
+        loss_all[r] = T(0);
+        if (g != nullptr) std::fill(g, g + V, static_cast<scalar_t>(0));
+        continue;
+      }
+      TORCH_CHECK(target >= 0 && target < V, "gptfast_cpu cross_entropy: target ", target, " in row ", r,
+                  " is outside [0, ", V, ") and is not ignore_index");
+      const T* x;
+      if constexpr (kWide) {
+        x = x_all + r * V;
+      } else {
+        const scalar_t* src = x_all + r * V;
+        for (int64_t j = 0; j < V; ++j) widened[j] = static_cast<T>(src[j]);
+        x = widened.data();
+      }
+      const T mx = vec_max(x, V);
+      T* e = nullptr;
+      if (g != nullptr) {
+        if constexpr (kWide) e = g; else e = exps.data();
+      }
+      const T sum = sum_exp(x, V, mx, e);
+      loss_all[r] = mx + std::log(sum) - x[target];
+      if (g != nullptr) {
+        write_scaled<scalar_t, T>(e, V, T(1) / sum, g);
+        g[target] = static_cast<scalar_t>(static_cast<T>(g[target]) - T(1));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits_in, const at::Tensor& targets_in,
+                                                         int64_t ignore_index, bool compute_grad) {
+  TORCH_CHECK(logits_in.dim() == 2, "gptfast_cpu cross_entropy: logits must be (N, V)");
+  TORCH_CHECK(logits_in.device().is_cpu(), "gptfast_cpu cross_entropy: logits must be on the CPU");
+  TORCH_CHECK(targets_in.dim() == 1 && targets_in.size(0) == logits_in.size(0),
+              "gptfast_cpu cross_entropy: targets must be (N,) matching logits");
+  TORCH_CHECK(targets_in.scalar_type() == at::kLong || targets_in.scalar_type() == at::kInt,
+              "gptfast_cpu cross_entropy: targets must be int64 or int32");
+  TORCH_CHECK(logits_in.size(1) > 0, "gptfast_cpu cross_entropy: logits need at least one class");
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor targets = targets_in.to(at::kLong).contiguous();
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(acc));
+  at::Tensor grad = compute_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gptfast_cpu_cross_entropy", [&] {
+    cross_entropy_impl<scalar_t>(logits, targets, ignore_index, loss, compute_grad ? &grad : nullptr);
+  });
+  return {loss, grad};
+}
+
+}  // namespace gptfast_cpu
