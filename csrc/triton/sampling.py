@@ -108,10 +108,11 @@ def _sample_kernel(logits_ptr, row_stride, out_ptr, seed_ptr, temperature_ptr, t
 
 
 def _config(n_rows: int, n_cols: int) -> dict:
-    block_v = min(next_power_of_2(n_cols), 1024 if INTERPRETER else 4096)
+    if INTERPRETER:  # few, large tiles: the interpreter's cost is per operation, not per element
+        block_v = min(next_power_of_2(n_cols), 4096)
+        return dict(BLOCK_R=max(1, min(next_power_of_2(n_rows), 32768 // block_v, 1024)), BLOCK_V=block_v)
+    block_v = min(next_power_of_2(n_cols), 4096)
     block_r = max(1, min(next_power_of_2(n_rows), 4096 // block_v, 64))
-    if INTERPRETER:
-        return dict(BLOCK_R=block_r, BLOCK_V=block_v)
     return dict(BLOCK_R=block_r, BLOCK_V=block_v, num_warps=8 if block_r * block_v >= 4096 else 4)
 
 
