@@ -143,8 +143,18 @@ struct Elem<true> {
 // So the C fragments of two neighbouring 8-column tiles are exactly the A fragment of
 // one 16-wide k step (used to feed probabilities back into the next mma).
 
+// BEGIN PTX PRIMITIVES (the only inline assembly; a CPU emulator may substitute this region)
+// Everything here needs sm_80+ (bf16 mma, cp.async); the Python side refuses older GPUs,
+// and a build for an older architecture compiles these to a trap instead of failing.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define GPTFAST_ATTENTION_OLD_ARCH 1
+#endif
+
 template <bool kBf16>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef GPTFAST_ATTENTION_OLD_ARCH
+  __trap();
+#else
   if constexpr (kBf16) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -158,23 +168,55 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+#endif
 }
 
 // ldmatrix x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i; register i of
 // every lane receives matrix i's elements [lane/4][2*(lane%4) .. +1] (transposed with
 // .trans: [2*(lane%4) .. +1][lane/4]).
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+#ifdef GPTFAST_ATTENTION_OLD_ARCH
+  __trap();
+#else
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+#ifdef GPTFAST_ATTENTION_OLD_ARCH
+  __trap();
+#else
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
+
+// 16-byte global->shared copy; `valid` false writes zeros (src is then not read).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+#ifdef GPTFAST_ATTENTION_OLD_ARCH
+  __trap();
+#else
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem), "r"(src_bytes));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifndef GPTFAST_ATTENTION_OLD_ARCH
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#ifndef GPTFAST_ATTENTION_OLD_ARCH
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+// END PTX PRIMITIVES
 
 // The A fragment of the 16x16 block at (row0, col0) of a row-major smem tile.
 template <int kStride, typename T>
@@ -205,19 +247,7 @@ __device__ __forceinline__ void load_b_frags_kn(uint32_t (&b)[4], const T* tile,
   ldmatrix_x4_trans(b, tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride + n0 + (lane >> 4) * 8);
 }
 
-// ---------------------------------------------------------------- async copies
-
-// 16-byte global->shared copy; `valid` false writes zeros (src is then not read).
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
+// ---------------------------------------------------------------- tile loads
 
 // Copy rows [row0, row0 + kRows) of one (b, h) slice (token stride `stride`, D contiguous)
 // into a padded smem tile; rows >= `rows_total` become zeros.
