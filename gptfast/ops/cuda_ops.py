@@ -30,6 +30,7 @@ Sampling (``gptfast_cuda::sample_next_token``)
 from __future__ import annotations
 
 import torch
+from torch.utils import _python_dispatch
 
 DEVICES = ("cuda",)
 
@@ -63,10 +64,6 @@ def _ops():
 # --------------------------------------------------------------------------- cross-entropy
 
 
-def _cross_entropy_registered() -> bool:
-    return _C_cuda is not None and hasattr(torch.ops.gptfast_cuda, "cross_entropy_fwd")
-
-
 def _fake_cross_entropy_fwd(logits, targets, ignore_index, want_grad):
     loss_rows = logits.new_empty((logits.shape[0],), dtype=torch.float32)
     grad = torch.empty_like(logits) if want_grad else logits.new_empty((0,))
@@ -75,6 +72,7 @@ def _fake_cross_entropy_fwd(logits, targets, ignore_index, want_grad):
 
 def _setup_cross_entropy(ctx, inputs, output):
     _, grad = output
+    ctx.mark_non_differentiable(grad)
     ctx.save_for_backward(grad)
     ctx.want_grad = inputs[3]
 
@@ -84,16 +82,21 @@ def _backward_cross_entropy(ctx, grad_loss_rows, _grad_of_grad):
         raise RuntimeError("gptfast cuda cross_entropy: the forward ran without a gradient buffer "
                            "(grad mode was off or logits did not require grad)")
     (grad,) = ctx.saved_tensors
-    # d loss_i / d logits_i is the saved row; chain each row with its upstream factor.
-    # In place: the buffer belongs to this graph node only, and torch's saved-tensor
-    # version check rejects a second backward through it (retain_graph=True).
-    return grad.mul_(grad_loss_rows.unsqueeze(1).to(grad.dtype)), None, None, None
+    # d loss_i / d logits_i is the saved row; chain each row with its upstream factor
+    # (multiplied in fp32).  Eagerly in place: the buffer belongs to this graph node
+    # only, so no (N, V) copy, and torch's saved-tensor version check rejects a second
+    # backward through it (retain_graph=True).  Compiled graphs get the out-of-place
+    # form, which the compiler fuses and which keeps the backward graph functional.
+    factor = grad_loss_rows.unsqueeze(1)
+    if _tracing(grad):
+        return (grad * factor).to(grad.dtype), None, None, None
+    return grad.mul_(factor), None, None, None
 
 
-if _cross_entropy_registered():
-    torch.library.register_fake("gptfast_cuda::cross_entropy_fwd")(_fake_cross_entropy_fwd)
-    torch.library.register_autograd("gptfast_cuda::cross_entropy_fwd", _backward_cross_entropy,
-                                    setup_context=_setup_cross_entropy)
+def _tracing(t: torch.Tensor) -> bool:
+    """True while dynamo/AOTAutograd/make_fx trace (fake, functional or proxy tensors), False when eager."""
+    return (torch.compiler.is_compiling() or type(t) is not torch.Tensor
+            or _python_dispatch._get_current_dispatch_mode() is not None)
 
 
 def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean"):
@@ -126,16 +129,24 @@ def check_targets(logits, targets, *, ignore_index=-100) -> None:
 # --------------------------------------------------------------------------- sampling
 
 
-def _sampling_registered() -> bool:
-    return _C_cuda is not None and hasattr(torch.ops.gptfast_cuda, "sample_next_token")
-
-
 def _fake_sample_next_token(logits, temperature, temperature_value, top_k, top_k_value, generator):
     return logits.new_empty((logits.shape[0], 1), dtype=torch.int64)
 
 
-if _sampling_registered():
-    torch.library.register_fake("gptfast_cuda::sample_next_token")(_fake_sample_next_token)
+def register_python_parts(namespace: str = "gptfast_cuda") -> None:
+    """Register the fake impls and the cross-entropy autograd for the ops of ``namespace``.
+
+    Done once at import for ``gptfast_cuda``; tests call it for a namespace whose
+    ops emulate the kernels on the CPU, to check this module's wiring without a GPU.
+    """
+    torch.library.register_fake(f"{namespace}::cross_entropy_fwd")(_fake_cross_entropy_fwd)
+    torch.library.register_autograd(f"{namespace}::cross_entropy_fwd", _backward_cross_entropy,
+                                    setup_context=_setup_cross_entropy)
+    torch.library.register_fake(f"{namespace}::sample_next_token")(_fake_sample_next_token)
+
+
+if _C_cuda is not None and hasattr(torch.ops.gptfast_cuda, "cross_entropy_fwd"):
+    register_python_parts()
 
 
 def sample_next_token(logits, *, temperature=0.0, top_k=None, generator=None):
