@@ -13,6 +13,8 @@ per-row vector known only in the backward pass, which then recomputes the chunks
 
 from __future__ import annotations
 
+from typing import Optional  # op schema annotations: Optional[...] is parsed by every torch version
+
 import torch
 import torch.nn.functional as F
 from torch.library import triton_op
@@ -66,7 +68,7 @@ def _mean_scale(targets, ignore_index, device):
 
 
 @triton_op("gptfast_triton::linear_cross_entropy_fwd", mutates_args=())
-def linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                              targets: torch.Tensor, ignore_index: int, reduction: str, compute_grad: bool
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, d hidden, d weight, d bias)``; loss float32, reduced unless "none".
@@ -86,7 +88,7 @@ def linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: t
 
 @triton_op("gptfast_triton::linear_cross_entropy_bwd", mutates_args=())
 def linear_cross_entropy_bwd(grad_losses: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                             bias: torch.Tensor | None, targets: torch.Tensor,
+                             bias: Optional[torch.Tensor], targets: torch.Tensor,
                              ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients for ``reduction="none"``: recompute each chunk with per-row scales ``grad_losses``."""
     scale = grad_losses.to(torch.float32).contiguous()

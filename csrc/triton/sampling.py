@@ -16,6 +16,8 @@ index on ties, like ``torch.argmax``).
 
 from __future__ import annotations
 
+from typing import Optional  # op schema annotations: Optional[...] is parsed by every torch version
+
 import torch
 import triton
 import triton.language as tl
@@ -117,8 +119,8 @@ def _config(n_rows: int, n_cols: int) -> dict:
 
 
 @triton_op("gptfast_triton::sample", mutates_args=())
-def sample(logits: torch.Tensor, seed: torch.Tensor, temperature: torch.Tensor | None, temperature_value: float,
-           top_k: torch.Tensor | None, top_k_value: int) -> torch.Tensor:
+def sample(logits: torch.Tensor, seed: torch.Tensor, temperature: Optional[torch.Tensor], temperature_value: float,
+           top_k: Optional[torch.Tensor], top_k_value: int) -> torch.Tensor:
     """Next token per row, ``(B, 1)`` int64.
 
     ``temperature``/``top_k`` are per-row tensors or None (then the scalar
