@@ -1,0 +1,269 @@
+"""Tests of ``python -m gptfast.train`` on CPU with the tiny model: resume, DDP, accumulation, data, errors."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptfast import train
+from gptfast.model import GPTModel
+from gptfast.token_data import TokenWindows, build_token_cache, load_tokens
+from gptfast.tokenizer import ENDOFTEXT_ID, get_tokenizer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+BASE = ["--model", "tiny", "--context-length", "32", "--batch-size", "2", "--lr", "1e-3", "--warmup-steps", "2",
+        "--min-lr", "1e-4", "--eval-every", "3", "--eval-batches", "2", "--no-progress", "--device", "cpu"]
+
+
+def without(args, flag):
+    """``args`` without ``flag`` and its value."""
+    i = args.index(flag)
+    return args[:i] + args[i + 2:]
+
+
+def run_main(out_dir, *extra):
+    return train.main([*BASE, "--out-dir", str(out_dir), *extra])
+
+
+def losses(out_dir):
+    return [row["loss"] for row in json.loads((out_dir / "metrics.json").read_text())]
+
+
+def model_state(out_dir):
+    return torch.load(out_dir / "ckpt.pt", weights_only=True)["model_state_dict"]
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    # Dropout on, so the restored RNG state matters as well as weights, optimizer and schedule.
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run_main(whole, "--max-steps", "6", "--dropout", "0.1") == 0
+    assert run_main(split, "--max-steps", "6", "--dropout", "0.1", "--stop-at", "3") == 0
+    assert len(losses(split)) == 3 and not (split / "model.pth").exists()
+    assert run_main(split, "--max-steps", "6", "--dropout", "0.1", "--resume") == 0
+    assert losses(split) == losses(whole)
+    a, b = model_state(whole), model_state(split)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    full = torch.load(whole / "ckpt.pt", weights_only=True)
+    assert full["step"] == 6 and full["scheduler_state_dict"]["last_epoch"] == 6
+    assert {"torch", "python"} <= set(full["rng"]) and full["data_state"]["next_step"] == 6
+
+
+def test_outputs_metrics_plot_and_export(tmp_path):
+    assert run_main(tmp_path, "--max-steps", "4") == 0
+    rows = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in rows)  # CPU: MFU n/a
+    assert rows[2]["val_loss"] is not None and rows[3]["val_loss"] is not None
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[:6] == ["step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"]
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["final_loss"] == rows[-1]["loss"]
+    # model.pth has the real vocabulary and loads into a plain GPTModel, as `gptfast generate` does.
+    exported = torch.load(tmp_path / "model.pth", weights_only=True)
+    assert exported["config"]["vocab_size"] == 50257
+    GPTModel(exported["config"]).load_state_dict(exported["model_state_dict"])
+
+
+def test_peak_tflops_flag_gives_mfu(tmp_path):
+    assert run_main(tmp_path, "--max-steps", "1", "--peak-tflops", "1.0") == 0
+    row = json.loads((tmp_path / "metrics.json").read_text())[0]
+    cfg = train.model_config(train.build_parser().parse_args(BASE))
+    expected = row["tokens_per_s"] * train.flops_per_token(cfg, 32) / 1e12
+    assert row["mfu"] == pytest.approx(expected)
+
+
+def test_loss_decreases_when_overfitting(tmp_path):
+    assert run_main(tmp_path, "--max-steps", "15", "--eval-every", "15", "--lr", "1e-2", "--min-lr", "1e-3") == 0
+    values = losses(tmp_path)
+    assert np.mean(values[-3:]) < values[0] - 1.0
+
+
+def test_grad_accumulation_matches_bigger_batch(tmp_path):
+    big, accum = tmp_path / "big", tmp_path / "accum"
+    base = without(BASE, "--batch-size")
+    assert train.main([*base, "--out-dir", str(big), "--batch-size", "4", "--max-steps", "3"]) == 0
+    assert train.main([*base, "--out-dir", str(accum), "--batch-size", "2", "--grad-accum", "2",
+                       "--max-steps", "3"]) == 0
+    np.testing.assert_allclose(losses(accum), losses(big), rtol=0, atol=1e-5)
+    a, b = model_state(big), model_state(accum)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    assert run_main(tmp_path, "--max-steps", "2", "--dtype", "bf16") == 0
+    rows = json.loads((tmp_path / "metrics.json").read_text())
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert json.loads((tmp_path / "summary.json").read_text())["dtype"] == "bf16"
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    """torchrun with 2 gloo processes, batch 1 each, equals one process with batch 2."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = without(BASE, "--batch-size") + ["--max-steps", "3"]
+    assert train.main([*common, "--out-dir", str(one), "--batch-size", "2"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "gptfast.train", *common, "--out-dir", str(two), "--batch-size", "1"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    np.testing.assert_allclose(losses(two), losses(one), rtol=0, atol=2e-5)
+    a, b = model_state(one), model_state(two)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- the model pieces
+
+
+def test_vocab_is_padded_and_padded_rows_never_reach_the_loss():
+    args = train.build_parser().parse_args(BASE)
+    cfg = train.model_config(args)
+    assert cfg["vocab_size"] == 50304 and cfg["vocab_size"] % 64 == 0
+    model = train.build_model(cfg, seed=0)
+    assert torch.count_nonzero(model.out_head.weight[50257:]) == 0
+    loss_module = train.LanguageModelLoss(model)
+    x = torch.randint(0, 50257, (2, 8))
+    y = torch.randint(0, 50257, (2, 8))
+    with torch.no_grad():
+        model.out_head.weight[50257:] = 100.0  # would dominate the softmax if padded logits were included
+    loss = loss_module(x, y)
+    expected = F.cross_entropy(model(x)[..., :50257].flatten(0, 1), y.flatten())
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert torch.count_nonzero(model.out_head.weight.grad[50257:]) == 0
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    args = train.build_parser().parse_args(BASE + ["--max-steps", "20", "--warmup-steps", "4"])
+    lrs = [train.lr_at(s, args) for s in range(20)]
+    assert lrs[0] == pytest.approx(1e-3 / 4) and lrs[3] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(lrs[3:], lrs[4:]))
+    assert lrs[-1] == pytest.approx(1e-4)
+    short = train.build_parser().parse_args(BASE + ["--max-steps", "2", "--warmup-steps", "4"])
+    assert [train.lr_at(s, short) for s in range(2)] == pytest.approx([2.5e-4, 5e-4])
+
+
+def test_flops_per_token_of_gpt2():
+    cfg = train.model_config(train.build_parser().parse_args(["--model", "gpt2"]))
+    # 85M block matmul weights + 38.6M head = ~124M matmul parameters -> ~6 * 124M + attention.
+    assert 6 * 123e6 < train.flops_per_token(cfg, 1024) < 6 * 126e6 + 12 * 12 * 768 * 1024 + 1
+
+
+def test_init_from_exported_checkpoint(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    assert run_main(src, "--max-steps", "2") == 0
+    exported = torch.load(src / "model.pth", weights_only=True)["model_state_dict"]
+    assert run_main(dst, "--max-steps", "1", "--stop-at", "1", "--init-from", str(src / "model.pth"),
+                    "--lr", "1e-12", "--min-lr", "0") == 0
+    loaded = model_state(dst)
+    torch.testing.assert_close(loaded["out_head.weight"][:50257], exported["out_head.weight"], atol=1e-6, rtol=0)
+    assert torch.count_nonzero(loaded["out_head.weight"][50257:]) == 0
+
+
+# ----------------------------------------------------------------------------- token data
+
+
+def test_token_cache_folder_memmap_and_invalidation(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("Hello world.")
+    (folder / "b.txt").write_text("Another file here.")
+    (folder / "skip.bin").write_bytes(b"\x00\x01")
+    cache = build_token_cache(folder, tmp_path / "cache")
+    tokens = load_tokens(cache)
+    tok = get_tokenizer()
+    expected = tok.encode("Hello world.") + [ENDOFTEXT_ID] + tok.encode("Another file here.")
+    assert tokens.dtype == np.uint16 and tokens.tolist() == expected
+    assert build_token_cache(folder, tmp_path / "cache") == cache  # reused
+    os.utime(folder / "a.txt", ns=(1, 1))
+    assert build_token_cache(folder, tmp_path / "cache") != cache  # a changed source re-tokenises
+
+
+def test_windows_depend_only_on_seed_and_step():
+    tokens = np.arange(1000, dtype=np.uint16)
+    windows = TokenWindows(tokens, 16, seed=3)
+    a, b = windows.step_offsets(5, 8), TokenWindows(tokens, 16, seed=3).step_offsets(5, 8)
+    assert torch.equal(a, b) and not torch.equal(a, windows.step_offsets(6, 8))
+    x, y = windows.gather(a)
+    assert x.shape == (8, 16) and torch.equal(x[:, 1:], y[:, :-1]) and int(a.max()) + 16 < 1000
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def error_of(capsys, out_dir, *extra):
+    assert run_main(out_dir, *extra) == 2
+    return capsys.readouterr().err
+
+
+def test_missing_data_path(tmp_path, capsys):
+    err = error_of(capsys, tmp_path, "--data", str(tmp_path / "nope.txt"))
+    assert "--data path not found" in err and "nope.txt" in err
+
+
+def test_data_shorter_than_one_window(tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("Just a few words.")
+    err = error_of(capsys, tmp_path / "out", "--data", str(short))
+    assert "shorter than one training window" in err and "--context-length 32" in err
+
+
+def test_empty_data_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert "holds no text files" in error_of(capsys, tmp_path / "out", "--data", str(tmp_path / "empty"))
+
+
+def test_unknown_model_name(tmp_path, capsys):
+    assert train.main(["--model", "gpt5", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "gpt5" in err and "gpt2-medium" in err
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--grad-accum", "0"), ("--max-steps", "0"),
+                                        ("--lr", "-1"), ("--dropout", "1.5")])
+def test_bad_numbers(tmp_path, capsys, flag, value):
+    assert flag in error_of(capsys, tmp_path, flag, value)
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    assert "no checkpoint" in error_of(capsys, tmp_path, "--resume")
+
+
+@pytest.mark.parametrize("changed,expected", [(("--context-length", "16"), "context_length"),
+                                              (("--batch-size", "4"), "batch_size")])
+def test_resume_with_mismatched_config(tmp_path, capsys, changed, expected):
+    assert run_main(tmp_path, "--max-steps", "2", "--stop-at", "1") == 0
+    capsys.readouterr()
+    args = [*BASE, "--out-dir", str(tmp_path), "--max-steps", "2", "--resume"]
+    i = args.index(changed[0])
+    args[i + 1] = changed[1]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "different configuration" in err and expected in err
+
+
+def test_init_from_missing_or_mismatched(tmp_path, capsys):
+    assert "--init-from path not found" in error_of(capsys, tmp_path, "--init-from", str(tmp_path / "x.pt"))
+    other = GPTModel({**train.gpt2_config("tiny"), "emb_dim": 32})
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    assert "does not fit" in error_of(capsys, tmp_path, "--init-from", str(tmp_path / "other.pt"))
+
+
+def test_module_entry_point_runs(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "gptfast.train", *BASE, "--out-dir", str(tmp_path),
+                             "--max-steps", "1"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "step      0" in result.stdout and "MFU n/a" in result.stdout
