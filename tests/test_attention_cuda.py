@@ -14,6 +14,11 @@ FlashAttention.
 from __future__ import annotations
 
 import math
+import os
+import pathlib
+import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -148,6 +153,77 @@ def test_dropout_only_in_training_and_seed_follows_manual_seed(recorder):
         cuda_attention.causal_attention(q, k, v, dropout_p=0.5, training=True, scale=None)
         seeds.append(int(recorder.calls[-1][3]))
     assert seeds[0] == seeds[1] != seeds[2]
+
+
+# --------------------------------------------------------------------------- kernels in the CPU emulator
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EMULATOR_DIR = pathlib.Path(__file__).resolve().parent / "cuda_emulator"
+KERNEL_FILES = ("attention_fwd.cu", "attention_bwd.cu", "decode_attention.cu")
+
+
+def _split_top_level(args: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for ch in args:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return parts + [current]
+
+
+def _emulator_sources(out_dir: pathlib.Path) -> None:
+    """The kernel files, made host-compilable: PTX region cut out, ``<<<...>>>`` launches rewritten."""
+    src = REPO / "csrc" / "cuda"
+    gen = out_dir / "gen"
+    gen.mkdir(parents=True, exist_ok=True)
+    common = (src / "attention_common.cuh").read_text().replace("#ifdef __CUDACC__", "#if 1")
+    common, n = re.subn(r"// BEGIN PTX PRIMITIVES.*?// END PTX PRIMITIVES\n", "", common, flags=re.S)
+    assert n == 1, "attention_common.cuh lost its PTX PRIMITIVES markers"
+    (gen / "attention_common.cuh").write_text(common)
+    shutil.copy(src / "philox.cuh", gen / "philox.cuh")
+    launch = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\((\w+)\)", flags=re.S)
+    for name in KERNEL_FILES:
+        text = (src / name).read_text().replace(
+            "extern __shared__ __align__(16) unsigned char smem_raw[];", "unsigned char* smem_raw = emu::dyn_smem;")
+        text, n = launch.subn(
+            lambda m: f"emu::launch({m.group(1)}, {','.join(_split_top_level(m.group(2))[:3])}, {m.group(3)})", text)
+        assert n >= 1, f"no kernel launch found in {name}"
+        (gen / f"{name}.inc").write_text(text)
+
+
+def _emulator_prerequisite_missing() -> str | None:
+    cuda_home = pathlib.Path(os.environ.get("CUDA_HOME") or "/usr/local/cuda")
+    if shutil.which("g++") is None:
+        return "g++ not found"
+    if not (cuda_home / "include" / "cuda_fp16.h").exists():
+        return f"CUDA headers not found under {cuda_home}/include (set CUDA_HOME)"
+    return None
+
+
+@pytest.mark.slow
+def test_kernels_match_float64_reference_in_cpu_emulator(tmp_path):
+    """fwd, bwd (dq/dk/dv, lse) and decode kernels, run by a CPU emulator of the CUDA/PTX subset they use.
+
+    Checks everything but the hardware itself: tiling, causal offsets, fragment layouts,
+    cp.async ordering, strided inputs, dropout mask regeneration, split-key combine.
+    """
+    missing = _emulator_prerequisite_missing()
+    if missing:
+        pytest.skip(missing)
+    _emulator_sources(tmp_path)
+    exe = tmp_path / "attention_check"
+    cuda_include = pathlib.Path(os.environ.get("CUDA_HOME") or "/usr/local/cuda") / "include"
+    build = subprocess.run(
+        ["g++", "-std=c++20", "-O1", "-w", "-pthread", f"-I{cuda_include}", f"-I{tmp_path}", f"-I{EMULATOR_DIR}",
+         str(EMULATOR_DIR / "attention_check.cpp"), "-o", str(exe)],
+        capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([str(exe), "quick"], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert "0 failures" in run.stdout
 
 
 # --------------------------------------------------------------------------- GPU parity

@@ -77,6 +77,8 @@ inline bool head_dim_supported(int d) { return d == 64 || d == 128; }
 // several (flash-decoding), but at least 64 keys per block, and no empty chunk.
 inline void decode_split(int64_t batch_heads, int tk, int sm_count, int* splits, int* chunk) {
   const int64_t target_blocks = 4 * static_cast<int64_t>(sm_count > 0 ? sm_count : 1);
+  if (batch_heads < 1) batch_heads = 1;
+  if (tk < 1) tk = 1;
   int64_t want = (target_blocks + batch_heads - 1) / batch_heads;
   const int64_t most = (tk + 63) / 64;
   if (want > most) want = most;

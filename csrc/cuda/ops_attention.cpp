@@ -134,6 +134,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.dropout = make_dropout(dropout_p, seed, q);
+  if (out.numel() == 0) return {out, lse};  // B or H is 0: nothing to launch
   check_launch(launch_attention_fwd(p, current_stream()), "attention_fwd");
   return {out, lse};
 }
@@ -179,6 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& g
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   p.dropout = make_dropout(dropout_p, seed, q);
+  if (dq_accum.numel() == 0) return {dq_accum.to(q.scalar_type()), dk, dv};  // B or H is 0
   check_launch(launch_attention_bwd(p, current_stream()), "attention_bwd");
   return {dq_accum.to(q.scalar_type()), dk, dv};
 }
@@ -207,6 +209,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   p.partial_acc = partial_acc.data_ptr<float>();
   p.partial_max = partial_max.data_ptr<float>();
   p.partial_sum = partial_sum.data_ptr<float>();
+  if (out.numel() == 0) return out;  // B or H is 0
   check_launch(launch_decode_attention(p, current_stream()), "decode_attention");
   return out;
 }

@@ -1,0 +1,187 @@
+// Runs gptfast's CUDA attention kernels (fwd, bwd, decode) in the CPU emulator (emu.h)
+// and compares them with a float64 reference written here independently (causal
+// softmax, dropout mask recomputed from Philox, gradients by the textbook formulas).
+// The gen/ sources are the kernel files with the PTX primitives removed and kernel
+// launches rewritten to emu::launch (see _build_emulator in tests/test_attention_cuda.py).
+// Usage: attention_check [quick|full|attn|dec]; exit status 0 iff every case is within
+// tolerance (fp16 4e-3, bf16 3e-2, relative to max(1, |reference|max)).
+#include "emu.h"
+#include "gen/attention_common.cuh"
+#include "gen/attention_fwd.cu.inc"
+#include "gen/attention_bwd.cu.inc"
+#include "gen/decode_attention.cu.inc"
+#include <random>
+#include <string>
+
+using namespace gptfast::attention;
+
+static uint16_t to_bits(float f, bool bf16) {
+  if (bf16) { __nv_bfloat16 b = __float2bfloat16_rn(f); uint16_t u; std::memcpy(&u, &b, 2); return u; }
+  __half h = __float2half_rn(f); uint16_t u; std::memcpy(&u, &h, 2); return u;
+}
+static float from_bits(uint16_t u, bool bf16) { return half_bits_to_float(u, bf16); }
+
+struct Tensor4 {  // logical (B, H, T, D) stored with a chosen layout
+  int B, H, T, D; bool bthd; std::vector<uint16_t> data;
+  Strides4 strides() const { return bthd ? Strides4{(int64_t)T * H * D, D, (int64_t)H * D} : Strides4{(int64_t)H * T * D, (int64_t)T * D, D}; }
+  int64_t idx(int b, int h, int t, int d) const { auto s = strides(); return b * s.batch + h * s.head + t * s.token + d; }
+};
+static Tensor4 make(int B, int H, int T, int D, bool bthd, bool bf16, std::mt19937& rng) {
+  Tensor4 x{B, H, T, D, bthd, std::vector<uint16_t>((size_t)B * H * T * D)};
+  std::normal_distribution<float> n(0, 1);
+  for (auto& v : x.data) v = to_bits(n(rng), bf16);
+  return x;
+}
+
+static bool keep_ref(uint64_t seed, uint32_t bh, int i, int j, uint32_t thr) {
+  uint4 r = gptfast::philox4x32_10(make_uint2((uint32_t)seed, (uint32_t)(seed >> 32)), make_uint4((uint32_t)j >> 1, (uint32_t)i >> 1, bh, 0));
+  uint32_t w[4] = {r.x, r.y, r.z, r.w};
+  return w[((i & 1) << 1) | (j & 1)] >= thr;
+}
+
+static int failures = 0;
+static void report(const char* what, const std::string& cfg, double err, double mag, double tol) {
+  bool ok = err <= tol * std::max(1.0, mag);
+  if (!ok) ++failures;
+  std::printf("%-5s %-48s max_err=%.3e max_ref=%.3e %s\n", what, cfg.c_str(), err, mag, ok ? "ok" : "FAIL");
+}
+
+static void run_case(bool bf16, int B, int H, int Tq, int Tk, int D, double p, bool bthd) {
+  std::mt19937 rng(B * 1000 + Tq * 7 + Tk + D);
+  Tensor4 q = make(B, H, Tq, D, bthd, bf16, rng), k = make(B, H, Tk, D, false, bf16, rng), v = make(B, H, Tk, D, bthd, bf16, rng);
+  Tensor4 dout = make(B, H, Tq, D, bthd, bf16, rng);
+  const float scale = 1.0f / std::sqrt((float)D);
+  int64_t seed = 0x123456789abcLL;
+  Dropout drop{p > 0, 0u, 1.f, &seed};
+  if (p > 0) { drop.threshold = (uint32_t)(p * 4294967296.0); drop.inv_keep = (float)(1 / (1 - p)); }
+  Shape shape{B, H, Tq, Tk, D, bf16, scale};
+  std::vector<uint16_t> out((size_t)B * H * Tq * D, 0xffff); std::vector<float> lse((size_t)B * H * Tq, NAN);
+  FwdParams fp{shape, q.data.data(), k.data.data(), v.data.data(), q.strides(), k.strides(), v.strides(), out.data(), lse.data(), drop};
+  if (launch_attention_fwd(fp, nullptr) != cudaSuccess) { std::printf("fwd launch failed\n"); ++failures; return; }
+  std::vector<float> delta((size_t)B * H * Tq), dq((size_t)B * H * Tq * D, 0.f);
+  std::vector<uint16_t> dk((size_t)B * H * Tk * D, 0xffff), dv((size_t)B * H * Tk * D, 0xffff);
+  Strides4 oc{(int64_t)H * Tq * D, (int64_t)Tq * D, D};
+  BwdParams bp{shape, q.data.data(), k.data.data(), v.data.data(), out.data(), dout.data.data(), q.strides(), k.strides(), v.strides(), oc, dout.strides(),
+               lse.data(), delta.data(), dq.data(), dk.data(), dv.data(), drop};
+  if (launch_attention_bwd(bp, nullptr) != cudaSuccess) { std::printf("bwd launch failed\n"); ++failures; return; }
+
+  double el = 0, ml = 0, eo = 0, mo = 0, eq = 0, mq = 0, ek = 0, mk = 0, ev = 0, mv = 0;
+  const int off = Tk - Tq;
+  for (int b = 0; b < B; ++b) for (int h = 0; h < H; ++h) {
+    const uint32_t bh = b * H + h;
+    auto Q = [&](int i, int d) { return (double)from_bits(q.data[q.idx(b, h, i, d)], bf16); };
+    auto K = [&](int j, int d) { return (double)from_bits(k.data[k.idx(b, h, j, d)], bf16); };
+    auto V = [&](int j, int d) { return (double)from_bits(v.data[v.idx(b, h, j, d)], bf16); };
+    auto G = [&](int i, int d) { return (double)from_bits(dout.data[dout.idx(b, h, i, d)], bf16); };
+    std::vector<double> P((size_t)Tq * Tk, 0.0), M((size_t)Tq * Tk, 0.0), dS((size_t)Tq * Tk, 0.0);
+    std::vector<double> dK((size_t)Tk * D, 0), dV((size_t)Tk * D, 0);
+    for (int i = 0; i < Tq; ++i) {
+      double mx = -1e300;
+      for (int j = 0; j <= off + i; ++j) { double s = 0; for (int d = 0; d < D; ++d) s += Q(i, d) * K(j, d); P[i * Tk + j] = s * scale; mx = std::max(mx, P[i * Tk + j]); }
+      double sum = 0;
+      for (int j = 0; j <= off + i; ++j) { P[i * Tk + j] = std::exp(P[i * Tk + j] - mx); sum += P[i * Tk + j]; }
+      for (int j = 0; j <= off + i; ++j) {
+        P[i * Tk + j] /= sum;
+        M[i * Tk + j] = p > 0 ? (keep_ref(seed, bh, i, j, drop.threshold) ? 1 / (1 - p) : 0.0) : 1.0;
+      }
+      // The saved log-sum-exp is in log2 units of scale*log2(e)*q.k.
+      const double lse_ref = (mx + std::log(sum)) / std::log(2.0);
+      el = std::max(el, std::fabs(lse[bh * Tq + i] - lse_ref));
+      ml = std::max(ml, std::fabs(lse_ref));
+      std::vector<double> o(D, 0), dP(Tk, 0);
+      for (int j = 0; j <= off + i; ++j) for (int d = 0; d < D; ++d) o[d] += P[i * Tk + j] * M[i * Tk + j] * V(j, d);
+      for (int d = 0; d < D; ++d) {
+        double got = from_bits(out[((size_t)bh * Tq + i) * D + d], bf16);
+        eo = std::max(eo, std::fabs(got - o[d])); mo = std::max(mo, std::fabs(o[d]));
+      }
+      double dsum = 0;
+      for (int j = 0; j <= off + i; ++j) { double x = 0; for (int d = 0; d < D; ++d) x += G(i, d) * V(j, d); dP[j] = x * M[i * Tk + j]; dsum += P[i * Tk + j] * dP[j]; }
+      for (int j = 0; j <= off + i; ++j) dS[i * Tk + j] = P[i * Tk + j] * (dP[j] - dsum);
+      for (int d = 0; d < D; ++d) {
+        double x = 0; for (int j = 0; j <= off + i; ++j) x += dS[i * Tk + j] * K(j, d);
+        x *= scale;
+        eq = std::max(eq, std::fabs(dq[((size_t)bh * Tq + i) * D + d] - x)); mq = std::max(mq, std::fabs(x));
+      }
+      for (int j = 0; j <= off + i; ++j) for (int d = 0; d < D; ++d) {
+        dK[j * D + d] += scale * dS[i * Tk + j] * Q(i, d);
+        dV[j * D + d] += P[i * Tk + j] * M[i * Tk + j] * G(i, d);
+      }
+    }
+    for (int j = 0; j < Tk; ++j) for (int d = 0; d < D; ++d) {
+      double gk = from_bits(dk[((size_t)bh * Tk + j) * D + d], bf16), gv = from_bits(dv[((size_t)bh * Tk + j) * D + d], bf16);
+      ek = std::max(ek, std::fabs(gk - dK[j * D + d])); mk = std::max(mk, std::fabs(dK[j * D + d]));
+      ev = std::max(ev, std::fabs(gv - dV[j * D + d])); mv = std::max(mv, std::fabs(dV[j * D + d]));
+      if (std::isnan(gk) || std::isnan(gv)) { ek = ev = 1e30; }
+    }
+  }
+  char cfg[200];
+  std::snprintf(cfg, sizeof cfg, "%s B%d H%d Tq%d Tk%d D%d p%.2f %s", bf16 ? "bf16" : "fp16", B, H, Tq, Tk, D, p, bthd ? "bthd" : "bhtd");
+  const double tol = bf16 ? 3e-2 : 4e-3;
+  report("lse", cfg, el, ml, 1e-4);
+  report("out", cfg, eo, mo, tol); report("dq", cfg, eq, mq, tol); report("dk", cfg, ek, mk, tol); report("dv", cfg, ev, mv, tol);
+}
+
+static void run_decode(bool bf16, int B, int H, int Tk, int D, int sms, bool strided) {
+  std::mt19937 rng(Tk * 3 + D + sms);
+  const int Tmax = strided ? Tk + 24 : Tk;
+  Tensor4 q = make(B, H, 1, D, true, bf16, rng), k = make(B, H, Tmax, D, false, bf16, rng), v = make(B, H, Tmax, D, false, bf16, rng);
+  const float scale = 1.0f / std::sqrt((float)D);
+  DecodeParams p{};
+  p.shape = Shape{B, H, 1, Tk, D, bf16, scale};
+  decode_split((int64_t)B * H, Tk, sms, &p.splits, &p.chunk);
+  std::vector<uint16_t> out((size_t)B * H * D, 0xffff);
+  std::vector<float> acc((size_t)B * H * p.splits * D), mx((size_t)B * H * p.splits), sm((size_t)B * H * p.splits);
+  p.q = q.data.data(); p.k = k.data.data(); p.v = v.data.data();
+  p.q_stride = q.strides(); p.k_stride = k.strides(); p.v_stride = v.strides();
+  p.out = out.data(); p.partial_acc = acc.data(); p.partial_max = mx.data(); p.partial_sum = sm.data();
+  if (launch_decode_attention(p, nullptr) != cudaSuccess) { std::printf("decode launch failed\n"); ++failures; return; }
+  double e = 0, m = 0;
+  for (int b = 0; b < B; ++b) for (int h = 0; h < H; ++h) {
+    std::vector<double> s(Tk); double best = -1e300;
+    for (int j = 0; j < Tk; ++j) { double x = 0; for (int d = 0; d < D; ++d) x += (double)from_bits(q.data[q.idx(b, h, 0, d)], bf16) * from_bits(k.data[k.idx(b, h, j, d)], bf16); s[j] = x * scale; best = std::max(best, s[j]); }
+    double sum = 0; for (auto& x : s) { x = std::exp(x - best); sum += x; }
+    for (int d = 0; d < D; ++d) {
+      double o = 0; for (int j = 0; j < Tk; ++j) o += s[j] / sum * from_bits(v.data[v.idx(b, h, j, d)], bf16);
+      double got = from_bits(out[((size_t)b * H + h) * D + d], bf16);
+      e = std::max(e, std::isnan(got) ? 1e30 : std::fabs(got - o)); m = std::max(m, std::fabs(o));
+    }
+  }
+  char cfg[200];
+  std::snprintf(cfg, sizeof cfg, "%s B%d H%d Tk%d D%d sms%d splits%d chunk%d%s", bf16 ? "bf16" : "fp16", B, H, Tk, D, sms, p.splits, p.chunk, strided ? " strided" : "");
+  report("dec", cfg, e, m, bf16 ? 3e-2 : 4e-3);
+}
+
+int main(int argc, char** argv) {
+  const std::string which = argc > 1 ? argv[1] : "quick";
+  const bool full = which == "full";
+  if (which == "quick" || full || which == "attn") {
+    for (bool bf16 : {false, true}) {
+      // (B, H, Tq, Tk, D, dropout, (B,T,H,D) layout for q/v/dout)
+      run_case(bf16, 1, 2, 17, 17, 64, 0.0, true);
+      run_case(bf16, 2, 1, 33, 65, 128, 0.0, false);
+      run_case(bf16, 1, 1, 70, 70, 64, 0.3, true);
+      run_case(bf16, 1, 1, 67, 67, 128, 0.5, false);
+      if (full || which == "attn") {
+        run_case(bf16, 1, 1, 1, 1, 64, 0.0, false);
+        run_case(bf16, 1, 1, 70, 70, 64, 0.0, false);
+        run_case(bf16, 1, 1, 130, 130, 128, 0.0, true);
+        run_case(bf16, 1, 1, 5, 140, 64, 0.0, false);
+        run_case(bf16, 1, 2, 40, 70, 64, 0.3, true);
+      }
+    }
+  }
+  if (which == "quick" || full || which == "dec") {
+    for (bool bf16 : {false, true}) {
+      // (B, H, Tk, D, SM count that sets the split, KV cache longer than Tk)
+      run_decode(bf16, 1, 3, 1, 64, 132, false);
+      run_decode(bf16, 2, 2, 1000, 128, 4, true);
+      run_decode(bf16, 1, 1, 777, 64, 1, false);
+      if (full || which == "dec") {
+        run_decode(bf16, 1, 3, 5, 128, 132, false);
+        run_decode(bf16, 1, 2, 300, 64, 132, true);
+      }
+    }
+  }
+  std::printf("%d failures\n", failures);
+  return failures != 0;
+}
