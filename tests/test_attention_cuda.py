@@ -31,9 +31,9 @@ HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 DTYPES = [torch.float16, torch.bfloat16]
 
-# Shapes the kernels serve (head dim 64/128) from the shared list, plus tile edges:
-# T=1, exactly one tile, one past a tile, odd Tq < Tk, longer sequences.
-CUDA_SHAPES = [s for s in ATTENTION_SHAPES if s[4] in cuda_attention.HEAD_DIMS] + [
+# The shared list (head dims 16/32 run zero-padded to 64) plus tile edges:
+# T=1, exactly one tile, one past a tile, odd Tq < Tk, longer sequences, padded 96 -> 128.
+CUDA_SHAPES = ATTENTION_SHAPES + [
     (1, 1, 1, 1, 64),
     (1, 1, 1, 1, 128),
     (2, 3, 17, 17, 64),
@@ -43,6 +43,7 @@ CUDA_SHAPES = [s for s in ATTENTION_SHAPES if s[4] in cuda_attention.HEAD_DIMS] 
     (1, 3, 31, 513, 128),
     (2, 2, 300, 300, 64),
     (1, 2, 1024, 1024, 64),
+    (2, 2, 50, 50, 96),
 ]
 
 
@@ -70,7 +71,7 @@ def test_unsupported_dtype_reason(dtype):
     assert reason is not None and "float16/bfloat16" in reason and str(dtype) in reason
 
 
-@pytest.mark.parametrize("head_dim", [16, 32, 80, 96, 256])
+@pytest.mark.parametrize("head_dim", [129, 192, 256])
 def test_unsupported_head_dim_reason(head_dim):
     q, k, v = _qkv((1, 2, 5, 5, head_dim), torch.float16, "cpu")
     reason = cuda_attention.attention_unsupported_reason(q, k, v, dropout_p=0.0, training=False, scale=None)
@@ -141,6 +142,25 @@ def test_single_query_with_dropout_uses_fused_kernel(recorder):
     kind, scale, p, seed = recorder.calls[0]
     assert (kind, p) == ("fwd", 0.25) and scale == pytest.approx(1 / math.sqrt(128))
     assert seed.dtype == torch.int64 and seed.shape == (1,)
+
+
+@pytest.mark.parametrize("head_dim,kernel_dim", [(16, 64), (40, 64), (80, 128), (96, 128)])
+def test_small_head_dims_are_zero_padded(recorder, head_dim, kernel_dim):
+    q, k, v = _qkv((1, 2, 6, 9, head_dim), torch.float16, "cpu")
+    assert cuda_attention.attention_unsupported_reason(q, k, v) is not None  # CPU tensors / not built
+    seen = []
+
+    def fwd(q_, k_, v_, scale, dropout_p, seed):
+        seen.append((q_, k_, v_, scale))
+        return q_ * 2, torch.zeros(q_.shape[:3])
+
+    recorder.attention_fwd = fwd
+    out = cuda_attention.causal_attention(q, k, v, dropout_p=0.0, training=False, scale=None)
+    q_, k_, v_, scale = seen[0]
+    assert q_.shape[-1] == k_.shape[-1] == v_.shape[-1] == kernel_dim
+    assert scale == pytest.approx(1 / math.sqrt(head_dim))  # the unpadded dim sets the scale
+    assert torch.equal(q_[..., :head_dim], q) and not q_[..., head_dim:].any()
+    assert torch.equal(out, q * 2)
 
 
 def test_dropout_only_in_training_and_seed_follows_manual_seed(recorder):
@@ -406,6 +426,15 @@ def test_decode_reads_a_strided_kv_cache():
     assert_close(out.cpu(), ref, dtype, "strided cache decode")
 
 
+@needs_cuda
+def test_decode_with_padded_head_dim():
+    q, k, v = _qkv((2, 3, 1, 129, 32), torch.float16, "cuda")
+    with torch.no_grad():
+        out = ops.causal_attention(q, k, v, backend="cuda")
+    ref = torch_ops.causal_attention(q.double().cpu(), k.double().cpu(), v.double().cpu())
+    assert_close(out.cpu(), ref, torch.float16, "padded decode")
+
+
 # --------------------------------------------------------------------------- registration
 
 
@@ -453,7 +482,7 @@ def test_explicit_backend_refuses_unsupported_inputs():
     q, k, v = _qkv((1, 2, 5, 5, 64), torch.float32, "cuda")
     with pytest.raises(RuntimeError, match="float16/bfloat16"):
         ops.causal_attention(q, k, v, backend="cuda")
-    q, k, v = _qkv((1, 2, 5, 5, 96), torch.float16, "cuda")
+    q, k, v = _qkv((1, 2, 5, 5, 192), torch.float16, "cuda")
     with pytest.raises(RuntimeError, match="head_dim"):
         ops.causal_attention(q, k, v, backend="cuda")
     # "auto" falls back instead of failing

@@ -16,9 +16,11 @@ them) and the autograd formula of ``attention_fwd``.  Dropout draws one int64 se
 per call from torch's CUDA generator (``torch.randint`` on the device: follows
 ``torch.manual_seed``, no host synchronisation); the mask is a pure function of
 that seed and the element's (batch, head, query, key), so the backward regenerates
-it exactly.  The kernels take float16/bfloat16 with head dim 64 or 128; other
-inputs are refused by :func:`attention_unsupported_reason`, so ``"auto"`` falls
-back to another backend and an explicit ``backend="cuda"`` raises with the reason.
+it exactly.  The kernels take float16/bfloat16 with head dim 64 or 128; a smaller
+head dim is zero-padded up to the next of those (zeros change neither the scores nor
+the kept columns of the output; it costs the extra memory traffic).  Other inputs
+(float32/float64, head dim > 128) are refused by :func:`attention_unsupported_reason`,
+so ``"auto"`` falls back to another backend and ``backend="cuda"`` raises with the reason.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-HEAD_DIMS = (64, 128)
+HEAD_DIMS = (64, 128)  # head dims with a kernel; smaller ones are padded up to one of these
 _MAX_GRID_DIM = 65535  # batch and heads are grid dimensions
 
 try:
@@ -102,8 +105,8 @@ def attention_unsupported_reason(q, k, v, *, dropout_p=0.0, training=False, scal
         return (f"the CUDA attention kernels take float16/bfloat16 inputs, got {q.dtype} "
                 "(use backend 'triton' or 'torch')")
     head_dim = q.shape[-1]
-    if head_dim not in HEAD_DIMS:
-        return f"the CUDA attention kernels support head_dim 64 or 128, got {head_dim}"
+    if head_dim > HEAD_DIMS[-1]:
+        return f"the CUDA attention kernels support head_dim up to {HEAD_DIMS[-1]} (64 and 128 natively), got {head_dim}"
     if q.shape[0] > _MAX_GRID_DIM or q.shape[1] > _MAX_GRID_DIM:
         return f"the CUDA attention kernels need batch and heads <= {_MAX_GRID_DIM}, got {tuple(q.shape[:2])}"
     if not _registered():
@@ -122,7 +125,13 @@ def causal_attention(q, k, v, *, dropout_p=0.0, training=False, scale=None):
     accepted by :func:`attention_unsupported_reason`).  A single query with no dropout
     and no gradient to track (a KV-cache decode step) runs the split-key decode kernel.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    head_dim = q.shape[-1]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    kernel_dim = next(d for d in HEAD_DIMS if d >= head_dim)
+    if kernel_dim != head_dim:
+        q, k, v = (F.pad(t, (0, kernel_dim - head_dim)) for t in (q, k, v))
+        out = causal_attention(q, k, v, dropout_p=dropout_p, training=training, scale=scale)
+        return out[..., :head_dim]
     p = float(dropout_p) if training else 0.0
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.shape[2] == 1 and p == 0.0 and not needs_grad:
