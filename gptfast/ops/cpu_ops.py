@@ -90,18 +90,19 @@ if _LOAD_ERROR is None:
         _, grad = output
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(grad)
-        ctx.used = False
 
     def _cross_entropy_backward(ctx, grad_loss, _grad_grad):
         (grad,) = ctx.saved_tensors
         if grad.numel() == 0 and grad_loss is not None:
             raise RuntimeError("gptfast cpu cross_entropy: forward ran without gradient (logits did not require grad)")
-        if ctx.used:
-            raise RuntimeError("gptfast cpu cross_entropy: backward through one loss twice is not supported "
-                               "(the saved gradient is scaled in place); use backend='torch' for that")
-        ctx.used = True
-        # The saved buffer becomes the logits gradient: no second (N, V) allocation.
-        return grad.mul_(grad_loss.unsqueeze(1)), None, None, None
+        scale = grad_loss.unsqueeze(1)
+        if type(grad) is torch.Tensor:
+            # Eager: the saved buffer becomes the logits gradient, so there is never a second
+            # (N, V) buffer.  The price: one backward per graph (a second one is refused by
+            # autograd's version check on the saved tensor).
+            return grad.mul_(scale), None, None, None
+        # Traced (torch.compile, opcheck): functional form; the compiler plans the memory.
+        return grad * scale, None, None, None
 
     torch.library.register_autograd("gptfast_cpu::cross_entropy_forward", _cross_entropy_backward,
                                     setup_context=_cross_entropy_setup)
