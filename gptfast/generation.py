@@ -1,44 +1,347 @@
-"""Text generation: greedy (chapter 4) and top-k / temperature sampling (chapter 5)."""
+"""Text generation with a static KV cache: the book's ``generate`` API, batches, streaming.
+
+``generate`` / ``generate_text_simple`` / ``generate_stream`` keep the reference's
+signatures and results; underneath, every step after the prompt runs one token
+per row against a :class:`gptfast.kv_cache.KVCache` and the output head sees only
+the last position.  The steps follow the reference exactly:
+
+* each step the model sees the last ``context_size`` tokens of a row.  While the
+  row fits, that is the cache plus one new token.  Once it is longer, every
+  position of the window shifts by one per step and position embeddings are
+  absolute, so no cached key stays valid: such rows recompute their window each
+  step (one forward pass, head on the last position only), which is what the
+  reference computes, minus the head over the other positions;
+* sampling goes through :func:`gptfast.ops.sample_next_token` on a ``(B, vocab)``
+  logits tensor with every row of the batch, each step, so a seeded run draws the
+  same random numbers as the reference (finished rows keep their last logits:
+  their draw is consumed and thrown away, as the reference's padding does).
+
+The cached logits differ from the uncached ones only by float rounding (other
+matmul shapes), so greedy tokens agree except at exact near-ties.
+
+:func:`generate_batch` takes prompts of different lengths with per-row
+temperature, top-k and end-of-sequence ids and returns a :class:`GenerationResult`.
+Prompts of one length are prefilled together; rows then decode together at
+per-row positions.  Rows that finish leave the cache, so they stop costing work
+(except on the CUDA-graph path, whose batch shape is fixed: there a finished row
+rides along for free in the weight-bound step).  :func:`stream_text` yields token
+ids with decoded text for the command line.
+
+On CUDA (``cuda_graph=None`` means "on CUDA"), the decode step of the whole batch
+is captured once as a CUDA graph with static shapes and replayed per token;
+``dtype=torch.bfloat16`` decodes with a bf16 copy of the weights.  Models without
+the book's ``GPTModel`` layout fall back to the uncached loop.
+"""
 
 from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import torch
 
 from . import ops
+from .kv_cache import CachedRunner, CUDAGraphDecoder, KVCache, check_decodable, context_length, prepare_model
+from .ops import _checks
+
+__all__ = ["generate", "generate_text_simple", "generate_stream", "generate_batch", "stream_text",
+           "GenerationResult", "TextChunk"]
 
 
-def generate_text_simple(model, idx, max_new_tokens, context_size):
-    """Greedy decoding: append the argmax token ``max_new_tokens`` times to ``idx`` ``(B, T)``."""
-    for _ in range(max_new_tokens):
-        with torch.no_grad():
-            logits = model(idx[:, -context_size:])[:, -1, :]
-        idx = torch.cat((idx, torch.argmax(logits, dim=-1, keepdim=True)), dim=1)
-    return idx
+# ----------------------------------------------------------------------------- validation
+
+
+def _require_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _model_device(model):
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _check_prompt_tokens(name, tokens, vocab_size):
+    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"{name} must hold integer token ids, got {tokens.dtype}")
+    if vocab_size is not None and tokens.device.type == "cpu" and tokens.numel() > 0:
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{name} holds token id {low if low < 0 else high}, outside [0, {vocab_size})")
+
+
+def _vocab_size(model):
+    tok_emb = getattr(model, "tok_emb", None)
+    return tok_emb.weight.shape[0] if isinstance(tok_emb, torch.nn.Embedding) else None
+
+
+def _check_idx(idx, model):
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"idx must be a (batch, tokens) torch.Tensor of token ids, got {type(idx).__name__}")
+    if idx.dim() != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
+        raise ValueError(f"idx must be a non-empty (batch, tokens) tensor, got shape {tuple(idx.shape)}")
+    _check_prompt_tokens("idx", idx, _vocab_size(model))
+
+
+def _per_row(name, value, batch, device, dtype):
+    """A scalar stays a python number; a sequence/tensor becomes a ``(batch,)`` tensor on ``device``."""
+    if value is None or isinstance(value, numbers.Number) and not isinstance(value, torch.Tensor):
+        return value
+    tensor = torch.as_tensor(value, device=device)
+    if tensor.dim() == 0:
+        return tensor.item()
+    if tensor.shape != (batch,):
+        raise ValueError(f"{name} must be a number or have one value per prompt ({batch}), got shape "
+                         f"{tuple(tensor.shape)}")
+    return tensor.to(dtype)
+
+
+def _eos_tensor(eos_id, batch, device):
+    """``(batch,)`` int64 end-of-sequence ids, -1 where a row has none; ``None`` when no row has one."""
+    if eos_id is None:
+        return None
+    if isinstance(eos_id, numbers.Integral) and not isinstance(eos_id, bool):
+        return torch.full((batch,), int(eos_id), dtype=torch.long, device=device)
+    if isinstance(eos_id, bool):
+        raise TypeError("eos_id must be None, an int or one int per row, got bool")
+    values = [(-1 if e is None else e) for e in eos_id] if isinstance(eos_id, (list, tuple)) else eos_id
+    tensor = torch.as_tensor(values, device=device)
+    if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+        raise TypeError(f"eos_id must hold integers, got {tensor.dtype}")
+    if tensor.shape != (batch,):
+        raise ValueError(f"eos_id must be an int or have one value per prompt ({batch}), got shape "
+                         f"{tuple(tensor.shape)}")
+    return tensor.to(torch.long)
+
+
+# ----------------------------------------------------------------------------- the decoding loop
+
+
+class _Decoder:
+    """State of one generation run; :meth:`step` produces the next token of every row.
+
+    ``seq`` ``(B, longest prompt + max_new_tokens)`` holds each row's prompt at
+    ``[0, prompt_len)`` followed by its new tokens; after ``step`` calls every
+    row has ``prompt_len + step`` tokens (finished rows are padded with their eos).
+    """
+
+    def __init__(self, model, prompts, max_new_tokens, context_size, temperature, top_k, eos_id, generator,
+                 *, dtype=None, cuda_graph=None):
+        self.max_new_tokens = _require_int("max_new_tokens", max_new_tokens, 0)
+        self.context_size = _require_int("context_size", context_size, 1)
+        self.cached = _is_decodable(model)
+        if dtype is not None and not self.cached:
+            raise TypeError("dtype needs a model with the book's GPTModel layout")
+        self.model = prepare_model(model, dtype) if self.cached else model
+        device = _model_device(self.model)
+        self.device = device
+        self.batch = len(prompts)
+        self.prompt_lens = [int(p.shape[0]) for p in prompts]
+        for r, p in enumerate(prompts):
+            if p.device != device:
+                raise ValueError(f"prompt {r} is on {p.device} but the model is on {device}")
+        self.seq = torch.zeros(self.batch, max(self.prompt_lens) + self.max_new_tokens, dtype=torch.long,
+                               device=device)
+        for r, p in enumerate(prompts):
+            self.seq[r, :p.shape[0]] = p
+        self.steps = 0
+        self._check_fits_model(context_size)
+
+        self.temperature = _per_row("temperature", temperature, self.batch, device, torch.float32)
+        vocab = _vocab_size(self.model) or 1
+        if isinstance(top_k, (list, tuple)):  # None in a row: keep the whole vocabulary
+            top_k = [vocab if k is None else k for k in top_k]
+        self.top_k = _per_row("top_k", top_k, self.batch, device, torch.int64)
+        self.generator = generator
+        # Validate the sampling arguments now, before any model work (values checked on CPU only).
+        _checks.normalize_sampling_args(torch.empty(self.batch, vocab, device=device), self.temperature,
+                                        self.top_k, generator)
+        self.eos = _eos_tensor(eos_id, self.batch, device)
+        self.finished = [False] * self.batch
+        self.new_counts = [0] * self.batch
+        self.finished_at_eos = torch.zeros(self.batch, dtype=torch.bool, device=device)
+        self.logits = None
+
+        self.runner = CachedRunner(self.model) if self.cached else None
+        self.cache = None
+        self.cache_rows: list[int] = []  # original row ids held by the cache, in cache order
+        self.graph = None
+        self.use_graph = (device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
+        if self.use_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA model, got {device}")
+        self._index_cache: dict[tuple, torch.Tensor] = {}
+
+    def _check_fits_model(self, context_size):
+        """The longest input the model will see must have position embeddings."""
+        if not self.cached or self.max_new_tokens == 0:
+            return
+        longest = min(context_size, max(self.prompt_lens) + self.max_new_tokens - 1)
+        limit = context_length(self.model)
+        if longest > limit:
+            raise ValueError(
+                f"context_size {context_size} lets inputs grow to {longest} tokens, but the model has only "
+                f"{limit} positions: use context_size <= {limit}")
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def length(self, row):
+        return self.prompt_lens[row] + self.steps
+
+    def _index(self, rows):
+        """A device index tensor for ``rows`` (cached: building one on CUDA costs a copy)."""
+        key = tuple(rows)
+        if key not in self._index_cache:
+            self._index_cache[key] = torch.tensor(rows, dtype=torch.long, device=self.device)
+        return self._index_cache[key]
+
+    def _window(self, rows):
+        """The last ``context_size`` tokens of each of ``rows`` (all longer than it)."""
+        c = self.context_size
+        return torch.stack([self.seq[r, self.length(r) - c:self.length(r)] for r in rows])
+
+    def _put(self, rows, logits):
+        if self.logits is None:
+            self.logits = torch.zeros(self.batch, logits.shape[-1], dtype=torch.float32, device=self.device)
+        if rows == list(range(self.batch)):
+            self.logits.copy_(logits)
+        else:
+            self.logits.index_copy_(0, self._index(rows), logits.to(torch.float32))
+
+    # -- computing the logits of every unfinished row ---------------------------------------
+
+    def _uncached_logits(self, active):
+        """The reference's step for models the cache code cannot walk: the whole window, every position."""
+        for t in sorted({self.prompt_lens[r] for r in active}):
+            group = [r for r in active if self.prompt_lens[r] == t]
+            idx = self.seq[self._index(group), :self.length(group[0])][:, -self.context_size:]
+            with torch.no_grad():
+                self._put(group, self.model(idx)[:, -1, :])
+
+    def _prefill(self, active):
+        """Step 0: the cache for rows whose prompt fits the window, window passes for the others."""
+        fitting = [r for r in active if self.prompt_lens[r] <= self.context_size]
+        windowed = [r for r in active if r not in fitting]
+        if fitting:
+            max_len = min(self.context_size, max(self.prompt_lens) + self.max_new_tokens - 1)
+            self.cache = KVCache.for_model(self.model, len(fitting), max_len)
+            self.cache_rows = fitting
+            if self.use_graph:  # capture before prefill: warm-up writes touch the cache
+                self.graph = CUDAGraphDecoder(self.runner, self.cache)
+            # One pass per distinct prompt length: no padding, so attention needs no mask.
+            for t in sorted({self.prompt_lens[r] for r in fitting}):
+                group = [r for r in fitting if self.prompt_lens[r] == t]
+                slots = None if len(group) == len(fitting) else self._index([fitting.index(r) for r in group])
+                self._put(group, self.runner.prefill(self.seq[self._index(group), :t], self.cache, slots))
+        if windowed:
+            self._put(windowed, self.runner.last_logits(self._window(windowed)))
+
+    def _decode(self, active):
+        """Later steps: one cached token for rows that still fit, a window recompute for the others."""
+        fitting = [r for r in self.cache_rows if r in active and self.length(r) <= self.context_size]
+        windowed = [r for r in active if r not in fitting]
+        if fitting and self.graph is not None:
+            self._graph_step(fitting)
+        elif fitting:
+            if fitting != self.cache_rows:  # finished or windowed rows leave the cache
+                self.cache.keep_rows(self._index([self.cache_rows.index(r) for r in fitting]))
+                self.cache_rows = fitting
+            positions = [self.length(r) - 1 for r in fitting]
+            tokens = self.seq[self._index(fitting), positions[0]:positions[0] + 1] if len(set(positions)) == 1 \
+                else torch.stack([self.seq[r, p:p + 1] for r, p in zip(fitting, positions)])
+            self._put(fitting, self.runner.decode(
+                tokens, self.cache, positions[0] if len(set(positions)) == 1 else positions))
+        if windowed:
+            self._put(windowed, self.runner.last_logits(self._window(windowed)))
+
+    def _graph_step(self, fitting):
+        """Replay the captured step for every cache row; rows not in ``fitting`` compute throwaway values."""
+        rows = self.cache_rows
+        index = self._index(rows)
+        # Each row's last token is at prompt_len + steps - 1: one gather with a device index, no host sync.
+        last = self._index([self.prompt_lens[r] - 1 for r in rows]) + self.steps
+        last = last.clamp_(max=self.seq.shape[1] - 1)
+        tokens = self.seq[index].gather(1, last.unsqueeze(1))
+        positions = last.clamp(max=self.cache.max_len - 1)
+        logits = self.graph.step(tokens, positions)
+        self._put(fitting, logits if fitting == rows else logits[self._index([rows.index(r) for r in fitting])])
+
+    def _mark_finished(self, next_token):
+        """Rows whose draw is their eos id finish now (one host read per step, only with eos ids)."""
+        self.finished_at_eos.logical_or_(next_token.squeeze(1) == self.eos)
+        for r, done in enumerate(self.finished_at_eos.tolist()):
+            if done and not self.finished[r]:
+                self.finished[r] = True
+                self.new_counts[r] = self.steps
+
+    def new_token_counts(self):
+        """Tokens each row generated (its eos and the padding after it excluded)."""
+        return [self.new_counts[r] if self.finished[r] else self.steps for r in range(self.batch)]
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def step(self):
+        """Sample the next token of every row: ``(B, 1)``, or ``None`` when every row has finished."""
+        if self.steps >= self.max_new_tokens or all(self.finished):
+            return None
+        active = [r for r in range(self.batch) if not self.finished[r]]
+        if not self.cached:
+            self._uncached_logits(active)
+        elif self.steps == 0:
+            self._prefill(active)
+        else:
+            self._decode(active)
+        next_token = ops.sample_next_token(self.logits, temperature=self.temperature, top_k=self.top_k,
+                                           generator=self.generator)
+        if self.eos is not None:
+            self._mark_finished(next_token)
+            if all(self.finished):
+                return None
+            next_token = torch.where(self.finished_at_eos.unsqueeze(1), self.eos.unsqueeze(1), next_token)
+        positions = self._index(self.prompt_lens) + self.steps
+        self.seq.scatter_(1, positions.unsqueeze(1), next_token)
+        self.steps += 1
+        return next_token
+
+
+def _is_decodable(model):
+    try:
+        check_decodable(model)
+    except TypeError:
+        if not isinstance(model, torch.nn.Module) and not callable(model):
+            raise
+        return False
+    return True
+
+
+def _decoder_for_idx(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, generator, **options):
+    _check_idx(idx, model)
+    return _Decoder(model, list(idx), max_new_tokens, context_size, temperature, top_k, eos_id, generator,
+                    **options)
+
+
+# ----------------------------------------------------------------------------- the reference's API
 
 
 def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None,
-                    generator=None):
+                    generator=None, *, dtype=None, cuda_graph=None):
     """Yield the next token of every row, ``(B, 1)`` at a time, as ``generate`` produces them.
 
     Rows that have produced ``eos_id`` yield ``eos_id`` from then on (padding); the
     stream ends when every row has finished or after ``max_new_tokens`` steps.
+    Arguments are checked when this is called, before the first token.
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if idx.dim() != 2 or idx.shape[1] == 0:
-        raise ValueError(f"idx must be a non-empty (batch, tokens) tensor, got shape {tuple(idx.shape)}")
-    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
-        with torch.no_grad():
-            logits = model(idx[:, -context_size:])[:, -1, :]
-        next_token = ops.sample_next_token(logits, temperature=temperature, top_k=top_k, generator=generator)
-        if eos_id is not None:
-            finished |= next_token.squeeze(1) == eos_id
-            if bool(finished.all()):
-                return
-            next_token = next_token.masked_fill(finished.unsqueeze(1), eos_id)
-        idx = torch.cat((idx, next_token), dim=1)
-        yield next_token
+    decoder = _decoder_for_idx(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, generator,
+                               dtype=dtype, cuda_graph=cuda_graph)
+    return _iterate(decoder)
+
+
+def _iterate(decoder):
+    while (token := decoder.step()) is not None:
+        yield token
 
 
 def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None):
@@ -50,5 +353,143 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
     finished rows are padded with ``eos_id`` while the others go on, and generation
     ends once every row is done.  For one row this is exactly the reference.
     """
-    new_tokens = list(generate_stream(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id))
-    return torch.cat([idx, *new_tokens], dim=1) if new_tokens else idx
+    decoder = _decoder_for_idx(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, None)
+    steps = sum(1 for _ in _iterate(decoder))
+    return torch.cat([idx, decoder.seq[:, idx.shape[1]:idx.shape[1] + steps]], dim=1)
+
+
+def generate_text_simple(model, idx, max_new_tokens, context_size):
+    """Greedy decoding: append the argmax token ``max_new_tokens`` times to ``idx`` ``(B, T)``."""
+    return generate(model, idx, max_new_tokens, context_size)
+
+
+# ----------------------------------------------------------------------------- batches and streaming
+
+
+@dataclass
+class GenerationResult:
+    """Output of :func:`generate_batch`.
+
+    ``tokens`` ``(B, L)``: each row's prompt followed by its new tokens, right-padded
+    with ``pad_id``; ``lengths`` ``(B,)``: valid tokens per row; ``prompt_lengths``
+    ``(B,)``; ``stopped_at_eos`` ``(B,)``: the row ended at its end-of-sequence id
+    (which is not included) rather than at ``max_new_tokens``.
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    prompt_lengths: torch.Tensor
+    stopped_at_eos: torch.Tensor
+
+    def row(self, i: int) -> torch.Tensor:
+        """Prompt plus new tokens of row ``i``, without padding."""
+        return self.tokens[i, :int(self.lengths[i])]
+
+    def new_tokens(self, i: int) -> torch.Tensor:
+        """Only the generated tokens of row ``i``."""
+        return self.tokens[i, int(self.prompt_lengths[i]):int(self.lengths[i])]
+
+
+def _as_prompts(prompts, device):
+    """Prompts as a list of 1-D int64 tensors on ``device``: from a (B, T) tensor or a list of sequences."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise ValueError(f"prompts as a tensor must be (batch, tokens), got shape {tuple(prompts.shape)}")
+        rows = list(prompts)
+    elif isinstance(prompts, (list, tuple)):
+        rows = [p if isinstance(p, torch.Tensor) else torch.as_tensor(list(p), dtype=torch.long) for p in prompts]
+    else:
+        raise TypeError(f"prompts must be a (batch, tokens) tensor or a list of token-id sequences, "
+                        f"got {type(prompts).__name__}")
+    if not rows:
+        raise ValueError("prompts must hold at least one prompt")
+    for i, row in enumerate(rows):
+        if row.dim() != 1 or row.shape[0] == 0:
+            raise ValueError(f"prompt {i} must be a non-empty 1-D sequence of token ids, got shape "
+                             f"{tuple(row.shape)}")
+    return [row.to(device=device, dtype=torch.long) for row in rows]
+
+
+def generate_batch(model, prompts, max_new_tokens, *, context_size=None, temperature=0.0, top_k=None, eos_id=None,
+                   generator=None, pad_id=0, dtype=None, cuda_graph=None) -> GenerationResult:
+    """Generate after prompts of different lengths, with per-row sampling settings.
+
+    ``prompts``: a ``(B, T)`` tensor or a list of B token-id sequences of any lengths.
+    ``temperature``, ``top_k`` and ``eos_id`` are each one value for all rows or one
+    per row (``eos_id`` -1/None for a row without one).  A row stops at its eos id
+    or after ``max_new_tokens``; ``context_size`` defaults to the model's context
+    length.  ``dtype`` (e.g. ``torch.bfloat16``) decodes with converted weights;
+    convert once with :func:`gptfast.kv_cache.prepare_model` when calling often.
+    Each row's tokens equal what running it alone gives, up to float rounding.
+    """
+    if not _is_decodable(model) and context_size is None:
+        raise TypeError("context_size is required for a model without the book's GPTModel layout")
+    prompts = _as_prompts(prompts, _model_device(model))
+    for i, row in enumerate(prompts):
+        _check_prompt_tokens(f"prompt {i}", row, _vocab_size(model))
+    context_size = context_length(model) if context_size is None else context_size
+    decoder = _Decoder(model, prompts, max_new_tokens, context_size, temperature, top_k, eos_id, generator,
+                       dtype=dtype, cuda_graph=cuda_graph)
+    while decoder.step() is not None:
+        pass
+    return _result(decoder, pad_id)
+
+
+def _result(decoder, pad_id):
+    counts = decoder.new_token_counts()
+    lengths = [p + n for p, n in zip(decoder.prompt_lens, counts)]
+    tokens = torch.full((decoder.batch, max(lengths)), pad_id, dtype=torch.long, device=decoder.device)
+    for r, n in enumerate(lengths):
+        tokens[r, :n] = decoder.seq[r, :n]
+    return GenerationResult(tokens, torch.tensor(lengths), torch.tensor(decoder.prompt_lens),
+                            torch.tensor(decoder.finished, dtype=torch.bool))
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """One streamed token: its id and the text it completes ("" while a multi-byte character is split).
+
+    If the stream ends inside a character, a last chunk with ``token_id=None``
+    carries the remaining bytes as the tokenizer decodes them.
+    """
+
+    token_id: int | None
+    text: str
+
+
+def stream_text(model, prompt_ids, max_new_tokens, tokenizer, *, context_size=None, temperature=0.0, top_k=None,
+                eos_id=None, generator=None, dtype=None) -> Iterator[TextChunk]:
+    """Yield a :class:`TextChunk` per generated token of one prompt, as soon as it is sampled.
+
+    ``prompt_ids``: a ``(1, T)`` tensor or a sequence of token ids; ``tokenizer``
+    needs ``decode(list[int]) -> str`` (tiktoken's GPT-2 encoding).  Joining the
+    chunks' text gives ``tokenizer.decode`` of all the new tokens: a chunk whose
+    bytes end inside a UTF-8 character is held back and released with the next.
+    """
+    if not isinstance(prompt_ids, torch.Tensor):
+        prompt_ids = torch.as_tensor(list(prompt_ids), dtype=torch.long).unsqueeze(0)
+    if prompt_ids.dim() == 1:
+        prompt_ids = prompt_ids.unsqueeze(0)
+    if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
+        raise ValueError(f"prompt_ids must hold one prompt, got shape {tuple(prompt_ids.shape)}")
+    if context_size is None:
+        check_decodable(model)
+        context_size = context_length(model)
+    stream = generate_stream(model, prompt_ids.to(_model_device(model)), max_new_tokens, context_size,
+                             temperature, top_k, eos_id, generator, dtype=dtype)
+    return _text_chunks(stream, tokenizer)
+
+
+def _text_chunks(stream, tokenizer):
+    pending: list[int] = []
+    for token in stream:
+        token_id = int(token[0, 0])
+        pending.append(token_id)
+        text = tokenizer.decode(pending)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the next token
+            yield TextChunk(token_id, "")
+            continue
+        pending.clear()
+        yield TextChunk(token_id, text)
+    if pending:  # whatever never completed is shown as the tokenizer decodes it
+        yield TextChunk(None, tokenizer.decode(pending))

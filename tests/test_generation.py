@@ -1,0 +1,461 @@
+"""KV-cached generation against the reference's uncached loop.
+
+The cached path computes the same logits as the uncached one up to float
+rounding (other matmul shapes); ``test_cached_logits_match_the_full_forward``
+bounds that difference.  Every token-equality test below is seeded and
+deterministic, so a case that landed on a near-tie would fail every run rather
+than flake; none does.
+"""
+
+import pytest
+import torch
+
+import llms_from_scratch.ch04 as ref_ch04
+import llms_from_scratch.ch05 as ref_ch05
+
+from gptfast import ops
+from gptfast.generation import (GenerationResult, TextChunk, generate, generate_batch, generate_stream,
+                                generate_text_simple, stream_text)
+from gptfast.kv_cache import CachedRunner, KVCache, masked_decode_attention, prepare_model
+from gptfast.model import GPTModel, GPTModelFast
+
+from conftest import HAS_CUDA
+
+CFG = {"vocab_size": 500, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2, "drop_rate": 0.0,
+       "qkv_bias": True}
+
+
+@pytest.fixture(autouse=True)
+def torch_backend_one_thread():
+    # The oracle backend: sampled tokens are compared with the reference's torch calls.  These models are
+    # tiny: one thread avoids OpenMP barriers, which stall for milliseconds on a shared, busy CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ops.use_backend("torch"):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def make_model(seed=0, cls=GPTModel, **overrides):
+    torch.manual_seed(seed)
+    return cls({**CFG, **overrides}).eval()
+
+
+def prompt(batch, length, seed=1):
+    return torch.randint(0, CFG["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def uncached_generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None):
+    """The reference loop with per-row top-k and eos padding (what ``gptfast.generate`` did before the cache)."""
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = model(idx[:, -context_size:])[:, -1, :]
+        next_token = ops.sample_next_token(logits, temperature=temperature, top_k=top_k)
+        if eos_id is not None:
+            finished |= next_token.squeeze(1) == eos_id
+            if bool(finished.all()):
+                break
+            next_token = next_token.masked_fill(finished.unsqueeze(1), eos_id)
+        idx = torch.cat((idx, next_token), dim=1)
+    return idx
+
+
+# ----------------------------------------------------------------------------- the cache itself
+
+
+@pytest.mark.parametrize("batch,length", [(1, 1), (1, 5), (3, 4), (2, 16)])
+def test_cached_logits_match_the_full_forward(batch, length):
+    model = make_model()
+    idx = prompt(batch, length)
+    runner = CachedRunner(model)
+    cache = KVCache.for_model(model, batch, 16)
+    with torch.no_grad():
+        full = model(idx)
+    torch.testing.assert_close(runner.prefill(idx[:, :1], cache), full[:, 0], atol=1e-5, rtol=1e-5)
+    for p in range(1, length):
+        torch.testing.assert_close(runner.decode(idx[:, p:p + 1], cache, p), full[:, p], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(runner.prefill(idx, KVCache.for_model(model, batch, 16)), full[:, -1],
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(runner.last_logits(idx), full[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_stores_the_keys_and_values_the_model_computes():
+    model = make_model()
+    idx = prompt(2, 6)
+    cache = KVCache.for_model(model, 2, 10)
+    CachedRunner(model).prefill(idx, cache)
+    block = model.trf_blocks[1]
+    with torch.no_grad():
+        x = model.trf_blocks[0](model.embed(idx))
+        keys = block.att.split_heads(block.att.W_key(block.norm1(x)))
+    torch.testing.assert_close(cache.keys[1][:, :, :6], keys, atol=1e-6, rtol=1e-6)
+    assert cache.keys[1][:, :, 6:].abs().sum() == 0
+    assert cache.keys[0].shape == (2, CFG["n_heads"], 10, CFG["emb_dim"] // CFG["n_heads"])
+
+
+def test_per_row_positions_decode_like_each_row_alone():
+    model = make_model()
+    runner = CachedRunner(model)
+    rows = [prompt(1, 3, seed=2), prompt(1, 7, seed=3)]
+    cache = KVCache.for_model(model, 2, 12)
+    runner.prefill(rows[0], cache, torch.tensor([0]))
+    runner.prefill(rows[1], cache, torch.tensor([1]))
+    step = torch.tensor([[11], [12]])
+    got = runner.decode(step, cache, [3, 7])
+    for r, row in enumerate(rows):
+        with torch.no_grad():
+            want = model(torch.cat([row, step[r:r + 1]], dim=1))[:, -1]
+        torch.testing.assert_close(got[r:r + 1], want, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_decode_attention_equals_the_oracle_when_nothing_is_masked_and_masks_per_row():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 3, 1, 8, generator=g), torch.randn(2, 3, 9, 8, generator=g), torch.randn(2, 3, 9, 8,
+                                                                                                         generator=g)
+    full = masked_decode_attention(q, k, v, torch.tensor([8, 8]))
+    assert torch.equal(full, ops.causal_attention(q, k, v, backend="torch"))
+    part = masked_decode_attention(q, k, v, torch.tensor([2, 5]))
+    for r, last in enumerate((2, 5)):
+        want = ops.causal_attention(q[r:r + 1], k[r:r + 1, :, :last + 1], v[r:r + 1, :, :last + 1], backend="torch")
+        torch.testing.assert_close(part[r:r + 1], want, atol=1e-6, rtol=1e-6)
+
+
+def test_cache_rows_can_be_dropped():
+    model = make_model()
+    cache = KVCache.for_model(model, 3, 8)
+    CachedRunner(model).prefill(prompt(3, 4), cache)
+    kept = cache.keys[0][2].clone()
+    cache.keep_rows(torch.tensor([2]))
+    assert cache.batch == 1 and torch.equal(cache.keys[0][0], kept)
+    assert cache.nbytes() == 2 * CFG["n_layers"] * 1 * CFG["emb_dim"] * 8 * 4
+
+
+# ----------------------------------------------------------------------------- the reference's API
+
+
+@pytest.mark.parametrize("length", [1, 4, 9])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("context_size", [16, 6, 2])
+def test_greedy_equals_the_reference_within_and_past_the_context(length, batch, context_size):
+    model = make_model()
+    idx = prompt(batch, length)
+    expected = ref_ch05.generate(model, idx, 14, context_size)
+    assert torch.equal(generate(model, idx, 14, context_size), expected)
+    assert torch.equal(generate_text_simple(model, idx, 14, context_size),
+                       ref_ch05.generate_text_simple(model, idx, 14, context_size))
+
+
+def test_greedy_equals_the_reference_for_a_reference_model_instance():
+    torch.manual_seed(4)
+    model = ref_ch04.GPTModel(CFG).eval()
+    idx = prompt(2, 5)
+    for context_size in (16, 7):
+        assert torch.equal(generate(model, idx, 20, context_size), ref_ch05.generate(model, idx, 20, context_size))
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 50])
+@pytest.mark.parametrize("context_size", [16, 5])
+def test_top_k_greedy_equals_the_reference(top_k, context_size):
+    model = make_model()
+    idx = prompt(1, 4)
+    assert torch.equal(generate(model, idx, 15, context_size, top_k=top_k),
+                       ref_ch05.generate(model, idx, 15, context_size, top_k=top_k))
+    batch = prompt(3, 4)  # the reference's top-k broadcasting only works for one row: the loop is the oracle
+    assert torch.equal(generate(model, batch, 15, context_size, top_k=top_k),
+                       uncached_generate(model, batch, 15, context_size, top_k=top_k))
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.7, None), (1.5, None), (1.0, 5), (2.0, 40)])
+@pytest.mark.parametrize("context_size", [16, 5])
+def test_seeded_sampling_draws_the_reference_tokens(temperature, top_k, context_size):
+    model = make_model()
+    idx = prompt(1, 3)
+    torch.manual_seed(123)
+    expected = ref_ch05.generate(model, idx, 20, context_size, temperature=temperature, top_k=top_k)
+    torch.manual_seed(123)
+    got = generate(model, idx, 20, context_size, temperature=temperature, top_k=top_k)
+    assert torch.equal(got, expected)
+    after_ours = torch.rand(3)
+    torch.manual_seed(123)
+    ref_ch05.generate(model, idx, 20, context_size, temperature=temperature, top_k=top_k)
+    assert torch.equal(after_ours, torch.rand(3)), "the global RNG must end where the reference leaves it"
+
+
+def test_seeded_batch_sampling_draws_the_reference_tokens():
+    model = make_model()
+    idx = prompt(4, 5)
+    torch.manual_seed(9)
+    expected = ref_ch05.generate(model, idx, 16, 8, temperature=1.2)
+    torch.manual_seed(9)
+    assert torch.equal(generate(model, idx, 16, 8, temperature=1.2), expected)
+
+
+def test_seeded_sampling_is_reproducible_and_depends_on_the_seed():
+    model = make_model()
+    idx = prompt(2, 3)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return generate(model, idx, 25, 10, temperature=1.0, top_k=20)
+
+    assert torch.equal(run(5), run(5))
+    assert not torch.equal(run(5), run(6))
+    gen = lambda seed: torch.cat(list(generate_stream(model, idx, 25, 10, 1.0, 20, None,  # noqa: E731
+                                                      torch.Generator().manual_seed(seed))), dim=1)
+    assert torch.equal(gen(1), gen(1)) and not torch.equal(gen(1), gen(2))
+
+
+def test_eos_stops_one_row_like_the_reference():
+    model = make_model()
+    idx = prompt(1, 3)
+    full = ref_ch05.generate(model, idx, 12, 16)
+    eos = int(full[0, 6])
+    expected = ref_ch05.generate(model, idx, 12, 16, eos_id=eos)
+    got = generate(model, idx, 12, 16, eos_id=eos)
+    assert torch.equal(got, expected) and got.shape[1] == 6
+    first = int(full[0, 3])  # the very first new token: nothing is generated
+    assert torch.equal(generate(model, idx, 12, 16, eos_id=first), idx)
+
+
+@pytest.mark.parametrize("context_size", [16, 6])
+def test_batched_eos_pads_finished_rows_like_the_uncached_loop(context_size):
+    model = make_model()
+    idx = prompt(3, 4)
+    greedy = generate(model, idx, 12, context_size)
+    eos = int(greedy[1, 7])  # row 1's fourth new token
+    expected = uncached_generate(model, idx, 12, context_size, eos_id=eos)
+    got = generate(model, idx, 12, context_size, eos_id=eos)
+    assert torch.equal(got, expected)
+    assert (got[1, 7:] == eos).all() and not torch.equal(got, greedy)
+    torch.manual_seed(3)
+    expected = uncached_generate(model, idx, 12, context_size, temperature=1.0, top_k=4, eos_id=eos)
+    torch.manual_seed(3)
+    assert torch.equal(generate(model, idx, 12, context_size, temperature=1.0, top_k=4, eos_id=eos), expected)
+
+
+def test_models_without_the_book_layout_use_the_uncached_loop():
+    model = make_model(cls=GPTModelFast)
+    idx = prompt(2, 4)
+    assert torch.equal(generate(model, idx, 10, 6), ref_ch05.generate(model, idx, 10, 6))
+    result = generate_batch(model, [[1, 2], [3, 4, 5]], 5, context_size=6)
+    assert torch.equal(result.row(0), ref_ch05.generate(model, torch.tensor([[1, 2]]), 5, 6)[0])
+    with pytest.raises(TypeError, match="context_size is required"):
+        generate_batch(model, [[1, 2]], 5)
+
+
+def test_generation_leaves_the_model_and_autograd_alone():
+    model = make_model()
+    model.train()
+    before = [p.clone() for p in model.parameters()]
+    out = generate(model, prompt(1, 3), 5, 16)
+    assert model.training and not out.requires_grad
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("eos_offset", [None, 5])
+def test_stream_yields_exactly_the_generated_tokens(eos_offset):
+    model = make_model()
+    idx = prompt(2, 4)
+    eos = None if eos_offset is None else int(generate(model, idx, 12, 6)[0, 4 + eos_offset])
+    torch.manual_seed(8)
+    streamed = list(generate_stream(model, idx, 12, 6, temperature=0.9, eos_id=eos))
+    torch.manual_seed(8)
+    full = generate(model, idx, 12, 6, temperature=0.9, eos_id=eos)
+    assert all(t.shape == (2, 1) for t in streamed)
+    assert torch.equal(torch.cat([idx, *streamed], dim=1), full)
+
+
+def test_stream_text_yields_the_tokens_and_their_text():
+    from gptfast.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    model = make_model(vocab_size=50257)
+    ids = torch.tensor([tokenizer.encode("Every effort moves you")])
+    chunks = list(stream_text(model, ids, 15, tokenizer))
+    expected = generate(model, ids, 15, CFG["context_length"])[0, ids.shape[1]:].tolist()
+    assert all(isinstance(c, TextChunk) for c in chunks)
+    assert [c.token_id for c in chunks if c.token_id is not None] == expected
+    assert "".join(c.text for c in chunks) == tokenizer.decode(expected)
+
+
+def test_stream_text_holds_back_split_characters():
+    class ByteTokenizer:  # token i is byte i: "é" is two tokens
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    from gptfast.generation import _text_chunks
+    stream = (torch.tensor([[t]]) for t in "aé€b".encode())
+    chunks = list(_text_chunks(stream, ByteTokenizer()))
+    assert [c.text for c in chunks] == ["a", "", "é", "", "", "€", "b"]
+    dangling = list(_text_chunks((torch.tensor([[t]]) for t in "a€".encode()[:3]), ByteTokenizer()))
+    assert dangling[-1].token_id is None and "".join(c.text for c in dangling) == "a\ufffd"
+
+
+# ----------------------------------------------------------------------------- batches of different prompts
+
+
+def alone(model, row, n, context_size, **kwargs):
+    return generate(model, torch.tensor([row]), n, context_size, **kwargs)[0]
+
+
+@pytest.mark.parametrize("context_size", [16, 7])
+def test_batch_of_different_lengths_equals_each_row_alone(context_size):
+    model = make_model()
+    rows = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16], [17], [18, 19, 20]]
+    result = generate_batch(model, rows, 12, context_size=context_size, pad_id=-1)
+    assert isinstance(result, GenerationResult)
+    assert result.lengths.tolist() == [len(r) + 12 for r in rows]
+    assert result.prompt_lengths.tolist() == [len(r) for r in rows]
+    for i, row in enumerate(rows):
+        assert torch.equal(result.row(i), alone(model, row, 12, context_size)), f"row {i}"
+        assert torch.equal(result.new_tokens(i), result.row(i)[len(row):])
+    assert (result.tokens[2, result.lengths[2]:] == -1).all()
+    assert not result.stopped_at_eos.any()
+
+
+def test_batch_prompt_longer_than_the_context_is_cropped_like_the_reference():
+    model = make_model()
+    rows = [list(range(1, 21)), [3, 4]]
+    result = generate_batch(model, rows, 6, context_size=8)
+    for i, row in enumerate(rows):
+        assert torch.equal(result.row(i), ref_ch05.generate(model, torch.tensor([row]), 6, 8)[0])
+
+
+def test_batch_per_row_temperature_top_k_and_eos():
+    model = make_model()
+    rows = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    greedy = [alone(model, r, 10, 16) for r in rows]
+    eos_row1 = int(greedy[1][2 + 3])  # row 1's fourth new token
+    result = generate_batch(model, rows, 10, context_size=16, temperature=[0.0, 0.0, 1.5], top_k=[3, None, 7],
+                            eos_id=[None, eos_row1, -1], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(result.row(0), alone(model, rows[0], 10, 16, top_k=3))
+    assert torch.equal(result.row(1), greedy[1][:2 + 3])
+    assert result.stopped_at_eos.tolist() == [False, True, False]
+    assert result.lengths.tolist() == [13, 5, 14]
+    sampled = result.new_tokens(2)
+    again = generate_batch(model, rows, 10, context_size=16, temperature=[0.0, 0.0, 1.5], top_k=[3, None, 7],
+                           eos_id=[None, eos_row1, -1], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.tokens, result.tokens)
+    with torch.no_grad():  # every sampled token is within the top 7 of its step's logits
+        for j, token in enumerate(sampled.tolist()):
+            logits = model(result.row(2)[:4 + j].unsqueeze(0))[0, -1]
+            assert token in torch.topk(logits, 7).indices.tolist()
+
+
+def test_finished_rows_stop_costing_work(monkeypatch):
+    model = make_model()
+    batch_sizes = []
+    real = CachedRunner.decode
+
+    def counting(self, tokens, cache, positions):
+        batch_sizes.append((tokens.shape[0], cache.batch))
+        return real(self, tokens, cache, positions)
+
+    monkeypatch.setattr(CachedRunner, "decode", counting)
+    rows = [[5, 6, 7], [8, 9, 10], [11, 12, 13]]
+    eos = int(alone(model, rows[0], 10, 16)[3 + 1])  # row 0's second new token
+    batch_sizes.clear()
+    result = generate_batch(model, rows, 10, context_size=16, eos_id=[eos, -1, -1])
+    assert result.stopped_at_eos.tolist() == [True, False, False]
+    assert batch_sizes[0] == (3, 3) and batch_sizes[-1] == (2, 2)
+    assert len(batch_sizes) == 9
+
+
+def test_bfloat16_decoding_agrees_with_float32():
+    model = make_model()
+    converted = prepare_model(model, torch.bfloat16)
+    assert converted is not model and model.trf_blocks[0].att.W_key.weight.dtype == torch.float32
+    assert converted.trf_blocks[0].att.W_key.weight.dtype == torch.bfloat16
+    assert "mask" not in dict(converted.trf_blocks[0].att.named_buffers())
+    assert prepare_model(model) is model
+    idx = prompt(2, 6)
+    with torch.no_grad():
+        want = model(idx)[:, -1]
+    got = CachedRunner(converted).prefill(idx, KVCache.for_model(converted, 2, 8))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+    result = generate_batch(model, idx, 5, dtype=torch.bfloat16)
+    assert result.tokens.shape == (2, 11)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_gets_clear_errors():
+    model = make_model()
+    idx = prompt(1, 3)
+    with pytest.raises(ValueError, match="idx must be a non-empty"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 5, 16)
+    with pytest.raises(ValueError, match="idx must be a non-empty"):
+        generate(model, torch.tensor([1, 2, 3]), 5, 16)
+    with pytest.raises(TypeError, match="idx must hold integer"):
+        generate(model, idx.float(), 5, 16)
+    with pytest.raises(TypeError, match="idx must be"):
+        generate(model, [[1, 2]], 5, 16)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        generate(model, idx, -1, 16)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        generate_stream(model, idx, -1, 16)
+    with pytest.raises(TypeError, match="max_new_tokens must be an int"):
+        generate(model, idx, 2.5, 16)
+    with pytest.raises(ValueError, match="context_size must be >= 1"):
+        generate(model, idx, 5, 0)
+    with pytest.raises(ValueError, match="context_size 40 .* only 16 positions"):
+        generate(model, idx, 30, 40)
+    with pytest.raises(ValueError, match="token id 500"):
+        generate(model, torch.tensor([[1, 500]]), 5, 16)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        generate(model, idx, 5, 16, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_k must be in"):
+        generate(model, idx, 5, 16, top_k=0)
+    with pytest.raises(ValueError, match="prompt 1 must be a non-empty"):
+        generate_batch(model, [[1], []], 5)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        generate_batch(model, [], 5)
+    with pytest.raises(ValueError, match="temperature must be a number or have one value per prompt"):
+        generate_batch(model, [[1], [2]], 5, temperature=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="eos_id must be an int or have one value per prompt"):
+        generate_batch(model, [[1], [2]], 5, eos_id=[1])
+    if not HAS_CUDA:
+        with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA model"):
+            generate_batch(model, [[1]], 5, cuda_graph=True)
+    runner, cache = CachedRunner(model), KVCache.for_model(model, 1, 4)
+    with pytest.raises(ValueError, match="does not fit the cache's max_len 4"):
+        runner.prefill(prompt(1, 5), cache)
+    with pytest.raises(ValueError, match="does not fit the cache's max_len 4"):
+        runner.decode(prompt(1, 1), cache, 4)
+    with pytest.raises(ValueError, match="max_len 17 exceeds the model's context length 16"):
+        KVCache.for_model(model, 1, 17)
+    with pytest.raises(ValueError, match="max_len must be a positive int"):
+        KVCache(2, 1, 4, 0, 8)
+    with pytest.raises(TypeError, match="lacks"):
+        CachedRunner(torch.nn.Linear(2, 2))
+
+
+def test_zero_new_tokens_returns_the_prompt():
+    model = make_model()
+    idx = prompt(2, 3)
+    assert torch.equal(generate(model, idx, 0, 16), idx)
+    assert list(generate_stream(model, idx, 0, 16)) == []
+    assert generate_batch(model, [[1, 2]], 0).lengths.tolist() == [2]
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decoding_equals_eager_decoding(dtype):
+    model = make_model().cuda()
+    rows = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
+    eager = generate_batch(model, rows, 20, context_size=12, dtype=dtype, cuda_graph=False)
+    graphed = generate_batch(model, rows, 20, context_size=12, dtype=dtype, cuda_graph=True)
+    assert torch.equal(graphed.tokens, eager.tokens)
+    idx = prompt(2, 4).cuda()
+    assert torch.equal(generate(model, idx, 20, 16), ref_ch05.generate(model, idx, 20, 16))
