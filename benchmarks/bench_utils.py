@@ -1,0 +1,111 @@
+"""Shared helpers of the pytest-benchmark suite: device, shapes, backends to compare, peak memory.
+
+Run on CPU (this machine): ``pytest benchmarks`` (a few minutes).  On a GPU the same files
+switch to the GPU shapes of issues 5-7 and bf16.  ``GPTFAST_BENCH_DEVICE=cpu`` forces CPU.
+Triton is never benchmarked under its interpreter (``TRITON_INTERPRET=1``): those numbers
+would say nothing about the kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+import torch
+
+from gptfast import ops
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+DEVICE = torch.device(os.environ.get("GPTFAST_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+ON_GPU = DEVICE.type == "cuda"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+
+# The shapes of the kernel issues: CPU (issue 4) and H100 (issues 5-7).
+SHAPES = {
+    "attention": dict(B=8, H=12, T=1024, D=64) if ON_GPU else dict(B=2, H=12, T=256, D=64),
+    "cross_entropy": dict(N=8192, V=50257) if ON_GPU else dict(N=512, V=50257),
+    # CPU: fewer rows than on GPU; the full 8192 x 768 x 50257 matmul takes seconds per call here.
+    "linear_cross_entropy": dict(N=8192, H=768, V=50257) if ON_GPU else dict(N=256, H=768, V=50257),
+    "sampling": dict(B=64, V=50257, top_k=50) if ON_GPU else dict(B=8, V=50257, top_k=25),
+}
+DECODE_TK = (1024, 4096, 8192)
+ROUNDS = {"fast": 50 if ON_GPU else 10, "medium": 30 if ON_GPU else 5, "slow": 10 if ON_GPU else 3}
+
+
+def synchronize() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def bench_backends(op: str) -> list[str]:
+    """Backends worth timing for ``op`` on the benchmark device (never Triton's interpreter)."""
+    names = []
+    for name in ops.available_backends():
+        if name == "triton" and (not ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"):
+            continue
+        names.append(name)
+    return names
+
+
+def require_backend(backend: str, op: str, args, kwargs) -> None:
+    """Skip (with the backend's own reason) when ``backend`` cannot serve this call."""
+    try:
+        ops.resolve(op, DEVICE, args, kwargs, backend)
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+
+
+def peak_memory(fn) -> dict:
+    """Peak bytes ``fn`` allocates above what is live when it starts, with how that was measured.
+
+    GPU: ``torch.cuda.max_memory_allocated`` (the caching allocator's exact count).
+    CPU: the running sum of torch.profiler's ``[memory]`` allocation events, i.e. every
+    tensor torch's CPU allocator hands out and frees during the call.  It does not see
+    memory a kernel takes outside torch's allocator (``malloc``/``std::vector`` scratch).
+    """
+    if ON_GPU:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return {"peak_bytes": torch.cuda.max_memory_allocated() - base,
+                "memory_method": "torch.cuda.max_memory_allocated delta"}
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    running = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        running += event.nbytes()
+        peak = max(peak, running)
+    return {"peak_bytes": peak, "memory_method": "torch.profiler [memory] events (torch CPU allocator only)"}
+
+
+def run_benchmark(benchmark, fn, *, rounds: int, group: str, setup=None, **extra_info):
+    """Time ``fn`` (synchronised on GPU) with pytest-benchmark's pedantic mode and attach ``extra_info``."""
+
+    def timed():
+        fn()
+        synchronize()
+
+    benchmark.group = group
+    benchmark.extra_info.update({"device": str(DEVICE), "device_name": device_name(), **extra_info})
+    return benchmark.pedantic(timed, setup=setup, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+def device_name() -> str:
+    if ON_GPU:
+        return torch.cuda.get_device_name(DEVICE)
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def median_seconds(benchmark) -> float | None:
+    """The median of the finished benchmark, for derived figures (TFLOP/s, GB/s)."""
+    stats = getattr(benchmark, "stats", None)
+    return None if stats is None else stats.stats.median

@@ -1,0 +1,163 @@
+"""Per-op benchmarks: every available backend against the torch path and the plain-PyTorch baselines.
+
+Shapes are those of the kernel issues (``bench_utils.SHAPES``): on CPU fp32 (issue 4), on a
+GPU bf16 (issues 5-7).  Each result carries the shape, dtype, backend, peak memory of one
+call (with how it was measured) and, where it means something, TFLOP/s or GB/s.
+Compare within a group: ``pytest benchmarks --benchmark-group-by=group``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptfast import ops
+
+from bench_utils import (DECODE_TK, DEVICE, DTYPE, ON_GPU, ROUNDS, SHAPES, bench_backends, median_seconds,
+                         peak_memory, require_backend, run_benchmark)
+
+PASSES = ("fwd", "fwd+bwd")
+DTYPE_NAME = str(DTYPE).removeprefix("torch.")
+
+
+def _randn(*shape, grad=False, scale=1.0):
+    t = torch.randn(*shape, device=DEVICE, dtype=torch.float32) * scale
+    return t.to(DTYPE).requires_grad_(grad)
+
+
+def _attention_fn(impl, q, k, v):
+    if impl == "sdpa":
+        # The baseline of issues 4/5/7: ATen's fused kernel (flash on H100, its CPU flash kernel here).
+        is_causal = q.shape[2] > 1
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    require_backend(impl, "causal_attention", (q, k, v), dict(dropout_p=0.0, training=False, scale=None))
+    return lambda: ops.causal_attention(q, k, v, backend=impl)
+
+
+def _with_backward(forward, inputs, grad_out=None):
+    """``forward()`` followed by backward; returns (fn, setup) where setup clears the gradients."""
+
+    def fn():
+        out = forward()
+        out.backward(grad_out if grad_out is not None else None)
+
+    def setup():
+        for t in inputs:
+            t.grad = None
+
+    return fn, setup
+
+
+def _flops_attention(b, h, tq, tk, d, passes):
+    # Two matmuls of 2*tq*tk*d each, half of them masked away by causality (tq == tk);
+    # backward does 2.5x the forward's matmul work.
+    forward = 4 * b * h * tq * tk * d * (0.5 if tq == tk else 1.0)
+    return forward * (3.5 if passes == "fwd+bwd" else 1.0)
+
+
+@pytest.mark.parametrize("passes", PASSES)
+@pytest.mark.parametrize("impl", bench_backends("causal_attention") + ["sdpa"])
+def test_attention(benchmark, impl, passes):
+    s = SHAPES["attention"]
+    training = passes == "fwd+bwd"
+    q, k, v = (_randn(s["B"], s["H"], s["T"], s["D"], grad=training) for _ in range(3))
+    forward = _attention_fn(impl, q, k, v)
+    setup = None
+    fn = forward
+    if training:
+        fn, setup = _with_backward(forward, (q, k, v), torch.randn_like(q))
+    memory = peak_memory(lambda: (setup and setup(), fn()))
+    run_benchmark(benchmark, fn, setup=setup, rounds=ROUNDS["fast"], group=f"attention {passes} {s} {DTYPE_NAME}",
+                  op="causal_attention", impl=impl, passes=passes, shape=s, dtype=DTYPE_NAME, **memory)
+    seconds = median_seconds(benchmark)
+    if seconds:
+        benchmark.extra_info["tflops"] = _flops_attention(s["B"], s["H"], s["T"], s["T"], s["D"], passes) / seconds / 1e12
+
+
+@pytest.mark.skipif(not ON_GPU, reason="decode attention (issue 7) is a GPU benchmark")
+@pytest.mark.parametrize("tk", DECODE_TK)
+@pytest.mark.parametrize("impl", bench_backends("causal_attention") + ["sdpa"])
+def test_decode_attention(benchmark, impl, tk):
+    q = _randn(1, 12, 1, 64)
+    k, v = _randn(1, 12, tk, 64), _randn(1, 12, tk, 64)
+    fn = _attention_fn(impl, q, k, v)
+    run_benchmark(benchmark, fn, rounds=ROUNDS["fast"] * 4, group=f"decode attention B=1 H=12 Tk={tk}",
+                  op="decode_attention", impl=impl, shape=dict(B=1, H=12, Tq=1, Tk=tk, D=64), dtype=DTYPE_NAME)
+    seconds = median_seconds(benchmark)
+    if seconds:
+        kv_bytes = 2 * k.numel() * k.element_size()
+        benchmark.extra_info["gbytes_per_s"] = kv_bytes / seconds / 1e9
+
+
+@pytest.mark.parametrize("passes", PASSES)
+@pytest.mark.parametrize("impl", bench_backends("cross_entropy"))
+def test_cross_entropy(benchmark, impl, passes):
+    s = SHAPES["cross_entropy"]
+    logits = _randn(s["N"], s["V"], grad=passes == "fwd+bwd", scale=2.0)
+    targets = torch.randint(0, s["V"], (s["N"],), device=DEVICE)
+    kwargs = dict(ignore_index=-100, reduction="mean")
+    require_backend(impl, "cross_entropy", (logits, targets), kwargs)
+    forward = lambda: ops.cross_entropy(logits, targets, backend=impl)  # noqa: E731
+    fn, setup = (forward, None) if passes == "fwd" else _with_backward(forward, (logits,))
+    memory = peak_memory(lambda: (setup and setup(), fn()))
+    run_benchmark(benchmark, fn, setup=setup, rounds=ROUNDS["medium"],
+                  group=f"cross_entropy {passes} {s} {DTYPE_NAME}", op="cross_entropy", impl=impl, passes=passes,
+                  shape=s, dtype=DTYPE_NAME, **memory)
+
+
+@pytest.mark.parametrize("passes", PASSES)
+@pytest.mark.parametrize("impl", bench_backends("linear_cross_entropy"))
+def test_linear_cross_entropy(benchmark, impl, passes):
+    s = SHAPES["linear_cross_entropy"]
+    training = passes == "fwd+bwd"
+    hidden = _randn(s["N"], s["H"], grad=training)
+    weight = _randn(s["V"], s["H"], grad=training, scale=0.02)
+    targets = torch.randint(0, s["V"], (s["N"],), device=DEVICE)
+    require_backend(impl, "linear_cross_entropy", (hidden, weight, targets),
+                    dict(bias=None, ignore_index=-100, reduction="mean"))
+    forward = lambda: ops.linear_cross_entropy(hidden, weight, targets, backend=impl)  # noqa: E731
+    fn, setup = (forward, None) if not training else _with_backward(forward, (hidden, weight))
+    memory = peak_memory(lambda: (setup and setup(), fn()))
+    run_benchmark(benchmark, fn, setup=setup, rounds=ROUNDS["slow"],
+                  group=f"linear_cross_entropy {passes} {s} {DTYPE_NAME}", op="linear_cross_entropy", impl=impl,
+                  passes=passes, shape=s, dtype=DTYPE_NAME, **memory)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def topk_softmax_sample(logits, top_k, temperature, generator):
+    """The best plain-PyTorch formulation: softmax over the k kept logits only, then map back."""
+    top_logits, top_idx = torch.topk(logits, top_k, dim=-1)
+    probs = torch.softmax(top_logits / temperature, dim=-1)
+    return top_idx.gather(1, torch.multinomial(probs, 1, generator=generator))
+
+
+def full_vocab_sample(logits, top_k, temperature, generator):
+    """The reference's formulation: mask below the k-th largest to -inf, softmax over the whole vocabulary."""
+    top_logits, _ = torch.topk(logits, top_k)
+    masked = torch.where(logits < top_logits[:, -1:], torch.tensor(float("-inf"), device=logits.device), logits)
+    probs = torch.softmax(masked / temperature, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+BASELINE_SAMPLERS = {"topk_softmax": topk_softmax_sample, "reference_full_vocab": full_vocab_sample}
+
+
+@pytest.mark.parametrize("impl", bench_backends("sample_next_token") + list(BASELINE_SAMPLERS))
+def test_sampling(benchmark, impl):
+    s = SHAPES["sampling"]
+    logits = _randn(s["B"], s["V"], scale=3.0)
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    if impl in BASELINE_SAMPLERS:
+        sampler = BASELINE_SAMPLERS[impl]
+        fn = lambda: sampler(logits, s["top_k"], 1.0, generator)  # noqa: E731
+    else:
+        require_backend(impl, "sample_next_token", (logits,), dict(temperature=1.0, top_k=s["top_k"],
+                                                                     generator=generator))
+        fn = lambda: ops.sample_next_token(logits, temperature=1.0, top_k=s["top_k"],  # noqa: E731
+                                           generator=generator, backend=impl)
+    memory = peak_memory(fn)
+    run_benchmark(benchmark, fn, rounds=ROUNDS["fast"] * 2, group=f"sampling {s} temperature=1 {DTYPE_NAME}",
+                  op="sample_next_token", impl=impl, shape=s, dtype=DTYPE_NAME, **memory)

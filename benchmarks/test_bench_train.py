@@ -1,0 +1,149 @@
+"""End-to-end training-step benchmarks: gptfast against llms-from-scratch in the same run.
+
+CPU (issue 4/9): GPT-2 124M, context 256, batch 2, fp32: one AdamW step (forward, backward,
+update) of
+
+* ``reference``: ``llms_from_scratch``'s GPTModel and ``calc_loss_batch``,
+* ``gptfast-dropin``: gptfast's GPTModel (ops backend "auto") with its ``calc_loss_batch``,
+  the same optimizer: only the kernels differ,
+* ``gptfast-train``: one step of ``gptfast.train``'s Trainer (padded vocab, fused linear
+  cross-entropy, fused AdamW, grad clipping).
+
+GPU (issue 9): GPT-2 124M, context 1024, batch 16, bf16, compiled: the reference's optimized
+recipe (``gpu/reference_recipe.py``) against ``gptfast.train``'s Trainer; tokens/s and MFU in
+``extra_info``.  Both use dropout 0.1 and no gradient clipping, like the recipe.
+"""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+
+import pytest
+import torch
+
+from bench_utils import DEVICE, ON_GPU, run_benchmark
+
+CPU_CONTEXT, CPU_BATCH = 256, 2
+GPU_CONTEXT, GPU_BATCH = 1024, 16
+
+
+def _book_config():
+    from gptfast.config import GPT_CONFIG_124M
+
+    return dict(GPT_CONFIG_124M)
+
+
+def _random_batch(batch, context, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, 50257, (batch, context + 1), generator=g)
+    return rows[:, :-1].to(DEVICE), rows[:, 1:].to(DEVICE)
+
+
+def _trainer(model, context, batch, out_dir, compile_, dtype, grad_clip, dropout):
+    from gptfast import train
+
+    args = train.build_parser().parse_args([
+        "--model", model, "--context-length", str(context), "--batch-size", str(batch), "--max-steps", "1000",
+        "--warmup-steps", "10", "--device", str(DEVICE), "--dtype", dtype, "--out-dir", out_dir,
+        "--grad-clip", str(grad_clip), "--dropout", str(dropout), "--no-progress",
+        "--compile" if compile_ else "--no-compile"])
+    return train.Trainer(args, device=DEVICE)
+
+
+def _step_and_extra(trainer):
+    """Per-step closure over successive steps of a Trainer, and its MFU inputs."""
+    counter = iter(range(10**9))
+    return (lambda: trainer.train_step(next(counter))), trainer.flops_per_token, trainer.peak_flops
+
+
+def _add_rates(benchmark, tokens_per_step, flops_per_token=None, peak=None):
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:
+        return
+    tps = tokens_per_step / stats.stats.median
+    benchmark.extra_info["tokens_per_s"] = tps
+    if flops_per_token and peak:
+        benchmark.extra_info["mfu"] = tps * flops_per_token / peak
+
+
+def _release():
+    gc.collect()
+    if ON_GPU:
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- CPU
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU end-to-end shape; the GPU comparison is test_gpu_train_step")
+@pytest.mark.parametrize("impl", ["reference", "gptfast-dropin", "gptfast-train"])
+def test_cpu_train_step(benchmark, impl):
+    tokens = CPU_BATCH * CPU_CONTEXT
+    group = f"train step GPT-2 124M ctx {CPU_CONTEXT} batch {CPU_BATCH} fp32"
+    info = dict(op="train_step", impl=impl, shape=dict(B=CPU_BATCH, T=CPU_CONTEXT, model="124M"), dtype="float32",
+                tokens_per_step=tokens)
+    flops = peak = None
+    if impl == "gptfast-train":
+        with tempfile.TemporaryDirectory() as out_dir:
+            trainer = _trainer("gpt2", CPU_CONTEXT, CPU_BATCH, out_dir, False, "fp32", 1.0, 0.1)
+            fn, flops, peak = _step_and_extra(trainer)
+            info["backend"] = __import__("gptfast").ops.get_backend()
+            run_benchmark(benchmark, fn, rounds=2, group=group, **info)
+    else:
+        cfg = _book_config()
+        torch.manual_seed(123)
+        if impl == "reference":
+            from llms_from_scratch.ch04 import GPTModel
+            from llms_from_scratch.ch05 import calc_loss_batch
+        else:
+            from gptfast.model import GPTModel
+            from gptfast.training import calc_loss_batch
+        model = GPTModel(cfg).to(DEVICE).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
+        x, y = _random_batch(CPU_BATCH, CPU_CONTEXT)
+
+        def step():
+            optimizer.zero_grad()
+            calc_loss_batch(x, y, model, DEVICE).backward()
+            optimizer.step()
+
+        run_benchmark(benchmark, step, rounds=2, group=group, **info)
+    _add_rates(benchmark, tokens, flops, peak)
+    _release()
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", ["reference-recipe", "gptfast-train"])
+def test_gpu_train_step(benchmark, impl):
+    from gptfast import ops, train
+
+    torch.cuda.reset_peak_memory_stats()
+    tokens = GPU_BATCH * GPU_CONTEXT
+    group = f"train step GPT-2 124M ctx {GPU_CONTEXT} batch {GPU_BATCH} bf16 compiled"
+    info = dict(op="train_step", impl=impl, shape=dict(B=GPU_BATCH, T=GPU_CONTEXT, model="124M"), dtype="bfloat16",
+                tokens_per_step=tokens)
+    peak = train.device_peak_flops(DEVICE, "bf16", None)
+    flops = train.flops_per_token(train.gpt2_config("gpt2", context_length=GPU_CONTEXT), GPU_CONTEXT)
+    with tempfile.TemporaryDirectory() as out_dir:
+        if impl == "reference-recipe":
+            from gpu.reference_recipe import ReferenceRecipe, random_batch
+
+            recipe = ReferenceRecipe(context_length=GPU_CONTEXT, device=DEVICE)
+            x, y = random_batch(GPU_BATCH, GPU_CONTEXT, DEVICE)
+            fn = lambda: recipe.train_step(x, y)  # noqa: E731
+        else:
+            trainer = _trainer("gpt2", GPU_CONTEXT, GPU_BATCH, out_dir, True, "bf16", 0.0, 0.1)
+            fn, flops, peak = _step_and_extra(trainer)
+            info["backend"] = ops.get_backend()
+        for _ in range(3):  # compilation and autotuning happen here, outside the timing
+            fn()
+        torch.cuda.synchronize()
+        run_benchmark(benchmark, fn, rounds=15, group=group, **info)
+    benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    _add_rates(benchmark, tokens, flops, peak)
+    _release()
