@@ -340,6 +340,22 @@ def test_sampling_keeps_ties_at_the_kth_value(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_sampling_support_is_exactly_top_k_with_many_ties(device):
+    """Coarsely rounded logits tie everywhere; the kept set must still be exactly {x >= k-th largest}."""
+    g = torch.Generator().manual_seed(8)
+    rows = [(torch.randn(60, generator=g) * 2).round() / 2 for _ in range(2)]
+    rows.append(torch.full((60,), -1.5))  # all equal
+    rows.append(torch.linspace(-1e-30, 1e-30, 60))  # tiny values around +-0
+    for top_k in (1, 5, 17, 40):
+        for row in rows:
+            logits = row.expand(800, -1).contiguous().to(device)
+            gen = torch.Generator(device=device).manual_seed(top_k)
+            tokens = ops.sample_next_token(logits, temperature=1e4, top_k=top_k, generator=gen, backend=BACKEND)
+            support = parity.top_k_support(row[None], top_k)[0].nonzero().flatten().tolist()
+            assert sorted(set(tokens.flatten().tolist())) == support, f"top_k={top_k} row={row.tolist()}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_sampling_per_row_arguments(device):
     g = torch.Generator().manual_seed(5)
     logits = (torch.randn(64, 300, generator=g) * 2).to(device)

@@ -1,10 +1,10 @@
 """Top-k / temperature sampling in Triton without sorting.
 
 Each program handles a tile of rows.  With top-k, the k-th largest logit of every
-row is found exactly by bisection over the 32-bit ordered integer image of the
-float values: 32 counting sweeps, each halving the interval ``[lo, hi)`` that holds
-the largest key whose count of ``key >= t`` is still ``>= k``.  Everything at or above
-that threshold is kept, so ties at the k-th value survive, as in the reference.
+row is found exactly by a counting bisection over the 32-bit ordered integer image
+of the float values (``_kth_largest_key``): no sort, no (B, k) buffers.  Everything
+at or above that threshold is kept, so ties at the k-th value survive, as in the
+reference.
 
 The draw itself is a Gumbel-max over the kept tokens: ``argmax(x / T + G)`` with
 ``G = -log(-log(U))`` has exactly the distribution ``softmax(x / T)`` restricted to the
@@ -37,24 +37,60 @@ def _ordered_key(x):
 
 
 @triton.jit
-def _kth_largest_key(row_base, row_stride, rows, row_ok, k, n_cols,
-                     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Key of each row's k-th largest value, by bisection on the ordered integer keys."""
-    # Invariant: count(key >= lo) >= k and count(key >= hi) < k.
-    lo = tl.full([BLOCK_R], -2147483648, tl.int64)
-    hi = tl.full([BLOCK_R], 2147483648, tl.int64)
-    for _ in range(32):
-        mid = lo + (hi - lo) // 2
+def _key_to_float(key):
+    """Inverse of ``_ordered_key`` (keys outside int32 wrap; callers check the result)."""
+    key32 = key.to(tl.int32)
+    return tl.where(key32 < 0, key32 ^ 0x7FFFFFFF, key32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _kth_largest_key(row_base, row_ok, k, n_cols, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Key of each row's k-th largest value, by a bisection that snaps to the row's own values.
+
+    Invariant: ``lo`` is a key present in the row with ``count(key >= lo) >= k``, and
+    ``count(key >= hi) < k``.  Each sweep counts the keys ``>= mid`` for a midpoint taken
+    in value space (key space as a fallback) and moves ``lo`` up to the smallest key
+    ``>= mid`` or ``hi`` down to just above the largest key ``< mid``.  A row is done
+    once exactly k keys are ``>= lo`` or ``hi = lo + 1``; typical logits need far fewer
+    sweeps than the 32 a plain bisection over 32-bit keys takes.
+    """
+    big = tl.full([BLOCK_R], 2147483648, tl.int64)
+    lo = big
+    hi = -big
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        ok = row_ok[:, None] & (cols[None, :] < n_cols)
+        key = _ordered_key(tl.load(row_base + cols[None, :], mask=ok, other=0.0).to(tl.float32)).to(tl.int64)
+        lo = tl.minimum(lo, tl.min(tl.where(ok, key, big[:, None]), 1))
+        hi = tl.maximum(hi, tl.max(tl.where(ok, key, -big[:, None]), 1) + 1)
+    done = (hi - lo <= 1) | (k >= n_cols) | (row_ok == 0)
+    active = tl.sum((done == 0).to(tl.int32), 0)
+    sweeps = tl.zeros([], tl.int32)
+    while (active > 0) & (sweeps < 64):
+        lo_v = _key_to_float(lo)
+        hi_v = _key_to_float(hi)
+        mid = _ordered_key(lo_v + (hi_v - lo_v) * 0.5).to(tl.int64)
+        # Infinite, NaN or adjacent endpoints: fall back to the midpoint of the keys.
+        mid = tl.where((mid > lo) & (mid < hi), mid, lo + (hi - lo) // 2)
         count = tl.zeros([BLOCK_R], tl.int64)
+        min_above = hi
+        max_below = lo
         for start in range(0, n_cols, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             ok = row_ok[:, None] & (cols[None, :] < n_cols)
-            x = tl.load(row_base + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            above = ok & (_ordered_key(x).to(tl.int64) >= mid[:, None])
+            key = _ordered_key(tl.load(row_base + cols[None, :], mask=ok, other=0.0).to(tl.float32)).to(tl.int64)
+            above = ok & (key >= mid[:, None])
             count += tl.sum(above.to(tl.int64), 1)
+            min_above = tl.minimum(min_above, tl.min(tl.where(above, key, hi[:, None]), 1))
+            max_below = tl.maximum(max_below, tl.max(tl.where(ok & (key < mid[:, None]), key, lo[:, None]), 1))
         enough = count >= k
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid)
+        # Too few at mid: nothing lies in (max_below, mid), so count(key >= max_below + 1) < k too.
+        lo = tl.where(done | (enough == 0), lo, min_above)
+        hi = tl.where(done | enough, hi, max_below + 1)
+        # Exactly k at or above lo (or no key left between lo and hi): lo is the k-th largest.
+        done = done | (enough & (count == k)) | (hi - lo <= 1)
+        active = tl.sum((done == 0).to(tl.int32), 0)
+        sweeps += 1
     return lo
 
 
@@ -81,7 +117,7 @@ def _sample_kernel(logits_ptr, row_stride, out_ptr, seed_ptr, temperature_ptr, t
         else:
             k = tl.full([BLOCK_R], top_k_value, tl.int64)
         k = tl.minimum(tl.maximum(k, 1), n_cols)  # out-of-range k on the GPU is clamped, not trusted
-        threshold = _kth_largest_key(row_base, row_stride, rows, row_ok, k, n_cols, BLOCK_R, BLOCK_V)
+        threshold = _kth_largest_key(row_base, row_ok, k, n_cols, BLOCK_R, BLOCK_V)
 
     # Philox key: seed in the low word, row index in the high word; counter: column.
     row_seed = 0
