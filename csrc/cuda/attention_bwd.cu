@@ -38,7 +38,7 @@ __global__ void attention_bwd_delta_kernel(const BwdParams p) {
   const T* go =
       static_cast<const T*>(p.dout) + b * p.dout_stride.batch + h * p.dout_stride.head + i * p.dout_stride.token;
   float sum = 0.f;
-  for (int c = lane; c < d; c += 32) sum += static_cast<float>(o[c]) * static_cast<float>(go[c]);
+  for (int c = lane; c < d; c += 32) sum += E::to_float(o[c]) * E::to_float(go[c]);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   if (lane == 0) p.delta[row] = sum;

@@ -123,6 +123,9 @@ struct Elem<false> {
   __device__ static float2 unpack(uint32_t u) {
     return __half22float2(*reinterpret_cast<__half2*>(&u));
   }
+  // Explicit conversions: torch builds with __CUDA_NO_HALF_CONVERSIONS__.
+  __device__ static float to_float(T x) { return __half2float(x); }
+  __device__ static T from_float(float x) { return __float2half_rn(x); }
 };
 template <>
 struct Elem<true> {
@@ -134,6 +137,8 @@ struct Elem<true> {
   __device__ static float2 unpack(uint32_t u) {
     return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));
   }
+  __device__ static float to_float(T x) { return __bfloat162float(x); }
+  __device__ static T from_float(float x) { return __float2bfloat16_rn(x); }
 };
 
 // ---------------------------------------------------------------- tensor-core helpers

@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(kD) decode_combine_kernel(const DecodeParams p
     a += pacc[s * kD + d] * w;
   }
   T* out = static_cast<T*>(p.out) + bh * kD;
-  out[d] = static_cast<T>(sum > 0.f ? a / sum : 0.f);
+  out[d] = E::from_float(sum > 0.f ? a / sum : 0.f);
 }
 
 template <bool kBf16, int kD>
