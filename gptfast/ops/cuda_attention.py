@@ -138,6 +138,6 @@ def causal_attention(q, k, v, *, dropout_p=0.0, training=False, scale=None):
         return _ops().decode_attention(q, k, v, scale)
     seed = None
     if p > 0.0:
-        seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=q.device)
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)  # 62 random key bits
     out, _ = _ops().attention_fwd(q, k, v, scale, p, seed)
     return out
