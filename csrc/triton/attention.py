@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._launch import INTERPRETER, dot_precision, draw_seed, launch
+from ._launch import INTERPRETER, dot_precision, draw_seed, launch, next_power_of_2
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -274,13 +274,17 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr
 
 # --------------------------------------------------------------------------- host side
 
-def _fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
+def _fwd_config(head_dim: int, dtype: torch.dtype, tq: int) -> dict:
     """Tile sizes for the forward kernel (small in the interpreter so tests cover several tiles)."""
     if INTERPRETER:
         return dict(BLOCK_M=32, BLOCK_N=16)
     if dtype == torch.float32 or head_dim == 128:
-        return dict(BLOCK_M=64, BLOCK_N=32 if dtype == torch.float32 else 64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if head_dim == 128 else 4, num_stages=3)
+        cfg = dict(BLOCK_M=64, BLOCK_N=32 if dtype == torch.float32 else 64, num_warps=4, num_stages=2)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    # Decoding (few queries): a small query tile instead of 128 mostly-empty rows; tl.dot needs >= 16.
+    cfg["BLOCK_M"] = min(cfg["BLOCK_M"], max(16, next_power_of_2(tq)))
+    return cfg
 
 
 def _bwd_configs(head_dim: int, dtype: torch.dtype) -> tuple[dict, dict]:
@@ -317,7 +321,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch
     tk = k.shape[2]
     out = torch.empty((b, h, tq, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, h, tq), device=q.device, dtype=torch.float32)
-    cfg = _fwd_config(d, q.dtype)
+    cfg = _fwd_config(d, q.dtype, tq)
     dropout, keep_scale = _dropout_args(dropout_p)
     grid = (triton.cdiv(tq, cfg["BLOCK_M"]), b * h)
     launch(_attention_fwd_kernel, grid, q, k, v, out, lse, seed,

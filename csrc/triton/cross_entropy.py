@@ -107,6 +107,18 @@ def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     return losses, grad
 
 
+def scale_saved_grad(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``grad * factor``, in place in eager mode: the gradient stored by the forward is used once.
+
+    A second backward through the same graph (``retain_graph=True``) is then caught by
+    autograd's saved-tensor version check.  Under ``torch.compile`` it stays out of
+    place so the traced backward has no mutated inputs.
+    """
+    if torch.compiler.is_compiling():
+        return grad * factor
+    return grad.mul_(factor)
+
+
 def _setup_context(ctx, inputs, output):
     _, grad = output
     ctx.save_for_backward(grad)
@@ -118,9 +130,7 @@ def _backward(ctx, grad_losses, _unused):
     if not ctx.computed_grad:
         raise RuntimeError("gptfast_triton::cross_entropy_fwd ran with compute_grad=False; cannot backpropagate")
     (grad,) = ctx.saved_tensors
-    # Scaled in place: the stored gradient is used once.  A second backward through the
-    # same graph (retain_graph=True) is caught by autograd's saved-tensor version check.
-    return grad.mul_(grad_losses.unsqueeze(1)), None, None, None
+    return scale_saved_grad(grad, grad_losses.unsqueeze(1)), None, None, None
 
 
 cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.library import triton_op
 
 from ._launch import INTERPRETER, next_power_of_2
-from .cross_entropy import DTYPES, launch_cross_entropy, reduce_losses
+from .cross_entropy import DTYPES, launch_cross_entropy, reduce_losses, scale_saved_grad
 
 
 def chunk_rows(n_rows: int, hidden_size: int, vocab: int) -> int:
@@ -118,8 +118,7 @@ def _backward(ctx, grad_loss, *_unused):
         d_hidden, d_weight, d_bias = linear_cross_entropy_bwd(grad_loss, hidden, weight, bias, targets,
                                                               ctx.ignore_index)
     else:
-        # The stored gradients are used once; retain_graph reuse is caught by autograd's version check.
-        d_hidden, d_weight, d_bias = (g.mul_(grad_loss) for g in ctx.saved_tensors)
+        d_hidden, d_weight, d_bias = (scale_saved_grad(g, grad_loss) for g in ctx.saved_tensors)
     return d_hidden, d_weight, d_bias if ctx.has_bias else None, None, None, None, None
 
 
