@@ -572,7 +572,8 @@ def run(args, rank=0, world_size=1, device=None) -> dict:
         lr = trainer.optimizer.param_groups[0]["lr"]
         loss = trainer.train_step(step)
         done = step + 1
-        if done % args.log_every == 0 or done == last_step:
+        evaluate_now = done % args.eval_every == 0 or done == args.max_steps
+        if done % args.log_every == 0 or done == last_step or evaluate_now:
             loss_value = loss.item()  # waits for the device: the timing below covers the whole step
             if not math.isfinite(loss_value):
                 raise RuntimeError(f"loss became {loss_value} at step {step}: lower --lr or check the data")
@@ -583,7 +584,7 @@ def run(args, rank=0, world_size=1, device=None) -> dict:
             row = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tps, "mfu": mfu,
                    "grad_norm": None if trainer.grad_norm is None else float(trainer.grad_norm),
                    "elapsed_s": time.perf_counter() - start_time}
-            if done % args.eval_every == 0 or done == args.max_steps:
+            if evaluate_now:
                 row["val_loss"] = trainer.evaluate()
             trainer.history.append(row)
             rates.append(tps)

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -30,6 +31,19 @@ def without(args, flag):
 
 def run_main(out_dir, *extra):
     return train.main([*BASE, "--out-dir", str(out_dir), *extra])
+
+
+def run_in_own_group(cmd, timeout, **kwargs):
+    """Run ``cmd`` in a new session; on timeout kill the whole group (torchrun's workers included)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{stderr[-3000:]}")
+    return proc.returncode, stdout, stderr
 
 
 def losses(out_dir):
@@ -115,9 +129,9 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "gptfast.train", *common, "--out-dir", str(two), "--batch-size", "1"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout
+    returncode, stdout, stderr = run_in_own_group(cmd, env=env, timeout=300, cwd=tmp_path)
+    assert returncode == 0, stderr[-3000:]
+    assert "2 process(es)" in stdout
     np.testing.assert_allclose(losses(two), losses(one), rtol=0, atol=2e-5)
     a, b = model_state(one), model_state(two)
     for key in a:
@@ -267,3 +281,9 @@ def test_module_entry_point_runs(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "step      0" in result.stdout and "MFU n/a" in result.stdout
+
+
+def test_log_every_still_logs_evaluations_and_the_last_step(tmp_path):
+    assert run_main(tmp_path, "--max-steps", "3", "--log-every", "2", "--eval-every", "3") == 0
+    rows = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["val_loss"] is not None
