@@ -107,12 +107,12 @@ def _dropout_mask_probe(b, h, tq, tk, d, p, seed, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_attention_dropout_statistics_and_reproducibility(device):
     p = 0.3
-    kept, visible = _dropout_mask_probe(4, 2, 48, 48, 64, p, seed=11, device=device)
-    again, _ = _dropout_mask_probe(4, 2, 48, 48, 64, p, seed=11, device=device)
-    other, _ = _dropout_mask_probe(4, 2, 48, 48, 64, p, seed=12, device=device)
+    kept, visible = _dropout_mask_probe(2, 2, 48, 48, 64, p, seed=11, device=device)
+    again, _ = _dropout_mask_probe(2, 2, 48, 48, 64, p, seed=11, device=device)
+    other, _ = _dropout_mask_probe(2, 2, 48, 48, 64, p, seed=12, device=device)
     assert torch.equal(kept, again), "same torch seed must give the same dropout mask"
     assert not torch.equal(kept, other), "a different torch seed must change the dropout mask"
-    n = int(visible.sum()) * 4 * 2
+    n = int(visible.sum()) * 2 * 2
     frac = kept.sum().item() / n
     sigma = math.sqrt(p * (1 - p) / n)
     assert abs(frac - (1 - p)) < 5 * sigma, f"kept fraction {frac:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
@@ -346,7 +346,7 @@ def test_sampling_support_is_exactly_top_k_with_many_ties(device):
     rows = [(torch.randn(60, generator=g) * 2).round() / 2 for _ in range(2)]
     rows.append(torch.full((60,), -1.5))  # all equal
     rows.append(torch.linspace(-1e-30, 1e-30, 60))  # tiny values around +-0
-    for top_k in (1, 5, 17, 40):
+    for top_k in (1, 5, 40):
         for row in rows:
             logits = row.expand(800, -1).contiguous().to(device)
             gen = torch.Generator(device=device).manual_seed(top_k)

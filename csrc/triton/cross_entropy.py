@@ -65,8 +65,8 @@ def _cross_entropy_kernel(logits_ptr, logits_row_stride, targets_ptr, loss_ptr, 
 
 
 def _config(n_cols: int) -> dict:
-    if INTERPRETER:
-        return dict(BLOCK_V=min(next_power_of_2(n_cols), 2048))
+    if INTERPRETER:  # its cost is per operation: few, large blocks
+        return dict(BLOCK_V=min(next_power_of_2(n_cols), 8192))
     block = min(next_power_of_2(n_cols), 4096)
     return dict(BLOCK_V=block, num_warps=8 if block >= 2048 else 4)
 
