@@ -219,6 +219,8 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
 }  // namespace gptfast
 
 TORCH_LIBRARY_FRAGMENT(gptfast_cuda, m) {
+  // Fake impls and autograd live there; torch imports it if it needs them first.
+  m.set_python_module("gptfast.ops.cuda_attention");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
