@@ -302,7 +302,7 @@ def test_linear_cross_entropy_frozen_weight_and_no_grad(device):
 @pytest.mark.parametrize("top_k", [None, 1, 5])
 def test_sampling_greedy_is_argmax(top_k, device, dtype):
     g = torch.Generator().manual_seed(4)
-    for shape in ((8, 1000), (3, 50257)):
+    for shape in ((8, 1000), (3, 50257), (1, 50257)):  # one row: a one-row tile, as B=64 V=50257 gets on a GPU
         logits = (torch.randn(*shape, generator=g) * 3).to(device=device, dtype=dtype)
         parity.check_sampling_greedy(BACKEND, logits, top_k=top_k)
     ties = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]], device=device, dtype=dtype)
@@ -328,6 +328,17 @@ def test_sampling_reproducible_and_seeded(device):
     logits = torch.randn(8, 1000, device=device)
     parity.check_sampling_reproducible(BACKEND, logits, device=device)
     parity.check_sampling_reproducible(BACKEND, logits, top_k=None, temperature=0.7, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampling_single_row_large_vocab_stays_in_top_k(device):
+    g = torch.Generator().manual_seed(6)
+    logits = (torch.randn(1, 50257, generator=g) * 3).to(device)
+    allowed = parity.top_k_support(logits.cpu(), 50)[0]
+    for seed in range(4):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        token = ops.sample_next_token(logits, temperature=1.0, top_k=50, generator=gen, backend=BACKEND)
+        assert allowed[token.item()]
 
 
 @pytest.mark.parametrize("device", DEVICES)
