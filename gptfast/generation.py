@@ -46,7 +46,7 @@ from .kv_cache import CachedRunner, CUDAGraphDecoder, KVCache, check_decodable, 
 from .ops import _checks
 
 __all__ = ["generate", "generate_text_simple", "generate_stream", "generate_batch", "stream_text",
-           "GenerationResult", "TextChunk"]
+           "GenerationResult", "TextChunk", "clear_cuda_graphs"]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -136,8 +136,8 @@ class _Decoder:
         self.cached = _is_decodable(model)
         if dtype is not None and not self.cached:
             raise TypeError("dtype needs a model with the book's GPTModel layout")
-        self.model = prepare_model(model, dtype) if self.cached else model
-        device = _model_device(self.model)
+        self.model = model  # replaced by its converted copy once every argument is checked
+        device = _model_device(model)
         self.device = device
         self.batch = len(prompts)
         self.prompt_lens = [int(p.shape[0]) for p in prompts]
@@ -166,6 +166,8 @@ class _Decoder:
         self.finished_at_eos = torch.zeros(self.batch, dtype=torch.bool, device=device)
         self.logits = None
 
+        if self.cached and dtype is not None:
+            self.model = prepare_model(model, dtype)
         self.runner = CachedRunner(self.model) if self.cached else None
         self.cache = None
         self.cache_rows: list[int] = []  # original row ids held by the cache, in cache order
@@ -227,10 +229,12 @@ class _Decoder:
         windowed = [r for r in active if r not in fitting]
         if fitting:
             max_len = min(self.context_size, max(self.prompt_lens) + self.max_new_tokens - 1)
-            self.cache = KVCache.for_model(self.model, len(fitting), max_len)
             self.cache_rows = fitting
-            if self.use_graph:  # capture before prefill: warm-up writes touch the cache
-                self.graph = CUDAGraphDecoder(self.runner, self.cache)
+            if self.use_graph:
+                self.graph = _captured_decoder(self.runner, len(fitting), max_len)
+                self.cache = self.graph.cache
+            else:
+                self.cache = KVCache.for_model(self.model, len(fitting), max_len)
             # One pass per distinct prompt length: no padding, so attention needs no mask.
             for t in sorted({self.prompt_lens[r] for r in fitting}):
                 group = [r for r in fitting if self.prompt_lens[r] == t]
@@ -305,6 +309,34 @@ class _Decoder:
         self.seq.scatter_(1, positions.unsqueeze(1), next_token)
         self.steps += 1
         return next_token
+
+
+# Captured decode steps, reused by later calls on the same model, batch and cache length: capturing
+# costs a few steps' time.  A replay reads the parameters' memory, so an entry is reused only while
+# the model's parameters are the same tensors (in-place updates are fine).  Entries keep their model
+# and cache alive: at most _MAX_GRAPHS of them; clear_cuda_graphs() drops them all.
+_GRAPHS: dict[tuple, tuple] = {}
+_MAX_GRAPHS = 4
+
+
+def clear_cuda_graphs() -> None:
+    """Forget every captured decode step (and the model and cache memory each holds)."""
+    _GRAPHS.clear()
+
+
+def _captured_decoder(runner, batch, max_len):
+    model = runner.model
+    key = (id(model), batch, max_len)
+    pointers = tuple(p.data_ptr() for p in model.parameters())
+    entry = _GRAPHS.get(key)
+    if entry is not None and entry[0].runner.model is model and entry[1] == pointers:
+        return entry[0]
+    decoder = CUDAGraphDecoder(runner, KVCache.for_model(model, batch, max_len))
+    _GRAPHS.pop(key, None)
+    while len(_GRAPHS) >= _MAX_GRAPHS:
+        _GRAPHS.pop(next(iter(_GRAPHS)))
+    _GRAPHS[key] = (decoder, pointers)
+    return decoder
 
 
 def _is_decodable(model):

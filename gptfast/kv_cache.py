@@ -298,7 +298,9 @@ class CUDAGraphDecoder:
         self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(cache.batch, dtype=torch.long, device=device)
         # Warm up on a side stream (lazy inits, autotuning) before capturing, as CUDA graphs require.
-        # Warm-up and capture write keys/values at position 0: build the decoder before prefilling.
+        # Warm-up and capture write keys/values at the last position, which a later step writes before
+        # reading it; build the decoder before prefilling all the same.
+        self.positions.fill_(cache.max_len - 1)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
