@@ -9,7 +9,7 @@ per query so the backward pass can rebuild the probabilities without storing the
 Key blocks that are fully visible run without any mask; only the blocks crossing the
 diagonal are masked, and blocks entirely above it are never visited (loop bounds).
 
-Backward: ``delta = rowsum(dO * O)``, then two kernels without atomics: one program
+Backward: a small kernel computes ``delta = rowsum(dO * O)``, then two kernels without atomics: one program
 per key block accumulates dK and dV over the query blocks that see it, one program
 per query block accumulates dQ over its visible key blocks.
 
@@ -121,6 +121,24 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr,
 
 
 # --------------------------------------------------------------------------- backward
+
+@triton.jit
+def _attention_delta_kernel(o_ptr, do_ptr, delta_ptr, so_b, so_h, so_t, sdo_b, sdo_h, sdo_t, n_heads, tq,
+                            BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """``delta = rowsum(dO * O)`` in float32, one (query block, batch*head) per program."""
+    m_block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < tq
+    o = tl.load(o_ptr + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + offs_m[:, None] * so_t + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + b.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h + offs_m[:, None] * sdo_t
+                 + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(delta_ptr + bh.to(tl.int64) * tq + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
 
 @triton.jit
 def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_t, sdo_t, offs_n, offs_d,
@@ -339,8 +357,12 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     q, k, v, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, grad_out))
     b, h, tq, d = q.shape
     tk = k.shape[2]
+    out = _last_dim_contiguous(out)
     # delta_i = sum_j P_ij dP_ij = rowsum(dO * O), also with dropout (O already holds the mask).
-    delta = (grad_out.float() * out.float()).sum(-1)
+    delta = torch.empty((b, h, tq), device=q.device, dtype=torch.float32)
+    delta_block = 32 if INTERPRETER else 64
+    launch(_attention_delta_kernel, (triton.cdiv(tq, delta_block), b * h), out, grad_out, delta,
+           *_strides(out), *_strides(grad_out), h, tq, BLOCK_M=delta_block, HEAD_DIM=d)
     dq = torch.empty((b, h, tq, d), device=q.device, dtype=q.dtype)
     dk = torch.empty((b, h, tk, d), device=q.device, dtype=k.dtype)
     dv = torch.empty((b, h, tk, d), device=q.device, dtype=v.dtype)
