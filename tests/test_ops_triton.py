@@ -235,6 +235,23 @@ def test_cross_entropy_without_grad_computes_only_the_loss(device):
     parity.assert_close(loss.cpu(), torch_ops.cross_entropy(x.detach().double(), t).cpu(), torch.float32, "no-grad CE")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_bad_input(device):
+    logits = torch.randn(3, 10, device=device)
+    targets = torch.tensor([1, 2, 3], device=device)
+    with pytest.raises(RuntimeError, match="float64"):
+        ops.cross_entropy(logits.double(), targets, backend=BACKEND)
+    with pytest.raises(ValueError, match="reduction"):
+        ops.cross_entropy(logits, targets, reduction="avg", backend=BACKEND)
+    hidden, weight = torch.randn(3, 8, device=device), torch.randn(10, 8, device=device)
+    with pytest.raises(RuntimeError, match="bias dtype"):
+        ops.linear_cross_entropy(hidden, weight, targets, bias=torch.zeros(10, device=device, dtype=torch.float16),
+                                 backend=BACKEND)
+    if device == "cpu":  # target values are checked in Python only for CPU tensors (no host sync on a GPU)
+        with pytest.raises(ValueError, match="targets"):
+            ops.linear_cross_entropy(hidden, weight, torch.tensor([1, 2, 10]), backend=BACKEND)
+
+
 # --------------------------------------------------------------------------- linear cross-entropy
 
 def check_linear_cross_entropy_parity(shape, dtype, device, reduction, bias=False, ignore_fraction=0.2, seed=0):
