@@ -37,7 +37,7 @@ def _load_kernels() -> str | None:
     try:
         for name in _KERNEL_MODULES:
             _kernels[name] = importlib.import_module(f"gptfast.triton_kernels.{name}")
-    except ImportError as exc:
+    except (ImportError, RuntimeError, OSError) as exc:  # missing triton, or one that cannot load its backend
         _kernels.clear()
         _import_error = f"triton is not importable: {exc}"
     return _import_error
