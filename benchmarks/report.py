@@ -74,6 +74,7 @@ def rows_from_pytest_benchmark(data: dict) -> list[dict]:
     for bench in data.get("benchmarks", []):
         stats = bench.get("stats", {})
         extra = dict(bench.get("extra_info", {}))
+        rows += interleaved_rows(bench.get("group"), extra)
         rows.append({
             "name": bench.get("name"), "group": bench.get("group"),
             "impl": extra.pop("impl", None), "op": extra.pop("op", None),
@@ -81,6 +82,16 @@ def rows_from_pytest_benchmark(data: dict) -> list[dict]:
             "stddev_s": stats.get("stddev"), "rounds": stats.get("rounds"), **extra,
         })
     return rows
+
+
+def interleaved_rows(group, extra) -> list[dict]:
+    """One row per variant of a benchmark that timed several variants in turn (``per_impl_median_s``)."""
+    medians = extra.get("per_impl_median_s") or {}
+    rates = extra.get("per_impl_tokens_per_s") or {}
+    return [{"name": f"{group} [{impl}]", "group": f"{group} per variant", "impl": impl, "op": extra.get("op"),
+             "median_s": median, "tokens_per_s": rates.get(impl), "shape": extra.get("shape"),
+             "dtype": extra.get("dtype"), "device": extra.get("device")}
+            for impl, median in medians.items()]
 
 
 def collect(inputs, out, command, note, steps=None) -> dict:

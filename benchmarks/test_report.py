@@ -1,0 +1,47 @@
+"""The results report: pytest-benchmark JSON -> results file -> Markdown table and PNG (no timing here)."""
+
+import json
+
+import report
+
+
+def _bench(name, group, impl, median, **extra):
+    return {"name": name, "group": group, "stats": {"median": median, "mean": median, "min": median,
+                                                    "stddev": 0.0, "rounds": 3},
+            "extra_info": {"impl": impl, "op": "x", **extra}}
+
+
+def test_collect_and_render(tmp_path):
+    raw = {"benchmarks": [
+        _bench("a", "attention fwd", "torch", 0.02, peak_bytes=2**21),
+        _bench("b", "attention fwd", "cpu", 0.01),
+        _bench("c", "attention fwd", "sdpa", 0.016),
+        _bench("d", "train", "all", 3.0, per_impl_median_s={"reference": 2.0, "gptfast-dropin": 1.0},
+               per_impl_tokens_per_s={"reference": 256.0, "gptfast-dropin": 512.0}),
+    ]}
+    (tmp_path / "raw.json").write_text(json.dumps(raw))
+    out = tmp_path / "results" / "r.json"
+    assert report.main(["collect", str(tmp_path / "raw.json"), str(tmp_path / "missing.json"), "--out", str(out),
+                        "--command", "pytest x", "--note", "shared"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["command"] == "pytest x" and "torch" in doc["environment"]
+    assert len(doc["results"]) == 6 and doc["unreadable_inputs"]  # 4 benchmarks + 2 expanded variants
+    rows = {(r["group"], r["impl"]): r for r in report.speedups(doc["results"])}
+    assert rows[("attention fwd", "cpu")]["vs_torch"] == 2.0
+    assert rows[("attention fwd", "cpu")]["vs_best_plain"] == 1.6
+    assert rows[("train per variant", "gptfast-dropin")]["vs_torch"] == 2.0
+    assert report.main([str(out)]) == 0
+    md = out.with_suffix(".md").read_text()
+    assert "| attention fwd | cpu | 10.000 | 2.00x | 1.60x |" in md and "512 tok/s" in md and "2.0 |" in md
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_render_without_results(tmp_path, capsys):
+    assert report.main([str(tmp_path / "nope.json")]) == 2
+    assert "nope.json" in capsys.readouterr().err
+    try:
+        report.latest_results(tmp_path)
+    except FileNotFoundError as exc:
+        assert "no results JSON" in str(exc)
+    else:
+        raise AssertionError("an empty results folder must raise FileNotFoundError")
