@@ -430,6 +430,32 @@ def test_sampling_bad_input(device):
         ops.sample_next_token(logits.double(), temperature=1.0, backend=BACKEND)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("tile_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_tile_sizes_in_the_interpreter(monkeypatch, tile_dtype):
+    """The tile sizes a GPU uses (larger than the interpreter's) must give the same results.
+
+    The data stay fp32 on CPU; only the tile choice is the GPU's for ``tile_dtype``.
+    """
+    from gptfast.triton_kernels import attention, cross_entropy, linear_cross_entropy, sampling
+    for module in (attention, cross_entropy, linear_cross_entropy, sampling):
+        monkeypatch.setattr(module, "INTERPRETER", False)
+    fwd, bwd = attention._fwd_config, attention._bwd_configs
+    monkeypatch.setattr(attention, "_fwd_config", lambda d, dtype, tq: fwd(d, tile_dtype, tq))
+    monkeypatch.setattr(attention, "_bwd_configs", lambda d, dtype: bwd(d, tile_dtype))
+    for shape in ((1, 1, 1, 300, 64), (1, 1, 150, 150, 64), (1, 1, 70, 200, 32), (1, 1, 65, 65, 128)):
+        parity.check_attention_parity(BACKEND, shape, torch.float32)
+    if tile_dtype == torch.float32:
+        parity.check_cross_entropy_parity(BACKEND, (4, 50257), torch.float32)
+        assert linear_cross_entropy.chunk_rows(300, 16, 1000) == 128  # three chunks, the last one partial
+        check_linear_cross_entropy_parity((300, 16, 1000), torch.float32, "cpu", "mean", bias=True)
+        logits = torch.randn(2, 50257)
+        parity.check_sampling_greedy(BACKEND, logits, top_k=50)
+        gen = torch.Generator().manual_seed(0)
+        tokens = ops.sample_next_token(logits, temperature=1.0, top_k=50, generator=gen, backend=BACKEND)
+        assert parity.top_k_support(logits, 50).gather(1, tokens).all()
+
+
 # --------------------------------------------------------------------------- op registration
 
 def _opcheck_utils(device):
