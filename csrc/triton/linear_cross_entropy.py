@@ -24,11 +24,15 @@ from .cross_entropy import DTYPES, launch_cross_entropy, reduce_losses, scale_sa
 
 
 def chunk_rows(n_rows: int, hidden_size: int, vocab: int) -> int:
-    """Tokens per chunk: a chunk's logits take about as much memory as all of ``hidden``."""
+    """Tokens per chunk: about ``hidden_size``, so a chunk's logits are about the size of the weight.
+
+    Memory then stays of the order of the weight (which d weight needs anyway), while
+    the per-chunk cost of adding into the float32 d weight (a pass over ``V x H``) is
+    paid only ``N / hidden_size`` times.
+    """
     if INTERPRETER:
         return 16  # small, so tests go through several chunks
-    per_chunk = next_power_of_2(-(-n_rows // max(1, -(-vocab // hidden_size))))
-    return max(1, min(n_rows, max(128, per_chunk)))
+    return max(1, min(n_rows, max(256, next_power_of_2(hidden_size))))
 
 
 def _chunked_pass(hidden, weight, bias, targets, ignore_index, grad_scale, write_grad):
