@@ -287,8 +287,24 @@ class _Decoder:
 
     # -- one step ------------------------------------------------------------------------------
 
+    def release(self):
+        """Hand a shared captured step back (its cache may then serve another run)."""
+        graph = getattr(self, "graph", None)  # absent when __init__ raised
+        if graph is not None:
+            graph.busy = False
+            self.graph = None
+
+    def __del__(self):
+        self.release()
+
     def step(self):
         """Sample the next token of every row: ``(B, 1)``, or ``None`` when every row has finished."""
+        token = self._step()
+        if token is None:
+            self.release()
+        return token
+
+    def _step(self):
         if self.steps >= self.max_new_tokens or all(self.finished):
             return None
         active = [r for r in range(self.batch) if not self.finished[r]]
@@ -329,9 +345,13 @@ def _captured_decoder(runner, batch, max_len):
     key = (id(model), batch, max_len)
     pointers = tuple(p.data_ptr() for p in model.parameters())
     entry = _GRAPHS.get(key)
-    if entry is not None and entry[0].runner.model is model and entry[1] == pointers:
+    if entry is not None and entry[0].runner.model is model and entry[1] == pointers and not entry[0].busy:
+        entry[0].busy = True
         return entry[0]
     decoder = CUDAGraphDecoder(runner, KVCache.for_model(model, batch, max_len))
+    decoder.busy = True  # its cache belongs to one run until that run ends
+    if entry is not None and entry[0].busy:  # another run (an unfinished stream) holds the cached one
+        return decoder
     _GRAPHS.pop(key, None)
     while len(_GRAPHS) >= _MAX_GRAPHS:
         _GRAPHS.pop(next(iter(_GRAPHS)))

@@ -290,6 +290,8 @@ class CUDAGraphDecoder:
     logits buffer (overwritten by the next step).  CUDA only.
     """
 
+    busy = False  # set while one generation run uses the cache
+
     def __init__(self, runner: CachedRunner, cache: KVCache, warmup: int = 2):
         device = cache.keys[0].device
         if device.type != "cuda":

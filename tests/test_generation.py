@@ -449,6 +449,34 @@ def test_zero_new_tokens_returns_the_prompt():
 # ----------------------------------------------------------------------------- CUDA
 
 
+def test_captured_steps_are_reused_only_when_free_and_for_the_same_weights(monkeypatch):
+    import gptfast.generation as generation
+
+    class FakeGraph:  # stands in for the CUDA capture; records what would be captured
+        busy = False
+
+        def __init__(self, runner, cache):
+            self.runner, self.cache = runner, cache
+
+    monkeypatch.setattr(generation, "CUDAGraphDecoder", FakeGraph)
+    monkeypatch.setattr(generation, "_GRAPHS", {})
+    model = make_model()
+    runner = CachedRunner(model)
+    first = generation._captured_decoder(runner, 2, 8)
+    assert first.busy and first.cache.batch == 2 and first.cache.max_len == 8
+    second = generation._captured_decoder(runner, 2, 8)  # the first is still in use: a private one
+    assert second is not first and generation._GRAPHS[(id(model), 2, 8)][0] is first
+    first.busy = False
+    assert generation._captured_decoder(runner, 2, 8) is first
+    first.busy = False
+    assert generation._captured_decoder(runner, 3, 8) is not first
+    model.out_head.weight = torch.nn.Parameter(model.out_head.weight.clone())  # new tensors: capture again
+    assert generation._captured_decoder(runner, 2, 8) is not first
+    generation.clear_cuda_graphs()
+    assert not generation._GRAPHS
+
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_decoding_equals_eager_decoding(dtype):
