@@ -477,13 +477,41 @@ def test_captured_steps_are_reused_only_when_free_and_for_the_same_weights(monke
 
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_decoding_equals_eager_decoding(dtype):
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_cuda_graph_decoding_equals_eager_decoding():
     model = make_model().cuda()
     rows = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
-    eager = generate_batch(model, rows, 20, context_size=12, dtype=dtype, cuda_graph=False)
-    graphed = generate_batch(model, rows, 20, context_size=12, dtype=dtype, cuda_graph=True)
+    eager = generate_batch(model, rows, 20, context_size=12, cuda_graph=False)
+    graphed = generate_batch(model, rows, 20, context_size=12, cuda_graph=True)
     assert torch.equal(graphed.tokens, eager.tokens)
+    again = generate_batch(model, rows, 20, context_size=12, cuda_graph=True)  # the captured step is reused
+    assert torch.equal(again.tokens, eager.tokens)
     idx = prompt(2, 4).cuda()
     assert torch.equal(generate(model, idx, 20, 16), ref_ch05.generate(model, idx, 20, 16))
+    eos = int(eager.tokens[0, 3 + 2])
+    assert torch.equal(generate_batch(model, rows, 20, context_size=12, eos_id=eos).tokens,
+                       generate_batch(model, rows, 20, context_size=12, eos_id=eos, cuda_graph=False).tokens)
+
+
+@needs_cuda
+def test_cuda_graph_bfloat16_decoding_tracks_float32():
+    model = make_model().cuda()
+    bf16 = prepare_model(model, torch.bfloat16)
+    runner = CachedRunner(bf16)
+    cache = KVCache.for_model(bf16, 2, 16)
+    from gptfast.kv_cache import CUDAGraphDecoder
+
+    graph = CUDAGraphDecoder(runner, cache)
+    idx = prompt(2, 9).cuda()
+    runner.prefill(idx[:, :4], cache)
+    with torch.no_grad():
+        want = model(idx)
+    for p in range(4, 9):
+        got = graph.step(idx[:, p:p + 1], torch.full((2,), p, device="cuda"))
+        torch.testing.assert_close(got.float(), want[:, p], atol=0.05, rtol=0.05)
+    fp32 = generate_batch(model, idx, 30).tokens
+    low = generate_batch(bf16, idx, 30).tokens
+    assert (fp32 == low).float().mean() >= 0.8
