@@ -73,8 +73,11 @@ if _LOAD_ERROR is None:
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.params = (scale, dropout_p, seed)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
 
     def _attention_backward(ctx, grad_out, _grad_lse):
+        if grad_out is None:
+            return None, None, None, None, None, None
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _ops.attention_backward(grad_out, q, k, v, out, lse, *ctx.params)
         return dq, dk, dv, None, None, None
@@ -91,10 +94,14 @@ if _LOAD_ERROR is None:
         _, grad = output
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(grad)
+        # Otherwise autograd hands backward a zero-filled (N, V) "gradient" of `grad`.
+        ctx.set_materialize_grads(False)
 
     def _cross_entropy_backward(ctx, grad_loss, _grad_grad):
         (grad,) = ctx.saved_tensors
-        if grad.numel() == 0 and grad_loss is not None:
+        if grad_loss is None:  # the loss was not used in the differentiated result
+            return None, None, None, None
+        if grad.numel() == 0:
             raise RuntimeError("gptfast cpu cross_entropy: forward ran without gradient (logits did not require grad)")
         scale = grad_loss.unsqueeze(1)
         if type(grad) is torch.Tensor:
