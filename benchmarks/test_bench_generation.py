@@ -4,8 +4,8 @@ GPT-2 124M shape, context 1024, random weights, a 4-token prompt, ``GPTFAST_BENC
 (default 200) new tokens, greedy.  Every result carries ``tokens_per_s`` in ``extra_info``.
 
 CPU, fp32 (group ``generate-b1``): the reference (one round: it takes about a minute), gptfast with
-torch's thread setting and with one thread (``threads``: on a shared two-core machine one thread
-avoids OpenMP barrier stalls and reads the weights about as fast), plus the weight-read floor: the
+torch's thread setting (its decode steps then pick torch's count or one thread by timing the first
+steps) and with one thread throughout (``threads=1``), plus the weight-read floor: the
 matrix-vector products over every weight a cached step reads, timed in the same process
 (``floor_ms_per_token``, ``floor_ratio`` = step time / floor).
 CPU bf16 weights (``generate-b1-bf16``): tokens/s and how many of the 200 greedy tokens agree with

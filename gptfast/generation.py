@@ -36,6 +36,8 @@ the book's ``GPTModel`` layout fall back to the uncached loop.
 from __future__ import annotations
 
 import numbers
+import os
+import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -121,6 +123,46 @@ def _eos_tensor(eos_id, batch, device):
 # ----------------------------------------------------------------------------- the decoding loop
 
 
+class _DecodeThreads:
+    """The torch thread count for CPU decode steps: torch's own setting or one thread, whichever is faster.
+
+    A decode step is a chain of small ops around matrix-vector products bound by
+    memory bandwidth.  With several OpenMP threads every op ends at a barrier, and
+    on a busy machine a descheduled worker stalls each one for milliseconds, while a
+    single thread often reads the weights about as fast.  The first four decode steps
+    alternate the two settings; the faster (by each one's best time) runs the rest.
+    ``$GPTFAST_DECODE_THREADS`` fixes the count instead.  The setting is applied
+    around each step only and restored after it.  (The matrix-vector products split
+    over output rows, so the logits do not depend on the choice.)
+    """
+
+    def __init__(self):
+        fixed = os.environ.get("GPTFAST_DECODE_THREADS")
+        current = torch.get_num_threads()
+        self.chosen = int(fixed) if fixed else (current if current == 1 else None)
+        self.candidates = [current, 1]
+        self.best = {n: float("inf") for n in self.candidates}
+        self.trials = 0
+
+    def run(self, fn):
+        threads = self.chosen or self.candidates[self.trials % 2]
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            start = time.perf_counter()
+            out = fn()
+            elapsed = time.perf_counter() - start
+        finally:
+            torch.set_num_threads(saved)
+        if self.chosen is None:
+            self.best[threads] = min(self.best[threads], elapsed)
+            self.trials += 1
+            if self.trials == 4:
+                self.chosen = min(self.candidates, key=self.best.__getitem__)
+        return out
+
+
+
 class _Decoder:
     """State of one generation run; :meth:`step` produces the next token of every row.
 
@@ -176,6 +218,7 @@ class _Decoder:
         if self.use_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA model, got {device}")
         self._index_cache: dict[tuple, torch.Tensor] = {}
+        self.threads = _DecodeThreads() if device.type == "cpu" else None
 
     def _check_fits_model(self, context_size):
         """The longest input the model will see must have position embeddings."""
@@ -256,8 +299,9 @@ class _Decoder:
             positions = [self.length(r) - 1 for r in fitting]
             tokens = self.seq[self._index(fitting), positions[0]:positions[0] + 1] if len(set(positions)) == 1 \
                 else torch.stack([self.seq[r, p:p + 1] for r, p in zip(fitting, positions)])
-            self._put(fitting, self.runner.decode(
-                tokens, self.cache, positions[0] if len(set(positions)) == 1 else positions))
+            where = positions[0] if len(set(positions)) == 1 else positions
+            step = lambda: self.runner.decode(tokens, self.cache, where)  # noqa: E731
+            self._put(fitting, self.threads.run(step) if self.threads is not None else step())
         if windowed:
             self._put(windowed, self.runner.last_logits(self._window(windowed)))
 

@@ -367,6 +367,29 @@ def test_finished_rows_stop_costing_work(monkeypatch):
     assert len(batch_sizes) == 9
 
 
+@pytest.mark.parametrize("slow_threads,expected", [(2, 1), (1, 2)])
+def test_decode_steps_run_with_the_faster_thread_count(monkeypatch, slow_threads, expected):
+    import gptfast.generation as generation
+
+    clock = [0.0]
+    monkeypatch.setattr(generation.time, "perf_counter", lambda: clock[0])
+    monkeypatch.delenv("GPTFAST_DECODE_THREADS", raising=False)
+    torch.set_num_threads(2)  # the fixture restores the caller's setting
+    chooser = generation._DecodeThreads()
+    seen = []
+
+    def step():
+        seen.append(torch.get_num_threads())
+        clock[0] += 5.0 if seen[-1] == slow_threads else 1.0
+        return seen[-1]
+
+    assert [chooser.run(step) for _ in range(7)] == [2, 1, 2, 1] + [expected] * 3
+    assert torch.get_num_threads() == 2
+    monkeypatch.setenv("GPTFAST_DECODE_THREADS", "1")
+    assert generation._DecodeThreads().run(lambda: torch.get_num_threads()) == 1
+    assert torch.get_num_threads() == 2
+
+
 def test_bfloat16_decoding_agrees_with_float32():
     model = make_model()
     converted = prepare_model(model, torch.bfloat16)
