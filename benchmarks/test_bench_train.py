@@ -162,6 +162,7 @@ def test_gpu_train_step(benchmark, impl):
             recipe = ReferenceRecipe(context_length=GPU_CONTEXT, device=DEVICE)
             x, y = random_batch(GPU_BATCH, GPU_CONTEXT, DEVICE)
             fn = lambda: recipe.train_step(x, y)  # noqa: E731
+            info["model_source"] = recipe.model_source
         else:
             trainer = _trainer("gpt2", GPU_CONTEXT, GPU_BATCH, out_dir, True, "bf16", 0.0, 0.1)
             fn, flops, peak = _step_and_extra(trainer)

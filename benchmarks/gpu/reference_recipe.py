@@ -27,13 +27,43 @@ def reference_config(context_length: int = 1024, drop_rate: float = 0.1) -> dict
             "n_layers": 12, "drop_rate": drop_rate, "qkv_bias": False}
 
 
+def _sdpa_attention_class():
+    """gptfast's fused-qkv attention with its core swapped for ``scaled_dot_product_attention``."""
+    from gptfast.model import PyTorchMultiHeadAttention
+
+    class SDPAMultiHeadAttention(PyTorchMultiHeadAttention):
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            dropout = self.dropout if self.training else 0.0
+            context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            return self.proj(context.transpose(1, 2).reshape(b, t, self.d_out))
+
+    return SDPAMultiHeadAttention
+
+
+def build_reference_model(cfg: dict):
+    """``llms_from_scratch``'s GPTModelFast; where that package is missing (the GPU image lacks it),
+    the same architecture from gptfast's copy with the attention core set to SDPA."""
+    try:
+        from llms_from_scratch.ch04 import GPTModelFast
+
+        return GPTModelFast(cfg), "llms_from_scratch.ch04.GPTModelFast"
+    except ImportError:
+        from gptfast.model import GPTModelFast
+
+        model = GPTModelFast(cfg)
+        sdpa = _sdpa_attention_class()
+        for block in model.trf_blocks:
+            block.att.__class__ = sdpa
+        return model, "gptfast.model.GPTModelFast with SDPA attention (llms_from_scratch not installed)"
+
+
 class ReferenceRecipe:
     """Model, optimizer and one training step of the reference's optimized recipe."""
 
     def __init__(self, context_length=1024, device="cuda", drop_rate=0.1, pure_bf16=True, compile=True,
                  lr=4e-4, weight_decay=0.1, seed=123):
-        from llms_from_scratch.ch04 import GPTModelFast
-
         self.device = torch.device(device)
         on_cuda = self.device.type == "cuda"
         if on_cuda:
@@ -41,7 +71,8 @@ class ReferenceRecipe:
             torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(seed)
         self.cfg = reference_config(context_length, drop_rate)
-        model = GPTModelFast(self.cfg).to(self.device)
+        model, self.model_source = build_reference_model(self.cfg)
+        model = model.to(self.device)
         self.autocast_dtype = None
         if pure_bf16:
             model = model.to(torch.bfloat16)
