@@ -44,6 +44,11 @@ def test_attention_parity_odd_head_dims_and_long(shape):
     parity.check_attention_parity("cpu", shape, torch.float32)
 
 
+def test_attention_parity_float16():
+    parity.check_attention_parity("cpu", (2, 3, 17, 17, 32), torch.float16)
+    parity.check_attention_parity("cpu", (1, 2, 5, 40, 64), torch.float16)
+
+
 def test_attention_parity_custom_scale():
     parity.check_attention_parity("cpu", (2, 2, 20, 33, 16), torch.float32, scale=0.3)
 
@@ -63,20 +68,10 @@ def test_attention_strided_views_match_contiguous():
     torch.testing.assert_close(ops.causal_attention(*odd, backend="cpu"), packed, atol=0, rtol=0)
 
 
-def _dropout_mask(b, h, t, p, seed):
-    """The kernel's keep mask: q = k = 0 gives uniform weights 1/(i+1), v = identity exposes them."""
-    q = torch.zeros(b, h, t, t, dtype=torch.float64)
-    v = torch.eye(t, dtype=torch.float64).expand(b, h, t, t).contiguous()
-    torch.manual_seed(seed)
-    out = ops.causal_attention(q, q, v, dropout_p=p, training=True, backend="cpu")
-    visible = torch.ones(t, t, dtype=torch.bool).tril()
-    scaled = out * torch.arange(1, t + 1, dtype=torch.float64).view(t, 1) * (1 - p)
-    return scaled, visible
-
-
 def test_attention_dropout_keep_rate_and_scaling():
     p, t = 0.3, 64
-    scaled, visible = _dropout_mask(2, 4, t, p, seed=0)
+    scaled = _dropout_scaled_weights(2, 4, t, t, p, seed=0)
+    visible = torch.ones(t, t, dtype=torch.bool).tril()
     # every visible weight is either dropped (0) or kept and scaled by exactly 1/(1-p)
     kept = scaled[..., visible]
     assert torch.all((kept.abs() < 1e-9) | ((kept - 1).abs() < 1e-9))
@@ -102,15 +97,23 @@ def test_attention_dropout_seeded_and_eval_mode():
     assert torch.equal(dropped, torch.zeros_like(dropped)), "p=1 drops everything, as F.dropout does"
 
 
-def _dropout_keep_mask(b, h, tq, tk, p, seed):
-    """The kernel's keep mask as {0, 1}: q = k = 0 gives weights 1/visible, v = identity exposes them."""
+def _dropout_scaled_weights(b, h, tq, tk, p, seed):
+    """The kernel's attention weights times (visible keys) * (1 - p): 1 where kept, 0 where dropped/masked.
+
+    q = k = 0 makes every visible weight 1/visible; v = identity copies the weights to the output.
+    """
     q = torch.zeros(b, h, tq, tk, dtype=torch.float64)
     k = torch.zeros(b, h, tk, tk, dtype=torch.float64)
     v = torch.eye(tk, dtype=torch.float64).expand(b, h, tk, tk).contiguous()
     torch.manual_seed(seed)
     out = ops.causal_attention(q, k, v, dropout_p=p, training=True, backend="cpu")
     visible_counts = torch.arange(tk - tq + 1, tk + 1, dtype=torch.float64).view(tq, 1)
-    return (out * visible_counts * (1 - p) > 0.5).double()
+    return out * visible_counts * (1 - p)
+
+
+def _dropout_keep_mask(b, h, tq, tk, p, seed):
+    """The kernel's keep mask as {0, 1} floats."""
+    return (_dropout_scaled_weights(b, h, tq, tk, p, seed) > 0.5).double()
 
 
 @pytest.mark.parametrize("tq", [16, 5])
@@ -166,6 +169,11 @@ def test_attention_opcheck():
 @pytest.mark.parametrize("shape", parity.CROSS_ENTROPY_SHAPES, ids=str)
 def test_cross_entropy_parity(shape, dtype, reduction):
     parity.check_cross_entropy_parity("cpu", shape, dtype, reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_parity_float16(reduction):
+    parity.check_cross_entropy_parity("cpu", (33, 4097), torch.float16, reduction=reduction)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
