@@ -73,12 +73,15 @@ template <typename T, int BLOCK>
 __device__ unsigned kth_largest_key(const T* row, int64_t n, int64_t k, RadixShared& shared) {
   constexpr int kVec = Vec16<T>::kSize;
   unsigned prefix = 0, mask = 0, rank = static_cast<unsigned>(k);
+  // Safe defaults, written once: select_bin overwrites them every pass.  (Resetting them
+  // at the top of each pass would race with threads still reading the previous pass.)
+  if (threadIdx.x == 0) {
+    shared.digit = 0;
+    shared.rank = 1;
+  }
   for (int shift = 32 - kRadixBits; shift >= 0; shift -= kRadixBits) {
+    // Nobody reads the histogram after the previous pass's select_bin barrier, so it can be cleared.
     for (int b = threadIdx.x; b < kRadixBins; b += BLOCK) shared.histogram[b] = 0;
-    if (threadIdx.x == 0) {  // safe defaults; select_bin always overwrites them
-      shared.digit = 0;
-      shared.rank = 1;
-    }
     __syncthreads();
     for_each_chunk<T, BLOCK>(row, n, [&](int64_t, const float(&v)[kVec], int count) {
       // Neighbouring values often share a bin: add runs with one atomic.
