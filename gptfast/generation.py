@@ -126,6 +126,8 @@ def _eos_tensor(eos_id, batch, device):
 class _DecodeThreads:
     """The torch thread count for CPU decode steps: torch's own setting or one thread, whichever is faster.
 
+    Applied to whole steps after the prompt's (the cached token, window recomputes, sampling).
+
     A decode step is a chain of small ops around matrix-vector products bound by
     memory bandwidth.  With several OpenMP threads every op ends at a barrier, and
     on a busy machine a descheduled worker stalls each one for milliseconds, while a
@@ -299,9 +301,8 @@ class _Decoder:
             positions = [self.length(r) - 1 for r in fitting]
             tokens = self.seq[self._index(fitting), positions[0]:positions[0] + 1] if len(set(positions)) == 1 \
                 else torch.stack([self.seq[r, p:p + 1] for r, p in zip(fitting, positions)])
-            where = positions[0] if len(set(positions)) == 1 else positions
-            step = lambda: self.runner.decode(tokens, self.cache, where)  # noqa: E731
-            self._put(fitting, self.threads.run(step) if self.threads is not None else step())
+            self._put(fitting, self.runner.decode(
+                tokens, self.cache, positions[0] if len(set(positions)) == 1 else positions))
         if windowed:
             self._put(windowed, self.runner.last_logits(self._window(windowed)))
 
@@ -343,7 +344,10 @@ class _Decoder:
 
     def step(self):
         """Sample the next token of every row: ``(B, 1)``, or ``None`` when every row has finished."""
-        token = self._step()
+        # CPU steps after the prompt's run with the thread count _DecodeThreads picks (sampling included:
+        # its small ops stall at OpenMP barriers just the same).
+        use_threads = self.threads is not None and self.cached and self.steps > 0
+        token = self.threads.run(self._step) if use_threads else self._step()
         if token is None:
             self.release()
         return token
