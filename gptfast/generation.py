@@ -29,8 +29,10 @@ ids with decoded text for the command line.
 
 On CUDA (``cuda_graph=None`` means "on CUDA"), the decode step of the whole batch
 is captured once as a CUDA graph with static shapes and replayed per token;
-``dtype=torch.bfloat16`` decodes with a bf16 copy of the weights.  Models without
-the book's ``GPTModel`` layout fall back to the uncached loop.
+``dtype=torch.bfloat16`` decodes with a bf16 copy of the weights.  On CPU the steps
+after the prompt run with torch's thread count or with one thread, whichever the
+first steps time faster (see :class:`_DecodeThreads`).  Models without the book's
+``GPTModel`` layout fall back to the uncached loop.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import numbers
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 
