@@ -136,7 +136,10 @@ void sample_impl(const at::Tensor& logits, double temperature, int64_t top_k, co
   const int64_t* k_rows = top_ks != nullptr ? top_ks->const_data_ptr<int64_t>() : nullptr;
   const double* u_all = uniforms.const_data_ptr<double>();
   int64_t* out = tokens.data_ptr<int64_t>();
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  // A row costs about one pass over V values: below ~1M values in all, a parallel region's
+  // start-up and barrier (worse on a busy machine) cost more than they save.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / n);
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> widened, scratch, weights;
     for (int64_t r = begin; r < end; ++r) {
       const double temp = t_rows != nullptr ? static_cast<double>(t_rows[r]) : temperature;
