@@ -173,7 +173,7 @@ def markdown(doc: dict) -> str:
         if row.get("mfu"):
             extra.append(f"MFU {100 * row['mfu']:.1f}%")
         if row.get("tflops"):
-            extra.append(f"{row['tflops']:.1f} TFLOP/s")
+            extra.append(f"{row['tflops']:.3g} TFLOP/s")
         if row.get("gbytes_per_s"):
             extra.append(f"{row['gbytes_per_s']:.0f} GB/s")
         peak = row.get("peak_bytes")
@@ -197,14 +197,17 @@ def bar_chart(doc: dict, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['group'][:60]} | {r['impl']}" for r in rows]
+    labels = [f"{r['group'][:80]} | {r['impl']}" for r in rows]
     values = [r["vs_torch"] for r in rows]
     fig, ax = plt.subplots(figsize=(11, 0.32 * len(rows) + 1.2))
     ax.barh(range(len(rows)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
     ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")  # ratios from 0.5x to 100x+ side by side
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.2f}x", va="center", fontsize=7)
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("speed-up vs the torch path (median time ratio, same run)")
+    ax.set_xlabel("speed-up vs the torch path (median time ratio, same run; log scale)")
     ax.set_title(f"gptfast benchmarks on {doc.get('environment', {}).get('device')}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
