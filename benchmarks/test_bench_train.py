@@ -155,6 +155,7 @@ def test_gpu_train_step(benchmark, impl):
                 tokens_per_step=tokens)
     peak = train.device_peak_flops(DEVICE, "bf16", None)
     flops = train.flops_per_token(train.gpt2_config("gpt2", context_length=GPU_CONTEXT), GPU_CONTEXT)
+    recipe = trainer = None
     with tempfile.TemporaryDirectory() as out_dir:
         if impl == "reference-recipe":
             from gpu.reference_recipe import ReferenceRecipe, random_batch
@@ -173,4 +174,5 @@ def test_gpu_train_step(benchmark, impl):
         run_benchmark(benchmark, fn, rounds=15, group=group, **info)
     benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     _add_rates(benchmark, tokens, flops, peak)
+    fn = recipe = trainer = None  # drop the model before freeing the cache for the next variant
     _release()
