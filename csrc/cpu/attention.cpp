@@ -22,6 +22,12 @@ constexpr int kMaxRows = 6;  // rows per micro-kernel: 6 x 2 vector accumulators
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Tasks per thread chunk so that a chunk holds at least ~2^20 multiply-adds: decode steps
+// (one query row) are too small to pay for a parallel region on their own.
+inline int64_t grain_for(int64_t madds_per_task) {
+  return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, madds_per_task));
+}
+
 // ------------------------------------------------------------------ tile GEMM
 
 // C[R x n] (+)= A[R x k] * B[k x n]; row-major; n a multiple of the vector length.
@@ -206,7 +212,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   scalar_t* out_data = out.data_ptr<scalar_t>();
   T* lse_data = lse.data_ptr<T>();
 
-  at::parallel_for(0, s.B * s.H * n_qtiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.B * s.H * n_qtiles, grain_for(std::min(kQueryTile, s.Tq) * s.Tk * s.Dp),
+                   [&](int64_t begin, int64_t end) {
     // Scratch, allocated once per chunk; zero-initialised so padding columns stay zero.
     std::vector<T> qs(kQueryTile * s.Dp, T(0)), kt(s.Dp * kKeyTile, T(0)), vs(kKeyTile * s.Dp, T(0));
     std::vector<T> scores(kQueryTile * kKeyTile), acc(kQueryTile * s.Dp), m(kQueryTile), l(kQueryTile);
@@ -265,7 +272,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   const T* lse_data = lse.const_data_ptr<T>();
   const T scale_t = static_cast<T>(scale), keep_scale = static_cast<T>(dropout.keep_scale);
 
-  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.B * s.H, grain_for(2 * s.Tq * s.Tk * s.Dp), [&](int64_t begin, int64_t end) {
     BackwardScratch<T> w(s, Tkp);
     std::vector<T> orow(s.Dp);
     for (int64_t bh = begin; bh < end; ++bh) {

@@ -53,8 +53,9 @@ void cross_entropy_impl(const at::Tensor& logits, const at::Tensor& targets, int
   T* loss_all = loss.data_ptr<T>();
   scalar_t* g_all = grad != nullptr ? grad->data_ptr<scalar_t>() : nullptr;
 
-  // Rows are long (the vocabulary), so one row per task is enough work.
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+  // A GPT-2 row (50257 logits) is enough work for one task; short rows are grouped.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / V);
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> widened(kWide ? 0 : V), exps((kWide && g_all != nullptr) ? 0 : V);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t target = t_all[r];
