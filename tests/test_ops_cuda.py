@@ -19,6 +19,7 @@ import math
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -129,6 +130,19 @@ int main() {
                          "d16cfe09 94fdcceb 5001e420 24126ea1"]
     low, high = (float(v) for v in lines[3].split())
     assert 0.0 < low < 1e-9 and high == 1.0
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or not pathlib.Path("/usr/local/cuda/include/cuda_fp16.h").exists(),
+                    reason="needs g++ and the CUDA headers")
+def test_kernels_on_the_cpu_emulator():
+    """cross_entropy.cu and sampling.cu run on tests/cuda_emulation (one fiber per CUDA thread)
+    and checked against double-precision references: every dtype, alignment, block size,
+    ignore/bad targets, in-place gradient, greedy, top-k ties, distribution, Philox plumbing.
+    (The full set with ASan/UBSan: python tests/cuda_emulation/run_emulation.py.)"""
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "cuda_emulation" / "run_emulation.py"),
+                             "--quick", "--no-sanitize"], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "OK: 0 failures" in result.stdout
 
 
 # --------------------------------------------------------------------------- Python wiring on the CPU

@@ -3,7 +3,8 @@
 Each .cu is copied with its launches ``k<<<g, b, s, st>>>(args)`` rewritten to
 ``emu::launch(g, b, s, st)(k, args)``, compiled as C++20 with emu.h force-included
 (ASan + UBSan), linked with driver.cpp and run.  Exit status 0 means every check passed.
-Usage: python tests/cuda_emulation/run_emulation.py [--no-sanitize]
+Usage: python tests/cuda_emulation/run_emulation.py [--no-sanitize] [--quick]
+(--quick: the subset run by tests/test_ops_cuda.py; the full set takes minutes.)
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def main(argv) -> int:
             objects.append(str(obj))
         exe = tmp / "emulation"
         subprocess.run([*flags, str(HERE / "driver.cpp"), *objects, "-o", str(exe)], check=True)
-        return subprocess.run([str(exe)]).returncode
+        return subprocess.run([str(exe)] + (["quick"] if "--quick" in argv else [])).returncode
 
 
 if __name__ == "__main__":
