@@ -1,4 +1,5 @@
-"""Command line: ``gptfast train`` (the chapter-5 run) and ``gptfast generate`` (streamed sampling)."""
+"""Command line: ``gptfast train`` (the chapter-5 run), ``gptfast train-gpu`` (``gptfast.train``) and
+``gptfast generate`` (streamed sampling)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    sub.add_parser("train-gpu", help="the fast training script (python -m gptfast.train): bf16, compile, DDP; "
+                                     "see gptfast train-gpu --help", add_help=False)
     train = sub.add_parser("train", help="pretrain on a text file (default: the embedded the-verdict)")
     train.add_argument("--data", default=None, help="UTF-8 text file (default: the-verdict, shipped with gptfast)")
     train.add_argument("--model", default="gpt2-ctx256",
@@ -156,6 +159,11 @@ def run_generate(args) -> int:
 
 def main(argv=None) -> int:
     """Entry point of the ``gptfast`` command."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-gpu"]:  # the GPU training script, with its own flags
+        from .train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.backend is not None:
         ops.use_backend(args.backend)

@@ -86,6 +86,14 @@ def test_generate_errors(trained, tmp_path, capsys):
     assert "context length" in capsys.readouterr().err
 
 
+def test_train_gpu_subcommand_hands_over_to_the_training_script(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-gpu", "--help"])
+    assert exit_info.value.code == 0
+    assert "--grad-accum" in capsys.readouterr().out
+    assert main(["train-gpu", "--model", "nonexistent-size"]) == 2
+
+
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "gptfast", "--help"], capture_output=True, text=True, check=True)
     assert "train" in out.stdout and "generate" in out.stdout
