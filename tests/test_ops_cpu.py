@@ -39,7 +39,7 @@ def test_attention_parity(shape, dtype):
     parity.check_attention_parity("cpu", shape, dtype)
 
 
-@pytest.mark.parametrize("shape", [(1, 2, 9, 9, 17), (2, 1, 3, 130, 40), (1, 1, 150, 150, 8)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 2, 9, 9, 17), (2, 1, 3, 130, 40), (1, 1, 150, 150, 8), (1, 2, 65, 65, 16), (2, 2, 2, 300, 24)], ids=str)
 def test_attention_parity_odd_head_dims_and_long(shape):
     parity.check_attention_parity("cpu", shape, torch.float32)
 
@@ -116,7 +116,7 @@ def _dropout_keep_mask(b, h, tq, tk, p, seed):
     return (_dropout_scaled_weights(b, h, tq, tk, p, seed) > 0.5).double()
 
 
-@pytest.mark.parametrize("tq", [16, 5])
+@pytest.mark.parametrize("tq", [16, 5, 2, 1])
 def test_attention_dropout_backward_uses_forward_mask(tq):
     """Output and gradients equal the oracle's with the kernel's own mask applied explicitly."""
     b, h, t, p, seed = 1, 2, 16, 0.25, 11

@@ -203,6 +203,54 @@ void online_softmax_row(T* row, int64_t valid, int64_t nk, T& m, T& l, T* out_ro
   }
 }
 
+// Decode-sized tasks (one or two query rows): a tile GEMM would spend its time transposing
+// K, so score each key with a dot product straight from the (unit-stride) K and V rows.
+constexpr int64_t kDirectRows = 2;
+
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  V acc(T(0));
+  int64_t d = 0;
+  for (; d + L <= n; d += L) acc = at::vec::fmadd(V::loadu(a + d), V::loadu(b + d), acc);
+  T sum = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, acc);
+  for (; d < n; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+// out[0..n) += w * x[0..n)
+template <typename T>
+void axpy(T w, const T* x, T* out, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  int64_t d = 0;
+  for (; d + L <= n; d += L) at::vec::fmadd(V(w), V::loadu(x + d), V::loadu(out + d)).store(out + d);
+  for (; d < n; ++d) out[d] += w * x[d];
+}
+
+// One query row against its `valid` visible keys; writes the output row and its lse.
+template <typename T>
+void attend_row_direct(const T* qrow, const T* kbase, int64_t k_stride, const T* vbase, int64_t v_stride,
+                       int64_t valid, int64_t D, const Dropout& dropout, uint64_t counter_base,
+                       std::vector<T>& probs, std::vector<T>& acc, T* out_row, T* lse) {
+  probs.resize(valid);
+  for (int64_t j = 0; j < valid; ++j) probs[j] = dot(qrow, kbase + j * k_stride, D);
+  const T mx = vec_max(probs.data(), valid);
+  T sum = 0;
+  for (int64_t j = 0; j < valid; ++j) {
+    probs[j] = std::exp(probs[j] - mx);
+    sum += probs[j];
+  }
+  if (dropout.active) dropout.apply(probs.data(), valid, counter_base);
+  std::fill(acc.begin(), acc.begin() + D, T(0));
+  for (int64_t j = 0; j < valid; ++j)
+    if (probs[j] != T(0)) axpy(probs[j], vbase + j * v_stride, acc.data(), D);
+  const T inv = T(1) / sum;
+  for (int64_t d = 0; d < D; ++d) out_row[d] = acc[d] * inv;
+  *lse = mx + std::log(sum);
+}
+
 template <typename scalar_t>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                   at::Tensor& lse, double scale, const Dropout& dropout, const Dims& s) {
@@ -217,10 +265,24 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     // Scratch, allocated once per chunk; zero-initialised so padding columns stay zero.
     std::vector<T> qs(kQueryTile * s.Dp, T(0)), kt(s.Dp * kKeyTile, T(0)), vs(kKeyTile * s.Dp, T(0));
     std::vector<T> scores(kQueryTile * kKeyTile), acc(kQueryTile * s.Dp), m(kQueryTile), l(kQueryTile);
+    std::vector<T> row_probs;  // the direct (decode) path's scores
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / n_qtiles, b = bh / s.H, h = bh % s.H;
       const int64_t i0 = (task % n_qtiles) * kQueryTile, mq = std::min(kQueryTile, s.Tq - i0);
       load_rows<scalar_t, T>(q, b, h, i0, mq, s.D, static_cast<T>(scale), qs.data(), s.Dp);
+      if constexpr (std::is_same_v<scalar_t, T>) {
+        if (mq <= kDirectRows) {
+          const T* kbase = k.const_data_ptr<T>() + b * k.stride(0) + h * k.stride(1);
+          const T* vbase = v.const_data_ptr<T>() + b * v.stride(0) + h * v.stride(1);
+          for (int64_t r = 0; r < mq; ++r) {
+            const int64_t i = i0 + r;
+            attend_row_direct<T>(qs.data() + r * s.Dp, kbase, k.stride(2), vbase, v.stride(2), s.offset + i + 1,
+                                 s.D, dropout, static_cast<uint64_t>((bh * s.Tq + i) * s.Tk), row_probs, acc,
+                                 out_data + (bh * s.Tq + i) * s.D, lse_data + bh * s.Tq + i);
+          }
+          continue;
+        }
+      }
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(m.begin(), m.end(), neg_inf<T>());
       std::fill(l.begin(), l.end(), T(0));
