@@ -172,8 +172,12 @@ try:  # the attention kernels live in their own module (csrc/cuda attention file
 except ImportError:
     _HAS_ATTENTION = False
 
-# Ops that "auto" may pick this backend for.  TODO(GPU): keep only ops measured faster than torch.
-AUTO_OPS = frozenset({"cross_entropy", "sample_next_token"} | ({"causal_attention"} if _HAS_ATTENTION else set()))
+# Ops that "auto" may pick this backend for: only ops measured faster than the torch path.
+# cross_entropy and sample_next_token have not run on a GPU yet (written and checked on a
+# CPU-only machine, see tests/cuda_emulation), so they join once the GPU parity tests pass
+# and benchmarks/ shows them faster; until then they run only when asked for by name.
+_MEASURED_FASTER: frozenset[str] = frozenset()
+AUTO_OPS = _MEASURED_FASTER | ({"causal_attention"} if _HAS_ATTENTION else frozenset())
 
 
 def supports(op, *args, **kwargs) -> str | None:
