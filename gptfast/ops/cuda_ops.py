@@ -173,11 +173,10 @@ except ImportError:
     _HAS_ATTENTION = False
 
 # Ops that "auto" may pick this backend for: only ops measured faster than the torch path.
-# cross_entropy and sample_next_token have not run on a GPU yet (written and checked on a
-# CPU-only machine, see tests/cuda_emulation), so they join once the GPU parity tests pass
-# and benchmarks/ shows them faster; until then they run only when asked for by name.
-_MEASURED_FASTER: frozenset[str] = frozenset()
-AUTO_OPS = _MEASURED_FASTER | ({"causal_attention"} if _HAS_ATTENTION else frozenset())
+# None of the CUDA kernels has run on a GPU yet (written and checked on a CPU-only machine,
+# see tests/cuda_emulation and tests/cuda_emulator), so each joins once the GPU parity tests
+# pass and benchmarks/ shows it faster; until then they run only when asked for by name.
+AUTO_OPS: frozenset[str] = frozenset()
 
 
 def supports(op, *args, **kwargs) -> str | None:
