@@ -11,6 +11,7 @@ Build with ``pip install --no-build-isolation -e .`` after installing torch.
 
 import glob
 import os
+import platform
 
 from setuptools import setup
 
@@ -43,9 +44,11 @@ def extensions():
     exts = []
     cpu_sources = _sources("csrc/cpu/*.cpp")
     if cpu_sources:
+        # The kernels use 256-bit vectors on x86-64; the backend refuses to load on CPUs without AVX2.
+        x86_flags = ["-mavx2", "-mfma", "-mf16c"] if platform.machine().lower() in ("x86_64", "amd64") else []
         exts.append(CppExtension(
             "gptfast._C_cpu", cpu_sources,
-            extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fopenmp"]},
+            extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fopenmp", *x86_flags]},
             extra_link_args=["-fopenmp"],
         ))
     cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")

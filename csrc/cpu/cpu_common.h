@@ -1,20 +1,15 @@
 // Shared setup for gptfast's CPU kernels: vector width, small helpers.
 //
-// Include this header FIRST in every kernel source.  setup.py compiles without -mavx2
-// (it must build anywhere), but at::vec::Vectorized only uses 256-bit registers when
-// CPU_CAPABILITY_AVX2 is defined, so on x86-64 the kernel files are compiled for
-// AVX2+FMA here.  gptfast/ops/cpu_ops.py refuses to load the backend on an x86 CPU
-// without AVX2.  The vector code lives in its own inline namespace (GPTFAST_AVX2)
-// so it never collides with ATen's own copies of the same templates.
+// Include this header FIRST in every kernel source.  at::vec::Vectorized only uses
+// 256-bit registers when CPU_CAPABILITY_AVX2 is defined, so on x86-64 the kernels are
+// built for AVX2+FMA (setup.py passes -mavx2 -mfma -mf16c there) and
+// gptfast/ops/cpu_ops.py refuses to load the backend on an x86 CPU without AVX2.  The
+// vector code lives in its own inline namespace (GPTFAST_AVX2) so it never collides
+// with ATen's own copies of the same templates.
 #pragma once
 
 #if defined(__x86_64__) && !defined(__AVX2__)
-#pragma GCC target("avx,avx2,fma,f16c")
-// The pragma enables the instructions but not the feature macros that headers (Sleef) test.
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __FMA__ 1
-#define __F16C__ 1
+#error "gptfast's CPU kernels are built with -mavx2 -mfma -mf16c on x86-64 (see setup.py)"
 #endif
 #if defined(__x86_64__) && !defined(CPU_CAPABILITY)
 #define CPU_CAPABILITY GPTFAST_AVX2

@@ -28,11 +28,18 @@ DEVICES = ("cpu",)
 # par or slightly slower than one big matmul (its gain is memory, not speed).
 AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "sample_next_token"})
 
+def _cpu_lacks_avx2() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+
+
 _LOAD_ERROR: str | None = None
-try:
-    from gptfast import _C_cpu  # noqa: F401  (importing registers the gptfast_cpu ops)
-except ImportError as exc:  # not built
-    _LOAD_ERROR = f"extension gptfast._C_cpu not built: run pip install --no-build-isolation -e . ({exc})"
+if _cpu_lacks_avx2():  # checked before loading: the extension is compiled with -mavx2
+    _LOAD_ERROR = "gptfast._C_cpu is compiled for AVX2 and this CPU (or ATEN_CPU_CAPABILITY) does not provide it"
+else:
+    try:
+        from gptfast import _C_cpu  # noqa: F401  (importing registers the gptfast_cpu ops)
+    except ImportError as exc:  # not built
+        _LOAD_ERROR = f"extension gptfast._C_cpu not built: run pip install --no-build-isolation -e . ({exc})"
 
 # Rows of tokens per chunk in linear_cross_entropy: bounds the logits chunk to ~64 MB in fp32
 # (about 330 tokens of GPT-2's vocabulary: large enough for efficient matmuls).
@@ -41,11 +48,7 @@ _LOGITS_CHUNK_ELEMENTS = 1 << 24
 
 def unavailable_reason() -> str | None:
     """``None`` when the extension is built and this CPU can run it, else why not."""
-    if _LOAD_ERROR is not None:
-        return _LOAD_ERROR
-    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
-        return "gptfast._C_cpu is compiled for AVX2 and this CPU (or ATEN_CPU_CAPABILITY) does not provide it"
-    return None
+    return _LOAD_ERROR
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
