@@ -7,11 +7,11 @@ The hot spots (causal attention, cross-entropy, next-token sampling) go through
 
 from . import ops
 from .config import GPT_CONFIG_124M, gpt2_config
-from .generation import generate, generate_stream
+from .generation import GenerationResult, generate, generate_batch, generate_stream, stream_text
 from .model import GPTModel
 from .tokenizer import get_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "GPTModel", "GPT_CONFIG_124M", "gpt2_config", "generate", "generate_stream", "get_tokenizer",
-           "__version__"]
+__all__ = ["ops", "GPTModel", "GPT_CONFIG_124M", "gpt2_config", "generate", "generate_stream", "generate_batch",
+           "stream_text", "GenerationResult", "get_tokenizer", "__version__"]

@@ -131,7 +131,7 @@ def load_model_for_generation(args):
 
 def run_generate(args) -> int:
     """Stream ``--max-new-tokens`` tokens after ``--prompt`` to stdout."""
-    from .generation import generate_stream
+    from .generation import stream_text
     from .tokenizer import ENDOFTEXT_ID, get_tokenizer
     from .training import text_to_token_ids
 
@@ -142,17 +142,10 @@ def run_generate(args) -> int:
     if idx.shape[1] > cfg["context_length"]:
         raise ValueError(f"--prompt has {idx.shape[1]} tokens, more than the context length {cfg['context_length']}")
     sys.stdout.write(args.prompt)
-    produced: list[int] = []
-    shown = ""
-    for token in generate_stream(model, idx, args.max_new_tokens, cfg["context_length"],
-                                 temperature=args.temperature, top_k=args.top_k, eos_id=ENDOFTEXT_ID):
-        produced.append(int(token[0, 0]))
-        text = tokenizer.decode(produced)
-        # A multi-byte character can span tokens: print only once it decodes cleanly.
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
+    for chunk in stream_text(model, idx, args.max_new_tokens, tokenizer, context_size=cfg["context_length"],
+                             temperature=args.temperature, top_k=args.top_k, eos_id=ENDOFTEXT_ID):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
 
