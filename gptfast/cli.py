@@ -84,6 +84,9 @@ def run_train(args) -> int:
     text = load_text(args.data)
     out_dir = Path(args.out_dir)
     ckpt_path = out_dir / "model_and_optimizer.pth"
+    # The chapter's order: seed and build the loaders, then seed again and build the model, so the
+    # shuffling and dropout draws of `--backend torch` follow the book's run.
+    train_loader, val_loader = train_val_loaders(text, cfg, args.batch_size, args.train_ratio, args.seed)
     torch.manual_seed(args.seed)
     model = GPTModel(cfg).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -91,7 +94,6 @@ def run_train(args) -> int:
         state = load_checkpoint(ckpt_path, model, optimizer, map_location=args.device)
         if state.get("config", cfg) != cfg:
             raise ValueError(f"--resume: checkpoint config {state['config']} differs from {cfg}")
-    train_loader, val_loader = train_val_loaders(text, cfg, args.batch_size, args.train_ratio, args.seed)
     print(f"gptfast train: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(train_loader)} train / {len(val_loader)} val batches, backend {ops.get_backend()}, "
           f"device {args.device}")

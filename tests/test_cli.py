@@ -41,6 +41,35 @@ def test_train_writes_checkpoint_and_plot_and_prints_losses_and_a_sample(trained
     assert (tmp_path / "loss-plot.png").stat().st_size > 1000
 
 
+def test_train_prints_what_the_books_chapter_5_script_prints(trained):
+    """Same seeds, same order (loaders, then model), same losses and samples as the reference run."""
+    ref_ch02 = pytest.importorskip("llms_from_scratch.ch02")
+    ref_ch04 = pytest.importorskip("llms_from_scratch.ch04")
+    ref_ch05 = pytest.importorskip("llms_from_scratch.ch05")
+    from gptfast.config import TINY_CONFIG
+    from gptfast.resources import default_text
+    from gptfast.tokenizer import get_tokenizer
+
+    text = default_text()
+    split = int(0.90 * len(text))
+    ctx = TINY_CONFIG["context_length"]
+    torch.manual_seed(123)
+    train = ref_ch02.create_dataloader_v1(text[:split], batch_size=4, max_length=ctx, stride=ctx)
+    val = ref_ch02.create_dataloader_v1(text[split:], batch_size=4, max_length=ctx, stride=ctx, shuffle=False,
+                                        drop_last=False)
+    torch.manual_seed(123)
+    model = ref_ch04.GPTModel(TINY_CONFIG)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
+    capture = io.StringIO()
+    with contextlib.redirect_stdout(capture):
+        ref_ch05.train_model_simple(model, train, val, optimizer, "cpu", num_epochs=1, eval_freq=2, eval_iter=1,
+                                    start_context="Every effort moves you", tokenizer=get_tokenizer())
+    expected = capture.getvalue().splitlines()
+    printed = trained[1].splitlines()
+    assert expected and all(line in printed for line in expected)
+    assert [line for line in printed if line.startswith("Ep ")] == [l for l in expected if l.startswith("Ep ")]
+
+
 def test_resume_continues_from_the_checkpoint(trained, tmp_path, capsys):
     _copy_run(trained, tmp_path)
     before = torch.load(tmp_path / "model_and_optimizer.pth", weights_only=True)
