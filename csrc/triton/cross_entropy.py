@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from gptfast.ops._autograd import scale_saved_grad  # noqa: F401  (also used by linear_cross_entropy)
+
 from ._launch import INTERPRETER, launch, next_power_of_2
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -105,18 +107,6 @@ def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
         grad = logits.new_empty(0)
         launch_cross_entropy(logits, targets, losses, None, None, ignore_index)
     return losses, grad
-
-
-def scale_saved_grad(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``grad * factor``, in place in eager mode: the gradient stored by the forward is used once.
-
-    A second backward through the same graph (``retain_graph=True``) is then caught by
-    autograd's saved-tensor version check.  Under ``torch.compile`` it stays out of
-    place so the traced backward has no mutated inputs.
-    """
-    if torch.compiler.is_compiling():
-        return grad * factor
-    return grad.mul_(factor)
 
 
 def _setup_context(ctx, inputs, output):

@@ -20,6 +20,8 @@ import platform
 
 import torch
 
+from ._autograd import scale_saved_grad
+
 DEVICES = ("cpu",)
 # Ops measured faster than the torch path (2-core shared machine, fp32, same process):
 # attention fwd+bwd B=2 H=12 T=256 D=64 ~3x, cross-entropy fwd+bwd N=512 V=50257 1.5-2.8x
@@ -110,14 +112,7 @@ if _LOAD_ERROR is None:
             return None, None, None, None
         if grad.numel() == 0:
             raise RuntimeError("gptfast cpu cross_entropy: forward ran without gradient (logits did not require grad)")
-        scale = grad_loss.unsqueeze(1)
-        if type(grad) is torch.Tensor:
-            # Eager: the saved buffer becomes the logits gradient, so there is never a second
-            # (N, V) buffer.  The price: one backward per graph (a second one is refused by
-            # autograd's version check on the saved tensor).
-            return grad.mul_(scale), None, None, None
-        # Traced (torch.compile, opcheck): functional form; the compiler plans the memory.
-        return grad * scale, None, None, None
+        return scale_saved_grad(grad, grad_loss.unsqueeze(1)), None, None, None
 
     torch.library.register_autograd("gptfast_cpu::cross_entropy_forward", _cross_entropy_backward,
                                     setup_context=_cross_entropy_setup)

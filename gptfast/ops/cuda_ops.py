@@ -30,7 +30,8 @@ Sampling (``gptfast_cuda::sample_next_token``)
 from __future__ import annotations
 
 import torch
-from torch.utils import _python_dispatch
+
+from ._autograd import scale_saved_grad
 
 DEVICES = ("cuda",)
 
@@ -87,16 +88,7 @@ def _backward_cross_entropy(ctx, grad_loss_rows, _grad_of_grad):
     # only, so no (N, V) copy, and torch's saved-tensor version check rejects a second
     # backward through it (retain_graph=True).  Compiled graphs get the out-of-place
     # form, which the compiler fuses and which keeps the backward graph functional.
-    factor = grad_loss_rows.unsqueeze(1)
-    if _tracing(grad):
-        return (grad * factor).to(grad.dtype), None, None, None
-    return grad.mul_(factor), None, None, None
-
-
-def _tracing(t: torch.Tensor) -> bool:
-    """True while dynamo/AOTAutograd/make_fx trace (fake, functional or proxy tensors), False when eager."""
-    return (torch.compiler.is_compiling() or type(t) is not torch.Tensor
-            or _python_dispatch._get_current_dispatch_mode() is not None)
+    return scale_saved_grad(grad, grad_loss_rows.unsqueeze(1)), None, None, None
 
 
 def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean"):
