@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from gptfast.ops._autograd import scale_saved_grad  # noqa: F401  (also used by linear_cross_entropy)
+from gptfast.ops._autograd import register_saved_grad_autograd
 
 from ._launch import INTERPRETER, launch, next_power_of_2
 
@@ -109,21 +109,7 @@ def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     return losses, grad
 
 
-def _setup_context(ctx, inputs, output):
-    _, grad = output
-    ctx.save_for_backward(grad)
-    ctx.mark_non_differentiable(grad)
-    ctx.computed_grad = inputs[3]
-
-
-def _backward(ctx, grad_losses, _unused):
-    if not ctx.computed_grad:
-        raise RuntimeError("gptfast_triton::cross_entropy_fwd ran with compute_grad=False; cannot backpropagate")
-    (grad,) = ctx.saved_tensors
-    return scale_saved_grad(grad, grad_losses.unsqueeze(1)), None, None, None
-
-
-cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_saved_grad_autograd("gptfast_triton::cross_entropy_fwd")
 
 
 def reduce_losses(losses: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str, shape):

@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch.library import triton_op
 
+from gptfast.ops._autograd import scale_saved_grad
+
 from ._launch import INTERPRETER, next_power_of_2
-from .cross_entropy import DTYPES, launch_cross_entropy, reduce_losses, scale_saved_grad
+from .cross_entropy import DTYPES, launch_cross_entropy, reduce_losses
 
 
 def chunk_rows(n_rows: int, hidden_size: int, vocab: int) -> int:

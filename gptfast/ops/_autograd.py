@@ -23,3 +23,31 @@ def scale_saved_grad(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     if is_tracing(grad):
         return (grad * factor).to(grad.dtype)
     return grad.mul_(factor)
+
+
+def register_saved_grad_autograd(op_name: str) -> None:
+    """Autograd for a fused loss op ``(logits, targets, ignore_index, want_grad) -> (loss_rows, grad)``.
+
+    The forward already wrote d loss_row / d logits into ``grad`` (when ``want_grad``),
+    so the backward only chains each row with its upstream factor.  Shared by the cpu,
+    triton and cuda cross-entropy ops, which all have this schema.
+    """
+
+    def setup_context(ctx, inputs, output):
+        _, grad = output
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(grad)
+        ctx.want_grad = inputs[3]
+        # Otherwise autograd hands backward a zero-filled (N, V) "gradient" of `grad`.
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_loss_rows, _grad_of_grad):
+        if grad_loss_rows is None:  # the loss rows did not reach the differentiated result
+            return None, None, None, None
+        if not ctx.want_grad:
+            raise RuntimeError(f"{op_name} ran without a gradient buffer (grad mode was off or logits did "
+                               "not require grad); cannot backpropagate")
+        (grad,) = ctx.saved_tensors
+        return scale_saved_grad(grad, grad_loss_rows.unsqueeze(1)), None, None, None
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)

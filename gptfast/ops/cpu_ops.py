@@ -20,7 +20,7 @@ import platform
 
 import torch
 
-from ._autograd import scale_saved_grad
+from ._autograd import register_saved_grad_autograd
 
 DEVICES = ("cpu",)
 # Ops measured faster than the torch path (2-core shared machine, fp32, same process):
@@ -99,23 +99,7 @@ if _LOAD_ERROR is None:
         grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0,))
         return logits.new_empty((logits.shape[0],), dtype=_acc_dtype(logits.dtype)), grad
 
-    def _cross_entropy_setup(ctx, inputs, output):
-        _, grad = output
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(grad)
-        # Otherwise autograd hands backward a zero-filled (N, V) "gradient" of `grad`.
-        ctx.set_materialize_grads(False)
-
-    def _cross_entropy_backward(ctx, grad_loss, _grad_grad):
-        (grad,) = ctx.saved_tensors
-        if grad_loss is None:  # the loss was not used in the differentiated result
-            return None, None, None, None
-        if grad.numel() == 0:
-            raise RuntimeError("gptfast cpu cross_entropy: forward ran without gradient (logits did not require grad)")
-        return scale_saved_grad(grad, grad_loss.unsqueeze(1)), None, None, None
-
-    torch.library.register_autograd("gptfast_cpu::cross_entropy_forward", _cross_entropy_backward,
-                                    setup_context=_cross_entropy_setup)
+    register_saved_grad_autograd("gptfast_cpu::cross_entropy_forward")
 
     @torch.library.register_fake("gptfast_cpu::sample_next_token")
     def _sample_fake(logits, temperature, top_k, temperatures, top_ks, uniforms):

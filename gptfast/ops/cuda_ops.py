@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from ._autograd import scale_saved_grad
+from ._autograd import register_saved_grad_autograd
 
 DEVICES = ("cuda",)
 
@@ -69,26 +69,6 @@ def _fake_cross_entropy_fwd(logits, targets, ignore_index, want_grad):
     loss_rows = logits.new_empty((logits.shape[0],), dtype=torch.float32)
     grad = torch.empty_like(logits) if want_grad else logits.new_empty((0,))
     return loss_rows, grad
-
-
-def _setup_cross_entropy(ctx, inputs, output):
-    _, grad = output
-    ctx.mark_non_differentiable(grad)
-    ctx.save_for_backward(grad)
-    ctx.want_grad = inputs[3]
-
-
-def _backward_cross_entropy(ctx, grad_loss_rows, _grad_of_grad):
-    if not ctx.want_grad:
-        raise RuntimeError("gptfast cuda cross_entropy: the forward ran without a gradient buffer "
-                           "(grad mode was off or logits did not require grad)")
-    (grad,) = ctx.saved_tensors
-    # d loss_i / d logits_i is the saved row; chain each row with its upstream factor
-    # (multiplied in fp32).  Eagerly in place: the buffer belongs to this graph node
-    # only, so no (N, V) copy, and torch's saved-tensor version check rejects a second
-    # backward through it (retain_graph=True).  Compiled graphs get the out-of-place
-    # form, which the compiler fuses and which keeps the backward graph functional.
-    return scale_saved_grad(grad, grad_loss_rows.unsqueeze(1)), None, None, None
 
 
 def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean"):
@@ -132,8 +112,7 @@ def register_python_parts(namespace: str = "gptfast_cuda") -> None:
     ops emulate the kernels on the CPU, to check this module's wiring without a GPU.
     """
     torch.library.register_fake(f"{namespace}::cross_entropy_fwd")(_fake_cross_entropy_fwd)
-    torch.library.register_autograd(f"{namespace}::cross_entropy_fwd", _backward_cross_entropy,
-                                    setup_context=_setup_cross_entropy)
+    register_saved_grad_autograd(f"{namespace}::cross_entropy_fwd")
     torch.library.register_fake(f"{namespace}::sample_next_token")(_fake_sample_next_token)
 
 
