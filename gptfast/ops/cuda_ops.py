@@ -156,18 +156,12 @@ def supports(op, *args, **kwargs) -> str | None:
         if not _HAS_ATTENTION:
             return "the CUDA attention kernels are not part of this build"
         return attention_unsupported_reason(*args, **kwargs)
-    if op == "cross_entropy":
-        logits = args[0]
-        if logits.dtype not in KERNEL_DTYPES:
-            return f"the CUDA cross-entropy kernel reads float32/float16/bfloat16 logits, not {logits.dtype}"
-        if logits.shape[-1] >= 2**31:
-            return "the CUDA cross-entropy kernel needs a vocabulary below 2**31"
-        return None
-    if op == "sample_next_token":
-        logits = args[0]
-        if logits.dtype not in KERNEL_DTYPES:
-            return f"the CUDA sampling kernel reads float32/float16/bfloat16 logits, not {logits.dtype}"
-        if logits.shape[-1] >= 2**31:
-            return "the CUDA sampling kernel needs a vocabulary below 2**31"
-        return None
-    return f"the CUDA backend does not implement {op}"
+    kernel = {"cross_entropy": "cross-entropy", "sample_next_token": "sampling"}.get(op)
+    if kernel is None:
+        return f"the CUDA backend does not implement {op}"
+    logits = args[0]
+    if logits.dtype not in KERNEL_DTYPES:
+        return f"the CUDA {kernel} kernel reads float32/float16/bfloat16 logits, not {logits.dtype}"
+    if logits.shape[-1] >= 2**31:
+        return f"the CUDA {kernel} kernel needs a vocabulary below 2**31"
+    return None
