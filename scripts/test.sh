@@ -13,7 +13,7 @@ python -m pip install -q --disable-pip-version-check "torch==${GPTFAST_TORCH_VER
 python -m pip install -q --disable-pip-version-check setuptools wheel ninja pytest pytest-benchmark pytest-xdist \
     triton tiktoken numpy matplotlib tqdm safetensors
 # The reference package is the oracle; its own dependency list is heavy and not needed at import.
-python -m pip install -q --disable-pip-version-check --no-deps llms-from-scratch
+python -m pip install -q --disable-pip-version-check --no-deps "llms-from-scratch==1.0.19"
 # Build the extensions (the CPU one always; the CUDA one only where CUDA torch and nvcc exist).
 MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 

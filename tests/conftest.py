@@ -6,11 +6,11 @@ import pathlib
 import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+TIKTOKEN_CACHE = REPO / "tests" / "data" / "tiktoken-cache"
 
-# tiktoken.get_encoding("gpt2") (used by the reference package) reads these offline.
-if (SHARED_DATA / "tiktoken-cache").is_dir():
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken-cache"))
+# tiktoken.get_encoding("gpt2") (used by the reference package and the tokenizer test) reads the
+# GPT-2 BPE files the repository ships, so the suite needs no network and nothing beside the clone.
+os.environ["TIKTOKEN_CACHE_DIR"] = str(TIKTOKEN_CACHE)
 
 # Without a GPU, Triton kernels run in its interpreter on CPU tensors; it must be set before
 # triton is imported anywhere.
