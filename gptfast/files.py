@@ -1,0 +1,103 @@
+"""Writing files a user would miss: never a truncated file, never the old one lost.
+
+Every checkpoint, exported weight file, metrics file, plot and token cache the project writes goes
+through :func:`atomic_write` (or one of its wrappers): the bytes go to a temporary file in the
+destination's own folder, are flushed and fsync'ed, and only then renamed over the destination.
+A rename within one file system is atomic, so a process killed at any moment leaves either the
+complete old file or the complete new one, plus at most a stray ``.<name>.*.tmp`` beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+__all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text", "atomic_savefig", "check_writable_dir"]
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
+    """Open a temporary file beside ``path`` for writing; on success rename it over ``path``.
+
+    If the block raises, the temporary file is removed and ``path`` is untouched.  ``mode``
+    must be a write mode (``"w"``, ``"wb"``); ``open_kwargs`` go to :func:`open` (``encoding``, ``newline``).
+    """
+    if mode not in ("w", "wb", "wt"):
+        raise ValueError(f"mode must be 'w', 'wt' or 'wb', got {mode!r}")
+    target = Path(path)
+    folder = target.parent
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        # mkstemp creates the file 0600; a user's file should get the usual umask-based mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_dir(folder)
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` through :func:`atomic_write`."""
+    import torch
+
+    with atomic_write(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_write`."""
+    with atomic_write(path, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
+
+
+def atomic_savefig(figure, path: str | os.PathLike, **savefig_kwargs) -> None:
+    """``figure.savefig(path)`` through :func:`atomic_write`; the format comes from ``path``'s suffix."""
+    fmt = savefig_kwargs.pop("format", None) or Path(path).suffix.lstrip(".") or "png"
+    with atomic_write(path, "wb") as handle:
+        figure.savefig(handle, format=fmt, **savefig_kwargs)
+
+
+def check_writable_dir(path: str | os.PathLike, *, name: str = "out_dir") -> Path:
+    """Create ``path`` if needed and prove files can be written there, before any long work starts.
+
+    Raises ``ValueError`` naming ``name`` when ``path`` is a file, lies below a file, or is not
+    writable, so a run never trains for hours and then loses its result.
+    """
+    folder = Path(path)
+    for parent in (folder, *folder.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{name} {str(folder)!r} is not usable: {str(parent)!r} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{name} {str(folder)!r} is not writable: {exc.strerror or exc}") from None
+    return folder

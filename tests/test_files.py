@@ -1,0 +1,141 @@
+"""gptfast.files: a write killed at any moment leaves the old file whole; unusable folders are found up front."""
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from gptfast.files import atomic_savefig, atomic_torch_save, atomic_write, atomic_write_text, check_writable_dir
+
+# A child that writes half of a new file's bytes through atomic_write, says so, then waits to be killed.
+_HALF_WRITE_CHILD = textwrap.dedent("""
+    import sys, time
+    from gptfast.files import atomic_write
+    with atomic_write(sys.argv[1], "wb") as f:
+        f.write(b"N" * 4096)
+        f.flush()
+        print("half", flush=True)
+        time.sleep(60)
+        f.write(b"N" * 4096)
+""")
+
+# A child that saves a large checkpoint again and again until killed.
+_SAVE_LOOP_CHILD = textwrap.dedent("""
+    import sys, torch
+    from gptfast.files import atomic_torch_save
+    state = {"model_state_dict": {"w": torch.arange(4_000_000, dtype=torch.float32)}, "step": 2}
+    print("start", flush=True)
+    while True:
+        atomic_torch_save(state, sys.argv[1])
+""")
+
+
+def _spawn(code: str, path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+
+
+def test_kill_in_the_middle_of_a_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "ckpt.pth"
+    target.write_bytes(b"OLD" * 100)
+    child = _spawn(_HALF_WRITE_CHILD, target)
+    assert child.stdout.readline().strip() == "half"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert target.read_bytes() == b"OLD" * 100
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.2, 0.5, 0.9])
+def test_kill_during_repeated_checkpoint_saves_never_leaves_a_broken_file(tmp_path, delay):
+    target = tmp_path / "model_and_optimizer.pth"
+    atomic_torch_save({"model_state_dict": {"w": torch.zeros(3)}, "step": 1}, target)
+    child = _spawn(_SAVE_LOOP_CHILD, target)
+    assert child.stdout.readline().strip() == "start"
+    try:
+        child.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    state = torch.load(target, weights_only=True)  # complete: either the old or the new checkpoint
+    assert state["step"] in (1, 2)
+    if state["step"] == 2:
+        assert torch.equal(state["model_state_dict"]["w"], torch.arange(4_000_000, dtype=torch.float32))
+
+
+def test_failed_write_removes_the_temporary_and_keeps_the_old_file(tmp_path):
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_write(target, "w") as f:
+            f.write("partial")
+            raise RuntimeError("boom")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_successful_writes_replace_the_file_with_the_usual_mode(tmp_path):
+    target = tmp_path / "notes.txt"
+    atomic_write_text(target, "héllo\n")
+    assert target.read_text(encoding="utf-8") == "héllo\n"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_atomic_savefig_writes_a_png(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3])
+    atomic_savefig(fig, tmp_path / "loss.png")
+    plt.close(fig)
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_atomic_write_rejects_read_modes(tmp_path):
+    with pytest.raises(ValueError, match="mode"):
+        with atomic_write(tmp_path / "x", "r"):
+            pass
+
+
+def test_check_writable_dir_creates_missing_folders(tmp_path):
+    folder = check_writable_dir(tmp_path / "a" / "b")
+    assert folder.is_dir()
+
+
+def test_check_writable_dir_rejects_a_file_and_a_path_below_a_file(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="out_dir .*is a file"):
+        check_writable_dir(blocker)
+    with pytest.raises(ValueError, match="--out-dir .*is a file"):
+        check_writable_dir(blocker / "sub", name="--out-dir")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
+def test_check_writable_dir_rejects_a_read_only_folder(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(ValueError, match="not writable"):
+            check_writable_dir(folder)
+    finally:
+        folder.chmod(0o700)
+
+
+def test_check_writable_dir_reports_a_refused_write(tmp_path, monkeypatch):
+    # Root ignores permission bits, so simulate the refusal the way the OS reports it.
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("gptfast.files.tempfile.mkstemp", refuse)
+    with pytest.raises(ValueError, match="out_dir .*not writable: Permission denied"):
+        check_writable_dir(tmp_path)
