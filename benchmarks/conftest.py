@@ -4,12 +4,14 @@ Unlike ``tests/conftest.py`` this does not turn on Triton's interpreter: interpr
 never benchmarked (``bench_utils.bench_backends`` leaves it out).
 """
 
-import os
 import pathlib
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
-# The GPT-2 BPE files shipped for the tests: tiktoken.get_encoding("gpt2") then needs no network.
-os.environ["TIKTOKEN_CACHE_DIR"] = str(HERE.parent / "tests" / "data" / "tiktoken-cache")
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+for folder in (HERE, HERE.parent / "tests"):  # bench_utils; the tests' offline-data helper
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+from offline_data import use_private_tiktoken_cache  # noqa: E402
+
+use_private_tiktoken_cache()  # the GPT-2 BPE files shipped for the tests: no network needed

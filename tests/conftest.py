@@ -5,12 +5,11 @@ import pathlib
 
 import torch
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TIKTOKEN_CACHE = REPO / "tests" / "data" / "tiktoken-cache"
+from offline_data import use_private_tiktoken_cache
 
-# tiktoken.get_encoding("gpt2") (used by the reference package and the tokenizer test) reads the
-# GPT-2 BPE files the repository ships, so the suite needs no network and nothing beside the clone.
-os.environ["TIKTOKEN_CACHE_DIR"] = str(TIKTOKEN_CACHE)
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+use_private_tiktoken_cache()
 
 # Without a GPU, Triton kernels run in its interpreter on CPU tensors; it must be set before
 # triton is imported anywhere.
