@@ -13,6 +13,7 @@ import http.client
 import json
 import os
 import re
+import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -116,54 +117,51 @@ _WHY = {"wte": " (vocab_size x emb_dim: build the model with the weights' vocab_
         "lm_head.weight": " (vocab_size x emb_dim)"}
 
 
-def _plan_block(gpt, params, i: int) -> list:
-    """The ``(module, attr, name, source, value)`` assignments of transformer block ``i``, all checked."""
-    plan = []
-    base = f"trf_blocks.{i}"
-    src = ("blocks", i)
+def _add(plan: list, gpt, module_path: str, attr: str, source: str, value: torch.Tensor, *,
+         transpose: bool = False, why: str = "") -> None:
+    """Check ``value`` against the model's ``module_path.attr`` and queue it.
 
-    def take(path):
-        return _as_float_tensor(_leaf(params, src + path), _source_name(src + path))
+    TF and HF ``Conv1D`` store linear weights as ``(in, out)``; ``nn.Linear`` holds ``(out, in)``,
+    so ``transpose`` compares against the reversed shape and queues ``value.T``.
+    """
+    module, attr, name, current = _target(gpt, module_path, attr)
+    expected = tuple(reversed(current.shape)) if transpose else tuple(current.shape)
+    _check_shape(value, expected, source, name, why)
+    plan.append((module, attr, name, source, value.T if transpose else value))
 
-    # c_attn holds query, key and value side by side: (in, 3*out) and (3*out,).
-    qkv = [_target(gpt, f"{base}.att.{n}", "weight") for n in ("W_query", "W_key", "W_value")]
-    d_out, d_in = qkv[0][3].shape
-    w_name, b_name = _source_name(src + ("attn", "c_attn", "w")), _source_name(src + ("attn", "c_attn", "b"))
-    w, b = take(("attn", "c_attn", "w")), take(("attn", "c_attn", "b"))
+
+def _plan_qkv(plan: list, gpt, base: str, w: torch.Tensor, b: torch.Tensor, w_name: str, b_name: str) -> None:
+    """Queue the query/key/value weights and biases cut from ``c_attn`` (side by side: ``(in, 3*out)``)."""
+    names = ("W_query", "W_key", "W_value")
+    d_out, d_in = _target(gpt, f"{base}.att.W_query", "weight")[3].shape
     _check_shape(w, (d_in, 3 * d_out), w_name, f"{base}.att.W_query/W_key/W_value.weight",
                  " (emb_dim x 3*emb_dim, query|key|value side by side)")
     _check_shape(b, (3 * d_out,), b_name, f"{base}.att.W_query/W_key/W_value.bias", " (3*emb_dim)")
-    biases = [getattr(_model_part(gpt, f"{base}.att.{n}"), "bias", None) for n in ("W_query", "W_key", "W_value")]
-    if any(not isinstance(bias, torch.Tensor) for bias in biases):
+    if any(not isinstance(getattr(_model_part(gpt, f"{base}.att.{n}"), "bias", None), torch.Tensor) for n in names):
         raise ValueError(f"the model's {base}.att has no query/key/value biases (built with qkv_bias=False), "
                          f"but the GPT-2 weights have them ({b_name}): build the model with qkv_bias=True")
-    for (module, attr, name, current), w_part, b_part, n in zip(qkv, w.chunk(3, dim=-1), b.chunk(3, dim=-1),
-                                                              ("W_query", "W_key", "W_value")):
-        _check_shape(w_part.T, current.shape, w_name, name, " (its third, transposed)")
-        plan.append((module, attr, name, w_name, w_part.T))
-        module_b, attr_b, name_b, current_b = _target(gpt, f"{base}.att.{n}", "bias")
-        _check_shape(b_part, current_b.shape, b_name, name_b, " (its third)")
-        plan.append((module_b, attr_b, name_b, b_name, b_part))
+    for n, w_part, b_part in zip(names, w.chunk(3, dim=-1), b.chunk(3, dim=-1)):
+        _add(plan, gpt, f"{base}.att.{n}", "weight", w_name, w_part, transpose=True, why=" (its third, transposed)")
+        _add(plan, gpt, f"{base}.att.{n}", "bias", b_name, b_part, why=" (its third)")
 
-    linears = ((f"{base}.att.out_proj", ("attn", "c_proj")), (f"{base}.ff.layers.0", ("mlp", "c_fc")),
-               (f"{base}.ff.layers.2", ("mlp", "c_proj")))
-    for module_path, leaf in linears:
-        # TF and HF Conv1D store linear weights as (in, out); nn.Linear holds (out, in).
-        for key, attr, transpose in (("w", "weight", True), ("b", "bias", False)):
-            module, attr, name, current = _target(gpt, module_path, attr)
-            source = _source_name(src + leaf + (key,))
-            value = take(leaf + (key,))
-            expected = tuple(reversed(current.shape)) if transpose else tuple(current.shape)
-            _check_shape(value, expected, source, name, " (transposed)" if transpose else "")
-            plan.append((module, attr, name, source, value.T if transpose else value))
+
+def _plan_block(plan: list, gpt, params, i: int) -> None:
+    """Queue the assignments of transformer block ``i``, each checked."""
+    base = f"trf_blocks.{i}"
+
+    def take(*path):
+        full = ("blocks", i) + path
+        return _source_name(full), _as_float_tensor(_leaf(params, full), _source_name(full))
+
+    (w_name, w), (b_name, b) = take("attn", "c_attn", "w"), take("attn", "c_attn", "b")
+    _plan_qkv(plan, gpt, base, w, b, w_name, b_name)
+    for module_path, leaf in ((f"{base}.att.out_proj", ("attn", "c_proj")), (f"{base}.ff.layers.0", ("mlp", "c_fc")),
+                              (f"{base}.ff.layers.2", ("mlp", "c_proj"))):
+        _add(plan, gpt, module_path, "weight", *take(*leaf, "w"), transpose=True, why=" (transposed)")
+        _add(plan, gpt, module_path, "bias", *take(*leaf, "b"))
     for module_path, leaf in ((f"{base}.norm1", "ln_1"), (f"{base}.norm2", "ln_2")):
-        for key, attr in (("g", "scale"), ("b", "shift")):
-            module, attr, name, current = _target(gpt, module_path, attr)
-            source = _source_name(src + (leaf, key))
-            value = take((leaf, key))
-            _check_shape(value, current.shape, source, name)
-            plan.append((module, attr, name, source, value))
-    return plan
+        _add(plan, gpt, module_path, "scale", *take(leaf, "g"))
+        _add(plan, gpt, module_path, "shift", *take(leaf, "b"))
 
 
 def _plan_load(gpt, params, head=None) -> list:
@@ -181,17 +179,15 @@ def _plan_load(gpt, params, head=None) -> list:
     plan = []
 
     def top(module_path, attr, source, value=None):
-        module, attr, name, current = _target(gpt, module_path, attr)
         if value is None:
             value = _as_float_tensor(_leaf(params, (source,)), source)
-        _check_shape(value, current.shape, source, name, _WHY.get(source, ""))
-        plan.append((module, attr, name, source, value))
+        _add(plan, gpt, module_path, attr, source, value, why=_WHY.get(source, ""))
 
     # The reference's order: embeddings, blocks, final norm, head.
     top("pos_emb", "weight", "wpe")
     top("tok_emb", "weight", "wte")
     for i in range(len(blocks)):
-        plan.extend(_plan_block(gpt, params, i))
+        _plan_block(plan, gpt, params, i)
     top("final_norm", "scale", "g")
     top("final_norm", "shift", "b")
     if head is None:
@@ -201,6 +197,12 @@ def _plan_load(gpt, params, head=None) -> list:
     return plan
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite; a NaN or inf makes the sum non-finite, so the sum (one cheap
+    reduction, no mask) settles the usual case and only an overflowing sum needs the element check."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def _materialize(plan) -> list:
     """New parameter tensors in each target's dtype and device, each checked finite; the model is not touched."""
     ready = []
@@ -208,8 +210,8 @@ def _materialize(plan) -> list:
         current = getattr(module, attr)
         with torch.no_grad():
             tensor = torch.empty(current.shape, dtype=current.dtype, device=current.device).copy_(value)
-        if not bool(torch.isfinite(tensor).all()):
-            cause = ("NaN or inf values" if not bool(torch.isfinite(value).all())
+        if not _all_finite(tensor):
+            cause = ("NaN or inf values" if not _all_finite(value)
                      else f"values too large for the model's {current.dtype}")
             raise ValueError(f"GPT-2 weight {source} has {cause} (for the model's {name})")
         ready.append((module, attr, tensor))
@@ -276,6 +278,11 @@ def load_gpt2_params_from_tf_ckpt(ckpt_path, settings):
 # ----------------------------------------------------------------------------- downloads
 
 
+# What a failed transfer raises; a local write error (a missing folder, a full disk) is not one of
+# them and propagates as it is instead of being reported as a connection problem.
+_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, ssl.SSLError)
+
+
 def download_file(url, destination, backup_url=None):
     """Download ``url`` to ``destination`` with a progress bar, trying ``backup_url`` if it fails.
 
@@ -309,7 +316,7 @@ def download_file(url, destination, backup_url=None):
         try:
             attempt(address)
             return
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        except _NETWORK_ERRORS as exc:
             errors.append(f"{address}: {exc}")
     raise ConnectionError("could not download " + os.path.basename(destination) + ":\n  " + "\n  ".join(errors))
 

@@ -244,6 +244,15 @@ def test_a_half_precision_model_rejects_values_that_overflow_it(dtype, big):
         _assert_unchanged(model, before)
 
 
+def test_huge_but_finite_values_load():
+    """Values whose sum overflows are still finite: the cheap sum check must not reject them."""
+    params = _openai_params(CFG, seed=4)
+    params["wte"][:4] = np.finfo(np.float32).max
+    model = GPTModel(CFG)
+    weights.load_weights_into_gpt(model, params)
+    assert torch.equal(model.tok_emb.weight, torch.from_numpy(params["wte"]))
+
+
 def test_params_must_be_a_dict():
     with pytest.raises(ValueError, match="params must be a dict"):
         weights.load_weights_into_gpt(GPTModel(CFG), [1, 2])
@@ -598,6 +607,11 @@ def test_a_short_download_never_lands_and_the_backup_is_tried(tmp_path, server):
     weights.download_file(f"{server.url}/short/encoder.json", str(dest), f"{server.url}/ok/encoder.json")
     assert dest.read_bytes() == server.files["encoder.json"]
     assert os.listdir(tmp_path) == ["encoder.json"]
+
+
+def test_a_local_write_error_is_not_reported_as_a_connection_error(tmp_path, server):
+    with pytest.raises(FileNotFoundError):
+        weights.download_file(f"{server.url}/ok/vocab.bpe", str(tmp_path / "missing" / "vocab.bpe"))
 
 
 def test_an_interrupted_download_leaves_no_file(tmp_path, monkeypatch):
