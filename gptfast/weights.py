@@ -394,10 +394,11 @@ def hf_state_dict_to_params(state_dict) -> dict:
 
 @contextlib.contextmanager
 def _safetensors_errors(path: Path):
-    """Turn the safetensors library's errors (and a Rust panic, which is a BaseException) into one ValueError."""
+    """Turn the safetensors library's errors about a file's content (and a Rust panic, which is a
+    BaseException) into one ValueError; I/O errors such as a permission denied stay what they are."""
     try:
         yield
-    except ValueError:
+    except (ValueError, OSError):
         raise
     except BaseException as exc:
         if isinstance(exc, Exception) or type(exc).__name__ == "PanicException":
