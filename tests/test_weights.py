@@ -253,6 +253,21 @@ def test_huge_but_finite_values_load():
     assert torch.equal(model.tok_emb.weight, torch.from_numpy(params["wte"]))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_model_on_the_gpu_gets_gpu_parameters_or_stays_unchanged():
+    params = _openai_params(CFG, seed=8)
+    model = GPTModel(CFG).cuda()
+    weights.load_weights_into_gpt(model, params)
+    assert all(p.is_cuda for p in model.parameters())
+    assert torch.equal(model.tok_emb.weight.cpu(), torch.from_numpy(params["wte"]))
+    params["blocks"][1]["ln_2"]["g"][0] = np.nan
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"blocks\[1\]\.ln_2\.g has NaN or inf"):
+        weights.load_weights_into_gpt(model, params)
+    _assert_unchanged(model, before)
+
+
 def test_params_must_be_a_dict():
     with pytest.raises(ValueError, match="params must be a dict"):
         weights.load_weights_into_gpt(GPTModel(CFG), [1, 2])
