@@ -1,9 +1,19 @@
-"""Loading OpenAI's GPT-2 weights: the TF checkpoint params dict and Hugging Face safetensors."""
+"""Loading OpenAI's GPT-2 weights: the TF checkpoint params dict and Hugging Face safetensors.
+
+Every loader here validates the whole set of weights against the model first (every key present,
+every shape fitting, floating dtypes, finite values) and only then replaces the model's parameters,
+so a failed load raises ``ValueError`` naming what is wrong and leaves the model exactly as it was.
+Downloads go to a temporary file that is renamed into place only once it is complete.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
+import re
+import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -11,11 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import atomic_write
+
 GPT2_MODEL_SIZES = ("124M", "355M", "774M", "1558M")
 GPT2_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
               "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")
 GPT2_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 GPT2_BACKUP_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2"
+
+# The floating dtypes accepted; other floats (float128, float8) and every non-float are refused.
+_NUMPY_FLOATS = (np.float16, np.float32, np.float64)
+_TORCH_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def assign(left, right):
@@ -29,8 +45,184 @@ def assign(left, right):
     return torch.nn.Parameter(value.to(device=left.device, dtype=left.dtype).clone())
 
 
-def _set(module, name, value):
-    setattr(module, name, assign(getattr(module, name), value))
+# ----------------------------------------------------------------------------- validate, then assign
+
+
+def _leaf(params, path: tuple):
+    """``params[path[0]][path[1]]...``, or a ValueError naming the first key that is missing."""
+    node = params
+    for depth, key in enumerate(path):
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            raise ValueError(f"GPT-2 params lack {_source_name(path[: depth + 1])}") from None
+    return node
+
+
+def _source_name(path: tuple) -> str:
+    """``("blocks", 3, "attn", "c_attn", "w")`` -> ``"blocks[3].attn.c_attn.w"``."""
+    text = ""
+    for key in path:
+        text += f"[{key}]" if isinstance(key, int) else ("." if text else "") + str(key)
+    return text
+
+
+def _as_float_tensor(value, name: str) -> torch.Tensor:
+    """``value`` (numpy array or tensor) as a floating tensor; anything else is a ValueError naming ``name``."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.type not in _NUMPY_FLOATS:
+            raise ValueError(f"GPT-2 weight {name} has dtype {value.dtype}; a floating array "
+                             "(float16, float32 or float64) is needed")
+        # torch reads native byte order only; a big-endian array is converted, not misread.
+        return torch.from_numpy(np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("=")))
+    if isinstance(value, torch.Tensor):
+        if value.dtype not in _TORCH_FLOATS:
+            raise ValueError(f"GPT-2 weight {name} has dtype {value.dtype}; a floating tensor "
+                             "(float16, bfloat16, float32 or float64) is needed")
+        return value.detach()
+    raise ValueError(f"GPT-2 weight {name} is a {type(value).__name__}, not a numpy array or tensor")
+
+
+def _model_part(gpt, path: str):
+    """The submodule or tensor at ``path`` (``"trf_blocks.3.att.W_query"``), or a ValueError naming it."""
+    node = gpt
+    for attr in path.split("."):
+        try:
+            node = node[int(attr)] if attr.isdigit() else getattr(node, attr)
+        except (AttributeError, IndexError, TypeError):
+            raise ValueError(f"the model has no {path}: it is not a GPT-2-style GPTModel "
+                             "(tok_emb, pos_emb, trf_blocks, final_norm, out_head)") from None
+    return node
+
+
+def _target(gpt, module_path: str, attr: str) -> tuple:
+    """``(module, attr, full_name, current_tensor)`` for one model parameter that will be replaced."""
+    module = _model_part(gpt, module_path)
+    name = f"{module_path}.{attr}"
+    current = getattr(module, attr, None)
+    if not isinstance(current, torch.Tensor):
+        raise ValueError(f"the model has no tensor {name}")
+    return module, attr, name, current
+
+
+def _check_shape(value: torch.Tensor, expected: tuple, source: str, model_name: str, what: str = "") -> None:
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"GPT-2 weight {source} has shape {tuple(value.shape)}, the model's {model_name} "
+                         f"needs {tuple(expected)}{what}")
+
+
+# What a wrong shape of each top-level weight usually means.
+_WHY = {"wte": " (vocab_size x emb_dim: build the model with the weights' vocab_size)",
+        "wpe": " (context_length x emb_dim: GPT-2 checkpoints need context_length 1024)",
+        "lm_head.weight": " (vocab_size x emb_dim)"}
+
+
+def _add(plan: list, gpt, module_path: str, attr: str, source: str, value: torch.Tensor, *,
+         transpose: bool = False, why: str = "") -> None:
+    """Check ``value`` against the model's ``module_path.attr`` and queue it.
+
+    TF and HF ``Conv1D`` store linear weights as ``(in, out)``; ``nn.Linear`` holds ``(out, in)``,
+    so ``transpose`` compares against the reversed shape and queues ``value.T``.
+    """
+    module, attr, name, current = _target(gpt, module_path, attr)
+    expected = tuple(reversed(current.shape)) if transpose else tuple(current.shape)
+    _check_shape(value, expected, source, name, why)
+    plan.append((module, attr, name, source, value.T if transpose else value))
+
+
+def _plan_qkv(plan: list, gpt, base: str, w: torch.Tensor, b: torch.Tensor, w_name: str, b_name: str) -> None:
+    """Queue the query/key/value weights and biases cut from ``c_attn`` (side by side: ``(in, 3*out)``)."""
+    names = ("W_query", "W_key", "W_value")
+    d_out, d_in = _target(gpt, f"{base}.att.W_query", "weight")[3].shape
+    _check_shape(w, (d_in, 3 * d_out), w_name, f"{base}.att.W_query/W_key/W_value.weight",
+                 " (emb_dim x 3*emb_dim, query|key|value side by side)")
+    _check_shape(b, (3 * d_out,), b_name, f"{base}.att.W_query/W_key/W_value.bias", " (3*emb_dim)")
+    if any(not isinstance(getattr(_model_part(gpt, f"{base}.att.{n}"), "bias", None), torch.Tensor) for n in names):
+        raise ValueError(f"the model's {base}.att has no query/key/value biases (built with qkv_bias=False), "
+                         f"but the GPT-2 weights have them ({b_name}): build the model with qkv_bias=True")
+    for n, w_part, b_part in zip(names, w.chunk(3, dim=-1), b.chunk(3, dim=-1)):
+        _add(plan, gpt, f"{base}.att.{n}", "weight", w_name, w_part, transpose=True, why=" (its third, transposed)")
+        _add(plan, gpt, f"{base}.att.{n}", "bias", b_name, b_part, why=" (its third)")
+
+
+def _plan_block(plan: list, gpt, params, i: int) -> None:
+    """Queue the assignments of transformer block ``i``, each checked."""
+    base = f"trf_blocks.{i}"
+
+    def take(*path):
+        full = ("blocks", i) + path
+        return _source_name(full), _as_float_tensor(_leaf(params, full), _source_name(full))
+
+    (w_name, w), (b_name, b) = take("attn", "c_attn", "w"), take("attn", "c_attn", "b")
+    _plan_qkv(plan, gpt, base, w, b, w_name, b_name)
+    for module_path, leaf in ((f"{base}.att.out_proj", ("attn", "c_proj")), (f"{base}.ff.layers.0", ("mlp", "c_fc")),
+                              (f"{base}.ff.layers.2", ("mlp", "c_proj"))):
+        _add(plan, gpt, module_path, "weight", *take(*leaf, "w"), transpose=True, why=" (transposed)")
+        _add(plan, gpt, module_path, "bias", *take(*leaf, "b"))
+    for module_path, leaf in ((f"{base}.norm1", "ln_1"), (f"{base}.norm2", "ln_2")):
+        _add(plan, gpt, module_path, "scale", *take(leaf, "g"))
+        _add(plan, gpt, module_path, "shift", *take(leaf, "b"))
+
+
+def _plan_load(gpt, params, head=None) -> list:
+    """Every ``(module, attr, name, source, value)`` assignment the load makes, after checking all of them."""
+    if not hasattr(params, "keys"):
+        raise ValueError(f"GPT-2 params must be a dict (wte, wpe, g, b, blocks), got {type(params).__name__}")
+    blocks = _leaf(params, ("blocks",))
+    if not isinstance(blocks, (list, tuple)):
+        raise ValueError(f"GPT-2 params' blocks must be a list, got {type(blocks).__name__}")
+    model_blocks = _model_part(gpt, "trf_blocks")
+    if len(blocks) != len(model_blocks):
+        raise ValueError(f"GPT-2 params have {len(blocks)} transformer blocks, the model {len(model_blocks)} "
+                         "(n_layers): build the model with the weights' n_layers")
+
+    plan = []
+
+    def top(module_path, attr, source, value=None):
+        if value is None:
+            value = _as_float_tensor(_leaf(params, (source,)), source)
+        _add(plan, gpt, module_path, attr, source, value, why=_WHY.get(source, ""))
+
+    # The reference's order: embeddings, blocks, final norm, head.
+    top("pos_emb", "weight", "wpe")
+    top("tok_emb", "weight", "wte")
+    for i in range(len(blocks)):
+        _plan_block(plan, gpt, params, i)
+    top("final_norm", "scale", "g")
+    top("final_norm", "shift", "b")
+    if head is None:
+        top("out_head", "weight", "wte")  # GPT-2 ties the output head to the token embedding
+    else:
+        top("out_head", "weight", "lm_head.weight", _as_float_tensor(head, "lm_head.weight"))
+    return plan
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite; a NaN or inf makes the sum non-finite, so the sum (one cheap
+    reduction, no mask) settles the usual case and only an overflowing sum needs the element check."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def _materialize(plan) -> list:
+    """New parameter tensors in each target's dtype and device, each checked finite; the model is not touched."""
+    ready = []
+    for module, attr, name, source, value in plan:
+        current = getattr(module, attr)
+        with torch.no_grad():
+            tensor = torch.empty(current.shape, dtype=current.dtype, device=current.device).copy_(value)
+        if not _all_finite(tensor):
+            cause = ("NaN or inf values" if not _all_finite(value)
+                     else f"values too large for the model's {current.dtype}")
+            raise ValueError(f"GPT-2 weight {source} has {cause} (for the model's {name})")
+        ready.append((module, attr, tensor))
+    return ready
+
+
+def _load_into_gpt(gpt, params, head=None) -> None:
+    ready = _materialize(_plan_load(gpt, params, head))
+    # Everything is checked and converted: only now are the model's parameters replaced.
+    for module, attr, tensor in ready:
+        setattr(module, attr, torch.nn.Parameter(tensor))
 
 
 def load_weights_into_gpt(gpt, params):
@@ -38,28 +230,14 @@ def load_weights_into_gpt(gpt, params):
 
     TF stores linear weights as ``(in, out)``; ``nn.Linear`` wants ``(out, in)``,
     hence the transposes.  The output head is tied to the token embedding.
+    Every key, shape, dtype (floating) and value (finite) is checked before the first
+    parameter is replaced: a failed load raises ``ValueError`` naming the weight and
+    leaves ``gpt`` unchanged.  New parameters keep the model's dtype and device.
     """
-    if len(params["blocks"]) != len(gpt.trf_blocks):
-        raise ValueError(f"params have {len(params['blocks'])} blocks, the model {len(gpt.trf_blocks)}")
-    _set(gpt.pos_emb, "weight", params["wpe"])
-    _set(gpt.tok_emb, "weight", params["wte"])
-    for block, p in zip(gpt.trf_blocks, params["blocks"]):
-        att, ff = block.att, block.ff
-        q_w, k_w, v_w = np.split(p["attn"]["c_attn"]["w"], 3, axis=-1)
-        q_b, k_b, v_b = np.split(p["attn"]["c_attn"]["b"], 3, axis=-1)
-        for linear, w, b in ((att.W_query, q_w, q_b), (att.W_key, k_w, k_b), (att.W_value, v_w, v_b)):
-            _set(linear, "weight", w.T)
-            _set(linear, "bias", b)
-        for linear, src in ((att.out_proj, p["attn"]["c_proj"]), (ff.layers[0], p["mlp"]["c_fc"]),
-                            (ff.layers[2], p["mlp"]["c_proj"])):
-            _set(linear, "weight", src["w"].T)
-            _set(linear, "bias", src["b"])
-        for norm, src in ((block.norm1, p["ln_1"]), (block.norm2, p["ln_2"])):
-            _set(norm, "scale", src["g"])
-            _set(norm, "shift", src["b"])
-    _set(gpt.final_norm, "scale", params["g"])
-    _set(gpt.final_norm, "shift", params["b"])
-    _set(gpt.out_head, "weight", params["wte"])
+    _load_into_gpt(gpt, params)
+
+
+# ----------------------------------------------------------------------------- OpenAI's TF checkpoint
 
 
 def _import_tensorflow():
@@ -76,35 +254,60 @@ def _import_tensorflow():
 def load_gpt2_params_from_tf_ckpt(ckpt_path, settings):
     """Read a GPT-2 TF checkpoint into a nested params dict (``blocks`` list, ``wte``, ``wpe``, ``g``, ``b``)."""
     tf = _import_tensorflow()
-    params = {"blocks": [{} for _ in range(settings["n_layer"])]}
+    try:
+        n_layer = int(settings["n_layer"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"GPT-2 hparams need an integer n_layer, got {settings!r}") from None
+    params = {"blocks": [{} for _ in range(n_layer)]}
     for name, _ in tf.train.list_variables(ckpt_path):
         array = np.squeeze(tf.train.load_variable(ckpt_path, name))
         parts = name.split("/")[1:]  # drop the leading "model/"
-        target = params["blocks"][int(parts[0][1:])] if parts[0].startswith("h") else params
+        if not parts:
+            continue  # not a model variable
+        target = params
+        if parts[0].startswith("h"):
+            if not parts[0][1:].isdigit() or int(parts[0][1:]) >= n_layer:
+                raise ValueError(f"TF checkpoint variable {name!r} is not one of the n_layer={n_layer} blocks")
+            target = params["blocks"][int(parts[0][1:])]
         for key in parts[1:-1]:
             target = target.setdefault(key, {})
         target[parts[-1]] = array
     return params
 
 
+# ----------------------------------------------------------------------------- downloads
+
+
+# What a failed transfer raises; a local write error (a missing folder, a full disk) is not one of
+# them and propagates as it is instead of being reported as a connection problem.
+_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, ssl.SSLError)
+
+
 def download_file(url, destination, backup_url=None):
     """Download ``url`` to ``destination`` with a progress bar, trying ``backup_url`` if it fails.
 
-    A file already there with the server's size is kept.  Raises ``ConnectionError``
-    when neither address can be reached.
+    A file already there with the server's size is kept.  The bytes go to a temporary file
+    beside ``destination`` that replaces it only when complete (as many bytes as the server
+    announced), so an interrupted download never leaves a truncated file.  Raises
+    ``ConnectionError`` when neither address gives the whole file.
     """
     from tqdm import tqdm
 
     def attempt(address):
         with urllib.request.urlopen(address, timeout=60) as response:
-            size = int(response.headers.get("Content-Length", 0))
+            size = int(response.headers.get("Content-Length", 0) or 0)
             if os.path.exists(destination) and size and os.path.getsize(destination) == size:
                 return
+            received = 0
             with tqdm(total=size, unit="iB", unit_scale=True, desc=os.path.basename(address)) as bar, \
-                    open(destination, "wb") as out:
+                    atomic_write(destination, "wb") as out:
                 while chunk := response.read(1 << 16):
                     out.write(chunk)
+                    received += len(chunk)
                     bar.update(len(chunk))
+                if size and received != size:
+                    # Raising inside atomic_write drops the partial file.
+                    raise ConnectionError(f"the connection closed after {received} of {size} bytes")
 
     errors = []
     for address in (url, backup_url):
@@ -113,7 +316,7 @@ def download_file(url, destination, backup_url=None):
         try:
             attempt(address)
             return
-        except (urllib.error.URLError, OSError) as exc:
+        except _NETWORK_ERRORS as exc:
             errors.append(f"{address}: {exc}")
     raise ConnectionError("could not download " + os.path.basename(destination) + ":\n  " + "\n  ".join(errors))
 
@@ -122,7 +325,8 @@ def download_and_load_gpt2(model_size, models_dir):
     """Download (unless already in ``models_dir/model_size``) and load OpenAI's GPT-2 checkpoint.
 
     Returns ``(settings, params)`` for ``load_weights_into_gpt``.  Offline, files
-    already present are used; missing ones raise ``ConnectionError``.
+    already present are used; missing ones raise ``ConnectionError``.  Downloads are
+    written atomically, so a file present is a complete one.
     """
     if model_size not in GPT2_MODEL_SIZES:
         raise ValueError(f"Model size not in {GPT2_MODEL_SIZES}")
@@ -135,26 +339,41 @@ def download_and_load_gpt2(model_size, models_dir):
         download_file(f"{GPT2_BASE_URL}/{model_size}/{filename}", path,
                       f"{GPT2_BACKUP_URL}/{model_size}/{filename}")
     tf = _import_tensorflow()
-    settings = json.loads(Path(model_dir, "hparams.json").read_text(encoding="utf-8"))
+    hparams = Path(model_dir, "hparams.json")
+    try:
+        settings = json.loads(hparams.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{hparams} is not valid JSON ({exc}); delete it to download it again") from None
     params = load_gpt2_params_from_tf_ckpt(tf.train.latest_checkpoint(model_dir), settings)
     return settings, params
+
+
+# ----------------------------------------------------------------------------- Hugging Face safetensors
+
+# The Hugging Face GPT-2 keys the loader reads (after any "transformer." prefix is removed); others,
+# such as the causal-mask buffers h.{i}.attn.bias / masked_bias some files carry, are skipped.
+_HF_KEY = re.compile(r"(wte|wpe|ln_f)\.(weight|bias)"
+                     r"|h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj|ln_1|ln_2)\.(weight|bias)"
+                     r"|lm_head\.weight")
 
 
 def hf_state_dict_to_params(state_dict) -> dict:
     """Turn a Hugging Face GPT-2 state dict (``h.{i}.attn.c_attn.weight`` ...) into the OpenAI params dict.
 
     HF's ``Conv1D`` weights are ``(in, out)`` like TF's, so no transposes are needed
-    here; a ``transformer.`` prefix (``GPT2LMHeadModel``) is accepted.
+    here; a ``transformer.`` prefix (``GPT2LMHeadModel``) is accepted.  Missing keys,
+    non-floating tensors and a file with no blocks raise ``ValueError``.
     """
     sd = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
 
     def arr(key):
         if key not in sd:
             raise ValueError(f"Hugging Face GPT-2 weights lack {key!r}")
-        value = sd[key]
-        return value.float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, dtype=np.float32)
+        value = _as_float_tensor(sd[key], repr(key))
+        return value.float().cpu().numpy()
 
-    n_layers = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("h.")), default=-1)
+    indices = {int(m.group(3)) for k in sd if (m := _HF_KEY.fullmatch(k)) and m.group(3) is not None}
+    n_layers = 1 + max(indices, default=-1)
     if n_layers == 0:
         raise ValueError("no transformer blocks (h.0...) found in the Hugging Face GPT-2 weights")
 
@@ -173,14 +392,51 @@ def hf_state_dict_to_params(state_dict) -> dict:
             "blocks": [block(i) for i in range(n_layers)]}
 
 
-def load_hf_gpt2_into_gpt(gpt, path):
-    """Load Hugging Face GPT-2 weights (``model.safetensors``, or a folder holding it) into ``gpt``."""
-    from safetensors.torch import load_file
+@contextlib.contextmanager
+def _safetensors_errors(path: Path):
+    """Turn the safetensors library's errors about a file's content (and a Rust panic, which is a
+    BaseException) into one ValueError; I/O errors such as a permission denied stay what they are."""
+    try:
+        yield
+    except (ValueError, OSError):
+        raise
+    except BaseException as exc:
+        if isinstance(exc, Exception) or type(exc).__name__ == "PanicException":
+            raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
+        raise
 
+
+def _read_gpt2_safetensors(path: Path) -> dict:
+    """The GPT-2 tensors of a safetensors file, dtypes checked from the header before any data is read."""
+    from safetensors import safe_open
+
+    with _safetensors_errors(path):
+        with safe_open(str(path), framework="pt") as handle:
+            keys = [k for k in handle.keys() if _HF_KEY.fullmatch(k.removeprefix("transformer."))]
+            if not keys:
+                raise ValueError(f"{path} holds no GPT-2 weights (no wte.weight, h.0..., ln_f...): "
+                                 f"its tensors are {sorted(handle.keys())[:5]}...")
+            for key in keys:
+                dtype = handle.get_slice(key).get_dtype()
+                if dtype not in ("F16", "BF16", "F32", "F64"):
+                    raise ValueError(f"{path}: tensor {key!r} has dtype {dtype}; GPT-2 weights are floating")
+            return {key: handle.get_tensor(key) for key in keys}
+
+
+def load_hf_gpt2_into_gpt(gpt, path):
+    """Load Hugging Face GPT-2 weights (``model.safetensors``, or a folder holding it) into ``gpt``.
+
+    The file is read and checked in full (format, keys, shapes, dtypes, finite values) before
+    any parameter of ``gpt`` is replaced; a bad file raises ``ValueError`` and leaves ``gpt``
+    unchanged.  The output head takes ``lm_head.weight`` when the file has one, else the token
+    embedding (GPT-2 ties them).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"safetensors file not found: {path}")
-    load_weights_into_gpt(gpt, hf_state_dict_to_params(load_file(str(path))))
+    tensors = _read_gpt2_safetensors(path)
+    head = next((v for k, v in tensors.items() if k.removeprefix("transformer.") == "lm_head.weight"), None)
+    _load_into_gpt(gpt, hf_state_dict_to_params(tensors), head)
     return gpt
