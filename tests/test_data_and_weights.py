@@ -10,10 +10,10 @@ import torch
 
 from gptfast import weights
 from gptfast.data import GPTDatasetV1, create_dataloader_v1, load_text
-from gptfast.model import GPTModel
+from gptfast.models import GPTModel
 from gptfast.resources import default_text
 from gptfast.tokenizer import get_tokenizer
-from gptfast.training import load_checkpoint, save_checkpoint
+from gptfast.training.checkpoints import load_checkpoint, save_checkpoint
 
 ref_ch04 = pytest.importorskip("llms_from_scratch.ch04")
 import llms_from_scratch.ch05 as ref_ch05  # noqa: E402
