@@ -116,7 +116,10 @@ def run_train(args) -> int:
     ckpt_path = out_dir / "model_and_optimizer.pth"
     resume_state = None
     if args.resume:
-        resume_state = read_checkpoint(ckpt_path, map_location=device)
+        try:
+            resume_state = read_checkpoint(ckpt_path, map_location=device)
+        except ValueError as exc:
+            raise ValueError(f"--resume: {exc}") from None
         if resume_state.get("config", cfg) != cfg:
             raise ValueError(f"--resume: checkpoint config {resume_state['config']} differs from {cfg}")
     text = load_text(args.data)

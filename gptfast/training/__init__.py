@@ -3,8 +3,10 @@
 * ``loops``: chapter 5 and appendix D (``train_model_simple``, ``train_model``, losses, evaluation, ``plot_losses``);
 * ``checkpoints``: the one checkpoint format family (reference-compatible, with a checksum) and its loader;
 * ``pretrain``: the GPU pretraining script (``python -m gptfast.train``, ``gptfast train-gpu``), driven by a
-  :class:`~gptfast.training.pretrain.PretrainConfig`;
+  :class:`~gptfast.training.pretrain_config.PretrainConfig`;
 * ``token_cache``: the script's memory-mapped uint16 token cache and its random windows;
+* ``pretrain_config``: the script's run description (:class:`~gptfast.training.pretrain_config.PretrainConfig`)
+  and its flags;
 * ``metrics``: the script's metrics files, loss plot and log line.
 """
 

@@ -148,8 +148,10 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors all mean: not a checkpoint we can read
-        raise ValueError(f"checkpoint {path} cannot be read (truncated, corrupt or not a PyTorch checkpoint): "
-                         f"{_first_line(exc)}") from None
+        # The parser's own message ("invalid load key", "PytorchStreamReader failed ...") rarely helps a
+        # user; --debug shows it with the traceback.
+        raise ValueError(f"checkpoint {path} cannot be read: it is truncated, corrupt or not a PyTorch "
+                         f"checkpoint ({type(exc).__name__})") from None
     if _is_state_dict(state) and MODEL_KEY not in state:
         state = {MODEL_KEY: state}
     if not isinstance(state, dict) or not _is_state_dict(state.get(MODEL_KEY)):
