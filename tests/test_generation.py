@@ -568,3 +568,24 @@ def test_float_prompt_ids_are_refused_not_rounded():
     ints = torch.tensor([[1, 2, 3]])
     assert torch.equal(generate(model, ints.to(torch.int32), 2, 8).long(), generate(model, ints, 2, 8))
     assert torch.equal(generate_batch(model, [[1, 2, 3]], 2).tokens, generate(model, ints, 2, 8))
+
+
+def test_static_shape_decode_step_matches_the_model_on_cpu():
+    """The step CUDA graphs capture (whole cache, per-row key mask) computes the model's logits."""
+    model = make_model()
+    runner = CachedRunner(model)
+    idx = prompt(2, 7)
+    cache = KVCache.for_model(model, 2, 12)
+    runner.prefill(idx[:, :5], cache)
+    with torch.no_grad():
+        want = model(idx)
+    for p in (5, 6):
+        got = runner.decode_static(idx[:, p:p + 1], cache, torch.tensor([p, p]))
+        torch.testing.assert_close(got, want[:, p], atol=1e-5, rtol=1e-5)
+    # Rows at different positions: row 1 steps again at position 6 while row 0 is at 5.
+    other = KVCache.for_model(model, 2, 12)
+    runner.prefill(idx[:, :5], other)
+    runner.decode_static(idx[:, 5:6], other, torch.tensor([5, 5]))
+    got = runner.decode_static(torch.stack([idx[0, 5:6], idx[1, 6:7]]), other, torch.tensor([5, 6]))
+    torch.testing.assert_close(got[1], want[1, 6], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[0], want[0, 5], atol=1e-5, rtol=1e-5)
