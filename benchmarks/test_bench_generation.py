@@ -33,7 +33,7 @@ ROUNDS = {"reference": 1, "gptfast": 3 if not ON_GPU else 10}
 
 
 def _config():
-    from gptfast.config import gpt2_config
+    from gptfast.models import gpt2_config
 
     return gpt2_config("gpt2", drop_rate=0.0)
 
@@ -43,7 +43,7 @@ def models():
     """The reference's GPTModel and gptfast's, with the same random weights (same seed, same creation order)."""
     import llms_from_scratch.ch04 as ref_ch04
 
-    from gptfast.model import GPTModel
+    from gptfast.models import GPTModel
 
     torch.manual_seed(123)
     ref = ref_ch04.GPTModel(_config()).eval()
@@ -121,7 +121,7 @@ def test_cpu_generate_b1(benchmark, models, impl, threads):
 @pytest.mark.parametrize("threads", [None, 1])
 def test_cpu_generate_b1_bf16(benchmark, models, threads):
     from gptfast.generation import generate_batch
-    from gptfast.kv_cache import prepare_model
+    from gptfast.generation import prepare_model
 
     _, ours = models
     bf16 = prepare_model(ours, torch.bfloat16)

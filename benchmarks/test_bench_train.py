@@ -31,7 +31,7 @@ GPU_CONTEXT, GPU_BATCH = 1024, 16
 
 
 def _book_config():
-    from gptfast.config import GPT_CONFIG_124M
+    from gptfast.models import GPT_CONFIG_124M
 
     return dict(GPT_CONFIG_124M)
 
@@ -45,12 +45,12 @@ def _random_batch(batch, context, seed=0):
 def _trainer(model, context, batch, out_dir, compile_, dtype, grad_clip, dropout):
     from gptfast import train
 
-    args = train.build_parser().parse_args([
+    config = train.parse_config([
         "--model", model, "--context-length", str(context), "--batch-size", str(batch), "--max-steps", "1000",
         "--warmup-steps", "10", "--device", str(DEVICE), "--dtype", dtype, "--out-dir", out_dir,
         "--grad-clip", str(grad_clip), "--dropout", str(dropout), "--no-progress",
         "--compile" if compile_ else "--no-compile"])
-    return train.Trainer(args, device=DEVICE)
+    return train.Trainer(config, device=DEVICE)
 
 
 def _step_and_extra(trainer):
@@ -91,7 +91,7 @@ def _cpu_step(impl, out_dir):
         from llms_from_scratch.ch04 import GPTModel
         from llms_from_scratch.ch05 import calc_loss_batch
     else:
-        from gptfast.model import GPTModel
+        from gptfast.models import GPTModel
         from gptfast.training import calc_loss_batch
     model = GPTModel(_book_config()).to(DEVICE).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)

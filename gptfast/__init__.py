@@ -6,9 +6,8 @@ The hot spots (causal attention, cross-entropy, next-token sampling) go through
 """
 
 from . import ops
-from .config import GPT_CONFIG_124M, gpt2_config
 from .generation import GenerationResult, generate, generate_batch, generate_stream, stream_text
-from .model import GPTModel
+from .models import GPT_CONFIG_124M, GPTModel, gpt2_config
 from .tokenizer import get_tokenizer
 
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """Drop-in for ``llms_from_scratch.ch03``."""
 
-from .model import (CausalAttention, MultiHeadAttention, MultiHeadAttentionWrapper, PyTorchMultiHeadAttention,
-                    SelfAttention_v1, SelfAttention_v2)
+from .models.gpt import (CausalAttention, MultiHeadAttention, MultiHeadAttentionWrapper, PyTorchMultiHeadAttention,
+                         SelfAttention_v1, SelfAttention_v2)
 
 __all__ = ["SelfAttention_v1", "SelfAttention_v2", "CausalAttention", "MultiHeadAttentionWrapper",
            "MultiHeadAttention", "PyTorchMultiHeadAttention"]

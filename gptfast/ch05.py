@@ -1,8 +1,8 @@
 """Drop-in for ``llms_from_scratch.ch05``."""
 
 from .generation import generate, generate_text_simple
-from .training import (calc_loss_batch, calc_loss_loader, evaluate_model, generate_and_print_sample, plot_losses,
-                       text_to_token_ids, token_ids_to_text, train_model_simple)
+from .training.loops import (calc_loss_batch, calc_loss_loader, evaluate_model, generate_and_print_sample,
+                             plot_losses, text_to_token_ids, token_ids_to_text, train_model_simple)
 from .weights import (assign, download_and_load_gpt2, download_file, load_gpt2_params_from_tf_ckpt,
                       load_weights_into_gpt)
 

@@ -1,5 +1,9 @@
-"""Command line: ``gptfast train`` (the chapter-5 run), ``gptfast train-gpu`` (``gptfast.train``) and
-``gptfast generate`` (streamed sampling)."""
+"""Command line: ``gptfast train`` (the chapter-5 run), ``gptfast train-gpu`` (the GPU pretraining script,
+also ``python -m gptfast.train``) and ``gptfast generate`` (streamed sampling).
+
+Expected failures print one line on stderr and exit with status 2; ``--debug`` or
+``GPTFAST_DEBUG=1`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,17 @@ from pathlib import Path
 import torch
 
 from . import ops
-from .config import GPT_CONFIG_124M, gpt2_config
+from .errors import run_cli
+from .models.gpt_config import GPT_CONFIG_124M, gpt2_config
+from .training import pretrain
 
 DEFAULT_PROMPT = "Every effort moves you"
 
 
-def _add_backend_flag(parser):
+def _add_common_flags(parser):
     parser.add_argument("--backend", default=None, choices=ops.BACKEND_CHOICES,
                         help="kernel backend for attention, loss and sampling (default: $GPTFAST_BACKEND or auto)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or GPTFAST_DEBUG=1)")
 
 
 def _model_config(args) -> dict:
@@ -29,11 +36,14 @@ def _model_config(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``gptfast`` parser with its three subcommands."""
     parser = argparse.ArgumentParser(prog="gptfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("train-gpu", help="the fast training script (python -m gptfast.train): bf16, compile, DDP; "
-                                     "see gptfast train-gpu --help", add_help=False)
+    sub.add_parser("train-gpu", parents=[pretrain.build_parser(add_help=False)],
+                   help="the fast training script (python -m gptfast.train): bf16, compile, DDP",
+                   description=pretrain.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
     train = sub.add_parser("train", help="pretrain on a text file (default: the embedded the-verdict)")
     train.add_argument("--data", default=None, help="UTF-8 text file (default: the-verdict, shipped with gptfast)")
     train.add_argument("--model", default="gpt2-ctx256",
@@ -52,11 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     train.add_argument("--out-dir", default="runs/verdict", help="checkpoint and loss plot go here")
     train.add_argument("--resume", action="store_true", help="continue from out-dir's checkpoint")
-    _add_backend_flag(train)
+    _add_common_flags(train)
 
     gen = sub.add_parser("generate", help="stream text from a checkpoint or GPT-2 safetensors weights")
     source = gen.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint written by `gptfast train`")
+    source.add_argument("--checkpoint", help="a checkpoint written by `gptfast train` or `gptfast train-gpu`")
     source.add_argument("--safetensors", help="Hugging Face GPT-2 model.safetensors (or its folder)")
     gen.add_argument("--model", default="gpt2", choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"],
                      help="GPT-2 size of the safetensors weights")
@@ -66,8 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--seed", type=int, default=123)
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    _add_backend_flag(gen)
+    _add_common_flags(gen)
     return parser
+
+
+def _check_device(device: str) -> torch.device:
+    """``--device`` parsed and usable here (a clear error instead of a failure deep inside torch)."""
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {device!r} is not a device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no usable CUDA device")
+    return device
+
+
+def _select_backend(name) -> None:
+    """``--backend``: ``ops.use_backend`` refuses one that cannot run here (a one-line error)."""
+    if name is not None:
+        ops.use_backend(name)
 
 
 def run_train(args) -> int:
@@ -76,30 +103,40 @@ def run_train(args) -> int:
 
     matplotlib.use("Agg")
     from .data import load_text, train_val_loaders
-    from .model import GPTModel
+    from .files import check_writable_dir
+    from .models.gpt import GPTModel
     from .tokenizer import get_tokenizer
-    from .training import load_checkpoint, plot_losses, save_checkpoint, train_model_simple
+    from .training.checkpoints import apply_checkpoint, read_checkpoint, save_checkpoint
+    from .training.loops import plot_losses, train_model_simple
 
+    device = _check_device(args.device)
+    _select_backend(args.backend)
     cfg = _model_config(args)
-    text = load_text(args.data)
-    out_dir = Path(args.out_dir)
+    out_dir = check_writable_dir(args.out_dir, name="--out-dir")  # before training, not after it
     ckpt_path = out_dir / "model_and_optimizer.pth"
+    resume_state = None
+    if args.resume:
+        try:
+            resume_state = read_checkpoint(ckpt_path, map_location=device)
+        except ValueError as exc:
+            raise ValueError(f"--resume: {exc}") from None
+        if resume_state.get("config", cfg) != cfg:
+            raise ValueError(f"--resume: checkpoint config {resume_state['config']} differs from {cfg}")
+    text = load_text(args.data)
     # The chapter's order: seed and build the loaders, then seed again and build the model, so the
     # shuffling and dropout draws of `--backend torch` follow the book's run.
     train_loader, val_loader = train_val_loaders(text, cfg, args.batch_size, args.train_ratio, args.seed)
     torch.manual_seed(args.seed)
-    model = GPTModel(cfg).to(args.device)
+    model = GPTModel(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    if args.resume:
-        state = load_checkpoint(ckpt_path, model, optimizer, map_location=args.device)
-        if state.get("config", cfg) != cfg:
-            raise ValueError(f"--resume: checkpoint config {state['config']} differs from {cfg}")
+    if resume_state is not None:
+        apply_checkpoint(resume_state, model, optimizer, source=f"--resume: checkpoint {ckpt_path}")
     print(f"gptfast train: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(train_loader)} train / {len(val_loader)} val batches, backend {ops.get_backend()}, "
-          f"device {args.device}")
+          f"device {device}")
     start = time.perf_counter()
     train_losses, val_losses, tokens_seen = train_model_simple(
-        model, train_loader, val_loader, optimizer, args.device, num_epochs=args.epochs,
+        model, train_loader, val_loader, optimizer, device, num_epochs=args.epochs,
         eval_freq=args.eval_freq, eval_iter=args.eval_iter, start_context=args.start_context,
         tokenizer=get_tokenizer(), progress=True)
     elapsed = time.perf_counter() - start
@@ -113,34 +150,36 @@ def run_train(args) -> int:
 
 
 def load_model_for_generation(args):
-    """Build the model from ``--checkpoint`` (config stored inside) or ``--safetensors``."""
-    from .model import GPTModel
-    from .training import load_checkpoint
-    from .weights import load_hf_gpt2_into_gpt
+    """Build the model from ``--checkpoint`` (config stored inside) or ``--safetensors``.
 
+    A padded vocabulary (the GPU script's ``ckpt.pt``) is cut to GPT-2's, so a padded id is never produced.
+    """
+    from .models.gpt import GPTModel
+    from .training.checkpoints import load_gpt2_safetensors, model_from_checkpoint
+
+    device = _check_device(args.device)
     if args.checkpoint:
-        path = Path(args.checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        cfg = torch.load(path, map_location="cpu", weights_only=True).get("config", GPT_CONFIG_124M)
-        model = GPTModel(cfg)
-        load_checkpoint(path, model)
+        model, cfg = model_from_checkpoint(args.checkpoint, default_config=GPT_CONFIG_124M)
     else:
+        path = Path(args.safetensors)
+        if not path.exists():
+            raise FileNotFoundError(f"--safetensors path not found: {path}")
         cfg = gpt2_config(args.model)
-        model = load_hf_gpt2_into_gpt(GPTModel(cfg), args.safetensors)
-    return model.to(args.device).eval(), cfg
+        model = load_gpt2_safetensors(GPTModel(cfg), path)
+    return model.to(device).eval(), cfg
 
 
 def run_generate(args) -> int:
     """Stream ``--max-new-tokens`` tokens after ``--prompt`` to stdout."""
     from .generation import stream_text
     from .tokenizer import ENDOFTEXT_ID, get_tokenizer
-    from .training import text_to_token_ids
+    from .training.loops import text_to_token_ids
 
+    _select_backend(args.backend)
     model, cfg = load_model_for_generation(args)
     tokenizer = get_tokenizer()
     torch.manual_seed(args.seed)
-    idx = text_to_token_ids(args.prompt, tokenizer).to(args.device)
+    idx = text_to_token_ids(args.prompt, tokenizer).to(next(model.parameters()).device)
     if idx.shape[1] > cfg["context_length"]:
         raise ValueError(f"--prompt has {idx.shape[1]} tokens, more than the context length {cfg['context_length']}")
     sys.stdout.write(args.prompt)
@@ -152,18 +191,15 @@ def run_generate(args) -> int:
     return 0
 
 
+def run_train_gpu(args) -> int:
+    """``gptfast train-gpu``: the GPU pretraining script with the parsed flags."""
+    return pretrain.train_from_config(pretrain.PretrainConfig.from_args(args))
+
+
+COMMANDS = {"train": run_train, "generate": run_generate, "train-gpu": run_train_gpu}
+
+
 def main(argv=None) -> int:
     """Entry point of the ``gptfast`` command."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train-gpu"]:  # the GPU training script, with its own flags
-        from .train import main as train_main
-
-        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.backend is not None:
-        ops.use_backend(args.backend)
-    try:
-        return run_train(args) if args.command == "train" else run_generate(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"gptfast {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(f"gptfast {args.command}", lambda: COMMANDS[args.command](args), debug=args.debug)

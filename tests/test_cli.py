@@ -46,7 +46,7 @@ def test_train_prints_what_the_books_chapter_5_script_prints(trained):
     ref_ch02 = pytest.importorskip("llms_from_scratch.ch02")
     ref_ch04 = pytest.importorskip("llms_from_scratch.ch04")
     ref_ch05 = pytest.importorskip("llms_from_scratch.ch05")
-    from gptfast.config import TINY_CONFIG
+    from gptfast.models import TINY_CONFIG
     from gptfast.resources import default_text
     from gptfast.tokenizer import get_tokenizer
 
@@ -84,7 +84,8 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path, capsys):
 def test_resume_with_a_different_config_is_an_error(trained, tmp_path, capsys):
     _copy_run(trained, tmp_path)
     assert _train(tmp_path, "--resume", "--context-length", "32") == 2
-    assert "does not match the model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--resume" in err and "differs" in err and "'context_length': 32" in err
 
 
 def test_train_with_missing_data_file_is_a_clear_error(tmp_path, capsys):
@@ -128,3 +129,144 @@ def test_python_dash_m_entry_point():
     assert "train" in out.stdout and "generate" in out.stdout
     with pytest.raises(SystemExit):
         main(["train", "--backend", "nonexistent"])
+
+
+# ----------------------------------------------------------------------------- expected failures: one line each
+
+
+GOOD_CFG = {"vocab_size": 50257, "context_length": 16, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
+            "drop_rate": 0.0, "qkv_bias": False}
+
+
+def _bad_checkpoints(folder):
+    """Broken or foreign files a user might pass as a checkpoint: name -> path."""
+    import os
+
+    from gptfast.models import GPTModel
+    from gptfast.training.checkpoints import save_checkpoint, write_checkpoint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    good = save_checkpoint(folder / "good.pth", GPTModel(GOOD_CFG), config=GOOD_CFG)
+    data = good.read_bytes()
+    files = {"empty": b"", "truncated": data[: len(data) // 3], "random": os.urandom(3000),
+             "text": b"this is a text file\n" * 50}
+    paths = {}
+    for name, content in files.items():
+        paths[name] = folder / f"{name}.pth"
+        paths[name].write_bytes(content)
+    paths["foreign"] = folder / "foreign.pth"
+    torch.save({"epoch": 3, "note": "no tensors"}, paths["foreign"])
+    state = GPTModel(GOOD_CFG).state_dict()
+    paths["config missing keys"] = write_checkpoint(folder / "cfg_missing.pth", {
+        "model_state_dict": state, "config": {k: v for k, v in GOOD_CFG.items() if k != "emb_dim"}})
+    paths["config wrong types"] = write_checkpoint(folder / "cfg_types.pth", {
+        "model_state_dict": state, "config": {**GOOD_CFG, "n_layers": "1"}})
+    raw = torch.load(good, weights_only=True)
+    raw["model_state_dict"]["out_head.weight"][0, 0] += 1.0
+    paths["checksum mismatch"] = folder / "flipped.pth"
+    torch.save(raw, paths["checksum mismatch"])
+    paths["missing"] = folder / "does-not-exist.pth"
+    return paths
+
+
+def _one_line_error(capsys, argv):
+    """Run ``gptfast argv`` in-process; return its single stderr line (asserting there is exactly one)."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_generate_reports_every_bad_checkpoint_in_one_line(tmp_path, capsys):
+    for name, path in _bad_checkpoints(tmp_path).items():
+        line = _one_line_error(capsys, ["generate", "--checkpoint", str(path), "--max-new-tokens", "2"])
+        assert line.startswith("gptfast generate: error:") and path.name in line, (name, line)
+    assert "corrupted" in _one_line_error(capsys, ["generate", "--checkpoint", str(tmp_path / "flipped.pth")])
+    assert "'emb_dim'" in _one_line_error(capsys, ["generate", "--checkpoint", str(tmp_path / "cfg_missing.pth")])
+
+
+def test_unavailable_backend_is_one_line_for_every_command(tmp_path, capsys):
+    missing = [b for b in ("cuda", "triton", "cpu") if b not in __import__("gptfast").ops.available_backends()]
+    if not missing:
+        pytest.skip("every backend is available here")
+    good = _bad_checkpoints(tmp_path / "c")["config wrong types"].parent / "good.pth"
+    for argv in (["generate", "--checkpoint", str(good)], ["train", "--model", "tiny", "--out-dir", str(tmp_path)],
+                 ["train-gpu", "--model", "tiny", "--out-dir", str(tmp_path), "--device", "cpu"]):
+        line = _one_line_error(capsys, [*argv, "--backend", missing[0]])
+        assert missing[0] in line and "not available" in line
+
+
+def test_train_finds_an_unusable_out_dir_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for out_dir in (blocker, blocker / "below"):
+        line = _one_line_error(capsys, ["train", "--model", "tiny", "--out-dir", str(out_dir), "--epochs", "50"])
+        assert "--out-dir" in line and "a-file" in line
+    assert "Train loss" not in capsys.readouterr().out  # nothing was trained
+
+
+def test_train_resume_from_a_truncated_checkpoint_is_one_line(trained, tmp_path, capsys):
+    _copy_run(trained, tmp_path)
+    ckpt = tmp_path / "model_and_optimizer.pth"
+    before = ckpt.read_bytes()
+    ckpt.write_bytes(before[: len(before) // 2])
+    line = _one_line_error(capsys, ["train", "--model", "tiny", "--out-dir", str(tmp_path), "--resume"])
+    assert "cannot be read" in line
+
+
+def _run_subprocess(args, env_extra=None):
+    import os
+
+    env = {**os.environ, **(env_extra or {})}
+    env.pop("GPTFAST_DEBUG", None) if not env_extra or "GPTFAST_DEBUG" not in env_extra else None
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_commands_in_a_fresh_process_print_one_line_and_no_traceback(tmp_path):
+    bad = _bad_checkpoints(tmp_path / "c")
+    cases = [
+        ["-m", "gptfast", "generate", "--checkpoint", str(bad["truncated"])],
+        ["-m", "gptfast", "generate", "--checkpoint", str(bad["random"])],
+        ["-m", "gptfast", "train", "--model", "tiny", "--out-dir", str(bad["text"])],
+        ["-m", "gptfast.train", "--model", "tiny", "--device", "cpu", "--out-dir", str(tmp_path / "o"),
+         "--init-from", str(bad["text"])],
+    ]
+    for args in cases:
+        result = _run_subprocess(args)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+    debug = _run_subprocess(cases[0], {"GPTFAST_DEBUG": "1"})
+    assert debug.returncode != 0 and "Traceback" in debug.stderr  # the traceback is there when asked for
+
+
+def test_debug_flag_lets_the_exception_through(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        main(["generate", "--checkpoint", str(tmp_path / "none.pth"), "--debug"])
+
+
+def test_generate_from_a_padded_vocabulary_checkpoint_never_emits_a_padded_id(tmp_path, capsys):
+    from gptfast.models import GPTModel
+    from gptfast.training.checkpoints import write_checkpoint
+
+    padded = {**GOOD_CFG, "vocab_size": 50304}
+    model = GPTModel(padded)
+    with torch.no_grad():
+        model.out_head.weight[50257:] = 1e4  # the padded rows would win every step
+    path = write_checkpoint(tmp_path / "ckpt.pt", {"model_state_dict": model.state_dict(), "config": padded})
+    for extra in ([], ["--temperature", "1.0", "--top-k", "3"]):
+        assert main(["generate", "--checkpoint", str(path), "--max-new-tokens", "6", "--device", "cpu",
+                     *extra]) == 0
+        out = capsys.readouterr()
+        assert out.out.startswith("Every effort moves you") and out.err == ""
+
+
+def test_unreadable_safetensors_is_one_line(tmp_path, capsys):
+    import os
+
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(os.urandom(3000))
+    line = _one_line_error(capsys, ["generate", "--safetensors", str(bad), "--max-new-tokens", "1"])
+    assert "not a readable GPT-2 safetensors file" in line
+    line = _one_line_error(capsys, ["generate", "--safetensors", str(tmp_path / "none.safetensors")])
+    assert "not found" in line

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from gptfast.data import GPTDatasetV1, create_dataloader_v1, load_text
-from gptfast.model import GPTModel
+from gptfast.models import GPTModel
 from gptfast.resources import default_text
 from gptfast.tokenizer import get_tokenizer
-from gptfast.training import load_checkpoint, save_checkpoint
+from gptfast.training.checkpoints import load_checkpoint, save_checkpoint
 
 ref_ch04 = pytest.importorskip("llms_from_scratch.ch04")
 

@@ -16,8 +16,8 @@ import llms_from_scratch.ch05 as ref_ch05
 from gptfast import ops
 from gptfast.generation import (GenerationResult, TextChunk, generate, generate_batch, generate_stream,
                                 generate_text_simple, stream_text)
-from gptfast.kv_cache import CachedRunner, KVCache, masked_decode_attention, prepare_model
-from gptfast.model import GPTModel, GPTModelFast
+from gptfast.generation import CachedRunner, KVCache, masked_decode_attention, prepare_model
+from gptfast.models import GPTModel, GPTModelFast, split_heads
 
 from conftest import HAS_CUDA
 
@@ -90,7 +90,7 @@ def test_prefill_stores_the_keys_and_values_the_model_computes():
     block = model.trf_blocks[1]
     with torch.no_grad():
         x = model.trf_blocks[0](model.embed(idx))
-        keys = block.att.split_heads(block.att.W_key(block.norm1(x)))
+        keys = split_heads(block.att, block.att.W_key(block.norm1(x)))
     torch.testing.assert_close(cache.keys[1][:, :, :6], keys, atol=1e-6, rtol=1e-6)
     assert cache.keys[1][:, :, 6:].abs().sum() == 0
     assert cache.keys[0].shape == (2, CFG["n_heads"], 10, CFG["emb_dim"] // CFG["n_heads"])
@@ -289,7 +289,7 @@ def test_stream_text_holds_back_split_characters():
         def decode(self, ids):
             return bytes(ids).decode("utf-8", errors="replace")
 
-    from gptfast.generation import _text_chunks
+    from gptfast.generation.api import _text_chunks
     stream = (torch.tensor([[t]]) for t in "aé€b".encode())
     chunks = list(_text_chunks(stream, ByteTokenizer()))
     assert [c.text for c in chunks] == ["a", "", "é", "", "", "€", "b"]
@@ -369,13 +369,13 @@ def test_finished_rows_stop_costing_work(monkeypatch):
 
 @pytest.mark.parametrize("slow_threads,expected", [(2, 1), (1, 2)])
 def test_decode_steps_run_with_the_faster_thread_count(monkeypatch, slow_threads, expected):
-    import gptfast.generation as generation
+    import gptfast.generation.decoding as decoding
 
     clock = [0.0]
-    monkeypatch.setattr(generation.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(decoding.time, "perf_counter", lambda: clock[0])
     monkeypatch.delenv("GPTFAST_DECODE_THREADS", raising=False)
     torch.set_num_threads(2)  # the fixture restores the caller's setting
-    chooser = generation._DecodeThreads()
+    chooser = decoding.DecodeThreads()
     seen = []
 
     def step():
@@ -386,7 +386,7 @@ def test_decode_steps_run_with_the_faster_thread_count(monkeypatch, slow_threads
     assert [chooser.run(step) for _ in range(7)] == [2, 1, 2, 1] + [expected] * 3
     assert torch.get_num_threads() == 2
     monkeypatch.setenv("GPTFAST_DECODE_THREADS", "1")
-    assert generation._DecodeThreads().run(lambda: torch.get_num_threads()) == 1
+    assert decoding.DecodeThreads().run(lambda: torch.get_num_threads()) == 1
     assert torch.get_num_threads() == 2
 
 
@@ -473,7 +473,7 @@ def test_zero_new_tokens_returns_the_prompt():
 
 
 def test_captured_steps_are_reused_only_when_free_and_for_the_same_weights(monkeypatch):
-    import gptfast.generation as generation
+    import gptfast.generation.cuda_graphs as cuda_graphs
 
     class FakeGraph:  # stands in for the CUDA capture; records what would be captured
         busy = False
@@ -481,22 +481,22 @@ def test_captured_steps_are_reused_only_when_free_and_for_the_same_weights(monke
         def __init__(self, runner, cache):
             self.runner, self.cache = runner, cache
 
-    monkeypatch.setattr(generation, "CUDAGraphDecoder", FakeGraph)
-    monkeypatch.setattr(generation, "_GRAPHS", {})
+    monkeypatch.setattr(cuda_graphs, "CUDAGraphDecoder", FakeGraph)
+    monkeypatch.setattr(cuda_graphs, "_GRAPHS", {})
     model = make_model()
     runner = CachedRunner(model)
-    first = generation._captured_decoder(runner, 2, 8)
+    first = cuda_graphs.captured_decoder(runner, 2, 8)
     assert first.busy and first.cache.batch == 2 and first.cache.max_len == 8
-    second = generation._captured_decoder(runner, 2, 8)  # the first is still in use: a private one
-    assert second is not first and generation._GRAPHS[(id(model), 2, 8)][0] is first
+    second = cuda_graphs.captured_decoder(runner, 2, 8)  # the first is still in use: a private one
+    assert second is not first and cuda_graphs._GRAPHS[(id(model), 2, 8)][0] is first
     first.busy = False
-    assert generation._captured_decoder(runner, 2, 8) is first
+    assert cuda_graphs.captured_decoder(runner, 2, 8) is first
     first.busy = False
-    assert generation._captured_decoder(runner, 3, 8) is not first
+    assert cuda_graphs.captured_decoder(runner, 3, 8) is not first
     model.out_head.weight = torch.nn.Parameter(model.out_head.weight.clone())  # new tensors: capture again
-    assert generation._captured_decoder(runner, 2, 8) is not first
-    generation.clear_cuda_graphs()
-    assert not generation._GRAPHS
+    assert cuda_graphs.captured_decoder(runner, 2, 8) is not first
+    cuda_graphs.clear_cuda_graphs()
+    assert not cuda_graphs._GRAPHS
 
 
 
@@ -525,7 +525,7 @@ def test_cuda_graph_bfloat16_decoding_tracks_float32():
     bf16 = prepare_model(model, torch.bfloat16)
     runner = CachedRunner(bf16)
     cache = KVCache.for_model(bf16, 2, 16)
-    from gptfast.kv_cache import CUDAGraphDecoder
+    from gptfast.generation import CUDAGraphDecoder
 
     graph = CUDAGraphDecoder(runner, cache)
     idx = prompt(2, 9).cuda()
@@ -538,3 +538,54 @@ def test_cuda_graph_bfloat16_decoding_tracks_float32():
     fp32 = generate_batch(model, idx, 30).tokens
     low = generate_batch(bf16, idx, 30).tokens
     assert (fp32 == low).float().mean() >= 0.8
+
+
+# ----------------------------------------------------------------------------- non-integer prompt ids
+
+
+def test_float_prompt_ids_are_refused_not_rounded():
+    import gptfast.ch04 as ch04
+    import gptfast.ch05 as ch05
+
+    model = make_model()
+    floats = torch.tensor([[1.5, 2.0, 3.0]])
+    for fn in (generate, ch05.generate, generate_text_simple, ch04.generate_text_simple):
+        with pytest.raises(TypeError, match="idx must hold integer token ids"):
+            fn(model, floats, 2, 8)
+    with pytest.raises(TypeError, match="idx must hold integer token ids"):
+        generate_stream(model, floats, 2, 8)
+    with pytest.raises(TypeError, match="prompt 1 must hold integer token ids"):
+        generate_batch(model, [[1, 2], [1.5, 2.0]], 2)
+    with pytest.raises(TypeError, match="prompt 0 must hold integer token ids"):
+        generate_batch(model, [torch.tensor([1.0, 2.0])], 2)
+    with pytest.raises(TypeError, match="prompts must hold integer token ids"):
+        generate_batch(model, floats, 2)
+    with pytest.raises(TypeError, match="prompt_ids must hold integer token ids"):
+        list(stream_text(model, [1.5, 2.0], 2, tokenizer=None, context_size=8))
+    with pytest.raises(TypeError, match="prompt_ids must hold integer token ids"):
+        list(stream_text(model, floats, 2, tokenizer=None, context_size=8))
+    # Integer ids of every width still work, as before.
+    ints = torch.tensor([[1, 2, 3]])
+    assert torch.equal(generate(model, ints.to(torch.int32), 2, 8).long(), generate(model, ints, 2, 8))
+    assert torch.equal(generate_batch(model, [[1, 2, 3]], 2).tokens, generate(model, ints, 2, 8))
+
+
+def test_static_shape_decode_step_matches_the_model_on_cpu():
+    """The step CUDA graphs capture (whole cache, per-row key mask) computes the model's logits."""
+    model = make_model()
+    runner = CachedRunner(model)
+    idx = prompt(2, 7)
+    cache = KVCache.for_model(model, 2, 12)
+    runner.prefill(idx[:, :5], cache)
+    with torch.no_grad():
+        want = model(idx)
+    for p in (5, 6):
+        got = runner.decode_static(idx[:, p:p + 1], cache, torch.tensor([p, p]))
+        torch.testing.assert_close(got, want[:, p], atol=1e-5, rtol=1e-5)
+    # Rows at different positions: row 1 steps again at position 6 while row 0 is at 5.
+    other = KVCache.for_model(model, 2, 12)
+    runner.prefill(idx[:, :5], other)
+    runner.decode_static(idx[:, 5:6], other, torch.tensor([5, 5]))
+    got = runner.decode_static(torch.stack([idx[0, 5:6], idx[1, 6:7]]), other, torch.tensor([5, 6]))
+    torch.testing.assert_close(got[1], want[1, 6], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[0], want[0, 5], atol=1e-5, rtol=1e-5)

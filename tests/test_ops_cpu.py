@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import parity
 from gptfast import ops
-from gptfast.config import gpt2_config
-from gptfast.model import GPTModel
+from gptfast.models import gpt2_config
+from gptfast.models import GPTModel
 from gptfast.ops import cpu_ops, torch_ops
 
 pytestmark = pytest.mark.skipif(cpu_ops.unavailable_reason() is not None,

@@ -205,8 +205,8 @@ def test_top_k_keeps_ties_at_the_kth_value_like_the_reference():
 
 
 def test_model_runs_under_torch_compile():
-    from gptfast.config import TINY_CONFIG
-    from gptfast.model import GPTModel
+    from gptfast.models import TINY_CONFIG
+    from gptfast.models import GPTModel
 
     torch.manual_seed(0)
     model = GPTModel(TINY_CONFIG).eval()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gptfast import ops
-from gptfast.config import GPT_CONFIG_124M
+from gptfast.models import GPT_CONFIG_124M
 
 ref_ch02 = pytest.importorskip("llms_from_scratch.ch02", reason="llms-from-scratch is a test dependency")
 import llms_from_scratch.appendix_d as ref_appendix_d  # noqa: E402

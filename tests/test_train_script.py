@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from gptfast import train
-from gptfast.model import GPTModel
-from gptfast.token_data import TokenWindows, build_token_cache, load_tokens
+from gptfast.models import GPTModel
+from gptfast.training.token_cache import TokenWindows, build_token_cache, load_tokens
 from gptfast.tokenizer import ENDOFTEXT_ID, get_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def test_outputs_metrics_plot_and_export(tmp_path):
 def test_peak_tflops_flag_gives_mfu(tmp_path):
     assert run_main(tmp_path, "--max-steps", "1", "--peak-tflops", "1.0") == 0
     row = json.loads((tmp_path / "metrics.json").read_text())[0]
-    cfg = train.model_config(train.build_parser().parse_args(BASE))
+    cfg = train.model_config(train.parse_config(BASE))
     expected = row["tokens_per_s"] * train.flops_per_token(cfg, 32) / 1e12
     assert row["mfu"] == pytest.approx(expected)
 
@@ -142,7 +142,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 
 
 def test_vocab_is_padded_and_padded_rows_never_reach_the_loss():
-    args = train.build_parser().parse_args(BASE)
+    args = train.parse_config(BASE)
     cfg = train.model_config(args)
     assert cfg["vocab_size"] == 50304 and cfg["vocab_size"] % 64 == 0
     model = train.build_model(cfg, seed=0)
@@ -160,17 +160,17 @@ def test_vocab_is_padded_and_padded_rows_never_reach_the_loss():
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
-    args = train.build_parser().parse_args(BASE + ["--max-steps", "20", "--warmup-steps", "4"])
+    args = train.parse_config(BASE + ["--max-steps", "20", "--warmup-steps", "4"])
     lrs = [train.lr_at(s, args) for s in range(20)]
     assert lrs[0] == pytest.approx(1e-3 / 4) and lrs[3] == pytest.approx(1e-3)
     assert all(a > b for a, b in zip(lrs[3:], lrs[4:]))
     assert lrs[-1] == pytest.approx(1e-4)
-    short = train.build_parser().parse_args(BASE + ["--max-steps", "2", "--warmup-steps", "4"])
+    short = train.parse_config(BASE + ["--max-steps", "2", "--warmup-steps", "4"])
     assert [train.lr_at(s, short) for s in range(2)] == pytest.approx([2.5e-4, 5e-4])
 
 
 def test_flops_per_token_of_gpt2():
-    cfg = train.model_config(train.build_parser().parse_args(["--model", "gpt2"]))
+    cfg = train.model_config(train.parse_config(["--model", "gpt2"]))
     # 85M block matmul weights + 38.6M head = ~124M matmul parameters -> ~6 * 124M + attention.
     assert 6 * 123e6 < train.flops_per_token(cfg, 1024) < 6 * 126e6 + 12 * 12 * 768 * 1024 + 1
 
@@ -287,3 +287,96 @@ def test_log_every_still_logs_evaluations_and_the_last_step(tmp_path):
     assert run_main(tmp_path, "--max-steps", "3", "--log-every", "2", "--eval-every", "3") == 0
     rows = json.loads((tmp_path / "metrics.json").read_text())
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["val_loss"] is not None
+
+
+# ----------------------------------------------------------------------------- reliability
+
+
+def test_out_dir_that_is_a_file_or_below_one_fails_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out_dir in (blocker, blocker / "sub"):
+        assert run_main(out_dir, "--max-steps", "1") == 2
+        err = capsys.readouterr()
+        assert len(err.err.strip().splitlines()) == 1 and "--out-dir" in err.err and "is a file" in err.err
+        assert "step" not in err.out
+
+
+def test_token_cache_with_ids_outside_the_vocabulary_is_refused(tmp_path, capsys):
+    from gptfast.resources import resource_path
+    from gptfast.training.token_cache import cache_key, find_text_files
+
+    data = resource_path("the-verdict.txt")
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    np.full(5000, 60000, dtype=np.uint16).tofile(cache_dir / f"{cache_key(find_text_files(data))}.bin")
+    assert run_main(tmp_path / "out", "--cache-dir", str(cache_dir), "--max-steps", "1") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "60000" in err and "outside the vocabulary" in err
+    (cache_dir / "odd.bin").write_bytes(b"\x01\x02\x03")
+    with pytest.raises(ValueError, match="odd size"):
+        load_tokens(cache_dir / "odd.bin")
+
+
+def test_checkpoints_carry_a_checksum_and_a_damaged_resume_is_one_line(tmp_path, capsys):
+    from gptfast.training.checkpoints import read_checkpoint
+
+    assert run_main(tmp_path, "--max-steps", "2", "--stop-at", "1") == 0
+    capsys.readouterr()
+    ckpt = tmp_path / train.CHECKPOINT_NAME
+    assert "sha256" in read_checkpoint(ckpt)["checksum"]
+    good = ckpt.read_bytes()
+    for damaged in (good[: len(good) // 2], b"", b"text, not a checkpoint\n"):
+        ckpt.write_bytes(damaged)
+        assert run_main(tmp_path, "--max-steps", "2", "--resume") == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "--resume" in err and "Traceback" not in err
+    exported = torch.save  # an exported model (no optimizer, scheduler, step) is not a training checkpoint
+    model = GPTModel(train.model_config(train.parse_config(BASE)))
+    exported({"model_state_dict": model.state_dict()}, ckpt)
+    assert run_main(tmp_path, "--max-steps", "2", "--resume") == 2
+    assert "not a training checkpoint" in capsys.readouterr().err
+
+
+def test_corrupt_init_from_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(os.urandom(2048))
+    assert run_main(tmp_path / "out", "--init-from", str(bad), "--max-steps", "1") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--init-from" in err and "cannot be read" in err
+
+
+def test_every_output_file_is_written_atomically(tmp_path, monkeypatch):
+    """Checkpoint, export, metrics, summary, plot and token cache all go through gptfast.files."""
+    import gptfast.files as files
+
+    written = []
+    real = files.tempfile.mkstemp
+
+    def recording(*args, prefix="", **kwargs):  # atomic_write's temporary files are named ".<target>."
+        written.append(prefix[1:-1])
+        return real(*args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", recording)
+    assert run_main(tmp_path, "--max-steps", "3") == 0
+    names = set(written)
+    assert {"ckpt.pt", "model.pth", "metrics.csv", "metrics.json", "summary.json", "loss.png"} <= names
+    assert any(n.endswith(".bin") for n in names) and any(n.endswith(".json") and len(n) == 21 for n in names)
+    produced = {p.name for p in tmp_path.iterdir() if p.is_file()}
+    assert produced <= names  # nothing in the out-dir was written another way
+
+
+def test_no_module_writes_user_files_without_the_atomic_helper():
+    """A guard: the package writes checkpoints, metrics and plots only through gptfast.files."""
+    import re
+
+    pattern = re.compile(r"torch\.save\(|\.savefig\(|\.write_text\(|\.write_bytes\(|\.tofile\(|open\([^)]*['\"][wa]b?['\"]")
+    allowed = {"files.py", "weights.py"}  # weights.py: downloads of OpenAI's files, owned by the weights loaders
+    offenders = []
+    for path in (REPO / "gptfast").rglob("*.py"):
+        if path.name in allowed or "ops" in path.relative_to(REPO / "gptfast").parts:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line) and "atomic" not in line:
+                offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not offenders, offenders

@@ -29,7 +29,7 @@ def reference_config(context_length: int = 1024, drop_rate: float = 0.1) -> dict
 
 def _sdpa_attention_class():
     """gptfast's fused-qkv attention with its core swapped for ``scaled_dot_product_attention``."""
-    from gptfast.model import PyTorchMultiHeadAttention
+    from gptfast.models import PyTorchMultiHeadAttention
 
     class SDPAMultiHeadAttention(PyTorchMultiHeadAttention):
         def forward(self, x):
@@ -50,13 +50,13 @@ def build_reference_model(cfg: dict):
 
         return GPTModelFast(cfg), "llms_from_scratch.ch04.GPTModelFast"
     except ImportError:
-        from gptfast.model import GPTModelFast
+        from gptfast.models import GPTModelFast
 
         model = GPTModelFast(cfg)
         sdpa = _sdpa_attention_class()
         for block in model.trf_blocks:
             block.att.__class__ = sdpa
-        return model, "gptfast.model.GPTModelFast with SDPA attention (llms_from_scratch not installed)"
+        return model, "gptfast.models.GPTModelFast with SDPA attention (llms_from_scratch not installed)"
 
 
 class ReferenceRecipe:

@@ -1,4 +1,4 @@
-"""Token data for ``gptfast.train``: text tokenised once into a cached uint16 file, read memory-mapped.
+"""Token data for the pretraining script: text tokenised once into a cached uint16 file, read memory-mapped.
 
 GPT-2's 50,257 token ids fit in 16 bits, so a corpus costs two bytes per token on
 disk and nothing in RAM beyond the pages the batches touch.  The cache file's name
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, get_tokenizer
+from ..files import atomic_write, atomic_write_text
+from ..models.gpt_config import GPT2_VOCAB_SIZE
+from ..tokenizer import ENDOFTEXT, ENDOFTEXT_ID, get_tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 
@@ -64,18 +65,33 @@ def build_token_cache(data_path, cache_dir) -> Path:
     if target.is_file():
         return target
     tokens = _tokenise(files)
-    # Write under a unique name and rename: readers never see a half-written file.
-    tmp = target.with_suffix(f".tmp{os.getpid()}")
-    tokens.tofile(tmp)
-    os.replace(tmp, target)
+    # Written to a temporary file and renamed: readers never see a half-written cache.
+    with atomic_write(target, "wb") as handle:
+        handle.write(tokens.tobytes())
     meta = {"files": [str(f) for f in files], "tokens": int(tokens.size), "dtype": "uint16"}
-    target.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    atomic_write_text(target.with_suffix(".json"), json.dumps(meta, indent=1))
     return target
 
 
-def load_tokens(cache_file) -> np.ndarray:
-    """The cached token ids as a read-only uint16 memory map."""
-    return np.memmap(cache_file, dtype=np.uint16, mode="r")
+def load_tokens(cache_file, vocab_size: int = GPT2_VOCAB_SIZE) -> np.ndarray:
+    """The cached token ids as a read-only uint16 memory map, checked to be whole ids below ``vocab_size``.
+
+    A cache whose size is odd (truncated) or that holds an id outside the vocabulary (a foreign
+    or damaged file) raises ``ValueError`` here, not an index error deep inside a training step.
+    """
+    cache_file = Path(cache_file)
+    size = cache_file.stat().st_size
+    if size % 2:
+        raise ValueError(f"token cache {cache_file} has an odd size ({size} bytes): it is truncated or not a "
+                         f"uint16 token file; delete it to re-tokenise")
+    if size == 0:
+        return np.zeros(0, dtype=np.uint16)
+    tokens = np.memmap(cache_file, dtype=np.uint16, mode="r")
+    high = int(tokens.max())
+    if high >= vocab_size:
+        raise ValueError(f"token cache {cache_file} holds token id {high}, outside the vocabulary [0, {vocab_size}):"
+                         f" delete it to re-tokenise")
+    return tokens
 
 
 class TokenWindows:

@@ -1,9 +1,6 @@
-"""Text generation with a static KV cache: the book's ``generate`` API, batches, streaming.
+"""The decoding loop behind every generation entry point: one :class:`Decoder` per call.
 
-``generate`` / ``generate_text_simple`` / ``generate_stream`` keep the reference's
-signatures and results; underneath, every step after the prompt runs one token
-per row against a :class:`gptfast.kv_cache.KVCache` and the output head sees only
-the last position.  The steps follow the reference exactly:
+The steps follow the reference exactly:
 
 * each step the model sees the last ``context_size`` tokens of a row.  While the
   row fits, that is the cache plus one new token.  Once it is longer, every
@@ -16,23 +13,15 @@ the last position.  The steps follow the reference exactly:
   same random numbers as the reference (finished rows keep their last logits:
   their draw is consumed and thrown away, as the reference's padding does).
 
-The cached logits differ from the uncached ones only by float rounding (other
-matmul shapes), so greedy tokens agree except at exact near-ties.
-
-:func:`generate_batch` takes prompts of different lengths with per-row
-temperature, top-k and end-of-sequence ids and returns a :class:`GenerationResult`.
-Prompts of one length are prefilled together; rows then decode together at
-per-row positions.  Rows that finish leave the cache, so they stop costing work
-(except on the CUDA-graph path, whose batch shape is fixed: there a finished row
-rides along for free in the weight-bound step).  :func:`stream_text` yields token
-ids with decoded text for the command line.
-
-On CUDA (``cuda_graph=None`` means "on CUDA"), the decode step of the whole batch
-is captured once as a CUDA graph with static shapes and replayed per token;
-``dtype=torch.bfloat16`` decodes with a bf16 copy of the weights.  On CPU the steps
-after the prompt run with torch's thread count or with one thread, whichever the
-first steps time faster (see :class:`_DecodeThreads`).  Models without the book's
-``GPTModel`` layout fall back to the uncached loop.
+Every argument (prompts, lengths, sampling settings, eos ids) is checked once, when
+the :class:`Decoder` is built, before any model work.  Prompts of one length are
+prefilled together; rows then decode together at per-row positions.  Rows that
+finish leave the cache, so they stop costing work (except on the CUDA-graph path,
+whose batch shape is fixed: there a finished row rides along for free in the
+weight-bound step).  On CPU the steps after the prompt run with torch's thread
+count or with one thread, whichever the first steps time faster (see
+:class:`DecodeThreads`).  Models without the book's ``GPTModel`` layout fall back
+to the uncached loop.
 """
 
 from __future__ import annotations
@@ -40,17 +29,16 @@ from __future__ import annotations
 import numbers
 import os
 import time
-from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
-from . import ops
-from .kv_cache import CachedRunner, CUDAGraphDecoder, KVCache, check_decodable, context_length, prepare_model
-from .ops import _checks
+from .. import ops
+from ..ops import _checks
+from .cache import KVCache, context_length, is_decodable, prepare_model
+from .cuda_graphs import captured_decoder
+from .runner import CachedRunner
 
-__all__ = ["generate", "generate_text_simple", "generate_stream", "generate_batch", "stream_text",
-           "GenerationResult", "TextChunk", "clear_cuda_graphs"]
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -64,13 +52,16 @@ def _require_int(name, value, minimum):
     return int(value)
 
 
-def _model_device(model):
+def model_device(model):
+    """The device of the model's first parameter (CPU for a model without parameters)."""
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
 
-def _check_prompt_tokens(name, tokens, vocab_size):
-    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+def check_prompt_tokens(name, tokens, vocab_size):
+    """``TypeError`` unless ``tokens`` holds integers (a float id is never rounded), ``ValueError`` for ids
+    outside ``[0, vocab_size)`` (checked for CPU tensors; a device tensor would cost a sync)."""
+    if tokens.dtype not in INTEGER_DTYPES:
         raise TypeError(f"{name} must hold integer token ids, got {tokens.dtype}")
     if vocab_size is not None and tokens.device.type == "cpu" and tokens.numel() > 0:
         low, high = int(tokens.min()), int(tokens.max())
@@ -78,17 +69,19 @@ def _check_prompt_tokens(name, tokens, vocab_size):
             raise ValueError(f"{name} holds token id {low if low < 0 else high}, outside [0, {vocab_size})")
 
 
-def _vocab_size(model):
+def vocab_size(model):
+    """Rows of the model's token embedding, or None for a model without the book's ``tok_emb``."""
     tok_emb = getattr(model, "tok_emb", None)
     return tok_emb.weight.shape[0] if isinstance(tok_emb, torch.nn.Embedding) else None
 
 
-def _check_idx(idx, model):
+def check_idx(idx, model):
+    """Check the reference API's ``idx``: a non-empty ``(batch, tokens)`` tensor of in-vocabulary ids."""
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"idx must be a (batch, tokens) torch.Tensor of token ids, got {type(idx).__name__}")
     if idx.dim() != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
         raise ValueError(f"idx must be a non-empty (batch, tokens) tensor, got shape {tuple(idx.shape)}")
-    _check_prompt_tokens("idx", idx, _vocab_size(model))
+    check_prompt_tokens("idx", idx, vocab_size(model))
 
 
 def _per_row(name, value, batch, device, dtype):
@@ -125,7 +118,7 @@ def _eos_tensor(eos_id, batch, device):
 # ----------------------------------------------------------------------------- the decoding loop
 
 
-class _DecodeThreads:
+class DecodeThreads:
     """The torch thread count for CPU decode steps: torch's own setting or one thread, whichever is faster.
 
     Applied to whole steps after the prompt's (the cached token, window recomputes, sampling).
@@ -167,7 +160,7 @@ class _DecodeThreads:
 
 
 
-class _Decoder:
+class Decoder:
     """State of one generation run; :meth:`step` produces the next token of every row.
 
     ``seq`` ``(B, longest prompt + max_new_tokens)`` holds each row's prompt at
@@ -179,11 +172,11 @@ class _Decoder:
                  *, dtype=None, cuda_graph=None):
         self.max_new_tokens = _require_int("max_new_tokens", max_new_tokens, 0)
         self.context_size = _require_int("context_size", context_size, 1)
-        self.cached = _is_decodable(model)
+        self.cached = is_decodable(model)
         if dtype is not None and not self.cached:
             raise TypeError("dtype needs a model with the book's GPTModel layout")
         self.model = model  # replaced by its converted copy once every argument is checked
-        device = _model_device(model)
+        device = model_device(model)
         self.device = device
         self.batch = len(prompts)
         self.prompt_lens = [int(p.shape[0]) for p in prompts]
@@ -198,14 +191,15 @@ class _Decoder:
         self._check_fits_model(context_size)
 
         self.temperature = _per_row("temperature", temperature, self.batch, device, torch.float32)
-        vocab = _vocab_size(self.model) or 1
+        vocab = vocab_size(self.model) or 1
         if isinstance(top_k, (list, tuple)):  # None in a row: keep the whole vocabulary
             top_k = [vocab if k is None else k for k in top_k]
         self.top_k = _per_row("top_k", top_k, self.batch, device, torch.int64)
         self.generator = generator
-        # Validate the sampling arguments now, before any model work (values checked on CPU only).
-        _checks.normalize_sampling_args(torch.empty(self.batch, vocab, device=device), self.temperature,
-                                        self.top_k, generator)
+        # The sampling arguments are checked here, once per call and before any model work (values of
+        # per-row tensors on CPU only); every step then passes the normalized values on.
+        self.temperature, self.top_k = _checks.normalize_sampling_args(
+            torch.empty(self.batch, vocab, device=device), self.temperature, self.top_k, generator)
         self.eos = _eos_tensor(eos_id, self.batch, device)
         self.finished = [False] * self.batch
         self.new_counts = [0] * self.batch
@@ -222,7 +216,7 @@ class _Decoder:
         if self.use_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA model, got {device}")
         self._index_cache: dict[tuple, torch.Tensor] = {}
-        self.threads = _DecodeThreads() if device.type == "cpu" else None
+        self.threads = DecodeThreads() if device.type == "cpu" else None
 
     def _check_fits_model(self, context_size):
         """The longest input the model will see must have position embeddings."""
@@ -278,7 +272,7 @@ class _Decoder:
             max_len = min(self.context_size, max(self.prompt_lens) + self.max_new_tokens - 1)
             self.cache_rows = fitting
             if self.use_graph:
-                self.graph = _captured_decoder(self.runner, len(fitting), max_len)
+                self.graph = captured_decoder(self.runner, len(fitting), max_len)
                 self.cache = self.graph.cache
             else:
                 self.cache = KVCache.for_model(self.model, len(fitting), max_len)
@@ -377,221 +371,7 @@ class _Decoder:
         return next_token
 
 
-# Captured decode steps, reused by later calls on the same model, batch and cache length: capturing
-# costs a few steps' time.  A replay reads the parameters' memory, so an entry is reused only while
-# the model's parameters are the same tensors (in-place updates are fine).  Entries keep their model
-# and cache alive: at most _MAX_GRAPHS of them; clear_cuda_graphs() drops them all.
-_GRAPHS: dict[tuple, tuple] = {}
-_MAX_GRAPHS = 4
-
-
-def clear_cuda_graphs() -> None:
-    """Forget every captured decode step (and the model and cache memory each holds)."""
-    _GRAPHS.clear()
-
-
-def _captured_decoder(runner, batch, max_len):
-    model = runner.model
-    key = (id(model), batch, max_len)
-    pointers = tuple(p.data_ptr() for p in model.parameters())
-    entry = _GRAPHS.get(key)
-    if entry is not None and entry[0].runner.model is model and entry[1] == pointers and not entry[0].busy:
-        entry[0].busy = True
-        return entry[0]
-    decoder = CUDAGraphDecoder(runner, KVCache.for_model(model, batch, max_len))
-    decoder.busy = True  # its cache belongs to one run until that run ends
-    if entry is not None and entry[0].busy:  # another run (an unfinished stream) holds the cached one
-        return decoder
-    _GRAPHS.pop(key, None)
-    while len(_GRAPHS) >= _MAX_GRAPHS:
-        _GRAPHS.pop(next(iter(_GRAPHS)))
-    _GRAPHS[key] = (decoder, pointers)
-    return decoder
-
-
-def _is_decodable(model):
-    try:
-        check_decodable(model)
-    except TypeError:
-        if not isinstance(model, torch.nn.Module) and not callable(model):
-            raise
-        return False
-    return True
-
-
-def _decoder_for_idx(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, generator, **options):
-    _check_idx(idx, model)
-    return _Decoder(model, list(idx), max_new_tokens, context_size, temperature, top_k, eos_id, generator,
+def decoder_for_idx(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, generator, **options):
+    check_idx(idx, model)
+    return Decoder(model, list(idx), max_new_tokens, context_size, temperature, top_k, eos_id, generator,
                     **options)
-
-
-# ----------------------------------------------------------------------------- the reference's API
-
-
-def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None,
-                    generator=None, *, dtype=None, cuda_graph=None):
-    """Yield the next token of every row, ``(B, 1)`` at a time, as ``generate`` produces them.
-
-    Rows that have produced ``eos_id`` yield ``eos_id`` from then on (padding); the
-    stream ends when every row has finished or after ``max_new_tokens`` steps.
-    Arguments are checked when this is called, before the first token.
-    """
-    decoder = _decoder_for_idx(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, generator,
-                               dtype=dtype, cuda_graph=cuda_graph)
-    return _iterate(decoder)
-
-
-def _iterate(decoder):
-    while (token := decoder.step()) is not None:
-        yield token
-
-
-def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None):
-    """Generate up to ``max_new_tokens`` tokens after ``idx`` ``(B, T)``; returns ``(B, T + n)``.
-
-    ``top_k`` keeps the k largest logits (ties included), ``temperature > 0`` samples
-    from the softmax of the logits divided by it, ``temperature == 0`` is greedy.
-    With ``eos_id`` a row stops at that token (which is not appended); in a batch the
-    finished rows are padded with ``eos_id`` while the others go on, and generation
-    ends once every row is done.  For one row this is exactly the reference.
-    """
-    decoder = _decoder_for_idx(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, None)
-    steps = sum(1 for _ in _iterate(decoder))
-    return torch.cat([idx, decoder.seq[:, idx.shape[1]:idx.shape[1] + steps]], dim=1)
-
-
-def generate_text_simple(model, idx, max_new_tokens, context_size):
-    """Greedy decoding: append the argmax token ``max_new_tokens`` times to ``idx`` ``(B, T)``."""
-    return generate(model, idx, max_new_tokens, context_size)
-
-
-# ----------------------------------------------------------------------------- batches and streaming
-
-
-@dataclass
-class GenerationResult:
-    """Output of :func:`generate_batch`.
-
-    ``tokens`` ``(B, L)``: each row's prompt followed by its new tokens, right-padded
-    with ``pad_id``; ``lengths`` ``(B,)``: valid tokens per row; ``prompt_lengths``
-    ``(B,)``; ``stopped_at_eos`` ``(B,)``: the row ended at its end-of-sequence id
-    (which is not included) rather than at ``max_new_tokens``.
-    """
-
-    tokens: torch.Tensor
-    lengths: torch.Tensor
-    prompt_lengths: torch.Tensor
-    stopped_at_eos: torch.Tensor
-
-    def row(self, i: int) -> torch.Tensor:
-        """Prompt plus new tokens of row ``i``, without padding."""
-        return self.tokens[i, :int(self.lengths[i])]
-
-    def new_tokens(self, i: int) -> torch.Tensor:
-        """Only the generated tokens of row ``i``."""
-        return self.tokens[i, int(self.prompt_lengths[i]):int(self.lengths[i])]
-
-
-def _as_prompts(prompts, device):
-    """Prompts as a list of 1-D int64 tensors on ``device``: from a (B, T) tensor or a list of sequences."""
-    if isinstance(prompts, torch.Tensor):
-        if prompts.dim() != 2:
-            raise ValueError(f"prompts as a tensor must be (batch, tokens), got shape {tuple(prompts.shape)}")
-        rows = list(prompts)
-    elif isinstance(prompts, (list, tuple)):
-        rows = [p if isinstance(p, torch.Tensor) else torch.as_tensor(list(p), dtype=torch.long) for p in prompts]
-    else:
-        raise TypeError(f"prompts must be a (batch, tokens) tensor or a list of token-id sequences, "
-                        f"got {type(prompts).__name__}")
-    if not rows:
-        raise ValueError("prompts must hold at least one prompt")
-    for i, row in enumerate(rows):
-        if row.dim() != 1 or row.shape[0] == 0:
-            raise ValueError(f"prompt {i} must be a non-empty 1-D sequence of token ids, got shape "
-                             f"{tuple(row.shape)}")
-    return [row.to(device=device, dtype=torch.long) for row in rows]
-
-
-def generate_batch(model, prompts, max_new_tokens, *, context_size=None, temperature=0.0, top_k=None, eos_id=None,
-                   generator=None, pad_id=0, dtype=None, cuda_graph=None) -> GenerationResult:
-    """Generate after prompts of different lengths, with per-row sampling settings.
-
-    ``prompts``: a ``(B, T)`` tensor or a list of B token-id sequences of any lengths.
-    ``temperature``, ``top_k`` and ``eos_id`` are each one value for all rows or one
-    per row (``eos_id`` -1/None for a row without one).  A row stops at its eos id
-    or after ``max_new_tokens``; ``context_size`` defaults to the model's context
-    length.  ``dtype`` (e.g. ``torch.bfloat16``) decodes with converted weights;
-    convert once with :func:`gptfast.kv_cache.prepare_model` when calling often.
-    Each row's tokens equal what running it alone gives, up to float rounding.
-    """
-    if not _is_decodable(model) and context_size is None:
-        raise TypeError("context_size is required for a model without the book's GPTModel layout")
-    prompts = _as_prompts(prompts, _model_device(model))
-    for i, row in enumerate(prompts):
-        _check_prompt_tokens(f"prompt {i}", row, _vocab_size(model))
-    context_size = context_length(model) if context_size is None else context_size
-    decoder = _Decoder(model, prompts, max_new_tokens, context_size, temperature, top_k, eos_id, generator,
-                       dtype=dtype, cuda_graph=cuda_graph)
-    while decoder.step() is not None:
-        pass
-    return _result(decoder, pad_id)
-
-
-def _result(decoder, pad_id):
-    counts = decoder.new_token_counts()
-    lengths = [p + n for p, n in zip(decoder.prompt_lens, counts)]
-    tokens = torch.full((decoder.batch, max(lengths)), pad_id, dtype=torch.long, device=decoder.device)
-    for r, n in enumerate(lengths):
-        tokens[r, :n] = decoder.seq[r, :n]
-    return GenerationResult(tokens, torch.tensor(lengths), torch.tensor(decoder.prompt_lens),
-                            torch.tensor(decoder.finished, dtype=torch.bool))
-
-
-@dataclass(frozen=True)
-class TextChunk:
-    """One streamed token: its id and the text it completes ("" while a multi-byte character is split).
-
-    If the stream ends inside a character, a last chunk with ``token_id=None``
-    carries the remaining bytes as the tokenizer decodes them.
-    """
-
-    token_id: int | None
-    text: str
-
-
-def stream_text(model, prompt_ids, max_new_tokens, tokenizer, *, context_size=None, temperature=0.0, top_k=None,
-                eos_id=None, generator=None, dtype=None) -> Iterator[TextChunk]:
-    """Yield a :class:`TextChunk` per generated token of one prompt, as soon as it is sampled.
-
-    ``prompt_ids``: a ``(1, T)`` tensor or a sequence of token ids; ``tokenizer``
-    needs ``decode(list[int]) -> str`` (tiktoken's GPT-2 encoding).  Joining the
-    chunks' text gives ``tokenizer.decode`` of all the new tokens: a chunk whose
-    bytes end inside a UTF-8 character is held back and released with the next.
-    """
-    if not isinstance(prompt_ids, torch.Tensor):
-        prompt_ids = torch.as_tensor(list(prompt_ids), dtype=torch.long).unsqueeze(0)
-    if prompt_ids.dim() == 1:
-        prompt_ids = prompt_ids.unsqueeze(0)
-    if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
-        raise ValueError(f"prompt_ids must hold one prompt, got shape {tuple(prompt_ids.shape)}")
-    if context_size is None:
-        check_decodable(model)
-        context_size = context_length(model)
-    stream = generate_stream(model, prompt_ids.to(_model_device(model)), max_new_tokens, context_size,
-                             temperature, top_k, eos_id, generator, dtype=dtype)
-    return _text_chunks(stream, tokenizer)
-
-
-def _text_chunks(stream, tokenizer):
-    pending: list[int] = []
-    for token in stream:
-        token_id = int(token[0, 0])
-        pending.append(token_id)
-        text = tokenizer.decode(pending)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the next token
-            yield TextChunk(token_id, "")
-            continue
-        pending.clear()
-        yield TextChunk(token_id, text)
-    if pending:  # whatever never completed is shown as the tokenizer decodes it
-        yield TextChunk(None, tokenizer.decode(pending))

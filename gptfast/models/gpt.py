@@ -2,6 +2,11 @@
 
 Parameter names, shapes, creation order (and so the initial values under a seed)
 and buffers are those of ``llms_from_scratch``, so checkpoints load both ways.
+
+:func:`residual_block` is the one formula of a transformer block: ``TransformerBlock.forward``
+and the cached passes of :mod:`gptfast.generation` both run it, so the model and the KV-cache
+decoding cannot drift apart.  :func:`split_heads`/:func:`merge_heads` work on any attention
+module with the book's attributes (gptfast's or the reference's).
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import ops
+from .. import ops
 
 # sqrt(2 / pi) rounded to float32 exactly as the reference computes it.
 _GELU_COEF = float(torch.sqrt(torch.tensor(2.0 / torch.pi)))
@@ -18,6 +23,35 @@ _GELU_COEF = float(torch.sqrt(torch.tensor(2.0 / torch.pi)))
 def _causal_mask_buffer(context_length: int) -> torch.Tensor:
     """The reference's ``mask`` buffer: 1.0 above the diagonal (kept for state_dict compatibility)."""
     return torch.triu(torch.ones(context_length, context_length), diagonal=1)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def split_heads(att, x):
+    """``(b, t, d_out)`` -> ``(b, heads, t, head_dim)`` for attention module ``att`` (a view, no copy)."""
+    b, t, _ = x.shape
+    return x.view(b, t, att.num_heads, att.head_dim).transpose(1, 2)
+
+
+def merge_heads(att, x):
+    """``(b, heads, t, head_dim)`` -> ``(b, t, d_out)`` for attention module ``att``."""
+    b, _, t, _ = x.shape
+    return x.transpose(1, 2).reshape(b, t, att.d_out)
+
+
+def residual_block(block, x, attention):
+    """One pre-norm block: ``x + drop(attention(norm1(x)))``, then ``x + drop(ff(norm2(x)))``.
+
+    ``attention`` maps the normed input ``(b, t, emb)`` to ``(b, t', emb)`` with ``t' <= t``;
+    the cached prefill asks only for the last position at the last layer, and the residual
+    stream then keeps those same last ``t'`` positions.
+    """
+    out = attention(block.norm1(x))
+    if out.shape[1] != x.shape[1]:
+        x = x[:, -out.shape[1]:]
+    x = x + block.drop_resid(out)
+    return x + block.drop_resid(block.ff(block.norm2(x)))
 
 
 # ----------------------------------------------------------------------------- chapter 3
@@ -102,22 +136,12 @@ class MultiHeadAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("mask", _causal_mask_buffer(context_length))
 
-    def split_heads(self, x):
-        """``(b, t, d_out)`` -> ``(b, heads, t, head_dim)`` (a view, no copy)."""
-        b, t, _ = x.shape
-        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-
-    def merge_heads(self, x):
-        """``(b, heads, t, head_dim)`` -> ``(b, t, d_out)``."""
-        b, _, t, _ = x.shape
-        return x.transpose(1, 2).reshape(b, t, self.d_out)
-
     def forward(self, x):
-        keys = self.split_heads(self.W_key(x))
-        queries = self.split_heads(self.W_query(x))
-        values = self.split_heads(self.W_value(x))
+        keys = split_heads(self, self.W_key(x))
+        queries = split_heads(self, self.W_query(x))
+        values = split_heads(self, self.W_value(x))
         context = ops.causal_attention(queries, keys, values, dropout_p=self.dropout.p, training=self.training)
-        return self.out_proj(self.merge_heads(context))
+        return self.out_proj(merge_heads(self, context))
 
 
 class PyTorchMultiHeadAttention(nn.Module):
@@ -198,8 +222,7 @@ class TransformerBlock(nn.Module):
         self.drop_resid = nn.Dropout(cfg["drop_rate"])
 
     def forward(self, x):
-        x = x + self.drop_resid(self.att(self.norm1(x)))
-        return x + self.drop_resid(self.ff(self.norm2(x)))
+        return residual_block(self, x, self.att)
 
 
 class GPTModel(nn.Module):

@@ -1,15 +1,14 @@
-"""Losses, evaluation and the training loops of chapter 5 and appendix D."""
+"""The book's losses, evaluation and training loops (chapter 5 and appendix D), and its loss plot."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
-
 import torch
 
-from . import ops
-from .generation import generate_text_simple
-from .tokenizer import ENDOFTEXT
+from .. import ops
+from ..files import atomic_savefig
+from ..generation import generate_text_simple
+from ..tokenizer import ENDOFTEXT
 
 
 def text_to_token_ids(text, tokenizer):
@@ -156,7 +155,10 @@ def train_model(model, train_loader, val_loader, optimizer, device,
 
 
 def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, save_path="loss-plot.pdf", show=True):
-    """Plot train/validation loss against epochs (bottom axis) and tokens seen (top axis)."""
+    """Plot train/validation loss against epochs (bottom axis) and tokens seen (top axis).
+
+    The file is written atomically (a temporary file renamed over ``save_path``).
+    """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
@@ -171,40 +173,7 @@ def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, save_path="l
     ax2.plot(tokens_seen, train_losses, alpha=0)  # invisible: only aligns the tokens axis
     ax2.set_xlabel("Tokens seen")
     fig.tight_layout()
-    plt.savefig(save_path)
+    atomic_savefig(fig, save_path)
     if show:
         plt.show()
     return fig
-
-
-def save_checkpoint(path, model, optimizer=None, **extra):
-    """Save in the reference's format (``model_state_dict``/``optimizer_state_dict``) plus ``extra`` keys."""
-    state = {"model_state_dict": model.state_dict(), **extra}
-    if optimizer is not None:
-        state["optimizer_state_dict"] = optimizer.state_dict()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-
-
-def load_checkpoint(path, model, optimizer=None, map_location="cpu"):
-    """Load a checkpoint saved by ``save_checkpoint``, the reference, or a bare ``state_dict``.
-
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` when the
-    weights do not fit ``model``.  Returns the loaded dictionary.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    model_state = state.get("model_state_dict", state) if isinstance(state, dict) else None
-    if not isinstance(model_state, dict):
-        raise ValueError(f"{path} holds no model state_dict")
-    try:
-        model.load_state_dict(model_state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"checkpoint {path} does not match the model: {exc}") from None
-    if optimizer is not None:
-        if "optimizer_state_dict" not in state:
-            raise ValueError(f"checkpoint {path} has no optimizer state to resume from")
-        optimizer.load_state_dict(state["optimizer_state_dict"])
-    return state

@@ -1,6 +1,9 @@
-"""Model configurations: the book's training config and the four GPT-2 sizes."""
+"""GPT model configurations: the book's training config, the four GPT-2 sizes and a test-size model."""
 
 from __future__ import annotations
+
+# GPT-2's BPE vocabulary (the last id is <|endoftext|>).
+GPT2_VOCAB_SIZE = 50257
 
 # Chapter 5 trains this config (GPT-2 124M shape, shorter context) on the-verdict.
 GPT_CONFIG_124M = {

@@ -1,0 +1,47 @@
+"""How the command-line tools report expected failures: one line on stderr, a non-zero exit, no traceback.
+
+Bad flags, missing or corrupt files, an unavailable backend or a diverging loss are
+expected failures: the user gets ``<prog>: error: <what is wrong>`` and exit status 2.
+``--debug`` or ``GPTFAST_DEBUG=1`` lets the exception through with its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+# FileNotFoundError, PermissionError, disk-full errors ... are OSErrors; torch reports most
+# device and shape problems as RuntimeError.
+EXPECTED_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def debug_requested(flag: bool = False) -> bool:
+    """``--debug`` given, or ``$GPTFAST_DEBUG`` set to anything but empty/0."""
+    return bool(flag) or os.environ.get("GPTFAST_DEBUG", "").strip() not in ("", "0")
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (whitespace runs collapsed), or its type name."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}"
+    return text or type(exc).__name__
+
+
+def run_cli(prog: str, main: Callable[[], int], *, debug: bool = False) -> int:
+    """Run ``main``; turn an expected failure into one stderr line and exit status 2."""
+    try:
+        return main()
+    except EXPECTED_ERRORS as exc:
+        if debug_requested(debug):
+            raise
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        if debug_requested(debug):
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
