@@ -150,12 +150,13 @@ def calc_loss_batch(input_batch, target_batch, model, device, ignore_index=-100)
     only on the kept positions, through the fused (linear) cross-entropy.
     """
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    if reference_numerics() or not is_book_gpt(model):
-        logits = model(input_batch)
-        return ops.cross_entropy(logits.flatten(0, 1), target_batch.flatten(), ignore_index=ignore_index)
-    hidden = final_hidden_states(model, input_batch).flatten(0, 1)
     targets = target_batch.flatten()
     keep = targets != ignore_index
+    if reference_numerics() or not is_book_gpt(model) or not bool(keep.any()):
+        # The reference's way (also for a batch without any target: its loss is NaN, as there).
+        logits = model(input_batch)
+        return ops.cross_entropy(logits.flatten(0, 1), targets, ignore_index=ignore_index)
+    hidden = final_hidden_states(model, input_batch).flatten(0, 1)
     if not bool(keep.all()):
         hidden, targets = hidden[keep], targets[keep]
     return head_loss(hidden, model.out_head, targets, ignore_index=ignore_index)
