@@ -145,6 +145,34 @@ def test_calc_loss_batch_matches_chapter_5s_loss_values_and_gradients(tokenizer,
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_rows_of_different_lengths_run_in_groups_cut_to_their_last_target(monkeypatch):
+    from gptfast.finetuning import instruction
+
+    ref, ours = twin_models({**TINY, "drop_rate": 0.0})
+    rows = [list(range(100, 100 + n)) for n in (5, 40, 12, 38, 1)]
+    inputs, targets = ch07.custom_collate_fn(rows)
+    targets[2, :] = -100  # a row without any target adds nothing
+    seen = []
+    real = instruction.final_hidden_states
+    monkeypatch.setattr(instruction, "final_hidden_states", lambda m, x: seen.append(tuple(x.shape)) or real(m, x))
+    loss = ch07.calc_loss_batch(inputs, targets, ours, "cpu")
+    expected = ref_ch05.calc_loss_batch(inputs, targets, ref, "cpu")
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    loss.backward(), expected.backward()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    # Rows 1 and 3 (40 and 38 tokens, each ending in one kept end token) together; rows 0 and 4 alone.
+    assert seen == [(2, 40), (1, 5), (1, 1)]
+
+
+def test_row_groups():
+    from gptfast.finetuning.instruction import _row_groups
+
+    assert _row_groups([10, 0, 100, 90, 50, 86, 84]) == [([2, 3, 5], 100), ([6], 84), ([4], 50), ([0], 10)]
+    assert _row_groups([10, 0, 100, 90], split=False) == [([2, 3, 0], 100)]
+    assert _row_groups([0, 0]) == [] and _row_groups([0], split=False) == []
+
+
 def test_a_batch_without_targets_gives_nan_like_the_reference():
     ref, ours = twin_models({**TINY, "drop_rate": 0.0})
     inputs, targets = torch.tensor([[1, 2, 3]]), torch.full((1, 3), -100)

@@ -146,20 +146,55 @@ def custom_collate_fn(batch, pad_token_id=50256, ignore_index=-100, allowed_max_
 def calc_loss_batch(input_batch, target_batch, model, device, ignore_index=-100):
     """Mean next-token cross-entropy over the targets that are not ``ignore_index``.
 
-    For gptfast's ``GPTModel`` (and any backend but ``"torch"``) the output head runs
-    only on the kept positions, through the fused (linear) cross-entropy.
+    For gptfast's ``GPTModel`` (and any backend but ``"torch"``) only the positions that
+    count are computed: each row up to its last kept target (causal attention: later
+    positions cannot change earlier ones), and the output head only where the target is
+    kept, through the fused (linear) cross-entropy.
     """
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    targets = target_batch.flatten()
-    keep = targets != ignore_index
+    keep = target_batch != ignore_index
     if reference_numerics() or not is_book_gpt(model) or not bool(keep.any()):
         # The reference's way (also for a batch without any target: its loss is NaN, as there).
         logits = model(input_batch)
-        return ops.cross_entropy(logits.flatten(0, 1), targets, ignore_index=ignore_index)
-    hidden = final_hidden_states(model, input_batch).flatten(0, 1)
-    if not bool(keep.all()):
-        hidden, targets = hidden[keep], targets[keep]
-    return head_loss(hidden, model.out_head, targets, ignore_index=ignore_index)
+        return ops.cross_entropy(logits.flatten(0, 1), target_batch.flatten(), ignore_index=ignore_index)
+    hidden, targets = [], []
+    for rows, length in _row_groups(_needed_lengths(keep), split=input_batch.device.type == "cpu"):
+        index = torch.tensor(rows, device=input_batch.device)
+        group_keep = keep.index_select(0, index)[:, :length].flatten()
+        states = final_hidden_states(model, input_batch.index_select(0, index)[:, :length]).flatten(0, 1)
+        hidden.append(states[group_keep])
+        targets.append(target_batch.index_select(0, index)[:, :length].flatten()[group_keep])
+    return head_loss(torch.cat(hidden), model.out_head, torch.cat(targets), ignore_index=ignore_index)
+
+
+def _needed_lengths(keep):
+    """Per row, one past the last position whose target is kept (0 for a row without any)."""
+    positions = torch.arange(1, keep.shape[1] + 1, device=keep.device)
+    return (keep * positions).amax(dim=1).tolist()
+
+
+# A row joins the current group while its length is above this share of the group's longest row.
+_GROUP_LENGTH_RATIO = 0.85
+
+
+def _row_groups(lengths, split=True):
+    """Rows to run together, as ``(row_ids, length)`` pairs, longest rows first; empty rows left out.
+
+    Each group is cut to its longest row, so padding past a row's last target costs
+    nothing when rows of similar length are grouped.  On CPU time grows with the number
+    of positions, so rows are split into groups of similar length; elsewhere (a GPU,
+    which a batch this size does not fill) one group trims only the common padding.
+    """
+    order = sorted((r for r, n in enumerate(lengths) if n > 0), key=lambda r: -lengths[r])
+    if not split:
+        return [(order, lengths[order[0]])] if order else []
+    groups = []
+    for r in order:
+        if groups and lengths[r] > _GROUP_LENGTH_RATIO * groups[-1][1]:
+            groups[-1][0].append(r)
+        else:
+            groups.append(([r], lengths[r]))
+    return groups
 
 
 def calc_loss_loader(data_loader, model, device, num_batches=None):
