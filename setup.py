@@ -67,7 +67,7 @@ def extensions():
 ext_modules, cmdclass = extensions()
 
 setup(
-    packages=["gptfast", "gptfast.ops", "gptfast.embedded", "gptfast.triton_kernels"],
+    packages=["gptfast", "gptfast.ops", "gptfast.finetuning", "gptfast.embedded", "gptfast.triton_kernels"],
     package_dir={"gptfast.embedded": "data", "gptfast.triton_kernels": "csrc/triton"},
     package_data={"gptfast.embedded": ["*.txt", "*.tiktoken"]},
     ext_modules=ext_modules,
