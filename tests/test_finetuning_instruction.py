@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from book_reference import TINY, assert_same_state, reference, twin_models
-from gptfast import ch05, ch07, ops
+from gptfast import ch07, ops
 from gptfast.finetuning import ollama
 
 ref_ch05 = reference("ch05")

@@ -6,13 +6,15 @@ The reference names (``download_and_load_file``, ``format_input``, ``Instruction
 instead of one per example.  Beyond the reference:
 
 * :func:`calc_loss_batch` (and the loader, evaluation and training loop around it)
-  computes the output head only at the targets that count: padded targets
-  (``ignore_index``) cost neither logits nor memory, and the loss runs through the fused
-  cross-entropy / fused linear cross-entropy.  With the ``"torch"`` ops backend it is
+  computes only what the loss reads: each row up to its last kept target, and the
+  output head only at kept targets, so padded targets (``ignore_index``) cost neither
+  transformer work, logits nor memory; the loss runs through the fused cross-entropy /
+  fused linear cross-entropy.  With the ``"torch"`` ops backend it is
   op for op chapter 5's ``calc_loss_batch``, so numbers are bitwise the reference's.
 * :func:`generate_responses` generates the test-set responses of a list of entries
   in batched calls (KV cache, per-row prompt lengths, stop at ``eos_id``) and returns
-  exactly the texts the book's one-prompt-at-a-time loop extracts.
+  the texts the book's one-prompt-at-a-time loop extracts (the greedy tokens agree up to
+  float rounding of near-tied logits).
 """
 
 from __future__ import annotations
@@ -264,7 +266,8 @@ def generate_responses(model, entries, tokenizer, *, max_new_tokens=256, context
     Gives the texts of the book's loop (``generate(..., eos_id=50256)`` on ``format_input(entry)``,
     decode, cut the prompt, drop ``### Response:``, strip), one batched KV-cache call per
     ``batch_size`` entries.  With ``response_key`` (e.g. ``"model_response"``) each entry also
-    gets its response stored under that key.  Returns the list of responses.
+    gets its response stored under that key.  Puts ``model`` in eval mode, as the book does
+    before generating.  Returns the list of responses.
     """
     if not isinstance(entries, (list, tuple)) or len(entries) == 0:
         raise ValueError("entries must be a non-empty list of instruction entries")
