@@ -68,7 +68,7 @@ ext_modules, cmdclass = extensions()
 
 setup(
     packages=["gptfast", "gptfast.ops", "gptfast.models", "gptfast.generation", "gptfast.training", "gptfast.kv_cache",
-              "gptfast.embedded", "gptfast.triton_kernels"],
+              "gptfast.finetuning", "gptfast.embedded", "gptfast.triton_kernels"],
     package_dir={"gptfast.embedded": "data", "gptfast.triton_kernels": "csrc/triton"},
     package_data={"gptfast.embedded": ["*.txt", "*.tiktoken"]},
     ext_modules=ext_modules,

@@ -1,0 +1,97 @@
+"""What the fine-tuning losses need from the GPT: the hidden states of the positions that count.
+
+The book computes every position's logits and then keeps a few: classification keeps
+the last position, instruction tuning drops every target equal to ``ignore_index``.
+For the book's ``GPTModel`` layout the helpers here compute only what is kept:
+
+* :func:`last_token_hidden` runs the last transformer block for the last position only
+  (its keys and values still see every position), so the last block's query projection,
+  attention output, feed-forward and their backward shrink by the sequence length;
+* :func:`head_loss` applies the output head to the kept rows only, through the fused
+  (linear) cross-entropy.
+
+With the ``"torch"`` ops backend (the parity oracle) everything runs the reference's
+way instead, op for op, so results are bitwise those of ``llms_from_scratch``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..ch04 import GPTModel, MultiHeadAttention, TransformerBlock
+
+
+def reference_numerics() -> bool:
+    """True when the selected ops backend is ``"torch"``: then reproduce the reference op for op."""
+    return ops.get_backend() == "torch"
+
+
+def is_book_gpt(model) -> bool:
+    """True for gptfast's ``GPTModel`` whose blocks are the book's (the layout the shortcuts rely on)."""
+    return isinstance(model, GPTModel) and all(
+        isinstance(block, TransformerBlock) and isinstance(block.att, MultiHeadAttention)
+        for block in model.trf_blocks)
+
+
+def _embed(model, idx):
+    positions = torch.arange(idx.shape[1], device=idx.device)
+    return model.drop_emb(model.tok_emb(idx) + model.pos_emb(positions))
+
+
+def final_hidden_states(model, idx):
+    """``(b, t, emb_dim)`` states after the final norm: the model's forward without the output head."""
+    return model.final_norm(model.trf_blocks(_embed(model, idx)))
+
+
+def _heads(att, x):
+    """``(b, t, d_out)`` -> ``(b, heads, t, head_dim)``."""
+    b, t, _ = x.shape
+    return x.view(b, t, att.num_heads, att.head_dim).transpose(1, 2)
+
+
+def _last_position_of_block(block, x):
+    """``block(x)[:, -1:]`` computed for the last position only: ``(b, 1, emb_dim)``."""
+    att = block.att
+    normed = block.norm1(x)
+    keys, values = _heads(att, att.W_key(normed)), _heads(att, att.W_value(normed))
+    query = _heads(att, att.W_query(normed[:, -1:]))
+    # The last query sees every key, so the causal op computes exactly its row of the full attention.
+    context = ops.causal_attention(query, keys, values, dropout_p=att.dropout.p, training=att.training)
+    context = context.transpose(1, 2).reshape(x.shape[0], 1, att.d_out)
+    last = x[:, -1:] + block.drop_resid(att.out_proj(context))
+    return last + block.drop_resid(block.ff(block.norm2(last)))
+
+
+def last_token_hidden(model, idx):
+    """Final-norm hidden state of the last position, ``(b, emb_dim)``, for a book-layout GPT."""
+    x = _embed(model, idx)
+    blocks = list(model.trf_blocks)
+    for block in blocks[:-1]:
+        x = block(x)
+    x = _last_position_of_block(blocks[-1], x) if blocks else x[:, -1:]
+    return model.final_norm(x)[:, 0]
+
+
+def last_token_logits(model, idx):
+    """Logits of the last position, ``(b, num_outputs)``: the reference's ``model(idx)[:, -1, :]``."""
+    if reference_numerics() or not is_book_gpt(model):
+        return model(idx)[:, -1, :]
+    return model.out_head(last_token_hidden(model, idx))
+
+
+def _fused_linear_cross_entropy_serves(hidden, head, targets) -> bool:
+    args, kwargs = (hidden, head.weight, targets), {"bias": head.bias}
+    return ops.resolve("linear_cross_entropy", hidden.device, args, kwargs)[0] != "torch"
+
+
+def head_loss(hidden, head, targets, ignore_index=-100):
+    """Mean cross-entropy of ``head(hidden)`` against ``targets`` (rows equal to ``ignore_index`` skipped).
+
+    A plain ``nn.Linear`` head goes through ``ops.linear_cross_entropy`` where a fused
+    backend serves it (the logits are never built), else through ``ops.cross_entropy``.
+    """
+    if isinstance(head, nn.Linear) and _fused_linear_cross_entropy_serves(hidden, head, targets):
+        return ops.linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, ignore_index=ignore_index)
+    return ops.cross_entropy(head(hidden), targets, ignore_index=ignore_index)

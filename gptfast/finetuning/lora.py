@@ -1,0 +1,99 @@
+"""Low-rank adaptation (appendix E): a trainable ``alpha * x @ A @ B`` beside a frozen linear layer.
+
+``A @ B`` is never formed: the update is ``(x @ A) @ B``, two thin matmuls through
+the rank.  The wrapped layer's weights keep their own ``requires_grad``: freeze them
+(the book does so before wrapping, or pass ``freeze_base=True``) and autograd neither
+computes nor stores a gradient for them, only for ``A`` and ``B``.
+
+Parameter names, shapes, creation order and initial values under a seed are those of
+``llms_from_scratch.appendix_e``; with the ``"torch"`` ops backend outputs are bitwise
+the reference's.  Otherwise :class:`LinearWithLoRA` adds the update into the linear
+layer's output in one ``addmm_`` (no separate scaled copy and sum of the output).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .heads import reference_numerics
+
+
+def _positive_int(name, value):
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return int(value)
+
+
+def _number(name, value):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return value
+
+
+class LoRALayer(nn.Module):
+    """``alpha * (x @ A) @ B`` with ``A`` ``(in_dim, rank)`` Kaiming-uniform and ``B`` ``(rank, out_dim)`` zero."""
+
+    def __init__(self, in_dim, out_dim, rank, alpha):
+        super().__init__()
+        in_dim, out_dim = _positive_int("in_dim", in_dim), _positive_int("out_dim", out_dim)
+        rank = _positive_int("rank", rank)
+        self.A = nn.Parameter(torch.empty(in_dim, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # the bound nn.Linear uses for its weights
+        self.B = nn.Parameter(torch.zeros(rank, out_dim))
+        self.alpha = _number("alpha", alpha)
+
+    def forward(self, x):
+        return self.alpha * ((x @ self.A) @ self.B)
+
+
+class LinearWithLoRA(nn.Module):
+    """``linear(x) + lora(x)``: a linear layer plus a rank-``rank`` update scaled by ``alpha``.
+
+    ``freeze_base=True`` (not in the reference) turns off ``requires_grad`` of the
+    wrapped layer's weight and bias.
+    """
+
+    def __init__(self, linear, rank, alpha, freeze_base=False):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        self.linear = linear
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
+        if freeze_base:
+            linear.requires_grad_(False)
+
+    def forward(self, x):
+        if reference_numerics():
+            return self.linear(x) + self.lora(x)
+        return _linear_plus_low_rank(x, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B,
+                                     self.lora.alpha)
+
+
+def _linear_plus_low_rank(x, weight, bias, A, B, alpha):
+    """``x @ weight.T + bias + alpha * (x @ A) @ B`` with the update accumulated in place by ``addmm_``."""
+    out = F.linear(x, weight, bias)
+    low = (x @ A).reshape(-1, A.shape[1])
+    # F.linear's backward needs x and weight, not its output, so updating the output in place is safe.
+    out.view(-1, out.shape[-1]).addmm_(low, B, alpha=alpha)
+    return out
+
+
+def replace_linear_with_lora(model, rank, alpha, freeze_base=False):
+    """Wrap every ``nn.Linear`` inside ``model`` (recursively, in place) in a :class:`LinearWithLoRA`.
+
+    The book freezes the whole model first, so only the LoRA matrices train;
+    ``freeze_base=True`` (not in the reference) freezes the wrapped layers here.
+    """
+    rank, alpha = _positive_int("rank", rank), _number("alpha", alpha)
+    for name, child in model.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(model, name, LinearWithLoRA(child, rank, alpha, freeze_base))
+        else:
+            replace_linear_with_lora(child, rank, alpha, freeze_base)

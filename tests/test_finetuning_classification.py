@@ -1,0 +1,279 @@
+"""Chapter 6 against the reference: data preparation, SpamDataset, last-token loss/accuracy, one training run."""
+
+import random
+import zipfile
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from book_reference import TINY, assert_same_state, reference, twin_models
+from gptfast import ch06, ops
+from gptfast.finetuning import heads
+
+pd = pytest.importorskip("pandas")
+ref_ch06 = reference("ch06")
+
+WORDS = ("free prize call now win cash claim urgent reply txt meet you later home dinner ok sure lol see "
+         "tomorrow thanks mum work bus late what time love").split()
+
+
+def _messages(seed=0, n_ham=40, n_spam=12):
+    rng = random.Random(seed)
+    rows = [("ham", " ".join(rng.choices(WORDS[9:], k=rng.randint(1, 12)))) for _ in range(n_ham)]
+    rows += [("spam", " ".join(rng.choices(WORDS[:12], k=rng.randint(3, 14)))) for _ in range(n_spam)]
+    rng.shuffle(rows)
+    return rows
+
+
+def _spam_zip(tmp_path):
+    """A zip laid out like the UCI download (one tab-separated ``SMSSpamCollection``), as a file:// URL."""
+    zip_path = tmp_path / "source.zip"
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        archive.writestr("SMSSpamCollection", "".join(f"{label}\t{text}\n" for label, text in _messages()))
+        archive.writestr("readme", "SMS spam collection (test copy)\n")
+    return zip_path.as_uri()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import tiktoken
+
+    return tiktoken.get_encoding("gpt2")
+
+
+@pytest.fixture
+def csv_files(tmp_path):
+    """train/validation/test CSVs made the book's way (balanced, labels 0/1, 70/10/20 split)."""
+    url = _spam_zip(tmp_path)
+    tsv = tmp_path / "extracted" / "SMSSpamCollection.tsv"
+    ch06.download_and_unzip_spam_data(url, tmp_path / "sms.zip", tmp_path / "extracted", tsv)
+    df = pd.read_csv(tsv, sep="\t", header=None, names=["Label", "Text"])
+    balanced = ch06.create_balanced_dataset(df)
+    balanced["Label"] = balanced["Label"].map({"ham": 0, "spam": 1})
+    paths = []
+    for name, frame in zip(("train", "validation", "test"), ch06.random_split(balanced, 0.7, 0.1)):
+        frame.to_csv(tmp_path / f"{name}.csv", index=None)
+        paths.append(tmp_path / f"{name}.csv")
+    return paths
+
+
+def test_download_extracts_and_renames_like_the_reference(tmp_path, capsys):
+    url = _spam_zip(tmp_path)
+    outputs = []
+    for module, sub in ((ref_ch06, "ref"), (ch06, "ours")):
+        folder = tmp_path / sub
+        folder.mkdir()  # the reference writes the zip into an existing folder
+        target = folder / "extracted" / "SMSSpamCollection.tsv"
+        module.download_and_unzip_spam_data(url, folder / "sms.zip", folder / "extracted", target)
+        outputs.append(target.read_bytes())
+        assert capsys.readouterr().out == f"File downloaded and saved as {target}\n"
+    assert outputs[0] == outputs[1] and outputs[0].startswith(b"ham\t") or outputs[0].startswith(b"spam\t")
+    assert not list((tmp_path / "ours").glob(".*.tmp"))
+    # A second call finds the file and downloads nothing (a broken URL would fail otherwise).
+    target = tmp_path / "ours" / "extracted" / "SMSSpamCollection.tsv"
+    ch06.download_and_unzip_spam_data("file:///nonexistent.zip", tmp_path / "x.zip", tmp_path / "y", str(target))
+    assert "already exists" in capsys.readouterr().out
+
+
+def test_a_zip_without_the_table_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as archive:
+        archive.writestr("other.txt", "x")
+    with pytest.raises(ValueError, match="SMSSpamCollection"):
+        ch06.download_and_unzip_spam_data(bad.as_uri(), tmp_path / "sms.zip", tmp_path / "ex", tmp_path / "t.tsv")
+
+
+def test_balancing_and_splitting_match_the_reference():
+    df = pd.DataFrame(_messages(seed=3, n_ham=57, n_spam=19), columns=["Label", "Text"])
+    ours, ref = ch06.create_balanced_dataset(df), ref_ch06.create_balanced_dataset(df)
+    pd.testing.assert_frame_equal(ours, ref)
+    assert (ours["Label"] == "spam").sum() == (ours["Label"] == "ham").sum() == 19
+    for fracs in ((0.7, 0.1), (0.5, 0.5), (1.0, 0.0), (0.33, 0.2)):
+        for a, b in zip(ch06.random_split(ours, *fracs), ref_ch06.random_split(ref, *fracs)):
+            pd.testing.assert_frame_equal(a, b)
+
+
+def test_bad_data_arguments_are_clear_errors(tmp_path, tokenizer, csv_files):
+    df = pd.DataFrame(_messages(), columns=["Label", "Text"])
+    with pytest.raises(ValueError, match="train_frac"):
+        ch06.random_split(df, 1.5, 0.1)
+    with pytest.raises(ValueError, match="validation_frac"):
+        ch06.random_split(df, 0.5, -0.1)
+    with pytest.raises(ValueError, match="exceed 1"):
+        ch06.random_split(df, 0.7, 0.4)
+    with pytest.raises(ValueError, match="Label"):
+        ch06.create_balanced_dataset(df.rename(columns={"Label": "y"}))
+    with pytest.raises(ValueError, match="max_length"):
+        ch06.SpamDataset(csv_files[0], tokenizer, max_length=0)
+    pd.DataFrame({"Label": ["ham"], "Text": ["hi"]}).to_csv(tmp_path / "raw.csv", index=None)
+    with pytest.raises(ValueError, match="Label must hold integer class ids"):
+        ch06.SpamDataset(tmp_path / "raw.csv", tokenizer)
+
+
+@pytest.mark.parametrize("max_length,pad", [(None, 50256), (5, 50256), (40, 7)])
+def test_spam_dataset_matches_the_reference(csv_files, tokenizer, max_length, pad):
+    ours = ch06.SpamDataset(csv_files[0], tokenizer, max_length=max_length, pad_token_id=pad)
+    ref = ref_ch06.SpamDataset(csv_files[0], tokenizer, max_length=max_length, pad_token_id=pad)
+    assert ours.max_length == ref.max_length and ours.encoded_texts == ref.encoded_texts and len(ours) == len(ref)
+    for i in range(len(ref)):
+        for a, b in zip(ours[i], ref[i]):
+            assert torch.equal(a, b) and a.dtype == b.dtype and a.shape == b.shape
+    # Items are copies: changing one leaves the dataset as it was.
+    ours[0][0].zero_()
+    assert torch.equal(ours[0][0], ref[0][0])
+
+
+def _classifier_pair(cfg, seed=123):
+    """The book's classification setup on twin models: frozen, new 2-class head, last block and norm trainable."""
+    models = twin_models(cfg, seed)
+    for model in models:
+        for p in model.parameters():
+            p.requires_grad = False
+        torch.manual_seed(123)
+        model.out_head = torch.nn.Linear(cfg["emb_dim"], 2)
+        for p in (*model.trf_blocks[-1].parameters(), *model.final_norm.parameters()):
+            p.requires_grad = True
+    return models
+
+
+def _loaders(csv_files, tokenizer, batch_size=4):
+    train = ch06.SpamDataset(csv_files[0], tokenizer)
+    val = ch06.SpamDataset(csv_files[1], tokenizer, max_length=train.max_length)
+    torch.manual_seed(123)
+    return (DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=True),
+            DataLoader(val, batch_size=batch_size, drop_last=False))
+
+
+def _train(module, model, loaders, epochs=1):
+    torch.manual_seed(5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.1)
+    torch.manual_seed(7)  # dropout draws and the shuffling of the train loader
+    return module.train_classifier_simple(model, *loaders, optimizer, "cpu", num_epochs=epochs, eval_freq=2,
+                                          eval_iter=2)
+
+
+def test_one_training_epoch_is_bitwise_the_reference_with_the_torch_backend(csv_files, tokenizer, capsys):
+    ref, ours = _classifier_pair(TINY)  # dropout 0.1: the same masks are drawn
+    loaders = _loaders(csv_files, tokenizer)
+    with ops.use_backend("torch"):
+        expected = _train(ref_ch06, ref, loaders)
+        ref_out = capsys.readouterr().out
+        got = _train(ch06, ours, loaders)
+        our_out = capsys.readouterr().out
+    assert got == expected
+    assert our_out == ref_out and "Training accuracy" in our_out
+    assert_same_state(ours, ref)
+    assert len(got[0]) >= 2 and got[-1] == len(loaders[0]) * 4
+
+
+def test_one_training_epoch_matches_the_reference_on_the_fast_path(csv_files, tokenizer, capsys):
+    cfg = {**TINY, "drop_rate": 0.0}  # the last-token shortcut draws dropout masks for fewer positions
+    ref, ours = _classifier_pair(cfg)
+    loaders = _loaders(csv_files, tokenizer)
+    expected = _train(ref_ch06, ref, loaders, epochs=2)
+    got = _train(ch06, ours, loaders, epochs=2)
+    capsys.readouterr()
+    for ours_list, ref_list in zip(got[:4], expected[:4]):
+        assert ours_list == pytest.approx(ref_list, rel=1e-5, abs=1e-6)
+    assert got[4] == expected[4]
+    ours_state, ref_state = ours.state_dict(), ref.state_dict()
+    for key in ref_state:
+        # The key bias shifts every score of a query equally, so its true gradient is zero and AdamW
+        # turns the rounding noise of either computation into full-size steps: nothing to compare.
+        if not key.endswith("W_key.bias"):
+            torch.testing.assert_close(ours_state[key], ref_state[key], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_loss_and_accuracy_loaders_match_the_reference(csv_files, tokenizer, backend):
+    ref, ours = _classifier_pair(TINY)
+    ref.eval(), ours.eval()
+    loaders = _loaders(csv_files, tokenizer)
+    rel = 0 if backend == "torch" else 1e-6
+
+    def both(fn_ours, fn_ref, *args):
+        # The train loader shuffles: both sides must draw the same order.
+        torch.manual_seed(11)
+        got = fn_ours(*args[:1], ours, *args[1:])
+        torch.manual_seed(11)
+        return got, fn_ref(*args[:1], ref, *args[1:])
+
+    with ops.use_backend(backend):
+        for num_batches in (None, 1, 99):
+            for loader in loaders:
+                got, expected = both(ch06.calc_accuracy_loader, ref_ch06.calc_accuracy_loader, loader, "cpu",
+                                     num_batches)
+                assert got == expected
+                got, expected = both(ch06.calc_loss_loader, ref_ch06.calc_loss_loader, loader, "cpu", num_batches)
+                assert got == pytest.approx(expected, rel=rel)
+        torch.manual_seed(11)
+        got = ch06.evaluate_model(ours, *loaders, "cpu", 2)
+        torch.manual_seed(11)
+        assert got == pytest.approx(ref_ch06.evaluate_model(ref, *loaders, "cpu", 2), rel=rel)
+    assert ours.training  # evaluate_model returns the model to training mode
+    assert torch.isnan(torch.tensor(ch06.calc_loss_loader(DataLoader([], batch_size=2), ours, "cpu")))
+
+
+@pytest.mark.parametrize("seq_len", [1, 2, 17, TINY["context_length"]])
+def test_last_token_shortcut_equals_the_full_forward_values_and_gradients(seq_len):
+    cfg = {**TINY, "drop_rate": 0.0}
+    _, model = _classifier_pair(cfg)
+    _, twin = _classifier_pair(cfg)
+    idx = torch.randint(0, cfg["vocab_size"], (3, seq_len))
+    labels = torch.tensor([0, 1, 1])
+    fast = ch06.calc_loss_batch(idx, labels, model, "cpu")
+    with ops.use_backend("torch"):
+        full = ch06.calc_loss_batch(idx, labels, twin, "cpu")
+    torch.testing.assert_close(fast, full, atol=1e-6, rtol=1e-6)
+    fast.backward(), full.backward()
+    grads = [(n, p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), twin.parameters())
+             if p.requires_grad]
+    assert len(grads) > 10
+    for name, a, b in grads:
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    # The shortcut itself, and the plain path for a model of another layout.
+    with torch.no_grad():
+        torch.testing.assert_close(heads.last_token_logits(model, idx), model(idx)[:, -1], atol=1e-6, rtol=1e-6)
+    assert heads.is_book_gpt(model) and not heads.is_book_gpt(torch.nn.Linear(2, 2))
+
+
+def test_a_model_without_transformer_blocks_still_classifies():
+    cfg = {**TINY, "n_layers": 0, "drop_rate": 0.0}
+    _, ours = twin_models(cfg)
+    idx = torch.randint(0, 50257, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(heads.last_token_logits(ours, idx), ours(idx)[:, -1], atol=1e-6, rtol=1e-6)
+
+
+def test_classify_review_matches_the_reference(tokenizer):
+    ref, ours = _classifier_pair(TINY)
+    texts = ["You are a winner you have been specially selected to receive $1000 cash",
+             "Hey, just wanted to check if we're still on for dinner tonight? Let me know!", "ok"]
+    for backend in ("torch", "auto"):
+        with ops.use_backend(backend):
+            for text in texts:
+                for max_length in (3, 20, TINY["context_length"]):
+                    assert ch06.classify_review(text, ours, tokenizer, "cpu", max_length=max_length) == \
+                        ref_ch06.classify_review(text, ref, tokenizer, "cpu", max_length=max_length)
+    # No max_length: an error in the reference, the unpadded text here.
+    ids = torch.tensor([tokenizer.encode(texts[0])])
+    with torch.no_grad():
+        expected = "spam" if ours(ids)[0, -1].argmax().item() == 1 else "not spam"
+    assert ch06.classify_review(texts[0], ours, tokenizer, "cpu") == expected
+    for bad in (0, TINY["context_length"] + 1, 2.5):
+        with pytest.raises(ValueError, match="max_length"):
+            ch06.classify_review("hi", ours, tokenizer, "cpu", max_length=bad)
+    with pytest.raises(ValueError, match="text"):
+        ch06.classify_review("", ours, tokenizer, "cpu")
+
+
+def test_plot_values_writes_the_pdf(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    monkeypatch.chdir(tmp_path)
+    fig = ch06.plot_values([0, 1, 2], [0, 8, 16], [0.9, 0.7, 0.5], [1.0, 0.8, 0.6], label="accuracy", show=False)
+    assert (tmp_path / "accuracy-plot.pdf").read_bytes().startswith(b"%PDF")
+    assert fig.axes[0].get_ylabel() == "Accuracy"
+    assert [line.get_label() for line in fig.axes[0].lines] == ["Training accuracy", "Validation accuracy"]
