@@ -48,8 +48,8 @@ __device__ __forceinline__ void halves_to_float(unsigned word, const __half*, fl
 }
 __device__ __forceinline__ void halves_to_float(unsigned word, const __nv_bfloat16*, float& lo, float& hi) {
   // bf16 is the top half of an fp32: widening is a shift, exact for every value incl. NaN/inf.
-  lo = __uint_as_float(word << 16);
-  hi = __uint_as_float(word & 0xffff0000u);
+  lo = __int_as_float(static_cast<int>(word << 16));
+  hi = __int_as_float(static_cast<int>(word & 0xffff0000u));
 }
 
 // Unpacks a register copy of 16 bytes into Vec16<T>::kSize floats with bit operations only.
@@ -58,7 +58,7 @@ __device__ __forceinline__ void unpack16(uint4 raw, float (&out)[Vec16<T>::kSize
   const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
   if constexpr (sizeof(T) == 4) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) out[e] = __uint_as_float(words[e]);
+    for (int e = 0; e < 4; ++e) out[e] = __int_as_float(static_cast<int>(words[e]));
   } else {
     static_assert(sizeof(T) == 2, "unpack16 handles 2- and 4-byte element types");
 #pragma unroll
