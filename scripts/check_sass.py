@@ -194,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     with tempfile.TemporaryDirectory(prefix="gptfast_sass_") as tmp:
         binaries = list(args.binary)
+        missing = [b for b in binaries if not os.path.isfile(b)]
+        if missing:
+            print(f"check_sass: no such binary: {', '.join(repr(b) for b in missing)}")
+            return 1
         if not binaries:
             nvcc = find_tool("nvcc")
             if nvcc is None:

@@ -39,7 +39,8 @@ check() {
         2> >(grep -v "^WARNING: Location" >&2))
     t1=$(stamp)
     echo "cuda_ci: built gptfast._C_cuda (sm_90) in $(( t1 - t0 ))s"
-    local so; so=$("$PY" -c 'import importlib.util as u; print(u.find_spec("gptfast._C_cuda").origin)' 2>/dev/null) || true
+    # (from / so that the checkout's gptfast/, which has no _C_cuda, is not the one found)
+    local so; so=$(cd / && "$PY" -c 'import importlib.util as u; print(u.find_spec("gptfast._C_cuda").origin)')
     # A script's own folder (scripts/) leads sys.path, not the checkout: gptfast comes from the venv.
     "$PY" scripts/check_cuda_extension.py
     "$PY" scripts/check_sass.py --binary "$so"
