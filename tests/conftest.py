@@ -17,3 +17,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_CUDA = torch.cuda.is_available()
+
+# Markers (gpu, triton) and skipping tests whose reference package is missing: tests/collection_rules.py.
+from collection_rules import (  # noqa: E402,F401  (hooks are found by name in this module)
+    pytest_collection_modifyitems,
+    pytest_make_collect_report,
+    pytest_runtest_makereport,
+)

@@ -2,18 +2,20 @@
 //
 // Include this header FIRST in every kernel source.  at::vec::Vectorized only uses
 // 256-bit registers when CPU_CAPABILITY_AVX2 is defined, so on x86-64 the kernels are
-// built for AVX2+FMA (setup.py passes -mavx2 -mfma -mf16c there) and
-// gptfast/ops/cpu_ops.py refuses to load the backend on an x86 CPU without AVX2.  The
-// vector code lives in its own inline namespace (GPTFAST_AVX2) so it never collides
-// with ATen's own copies of the same templates.
+// built for AVX2+FMA where the building machine has them (setup.py passes -mavx2 -mfma
+// -mf16c then, and gptfast/ops/cpu_ops.py refuses that build on an x86 CPU without AVX2);
+// elsewhere, and on x86-64 without those flags, they use Vectorized's portable code.  The
+// vector code lives in its own inline namespace (GPTFAST_AVX2 / GPTFAST_PORTABLE) so it
+// never collides with ATen's own copies of the same templates.
 #pragma once
 
-#if defined(__x86_64__) && !defined(__AVX2__)
-#error "gptfast's CPU kernels are built with -mavx2 -mfma -mf16c on x86-64 (see setup.py)"
-#endif
 #if defined(__x86_64__) && !defined(CPU_CAPABILITY)
+#if defined(__AVX2__) && defined(__FMA__)
 #define CPU_CAPABILITY GPTFAST_AVX2
 #define CPU_CAPABILITY_AVX2
+#else
+#define CPU_CAPABILITY GPTFAST_PORTABLE
+#endif
 #endif
 
 #include <ATen/ATen.h>

@@ -35,11 +35,35 @@ struct Vec16 {
   static constexpr int kSize = 16 / static_cast<int>(sizeof(T));
 };
 
+// One 16-byte global load into registers.  The uint4 is taken by value so that
+// nvcc emits a single LDG.E.128; unpacking through a T* into the loaded object
+// (or into global memory) makes it split the load into per-element loads.
+// A plain (coherent) load, not __ldg: a kernel may write its gradient over the row it reads.
+__device__ __forceinline__ uint4 load16(const uint4* ptr) { return *ptr; }
+
+// The two 16-bit halves of a 32-bit word (low half = lower address), widened to float.
+__device__ __forceinline__ void halves_to_float(unsigned word, const __half*, float& lo, float& hi) {
+  lo = __half2float(__ushort_as_half(static_cast<unsigned short>(word & 0xffffu)));
+  hi = __half2float(__ushort_as_half(static_cast<unsigned short>(word >> 16)));
+}
+__device__ __forceinline__ void halves_to_float(unsigned word, const __nv_bfloat16*, float& lo, float& hi) {
+  // bf16 is the top half of an fp32: widening is a shift, exact for every value incl. NaN/inf.
+  lo = __int_as_float(static_cast<int>(word << 16));
+  hi = __int_as_float(static_cast<int>(word & 0xffff0000u));
+}
+
+// Unpacks a register copy of 16 bytes into Vec16<T>::kSize floats with bit operations only.
 template <typename T>
-__device__ __forceinline__ void unpack16(const uint4& raw, float (&out)[Vec16<T>::kSize]) {
-  const T* elems = reinterpret_cast<const T*>(&raw);
+__device__ __forceinline__ void unpack16(uint4 raw, float (&out)[Vec16<T>::kSize]) {
+  const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+  if constexpr (sizeof(T) == 4) {
 #pragma unroll
-  for (int e = 0; e < Vec16<T>::kSize; ++e) out[e] = to_float(elems[e]);
+    for (int e = 0; e < 4; ++e) out[e] = __int_as_float(static_cast<int>(words[e]));
+  } else {
+    static_assert(sizeof(T) == 2, "unpack16 handles 2- and 4-byte element types");
+#pragma unroll
+    for (int e = 0; e < 4; ++e) halves_to_float(words[e], static_cast<const T*>(nullptr), out[2 * e], out[2 * e + 1]);
+  }
 }
 
 template <typename T>
@@ -78,7 +102,7 @@ __device__ __forceinline__ void for_each_chunk(const T* row, int64_t n, F&& f) {
   const int64_t chunks = (n - head) / kVec;
   const uint4* vec = reinterpret_cast<const uint4*>(row + head);
   for (int64_t c = threadIdx.x; c < chunks; c += BLOCK) {
-    unpack16<T>(vec[c], values);
+    unpack16<T>(load16(vec + c), values);
     f(head + c * kVec, values, kVec);
   }
   for (int64_t i = head + chunks * kVec + threadIdx.x; i < n; i += BLOCK) {

@@ -20,6 +20,7 @@ import platform
 
 import torch
 
+from .. import _build_info
 from ._autograd import register_saved_grad_autograd
 
 DEVICES = ("cpu",)
@@ -31,7 +32,8 @@ DEVICES = ("cpu",)
 AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "sample_next_token"})
 
 def _cpu_lacks_avx2() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+            and _build_info.cpu_needs_avx2())  # a portable build (setup.py's report) runs anywhere
 
 
 _LOAD_ERROR: str | None = None
@@ -41,7 +43,9 @@ else:
     try:
         from gptfast import _C_cpu  # noqa: F401  (importing registers the gptfast_cpu ops)
     except ImportError as exc:  # not built
-        _LOAD_ERROR = f"extension gptfast._C_cpu not built: run pip install --no-build-isolation -e . ({exc})"
+        _why = _build_info.why_not_built("cpu")  # recorded by setup.py, e.g. the compiler's error
+        _LOAD_ERROR = (f"extension gptfast._C_cpu is unavailable: {_why}" if _why else
+                       f"extension gptfast._C_cpu not built: run pip install --no-build-isolation -e . ({exc})")
 
 # Rows of tokens per chunk in linear_cross_entropy: bounds the logits chunk to ~64 MB in fp32
 # (about 330 tokens of GPT-2's vocabulary: large enough for efficient matmuls).

@@ -45,8 +45,11 @@ try:
     from gptfast import _C_cuda  # noqa: F401  (loading it registers the gptfast_cuda ops)
     _IMPORT_ERROR: str | None = None
 except ImportError as exc:
+    from .. import _build_info
+
     _C_cuda = None
-    _IMPORT_ERROR = f"{_NOT_BUILT} [{exc}]"
+    _why = _build_info.why_not_built("cuda")  # recorded by setup.py, e.g. the compiler's error
+    _IMPORT_ERROR = f"gptfast._C_cuda is unavailable: {_why} [{exc}]" if _why else f"{_NOT_BUILT} [{exc}]"
 
 
 def unavailable_reason() -> str | None:
@@ -67,7 +70,7 @@ def _ops():
 
 def _fake_cross_entropy_fwd(logits, targets, ignore_index, want_grad):
     loss_rows = logits.new_empty((logits.shape[0],), dtype=torch.float32)
-    grad = torch.empty_like(logits) if want_grad else logits.new_empty((0,))
+    grad = logits.new_empty(logits.shape) if want_grad else logits.new_empty((0,))  # contiguous, as the kernel
     return loss_rows, grad
 
 

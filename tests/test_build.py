@@ -1,0 +1,163 @@
+"""The install's build logic (setup.py) and how the backends report a missing extension.
+
+The builds themselves run as CI steps of scripts/test.sh (a no-OpenMP, no-AVX2 CPU build and a
+failing-compiler build: scripts/check_portable_build.py; the whole CUDA extension against CUDA
+torch: scripts/cuda_ci.sh).  Here: the pieces those builds rely on, quickly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import stat
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup_module():
+    spec = importlib.util.spec_from_file_location("gptfast_setup", REPO / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # not __main__: defines the helpers, builds nothing
+    return module
+
+
+# ----------------------------------------------------------------------------- setup.py helpers
+
+
+def _fake_nvcc(tmp_path, toolkit):
+    """A wrapper-style nvcc outside the toolkit that answers --dryrun like the real one."""
+    bin_dir = tmp_path / "wrapper-bin"
+    bin_dir.mkdir()
+    nvcc = bin_dir / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho '#$ _HERE_={toolkit}/bin'\necho '#$ TOP={toolkit}/bin/..'\n")
+    nvcc.chmod(nvcc.stat().st_mode | stat.S_IEXEC)
+    return nvcc
+
+
+def test_cuda_home_comes_from_what_nvcc_reports_not_from_the_wrapper_folder(setup_module, tmp_path, monkeypatch):
+    toolkit = tmp_path / "cuda-13.0"
+    (toolkit / "include").mkdir(parents=True)
+    (toolkit / "include" / "cuda_runtime.h").write_text("")
+    nvcc = _fake_nvcc(tmp_path, toolkit)
+    assert setup_module.nvcc_cuda_home(str(nvcc)) == str(toolkit)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{nvcc.parent}{os.pathsep}{os.environ['PATH']}")
+    assert setup_module.find_cuda_home() == str(toolkit)
+    monkeypatch.setenv("CUDA_HOME", "/opt/users-own-cuda")  # the user's choice wins
+    assert setup_module.find_cuda_home() == "/opt/users-own-cuda"
+
+
+def test_cuda_home_is_none_when_nvcc_names_no_toolkit(setup_module, tmp_path):
+    nvcc = _fake_nvcc(tmp_path, tmp_path / "missing")
+    assert setup_module.nvcc_cuda_home(str(nvcc)) is None
+
+
+def test_cxx_standard_follows_the_installed_torch(setup_module, monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.delenv("GPTFAST_CXX_STD", raising=False)
+    torch_default = "20" if "c++20" in pathlib.Path(cpp_extension.__file__).read_text() else "17"
+    assert setup_module.torch_cxx_std() == torch_default
+    monkeypatch.setenv("GPTFAST_CXX_STD", "c++17")
+    assert setup_module.torch_cxx_std() == "17"
+
+
+def test_openmp_is_probed_and_can_be_switched_off(setup_module, monkeypatch):
+    monkeypatch.setenv("GPTFAST_CPU_OPENMP", "0")
+    assert setup_module.openmp_flags()[:2] == ([], [])
+    monkeypatch.setenv("GPTFAST_CPU_OPENMP", "auto")
+    monkeypatch.setenv("CXX", "/nonexistent/c++")  # a compiler that cannot run: no OpenMP, no failure
+    cflags, lflags, note = setup_module.openmp_flags()
+    assert (cflags, lflags) == ([], []) and "no working OpenMP" in note
+    monkeypatch.setenv("GPTFAST_CPU_OPENMP", "1")
+    with pytest.raises(RuntimeError, match="GPTFAST_CPU_OPENMP=1"):
+        setup_module.openmp_flags()
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 flags")
+def test_avx2_only_where_wanted(setup_module, monkeypatch):
+    monkeypatch.setenv("GPTFAST_CPU_AVX2", "0")
+    assert setup_module.x86_simd_flags()[0] == []
+    monkeypatch.setenv("GPTFAST_CPU_AVX2", "auto")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")  # torch then reports a CPU without AVX2
+    flags, note = setup_module.x86_simd_flags()
+    assert flags == [] and "no AVX2" in note
+
+
+def test_build_report_keeps_a_built_extensions_entry(setup_module, tmp_path):
+    (tmp_path / "_C_cpu.cpython-311-x86_64-linux-gnu.so").write_text("")
+    setup_module.write_report({"cpu": {"built": True, "attempted": True, "simd": "avx2"}}, str(tmp_path))
+    # a later build of only the CUDA extension (CPU skipped) leaves the CPU entry alone
+    setup_module.write_report({"cpu": {"built": False, "reason": "not built: GPTFAST_BUILD_CPU=0"},
+                               "cuda": {"built": True, "attempted": True}}, str(tmp_path))
+    report = json.loads((tmp_path / "_build.json").read_text())
+    assert report["cpu"]["built"] and report["cpu"]["simd"] == "avx2" and report["cuda"]["built"]
+
+
+# ----------------------------------------------------------------------------- backend status without extensions
+
+BLOCKED = '''
+import importlib.abc, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name in {blocked!r}:
+            raise ImportError(name + " blocked by the test")
+        return None
+
+sys.meta_path.insert(0, Block())
+import json
+from gptfast import ops
+print(json.dumps(ops.backend_status()))
+'''
+
+
+def _status(tmp_path, blocked=(), report=None, **env):
+    report_path = tmp_path / "report.json"
+    if report is not None:
+        report_path.write_text(json.dumps(report))
+    proc = subprocess.run([sys.executable, "-c", BLOCKED.format(blocked=set(blocked))], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "GPTFAST_BUILD_REPORT": str(report_path), **env})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_cpu_backend_without_its_extension_says_how_to_build_it(tmp_path):
+    status = _status(tmp_path, blocked={"gptfast._C_cpu"})
+    assert status["cpu"].startswith("extension gptfast._C_cpu not built: run pip install")
+    assert status["torch"] == "available"
+
+
+def test_cpu_backend_quotes_the_recorded_build_failure(tmp_path):
+    reason = "build failed at install time: RuntimeError: c++: error: no OpenMP here"
+    status = _status(tmp_path, blocked={"gptfast._C_cpu"},
+                     report={"cpu": {"built": False, "attempted": True, "reason": reason}})
+    assert status["cpu"] == f"extension gptfast._C_cpu is unavailable: {reason}"
+    assert status["torch"] == "available"
+
+
+def test_cuda_backend_quotes_the_recorded_build_failure(tmp_path):
+    reason = "build failed at install time: RuntimeError: nvcc fatal: something"
+    status = _status(tmp_path, blocked={"gptfast._C_cuda"},
+                     report={"cuda": {"built": False, "attempted": True, "reason": reason}})
+    assert reason in status["cuda"] and "not built" not in status["cuda"].split(reason)[0]
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="AVX2 is an x86-64 matter")
+def test_avx2_refusal_applies_only_to_an_avx2_build(tmp_path):
+    no_avx2 = {"ATEN_CPU_CAPABILITY": "default"}  # torch reports a CPU without AVX2
+    refused = _status(tmp_path, report={"cpu": {"built": True, "simd": "avx2"}}, **no_avx2)
+    assert "AVX2" in refused["cpu"]
+    portable = _status(tmp_path, report={"cpu": {"built": True, "simd": "portable x86-64 (GPTFAST_CPU_AVX2=0)"}},
+                       **no_avx2)
+    assert portable["cpu"] == "available"
