@@ -121,3 +121,38 @@ def test_every_kernel_source_is_rewritten(tmp_path):
         text = u.read_text()
         assert "emu::launch(" in text, u.name  # every .cu launches its kernels through the emulator
         assert "<<<" not in build._strip_comments(text)
+
+
+# --------------------------------------------------------------------------- the emulator's own detectors
+
+ABORTS = {
+    "divergent_sync": "EMULATOR ERROR: __syncthreads reached by some threads after others of the group returned",
+    "deadlock": "EMULATOR ERROR: deadlock",
+    "cp_async_not_waited": "EMULATOR ERROR: a thread finished with cp.async copies never waited for",
+    "misaligned_ldg": "EMULATOR ERROR: __ldg of a 16-byte type at a misaligned address",
+    "misaligned_vector_load": "misaligned address",
+    "launch_bounds": "EMULATOR ERROR: kernel with __launch_bounds__(64) launched with 128 threads per block",
+}
+REPORTS = {
+    "unwritten_shared": "odd slots NaN: 64 of 64, even slots 1: 64 of 64",
+    "cp_async_order": "before the wait NaN: 32 of 32, after the wait copied: 32 of 32",
+    "dynamic_shared": "64 KB without the attribute: launch error\n64 KB with the attribute: success\nreversed: yes",
+    "block_too_large": "2048 threads: launch error",
+    "warp_collectives": "warp collective mismatches: 0",
+}
+
+
+@needs_toolchain
+@pytest.mark.parametrize("scenario", sorted(ABORTS))
+def test_emulator_aborts_on_kernel_misuse(executables, scenario):
+    result = subprocess.run([str(executables["self_check"]), scenario], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert ABORTS[scenario] in result.stderr, _output(result)
+
+
+@needs_toolchain
+@pytest.mark.parametrize("scenario", sorted(REPORTS))
+def test_emulator_models_shared_memory_async_copies_launches_and_shuffles(executables, scenario):
+    result = subprocess.run([str(executables["self_check"]), scenario], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, _output(result)
+    assert result.stdout.strip() == REPORTS[scenario]

@@ -6,9 +6,9 @@ Every ``csrc/cuda/*.cu`` is rewritten into host C++ (``rewrite_source``), compil
 cross-entropy and sampling).  The check programs call the kernels' own host launchers and
 compare with float64 references; each prints ``N failures`` and exits non-zero on a mismatch.
 
-Usage: python tests/cuda_emulator/build.py [--full] [--sanitize] [--keep DIR]
+Usage: python tests/cuda_emulator/build.py [--full] [--sanitize] [--keep DIR] [--kernels DIR]
   (default: the quick subset that tests/test_cuda_emulator.py runs; --full: every case;
-  --sanitize: ASan + UBSan, slower.)
+  --sanitize: ASan + UBSan, slower; --kernels: another copy of csrc/cuda.)
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ CHECKS = {
     "attention_check": ("fwd_bwd", "decode"),
     "loss_sampling_check": ("cross_entropy", "sampling"),
 }
+SELF_CHECK = HERE / "self_check.cu"  # faulty kernels the emulator must catch
+# A GPU faults on a misaligned load; UBSan's alignment check is the emulator's counterpart,
+# cheap enough to be always on.  --sanitize adds the rest of UBSan and ASan.
+BASE_SANITIZE_FLAGS = ("-fsanitize=alignment", "-fno-sanitize-recover=alignment")
 SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=undefined")
 PTX_REGION = re.compile(r"[ \t]*//[^\n]*BEGIN PTX PRIMITIVES.*?//[^\n]*END PTX PRIMITIVES[^\n]*\n", re.S)
 
@@ -213,35 +217,41 @@ def rewrite_source(text: str, name: str = "<source>") -> str:
     return text
 
 
-def write_sources(gen: pathlib.Path) -> list[pathlib.Path]:
-    """Every file of csrc/cuda rewritten into `gen`; returns the .cu files to compile."""
+def write_sources(gen: pathlib.Path, kernel_dir: pathlib.Path = KERNEL_DIR) -> list[pathlib.Path]:
+    """Every file of `kernel_dir` (csrc/cuda) rewritten into `gen`; returns the .cu files to compile."""
     gen.mkdir(parents=True, exist_ok=True)
     units = []
-    for src in sorted(KERNEL_DIR.iterdir()):
+    for src in sorted(pathlib.Path(kernel_dir).iterdir()):
         if src.suffix not in (".cu", ".cuh", ".h"):
             continue
         (gen / src.name).write_text(rewrite_source(src.read_text(), src.name))
         if src.suffix == ".cu":
             units.append(gen / src.name)
     if not units:
-        raise RewriteError(f"no .cu file under {KERNEL_DIR}")
+        raise RewriteError(f"no .cu file under {kernel_dir}")
     return units
 
 
 # --------------------------------------------------------------------------- build and run
 
 
-def build(out_dir: pathlib.Path, sanitize: bool = False, jobs: int = 2) -> dict[str, pathlib.Path]:
-    """Compile the kernels and the check programs into `out_dir`; returns {check name: executable}."""
+def build(out_dir: pathlib.Path, sanitize: bool = False, jobs: int = 2,
+          kernel_dir: pathlib.Path = KERNEL_DIR) -> dict[str, pathlib.Path]:
+    """Compile the kernels, the check programs and the emulator's self check into `out_dir`.
+
+    Returns {program name: executable} for the programs of CHECKS and "self_check".
+    """
     out_dir = pathlib.Path(out_dir)
     gen = out_dir / "gen"
-    units = write_sources(gen)
-    flags = ["g++", "-std=c++20", "-O1", "-g0", "-w", "-pthread", f"-I{cuda_home() / 'include'}"]
-    if sanitize:
-        flags += SANITIZE_FLAGS
+    units = write_sources(gen, kernel_dir)
+    self_check = out_dir / "self_check_src" / SELF_CHECK.name
+    self_check.parent.mkdir(exist_ok=True)
+    self_check.write_text(rewrite_source(SELF_CHECK.read_text(), SELF_CHECK.name))
+    flags = ["g++", "-std=c++20", "-O1", "-g0", "-w", "-pthread", "-U_FORTIFY_SOURCE",
+             f"-I{cuda_home() / 'include'}", *(SANITIZE_FLAGS if sanitize else BASE_SANITIZE_FLAGS)]
     jobs_list = [[*flags, "-x", "c++", "-include", str(EMULATOR_HEADER), f"-I{gen}", "-c", str(u),
-                  "-o", str(out_dir / f"{u.stem}.o")] for u in units]
-    jobs_list += [[*flags, f"-I{KERNEL_DIR}", "-c", str(HERE / f"{check}.cpp"), "-o", str(out_dir / f"{check}.o")]
+                  "-o", str(out_dir / f"{u.parent.name}_{u.stem}.o")] for u in [*units, self_check]]
+    jobs_list += [[*flags, f"-I{kernel_dir}", "-c", str(HERE / f"{check}.cpp"), "-o", str(out_dir / f"{check}.o")]
                   for check in CHECKS]
 
     def compile_one(cmd: list[str]) -> None:
@@ -251,8 +261,10 @@ def build(out_dir: pathlib.Path, sanitize: bool = False, jobs: int = 2) -> dict[
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(compile_one, jobs_list))
-    kernels = [str(out_dir / f"{u.stem}.o") for u in units]
-    executables = {}
+    kernels = [str(out_dir / f"{u.parent.name}_{u.stem}.o") for u in units]
+    executables = {"self_check": out_dir / "self_check"}
+    compile_one([*flags, str(out_dir / f"{self_check.parent.name}_{self_check.stem}.o"), "-o",
+                 str(executables["self_check"])])
     for check in CHECKS:
         exe = out_dir / check
         compile_one([*flags, str(out_dir / f"{check}.o"), *kernels, "-o", str(exe)])
@@ -270,6 +282,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--full", action="store_true", help="every case, not the quick subset")
     parser.add_argument("--sanitize", action="store_true", help="build with ASan and UBSan")
     parser.add_argument("--keep", type=pathlib.Path, help="build here and keep the files")
+    parser.add_argument("--kernels", type=pathlib.Path, default=KERNEL_DIR, help="kernel sources (default csrc/cuda)")
     args = parser.parse_args(argv)
     missing = prerequisite_missing()
     if missing:
@@ -278,7 +291,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = args.keep or pathlib.Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
-        executables = build(out_dir, sanitize=args.sanitize, jobs=os.cpu_count() or 2)
+        executables = build(out_dir, sanitize=args.sanitize, jobs=os.cpu_count() or 2, kernel_dir=args.kernels)
         status = 0
         for check, selections in CHECKS.items():
             for selection in selections:
