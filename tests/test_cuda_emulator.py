@@ -34,8 +34,8 @@ needs_toolchain = pytest.mark.skipif(build.prerequisite_missing() is not None,
 
 
 @pytest.fixture(scope="module")
-def executables(tmp_path_factory):
-    return build.build(tmp_path_factory.mktemp("cuda_emulator"), sanitize=FULL)
+def executables():
+    return build.cached_build(sanitize=FULL)
 
 
 def _output(result: subprocess.CompletedProcess) -> str:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import fcntl
+import hashlib
 import os
 import pathlib
 import re
@@ -270,6 +272,29 @@ def build(out_dir: pathlib.Path, sanitize: bool = False, jobs: int = 2,
         compile_one([*flags, str(out_dir / f"{check}.o"), *kernels, "-o", str(exe)])
         executables[check] = exe
     return executables
+
+
+def cached_build(sanitize: bool = False, kernel_dir: pathlib.Path = KERNEL_DIR) -> dict[str, pathlib.Path]:
+    """build() into a temp folder named by a hash of every input, reused while nothing changed.
+
+    A lock makes concurrent callers (pytest-xdist workers) wait for one build instead of
+    compiling the same thing twice.
+    """
+    digest = hashlib.sha256(repr((sanitize, cuda_home(), os.environ.get("CXX"))).encode())
+    inputs = [*sorted(pathlib.Path(kernel_dir).iterdir()), *sorted(HERE.iterdir())]
+    for path in inputs:
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    out_dir = pathlib.Path(tempfile.gettempdir()) / f"gptfast-cuda-emulator-{digest.hexdigest()[:16]}"
+    out_dir.mkdir(exist_ok=True)
+    with open(out_dir / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = out_dir / "built"
+        if done.exists():
+            return {name: out_dir / name for name in [*CHECKS, "self_check"]}
+        executables = build(out_dir, sanitize=sanitize, kernel_dir=kernel_dir)
+        done.write_text("ok\n")
+        return executables
 
 
 def run_check(exe: pathlib.Path, selection: str, mode: str, timeout: float | None = None):
