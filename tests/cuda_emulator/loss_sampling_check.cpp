@@ -1,6 +1,8 @@
-// Checks cross_entropy.cu and sampling.cu through their launch functions on the CPU
+// Checks cross_entropy.cu and sampling.cu through their host launchers on the CPU
 // emulator (emu.h): every result is compared with a double-precision reference
-// computed here.  Prints "FAIL ..." lines and exits non-zero on any mismatch.
+// computed here.  Plain host code: build.py links it with the emulated kernels.
+// Usage: loss_sampling_check {cross_entropy|sampling} {quick|full}; prints "FAIL ..."
+// lines and "N failures", exits non-zero on any mismatch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -11,6 +13,7 @@
 #include <limits>
 #include <random>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "loss_sampling_launch.h"
@@ -316,11 +319,11 @@ void test_per_row_clamping(int64_t vocab) {
 }
 
 // quick: a subset that still covers every code path (alignment head/body/tail, in-place
-// and separate gradients, ignore/bad targets, int32 targets, every block size, ties,
-// radix select, distribution, RNG plumbing, clamping) for the pytest run.
+// and separate gradients, ignore/bad targets, int32 targets, every block size) for the
+// pytest run; full: more vocabularies and offsets.
 template <typename T>
-void run_all(bool quick) {
-  std::printf("dtype %s\n", tname<T>());
+void run_cross_entropy(bool quick) {
+  std::printf("cross_entropy %s\n", tname<T>());
   std::fflush(stdout);
   const std::vector<int64_t> ce_vocabs = quick ? std::vector<int64_t>{1, 7, 9, 1031, 9000, 50257}
                                                : std::vector<int64_t>{1, 3, 7, 8, 9, 33, 1000, 1031, 4097, 9000,
@@ -334,6 +337,14 @@ void run_all(bool quick) {
         test_cross_entropy<T, int64_t>(rows, vocab, offset, offset == 1 ? 5 : 0, mode, 11u * vocab + offset);
       }
   test_cross_entropy<T, int32_t>(8, 515, 2, 1, 1, 5);
+}
+
+// quick: greedy (ties, NaN, -inf rows), top-k support with ties (radix select), the
+// distribution, RNG plumbing and per-row clamping, with fewer draws than full.
+template <typename T>
+void run_sampling(bool quick) {
+  std::printf("sampling %s\n", tname<T>());
+  std::fflush(stdout);
   const int64_t scale = quick ? 3 : 1;
   for (int64_t vocab : {1, 5, 64, 777, 5000})
     for (int64_t offset : {0, 1}) {
@@ -356,10 +367,21 @@ void run_all(bool quick) {
 }
 
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::strcmp(argv[1], "quick") == 0;
-  run_all<float>(quick);
-  run_all<__half>(quick);
-  run_all<__nv_bfloat16>(quick);
-  std::printf("%s: %d failures\n", failures ? "FAILED" : "OK", failures);
+  const std::string which = argc > 1 ? argv[1] : "", mode = argc > 2 ? argv[2] : "quick";
+  if ((which != "cross_entropy" && which != "sampling") || (mode != "quick" && mode != "full")) {
+    std::printf("usage: loss_sampling_check {cross_entropy|sampling} {quick|full}\n");
+    return 2;
+  }
+  const bool quick = mode == "quick";
+  if (which == "cross_entropy") {
+    run_cross_entropy<float>(quick);
+    run_cross_entropy<__half>(quick);
+    run_cross_entropy<__nv_bfloat16>(quick);
+  } else {
+    run_sampling<float>(quick);
+    run_sampling<__half>(quick);
+    run_sampling<__nv_bfloat16>(quick);
+  }
+  std::printf("%d failures\n", failures);
   return failures ? 1 : 0;
 }
