@@ -216,10 +216,12 @@ class TransformerBlock(nn.Module):
 class Qwen3Model(nn.Module):
     """Qwen3 decoder; ``forward(in_idx)`` returns logits ``(batch, tokens, vocab_size)``."""
 
+    block_class = TransformerBlock
+
     def __init__(self, cfg):
         super().__init__()
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"], dtype=cfg["dtype"])
-        self.trf_blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.trf_blocks = nn.ModuleList([self.block_class(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = RMSNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False, dtype=cfg["dtype"])
         head_dim = cfg.get("head_dim")
