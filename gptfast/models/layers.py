@@ -38,8 +38,9 @@ def require_divisible(name: str, value: int, by_name: str, by: int) -> None:
 def check_token_ids(in_idx: torch.Tensor, vocab_size: int, context_length: int) -> None:
     """Token ids must be a ``(batch, tokens)`` integer tensor within the vocabulary and context.
 
-    Values are only checked on CPU tensors (on a GPU that would cost a device sync;
-    the embedding kernel bounds-checks there).
+    Values are only checked on CPU tensors and outside ``torch.compile`` (on a GPU
+    that would cost a device sync, in a compiled graph a graph break; the embedding
+    kernel bounds-checks there).
     """
     if not isinstance(in_idx, torch.Tensor):
         raise TypeError(f"in_idx must be a torch.Tensor of token ids, got {type(in_idx).__name__}")
@@ -50,7 +51,7 @@ def check_token_ids(in_idx: torch.Tensor, vocab_size: int, context_length: int) 
     if in_idx.shape[1] > context_length:
         raise ValueError(
             f"in_idx has {in_idx.shape[1]} tokens, more than the model's context_length {context_length}")
-    if in_idx.device.type == "cpu" and in_idx.numel() > 0:
+    if in_idx.device.type == "cpu" and in_idx.numel() > 0 and not torch.compiler.is_compiling():
         low, high = int(in_idx.min()), int(in_idx.max())
         if low < 0 or high >= vocab_size:
             bad = low if low < 0 else high
