@@ -329,3 +329,15 @@ def test_bad_token_ids_and_positions_are_clear_errors():
     cos, sin = ours.compute_rope_params(8, context_length=4)
     with pytest.raises(ValueError, match="4 positions"):
         ours.apply_rope(torch.zeros(1, 1, 5, 8), cos, sin)
+
+
+@pytest.mark.parametrize("config,total,without_embedding", [("LLAMA32_CONFIG_1B", 1_498_482_688, 1_235_814_400),
+                                                            ("LLAMA32_CONFIG_3B", None, None)])
+def test_real_configs_have_the_references_parameter_count(config, total, without_embedding):
+    # Built on the meta device: shapes only, no memory.
+    with torch.device("meta"):
+        o, r = ours.Llama3Model(getattr(ours, config)), ref.Llama3Model(getattr(ref, config))
+    count = sum(p.numel() for p in o.parameters())
+    assert count == sum(p.numel() for p in r.parameters())
+    if total is not None:  # Llama 3.2 1B: the figures the book's notebook prints
+        assert count == total and count - o.tok_emb.weight.numel() == without_embedding

@@ -409,3 +409,26 @@ def test_bad_token_ids_are_clear_errors():
         o(torch.zeros(1, 49, dtype=torch.long))
     with pytest.raises(ValueError, match="token id 101"):
         o(torch.tensor([[101]]))
+
+
+def test_model_compiles_as_one_graph_with_the_same_logits():
+    # The reference's README quotes torch.compile speeds: the drop-in must compile without graph breaks.
+    cfg = tiny_cfg(2)
+    _, o = _pair(cfg)
+    idx = torch.randint(0, cfg["vocab_size"], (2, 9))
+    torch._dynamo.reset()
+    with torch.no_grad(), ops.use_backend("torch"):
+        compiled = torch.compile(o, backend="eager", fullgraph=True)
+        assert torch.equal(compiled(idx), o(idx))
+
+
+@pytest.mark.parametrize("config,total,without_embedding", [("QWEN_CONFIG_06_B", 751_632_384, 596_049_920),
+                                                            ("QWEN3_CONFIG_1_7B", None, None)])
+def test_real_configs_have_the_references_parameter_count(config, total, without_embedding):
+    # Built on the meta device: shapes only, no memory.
+    with torch.device("meta"):
+        o, r = ours.Qwen3Model(getattr(ours, config)), ref.Qwen3Model(getattr(ref, config))
+    count = sum(p.numel() for p in o.parameters())
+    assert count == sum(p.numel() for p in r.parameters())
+    if total is not None:  # Qwen3-0.6B: the figures the book's notebook prints
+        assert count == total and count - o.tok_emb.weight.numel() == without_embedding
