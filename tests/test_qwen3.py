@@ -197,9 +197,12 @@ def test_moe_logits_are_bitwise_the_references_with_the_torch_backend(tmp_path, 
 def test_routed_experts_match_the_dense_reference_with_the_default_backend(tmp_path, dtype, tol):
     cfg = tiny_cfg(2, dtype=dtype, num_experts=6)
     r, o, _ = _moe_pair(cfg, tmp_path)
-    idx = torch.randint(0, cfg["vocab_size"], (3, 21))
-    with torch.no_grad(), ops.use_backend("auto"):
-        torch.testing.assert_close(o(idx).float(), r(idx).float(), atol=tol, rtol=tol)
+    if dtype == torch.float32:
+        # Whole model in fp32 only: in bf16 a near-tie between two experts' router scores may
+        # route a token differently after a last-bit difference upstream.
+        idx = torch.randint(0, cfg["vocab_size"], (3, 21))
+        with torch.no_grad(), ops.use_backend("auto"):
+            torch.testing.assert_close(o(idx), r(idx), atol=tol, rtol=tol)
     # the mixture on its own: each token only runs its 2 routed experts of 6
     ff, x = o.trf_blocks[0].ff, torch.randn(2, 5, 32).to(dtype)
     calls = []
