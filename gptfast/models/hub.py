@@ -1,0 +1,87 @@
+"""Fetching files from the Hugging Face Hub and reading safetensors checkpoints from a folder.
+
+Downloads land in a temporary file beside the destination and are renamed into
+place only when complete, so an interrupted download never leaves a truncated file
+that a later run would take for the real one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ..files import atomic_write
+
+__all__ = ["HF_BASE_URL", "download_from_huggingface", "download_from_huggingface_from_snapshots",
+           "load_safetensors_folder"]
+
+HF_BASE_URL = "https://huggingface.co"
+SINGLE_FILE = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def download_from_huggingface(repo_id, filename, local_dir, revision="main"):
+    """Download ``filename`` of Hub repository ``repo_id`` into ``local_dir`` unless it is already there.
+
+    Returns the local path.  A failed download raises ``OSError`` naming the URL and
+    leaves nothing behind.
+    """
+    url = f"{HF_BASE_URL}/{repo_id}/resolve/{revision}/{filename}"
+    Path(local_dir).mkdir(parents=True, exist_ok=True)
+    dest_path = os.path.join(local_dir, filename)
+    if os.path.exists(dest_path):
+        print(f"File already exists: {dest_path}")
+        return dest_path
+    print(f"Downloading {url} to {dest_path}...")
+    try:
+        with urllib.request.urlopen(url) as response, atomic_write(dest_path, "wb") as handle:
+            shutil.copyfileobj(response, handle, length=1 << 20)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise OSError(f"could not download {url} to {dest_path}: {reason}") from exc
+    return dest_path
+
+
+def load_safetensors_folder(folder):
+    """All tensors of the Hugging Face checkpoint in ``folder``, as one ``{name: tensor}`` dict.
+
+    Reads ``model.safetensors.index.json`` and its shards when present, else the
+    single ``model.safetensors``.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    index_path, single_path = folder / SHARD_INDEX, folder / SINGLE_FILE
+    if index_path.exists():
+        with open(index_path, encoding="utf-8") as handle:
+            weight_map = json.load(handle).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index_path} has no 'weight_map' of tensor names to shard files")
+        weights = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = folder / shard
+            if not shard_path.is_file():
+                raise FileNotFoundError(f"{index_path} names shard {shard!r}, which is not in {folder}")
+            weights.update(load_file(str(shard_path)))
+        missing = sorted(set(weight_map) - set(weights))
+        if missing:
+            raise ValueError(f"{index_path} lists tensors no shard holds, e.g. {missing[:3]}")
+        return weights
+    if single_path.exists():
+        return load_file(str(single_path))
+    raise FileNotFoundError(f"No {SINGLE_FILE} or {SHARD_INDEX} found in {folder}.")
+
+
+def download_from_huggingface_from_snapshots(repo_id, local_dir):
+    """Download the whole Hub repository ``repo_id`` into ``local_dir`` and return its weights dict."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise ImportError("download_from_huggingface_from_snapshots needs the 'huggingface_hub' package "
+                          "(pip install huggingface_hub)") from exc
+    repo_dir = snapshot_download(repo_id=repo_id, local_dir=local_dir)
+    return load_safetensors_folder(repo_dir)

@@ -1,0 +1,437 @@
+"""gptfast.qwen3 against ``llms_from_scratch.qwen3``: same API, same parameters, same logits."""
+
+import inspect
+import io
+import sys
+import types
+import urllib.error
+
+import pytest
+import torch
+
+from gptfast import ops
+from hf_checkpoints import hf_state_dict, random_hf_state_dict, write_checkpoint
+
+ref = pytest.importorskip("llms_from_scratch.qwen3", reason="llms-from-scratch is a test dependency")
+import gptfast.qwen3 as ours  # noqa: E402
+from gptfast.models import hub  # noqa: E402
+
+
+def tiny_cfg(n_kv_groups=2, qk_norm=True, dtype=torch.float32, num_experts=0, head_dim=8, **extra):
+    cfg = {"vocab_size": 101, "context_length": 48, "emb_dim": 32, "hidden_dim": 40, "n_layers": 2, "n_heads": 4,
+           "head_dim": head_dim, "n_kv_groups": n_kv_groups, "qk_norm": qk_norm, "dtype": dtype,
+           "rope_base": 1_000_000.0, "num_experts": num_experts, **extra}
+    if num_experts:
+        cfg.update(num_experts_per_tok=2, moe_intermediate_size=24)
+    return cfg
+
+
+RATIOS = [pytest.param(4, id="ratio1"), pytest.param(2, id="ratio2"), pytest.param(1, id="ratio4")]
+QK_NORM = [pytest.param(True, id="qknorm"), pytest.param(False, id="no-qknorm")]
+
+
+def _defined_here(module):
+    return {n: o for n, o in vars(module).items() if not n.startswith("_")
+            and getattr(o, "__module__", None) == module.__name__ and (inspect.isclass(o) or inspect.isfunction(o))}
+
+
+def _signature(obj):
+    return [(p.name, p.kind, p.default) for p in inspect.signature(obj).parameters.values()]
+
+
+def test_every_public_name_of_the_reference_exists_with_the_same_signature():
+    members = _defined_here(ref)
+    assert len(members) == 12, sorted(members)
+    for name, obj in members.items():
+        assert hasattr(ours, name), f"gptfast.qwen3 lacks {name}"
+        assert _signature(getattr(ours, name)) == _signature(obj), f"{name} signature differs"
+        if inspect.isclass(obj):
+            for method in ("forward", "encode", "decode"):
+                if hasattr(obj, method):
+                    assert _signature(getattr(getattr(ours, name), method)) == _signature(getattr(obj, method)), \
+                        f"{name}.{method} signature differs"
+    configs = [n for n in vars(ref) if "CONFIG" in n]
+    assert len(configs) == 7
+    for config in configs:
+        assert getattr(ours, config) == getattr(ref, config), config
+    assert ours.Qwen3Tokenizer._SPECIALS == ref.Qwen3Tokenizer._SPECIALS
+
+
+def _pair(cfg, seed=123, cls_name="Qwen3Model"):
+    torch.manual_seed(seed)
+    r = getattr(ref, cls_name)(cfg)
+    torch.manual_seed(seed)
+    o = getattr(ours, cls_name)(cfg)
+    return r, o
+
+
+@pytest.mark.parametrize("cfg", [tiny_cfg(2, dtype=torch.bfloat16), tiny_cfg(1, qk_norm=False),
+                                 tiny_cfg(2, num_experts=4), tiny_cfg(4, head_dim=None)],
+                         ids=["bf16-qknorm", "no-qknorm", "moe", "head_dim-None"])
+def test_state_dict_keys_shapes_dtypes_devices_and_seeded_values_are_the_references(cfg):
+    r, o = _pair(cfg)
+    rs, os_ = r.state_dict(), o.state_dict()
+    assert list(rs) == list(os_)
+    for key in rs:
+        a, b = rs[key], os_[key]
+        assert (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device), key
+        if not a.is_meta:
+            assert torch.equal(a, b), key
+    assert torch.equal(r.cos, o.cos) and torch.equal(r.sin, o.sin)
+    # the same random draws were consumed: the next one agrees too
+    torch.manual_seed(123)
+    ref.Qwen3Model(cfg)
+    after_ref = torch.rand(3)
+    torch.manual_seed(123)
+    ours.Qwen3Model(cfg)
+    assert torch.equal(torch.rand(3), after_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("qk_norm", QK_NORM)
+@pytest.mark.parametrize("n_kv_groups", RATIOS)
+@pytest.mark.parametrize("seq_len", [1, 13, 48])
+def test_logits_are_bitwise_the_references_with_the_torch_backend(seq_len, n_kv_groups, qk_norm, dtype):
+    cfg = tiny_cfg(n_kv_groups, qk_norm, dtype)
+    r, o = _pair(cfg)
+    idx = torch.randint(0, cfg["vocab_size"], (2, seq_len))
+    with torch.no_grad(), ops.use_backend("torch"):
+        expected, got = r(idx), o(idx)
+    assert got.dtype == expected.dtype == dtype
+    assert torch.equal(got, expected)
+
+
+def test_default_backend_matches_the_reference_within_fp32_tolerance():
+    cfg = tiny_cfg(2)
+    r, o = _pair(cfg)
+    idx = torch.randint(0, cfg["vocab_size"], (3, 29))
+    with torch.no_grad():
+        torch.testing.assert_close(o(idx), r(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_training_gradients_are_bitwise_the_references_with_the_torch_backend():
+    cfg = tiny_cfg(2)
+    r, o = _pair(cfg)
+    idx = torch.randint(0, cfg["vocab_size"], (2, 12))
+    target = torch.randint(0, cfg["vocab_size"], (2, 12))
+    with ops.use_backend("torch"):
+        for model in (r, o):
+            torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), target.flatten()).backward()
+    for (name, p), q in zip(o.named_parameters(), r.parameters()):
+        assert torch.equal(p.grad, q.grad), f"gradient of {name} differs"
+
+
+@pytest.mark.parametrize("qk_norm", QK_NORM)
+def test_attention_with_an_explicit_mask_is_the_references(qk_norm):
+    torch.manual_seed(0)
+    r = ref.GroupedQueryAttention(24, 4, 2, head_dim=6, qk_norm=qk_norm)
+    o = ours.GroupedQueryAttention(24, 4, 2, head_dim=6, qk_norm=qk_norm)
+    o.load_state_dict(r.state_dict())
+    cos, sin = ref.compute_rope_params(6, 10_000, 16)
+    x = torch.randn(2, 9, 24)
+    causal = torch.triu(torch.ones(9, 9, dtype=torch.bool), diagonal=1)
+    padded = causal[None, None].expand(2, 1, 9, 9).clone()
+    padded[1, :, :, :3] = True  # row 1: three left-padding keys hidden
+    padded[1, :, :3, 0] = False  # ...except one key for the padding queries themselves (no empty rows)
+    with ops.use_backend("torch"):
+        for mask in (causal, padded):
+            assert torch.equal(o(x, mask, cos, sin), r(x, mask, cos, sin))
+        assert torch.equal(o(x, None, cos, sin), r(x, causal, cos, sin))
+
+
+# ----------------------------------------------------------------------------- RMSNorm and RoPE
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("qwen3_compatible", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_is_the_references(bias, qwen3_compatible, dtype):
+    torch.manual_seed(0)
+    r = ref.RMSNorm(24, eps=1e-5, bias=bias, qwen3_compatible=qwen3_compatible)
+    o = ours.RMSNorm(24, eps=1e-5, bias=bias, qwen3_compatible=qwen3_compatible)
+    assert list(o.state_dict()) == list(r.state_dict())
+    with torch.no_grad():
+        for p in r.parameters():
+            p.normal_()
+    o.load_state_dict(r.state_dict())
+    x = (torch.randn(3, 5, 24) * 4).to(dtype)
+    got = o(x)
+    assert got.dtype == dtype and torch.equal(got, r(x))
+    # and it is a root-mean-square norm: unit RMS before scale/shift
+    plain = ours.RMSNorm(24, eps=0.0)(x.float())
+    torch.testing.assert_close(plain.pow(2).mean(-1), torch.ones(3, 5), atol=1e-5, rtol=0)
+
+
+def test_rope_tables_and_rotation_are_the_references():
+    cos, sin = ours.compute_rope_params(16, 1_000_000.0, 64)
+    ref_cos, ref_sin = ref.compute_rope_params(16, 1_000_000.0, 64)
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+    x = torch.randn(2, 3, 7, 16).to(torch.bfloat16)
+    assert torch.equal(ours.apply_rope(x, cos, sin), ref.apply_rope(x, cos, sin))
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+
+
+def _moe_pair(cfg, tmp_path, seed=5):
+    r, o = _pair(cfg)
+    params = hub.load_safetensors_folder(write_checkpoint(random_hf_state_dict(o, seed=seed), tmp_path, shards=2))
+    param_config = {"n_layers": cfg["n_layers"], "num_experts": cfg["num_experts"]}
+    ref.load_weights_into_qwen(r, param_config, params)
+    ours.load_weights_into_qwen(o, param_config, params)
+    return r, o, params
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("qk_norm", QK_NORM)
+def test_moe_logits_are_bitwise_the_references_with_the_torch_backend(tmp_path, qk_norm, dtype):
+    cfg = tiny_cfg(2, qk_norm, dtype, num_experts=4)
+    r, o, _ = _moe_pair(cfg, tmp_path)
+    assert not any(p.is_meta for p in o.parameters())
+    idx = torch.randint(0, cfg["vocab_size"], (2, 17))
+    with torch.no_grad(), ops.use_backend("torch"):
+        assert torch.equal(o(idx), r(idx))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+def test_routed_experts_match_the_dense_reference_with_the_default_backend(tmp_path, dtype, tol):
+    cfg = tiny_cfg(2, dtype=dtype, num_experts=6)
+    r, o, _ = _moe_pair(cfg, tmp_path)
+    if dtype == torch.float32:
+        # Whole model in fp32 only: in bf16 a near-tie between two experts' router scores may
+        # route a token differently after a last-bit difference upstream.
+        idx = torch.randint(0, cfg["vocab_size"], (3, 21))
+        with torch.no_grad(), ops.use_backend("auto"):
+            torch.testing.assert_close(o(idx), r(idx), atol=tol, rtol=tol)
+    # the mixture on its own: each token only runs its 2 routed experts of 6
+    ff, x = o.trf_blocks[0].ff, torch.randn(2, 5, 32).to(dtype)
+    calls = []
+    original = ff.expert
+    ff.expert = lambda e, h: calls.append(h.shape[0]) or original(e, h)
+    with torch.no_grad(), ops.use_backend("auto"):
+        routed = ff(x)
+    assert sum(calls) == 2 * 10 and len(calls) <= 6
+    with torch.no_grad(), ops.use_backend("torch"):
+        torch.testing.assert_close(routed.float(), r.trf_blocks[0].ff(x).float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_running_experts_before_loading_them_is_a_clear_error(backend):
+    # Experts are created on the meta device; a real input times a meta weight gives
+    # uninitialised memory (the reference returns such logits).  Ours refuses.
+    cfg = tiny_cfg(2, num_experts=4)
+    _, o = _pair(cfg)
+    with pytest.raises(RuntimeError, match="load_weights_into_qwen"), ops.use_backend(backend):
+        o(torch.randint(0, cfg["vocab_size"], (1, 5)))
+    # shape inference with everything on the meta device still works
+    ff = o.trf_blocks[0].ff.to("meta")
+    with ops.use_backend(backend):
+        assert ff(torch.empty(2, 3, 32, device="meta")).shape == (2, 3, 32)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("tie_embeddings", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("qk_norm", QK_NORM)
+def test_safetensors_checkpoint_loads_like_the_reference(tmp_path, shards, tie_embeddings, qk_norm, capsys):
+    cfg = tiny_cfg(2, qk_norm)
+    r, o = _pair(cfg)
+    params = random_hf_state_dict(o, seed=9, tie_embeddings=tie_embeddings)
+    loaded = hub.load_safetensors_folder(write_checkpoint(params, tmp_path, shards))
+    assert set(loaded) == set(params)
+    ours.load_weights_into_qwen(o, {"n_layers": cfg["n_layers"], "hidden_dim": cfg["hidden_dim"]}, loaded)
+    ref.load_weights_into_qwen(r, {"n_layers": cfg["n_layers"], "hidden_dim": cfg["hidden_dim"]}, loaded)
+    assert capsys.readouterr().out.count("Model uses weight tying.") == (2 if tie_embeddings else 0)
+    for (key, a), b in zip(o.state_dict().items(), r.state_dict().values()):
+        assert torch.equal(a, b), key
+    again = hf_state_dict(o.state_dict(), tie_embeddings)
+    assert set(again) == set(params) and all(torch.equal(again[k], params[k]) for k in params)
+    idx = torch.randint(0, cfg["vocab_size"], (2, 11))
+    with torch.no_grad(), ops.use_backend("torch"):
+        assert torch.equal(o(idx), r(idx))
+
+
+def test_loader_follows_the_model_when_param_config_says_num_experts_0():
+    # The reference's own test config carries "num_experts": 0 for a dense model; the reference
+    # loader then looks for a router.  Ours decides by the model's blocks.
+    cfg = tiny_cfg(2)
+    _, o = _pair(cfg)
+    params = random_hf_state_dict(o, seed=1)
+    ours.load_weights_into_qwen(o, cfg, params)
+    assert torch.equal(o.trf_blocks[1].ff.fc2.weight, params["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_loader_names_the_missing_or_misshapen_tensor():
+    cfg = tiny_cfg(2, num_experts=3)
+    _, o = _pair(cfg)
+    params = random_hf_state_dict(o, seed=2)
+    missing = dict(params)
+    del missing["model.layers.1.mlp.experts.2.down_proj.weight"]
+    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.experts\.2\.down_proj\.weight"):
+        ours.load_weights_into_qwen(o, cfg, missing)
+    wrong = dict(params)
+    wrong["model.layers.0.self_attn.q_norm.weight"] = torch.ones(9)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_norm\.weight"):
+        ours.load_weights_into_qwen(o, cfg, wrong)
+
+
+# ----------------------------------------------------------------------------- downloads
+
+
+class _FakeResponse(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_download_writes_the_file_once_and_reuses_it(tmp_path, monkeypatch, capsys):
+    urls = []
+
+    def fake_urlopen(url):
+        urls.append(url)
+        return _FakeResponse(b'{"hello": 1}')
+
+    monkeypatch.setattr(hub.urllib.request, "urlopen", fake_urlopen)
+    path = ours.download_from_huggingface("Qwen/Qwen3-0.6B", "tokenizer.json", str(tmp_path / "q"))
+    assert urls == ["https://huggingface.co/Qwen/Qwen3-0.6B/resolve/main/tokenizer.json"]
+    assert open(path, "rb").read() == b'{"hello": 1}'
+    assert ours.download_from_huggingface("Qwen/Qwen3-0.6B", "tokenizer.json", str(tmp_path / "q")) == path
+    assert len(urls) == 1 and "File already exists" in capsys.readouterr().out
+
+
+def test_failed_download_names_the_url_and_leaves_no_file(tmp_path, monkeypatch):
+    def offline(url):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(hub.urllib.request, "urlopen", offline)
+    with pytest.raises(OSError, match=r"https://huggingface.co/x/y/resolve/main/tokenizer.json.*no network"):
+        ours.download_from_huggingface("x/y", "tokenizer.json", str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+    class Broken(_FakeResponse):
+        def read(self, *args):
+            raise ConnectionResetError("cut off")
+
+    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda url: Broken(b""))
+    with pytest.raises(OSError, match="cut off"):
+        ours.download_from_huggingface("x/y", "tokenizer.json", str(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # no truncated file a later run would take for the real one
+
+
+def test_snapshot_download_returns_the_checkpoint_tensors(tmp_path, monkeypatch):
+    params = {"model.norm.weight": torch.arange(4.0), "lm_head.weight": torch.ones(2, 4)}
+    calls = []
+
+    def snapshot_download(repo_id, local_dir):
+        calls.append((repo_id, local_dir))
+        return str(write_checkpoint(params, tmp_path / "snap", shards=2))
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
+    weights = ours.download_from_huggingface_from_snapshots("Qwen/Qwen3-0.6B", str(tmp_path / "snap"))
+    assert calls == [("Qwen/Qwen3-0.6B", str(tmp_path / "snap"))]
+    assert set(weights) == set(params) and all(torch.equal(weights[k], params[k]) for k in params)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["Give me a short introduction to large language models."] * 20
+                            + ["user assistant think hello world"] * 20, trainer=trainer)
+    path = tmp_path_factory.mktemp("qwen-tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("repo_id", [None, "Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B-Base"])
+@pytest.mark.parametrize("add_generation_prompt,add_thinking", [(False, False), (True, False), (True, True)])
+def test_tokenizer_gives_the_references_ids(tokenizer_file, repo_id, add_generation_prompt, add_thinking):
+    kwargs = dict(tokenizer_file_path=str(tokenizer_file), repo_id=repo_id,
+                  add_generation_prompt=add_generation_prompt, add_thinking=add_thinking)
+    mine, theirs = ours.Qwen3Tokenizer(**kwargs), ref.Qwen3Tokenizer(**kwargs)
+    assert (mine.eos_token_id, mine.pad_token_id) == (theirs.eos_token_id, theirs.pad_token_id)
+    assert mine._special_to_id == theirs._special_to_id and len(mine._special_to_id) == len(SPECIALS)
+    for text in ["Give me a short introduction to large language models.", "hello <think>world</think>",
+                 " <|im_end|> ", "<|im_start|>user\nhi<|im_end|>\n", ""]:
+        for wrapped in (None, False, True):
+            ids = mine.encode(text, chat_wrapped=wrapped)
+            assert ids == theirs.encode(text, chat_wrapped=wrapped), (text, wrapped)
+            assert mine.decode(ids) == theirs.decode(ids)
+    expected_eos = "<|im_end|>" if repo_id and "Base" not in repo_id else "<|endoftext|>"
+    assert mine.decode([mine.eos_token_id]) == expected_eos
+
+
+def test_missing_tokenizer_file_is_a_clear_error(tmp_path):
+    pytest.importorskip("tokenizers")
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        ours.Qwen3Tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def test_tokenizer_without_the_package_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match="pip install tokenizers"):
+        ours.Qwen3Tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_head_counts_and_expert_counts_are_value_errors_naming_the_argument():
+    with pytest.raises(ValueError, match="num_heads.*num_kv_groups"):
+        ours.GroupedQueryAttention(32, 4, 3)
+    with pytest.raises(ValueError, match="d_in.*num_heads"):
+        ours.GroupedQueryAttention(30, 4, 2)
+    with pytest.raises(ValueError, match="num_heads.*num_kv_groups"):
+        ours.Qwen3Model(tiny_cfg(3))
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        ours.Qwen3Model(tiny_cfg(2, num_experts=1))
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        ours.compute_rope_params(7)
+
+
+def test_bad_token_ids_are_clear_errors():
+    cfg = tiny_cfg(2)
+    _, o = _pair(cfg)
+    with pytest.raises(ValueError, match="context_length 48"):
+        o(torch.zeros(1, 49, dtype=torch.long))
+    with pytest.raises(ValueError, match="token id 101"):
+        o(torch.tensor([[101]]))
+
+
+def test_model_compiles_as_one_graph_with_the_same_logits():
+    # The reference's README quotes torch.compile speeds: the drop-in must compile without graph breaks.
+    cfg = tiny_cfg(2)
+    _, o = _pair(cfg)
+    idx = torch.randint(0, cfg["vocab_size"], (2, 9))
+    torch._dynamo.reset()
+    with torch.no_grad(), ops.use_backend("torch"):
+        compiled = torch.compile(o, backend="eager", fullgraph=True)
+        assert torch.equal(compiled(idx), o(idx))
+
+
+@pytest.mark.parametrize("config,total,without_embedding", [("QWEN_CONFIG_06_B", 751_632_384, 596_049_920),
+                                                            ("QWEN3_CONFIG_1_7B", None, None)])
+def test_real_configs_have_the_references_parameter_count(config, total, without_embedding):
+    # Built on the meta device: shapes only, no memory.
+    with torch.device("meta"):
+        o, r = ours.Qwen3Model(getattr(ours, config)), ref.Qwen3Model(getattr(ref, config))
+    count = sum(p.numel() for p in o.parameters())
+    assert count == sum(p.numel() for p in r.parameters())
+    if total is not None:  # Qwen3-0.6B: the figures the book's notebook prints
+        assert count == total and count - o.tok_emb.weight.numel() == without_embedding
