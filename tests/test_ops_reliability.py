@@ -350,3 +350,26 @@ def test_cross_entropy_non_finite_result_class_other_dtypes(backend, dtype):
                                                                                    expected[0].isinf())
         assert torch.equal(actual[1].isnan(), expected[1].isnan()) and torch.equal(actual[1].isinf(),
                                                                                    expected[1].isinf())
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_all_targets_ignored_mean_is_nan_with_zero_gradients_like_torch(backend):
+    g = torch.Generator().manual_seed(10)
+    logits, hidden, weight = torch.randn(4, V, generator=g), torch.randn(4, 8, generator=g), torch.randn(V, 8,
+                                                                                                        generator=g)
+    targets = torch.full((4,), -100)
+    expected = _ce_grads("torch", logits, targets, "mean")
+    actual = _ce_grads(backend, logits, targets, "mean")
+    _assert_same_class(actual[0], expected[0], "loss")
+    _assert_same_class(actual[1], expected[1], "grad")
+    assert torch.isnan(actual[0]) and (actual[1] == 0).all()
+    if backend == "cuda":
+        return
+    grads = {}
+    for name in ("torch", backend):
+        h, w = _leaf(hidden, name), _leaf(weight, name)
+        loss = ops.linear_cross_entropy(h, w, targets.to(_device_for(name)), backend=name)
+        loss.backward()
+        grads[name] = (loss.detach().cpu(), h.grad.cpu(), w.grad.cpu())
+    for what, a, e in zip(("loss", "d hidden", "d weight"), grads[backend], grads["torch"]):
+        _assert_same_class(a, e, f"linear {what}")

@@ -130,8 +130,9 @@ def reduce_losses(losses: torch.Tensor, targets: torch.Tensor, ignore_index: int
     total = losses.sum()
     if reduction == "sum":
         return total
-    # 0 / 0 = NaN when every target is ignored, as in PyTorch.
-    return total / (targets != ignore_index).sum()
+    # Every target ignored: NaN, as in PyTorch, and zero gradients as there (not 0 * inf = NaN).
+    kept = (targets != ignore_index).sum()
+    return torch.where(kept > 0, total / kept.clamp(min=1), torch.full_like(total, float("nan")))
 
 
 def unsupported_reason(logits: torch.Tensor) -> str | None:
