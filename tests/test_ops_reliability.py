@@ -373,3 +373,38 @@ def test_all_targets_ignored_mean_is_nan_with_zero_gradients_like_torch(backend)
         grads[name] = (loss.detach().cpu(), h.grad.cpu(), w.grad.cpu())
     for what, a, e in zip(("loss", "d hidden", "d weight"), grads[backend], grads["torch"]):
         _assert_same_class(a, e, f"linear {what}")
+
+
+ATTENTION_POISON = {  # (tensor, batch*head, token, dim, value)
+    "nan-query": ("q", 0, 2, 3, NAN),
+    "inf-query": ("q", 0, 2, 3, INF),
+    "nan-value": ("v", 0, 1, 3, NAN),
+    "inf-key": ("k", 0, 1, 3, INF),
+    "minus-inf-key": ("k", 1, 33, 0, -INF),
+    "nan-last-key": ("k", 0, 39, 5, NAN),
+}
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", list(ATTENTION_POISON))
+def test_attention_non_finite_inputs_give_the_torch_result_class(backend, case):
+    """The output has torch's NaN/inf positions exactly.  A gradient is non-finite exactly when the
+    torch path's is, never +-inf where that one has NaN, and entries finite on both sides agree
+    (which entries turn NaN differs: the torch path's full matmuls also multiply masked zeros by NaN)."""
+    which, bh, tok, dim, value = ATTENTION_POISON[case]
+    g = torch.Generator().manual_seed(11)
+    inputs = {name: torch.randn(1, 2, 40, 16, generator=g) for name in "qkv"}
+    inputs[which][0, bh, tok, dim] = value
+    results = {}
+    for name in ("torch", backend):
+        leaves = [_leaf(inputs[n], name) for n in "qkv"]
+        out = ops.causal_attention(*leaves, backend=name)
+        out.sum().backward()
+        results[name] = [out.detach().cpu()] + [t.grad.cpu() for t in leaves]
+    expected, actual = results["torch"], results[backend]
+    _assert_same_class(actual[0], expected[0], "out")
+    for what, a, e in zip(("dq", "dk", "dv"), actual[1:], expected[1:]):
+        assert a.isfinite().all() == e.isfinite().all(), f"{what}: finite on one side only"
+        both = a.isfinite() & e.isfinite()
+        torch.testing.assert_close(a[both], e[both], atol=1e-4, rtol=1e-4, msg=lambda m: f"{what}: {m}")
+        assert not (a.isinf() & ~e.isinf()).any(), f"{what}: inf where the torch path has none"

@@ -75,6 +75,13 @@ inline T vec_max(const T* a, int64_t n) {
   return m;
 }
 
+// exp_u20 (fast vector exp) that keeps NaN lanes NaN: exp_u20 alone clamps a NaN (and
+// +inf) input to a large finite value, which would turn a NaN result into a number.
+template <typename T>
+inline Vectorized<T> exp_keep_nan(const Vectorized<T>& x) {
+  return Vectorized<T>::blendv(x.exp_u20(), x, x != x);
+}
+
 // Index of the first NaN in a[0..n), or -1 when there is none.
 template <typename T>
 inline int64_t first_nan(const T* a, int64_t n) {
