@@ -180,13 +180,14 @@ void online_softmax_row(T* row, int64_t valid, int64_t nk, T& m, T& l, T* out_ro
     std::fill(row, row + nk, T(0));
     return;
   }
-  const T m_new = std::max(m, vec_max(row, valid));
+  const T row_max = vec_max(row, valid);  // NaN if the row holds one: it then stays NaN
+  const T m_new = std::isnan(row_max) ? row_max : std::max(m, row_max);
   const T alpha = std::exp(m - m_new);  // 0 on the first tile (m = -inf)
   const V vm(m_new);
   V vsum(T(0));
   int64_t j = 0;
   for (; j + L <= valid; j += L) {
-    const V p = (V::loadu(row + j) - vm).exp_u20();
+    const V p = exp_keep_nan(V::loadu(row + j) - vm);
     p.store(row + j);
     vsum = vsum + p;
   }
@@ -374,7 +375,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
             const int64_t valid = std::max<int64_t>(0, visible_keys(s, i0 + r, j0, nk));
             const V vl(lse_bh[i0 + r]);
             int64_t j = 0;
-            for (; j + L <= valid; j += L) (V::loadu(prow + j) - vl).exp_u20().store(prow + j);
+            for (; j + L <= valid; j += L) exp_keep_nan(V::loadu(prow + j) - vl).store(prow + j);
             for (; j < valid; ++j) prow[j] = std::exp(prow[j] - lse_bh[i0 + r]);
             std::fill(prow + valid, prow + nkp, T(0));
             const uint64_t base = static_cast<uint64_t>((bh * s.Tq + i0 + r) * s.Tk + j0);

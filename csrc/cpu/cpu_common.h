@@ -62,7 +62,8 @@ inline T vec_sum(const T* a, int64_t n) {
   return s;
 }
 
-// Max of a[0..n) (vectorized); -inf when n == 0.
+// Max of a[0..n) (vectorized); -inf when n == 0, NaN when any element is NaN
+// (at::vec::maximum propagates NaN; the scalar tail must too, which std::max does not).
 template <typename T>
 inline T vec_max(const T* a, int64_t n) {
   using V = Vectorized<T>;
@@ -71,8 +72,32 @@ inline T vec_max(const T* a, int64_t n) {
   int64_t i = 0;
   for (; i + L <= n; i += L) acc = at::vec::maximum(acc, V::loadu(a + i));
   T m = at::vec::vec_reduce_all<T>([](V x, V y) { return at::vec::maximum(x, y); }, acc);
-  for (; i < n; ++i) m = std::max(m, a[i]);
+  for (; i < n; ++i)
+    if (a[i] > m || std::isnan(a[i])) m = a[i];
   return m;
+}
+
+// exp_u20 (fast vector exp) that keeps NaN lanes NaN: exp_u20 alone clamps a NaN (and
+// +inf) input to a large finite value, which would turn a NaN result into a number.
+template <typename T>
+inline Vectorized<T> exp_keep_nan(const Vectorized<T>& x) {
+  return Vectorized<T>::blendv(x.exp_u20(), x, x != x);
+}
+
+// Index of the first NaN in a[0..n), or -1 when there is none.
+template <typename T>
+inline int64_t first_nan(const T* a, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  constexpr int kNoNaN = (1 << L) - 1;  // zero_mask: a bit per lane whose compare result is 0
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const V v = V::loadu(a + i);
+    if ((v != v).zero_mask() != kNoNaN) break;  // a NaN lane: find it below
+  }
+  for (; i < n; ++i)
+    if (std::isnan(a[i])) return i;
+  return -1;
 }
 
 }  // namespace gptfast_cpu

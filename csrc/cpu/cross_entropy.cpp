@@ -5,6 +5,12 @@
 // target's log-probability, and -- when a gradient is wanted -- softmax - one_hot written
 // straight into the gradient.  Backward then only scales rows by the upstream gradient, so
 // the op needs at most one gradient-sized buffer and never a softmax/log-softmax tensor.
+//
+// Non-finite rows follow F.cross_entropy: a row holding a NaN or +inf, or only -inf, has
+// no softmax, so its loss is NaN (0 when its target is ignore_index) and its gradient row
+// is NaN, ignored or not.  A -inf logit elsewhere is an ordinary zero probability (a
+// -inf target logit gives an infinite loss and a finite gradient).  The checks are
+// explicit because the vectorized exp clamps NaN and +inf to finite values.
 #include "cpu_common.h"
 
 namespace gptfast_cpu {
@@ -59,14 +65,14 @@ void cross_entropy_impl(const at::Tensor& logits, const at::Tensor& targets, int
     std::vector<T> widened(kWide ? 0 : V), exps((kWide && g_all != nullptr) ? 0 : V);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t target = t_all[r];
+      const bool ignored = target == ignore_index;
       scalar_t* g = g_all != nullptr ? g_all + r * V : nullptr;
-      if (target == ignore_index) {
+      if (ignored && g == nullptr) {
         loss_all[r] = T(0);
-        if (g != nullptr) std::fill(g, g + V, static_cast<scalar_t>(0));
         continue;
       }
-      TORCH_CHECK(target >= 0 && target < V, "gptfast_cpu cross_entropy: target ", target, " in row ", r,
-                  " is outside [0, ", V, ") and is not ignore_index");
+      TORCH_CHECK(ignored || (target >= 0 && target < V), "gptfast_cpu cross_entropy: target ", target, " in row ",
+                  r, " is outside [0, ", V, ") and is not ignore_index");
       const T* x;
       if constexpr (kWide) {
         x = x_all + r * V;
@@ -75,7 +81,14 @@ void cross_entropy_impl(const at::Tensor& logits, const at::Tensor& targets, int
         for (int64_t j = 0; j < V; ++j) widened[j] = static_cast<T>(src[j]);
         x = widened.data();
       }
-      const T mx = vec_max(x, V);
+      const T mx = vec_max(x, V);  // NaN if the row holds one
+      if (!std::isfinite(mx) || ignored) {
+        // An ignored row adds nothing, but its gradient is NaN when its softmax is, as in PyTorch.
+        loss_all[r] = ignored ? T(0) : std::numeric_limits<T>::quiet_NaN();
+        const scalar_t fill = static_cast<scalar_t>(std::isfinite(mx) ? T(0) : std::numeric_limits<T>::quiet_NaN());
+        if (g != nullptr) std::fill(g, g + V, fill);
+        continue;
+      }
       T* e = nullptr;
       if (g != nullptr) {
         if constexpr (kWide) e = g; else e = exps.data();

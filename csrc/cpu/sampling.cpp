@@ -6,6 +6,12 @@
 // (ties included, like the reference), weighted by exp((x - max) / T), and one token is
 // drawn by inverse CDF with a uniform number that Python drew from the caller's
 // torch.Generator.
+//
+// Non-finite rows: greedy rows follow torch.argmax (the first NaN wins, else the first
+// maximum).  A sampled row (temperature > 0) whose logits hold a NaN or +inf, or are all
+// -inf, has no defined distribution: the op raises, as torch.multinomial does on the
+// torch path, instead of drawing from an empty survivor set.  A temperature so small
+// that 1 / T overflows is greedy (the limit of the distribution), as in the GPU kernels.
 #include "cpu_common.h"
 
 #include <algorithm>
@@ -16,13 +22,14 @@ namespace {
 
 constexpr int64_t kHeapMaxK = 256;  // above this, nth_element on a copy is cheaper than a heap
 
-// Index of the first maximum of x[0..n).
+// torch.argmax of x[0..n): the first NaN if there is one, else the first maximum.
 template <typename T>
 int64_t argmax(const T* x, int64_t n) {
-  const T mx = vec_max(x, n);
+  const T mx = vec_max(x, n);  // NaN when the row holds one
+  if (std::isnan(mx)) return first_nan(x, n);
   for (int64_t j = 0; j < n; ++j)
     if (x[j] == mx) return j;
-  return 0;  // only reached when the row holds NaN
+  return 0;  // unreachable: mx is one of the values
 }
 
 // The k-th largest value of x[0..n) (counting repeats), 1 <= k <= n.
@@ -87,6 +94,7 @@ int64_t draw_among_survivors(const T* x, int64_t n, T threshold, T mx, T inv_t, 
   }
   for (; j < n; ++j)
     if (x[j] >= threshold) kept.push_back(j);
+  if (kept.empty()) return -1;  // cannot happen for a NaN-free row (its max is kept); the caller rejects -1
   weights.resize(kept.size());
   double total = 0.0;
   for (size_t i = 0; i < kept.size(); ++i) {
@@ -98,13 +106,19 @@ int64_t draw_among_survivors(const T* x, int64_t n, T threshold, T mx, T inv_t, 
 
 // Samples one row: keep x >= threshold, weights exp((x - max) / temperature).
 template <typename T>
-int64_t sample_row(const T* x, int64_t n, double temperature, int64_t top_k, double u, std::vector<T>& scratch,
-                   std::vector<T>& weights) {
+int64_t sample_row(const T* x, int64_t n, int64_t row, double temperature, int64_t top_k, double u,
+                   std::vector<T>& scratch, std::vector<T>& weights) {
   if (temperature == 0.0) return argmax(x, n);
-  const bool filter = top_k > 0 && top_k < n;
-  const T threshold = filter ? kth_largest(x, n, top_k, scratch) : neg_inf<T>();
   const T mx = vec_max(x, n);
+  // NaN, +inf or only -inf: softmax(x / T) is not a distribution (torch.multinomial raises).
+  TORCH_CHECK(std::isfinite(mx), "gptfast_cpu sample_next_token: probability tensor contains either inf, nan or ",
+              "element < 0: row ", row, " of logits ", std::isnan(mx) ? "holds NaN" : (mx > 0 ? "holds +inf" :
+              "is all -inf"), " and temperature ", temperature, " > 0 asks for a draw");
   const T inv_t = static_cast<T>(1.0 / temperature);
+  if (!std::isfinite(inv_t)) return argmax(x, n);  // 1 / T overflows: the draw's limit is the argmax
+  const bool filter = top_k > 0 && top_k < n;
+  // x holds no NaN, so the threshold is a value of the row <= mx and the row's max always survives.
+  const T threshold = filter ? kth_largest(x, n, top_k, scratch) : neg_inf<T>();
   if (filter && top_k <= kHeapMaxK) return draw_among_survivors(x, n, threshold, mx, inv_t, u, weights);
   weights.resize(n);
   using V = Vectorized<T>;
@@ -155,7 +169,10 @@ void sample_impl(const at::Tensor& logits, double temperature, int64_t top_k, co
         for (int64_t j = 0; j < n; ++j) widened[j] = static_cast<T>(x_all[r * n + j]);
         x = widened.data();
       }
-      out[r] = sample_row<T>(x, n, temp, k, u_all[r], scratch, weights);
+      const int64_t token = sample_row<T>(x, n, r, temp, k, u_all[r], scratch, weights);
+      TORCH_CHECK(token >= 0 && token < n, "gptfast_cpu sample_next_token: internal error, token ", token,
+                  " outside [0, ", n, ") in row ", r);
+      out[r] = token;
     }
   });
 }

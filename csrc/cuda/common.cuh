@@ -134,7 +134,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 __device__ __forceinline__ void merge_max_sum(float& m, float& s, float other_m, float other_s) {
   const float new_m = fmaxf(m, other_m);
   if (new_m == -INFINITY) {  // both empty (or all -inf): avoid exp(-inf - -inf) = NaN
-    s = 0.0f;
+    s = s + other_s;         // 0, or NaN when a part flagged a NaN it could not sum
     m = new_m;
     return;
   }

@@ -8,6 +8,11 @@
 // Out-of-range targets (not ignore_index, outside [0, vocab)) are never used as an
 // index: the row's loss and gradient become NaN, which the caller can detect
 // without a host synchronisation on the hot path.
+//
+// Non-finite rows follow F.cross_entropy: a row holding a NaN or +inf, or only -inf,
+// has no softmax (its log-sum-exp is not finite), so its loss is NaN (0 when its target
+// is ignore_index) and its gradient row is NaN, ignored or not.  A -inf logit elsewhere
+// is an ordinary zero probability.
 #include "common.cuh"
 #include "loss_sampling_launch.h"
 
@@ -29,6 +34,8 @@ __global__ void __launch_bounds__(BLOCK)
   const bool ignored = target == ignore_index;
   const bool bad = !ignored && (target < 0 || target >= vocab);
   const bool normal = !ignored && !bad;  // same for the whole block, so barriers below are uniform
+  // An ignored row's gradient is 0, or NaN when its softmax is: that needs its log-sum-exp.
+  const bool need_lse = normal || (ignored && grad != nullptr);
 
   // Read the target logit before any thread may overwrite it (grad may alias the
   // logits); the barriers inside block_merge_max_sum order it before pass 2.
@@ -36,38 +43,48 @@ __global__ void __launch_bounds__(BLOCK)
   if (threadIdx.x == 0 && normal) target_logit = to_float(row[target]);
 
   float lse = 0.0f;
-  if (normal) {
+  if (need_lse) {
     float m = -INFINITY, s = 0.0f;
+    bool saw_nan = false;  // fmaxf drops NaN, and a thread whose values are all NaN/-inf sums nothing
     for_each_chunk<T, BLOCK>(row, vocab, [&](int64_t, const float(&v)[kVec], int count) {
       float chunk_max = -INFINITY;
 #pragma unroll
-      for (int e = 0; e < kVec; ++e)
-        if (e < count) chunk_max = fmaxf(chunk_max, v[e]);
+      for (int e = 0; e < kVec; ++e) {
+        if (e < count) {
+          chunk_max = fmaxf(chunk_max, v[e]);
+          saw_nan |= isnan(v[e]);
+        }
+      }
       if (chunk_max > m) {  // rescale the running sum once per chunk, not per element
         s *= __expf(m - chunk_max);
         m = chunk_max;
       }
-      if (m != -INFINITY) {  // NaN inputs still propagate: exp(NaN - m) is NaN
+      if (m != -INFINITY) {  // a +inf max makes exp(inf - inf) = NaN: the row has no softmax
 #pragma unroll
         for (int e = 0; e < kVec; ++e)
           if (e < count) s += __expf(v[e] - m);
       }
     });
+    if (saw_nan) s = quiet_nan();  // merge_max_sum carries a NaN sum through to the log-sum-exp
     block_merge_max_sum<BLOCK>(m, s, scratch);
-    lse = m + __logf(s);
+    lse = m + __logf(s);  // NaN (NaN or +inf in the row), -inf (all -inf) or finite
   }
-  if (threadIdx.x == 0) loss_rows[r] = ignored ? 0.0f : (bad ? quiet_nan() : lse - target_logit);
+  const bool finite_lse = fabsf(lse) < INFINITY;  // false for NaN and +-inf
+  if (threadIdx.x == 0) {
+    loss_rows[r] = ignored ? 0.0f : ((bad || !finite_lse) ? quiet_nan() : lse - target_logit);
+  }
   if (grad == nullptr) return;
 
   T* grad_row = grad + r * grad_row_stride;
   // 16-byte stores line up with the 16-byte loads only if both rows share their alignment.
   const bool vector_store = reinterpret_cast<uintptr_t>(grad_row) % 16 == reinterpret_cast<uintptr_t>(row) % 16;
-  const float fill = bad ? quiet_nan() : 0.0f;
+  const bool softmax_row = normal && finite_lse;
+  const float fill = (bad || !finite_lse) ? quiet_nan() : 0.0f;  // ignored rows: 0, or NaN without a softmax
   for_each_chunk<T, BLOCK>(row, vocab, [&](int64_t start, const float(&v)[kVec], int count) {
     float g[kVec];
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
-      g[e] = normal ? __expf(v[e] - lse) - (start + e == target ? 1.0f : 0.0f) : fill;
+      g[e] = softmax_row ? __expf(v[e] - lse) - (start + e == target ? 1.0f : 0.0f) : fill;
     }
     if (count == kVec && vector_store) {
       *reinterpret_cast<uint4*>(grad_row + start) = pack16<T>(g);

@@ -11,6 +11,12 @@
 //      counter = offset / 4 + j / 4), so the draw needs no normalisation and no second pass.
 // Rows whose temperature is not > 0 (or so small that 1 / T overflows) return the
 // argmax; a row with NaN logits returns its first NaN's index (as torch.argmax does).
+//
+// Non-finite rows (no host synchronisation, so no exception): a sampled row whose logits
+// hold a NaN or +inf, or are all -inf, has no softmax to draw from and returns its
+// torch.argmax instead (the torch and CPU backends raise there); so does a row whose
+// kept scores all come out -inf.  The Triton kernel follows the same rule, so every
+// backend returns an id in [0, vocab).
 #include "common.cuh"
 #include "loss_sampling_launch.h"
 #include "philox.cuh"
@@ -143,7 +149,9 @@ __global__ void __launch_bounds__(BLOCK)
   block_argmax<BLOCK>(max_value, max_index, reduce_values, reduce_indices);
 
   const float inv_temp = 1.0f / temp;
-  if (!(temp > 0.0f) || !(inv_temp < INFINITY)) {  // greedy; also NaN/negative temperatures
+  // Greedy (also NaN/negative temperatures), or no distribution to draw from: NaN (the
+  // argmax then holds NaN), +inf or all -inf.  Uniform across the block: no barrier skipped.
+  if (!(temp > 0.0f) || !(inv_temp < INFINITY) || !(fabsf(max_value) < INFINITY)) {
     if (threadIdx.x == 0) out[r] = max_index;
     return;
   }
@@ -173,14 +181,15 @@ __global__ void __launch_bounds__(BLOCK)
       if (float_to_key(x) < threshold) continue;
       const float exponential = -log1pf(-u[c]);  // in (0, inf]; never 0, so the log is finite or -inf score
       const float score = (x - max_value) * inv_temp - __logf(exponential);
-      if (score > best_score || (score == best_score && j < best_index)) {
+      // -inf never wins (best_score starts there), so an all -inf row keeps the sentinel.
+      if (score > best_score || (score == best_score && score > -INFINITY && j < best_index)) {
         best_score = score;
         best_index = j;
       }
     }
   }
   block_argmax<BLOCK>(best_score, best_index, reduce_values, reduce_indices);
-  // NaN scores (NaN or all -inf logits) never win; fall back to the argmax then.
+  // Scores are finite or -inf here; if every kept one is -inf, fall back to the argmax.
   if (threadIdx.x == 0) out[r] = best_index < vocab ? best_index : max_index;
 }
 

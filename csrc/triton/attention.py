@@ -40,18 +40,31 @@ MAX_TOKENS_SQUARED = 2**31 - 1
 # --------------------------------------------------------------------------- forward
 
 @triton.jit
+def _idx(offs, WIDE: tl.constexpr):
+    """Token offsets for address arithmetic: int64 when ``token * stride`` may pass 2**31.
+
+    Dropout counters keep the int32 offsets, so masks do not depend on this choice.
+    """
+    if WIDE:
+        return offs.to(tl.int64)
+    else:
+        return offs
+
+
+@triton.jit
 def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
                     n_start, n_end, tk, pos_offset, qk_scale, seed, dropout_p, keep_scale,
                     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, WIDE: tl.constexpr):
     """Fold key blocks ``[n_start, n_end)`` into the running (acc, sum, max) of one query block."""
     for block_start in range(n_start, n_end, BLOCK_N):
         offs_n = block_start + tl.arange(0, BLOCK_N)
         if MASKED:
             in_range = offs_n < tk
-            k_t = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=in_range[None, :], other=0.0)
+            k_t = tl.load(k_base + _idx(offs_n, WIDE)[None, :] * stride_kt + offs_d[:, None],
+                          mask=in_range[None, :], other=0.0)
         else:
-            k_t = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None])
+            k_t = tl.load(k_base + _idx(offs_n, WIDE)[None, :] * stride_kt + offs_d[:, None])
         s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
         if MASKED:
             visible = (offs_n[None, :] <= pos_offset + offs_m[:, None]) & in_range[None, :]
@@ -66,9 +79,10 @@ def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs
             r = tl.rand(seed, offs_m[:, None] * tk + offs_n[None, :])
             p = tl.where(r >= dropout_p, p * keep_scale, 0.0)
         if MASKED:
-            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_range[:, None], other=0.0)
+            v = tl.load(v_base + _idx(offs_n, WIDE)[:, None] * stride_vt + offs_d[None, :],
+                        mask=in_range[:, None], other=0.0)
         else:
-            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
+            v = tl.load(v_base + _idx(offs_n, WIDE)[:, None] * stride_vt + offs_d[None, :])
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -79,9 +93,12 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr,
                           sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
                           n_heads, tq, tk, qk_scale, dropout_p, keep_scale,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    m_block = tl.program_id(0)
-    bh = tl.program_id(1)
+                          DROPOUT: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
+    # One flat grid axis (the second axis of a CUDA grid stops at 65535 programs); the
+    # query blocks of one batch*head are consecutive programs, as with a 2-D grid.
+    n_blocks = tl.cdiv(tq, BLOCK_M)
+    m_block = tl.program_id(0) % n_blocks
+    bh = tl.program_id(0) // n_blocks
     b = bh // n_heads
     h = bh % n_heads
     start_m = m_block * BLOCK_M
@@ -93,7 +110,7 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr,
     q_base = q_ptr + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
     k_base = k_ptr + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
     v_base = v_ptr + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
-    q = tl.load(q_base + offs_m[:, None] * sq_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(q_base + _idx(offs_m, WIDE)[:, None] * sq_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
 
     seed = 0
     if DROPOUT:
@@ -108,14 +125,15 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr,
     causal_end = tl.minimum(tk, pos_offset + start_m + BLOCK_M)
     acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, sk_t, sv_t, offs_m, offs_d,
                                     0, full_end, tk, pos_offset, qk_scale, seed, dropout_p, keep_scale,
-                                    BLOCK_N, False, DROPOUT, PRECISION)
+                                    BLOCK_N, False, DROPOUT, PRECISION, WIDE)
     acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, sk_t, sv_t, offs_m, offs_d,
                                     full_end, causal_end, tk, pos_offset, qk_scale, seed, dropout_p,
-                                    keep_scale, BLOCK_N, True, DROPOUT, PRECISION)
+                                    keep_scale, BLOCK_N, True, DROPOUT, PRECISION, WIDE)
 
     out = acc / l_i[:, None]
     o_base = o_ptr + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
-    tl.store(o_base + offs_m[:, None] * so_t + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(o_base + _idx(offs_m, WIDE)[:, None] * so_t + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
     # Log-sum-exp in base 2 of the scaled scores, what the backward needs to rebuild p.
     tl.store(lse_ptr + bh.to(tl.int64) * tq + offs_m, m_i + tl.log2(l_i), mask=row_ok)
 
@@ -124,18 +142,19 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr,
 
 @triton.jit
 def _attention_delta_kernel(o_ptr, do_ptr, delta_ptr, so_b, so_h, so_t, sdo_b, sdo_h, sdo_t, n_heads, tq,
-                            BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+                            BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, WIDE: tl.constexpr):
     """``delta = rowsum(dO * O)`` in float32, one (query block, batch*head) per program."""
-    m_block = tl.program_id(0)
-    bh = tl.program_id(1)
+    n_blocks = tl.cdiv(tq, BLOCK_M)
+    m_block = tl.program_id(0) % n_blocks
+    bh = tl.program_id(0) // n_blocks
     b = bh // n_heads
     h = bh % n_heads
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < tq
-    o = tl.load(o_ptr + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + offs_m[:, None] * so_t + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + b.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h + offs_m[:, None] * sdo_t
+    o = tl.load(o_ptr + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + _idx(offs_m, WIDE)[:, None] * so_t
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + b.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h + _idx(offs_m, WIDE)[:, None] * sdo_t
                  + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
     tl.store(delta_ptr + bh.to(tl.int64) * tq + offs_m, tl.sum(o * do, 1), mask=row_ok)
 
@@ -144,13 +163,13 @@ def _attention_delta_kernel(o_ptr, do_ptr, delta_ptr, so_b, so_h, so_t, sdo_b, s
 def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_t, sdo_t, offs_n, offs_d,
                        m_start, m_end, tq, tk, pos_offset, qk_scale, seed, dropout_p, keep_scale,
                        BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       PRECISION: tl.constexpr, WIDE: tl.constexpr):
     """Add the contributions of query blocks ``[m_start, m_end)`` to one key block's dK, dV."""
     for block_start in range(m_start, m_end, BLOCK_M):
         offs_m = block_start + tl.arange(0, BLOCK_M)
         row_ok = offs_m < tq
-        q_t = tl.load(q_base + offs_m[None, :] * sq_t + offs_d[:, None], mask=row_ok[None, :], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * sdo_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q_t = tl.load(q_base + _idx(offs_m, WIDE)[None, :] * sq_t + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+        do = tl.load(do_base + _idx(offs_m, WIDE)[:, None] * sdo_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         # Rows past Tq get lse=+inf, so their probabilities are exactly 0.
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
@@ -176,9 +195,10 @@ def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_p
                            sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
                            n_heads, tq, tk, scale, qk_scale, dropout_p, keep_scale,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    n_block = tl.program_id(0)
-    bh = tl.program_id(1)
+                           DROPOUT: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
+    n_blocks = tl.cdiv(tk, BLOCK_N)
+    n_block = tl.program_id(0) % n_blocks
+    bh = tl.program_id(0) // n_blocks
     b = bh // n_heads
     h = bh % n_heads
     start_n = n_block * BLOCK_N
@@ -189,8 +209,8 @@ def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_p
 
     k_base = k_ptr + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
     v_base = v_ptr + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
-    k = tl.load(k_base + offs_n[:, None] * sk_t + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * sv_t + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    k = tl.load(k_base + _idx(offs_n, WIDE)[:, None] * sk_t + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(v_base + _idx(offs_n, WIDE)[:, None] * sv_t + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     q_base = q_ptr + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
     do_base = do_ptr + b.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h
     lse_base = lse_ptr + bh.to(tl.int64) * tq
@@ -210,13 +230,13 @@ def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_p
     full_m = tl.minimum(full_m, tl.cdiv(tq, BLOCK_M) * BLOCK_M)
     dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_t, sdo_t, offs_n, offs_d,
                                 first_m, full_m, tq, tk, pos_offset, qk_scale, seed, dropout_p, keep_scale,
-                                BLOCK_M, True, DROPOUT, PRECISION)
+                                BLOCK_M, True, DROPOUT, PRECISION, WIDE)
     dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_t, sdo_t, offs_n, offs_d,
                                 full_m, tq, tq, tk, pos_offset, qk_scale, seed, dropout_p, keep_scale,
-                                BLOCK_M, False, DROPOUT, PRECISION)
+                                BLOCK_M, False, DROPOUT, PRECISION, WIDE)
 
     # dK and dV are written contiguous (B, H, Tk, D).
-    out_offs = bh.to(tl.int64) * tk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    out_offs = bh.to(tl.int64) * tk * HEAD_DIM + _idx(offs_n, WIDE)[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(dk_ptr + out_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=key_ok[:, None])
     tl.store(dv_ptr + out_offs, dv.to(dv_ptr.dtype.element_ty), mask=key_ok[:, None])
 
@@ -224,17 +244,20 @@ def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_p
 @triton.jit
 def _dq_key_blocks(dq, q, do, lse, delta, k_base, v_base, sk_t, sv_t, offs_m, offs_d, n_start, n_end, tk,
                    pos_offset, qk_scale, seed, dropout_p, keep_scale,
-                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                   WIDE: tl.constexpr):
     """Add the contributions of key blocks ``[n_start, n_end)`` to one query block's dQ."""
     for block_start in range(n_start, n_end, BLOCK_N):
         offs_n = block_start + tl.arange(0, BLOCK_N)
         if MASKED:
             in_range = offs_n < tk
-            k = tl.load(k_base + offs_n[:, None] * sk_t + offs_d[None, :], mask=in_range[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * sv_t + offs_d[None, :], mask=in_range[:, None], other=0.0)
+            k = tl.load(k_base + _idx(offs_n, WIDE)[:, None] * sk_t + offs_d[None, :],
+                        mask=in_range[:, None], other=0.0)
+            v = tl.load(v_base + _idx(offs_n, WIDE)[:, None] * sv_t + offs_d[None, :],
+                        mask=in_range[:, None], other=0.0)
         else:
-            k = tl.load(k_base + offs_n[:, None] * sk_t + offs_d[None, :])
-            v = tl.load(v_base + offs_n[:, None] * sv_t + offs_d[None, :])
+            k = tl.load(k_base + _idx(offs_n, WIDE)[:, None] * sk_t + offs_d[None, :])
+            v = tl.load(v_base + _idx(offs_n, WIDE)[:, None] * sv_t + offs_d[None, :])
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.exp2(s - lse[:, None])
         if MASKED:
@@ -254,9 +277,10 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr
                          sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
                          n_heads, tq, tk, scale, qk_scale, dropout_p, keep_scale,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    m_block = tl.program_id(0)
-    bh = tl.program_id(1)
+                         DROPOUT: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
+    n_blocks = tl.cdiv(tq, BLOCK_M)
+    m_block = tl.program_id(0) % n_blocks
+    bh = tl.program_id(0) // n_blocks
     b = bh // n_heads
     h = bh % n_heads
     start_m = m_block * BLOCK_M
@@ -267,8 +291,8 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr
 
     q_base = q_ptr + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
     do_base = do_ptr + b.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h
-    q = tl.load(q_base + offs_m[:, None] * sq_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * sdo_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(q_base + _idx(offs_m, WIDE)[:, None] * sq_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_base + _idx(offs_m, WIDE)[:, None] * sdo_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(lse_ptr + bh.to(tl.int64) * tq + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_ptr + bh.to(tl.int64) * tq + offs_m, mask=row_ok, other=0.0)
     k_base = k_ptr + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
@@ -282,11 +306,11 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr
     full_end = ((pos_offset + start_m + 1) // BLOCK_N) * BLOCK_N
     causal_end = tl.minimum(tk, pos_offset + start_m + BLOCK_M)
     dq = _dq_key_blocks(dq, q, do, lse, delta, k_base, v_base, sk_t, sv_t, offs_m, offs_d, 0, full_end, tk,
-                        pos_offset, qk_scale, seed, dropout_p, keep_scale, BLOCK_N, False, DROPOUT, PRECISION)
+                        pos_offset, qk_scale, seed, dropout_p, keep_scale, BLOCK_N, False, DROPOUT, PRECISION, WIDE)
     dq = _dq_key_blocks(dq, q, do, lse, delta, k_base, v_base, sk_t, sv_t, offs_m, offs_d, full_end, causal_end,
-                        tk, pos_offset, qk_scale, seed, dropout_p, keep_scale, BLOCK_N, True, DROPOUT, PRECISION)
+                        tk, pos_offset, qk_scale, seed, dropout_p, keep_scale, BLOCK_N, True, DROPOUT, PRECISION, WIDE)
 
-    out_offs = bh.to(tl.int64) * tq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    out_offs = bh.to(tl.int64) * tq * HEAD_DIM + _idx(offs_m, WIDE)[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(dq_ptr + out_offs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -323,6 +347,33 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# A grid axis holds at most 2**31 - 1 programs; the kernels use one flat axis.
+MAX_PROGRAMS = 2**31 - 1
+# Offsets within one batch*head are int32 unless ``token * stride`` may reach 2**31.
+_INT32_LIMIT = 2**31
+
+
+def flat_grid(blocks_per_head: int, batch_heads: int) -> tuple[int]:
+    """One grid axis of ``blocks_per_head * batch_heads`` programs (no 65535 limit on batch*heads)."""
+    programs = blocks_per_head * batch_heads
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"causal attention needs {programs} Triton programs ({blocks_per_head} blocks x "
+                         f"{batch_heads} batch*heads), more than one launch grid holds ({MAX_PROGRAMS})")
+    return (programs,)
+
+
+def needs_wide_offsets(*tensors: torch.Tensor) -> bool:
+    """True when an offset ``token * stride`` (or ``token * head_dim``) inside one batch*head can pass int32.
+
+    The margin of 256 tokens covers the masked lanes of a last, partial tile.
+    """
+    for t in tensors:
+        reach = (t.shape[2] + 256) * max(t.stride(2), t.shape[3], 1)
+        if reach >= _INT32_LIMIT:
+            return True
+    return False
+
+
 def _dropout_args(dropout_p: float) -> tuple[bool, float]:
     """(dropout on?, scale of kept weights); p = 1 drops everything, like F.dropout."""
     active = dropout_p > 0.0
@@ -341,11 +392,12 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch
     lse = torch.empty((b, h, tq), device=q.device, dtype=torch.float32)
     cfg = _fwd_config(d, q.dtype, tq)
     dropout, keep_scale = _dropout_args(dropout_p)
-    grid = (triton.cdiv(tq, cfg["BLOCK_M"]), b * h)
+    grid = flat_grid(triton.cdiv(tq, cfg["BLOCK_M"]), b * h)
     launch(_attention_fwd_kernel, grid, q, k, v, out, lse, seed,
            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
            h, tq, tk, scale * LOG2E, dropout_p, keep_scale,
-           HEAD_DIM=d, DROPOUT=dropout, PRECISION=dot_precision(q.dtype), **cfg)
+           HEAD_DIM=d, DROPOUT=dropout, PRECISION=dot_precision(q.dtype),
+           WIDE=needs_wide_offsets(q, k, v, out), **cfg)
     return out, lse
 
 
@@ -361,19 +413,20 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     # delta_i = sum_j P_ij dP_ij = rowsum(dO * O), also with dropout (O already holds the mask).
     delta = torch.empty((b, h, tq), device=q.device, dtype=torch.float32)
     delta_block = 32 if INTERPRETER else 64
-    launch(_attention_delta_kernel, (triton.cdiv(tq, delta_block), b * h), out, grad_out, delta,
-           *_strides(out), *_strides(grad_out), h, tq, BLOCK_M=delta_block, HEAD_DIM=d)
+    wide = needs_wide_offsets(q, k, v, out, grad_out)
+    launch(_attention_delta_kernel, flat_grid(triton.cdiv(tq, delta_block), b * h), out, grad_out, delta,
+           *_strides(out), *_strides(grad_out), h, tq, BLOCK_M=delta_block, HEAD_DIM=d, WIDE=wide)
     dq = torch.empty((b, h, tq, d), device=q.device, dtype=q.dtype)
     dk = torch.empty((b, h, tk, d), device=q.device, dtype=k.dtype)
     dv = torch.empty((b, h, tk, d), device=q.device, dtype=v.dtype)
     dropout, keep_scale = _dropout_args(dropout_p)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
               h, tq, tk, scale, scale * LOG2E, dropout_p, keep_scale)
-    consts = dict(HEAD_DIM=d, DROPOUT=dropout, PRECISION=dot_precision(q.dtype))
+    consts = dict(HEAD_DIM=d, DROPOUT=dropout, PRECISION=dot_precision(q.dtype), WIDE=wide)
     kv_cfg, q_cfg = _bwd_configs(d, q.dtype)
-    launch(_attention_dkdv_kernel, (triton.cdiv(tk, kv_cfg["BLOCK_N"]), b * h),
+    launch(_attention_dkdv_kernel, flat_grid(triton.cdiv(tk, kv_cfg["BLOCK_N"]), b * h),
            q, k, v, grad_out, lse, delta, dk, dv, seed, *common, **consts, **kv_cfg)
-    launch(_attention_dq_kernel, (triton.cdiv(tq, q_cfg["BLOCK_M"]), b * h),
+    launch(_attention_dq_kernel, flat_grid(triton.cdiv(tq, q_cfg["BLOCK_M"]), b * h),
            q, k, v, grad_out, lse, delta, dq, seed, *common, **consts, **q_cfg)
     return dq, dk, dv
 

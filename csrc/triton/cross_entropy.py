@@ -7,6 +7,11 @@ backward pass then only multiplies that stored gradient by the upstream gradient
 
 Targets are bounds-checked in the kernel: a target outside ``[0, V)`` that is not
 ``ignore_index`` gives a NaN loss instead of an out-of-bounds read.
+
+Non-finite rows follow ``F.cross_entropy`` without special cases: a row holding a NaN
+or +inf, or only -inf, has a non-finite log-sum-exp, so its loss and its gradient row
+are NaN (an ignored row's loss is 0 but its gradient, ``NaN * 0``, stays NaN, as in
+PyTorch); a -inf logit elsewhere is an ordinary zero probability.
 """
 
 from __future__ import annotations
@@ -24,12 +29,12 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _cross_entropy_kernel(logits_ptr, logits_row_stride, targets_ptr, loss_ptr, grad_ptr, grad_row_stride,
-                          grad_scale_ptr, n_cols, ignore_index,
+def _cross_entropy_kernel(logits_ptr, logits_row_stride, targets_ptr, targets_stride, loss_ptr, grad_ptr,
+                          grad_row_stride, grad_scale_ptr, grad_scale_stride, n_cols, ignore_index,
                           BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALE_PER_ROW: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * logits_row_stride
-    target = tl.load(targets_ptr + row).to(tl.int64)
+    target = tl.load(targets_ptr + row * targets_stride).to(tl.int64)
     ignored = target == ignore_index
     valid = (target >= 0) & (target < n_cols)
 
@@ -53,7 +58,7 @@ def _cross_entropy_kernel(logits_ptr, logits_row_stride, targets_ptr, loss_ptr, 
     if WRITE_GRAD:
         # Sweep 2: d loss / d logits = softmax - onehot(target), times this row's scale.
         if SCALE_PER_ROW:
-            scale = tl.load(grad_scale_ptr + row).to(tl.float32)
+            scale = tl.load(grad_scale_ptr + row * grad_scale_stride).to(tl.float32)
         else:
             scale = tl.load(grad_scale_ptr).to(tl.float32)
         scale = tl.where(ignored, 0.0, scale)
@@ -77,6 +82,10 @@ def launch_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, losses: to
                          grad: torch.Tensor | None, grad_scale: torch.Tensor | None, ignore_index: int) -> None:
     """Run the kernel on ``logits`` ``(N, V)`` (unit column stride); fills ``losses`` ``(N,)`` float32.
 
+    ``targets`` and ``grad_scale`` may be strided views (a slice ``Y[:, -1]``, an
+    expanded tensor): the kernel reads them through their strides.  ``losses`` must be
+    contiguous.
+
     With ``grad`` given (``(N, V)``, may be ``logits`` itself: each element is read
     before it is overwritten), also writes ``(softmax - onehot) * grad_scale`` into it;
     ``grad_scale`` has one element (all rows) or ``N`` (one per row).
@@ -85,10 +94,12 @@ def launch_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, losses: to
     if n_rows == 0:
         return
     write_grad = grad is not None
+    if losses.stride(0) != 1 and n_rows > 1:
+        raise ValueError("launch_cross_entropy: losses must be contiguous")
     per_row = write_grad and grad_scale.numel() == n_rows and n_rows != 1
-    launch(_cross_entropy_kernel, (n_rows,), logits, logits.stride(0), targets, losses,
+    launch(_cross_entropy_kernel, (n_rows,), logits, logits.stride(0), targets, targets.stride(0), losses,
            grad if write_grad else logits, grad.stride(0) if write_grad else 0,
-           grad_scale if write_grad else losses, n_cols, ignore_index,
+           grad_scale if write_grad else losses, grad_scale.stride(0) if per_row else 0, n_cols, ignore_index,
            WRITE_GRAD=write_grad, SCALE_PER_ROW=per_row, **_config(n_cols))
 
 
@@ -119,8 +130,9 @@ def reduce_losses(losses: torch.Tensor, targets: torch.Tensor, ignore_index: int
     total = losses.sum()
     if reduction == "sum":
         return total
-    # 0 / 0 = NaN when every target is ignored, as in PyTorch.
-    return total / (targets != ignore_index).sum()
+    # Every target ignored: NaN, as in PyTorch, and zero gradients as there (not 0 * inf = NaN).
+    kept = (targets != ignore_index).sum()
+    return torch.where(kept > 0, total / kept.clamp(min=1), torch.full_like(total, float("nan")))
 
 
 def unsupported_reason(logits: torch.Tensor) -> str | None:

@@ -12,6 +12,12 @@ kept set.  ``U`` comes from Philox (``tl.rand``) keyed by a seed tensor drawn fr
 torch's generator on the device, so there is no host synchronisation and the op can
 be captured in a CUDA graph.  Rows with temperature 0 take the plain argmax (first
 index on ties, like ``torch.argmax``).
+
+Non-finite logits (no host synchronisation, so no exception): greedy rows follow
+``torch.argmax`` exactly (the first NaN wins).  A sampled row whose logits hold a NaN or
++inf, or are all -inf, has no softmax to draw from; it returns its ``torch.argmax``
+instead (the torch and CPU backends raise there).  The CUDA kernel follows the same
+rule, so every backend returns an id in ``[0, V)``.
 """
 
 from __future__ import annotations
@@ -95,6 +101,34 @@ def _kth_largest_key(row_base, row_ok, k, n_cols, BLOCK_R: tl.constexpr, BLOCK_V
 
 
 @triton.jit
+def _row_argmax(row_base, row_ok, n_cols, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """torch.argmax of each row (the first NaN wins, else the first maximum), and the row's max.
+
+    Returns ``(index, max_value, has_nan)``; ``max_value`` ignores NaN (it is what the
+    draw shifts by, and only rows without NaN are drawn from).
+    """
+    no_nan = tl.full([BLOCK_R], 2147483647, tl.int64)
+    first_nan = no_nan
+    best_value = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    best_index = tl.zeros([BLOCK_R], tl.int64)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        ok = row_ok[:, None] & (cols[None, :] < n_cols)
+        x = tl.load(row_base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
+        is_nan = x != x
+        first_nan = tl.minimum(first_nan, tl.min(tl.where(is_nan, cols[None, :].to(tl.int64), no_nan[:, None]), 1))
+        # NaN taken out before max/argmax: their NaN handling differs between the GPU and the interpreter.
+        x = tl.where(is_nan, float("-inf"), x)
+        block_best = tl.max(x, 1)
+        block_index = tl.argmax(x, 1, tie_break_left=True).to(tl.int64) + start
+        better = block_best > best_value  # strict: the earlier index wins ties, as torch.argmax
+        best_index = tl.where(better, block_index, best_index)
+        best_value = tl.where(better, block_best, best_value)
+    has_nan = first_nan < n_cols
+    return tl.where(has_nan, first_nan, best_index), best_value, has_nan
+
+
+@triton.jit
 def _sample_kernel(logits_ptr, row_stride, out_ptr, seed_ptr, temperature_ptr, temperature_value,
                    top_k_ptr, top_k_value, n_rows, n_cols,
                    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, PER_ROW_T: tl.constexpr,
@@ -103,46 +137,54 @@ def _sample_kernel(logits_ptr, row_stride, out_ptr, seed_ptr, temperature_ptr, t
     row_ok = rows < n_rows
     row_base = logits_ptr + rows.to(tl.int64)[:, None] * row_stride
 
-    if PER_ROW_T:
-        temperature = tl.load(temperature_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    # Every row's greedy answer first: it is also the fallback of a row that cannot be drawn from.
+    greedy_index, max_value, has_nan = _row_argmax(row_base, row_ok, n_cols, BLOCK_R, BLOCK_V)
+    if GREEDY_ONLY:
+        tl.store(out_ptr + rows, greedy_index, mask=row_ok)
     else:
-        temperature = tl.full([BLOCK_R], temperature_value, tl.float32)
-    sampling = temperature > 0.0  # 0 (and anything invalid) means greedy
-    inv_t = 1.0 / tl.where(sampling, temperature, 1.0)
-
-    threshold = tl.full([BLOCK_R], -2147483648, tl.int64)
-    if HAS_TOP_K and not GREEDY_ONLY:  # the argmax is always inside the top-k set
-        if PER_ROW_K:
-            k = tl.load(top_k_ptr + rows, mask=row_ok, other=1).to(tl.int64)
+        if PER_ROW_T:
+            temperature = tl.load(temperature_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         else:
-            k = tl.full([BLOCK_R], top_k_value, tl.int64)
-        k = tl.minimum(tl.maximum(k, 1), n_cols)  # out-of-range k on the GPU is clamped, not trusted
-        threshold = _kth_largest_key(row_base, row_ok, k, n_cols, BLOCK_R, BLOCK_V)
+            temperature = tl.full([BLOCK_R], temperature_value, tl.float32)
+        inv_t = 1.0 / tl.where(temperature > 0.0, temperature, 1.0)
+        # Greedy: temperature 0 (and anything not > 0), or so small that 1 / T overflows.
+        sampling = (temperature > 0.0) & (inv_t < float("inf"))
+        # softmax(x / T) is undefined for a row holding NaN or +inf, or only -inf: such rows
+        # take their argmax (no host sync to raise; the same rule as the CUDA kernel).
+        drawable = sampling & (has_nan == 0) & (max_value > float("-inf")) & (max_value < float("inf"))
+        draw_rows = row_ok & drawable
 
-    # Philox key: seed in the low word, row index in the high word; counter: column.
-    row_seed = 0
-    if not GREEDY_ONLY:
+        threshold = tl.full([BLOCK_R], -2147483648, tl.int64)
+        if HAS_TOP_K:
+            if PER_ROW_K:
+                k = tl.load(top_k_ptr + rows, mask=row_ok, other=1).to(tl.int64)
+            else:
+                k = tl.full([BLOCK_R], top_k_value, tl.int64)
+            k = tl.minimum(tl.maximum(k, 1), n_cols)  # out-of-range k on the GPU is clamped, not trusted
+            threshold = _kth_largest_key(row_base, draw_rows, k, n_cols, BLOCK_R, BLOCK_V)
+
+        # Philox key: seed in the low word, row index in the high word; counter: column.
         row_seed = tl.load(seed_ptr) + (rows.to(tl.int64) << 32)
-    best_score = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    best_index = tl.zeros([BLOCK_R], tl.int64)
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        ok = row_ok[:, None] & (cols[None, :] < n_cols)
-        x = tl.load(row_base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-        if GREEDY_ONLY:
-            score = x
-        else:
+        shift = tl.where(drawable, max_value, 0.0)
+        best_score = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        best_index = tl.full([BLOCK_R], n_cols, tl.int64)  # n_cols: nothing drawn yet
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            ok = draw_rows[:, None] & (cols[None, :] < n_cols)
+            x = tl.load(row_base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
             u = tl.rand(row_seed[:, None], tl.broadcast_to(cols[None, :], [BLOCK_R, BLOCK_V]))
             gumbel = -tl.log(-tl.log(u))
             kept = ok & (_ordered_key(x).to(tl.int64) >= threshold[:, None])
-            drawn = tl.where(kept, x * inv_t[:, None] + gumbel, float("-inf"))
-            score = tl.where(sampling[:, None], drawn, x)
-        block_best = tl.max(score, 1)
-        block_index = tl.argmax(score, 1, tie_break_left=True).to(tl.int64) + start
-        better = block_best > best_score  # strict: the earlier index wins ties, as torch.argmax
-        best_index = tl.where(better, block_index, best_index)
-        best_score = tl.where(better, block_best, best_score)
-    tl.store(out_ptr + rows, best_index, mask=row_ok)
+            # Shifted by the row max so x / T cannot overflow; scores are finite or -inf, never NaN.
+            score = tl.where(kept, (x - shift[:, None]) * inv_t[:, None] + gumbel, float("-inf"))
+            block_best = tl.max(score, 1)
+            block_index = tl.argmax(score, 1, tie_break_left=True).to(tl.int64) + start
+            better = block_best > best_score
+            best_index = tl.where(better, block_index, best_index)
+            best_score = tl.where(better, block_best, best_score)
+        # Every kept score -inf (a 2**-24-probability tie of extremes) also falls back to the argmax.
+        drawn = drawable & (best_index < n_cols)
+        tl.store(out_ptr + rows, tl.where(drawn, best_index, greedy_index), mask=row_ok)
 
 
 def _config(n_rows: int, n_cols: int) -> dict:
@@ -164,6 +206,9 @@ def sample(logits: torch.Tensor, seed: torch.Tensor, temperature: Optional[torch
     """
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
+    # The kernel reads per-row values at unit stride (they are B numbers: copying is free).
+    temperature = temperature.contiguous() if temperature is not None else None
+    top_k = top_k.contiguous() if top_k is not None else None
     n_rows, n_cols = logits.shape
     out = torch.empty((n_rows, 1), device=logits.device, dtype=torch.int64)
     has_top_k = top_k is not None or 0 < top_k_value < n_cols

@@ -132,8 +132,9 @@ def _reduce(loss_rows, targets, ignore_index, reduction, dtype):
     if reduction == "none":
         return loss_rows.view(targets.shape).to(dtype)
     total = loss_rows.sum()
-    if reduction == "mean":  # all ignored -> 0 / 0 = nan, as in PyTorch
-        total = total / (targets != ignore_index).sum()
+    if reduction == "mean":  # all ignored: NaN with zero gradients, as in PyTorch (not 0 * inf)
+        kept = (targets != ignore_index).sum()
+        total = torch.where(kept > 0, total / kept.clamp(min=1), torch.full_like(total, float("nan")))
     return total.to(dtype)
 
 
@@ -222,8 +223,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:
             gh, gw, gb = ctx.grads
             factor = grad_loss.to(_acc_dtype(grad_loss.dtype))
-            if ctx.count is not None:
-                factor = factor / ctx.count
+            if ctx.count is not None:  # all ignored: the gradients are 0, not 0 * inf
+                factor = factor / ctx.count.clamp(min=1)
             gh = gh * factor.to(gh.dtype) if gh is not None else None
             gw = gw * factor if gw is not None else None
             gb = gb * factor if gb is not None else None

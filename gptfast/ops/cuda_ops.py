@@ -84,8 +84,9 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean"):
         return loss_rows.to(logits.dtype).view(targets.shape)
     total = loss_rows.sum()
     if reduction == "mean":
-        # 0 valid targets gives 0/0 = NaN, as in PyTorch.
-        total = total / (flat_targets != ignore_index).sum()
+        # 0 kept targets: NaN as in PyTorch, with zero gradients as there (not 0 * inf).
+        kept = (flat_targets != ignore_index).sum()
+        total = torch.where(kept > 0, total / kept.clamp(min=1), torch.full_like(total, float("nan")))
     return total.to(logits.dtype)
 
 

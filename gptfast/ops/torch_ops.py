@@ -71,5 +71,8 @@ def sample_next_token(logits, *, temperature=0.0, top_k=None, generator=None):
     sampling = temperature > 0
     safe_t = torch.where(sampling, temperature, torch.ones_like(temperature)).to(logits.dtype)
     probs = torch.softmax(logits / safe_t.unsqueeze(1), dim=-1)
+    # Greedy rows never use their draw: keep their NaNs (from NaN/inf logits) out of multinomial.
+    # The draws of the other rows do not depend on these values, so they are unchanged.
+    probs = torch.where(sampling.unsqueeze(1), probs, torch.ones_like(probs))
     drawn = torch.multinomial(probs, num_samples=1, generator=generator)
     return torch.where(sampling.unsqueeze(1), drawn, greedy)
