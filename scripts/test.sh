@@ -37,7 +37,7 @@ VENV=${GPTFAST_VENV:-.venv}
 # torch first and pinned: on the CPU CI machine this is the local CPU wheel, never a CUDA build.
 python -m pip install -q --disable-pip-version-check "torch==${GPTFAST_TORCH_VERSION:-2.13.0}"
 python -m pip install -q --disable-pip-version-check setuptools wheel ninja pytest pytest-benchmark pytest-xdist \
-    hypothesis pandas psutil triton tiktoken numpy matplotlib tqdm safetensors
+    hypothesis pandas psutil tokenizers triton tiktoken numpy matplotlib tqdm safetensors
 # The reference package is the oracle; its own dependency list is heavy and not needed at import.
 python -m pip install -q --disable-pip-version-check --no-deps "llms-from-scratch==1.0.19"
 # Build the extensions (the CPU one; the CUDA one only where CUDA torch and nvcc exist).
