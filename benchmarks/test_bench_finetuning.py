@@ -52,7 +52,7 @@ def _config():
     if TINY:
         return {"vocab_size": 50257, "context_length": 256, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
                 "drop_rate": 0.0, "qkv_bias": True}
-    from gptfast.config import gpt2_config
+    from gptfast.models import gpt2_config
 
     return gpt2_config("gpt2", drop_rate=0.0)
 

@@ -1,13 +1,16 @@
 """Shared parity checks: every kernel backend is compared with the ``"torch"`` oracle here.
 
-Each backend's test file parametrizes these helpers over its own device, dtypes
-and shapes, so every backend is held to the same cases and the same tolerances.
+The per-op test files (test_attention.py, test_cross_entropy.py, test_sampling.py)
+parametrize these helpers over ``backend_cases(op)``: every backend with the devices and
+dtypes it runs here, so every backend is held to the same cases and the same tolerances.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
+import pytest
 import torch
 
 from gptfast import ops
@@ -40,6 +43,67 @@ ATTENTION_SHAPES = [
 
 # (N, V): tiny, odd, and the real GPT-2 vocabulary.
 CROSS_ENTROPY_SHAPES = [(1, 3), (7, 1000), (33, 4097), (8, 50257)]
+
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+needs_interpreter = pytest.mark.skipif(not INTERPRETER, reason="CPU tensors need TRITON_INTERPRET=1")
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _cpu_reason():
+    from gptfast.ops import cpu_ops
+    return cpu_ops.unavailable_reason()
+
+
+needs_cpu_backend = pytest.mark.skipif(_cpu_reason() is not None, reason=f"cpu backend: {_cpu_reason()}")
+needs_triton = pytest.mark.skipif(not _has_triton(), reason="triton is not installed")
+
+# Dtypes per (backend, device): the CPU kernels take float64 too; the Triton interpreter only
+# float32 (it computes 16-bit tl.dot wrongly); CUDA attention kernels are 16-bit only.
+_ALL_GPU = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = {
+    ("cpu", "cpu"): (torch.float32, torch.bfloat16, torch.float64),
+    ("triton", "cpu"): (torch.float32,),
+    ("triton", "cuda"): _ALL_GPU,
+    ("cuda", "cuda"): _ALL_GPU,
+}
+_MARKS = {
+    ("cpu", "cpu"): [needs_cpu_backend],
+    ("triton", "cpu"): [needs_triton, needs_interpreter],
+    ("triton", "cuda"): [needs_triton, needs_cuda],
+    ("cuda", "cuda"): [needs_cuda],
+}
+
+
+def backend_cases(op: str, dtypes=None):
+    """``pytest.param(backend, device, dtype)`` for every fused backend of ``op`` on every device it runs on.
+
+    ``dtypes`` narrows the dtypes (each backend keeps those it supports).
+    """
+    cases = []
+    for (backend, device), supported in _DTYPES.items():
+        if backend == "cuda" and op == "causal_attention":
+            supported = (torch.float16, torch.bfloat16)
+        for dtype in supported:
+            if dtypes is None or dtype in dtypes:
+                cases.append(pytest.param(backend, device, dtype, marks=_MARKS[(backend, device)],
+                                          id=f"{backend}-{device}-{str(dtype).replace('torch.', '')}"))
+    return cases
+
+
+def backend_devices():
+    """``pytest.param(backend, device)`` for every fused backend and device it runs on (no dtype axis)."""
+    return [pytest.param(backend, device, marks=_MARKS[(backend, device)], id=f"{backend}-{device}")
+            for (backend, device) in _DTYPES]
 
 
 def tol(dtype):

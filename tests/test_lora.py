@@ -91,7 +91,7 @@ def test_replace_linear_with_lora_gives_the_references_model():
 
 def test_the_books_124m_lora_parameter_count():
     # The book: 124,441,346 parameters for the classifier; 2,666,528 trainable after LoRA (rank 16).
-    from gptfast.config import GPT_CONFIG_124M
+    from gptfast.models import GPT_CONFIG_124M
 
     cfg = {**GPT_CONFIG_124M, "context_length": 1024, "qkv_bias": True}
     with torch.device("meta"):

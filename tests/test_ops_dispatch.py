@@ -214,3 +214,128 @@ def test_model_runs_under_torch_compile():
     compiled = torch.compile(model)
     with torch.no_grad():
         torch.testing.assert_close(compiled(idx), model(idx), atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the backends
+
+
+def test_cpu_backend_is_listed():
+    from gptfast.ops import cpu_ops
+    if cpu_ops.unavailable_reason() is not None:
+        pytest.skip(cpu_ops.unavailable_reason())
+    assert "cpu" in ops.available_backends()
+    assert cpu_ops.DEVICES == ("cpu",)
+    assert cpu_ops.AUTO_OPS == frozenset({"causal_attention", "cross_entropy", "sample_next_token"})
+
+
+def test_cuda_unavailable_reason_names_the_cause():
+    from gptfast.ops import cuda_ops
+    reason = cuda_ops.unavailable_reason()
+    if cuda_ops._LOAD_ERROR is not None:
+        assert "built without CUDA" in reason and "nvcc" in reason
+    elif not torch.cuda.is_available():
+        assert reason == "no CUDA device is available (torch.cuda.is_available() is False)"
+    else:
+        assert reason is None
+    assert ops.backend_status()["cuda"] == (reason or "available")
+    assert ("cuda" in ops.available_backends()) == (reason is None)
+
+
+def test_use_backend_cuda_raises_with_the_reason():
+    from gptfast.ops import cuda_ops
+    reason = cuda_ops.unavailable_reason()
+    if reason is None:
+        pytest.skip("the backend is available here")
+    with pytest.raises(RuntimeError, match="gptfast backend 'cuda' is not available: ") as info:
+        ops.use_backend("cuda")
+    assert reason in str(info.value)
+    with pytest.raises(RuntimeError, match="cannot run sample_next_token"):
+        ops.sample_next_token(torch.randn(2, 5), backend="cuda")
+
+
+def test_auto_never_picks_cuda_or_triton_for_cpu_tensors_nor_unmeasured_kernels():
+    from gptfast.ops import cuda_ops, triton_ops
+    x = torch.randn(3, 7)
+    assert ops.selected_backend("cross_entropy", x, torch.tensor([0, 1, 2])) not in ("cuda", "triton")
+    assert ops.selected_backend("sample_next_token", x) not in ("cuda", "triton")
+    assert ops.selected_backend("causal_attention", torch.randn(2, 2, 4, 16)) not in ("cuda", "triton")
+    # AUTO_OPS holds only ops measured faster than torch; no GPU has measured these yet.
+    assert cuda_ops.AUTO_OPS == frozenset() and triton_ops.AUTO_OPS == frozenset()
+
+
+def test_triton_backend_is_available_and_registered():
+    pytest.importorskip("triton")
+    from gptfast.ops import triton_ops
+    if not triton_ops.INTERPRETER and not torch.cuda.is_available():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    assert ops.unavailable_reason("triton") is None
+    assert "triton" in ops.available_backends()
+
+
+# The schemas of csrc/schemas.h: every namespace that registers an op registers exactly this.
+SCHEMAS = {
+    "attention_fwd": "(Tensor q, Tensor k, Tensor v, float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)",
+    "attention_bwd": ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
+                      "float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)"),
+    "cross_entropy_fwd": "(Tensor logits, Tensor targets, int ignore_index, bool want_grad) -> (Tensor, Tensor)",
+    "sample_next_token": ("(Tensor logits, Tensor? temperature, float temperature_value, Tensor? top_k, "
+                          "int top_k_value, Generator? generator) -> Tensor"),
+}
+
+
+def _op_signature(schema) -> str:
+    text = str(schema)
+    # triton_op infers Python ints as SymInt (an int that may also be symbolic): the same call.
+    return text[text.index("("):].replace("SymInt ", "int ")
+
+
+def test_one_schema_per_op_in_every_namespace():
+    import pathlib
+    header = (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "schemas.h").read_text()
+    compact = "".join(part.strip().strip('"') for part in header.splitlines())
+    for name, signature in SCHEMAS.items():
+        assert f"{name}{signature}" in compact.replace('"', ""), f"csrc/schemas.h lost {name}{signature}"
+    checked = []
+    for backend in ("cpu", "triton", "cuda"):
+        if ops.unavailable_reason(backend) is not None:
+            continue
+        namespace = getattr(torch.ops, f"gptfast_{backend}")
+        for name, signature in SCHEMAS.items():
+            assert _op_signature(getattr(namespace, name).default._schema) == signature, (backend, name)
+        checked.append(backend)
+    assert checked or ops.available_backends() == ["torch"]
+
+
+def test_triton_kernel_package_imports_nothing_from_gptfast():
+    import pathlib
+    import re
+    for path in (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "triton").glob("*.py"):
+        imports = re.findall(r"^\s*(?:from|import)\s+(\S+)", path.read_text(), flags=re.M)
+        assert not [m for m in imports if m.startswith("gptfast")], f"{path.name} imports {imports}"
+
+
+def test_gpt_model_forward_backward_on_the_cpu_backend_matches_torch():
+    from gptfast.models import gpt2_config
+    from gptfast.models import GPTModel
+    from gptfast.ops import cpu_ops
+    if cpu_ops.unavailable_reason() is not None:
+        pytest.skip(cpu_ops.unavailable_reason())
+    torch.manual_seed(20)
+    model = GPTModel(gpt2_config("tiny", vocab_size=500)).eval()
+    idx = torch.randint(0, 500, (2, 23))
+    targets = torch.randint(0, 500, (2, 23))
+
+    def step(backend):
+        model.zero_grad()
+        with ops.use_backend(backend):
+            logits = model(idx)
+            loss = ops.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss.backward()
+        return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    logits_c, loss_c, grads_c = step("cpu")
+    logits_t, loss_t, grads_t = step("torch")
+    torch.testing.assert_close(logits_c, logits_t, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loss_c, loss_t, atol=1e-5, rtol=1e-5)
+    for name in grads_t:
+        torch.testing.assert_close(grads_c[name], grads_t[name], atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from gptfast import weights
-from gptfast.model import GPTModel
+from gptfast.models import GPTModel
 
 ref_ch04 = pytest.importorskip("llms_from_scratch.ch04")
 import llms_from_scratch.ch05 as ref_ch05  # noqa: E402
@@ -274,7 +274,7 @@ def test_params_must_be_a_dict():
 
 
 def test_a_model_of_another_layout_is_reported_not_half_loaded():
-    from gptfast.model import TransformerBlockFast
+    from gptfast.models import TransformerBlockFast
 
     model = GPTModel(CFG)
     model.trf_blocks[1] = TransformerBlockFast(CFG)  # fused qkv: no W_query

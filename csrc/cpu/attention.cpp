@@ -438,27 +438,35 @@ int64_t vec_len_for(at::ScalarType dtype) {
 
 at::ScalarType acc_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The dropout key: the value of the one-element int64 `seed` tensor (required when dropout_p > 0).
+int64_t seed_value(double dropout_p, const c10::optional<at::Tensor>& seed) {
+  if (dropout_p == 0.0) return 0;
+  TORCH_CHECK(seed.has_value(), "gptfast_cpu attention: dropout_p > 0 needs a seed tensor");
+  TORCH_CHECK(seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() >= 1,
+              "gptfast_cpu attention: seed must be an int64 CPU tensor with >= 1 element");
+  return seed->reshape({-1})[0].item<int64_t>();
+}
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                     const at::Tensor& v_in, double scale, double dropout_p,
-                                                     int64_t seed) {
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                 const at::Tensor& v_in, double scale, double dropout_p,
+                                                 const c10::optional<at::Tensor>& seed) {
   const Dims s = check_and_dims(q_in, k_in, v_in, vec_len_for(q_in.scalar_type()));
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "gptfast_cpu attention: dropout_p must be in [0, 1]");
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   at::Tensor out = at::empty({s.B, s.H, s.Tq, s.D}, q.options());
   at::Tensor lse = at::empty({s.B, s.H, s.Tq}, q.options().dtype(acc_dtype(q.scalar_type())));
-  const Dropout dropout(dropout_p, seed);
+  const Dropout dropout(dropout_p, seed_value(dropout_p, seed));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gptfast_cpu_attention_forward",
                                   [&] { forward_impl<scalar_t>(q, k, v, out, lse, scale, dropout, s); });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out_in,
-                                                                  const at::Tensor& q_in, const at::Tensor& k_in,
-                                                                  const at::Tensor& v_in, const at::Tensor& out_in,
-                                                                  const at::Tensor& lse_in, double scale,
-                                                                  double dropout_p, int64_t seed) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, double scale, double dropout_p,
+    const c10::optional<at::Tensor>& seed) {
   const Dims s = check_and_dims(q_in, k_in, v_in, vec_len_for(q_in.scalar_type()));
   TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
               "gptfast_cpu attention backward: grad_out and out must have q's shape");
@@ -473,7 +481,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   at::Tensor dq = at::empty({s.B, s.H, s.Tq, s.D}, q.options());
   at::Tensor dk = at::empty({s.B, s.H, s.Tk, s.D}, q.options());
   at::Tensor dv = at::empty({s.B, s.H, s.Tk, s.D}, q.options());
-  const Dropout dropout(dropout_p, seed);
+  const Dropout dropout(dropout_p, seed_value(dropout_p, seed));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gptfast_cpu_attention_backward", [&] {
     backward_impl<scalar_t>(grad_out, q, k, v, out, lse, dq, dk, dv, scale, dropout, s);
   });

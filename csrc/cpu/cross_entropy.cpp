@@ -105,8 +105,8 @@ void cross_entropy_impl(const at::Tensor& logits, const at::Tensor& targets, int
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits_in, const at::Tensor& targets_in,
-                                                         int64_t ignore_index, bool compute_grad) {
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits_in, const at::Tensor& targets_in,
+                                                     int64_t ignore_index, bool want_grad) {
   TORCH_CHECK(logits_in.dim() == 2, "gptfast_cpu cross_entropy: logits must be (N, V)");
   TORCH_CHECK(logits_in.device().is_cpu(), "gptfast_cpu cross_entropy: logits must be on the CPU");
   TORCH_CHECK(targets_in.dim() == 1 && targets_in.size(0) == logits_in.size(0),
@@ -118,9 +118,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
   const at::Tensor targets = targets_in.to(at::kLong).contiguous();
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(acc));
-  at::Tensor grad = compute_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
+  at::Tensor grad = want_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gptfast_cpu_cross_entropy", [&] {
-    cross_entropy_impl<scalar_t>(logits, targets, ignore_index, loss, compute_grad ? &grad : nullptr);
+    cross_entropy_impl<scalar_t>(logits, targets, ignore_index, loss, want_grad ? &grad : nullptr);
   });
   return {loss, grad};
 }

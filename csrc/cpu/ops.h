@@ -1,6 +1,8 @@
-// Entry points of gptfast's CPU kernels (one source file each), registered in registration.cpp.
+// Entry points of gptfast's CPU kernels (one source file each), registered in registration.cpp
+// with the schemas of csrc/schemas.h (argument meanings are documented there).
 #pragma once
 
+#include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
@@ -8,20 +10,16 @@
 
 namespace gptfast_cpu {
 
-// Causal attention: returns (out (B,H,Tq,D) in q's dtype, lse (B,H,Tq) in fp32 / fp64).
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     double scale, double dropout_p, int64_t seed);
-// Gradients (dq, dk, dv) from the forward's out and lse; same seed regenerates the dropout mask.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
-                                                                  const at::Tensor& k, const at::Tensor& v,
-                                                                  const at::Tensor& out, const at::Tensor& lse,
-                                                                  double scale, double dropout_p, int64_t seed);
-// Per-row losses (N,) and, if compute_grad, softmax - one_hot (N, V) (zero rows where ignored).
-std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& targets,
-                                                         int64_t ignore_index, bool compute_grad);
-// One token per row (B, 1); top_k 0 = no filter; per-row tensors override the scalars.
-at::Tensor sample_next_token(const at::Tensor& logits, double temperature, int64_t top_k,
-                             const c10::optional<at::Tensor>& temperatures, const c10::optional<at::Tensor>& top_ks,
-                             const at::Tensor& uniforms);
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 double scale, double dropout_p, const c10::optional<at::Tensor>& seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& grad_out, const at::Tensor& q,
+                                                             const at::Tensor& k, const at::Tensor& v,
+                                                             const at::Tensor& out, const at::Tensor& lse, double scale,
+                                                             double dropout_p, const c10::optional<at::Tensor>& seed);
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& targets,
+                                                     int64_t ignore_index, bool want_grad);
+at::Tensor sample_next_token(const at::Tensor& logits, const c10::optional<at::Tensor>& temperature,
+                             double temperature_value, const c10::optional<at::Tensor>& top_k, int64_t top_k_value,
+                             c10::optional<at::Generator> generator);
 
 }  // namespace gptfast_cpu

@@ -1,8 +1,10 @@
-// Registers the CPU kernels as torch ops gptfast_cpu::*.  Fake (meta) implementations and
-// autograd formulas are registered from Python (gptfast/ops/cpu_ops.py).
+// Registers the CPU kernels as torch ops gptfast_cpu::* with the shared schemas (csrc/schemas.h).
+// Fake (meta) implementations and autograd formulas are registered from Python
+// (gptfast/ops/attention.py, loss.py, sampling.py, when gptfast.ops.cpu_ops loads this).
 #include <Python.h>
 #include <torch/library.h>
 
+#include "../schemas.h"
 #include "ops.h"
 
 // Importing gptfast._C_cpu runs the static registrations below; the module itself is empty.
@@ -12,19 +14,15 @@ extern "C" PyObject* PyInit__C_cpu(void) {
 }
 
 TORCH_LIBRARY(gptfast_cpu, m) {
-  m.def("attention_forward(Tensor q, Tensor k, Tensor v, float scale, float dropout_p, int seed) -> (Tensor, Tensor)");
-  m.def(
-      "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
-      "float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
-  m.def("cross_entropy_forward(Tensor logits, Tensor targets, int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
-  m.def(
-      "sample_next_token(Tensor logits, float temperature, int top_k, Tensor? temperatures, Tensor? top_ks, "
-      "Tensor uniforms) -> Tensor");
+  m.def(gptfast::schema::kAttentionFwd);
+  m.def(gptfast::schema::kAttentionBwd);
+  m.def(gptfast::schema::kCrossEntropyFwd);
+  m.def(gptfast::schema::kSampleNextToken);
 }
 
 TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
-  m.impl("attention_forward", &gptfast_cpu::attention_forward);
-  m.impl("attention_backward", &gptfast_cpu::attention_backward);
-  m.impl("cross_entropy_forward", &gptfast_cpu::cross_entropy_forward);
+  m.impl("attention_fwd", &gptfast_cpu::attention_fwd);
+  m.impl("attention_bwd", &gptfast_cpu::attention_bwd);
+  m.impl("cross_entropy_fwd", &gptfast_cpu::cross_entropy_fwd);
   m.impl("sample_next_token", &gptfast_cpu::sample_next_token);
 }

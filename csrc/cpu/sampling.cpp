@@ -4,8 +4,7 @@
 // found without sorting (a size-k min-heap fed by a vectorized "anything above the heap's
 // minimum?" scan for small k, nth_element for large k); every logit >= that value is kept
 // (ties included, like the reference), weighted by exp((x - max) / T), and one token is
-// drawn by inverse CDF with a uniform number that Python drew from the caller's
-// torch.Generator.
+// drawn by inverse CDF with a uniform number drawn from the caller's torch.Generator.
 //
 // Non-finite rows: greedy rows follow torch.argmax (the first NaN wins, else the first
 // maximum).  A sampled row (temperature > 0) whose logits hold a NaN or +inf, or are all
@@ -179,28 +178,30 @@ void sample_impl(const at::Tensor& logits, double temperature, int64_t top_k, co
 
 }  // namespace
 
-at::Tensor sample_next_token(const at::Tensor& logits_in, double temperature, int64_t top_k,
-                             const c10::optional<at::Tensor>& temperatures_in,
-                             const c10::optional<at::Tensor>& top_ks_in, const at::Tensor& uniforms_in) {
+at::Tensor sample_next_token(const at::Tensor& logits_in, const c10::optional<at::Tensor>& temperature_in,
+                             double temperature_value, const c10::optional<at::Tensor>& top_k_in,
+                             int64_t top_k_value, c10::optional<at::Generator> generator) {
   TORCH_CHECK(logits_in.dim() == 2 && logits_in.size(1) > 0, "gptfast_cpu sample_next_token: logits must be (B, V)");
   TORCH_CHECK(logits_in.device().is_cpu(), "gptfast_cpu sample_next_token: logits must be on the CPU");
   const int64_t B = logits_in.size(0);
-  TORCH_CHECK(uniforms_in.dim() == 1 && uniforms_in.size(0) == B, "gptfast_cpu sample_next_token: uniforms must be (B,)");
   const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor uniforms = uniforms_in.to(at::kDouble).contiguous();
   at::Tensor temperatures, top_ks;
-  if (temperatures_in.has_value()) {
-    TORCH_CHECK(temperatures_in->numel() == B, "gptfast_cpu sample_next_token: temperatures must be (B,)");
-    temperatures = temperatures_in->to(at::kFloat).contiguous();
+  if (temperature_in.has_value()) {
+    TORCH_CHECK(temperature_in->numel() == B, "gptfast_cpu sample_next_token: temperature must be (B,)");
+    temperatures = temperature_in->to(at::kFloat).contiguous();
   }
-  if (top_ks_in.has_value()) {
-    TORCH_CHECK(top_ks_in->numel() == B, "gptfast_cpu sample_next_token: top_ks must be (B,)");
-    top_ks = top_ks_in->to(at::kLong).contiguous();
+  if (top_k_in.has_value()) {
+    TORCH_CHECK(top_k_in->numel() == B, "gptfast_cpu sample_next_token: top_k must be (B,)");
+    top_ks = top_k_in->to(at::kLong).contiguous();
   }
+  // One uniform per row from the caller's generator; greedy decoding leaves it untouched, as torch does.
+  const bool greedy = !temperature_in.has_value() && temperature_value == 0.0;
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor uniforms = greedy ? at::zeros({B}, f64) : at::rand({B}, generator, f64);
   at::Tensor tokens = at::empty({B, 1}, logits.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gptfast_cpu_sample", [&] {
-    sample_impl<scalar_t>(logits, temperature, top_k, temperatures_in.has_value() ? &temperatures : nullptr,
-                          top_ks_in.has_value() ? &top_ks : nullptr, uniforms, tokens);
+    sample_impl<scalar_t>(logits, temperature_value, top_k_value, temperature_in.has_value() ? &temperatures : nullptr,
+                          top_k_in.has_value() ? &top_ks : nullptr, uniforms, tokens);
   });
   return tokens;
 }

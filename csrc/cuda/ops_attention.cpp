@@ -1,17 +1,14 @@
 // Torch binding of the CUDA attention kernels (attention_fwd.cu, attention_bwd.cu,
-// decode_attention.cu): ops in the gptfast_cuda namespace for the CUDA dispatch key.
-//
-//   attention_fwd(q, k, v, scale, dropout_p, seed) -> (out, lse)
-//   attention_bwd(grad_out, q, k, v, out, lse, scale, dropout_p, seed) -> (dq, dk, dv)
-//   decode_attention(q, k, v, scale) -> out
+// decode_attention.cu): ops in the gptfast_cuda namespace for the CUDA dispatch key, with
+// the shared schemas of csrc/schemas.h (attention_fwd, attention_bwd; decode_attention is
+// CUDA-only).
 //
 // q is (B, H, Tq, D), k and v (B, H, Tk, D), Tq <= Tk, float16 or bfloat16, D 64 or 128.
 // Any strides are accepted; a tensor whose rows are not 16-byte aligned and contiguous
 // along D is copied first.  `seed` is a one-element int64 CUDA tensor (required when
-// dropout_p > 0): the dropout mask is a function of it, so the backward pass given the
-// same seed regenerates the forward's mask.  lse is the per-query log-sum-exp in log2
-// units of scale*log2(e)*q.k, only meaningful to attention_bwd.  Fake implementations
-// and autograd are registered in gptfast/ops/cuda_attention.py.
+// dropout_p > 0).  lse is the per-query log-sum-exp in log2 units of scale*log2(e)*q.k,
+// only meaningful to attention_bwd.  Fake implementations and autograd are registered in
+// gptfast/ops/attention.py.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>  // the current stream (what at::cuda::getCurrentCUDAStream returns)
@@ -21,6 +18,7 @@
 #include <atomic>
 #include <cmath>
 
+#include "../schemas.h"
 #include "attention_common.cuh"
 
 namespace gptfast {
@@ -46,6 +44,20 @@ Strides4 strides_of(const at::Tensor& t) {
   // A dimension of size 1 is never stepped along; its stride may be anything.
   auto s = [&](int dim) { return t.size(dim) > 1 ? t.stride(dim) : int64_t{0}; };
   return Strides4{s(0), s(1), s(2)};
+}
+
+// The fields every kernel's parameter struct shares: shape, q/k/v pointers and strides.
+template <typename Params>
+Params qkv_params(const Shape& shape, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  Params p{};
+  p.shape = shape;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_stride = strides_of(q);
+  p.k_stride = strides_of(k);
+  p.v_stride = strides_of(v);
+  return p;
 }
 
 void check_4d(const at::Tensor& t, const char* name) {
@@ -123,14 +135,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
   const at::Tensor q = vector_aligned(q_in), k = vector_aligned(k_in), v = vector_aligned(v_in);
   at::Tensor out = at::empty({shape.batch, shape.heads, shape.tq, shape.head_dim}, q.options());
   at::Tensor lse = at::empty({shape.batch, shape.heads, shape.tq}, q.options().dtype(at::kFloat));
-  FwdParams p{};
-  p.shape = shape;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_stride = strides_of(q);
-  p.k_stride = strides_of(k);
-  p.v_stride = strides_of(v);
+  FwdParams p = qkv_params<FwdParams>(shape, q, k, v);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.dropout = make_dropout(dropout_p, seed, q);
@@ -162,16 +167,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& g
   at::Tensor dq_accum = at::zeros({shape.batch, shape.heads, shape.tq, shape.head_dim}, q.options().dtype(at::kFloat));
   at::Tensor dk = at::empty({shape.batch, shape.heads, shape.tk, shape.head_dim}, q.options());
   at::Tensor dv = at::empty({shape.batch, shape.heads, shape.tk, shape.head_dim}, q.options());
-  BwdParams p{};
-  p.shape = shape;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
+  BwdParams p = qkv_params<BwdParams>(shape, q, k, v);
   p.out = out.data_ptr();
   p.dout = dout.data_ptr();
-  p.q_stride = strides_of(q);
-  p.k_stride = strides_of(k);
-  p.v_stride = strides_of(v);
   p.out_stride = strides_of(out);
   p.dout_stride = strides_of(dout);
   p.lse = lse.data_ptr<float>();
@@ -190,8 +188,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   TORCH_CHECK(shape.tq == 1, "gptfast_cuda decode_attention: q must hold one token (Tq = 1), got ", shape.tq);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = vector_aligned(q_in), k = vector_aligned(k_in), v = vector_aligned(v_in);
-  DecodeParams p{};
-  p.shape = shape;
+  DecodeParams p = qkv_params<DecodeParams>(shape, q, k, v);
   decode_split(static_cast<int64_t>(shape.batch) * shape.heads, shape.tk,
                sm_count(q.get_device()), &p.splits, &p.chunk);
   const auto f32 = q.options().dtype(at::kFloat);
@@ -199,12 +196,6 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   at::Tensor partial_acc = at::empty({shape.batch, shape.heads, p.splits, shape.head_dim}, f32);
   at::Tensor partial_max = at::empty({shape.batch, shape.heads, p.splits}, f32);
   at::Tensor partial_sum = at::empty({shape.batch, shape.heads, p.splits}, f32);
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_stride = strides_of(q);
-  p.k_stride = strides_of(k);
-  p.v_stride = strides_of(v);
   p.out = out.data_ptr();
   p.partial_acc = partial_acc.data_ptr<float>();
   p.partial_max = partial_max.data_ptr<float>();
@@ -219,13 +210,9 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
 }  // namespace gptfast
 
 TORCH_LIBRARY_FRAGMENT(gptfast_cuda, m) {
-  // Fake impls and autograd live there; torch imports it if it needs them first.
-  m.set_python_module("gptfast.ops.cuda_attention");
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
-  m.def(
-      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
-      "float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)");
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def(gptfast::schema::kAttentionFwd);
+  m.def(gptfast::schema::kAttentionBwd);
+  m.def(gptfast::schema::kDecodeAttention);
 }
 
 TORCH_LIBRARY_IMPL(gptfast_cuda, CUDA, m) {

@@ -1,7 +1,8 @@
 // Torch binding of the cross-entropy and sampling kernels (cross_entropy.cu, sampling.cu):
-// op schemas in the gptfast_cuda namespace, argument checks, output allocation, and
-// launches on torch's current CUDA stream.  Fake (meta) implementations and autograd
-// are registered from Python (gptfast/ops/cuda_ops.py).
+// ops in the gptfast_cuda namespace with the shared schemas (csrc/schemas.h), argument
+// checks, output allocation, and launches on torch's current CUDA stream.  Fake (meta)
+// implementations and autograd are registered from Python (gptfast/ops/loss.py,
+// sampling.py, when gptfast.ops.cuda_ops loads this extension).
 //
 // This file also defines the (empty) Python module gptfast._C_cuda: importing it runs
 // the static op registrations of every csrc/cuda/*.cpp linked into it.
@@ -17,6 +18,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../schemas.h"
 #include "loss_sampling_launch.h"
 
 extern "C" PyObject* PyInit__C_cuda(void) {
@@ -123,6 +125,9 @@ at::Tensor sample_next_token(const at::Tensor& logits, const std::optional<at::T
   if (top_k.has_value()) {
     check_per_row(*top_k, "top_k", rows, x.device(), at::kLong);
     ks = top_k->contiguous();
+  } else {
+    TORCH_CHECK_VALUE(top_k_value >= 1, "top_k_value must be >= 1 (the vocabulary size keeps every token), got ",
+                      top_k_value);
   }
   at::Tensor out = at::empty({rows, 1}, x.options().dtype(at::kLong));
   if (rows == 0) return out;
@@ -140,10 +145,8 @@ at::Tensor sample_next_token(const at::Tensor& logits, const std::optional<at::T
 }  // namespace gptfast
 
 TORCH_LIBRARY_FRAGMENT(gptfast_cuda, m) {
-  m.def("cross_entropy_fwd(Tensor logits, Tensor targets, int ignore_index, bool want_grad) -> (Tensor, Tensor)");
-  m.def(
-      "sample_next_token(Tensor logits, Tensor? temperature, float temperature_value, Tensor? top_k, "
-      "int top_k_value, Generator? generator) -> Tensor");
+  m.def(gptfast::schema::kCrossEntropyFwd);
+  m.def(gptfast::schema::kSampleNextToken);
 }
 
 TORCH_LIBRARY_IMPL(gptfast_cuda, CUDA, m) {

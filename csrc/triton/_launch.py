@@ -1,7 +1,9 @@
 """Launch helpers shared by the gptfast Triton kernels.
 
 Each kernel is launched through ``wrap_triton`` inside a ``torch.library.triton_op``
-so ``torch.compile`` can trace into it.  Triton's interpreter (``TRITON_INTERPRET=1``)
+so ``torch.compile`` can trace into it.  This package registers the raw ops only (the
+schemas of csrc/schemas.h) and imports nothing from ``gptfast``: autograd, reductions and
+argument conventions live in ``gptfast.ops``.  Triton's interpreter (``TRITON_INTERPRET=1``)
 would try to run a kernel on FakeTensors while an op's shape-only ("fake") version
 is traced, so there the launch is skipped: only output shapes matter then.
 """

@@ -17,18 +17,21 @@ Dropout on the attention weights is generated in the kernel with Philox
 (``tl.rand``): key = a seed drawn from torch's generator plus the batch*head index in
 the high word, counter = ``query * Tk + key``.  The backward regenerates the same
 mask from the same seed tensor, so nothing of size ``T x T`` is stored.
+
+The ops follow the shared schemas (csrc/schemas.h); their autograd formula is registered by
+``gptfast.ops.attention``, which also draws the seed.
 """
 
 from __future__ import annotations
 
-import math
+from typing import Optional  # op schema annotations: Optional[...] is parsed by every torch version
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._launch import INTERPRETER, dot_precision, draw_seed, launch, next_power_of_2
+from ._launch import INTERPRETER, dot_precision, launch, next_power_of_2
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -374,16 +377,18 @@ def needs_wide_offsets(*tensors: torch.Tensor) -> bool:
     return False
 
 
-def _dropout_args(dropout_p: float) -> tuple[bool, float]:
+def _dropout_args(dropout_p: float, seed: torch.Tensor | None) -> tuple[bool, float]:
     """(dropout on?, scale of kept weights); p = 1 drops everything, like F.dropout."""
     active = dropout_p > 0.0
+    if active and seed is None:
+        raise ValueError("gptfast_triton attention: dropout_p > 0 needs a seed tensor")
     keep_scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
     return active, keep_scale
 
 
 @triton_op("gptfast_triton::attention_fwd", mutates_args=())
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor,
-                  dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float,
+                  seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention forward; returns ``(out, lse)`` with lse ``(B, H, Tq)`` float32 (base 2)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, h, tq, d = q.shape
@@ -391,9 +396,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch
     out = torch.empty((b, h, tq, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, h, tq), device=q.device, dtype=torch.float32)
     cfg = _fwd_config(d, q.dtype, tq)
-    dropout, keep_scale = _dropout_args(dropout_p)
+    dropout, keep_scale = _dropout_args(dropout_p, seed)
     grid = flat_grid(triton.cdiv(tq, cfg["BLOCK_M"]), b * h)
-    launch(_attention_fwd_kernel, grid, q, k, v, out, lse, seed,
+    launch(_attention_fwd_kernel, grid, q, k, v, out, lse, seed if dropout else lse,
            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
            h, tq, tk, scale * LOG2E, dropout_p, keep_scale,
            HEAD_DIM=d, DROPOUT=dropout, PRECISION=dot_precision(q.dtype),
@@ -403,8 +408,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch
 
 @triton_op("gptfast_triton::attention_bwd", mutates_args=())
 def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, seed: torch.Tensor, dropout_p: float,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  lse: torch.Tensor, scale: float, dropout_p: float,
+                  seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of causal attention, recomputing the probabilities from ``lse``."""
     q, k, v, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, grad_out))
     b, h, tq, d = q.shape
@@ -419,33 +424,17 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     dq = torch.empty((b, h, tq, d), device=q.device, dtype=q.dtype)
     dk = torch.empty((b, h, tk, d), device=q.device, dtype=k.dtype)
     dv = torch.empty((b, h, tk, d), device=q.device, dtype=v.dtype)
-    dropout, keep_scale = _dropout_args(dropout_p)
+    dropout, keep_scale = _dropout_args(dropout_p, seed)
+    seed_ptr = seed if dropout else lse  # never read without dropout
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
               h, tq, tk, scale, scale * LOG2E, dropout_p, keep_scale)
     consts = dict(HEAD_DIM=d, DROPOUT=dropout, PRECISION=dot_precision(q.dtype), WIDE=wide)
     kv_cfg, q_cfg = _bwd_configs(d, q.dtype)
     launch(_attention_dkdv_kernel, flat_grid(triton.cdiv(tk, kv_cfg["BLOCK_N"]), b * h),
-           q, k, v, grad_out, lse, delta, dk, dv, seed, *common, **consts, **kv_cfg)
+           q, k, v, grad_out, lse, delta, dk, dv, seed_ptr, *common, **consts, **kv_cfg)
     launch(_attention_dq_kernel, flat_grid(triton.cdiv(tq, q_cfg["BLOCK_M"]), b * h),
-           q, k, v, grad_out, lse, delta, dq, seed, *common, **consts, **q_cfg)
+           q, k, v, grad_out, lse, delta, dq, seed_ptr, *common, **consts, **q_cfg)
     return dq, dk, dv
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, seed, dropout_p, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, seed)
-    ctx.dropout_p = dropout_p
-    ctx.scale = scale
-
-
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, seed = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, seed, ctx.dropout_p, ctx.scale)
-    return dq, dk, dv, None, None, None
-
-
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
@@ -458,12 +447,3 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
         return f"Tq*Tk = {q.shape[2] * k.shape[2]} exceeds the dropout counter range 2**31"
     return None
 
-
-def causal_attention(q, k, v, *, dropout_p=0.0, training=False, scale=None):
-    """Causal flash attention with in-kernel dropout (seed drawn from torch's generator on q's device)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    p = float(dropout_p) if training else 0.0
-    # Without dropout no random number is consumed: the kernel never reads this placeholder seed.
-    seed = draw_seed(q.device) if p > 0.0 else q.new_zeros(1, dtype=torch.int64)
-    out, _ = attention_fwd(q, k, v, seed, p, scale)
-    return out

@@ -3,7 +3,8 @@
 One program per row: a first sweep over vocabulary blocks keeps a running maximum
 and a running sum of exponentials (online log-sum-exp), so the row is read once for
 the loss; a second sweep writes ``(softmax - onehot) * scale`` for the row.  The
-backward pass then only multiplies that stored gradient by the upstream gradient.
+op follows the shared schema (csrc/schemas.h); ``gptfast.ops.loss`` registers its
+autograd (which only scales the stored gradient) and the reductions.
 
 Targets are bounds-checked in the kernel: a target outside ``[0, V)`` that is not
 ``ignore_index`` gives a NaN loss instead of an out-of-bounds read.
@@ -20,8 +21,6 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op
-
-from gptfast.ops._autograd import register_saved_grad_autograd
 
 from ._launch import INTERPRETER, launch, next_power_of_2
 
@@ -105,12 +104,12 @@ def launch_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, losses: to
 
 @triton_op("gptfast_triton::cross_entropy_fwd", mutates_args=())
 def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                      compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row losses ``(N,)`` float32 and, if ``compute_grad``, ``softmax - onehot`` ``(N, V)`` (else empty)."""
+                      want_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row losses ``(N,)`` float32 and, if ``want_grad``, ``softmax - onehot`` ``(N, V)`` (else empty)."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     losses = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
-    if compute_grad:
+    if want_grad:
         grad = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
         unit_scale = torch.ones(1, device=logits.device, dtype=torch.float32)
         launch_cross_entropy(logits, targets, losses, grad, unit_scale, ignore_index)
@@ -120,32 +119,9 @@ def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     return losses, grad
 
 
-register_saved_grad_autograd("gptfast_triton::cross_entropy_fwd")
-
-
-def reduce_losses(losses: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str, shape):
-    """Apply ``reduction`` to per-row losses the way ``F.cross_entropy`` does (mean over kept targets)."""
-    if reduction == "none":
-        return losses.view(shape)
-    total = losses.sum()
-    if reduction == "sum":
-        return total
-    # Every target ignored: NaN, as in PyTorch, and zero gradients as there (not 0 * inf = NaN).
-    kept = (targets != ignore_index).sum()
-    return torch.where(kept > 0, total / kept.clamp(min=1), torch.full_like(total, float("nan")))
-
-
 def unsupported_reason(logits: torch.Tensor) -> str | None:
     """``None`` if the kernel can run on these logits, else why not."""
     if logits.dtype not in DTYPES:
         return f"dtype {logits.dtype} is not supported (float32/float16/bfloat16)"
     return None
 
-
-def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean"):
-    """``F.cross_entropy`` over the last dimension of ``(N, V)`` or ``(B, T, V)`` logits."""
-    flat_logits = logits.reshape(-1, logits.shape[-1])
-    flat_targets = targets.reshape(-1)
-    compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    losses, _ = cross_entropy_fwd(flat_logits, flat_targets, int(ignore_index), compute_grad)
-    return reduce_losses(losses, flat_targets, ignore_index, reduction, targets.shape).to(logits.dtype)

@@ -22,14 +22,11 @@ rule, so every backend returns an id in ``[0, V)``.
 
 from __future__ import annotations
 
-from typing import Optional  # op schema annotations: Optional[...] is parsed by every torch version
-
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
-from ._launch import INTERPRETER, draw_seed, launch, next_power_of_2
+from ._launch import INTERPRETER, draw_seed, next_power_of_2
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -196,13 +193,12 @@ def _config(n_rows: int, n_cols: int) -> dict:
     return dict(BLOCK_R=block_r, BLOCK_V=block_v, num_warps=8 if block_r * block_v >= 4096 else 4)
 
 
-@triton_op("gptfast_triton::sample", mutates_args=())
-def sample(logits: torch.Tensor, seed: torch.Tensor, temperature: Optional[torch.Tensor], temperature_value: float,
-           top_k: Optional[torch.Tensor], top_k_value: int) -> torch.Tensor:
+def _sample_next_token(logits, temperature, temperature_value, top_k, top_k_value, generator):
     """Next token per row, ``(B, 1)`` int64.
 
     ``temperature``/``top_k`` are per-row tensors or None (then the scalar
-    ``temperature_value``/``top_k_value`` applies; ``top_k_value`` 0 means no top-k).
+    ``temperature_value``/``top_k_value`` applies; ``top_k_value`` = V means no top-k).
+    A Philox seed is drawn from ``generator`` on the device (none for greedy calls).
     """
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -212,14 +208,27 @@ def sample(logits: torch.Tensor, seed: torch.Tensor, temperature: Optional[torch
     n_rows, n_cols = logits.shape
     out = torch.empty((n_rows, 1), device=logits.device, dtype=torch.int64)
     has_top_k = top_k is not None or 0 < top_k_value < n_cols
+    greedy = temperature is None and temperature_value <= 0.0
+    # Greedy decoding consumes no random numbers, like the torch path.
+    seed = logits.new_zeros(1, dtype=torch.int64) if greedy else draw_seed(logits.device, generator)
     cfg = _config(n_rows, n_cols)
     # An absent per-row tensor is never read; logits stands in for its pointer.
-    launch(_sample_kernel, (triton.cdiv(n_rows, cfg["BLOCK_R"]),), logits, logits.stride(0), out, seed,
-           temperature if temperature is not None else logits, temperature_value,
-           top_k if top_k is not None else logits, top_k_value, n_rows, n_cols,
-           PER_ROW_T=temperature is not None, PER_ROW_K=top_k is not None, HAS_TOP_K=has_top_k,
-           GREEDY_ONLY=temperature is None and temperature_value == 0.0, **cfg)
+    _sample_kernel[(triton.cdiv(n_rows, cfg["BLOCK_R"]),)](
+        logits, logits.stride(0), out, seed, temperature if temperature is not None else logits, temperature_value,
+        top_k if top_k is not None else logits, top_k_value, n_rows, n_cols,
+        PER_ROW_T=temperature is not None, PER_ROW_K=top_k is not None, HAS_TOP_K=has_top_k,
+        GREEDY_ONLY=greedy, **cfg)
     return out
+
+
+# The shared schema (csrc/schemas.h).  It takes the caller's torch.Generator, which triton_op cannot
+# declare (its schema is inferred from annotations, and Generator is not among the inferable types),
+# so this one op is a plain custom op: opaque to torch.compile, like the C++ sampling ops; its fake
+# is registered by gptfast.ops.sampling, as for every namespace.
+sample_next_token = torch.library.custom_op(
+    "gptfast_triton::sample_next_token", _sample_next_token, mutates_args=(),
+    schema="(Tensor logits, Tensor? temperature, float temperature_value, Tensor? top_k, int top_k_value, "
+           "Generator? generator) -> Tensor")
 
 
 def unsupported_reason(logits: torch.Tensor) -> str | None:
@@ -228,14 +237,3 @@ def unsupported_reason(logits: torch.Tensor) -> str | None:
         return f"dtype {logits.dtype} is not supported (float32/float16/bfloat16)"
     return None
 
-
-def sample_next_token(logits, *, temperature=0.0, top_k=None, generator=None):
-    """Top-k / temperature sampling; per-row tensors allowed; a seed is drawn from ``generator`` on the device."""
-    per_row_t = temperature if isinstance(temperature, torch.Tensor) else None
-    per_row_k = top_k if isinstance(top_k, torch.Tensor) else None
-    t_value = 0.0 if per_row_t is not None else float(temperature)
-    k_value = 0 if per_row_k is not None or top_k is None else int(top_k)
-    # Greedy decoding consumes no random numbers, like the torch path.
-    greedy = per_row_t is None and t_value == 0.0
-    seed = logits.new_zeros(1, dtype=torch.int64) if greedy else draw_seed(logits.device, generator)
-    return sample(logits, seed, per_row_t, t_value, per_row_k, k_value)

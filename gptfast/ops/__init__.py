@@ -8,6 +8,13 @@ Backends: ``"torch"`` (plain PyTorch, the parity oracle), ``"cpu"`` (csrc/cpu),
 ``"triton"`` (csrc/triton), ``"cuda"`` (csrc/cuda).  ``"auto"`` takes, per op,
 the first backend in that priority order (cuda, triton, cpu, torch) that is built,
 serves the tensors' device and has been measured faster than the torch path.
+
+Layout: ``_checks`` (validation), ``_dispatch`` (backend registry and selection),
+``torch_ops`` (the oracle), one module per op above the kernels (``attention``,
+``loss`` for the cross-entropy and the linear cross-entropy, ``sampling``; not named
+``cross_entropy``, which is this package's function), and one thin loader
+per kernel backend (``cpu_ops``, ``cuda_ops``, ``triton_ops``).  The kernels' torch-op
+schemas are listed in csrc/schemas.h.
 """
 
 from __future__ import annotations

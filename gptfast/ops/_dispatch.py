@@ -1,8 +1,10 @@
-"""Backend registry and selection for the three fused ops.
+"""Backend registry and selection for the fused ops.
 
-A backend is a module that implements some of the ops below as plain functions
-taking already-validated tensors.  Modules are imported lazily, the first time a
-backend is considered, so importing gptfast never builds or loads a kernel.
+A backend is a thin loader module: it loads its kernels (a C++ extension or the
+Triton kernel package) and exposes one function per op it implements, bound to the
+op modules (``attention``, ``loss``, ``sampling``) that hold everything above
+the kernels.  Modules are imported lazily, the first time a backend is considered, so
+importing gptfast never builds or loads a kernel.
 
 Contract for a backend module (see ``torch_ops.py`` for the oracle):
 
@@ -70,6 +72,19 @@ def _load(name: str) -> ModuleType | None:
         return None
     _modules[name] = module
     return module
+
+
+def register_kernels(namespace: str, *, fakes_in_bodies: bool = False) -> None:
+    """Register the fakes and autograd of every op in a kernel namespace (the op modules hold them).
+
+    ``fakes_in_bodies``: the attention and cross-entropy ops are ``triton_op``s, whose fake
+    is their own Python body.
+    """
+    from . import attention, loss, sampling
+
+    attention.register(namespace, fakes=not fakes_in_bodies)
+    loss.register(namespace, fakes=not fakes_in_bodies)
+    sampling.register(namespace)
 
 
 def unavailable_reason(name: str) -> str | None:

@@ -1,91 +1,69 @@
-"""Backend ``"triton"``: the Triton kernels of ``csrc/triton`` (package ``gptfast.triton_kernels``).
+"""Backend ``"triton"``: loads the Triton kernels of ``csrc/triton`` (package ``gptfast.triton_kernels``).
 
 Runs on CUDA tensors.  With ``TRITON_INTERPRET=1`` set before triton is imported,
-Triton's interpreter runs the same kernels on CPU tensors, which is how the test
-suite checks them on machines without a GPU; ``"auto"`` never picks this backend
-there (the interpreter is far slower than PyTorch).
+Triton's interpreter runs the same kernels on CPU tensors, which is how the test suite
+checks them without a GPU; "auto" never picks this backend (the interpreter is far
+slower than PyTorch, and no GPU has measured the kernels yet).  The interpreter gets
+float16/bfloat16 ``tl.dot`` wrong, so there only float32 is accepted.
 
-Every op is a ``torch.library.triton_op`` (namespace ``gptfast_triton``) with its
-autograd registered, so ``torch.compile`` traces into the kernels on a GPU.
+The kernel package registers the raw ops (``triton_op``, namespace ``gptfast_triton``);
+their autograd and the layer above them live in the op modules, as for every backend.
+The linear cross-entropy runs the shared chunked driver on the Triton cross-entropy kernel.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
 import torch
 
+from . import attention as _attention, loss as _loss, sampling as _sampling
+from ._dispatch import register_kernels
+
+NAMESPACE = "gptfast_triton"
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICES = ("cuda", "cpu") if INTERPRETER else ("cuda",)
-# Ops that "auto" may pick: only those measured faster than the torch path.  The kernels
-# have so far run only under the interpreter (no GPU has been available to this project's
-# checks), so none is auto-selected yet; benchmarks/gpu/run_all.sh measures them, and the
-# ops it shows faster (and parity-tested on the GPU) go here.  Name backend="triton" to use them.
-AUTO_OPS: frozenset[str] = frozenset()
-
-_KERNEL_MODULES = ("attention", "cross_entropy", "linear_cross_entropy", "sampling")
+AUTO_OPS: frozenset[str] = frozenset()  # benchmarks/gpu/run_all.sh decides what joins
 _kernels: dict[str, object] = {}
-_import_error: str | None = None
 
 
-def _load_kernels() -> str | None:
-    """Import triton and the kernel modules once; return the failure, if any."""
-    global _import_error
-    if _kernels or _import_error is not None:
-        return _import_error
+def _load() -> str | None:
+    """Import triton and the kernel modules (registering the ops); the failure, if any."""
+    if not INTERPRETER and not torch.cuda.is_available():
+        return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)"
     try:
-        for name in _KERNEL_MODULES:
+        for name in ("attention", "cross_entropy", "sampling"):
             _kernels[name] = importlib.import_module(f"gptfast.triton_kernels.{name}")
     except (ImportError, RuntimeError, OSError) as exc:  # missing triton, or one that cannot load its backend
-        _kernels.clear()
-        _import_error = f"triton is not importable: {exc}"
-    return _import_error
+        return f"triton is not importable: {exc}"
+    register_kernels(NAMESPACE, fakes_in_bodies=True)
+    return None
+
+
+_LOAD_ERROR = _load()
 
 
 def unavailable_reason() -> str | None:
     """``None`` if the Triton kernels can run here, else why not."""
-    if not INTERPRETER and not torch.cuda.is_available():
-        return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)"
-    return _load_kernels()
-
-
-def _kernel(name: str):
-    reason = _load_kernels()
-    if reason is not None:
-        raise RuntimeError(reason)
-    return _kernels[name]
+    return _LOAD_ERROR
 
 
 def supports(op: str, *args, **kwargs) -> str | None:
     """``None`` if the kernels can serve this call, else the reason (dtype, head dim ...)."""
+    x = args[0]
+    if INTERPRETER and x.dtype in (torch.float16, torch.bfloat16):
+        return (f"Triton's interpreter (TRITON_INTERPRET=1) computes {x.dtype} tl.dot wrongly; "
+                "use float32, or a GPU without the interpreter")
     if op == "causal_attention":
-        return _kernel("attention").unsupported_reason(args[0], args[1])
-    if op == "cross_entropy":
-        return _kernel("cross_entropy").unsupported_reason(args[0])
-    if op == "linear_cross_entropy":
-        return _kernel("linear_cross_entropy").unsupported_reason(args[0], args[1], kwargs.get("bias"))
-    if op == "sample_next_token":
-        return _kernel("sampling").unsupported_reason(args[0])
-    return f"unknown op {op!r}"
+        return _kernels["attention"].unsupported_reason(args[0], args[1])
+    if op == "linear_cross_entropy" and kwargs.get("bias") is not None and kwargs["bias"].dtype != x.dtype:
+        return f"bias dtype {kwargs['bias'].dtype} differs from hidden's {x.dtype}"
+    return _kernels["sampling" if op == "sample_next_token" else "cross_entropy"].unsupported_reason(x)
 
 
-def causal_attention(q, k, v, *, dropout_p=0.0, training=False, scale=None):
-    """Causal flash attention (forward and backward kernels, in-kernel dropout)."""
-    return _kernel("attention").causal_attention(q, k, v, dropout_p=dropout_p, training=training, scale=scale)
-
-
-def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean"):
-    """Cross-entropy with the gradient written during the forward pass."""
-    return _kernel("cross_entropy").cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
-
-
-def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean"):
-    """Output-head cross-entropy in token chunks, never holding the full logits."""
-    return _kernel("linear_cross_entropy").linear_cross_entropy(
-        hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction)
-
-
-def sample_next_token(logits, *, temperature=0.0, top_k=None, generator=None):
-    """Sort-free top-k / temperature sampling, no host synchronisation."""
-    return _kernel("sampling").sample_next_token(logits, temperature=temperature, top_k=top_k, generator=generator)
+causal_attention = functools.partial(_attention.fused_causal_attention, NAMESPACE)
+cross_entropy = functools.partial(_loss.fused_cross_entropy, NAMESPACE)
+linear_cross_entropy = functools.partial(_loss.fused_linear_cross_entropy, NAMESPACE)
+sample_next_token = functools.partial(_sampling.fused_sample_next_token, NAMESPACE)

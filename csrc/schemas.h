@@ -1,0 +1,52 @@
+// The torch-op schemas of gptfast's kernels: one schema per op, the same in every namespace
+// (gptfast_cpu, gptfast_cuda, gptfast_triton).  The C++ libraries define their ops from these
+// strings; csrc/triton declares the same signatures in Python, and tests/test_ops_dispatch.py
+// checks that every registered namespace matches this list.  The Python layer above the kernels
+// (gptfast/ops/attention.py, loss.py, sampling.py) registers fakes and autograd and is
+// the only caller.  (triton_op infers Python ints as SymInt, an int that may be symbolic while
+// tracing; the call is the same.)
+//
+// attention_fwd(q, k, v, scale, dropout_p, seed) -> (out, lse)
+//   q (B, H, Tq, D), k/v (B, H, Tk, D), Tq <= Tk: query i sits at position Tk - Tq + i.
+//   out (B, H, Tq, D) contiguous, q's dtype; lse (B, H, Tq) contiguous, float32 (float64 for
+//   float64 inputs on cpu): a per-query log-sum-exp only attention_bwd interprets.
+//   seed: one-element int64 tensor on q's device, drawn from torch's generator by the caller;
+//   the dropout mask is a pure function of (seed, batch, head, query, key).  None iff
+//   dropout_p == 0 is allowed.
+// attention_bwd(grad_out, q, k, v, out, lse, scale, dropout_p, seed) -> (dq, dk, dv)
+//   The forward's out and lse and the same seed; gradients contiguous, in q's dtype.
+// cross_entropy_fwd(logits, targets, ignore_index, want_grad) -> (loss_rows, grad)
+//   logits (N, V) with unit column stride (rows may be strided), targets (N,) int64 or int32.
+//   loss_rows (N,) float32 (float64 for float64 logits): 0 where ignored, NaN for a target
+//   outside [0, V).  grad: softmax - onehot (N, V) contiguous in logits' dtype, zero rows where
+//   ignored, when want_grad; else an empty tensor.
+// sample_next_token(logits, temperature, temperature_value, top_k, top_k_value, generator) -> tokens
+//   logits (B, V); tokens (B, 1) int64.  temperature: per-row float32 (B,) or None, then
+//   temperature_value applies to every row; <= 0 means greedy (argmax, first index on ties).
+//   top_k: per-row int64 (B,) or None, then top_k_value applies; every logit >= the row's k-th
+//   largest is kept (ties kept).  "No top-k" is spelt top_k_value = V.  generator: the caller's
+//   torch.Generator on logits' device, or None for the default one; greedy calls draw nothing
+//   on cpu and triton.
+//
+// cuda only (no counterpart elsewhere):
+// decode_attention(q, k, v, scale) -> out
+//   Tq == 1 against a long KV cache (split-key flash decoding); no dropout, no gradient.
+#pragma once
+
+namespace gptfast {
+namespace schema {
+
+constexpr const char* kAttentionFwd =
+    "attention_fwd(Tensor q, Tensor k, Tensor v, float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)";
+constexpr const char* kAttentionBwd =
+    "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
+    "float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)";
+constexpr const char* kCrossEntropyFwd =
+    "cross_entropy_fwd(Tensor logits, Tensor targets, int ignore_index, bool want_grad) -> (Tensor, Tensor)";
+constexpr const char* kSampleNextToken =
+    "sample_next_token(Tensor logits, Tensor? temperature, float temperature_value, Tensor? top_k, "
+    "int top_k_value, Generator? generator) -> Tensor";
+constexpr const char* kDecodeAttention = "decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor";
+
+}  // namespace schema
+}  // namespace gptfast

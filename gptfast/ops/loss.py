@@ -1,0 +1,250 @@
+"""Softmax cross-entropy and the fused linear cross-entropy above the kernels, for every fused backend.
+
+The kernel is one torch op with one schema in each namespace (csrc/schemas.h)::
+
+    cross_entropy_fwd(logits, targets, ignore_index, want_grad) -> (loss_rows, grad)
+
+One pass over each row gives its loss and, when ``want_grad``, ``softmax - onehot``.
+Everything else lives here, once for all backends:
+
+* the fake implementation (for the C++ ops; a Triton op's fake is its own body);
+* the autograd formula: the backward only scales the saved gradient by each row's
+  upstream factor, in place, so no second ``(N, V)`` buffer exists;
+* the reduction (mean over kept targets, sum, none);
+* the chunked linear cross-entropy driver, which takes a backend's ``cross_entropy_fwd``
+  and never builds the full ``(N, V)`` logits.
+
+A second backward through the same graph (``retain_graph=True``) is refused with a
+``RuntimeError`` that says why: the first backward consumed the saved gradient in place.
+Keeping it intact would cost a second gradient-sized buffer on every ordinary backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils import _python_dispatch
+
+# Logits elements per chunk of the linear cross-entropy: ~64 MB in float32 (about 330 tokens of
+# GPT-2's vocabulary on a CPU, large enough for efficient matmuls).
+CPU_CHUNK_ELEMENTS = 1 << 24
+# On a GPU a chunk has about hidden_size tokens (at least 256): its logits are then about the size
+# of the weight (which d weight needs anyway), while the float32 d weight, a pass over V x H, is
+# added to only N / hidden_size times.
+GPU_MIN_CHUNK_ROWS = 256
+
+
+def _namespace(ops):
+    """``torch.ops.<ops>`` for a namespace name; any other object (a test's stand-in) as is."""
+    return getattr(torch.ops, ops) if isinstance(ops, str) else ops
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The per-row loss dtype the kernels return: float64 for float64 logits (cpu), else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def is_tracing(t: torch.Tensor) -> bool:
+    """True while dynamo/AOTAutograd/make_fx/opcheck trace (fake, functional or proxy tensors), False when eager."""
+    return (torch.compiler.is_compiling() or type(t) is not torch.Tensor
+            or _python_dispatch._get_current_dispatch_mode() is not None)
+
+
+def scale_saved_grad(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``grad * factor`` in ``grad``'s dtype: the backward of a loss whose forward saved its gradient.
+
+    Eagerly it multiplies in place, so the saved buffer becomes the input's gradient and no
+    second buffer of its size exists.  While tracing it is out of place, so the traced
+    backward has no mutated inputs.
+    """
+    if is_tracing(grad):
+        return (grad * factor).to(grad.dtype)
+    return grad.mul_(factor)
+
+
+class _SavedGradient:
+    """Guards a gradient saved by a forward and scaled in place by the one backward it serves."""
+
+    def __init__(self, op_name: str):
+        self.op_name = op_name
+        self.consumed = False
+
+    def take(self) -> None:
+        if self.consumed:
+            raise RuntimeError(
+                f"{self.op_name}: a second backward through the same graph is not supported: the first "
+                "backward turned the gradient saved by the forward into the input's gradient in place "
+                "(which saves a second gradient-sized buffer); recompute the loss, or use backend='torch'")
+        self.consumed = True
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def _fake_cross_entropy_fwd(logits, targets, ignore_index, want_grad):
+    # The kernels write a fresh contiguous gradient whatever the logits' strides.
+    grad = logits.new_empty(logits.shape) if want_grad else logits.new_empty((0,))
+    return logits.new_empty((logits.shape[0],), dtype=acc_dtype(logits.dtype)), grad
+
+
+def register(namespace: str, *, fakes: bool = True) -> None:
+    """Register the autograd formula (and, with ``fakes``, the fake impl) of ``namespace::cross_entropy_fwd``."""
+    op_name = f"{namespace}::cross_entropy_fwd"
+    if fakes:
+        torch.library.register_fake(op_name)(_fake_cross_entropy_fwd)
+
+    def setup_context(ctx, inputs, output):
+        _, grad = output
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(grad)
+        ctx.want_grad = inputs[3]
+        ctx.saved_gradient = _SavedGradient(op_name)
+        # Otherwise autograd hands backward a zero-filled (N, V) "gradient" of `grad`.
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_loss_rows, _grad_of_grad):
+        if grad_loss_rows is None:  # the loss rows did not reach the differentiated result
+            return None, None, None, None
+        if not ctx.want_grad:
+            raise RuntimeError(f"{op_name} ran without a gradient buffer (grad mode was off or logits did "
+                               "not require grad); cannot backpropagate")
+        ctx.saved_gradient.take()
+        (grad,) = ctx.saved_tensors
+        return scale_saved_grad(grad, grad_loss_rows.unsqueeze(1)), None, None, None
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+
+
+# --------------------------------------------------------------------------- cross-entropy
+
+
+def reduce_loss(loss_rows, targets, ignore_index, reduction, dtype):
+    """Apply ``reduction`` to per-row losses as ``F.cross_entropy`` does; the result in ``dtype``."""
+    if reduction == "none":
+        return loss_rows.view(targets.shape).to(dtype)
+    total = loss_rows.sum()
+    if reduction == "mean":  # all ignored: NaN with zero gradients, as in PyTorch (not 0 * inf)
+        kept = (targets != ignore_index).sum()
+        total = torch.where(kept > 0, total / kept.clamp(min=1), torch.full_like(total, float("nan")))
+    return total.to(dtype)
+
+
+def _flat_targets(targets: torch.Tensor) -> torch.Tensor:
+    # Targets are small next to the logits: one contiguous copy spares every kernel a stride.
+    return targets.reshape(-1).contiguous()
+
+
+def fused_cross_entropy(ops, logits, targets, *, ignore_index=-100, reduction="mean"):
+    """Cross-entropy on ``ops``' kernel (a namespace name such as ``"gptfast_cpu"``), one pass per row."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    want_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss_rows, _ = _namespace(ops).cross_entropy_fwd(flat, _flat_targets(targets), int(ignore_index), want_grad)
+    return reduce_loss(loss_rows, targets, ignore_index, reduction, logits.dtype)
+
+
+# --------------------------------------------------------------------------- linear cross-entropy
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def chunk_rows(n_rows: int, hidden_size: int, vocab: int, device_type: str) -> int:
+    """Tokens per chunk of the linear cross-entropy (see CPU_CHUNK_ELEMENTS and GPU_MIN_CHUNK_ROWS)."""
+    if device_type == "cpu":
+        rows = CPU_CHUNK_ELEMENTS // max(vocab, 1)
+    else:
+        rows = max(GPU_MIN_CHUNK_ROWS, _next_power_of_2(hidden_size))
+    return max(1, min(n_rows, rows))
+
+
+def _linear_ce_chunks(kernel, hidden, weight, bias, targets, ignore_index, row_scale, need):
+    """Per-row losses and (for ``need`` = which of hidden, weight, bias) gradients, chunk by chunk.
+
+    Gradients are of ``sum_i row_scale[i] * loss_i`` (``row_scale`` None = all ones); weight
+    and bias gradients accumulate in float32 (float64 for float64 inputs), so many chunks do
+    not pile up 16-bit rounding.
+    """
+    n, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    acc = acc_dtype(hidden.dtype)
+    any_grad = any(need)
+    loss_rows = torch.empty(n, dtype=acc, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if need[0] else None
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need[1] else None
+    grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need[2] else None
+    step = chunk_rows(n, hidden_size, vocab, hidden.device.type)
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
+        h = hidden[rows]
+        logits = F.linear(h, weight, bias)
+        loss, dlogits = kernel(logits, targets[rows], ignore_index, any_grad)
+        loss_rows[rows] = loss
+        del logits
+        if not any_grad:
+            continue
+        if row_scale is not None:
+            dlogits.mul_(row_scale[rows].unsqueeze(1).to(dlogits.dtype))
+        if grad_hidden is not None:
+            torch.mm(dlogits, weight, out=grad_hidden[rows])
+        if grad_weight is not None:
+            if dlogits.dtype == acc:
+                grad_weight.addmm_(dlogits.t(), h)  # no (V, H) temporary per chunk
+            else:
+                grad_weight += (dlogits.t() @ h).to(acc)
+        if grad_bias is not None:
+            grad_bias += dlogits.sum(0, dtype=acc)
+    return loss_rows, grad_hidden, grad_weight, grad_bias
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Chunked ``cross_entropy(hidden @ weight.T + bias)`` on a backend's kernel; never holds the full logits.
+
+    For mean/sum the gradients are computed during the forward (one logits pass) and only
+    scaled, in place, by the backward; for ``"none"`` the per-row upstream gradients are
+    needed first, so the backward recomputes the chunks (and may run more than once).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, kernel, op_name):
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        precompute = reduction != "none" and any(need)
+        loss_rows, gh, gw, gb = _linear_ce_chunks(kernel, hidden, weight, bias, targets, ignore_index, None,
+                                                  need if precompute else (False, False, False))
+        ctx.reduction, ctx.ignore_index, ctx.need, ctx.kernel = reduction, ignore_index, need, kernel
+        ctx.weight_dtype = weight.dtype
+        if reduction == "none":
+            ctx.save_for_backward(hidden, weight, bias, targets)
+            return loss_rows.to(hidden.dtype)
+        count = (targets != ignore_index).sum() if reduction == "mean" else None
+        ctx.grads, ctx.count = (gh, gw, gb), count
+        ctx.saved_gradient = _SavedGradient(op_name)
+        total = loss_rows.sum()
+        return (total / count if count is not None else total).to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.reduction == "none":
+            hidden, weight, bias, targets = ctx.saved_tensors
+            _, gh, gw, gb = _linear_ce_chunks(ctx.kernel, hidden, weight, bias, targets, ctx.ignore_index,
+                                              grad_loss.to(acc_dtype(hidden.dtype)), ctx.need)
+        else:
+            ctx.saved_gradient.take()
+            factor = grad_loss.to(acc_dtype(grad_loss.dtype))
+            if ctx.count is not None:  # all ignored: the gradients are 0, not 0 * inf
+                factor = factor / ctx.count.clamp(min=1)
+            gh, gw, gb = (scale_saved_grad(g, factor) if g is not None else None for g in ctx.grads)
+            ctx.grads = None
+        gw = gw.to(ctx.weight_dtype) if gw is not None else None
+        gb = gb.to(ctx.weight_dtype) if gb is not None else None
+        return gh, gw, gb, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(ops, hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean"):
+    """Cross-entropy of the output head on ``ops``' cross-entropy kernel, without the ``(N, V)`` logits."""
+    kernel = _namespace(ops).cross_entropy_fwd
+    op_name = f"{ops}::cross_entropy_fwd (linear cross-entropy)" if isinstance(ops, str) else "linear cross-entropy"
+    flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    flat_targets = _flat_targets(targets)
+    loss = _LinearCrossEntropy.apply(flat, weight, bias, flat_targets, int(ignore_index), reduction, kernel, op_name)
+    return loss.view(targets.shape) if reduction == "none" else loss

@@ -1,0 +1,585 @@
+"""Causal attention on every fused backend (cpu, triton, cuda) against the torch oracle, forward and backward.
+
+Shapes and tolerances: tests/parity.py.  Without a GPU the Triton kernels run in its
+interpreter (conftest sets TRITON_INTERPRET=1) on float32 CPU tensors; the CUDA cases
+are skipped only where no CUDA device exists.  The CUDA kernels themselves, run in the
+CPU emulator of the CUDA code, are tested in tests/test_cuda_emulator.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import parity
+from gptfast import ops
+from gptfast.ops import attention, cuda_ops, torch_ops
+from parity import HAS_CUDA, backend_cases, backend_devices, needs_cpu_backend, needs_cuda, needs_interpreter
+
+OP = "causal_attention"
+# Full-size shapes, only on a GPU (the interpreter would take minutes).
+GPU_SHAPES = [(4, 12, 1024, 1024, 64), (2, 4, 300, 513, 128), (2, 3, 777, 777, 32), (8, 12, 1, 1000, 64),
+              (1, 1, 1, 1, 128), (2, 3, 17, 17, 64), (1, 1, 64, 64, 64), (1, 2, 65, 65, 128), (2, 2, 127, 200, 64),
+              (1, 3, 31, 513, 128), (2, 2, 300, 300, 64), (1, 2, 1024, 1024, 64)]
+
+
+def _device_dtype(backend, device):
+    """The most precise dtype ``backend`` takes on ``device`` (for tests about behaviour, not precision)."""
+    if backend == "cpu":
+        return torch.float64
+    return torch.float16 if backend == "cuda" else torch.float32
+
+
+def _qkv(shape, dtype, device, seed=0, requires_grad=False):
+    b, h, tq, tk, d = shape
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(b, h, t, d, generator=g).to(device=device, dtype=dtype) for t in (tq, tk, tk)]
+    return [t.requires_grad_(requires_grad) for t in tensors]
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_cases(OP))
+@pytest.mark.parametrize("shape", parity.ATTENTION_SHAPES, ids=str)
+def test_parity(backend, device, dtype, shape):
+    parity.check_attention_parity(backend, shape, dtype, device=device)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases(OP) if c.values[1] == "cuda"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+def test_parity_full_size(backend, device, dtype, shape):
+    parity.check_attention_parity(backend, shape, dtype, device=device)
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_cases(OP, dtypes=(torch.float32, torch.float16,
+                                                                          torch.bfloat16)))
+@pytest.mark.parametrize("shape", [(2, 2, 20, 33, 16), (2, 2, 45, 70, 64)], ids=str)
+def test_parity_custom_scale(backend, device, dtype, shape):
+    parity.check_attention_parity(backend, shape, dtype, device=device, scale=0.3)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("shape", [(1, 2, 9, 9, 17), (2, 1, 3, 130, 40), (1, 1, 150, 150, 8), (1, 2, 65, 65, 16),
+                                   (2, 2, 2, 300, 24)], ids=str)
+def test_cpu_parity_odd_head_dims_and_long(shape):
+    parity.check_attention_parity("cpu", shape, torch.float32)
+
+
+@needs_cpu_backend
+def test_cpu_parity_float16():
+    parity.check_attention_parity("cpu", (2, 3, 17, 17, 32), torch.float16)
+    parity.check_attention_parity("cpu", (1, 2, 5, 40, 64), torch.float16)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 3), (1, 2, 3, 3, 4), (2, 1, 2, 5, 3)], ids=str)
+def test_cpu_gradcheck_float64(shape):
+    q, k, v = _qkv(shape, torch.float64, "cpu", seed=4, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v: ops.causal_attention(q, k, v, backend="cpu"), (q, k, v))
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_strided_views_match_contiguous(backend, device):
+    """The model passes q/k/v as transposed (B, T, H, D) views; results must not depend on layout."""
+    dtype = _device_dtype(backend, device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 19, 3, 3 * 64, generator=g).to(device=device, dtype=dtype)
+    views = [x[..., i * 64:(i + 1) * 64].transpose(1, 2) for i in range(3)]
+    assert not views[0].is_contiguous()
+    strided = ops.causal_attention(*views, backend=backend)
+    packed = ops.causal_attention(*(t.contiguous() for t in views), backend=backend)
+    torch.testing.assert_close(strided, packed, atol=0, rtol=0)
+    ref = torch_ops.causal_attention(*(t.double().cpu() for t in views))
+    parity.assert_close(strided.cpu(), ref, dtype, f"{backend} strided attention")
+    # last dimension not unit-stride: handled by a copy
+    odd = [t.transpose(2, 3).contiguous().transpose(2, 3) for t in views]
+    assert odd[0].stride(-1) != 1
+    parity.assert_close(ops.causal_attention(*odd, backend=backend).cpu(), ref, dtype, f"{backend} odd strides")
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def _dropout_keep_mask(backend, device, dtype, b, h, tq, tk, p, seed):
+    """The kernel's keep mask under ``torch.manual_seed(seed)`` (bool ``(b, h, tq, tk)``), and the visible keys.
+
+    q = k = 0 gives every visible key the weight 1 / visible; v = identity copies each weight
+    into its own output column (head dim 64 or 128 >= tk).  The mask depends only on the seed
+    and the element's (batch, head, query, key), not on the head dim.
+    """
+    d = 64 if tk <= 64 else 128
+    torch.manual_seed(seed)
+    q = torch.zeros(b, h, tq, d, device=device, dtype=dtype)
+    k = torch.zeros(b, h, tk, d, device=device, dtype=dtype)
+    v = torch.eye(tk, d, device=device, dtype=dtype).expand(b, h, tk, d).contiguous()
+    out = ops.causal_attention(q, k, v, dropout_p=p, training=True, backend=backend)[..., :tk].double().cpu()
+    visible = ~torch_ops.causal_mask(tq, tk, "cpu")
+    ratio = out * visible.sum(-1, keepdim=True) * (1 - p)  # 1 where kept, 0 where dropped or masked
+    assert torch.all((ratio - ratio.round()).abs() < 0.05), "dropout output not in {0, 1/(1-p)} x weight"
+    assert torch.all(ratio[..., ~visible] == 0), "dropout mask reaches masked (future) keys"
+    return ratio.round().bool() & visible, visible
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_dropout_statistics_and_reproducibility(backend, device):
+    dtype, p = _device_dtype(backend, device), 0.3
+    kept, visible = _dropout_keep_mask(backend, device, dtype, 2, 2, 48, 48, p, seed=11)
+    again, _ = _dropout_keep_mask(backend, device, dtype, 2, 2, 48, 48, p, seed=11)
+    other, _ = _dropout_keep_mask(backend, device, dtype, 2, 2, 48, 48, p, seed=12)
+    assert torch.equal(kept, again), "same torch seed must give the same dropout mask"
+    assert not torch.equal(kept, other), "a different torch seed must change the dropout mask"
+    n = int(visible.sum()) * 2 * 2
+    frac = kept.sum().item() / n
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(frac - (1 - p)) < 5 * sigma, f"kept fraction {frac:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
+    # Different heads and batches get different masks.
+    assert not torch.equal(kept[0, 0], kept[0, 1]) and not torch.equal(kept[0, 0], kept[1, 0])
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cuda_dropout_statistics(dtype, p):
+    kept, visible = _dropout_keep_mask("cuda", "cuda", dtype, 4, 4, 128, 128, p, seed=0)
+    n = int(visible.sum()) * 16
+    dropped_fraction = 1 - int(kept.sum()) / n
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(dropped_fraction - p) < 6 * sigma, f"dropped {dropped_fraction:.4f}, expected {p}"
+    # Neighbouring rows/columns/heads must not share one pattern (a broken counter would repeat it).
+    assert not torch.equal(kept[0, 0], kept[0, 1]) and not torch.equal(kept[0, 0], kept[1, 0])
+    assert not torch.equal(kept[0, 0, 100:, :64], kept[0, 0, 100:, 64:])
+
+
+_MASK_SHAPES = [(1, 2, 16, 16, 8), (1, 2, 5, 16, 8), (1, 2, 2, 16, 8), (1, 2, 1, 16, 8), (2, 2, 29, 40, 64)]
+_CUDA_MASK_SHAPES = [(2, 2, 64, 64, 64), (1, 3, 40, 128, 128), (1, 2, 128, 128, 128)]
+
+
+def _check_dropout_uses_one_mask(backend, device, dtype, shape, p=0.25, seed=11):
+    """Output and gradients equal the oracle's with the kernel's own mask applied explicitly."""
+    b, h, tq, tk, d = shape
+    kept, _ = _dropout_keep_mask(backend, device, dtype, b, h, tq, tk, p, seed)
+    assert 0 < kept.sum() < kept.numel()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(b, h, t, d, generator=g, dtype=torch.float64) for t in (tq, tk, tk))
+    grad_out = torch.randn(b, h, tq, d, generator=g, dtype=torch.float64)
+
+    torch.manual_seed(seed)
+    q1, k1, v1 = (t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v))
+    out = ops.causal_attention(q1, k1, v1, dropout_p=p, training=True, backend=backend)
+    out.backward(grad_out.to(device=device, dtype=dtype))
+
+    q2, k2, v2 = (t.to(dtype).double().requires_grad_() for t in (q, k, v))
+    scores = (q2 @ k2.transpose(2, 3)).masked_fill(torch_ops.causal_mask(tq, tk, "cpu"), -torch.inf) / d ** 0.5
+    ref = (torch.softmax(scores, -1) * kept / (1 - p)) @ v2
+    ref.backward(grad_out.to(dtype).double())
+    parity.assert_close(out.detach().cpu(), ref.detach(), dtype, f"{backend} dropout output {shape}")
+    grow = 1.0 if dtype in (torch.float32, torch.float64) else math.sqrt(tk / 16) + 1
+    t = parity.tol(dtype)
+    for name, mine, theirs in (("dq", q1, q2), ("dk", k1, k2), ("dv", v1, v2)):
+        torch.testing.assert_close(mine.grad.double().cpu(), theirs.grad, atol=t["atol"] * grow,
+                                   rtol=t["rtol"] * grow, msg=lambda m: f"{backend} dropout {name} {shape}: {m}")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("shape", _MASK_SHAPES, ids=str)
+def test_dropout_forward_and_backward_use_one_mask(backend, device, shape):
+    if backend != "cpu" and shape[-1] not in (16, 32, 64, 128):
+        shape = shape[:-1] + (16,)  # the smallest head dim the Triton kernels take
+    _check_dropout_uses_one_mask(backend, device, _device_dtype(backend, device), shape)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", _CUDA_MASK_SHAPES, ids=str)
+def test_cuda_dropout_backward_uses_forward_mask(shape, dtype):
+    _check_dropout_uses_one_mask("cuda", "cuda", dtype, shape, p=0.3)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_dropout_only_in_training_and_p_one_drops_everything(backend, device):
+    dtype = _device_dtype(backend, device)
+    q, k, v = _qkv((1, 2, 12, 12, 64), dtype, device, seed=2, requires_grad=True)
+    no_drop = ops.causal_attention(q, k, v, backend=backend)
+    # Not training: dropout is off whatever p is.
+    torch.manual_seed(5)
+    assert torch.equal(ops.causal_attention(q, k, v, dropout_p=0.5, training=False, backend=backend), no_drop)
+    parity.assert_close(no_drop.detach().cpu(), torch_ops.causal_attention(*(t.detach().double().cpu() for t in
+                                                                             (q, k, v))), dtype, "eval mode")
+    dropped = ops.causal_attention(q, k, v, dropout_p=1.0, training=True, backend=backend)
+    assert torch.count_nonzero(dropped) == 0, "p=1 drops everything, as F.dropout does"
+    dropped.sum().backward()
+    assert torch.count_nonzero(v.grad) == 0 and torch.isfinite(q.grad).all()
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def _opcheck_utils(backend, device):
+    # Under the interpreter the Triton kernels cannot run inside AOT tracing, so only the
+    # schema, autograd-registration and fake-tensor checks apply there.
+    if backend == "triton" and device == "cpu":
+        return ("test_schema", "test_autograd_registration", "test_faketensor")
+    return ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_opcheck(backend, device):
+    dtype = torch.float16 if backend == "cuda" else torch.float32
+    utils = _opcheck_utils(backend, device)
+    kernels = getattr(torch.ops, f"gptfast_{backend}")
+    seed = torch.tensor([1234], dtype=torch.int64, device=device)
+    q, k, v = _qkv((1, 2, 5, 9, 64), dtype, device, seed=5, requires_grad=True)
+    torch.library.opcheck(kernels.attention_fwd.default, (q, k, v, 0.125, 0.0, None), test_utils=utils)
+    torch.library.opcheck(kernels.attention_fwd.default, (q, k, v, 0.125, 0.3, seed), test_utils=utils)
+    out, lse = kernels.attention_fwd(q.detach(), k.detach(), v.detach(), 0.125, 0.2, seed)
+    torch.library.opcheck(kernels.attention_bwd.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.125, 0.2, seed),
+                          test_utils=utils)
+
+
+@needs_cuda
+def test_cuda_opcheck_bf16_and_decode():
+    q, k, v = _qkv((1, 2, 33, 70, 64), torch.bfloat16, "cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.gptfast_cuda.attention_fwd.default, (q, k, v, 0.125, 0.0, None))
+    q1, k1, v1 = _qkv((2, 3, 1, 300, 64), torch.bfloat16, "cuda")
+    torch.library.opcheck(torch.ops.gptfast_cuda.decode_attention.default, (q1, k1, v1, 0.125))
+
+
+def test_fakes_return_the_kernels_shapes_dtypes_and_contiguous_strides():
+    q = torch.randn(2, 5, 3, 16).transpose(1, 2)  # a strided (B, H, T, D) view
+    k = torch.randn(2, 3, 7, 16)
+    out, lse = attention._fake_attention_fwd(q, k, k, 0.25, 0.0, None)
+    assert out.shape == q.shape and out.is_contiguous() and out.dtype == q.dtype
+    assert lse.shape == (2, 3, 5) and lse.dtype == torch.float32
+    assert attention._fake_attention_fwd(q.double(), k.double(), k.double(), 0.25, 0.0, None)[1].dtype == torch.float64
+    dq, dk, dv = attention._fake_attention_bwd(out, q, k, k, out, lse, 0.25, 0.0, None)
+    assert dq.shape == q.shape and dq.is_contiguous() and dk.shape == dv.shape == k.shape
+
+
+@needs_cpu_backend
+def test_cpu_torch_compile_attention_and_cross_entropy():
+    def loss_fn(q, k, v, w, targets):
+        ctx = ops.causal_attention(q, k, v, backend="cpu")
+        logits = ctx.flatten(0, 2) @ w
+        return ops.cross_entropy(logits, targets, backend="cpu")
+
+    g = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=g, requires_grad=True) for _ in range(3))
+    w = torch.randn(8, 11, generator=g, requires_grad=True)
+    targets = torch.randint(0, 11, (12,), generator=g)
+    eager = loss_fn(q, k, v, w, targets)
+    eager_grads = torch.autograd.grad(eager, (q, k, v, w))
+    compiled = torch.compile(loss_fn, backend="aot_eager")(q, k, v, w, targets)
+    compiled_grads = torch.autograd.grad(compiled, (q, k, v, w))
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_torch_compile_matches_eager(backend):
+    q, k, v = _qkv((2, 2, 100, 100, 64), torch.bfloat16, "cuda", requires_grad=True)
+    fn_backend = cuda_ops if backend == "cuda" else __import__("gptfast.ops.triton_ops", fromlist=["x"])
+
+    def fn(q, k, v):  # the backend function itself: the dispatch layer is not what is tested here
+        return fn_backend.causal_attention(q, k, v).float().square().sum()
+
+    eager = fn(q, k, v)
+    grads = torch.autograd.grad(eager, (q, k, v))
+    compiled = torch.compile(fn, fullgraph=True)(q, k, v)
+    cgrads = torch.autograd.grad(compiled, (q, k, v))
+    # Same kernels either way; only inductor's fused square-sum may add in another order.
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    for a, b_ in zip(cgrads, grads):
+        torch.testing.assert_close(a, b_, rtol=2e-2, atol=2e-2)
+
+
+# --------------------------------------------------------------------------- bad input and refusals
+
+
+def test_bad_input_raises_before_any_kernel():
+    q = torch.randn(1, 2, 4, 8)
+    for backend in ("cpu", "triton", "cuda"):
+        with pytest.raises(ValueError, match="4-D"):
+            ops.causal_attention(q[0], q[0], q[0], backend=backend)
+        with pytest.raises(ValueError, match="k and v"):
+            ops.causal_attention(q, q, torch.randn(1, 2, 5, 8), backend=backend)
+        with pytest.raises(ValueError, match="Tq <= Tk"):
+            ops.causal_attention(torch.randn(1, 2, 6, 8), q, q, backend=backend)
+        with pytest.raises(TypeError, match="dtype"):
+            ops.causal_attention(q, q.double(), q, backend=backend)
+        with pytest.raises(TypeError, match="floating"):
+            ops.causal_attention(q.long(), q.long(), q.long(), backend=backend)
+        with pytest.raises(ValueError, match="dropout_p"):
+            ops.causal_attention(q, q, q, dropout_p=1.5, backend=backend)
+        with pytest.raises(ValueError, match="scale"):
+            ops.causal_attention(q, q, q, scale=-1.0, backend=backend)
+
+
+@needs_cpu_backend
+def test_cpu_kernel_checks_shapes_and_seed_itself():
+    """Called directly (skipping the Python checks), the C++ op still refuses bad input."""
+    with pytest.raises(RuntimeError, match="Tq <= Tk"):
+        torch.ops.gptfast_cpu.attention_fwd(torch.randn(1, 1, 4, 2), torch.randn(1, 1, 3, 2),
+                                            torch.randn(1, 1, 3, 2), 1.0, 0.0, None)
+    q = torch.randn(1, 1, 3, 2)
+    with pytest.raises(RuntimeError, match="seed"):
+        torch.ops.gptfast_cpu.attention_fwd(q, q, q, 1.0, 0.5, None)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=[parity.needs_triton, needs_interpreter]),
+                                    pytest.param("cuda", marks=[parity.needs_triton, needs_cuda])])
+def test_triton_unsupported_calls_give_reasons(device):
+    q = torch.randn(1, 1, 4, 96, device=device)
+    with pytest.raises(RuntimeError, match="head_dim 96"):
+        ops.causal_attention(q, q, q, backend="triton")
+    q64 = torch.randn(1, 1, 4, 32, device=device, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="float64"):
+        ops.causal_attention(q64, q64, q64, backend="triton")
+    with pytest.raises(ValueError, match="Tq <= Tk"):
+        ops.causal_attention(torch.randn(1, 1, 5, 32, device=device), q[..., :32], q[..., :32], backend="triton")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_interpreter_refuses_16_bit_instead_of_returning_garbage(dtype):
+    q = torch.randn(1, 2, 8, 32, dtype=dtype)
+    with pytest.raises(RuntimeError, match="interpreter.*wrongly"):
+        ops.causal_attention(q, q, q, backend="triton")
+    assert ops.selected_backend("causal_attention", q, q, q) != "triton"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("tile_dtype", [torch.float32, torch.bfloat16])
+def test_triton_gpu_tile_sizes_in_the_interpreter(monkeypatch, tile_dtype):
+    """The tile sizes a GPU uses (larger than the interpreter's) must give the same results.
+
+    The data stay fp32 on CPU; only the tile choice is the GPU's for ``tile_dtype``.
+    """
+    from gptfast.triton_kernels import attention as kernels
+    monkeypatch.setattr(kernels, "INTERPRETER", False)
+    fwd, bwd = kernels._fwd_config, kernels._bwd_configs
+    monkeypatch.setattr(kernels, "_fwd_config", lambda d, dtype, tq: fwd(d, tile_dtype, tq))
+    monkeypatch.setattr(kernels, "_bwd_configs", lambda d, dtype: bwd(d, tile_dtype))
+    for shape in ((1, 1, 1, 300, 64), (1, 1, 150, 150, 64), (1, 1, 70, 200, 32), (1, 1, 65, 65, 128)):
+        parity.check_attention_parity("triton", shape, torch.float32)
+
+
+# --------------------------------------------------------------------------- cuda: routing and reasons (any machine)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_unsupported_dtype_reason(dtype):
+    q, k, v = _qkv((1, 2, 5, 5, 64), dtype, "cpu")
+    reason = cuda_ops.supports(OP, q, k, v, dropout_p=0.0, training=False, scale=None)
+    assert reason is not None and "float16/bfloat16" in reason and str(dtype) in reason
+
+
+@pytest.mark.parametrize("head_dim", [129, 192, 256])
+def test_cuda_unsupported_head_dim_reason(head_dim):
+    q, k, v = _qkv((1, 2, 5, 5, head_dim), torch.float16, "cpu")
+    reason = cuda_ops.supports(OP, q, k, v, dropout_p=0.0, training=False, scale=None)
+    assert reason is not None and "head_dim" in reason and str(head_dim) in reason
+
+
+def test_cuda_huge_batch_reason():
+    q = torch.empty(70000, 1, 1, 64, dtype=torch.float16)
+    reason = cuda_ops.supports(OP, q, q, q, dropout_p=0.0, training=False, scale=None)
+    assert reason is not None and "65535" in reason
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only machine's backend status")
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_cuda_backend_refuses_without_gpu(head_dim):
+    assert ops.backend_status()["cuda"] != "available"
+    q, k, v = _qkv((1, 2, 5, 5, head_dim), torch.float16, "cpu")
+    with pytest.raises(RuntimeError, match="cuda"):
+        ops.causal_attention(q, k, v, backend="cuda")
+
+
+class _RecordingOps:
+    """Stands in for torch.ops.gptfast_cuda: records which kernel a call would launch."""
+
+    def __init__(self):
+        self.calls = []
+
+    def decode_attention(self, q, k, v, scale):
+        self.calls.append(("decode", scale, None, None))
+        return torch.zeros_like(q)
+
+    def attention_fwd(self, q, k, v, scale, dropout_p, seed):
+        self.calls.append(("fwd", scale, dropout_p, seed))
+        return torch.zeros_like(q), torch.zeros(q.shape[:3])
+
+
+def test_cuda_single_query_without_grad_uses_decode_kernel():
+    rec = _RecordingOps()
+    q, k, v = _qkv((1, 2, 1, 40, 64), torch.float16, "cpu")
+    attention.cuda_causal_attention(rec, q, k, v, dropout_p=0.1, training=False, scale=None)
+    assert rec.calls == [("decode", 1 / 8, None, None)]
+
+
+def test_cuda_single_query_with_grad_uses_fused_kernel():
+    rec = _RecordingOps()
+    q, k, v = _qkv((1, 2, 1, 40, 64), torch.float16, "cpu", requires_grad=True)
+    attention.cuda_causal_attention(rec, q, k, v, dropout_p=0.0, training=True, scale=0.5)
+    assert rec.calls == [("fwd", 0.5, 0.0, None)]
+    with torch.no_grad():
+        attention.cuda_causal_attention(rec, q, k, v, dropout_p=0.0, training=True, scale=0.5)
+    assert rec.calls[-1][0] == "decode"
+
+
+def test_cuda_single_query_with_dropout_uses_fused_kernel():
+    rec = _RecordingOps()
+    q, k, v = _qkv((1, 2, 1, 40, 128), torch.float16, "cpu")
+    attention.cuda_causal_attention(rec, q, k, v, dropout_p=0.25, training=True, scale=None)
+    kind, scale, p, seed = rec.calls[0]
+    assert (kind, p) == ("fwd", 0.25) and scale == pytest.approx(1 / math.sqrt(128))
+    assert seed.dtype == torch.int64 and seed.shape == (1,)
+
+
+@pytest.mark.parametrize("head_dim,kernel_dim", [(16, 64), (40, 64), (80, 128), (96, 128)])
+def test_cuda_small_head_dims_are_zero_padded(head_dim, kernel_dim):
+    rec = _RecordingOps()
+    q, k, v = _qkv((1, 2, 6, 9, head_dim), torch.float16, "cpu")
+    seen = []
+
+    def fwd(q_, k_, v_, scale, dropout_p, seed):
+        seen.append((q_, k_, v_, scale))
+        return q_ * 2, torch.zeros(q_.shape[:3])
+
+    rec.attention_fwd = fwd
+    out = attention.cuda_causal_attention(rec, q, k, v, dropout_p=0.0, training=False, scale=None)
+    q_, k_, v_, scale = seen[0]
+    assert q_.shape[-1] == k_.shape[-1] == v_.shape[-1] == kernel_dim
+    assert scale == pytest.approx(1 / math.sqrt(head_dim))  # the unpadded dim sets the scale
+    assert torch.equal(q_[..., :head_dim], q) and not q_[..., head_dim:].any()
+    assert torch.equal(out, q * 2)
+
+
+def test_dropout_only_in_training_and_seed_follows_manual_seed():
+    for call in (attention.cuda_causal_attention, attention.fused_causal_attention):
+        rec = _RecordingOps()
+        q, k, v = _qkv((1, 2, 9, 9, 64), torch.bfloat16, "cpu")
+        call(rec, q, k, v, dropout_p=0.5, training=False, scale=None)
+        assert rec.calls[-1][2:] == (0.0, None)
+        seeds = []
+        for manual in (3, 3, 4):
+            torch.manual_seed(manual)
+            call(rec, q, k, v, dropout_p=0.5, training=True, scale=None)
+            seeds.append(int(rec.calls[-1][3]))
+        assert seeds[0] == seeds[1] != seeds[2]
+        assert all(0 <= s < attention.SEED_BOUND for s in seeds)
+
+
+# --------------------------------------------------------------------------- cuda: GPU only
+
+
+def _oracle_grads(q, k, v, grad_out):
+    leaves = [t.detach().double().cpu().requires_grad_(True) for t in (q, k, v)]
+    out = torch_ops.causal_attention(*leaves)
+    out.backward(grad_out.double().cpu())
+    return out.detach(), [t.grad for t in leaves]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_transposed_views_and_strided_grad(dtype):
+    """The model passes (B, T, H, D) projections transposed to (B, H, T, D); grad_out may be strided too."""
+    b, t, h, d = 2, 77, 4, 64
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(b, t, 3, h, d, generator=g).to("cuda", dtype).requires_grad_(True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    grad_out = torch.randn(b, t, h, d, generator=g).to("cuda", dtype).transpose(1, 2)
+    out = ops.causal_attention(q, k, v, backend="cuda")
+    out.backward(grad_out)
+    ref, ref_grads = _oracle_grads(q, k, v, grad_out)
+    parity.assert_close(out.detach().cpu(), ref, dtype, "strided output")
+    grow = math.sqrt(t / 16) + 1
+    tl = parity.tol(dtype)
+    for mine, theirs in zip(qkv.grad.permute(2, 0, 3, 1, 4), ref_grads):
+        torch.testing.assert_close(mine.double().cpu(), theirs, atol=tl["atol"] * grow, rtol=tl["rtol"] * grow)
+
+
+@needs_cuda
+def test_cuda_misaligned_and_non_contiguous_inputs():
+    """Rows that are not 16-byte aligned or not contiguous along D are copied, not misread."""
+    dtype = torch.float16
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(3 * 2 * 33 * 64 + 1, generator=g).to("cuda", dtype)
+    q = base[1:].view(3, 2, 33, 64)[:1]  # storage offset of one element: misaligned
+    k = torch.randn(1, 2, 64, 33, generator=g).to("cuda", dtype).transpose(2, 3)  # D not contiguous
+    v = torch.randn(1, 2, 33, 64, generator=g).to("cuda", dtype)
+    out = ops.causal_attention(q, k, v, backend="cuda")
+    ref = torch_ops.causal_attention(q.double().cpu(), k.double().cpu(), v.double().cpu())
+    parity.assert_close(out.cpu(), ref, dtype, "misaligned output")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("b,h,tk,d", [(1, 12, 1, 64), (1, 12, 7, 64), (1, 12, 64, 64), (1, 12, 1000, 64),
+                                      (1, 12, 4097, 64), (1, 12, 8192, 64), (3, 5, 333, 128),
+                                      (1, 8, 8192, 128), (16, 12, 1024, 64)])
+def test_cuda_decode_kernel_matches_oracle(b, h, tk, d, dtype):
+    q, k, v = _qkv((b, h, 1, tk, d), dtype, "cuda", seed=tk)
+    direct = torch.ops.gptfast_cuda.decode_attention(q, k, v, 1 / math.sqrt(d))
+    with torch.no_grad():
+        routed = ops.causal_attention(q, k, v, backend="cuda")
+    ref = torch_ops.causal_attention(q.double().cpu(), k.double().cpu(), v.double().cpu())
+    parity.assert_close(direct.cpu(), ref, dtype, f"decode {(b, h, tk, d)}")
+    parity.assert_close(routed.cpu(), ref, dtype, f"routed decode {(b, h, tk, d)}")
+
+
+@needs_cuda
+def test_cuda_decode_reads_a_strided_kv_cache():
+    """A KV cache preallocated for 256 positions and sliced to the filled 150."""
+    dtype = torch.bfloat16
+    g = torch.Generator().manual_seed(9)
+    cache_k = torch.randn(2, 4, 256, 64, generator=g).to("cuda", dtype)
+    cache_v = torch.randn(2, 4, 256, 64, generator=g).to("cuda", dtype)
+    q = torch.randn(2, 1, 4, 64, generator=g).to("cuda", dtype).transpose(1, 2)
+    k, v = cache_k[:, :, :150], cache_v[:, :, :150]
+    with torch.no_grad():
+        out = ops.causal_attention(q, k, v, backend="cuda")
+    ref = torch_ops.causal_attention(q.double().cpu(), k.double().cpu(), v.double().cpu())
+    parity.assert_close(out.cpu(), ref, dtype, "strided cache decode")
+
+
+@needs_cuda
+def test_cuda_decode_with_padded_head_dim():
+    q, k, v = _qkv((2, 3, 1, 129, 32), torch.float16, "cuda")
+    with torch.no_grad():
+        out = ops.causal_attention(q, k, v, backend="cuda")
+    ref = torch_ops.causal_attention(q.double().cpu(), k.double().cpu(), v.double().cpu())
+    parity.assert_close(out.cpu(), ref, torch.float16, "padded decode")
+
+
+@needs_cuda
+def test_cuda_explicit_backend_refuses_unsupported_inputs():
+    q, k, v = _qkv((1, 2, 5, 5, 64), torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="float16/bfloat16"):
+        ops.causal_attention(q, k, v, backend="cuda")
+    q, k, v = _qkv((1, 2, 5, 5, 192), torch.float16, "cuda")
+    with pytest.raises(RuntimeError, match="head_dim"):
+        ops.causal_attention(q, k, v, backend="cuda")
+    # "auto" falls back instead of failing
+    assert ops.selected_backend(OP, q, k, v) != "cuda"
+
+
+@needs_cuda
+def test_cuda_op_called_directly_rejects_bad_shapes():
+    q, k, v = _qkv((1, 2, 5, 5, 96), torch.float16, "cuda")
+    with pytest.raises(RuntimeError, match="head_dim"):
+        torch.ops.gptfast_cuda.attention_fwd(q, k, v, 0.1, 0.0, None)
+    q, k, v = _qkv((1, 2, 9, 5, 64), torch.float16, "cuda")
+    with pytest.raises(RuntimeError, match="Tq"):
+        torch.ops.gptfast_cuda.attention_fwd(q, k, v, 0.1, 0.0, None)
+    q, k, v = _qkv((1, 2, 5, 5, 64), torch.float16, "cuda")
+    with pytest.raises(RuntimeError, match="seed"):
+        torch.ops.gptfast_cuda.attention_fwd(q, k, v, 0.1, 0.5, None)
+    with pytest.raises(RuntimeError, match="one token"):
+        torch.ops.gptfast_cuda.decode_attention(q, k, v, 0.1)

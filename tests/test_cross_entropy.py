@@ -1,0 +1,597 @@
+"""Cross-entropy and fused linear cross-entropy on every fused backend (cpu, triton, cuda) against the oracle.
+
+Shapes and tolerances: tests/parity.py.  The shared layer above the kernels
+(gptfast/ops/cross_entropy.py: reductions, autograd, fakes, the chunked linear
+cross-entropy driver) is also run on a reference implementation of the kernel schema
+written here in plain torch, so its wiring is checked on any machine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import parity
+from gptfast import ops
+from gptfast.ops import loss as ce, torch_ops
+from parity import backend_cases, backend_devices, needs_cpu_backend, needs_cuda, needs_interpreter
+
+OP = "cross_entropy"
+REDUCTIONS = ["mean", "sum", "none"]
+GPU_SHAPES = [(4096, 50257), (1000, 32000)]
+
+
+# --------------------------------------------------------------------------- a reference kernel for the schema
+
+# A plain-torch implementation of cross_entropy_fwd's contract (csrc/schemas.h), registered under
+# its own namespace, so the shared Python layer can be exercised without any compiled kernel.
+_REF = "gptfast_schema_reference"
+_ref_lib = torch.library.Library(_REF, "DEF")
+_ref_lib.define("cross_entropy_fwd(Tensor logits, Tensor targets, int ignore_index, bool want_grad) -> (Tensor, Tensor)")
+_ref_calls: list = []
+
+
+def _reference_cross_entropy_fwd(logits, targets, ignore_index, want_grad):
+    _ref_calls.append(want_grad)
+    x = logits.float()
+    t = targets.long()
+    ignored = t == ignore_index
+    bad = ~ignored & ((t < 0) | (t >= x.shape[1]))
+    safe = torch.where(ignored | bad, torch.zeros_like(t), t)
+    loss = torch.logsumexp(x, dim=1) - x.gather(1, safe[:, None]).squeeze(1)
+    loss = torch.where(ignored, torch.zeros_like(loss), loss).masked_fill(bad, math.nan)
+    if not want_grad:
+        return loss, logits.new_empty((0,))
+    grad = torch.softmax(x, dim=1) - F.one_hot(safe, x.shape[1]).float()
+    grad = grad.masked_fill(ignored[:, None], 0.0).masked_fill(bad[:, None], math.nan)
+    return loss, grad.to(logits.dtype).contiguous()
+
+
+_ref_lib.impl("cross_entropy_fwd", _reference_cross_entropy_fwd, "CPU")
+ce.register(_REF)
+
+
+def _ce_case(shape, dtype, ignore_index=-100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(*shape, generator=g) * 3
+    targets = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    targets[torch.rand(shape[:-1], generator=g) < 0.25] = ignore_index
+    return logits.to(dtype), targets
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 3), (7, 100), (2, 5, 33)])
+def test_wiring_matches_the_oracle_forward_and_grad(shape, dtype, reduction):
+    logits, targets = _ce_case(shape, dtype)
+    x1 = logits.clone().requires_grad_(True)
+    loss = ce.fused_cross_entropy(_REF, x1, targets, ignore_index=-100, reduction=reduction)
+    x2 = logits.double().requires_grad_(True)
+    ref = torch_ops.cross_entropy(x2, targets, ignore_index=-100, reduction=reduction)
+    assert loss.dtype == dtype and loss.shape == ref.shape
+    parity.assert_close(loss.detach(), ref.detach(), dtype, f"loss {reduction}")
+    upstream = torch.randn(ref.shape) if reduction == "none" else torch.tensor(1.7)
+    loss.backward(upstream.to(dtype))
+    ref.backward(upstream.double())
+    parity.assert_close(x1.grad, x2.grad, dtype, f"grad {reduction}")
+
+
+def test_wiring_all_ignored_mean_is_nan_like_pytorch():
+    logits = torch.randn(3, 4, requires_grad=True)
+    assert torch.isnan(ce.fused_cross_entropy(_REF, logits, torch.full((3,), -1), ignore_index=-1))
+
+
+def test_wiring_asks_for_the_gradient_only_when_one_will_be_needed():
+    logits, targets = _ce_case((4, 9), torch.float32)
+    _ref_calls.clear()
+    with torch.no_grad():
+        ce.fused_cross_entropy(_REF, logits.requires_grad_(True), targets)
+    ce.fused_cross_entropy(_REF, logits.detach(), targets)
+    ce.fused_cross_entropy(_REF, logits.requires_grad_(True), targets)
+    assert _ref_calls == [False, False, True]
+
+
+def test_wiring_out_of_range_target_gives_nan():
+    logits = torch.randn(3, 5, requires_grad=True)
+    targets = torch.tensor([1, 7, -100])
+    per_row = ce.fused_cross_entropy(_REF, logits, targets, reduction="none")
+    assert torch.isnan(per_row[1]) and not torch.isnan(per_row[0]) and per_row[2] == 0
+    assert torch.isnan(ce.fused_cross_entropy(_REF, logits, targets))
+
+
+@pytest.mark.parametrize("want_grad", [True, False])
+def test_wiring_opcheck_fake_and_autograd_registration(want_grad):
+    logits, targets = _ce_case((5, 11), torch.float32)
+    torch.library.opcheck(getattr(torch.ops, _REF).cross_entropy_fwd,
+                          (logits.requires_grad_(want_grad), targets, -100, want_grad))
+
+
+def test_fake_gradient_is_contiguous_like_the_kernels_output():
+    """A transposed (N, V) view gets a fresh contiguous gradient from every kernel; the fake must say so."""
+    logits = torch.randn(11, 5).t()  # (5, 11), column stride 5
+    loss_rows, grad = ce._fake_cross_entropy_fwd(logits, torch.zeros(5, dtype=torch.long), -100, True)
+    assert grad.shape == (5, 11) and grad.is_contiguous() and loss_rows.dtype == torch.float32
+    assert ce._fake_cross_entropy_fwd(logits.double(), None, -100, False)[0].dtype == torch.float64
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(logits)
+        _, fake_grad = getattr(torch.ops, _REF).cross_entropy_fwd(fake, torch.zeros(5, dtype=torch.long), -100, True)
+    assert fake_grad.stride() == (11, 1)
+
+
+# --------------------------------------------------------------------------- second backward
+
+
+def _second_backward_raises(loss, match="second backward"):
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=match) as info:
+        loss.backward()
+    return str(info.value)
+
+
+def test_wiring_second_backward_names_the_op_and_the_reason():
+    logits, targets = _ce_case((4, 9), torch.float32)
+    loss = ce.fused_cross_entropy(_REF, logits.requires_grad_(True), targets)
+    message = _second_backward_raises(loss)
+    assert f"{_REF}::cross_entropy_fwd" in message and "in place" in message
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_backward_is_refused_with_a_clear_message(backend, device, reduction):
+    """The saved gradient becomes logits.grad in place: a retained graph cannot run twice, and says so."""
+    x = torch.randn(4, 20, device=device, requires_grad=True)
+    loss = ops.cross_entropy(x, torch.tensor([1, 2, 3, 4], device=device), reduction=reduction, backend=backend)
+    message = _second_backward_raises(loss.sum())
+    assert f"gptfast_{backend}::cross_entropy_fwd" in message and "in place" in message
+    expected = torch.softmax(x.detach().double().cpu(), -1) - F.one_hot(torch.tensor([1, 2, 3, 4]), 20)
+    parity.assert_close(x.grad.cpu(), expected / (4 if reduction == "mean" else 1), torch.float32,
+                        "the first backward's gradient")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_linear_cross_entropy_second_backward(backend, device):
+    """mean/sum scale the gradients saved by the forward in place (refused twice); "none" recomputes (works)."""
+    hidden = torch.randn(6, 8, device=device, requires_grad=True)
+    weight = torch.randn(30, 8, device=device, requires_grad=True)
+    targets = torch.randint(0, 30, (6,), device=device)
+    loss = ops.linear_cross_entropy(hidden, weight, targets, backend=backend)
+    assert "linear cross-entropy" in _second_backward_raises(loss)
+    per_row = ops.linear_cross_entropy(hidden, weight, targets, reduction="none", backend=backend)
+    hidden.grad = weight.grad = None
+    per_row.sum().backward(retain_graph=True)
+    first = hidden.grad.clone()
+    per_row.sum().backward()
+    torch.testing.assert_close(hidden.grad, 2 * first)
+
+
+# --------------------------------------------------------------------------- cross-entropy parity
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_cases(OP))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", parity.CROSS_ENTROPY_SHAPES, ids=str)
+def test_parity(backend, device, dtype, reduction, shape):
+    parity.check_cross_entropy_parity(backend, shape, dtype, device=device, reduction=reduction)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases(OP) if c.values[1] == "cuda"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+def test_parity_full_size(backend, device, dtype, shape):
+    parity.check_cross_entropy_parity(backend, shape, dtype, device=device)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpu_parity_float16(reduction):
+    parity.check_cross_entropy_parity("cpu", (33, 4097), torch.float16, reduction=reduction)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_other_ignore_index_and_all_ignored(backend, device, reduction):
+    parity.check_cross_entropy_parity(backend, (9, 300), torch.float32, device=device, reduction=reduction,
+                                      ignore_index=3, ignore_fraction=0.5)
+    parity.check_cross_entropy_parity(backend, (40, 300), torch.float32, device=device, reduction=reduction,
+                                      ignore_index=7, ignore_fraction=0.3)
+    parity.check_cross_entropy_parity(backend, (6, 100), torch.float32, device=device, reduction=reduction,
+                                      ignore_fraction=1.0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("ignore_index", [0, -1, 7])
+def test_cuda_other_ignore_index(dtype, ignore_index):
+    parity.check_cross_entropy_parity("cuda", (9, 257), dtype, device="cuda", ignore_index=ignore_index,
+                                      ignore_fraction=0.3)
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_cases(OP, dtypes=(torch.float32, torch.bfloat16)))
+def test_large_logits_do_not_overflow(backend, device, dtype):
+    parity.check_cross_entropy_parity(backend, (9, 777), dtype, device=device, logit_scale=3e4)
+    logits = torch.full((2, 5), 1e30, device=device)
+    logits[:, 0] = 2e30
+    loss = ops.cross_entropy(logits, torch.tensor([0, 1], device=device), reduction="none", backend=backend)
+    assert torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_3d_logits_int32_targets_and_extreme_values(backend, device):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 5, 70, generator=g) * 40  # large logits: the online max must keep exp finite
+    logits[0, 0, :35] = float("-inf")
+    targets = torch.randint(35, 70, (2, 5), generator=g, dtype=torch.int32)
+    for reduction in ("mean", "none"):
+        x1 = logits.to(device).detach().requires_grad_(True)
+        loss = ops.cross_entropy(x1, targets.to(device), reduction=reduction, backend=backend)
+        assert loss.shape == (() if reduction == "mean" else (2, 5))
+        loss.sum().backward()
+        x2 = logits.double().requires_grad_(True)
+        ref = torch_ops.cross_entropy(x2, targets.long(), reduction=reduction)
+        ref.sum().backward()
+        parity.assert_close(loss.detach().cpu(), ref.detach(), torch.float32, "3-D cross-entropy")
+        parity.assert_close(x1.grad.cpu(), x2.grad, torch.float32, "3-D cross-entropy grad")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_without_grad_computes_only_the_loss(backend, device):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 30, generator=g).to(device)
+    t = torch.randint(0, 30, (6,), generator=g).to(device)
+    expected = torch_ops.cross_entropy(x.double().cpu(), t.cpu())
+    with torch.no_grad():
+        loss = ops.cross_entropy(x.requires_grad_(True), t, backend=backend)
+    assert not loss.requires_grad
+    parity.assert_close(loss.cpu(), expected, torch.float32, "no-grad CE")
+    plain = ops.cross_entropy(x.detach(), t, backend=backend)
+    assert not plain.requires_grad
+    parity.assert_close(plain.cpu(), expected, torch.float32, "CE of a plain tensor")
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cpu_gradient_matches_finite_differences_float64(reduction):
+    """gradcheck by hand: torch.autograd.gradcheck runs backward twice on one graph (a reentrancy
+    check), which the in-place gradient buffer refuses, so compare one backward with finite
+    differences of a random projection of the loss instead."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    targets = torch.tensor([0, 6, -100, 3, 3])
+    weights = torch.randn(5, generator=g, dtype=torch.float64) if reduction == "none" else torch.tensor(1.0)
+
+    def scalar_loss(x):
+        return (ops.cross_entropy(x, targets, reduction=reduction, backend="cpu") * weights).sum()
+
+    leaf = logits.clone().requires_grad_()
+    scalar_loss(leaf).backward()
+    numerical = torch.zeros_like(logits)
+    with torch.no_grad():
+        flat, eps = logits.clone().view(-1), 1e-6
+        for i in range(flat.numel()):
+            orig = flat[i].item()
+            flat[i] = orig + eps
+            plus = scalar_loss(flat.view(logits.shape)).item()
+            flat[i] = orig - eps
+            minus = scalar_loss(flat.view(logits.shape)).item()
+            flat[i] = orig
+            numerical.view(-1)[i] = (plus - minus) / (2 * eps)
+    torch.testing.assert_close(leaf.grad, numerical, atol=1e-8, rtol=1e-6)
+
+
+@needs_cpu_backend
+def test_cpu_gradient_buffer_is_reused():
+    """Forward writes softmax - one_hot into one (N, V) buffer; backward hands that buffer out, scaled."""
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(6, 50, generator=g, requires_grad=True)
+    targets = torch.tensor([3, -100, 0, 49, 7, 7])
+    loss_rows, grad = torch.ops.gptfast_cpu.cross_entropy_fwd(x, targets, -100, True)
+    expected = torch.softmax(x.detach(), -1) - F.one_hot(targets.clamp(min=0), 50)
+    expected[1] = 0
+    torch.testing.assert_close(grad, expected, **parity.tol(torch.float32))
+    buffer_address = grad.data_ptr()
+    del grad
+    (loss_rows * 2).sum().backward()
+    assert x.grad.data_ptr() == buffer_address, "backward allocated a second gradient-sized buffer"
+    torch.testing.assert_close(x.grad, 2 * expected, **parity.tol(torch.float32))
+    _, no_grad = torch.ops.gptfast_cpu.cross_entropy_fwd(x.detach(), targets, -100, False)
+    assert no_grad.numel() == 0
+
+
+# --------------------------------------------------------------------------- registration and bad input
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_cases(OP, dtypes=(torch.float32, torch.float16,
+                                                                          torch.bfloat16)))
+@pytest.mark.parametrize("want_grad", [True, False])
+def test_opcheck(backend, device, dtype, want_grad):
+    utils = (("test_schema", "test_autograd_registration", "test_faketensor") if backend == "triton"
+             and device == "cpu" else None)
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(6, 40, generator=g).to(device=device, dtype=dtype).requires_grad_(want_grad)
+    targets = torch.tensor([0, 3, -100, 39, 7, 1], device=device)
+    kwargs = {} if utils is None else dict(test_utils=utils)
+    op = getattr(torch.ops, f"gptfast_{backend}").cross_entropy_fwd.default
+    torch.library.opcheck(op, (logits, targets, -100, want_grad), **kwargs)
+    torch.library.opcheck(op, (logits.detach().t().contiguous().t(), targets, -100, False), **kwargs)
+
+
+def test_bad_input_raises_before_any_kernel():
+    logits = torch.randn(4, 10)
+    for backend in ("cpu", "triton", "cuda"):
+        with pytest.raises(ValueError, match="logits"):
+            ops.cross_entropy(logits[0], torch.tensor(1), backend=backend)
+        with pytest.raises(ValueError, match="targets must have shape"):
+            ops.cross_entropy(logits, torch.zeros(5, dtype=torch.long), backend=backend)
+        with pytest.raises(TypeError, match="targets"):
+            ops.cross_entropy(logits, torch.zeros(4), backend=backend)
+        with pytest.raises(ValueError, match="outside"):
+            ops.cross_entropy(logits, torch.tensor([0, 1, 10, 2]), backend=backend)
+        with pytest.raises(ValueError, match="reduction"):
+            ops.cross_entropy(logits, torch.zeros(4, dtype=torch.long), reduction="avg", backend=backend)
+        with pytest.raises(ValueError, match="weight"):
+            ops.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 7), torch.zeros(4, dtype=torch.long),
+                                     backend=backend)
+        with pytest.raises(ValueError, match="targets"):
+            ops.linear_cross_entropy(torch.randn(3, 8), torch.randn(10, 8), torch.tensor([1, 2, 10]), backend=backend)
+
+
+@needs_cpu_backend
+def test_cpu_kernel_bounds_checks_targets_itself():
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.gptfast_cpu.cross_entropy_fwd(torch.randn(2, 5), torch.tensor([0, 9]), -100, True)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=[parity.needs_triton, needs_interpreter]),
+                                    pytest.param("cuda", marks=[parity.needs_triton, needs_cuda])])
+def test_triton_kernel_bounds_checks_targets_and_refuses_float64(device):
+    """A target outside [0, V) that slipped past the Python checks gives NaN, never an out-of-bounds read."""
+    logits = torch.randn(3, 10, device=device)
+    losses, _ = torch.ops.gptfast_triton.cross_entropy_fwd(logits, torch.tensor([1, 10, -5], device=device), -100,
+                                                          False)
+    assert torch.isfinite(losses[0]) and torch.isnan(losses[1:]).all()
+    targets = torch.tensor([1, 2, 3], device=device)
+    with pytest.raises(RuntimeError, match="float64"):
+        ops.cross_entropy(logits.double(), targets, backend="triton")
+    hidden, weight = torch.randn(3, 8, device=device), torch.randn(10, 8, device=device)
+    with pytest.raises(RuntimeError, match="bias dtype"):
+        ops.linear_cross_entropy(hidden, weight, targets, bias=torch.zeros(10, device=device, dtype=torch.float16),
+                                 backend="triton")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_interpreter_refuses_16_bit_instead_of_returning_garbage(dtype):
+    logits, targets = torch.randn(4, 50, dtype=dtype), torch.tensor([1, 2, 3, 4])
+    with pytest.raises(RuntimeError, match="interpreter.*wrongly"):
+        ops.cross_entropy(logits, targets, backend="triton")
+    with pytest.raises(RuntimeError, match="interpreter.*wrongly"):
+        ops.linear_cross_entropy(torch.randn(4, 8, dtype=dtype), torch.randn(50, 8, dtype=dtype), targets,
+                                 backend="triton")
+
+
+@needs_interpreter
+def test_triton_gpu_tile_sizes_in_the_interpreter(monkeypatch):
+    """The block sizes a GPU uses (larger than the interpreter's) must give the same results."""
+    from gptfast.triton_kernels import cross_entropy as kernels
+    monkeypatch.setattr(kernels, "INTERPRETER", False)
+    parity.check_cross_entropy_parity("triton", (4, 50257), torch.float32)
+
+
+def test_cuda_supports_refuses_float64_with_a_reason():
+    from gptfast.ops import cuda_ops
+    x = torch.randn(2, 5, dtype=torch.float64)
+    assert "float64" in cuda_ops.supports("cross_entropy", x, torch.tensor([0, 1]))
+    assert "float64" in cuda_ops.supports("linear_cross_entropy", x, x, torch.tensor([0, 1]))
+    assert cuda_ops.supports("cross_entropy", x.float(), torch.tensor([0, 1])) is None
+    assert cuda_ops.supports("linear_cross_entropy", x.half(), x.half(), torch.tensor([0, 1])) is None
+
+
+# --------------------------------------------------------------------------- linear cross-entropy
+
+
+def check_linear_cross_entropy_parity(backend, shape, dtype, device, reduction, bias=False, ignore_fraction=0.2,
+                                      seed=0):
+    """Loss and d hidden / d weight / d bias of the fused op vs linear + cross-entropy in float64."""
+    *lead, hidden_size, vocab = shape
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*lead, hidden_size, generator=g)
+    weight = torch.randn(vocab, hidden_size, generator=g) / math.sqrt(hidden_size) * 3
+    b = torch.randn(vocab, generator=g) if bias else None
+    targets = torch.randint(0, vocab, tuple(lead), generator=g)
+    targets[torch.rand(tuple(lead), generator=g) < ignore_fraction] = -100
+
+    mine = [t.to(device=device, dtype=dtype).detach().requires_grad_(True) if t is not None else None
+            for t in (hidden, weight, b)]
+    loss = ops.linear_cross_entropy(mine[0], mine[1], targets.to(device), bias=mine[2], reduction=reduction,
+                                    backend=backend)
+    theirs = [t.double().requires_grad_(True) if t is not None else None for t in (hidden, weight, b)]
+    ref = torch_ops.linear_cross_entropy(theirs[0], theirs[1], targets, bias=theirs[2], reduction=reduction)
+    assert loss.shape == ref.shape and loss.dtype == dtype
+    parity.assert_close(loss.detach().cpu(), ref.detach(), dtype, f"{backend} linear CE {shape} {reduction}")
+    upstream = torch.randn(ref.shape, generator=g) if reduction == "none" else torch.tensor(0.7)
+    loss.backward(upstream.to(device=device, dtype=dtype))
+    ref.backward(upstream.double())
+    grow = 1.0 if dtype in (torch.float32, torch.float64) else math.sqrt(hidden.numel() // hidden_size / 16) + 1
+    t = parity.tol(dtype)
+    for name, a, r in zip(("hidden", "weight", "bias"), mine, theirs):
+        if a is not None:
+            torch.testing.assert_close(a.grad.double().cpu(), r.grad, atol=t["atol"] * grow, rtol=t["rtol"] * grow,
+                                       msg=lambda m: f"{backend} linear CE d{name} {shape} {reduction}: {m}")
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Five tokens per chunk, so the tests go through several chunks and a partial last one."""
+    monkeypatch.setattr(ce, "chunk_rows", lambda n, h, v, device_type: min(n, 5))
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_cases(OP))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape,bias", [((1, 16, 3), False), ((37, 32, 1000), True), ((2, 9, 24, 257), False),
+                                        ((3, 7, 16, 97), True)], ids=str)
+def test_linear_parity(backend, device, dtype, reduction, shape, bias, small_chunks):
+    check_linear_cross_entropy_parity(backend, shape, dtype, device, reduction, bias=bias)
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_cases(OP, dtypes=(torch.float32,)))
+def test_linear_gpt2_vocab(backend, device, dtype):
+    shape = (8192, 768, 50257) if device == "cuda" else (6, 32, 50257)
+    check_linear_cross_entropy_parity(backend, shape, dtype, device, "mean", ignore_fraction=0.1)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_linear_frozen_weight_and_no_grad(backend, device):
+    hidden = torch.randn(20, 16, device=device, requires_grad=True)
+    weight = torch.randn(50, 16, device=device)
+    targets = torch.randint(0, 50, (20,), device=device)
+    loss = ops.linear_cross_entropy(hidden, weight, targets, backend=backend)
+    loss.backward()
+    h2 = hidden.detach().double().requires_grad_(True)
+    ref = torch_ops.linear_cross_entropy(h2, weight.double(), targets)
+    ref.backward()
+    parity.assert_close(hidden.grad.cpu(), h2.grad.cpu(), torch.float32, "frozen-weight d hidden")
+    with torch.no_grad():
+        plain = ops.linear_cross_entropy(hidden, weight, targets, backend=backend)
+    assert not plain.requires_grad
+    parity.assert_close(plain.cpu(), ref.detach().cpu(), torch.float32, "no-grad linear CE")
+
+
+@needs_cpu_backend
+def test_cpu_linear_bf16_against_float32():
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(9, 32, generator=g)
+    weight = torch.randn(300, 32, generator=g) * 0.2
+    targets = torch.randint(0, 300, (9,), generator=g)
+    ref = F.cross_entropy(hidden @ weight.t(), targets)
+    torch.testing.assert_close(ops.linear_cross_entropy(hidden, weight, targets, backend="cpu"), ref,
+                               **parity.tol(torch.float32))
+    h16, w16 = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    loss = ops.linear_cross_entropy(h16, w16, targets, backend="cpu")
+    loss.backward()
+    h32, w32 = hidden.requires_grad_(), weight.clone().requires_grad_()
+    F.cross_entropy(h32 @ w32.t(), targets).backward()
+    parity.assert_close(loss.float().detach(), ref, torch.bfloat16, "bf16 linear CE loss")
+    parity.assert_close(h16.grad.float(), h32.grad, torch.bfloat16, "bf16 linear CE grad_hidden")
+    parity.assert_close(w16.grad.float(), w32.grad, torch.bfloat16, "bf16 linear CE grad_weight")
+
+
+def test_linear_driver_runs_any_backends_kernel(small_chunks):
+    """The one chunked driver serves every backend: here on the reference kernel, in several chunks."""
+    g = torch.Generator().manual_seed(12)
+    hidden = torch.randn(2, 11, 8, generator=g, requires_grad=True)
+    weight = torch.randn(40, 8, generator=g, requires_grad=True)
+    targets = torch.randint(0, 40, (2, 11), generator=g)
+    _ref_calls.clear()
+    loss = ce.fused_linear_cross_entropy(_REF, hidden, weight, targets)
+    assert _ref_calls == [True] * 5  # 22 tokens in chunks of 5
+    loss.backward()
+    h2, w2 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    torch_ops.linear_cross_entropy(h2, w2, targets).backward()
+    parity.assert_close(hidden.grad, h2.grad, torch.float32, "d hidden")
+    parity.assert_close(weight.grad, w2.grad, torch.float32, "d weight")
+
+
+def test_chunk_rows_policy():
+    assert ce.chunk_rows(10_000, 768, 50257, "cpu") == ce.CPU_CHUNK_ELEMENTS // 50257
+    assert ce.chunk_rows(300, 16, 1000, "cuda") == 256  # two chunks, the last one partial
+    assert ce.chunk_rows(10_000, 768, 50257, "cuda") == 1024
+    assert ce.chunk_rows(3, 768, 50257, "cuda") == 3
+
+
+# --------------------------------------------------------------------------- cuda: GPU only
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("vocab", [1, 7, 8, 9, 1023, 50257])
+def test_cuda_unaligned_strided_rows_and_int32_targets(dtype, vocab):
+    """Rows that start at every alignment (a column slice) and int32 targets."""
+    g = torch.Generator().manual_seed(1)
+    wide = (torch.randn(6, vocab + 3, generator=g) * 4).to(dtype)
+    targets = torch.randint(0, vocab, (6,), generator=g)
+    for start in range(3):
+        base = wide.cuda()[:, start:start + vocab]  # row stride vocab + 3, offset start
+        x1 = base.detach().requires_grad_(True)
+        loss = ops.cross_entropy(x1, targets.cuda().int(), reduction="sum", backend="cuda")
+        loss.backward()
+        x2 = wide[:, start:start + vocab].double().requires_grad_(True)
+        ref = torch_ops.cross_entropy(x2, targets, reduction="sum")
+        ref.backward()
+        parity.assert_close(loss.detach().cpu(), ref.detach(), dtype, f"loss start={start}")
+        parity.assert_close(x1.grad.cpu(), x2.grad, dtype, f"grad start={start}")
+
+
+@needs_cuda
+def test_cuda_3d_logits_and_no_grad_forward():
+    logits, targets = _ce_case((2, 33, 4097), torch.bfloat16)
+    with torch.no_grad():
+        loss = ops.cross_entropy(logits.cuda(), targets.cuda(), backend="cuda")
+    parity.assert_close(loss.cpu(), torch_ops.cross_entropy(logits.double(), targets), torch.bfloat16, "3-D no-grad")
+
+
+@needs_cuda
+def test_cuda_extreme_logits():
+    logits = torch.tensor([[1e4, -1e4, 0.0], [-math.inf, 0.0, 1.0], [30.0, 30.0, 30.0]], device="cuda")
+    targets = torch.tensor([0, 2, 1], device="cuda")
+    x1 = logits.clone().requires_grad_(True)
+    loss = ops.cross_entropy(x1, targets, reduction="none", backend="cuda")
+    x2 = logits.cpu().double().requires_grad_(True)
+    ref = torch_ops.cross_entropy(x2, targets.cpu(), reduction="none")
+    torch.testing.assert_close(loss.double().cpu(), ref.detach(), atol=1e-5, rtol=1e-5)
+    loss.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(x1.grad.double().cpu(), x2.grad, atol=1e-5, rtol=1e-5)
+
+
+@needs_cuda
+def test_cuda_bad_target_is_nan_not_a_wild_read():
+    logits = torch.randn(4, 50257, device="cuda", requires_grad=True)
+    targets = torch.tensor([3, 50257, -5, -100], device="cuda")  # device values are not checked in Python
+    per_row = ops.cross_entropy(logits, targets, reduction="none", backend="cuda")
+    assert torch.isnan(per_row[1:3]).all() and torch.isfinite(per_row[0]) and per_row[3] == 0
+    per_row.sum().backward()
+    assert torch.isnan(logits.grad[1:3]).all() and torch.isfinite(logits.grad[0]).all()
+    assert (logits.grad[3] == 0).all()
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_no_host_sync_and_torch_compile(backend):
+    from gptfast.ops import cuda_ops, triton_ops
+    module = cuda_ops if backend == "cuda" else triton_ops
+    logits, targets = _ce_case((16, 1000), torch.float32)
+    logits, targets = logits.cuda().requires_grad_(True), targets.cuda()
+    hidden = torch.randn(256, 64, device="cuda", requires_grad=True)
+    weight = torch.randn(1000, 64, device="cuda", requires_grad=True)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        module.cross_entropy(logits, targets).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    eager_grad = logits.grad.clone()
+    logits.grad = None
+    compiled = torch.compile(lambda x, t: module.cross_entropy(x, t), fullgraph=True)
+    loss = compiled(logits, targets)
+    loss.backward()
+    torch.testing.assert_close(loss, module.cross_entropy(logits.detach(), targets))
+    torch.testing.assert_close(logits.grad, eager_grad)
+    long_targets = torch.randint(0, 1000, (256,), device="cuda")
+    step = lambda h, w: module.linear_cross_entropy(h, w, long_targets)  # noqa: E731
+    eager = step(hidden, weight)
+    eager_grads = torch.autograd.grad(eager, (hidden, weight))
+    compiled_loss = torch.compile(step, fullgraph=True)(hidden, weight)
+    compiled_grads = torch.autograd.grad(compiled_loss, (hidden, weight))
+    torch.testing.assert_close(compiled_loss, eager, atol=1e-3, rtol=1e-3)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@needs_cuda
+def test_cuda_binding_rejects_float64():
+    logits = torch.randn(3, 10, device="cuda")
+    with pytest.raises(TypeError, match="logits must be float32"):
+        torch.ops.gptfast_cuda.cross_entropy_fwd(logits.double(), torch.zeros(3, dtype=torch.long, device="cuda"),
+                                                 -100, False)
