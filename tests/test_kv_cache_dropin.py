@@ -219,6 +219,19 @@ def test_stream_stops_before_the_step_where_every_row_is_eos():
     assert streamed == tokens[:tokens.index(eos)]
 
 
+def test_the_reference_generator_drives_the_model_too():
+    """The book's generator calls model(ids, cache=cache) without use_cache: the cache is used."""
+    ref, ours = models(seed=13)
+    x = ids(2, 4)
+    expected = kv_generate.generate_text_simple(ours, x, 7, use_cache=False)
+    assert torch.equal(ref_generate.generate_text_simple(ours, x, 7), expected)
+    streamed = list(ref_generate.generate_text_simple_stream(ours, x, 7))
+    assert torch.equal(torch.cat(streamed, dim=1), expected[:, 4:])
+    with torch.no_grad():  # and a first call with a cache gives the reference's uncached numbers
+        ours.reset_kv_cache()
+        assert torch.equal(ours(x, cache=KVCache(CFG["n_layers"])), ref(x))
+
+
 def test_the_reference_protocol_drives_other_cache_models():
     """A model outside the book's GPT layout is driven by reset_kv_cache and model(ids, cache=...)."""
     _, inner = models(seed=11)

@@ -18,7 +18,11 @@ Differences, all where the reference falls short:
   (the reference fails inside ``nn.Embedding``);
 * ``reset_kv_cache()`` exists (the reference's generator calls it; its GPT-2 lacks it),
   and ``use_cache=True`` without a ``cache`` uses one the model keeps itself (the
-  reference then caches nothing and attends to the new tokens only).
+  reference then caches nothing and attends to the new tokens only);
+* a ``cache`` passed without ``use_cache`` is used, not emptied: the book's
+  generators call ``model(ids, cache=cache)``, which the reference's GPT-2 answers
+  with uncached logits at a position that never advances, emptying the cache.
+  The first such call gives the reference's numbers all the same.
 """
 
 from __future__ import annotations
@@ -116,11 +120,14 @@ class GPTModel(nn.Module):
             self._own_cache.reset()
 
     def forward(self, in_idx, use_cache=False, cache=None):
-        """Logits ``(b, t, vocab)`` of ``in_idx`` ``(b, t)`` at positions ``current_pos ...``."""
+        """Logits ``(b, t, vocab)`` of ``in_idx`` ``(b, t)`` at positions ``current_pos ...``.
+
+        With ``use_cache`` or a ``cache``, the tokens extend the cached sequence and ``current_pos``.
+        """
         if in_idx.dim() != 2 or in_idx.shape[1] == 0:
             raise ValueError(f"in_idx must be a non-empty (batch, tokens) tensor, got shape {tuple(in_idx.shape)}")
-        if not use_cache:
-            return self._uncached(in_idx, cache)
+        if not use_cache and cache is None:
+            return self._uncached(in_idx)
         if cache is None:
             if self._own_cache is None:
                 self._own_cache = KVCache(len(self.trf_blocks))
@@ -135,13 +142,10 @@ class GPTModel(nn.Module):
                 f"{limit}; call reset_kv_cache() to start a new sequence")
         return torch.arange(self.current_pos, self.current_pos + seq_len, device=device)
 
-    def _uncached(self, in_idx, cache):
+    def _uncached(self, in_idx):
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(self._positions(in_idx.shape[1], in_idx.device)))
         for block in self.trf_blocks:
             x, _ = block(x)
-        if cache is not None:  # the reference stores each layer's (absent) new cache: the cache ends empty
-            for i in range(len(self.trf_blocks)):
-                cache.update(i, None)
         return self.out_head(self.final_norm(x))
 
     def _cached(self, in_idx, cache):
