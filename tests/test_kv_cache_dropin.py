@@ -131,6 +131,31 @@ def test_cached_calls_continue_the_sequence_like_the_full_uncached_pass():
     assert cache.num_tokens() == CFG["context_length"]
 
 
+def test_attention_and_block_modules_take_and_return_the_books_cache_pair():
+    from gptfast.kv_cache.gpt2 import MultiHeadAttention, TransformerBlock
+
+    torch.manual_seed(0)
+    ref_att = ref_gpt2.MultiHeadAttention(32, 32, 12, 0.0, 4, qkv_bias=True)
+    torch.manual_seed(0)
+    att = MultiHeadAttention(32, 32, 12, 0.0, 4, qkv_bias=True)
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref_out, ref_pair = ref_att(x, use_cache=True)
+        out, pair = att(x, use_cache=True)
+        assert torch.equal(out, ref_out) and all(torch.equal(a, b) for a, b in zip(pair, ref_pair))
+        assert att(x)[1] is None
+        first, past = att(x[:, :4], use_cache=True)
+        rest, full_pair = att(x[:, 4:], use_cache=True, cache=past)
+        torch.testing.assert_close(torch.cat([first, rest], dim=1), out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(full_pair[0], pair[0], rtol=0, atol=0)
+        torch.manual_seed(0)
+        block = TransformerBlock(CFG)
+        torch.manual_seed(0)
+        ref_block = ref_gpt2.TransformerBlock(CFG)
+        (y, block_pair), (ref_y, ref_block_pair) = block(x, use_cache=True), ref_block(x, use_cache=True)
+        assert torch.equal(y, ref_y) and torch.equal(block_pair[1], ref_block_pair[1])
+
+
 def test_use_cache_without_a_cache_uses_one_the_model_keeps_until_reset():
     ref, ours = models(seed=2)
     x = ids(1, 8)
