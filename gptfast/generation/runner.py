@@ -63,18 +63,30 @@ class CachedRunner:
 
     # -- the one block loop ----------------------------------------------------------------
 
-    def _run(self, idx, positions, attend, last_only=False):
+    def _run(self, idx, positions, attend, last_only=False, every_position=False):
         """Embed ``idx`` at ``positions`` and run every block; ``attend(i, q, k, v)`` is layer ``i``'s core.
 
         ``positions`` is ``(T,)`` or ``(B, T)``.  With ``last_only`` the last layer keeps
-        only the last position (nothing after it needs the others).  Returns logits ``(B, vocab)``.
+        only the last position (nothing after it needs the others).  Returns logits ``(B, vocab)``,
+        or ``(B, T, vocab)`` with ``every_position``.
         """
         model = self.model
         x = model.drop_emb(model.tok_emb(idx) + model.pos_emb(positions))
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = residual_block(block, x, self._attention(i, block.att, attend, last_only and i == last))
+        if every_position:
+            return model.out_head(model.final_norm(x))
         return model.out_head(model.final_norm(x))[:, -1, :]
+
+    def all_logits(self, idx, positions, attend):
+        """Logits ``(B, T, vocab)`` of every position of ``idx`` at ``positions``, ``attend`` as each layer's core.
+
+        For models that keep their own cache (``gptfast.kv_cache.gpt2``): ``attend(i, q, k, v)``
+        stores the keys/values where that cache wants them and attends.  Runs with autograd
+        as the caller has it (the other passes run under ``no_grad``).
+        """
+        return self._run(idx, positions, attend, every_position=True)
 
     @staticmethod
     def _attention(i, att, attend, last_only):

@@ -1,0 +1,129 @@
+"""Drop-in for ``llms_from_scratch.kv_cache.generate``: greedy generation with a KV cache.
+
+For a model with the book's GPT layout (``gptfast.kv_cache.gpt2.GPTModel``, the
+chapter-4 ``GPTModel`` of gptfast or of the reference) the cached path is gptfast's
+decoder (:mod:`gptfast.generation`): a static cache, the prompt's head on its last
+position only, and, once a sequence is longer than ``context_size``, the window the
+uncached loop would see recomputed each step, so cached and uncached greedy output
+agree token for token past the context window too (the reference's cached loop feeds
+positions past the context and fails there).
+
+Any other model is driven through the book's protocol, as the reference does:
+``model.reset_kv_cache()``, then ``model(ids, cache=cache)`` with a
+:class:`gptfast.kv_cache.utils.KVCache`.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ..generate import trim_input_tensor  # noqa: F401  (the reference re-exports it here)
+from ..generation import api
+from ..generation.cache import context_length, is_decodable
+from .utils import KVCache
+
+__all__ = ["generate_text_simple", "generate_text_simple_stream", "trim_input_tensor", "KVCache"]
+
+
+def generate_text_simple(model, idx, max_new_tokens, context_size=None, use_cache=True):
+    """Append the argmax token ``max_new_tokens`` times to ``idx`` ``(b, t)``; returns ``(b, t + n)``.
+
+    The model sees at most the last ``context_size`` tokens (default: its context
+    length).  ``use_cache=False`` runs the whole window through the model each step.
+    """
+    model.eval()
+    ctx_len = context_size or _default_context(model)
+    if not use_cache:
+        return _uncached(model, idx, max_new_tokens, ctx_len)
+    if is_decodable(model):
+        _reset(model)
+        return api.generate_text_simple(model, idx, max_new_tokens, ctx_len)
+    return _protocol_cached(model, idx, max_new_tokens, ctx_len)
+
+
+def generate_text_simple_stream(model, token_ids, max_new_tokens, eos_token_id=None, context_size=None):
+    """Yield the argmax token ``(b, 1)`` of every row, one step at a time, with a KV cache.
+
+    Stops after ``max_new_tokens`` tokens, or before yielding a step at which every
+    row's token is ``eos_token_id``.  Past ``context_size`` tokens (default: the
+    model's context length) the window slides as in :func:`generate_text_simple`.
+    Arguments are checked when this is called, before the first token.
+    """
+    model.eval()
+    if is_decodable(model):
+        _reset(model)
+        ctx_len = context_size or context_length(model)
+        tokens = api.generate_stream(model, token_ids, max_new_tokens, ctx_len)
+    else:
+        tokens = _protocol_stream(model, token_ids, max_new_tokens)
+    return _until_eos(tokens, eos_token_id)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _until_eos(tokens, eos_token_id):
+    for next_token in tokens:
+        if eos_token_id is not None and torch.all(next_token == eos_token_id):
+            return
+        yield next_token
+
+
+def _default_context(model) -> int:
+    """``model.cfg["context_length"]`` as the reference reads it, else the position-embedding rows."""
+    cfg = getattr(model, "cfg", None)
+    if isinstance(cfg, dict) and "context_length" in cfg:
+        return cfg["context_length"]
+    if isinstance(getattr(model, "pos_emb", None), torch.nn.Embedding):
+        return context_length(model)
+    raise TypeError(f"context_size is required: {type(model).__name__} has neither cfg['context_length'] "
+                    "nor a pos_emb")
+
+
+def _reset(model):
+    """Start a new sequence on models that track their position (the reference's GPT-2 lacks reset_kv_cache)."""
+    reset = getattr(model, "reset_kv_cache", None)
+    if callable(reset):
+        reset()
+    elif isinstance(getattr(model, "current_pos", None), int):
+        model.current_pos = 0
+
+
+def _uncached(model, idx, max_new_tokens, ctx_len):
+    """The reference's uncached loop: the last ``ctx_len`` tokens through the model each step."""
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(idx[:, -ctx_len:])
+            idx = torch.cat([idx, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    return idx
+
+
+def _cached_call(model):
+    """``model(ids, cache=...)``, adding ``use_cache=True`` for models whose forward needs it (GPT-2's)."""
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        return lambda ids, cache: model(ids, use_cache=True, cache=cache)
+    return lambda ids, cache: model(ids, cache=cache)
+
+
+def _protocol_stream(model, token_ids, max_new_tokens, ctx_len=None):
+    """The book's cached loop for models outside the book's GPT layout: one token per step after the prompt."""
+    cfg = getattr(model, "cfg", None)
+    cache = KVCache(n_layers=cfg["n_layers"] if isinstance(cfg, dict) else len(model.trf_blocks))
+    _reset(model)
+    call = _cached_call(model)
+    # no_grad around each call only: a ``with`` spanning a ``yield`` would leak into the caller's code.
+    with torch.no_grad():
+        logits = call(token_ids if ctx_len is None else token_ids[:, -ctx_len:], cache)
+    for step in range(max_new_tokens):
+        next_token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        yield next_token
+        if step + 1 < max_new_tokens:  # the reference runs one more, unused, step here
+            with torch.no_grad():
+                logits = call(next_token, cache)
+
+
+def _protocol_cached(model, idx, max_new_tokens, ctx_len):
+    new = list(_protocol_stream(model, idx, max_new_tokens, ctx_len))
+    return torch.cat([idx, *new], dim=1)
