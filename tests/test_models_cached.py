@@ -18,6 +18,8 @@ import gptfast.models.llama3 as llama_plain  # noqa: E402
 import gptfast.models.llama3_cached as llama  # noqa: E402
 import gptfast.models.qwen3 as qwen_plain  # noqa: E402
 import gptfast.models.qwen3_cached as qwen  # noqa: E402
+import gptfast.kv_cache.llama3 as dropin_llama  # noqa: E402
+import gptfast.kv_cache.qwen3 as dropin_qwen  # noqa: E402
 
 SCALING = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_context_length": 16}
 RATIOS = [pytest.param(4, id="ratio1"), pytest.param(2, id="ratio2"), pytest.param(1, id="ratio4")]
@@ -37,14 +39,16 @@ def qwen_cfg(n_kv_groups=2, qk_norm=True, dtype=torch.float32, num_experts=0):
     return cfg
 
 
-PAIRS = {"llama": (ref_llama, llama, "Llama3Model"), "qwen": (ref_qwen, qwen, "Qwen3Model")}
+PAIRS = {"llama": (ref_llama, llama, "Llama3Model"), "qwen": (ref_qwen, qwen, "Qwen3Model"),
+         # The drop-in module paths (gptfast.kv_cache.llama3 / .qwen3) re-export the same objects.
+         "kv_cache.llama3": (ref_llama, dropin_llama, "Llama3Model"), "kv_cache.qwen3": (ref_qwen, dropin_qwen, "Qwen3Model")}
 
 
 def _signature(obj):
     return [(p.name, p.kind, p.default) for p in inspect.signature(obj).parameters.values()]
 
 
-@pytest.mark.parametrize("which", ["llama", "qwen"])
+@pytest.mark.parametrize("which", list(PAIRS))
 def test_every_public_name_of_the_reference_exists_with_the_same_signature(which):
     ref, ours, _ = PAIRS[which]
     names = [n for n, o in vars(ref).items() if not n.startswith("_") and (inspect.isclass(o) or inspect.isfunction(o))

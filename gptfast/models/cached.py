@@ -13,29 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from ..generation.layer_cache import KVCache  # the one per-layer cache with the reference's API
 from . import layers
 
 __all__ = ["KVCache", "extend_cache", "claim_positions"]
-
-
-class KVCache:
-    """One slot per layer for that layer's ``(keys, values)`` (``None`` until the first cached step)."""
-
-    def __init__(self, n_layers):
-        self.cache = [None] * layers.require_positive_int("n_layers", n_layers)
-
-    def get(self, layer_idx):
-        return self.cache[layer_idx]
-
-    def update(self, layer_idx, value):
-        self.cache[layer_idx] = value
-
-    def get_all(self):
-        return self.cache
-
-    def reset(self):
-        for i in range(len(self.cache)):
-            self.cache[i] = None
 
 
 def extend_cache(keys_new: torch.Tensor, values_new: torch.Tensor, cache):
