@@ -357,3 +357,14 @@ def test_trim_input_tensor_refuses_max_new_tokens_not_below_the_context():
         trim_input_tensor(ids(1, 5), 8, 8)
     with pytest.raises(TypeError, match="context_len"):
         trim_input_tensor(ids(1, 5), 8.0, 2)
+
+
+def test_gptfast_generate_is_the_drop_in_module_whichever_import_comes_first():
+    import subprocess
+    import sys
+
+    # The package must not also bind a function to the name, which the submodule import would replace.
+    code = ("import gptfast, types; assert not hasattr(gptfast, 'generate') or isinstance(gptfast.generate, "
+            "types.ModuleType); from gptfast import generate; assert hasattr(generate, 'trim_input_tensor'); "
+            "import gptfast.generate as g; assert g is generate")
+    subprocess.run([sys.executable, "-c", code], check=True)
