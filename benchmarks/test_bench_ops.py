@@ -1,7 +1,7 @@
 """Per-op benchmarks: every available backend against the torch path and the plain-PyTorch baselines.
 
-Shapes are those of the kernel issues (``bench_utils.SHAPES``): on CPU fp32 (issue 4), on a
-GPU bf16 (issues 5-7).  Each result carries the shape, dtype, backend, peak memory of one
+Shapes are the project's target shapes (``bench_utils.SHAPES``): on CPU fp32, on a
+GPU bf16.  Each result carries the shape, dtype, backend, peak memory of one
 call (with how it was measured) and, where it means something, TFLOP/s or GB/s.
 Compare within a group: ``pytest benchmarks --benchmark-group-by=group``.
 """
@@ -28,7 +28,7 @@ def _randn(*shape, grad=False, scale=1.0):
 
 def _attention_fn(impl, q, k, v):
     if impl == "sdpa":
-        # The baseline of issues 4/5/7: ATen's fused kernel (flash on H100, its CPU flash kernel here).
+        # The baseline the speed goals name: ATen's fused kernel (flash on H100, its CPU flash kernel here).
         is_causal = q.shape[2] > 1
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
     require_backend(impl, "causal_attention", (q, k, v), dict(dropout_p=0.0, training=False, scale=None))
@@ -75,7 +75,7 @@ def test_attention(benchmark, impl, passes):
         benchmark.extra_info["tflops"] = _flops_attention(s["B"], s["H"], s["T"], s["T"], s["D"], passes) / seconds / 1e12
 
 
-@pytest.mark.skipif(not ON_GPU, reason="decode attention (issue 7) is a GPU benchmark")
+@pytest.mark.skipif(not ON_GPU, reason="decode attention is a GPU benchmark")
 @pytest.mark.parametrize("tk", DECODE_TK)
 @pytest.mark.parametrize("impl", bench_backends("causal_attention") + ["sdpa"])
 def test_decode_attention(benchmark, impl, tk):

@@ -1,6 +1,6 @@
 """End-to-end training-step benchmarks: gptfast against llms-from-scratch in the same run.
 
-CPU (issue 4/9): GPT-2 124M, context 256, batch 2, fp32: one AdamW step (forward, backward,
+CPU: GPT-2 124M, context 256, batch 2, fp32: one AdamW step (forward, backward,
 update) of
 
 * ``reference``: ``llms_from_scratch``'s GPTModel and ``calc_loss_batch``,
@@ -9,7 +9,7 @@ update) of
 * ``gptfast-train``: one step of ``gptfast.train``'s Trainer (padded vocab, fused linear
   cross-entropy, fused AdamW, grad clipping).
 
-GPU (issue 9): GPT-2 124M, context 1024, batch 16, bf16, compiled: the reference's optimized
+GPU: GPT-2 124M, context 1024, batch 16, bf16, compiled: the reference's optimized
 recipe (``gpu/reference_recipe.py``) against ``gptfast.train``'s Trainer; tokens/s and MFU in
 ``extra_info``.  Both use dropout 0.1 and no gradient clipping, like the recipe.
 """
