@@ -102,12 +102,34 @@ cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream);
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "philox.cuh"
 
 namespace gptfast {
 namespace attention {
 
 constexpr float kLog2e = 1.4426950408889634f;
+
+// ---------------------------------------------------------------- launch dispatch
+
+// Calls `launch(bf16, d)` with the shape's element type and head dim as compile-time
+// constants (std::bool_constant, std::integral_constant<int, D>), so every launcher
+// instantiates its kernels for exactly the supported (dtype, head dim) pairs; any other
+// head dim is an invalid value.  A launcher reads them as decltype(bf16)::value.
+template <typename Launch>
+cudaError_t dispatch_dtype_head_dim(const Shape& s, Launch&& launch) {
+  using D64 = std::integral_constant<int, 64>;
+  using D128 = std::integral_constant<int, 128>;
+  switch (s.head_dim) {
+    case 64:
+      return s.bf16 ? launch(std::true_type{}, D64{}) : launch(std::false_type{}, D64{});
+    case 128:
+      return s.bf16 ? launch(std::true_type{}, D128{}) : launch(std::false_type{}, D128{});
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
 
 // ---------------------------------------------------------------- element types
 
