@@ -150,20 +150,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_kernel(const BwdPar
 
     // S^T = K Q^T: this warp's 16 keys x kBM queries.
     float s[kSTiles][4];
-#pragma unroll
-    for (int i = 0; i < kSTiles; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) {
-      uint32_t a[4];
-      load_a_frag<kStride>(a, sK, warp * 16, kk * 16, lane);
-#pragma unroll
-      for (int np = 0; np < kSTiles / 2; ++np) {
-        uint32_t bfr[4];
-        load_b_frags_nk<kStride>(bfr, sQ, np * 16, kk * 16, lane);
-        mma_16816<kBf16>(s[2 * np], a, bfr[0], bfr[1]);
-        mma_16816<kBf16>(s[2 * np + 1], a, bfr[2], bfr[3]);
-      }
-    }
+    warp_gemm_abt<kBf16, kStride, kKSteps>(s, sK, warp * 16, sQ, lane);
 
     // P^T, causal mask (which also removes keys >= tk) and the dropout mask as bits.
     const bool needs_mask = key_base + 15 > offset + m0;
@@ -210,20 +197,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_kernel(const BwdPar
 
     // dP^T = V dO^T.
     float dpt[kSTiles][4];
-#pragma unroll
-    for (int i = 0; i < kSTiles; ++i) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) {
-      uint32_t a[4];
-      load_a_frag<kStride>(a, sV, warp * 16, kk * 16, lane);
-#pragma unroll
-      for (int np = 0; np < kSTiles / 2; ++np) {
-        uint32_t bfr[4];
-        load_b_frags_nk<kStride>(bfr, sdO, np * 16, kk * 16, lane);
-        mma_16816<kBf16>(dpt[2 * np], a, bfr[0], bfr[1]);
-        mma_16816<kBf16>(dpt[2 * np + 1], a, bfr[2], bfr[3]);
-      }
-    }
+    warp_gemm_abt<kBf16, kStride, kKSteps>(dpt, sV, warp * 16, sdO, lane);
 
     // dS^T = P^T * (dP^T through the dropout mask - delta); reuse s for it.
 #pragma unroll
@@ -330,14 +304,9 @@ cudaError_t launch_bwd_typed(const BwdParams& p, cudaStream_t stream) {
 
 cudaError_t launch_attention_bwd(const BwdParams& p, cudaStream_t stream) {
   if (p.shape.tq <= 0 || p.shape.tk < p.shape.tq) return cudaErrorInvalidValue;
-  switch (p.shape.head_dim) {
-    case 64:
-      return p.shape.bf16 ? launch_bwd_typed<true, 64>(p, stream) : launch_bwd_typed<false, 64>(p, stream);
-    case 128:
-      return p.shape.bf16 ? launch_bwd_typed<true, 128>(p, stream) : launch_bwd_typed<false, 128>(p, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch_dtype_head_dim(p.shape, [&](auto bf16, auto d) {
+    return launch_bwd_typed<decltype(bf16)::value, decltype(d)::value>(p, stream);
+  });
 }
 
 }  // namespace attention

@@ -102,12 +102,34 @@ cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream);
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "philox.cuh"
 
 namespace gptfast {
 namespace attention {
 
 constexpr float kLog2e = 1.4426950408889634f;
+
+// ---------------------------------------------------------------- launch dispatch
+
+// Calls `launch(bf16, d)` with the shape's element type and head dim as compile-time
+// constants (std::bool_constant, std::integral_constant<int, D>), so every launcher
+// instantiates its kernels for exactly the supported (dtype, head dim) pairs; any other
+// head dim is an invalid value.  A launcher reads them as decltype(bf16)::value.
+template <typename Launch>
+cudaError_t dispatch_dtype_head_dim(const Shape& s, Launch&& launch) {
+  using D64 = std::integral_constant<int, 64>;
+  using D128 = std::integral_constant<int, 128>;
+  switch (s.head_dim) {
+    case 64:
+      return s.bf16 ? launch(std::true_type{}, D64{}) : launch(std::false_type{}, D64{});
+    case 128:
+      return s.bf16 ? launch(std::true_type{}, D128{}) : launch(std::false_type{}, D128{});
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
 
 // ---------------------------------------------------------------- element types
 
@@ -252,6 +274,28 @@ __device__ __forceinline__ void load_b_frags_nk(uint32_t (&b)[4], const T* tile,
 template <int kStride, typename T>
 __device__ __forceinline__ void load_b_frags_kn(uint32_t (&b)[4], const T* tile, int n0, int k0, int lane) {
   ldmatrix_x4_trans(b, tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride + n0 + (lane >> 4) * 8);
+}
+
+// c = the 16 x (kNTiles * 8) block A B^T of this warp, where A is rows row0..row0+15 of
+// `a_tile` and B is rows 0..kNTiles*8-1 of `b_tile` (both row-major smem tiles,
+// kKSteps * 16 columns), e.g. S^T = K Q^T.  c is overwritten, not accumulated into.
+template <bool kBf16, int kStride, int kKSteps, int kNTiles, typename T>
+__device__ __forceinline__ void warp_gemm_abt(float (&c)[kNTiles][4], const T* a_tile, int row0, const T* b_tile,
+                                              int lane) {
+#pragma unroll
+  for (int i = 0; i < kNTiles; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < kKSteps; ++kk) {
+    uint32_t a[4];
+    load_a_frag<kStride>(a, a_tile, row0, kk * 16, lane);
+#pragma unroll
+    for (int np = 0; np < kNTiles / 2; ++np) {
+      uint32_t bfr[4];
+      load_b_frags_nk<kStride>(bfr, b_tile, np * 16, kk * 16, lane);
+      mma_16816<kBf16>(c[2 * np], a, bfr[0], bfr[1]);
+      mma_16816<kBf16>(c[2 * np + 1], a, bfr[2], bfr[3]);
+    }
+  }
 }
 
 // ---------------------------------------------------------------- tile loads

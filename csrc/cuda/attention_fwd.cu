@@ -227,14 +227,9 @@ cudaError_t launch_fwd_typed(const FwdParams& p, cudaStream_t stream) {
 
 cudaError_t launch_attention_fwd(const FwdParams& p, cudaStream_t stream) {
   if (p.shape.tq <= 0 || p.shape.tk < p.shape.tq) return cudaErrorInvalidValue;
-  switch (p.shape.head_dim) {
-    case 64:
-      return p.shape.bf16 ? launch_fwd_typed<true, 64>(p, stream) : launch_fwd_typed<false, 64>(p, stream);
-    case 128:
-      return p.shape.bf16 ? launch_fwd_typed<true, 128>(p, stream) : launch_fwd_typed<false, 128>(p, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch_dtype_head_dim(p.shape, [&](auto bf16, auto d) {
+    return launch_fwd_typed<decltype(bf16)::value, decltype(d)::value>(p, stream);
+  });
 }
 
 }  // namespace attention

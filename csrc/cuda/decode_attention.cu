@@ -176,14 +176,9 @@ cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) 
       static_cast<int64_t>(p.splits) * p.chunk < p.shape.tk) {
     return cudaErrorInvalidValue;
   }
-  switch (p.shape.head_dim) {
-    case 64:
-      return p.shape.bf16 ? launch_decode_typed<true, 64>(p, stream) : launch_decode_typed<false, 64>(p, stream);
-    case 128:
-      return p.shape.bf16 ? launch_decode_typed<true, 128>(p, stream) : launch_decode_typed<false, 128>(p, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch_dtype_head_dim(p.shape, [&](auto bf16, auto d) {
+    return launch_decode_typed<decltype(bf16)::value, decltype(d)::value>(p, stream);
+  });
 }
 
 }  // namespace attention

@@ -55,6 +55,40 @@ def _idx(offs, WIDE: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(n_blocks, n_heads):
+    """This program's (block within its batch*head, batch*head, batch, head).
+
+    One flat grid axis (the second axis of a CUDA grid stops at 65535 programs); the
+    blocks of one batch*head are consecutive programs, as with a 2-D grid.
+    """
+    block = tl.program_id(0) % n_blocks
+    bh = tl.program_id(0) // n_blocks
+    return block, bh, bh // n_heads, bh % n_heads
+
+
+@triton.jit
+def _head_base(ptr, b, h, stride_b, stride_h):
+    """Start of the (b, h) slice of a (B, H, T, D) tensor (int64: B*H*T*D may pass 2**31)."""
+    return ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _load_rows(base, offs, stride_t, offs_d, n_rows, WIDE: tl.constexpr):
+    """Tokens ``offs`` of one (b, h) slice as a (tokens, head_dim) tile; tokens >= ``n_rows`` read as 0."""
+    return tl.load(base + _idx(offs, WIDE)[:, None] * stride_t + offs_d[None, :], mask=(offs < n_rows)[:, None],
+                   other=0.0)
+
+
+@triton.jit
+def _dropout_seed(seed_ptr, bh, DROPOUT: tl.constexpr):
+    """Philox seed of one batch*head: the drawn seed plus ``bh`` in the high word (0 without dropout)."""
+    if DROPOUT:
+        return tl.load(seed_ptr) + (bh.to(tl.int64) << 32)
+    else:
+        return 0
+
+
+@triton.jit
 def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
                     n_start, n_end, tk, pos_offset, qk_scale, seed, dropout_p, keep_scale,
                     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
@@ -82,8 +116,7 @@ def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs
             r = tl.rand(seed, offs_m[:, None] * tk + offs_n[None, :])
             p = tl.where(r >= dropout_p, p * keep_scale, 0.0)
         if MASKED:
-            v = tl.load(v_base + _idx(offs_n, WIDE)[:, None] * stride_vt + offs_d[None, :],
-                        mask=in_range[:, None], other=0.0)
+            v = _load_rows(v_base, offs_n, stride_vt, offs_d, tk, WIDE)
         else:
             v = tl.load(v_base + _idx(offs_n, WIDE)[:, None] * stride_vt + offs_d[None, :])
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
@@ -97,27 +130,17 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr,
                           n_heads, tq, tk, qk_scale, dropout_p, keep_scale,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                           DROPOUT: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
-    # One flat grid axis (the second axis of a CUDA grid stops at 65535 programs); the
-    # query blocks of one batch*head are consecutive programs, as with a 2-D grid.
-    n_blocks = tl.cdiv(tq, BLOCK_M)
-    m_block = tl.program_id(0) % n_blocks
-    bh = tl.program_id(0) // n_blocks
-    b = bh // n_heads
-    h = bh % n_heads
+    m_block, bh, b, h = _program_tile(tl.cdiv(tq, BLOCK_M), n_heads)
     start_m = m_block * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < tq
     pos_offset = tk - tq
 
-    q_base = q_ptr + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
-    k_base = k_ptr + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
-    v_base = v_ptr + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
-    q = tl.load(q_base + _idx(offs_m, WIDE)[:, None] * sq_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(seed_ptr) + (bh.to(tl.int64) << 32)
+    k_base = _head_base(k_ptr, b, h, sk_b, sk_h)
+    v_base = _head_base(v_ptr, b, h, sv_b, sv_h)
+    q = _load_rows(_head_base(q_ptr, b, h, sq_b, sq_h), offs_m, sq_t, offs_d, tq, WIDE)
+    seed = _dropout_seed(seed_ptr, bh, DROPOUT)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -134,7 +157,7 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr,
                                     keep_scale, BLOCK_N, True, DROPOUT, PRECISION, WIDE)
 
     out = acc / l_i[:, None]
-    o_base = o_ptr + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
+    o_base = _head_base(o_ptr, b, h, so_b, so_h)
     tl.store(o_base + _idx(offs_m, WIDE)[:, None] * so_t + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None])
     # Log-sum-exp in base 2 of the scaled scores, what the backward needs to rebuild p.
@@ -147,18 +170,12 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr,
 def _attention_delta_kernel(o_ptr, do_ptr, delta_ptr, so_b, so_h, so_t, sdo_b, sdo_h, sdo_t, n_heads, tq,
                             BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, WIDE: tl.constexpr):
     """``delta = rowsum(dO * O)`` in float32, one (query block, batch*head) per program."""
-    n_blocks = tl.cdiv(tq, BLOCK_M)
-    m_block = tl.program_id(0) % n_blocks
-    bh = tl.program_id(0) // n_blocks
-    b = bh // n_heads
-    h = bh % n_heads
+    m_block, bh, b, h = _program_tile(tl.cdiv(tq, BLOCK_M), n_heads)
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < tq
-    o = tl.load(o_ptr + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + _idx(offs_m, WIDE)[:, None] * so_t
-                + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + b.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h + _idx(offs_m, WIDE)[:, None] * sdo_t
-                 + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    o = _load_rows(_head_base(o_ptr, b, h, so_b, so_h), offs_m, so_t, offs_d, tq, WIDE).to(tl.float32)
+    do = _load_rows(_head_base(do_ptr, b, h, sdo_b, sdo_h), offs_m, sdo_t, offs_d, tq, WIDE).to(tl.float32)
     tl.store(delta_ptr + bh.to(tl.int64) * tq + offs_m, tl.sum(o * do, 1), mask=row_ok)
 
 
@@ -172,7 +189,7 @@ def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_t
         offs_m = block_start + tl.arange(0, BLOCK_M)
         row_ok = offs_m < tq
         q_t = tl.load(q_base + _idx(offs_m, WIDE)[None, :] * sq_t + offs_d[:, None], mask=row_ok[None, :], other=0.0)
-        do = tl.load(do_base + _idx(offs_m, WIDE)[:, None] * sdo_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = _load_rows(do_base, offs_m, sdo_t, offs_d, tq, WIDE)
         # Rows past Tq get lse=+inf, so their probabilities are exactly 0.
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
@@ -199,29 +216,20 @@ def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_p
                            n_heads, tq, tk, scale, qk_scale, dropout_p, keep_scale,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                            DROPOUT: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
-    n_blocks = tl.cdiv(tk, BLOCK_N)
-    n_block = tl.program_id(0) % n_blocks
-    bh = tl.program_id(0) // n_blocks
-    b = bh // n_heads
-    h = bh % n_heads
+    n_block, bh, b, h = _program_tile(tl.cdiv(tk, BLOCK_N), n_heads)
     start_n = n_block * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n < tk
     pos_offset = tk - tq
 
-    k_base = k_ptr + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
-    v_base = v_ptr + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
-    k = tl.load(k_base + _idx(offs_n, WIDE)[:, None] * sk_t + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-    v = tl.load(v_base + _idx(offs_n, WIDE)[:, None] * sv_t + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-    q_base = q_ptr + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
-    do_base = do_ptr + b.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h
+    k = _load_rows(_head_base(k_ptr, b, h, sk_b, sk_h), offs_n, sk_t, offs_d, tk, WIDE)
+    v = _load_rows(_head_base(v_ptr, b, h, sv_b, sv_h), offs_n, sv_t, offs_d, tk, WIDE)
+    q_base = _head_base(q_ptr, b, h, sq_b, sq_h)
+    do_base = _head_base(do_ptr, b, h, sdo_b, sdo_h)
     lse_base = lse_ptr + bh.to(tl.int64) * tq
     delta_base = delta_ptr + bh.to(tl.int64) * tq
-
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(seed_ptr) + (bh.to(tl.int64) << 32)
+    seed = _dropout_seed(seed_ptr, bh, DROPOUT)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -254,10 +262,8 @@ def _dq_key_blocks(dq, q, do, lse, delta, k_base, v_base, sk_t, sv_t, offs_m, of
         offs_n = block_start + tl.arange(0, BLOCK_N)
         if MASKED:
             in_range = offs_n < tk
-            k = tl.load(k_base + _idx(offs_n, WIDE)[:, None] * sk_t + offs_d[None, :],
-                        mask=in_range[:, None], other=0.0)
-            v = tl.load(v_base + _idx(offs_n, WIDE)[:, None] * sv_t + offs_d[None, :],
-                        mask=in_range[:, None], other=0.0)
+            k = _load_rows(k_base, offs_n, sk_t, offs_d, tk, WIDE)
+            v = _load_rows(v_base, offs_n, sv_t, offs_d, tk, WIDE)
         else:
             k = tl.load(k_base + _idx(offs_n, WIDE)[:, None] * sk_t + offs_d[None, :])
             v = tl.load(v_base + _idx(offs_n, WIDE)[:, None] * sv_t + offs_d[None, :])
@@ -281,29 +287,20 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr
                          n_heads, tq, tk, scale, qk_scale, dropout_p, keep_scale,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                          DROPOUT: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
-    n_blocks = tl.cdiv(tq, BLOCK_M)
-    m_block = tl.program_id(0) % n_blocks
-    bh = tl.program_id(0) // n_blocks
-    b = bh // n_heads
-    h = bh % n_heads
+    m_block, bh, b, h = _program_tile(tl.cdiv(tq, BLOCK_M), n_heads)
     start_m = m_block * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < tq
     pos_offset = tk - tq
 
-    q_base = q_ptr + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
-    do_base = do_ptr + b.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h
-    q = tl.load(q_base + _idx(offs_m, WIDE)[:, None] * sq_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(do_base + _idx(offs_m, WIDE)[:, None] * sdo_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = _load_rows(_head_base(q_ptr, b, h, sq_b, sq_h), offs_m, sq_t, offs_d, tq, WIDE)
+    do = _load_rows(_head_base(do_ptr, b, h, sdo_b, sdo_h), offs_m, sdo_t, offs_d, tq, WIDE)
     lse = tl.load(lse_ptr + bh.to(tl.int64) * tq + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_ptr + bh.to(tl.int64) * tq + offs_m, mask=row_ok, other=0.0)
-    k_base = k_ptr + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
-    v_base = v_ptr + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
-
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(seed_ptr) + (bh.to(tl.int64) << 32)
+    k_base = _head_base(k_ptr, b, h, sk_b, sk_h)
+    v_base = _head_base(v_ptr, b, h, sv_b, sv_h)
+    seed = _dropout_seed(seed_ptr, bh, DROPOUT)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     full_end = ((pos_offset + start_m + 1) // BLOCK_N) * BLOCK_N

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "attention_common.cuh"
+#include "check_main.h"
 #include "philox.cuh"
 
 using namespace gptfast::attention;
@@ -167,41 +168,38 @@ static void run_decode(bool bf16, int B, int H, int Tk, int D, int sms, bool str
   report("dec", cfg, e, m, bf16 ? 3e-2 : 4e-3);
 }
 
+static void run_fwd_bwd_cases(bool full) {
+  for (bool bf16 : {false, true}) {
+    // (B, H, Tq, Tk, D, dropout, (B,T,H,D) layout for q/v/dout)
+    run_case(bf16, 1, 2, 17, 17, 64, 0.0, true);
+    run_case(bf16, 2, 1, 33, 65, 128, 0.0, false);
+    run_case(bf16, 1, 1, 1, 37, 64, 0.0, false);
+    run_case(bf16, 1, 2, 40, 70, 64, 0.3, true);
+    run_case(bf16, 1, 1, 67, 67, 128, 0.5, false);
+    if (full) {
+      run_case(bf16, 1, 1, 1, 1, 64, 0.0, false);
+      run_case(bf16, 1, 1, 70, 70, 64, 0.0, false);
+      run_case(bf16, 1, 1, 130, 130, 128, 0.0, true);
+      run_case(bf16, 1, 1, 5, 140, 64, 0.0, false);
+      run_case(bf16, 1, 1, 70, 70, 64, 0.3, true);
+    }
+  }
+}
+
+static void run_decode_cases(bool full) {
+  for (bool bf16 : {false, true}) {
+    // (B, H, Tk, D, SM count that sets the split, KV cache longer than Tk)
+    run_decode(bf16, 1, 3, 1, 64, 132, false);
+    run_decode(bf16, 2, 2, 1000, 128, 4, true);
+    run_decode(bf16, 1, 1, 777, 64, 1, false);
+    if (full) {
+      run_decode(bf16, 1, 3, 5, 128, 132, false);
+      run_decode(bf16, 1, 2, 300, 64, 132, true);
+    }
+  }
+}
+
 int main(int argc, char** argv) {
-  const std::string which = argc > 1 ? argv[1] : "", mode = argc > 2 ? argv[2] : "quick";
-  if ((which != "fwd_bwd" && which != "decode") || (mode != "quick" && mode != "full")) {
-    std::printf("usage: attention_check {fwd_bwd|decode} {quick|full}\n");
-    return 2;
-  }
-  const bool full = mode == "full";
-  if (which == "fwd_bwd") {
-    for (bool bf16 : {false, true}) {
-      // (B, H, Tq, Tk, D, dropout, (B,T,H,D) layout for q/v/dout)
-      run_case(bf16, 1, 2, 17, 17, 64, 0.0, true);
-      run_case(bf16, 2, 1, 33, 65, 128, 0.0, false);
-      run_case(bf16, 1, 1, 1, 37, 64, 0.0, false);
-      run_case(bf16, 1, 2, 40, 70, 64, 0.3, true);
-      run_case(bf16, 1, 1, 67, 67, 128, 0.5, false);
-      if (full) {
-        run_case(bf16, 1, 1, 1, 1, 64, 0.0, false);
-        run_case(bf16, 1, 1, 70, 70, 64, 0.0, false);
-        run_case(bf16, 1, 1, 130, 130, 128, 0.0, true);
-        run_case(bf16, 1, 1, 5, 140, 64, 0.0, false);
-        run_case(bf16, 1, 1, 70, 70, 64, 0.3, true);
-      }
-    }
-  } else {
-    for (bool bf16 : {false, true}) {
-      // (B, H, Tk, D, SM count that sets the split, KV cache longer than Tk)
-      run_decode(bf16, 1, 3, 1, 64, 132, false);
-      run_decode(bf16, 2, 2, 1000, 128, 4, true);
-      run_decode(bf16, 1, 1, 777, 64, 1, false);
-      if (full) {
-        run_decode(bf16, 1, 3, 5, 128, 132, false);
-        run_decode(bf16, 1, 2, 300, 64, 132, true);
-      }
-    }
-  }
-  std::printf("%d failures\n", failures);
-  return failures != 0;
+  return check_main(argc, argv, "attention_check", {"fwd_bwd", run_fwd_bwd_cases}, {"decode", run_decode_cases},
+                    failures);
 }

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "check_main.h"
 #include "loss_sampling_launch.h"
 
 using namespace gptfast;
@@ -366,22 +367,19 @@ void run_sampling(bool quick) {
   test_per_row_clamping<T>(300);
 }
 
+static void run_cross_entropy_cases(bool full) {
+  run_cross_entropy<float>(!full);
+  run_cross_entropy<__half>(!full);
+  run_cross_entropy<__nv_bfloat16>(!full);
+}
+
+static void run_sampling_cases(bool full) {
+  run_sampling<float>(!full);
+  run_sampling<__half>(!full);
+  run_sampling<__nv_bfloat16>(!full);
+}
+
 int main(int argc, char** argv) {
-  const std::string which = argc > 1 ? argv[1] : "", mode = argc > 2 ? argv[2] : "quick";
-  if ((which != "cross_entropy" && which != "sampling") || (mode != "quick" && mode != "full")) {
-    std::printf("usage: loss_sampling_check {cross_entropy|sampling} {quick|full}\n");
-    return 2;
-  }
-  const bool quick = mode == "quick";
-  if (which == "cross_entropy") {
-    run_cross_entropy<float>(quick);
-    run_cross_entropy<__half>(quick);
-    run_cross_entropy<__nv_bfloat16>(quick);
-  } else {
-    run_sampling<float>(quick);
-    run_sampling<__half>(quick);
-    run_sampling<__nv_bfloat16>(quick);
-  }
-  std::printf("%d failures\n", failures);
-  return failures ? 1 : 0;
+  return check_main(argc, argv, "loss_sampling_check", {"cross_entropy", run_cross_entropy_cases},
+                    {"sampling", run_sampling_cases}, failures);
 }
