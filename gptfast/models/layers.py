@@ -1,5 +1,9 @@
 """Building blocks shared by the Llama 3 and Qwen3 models: the hot spots as small functions.
 
+The models built from them (:mod:`gptfast.models.llama3`, :mod:`gptfast.models.qwen3`)
+keep the reference's classes, constructor arguments, parameter names, creation order
+(so the same initial weights under a seed) and forward signatures.
+
 Each function here is written op for op as ``llms_from_scratch`` computes the same
 thing, so a model built from them gives bitwise the reference's numbers with the
 ``"torch"`` backend.  They are the seams where fused kernels plug in: attention

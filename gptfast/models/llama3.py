@@ -1,10 +1,8 @@
 """Llama 3.2 (1B and 3B) as a drop-in for ``llms_from_scratch.llama3``.
 
-Same classes, constructor arguments, parameter names, creation order (so the same
-initial weights under a seed) and forward signatures as the reference; the hot
-spots run through :mod:`gptfast.models.layers` (attention through
-:func:`gptfast.ops.causal_attention`).  With the ``"torch"`` backend the logits are
-bitwise the reference's.
+The drop-in contract (names, signatures, creation order, bitwise logits with the
+``"torch"`` backend) is the one stated in :mod:`gptfast.models.layers`, whose pieces
+this model is built from.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
 """Qwen3 (0.6B ... 32B and the 30B-A3B mixture of experts) as a drop-in for ``llms_from_scratch.qwen3``.
 
-Same classes, constructor arguments, parameter names, creation order (so the same
-initial weights under a seed) and forward signatures as the reference; the hot
-spots run through :mod:`gptfast.models.layers` (attention through
-:func:`gptfast.ops.causal_attention`).  With the ``"torch"`` backend the logits are
-bitwise the reference's.
+Built from :mod:`gptfast.models.layers` under the drop-in contract stated there.
 """
 
 from __future__ import annotations
