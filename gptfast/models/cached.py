@@ -16,7 +16,7 @@ import torch
 from ..generation.layer_cache import KVCache  # the one per-layer cache with the reference's API
 from . import layers
 
-__all__ = ["KVCache", "extend_cache", "claim_positions"]
+__all__ = ["KVCache", "extend_cache", "claim_positions", "CachedAttention", "CachedBlock", "CachedDecoder"]
 
 
 def extend_cache(keys_new: torch.Tensor, values_new: torch.Tensor, cache):
@@ -49,3 +49,52 @@ def claim_positions(model, num_tokens: int, cache) -> int:
                          f"{limit} (call reset_kv_cache and start a new cache)")
     model.current_pos = end
     return start
+
+
+class CachedAttention:
+    """Mixin for a :class:`gptfast.models.layers.RotaryGroupedAttention`: attend over the cache plus the new tokens.
+
+    ``forward(x, mask, cos, sin, start_pos=0, cache=None)`` returns ``(context, (keys, values))``;
+    ``mask=None`` is causal with the new tokens as the last positions (through the fused op),
+    an explicit boolean mask (True = hidden) is applied as given.
+    """
+
+    def forward(self, x, mask, cos, sin, start_pos=0, cache=None):
+        queries, keys_new, values_new = self.project_rotary(x, cos, sin, start_pos)
+        keys, values = extend_cache(keys_new, values_new, cache)
+        return self.attend_heads(queries, keys, values, mask), (keys, values)
+
+
+class CachedBlock:
+    """Mixin for a pre-norm block (``att``, ``ff``, ``norm1``, ``norm2``) whose attention is a
+    :class:`CachedAttention`: ``forward`` also returns the layer's ``(keys, values)`` for the cache."""
+
+    def forward(self, x, mask, cos, sin, start_pos=0, cache=None):
+        attended, next_cache = self.att(self.norm1(x), mask, cos, sin, start_pos=start_pos, cache=cache)
+        x = attended + x
+        return self.ff(self.norm2(x)) + x, next_cache
+
+
+class CachedDecoder:
+    """Mixin for a decoder (``tok_emb``, ``trf_blocks`` of :class:`CachedBlock`, ``final_norm``, ``out_head``,
+    RoPE tables ``cos``/``sin``, ``cfg``): ``forward(in_idx, cache=None)`` with the model's ``current_pos``."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.current_pos = 0
+
+    def forward(self, in_idx, cache=None):
+        """Logits ``(batch, tokens, vocab_size)``; with a :class:`KVCache` the tokens continue at ``current_pos``."""
+        layers.check_token_ids(in_idx, self.cfg["vocab_size"], self.cos.shape[0])
+        start = claim_positions(self, in_idx.shape[1], cache)
+        x = self.tok_emb(in_idx)
+        for i, block in enumerate(self.trf_blocks):
+            x, layer_cache = block(x, None, self.cos, self.sin, start_pos=start,
+                                   cache=cache.get(i) if cache is not None else None)
+            if cache is not None:
+                cache.update(i, layer_cache)
+        return self.out_head(self.final_norm(x).to(self.cfg["dtype"]))
+
+    def reset_kv_cache(self):
+        """Start a new sequence at position 0 (the caller starts a new :class:`KVCache`)."""
+        self.current_pos = 0

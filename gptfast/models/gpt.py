@@ -11,6 +11,8 @@ module with the book's attributes (gptfast's or the reference's).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -120,12 +122,13 @@ class MultiHeadAttentionWrapper(nn.Module):
         return torch.cat([head(x) for head in self.heads], dim=-1)
 
 
-class MultiHeadAttention(nn.Module):
-    """Causal multi-head attention: separate q/k/v projections, fused attention core, output projection."""
+class _HeadProjections(nn.Module):
+    """The q/k/v and output projections of multi-head attention (the reference's creation order)
+    and the fused attention core, shared by the plain and the KV-cache GPT-2 attention."""
 
-    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+    def __init__(self, d_in, d_out, dropout, num_heads, qkv_bias=False):
         super().__init__()
-        assert d_out % num_heads == 0, "d_out must be divisible by n_heads"
+        assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
         self.d_out = d_out
         self.num_heads = num_heads
         self.head_dim = d_out // num_heads
@@ -134,14 +137,31 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
+
+    # The order the reference runs the projections in: it fixes the order in which autograd
+    # sums their gradients into the input, so training stays bitwise the reference's.
+    projection_order = ("W_key", "W_query", "W_value")
+
+    def project_heads(self, x):
+        """``(queries, keys, values)`` of ``x``, each ``(b, heads, t, head_dim)``."""
+        heads = {name: split_heads(self, getattr(self, name)(x)) for name in self.projection_order}
+        return heads["W_query"], heads["W_key"], heads["W_value"]
+
+    def attend(self, queries, keys, values):
+        """Causal attention (queries as the last positions of the keys), merged and projected out."""
+        context = ops.causal_attention(queries, keys, values, dropout_p=self.dropout.p, training=self.training)
+        return self.out_proj(merge_heads(self, context))
+
+
+class MultiHeadAttention(_HeadProjections):
+    """Causal multi-head attention: separate q/k/v projections, fused attention core, output projection."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__(d_in, d_out, dropout, num_heads, qkv_bias)
         self.register_buffer("mask", _causal_mask_buffer(context_length))
 
     def forward(self, x):
-        keys = split_heads(self, self.W_key(x))
-        queries = split_heads(self, self.W_query(x))
-        values = split_heads(self, self.W_value(x))
-        context = ops.causal_attention(queries, keys, values, dropout_p=self.dropout.p, training=self.training)
-        return self.out_proj(merge_heads(self, context))
+        return self.attend(*self.project_heads(x))
 
 
 class PyTorchMultiHeadAttention(nn.Module):
@@ -196,11 +216,13 @@ class GELU(nn.Module):
 class FeedForward(nn.Module):
     """Position-wise MLP: expand 4x, GELU, project back."""
 
+    new_activation = GELU  # a factory, so the fast variant can swap in PyTorch's GELU
+
     def __init__(self, cfg):
         super().__init__()
         self.layers = nn.Sequential(
             nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]),
-            GELU(),
+            self.new_activation(),
             nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]),
         )
 
@@ -211,9 +233,11 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + drop(attn(norm1(x))), then x + drop(ff(norm2(x)))."""
 
+    attention_class = MultiHeadAttention
+
     def __init__(self, cfg):
         super().__init__()
-        self.att = MultiHeadAttention(
+        self.att = self.attention_class(
             d_in=cfg["emb_dim"], d_out=cfg["emb_dim"], context_length=cfg["context_length"],
             num_heads=cfg["n_heads"], dropout=cfg["drop_rate"], qkv_bias=cfg["qkv_bias"])
         self.ff = FeedForward(cfg)
@@ -225,16 +249,19 @@ class TransformerBlock(nn.Module):
         return residual_block(self, x, self.att)
 
 
-class GPTModel(nn.Module):
-    """GPT-2-style decoder: token + position embeddings, ``n_layers`` blocks, final norm, untied head."""
+class _GPTBackbone(nn.Module):
+    """Token + position embeddings, ``n_layers`` blocks of ``block_class``, a final ``norm_class``, untied head."""
+
+    block_class = TransformerBlock
+    norm_class = LayerNorm
 
     def __init__(self, cfg):
         super().__init__()
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
-        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
-        self.final_norm = LayerNorm(cfg["emb_dim"])
+        self.trf_blocks = nn.Sequential(*[self.block_class(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = self.norm_class(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
 
     def embed(self, in_idx, start_pos: int = 0):
@@ -250,22 +277,17 @@ class GPTModel(nn.Module):
         return self.out_head(self.hidden_states(in_idx))
 
 
+class GPTModel(_GPTBackbone):
+    """GPT-2-style decoder: token + position embeddings, ``n_layers`` blocks, final norm, untied head."""
+
+
 # The reference's speed-oriented variants, kept under the same names.
 
 
-class FeedForwardFast(nn.Module):
+class FeedForwardFast(FeedForward):
     """``FeedForward`` with PyTorch's built-in tanh GELU."""
 
-    def __init__(self, cfg):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]),
-            nn.GELU(approximate="tanh"),
-            nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]),
-        )
-
-    def forward(self, x):
-        return self.layers(x)
+    new_activation = functools.partial(nn.GELU, approximate="tanh")
 
 
 class TransformerBlockFast(nn.Module):
@@ -286,19 +308,8 @@ class TransformerBlockFast(nn.Module):
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
-class GPTModelFast(nn.Module):
-    """``GPTModel`` built from the fast blocks (same embeddings and head)."""
+class GPTModelFast(_GPTBackbone):
+    """``GPTModel`` built from the fast blocks (same embeddings and head) and PyTorch's LayerNorm."""
 
-    def __init__(self, cfg):
-        super().__init__()
-        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
-        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
-        self.drop_emb = nn.Dropout(cfg["drop_rate"])
-        self.trf_blocks = nn.Sequential(*[TransformerBlockFast(cfg) for _ in range(cfg["n_layers"])])
-        self.final_norm = nn.LayerNorm(cfg["emb_dim"])
-        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
-
-    def forward(self, in_idx):
-        positions = torch.arange(in_idx.shape[1], device=in_idx.device)
-        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
-        return self.out_head(self.final_norm(self.trf_blocks(x)))
+    block_class = TransformerBlockFast
+    norm_class = nn.LayerNorm

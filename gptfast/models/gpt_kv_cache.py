@@ -33,54 +33,42 @@ import torch.nn as nn
 from .. import ops
 from ..generation.layer_cache import KVCache
 from ..generation.runner import CachedRunner
-from .gpt import GELU, FeedForward, LayerNorm, merge_heads, residual_block, split_heads
+from . import gpt
+from .gpt import GELU, FeedForward, LayerNorm, _HeadProjections, residual_block
 
 __all__ = ["MultiHeadAttention", "LayerNorm", "GELU", "FeedForward", "TransformerBlock", "GPTModel", "KVCache"]
 
 
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(_HeadProjections):
     """Causal multi-head attention taking and returning a ``(keys, values)`` cache pair."""
 
+    projection_order = ("W_key", "W_value", "W_query")  # the reference's cached attention's order
+
     def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
-        super().__init__()
-        assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
-        self.d_out = d_out
-        self.num_heads = num_heads
-        self.head_dim = d_out // num_heads
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
-        self.dropout = nn.Dropout(dropout)
+        super().__init__(d_in, d_out, dropout, num_heads, qkv_bias)
 
     def forward(self, x, use_cache=False, start_pos=0, cache=None):
         """``(context, next_cache)``: with ``use_cache`` the new keys/values follow ``cache``'s
         (a pair or ``None``) and ``next_cache`` is the whole pair, else ``next_cache`` is ``None``."""
-        keys = split_heads(self, self.W_key(x))
-        values = split_heads(self, self.W_value(x))
-        queries = split_heads(self, self.W_query(x))
+        queries, keys, values = self.project_heads(x)
         next_cache = None
         if use_cache:
             if cache is not None:
                 keys, values = torch.cat([cache[0], keys], dim=2), torch.cat([cache[1], values], dim=2)
             next_cache = (keys, values)
         # The queries are the last positions of the keys: the op aligns its causal mask that way.
-        context = ops.causal_attention(queries, keys, values, dropout_p=self.dropout.p, training=self.training)
-        return self.out_proj(merge_heads(self, context)), next_cache
+        return self.attend(queries, keys, values), next_cache
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(gpt.TransformerBlock):
     """Pre-norm block returning ``(x, next_cache)``; the formula is :func:`residual_block`'s."""
 
+    attention_class = MultiHeadAttention
+
     def __init__(self, cfg):
-        super().__init__()
-        self.att = MultiHeadAttention(
-            d_in=cfg["emb_dim"], d_out=cfg["emb_dim"], context_length=cfg["context_length"],
-            num_heads=cfg["n_heads"], dropout=cfg["drop_rate"], qkv_bias=cfg["qkv_bias"])
-        self.ff = FeedForward(cfg)
-        self.norm1 = LayerNorm(cfg["emb_dim"])
-        self.norm2 = LayerNorm(cfg["emb_dim"])
-        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+        super().__init__(cfg)
+        # The reference names the residual dropout ``drop_shortcut``.
+        self.drop_shortcut = self._modules.pop("drop_resid")
 
     @property
     def drop_resid(self):
@@ -98,17 +86,13 @@ class TransformerBlock(nn.Module):
         return residual_block(self, x, attention), next_cache
 
 
-class GPTModel(nn.Module):
+class GPTModel(gpt.GPTModel):
     """GPT-2 with ``use_cache`` / ``reset_kv_cache``; ``cfg`` is kept for the book's generators."""
 
+    block_class = TransformerBlock
+
     def __init__(self, cfg):
-        super().__init__()
-        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
-        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
-        self.drop_emb = nn.Dropout(cfg["drop_rate"])
-        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
-        self.final_norm = LayerNorm(cfg["emb_dim"])
-        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+        super().__init__(cfg)
         self.current_pos = 0
         self.cfg = dict(cfg)
         self._own_cache: KVCache | None = None
@@ -142,11 +126,16 @@ class GPTModel(nn.Module):
                 f"{limit}; call reset_kv_cache() to start a new sequence")
         return torch.arange(self.current_pos, self.current_pos + seq_len, device=device)
 
-    def _uncached(self, in_idx):
-        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(self._positions(in_idx.shape[1], in_idx.device)))
+    def hidden_states(self, in_idx):
+        """Final-norm hidden states ``(b, t, emb_dim)`` of ``in_idx`` at positions ``current_pos ...`` (no cache)."""
+        self._positions(in_idx.shape[1], in_idx.device)  # checks the room before any work
+        x = self.embed(in_idx, self.current_pos)
         for block in self.trf_blocks:
             x, _ = block(x)
-        return self.out_head(self.final_norm(x))
+        return self.final_norm(x)
+
+    def _uncached(self, in_idx):
+        return self.out_head(self.hidden_states(in_idx))
 
     def _cached(self, in_idx, cache):
         batch, seq_len = in_idx.shape

@@ -1,5 +1,9 @@
 """Building blocks shared by the Llama 3 and Qwen3 models: the hot spots as small functions.
 
+The models built from them (:mod:`gptfast.models.llama3`, :mod:`gptfast.models.qwen3`)
+keep the reference's classes, constructor arguments, parameter names, creation order
+(so the same initial weights under a seed) and forward signatures.
+
 Each function here is written op for op as ``llms_from_scratch`` computes the same
 thing, so a model built from them gives bitwise the reference's numbers with the
 ``"torch"`` backend.  They are the seams where fused kernels plug in: attention
@@ -278,3 +282,32 @@ def routed_expert_mixture(x, topk_probs, topk_indices, num_experts, expert_fn):
             out.index_add_(0, rows, y.float() * weights[start:start + count, None].float())
         start += count
     return out.to(x.dtype).view(x.shape)
+
+
+class RotaryGroupedAttention(nn.Module):
+    """The forward pass of Llama 3's and Qwen3's grouped-query attention, for a subclass that creates
+    ``W_query``, ``W_key``, ``W_value``, ``out_proj`` and sets ``num_heads``, ``num_kv_groups``, ``head_dim``.
+
+    Split into :meth:`project_rotary` and :meth:`attend_heads` so the KV-cache variants
+    can put the cached keys/values between the two.
+    """
+
+    def normalize_qk(self, queries: torch.Tensor, keys: torch.Tensor):
+        """Hook for per-head query/key normalisation before RoPE (none here)."""
+        return queries, keys
+
+    def project_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int = 0):
+        """``(queries, keys, values)`` in heads layout, queries and keys rotated for positions ``offset ...``."""
+        queries = split_heads(self.W_query(x), self.num_heads, self.head_dim)
+        keys = split_heads(self.W_key(x), self.num_kv_groups, self.head_dim)
+        values = split_heads(self.W_value(x), self.num_kv_groups, self.head_dim)
+        queries, keys = self.normalize_qk(queries, keys)
+        return apply_rope_at(queries, cos, sin, offset), apply_rope_at(keys, cos, sin, offset), values
+
+    def attend_heads(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask=None):
+        """Attention over heads-layout inputs (see :func:`grouped_query_attention`), merged and projected out."""
+        return self.out_proj(merge_heads(grouped_query_attention(queries, keys, values, mask)))
+
+    def _attend(self, x, mask, cos, sin):
+        queries, keys, values = self.project_rotary(x, cos, sin)
+        return self.attend_heads(queries, keys, values, mask)

@@ -1,10 +1,8 @@
 """Llama 3.2 (1B and 3B) as a drop-in for ``llms_from_scratch.llama3``.
 
-Same classes, constructor arguments, parameter names, creation order (so the same
-initial weights under a seed) and forward signatures as the reference; the hot
-spots run through :mod:`gptfast.models.layers` (attention through
-:func:`gptfast.ops.causal_attention`).  With the ``"torch"`` backend the logits are
-bitwise the reference's.
+The drop-in contract (names, signatures, creation order, bitwise logits with the
+``"torch"`` backend) is the one stated in :mod:`gptfast.models.layers`, whose pieces
+this model is built from.
 """
 
 from __future__ import annotations
@@ -82,7 +80,7 @@ def _check_heads(d_out, num_heads, num_kv_groups):
     return num_heads, num_kv_groups
 
 
-class _LlamaAttentionBase(nn.Module):
+class _LlamaAttentionBase(layers.RotaryGroupedAttention):
     """Projections shared by both attention variants (created in the reference's order)."""
 
     def __init__(self, d_in, d_out, num_heads, num_kv_groups, dtype=None):
@@ -97,15 +95,6 @@ class _LlamaAttentionBase(nn.Module):
         self.group_size = num_heads // num_kv_groups
         self.W_query = nn.Linear(d_in, d_out, bias=False, dtype=dtype)
         self.out_proj = nn.Linear(d_out, d_out, bias=False, dtype=dtype)
-
-    def _attend(self, x, mask, cos, sin):
-        queries = layers.split_heads(self.W_query(x), self.num_heads, self.head_dim)
-        keys = layers.split_heads(self.W_key(x), self.num_kv_groups, self.head_dim)
-        values = layers.split_heads(self.W_value(x), self.num_kv_groups, self.head_dim)
-        keys = apply_rope(keys, cos, sin)
-        queries = apply_rope(queries, cos, sin)
-        context = layers.grouped_query_attention(queries, keys, values, mask)
-        return self.out_proj(layers.merge_heads(context))
 
 
 class GroupedQueryAttention(_LlamaAttentionBase):
@@ -140,9 +129,11 @@ class GroupedQueryAttentionFast(_LlamaAttentionBase):
 class TransformerBlock(nn.Module):
     """Pre-norm block: ``x + att(norm1(x))``, then ``x + ff(norm2(x))``."""
 
+    attention_class = GroupedQueryAttention
+
     def __init__(self, cfg):
         super().__init__()
-        self.att = GroupedQueryAttention(
+        self.att = self.attention_class(
             d_in=cfg["emb_dim"], d_out=cfg["emb_dim"], num_heads=cfg["n_heads"],
             num_kv_groups=cfg["n_kv_groups"], dtype=cfg["dtype"])
         self.ff = FeedForward(cfg)
@@ -154,17 +145,10 @@ class TransformerBlock(nn.Module):
         return self.ff(self.norm2(x)) + x
 
 
-class TransformerBlockFast(nn.Module):
+class TransformerBlockFast(TransformerBlock):
     """:class:`TransformerBlock` with :class:`GroupedQueryAttentionFast`: ``forward(x, cos, sin)``."""
 
-    def __init__(self, cfg):
-        super().__init__()
-        self.att = GroupedQueryAttentionFast(
-            d_in=cfg["emb_dim"], d_out=cfg["emb_dim"], num_heads=cfg["n_heads"],
-            num_kv_groups=cfg["n_kv_groups"], dtype=cfg["dtype"])
-        self.ff = FeedForward(cfg)
-        self.norm1 = BuiltinRMSNorm(cfg["emb_dim"], eps=_NORM_EPS, dtype=cfg["dtype"])
-        self.norm2 = BuiltinRMSNorm(cfg["emb_dim"], eps=_NORM_EPS, dtype=cfg["dtype"])
+    attention_class = GroupedQueryAttentionFast
 
     def forward(self, x, cos, sin):
         x = self.att(self.norm1(x), cos, sin) + x

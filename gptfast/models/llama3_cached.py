@@ -8,14 +8,11 @@ continue at ``current_pos`` and their keys/values are added to the cache;
 
 from __future__ import annotations
 
-import torch.nn as nn
-
-from . import layers
-from .cached import KVCache, claim_positions, extend_cache
+from . import layers, llama3
+from .cached import CachedAttention, CachedBlock, CachedDecoder, KVCache
 from .llama3 import (LLAMA32_CONFIG_1B, LLAMA32_CONFIG_3B, ChatFormat, FeedForward, GroupedQueryAttentionFast,
                      Llama3ModelFast, Llama3Tokenizer, TransformerBlockFast, _Llama3Base, _LlamaAttentionBase,
-                     _NORM_EPS, clean_text, compute_rope_params)
-from .layers import BuiltinRMSNorm
+                     clean_text, compute_rope_params)
 
 __all__ = [
     "LLAMA32_CONFIG_1B", "LLAMA32_CONFIG_3B", "Llama3Model", "TransformerBlock", "FeedForward",
@@ -29,63 +26,20 @@ def apply_rope(x, cos, sin, offset=0):
     return layers.apply_rope_at(x, cos, sin, offset)
 
 
-class GroupedQueryAttention(_LlamaAttentionBase):
+class GroupedQueryAttention(CachedAttention, _LlamaAttentionBase):
     """Grouped-query attention over the cached keys/values plus the new ones.
 
-    ``forward(x, mask, cos, sin, start_pos=0, cache=None)`` returns
-    ``(context, (keys, values))``; ``mask=None`` is causal with the new tokens as the
-    last positions (through the fused op), an explicit boolean mask (True = hidden)
-    is applied as given.
+    ``forward(x, mask, cos, sin, start_pos=0, cache=None)`` returns ``(context, (keys, values))``.
     """
 
-    def forward(self, x, mask, cos, sin, start_pos=0, cache=None):
-        queries = layers.split_heads(self.W_query(x), self.num_heads, self.head_dim)
-        keys_new = layers.split_heads(self.W_key(x), self.num_kv_groups, self.head_dim)
-        values_new = layers.split_heads(self.W_value(x), self.num_kv_groups, self.head_dim)
-        queries = apply_rope(queries, cos, sin, offset=start_pos)
-        keys_new = apply_rope(keys_new, cos, sin, offset=start_pos)
-        keys, values = extend_cache(keys_new, values_new, cache)
-        context = layers.grouped_query_attention(queries, keys, values, mask)
-        return self.out_proj(layers.merge_heads(context)), (keys, values)
 
-
-class TransformerBlock(nn.Module):
+class TransformerBlock(CachedBlock, llama3.TransformerBlock):
     """Pre-norm block returning ``(x, (keys, values))`` for the cache."""
 
-    def __init__(self, cfg):
-        super().__init__()
-        self.att = GroupedQueryAttention(
-            d_in=cfg["emb_dim"], d_out=cfg["emb_dim"], num_heads=cfg["n_heads"],
-            num_kv_groups=cfg["n_kv_groups"], dtype=cfg["dtype"])
-        self.ff = FeedForward(cfg)
-        self.norm1 = BuiltinRMSNorm(cfg["emb_dim"], eps=_NORM_EPS, dtype=cfg["dtype"])
-        self.norm2 = BuiltinRMSNorm(cfg["emb_dim"], eps=_NORM_EPS, dtype=cfg["dtype"])
-
-    def forward(self, x, mask, cos, sin, start_pos=0, cache=None):
-        attended, next_cache = self.att(self.norm1(x), mask, cos, sin, start_pos=start_pos, cache=cache)
-        x = attended + x
-        return self.ff(self.norm2(x)) + x, next_cache
+    attention_class = GroupedQueryAttention
 
 
-class Llama3Model(_Llama3Base):
+class Llama3Model(CachedDecoder, _Llama3Base):
     """Llama 3 decoder with an optional KV cache: ``forward(in_idx, cache=None)``."""
 
     block_class = TransformerBlock
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.current_pos = 0
-
-    def forward(self, in_idx, cache=None):
-        layers.check_token_ids(in_idx, self.cfg["vocab_size"], self.cos.shape[0])
-        start = claim_positions(self, in_idx.shape[1], cache)
-        x = self.tok_emb(in_idx)
-        for i, block in enumerate(self.trf_blocks):
-            x, layer_cache = block(x, None, self.cos, self.sin, start_pos=start,
-                                   cache=cache.get(i) if cache is not None else None)
-            if cache is not None:
-                cache.update(i, layer_cache)
-        return self.out_head(self.final_norm(x).to(self.cfg["dtype"]))
-
-    def reset_kv_cache(self):
-        self.current_pos = 0

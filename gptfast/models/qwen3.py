@@ -1,10 +1,6 @@
 """Qwen3 (0.6B ... 32B and the 30B-A3B mixture of experts) as a drop-in for ``llms_from_scratch.qwen3``.
 
-Same classes, constructor arguments, parameter names, creation order (so the same
-initial weights under a seed) and forward signatures as the reference; the hot
-spots run through :mod:`gptfast.models.layers` (attention through
-:func:`gptfast.ops.causal_attention`).  With the ``"torch"`` backend the logits are
-bitwise the reference's.
+Built from :mod:`gptfast.models.layers` under the drop-in contract stated there.
 """
 
 from __future__ import annotations
@@ -95,7 +91,7 @@ class RMSNorm(nn.Module):
         return layers.rms_norm(x, self.scale, self.eps, bias=self.shift, upcast=self.qwen3_compatible)
 
 
-class GroupedQueryAttention(nn.Module):
+class GroupedQueryAttention(layers.RotaryGroupedAttention):
     """Grouped-query attention with optional RMSNorm of queries and keys (Qwen3's ``qk_norm``).
 
     ``forward(x, mask, cos, sin)``: ``mask=None`` is causal attention through the
@@ -126,18 +122,16 @@ class GroupedQueryAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, mask, cos, sin):
-        queries = layers.split_heads(self.W_query(x), self.num_heads, self.head_dim)
-        keys = layers.split_heads(self.W_key(x), self.num_kv_groups, self.head_dim)
-        values = layers.split_heads(self.W_value(x), self.num_kv_groups, self.head_dim)
+    def normalize_qk(self, queries, keys):
+        """RMSNorm of each query and key head when built with ``qk_norm``."""
         if self.q_norm is not None:
             queries = self.q_norm(queries)
         if self.k_norm is not None:
             keys = self.k_norm(keys)
-        queries = apply_rope(queries, cos, sin)
-        keys = apply_rope(keys, cos, sin)
-        context = layers.grouped_query_attention(queries, keys, values, mask)
-        return self.out_proj(layers.merge_heads(context))
+        return queries, keys
+
+    def forward(self, x, mask, cos, sin):
+        return self._attend(x, mask, cos, sin)
 
 
 class MoEFeedForward(nn.Module):
@@ -196,9 +190,11 @@ class MoEFeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: ``x + att(norm1(x))``, then ``x + ff(norm2(x))`` (``ff`` a mixture when ``num_experts > 0``)."""
 
+    attention_class = GroupedQueryAttention
+
     def __init__(self, cfg):
         super().__init__()
-        self.att = GroupedQueryAttention(
+        self.att = self.attention_class(
             d_in=cfg["emb_dim"], num_heads=cfg["n_heads"], head_dim=cfg.get("head_dim"),
             num_kv_groups=cfg["n_kv_groups"], qk_norm=cfg["qk_norm"], dtype=cfg["dtype"])
         if cfg.get("num_experts", 0) > 0:
