@@ -80,8 +80,11 @@ def assert_loaded_like_the_reference(o, r, params, tie_embeddings, vocab_size):
         assert torch.equal(o(idx), r(idx))
 
 
-def assert_parameter_count(o, r, total, without_embedding):
-    """Our model has the reference's parameter count, and where given the book's figures."""
+def assert_parameter_count(ours, ref, cls_name, config, total, without_embedding):
+    """Our ``cls_name`` of the real ``config`` has the reference's parameter count and, where given, the
+    book's figures (``total``; ``without_embedding``: less the token embedding)."""
+    with torch.device("meta"):  # shapes only, no memory
+        o, r = getattr(ours, cls_name)(getattr(ours, config)), getattr(ref, cls_name)(getattr(ref, config))
     count = sum(p.numel() for p in o.parameters())
     assert count == sum(p.numel() for p in r.parameters())
     if total is not None:

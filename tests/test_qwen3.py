@@ -391,8 +391,5 @@ def test_model_compiles_as_one_graph_with_the_same_logits():
 @pytest.mark.parametrize("config,total,without_embedding", [("QWEN_CONFIG_06_B", 751_632_384, 596_049_920),
                                                             ("QWEN3_CONFIG_1_7B", None, None)])
 def test_real_configs_have_the_references_parameter_count(config, total, without_embedding):
-    # Built on the meta device: shapes only, no memory.
-    with torch.device("meta"):
-        o, r = ours.Qwen3Model(getattr(ours, config)), ref.Qwen3Model(getattr(ref, config))
-    # where given (Qwen3-0.6B): the figures the book's notebook prints
-    assert_parameter_count(o, r, total, without_embedding)
+    # Qwen3-0.6B: the figures the book's notebook prints
+    assert_parameter_count(ours, ref, "Qwen3Model", config, total, without_embedding)
