@@ -34,6 +34,30 @@ DECODE_TK = (1024, 4096, 8192)
 ROUNDS = {"fast": 50 if ON_GPU else 10, "medium": 30 if ON_GPU else 5, "slow": 10 if ON_GPU else 3}
 
 
+# The generation benchmarks: GPT-2 124M shape, context 1024, a 4-token prompt and
+# GPTFAST_BENCH_GEN_TOKENS (default 200) new greedy tokens.
+GEN_NEW_TOKENS = int(os.environ.get("GPTFAST_BENCH_GEN_TOKENS", "200"))
+GEN_PROMPT = [6109, 3626, 6100, 345]  # "Every effort moves you"
+GEN_CONTEXT = 1024
+
+
+def gpt2_124m_config() -> dict:
+    """GPT-2 124M's configuration without dropout (the generation benchmarks' model)."""
+    from gptfast.models import gpt2_config
+
+    return gpt2_config("gpt2", drop_rate=0.0)
+
+
+def same_weight_pair(ref_cls, our_cls, seed=123):
+    """The reference's and our GPT-2 124M of these classes with the same random weights (same seed,
+    same creation order), in eval mode, on the benchmark device in its dtype."""
+    torch.manual_seed(seed)
+    ref = ref_cls(gpt2_124m_config()).eval()
+    torch.manual_seed(seed)
+    ours = our_cls(gpt2_124m_config()).eval()
+    return ref.to(DEVICE, DTYPE), ours.to(DEVICE, DTYPE)
+
+
 def synchronize() -> None:
     if ON_GPU:
         torch.cuda.synchronize()

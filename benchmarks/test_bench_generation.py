@@ -24,18 +24,12 @@ import time
 import pytest
 import torch
 
-from bench_utils import DEVICE, ON_GPU, run_benchmark, synchronize
+from bench_utils import DEVICE, ON_GPU, gpt2_124m_config, run_benchmark, same_weight_pair, synchronize
+from bench_utils import GEN_CONTEXT as CONTEXT
+from bench_utils import GEN_NEW_TOKENS as NEW_TOKENS
+from bench_utils import GEN_PROMPT as PROMPT
 
-NEW_TOKENS = int(os.environ.get("GPTFAST_BENCH_GEN_TOKENS", "200"))
-PROMPT = [6109, 3626, 6100, 345]  # "Every effort moves you"
-CONTEXT = 1024
 ROUNDS = {"reference": 1, "gptfast": 3 if not ON_GPU else 10}
-
-
-def _config():
-    from gptfast.models import gpt2_config
-
-    return gpt2_config("gpt2", drop_rate=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +39,7 @@ def models():
 
     from gptfast.models import GPTModel
 
-    torch.manual_seed(123)
-    ref = ref_ch04.GPTModel(_config()).eval()
-    torch.manual_seed(123)
-    ours = GPTModel(_config()).eval()
-    dtype = torch.bfloat16 if ON_GPU else torch.float32
-    return ref.to(DEVICE, dtype), ours.to(DEVICE, dtype)
+    return same_weight_pair(ref_ch04.GPTModel, GPTModel)
 
 
 def _prompt(batch=1):
@@ -179,7 +168,7 @@ def test_gpu_generate(benchmark, models, impl):
         weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in ours.modules()
                            if isinstance(m, torch.nn.Linear))
         # The graph's step reads the whole static cache: layers x (k, v) x emb_dim x max_len, bf16.
-        cfg = _config()
+        cfg = gpt2_124m_config()
         cache_bytes = cfg["n_layers"] * 2 * cfg["emb_dim"] * min(CONTEXT, len(PROMPT) + NEW_TOKENS - 1) * 2
         seconds = stats.stats.median / NEW_TOKENS
         peak = float(os.environ.get("GPTFAST_BENCH_HBM_TBS", "3.35")) * 1e12

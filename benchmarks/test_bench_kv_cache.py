@@ -23,25 +23,18 @@ equal the reference's uncached ones).
 
 from __future__ import annotations
 
-import os
 import types
 
 import pytest
 import torch
 
-from bench_utils import DEVICE, DTYPE, ON_GPU, run_benchmark
+from bench_utils import DEVICE, DTYPE, ON_GPU, run_benchmark, same_weight_pair
+from bench_utils import GEN_CONTEXT as CONTEXT
+from bench_utils import GEN_NEW_TOKENS as NEW_TOKENS
+from bench_utils import GEN_PROMPT as PROMPT
 
-NEW_TOKENS = int(os.environ.get("GPTFAST_BENCH_GEN_TOKENS", "200"))
-PROMPT = [6109, 3626, 6100, 345]  # "Every effort moves you"
-CONTEXT = 1024
 ROUNDS = {"gptfast": 10 if ON_GPU else 3, "reference": 3 if ON_GPU else 1}
 IMPLS = ["gptfast", "reference-cached", "reference-cached-fixed-mask", "reference-uncached"]
-
-
-def _config():
-    from gptfast.models import gpt2_config
-
-    return gpt2_config("gpt2", drop_rate=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +44,7 @@ def models():
 
     from gptfast.kv_cache.gpt2 import GPTModel
 
-    torch.manual_seed(123)
-    ref = ref_gpt2.GPTModel(_config()).eval()
-    torch.manual_seed(123)
-    ours = GPTModel(_config()).eval()
-    return ref.to(DEVICE, DTYPE), ours.to(DEVICE, DTYPE)
+    return same_weight_pair(ref_gpt2.GPTModel, GPTModel)
 
 
 @pytest.fixture(scope="module")

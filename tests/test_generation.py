@@ -20,22 +20,10 @@ from gptfast.generation import CachedRunner, KVCache, masked_decode_attention, p
 from gptfast.models import GPTModel, GPTModelFast, split_heads
 
 from conftest import HAS_CUDA
+from oracle_backend import torch_backend_one_thread  # noqa: F401
 
 CFG = {"vocab_size": 500, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2, "drop_rate": 0.0,
        "qkv_bias": True}
-
-
-@pytest.fixture(autouse=True)
-def torch_backend_one_thread():
-    # The oracle backend: sampled tokens are compared with the reference's torch calls.  These models are
-    # tiny: one thread avoids OpenMP barriers, which stall for milliseconds on a shared, busy CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ops.use_backend("torch"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def make_model(seed=0, cls=GPTModel, **overrides):

@@ -16,27 +16,16 @@ ref_gpt2 = pytest.importorskip("llms_from_scratch.kv_cache.gpt2", reason="llms-f
 import llms_from_scratch.kv_cache.generate as ref_generate  # noqa: E402
 import llms_from_scratch.kv_cache.utils as ref_utils  # noqa: E402
 
-from gptfast import ops  # noqa: E402
 from gptfast.generation import generate_text_simple as book_generate_text_simple  # noqa: E402
 from gptfast.generate import trim_input_tensor  # noqa: E402
 from gptfast.kv_cache import generate as kv_generate  # noqa: E402
 from gptfast.kv_cache.gpt2 import GPTModel  # noqa: E402
 from gptfast.kv_cache.utils import KVCache  # noqa: E402
+from oracle_backend import torch_backend_one_thread  # noqa: E402,F401
 
 CFG = {"vocab_size": 300, "context_length": 12, "emb_dim": 32, "n_heads": 4, "n_layers": 2, "drop_rate": 0.0,
        "qkv_bias": True}
 MODULES = ["generate", "kv_cache.gpt2", "kv_cache.utils", "kv_cache.generate"]
-
-
-@pytest.fixture(autouse=True)
-def torch_backend_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ops.use_backend("torch"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def models(seed=0, **overrides):

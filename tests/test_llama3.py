@@ -1,14 +1,15 @@
 """gptfast.llama3 against ``llms_from_scratch.llama3``: same API, same parameters, same logits."""
 
 import base64
-import inspect
 import math
 
 import pytest
 import torch
 
 from gptfast import ops
-from hf_checkpoints import hf_state_dict, random_hf_state_dict, write_checkpoint
+from dropin_model_checks import (assert_loaded_like_the_reference, assert_logits_bitwise, assert_parameter_count,
+                                 assert_same_public_api, assert_training_gradients_bitwise, seeded_pair)
+from hf_checkpoints import random_hf_state_dict, write_checkpoint
 
 ref = pytest.importorskip("llms_from_scratch.llama3", reason="llms-from-scratch is a test dependency")
 import gptfast.llama3 as ours  # noqa: E402
@@ -27,36 +28,14 @@ def tiny_cfg(n_kv_groups=2, n_heads=4, emb_dim=32, dtype=torch.float32, **extra)
 RATIOS = [pytest.param(4, id="ratio1"), pytest.param(2, id="ratio2"), pytest.param(1, id="ratio4")]
 
 
-def _defined_here(module):
-    return {n: o for n, o in vars(module).items() if not n.startswith("_")
-            and getattr(o, "__module__", None) == module.__name__ and (inspect.isclass(o) or inspect.isfunction(o))}
-
-
-def _signature(obj):
-    return [(p.name, p.kind, p.default) for p in inspect.signature(obj).parameters.values()]
-
-
 def test_every_public_name_of_the_reference_exists_with_the_same_signature():
-    members = _defined_here(ref)
-    assert len(members) == 14, sorted(members)
-    for name, obj in members.items():
-        assert hasattr(ours, name), f"gptfast.llama3 lacks {name}"
-        assert _signature(getattr(ours, name)) == _signature(obj), f"{name} signature differs"
-        if inspect.isclass(obj):
-            for method in ("forward", "encode", "decode"):
-                if hasattr(obj, method):
-                    assert _signature(getattr(getattr(ours, name), method)) == _signature(getattr(obj, method)), \
-                        f"{name}.{method} signature differs"
+    assert_same_public_api(ours, ref, 14)
     for config in ("LLAMA32_CONFIG_1B", "LLAMA32_CONFIG_3B"):
         assert getattr(ours, config) == getattr(ref, config)
 
 
 def _pair(cls_name, cfg, seed=123):
-    torch.manual_seed(seed)
-    r = getattr(ref, cls_name)(cfg)
-    torch.manual_seed(seed)
-    o = getattr(ours, cls_name)(cfg)
-    return r, o
+    return seeded_pair(ref, ours, cls_name, cfg, seed)
 
 
 @pytest.mark.parametrize("n_kv_groups", RATIOS)
@@ -77,11 +56,7 @@ def test_state_dict_keys_shapes_dtypes_and_seeded_values_are_the_references(cls_
 def test_logits_are_bitwise_the_references_with_the_torch_backend(seq_len, n_kv_groups, dtype):
     cfg = tiny_cfg(n_kv_groups, dtype=dtype)
     r, o = _pair("Llama3Model", cfg)
-    idx = torch.randint(0, cfg["vocab_size"], (2, seq_len))
-    with torch.no_grad(), ops.use_backend("torch"):
-        expected, got = r(idx), o(idx)
-    assert got.dtype == expected.dtype == dtype
-    assert torch.equal(got, expected)
+    assert_logits_bitwise(r, o, cfg["vocab_size"], seq_len, dtype)
 
 
 @pytest.mark.parametrize("n_kv_groups", RATIOS)
@@ -109,13 +84,7 @@ def test_default_backend_matches_the_reference_within_fp32_tolerance():
 def test_training_gradients_are_bitwise_the_references_with_the_torch_backend():
     cfg = tiny_cfg(2)
     r, o = _pair("Llama3Model", cfg)
-    idx = torch.randint(0, cfg["vocab_size"], (2, 12))
-    target = torch.randint(0, cfg["vocab_size"], (2, 12))
-    with ops.use_backend("torch"):
-        for model in (r, o):
-            torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), target.flatten()).backward()
-    for (name, p), q in zip(o.named_parameters(), r.parameters()):
-        assert torch.equal(p.grad, q.grad), f"gradient of {name} differs"
+    assert_training_gradients_bitwise(r, o, cfg["vocab_size"])
 
 
 @pytest.mark.parametrize("n_kv_groups", RATIOS)
@@ -212,17 +181,11 @@ def test_safetensors_checkpoint_loads_like_the_reference(tmp_path, shards, tie_e
     ref.load_weights_into_llama(r, {"n_layers": cfg["n_layers"]}, loaded)
     printed = capsys.readouterr().out
     assert printed.count("Model uses weight tying.") == (2 if tie_embeddings else 0)
-    for (key, a), b in zip(o.state_dict().items(), r.state_dict().values()):
-        assert torch.equal(a, b), key
     if tie_embeddings:
         assert torch.equal(o.out_head.weight, params["model.embed_tokens.weight"])
         assert o.out_head.weight.data_ptr() != o.tok_emb.weight.data_ptr()  # a copy, as in the reference
-    # back to Hugging Face names: the same tensors come out
-    again = hf_state_dict(o.state_dict(), tie_embeddings)
-    assert set(again) == set(params) and all(torch.equal(again[k], params[k]) for k in params)
-    idx = torch.randint(0, cfg["vocab_size"], (2, 11))
-    with torch.no_grad(), ops.use_backend("torch"):
-        assert torch.equal(o(idx), r(idx))
+    # equal state dicts; back to Hugging Face names the same tensors come out; equal logits
+    assert_loaded_like_the_reference(o, r, params, tie_embeddings, cfg["vocab_size"])
 
 
 def test_loader_names_the_missing_or_misshapen_tensor():
@@ -334,10 +297,5 @@ def test_bad_token_ids_and_positions_are_clear_errors():
 @pytest.mark.parametrize("config,total,without_embedding", [("LLAMA32_CONFIG_1B", 1_498_482_688, 1_235_814_400),
                                                             ("LLAMA32_CONFIG_3B", None, None)])
 def test_real_configs_have_the_references_parameter_count(config, total, without_embedding):
-    # Built on the meta device: shapes only, no memory.
-    with torch.device("meta"):
-        o, r = ours.Llama3Model(getattr(ours, config)), ref.Llama3Model(getattr(ref, config))
-    count = sum(p.numel() for p in o.parameters())
-    assert count == sum(p.numel() for p in r.parameters())
-    if total is not None:  # Llama 3.2 1B: the figures the book's notebook prints
-        assert count == total and count - o.tok_emb.weight.numel() == without_embedding
+    # Llama 3.2 1B: the figures the book's notebook prints
+    assert_parameter_count(ours, ref, "Llama3Model", config, total, without_embedding)

@@ -50,6 +50,16 @@ def _settings(backend):
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
+def _run_property(check, backend):
+    """Run ``check(backend, data)`` as a Hypothesis property under the backend's :func:`_settings`."""
+    @_settings(backend)
+    @given(st.data())
+    def run(data):
+        check(backend, data)
+
+    run()
+
+
 def _random(shape, seed, dtype=torch.float64):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
 
@@ -130,12 +140,7 @@ def _check_attention(backend, data):
 
 @pytest.mark.parametrize("backend", _backends())
 def test_attention_properties(backend):
-    @_settings(backend)
-    @given(st.data())
-    def run(data):
-        _check_attention(backend, data)
-
-    run()
+    _run_property(_check_attention, backend)
 
 
 # ----------------------------------------------------------------------------- cross-entropy
@@ -203,12 +208,7 @@ def _check_cross_entropy(backend, data):
 
 @pytest.mark.parametrize("backend", _backends())
 def test_cross_entropy_properties(backend):
-    @_settings(backend)
-    @given(st.data())
-    def run(data):
-        _check_cross_entropy(backend, data)
-
-    run()
+    _run_property(_check_cross_entropy, backend)
 
 
 def _check_linear_cross_entropy(backend, data):
@@ -242,12 +242,7 @@ def _check_linear_cross_entropy(backend, data):
 
 @pytest.mark.parametrize("backend", _backends())
 def test_linear_cross_entropy_properties(backend):
-    @_settings(backend)
-    @given(st.data())
-    def run(data):
-        _check_linear_cross_entropy(backend, data)
-
-    run()
+    _run_property(_check_linear_cross_entropy, backend)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -303,9 +298,4 @@ def _check_sampling(backend, data):
 
 @pytest.mark.parametrize("backend", _backends())
 def test_sampling_properties(backend):
-    @_settings(backend)
-    @given(st.data())
-    def run(data):
-        _check_sampling(backend, data)
-
-    run()
+    _run_property(_check_sampling, backend)

@@ -1,6 +1,5 @@
 """gptfast.qwen3 against ``llms_from_scratch.qwen3``: same API, same parameters, same logits."""
 
-import inspect
 import io
 import sys
 import types
@@ -10,7 +9,9 @@ import pytest
 import torch
 
 from gptfast import ops
-from hf_checkpoints import hf_state_dict, random_hf_state_dict, write_checkpoint
+from dropin_model_checks import (assert_loaded_like_the_reference, assert_logits_bitwise, assert_parameter_count,
+                                 assert_same_public_api, assert_training_gradients_bitwise, seeded_pair)
+from hf_checkpoints import random_hf_state_dict, write_checkpoint
 
 ref = pytest.importorskip("llms_from_scratch.qwen3", reason="llms-from-scratch is a test dependency")
 import gptfast.qwen3 as ours  # noqa: E402
@@ -30,26 +31,8 @@ RATIOS = [pytest.param(4, id="ratio1"), pytest.param(2, id="ratio2"), pytest.par
 QK_NORM = [pytest.param(True, id="qknorm"), pytest.param(False, id="no-qknorm")]
 
 
-def _defined_here(module):
-    return {n: o for n, o in vars(module).items() if not n.startswith("_")
-            and getattr(o, "__module__", None) == module.__name__ and (inspect.isclass(o) or inspect.isfunction(o))}
-
-
-def _signature(obj):
-    return [(p.name, p.kind, p.default) for p in inspect.signature(obj).parameters.values()]
-
-
 def test_every_public_name_of_the_reference_exists_with_the_same_signature():
-    members = _defined_here(ref)
-    assert len(members) == 12, sorted(members)
-    for name, obj in members.items():
-        assert hasattr(ours, name), f"gptfast.qwen3 lacks {name}"
-        assert _signature(getattr(ours, name)) == _signature(obj), f"{name} signature differs"
-        if inspect.isclass(obj):
-            for method in ("forward", "encode", "decode"):
-                if hasattr(obj, method):
-                    assert _signature(getattr(getattr(ours, name), method)) == _signature(getattr(obj, method)), \
-                        f"{name}.{method} signature differs"
+    assert_same_public_api(ours, ref, 12)
     configs = [n for n in vars(ref) if "CONFIG" in n]
     assert len(configs) == 7
     for config in configs:
@@ -58,11 +41,7 @@ def test_every_public_name_of_the_reference_exists_with_the_same_signature():
 
 
 def _pair(cfg, seed=123, cls_name="Qwen3Model"):
-    torch.manual_seed(seed)
-    r = getattr(ref, cls_name)(cfg)
-    torch.manual_seed(seed)
-    o = getattr(ours, cls_name)(cfg)
-    return r, o
+    return seeded_pair(ref, ours, cls_name, cfg, seed)
 
 
 @pytest.mark.parametrize("cfg", [tiny_cfg(2, dtype=torch.bfloat16), tiny_cfg(1, qk_norm=False),
@@ -94,11 +73,7 @@ def test_state_dict_keys_shapes_dtypes_devices_and_seeded_values_are_the_referen
 def test_logits_are_bitwise_the_references_with_the_torch_backend(seq_len, n_kv_groups, qk_norm, dtype):
     cfg = tiny_cfg(n_kv_groups, qk_norm, dtype)
     r, o = _pair(cfg)
-    idx = torch.randint(0, cfg["vocab_size"], (2, seq_len))
-    with torch.no_grad(), ops.use_backend("torch"):
-        expected, got = r(idx), o(idx)
-    assert got.dtype == expected.dtype == dtype
-    assert torch.equal(got, expected)
+    assert_logits_bitwise(r, o, cfg["vocab_size"], seq_len, dtype)
 
 
 def test_default_backend_matches_the_reference_within_fp32_tolerance():
@@ -112,13 +87,7 @@ def test_default_backend_matches_the_reference_within_fp32_tolerance():
 def test_training_gradients_are_bitwise_the_references_with_the_torch_backend():
     cfg = tiny_cfg(2)
     r, o = _pair(cfg)
-    idx = torch.randint(0, cfg["vocab_size"], (2, 12))
-    target = torch.randint(0, cfg["vocab_size"], (2, 12))
-    with ops.use_backend("torch"):
-        for model in (r, o):
-            torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), target.flatten()).backward()
-    for (name, p), q in zip(o.named_parameters(), r.parameters()):
-        assert torch.equal(p.grad, q.grad), f"gradient of {name} differs"
+    assert_training_gradients_bitwise(r, o, cfg["vocab_size"])
 
 
 @pytest.mark.parametrize("qk_norm", QK_NORM)
@@ -244,13 +213,7 @@ def test_safetensors_checkpoint_loads_like_the_reference(tmp_path, shards, tie_e
     ours.load_weights_into_qwen(o, {"n_layers": cfg["n_layers"], "hidden_dim": cfg["hidden_dim"]}, loaded)
     ref.load_weights_into_qwen(r, {"n_layers": cfg["n_layers"], "hidden_dim": cfg["hidden_dim"]}, loaded)
     assert capsys.readouterr().out.count("Model uses weight tying.") == (2 if tie_embeddings else 0)
-    for (key, a), b in zip(o.state_dict().items(), r.state_dict().values()):
-        assert torch.equal(a, b), key
-    again = hf_state_dict(o.state_dict(), tie_embeddings)
-    assert set(again) == set(params) and all(torch.equal(again[k], params[k]) for k in params)
-    idx = torch.randint(0, cfg["vocab_size"], (2, 11))
-    with torch.no_grad(), ops.use_backend("torch"):
-        assert torch.equal(o(idx), r(idx))
+    assert_loaded_like_the_reference(o, r, params, tie_embeddings, cfg["vocab_size"])
 
 
 def test_loader_follows_the_model_when_param_config_says_num_experts_0():
@@ -428,10 +391,5 @@ def test_model_compiles_as_one_graph_with_the_same_logits():
 @pytest.mark.parametrize("config,total,without_embedding", [("QWEN_CONFIG_06_B", 751_632_384, 596_049_920),
                                                             ("QWEN3_CONFIG_1_7B", None, None)])
 def test_real_configs_have_the_references_parameter_count(config, total, without_embedding):
-    # Built on the meta device: shapes only, no memory.
-    with torch.device("meta"):
-        o, r = ours.Qwen3Model(getattr(ours, config)), ref.Qwen3Model(getattr(ref, config))
-    count = sum(p.numel() for p in o.parameters())
-    assert count == sum(p.numel() for p in r.parameters())
-    if total is not None:  # Qwen3-0.6B: the figures the book's notebook prints
-        assert count == total and count - o.tok_emb.weight.numel() == without_embedding
+    # Qwen3-0.6B: the figures the book's notebook prints
+    assert_parameter_count(ours, ref, "Qwen3Model", config, total, without_embedding)

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from .. import ops
 from ..files import atomic_savefig, atomic_write
+from ..training.loops import evaluate_losses, mean_batch_loss
 from .heads import last_token_logits
 
 # The file name inside the UCI zip archive.
@@ -162,25 +163,12 @@ def calc_loss_batch(input_batch, target_batch, model, device):
 
 def calc_loss_loader(data_loader, model, device, num_batches=None):
     """Mean of :func:`calc_loss_batch` over the first ``num_batches`` batches; NaN for an empty loader."""
-    if len(data_loader) == 0:
-        return float("nan")
-    num_batches = _limit(data_loader, num_batches)
-    total = 0.0
-    for i, (input_batch, target_batch) in enumerate(data_loader):
-        if i >= num_batches:
-            break
-        total += calc_loss_batch(input_batch, target_batch, model, device).item()
-    return total / num_batches
+    return mean_batch_loss(calc_loss_batch, data_loader, model, device, num_batches)
 
 
 def evaluate_model(model, train_loader, val_loader, device, eval_iter):
     """Train and validation loss over ``eval_iter`` batches each, in eval mode without gradients."""
-    model.eval()
-    with torch.no_grad():
-        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
-        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
-    model.train()
-    return train_loss, val_loss
+    return evaluate_losses(calc_loss_batch, model, train_loader, val_loader, device, eval_iter)
 
 
 def train_classifier_simple(model, train_loader, val_loader, optimizer, device, num_epochs,

@@ -28,9 +28,10 @@ import torch
 from torch.utils.data import Dataset
 
 from .. import ops
-from ..ch05 import generate_and_print_sample, text_to_token_ids
+from ..ch05 import text_to_token_ids
 from ..files import atomic_write_text
 from ..generation import generate_batch
+from ..training.loops import evaluate_losses, mean_batch_loss, train_simple_with_loss
 from .heads import final_hidden_states, head_loss, is_book_gpt, reference_numerics
 
 # ----------------------------------------------------------------------------- data
@@ -201,25 +202,12 @@ def _row_groups(lengths, split=True):
 
 def calc_loss_loader(data_loader, model, device, num_batches=None):
     """Mean of :func:`calc_loss_batch` over the first ``num_batches`` batches; NaN for an empty loader."""
-    if len(data_loader) == 0:
-        return float("nan")
-    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
-    total = 0.0
-    for i, (input_batch, target_batch) in enumerate(data_loader):
-        if i >= num_batches:
-            break
-        total += calc_loss_batch(input_batch, target_batch, model, device).item()
-    return total / num_batches
+    return mean_batch_loss(calc_loss_batch, data_loader, model, device, num_batches)
 
 
 def evaluate_model(model, train_loader, val_loader, device, eval_iter):
     """Train and validation loss over ``eval_iter`` batches each, in eval mode without gradients."""
-    model.eval()
-    with torch.no_grad():
-        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
-        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
-    model.train()
-    return train_loss, val_loss
+    return evaluate_losses(calc_loss_batch, model, train_loader, val_loader, device, eval_iter)
 
 
 def train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs,
@@ -229,26 +217,8 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
     Same steps, prints and return value ``(train_losses, val_losses, track_tokens_seen)``
     as ``ch05.train_model_simple``.
     """
-    train_losses, val_losses, track_tokens_seen = [], [], []
-    tokens_seen, global_step = 0, -1
-    for epoch in range(num_epochs):
-        model.train()
-        for input_batch, target_batch in train_loader:
-            optimizer.zero_grad()
-            loss = calc_loss_batch(input_batch, target_batch, model, device)
-            loss.backward()
-            optimizer.step()
-            tokens_seen += input_batch.numel()
-            global_step += 1
-            if global_step % eval_freq == 0:
-                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
-                train_losses.append(train_loss)
-                val_losses.append(val_loss)
-                track_tokens_seen.append(tokens_seen)
-                print(f"Ep {epoch+1} (Step {global_step:06d}): "
-                      f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-        generate_and_print_sample(model, tokenizer, device, start_context)
-    return train_losses, val_losses, track_tokens_seen
+    return train_simple_with_loss(calc_loss_batch, model, train_loader, val_loader, optimizer, device, num_epochs,
+                                  eval_freq, eval_iter, start_context, tokenizer)
 
 
 # ----------------------------------------------------------------------------- responses

@@ -3,30 +3,17 @@
 ``generate`` / ``generate_text_simple`` / ``generate_stream`` keep the reference's
 signatures and results; underneath, every step after the prompt runs one token
 per row against a :class:`~gptfast.generation.cache.KVCache` and the output head
-sees only the last position (see :mod:`gptfast.generation.decoding`).  The steps
-follow the reference exactly:
-
-* each step the model sees the last ``context_size`` tokens of a row.  While the
-  row fits, that is the cache plus one new token.  Once it is longer, every
-  position of the window shifts by one per step and position embeddings are
-  absolute, so no cached key stays valid: such rows recompute their window each
-  step (one forward pass, head on the last position only), which is what the
-  reference computes, minus the head over the other positions;
-* sampling goes through :func:`gptfast.ops.sample_next_token` on a ``(B, vocab)``
-  logits tensor with every row of the batch, each step, so a seeded run draws the
-  same random numbers as the reference (finished rows keep their last logits:
-  their draw is consumed and thrown away, as the reference's padding does).
+sees only the last position.  How the steps follow the reference exactly (windows
+longer than the context, sampling on every row each step) is told once, in
+:mod:`gptfast.generation.decoding`.
 
 The cached logits differ from the uncached ones only by float rounding (other
 matmul shapes), so greedy tokens agree except at exact near-ties.
 
 :func:`generate_batch` takes prompts of different lengths with per-row
-temperature, top-k and end-of-sequence ids and returns a :class:`GenerationResult`.
-Prompts of one length are prefilled together; rows then decode together at
-per-row positions.  Rows that finish leave the cache, so they stop costing work
-(except on the CUDA-graph path, whose batch shape is fixed: there a finished row
-rides along for free in the weight-bound step).  :func:`stream_text` yields token
-ids with decoded text for the command line.
+temperature, top-k and end-of-sequence ids and returns a :class:`GenerationResult`
+(how prompts are prefilled and finished rows leave the cache: see the decoding
+module).  :func:`stream_text` yields token ids with decoded text for the command line.
 
 On CUDA (``cuda_graph=None`` means "on CUDA"), the decode step of the whole batch
 is captured once as a CUDA graph with static shapes and replayed per token;

@@ -28,8 +28,9 @@ def calc_loss_batch(input_batch, target_batch, model, device):
     return ops.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
 
 
-def calc_loss_loader(data_loader, model, device, num_batches=None):
-    """Average batch loss over the first ``num_batches`` batches (all by default); NaN for an empty loader."""
+def mean_batch_loss(loss_batch, data_loader, model, device, num_batches=None):
+    """Average of ``loss_batch(input_batch, target_batch, model, device)`` over the first ``num_batches``
+    batches (all by default); NaN for an empty loader.  Every ``calc_loss_loader`` is this with its own loss."""
     if len(data_loader) == 0:
         return float("nan")
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
@@ -37,18 +38,29 @@ def calc_loss_loader(data_loader, model, device, num_batches=None):
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i >= num_batches:
             break
-        total += calc_loss_batch(input_batch, target_batch, model, device).item()
+        total += loss_batch(input_batch, target_batch, model, device).item()
     return total / num_batches
+
+
+def evaluate_losses(loss_batch, model, train_loader, val_loader, device, eval_iter):
+    """Train and validation :func:`mean_batch_loss` of ``loss_batch`` over ``eval_iter`` batches each,
+    in eval mode without gradients; the model is left in training mode."""
+    model.eval()
+    with torch.no_grad():
+        train_loss = mean_batch_loss(loss_batch, train_loader, model, device, num_batches=eval_iter)
+        val_loss = mean_batch_loss(loss_batch, val_loader, model, device, num_batches=eval_iter)
+    model.train()
+    return train_loss, val_loss
+
+
+def calc_loss_loader(data_loader, model, device, num_batches=None):
+    """Average batch loss over the first ``num_batches`` batches (all by default); NaN for an empty loader."""
+    return mean_batch_loss(calc_loss_batch, data_loader, model, device, num_batches)
 
 
 def evaluate_model(model, train_loader, val_loader, device, eval_iter):
     """Train and validation loss over ``eval_iter`` batches each, in eval mode without gradients."""
-    model.eval()
-    with torch.no_grad():
-        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
-        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
-    model.train()
-    return train_loss, val_loss
+    return evaluate_losses(calc_loss_batch, model, train_loader, val_loader, device, eval_iter)
 
 
 def generate_and_print_sample(model, tokenizer, device, start_context):
@@ -62,8 +74,9 @@ def generate_and_print_sample(model, tokenizer, device, start_context):
     model.train()
 
 
-def _maybe_evaluate(model, train_loader, val_loader, device, eval_iter, history, tokens_seen, label):
-    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+def _record_evaluation(loss_batch, model, train_loader, val_loader, device, eval_iter, history, tokens_seen,
+                       label):
+    train_loss, val_loss = evaluate_losses(loss_batch, model, train_loader, val_loader, device, eval_iter)
     history[0].append(train_loss)
     history[1].append(val_loss)
     history[2].append(tokens_seen)
@@ -79,11 +92,11 @@ def _batches(loader, progress, epoch, num_epochs):
     return tqdm(loader, desc=f"epoch {epoch + 1}/{num_epochs}", unit="step", leave=False)
 
 
-def train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs,
-                       eval_freq, eval_iter, start_context, tokenizer, progress=False):
-    """Chapter 5's loop: AdamW steps, evaluation every ``eval_freq`` steps, a sample after each epoch.
+def train_simple_with_loss(loss_batch, model, train_loader, val_loader, optimizer, device, num_epochs,
+                           eval_freq, eval_iter, start_context, tokenizer, progress=False):
+    """Chapter 5's loop with the per-batch loss ``loss_batch(input_batch, target_batch, model, device)``
+    as a parameter (chapter 7 runs it with the instruction loss).
 
-    ``progress=True`` (not in the reference) shows a tqdm bar per epoch.
     Returns ``(train_losses, val_losses, track_tokens_seen)``.
     """
     history = ([], [], [])
@@ -92,16 +105,27 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
         model.train()
         for input_batch, target_batch in _batches(train_loader, progress, epoch, num_epochs):
             optimizer.zero_grad()
-            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            loss = loss_batch(input_batch, target_batch, model, device)
             loss.backward()
             optimizer.step()
             tokens_seen += input_batch.numel()
             global_step += 1
             if global_step % eval_freq == 0:
-                _maybe_evaluate(model, train_loader, val_loader, device, eval_iter, history, tokens_seen,
-                                f"Ep {epoch + 1} (Step {global_step:06d})")
+                _record_evaluation(loss_batch, model, train_loader, val_loader, device, eval_iter, history,
+                                   tokens_seen, f"Ep {epoch + 1} (Step {global_step:06d})")
         generate_and_print_sample(model, tokenizer, device, start_context)
     return history
+
+
+def train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs,
+                       eval_freq, eval_iter, start_context, tokenizer, progress=False):
+    """Chapter 5's loop: AdamW steps, evaluation every ``eval_freq`` steps, a sample after each epoch.
+
+    ``progress=True`` (not in the reference) shows a tqdm bar per epoch.
+    Returns ``(train_losses, val_losses, track_tokens_seen)``.
+    """
+    return train_simple_with_loss(calc_loss_batch, model, train_loader, val_loader, optimizer, device, num_epochs,
+                                  eval_freq, eval_iter, start_context, tokenizer, progress)
 
 
 def find_highest_gradient(model):
@@ -148,8 +172,8 @@ def train_model(model, train_loader, val_loader, optimizer, device,
             optimizer.step()
             tokens_seen += input_batch.numel()
             if global_step % eval_freq == 0:
-                _maybe_evaluate(model, train_loader, val_loader, device, eval_iter, history, tokens_seen,
-                                f"Ep {epoch + 1} (Iter {global_step:06d})")
+                _record_evaluation(calc_loss_batch, model, train_loader, val_loader, device, eval_iter, history,
+                                   tokens_seen, f"Ep {epoch + 1} (Iter {global_step:06d})")
         generate_and_print_sample(model, tokenizer, device, start_context)
     return (*history, track_lrs)
 
