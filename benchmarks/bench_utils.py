@@ -1,7 +1,7 @@
 """Shared helpers of the pytest-benchmark suite: device, shapes, backends to compare, peak memory.
 
 Run on CPU (this machine): ``pytest benchmarks`` (a few minutes).  On a GPU the same files
-switch to the GPU shapes of issues 5-7 and bf16.  ``GPTFAST_BENCH_DEVICE=cpu`` forces CPU.
+switch to the GPU shapes and bf16.  ``GPTFAST_BENCH_DEVICE=cpu`` forces CPU.
 Triton is never benchmarked under its interpreter (``TRITON_INTERPRET=1``): those numbers
 would say nothing about the kernels.
 """
@@ -22,7 +22,7 @@ DEVICE = torch.device(os.environ.get("GPTFAST_BENCH_DEVICE") or ("cuda" if torch
 ON_GPU = DEVICE.type == "cuda"
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 
-# The shapes of the kernel issues: CPU (issue 4) and H100 (issues 5-7).
+# The target shapes of the kernels: CPU and H100.
 SHAPES = {
     "attention": dict(B=8, H=12, T=1024, D=64) if ON_GPU else dict(B=2, H=12, T=256, D=64),
     "cross_entropy": dict(N=8192, V=50257) if ON_GPU else dict(N=512, V=50257),

@@ -1,4 +1,4 @@
-"""Generation benchmarks (issue 8): gptfast's KV-cached generate against ``llms_from_scratch.ch05.generate``.
+"""Generation benchmarks: gptfast's KV-cached generate against ``llms_from_scratch.ch05.generate``.
 
 GPT-2 124M shape, context 1024, random weights, a 4-token prompt, ``GPTFAST_BENCH_GEN_TOKENS``
 (default 200) new tokens, greedy.  Every result carries ``tokens_per_s`` in ``extra_info``.

@@ -14,10 +14,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import torch
+
 from ..files import atomic_write
 
 __all__ = ["HF_BASE_URL", "download_from_huggingface", "download_from_huggingface_from_snapshots",
-           "load_safetensors_folder"]
+           "load_safetensors_folder", "assign", "load_tensor_into", "hf_blocks_to_fill"]
 
 HF_BASE_URL = "https://huggingface.co"
 SINGLE_FILE = "model.safetensors"
@@ -85,3 +87,35 @@ def download_from_huggingface_from_snapshots(repo_id, local_dir):
                           "(pip install huggingface_hub)") from exc
     repo_dir = snapshot_download(repo_id=repo_id, local_dir=local_dir)
     return load_safetensors_folder(repo_dir)
+
+
+# ----------------------------------------------------------------------------- copying HF tensors into a model
+
+
+def assign(left, right, tensor_name="unknown"):
+    """A new Parameter holding a copy of ``right`` (tensor or array-like), after checking ``left``'s shape."""
+    if tuple(left.shape) != tuple(right.shape):
+        raise ValueError(f"Shape mismatch in tensor '{tensor_name}'. Left: {left.shape}, Right: {right.shape}")
+    if isinstance(right, torch.Tensor):
+        return torch.nn.Parameter(right.clone().detach())
+    return torch.nn.Parameter(torch.tensor(right))
+
+
+def load_tensor_into(module, attr, params, key):
+    """Replace ``module.<attr>`` with a Parameter copy of ``params[key]`` (a clear KeyError names a missing one)."""
+    try:
+        value = params[key]
+    except KeyError:
+        raise KeyError(f"checkpoint has no tensor {key!r}") from None
+    setattr(module, attr, assign(getattr(module, attr), value, key))
+
+
+def hf_blocks_to_fill(model, param_config, params):
+    """Check ``param_config["n_layers"]`` against the model, load the token embedding, and yield
+    ``(block, "model.layers.N")`` for each block a Hugging Face Llama/Qwen checkpoint fills."""
+    n_layers = param_config["n_layers"]
+    if n_layers > len(model.trf_blocks):
+        raise ValueError(f"param_config has n_layers={n_layers}, the model only {len(model.trf_blocks)} blocks")
+    load_tensor_into(model.tok_emb, "weight", params, "model.embed_tokens.weight")
+    for i in range(n_layers):
+        yield model.trf_blocks[i], f"model.layers.{i}"

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from . import layers
+from .hub import assign, hf_blocks_to_fill, load_tensor_into
 from .layers import FeedForward, BuiltinRMSNorm
 
 __all__ = [
@@ -328,26 +329,6 @@ def clean_text(text, header_end="assistant<|end_header_id|>\n\n"):
 # ----------------------------------------------------------------------------- weights
 
 
-def assign(left, right, tensor_name="unknown"):
-    """A new Parameter holding a copy of ``right`` (tensor or array-like), after checking ``left``'s shape."""
-    if tuple(left.shape) != tuple(right.shape):
-        raise ValueError(f"Shape mismatch in tensor '{tensor_name}'. Left: {left.shape}, Right: {right.shape}")
-    if isinstance(right, torch.Tensor):
-        return torch.nn.Parameter(right.clone().detach())
-    return torch.nn.Parameter(torch.tensor(right))
-
-
-def _take(params, key):
-    try:
-        return params[key]
-    except KeyError:
-        raise KeyError(f"checkpoint has no tensor {key!r}") from None
-
-
-def _load_into(module, attr, params, key):
-    setattr(module, attr, assign(getattr(module, attr), _take(params, key), key))
-
-
 def load_weights_into_llama(model, param_config, params):
     """Copy a Hugging Face Llama 3 state dict (``model.layers.N...`` names) into ``model``.
 
@@ -355,12 +336,7 @@ def load_weights_into_llama(model, param_config, params):
     ``param_config["n_layers"]`` says how many blocks to fill.  Without
     ``lm_head.weight`` the output head gets a copy of the token embedding.
     """
-    n_layers = param_config["n_layers"]
-    if n_layers > len(model.trf_blocks):
-        raise ValueError(f"param_config has n_layers={n_layers}, the model only {len(model.trf_blocks)} blocks")
-    _load_into(model.tok_emb, "weight", params, "model.embed_tokens.weight")
-    for i in range(n_layers):
-        block, prefix = model.trf_blocks[i], f"model.layers.{i}"
+    for block, prefix in hf_blocks_to_fill(model, param_config, params):
         for module, attr, name in (
             (block.att.W_query, "weight", "self_attn.q_proj.weight"),
             (block.att.W_key, "weight", "self_attn.k_proj.weight"),
@@ -372,10 +348,10 @@ def load_weights_into_llama(model, param_config, params):
             (block.ff.fc3, "weight", "mlp.down_proj.weight"),
             (block.norm2, "weight", "post_attention_layernorm.weight"),
         ):
-            _load_into(module, attr, params, f"{prefix}.{name}")
-    _load_into(model.final_norm, "weight", params, "model.norm.weight")
+            load_tensor_into(module, attr, params, f"{prefix}.{name}")
+    load_tensor_into(model.final_norm, "weight", params, "model.norm.weight")
     if "lm_head.weight" in params.keys():
-        _load_into(model.out_head, "weight", params, "lm_head.weight")
+        load_tensor_into(model.out_head, "weight", params, "lm_head.weight")
     else:
-        _load_into(model.out_head, "weight", params, "model.embed_tokens.weight")
+        load_tensor_into(model.out_head, "weight", params, "model.embed_tokens.weight")
         print("Model uses weight tying.")

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .. import ops
 from . import layers
-from .hub import download_from_huggingface, download_from_huggingface_from_snapshots
+from .hub import download_from_huggingface, download_from_huggingface_from_snapshots, hf_blocks_to_fill, load_tensor_into
 from .layers import FeedForward
 
 __all__ = [
@@ -240,20 +240,6 @@ class Qwen3Model(nn.Module):
 # ----------------------------------------------------------------------------- weights
 
 
-def _assign(left, right, tensor_name="unknown"):
-    if tuple(left.shape) != tuple(right.shape):
-        raise ValueError(f"Shape mismatch in tensor '{tensor_name}'. Left: {left.shape}, Right: {right.shape}")
-    return torch.nn.Parameter(right.clone().detach() if isinstance(right, torch.Tensor) else torch.tensor(right))
-
-
-def _load_into(module, attr, params, key):
-    try:
-        value = params[key]
-    except KeyError:
-        raise KeyError(f"checkpoint has no tensor {key!r}") from None
-    setattr(module, attr, _assign(getattr(module, attr), value, key))
-
-
 _SWIGLU_NAMES = (("fc1", "gate_proj"), ("fc2", "up_proj"), ("fc3", "down_proj"))
 
 
@@ -265,36 +251,31 @@ def load_weights_into_qwen(model, param_config, params):
     blocks get their router and every expert (which leaves the meta device).
     Without ``lm_head.weight`` the output head gets a copy of the token embedding.
     """
-    n_layers = param_config["n_layers"]
-    if n_layers > len(model.trf_blocks):
-        raise ValueError(f"param_config has n_layers={n_layers}, the model only {len(model.trf_blocks)} blocks")
-    _load_into(model.tok_emb, "weight", params, "model.embed_tokens.weight")
-    for i in range(n_layers):
-        block, prefix = model.trf_blocks[i], f"model.layers.{i}"
+    for block, prefix in hf_blocks_to_fill(model, param_config, params):
         att = block.att
         for module, name in ((att.W_query, "q_proj"), (att.W_key, "k_proj"), (att.W_value, "v_proj"),
                              (att.out_proj, "o_proj")):
-            _load_into(module, "weight", params, f"{prefix}.self_attn.{name}.weight")
+            load_tensor_into(module, "weight", params, f"{prefix}.self_attn.{name}.weight")
         for norm, name in ((getattr(att, "q_norm", None), "q_norm"), (getattr(att, "k_norm", None), "k_norm")):
             if norm is not None:
-                _load_into(norm, "scale", params, f"{prefix}.self_attn.{name}.weight")
-        _load_into(block.norm1, "scale", params, f"{prefix}.input_layernorm.weight")
+                load_tensor_into(norm, "scale", params, f"{prefix}.self_attn.{name}.weight")
+        load_tensor_into(block.norm1, "scale", params, f"{prefix}.input_layernorm.weight")
         if hasattr(block.ff, "gate"):  # mixture of experts: decided by the model, not param_config
-            _load_into(block.ff.gate, "weight", params, f"{prefix}.mlp.gate.weight")
+            load_tensor_into(block.ff.gate, "weight", params, f"{prefix}.mlp.gate.weight")
             for e in range(len(block.ff.fc1)):
                 for ours, theirs in _SWIGLU_NAMES:
-                    _load_into(getattr(block.ff, ours)[e], "weight", params,
+                    load_tensor_into(getattr(block.ff, ours)[e], "weight", params,
                                f"{prefix}.mlp.experts.{e}.{theirs}.weight")
         else:
             for ours, theirs in _SWIGLU_NAMES:
-                _load_into(getattr(block.ff, ours), "weight", params, f"{prefix}.mlp.{theirs}.weight")
-        _load_into(block.norm2, "scale", params, f"{prefix}.post_attention_layernorm.weight")
-    _load_into(model.final_norm, "scale", params, "model.norm.weight")
+                load_tensor_into(getattr(block.ff, ours), "weight", params, f"{prefix}.mlp.{theirs}.weight")
+        load_tensor_into(block.norm2, "scale", params, f"{prefix}.post_attention_layernorm.weight")
+    load_tensor_into(model.final_norm, "scale", params, "model.norm.weight")
     if "lm_head.weight" in params:
-        _load_into(model.out_head, "weight", params, "lm_head.weight")
+        load_tensor_into(model.out_head, "weight", params, "lm_head.weight")
     else:
         print("Model uses weight tying.")
-        _load_into(model.out_head, "weight", params, "model.embed_tokens.weight")
+        load_tensor_into(model.out_head, "weight", params, "model.embed_tokens.weight")
 
 
 # ----------------------------------------------------------------------------- tokenizer
