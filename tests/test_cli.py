@@ -2,9 +2,9 @@
 
 import contextlib
 import io
+import re
 import shutil
 import subprocess
-import re
 import sys
 
 import pytest
