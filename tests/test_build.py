@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -88,7 +89,9 @@ def test_avx2_only_where_wanted(setup_module, monkeypatch):
     monkeypatch.setenv("GPTFAST_CPU_AVX2", "0")
     assert setup_module.x86_simd_flags()[0] == []
     monkeypatch.setenv("GPTFAST_CPU_AVX2", "auto")
-    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")  # torch then reports a CPU without AVX2
+    # A CPU without AVX2, as torch reports it (torch reads ATEN_CPU_CAPABILITY once per process, so the
+    # environment variable cannot be changed here after torch has dispatched a kernel).
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     flags, note = setup_module.x86_simd_flags()
     assert flags == [] and "no AVX2" in note
 

@@ -31,7 +31,7 @@ def test_quick_cuda_kernel():
 
 @pytest.mark.gpu
 def test_hangs_past_the_cap():
-    time.sleep(60)
+    time.sleep(600)
 
 @pytest.mark.gpu
 @pytest.mark.triton
@@ -68,20 +68,28 @@ def test_runner_cuts_a_step_at_the_budget_and_skips_the_rest(tmp_path):
     assert "a| started" in log and "never" not in log
 
 
+# The dry run's cuda step: long enough for two pytest workers to start and pass the quick test on a
+# loaded CI machine before the hanging test uses up the cap.
+CUDA_CAP = 90
+
+
 def test_dry_run(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     (work / "test_fake_gpu.py").write_text(textwrap.dedent(FAKE_GPU_TESTS))
     (work / "test_fake_bench.py").write_text(textwrap.dedent(FAKE_BENCH))
     out = tmp_path / "out"
-    cmd = [sys.executable, str(GPU_DIR / "first_contact.py"), "--dry-run", "--out", str(out), "--budget", "200",
+    cmd = [sys.executable, str(GPU_DIR / "first_contact.py"), "--dry-run", "--out", str(out), "--budget", "300",
            "--tests", str(work / "test_fake_gpu.py"), "--bench", str(work / "test_fake_bench.py"),
-           "--test-workers", "2", "--cap", "cuda=25"]
+           "--test-workers", "2", "--cap", f"cuda={CUDA_CAP}"]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO)
+    # Run it as a user would: without this pytest's own variables (an xdist worker's PYTEST_XDIST_WORKER
+    # would make the script's inner pytest runs behave as workers of this session).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO, env=env)
     wall = time.monotonic() - t0
     assert proc.returncode == 1, proc.stdout + proc.stderr  # the hanging test times out its step
-    assert wall < 200, proc.stdout
+    assert wall < 300, proc.stdout
 
     files = [p for p in out.rglob("*") if p.is_file()]
     assert 3 <= len(files) <= first_contact.MAX_FILES, files
@@ -95,7 +103,7 @@ def test_dry_run(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     steps = {s["name"]: s for s in summary["steps"]}
     assert list(steps) == ["env", "install", "build", "smoke", "cuda", "triton", "bench"]
-    assert steps["cuda"]["status"] == "timeout" and steps["cuda"]["seconds"] < 25 + 12
+    assert steps["cuda"]["status"] == "timeout" and steps["cuda"]["seconds"] < CUDA_CAP + 12
     assert steps["smoke"]["status"] == "ok" and steps["triton"]["status"] == "ok" and steps["bench"]["status"] == "ok"
     assert summary["smoke"]["OK"] >= 9 and summary["smoke"]["FAIL"] == 0
 
@@ -117,7 +125,8 @@ def test_gpu_marker_selects_the_cuda_and_triton_parity_tests():
     ids = [line for line in proc.stdout.splitlines() if "::" in line]
     files = {line.split("::")[0] for line in ids}
     assert len(ids) > 100, proc.stdout[-2000:]
-    assert any("cuda" in f for f in files) and any("triton" in f for f in files), files
+    # Tests are grouped per op, so the backends show in the test ids (parametrised over backends).
+    assert any("cuda" in i for i in ids) and any("triton" in i for i in ids), ids[:50]
     assert not any("test_first_contact" in f for f in files)
 
 
