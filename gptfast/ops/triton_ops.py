@@ -25,7 +25,7 @@ from ._dispatch import register_kernels
 NAMESPACE = "gptfast_triton"
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICES = ("cuda", "cpu") if INTERPRETER else ("cuda",)
-AUTO_OPS: frozenset[str] = frozenset()  # benchmarks/gpu/run_all.sh decides what joins
+AUTO_OPS: frozenset[str] = frozenset()  # benchmarks/gpu/first_contact.py measures what joins
 _kernels: dict[str, object] = {}
 
 
