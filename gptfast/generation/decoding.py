@@ -33,7 +33,6 @@ import time
 import torch
 
 from .. import ops
-from ..ops import _checks
 from .cache import KVCache, context_length, is_decodable, prepare_model
 from .cuda_graphs import captured_decoder
 from .runner import CachedRunner
@@ -197,9 +196,10 @@ class Decoder:
         self.top_k = _per_row("top_k", top_k, self.batch, device, torch.int64)
         self.generator = generator
         # The sampling arguments are checked here, once per call and before any model work (values of
-        # per-row tensors on CPU only); every step then passes the normalized values on.
-        self.temperature, self.top_k = _checks.normalize_sampling_args(
-            torch.empty(self.batch, vocab, device=device), self.temperature, self.top_k, generator)
+        # per-row tensors on CPU only); every step then draws without checking them again.
+        # A model without the book's tok_emb gets its sampler once its first logits show the vocabulary.
+        self.sampling = dict(temperature=self.temperature, top_k=self.top_k, generator=generator)
+        self.draw = ops.sampler(self.batch, vocab, device, **self.sampling) if vocab_size(self.model) else None
         self.eos = _eos_tensor(eos_id, self.batch, device)
         self.finished = [False] * self.batch
         self.new_counts = [0] * self.batch
@@ -358,8 +358,9 @@ class Decoder:
             self._prefill(active)
         else:
             self._decode(active)
-        next_token = ops.sample_next_token(self.logits, temperature=self.temperature, top_k=self.top_k,
-                                           generator=self.generator)
+        if self.draw is None:
+            self.draw = ops.sampler(self.batch, self.logits.shape[-1], self.device, **self.sampling)
+        next_token = self.draw(self.logits)
         if self.eos is not None:
             self._mark_finished(next_token)
             if all(self.finished):
