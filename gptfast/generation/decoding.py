@@ -8,7 +8,8 @@ The steps follow the reference exactly:
   absolute, so no cached key stays valid: such rows recompute their window each
   step (one forward pass, head on the last position only), which is what the
   reference computes, minus the head over the other positions;
-* sampling goes through :func:`gptfast.ops.sample_next_token` on a ``(B, vocab)``
+* sampling goes through :func:`gptfast.ops.sampler` (``sample_next_token`` with its
+  arguments checked once per call) on a ``(B, vocab)``
   logits tensor with every row of the batch, each step, so a seeded run draws the
   same random numbers as the reference (finished rows keep their last logits:
   their draw is consumed and thrown away, as the reference's padding does).
