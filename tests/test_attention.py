@@ -780,3 +780,44 @@ def test_gqa_cpu_backward_does_not_allocate_expanded_kv():
     # dq is one (B, H, T, D) tensor; dk/dv expanded per query head would add two more.
     assert len(bwd) == 1 and expanded_bytes <= bwd[0] < 1.5 * expanded_bytes, (bwd, expanded_bytes)
     assert k.grad.shape == (b, 1, t, d)
+
+
+class _RecordingAttention:
+    """Stands in for ``gptfast.ops.causal_attention``: records the k/v it is given, then runs the real op."""
+
+    def __init__(self, real):
+        self.real, self.kv = real, []
+
+    def __call__(self, q, k, v, **kwargs):
+        self.kv.append((k, v))
+        return self.real(q, k, v, **kwargs)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("h,h_kv", [(4, 2), (8, 1), (4, 4)])
+def test_model_grouped_attention_passes_unexpanded_kv_to_fused_backends(monkeypatch, h, h_kv):
+    """The models' grouped attention hands a fused backend the k/v heads themselves; the torch
+    backend gets the reference's repeat_interleave copies (what keeps it bitwise)."""
+    from gptfast.models import layers
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, h, 11, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, h_kv, 11, 16, generator=g, requires_grad=True) for _ in range(2))
+    results = {}
+    for backend in ("torch", "cpu"):
+        recorder = _RecordingAttention(ops.causal_attention)
+        monkeypatch.setattr(ops, "causal_attention", recorder)
+        with ops.use_backend(backend):
+            out = layers.grouped_query_attention(q, k, v)
+        monkeypatch.undo()
+        (k_seen, v_seen), = recorder.kv
+        if backend == "torch":
+            assert k_seen.shape[1] == h and k_seen.is_contiguous()
+            torch.testing.assert_close(k_seen, k.repeat_interleave(h // h_kv, dim=1), atol=0, rtol=0)
+        else:
+            assert k_seen is k and v_seen is v
+        results[backend] = (out, torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+    (ref, ref_grads), (mine, grads) = results["torch"], results["cpu"]
+    parity.assert_close(mine.detach(), ref.detach(), torch.float32, "grouped attention on cpu")
+    for name, a, b_ in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert a.shape == b_.shape
+        parity.assert_close(a, b_, torch.float32, f"grouped attention {name}")
