@@ -821,3 +821,23 @@ def test_model_grouped_attention_passes_unexpanded_kv_to_fused_backends(monkeypa
     for name, a, b_ in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert a.shape == b_.shape
         parity.assert_close(a, b_, torch.float32, f"grouped attention {name}")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("h,h_kv,filled", [(8, 2, 150), (4, 1, 1), (6, 3, 77)])
+def test_gqa_decode_step_over_a_strided_kv_cache(backend, device, h, h_kv, filled):
+    """One new token (no grad: CUDA's split-key decode kernel) over a preallocated cache of H_kv heads."""
+    dtype = _device_dtype(backend, device)
+    g = torch.Generator().manual_seed(filled)
+    cache_k, cache_v = (torch.randn(2, h_kv, 256, 64, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    q = torch.randn(2, 1, h, 64, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
+    k, v = cache_k[:, :, :filled], cache_v[:, :, :filled]
+    with torch.no_grad():
+        out = ops.causal_attention(q, k, v, backend=backend)
+    assert out.shape == (2, h, 1, 64)
+    ref = torch_ops.causal_attention(q.double().cpu(), k.double().cpu(), v.double().cpu())
+    parity.assert_close(out.cpu(), ref, dtype, f"{backend} gqa decode")
+    if backend == "cuda":
+        direct = torch.ops.gptfast_cuda.decode_attention(q, k, v, 0.125)
+        parity.assert_close(direct.cpu(), ref, dtype, "gqa decode kernel")
+        torch.library.opcheck(torch.ops.gptfast_cuda.decode_attention.default, (q, k, v, 0.125))
