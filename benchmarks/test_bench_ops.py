@@ -75,6 +75,37 @@ def test_attention(benchmark, impl, passes):
         benchmark.extra_info["tflops"] = _flops_attention(s["B"], s["H"], s["T"], s["T"], s["D"], passes) / seconds / 1e12
 
 
+# Grouped-query attention (Llama 3 / Qwen3 style): H query heads over H_kv shared k/v heads.
+GQA_SHAPE = dict(B=4, H=32, H_kv=8, T=1024, D=128) if ON_GPU else dict(B=1, H=16, H_kv=8, T=256, D=64)
+
+
+def _gqa_fn(impl, q, k, v):
+    if impl == "sdpa":
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return _attention_fn(impl, q, k, v)
+
+
+@pytest.mark.parametrize("passes", PASSES)
+@pytest.mark.parametrize("impl", bench_backends("causal_attention") + ["sdpa"])
+def test_gqa_attention(benchmark, impl, passes):
+    """Grouped k/v: the fused backends read the shared heads in place; the torch path expands them."""
+    s = GQA_SHAPE
+    training = passes == "fwd+bwd"
+    q = _randn(s["B"], s["H"], s["T"], s["D"], grad=training)
+    k, v = (_randn(s["B"], s["H_kv"], s["T"], s["D"], grad=training) for _ in range(2))
+    forward = _gqa_fn(impl, q, k, v)
+    setup = None
+    fn = forward
+    if training:
+        fn, setup = _with_backward(forward, (q, k, v), torch.randn_like(q))
+    memory = peak_memory(lambda: (setup and setup(), fn()))
+    run_benchmark(benchmark, fn, setup=setup, rounds=ROUNDS["fast"], group=f"gqa attention {passes} {s} {DTYPE_NAME}",
+                  op="causal_attention", impl=impl, passes=passes, shape=s, dtype=DTYPE_NAME, **memory)
+    seconds = median_seconds(benchmark)
+    if seconds:
+        benchmark.extra_info["tflops"] = _flops_attention(s["B"], s["H"], s["T"], s["T"], s["D"], passes) / seconds / 1e12
+
+
 @pytest.mark.skipif(not ON_GPU, reason="decode attention is a GPU benchmark")
 @pytest.mark.parametrize("tk", DECODE_TK)
 @pytest.mark.parametrize("impl", bench_backends("causal_attention") + ["sdpa"])

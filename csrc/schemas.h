@@ -7,14 +7,16 @@
 // tracing; the call is the same.)
 //
 // attention_fwd(q, k, v, scale, dropout_p, seed) -> (out, lse)
-//   q (B, H, Tq, D), k/v (B, H, Tk, D), Tq <= Tk: query i sits at position Tk - Tq + i.
+//   q (B, H, Tq, D), k/v (B, H_kv, Tk, D) with H % H_kv == 0 (query head h reads kv head
+//   h / (H / H_kv); grouped-query attention), Tq <= Tk: query i sits at position Tk - Tq + i.
 //   out (B, H, Tq, D) contiguous, q's dtype; lse (B, H, Tq) contiguous, float32 (float64 for
 //   float64 inputs on cpu): a per-query log-sum-exp only attention_bwd interprets.
 //   seed: one-element int64 tensor on q's device, drawn from torch's generator by the caller;
 //   the dropout mask is a pure function of (seed, batch, head, query, key).  None iff
 //   dropout_p == 0 is allowed.
 // attention_bwd(grad_out, q, k, v, out, lse, scale, dropout_p, seed) -> (dq, dk, dv)
-//   The forward's out and lse and the same seed; gradients contiguous, in q's dtype.
+//   The forward's out and lse and the same seed; gradients contiguous, in q's dtype, dk/dv
+//   (B, H_kv, Tk, D): each sums the gradients of its group's query heads.
 // cross_entropy_fwd(logits, targets, ignore_index, want_grad) -> (loss_rows, grad)
 //   logits (N, V) with unit column stride (rows may be strided), targets (N,) int64 or int32.
 //   loss_rows (N,) float32 (float64 for float64 logits): 0 where ignored, NaN for a target

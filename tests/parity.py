@@ -119,11 +119,15 @@ def _leaf(t, dtype, device):
     return t.to(device=device, dtype=dtype).detach().requires_grad_(True)
 
 
-def check_attention_parity(backend, shape, dtype, device="cpu", scale=None, seed=0):
-    """Forward and dq/dk/dv of ``backend`` vs the torch oracle (float64) on random inputs."""
+def check_attention_parity(backend, shape, dtype, device="cpu", scale=None, seed=0, kv_heads=None):
+    """Forward and dq/dk/dv of ``backend`` vs the torch oracle (float64) on random inputs.
+
+    ``kv_heads`` (default: H) gives k/v fewer heads than q: grouped-query attention.
+    """
     b, h, tq, tk, d = shape
+    kv_heads = h if kv_heads is None else kv_heads
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(b, h, t, d, generator=g) for t in (tq, tk, tk))
+    q, k, v = (torch.randn(b, heads, t, d, generator=g) for heads, t in ((h, tq), (kv_heads, tk), (kv_heads, tk)))
     grad_out = torch.randn(b, h, tq, d, generator=g)
 
     q1, k1, v1 = (_leaf(t, dtype, device) for t in (q, k, v))

@@ -583,3 +583,261 @@ def test_cuda_op_called_directly_rejects_bad_shapes():
         torch.ops.gptfast_cuda.attention_fwd(q, k, v, 0.1, 0.5, None)
     with pytest.raises(RuntimeError, match="one token"):
         torch.ops.gptfast_cuda.decode_attention(q, k, v, 0.1)
+
+
+# --------------------------------------------------------------------------- grouped-query attention
+
+# (B, H, H_kv, Tq, Tk, D): group sizes 1, 2, 4 and 8 (H_kv = 1 is multi-query), odd lengths,
+# prefill against a longer cache (Tq < Tk) and single-token decode.
+GQA_SHAPES = [
+    (2, 4, 4, 17, 17, 32),
+    (2, 4, 2, 17, 17, 32),
+    (1, 8, 2, 33, 33, 64),
+    (2, 4, 1, 19, 19, 16),
+    (1, 8, 1, 70, 70, 64),
+    (2, 6, 3, 5, 41, 64),
+    (1, 4, 2, 1, 37, 64),
+    (2, 8, 1, 1, 65, 128),
+]
+
+
+def _gqa_case(shape):
+    b, h, h_kv, tq, tk, d = shape
+    return (b, h, tq, tk, d), h_kv
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_cases(OP))
+@pytest.mark.parametrize("shape", GQA_SHAPES, ids=str)
+def test_gqa_parity(backend, device, dtype, shape):
+    qshape, h_kv = _gqa_case(shape)
+    parity.check_attention_parity(backend, qshape, dtype, device=device, kv_heads=h_kv)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("shape", [(1, 4, 2, 3, 4, 3), (2, 3, 1, 2, 5, 4)], ids=str)
+def test_gqa_cpu_gradcheck_float64(shape):
+    (b, h, tq, tk, d), h_kv = _gqa_case(shape)
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(b, h, tq, d, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(b, h_kv, tk, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda q, k, v: ops.causal_attention(q, k, v, backend="cpu"), (q, k, v))
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_gqa_cpu_backward_same_for_any_thread_count(threads):
+    """dK/dV sum a group's query heads in one task or in slices added afterwards: same result either way."""
+    q, k, v = (t.requires_grad_(True) for t in _gqa_inputs((1, 8, 1, 40, 40, 32), torch.float64, "cpu"))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = ops.causal_attention(q, k, v, backend="cpu")
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    finally:
+        torch.set_num_threads(old)
+    ref = torch.autograd.grad(torch_ops.causal_attention(q, k, v), (q, k, v), torch.ones_like(out))
+    for name, mine, theirs in zip(("dq", "dk", "dv"), grads, ref):
+        parity.assert_close(mine, theirs, torch.float64, f"{threads} threads {name}")
+
+
+def _gqa_inputs(shape, dtype, device, seed=3):
+    (b, h, tq, tk, d), h_kv = _gqa_case(shape)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, tq, d, generator=g).to(device=device, dtype=dtype)
+    k, v = (torch.randn(b, h_kv, tk, d, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    return q, k, v
+
+
+def _expand(t, group):
+    return t.repeat_interleave(group, dim=1)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("shape", [(2, 4, 2, 19, 19, 64), (1, 4, 1, 6, 30, 64)], ids=str)
+def test_gqa_equals_expanded_kv_with_dropout(backend, device, shape):
+    """The mask is keyed by the query head, so grouped k/v give what k/v expanded per query head give:
+    the same output under one seed, and dk/dv equal to the expanded gradients summed over each group."""
+    dtype = _device_dtype(backend, device)
+    q, k, v = _gqa_inputs(shape, dtype, device)
+    group = q.shape[1] // k.shape[1]
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    expanded = [q.clone().requires_grad_(True), _expand(k, group).requires_grad_(True),
+                _expand(v, group).requires_grad_(True)]
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(device=device, dtype=dtype)
+    outs = []
+    for inputs in (leaves, expanded):
+        torch.manual_seed(21)
+        out = ops.causal_attention(*inputs, dropout_p=0.3, training=True, backend=backend)
+        out.backward(grad_out)
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    assert not torch.equal(outs[0], ops.causal_attention(q, k, v, backend=backend)), "dropout was not applied"
+    b, h_kv, tk, d = k.shape
+    t = parity.tol(torch.float32 if dtype == torch.float64 else dtype)
+    torch.testing.assert_close(leaves[0].grad, expanded[0].grad, atol=0, rtol=0)
+    for mine, theirs in ((leaves[1].grad, expanded[1].grad), (leaves[2].grad, expanded[2].grad)):
+        assert mine.shape == (b, h_kv, tk, d)
+        summed = theirs.double().view(b, h_kv, group, tk, d).sum(2)
+        torch.testing.assert_close(mine.double(), summed, atol=t["atol"], rtol=t["rtol"])
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_gqa_strided_kv_views(backend, device):
+    """k/v as transposed views of (B, T, H_kv, D) projections, as the models pass them."""
+    dtype = _device_dtype(backend, device)
+    g = torch.Generator().manual_seed(6)
+    b, t, h, h_kv, d = 2, 23, 4, 2, 64
+    q = torch.randn(b, t, h, d, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
+    kv = torch.randn(b, t, 2 * h_kv * d, generator=g).to(device=device, dtype=dtype)
+    k, v = (kv[..., i * h_kv * d:(i + 1) * h_kv * d].view(b, t, h_kv, d).transpose(1, 2) for i in range(2))
+    assert not k.is_contiguous() and k.shape == (b, h_kv, t, d)
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    strided = ops.causal_attention(*leaves, backend=backend)
+    packed = ops.causal_attention(*(x.contiguous() for x in (q, k, v)), backend=backend)
+    torch.testing.assert_close(strided.detach(), packed, atol=0, rtol=0)
+    ref_leaves = [x.detach().double().cpu().requires_grad_(True) for x in (q, k, v)]
+    ref = torch_ops.causal_attention(*ref_leaves)
+    parity.assert_close(strided.detach().cpu(), ref.detach(), dtype, f"{backend} strided gqa")
+    strided.sum().backward()
+    ref.sum().backward()
+    for name, mine, theirs in zip(("dq", "dk", "dv"), leaves, ref_leaves):
+        assert mine.grad.shape == mine.shape
+        parity.assert_close(mine.grad.cpu(), theirs.grad, dtype, f"{backend} strided gqa {name}")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_gqa_opcheck(backend, device):
+    dtype = torch.float16 if backend == "cuda" else torch.float32
+    utils = _opcheck_utils(backend, device)
+    kernels = getattr(torch.ops, f"gptfast_{backend}")
+    seed = torch.tensor([77], dtype=torch.int64, device=device)
+    q, k, v = (t.requires_grad_(True) for t in _gqa_inputs((1, 4, 2, 5, 9, 64), dtype, device))
+    torch.library.opcheck(kernels.attention_fwd.default, (q, k, v, 0.125, 0.0, None), test_utils=utils)
+    torch.library.opcheck(kernels.attention_fwd.default, (q, k, v, 0.125, 0.3, seed), test_utils=utils)
+    out, lse = kernels.attention_fwd(q.detach(), k.detach(), v.detach(), 0.125, 0.2, seed)
+    dq, dk, dv = kernels.attention_bwd(torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse,
+                                       0.125, 0.2, seed)
+    assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
+    torch.library.opcheck(kernels.attention_bwd.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.125, 0.2, seed),
+                          test_utils=utils)
+
+
+def test_gqa_fakes_give_dk_dv_the_kv_shapes():
+    q, k = torch.randn(2, 6, 5, 16), torch.randn(2, 2, 9, 16)
+    out, lse = attention._fake_attention_fwd(q, k, k, 0.25, 0.0, None)
+    assert out.shape == q.shape and lse.shape == (2, 6, 5)
+    dq, dk, dv = attention._fake_attention_bwd(out, q, k, k, out, lse, 0.25, 0.0, None)
+    assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
+    assert attention._fake_decode_attention(q[:, :, :1], k, k, 0.25).shape == (2, 6, 1, 16)
+
+
+@pytest.mark.parametrize("h,h_kv", [(4, 3), (6, 4), (2, 4), (4, 0)])
+def test_gqa_bad_head_ratio_raises_before_any_kernel(h, h_kv):
+    q, k = torch.randn(1, h, 4, 8), torch.randn(1, h_kv, 4, 8)
+    for backend in ("torch", "cpu", "triton", "cuda"):
+        with pytest.raises(ValueError, match=r"k has .* heads but q has .*multiple of the key/value heads"):
+            ops.causal_attention(q, k, k, backend=backend)
+
+
+@needs_cpu_backend
+def test_gqa_cpu_kernel_checks_head_ratio_itself():
+    with pytest.raises(RuntimeError, match="multiple of k's heads"):
+        torch.ops.gptfast_cpu.attention_fwd(torch.randn(1, 3, 2, 4), torch.randn(1, 2, 2, 4),
+                                            torch.randn(1, 2, 2, 4), 1.0, 0.0, None)
+
+
+def test_gqa_kernels_receive_the_unexpanded_kv():
+    """The fused front ends hand the kernel the caller's k/v heads themselves, not an expanded copy."""
+    for call in (attention.fused_causal_attention, attention.cuda_causal_attention):
+        rec = _RecordingOps()
+        seen = []
+
+        def fwd(q_, k_, v_, scale, dropout_p, seed):
+            seen.append((k_, v_))
+            return torch.zeros_like(q_), torch.zeros(q_.shape[:3])
+
+        rec.attention_fwd = rec.decode_attention = lambda q_, k_, v_, scale, *rest: (
+            fwd(q_, k_, v_, scale, *rest) if rest else fwd(q_, k_, v_, scale, 0.0, None)[0])
+        q = torch.randn(1, 8, 1 if call is attention.cuda_causal_attention else 5, 64, dtype=torch.float16)
+        k, v = torch.randn(1, 2, 9, 64, dtype=torch.float16), torch.randn(1, 2, 9, 64, dtype=torch.float16)
+        call(rec, q, k, v, dropout_p=0.0, training=False, scale=None)
+        (k_, v_), = seen
+        assert k_.data_ptr() == k.data_ptr() and v_.data_ptr() == v.data_ptr() and k_.shape[1] == 2
+
+
+@needs_cpu_backend
+def test_gqa_cpu_backward_does_not_allocate_expanded_kv():
+    """Peak memory of a long multi-query backward stays far below one expanded (B, H, T, D) k copy."""
+    b, h, t, d = 1, 16, 512, 64
+    q, k, v = (x.requires_grad_(True) for x in _gqa_inputs((b, h, 1, t, t, d), torch.float32, "cpu"))
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = ops.causal_attention(q, k, v, backend="cpu")
+        out.sum().backward()
+    expanded_bytes = b * h * t * d * 4
+    bwd = [e.cpu_memory_usage for e in prof.key_averages() if e.key == "gptfast_cpu::attention_bwd"]
+    # dq is one (B, H, T, D) tensor; dk/dv expanded per query head would add two more.
+    assert len(bwd) == 1 and expanded_bytes <= bwd[0] < 1.5 * expanded_bytes, (bwd, expanded_bytes)
+    assert k.grad.shape == (b, 1, t, d)
+
+
+class _RecordingAttention:
+    """Stands in for ``gptfast.ops.causal_attention``: records the k/v it is given, then runs the real op."""
+
+    def __init__(self, real):
+        self.real, self.kv = real, []
+
+    def __call__(self, q, k, v, **kwargs):
+        self.kv.append((k, v))
+        return self.real(q, k, v, **kwargs)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("h,h_kv", [(4, 2), (8, 1), (4, 4)])
+def test_model_grouped_attention_passes_unexpanded_kv_to_fused_backends(monkeypatch, h, h_kv):
+    """The models' grouped attention hands a fused backend the k/v heads themselves; the torch
+    backend gets the reference's repeat_interleave copies (what keeps it bitwise)."""
+    from gptfast.models import layers
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, h, 11, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, h_kv, 11, 16, generator=g, requires_grad=True) for _ in range(2))
+    results = {}
+    for backend in ("torch", "cpu"):
+        recorder = _RecordingAttention(ops.causal_attention)
+        monkeypatch.setattr(ops, "causal_attention", recorder)
+        with ops.use_backend(backend):
+            out = layers.grouped_query_attention(q, k, v)
+        monkeypatch.undo()
+        (k_seen, v_seen), = recorder.kv
+        if backend == "torch":
+            assert k_seen.shape[1] == h and k_seen.is_contiguous()
+            torch.testing.assert_close(k_seen, k.repeat_interleave(h // h_kv, dim=1), atol=0, rtol=0)
+        else:
+            assert k_seen is k and v_seen is v
+        results[backend] = (out, torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+    (ref, ref_grads), (mine, grads) = results["torch"], results["cpu"]
+    parity.assert_close(mine.detach(), ref.detach(), torch.float32, "grouped attention on cpu")
+    for name, a, b_ in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert a.shape == b_.shape
+        parity.assert_close(a, b_, torch.float32, f"grouped attention {name}")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("h,h_kv,filled", [(8, 2, 150), (4, 1, 1), (6, 3, 77)])
+def test_gqa_decode_step_over_a_strided_kv_cache(backend, device, h, h_kv, filled):
+    """One new token (no grad: CUDA's split-key decode kernel) over a preallocated cache of H_kv heads."""
+    dtype = _device_dtype(backend, device)
+    g = torch.Generator().manual_seed(filled)
+    cache_k, cache_v = (torch.randn(2, h_kv, 256, 64, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    q = torch.randn(2, 1, h, 64, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
+    k, v = cache_k[:, :, :filled], cache_v[:, :, :filled]
+    with torch.no_grad():
+        out = ops.causal_attention(q, k, v, backend=backend)
+    assert out.shape == (2, h, 1, 64)
+    ref = torch_ops.causal_attention(q.double().cpu(), k.double().cpu(), v.double().cpu())
+    parity.assert_close(out.cpu(), ref, dtype, f"{backend} gqa decode")
+    if backend == "cuda":
+        direct = torch.ops.gptfast_cuda.decode_attention(q, k, v, 0.125)
+        parity.assert_close(direct.cpu(), ref, dtype, "gqa decode kernel")
+        torch.library.opcheck(torch.ops.gptfast_cuda.decode_attention.default, (q, k, v, 0.125))

@@ -101,7 +101,12 @@ def _qkv(b=1, h=2, tq=4, tk=4, d=8, **kw):
 @pytest.mark.parametrize("mutate,error,match", [
     (lambda q, k, v: (q[0], k, v), ValueError, "q must be 4-D"),
     (lambda q, k, v: (q, k[:, :, :3], v), ValueError, "k and v must have the same shape"),
-    (lambda q, k, v: (q, k[:, :1], v[:, :1]), ValueError, "agree in batch, heads and head_dim"),
+    (lambda q, k, v: (q, k[..., :4], v[..., :4]), ValueError, "agree in batch and head_dim"),
+    (lambda q, k, v: (q, k[:1].expand(2, -1, -1, -1), v[:1].expand(2, -1, -1, -1)), ValueError,
+     "agree in batch and head_dim"),
+    # k/v with fewer heads is grouped-query attention; the heads must divide q's
+    (lambda q, k, v: (q, torch.randn(1, 3, 4, 8), torch.randn(1, 3, 4, 8)), ValueError,
+     "multiple of the key/value heads"),
     (lambda q, k, v: (torch.randn(1, 2, 5, 8), k, v), ValueError, "Tq <= Tk"),
     (lambda q, k, v: (q.long(), k, v), TypeError, "q must be a floating tensor"),
     (lambda q, k, v: (q.double(), k, v), TypeError, "share one dtype"),

@@ -8,6 +8,12 @@
 // Dropout: the keep/drop decision of score (bh, i, j) is a hash of (seed, counter),
 // so backward regenerates exactly the forward's mask without storing it.
 //
+// Grouped-query attention: k/v have H_kv heads, H_kv dividing H; query head h reads kv
+// head h / (H / H_kv) in place (no expanded copy).  Backward runs one task per (batch, kv
+// head, slice of its query heads), so each task owns its dK/dV rows: the group's sum needs no
+// atomics, and partial sums of the slices (only when there are fewer kv heads than threads)
+// are added afterwards.
+//
 // All arithmetic is in acc_t (fp32, or fp64 for double inputs); bf16/fp16 inputs are
 // widened when a tile is loaded.  Tile products use the small register-blocked GEMM
 // below on scratch buffers whose widths are padded to the vector length.
@@ -137,7 +143,8 @@ struct Dropout {
 // ------------------------------------------------------------------ shapes and loads
 
 struct Dims {
-  int64_t B, H, Tq, Tk, D, Dp, offset;  // offset = Tk - Tq: query i sits at position offset + i
+  int64_t B, H, Hkv, Tq, Tk, D, Dp, offset;  // offset = Tk - Tq: query i sits at position offset + i
+  int64_t group() const { return H / Hkv; }  // query heads per kv head
 };
 
 // Reads an (rows x D) block of a (B, H, T, D) tensor with unit last stride into acc buffer dst
@@ -268,13 +275,13 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     std::vector<T> scores(kQueryTile * kKeyTile), acc(kQueryTile * s.Dp), m(kQueryTile), l(kQueryTile);
     std::vector<T> row_probs;  // the direct (decode) path's scores
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / n_qtiles, b = bh / s.H, h = bh % s.H;
+      const int64_t bh = task / n_qtiles, b = bh / s.H, h = bh % s.H, hk = h / s.group();
       const int64_t i0 = (task % n_qtiles) * kQueryTile, mq = std::min(kQueryTile, s.Tq - i0);
       load_rows<scalar_t, T>(q, b, h, i0, mq, s.D, static_cast<T>(scale), qs.data(), s.Dp);
       if constexpr (std::is_same_v<scalar_t, T>) {
         if (mq <= kDirectRows) {
-          const T* kbase = k.const_data_ptr<T>() + b * k.stride(0) + h * k.stride(1);
-          const T* vbase = v.const_data_ptr<T>() + b * v.stride(0) + h * v.stride(1);
+          const T* kbase = k.const_data_ptr<T>() + b * k.stride(0) + hk * k.stride(1);
+          const T* vbase = v.const_data_ptr<T>() + b * v.stride(0) + hk * v.stride(1);
           for (int64_t r = 0; r < mq; ++r) {
             const int64_t i = i0 + r;
             attend_row_direct<T>(qs.data() + r * s.Dp, kbase, k.stride(2), vbase, v.stride(2), s.offset + i + 1,
@@ -290,8 +297,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int64_t last_key = s.offset + i0 + mq - 1;  // the last query's last visible key
       for (int64_t j0 = 0; j0 <= last_key; j0 += kKeyTile) {
         const int64_t nk = std::min(kKeyTile, last_key + 1 - j0), nkp = round_up(nk, L);
-        load_rows_transposed<scalar_t, T>(k, b, h, j0, nk, s.D, kt.data(), kKeyTile);
-        load_rows<scalar_t, T>(v, b, h, j0, nk, s.D, T(1), vs.data(), s.Dp);
+        load_rows_transposed<scalar_t, T>(k, b, hk, j0, nk, s.D, kt.data(), kKeyTile);
+        load_rows<scalar_t, T>(v, b, hk, j0, nk, s.D, T(1), vs.data(), s.Dp);
         tile_gemm<T>(mq, nkp, s.Dp, qs.data(), s.Dp, kt.data(), kKeyTile, scores.data(), kKeyTile, false);
         for (int64_t r = 0; r < mq; ++r) {
           T* row = scores.data() + r * kKeyTile;
@@ -314,103 +321,147 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 // ------------------------------------------------------------------ backward
 
-// Per-(batch, head) scratch for backward: whole-sequence copies in acc_t, padded widths.
+// Per-task scratch for backward: whole-sequence copies in acc_t, padded widths.  k and v
+// (ks, kt, vt) and the dK/dV sums belong to the task's kv head; q, dO, delta and dQ to the
+// query head being processed.
 template <typename T>
 struct BackwardScratch {
   std::vector<T> qs, dout, delta, kt, ks, vt, dq, dk, dv, p, dp, pt;
   BackwardScratch(const Dims& s, int64_t Tkp)
       : qs(s.Tq * s.Dp, T(0)), dout(s.Tq * s.Dp, T(0)), delta(s.Tq), kt(s.Dp * Tkp, T(0)),
-        ks(s.Tk * s.Dp, T(0)), vt(s.Dp * Tkp, T(0)), dq(s.Tq * s.Dp), dk(kKeyTile * s.Dp), dv(kKeyTile * s.Dp),
+        ks(s.Tk * s.Dp, T(0)), vt(s.Dp * Tkp, T(0)), dq(s.Tq * s.Dp), dk(s.Tk * s.Dp), dv(s.Tk * s.Dp),
         p(kQueryTile * kKeyTile), dp(kQueryTile * kKeyTile), pt(kKeyTile * kQueryTile) {}
 };
+
+// How many slices the query heads of one kv head are cut into: one, unless there are fewer
+// (batch, kv head) pairs than threads, then enough slices to keep every thread busy.
+inline int64_t group_slices(const Dims& s) {
+  const int64_t pairs = s.B * s.Hkv, threads = at::get_num_threads();
+  if (s.group() == 1 || pairs >= threads) return 1;
+  const int64_t wanted = std::min(s.group(), (threads + pairs - 1) / pairs);
+  const int64_t per_slice = (s.group() + wanted - 1) / wanted;
+  return (s.group() + per_slice - 1) / per_slice;
+}
+
+// Adds query head (b, h)'s contributions to the task's dK/dV sums (w.dk, w.dv, whose k/v rows
+// are already loaded) and writes its dQ.
+template <typename scalar_t, typename T>
+void backward_query_head(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& out, const T* lse_data,
+                         at::Tensor& dq, int64_t b, int64_t h, T scale_t, const Dropout& dropout, const Dims& s,
+                         int64_t Tkp, BackwardScratch<T>& w, std::vector<T>& orow) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  const T keep_scale = static_cast<T>(dropout.keep_scale);
+  const int64_t bh = b * s.H + h;
+  load_rows<scalar_t, T>(q, b, h, 0, s.Tq, s.D, scale_t, w.qs.data(), s.Dp);
+  load_rows<scalar_t, T>(grad_out, b, h, 0, s.Tq, s.D, T(1), w.dout.data(), s.Dp);
+  // delta_i = rowsum(dO_i * O_i): the softmax-backward correction term.
+  for (int64_t i = 0; i < s.Tq; ++i) {
+    load_rows<scalar_t, T>(out, b, h, i, 1, s.D, T(1), orow.data(), s.Dp);
+    T acc = 0;
+    for (int64_t d = 0; d < s.D; ++d) acc += orow[d] * w.dout[i * s.Dp + d];
+    w.delta[i] = acc;
+  }
+  std::fill(w.dq.begin(), w.dq.end(), T(0));
+  const T* lse_bh = lse_data + bh * s.Tq;
+
+  for (int64_t j0 = 0; j0 < s.Tk; j0 += kKeyTile) {
+    const int64_t nk = std::min(kKeyTile, s.Tk - j0), nkp = round_up(nk, L);
+    const int64_t first_query = std::max<int64_t>(0, j0 - s.offset);  // first query seeing key j0
+    for (int64_t i0 = first_query / kQueryTile * kQueryTile; i0 < s.Tq; i0 += kQueryTile) {
+      const int64_t mq = std::min(kQueryTile, s.Tq - i0);
+      T* p = w.p.data();
+      T* dp = w.dp.data();
+      // P = exp(S - lse), masked; S = (scale q) k^T
+      tile_gemm<T>(mq, nkp, s.Dp, w.qs.data() + i0 * s.Dp, s.Dp, w.kt.data() + j0, Tkp, p, kKeyTile, false);
+      // dP_dropped = dO V^T
+      tile_gemm<T>(mq, nkp, s.Dp, w.dout.data() + i0 * s.Dp, s.Dp, w.vt.data() + j0, Tkp, dp, kKeyTile, false);
+      for (int64_t r = 0; r < mq; ++r) {
+        T* prow = p + r * kKeyTile;
+        T* dprow = dp + r * kKeyTile;
+        const int64_t valid = std::max<int64_t>(0, visible_keys(s, i0 + r, j0, nk));
+        const V vl(lse_bh[i0 + r]);
+        int64_t j = 0;
+        for (; j + L <= valid; j += L) exp_keep_nan(V::loadu(prow + j) - vl).store(prow + j);
+        for (; j < valid; ++j) prow[j] = std::exp(prow[j] - lse_bh[i0 + r]);
+        std::fill(prow + valid, prow + nkp, T(0));
+        const uint64_t base = static_cast<uint64_t>((bh * s.Tq + i0 + r) * s.Tk + j0);
+        // dS = P * (dP - delta), with dP = dP_dropped * mask / (1 - p);
+        // the dropped P (what multiplied V) goes to the transposed buffer for dV.
+        const T delta = w.delta[i0 + r];
+        for (int64_t jj = 0; jj < nk; ++jj) {
+          const T keep = (!dropout.active || (jj < valid && dropout.keep(base + jj))) ? keep_scale : T(0);
+          w.pt[jj * kQueryTile + r] = prow[jj] * keep;
+          prow[jj] = prow[jj] * (dprow[jj] * keep - delta);  // prow now holds dS
+        }
+      }
+      // dV += P_dropped^T dO ; dK += dS^T (scale q) ; dQ += dS K  (scale applied at the end)
+      tile_gemm<T>(nk, s.Dp, mq, w.pt.data(), kQueryTile, w.dout.data() + i0 * s.Dp, s.Dp,
+                   w.dv.data() + j0 * s.Dp, s.Dp, true);
+      tile_gemm<T>(mq, s.Dp, nk, p, kKeyTile, w.ks.data() + j0 * s.Dp, s.Dp, w.dq.data() + i0 * s.Dp, s.Dp, true);
+      transpose_into<T>(p, kKeyTile, mq, nk, w.pt.data(), kQueryTile);
+      tile_gemm<T>(nk, s.Dp, mq, w.pt.data(), kQueryTile, w.qs.data() + i0 * s.Dp, s.Dp,
+                   w.dk.data() + j0 * s.Dp, s.Dp, true);
+    }
+  }
+  scalar_t* dq_dst = dq.data_ptr<scalar_t>() + bh * s.Tq * s.D;
+  for (int64_t i = 0; i < s.Tq; ++i)
+    for (int64_t d = 0; d < s.D; ++d) dq_dst[i * s.D + d] = static_cast<scalar_t>(w.dq[i * s.Dp + d] * scale_t);
+}
+
+// Writes rows (Tk x D) of a padded (Tk x Dp) buffer to dst, converting to out_t.
+template <typename out_t, typename T>
+void store_rows(const std::vector<T>& src, int64_t rows, const Dims& s, out_t* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < s.D; ++d) dst[r * s.D + d] = static_cast<out_t>(src[r * s.Dp + d]);
+}
 
 template <typename scalar_t>
 void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
                    double scale, const Dropout& dropout, const Dims& s) {
   using T = acc_t<scalar_t>;
-  using V = Vectorized<T>;
-  constexpr int64_t L = V::size();
+  constexpr int64_t L = Vectorized<T>::size();
   const int64_t Tkp = round_up(s.Tk, L) + kKeyTile;  // room for a padded tile at any j0
   const T* lse_data = lse.const_data_ptr<T>();
-  const T scale_t = static_cast<T>(scale), keep_scale = static_cast<T>(dropout.keep_scale);
+  const T scale_t = static_cast<T>(scale);
+  const int64_t slices = group_slices(s), per_slice = (s.group() + slices - 1) / slices;
+  // With several slices per kv head, each writes its partial dK/dV sums here (summed below).
+  at::Tensor partial_dk, partial_dv;
+  if (slices > 1) {
+    partial_dk = at::empty({slices, s.B, s.Hkv, s.Tk, s.D}, lse.options());
+    partial_dv = at::empty({slices, s.B, s.Hkv, s.Tk, s.D}, lse.options());
+  }
 
-  at::parallel_for(0, s.B * s.H, grain_for(2 * s.Tq * s.Tk * s.Dp), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.B * s.Hkv * slices, grain_for(2 * per_slice * s.Tq * s.Tk * s.Dp),
+                   [&](int64_t begin, int64_t end) {
     BackwardScratch<T> w(s, Tkp);
     std::vector<T> orow(s.Dp);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / s.H, h = bh % s.H;
-      load_rows<scalar_t, T>(q, b, h, 0, s.Tq, s.D, scale_t, w.qs.data(), s.Dp);
-      load_rows<scalar_t, T>(grad_out, b, h, 0, s.Tq, s.D, T(1), w.dout.data(), s.Dp);
-      load_rows<scalar_t, T>(k, b, h, 0, s.Tk, s.D, T(1), w.ks.data(), s.Dp);
-      load_rows_transposed<scalar_t, T>(k, b, h, 0, s.Tk, s.D, w.kt.data(), Tkp);
-      load_rows_transposed<scalar_t, T>(v, b, h, 0, s.Tk, s.D, w.vt.data(), Tkp);
-      // delta_i = rowsum(dO_i * O_i): the softmax-backward correction term.
-      for (int64_t i = 0; i < s.Tq; ++i) {
-        load_rows<scalar_t, T>(out, b, h, i, 1, s.D, T(1), orow.data(), s.Dp);
-        T acc = 0;
-        for (int64_t d = 0; d < s.D; ++d) acc += orow[d] * w.dout[i * s.Dp + d];
-        w.delta[i] = acc;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t slice = task % slices, bkv = task / slices, b = bkv / s.Hkv, hk = bkv % s.Hkv;
+      load_rows<scalar_t, T>(k, b, hk, 0, s.Tk, s.D, T(1), w.ks.data(), s.Dp);
+      load_rows_transposed<scalar_t, T>(k, b, hk, 0, s.Tk, s.D, w.kt.data(), Tkp);
+      load_rows_transposed<scalar_t, T>(v, b, hk, 0, s.Tk, s.D, w.vt.data(), Tkp);
+      std::fill(w.dk.begin(), w.dk.end(), T(0));
+      std::fill(w.dv.begin(), w.dv.end(), T(0));
+      const int64_t g_end = std::min(s.group(), (slice + 1) * per_slice);
+      for (int64_t g = slice * per_slice; g < g_end; ++g)
+        backward_query_head<scalar_t, T>(grad_out, q, out, lse_data, dq, b, hk * s.group() + g, scale_t, dropout,
+                                         s, Tkp, w, orow);
+      if (slices == 1) {
+        store_rows(w.dk, s.Tk, s, dk.data_ptr<scalar_t>() + bkv * s.Tk * s.D);
+        store_rows(w.dv, s.Tk, s, dv.data_ptr<scalar_t>() + bkv * s.Tk * s.D);
+      } else {
+        const int64_t offset = (slice * s.B * s.Hkv + bkv) * s.Tk * s.D;
+        store_rows(w.dk, s.Tk, s, partial_dk.data_ptr<T>() + offset);
+        store_rows(w.dv, s.Tk, s, partial_dv.data_ptr<T>() + offset);
       }
-      std::fill(w.dq.begin(), w.dq.end(), T(0));
-      const T* lse_bh = lse_data + bh * s.Tq;
-
-      for (int64_t j0 = 0; j0 < s.Tk; j0 += kKeyTile) {
-        const int64_t nk = std::min(kKeyTile, s.Tk - j0), nkp = round_up(nk, L);
-        std::fill(w.dk.begin(), w.dk.end(), T(0));
-        std::fill(w.dv.begin(), w.dv.end(), T(0));
-        const int64_t first_query = std::max<int64_t>(0, j0 - s.offset);  // first query seeing key j0
-        for (int64_t i0 = first_query / kQueryTile * kQueryTile; i0 < s.Tq; i0 += kQueryTile) {
-          const int64_t mq = std::min(kQueryTile, s.Tq - i0);
-          T* p = w.p.data();
-          T* dp = w.dp.data();
-          // P = exp(S - lse), masked; S = (scale q) k^T
-          tile_gemm<T>(mq, nkp, s.Dp, w.qs.data() + i0 * s.Dp, s.Dp, w.kt.data() + j0, Tkp, p, kKeyTile, false);
-          // dP_dropped = dO V^T
-          tile_gemm<T>(mq, nkp, s.Dp, w.dout.data() + i0 * s.Dp, s.Dp, w.vt.data() + j0, Tkp, dp, kKeyTile,
-                       false);
-          for (int64_t r = 0; r < mq; ++r) {
-            T* prow = p + r * kKeyTile;
-            T* dprow = dp + r * kKeyTile;
-            const int64_t valid = std::max<int64_t>(0, visible_keys(s, i0 + r, j0, nk));
-            const V vl(lse_bh[i0 + r]);
-            int64_t j = 0;
-            for (; j + L <= valid; j += L) exp_keep_nan(V::loadu(prow + j) - vl).store(prow + j);
-            for (; j < valid; ++j) prow[j] = std::exp(prow[j] - lse_bh[i0 + r]);
-            std::fill(prow + valid, prow + nkp, T(0));
-            const uint64_t base = static_cast<uint64_t>((bh * s.Tq + i0 + r) * s.Tk + j0);
-            // dS = P * (dP - delta), with dP = dP_dropped * mask / (1 - p);
-            // the dropped P (what multiplied V) goes to the transposed buffer for dV.
-            const T delta = w.delta[i0 + r];
-            for (int64_t jj = 0; jj < nk; ++jj) {
-              const T keep = (!dropout.active || (jj < valid && dropout.keep(base + jj))) ? keep_scale : T(0);
-              w.pt[jj * kQueryTile + r] = prow[jj] * keep;
-              prow[jj] = prow[jj] * (dprow[jj] * keep - delta);  // prow now holds dS
-            }
-          }
-          // dV += P_dropped^T dO ; dK += dS^T (scale q) ; dQ += dS K  (scale applied at the end)
-          tile_gemm<T>(nk, s.Dp, mq, w.pt.data(), kQueryTile, w.dout.data() + i0 * s.Dp, s.Dp, w.dv.data(), s.Dp,
-                       true);
-          tile_gemm<T>(mq, s.Dp, nk, p, kKeyTile, w.ks.data() + j0 * s.Dp, s.Dp, w.dq.data() + i0 * s.Dp, s.Dp,
-                       true);
-          transpose_into<T>(p, kKeyTile, mq, nk, w.pt.data(), kQueryTile);
-          tile_gemm<T>(nk, s.Dp, mq, w.pt.data(), kQueryTile, w.qs.data() + i0 * s.Dp, s.Dp, w.dk.data(), s.Dp,
-                       true);
-        }
-        scalar_t* dk_dst = dk.data_ptr<scalar_t>() + (bh * s.Tk + j0) * s.D;
-        scalar_t* dv_dst = dv.data_ptr<scalar_t>() + (bh * s.Tk + j0) * s.D;
-        for (int64_t r = 0; r < nk; ++r)
-          for (int64_t d = 0; d < s.D; ++d) {
-            dk_dst[r * s.D + d] = static_cast<scalar_t>(w.dk[r * s.Dp + d]);
-            dv_dst[r * s.D + d] = static_cast<scalar_t>(w.dv[r * s.Dp + d]);
-          }
-      }
-      scalar_t* dq_dst = dq.data_ptr<scalar_t>() + bh * s.Tq * s.D;
-      for (int64_t i = 0; i < s.Tq; ++i)
-        for (int64_t d = 0; d < s.D; ++d)
-          dq_dst[i * s.D + d] = static_cast<scalar_t>(w.dq[i * s.Dp + d] * scale_t);
     }
   });
+  if (slices > 1) {
+    dk.copy_(partial_dk.sum(0));
+    dv.copy_(partial_dv.sum(0));
+  }
 }
 
 // ------------------------------------------------------------------ checks and entry points
@@ -424,10 +475,12 @@ Dims check_and_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "gptfast_cpu attention: q, k, v must share one dtype");
   TORCH_CHECK(k.sizes() == v.sizes(), "gptfast_cpu attention: k and v shapes differ");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
-              "gptfast_cpu attention: q and k disagree in batch, heads or head_dim");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3),
+              "gptfast_cpu attention: q and k disagree in batch or head_dim");
+  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
+              "gptfast_cpu attention: q's heads must be a multiple of k's heads, got ", q.size(1), " and ", k.size(1));
   TORCH_CHECK(q.size(2) >= 1 && q.size(2) <= k.size(2), "gptfast_cpu attention: need 1 <= Tq <= Tk");
-  Dims s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), 0, k.size(2) - q.size(2)};
+  Dims s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), 0, k.size(2) - q.size(2)};
   s.Dp = round_up(s.D, vec_len);
   return s;
 }
@@ -479,8 +532,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const at::Tensor grad_out = unit_last_stride(grad_out_in), out = unit_last_stride(out_in);
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor dq = at::empty({s.B, s.H, s.Tq, s.D}, q.options());
-  at::Tensor dk = at::empty({s.B, s.H, s.Tk, s.D}, q.options());
-  at::Tensor dv = at::empty({s.B, s.H, s.Tk, s.D}, q.options());
+  at::Tensor dk = at::empty({s.B, s.Hkv, s.Tk, s.D}, q.options());
+  at::Tensor dv = at::empty({s.B, s.Hkv, s.Tk, s.D}, q.options());
   const Dropout dropout(dropout_p, seed_value(dropout_p, seed));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gptfast_cpu_attention_backward", [&] {
     backward_impl<scalar_t>(grad_out, q, k, v, out, lse, dq, dk, dv, scale, dropout, s);

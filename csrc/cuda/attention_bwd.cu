@@ -2,15 +2,17 @@
 //
 // 1. attention_bwd_delta_kernel: delta_i = sum_d dO[i,d] * O[i,d] (fp32), one warp per query.
 // 2. attention_bwd_kernel: one thread block = 4 warps = one tile of 64 keys of one
-//    (batch, head); each warp owns 16 keys.  The block walks the query tiles that can
-//    see its keys (tiles wholly before the keys are skipped), recomputing
+//    (batch, kv head); each warp owns 16 keys.  The block walks, for each query head of
+//    the kv head's group in turn (grouped-query attention; one head otherwise), the query
+//    tiles that can see its keys (tiles wholly before the keys are skipped), recomputing
 //        P^T  = exp2(scale*log2e * K Q^T - lse)           (saved log-sum-exp, no renormalising)
 //        dV  += (P^T * dropout) dO
 //        dP^T = V dO^T
 //        dS^T = P^T * (dP^T * dropout - delta)
 //        dK  += scale * dS^T Q
 //    and adds dQ += scale * dS K into an fp32 buffer with atomics (dS goes through
-//    shared memory so every warp can use all 64 keys).  dK and dV are written once.
+//    shared memory so every warp can use all 64 keys).  dK and dV sum over the group in
+//    registers and are written once: no atomics on them.
 #include "attention_common.cuh"
 
 namespace gptfast {
@@ -82,26 +84,32 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_kernel(const BwdPar
   float* sStats = reinterpret_cast<float*>(smem_raw + C::kElemBytes);  // buffer b: lse at 2b*kBM, delta at (2b+1)*kBM
 
   const int tq = p.shape.tq, tk = p.shape.tk, heads = p.shape.heads;
+  const int group = heads / p.shape.kv_heads;  // query heads per kv head
   const int offset = tk - tq;
-  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = blockIdx.y, b = blockIdx.z;
   const int k0 = blockIdx.x * kBwdBlockN;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t bh = static_cast<int64_t>(b) * heads + h;
 
-  const T* qg = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_stride.batch + h * p.k_stride.head;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_stride.batch + h * p.v_stride.head;
-  const T* dog = static_cast<const T*>(p.dout) + b * p.dout_stride.batch + h * p.dout_stride.head;
-  const float* lse_g = p.lse + bh * tq;
-  const float* delta_g = p.delta + bh * tq;
-  float* dq_g = p.dq_accum + bh * tq * kD;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
 
-  // Query i sees key j iff offset + i >= j: the first query that sees key k0 is k0 - offset.
+  // Query i sees key j iff offset + i >= j: the first query that sees key k0 is k0 - offset
+  // (so every query head has at least one tile to visit).
   const int m_begin = max(0, k0 - offset) / kBM;
   const int m_end = (tq + kBM - 1) / kBM;
+  // Step s visits query tile m_begin + s % tiles of the group's query head s / tiles.
+  const int tiles = m_end - m_begin, steps = group * tiles;
+  auto head_of = [&](int step) { return hk * group + step / tiles; };
+  auto tile_of = [&](int step) { return m_begin + step % tiles; };
+  auto bh_of = [&](int step) { return static_cast<int64_t>(b) * heads + head_of(step); };
 
-  auto load_query_tile = [&](int m, int buf) {
+  auto load_query_tile = [&](int step, int buf) {
+    const int h = head_of(step), m = tile_of(step);
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
+    const T* dog = static_cast<const T*>(p.dout) + b * p.dout_stride.batch + h * p.dout_stride.head;
+    const float* lse_g = p.lse + bh_of(step) * tq;
+    const float* delta_g = p.delta + bh_of(step) * tq;
     T* dst = sQdO + 2 * buf * C::kQ;
     load_tile_async<kBM, kD, kStride, kBwdThreads>(dst, qg, p.q_stride.token, m * kBM, tq, tid);
     load_tile_async<kBM, kD, kStride, kBwdThreads>(dst + C::kQ, dog, p.dout_stride.token, m * kBM, tq, tid);
@@ -115,7 +123,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_kernel(const BwdPar
 
   load_tile_async<kBwdBlockN, kD, kStride, kBwdThreads>(sK, kg, p.k_stride.token, k0, tk, tid);
   load_tile_async<kBwdBlockN, kD, kStride, kBwdThreads>(sV, vg, p.v_stride.token, k0, tk, tid);
-  load_query_tile(m_begin, 0);
+  load_query_tile(0, 0);
   cp_async_commit();
 
   float acc_dk[kDTiles][4], acc_dv[kDTiles][4];
@@ -132,10 +140,10 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_kernel(const BwdPar
   const uint2 seed_key = dropout ? dropout_key(p.dropout) : make_uint2(0u, 0u);
   const int qg_dq = warp % C::kQGroups, dg_dq = warp / C::kQGroups;
 
-  for (int m = m_begin; m < m_end; ++m) {
-    const int buf = (m - m_begin) & 1;
-    if (m + 1 < m_end) {
-      load_query_tile(m + 1, buf ^ 1);
+  for (int step = 0; step < steps; ++step) {
+    const int buf = step & 1;
+    if (step + 1 < steps) {
+      load_query_tile(step + 1, buf ^ 1);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -146,7 +154,9 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_kernel(const BwdPar
     const T* sdO = sQ + C::kQ;
     const float* sLse = sStats + 2 * buf * kBM;
     const float* sDelta = sLse + kBM;
-    const int m0 = m * kBM;
+    const int m0 = tile_of(step) * kBM;
+    const int64_t bh = bh_of(step);
+    float* dq_g = p.dq_accum + bh * tq * kD;
 
     // S^T = K Q^T: this warp's 16 keys x kBM queries.
     float s[kSTiles][4];
@@ -265,8 +275,9 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_kernel(const BwdPar
   }
 
   // Write dK (scaled) and dV for this warp's keys.
-  T* dk_g = static_cast<T*>(p.dk) + bh * tk * kD;
-  T* dv_g = static_cast<T*>(p.dv) + bh * tk * kD;
+  const int64_t bkv = static_cast<int64_t>(b) * p.shape.kv_heads + hk;
+  T* dk_g = static_cast<T*>(p.dk) + bkv * tk * kD;
+  T* dv_g = static_cast<T*>(p.dv) + bkv * tk * kD;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (keys[r] < tk) {
@@ -295,7 +306,7 @@ cudaError_t launch_bwd_typed(const BwdParams& p, cudaStream_t stream) {
   auto kernel = attention_bwd_kernel<kBf16, kD>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  const dim3 grid((p.shape.tk + kBwdBlockN - 1) / kBwdBlockN, p.shape.heads, p.shape.batch);
+  const dim3 grid((p.shape.tk + kBwdBlockN - 1) / kBwdBlockN, p.shape.kv_heads, p.shape.batch);
   kernel<<<grid, kBwdThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
@@ -303,7 +314,7 @@ cudaError_t launch_bwd_typed(const BwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_attention_bwd(const BwdParams& p, cudaStream_t stream) {
-  if (p.shape.tq <= 0 || p.shape.tk < p.shape.tq) return cudaErrorInvalidValue;
+  if (p.shape.tq <= 0 || p.shape.tk < p.shape.tq || !kv_heads_valid(p.shape)) return cudaErrorInvalidValue;
   return dispatch_dtype_head_dim(p.shape, [&](auto bf16, auto d) {
     return launch_bwd_typed<decltype(bf16)::value, decltype(d)::value>(p, stream);
   });

@@ -31,9 +31,11 @@ struct Dropout {
 };
 
 // Problem shape shared by all attention launches.  Queries are the last `tq`
-// positions of the `tk` keys: query i sits at position tk - tq + i.
+// positions of the `tk` keys: query i sits at position tk - tq + i.  k and v have
+// `kv_heads` heads, a divisor of `heads` (grouped-query attention): query head h reads
+// kv head h / (heads / kv_heads), in place.
 struct Shape {
-  int batch, heads, tq, tk, head_dim;
+  int batch, heads, kv_heads, tq, tk, head_dim;
   bool bf16;    // element type: bfloat16 if true, float16 otherwise
   float scale;  // softmax scale applied to q.k
 };
@@ -54,7 +56,7 @@ struct BwdParams {
   const float* lse;   // from the forward pass
   float* delta;       // (B, H, Tq) workspace: rowsum(dout * out)
   float* dq_accum;    // (B, H, Tq, D) fp32, zero-initialised; receives dq (already scaled)
-  void *dk, *dv;      // (B, H, Tk, D) contiguous, element type of q
+  void *dk, *dv;      // (B, H_kv, Tk, D) contiguous, element type of q
   Dropout dropout;
 };
 
@@ -69,6 +71,9 @@ struct DecodeParams {
   int splits;            // key chunks per (b, h)
   int chunk;             // keys per chunk; splits * chunk >= tk and every chunk non-empty
 };
+
+// Whether the query heads split evenly over the kv heads (the launchers refuse other shapes).
+inline bool kv_heads_valid(const Shape& s) { return s.kv_heads >= 1 && s.heads % s.kv_heads == 0; }
 
 // Head dims with a tensor-core kernel; the Python side rejects everything else.
 inline bool head_dim_supported(int d) { return d == 64 || d == 128; }

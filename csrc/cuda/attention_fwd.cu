@@ -50,8 +50,9 @@ __global__ void __launch_bounds__(kFwdThreads) attention_fwd_kernel(const FwdPar
   const int g = lane / 4, t = lane % 4;
 
   const T* qg = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_stride.batch + h * p.k_stride.head;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_stride.batch + h * p.v_stride.head;
+  const int hk = h / (p.shape.heads / p.shape.kv_heads);  // the kv head this query head reads
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
 
   // Keys this tile can see: j <= offset + (last valid query of the tile).
   const int last_query = min(q0 + kFwdBlockM, tq) - 1;
@@ -226,7 +227,7 @@ cudaError_t launch_fwd_typed(const FwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_attention_fwd(const FwdParams& p, cudaStream_t stream) {
-  if (p.shape.tq <= 0 || p.shape.tk < p.shape.tq) return cudaErrorInvalidValue;
+  if (p.shape.tq <= 0 || p.shape.tk < p.shape.tq || !kv_heads_valid(p.shape)) return cudaErrorInvalidValue;
   return dispatch_dtype_head_dim(p.shape, [&](auto bf16, auto d) {
     return launch_fwd_typed<decltype(bf16)::value, decltype(d)::value>(p, stream);
   });

@@ -33,8 +33,9 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_partial_kernel(const De
   const int64_t bh = static_cast<int64_t>(b) * p.shape.heads + h;
 
   const T* qg = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_stride.batch + h * p.k_stride.head + d0;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_stride.batch + h * p.v_stride.head + d0;
+  const int hk = h / (p.shape.heads / p.shape.kv_heads);  // the kv head this query head reads
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head + d0;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head + d0;
 
   // The query slice, pre-multiplied by scale * log2(e) so the softmax can use exp2.
   float q[8];
@@ -172,7 +173,7 @@ cudaError_t launch_decode_typed(const DecodeParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
-  if (p.shape.tq != 1 || p.shape.tk < 1 || p.splits < 1 || p.chunk < 1 ||
+  if (p.shape.tq != 1 || p.shape.tk < 1 || p.splits < 1 || p.chunk < 1 || !kv_heads_valid(p.shape) ||
       static_cast<int64_t>(p.splits) * p.chunk < p.shape.tk) {
     return cudaErrorInvalidValue;
   }

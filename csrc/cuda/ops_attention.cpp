@@ -3,7 +3,8 @@
 // the shared schemas of csrc/schemas.h (attention_fwd, attention_bwd; decode_attention is
 // CUDA-only).
 //
-// q is (B, H, Tq, D), k and v (B, H, Tk, D), Tq <= Tk, float16 or bfloat16, D 64 or 128.
+// q is (B, H, Tq, D), k and v (B, H_kv, Tk, D) with H a multiple of H_kv (grouped-query
+// attention, read in place), Tq <= Tk, float16 or bfloat16, D 64 or 128.
 // Any strides are accepted; a tensor whose rows are not 16-byte aligned and contiguous
 // along D is copied first.  `seed` is a one-element int64 CUDA tensor (required when
 // dropout_p > 0).  lse is the per-query log-sum-exp in log2 units of scale*log2(e)*q.k,
@@ -77,8 +78,10 @@ Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, d
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
               "gptfast_cuda attention: q, k, v must be on one device");
   TORCH_CHECK(k.sizes() == v.sizes(), "gptfast_cuda attention: k and v shapes differ: ", k.sizes(), " vs ", v.sizes());
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
-              "gptfast_cuda attention: q ", q.sizes(), " and k ", k.sizes(), " must agree in B, H and D");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3),
+              "gptfast_cuda attention: q ", q.sizes(), " and k ", k.sizes(), " must agree in B and D");
+  TORCH_CHECK(k.size(1) == q.size(1) || (k.size(1) >= 1 && q.size(1) % k.size(1) == 0), "gptfast_cuda attention: q's heads must be a multiple of ",
+              "k's heads, got q ", q.sizes(), " and k ", k.sizes());
   TORCH_CHECK(head_dim_supported(static_cast<int>(q.size(3))),
               "gptfast_cuda attention: head_dim must be 64 or 128, got ", q.size(3));
   TORCH_CHECK(q.size(2) >= 1 && q.size(2) <= k.size(2), "gptfast_cuda attention: need 1 <= Tq <= Tk, got Tq=",
@@ -86,9 +89,9 @@ Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, d
   TORCH_CHECK(q.size(0) <= 65535 && q.size(1) <= 65535, "gptfast_cuda attention: batch and heads must be <= 65535");
   TORCH_CHECK(k.size(2) < (int64_t{1} << 30), "gptfast_cuda attention: too many keys: ", k.size(2));
   TORCH_CHECK(std::isfinite(scale) && scale > 0, "gptfast_cuda attention: scale must be positive, got ", scale);
-  return Shape{static_cast<int>(q.size(0)), static_cast<int>(q.size(1)), static_cast<int>(q.size(2)),
-               static_cast<int>(k.size(2)),  static_cast<int>(q.size(3)), q.scalar_type() == at::kBFloat16,
-               static_cast<float>(scale)};
+  return Shape{static_cast<int>(q.size(0)), static_cast<int>(q.size(1)), static_cast<int>(k.size(1)),
+               static_cast<int>(q.size(2)), static_cast<int>(k.size(2)),  static_cast<int>(q.size(3)),
+               q.scalar_type() == at::kBFloat16, static_cast<float>(scale)};
 }
 
 Dropout make_dropout(double dropout_p, const c10::optional<at::Tensor>& seed, const at::Tensor& q) {
@@ -165,8 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& g
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor delta = at::empty({shape.batch, shape.heads, shape.tq}, q.options().dtype(at::kFloat));
   at::Tensor dq_accum = at::zeros({shape.batch, shape.heads, shape.tq, shape.head_dim}, q.options().dtype(at::kFloat));
-  at::Tensor dk = at::empty({shape.batch, shape.heads, shape.tk, shape.head_dim}, q.options());
-  at::Tensor dv = at::empty({shape.batch, shape.heads, shape.tk, shape.head_dim}, q.options());
+  at::Tensor dk = at::empty({shape.batch, shape.kv_heads, shape.tk, shape.head_dim}, q.options());
+  at::Tensor dv = at::empty({shape.batch, shape.kv_heads, shape.tk, shape.head_dim}, q.options());
   BwdParams p = qkv_params<BwdParams>(shape, q, k, v);
   p.out = out.data_ptr();
   p.dout = dout.data_ptr();

@@ -1,7 +1,9 @@
 """Causal flash attention (FlashAttention-2 style) in Triton, forward and backward.
 
-Layout: q ``(B, H, Tq, D)``, k/v ``(B, H, Tk, D)`` with ``Tq <= Tk``; query ``i`` sits at
+Layout: q ``(B, H, Tq, D)``, k/v ``(B, H_kv, Tk, D)`` with ``Tq <= Tk``; query ``i`` sits at
 position ``Tk - Tq + i`` and sees keys ``j <= Tk - Tq + i`` (the KV-cache decode case).
+Grouped-query attention: ``H_kv`` divides ``H`` and query head ``h`` reads kv head
+``h // (H // H_kv)`` in place; nothing is expanded.
 
 Forward: one program per (query block, batch*head).  It walks the key blocks with an
 online softmax (running max and sum, base-2 exponentials) and saves the log-sum-exp
@@ -10,8 +12,9 @@ Key blocks that are fully visible run without any mask; only the blocks crossing
 diagonal are masked, and blocks entirely above it are never visited (loop bounds).
 
 Backward: a small kernel computes ``delta = rowsum(dO * O)``, then two kernels without atomics: one program
-per key block accumulates dK and dV over the query blocks that see it, one program
-per query block accumulates dQ over its visible key blocks.
+per key block of one kv head accumulates dK and dV over the query blocks that see it, for every
+query head of its group in turn, one program per query block accumulates dQ over its visible
+key blocks.
 
 Dropout on the attention weights is generated in the kernel with Philox
 (``tl.rand``): key = a seed drawn from torch's generator plus the batch*head index in
@@ -127,7 +130,7 @@ def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs
 @triton.jit
 def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr,
                           sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
-                          n_heads, tq, tk, qk_scale, dropout_p, keep_scale,
+                          n_heads, group, tq, tk, qk_scale, dropout_p, keep_scale,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                           DROPOUT: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
     m_block, bh, b, h = _program_tile(tl.cdiv(tq, BLOCK_M), n_heads)
@@ -137,8 +140,8 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr,
     row_ok = offs_m < tq
     pos_offset = tk - tq
 
-    k_base = _head_base(k_ptr, b, h, sk_b, sk_h)
-    v_base = _head_base(v_ptr, b, h, sv_b, sv_h)
+    k_base = _head_base(k_ptr, b, h // group, sk_b, sk_h)
+    v_base = _head_base(v_ptr, b, h // group, sv_b, sv_h)
     q = _load_rows(_head_base(q_ptr, b, h, sq_b, sq_h), offs_m, sq_t, offs_d, tq, WIDE)
     seed = _dropout_seed(seed_ptr, bh, DROPOUT)
 
@@ -213,23 +216,19 @@ def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_t
 @triton.jit
 def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, seed_ptr,
                            sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
-                           n_heads, tq, tk, scale, qk_scale, dropout_p, keep_scale,
+                           n_heads, group, tq, tk, scale, qk_scale, dropout_p, keep_scale,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                            DROPOUT: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
-    n_block, bh, b, h = _program_tile(tl.cdiv(tk, BLOCK_N), n_heads)
+    # One program per key block of one (batch, kv head); n_heads counts the query heads.
+    n_block, bkv, b, hk = _program_tile(tl.cdiv(tk, BLOCK_N), n_heads // group)
     start_n = n_block * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n < tk
     pos_offset = tk - tq
 
-    k = _load_rows(_head_base(k_ptr, b, h, sk_b, sk_h), offs_n, sk_t, offs_d, tk, WIDE)
-    v = _load_rows(_head_base(v_ptr, b, h, sv_b, sv_h), offs_n, sv_t, offs_d, tk, WIDE)
-    q_base = _head_base(q_ptr, b, h, sq_b, sq_h)
-    do_base = _head_base(do_ptr, b, h, sdo_b, sdo_h)
-    lse_base = lse_ptr + bh.to(tl.int64) * tq
-    delta_base = delta_ptr + bh.to(tl.int64) * tq
-    seed = _dropout_seed(seed_ptr, bh, DROPOUT)
+    k = _load_rows(_head_base(k_ptr, b, hk, sk_b, sk_h), offs_n, sk_t, offs_d, tk, WIDE)
+    v = _load_rows(_head_base(v_ptr, b, hk, sv_b, sv_h), offs_n, sv_t, offs_d, tk, WIDE)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -239,15 +238,24 @@ def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_p
     full_m = tl.maximum(start_n + BLOCK_N - 1 - pos_offset, 0)
     full_m = first_m + tl.cdiv(tl.maximum(full_m - first_m, 0), BLOCK_M) * BLOCK_M
     full_m = tl.minimum(full_m, tl.cdiv(tq, BLOCK_M) * BLOCK_M)
-    dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_t, sdo_t, offs_n, offs_d,
-                                first_m, full_m, tq, tk, pos_offset, qk_scale, seed, dropout_p, keep_scale,
-                                BLOCK_M, True, DROPOUT, PRECISION, WIDE)
-    dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_t, sdo_t, offs_n, offs_d,
-                                full_m, tq, tq, tk, pos_offset, qk_scale, seed, dropout_p, keep_scale,
-                                BLOCK_M, False, DROPOUT, PRECISION, WIDE)
+    # The group's query heads in turn: this program owns the key block, so the sum needs no atomics.
+    for g in range(0, group):
+        h = hk * group + g
+        bh = b * n_heads + h
+        q_base = _head_base(q_ptr, b, h, sq_b, sq_h)
+        do_base = _head_base(do_ptr, b, h, sdo_b, sdo_h)
+        lse_base = lse_ptr + bh.to(tl.int64) * tq
+        delta_base = delta_ptr + bh.to(tl.int64) * tq
+        seed = _dropout_seed(seed_ptr, bh, DROPOUT)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_t, sdo_t, offs_n,
+                                    offs_d, first_m, full_m, tq, tk, pos_offset, qk_scale, seed, dropout_p,
+                                    keep_scale, BLOCK_M, True, DROPOUT, PRECISION, WIDE)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_t, sdo_t, offs_n,
+                                    offs_d, full_m, tq, tq, tk, pos_offset, qk_scale, seed, dropout_p, keep_scale,
+                                    BLOCK_M, False, DROPOUT, PRECISION, WIDE)
 
-    # dK and dV are written contiguous (B, H, Tk, D).
-    out_offs = bh.to(tl.int64) * tk * HEAD_DIM + _idx(offs_n, WIDE)[:, None] * HEAD_DIM + offs_d[None, :]
+    # dK and dV are written contiguous (B, H_kv, Tk, D).
+    out_offs = bkv.to(tl.int64) * tk * HEAD_DIM + _idx(offs_n, WIDE)[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(dk_ptr + out_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=key_ok[:, None])
     tl.store(dv_ptr + out_offs, dv.to(dv_ptr.dtype.element_ty), mask=key_ok[:, None])
 
@@ -284,7 +292,7 @@ def _dq_key_blocks(dq, q, do, lse, delta, k_base, v_base, sk_t, sv_t, offs_m, of
 @triton.jit
 def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr,
                          sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
-                         n_heads, tq, tk, scale, qk_scale, dropout_p, keep_scale,
+                         n_heads, group, tq, tk, scale, qk_scale, dropout_p, keep_scale,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                          DROPOUT: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
     m_block, bh, b, h = _program_tile(tl.cdiv(tq, BLOCK_M), n_heads)
@@ -298,8 +306,8 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr
     do = _load_rows(_head_base(do_ptr, b, h, sdo_b, sdo_h), offs_m, sdo_t, offs_d, tq, WIDE)
     lse = tl.load(lse_ptr + bh.to(tl.int64) * tq + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_ptr + bh.to(tl.int64) * tq + offs_m, mask=row_ok, other=0.0)
-    k_base = _head_base(k_ptr, b, h, sk_b, sk_h)
-    v_base = _head_base(v_ptr, b, h, sv_b, sv_h)
+    k_base = _head_base(k_ptr, b, h // group, sk_b, sk_h)
+    v_base = _head_base(v_ptr, b, h // group, sv_b, sv_h)
     seed = _dropout_seed(seed_ptr, bh, DROPOUT)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -397,7 +405,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     grid = flat_grid(triton.cdiv(tq, cfg["BLOCK_M"]), b * h)
     launch(_attention_fwd_kernel, grid, q, k, v, out, lse, seed if dropout else lse,
            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-           h, tq, tk, scale * LOG2E, dropout_p, keep_scale,
+           h, h // max(k.shape[1], 1), tq, tk, scale * LOG2E, dropout_p, keep_scale,
            HEAD_DIM=d, DROPOUT=dropout, PRECISION=dot_precision(q.dtype),
            WIDE=needs_wide_offsets(q, k, v, out), **cfg)
     return out, lse
@@ -419,15 +427,16 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     launch(_attention_delta_kernel, flat_grid(triton.cdiv(tq, delta_block), b * h), out, grad_out, delta,
            *_strides(out), *_strides(grad_out), h, tq, BLOCK_M=delta_block, HEAD_DIM=d, WIDE=wide)
     dq = torch.empty((b, h, tq, d), device=q.device, dtype=q.dtype)
-    dk = torch.empty((b, h, tk, d), device=q.device, dtype=k.dtype)
-    dv = torch.empty((b, h, tk, d), device=q.device, dtype=v.dtype)
+    h_kv = k.shape[1]
+    dk = torch.empty((b, h_kv, tk, d), device=q.device, dtype=k.dtype)
+    dv = torch.empty((b, h_kv, tk, d), device=q.device, dtype=v.dtype)
     dropout, keep_scale = _dropout_args(dropout_p, seed)
     seed_ptr = seed if dropout else lse  # never read without dropout
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
-              h, tq, tk, scale, scale * LOG2E, dropout_p, keep_scale)
+              h, h // max(h_kv, 1), tq, tk, scale, scale * LOG2E, dropout_p, keep_scale)
     consts = dict(HEAD_DIM=d, DROPOUT=dropout, PRECISION=dot_precision(q.dtype), WIDE=wide)
     kv_cfg, q_cfg = _bwd_configs(d, q.dtype)
-    launch(_attention_dkdv_kernel, flat_grid(triton.cdiv(tk, kv_cfg["BLOCK_N"]), b * h),
+    launch(_attention_dkdv_kernel, flat_grid(triton.cdiv(tk, kv_cfg["BLOCK_N"]), b * h_kv),
            q, k, v, grad_out, lse, delta, dk, dv, seed_ptr, *common, **consts, **kv_cfg)
     launch(_attention_dq_kernel, flat_grid(triton.cdiv(tq, q_cfg["BLOCK_M"]), b * h),
            q, k, v, grad_out, lse, delta, dq, seed_ptr, *common, **consts, **q_cfg)

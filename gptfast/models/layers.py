@@ -223,8 +223,10 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     if kv_heads == 0 or heads % kv_heads != 0:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
     group_size = heads // kv_heads
-    # The fused op takes one k/v head per query head today; repeat_interleave keeps the
-    # reference's exact matmuls, so the torch backend stays bitwise.
+    # The fused kernels read the shared k/v heads in place.  The torch backend gets the
+    # reference's contiguous repeat_interleave copies, so its matmuls stay bitwise equal.
+    if mask is None and ops.selected_backend("causal_attention", q, k, v) != "torch":
+        return ops.causal_attention(q, k, v)
     k, v = expand_kv_heads(k, group_size), expand_kv_heads(v, group_size)
     if mask is None:
         return ops.causal_attention(q, k, v)

@@ -55,8 +55,11 @@ def selected_backend(op: str, *tensors: torch.Tensor) -> str:
 def causal_attention(q, k, v, *, dropout_p=0.0, training=False, scale=None, backend=None):
     """Causal softmax attention ``softmax(q k^T * scale + mask) v`` with attention dropout.
 
-    q is ``(B, H, Tq, D)``, k and v ``(B, H, Tk, D)`` with ``Tq <= Tk``: the queries
+    q is ``(B, H, Tq, D)``, k and v ``(B, H_kv, Tk, D)`` with ``Tq <= Tk``: the queries
     are the last ``Tq`` positions of the keys (``Tq = 1`` is a KV-cache decode step).
+    ``H_kv`` may divide ``H`` (grouped-query attention; ``H_kv = 1`` is multi-query):
+    query head ``h`` reads kv head ``h // (H // H_kv)``, and the fused backends read the
+    shared k/v heads in place, without expanding them.
     ``scale`` defaults to ``1 / sqrt(D)``.  Dropout on the attention weights is applied
     only when ``training`` is true.  Returns ``(B, H, Tq, D)``.
     """

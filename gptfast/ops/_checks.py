@@ -50,10 +50,14 @@ def check_attention(q, k, v, dropout_p, scale) -> None:
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    (b, h, tq, d), tk = q.shape, k.shape[2]
-    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
+    (b, h, tq, d), (h_kv, tk) = q.shape, k.shape[1:3]
+    if k.shape[0] != b or k.shape[3] != d:
         raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head_dim")
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head_dim")
+    if h_kv == 0 or h % h_kv != 0:
+        raise ValueError(
+            f"k has {h_kv} heads but q has {h}: the query heads must be a whole multiple of the key/value heads "
+            f"(grouped-query attention), got q {tuple(q.shape)} and k {tuple(k.shape)}")
     if tq == 0 or d == 0:
         raise ValueError(f"q must have at least one token and a non-empty head_dim, got shape {tuple(q.shape)}")
     if tq > tk:

@@ -5,6 +5,9 @@ The kernels are torch ops with one schema in each namespace (csrc/schemas.h)::
     attention_fwd(q, k, v, scale, dropout_p, seed) -> (out, lse)
     attention_bwd(grad_out, q, k, v, out, lse, scale, dropout_p, seed) -> (dq, dk, dv)
 
+k and v may have fewer heads than q (``H_kv`` dividing ``H``, grouped-query attention):
+every kernel reads the shared heads in place and returns dk/dv in k/v's shape.
+
 This module holds what sits above them: the fake implementations (for the C++ ops;
 a Triton op's fake is its own Python body), the autograd formula, the scale default,
 the dropout seed, and the CUDA-only routing (zero-padded head dims, the decode kernel).

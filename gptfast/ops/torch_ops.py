@@ -24,7 +24,14 @@ def causal_mask(tq: int, tk: int, device) -> torch.Tensor:
 
 
 def causal_attention(q, k, v, *, dropout_p=0.0, training=False, scale=None):
-    """Causal softmax attention, op for op as the reference's ``MultiHeadAttention.forward``."""
+    """Causal softmax attention, op for op as the reference's ``MultiHeadAttention.forward``.
+
+    Grouped k/v ``(B, H_kv, Tk, D)`` are expanded to the query heads with ``repeat_interleave``,
+    as the reference's ``GroupedQueryAttention`` does before its own matmuls.
+    """
+    group = q.shape[1] // k.shape[1]
+    if group != 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = q @ k.transpose(2, 3)
     scores.masked_fill_(causal_mask(q.shape[2], k.shape[2], q.device), -torch.inf)
     # The reference divides by sqrt(head_dim) after masking; keep that order for bitwise parity.

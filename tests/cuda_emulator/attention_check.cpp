@@ -63,20 +63,22 @@ static void report(const char* what, const std::string& cfg, double err, double 
   std::printf("%-5s %-48s max_err=%.3e max_ref=%.3e %s\n", what, cfg.c_str(), err, mag, ok ? "ok" : "FAIL");
 }
 
-static void run_case(bool bf16, int B, int H, int Tq, int Tk, int D, double p, bool bthd) {
-  std::mt19937 rng(B * 1000 + Tq * 7 + Tk + D);
-  Tensor4 q = make(B, H, Tq, D, bthd, bf16, rng), k = make(B, H, Tk, D, false, bf16, rng), v = make(B, H, Tk, D, bthd, bf16, rng);
+// H query heads over Hkv key/value heads (grouped-query attention when Hkv < H).
+static void run_case(bool bf16, int B, int H, int Hkv, int Tq, int Tk, int D, double p, bool bthd) {
+  std::mt19937 rng(B * 1000 + Tq * 7 + Tk + D + H * 31 + Hkv);
+  Tensor4 q = make(B, H, Tq, D, bthd, bf16, rng), k = make(B, Hkv, Tk, D, false, bf16, rng), v = make(B, Hkv, Tk, D, bthd, bf16, rng);
+  const int group = H / Hkv;
   Tensor4 dout = make(B, H, Tq, D, bthd, bf16, rng);
   const float scale = 1.0f / std::sqrt((float)D);
   int64_t seed = 0x123456789abcLL;
   Dropout drop{p > 0, 0u, 1.f, &seed};
   if (p > 0) { drop.threshold = (uint32_t)(p * 4294967296.0); drop.inv_keep = (float)(1 / (1 - p)); }
-  Shape shape{B, H, Tq, Tk, D, bf16, scale};
+  Shape shape{B, H, Hkv, Tq, Tk, D, bf16, scale};
   std::vector<uint16_t> out((size_t)B * H * Tq * D, 0xffff); std::vector<float> lse((size_t)B * H * Tq, NAN);
   FwdParams fp{shape, q.data.data(), k.data.data(), v.data.data(), q.strides(), k.strides(), v.strides(), out.data(), lse.data(), drop};
   if (launch_attention_fwd(fp, nullptr) != cudaSuccess) { std::printf("fwd launch failed\n"); ++failures; return; }
   std::vector<float> delta((size_t)B * H * Tq), dq((size_t)B * H * Tq * D, 0.f);
-  std::vector<uint16_t> dk((size_t)B * H * Tk * D, 0xffff), dv((size_t)B * H * Tk * D, 0xffff);
+  std::vector<uint16_t> dk((size_t)B * Hkv * Tk * D, 0xffff), dv((size_t)B * Hkv * Tk * D, 0xffff);
   Strides4 oc{(int64_t)H * Tq * D, (int64_t)Tq * D, D};
   BwdParams bp{shape, q.data.data(), k.data.data(), v.data.data(), out.data(), dout.data.data(), q.strides(), k.strides(), v.strides(), oc, dout.strides(),
                lse.data(), delta.data(), dq.data(), dk.data(), dv.data(), drop};
@@ -84,14 +86,18 @@ static void run_case(bool bf16, int B, int H, int Tq, int Tk, int D, double p, b
 
   double el = 0, ml = 0, eo = 0, mo = 0, eq = 0, mq = 0, ek = 0, mk = 0, ev = 0, mv = 0;
   const int off = Tk - Tq;
+  // dK/dV of each (b, kv head): the sums over its group's query heads.
+  std::vector<double> dKall((size_t)B * Hkv * Tk * D, 0), dVall((size_t)B * Hkv * Tk * D, 0);
   for (int b = 0; b < B; ++b) for (int h = 0; h < H; ++h) {
     const uint32_t bh = b * H + h;
+    const int hk = h / group;
     auto Q = [&](int i, int d) { return (double)from_bits(q.data[q.idx(b, h, i, d)], bf16); };
-    auto K = [&](int j, int d) { return (double)from_bits(k.data[k.idx(b, h, j, d)], bf16); };
-    auto V = [&](int j, int d) { return (double)from_bits(v.data[v.idx(b, h, j, d)], bf16); };
+    auto K = [&](int j, int d) { return (double)from_bits(k.data[k.idx(b, hk, j, d)], bf16); };
+    auto V = [&](int j, int d) { return (double)from_bits(v.data[v.idx(b, hk, j, d)], bf16); };
     auto G = [&](int i, int d) { return (double)from_bits(dout.data[dout.idx(b, h, i, d)], bf16); };
     std::vector<double> P((size_t)Tq * Tk, 0.0), M((size_t)Tq * Tk, 0.0), dS((size_t)Tq * Tk, 0.0);
-    std::vector<double> dK((size_t)Tk * D, 0), dV((size_t)Tk * D, 0);
+    double* dK = dKall.data() + ((size_t)b * Hkv + hk) * Tk * D;
+    double* dV = dVall.data() + ((size_t)b * Hkv + hk) * Tk * D;
     for (int i = 0; i < Tq; ++i) {
       double mx = -1e300;
       for (int j = 0; j <= off + i; ++j) { double s = 0; for (int d = 0; d < D; ++d) s += Q(i, d) * K(j, d); P[i * Tk + j] = s * scale; mx = std::max(mx, P[i * Tk + j]); }
@@ -124,27 +130,27 @@ static void run_case(bool bf16, int B, int H, int Tq, int Tk, int D, double p, b
         dV[j * D + d] += P[i * Tk + j] * M[i * Tk + j] * G(i, d);
       }
     }
-    for (int j = 0; j < Tk; ++j) for (int d = 0; d < D; ++d) {
-      double gk = from_bits(dk[((size_t)bh * Tk + j) * D + d], bf16), gv = from_bits(dv[((size_t)bh * Tk + j) * D + d], bf16);
-      ek = std::max(ek, std::fabs(gk - dK[j * D + d])); mk = std::max(mk, std::fabs(dK[j * D + d]));
-      ev = std::max(ev, std::fabs(gv - dV[j * D + d])); mv = std::max(mv, std::fabs(dV[j * D + d]));
-      if (std::isnan(gk) || std::isnan(gv)) { ek = ev = 1e30; }
-    }
+  }
+  for (size_t x = 0; x < dKall.size(); ++x) {
+    double gk = from_bits(dk[x], bf16), gv = from_bits(dv[x], bf16);
+    ek = std::max(ek, std::fabs(gk - dKall[x])); mk = std::max(mk, std::fabs(dKall[x]));
+    ev = std::max(ev, std::fabs(gv - dVall[x])); mv = std::max(mv, std::fabs(dVall[x]));
+    if (std::isnan(gk) || std::isnan(gv)) { ek = ev = 1e30; }
   }
   char cfg[200];
-  std::snprintf(cfg, sizeof cfg, "%s B%d H%d Tq%d Tk%d D%d p%.2f %s", bf16 ? "bf16" : "fp16", B, H, Tq, Tk, D, p, bthd ? "bthd" : "bhtd");
+  std::snprintf(cfg, sizeof cfg, "%s B%d H%d Hkv%d Tq%d Tk%d D%d p%.2f %s", bf16 ? "bf16" : "fp16", B, H, Hkv, Tq, Tk, D, p, bthd ? "bthd" : "bhtd");
   const double tol = bf16 ? 3e-2 : 4e-3;
   report("lse", cfg, el, ml, 1e-4);
   report("out", cfg, eo, mo, tol); report("dq", cfg, eq, mq, tol); report("dk", cfg, ek, mk, tol); report("dv", cfg, ev, mv, tol);
 }
 
-static void run_decode(bool bf16, int B, int H, int Tk, int D, int sms, bool strided) {
-  std::mt19937 rng(Tk * 3 + D + sms);
-  const int Tmax = strided ? Tk + 24 : Tk;
-  Tensor4 q = make(B, H, 1, D, true, bf16, rng), k = make(B, H, Tmax, D, false, bf16, rng), v = make(B, H, Tmax, D, false, bf16, rng);
+static void run_decode(bool bf16, int B, int H, int Hkv, int Tk, int D, int sms, bool strided) {
+  std::mt19937 rng(Tk * 3 + D + sms + Hkv);
+  const int Tmax = strided ? Tk + 24 : Tk, group = H / Hkv;
+  Tensor4 q = make(B, H, 1, D, true, bf16, rng), k = make(B, Hkv, Tmax, D, false, bf16, rng), v = make(B, Hkv, Tmax, D, false, bf16, rng);
   const float scale = 1.0f / std::sqrt((float)D);
   DecodeParams p{};
-  p.shape = Shape{B, H, 1, Tk, D, bf16, scale};
+  p.shape = Shape{B, H, Hkv, 1, Tk, D, bf16, scale};
   decode_split((int64_t)B * H, Tk, sms, &p.splits, &p.chunk);
   std::vector<uint16_t> out((size_t)B * H * D, 0xffff);
   std::vector<float> acc((size_t)B * H * p.splits * D), mx((size_t)B * H * p.splits), sm((size_t)B * H * p.splits);
@@ -155,46 +161,50 @@ static void run_decode(bool bf16, int B, int H, int Tk, int D, int sms, bool str
   double e = 0, m = 0;
   for (int b = 0; b < B; ++b) for (int h = 0; h < H; ++h) {
     std::vector<double> s(Tk); double best = -1e300;
-    for (int j = 0; j < Tk; ++j) { double x = 0; for (int d = 0; d < D; ++d) x += (double)from_bits(q.data[q.idx(b, h, 0, d)], bf16) * from_bits(k.data[k.idx(b, h, j, d)], bf16); s[j] = x * scale; best = std::max(best, s[j]); }
+    for (int j = 0; j < Tk; ++j) { double x = 0; for (int d = 0; d < D; ++d) x += (double)from_bits(q.data[q.idx(b, h, 0, d)], bf16) * from_bits(k.data[k.idx(b, h / group, j, d)], bf16); s[j] = x * scale; best = std::max(best, s[j]); }
     double sum = 0; for (auto& x : s) { x = std::exp(x - best); sum += x; }
     for (int d = 0; d < D; ++d) {
-      double o = 0; for (int j = 0; j < Tk; ++j) o += s[j] / sum * from_bits(v.data[v.idx(b, h, j, d)], bf16);
+      double o = 0; for (int j = 0; j < Tk; ++j) o += s[j] / sum * from_bits(v.data[v.idx(b, h / group, j, d)], bf16);
       double got = from_bits(out[((size_t)b * H + h) * D + d], bf16);
       e = std::max(e, std::isnan(got) ? 1e30 : std::fabs(got - o)); m = std::max(m, std::fabs(o));
     }
   }
   char cfg[200];
-  std::snprintf(cfg, sizeof cfg, "%s B%d H%d Tk%d D%d sms%d splits%d chunk%d%s", bf16 ? "bf16" : "fp16", B, H, Tk, D, sms, p.splits, p.chunk, strided ? " strided" : "");
+  std::snprintf(cfg, sizeof cfg, "%s B%d H%d Hkv%d Tk%d D%d sms%d splits%d chunk%d%s", bf16 ? "bf16" : "fp16", B, H, Hkv, Tk, D, sms, p.splits, p.chunk, strided ? " strided" : "");
   report("dec", cfg, e, m, bf16 ? 3e-2 : 4e-3);
 }
 
 static void run_fwd_bwd_cases(bool full) {
   for (bool bf16 : {false, true}) {
-    // (B, H, Tq, Tk, D, dropout, (B,T,H,D) layout for q/v/dout)
-    run_case(bf16, 1, 2, 17, 17, 64, 0.0, true);
-    run_case(bf16, 2, 1, 33, 65, 128, 0.0, false);
-    run_case(bf16, 1, 1, 1, 37, 64, 0.0, false);
-    run_case(bf16, 1, 2, 40, 70, 64, 0.3, true);
-    run_case(bf16, 1, 1, 67, 67, 128, 0.5, false);
+    // (B, H, H_kv, Tq, Tk, D, dropout, (B,T,H,D) layout for q/v/dout)
+    run_case(bf16, 1, 2, 2, 17, 17, 64, 0.0, true);
+    run_case(bf16, 2, 1, 1, 33, 65, 128, 0.0, false);
+    run_case(bf16, 1, 1, 1, 1, 37, 64, 0.0, false);
+    run_case(bf16, 1, 2, 2, 40, 70, 64, 0.3, true);
+    run_case(bf16, 1, 1, 1, 67, 67, 128, 0.5, false);
+    run_case(bf16, 1, 4, 2, 33, 40, 64, 0.3, true);    // grouped-query, dropout
+    run_case(bf16, 2, 4, 1, 20, 20, 128, 0.0, false);  // multi-query
     if (full) {
-      run_case(bf16, 1, 1, 1, 1, 64, 0.0, false);
-      run_case(bf16, 1, 1, 70, 70, 64, 0.0, false);
-      run_case(bf16, 1, 1, 130, 130, 128, 0.0, true);
-      run_case(bf16, 1, 1, 5, 140, 64, 0.0, false);
-      run_case(bf16, 1, 1, 70, 70, 64, 0.3, true);
+      run_case(bf16, 1, 8, 2, 70, 70, 64, 0.0, false);
+      run_case(bf16, 1, 1, 1, 1, 1, 64, 0.0, false);
+      run_case(bf16, 1, 1, 1, 70, 70, 64, 0.0, false);
+      run_case(bf16, 1, 1, 1, 130, 130, 128, 0.0, true);
+      run_case(bf16, 1, 1, 1, 5, 140, 64, 0.0, false);
+      run_case(bf16, 1, 1, 1, 70, 70, 64, 0.3, true);
     }
   }
 }
 
 static void run_decode_cases(bool full) {
   for (bool bf16 : {false, true}) {
-    // (B, H, Tk, D, SM count that sets the split, KV cache longer than Tk)
-    run_decode(bf16, 1, 3, 1, 64, 132, false);
-    run_decode(bf16, 2, 2, 1000, 128, 4, true);
-    run_decode(bf16, 1, 1, 777, 64, 1, false);
+    // (B, H, H_kv, Tk, D, SM count that sets the split, KV cache longer than Tk)
+    run_decode(bf16, 1, 3, 3, 1, 64, 132, false);
+    run_decode(bf16, 2, 2, 2, 1000, 128, 4, true);
+    run_decode(bf16, 1, 1, 1, 777, 64, 1, false);
+    run_decode(bf16, 2, 8, 2, 300, 64, 4, true);  // grouped-query
     if (full) {
-      run_decode(bf16, 1, 3, 5, 128, 132, false);
-      run_decode(bf16, 1, 2, 300, 64, 132, true);
+      run_decode(bf16, 1, 3, 3, 5, 128, 132, false);
+      run_decode(bf16, 1, 2, 2, 300, 64, 132, true);
     }
   }
 }
