@@ -178,8 +178,10 @@ def test_kv_cache_has_the_references_interface():
         cache.update(1, 2, pair_kv)
     assert ours.get_layer(1) == theirs.get_layer(1) and ours.get(1, 2) is pair_kv
     assert ours.get(0, 0) is None and ours.cache[1][2] is pair_kv and len(ours.cache) == 2
+    with pytest.raises(TypeError):
+        ours.cache[1][2] = None  # read-only: a write that would be lost is refused
     ours.reset()
-    assert ours.cache == [[None] * 3, [None] * 3]
+    assert ours.cache == ((None,) * 3, (None,) * 3)
     for bad in (0, -1, True, 2.0):
         with pytest.raises(ValueError, match="batch_size"):
             utils.KVCache(2, bad)
@@ -276,6 +278,13 @@ def test_bad_input_is_a_clear_error_and_changes_nothing():
             o(torch.zeros(2, 1, dtype=torch.long), cache=cache, start_pos=torch.tensor([29, 30]))
         with pytest.raises(ValueError, match="start_pos .* is required"):
             o(torch.zeros(2, 1, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="the cache has 3 layers but the model has 2"):
+            o(torch.zeros(2, 1, dtype=torch.long), cache=utils.KVCache(3, 2), start_pos=torch.tensor([0, 0]))
+        partial = utils.KVCache(2, 2)
+        partial.update(0, 0, cache.get(0, 0))
+        partial.update(0, 1, cache.get(0, 1))  # layer 1 left empty
+        with pytest.raises(ValueError, match="in layer 1"):
+            o(torch.zeros(2, 1, dtype=torch.long), cache=partial, start_pos=o.current_pos)
         with pytest.raises(ValueError, match="the cache has 2 rows but in_idx has 3"):
             o(torch.zeros(3, 1, dtype=torch.long), cache=cache, start_pos=torch.tensor([30, 30, 30]))
         with pytest.raises(TypeError, match="integer positions"):

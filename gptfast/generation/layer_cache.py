@@ -149,8 +149,12 @@ class RowKVCache:
 
     @property
     def cache(self):
-        """Every entry, ``cache[layer_idx][batch_idx]`` (a fresh list of lists; entries are views)."""
-        return [self.get_layer(i) for i in range(len(self._lengths))]
+        """Every entry, ``cache[layer_idx][batch_idx]``: read-only tuples (entries are views; write with ``update``)."""
+        return tuple(tuple(self.get_layer(i)) for i in range(len(self._lengths)))
+
+    @property
+    def n_layers(self) -> int:
+        return len(self._lengths)
 
     def get(self, layer_idx, batch_idx):
         """Row ``batch_idx``'s ``(keys, values)`` of layer ``layer_idx``, or ``None`` when nothing is cached."""

@@ -251,10 +251,13 @@ class Qwen3Model(qwen3.Qwen3Model):
         if cache.batch_size != batch:
             raise ValueError(f"the cache has {cache.batch_size} rows but in_idx has {batch}; "
                              "make a KVCache(n_layers, batch_size) for this batch")
-        held = cache.row_lengths(0)
-        if held != starts:
-            raise ValueError(f"start_pos {starts} does not continue the cached rows, which hold {held} tokens "
-                             "(pass model.current_pos and advance it after each call)")
+        if cache.n_layers != len(self.trf_blocks):
+            raise ValueError(f"the cache has {cache.n_layers} layers but the model has {len(self.trf_blocks)}")
+        for layer in range(cache.n_layers):
+            held = cache.row_lengths(layer)
+            if held != starts:
+                raise ValueError(f"start_pos {starts} does not continue the cached rows, which hold {held} tokens "
+                                 f"in layer {layer} (pass model.current_pos and advance it after each call)")
 
     def reset_kv_cache(self, batch_size, device=None):
         """Start a new batch of ``batch_size`` rows at position 0 (the caller starts a new cache)."""
