@@ -21,7 +21,7 @@ finish leave the cache, so they stop costing work (except on the CUDA-graph path
 whose batch shape is fixed: there a finished row rides along for free in the
 weight-bound step).  On CPU the steps after the prompt run with torch's thread
 count or with one thread, whichever the first steps time faster (see
-:class:`DecodeThreads`).  Models without the book's ``GPTModel`` layout fall back
+:class:`DecodeThreads`).  Models without the book's ``GPTModel`` layout (or a Llama 3 / Qwen3 decoder's) fall back
 to the uncached loop.
 """
 
@@ -174,7 +174,7 @@ class Decoder:
         self.context_size = _require_int("context_size", context_size, 1)
         self.cached = is_decodable(model)
         if dtype is not None and not self.cached:
-            raise TypeError("dtype needs a model with the book's GPTModel layout")
+            raise TypeError("dtype needs a model with the book's GPTModel layout or a Llama 3 / Qwen3 decoder")
         self.model = model  # replaced by its converted copy once every argument is checked
         device = model_device(model)
         self.device = device
