@@ -494,6 +494,22 @@ def test_linear_driver_runs_any_backends_kernel(small_chunks):
     parity.assert_close(weight.grad, w2.grad, torch.float32, "d weight")
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_driver_without_grad_mode_computes_no_gradient(small_chunks, reduction):
+    """Evaluation under no_grad (inputs that require grad): the kernel is asked for the loss only."""
+    hidden, weight, _, targets = _linear_case(12, 8, 40, seed=24)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    targets[::3] = -100
+    _ref_calls.clear()
+    with torch.no_grad():
+        loss = ce.fused_linear_cross_entropy(_REF, hidden, weight, targets, reduction=reduction)
+    assert _ref_calls == [False] * 2 and not loss.requires_grad  # 8 kept rows in chunks of 5
+    ref = torch_ops.linear_cross_entropy(hidden.detach().double(), weight.detach().double(), targets,
+                                         reduction=reduction)
+    parity.assert_close(loss, ref, torch.float32, "no-grad linear CE")
+
+
 def _linear_case(n, hidden_size, vocab, seed, bias=False):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, hidden_size, generator=g)

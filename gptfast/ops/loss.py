@@ -308,5 +308,11 @@ def fused_linear_cross_entropy(ops, hidden, weight, targets, *, bias=None, ignor
     op_name = f"{ops}::cross_entropy_fwd (linear cross-entropy)" if isinstance(ops, str) else "linear cross-entropy"
     flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     flat_targets = _flat_targets(targets)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
+        # No gradient will be asked for (evaluation, no_grad): the loss only, without the Function, whose
+        # forward would otherwise compute the gradients (it cannot see that grad mode was off).
+        loss_rows, *_ = _linear_ce_chunks(kernel, flat, weight, bias, flat_targets, int(ignore_index), None,
+                                          (False, False, False))
+        return reduce_loss(loss_rows, targets, ignore_index, reduction, hidden.dtype)
     loss = _LinearCrossEntropy.apply(flat, weight, bias, flat_targets, int(ignore_index), reduction, kernel, op_name)
     return loss.view(targets.shape) if reduction == "none" else loss
