@@ -38,6 +38,7 @@ __all__ = [
     "linear_cross_entropy",
     "sample_next_token",
     "sampler",
+    "rms_norm",
     "available_backends",
     "backend_status",
     "get_backend",
@@ -130,3 +131,16 @@ def sampler(batch, vocab, device, *, temperature=0.0, top_k=None, generator=None
         return fn(logits, **kwargs)
 
     return draw
+
+
+def rms_norm(x, weight, *, eps=1e-6, backend=None):
+    """Root-mean-square norm over the last axis: ``x / sqrt(mean(x^2) + eps) * weight``.
+
+    x is ``(..., D)``, weight ``(D,)`` (any float dtype).  The statistics and the scaling
+    by ``weight`` run in float32 and the result is rounded once to ``x``'s dtype, as the
+    reference's Qwen3 ``RMSNorm`` and ``torch.nn.functional.rms_norm`` compute it.
+    """
+    _checks.check_rms_norm(x, weight, eps)
+    kwargs = dict(eps=float(eps))
+    _, fn = resolve("rms_norm", x.device, (x, weight), kwargs, backend)
+    return fn(x, weight, **kwargs)
