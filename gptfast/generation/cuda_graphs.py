@@ -57,6 +57,15 @@ class CUDAGraphDecoder:
         return self.logits
 
 
+def graph_capturable(model) -> bool:
+    """Whether ``model``'s decode step can be captured: every shape static and no host reads inside.
+
+    A mixture-of-experts feed-forward (Qwen3's ``MoEFeedForward``) is not: outside the
+    ``"torch"`` backend it runs each expert on the tokens routed to it, counted on the host.
+    """
+    return not any(hasattr(block.ff, "gate") and hasattr(block.ff, "num_experts") for block in model.trf_blocks)
+
+
 def clear_cuda_graphs() -> None:
     """Forget every captured decode step (and the model and cache memory each holds)."""
     _GRAPHS.clear()

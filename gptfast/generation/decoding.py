@@ -35,7 +35,7 @@ import torch
 
 from .. import ops
 from .cache import KVCache, context_length, is_decodable, prepare_model
-from .cuda_graphs import captured_decoder
+from .cuda_graphs import captured_decoder, graph_capturable
 from .runner import CachedRunner
 
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
@@ -213,7 +213,11 @@ class Decoder:
         self.cache = None
         self.cache_rows: list[int] = []  # original row ids held by the cache, in cache order
         self.graph = None
-        self.use_graph = (device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
+        capturable = not self.cached or graph_capturable(self.model)
+        self.use_graph = (device.type == "cuda" and capturable) if cuda_graph is None else bool(cuda_graph)
+        if self.use_graph and not capturable:
+            raise ValueError("cuda_graph=True needs a decode step with static shapes; this model's "
+                             "mixture-of-experts feed-forward routes tokens with host reads (use cuda_graph=None)")
         if self.use_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA model, got {device}")
         self._index_cache: dict[tuple, torch.Tensor] = {}
