@@ -88,11 +88,17 @@ class CachedRunner:
         self.group_size = att.num_heads // att.num_kv_groups if self.rotary else 1
 
     def causal_attention(self, q, k, v):
-        """Causal attention of ``q`` over the (grouped) ``k``/``v``: the queries are the last key positions."""
-        return ops.causal_attention(q, expand_groups(k, self.group_size), expand_groups(v, self.group_size))
+        """Causal attention of ``q`` over the (grouped) ``k``/``v``: the queries are the last key positions.
+
+        The fused op reads each key/value head once for its whole group of query heads.
+        """
+        return ops.causal_attention(q, k, v)
 
     def masked_attention(self, q, k, v, last_visible):
-        """:func:`masked_decode_attention` over the (grouped) ``k``/``v``."""
+        """:func:`masked_decode_attention` over the (grouped) ``k``/``v``, expanded to the query heads.
+
+        It runs the oracle's operations, so it takes one key/value head per query head.
+        """
         return masked_decode_attention(q, expand_groups(k, self.group_size), expand_groups(v, self.group_size),
                                        last_visible)
 
