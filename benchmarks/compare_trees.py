@@ -56,7 +56,7 @@ CASES = {
         from gptfast import ops
         logits = torch.randn(8, 50257)
         g = torch.Generator().manual_seed(1)
-        print(timed(lambda: ops.sample_next_token(logits, temperature=1.0, top_k=25, generator=g), 50, warmup=5))
+        print(timed(lambda: ops.sample_next_token(logits, temperature=1.0, top_k=25, generator=g), 300, warmup=20))
     """,
     "train step 124M ctx256 batch2": """
         from gptfast.ch04 import GPTModel

@@ -30,6 +30,14 @@
 //   torch.Generator on logits' device, or None for the default one; greedy calls draw nothing
 //   on cpu and triton.
 //
+// rms_norm_fwd(x, weight, eps) -> (out, rstd)
+//   x (N, D), weight (D,) of any float dtype.  out = x * rstd * weight computed in float32
+//   (float64 for float64 x on cpu) and rounded once to x's dtype, out (N, D) contiguous;
+//   rstd (N,) float32 (float64 for float64 x on cpu) = 1 / sqrt(mean(x^2) + eps).
+// rms_norm_bwd(grad_out, x, weight, rstd) -> (dx, dweight)
+//   The forward's rstd; dx (N, D) contiguous in x's dtype, dweight (D,) in weight's dtype,
+//   summed over the rows in a fixed order (deterministic).
+//
 // cuda only (no counterpart elsewhere):
 // decode_attention(q, k, v, scale) -> out
 //   Tq == 1 against a long KV cache (split-key flash decoding); no dropout, no gradient.
@@ -48,6 +56,9 @@ constexpr const char* kCrossEntropyFwd =
 constexpr const char* kSampleNextToken =
     "sample_next_token(Tensor logits, Tensor? temperature, float temperature_value, Tensor? top_k, "
     "int top_k_value, Generator? generator) -> Tensor";
+constexpr const char* kRmsNormFwd = "rms_norm_fwd(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)";
+constexpr const char* kRmsNormBwd =
+    "rms_norm_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)";
 constexpr const char* kDecodeAttention = "decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor";
 
 }  // namespace schema

@@ -494,8 +494,128 @@ def test_linear_driver_runs_any_backends_kernel(small_chunks):
     parity.assert_close(weight.grad, w2.grad, torch.float32, "d weight")
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_driver_without_grad_mode_computes_no_gradient(small_chunks, reduction):
+    """Evaluation under no_grad (inputs that require grad): the kernel is asked for the loss only."""
+    hidden, weight, _, targets = _linear_case(12, 8, 40, seed=24)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    targets[::3] = -100
+    _ref_calls.clear()
+    with torch.no_grad():
+        loss = ce.fused_linear_cross_entropy(_REF, hidden, weight, targets, reduction=reduction)
+    assert _ref_calls == [False] * 2 and not loss.requires_grad  # 8 kept rows in chunks of 5
+    ref = torch_ops.linear_cross_entropy(hidden.detach().double(), weight.detach().double(), targets,
+                                         reduction=reduction)
+    parity.assert_close(loss, ref, torch.float32, "no-grad linear CE")
+
+
+def _linear_case(n, hidden_size, vocab, seed, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, hidden_size, generator=g)
+    weight = torch.randn(vocab, hidden_size, generator=g) / math.sqrt(hidden_size) * 3
+    b = torch.randn(vocab, generator=g) if bias else None
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    return hidden, weight, b, targets
+
+
+def _linear_grads_vs_oracle(run, hidden, weight, bias, targets, reduction="mean", what=""):
+    """``run(h, w, b)`` (a linear CE with these targets) against the float64 oracle: loss and every gradient."""
+    mine = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (hidden, weight, bias)]
+    theirs = [t.detach().double().requires_grad_(True) if t is not None else None for t in (hidden, weight, bias)]
+    loss = run(*mine)
+    ref = torch_ops.linear_cross_entropy(theirs[0], theirs[1], targets, bias=theirs[2], reduction=reduction)
+    torch.testing.assert_close(loss.double(), ref, atol=1e-4, rtol=1e-4, equal_nan=True, msg=lambda m: f"{what}: {m}")
+    upstream = torch.linspace(0.5, 1.5, ref.numel()).view(ref.shape) if reduction == "none" else torch.tensor(0.7)
+    loss.backward(upstream.to(loss.dtype))
+    ref.backward(upstream.double())
+    for name, a, r in zip(("hidden", "weight", "bias"), mine, theirs):
+        if a is not None:
+            torch.testing.assert_close(a.grad.double(), r.grad, atol=1e-5, rtol=1e-4, equal_nan=True,
+                                       msg=lambda m: f"{what} d{name}: {m}")
+    return mine
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("ignored", ["many", "chunk", "all"])
+def test_linear_driver_skips_ignored_rows(small_chunks, reduction, bias, ignored):
+    """Rows whose target is ignore_index never reach the kernel on a CPU; the numbers stay the oracle's.
+
+    "many": 3 of 4 rows ignored, scattered; "chunk": a whole chunk's worth of ignored rows in a
+    row (an all-ignored chunk without the gather); "all": nothing kept (mean is NaN, gradients 0).
+    """
+    hidden, weight, b, targets = _linear_case(23, 8, 40, seed=21, bias=bias)
+    if ignored == "many":
+        targets[torch.arange(23) % 4 != 1] = -100
+    elif ignored == "chunk":
+        targets[5:15] = -100
+    else:
+        targets[:] = -100
+    kept = int((targets != -100).sum())
+    rows_seen = []
+    ns = torch.ops.gptfast_schema_reference
+
+    class _Counting:  # the reference kernel, recording how many rows it is handed
+        @staticmethod
+        def cross_entropy_fwd(logits, t, ignore_index, want_grad):
+            rows_seen.append(logits.shape[0])
+            return ns.cross_entropy_fwd(logits, t, ignore_index, want_grad)
+
+    run = lambda h, w, bb: ce.fused_linear_cross_entropy(  # noqa: E731
+        _Counting, h, w, targets, bias=bb, reduction=reduction)
+    mine = _linear_grads_vs_oracle(run, hidden, weight, b, targets, reduction, f"{ignored} ignored")
+    forward_rows = rows_seen[:-(-kept // 5)] if kept else rows_seen
+    assert sum(forward_rows) == kept and all(r <= 5 for r in rows_seen)
+    assert (mine[0].grad[targets == -100] == 0).all()
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_linear_many_ignored_rows_and_non_contiguous_inputs(small_chunks, bias):
+    """The CPU backend on strided views (hidden a column slice, weight transposed back, targets strided)."""
+    hidden, weight, b, targets = _linear_case(40, 12, 300, seed=22, bias=bias)
+    wide_targets = torch.stack([targets, targets], 1)
+    wide_targets[::3, 0] = -100
+    targets = wide_targets[:, 0]  # stride 2
+    assert not targets.is_contiguous()
+
+    def strided(t):  # the same values, every element two apart: a non-contiguous view reaching t's gradient
+        view = torch.stack([t, t], -1)[..., 0]
+        assert not view.is_contiguous()
+        return view
+
+    run = lambda h, w, bb: ops.linear_cross_entropy(strided(h), strided(w), targets, bias=bb,  # noqa: E731
+                                                    backend="cpu")
+    _linear_grads_vs_oracle(run, hidden, weight, b, targets, what="cpu strided")
+
+
+@needs_cpu_backend
+def test_cpu_linear_ignored_rows_keep_pytorchs_nan(small_chunks):
+    """A non-finite ignored row, bias or weight still spreads NaN into the gradients as in PyTorch
+    (the rows are not skipped then; the kernel gives an ignored row with a NaN softmax a NaN gradient)."""
+    for case in ("hidden", "bias", "weight-all-ignored"):
+        hidden, weight, b, targets = _linear_case(12, 8, 30, seed=23, bias=case == "bias")
+        targets[::2] = -100
+        if case == "hidden":
+            hidden[2, 3] = math.nan
+        elif case == "bias":
+            b[4] = math.inf
+        else:
+            targets[:] = -100
+            weight[7, 1] = math.nan
+        run = lambda h, w, bb: ops.linear_cross_entropy(h, w, targets, bias=bb, backend="cpu")  # noqa: E731
+        mine = _linear_grads_vs_oracle(run, hidden, weight, b, targets, what=f"non-finite {case}")
+        assert torch.isnan(mine[1].grad).any(), case
+
+
 def test_chunk_rows_policy():
-    assert ce.chunk_rows(10_000, 768, 50257, "cpu") == ce.CPU_CHUNK_ELEMENTS // 50257
+    most = ce.CPU_CHUNK_ELEMENTS // 50257
+    for n in (1, 333, 334, 512, 10_000):  # equal chunks, none above the element budget, none a sliver
+        rows = ce.chunk_rows(n, 768, 50257, "cpu")
+        chunks = -(-n // rows)
+        assert rows <= most and chunks == -(-n // most) and n - (chunks - 1) * rows >= rows - chunks
+    assert ce.chunk_rows(512, 768, 50257, "cpu") == 256
     assert ce.chunk_rows(300, 16, 1000, "cuda") == 256  # two chunks, the last one partial
     assert ce.chunk_rows(10_000, 768, 50257, "cuda") == 1024
     assert ce.chunk_rows(3, 768, 50257, "cuda") == 3

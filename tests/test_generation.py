@@ -577,3 +577,25 @@ def test_static_shape_decode_step_matches_the_model_on_cpu():
     got = runner.decode_static(torch.stack([idx[0, 5:6], idx[1, 6:7]]), other, torch.tensor([5, 6]))
     torch.testing.assert_close(got[1], want[1, 6], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[0], want[0, 5], atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_arguments_are_checked_once_per_call_not_per_token(monkeypatch):
+    from gptfast.ops import _checks
+
+    calls = []
+    real = _checks.normalize_sampling_args
+    monkeypatch.setattr(_checks, "normalize_sampling_args", lambda *a: calls.append(1) or real(*a))
+    out = generate_batch(make_model(), [prompt(1, 3)[0], prompt(1, 5, seed=2)[0]], max_new_tokens=6,
+                         temperature=torch.tensor([0.0, 0.7]), top_k=[None, 5],
+                         generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 1
+    assert [out.row(r).shape[0] for r in range(2)] == [3 + 6, 5 + 6]
+
+
+def test_a_sampler_refuses_logits_of_another_shape():
+    draw = ops.sampler(2, 7, torch.device("cpu"), temperature=0.5, top_k=3)
+    assert draw(torch.randn(2, 7)).shape == (2, 1)
+    with pytest.raises(ValueError, match="shape"):
+        draw(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="top_k"):
+        ops.sampler(2, 7, torch.device("cpu"), top_k=8)

@@ -290,6 +290,8 @@ SCHEMAS = {
     "cross_entropy_fwd": "(Tensor logits, Tensor targets, int ignore_index, bool want_grad) -> (Tensor, Tensor)",
     "sample_next_token": ("(Tensor logits, Tensor? temperature, float temperature_value, Tensor? top_k, "
                           "int top_k_value, Generator? generator) -> Tensor"),
+    "rms_norm_fwd": "(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)",
+    "rms_norm_bwd": "(Tensor grad_out, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)",
 }
 
 

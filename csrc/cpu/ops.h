@@ -21,5 +21,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, c
 at::Tensor sample_next_token(const at::Tensor& logits, const c10::optional<at::Tensor>& temperature,
                              double temperature_value, const c10::optional<at::Tensor>& top_k, int64_t top_k_value,
                              c10::optional<at::Generator> generator);
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_out, const at::Tensor& x,
+                                                const at::Tensor& weight, const at::Tensor& rstd);
 
 }  // namespace gptfast_cpu

@@ -18,6 +18,8 @@ TORCH_LIBRARY(gptfast_cpu, m) {
   m.def(gptfast::schema::kAttentionBwd);
   m.def(gptfast::schema::kCrossEntropyFwd);
   m.def(gptfast::schema::kSampleNextToken);
+  m.def(gptfast::schema::kRmsNormFwd);
+  m.def(gptfast::schema::kRmsNormBwd);
 }
 
 TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
@@ -25,4 +27,6 @@ TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
   m.impl("attention_bwd", &gptfast_cpu::attention_bwd);
   m.impl("cross_entropy_fwd", &gptfast_cpu::cross_entropy_fwd);
   m.impl("sample_next_token", &gptfast_cpu::sample_next_token);
+  m.impl("rms_norm_fwd", &gptfast_cpu::rms_norm_fwd);
+  m.impl("rms_norm_bwd", &gptfast_cpu::rms_norm_bwd);
 }

@@ -8,7 +8,10 @@ For the book's ``GPTModel`` layout the helpers here compute only what is kept:
   (its keys and values still see every position), so the last block's query projection,
   attention output, feed-forward and their backward shrink by the sequence length;
 * :func:`head_loss` applies the output head to the kept rows only, through the fused
-  (linear) cross-entropy.
+  (linear) cross-entropy;
+* :func:`next_token_loss` is the chapter 5 loss of any GPT whose forward is its hidden
+  states followed by a plain linear head: the head and the loss run as one fused op
+  where a backend serves it, so the ``(b, t, vocab)`` logits are never built.
 
 With the ``"torch"`` ops backend (the parity oracle) everything runs the reference's
 way instead, op for op, so results are bitwise those of ``llms_from_scratch``.
@@ -21,6 +24,7 @@ from torch import nn
 
 from .. import ops
 from ..ch04 import GPTModel, MultiHeadAttention, TransformerBlock
+from ..models.gpt import GPTModelFast
 
 
 def reference_numerics() -> bool:
@@ -95,3 +99,27 @@ def head_loss(hidden, head, targets, ignore_index=-100):
     if isinstance(head, nn.Linear) and _fused_linear_cross_entropy_serves(hidden, head, targets):
         return ops.linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, ignore_index=ignore_index)
     return ops.cross_entropy(head(hidden), targets, ignore_index=ignore_index)
+
+
+def head_is_separable(model) -> bool:
+    """True when ``model(idx)`` is exactly ``model.out_head(model.hidden_states(idx))``, out_head a plain ``nn.Linear``.
+
+    gptfast's GPT-2 models qualify unless a subclass overrides ``forward`` or a hook sits on
+    the model or its head (calling the parts directly would skip it).
+    """
+    return (type(model).forward in (GPTModel.forward, GPTModelFast.forward) and hasattr(model, "hidden_states")
+            and type(getattr(model, "out_head", None)) is nn.Linear
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in (model, model.out_head)))
+
+
+def next_token_loss(model, input_batch, target_batch, ignore_index=-100):
+    """Mean cross-entropy of ``model(input_batch)`` against ``target_batch``, the head fused into the loss.
+
+    With the ``"torch"`` backend, or a model whose head cannot be split off, it is the
+    reference's ``cross_entropy(model(x).flatten(0, 1), y.flatten())`` op for op.
+    """
+    if reference_numerics() or not head_is_separable(model):
+        logits = model(input_batch)
+        return ops.cross_entropy(logits.flatten(0, 1), target_batch.flatten(), ignore_index=ignore_index)
+    hidden = model.hidden_states(input_batch)
+    return head_loss(hidden.flatten(0, 1), model.out_head, target_batch.flatten(), ignore_index=ignore_index)

@@ -20,7 +20,7 @@ is captured once as a CUDA graph with static shapes and replayed per token;
 ``dtype=torch.bfloat16`` decodes with a bf16 copy of the weights.  On CPU the steps
 after the prompt run with torch's thread count or with one thread, whichever the
 first steps time faster (see :class:`~gptfast.generation.decoding.DecodeThreads`).  Models without the book's
-``GPTModel`` layout fall back to the uncached loop.
+``GPTModel`` layout or a Llama 3 / Qwen3 decoder's fall back to the uncached loop.
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ def generate_batch(model, prompts, max_new_tokens, *, context_size=None, tempera
     Each row's tokens equal what running it alone gives, up to float rounding.
     """
     if not is_decodable(model) and context_size is None:
-        raise TypeError("context_size is required for a model without the book's GPTModel layout")
+        raise TypeError("context_size is required for a model without the book's GPTModel layout or a Llama 3 / Qwen3 "
+                        "decoder's")
     prompts = _as_prompts(prompts, model_device(model))
     for i, row in enumerate(prompts):
         check_prompt_tokens(f"prompt {i}", row, vocab_size(model))

@@ -9,22 +9,45 @@ import torch
 _BLOCK_PARTS = ("norm1", "att", "drop_resid", "ff", "norm2")
 _ATTENTION_PARTS = ("W_query", "W_key", "W_value", "out_proj", "num_heads", "head_dim", "d_out")
 _MODEL_PARTS = ("tok_emb", "pos_emb", "drop_emb", "trf_blocks", "final_norm", "out_head")
+# Llama 3 / Qwen3 (gptfast's or the reference's, plain, KV-cache or batched variants): RoPE tables instead
+# of position embeddings, grouped-query attention.
+_ROTARY_BLOCK_PARTS = ("norm1", "att", "ff", "norm2")
+_ROTARY_ATTENTION_PARTS = ("W_query", "W_key", "W_value", "out_proj", "num_heads", "num_kv_groups", "head_dim")
+_ROTARY_MODEL_PARTS = ("tok_emb", "trf_blocks", "final_norm", "out_head", "cos", "sin")
+
+
+def is_rotary(model) -> bool:
+    """Whether ``model`` is a Llama 3 / Qwen3-style decoder (RoPE tables ``cos``/``sin``, no ``pos_emb``)."""
+    return (isinstance(model, torch.nn.Module) and not hasattr(model, "pos_emb")
+            and isinstance(getattr(model, "cos", None), torch.Tensor))
+
+
+def _missing_parts(model, model_parts, block_parts, attention_parts):
+    missing = [name for name in model_parts if not hasattr(model, name)]
+    if not missing and len(model.trf_blocks) > 0:
+        block = model.trf_blocks[0]
+        missing = [f"trf_blocks[0].{n}" for n in block_parts if not hasattr(block, n)]
+        if not missing:
+            missing = [f"trf_blocks[0].att.{n}" for n in attention_parts if not hasattr(block.att, n)]
+    return missing
 
 
 def check_decodable(model) -> None:
-    """Raise ``TypeError`` unless ``model`` has the book's ``GPTModel`` layout the cache code walks."""
+    """Raise ``TypeError`` unless ``model`` has a layout the cache code walks: the book's ``GPTModel``,
+    or a Llama 3 / Qwen3 decoder (gptfast's or the reference's)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    missing = [name for name in _MODEL_PARTS if not hasattr(model, name)]
-    if not missing and len(model.trf_blocks) > 0:
-        block = model.trf_blocks[0]
-        missing = [f"trf_blocks[0].{n}" for n in _BLOCK_PARTS if not hasattr(block, n)]
-        if not missing:
-            missing = [f"trf_blocks[0].att.{n}" for n in _ATTENTION_PARTS if not hasattr(block.att, n)]
+    if is_rotary(model):
+        missing = _missing_parts(model, _ROTARY_MODEL_PARTS, _ROTARY_BLOCK_PARTS, _ROTARY_ATTENTION_PARTS)
+        if missing:
+            raise TypeError(f"model must have the Llama 3 / Qwen3 layout of gptfast.llama3 / gptfast.qwen3; "
+                            f"{type(model).__name__} lacks {', '.join(missing)}")
+        return
+    missing = _missing_parts(model, _MODEL_PARTS, _BLOCK_PARTS, _ATTENTION_PARTS)
     if missing:
         raise TypeError(
-            f"model must have the book's GPTModel layout (gptfast.GPTModel or llms_from_scratch.ch04.GPTModel); "
-            f"{type(model).__name__} lacks {', '.join(missing)}")
+            f"model must have the book's GPTModel layout (gptfast.GPTModel or llms_from_scratch.ch04.GPTModel) "
+            f"or be a Llama 3 / Qwen3 model; {type(model).__name__} lacks {', '.join(missing)}")
 
 
 def is_decodable(model) -> bool:
@@ -39,7 +62,9 @@ def is_decodable(model) -> bool:
 
 
 def context_length(model) -> int:
-    """The number of positions the model has embeddings for."""
+    """The number of positions the model has embeddings (or RoPE table rows) for."""
+    if is_rotary(model):
+        return model.cos.shape[0]
     return model.pos_emb.weight.shape[0]
 
 
@@ -60,7 +85,11 @@ def prepare_model(model, dtype=None, device=None):
     converted = copy.deepcopy(model)
     for block in converted.trf_blocks:
         block.att._buffers.pop("mask", None)
-    return converted.to(device=device, dtype=dtype)
+    converted = converted.to(device=device, dtype=dtype)
+    if is_rotary(model):  # RoPE tables keep their precision (the models compute them in float32)
+        converted.cos = model.cos.to(device)
+        converted.sin = model.sin.to(device)
+    return converted
 
 
 class KVCache:
@@ -89,7 +118,8 @@ class KVCache:
             raise ValueError(f"max_len {max_len} exceeds the model's context length {limit}")
         att = model.trf_blocks[0].att
         weight = att.W_key.weight
-        return cls(len(model.trf_blocks), batch, att.num_heads, max_len, att.head_dim,
+        heads = att.num_kv_groups if is_rotary(model) else att.num_heads  # grouped-query: one per kv head
+        return cls(len(model.trf_blocks), batch, heads, max_len, att.head_dim,
                    dtype=weight.dtype, device=weight.device)
 
     @property

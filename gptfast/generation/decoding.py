@@ -8,7 +8,8 @@ The steps follow the reference exactly:
   absolute, so no cached key stays valid: such rows recompute their window each
   step (one forward pass, head on the last position only), which is what the
   reference computes, minus the head over the other positions;
-* sampling goes through :func:`gptfast.ops.sample_next_token` on a ``(B, vocab)``
+* sampling goes through :func:`gptfast.ops.sampler` (``sample_next_token`` with its
+  arguments checked once per call) on a ``(B, vocab)``
   logits tensor with every row of the batch, each step, so a seeded run draws the
   same random numbers as the reference (finished rows keep their last logits:
   their draw is consumed and thrown away, as the reference's padding does).
@@ -20,7 +21,7 @@ finish leave the cache, so they stop costing work (except on the CUDA-graph path
 whose batch shape is fixed: there a finished row rides along for free in the
 weight-bound step).  On CPU the steps after the prompt run with torch's thread
 count or with one thread, whichever the first steps time faster (see
-:class:`DecodeThreads`).  Models without the book's ``GPTModel`` layout fall back
+:class:`DecodeThreads`).  Models without the book's ``GPTModel`` layout (or a Llama 3 / Qwen3 decoder's) fall back
 to the uncached loop.
 """
 
@@ -33,7 +34,6 @@ import time
 import torch
 
 from .. import ops
-from ..ops import _checks
 from .cache import KVCache, context_length, is_decodable, prepare_model
 from .cuda_graphs import captured_decoder
 from .runner import CachedRunner
@@ -174,7 +174,7 @@ class Decoder:
         self.context_size = _require_int("context_size", context_size, 1)
         self.cached = is_decodable(model)
         if dtype is not None and not self.cached:
-            raise TypeError("dtype needs a model with the book's GPTModel layout")
+            raise TypeError("dtype needs a model with the book's GPTModel layout or a Llama 3 / Qwen3 decoder")
         self.model = model  # replaced by its converted copy once every argument is checked
         device = model_device(model)
         self.device = device
@@ -197,9 +197,10 @@ class Decoder:
         self.top_k = _per_row("top_k", top_k, self.batch, device, torch.int64)
         self.generator = generator
         # The sampling arguments are checked here, once per call and before any model work (values of
-        # per-row tensors on CPU only); every step then passes the normalized values on.
-        self.temperature, self.top_k = _checks.normalize_sampling_args(
-            torch.empty(self.batch, vocab, device=device), self.temperature, self.top_k, generator)
+        # per-row tensors on CPU only); every step then draws without checking them again.
+        # A model without the book's tok_emb gets its sampler once its first logits show the vocabulary.
+        self.sampling = dict(temperature=self.temperature, top_k=self.top_k, generator=generator)
+        self.draw = ops.sampler(self.batch, vocab, device, **self.sampling) if vocab_size(self.model) else None
         self.eos = _eos_tensor(eos_id, self.batch, device)
         self.finished = [False] * self.batch
         self.new_counts = [0] * self.batch
@@ -358,8 +359,9 @@ class Decoder:
             self._prefill(active)
         else:
             self._decode(active)
-        next_token = ops.sample_next_token(self.logits, temperature=self.temperature, top_k=self.top_k,
-                                           generator=self.generator)
+        if self.draw is None:
+            self.draw = ops.sampler(self.batch, self.logits.shape[-1], self.device, **self.sampling)
+        next_token = self.draw(self.logits)
         if self.eos is not None:
             self._mark_finished(next_token)
             if all(self.finished):

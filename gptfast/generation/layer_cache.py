@@ -123,3 +123,126 @@ class KVCache:
                                   dtype=keys.dtype, device=keys.device)
             self._store = store
         return store
+
+
+class RowKVCache:
+    """The batched book API (``llms_from_scratch.kv_cache_batched.utils.KVCache``): one entry per layer and row.
+
+    ``get(layer_idx, batch_idx)`` is ``None`` or that row's ``(keys, values)``, each
+    ``(1, heads, tokens, head_dim)``; ``update`` stores whatever it is given, as the
+    reference does.  gptfast's batched models call :meth:`extend` instead, which writes
+    only the new positions of every row into per-layer buffers (grown by doubling, so
+    a step copies nothing of the past) and returns the whole batch's keys and values
+    as views; ``get`` then hands out views of those buffers.
+    """
+
+    def __init__(self, n_layers, batch_size):
+        for name, value in (("n_layers", n_layers), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.batch_size = batch_size
+        self._lengths = [[0] * batch_size for _ in range(n_layers)]  # tokens of each row held in the buffers
+        self._given = [[None] * batch_size for _ in range(n_layers)]  # entries set through update()
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+
+    # -- the reference's API --------------------------------------------------------------
+
+    @property
+    def cache(self):
+        """Every entry, ``cache[layer_idx][batch_idx]``: read-only tuples (entries are views; write with ``update``)."""
+        return tuple(tuple(self.get_layer(i)) for i in range(len(self._lengths)))
+
+    @property
+    def n_layers(self) -> int:
+        return len(self._lengths)
+
+    def get(self, layer_idx, batch_idx):
+        """Row ``batch_idx``'s ``(keys, values)`` of layer ``layer_idx``, or ``None`` when nothing is cached."""
+        given = self._given[layer_idx][batch_idx]
+        if given is not None:
+            return given
+        n = self._lengths[layer_idx][batch_idx]
+        if n == 0:
+            return None
+        keys, values = self._buffers[layer_idx]
+        return keys[batch_idx:batch_idx + 1, :, :n], values[batch_idx:batch_idx + 1, :, :n]
+
+    def update(self, layer_idx, batch_idx, value):
+        """Replace one entry with ``value`` (a ``(keys, values)`` pair or ``None``)."""
+        self._given[layer_idx][batch_idx] = value
+        self._lengths[layer_idx][batch_idx] = 0
+
+    def get_layer(self, layer_idx):
+        """The list of every row's entry of layer ``layer_idx``."""
+        return [self.get(layer_idx, b) for b in range(self.batch_size)]
+
+    def reset(self):
+        """Forget every entry (the buffers stay for the next batch)."""
+        for i in range(len(self._lengths)):
+            self._lengths[i] = [0] * self.batch_size
+            self._given[i] = [None] * self.batch_size
+
+    # -- gptfast's additions --------------------------------------------------------------
+
+    def row_lengths(self, layer_idx=0) -> list[int]:
+        """Tokens cached for each row of layer ``layer_idx``."""
+        given = self._given[layer_idx]
+        return [n if g is None else g[0].shape[2] for n, g in zip(self._lengths[layer_idx], given)]
+
+    def extend(self, layer_idx, keys, values, starts):
+        """Write ``keys``/``values`` ``(batch, heads, new, head_dim)`` of every row at its position ``starts[b]``.
+
+        ``starts`` is a list of ints, each row's cached length (checked by the caller).
+        Returns the batch's ``(keys, values)`` over positions ``0 .. max(starts) + new - 1``,
+        views of the buffers; a row's positions past its own end hold stale values that
+        the caller's mask hides.
+        """
+        batch, _, new, _ = keys.shape
+        if batch != self.batch_size:
+            raise ValueError(f"the cache has {self.batch_size} rows but the input has {batch}")
+        ends = [s + new for s in starts]
+        k_buf, v_buf = self._buffers_for(layer_idx, keys, values, max(ends))
+        given = self._given[layer_idx]
+        for b, entry in enumerate(given):
+            if entry is not None:  # set by update(): copied into the buffers once
+                n = entry[0].shape[2]
+                k_buf[b:b + 1, :, :n].copy_(entry[0])
+                v_buf[b:b + 1, :, :n].copy_(entry[1])
+                given[b] = None
+        if len(set(starts)) == 1:
+            s = starts[0]
+            k_buf[:, :, s:s + new].copy_(keys)
+            v_buf[:, :, s:s + new].copy_(values)
+        else:
+            for b, s in enumerate(starts):
+                k_buf[b, :, s:s + new].copy_(keys[b])
+                v_buf[b, :, s:s + new].copy_(values[b])
+        self._lengths[layer_idx] = ends
+        end = max(ends)
+        return k_buf[:, :, :end], v_buf[:, :, :end]
+
+    def _buffers_for(self, layer_idx, keys, values, needed):
+        """Layer ``layer_idx``'s buffers with room for ``needed`` positions, reallocated (doubling) when short."""
+        current = self._buffers[layer_idx]
+        capacity = max(needed, 64)
+        if current is not None:
+            k_old, v_old = current
+            fits = (k_old.shape[1] == keys.shape[1] and k_old.shape[3] == keys.shape[3]
+                    and v_old.shape[3] == values.shape[3] and k_old.dtype == keys.dtype
+                    and v_old.dtype == values.dtype and k_old.device == keys.device)
+            if fits and k_old.shape[2] >= needed:
+                return current
+            if not fits and any(self._lengths[layer_idx]):
+                raise ValueError(f"cached keys {tuple(k_old.shape)} ({k_old.dtype}) do not fit the new keys "
+                                 f"{tuple(keys.shape)} ({keys.dtype}); call reset() for a new batch")
+            if fits:
+                capacity = max(capacity, 2 * k_old.shape[2])
+        # Zeros, not empty memory: positions past a row's end are masked, and 0 * NaN would still be NaN.
+        k_buf = keys.new_zeros(self.batch_size, keys.shape[1], capacity, keys.shape[3])
+        v_buf = values.new_zeros(self.batch_size, values.shape[1], capacity, values.shape[3])
+        if current is not None and any(self._lengths[layer_idx]):
+            held = current[0].shape[2]
+            k_buf[:, :, :held].copy_(current[0])
+            v_buf[:, :, :held].copy_(current[1])
+        self._buffers[layer_idx] = (k_buf, v_buf)
+        return k_buf, v_buf

@@ -1,11 +1,15 @@
-"""The cached forward passes of the book's GPT: prefill, one-token decode, and its static-shape form.
+"""The cached forward passes of the book's GPT and of Llama 3 / Qwen3: prefill, one-token decode, static shapes.
 
 The model is not changed: :class:`CachedRunner` walks an existing ``GPTModel``
 (gptfast's or ``llms_from_scratch.ch04``'s, same submodule names) and runs each
 block through :func:`gptfast.models.gpt.residual_block`, the formula
 ``TransformerBlock.forward`` runs too, with only the attention core swapped for
-one that reads and writes the cache.  So the cached path computes what the model
-computes, only less of it:
+one that reads and writes the cache.  Llama 3 and Qwen3 decoders (gptfast's or the
+reference's, plain, KV-cache or batched variants: same submodule names) are walked
+the same way through :func:`rotary_block`: their queries and keys are normalised
+(Qwen3's ``qk_norm``) and rotated for each token's position, and the cache holds one
+key/value head per group (``num_kv_groups``), expanded to the query heads when
+attended.  So the cached path computes what the model computes, only less of it:
 
 * ``prefill``: one pass over a prompt that stores every layer's keys and values in
   a :class:`~gptfast.generation.cache.KVCache` and runs the last layer's attention
@@ -26,8 +30,27 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..models import layers
 from ..models.gpt import merge_heads, residual_block, split_heads
-from .cache import KVCache, check_decodable, context_length
+from .cache import KVCache, check_decodable, context_length, is_rotary
+
+
+def rotary_block(block, x, attention):
+    """One Llama 3 / Qwen3 block: ``x + attention(norm1(x))``, then ``x + ff(norm2(x))``.
+
+    As in :func:`gptfast.models.gpt.residual_block`, ``attention`` may return only the
+    last ``t'`` positions, and the residual stream then keeps those.
+    """
+    out = attention(block.norm1(x))
+    if out.shape[1] != x.shape[1]:
+        x = x[:, -out.shape[1]:]
+    x = out + x
+    return block.ff(block.norm2(x)) + x
+
+
+def expand_groups(t, group_size: int):
+    """Grouped k/v ``(B, H_kv, T, D)`` repeated to the query heads (``t`` itself for ``group_size == 1``)."""
+    return t if group_size == 1 else layers.expand_kv_heads(t, group_size)
 
 
 def masked_decode_attention(q, k, v, last_visible):
@@ -60,6 +83,18 @@ class CachedRunner:
         self.model = model
         self.blocks = list(model.trf_blocks)
         self.context_length = context_length(model)
+        self.rotary = is_rotary(model)
+        att = self.blocks[0].att
+        self.group_size = att.num_heads // att.num_kv_groups if self.rotary else 1
+
+    def causal_attention(self, q, k, v):
+        """Causal attention of ``q`` over the (grouped) ``k``/``v``: the queries are the last key positions."""
+        return ops.causal_attention(q, expand_groups(k, self.group_size), expand_groups(v, self.group_size))
+
+    def masked_attention(self, q, k, v, last_visible):
+        """:func:`masked_decode_attention` over the (grouped) ``k``/``v``."""
+        return masked_decode_attention(q, expand_groups(k, self.group_size), expand_groups(v, self.group_size),
+                                       last_visible)
 
     # -- the one block loop ----------------------------------------------------------------
 
@@ -71,13 +106,27 @@ class CachedRunner:
         or ``(B, T, vocab)`` with ``every_position``.
         """
         model = self.model
-        x = model.drop_emb(model.tok_emb(idx) + model.pos_emb(positions))
         last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            x = residual_block(block, x, self._attention(i, block.att, attend, last_only and i == last))
-        if every_position:
-            return model.out_head(model.final_norm(x))
-        return model.out_head(model.final_norm(x))[:, -1, :]
+        if self.rotary:
+            rope = self._rope_rows(positions)
+            x = model.tok_emb(idx)
+            for i, block in enumerate(self.blocks):
+                x = rotary_block(block, x, self._rotary_attention(i, block.att, attend, last_only and i == last, rope))
+            # The models cast the normed stream to the head's dtype (Qwen3's norms compute in float32).
+            logits = model.out_head(model.final_norm(x).to(model.out_head.weight.dtype))
+        else:
+            x = model.drop_emb(model.tok_emb(idx) + model.pos_emb(positions))
+            for i, block in enumerate(self.blocks):
+                x = residual_block(block, x, self._attention(i, block.att, attend, last_only and i == last))
+            logits = model.out_head(model.final_norm(x))
+        return logits if every_position else logits[:, -1, :]
+
+    def _rope_rows(self, positions):
+        """The RoPE table rows for ``positions``: ``(T, D)`` for ``(T,)``, ``(B, 1, T, D)`` for per-row ``(B, T)``."""
+        cos, sin = self.model.cos[positions], self.model.sin[positions]
+        if positions.dim() == 2:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return cos, sin
 
     def all_logits(self, idx, positions, attend):
         """Logits ``(B, T, vocab)`` of every position of ``idx`` at ``positions``, ``attend`` as each layer's core.
@@ -96,6 +145,26 @@ class CachedRunner:
             if last_only:
                 q = q[:, :, -1:]
             return att.out_proj(merge_heads(att, attend(i, q, k, v)))
+        return attention
+
+    @staticmethod
+    def _rotary_attention(i, att, attend, last_only, rope):
+        """Layer ``i``'s grouped-query attention with its core replaced by ``attend`` (k/v stay grouped)."""
+        cos, sin = rope
+
+        def attention(h):
+            q = layers.split_heads(att.W_query(h), att.num_heads, att.head_dim)
+            k = layers.split_heads(att.W_key(h), att.num_kv_groups, att.head_dim)
+            v = layers.split_heads(att.W_value(h), att.num_kv_groups, att.head_dim)
+            q_norm, k_norm = getattr(att, "q_norm", None), getattr(att, "k_norm", None)
+            if q_norm is not None:
+                q = q_norm(q)
+            if k_norm is not None:
+                k = k_norm(k)
+            q, k = layers.rotate_half_rope(q, cos, sin), layers.rotate_half_rope(k, cos, sin)
+            if last_only:
+                q = q[:, :, -1:]
+            return att.out_proj(layers.merge_heads(attend(i, q, k, v)))
         return attention
 
     def _check_positions(self, last_position: int, max_len: int | None = None):
@@ -126,7 +195,7 @@ class CachedRunner:
             elif cache is not None:
                 cache.keys[i][rows, :, :t] = k
                 cache.values[i][rows, :, :t] = v
-            return ops.causal_attention(q, k, v)
+            return self.causal_attention(q, k, v)
 
         return self._run(idx, torch.arange(t, device=idx.device), attend, last_only=True)
 
@@ -149,7 +218,7 @@ class CachedRunner:
                 keys, values = cache.keys[i], cache.values[i]
                 keys[:, :, positions] = k[:, :, 0]
                 values[:, :, positions] = v[:, :, 0]
-                return ops.causal_attention(q, keys[:, :, :n_keys], values[:, :, :n_keys])
+                return self.causal_attention(q, keys[:, :, :n_keys], values[:, :, :n_keys])
 
             return self._run(tokens, torch.tensor([positions], device=tokens.device), attend)
         self._check_positions(max(positions), cache.max_len)
@@ -166,8 +235,7 @@ class CachedRunner:
         """
         return self._run(tokens, positions.unsqueeze(1), self._per_row_attend(cache, positions, n_keys=None))
 
-    @staticmethod
-    def _per_row_attend(cache, positions, n_keys):
+    def _per_row_attend(self, cache, positions, n_keys):
         """Attention core for rows at their own ``positions`` ``(B,)``: write, then attend with a key mask."""
         rows = torch.arange(positions.shape[0], device=positions.device)
 
@@ -177,6 +245,6 @@ class CachedRunner:
             values[rows, :, positions] = v[:, :, 0]
             if n_keys is not None:
                 keys, values = keys[:, :, :n_keys], values[:, :, :n_keys]
-            return masked_decode_attention(q, keys, values, positions)
+            return self.masked_attention(q, keys, values, positions)
 
         return attend

@@ -1,7 +1,8 @@
 """Drop-in for ``llms_from_scratch.kv_cache.generate``: greedy generation with a KV cache.
 
 For a model with the book's GPT layout (``gptfast.kv_cache.gpt2.GPTModel``, the
-chapter-4 ``GPTModel`` of gptfast or of the reference) the cached path is gptfast's
+chapter-4 ``GPTModel`` of gptfast or of the reference) or a Llama 3 / Qwen3 decoder
+(``kv_cache.llama3``, ``kv_cache.qwen3``, gptfast's or the reference's) the cached path is gptfast's
 decoder (:mod:`gptfast.generation`): a static cache, the prompt's head on its last
 position only, and, once a sequence is longer than ``context_size``, the window the
 uncached loop would see recomputed each step, so cached and uncached greedy output

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
+from .blocks import PreNormBlock
 
 # sqrt(2 / pi) rounded to float32 exactly as the reference computes it.
 _GELU_COEF = float(torch.sqrt(torch.tensor(2.0 / torch.pi)))
@@ -230,19 +231,18 @@ class FeedForward(nn.Module):
         return self.layers(x)
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(PreNormBlock):
     """Pre-norm block: x + drop(attn(norm1(x))), then x + drop(ff(norm2(x)))."""
 
     attention_class = MultiHeadAttention
 
     def __init__(self, cfg):
-        super().__init__()
-        self.att = self.attention_class(
-            d_in=cfg["emb_dim"], d_out=cfg["emb_dim"], context_length=cfg["context_length"],
-            num_heads=cfg["n_heads"], dropout=cfg["drop_rate"], qkv_bias=cfg["qkv_bias"])
-        self.ff = FeedForward(cfg)
-        self.norm1 = LayerNorm(cfg["emb_dim"])
-        self.norm2 = LayerNorm(cfg["emb_dim"])
+        emb_dim = cfg["emb_dim"]
+        super().__init__(
+            self.attention_class(d_in=emb_dim, d_out=emb_dim, context_length=cfg["context_length"],
+                                 num_heads=cfg["n_heads"], dropout=cfg["drop_rate"], qkv_bias=cfg["qkv_bias"]),
+            FeedForward(cfg),
+            lambda: LayerNorm(emb_dim))
         self.drop_resid = nn.Dropout(cfg["drop_rate"])
 
     def forward(self, x):

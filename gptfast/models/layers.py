@@ -72,6 +72,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, bias: torch.T
     With ``upcast`` the statistics and the scaling run in float32 (Qwen3's convention;
     the weight may stay float32 while ``x`` is bfloat16).  The result has ``x``'s dtype.
     """
+    if (upcast and bias is None and x.dtype != torch.float64 and isinstance(eps, numbers.Real) and eps > 0
+            and weight.shape == (x.shape[-1],)):
+        return ops.rms_norm(x, weight, eps=eps)  # the torch backend runs these same lines, op for op
     input_dtype = x.dtype
     if upcast:
         x = x.to(torch.float32)
@@ -83,7 +86,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, bias: torch.T
 
 
 def rms_norm_builtin(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None) -> torch.Tensor:
-    """``torch.nn.RMSNorm``'s computation over the last axis (Llama 3's norms use it)."""
+    """``torch.nn.RMSNorm``'s computation over the last axis (Llama 3's norms use it).
+
+    ``F.rms_norm`` computes in float32 and multiplies by the weight before rounding, the
+    convention of :func:`gptfast.ops.rms_norm`; a fused backend runs that op, the torch
+    backend keeps ``F.rms_norm`` itself (bitwise the reference, gradients included).
+    """
+    if weight is not None and weight.shape == (x.shape[-1],) and x.dtype.is_floating_point:
+        eps = torch.finfo(x.dtype).eps if eps is None else eps
+        if eps > 0 and ops.selected_backend("rms_norm", x, weight) != "torch":
+            return ops.rms_norm(x, weight, eps=eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 

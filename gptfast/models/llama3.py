@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from . import layers
+from .blocks import PreNormBlock
 from .hub import assign, hf_blocks_to_fill, load_tensor_into
 from .layers import FeedForward, BuiltinRMSNorm
 
@@ -127,19 +128,18 @@ class GroupedQueryAttentionFast(_LlamaAttentionBase):
 # ----------------------------------------------------------------------------- blocks and models
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(PreNormBlock):
     """Pre-norm block: ``x + att(norm1(x))``, then ``x + ff(norm2(x))``."""
 
     attention_class = GroupedQueryAttention
 
     def __init__(self, cfg):
-        super().__init__()
-        self.att = self.attention_class(
-            d_in=cfg["emb_dim"], d_out=cfg["emb_dim"], num_heads=cfg["n_heads"],
-            num_kv_groups=cfg["n_kv_groups"], dtype=cfg["dtype"])
-        self.ff = FeedForward(cfg)
-        self.norm1 = BuiltinRMSNorm(cfg["emb_dim"], eps=_NORM_EPS, dtype=cfg["dtype"])
-        self.norm2 = BuiltinRMSNorm(cfg["emb_dim"], eps=_NORM_EPS, dtype=cfg["dtype"])
+        emb_dim, dtype = cfg["emb_dim"], cfg["dtype"]
+        super().__init__(
+            self.attention_class(d_in=emb_dim, d_out=emb_dim, num_heads=cfg["n_heads"],
+                                 num_kv_groups=cfg["n_kv_groups"], dtype=dtype),
+            FeedForward(cfg),
+            lambda: BuiltinRMSNorm(emb_dim, eps=_NORM_EPS, dtype=dtype))
 
     def forward(self, x, mask, cos, sin):
         x = self.att(self.norm1(x), mask, cos, sin) + x

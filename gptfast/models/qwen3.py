@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .. import ops
 from . import layers
+from .blocks import PreNormBlock
 from .hub import download_from_huggingface, download_from_huggingface_from_snapshots, hf_blocks_to_fill, load_tensor_into
 from .layers import FeedForward
 
@@ -187,22 +188,18 @@ class MoEFeedForward(nn.Module):
         return mix(x, topk_probs, topk_indices, self.num_experts, self.expert)
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(PreNormBlock):
     """Pre-norm block: ``x + att(norm1(x))``, then ``x + ff(norm2(x))`` (``ff`` a mixture when ``num_experts > 0``)."""
 
     attention_class = GroupedQueryAttention
 
     def __init__(self, cfg):
-        super().__init__()
-        self.att = self.attention_class(
-            d_in=cfg["emb_dim"], num_heads=cfg["n_heads"], head_dim=cfg.get("head_dim"),
-            num_kv_groups=cfg["n_kv_groups"], qk_norm=cfg["qk_norm"], dtype=cfg["dtype"])
-        if cfg.get("num_experts", 0) > 0:
-            self.ff = MoEFeedForward(cfg)
-        else:
-            self.ff = FeedForward(cfg)
-        self.norm1 = RMSNorm(cfg["emb_dim"], eps=_NORM_EPS)
-        self.norm2 = RMSNorm(cfg["emb_dim"], eps=_NORM_EPS)
+        emb_dim = cfg["emb_dim"]
+        super().__init__(
+            self.attention_class(d_in=emb_dim, num_heads=cfg["n_heads"], head_dim=cfg.get("head_dim"),
+                                 num_kv_groups=cfg["n_kv_groups"], qk_norm=cfg["qk_norm"], dtype=cfg["dtype"]),
+            MoEFeedForward(cfg) if cfg.get("num_experts", 0) > 0 else FeedForward(cfg),
+            lambda: RMSNorm(emb_dim, eps=_NORM_EPS))
 
     def forward(self, x, mask, cos, sin):
         x = self.att(self.norm1(x), mask, cos, sin) + x

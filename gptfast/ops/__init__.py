@@ -37,6 +37,8 @@ __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
     "sample_next_token",
+    "sampler",
+    "rms_norm",
     "available_backends",
     "backend_status",
     "get_backend",
@@ -105,3 +107,40 @@ def sample_next_token(logits, *, temperature=0.0, top_k=None, generator=None, ba
     kwargs = dict(temperature=temperature, top_k=top_k, generator=generator)
     _, fn = resolve("sample_next_token", logits.device, (logits,), kwargs, backend)
     return fn(logits, **kwargs)
+
+
+def sampler(batch, vocab, device, *, temperature=0.0, top_k=None, generator=None, backend=None):
+    """Check the sampling arguments once; return ``draw(logits)`` for ``(batch, vocab)`` logits on ``device``.
+
+    A decoding loop calls ``draw`` once per token.  It runs what :func:`sample_next_token`
+    runs minus the argument checks (per-row tensors are not re-validated, which would
+    cost a device read per token); the backend is still chosen per call, so
+    ``use_backend`` and the logits' dtype are honoured.
+    """
+    shape_only = torch.empty((), device=device).expand(batch, vocab)  # the checks read shape, dtype, device
+    temperature, top_k = _checks.normalize_sampling_args(shape_only, temperature, top_k, generator)
+    kwargs = dict(temperature=temperature, top_k=top_k, generator=generator)
+    expected = (batch, vocab)
+
+    def draw(logits):
+        """The next token of every row of ``logits``, ``(batch, 1)`` int64."""
+        if tuple(logits.shape) != expected or not logits.is_floating_point():
+            raise ValueError(f"logits must be floating point of shape {expected}, got {logits.dtype} "
+                             f"{tuple(logits.shape)}")
+        _, fn = resolve("sample_next_token", logits.device, (logits,), kwargs, backend)
+        return fn(logits, **kwargs)
+
+    return draw
+
+
+def rms_norm(x, weight, *, eps=1e-6, backend=None):
+    """Root-mean-square norm over the last axis: ``x / sqrt(mean(x^2) + eps) * weight``.
+
+    x is ``(..., D)``, weight ``(D,)`` (any float dtype).  The statistics and the scaling
+    by ``weight`` run in float32 and the result is rounded once to ``x``'s dtype, as the
+    reference's Qwen3 ``RMSNorm`` and ``torch.nn.functional.rms_norm`` compute it.
+    """
+    _checks.check_rms_norm(x, weight, eps)
+    kwargs = dict(eps=float(eps))
+    _, fn = resolve("rms_norm", x.device, (x, weight), kwargs, backend)
+    return fn(x, weight, **kwargs)

@@ -180,3 +180,22 @@ def normalize_sampling_args(logits, temperature, top_k, generator):
         if generator.device.type != logits.device.type:
             raise ValueError(f"generator is on {generator.device} but logits on {logits.device}")
     return temperature, top_k
+
+
+def require_positive_number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def check_rms_norm(x, weight, eps) -> None:
+    require_tensor("x", x)
+    require_tensor("weight", weight)
+    require_float("x", x)
+    require_float("weight", weight)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last axis (..., D), got shape {tuple(x.shape)}")
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"weight must have shape ({x.shape[-1]},) to match x's last axis, got {tuple(weight.shape)}")
+    require_same_device(x=x, weight=weight)
+    require_positive_number("eps", eps)

@@ -13,7 +13,7 @@ import platform
 import torch
 
 from .. import _build_info
-from . import attention as _attention, loss as _loss, sampling as _sampling
+from . import attention as _attention, loss as _loss, normalization as _normalization, sampling as _sampling
 from ._dispatch import register_kernels
 
 NAMESPACE = "gptfast_cpu"
@@ -54,3 +54,4 @@ causal_attention = functools.partial(_attention.fused_causal_attention, NAMESPAC
 cross_entropy = functools.partial(_loss.fused_cross_entropy, NAMESPACE)
 linear_cross_entropy = functools.partial(_loss.fused_linear_cross_entropy, NAMESPACE)
 sample_next_token = functools.partial(_sampling.fused_sample_next_token, NAMESPACE)
+rms_norm = functools.partial(_normalization.fused_rms_norm, NAMESPACE)

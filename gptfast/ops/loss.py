@@ -150,31 +150,46 @@ def _next_power_of_2(n: int) -> int:
 
 
 def chunk_rows(n_rows: int, hidden_size: int, vocab: int, device_type: str) -> int:
-    """Tokens per chunk of the linear cross-entropy (see CPU_CHUNK_ELEMENTS and GPU_MIN_CHUNK_ROWS)."""
+    """Tokens per chunk of the linear cross-entropy (see CPU_CHUNK_ELEMENTS and GPU_MIN_CHUNK_ROWS).
+
+    On a CPU the rows are split into chunks of equal size (the last one no smaller than the
+    others by more than one row), so no chunk is a sliver whose matmuls run inefficiently.
+    """
     if device_type == "cpu":
-        rows = CPU_CHUNK_ELEMENTS // max(vocab, 1)
+        rows = max(1, CPU_CHUNK_ELEMENTS // max(vocab, 1))
+        rows = -(-n_rows // max(1, -(-n_rows // rows)))  # ceil(n / number of chunks)
     else:
         rows = max(GPU_MIN_CHUNK_ROWS, _next_power_of_2(hidden_size))
     return max(1, min(n_rows, rows))
 
 
-def _linear_ce_chunks(kernel, hidden, weight, bias, targets, ignore_index, row_scale, need):
-    """Per-row losses and (for ``need`` = which of hidden, weight, bias) gradients, chunk by chunk.
+def _accumulate(acc_tensor, product, first):
+    """``acc_tensor (+)= product`` (the first chunk writes, so the accumulator needs no zero fill)."""
+    if first:
+        acc_tensor.copy_(product)
+    else:
+        acc_tensor += product
 
-    Gradients are of ``sum_i row_scale[i] * loss_i`` (``row_scale`` None = all ones); weight
-    and bias gradients accumulate in float32 (float64 for float64 inputs), so many chunks do
-    not pile up 16-bit rounding.
-    """
+
+def _dense_chunks(kernel, hidden, weight, bias, targets, ignore_index, row_scale, need):
+    """Per-row losses and the ``need``-ed gradients of every row of ``hidden``, chunk by chunk."""
     n, hidden_size = hidden.shape
     vocab = weight.shape[0]
     acc = acc_dtype(hidden.dtype)
     any_grad = any(need)
     loss_rows = torch.empty(n, dtype=acc, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if need[0] else None
-    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need[1] else None
-    grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need[2] else None
+    # Written by the first chunk: an (V, H) zero fill is a full pass over the weight's size.
+    grad_weight = torch.empty(weight.shape, dtype=acc, device=weight.device) if need[1] else None
+    grad_bias = torch.empty(vocab, dtype=acc, device=weight.device) if need[2] else None
+    if n == 0:
+        for g in (grad_weight, grad_bias):
+            if g is not None:
+                g.zero_()
+        return loss_rows, grad_hidden, grad_weight, grad_bias
     step = chunk_rows(n, hidden_size, vocab, hidden.device.type)
     for start in range(0, n, step):
+        first = start == 0
         rows = slice(start, min(n, start + step))
         h = hidden[rows]
         logits = F.linear(h, weight, bias)
@@ -188,13 +203,60 @@ def _linear_ce_chunks(kernel, hidden, weight, bias, targets, ignore_index, row_s
         if grad_hidden is not None:
             torch.mm(dlogits, weight, out=grad_hidden[rows])
         if grad_weight is not None:
-            if dlogits.dtype == acc:
-                grad_weight.addmm_(dlogits.t(), h)  # no (V, H) temporary per chunk
+            if dlogits.dtype != acc:
+                _accumulate(grad_weight, (dlogits.t() @ h).to(acc), first)
+            elif first:
+                torch.mm(dlogits.t(), h, out=grad_weight)
             else:
-                grad_weight += (dlogits.t() @ h).to(acc)
+                grad_weight.addmm_(dlogits.t(), h)  # no (V, H) temporary per chunk
         if grad_bias is not None:
-            grad_bias += dlogits.sum(0, dtype=acc)
+            _accumulate(grad_bias, dlogits.sum(0, dtype=acc), first)
     return loss_rows, grad_hidden, grad_weight, grad_bias
+
+
+def _skippable_ignored_rows(hidden, weight, bias, targets, ignore_index):
+    """Indices of the rows to compute when the others (targets equal to ``ignore_index``) may be skipped, else None.
+
+    An ignored row adds nothing to the loss and, while its logits are finite, nothing to any
+    gradient, so it costs nothing if left out.  Eagerly on a CPU only (the gather needs the
+    count of kept rows on the host, a sync on a GPU and a dynamic shape while tracing).
+    When an ignored row's hidden state, or the bias, is not finite, its softmax is NaN and
+    PyTorch spreads that NaN into the gradients: then every row is computed.
+    """
+    if hidden.device.type != "cpu" or is_tracing(hidden):
+        return None
+    ignored = targets == ignore_index
+    if not bool(ignored.any()):
+        return None
+    if not bool(torch.isfinite(hidden[ignored]).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
+        return None
+    kept = (~ignored).nonzero().squeeze(1)
+    if kept.numel() == 0 and not bool(torch.isfinite(weight).all()):
+        return None  # every row ignored: only a non-finite weight could still make a gradient NaN
+    return kept
+
+
+def _linear_ce_chunks(kernel, hidden, weight, bias, targets, ignore_index, row_scale, need):
+    """Per-row losses and (for ``need`` = which of hidden, weight, bias) gradients, chunk by chunk.
+
+    Gradients are of ``sum_i row_scale[i] * loss_i`` (``row_scale`` None = all ones); weight
+    and bias gradients accumulate in float32 (float64 for float64 inputs), so many chunks do
+    not pile up 16-bit rounding.  Rows whose target is ``ignore_index`` are gathered out first
+    where that cannot change a number (:func:`_skippable_ignored_rows`): padding costs nothing.
+    """
+    kept = _skippable_ignored_rows(hidden, weight, bias, targets, ignore_index)
+    if kept is None:
+        return _dense_chunks(kernel, hidden, weight, bias, targets, ignore_index, row_scale, need)
+    scale = row_scale.index_select(0, kept) if row_scale is not None else None
+    loss, gh, gw, gb = _dense_chunks(kernel, hidden.index_select(0, kept), weight, bias, targets.index_select(0, kept),
+                                     ignore_index, scale, need)
+    if not bool(torch.isfinite(loss).all()):
+        # A kept row overflowed or met a non-finite weight; an ignored row may too: compute them all.
+        return _dense_chunks(kernel, hidden, weight, bias, targets, ignore_index, row_scale, need)
+    loss_rows = loss.new_zeros(hidden.shape[0]).index_copy_(0, kept, loss)
+    if gh is not None:
+        gh = torch.zeros_like(hidden).index_copy_(0, kept, gh)
+    return loss_rows, gh, gw, gb
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -246,5 +308,11 @@ def fused_linear_cross_entropy(ops, hidden, weight, targets, *, bias=None, ignor
     op_name = f"{ops}::cross_entropy_fwd (linear cross-entropy)" if isinstance(ops, str) else "linear cross-entropy"
     flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     flat_targets = _flat_targets(targets)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
+        # No gradient will be asked for (evaluation, no_grad): the loss only, without the Function, whose
+        # forward would otherwise compute the gradients (it cannot see that grad mode was off).
+        loss_rows, *_ = _linear_ce_chunks(kernel, flat, weight, bias, flat_targets, int(ignore_index), None,
+                                          (False, False, False))
+        return reduce_loss(loss_rows, targets, ignore_index, reduction, hidden.dtype)
     loss = _LinearCrossEntropy.apply(flat, weight, bias, flat_targets, int(ignore_index), reduction, kernel, op_name)
     return loss.view(targets.shape) if reduction == "none" else loss

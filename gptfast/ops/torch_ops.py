@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 DEVICES = ("cpu", "cuda", "mps", "xpu", "meta")
-AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token"})
+AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm"})
 
 
 def unavailable_reason():
@@ -83,3 +83,15 @@ def sample_next_token(logits, *, temperature=0.0, top_k=None, generator=None):
     probs = torch.where(sampling.unsqueeze(1), probs, torch.ones_like(probs))
     drawn = torch.multinomial(probs, num_samples=1, generator=generator)
     return torch.where(sampling.unsqueeze(1), drawn, greedy)
+
+
+def rms_norm(x, weight, *, eps=1e-6):
+    """RMSNorm over the last axis in float32, as the reference's Qwen3 ``RMSNorm`` (and ``F.rms_norm``) do it.
+
+    ``x`` is upcast to float32 (float64 stays), normalised, multiplied by ``weight`` in that
+    precision and cast back to ``x``'s dtype once.
+    """
+    input_dtype = x.dtype
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    variance = x.pow(2).mean(dim=-1, keepdim=True)
+    return (x * torch.rsqrt(variance + eps) * weight).to(input_dtype)

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from . import attention as _attention, loss as _loss, sampling as _sampling
+from . import attention as _attention, loss as _loss, normalization as _normalization, sampling as _sampling
 from ._dispatch import register_kernels
 
 NAMESPACE = "gptfast_triton"
@@ -34,7 +34,7 @@ def _load() -> str | None:
     if not INTERPRETER and not torch.cuda.is_available():
         return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)"
     try:
-        for name in ("attention", "cross_entropy", "sampling"):
+        for name in ("attention", "cross_entropy", "sampling", "rms_norm"):
             _kernels[name] = importlib.import_module(f"gptfast.triton_kernels.{name}")
     except (ImportError, RuntimeError, OSError) as exc:  # missing triton, or one that cannot load its backend
         return f"triton is not importable: {exc}"
@@ -58,6 +58,8 @@ def supports(op: str, *args, **kwargs) -> str | None:
                 "use float32, or a GPU without the interpreter")
     if op == "causal_attention":
         return _kernels["attention"].unsupported_reason(args[0], args[1])
+    if op == "rms_norm":
+        return _kernels["rms_norm"].unsupported_reason(args[0], args[1])
     if op == "linear_cross_entropy" and kwargs.get("bias") is not None and kwargs["bias"].dtype != x.dtype:
         return f"bias dtype {kwargs['bias'].dtype} differs from hidden's {x.dtype}"
     return _kernels["sampling" if op == "sample_next_token" else "cross_entropy"].unsupported_reason(x)
@@ -67,3 +69,4 @@ causal_attention = functools.partial(_attention.fused_causal_attention, NAMESPAC
 cross_entropy = functools.partial(_loss.fused_cross_entropy, NAMESPACE)
 linear_cross_entropy = functools.partial(_loss.fused_linear_cross_entropy, NAMESPACE)
 sample_next_token = functools.partial(_sampling.fused_sample_next_token, NAMESPACE)
+rms_norm = functools.partial(_normalization.fused_rms_norm, NAMESPACE)

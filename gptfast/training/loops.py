@@ -22,10 +22,16 @@ def token_ids_to_text(token_ids, tokenizer):
 
 
 def calc_loss_batch(input_batch, target_batch, model, device):
-    """Mean next-token cross-entropy of one batch (through ``gptfast.ops.cross_entropy``)."""
+    """Mean next-token cross-entropy of one batch.
+
+    For gptfast's GPT models the output head and the loss run as one fused op where a
+    backend serves it (the ``(b, t, vocab)`` logits are never built); otherwise, and with
+    backend ``"torch"``, it is ``ops.cross_entropy(model(x).flatten(0, 1), y.flatten())``.
+    """
+    from ..finetuning.heads import next_token_loss  # here: finetuning imports this module
+
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    logits = model(input_batch)
-    return ops.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
+    return next_token_loss(model, input_batch, target_batch)
 
 
 def mean_batch_loss(loss_batch, data_loader, model, device, num_batches=None):

@@ -1,0 +1,97 @@
+"""The next-token loss with the output head fused into it (gptfast.finetuning.heads.next_token_loss),
+as chapter 5's ``calc_loss_batch`` uses it: same numbers as the model's logits through the
+cross-entropy, the ``(b, t, vocab)`` logits never built where a fused backend serves the head,
+and the plain path wherever the head cannot be split off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import parity
+from gptfast import ch05, ops
+from gptfast.finetuning import heads
+from gptfast.models import GPTModel, GPTModelFast, gpt2_config
+from parity import needs_cpu_backend
+
+VOCAB = 300
+
+
+def _model(cls=GPTModel, seed=5):
+    torch.manual_seed(seed)
+    return cls(gpt2_config("tiny", vocab_size=VOCAB, drop_rate=0.0)).train()
+
+
+def _batch(seed=6):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, VOCAB, (2, 11), generator=g)
+    y = torch.randint(0, VOCAB, (2, 11), generator=g)
+    y[1, 7:] = -100  # padding, as chapter 7's collate writes it
+    return x, y
+
+
+def _loss_and_grads(model, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _head_calls(model):
+    calls = []
+    model.out_head.forward = lambda h, f=model.out_head.forward: (calls.append(h.shape), f(h))[1]
+    return calls
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("cls", [GPTModel, GPTModelFast])
+def test_fused_head_loss_matches_the_logits_path_without_building_logits(cls):
+    x, y = _batch()
+    model = _model(cls)
+    with ops.use_backend("torch"):
+        ref_loss, ref_grads = _loss_and_grads(model, lambda: torch.nn.functional.cross_entropy(
+            model(x).flatten(0, 1), y.flatten()))
+    calls = _head_calls(model)
+    with ops.use_backend("cpu"):
+        assert heads.head_is_separable(model)
+        loss, grads = _loss_and_grads(model, lambda: ch05.calc_loss_batch(x, y, model, "cpu"))
+    assert calls == []  # the head ran inside the fused linear cross-entropy
+    parity.assert_close(loss, ref_loss, torch.float32, "fused head loss")
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
+def test_torch_backend_runs_the_reference_way():
+    x, y = _batch()
+    model = _model()
+    calls = _head_calls(model)
+    with ops.use_backend("torch"):
+        loss = ch05.calc_loss_batch(x, y, model, "cpu")
+    assert calls == [torch.Size([2, 11, 64])]  # model(x): the full logits, then the loss
+    assert torch.equal(loss, torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()))
+
+
+class _ScaledHead(GPTModel):
+    def forward(self, in_idx):
+        return super().forward(in_idx) * 0.5
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("case", ["forward overridden", "hook on the head", "hook on the model", "LoRA-style head"])
+def test_models_whose_head_cannot_be_split_off_keep_their_forward(case):
+    x, y = _batch()
+    model = _model(_ScaledHead if case == "forward overridden" else GPTModel)
+    if case == "hook on the head":
+        model.out_head.register_forward_hook(lambda m, i, out: out * 0.5)
+    elif case == "hook on the model":
+        model.register_forward_hook(lambda m, i, out: out * 0.5)
+    elif case == "LoRA-style head":
+        from gptfast.appendix_e import LinearWithLoRA
+        torch.manual_seed(1)
+        model.out_head = LinearWithLoRA(model.out_head, rank=2, alpha=4)
+        torch.nn.init.normal_(model.out_head.lora.B)
+    assert not heads.head_is_separable(model)
+    with ops.use_backend("cpu"):
+        loss = ch05.calc_loss_batch(x, y, model, "cpu")
+        expected = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    parity.assert_close(loss, expected, torch.float32, case)
