@@ -88,8 +88,12 @@ class CachedRunner:
         self.group_size = att.num_heads // att.num_kv_groups if self.rotary else 1
 
     def causal_attention(self, q, k, v):
-        """Causal attention of ``q`` over the (grouped) ``k``/``v``: the queries are the last key positions."""
-        return ops.causal_attention(q, expand_groups(k, self.group_size), expand_groups(v, self.group_size))
+        """Causal attention of ``q`` over the (grouped) ``k``/``v``: the queries are the last key positions.
+
+        The op takes grouped k/v as they are: the fused kernels read the cache's shared heads in
+        place, and the torch oracle makes the same ``repeat_interleave`` copies this used to make.
+        """
+        return ops.causal_attention(q, k, v)
 
     def masked_attention(self, q, k, v, last_visible):
         """:func:`masked_decode_attention` over the (grouped) ``k``/``v``."""
