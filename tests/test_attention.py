@@ -841,3 +841,31 @@ def test_gqa_decode_step_over_a_strided_kv_cache(backend, device, h, h_kv, fille
         direct = torch.ops.gptfast_cuda.decode_attention(q, k, v, 0.125)
         parity.assert_close(direct.cpu(), ref, dtype, "gqa decode kernel")
         torch.library.opcheck(torch.ops.gptfast_cuda.decode_attention.default, (q, k, v, 0.125))
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_generation_runner_hands_the_cache_kv_heads_to_the_op(monkeypatch, backend):
+    """Prefill and decode of a grouped-query Llama pass the cache's H_kv heads to causal_attention
+    (no per-step copy of the cache per query head); logits agree with the uncached model."""
+    from gptfast.generation import CachedRunner, KVCache
+    from gptfast.models import llama3
+    torch.manual_seed(0)
+    cfg = {"vocab_size": 97, "context_length": 32, "emb_dim": 32, "n_heads": 4, "n_layers": 2, "hidden_dim": 48,
+           "n_kv_groups": 1, "rope_base": 500_000.0, "dtype": torch.float32,
+           "rope_freq": {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_context_length": 16}}
+    model = llama3.Llama3Model(cfg).eval()
+    idx = torch.randint(0, 97, (2, 9))
+    recorder = _RecordingAttention(ops.causal_attention)
+    monkeypatch.setattr(ops, "causal_attention", recorder)
+    with ops.use_backend(backend):
+        runner = CachedRunner(model)
+        cache = KVCache.for_model(model, 2, 16)
+        runner.prefill(idx[:, :8], cache)
+        step = runner.decode(idx[:, 8:], cache, 8)
+    monkeypatch.undo()
+    assert recorder.kv and all(k.shape[1] == v.shape[1] == 1 for k, v in recorder.kv)
+    with torch.no_grad(), ops.use_backend(backend):
+        full = model(idx)[:, -1]
+    parity.assert_close(step, full, torch.float32, f"{backend} cached decode")

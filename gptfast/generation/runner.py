@@ -90,7 +90,8 @@ class CachedRunner:
     def causal_attention(self, q, k, v):
         """Causal attention of ``q`` over the (grouped) ``k``/``v``: the queries are the last key positions.
 
-        The fused op reads each key/value head once for its whole group of query heads.
+        The op takes grouped k/v as they are: the fused kernels read the cache's shared heads in
+        place, and the torch oracle makes the same ``repeat_interleave`` copies this used to make.
         """
         return ops.causal_attention(q, k, v)
 

@@ -54,7 +54,7 @@ def check_attention(q, k, v, dropout_p, scale) -> None:
     if k.shape[0] != b or k.shape[3] != d:
         raise ValueError(
             f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head_dim")
-    if h_kv == 0 or h % h_kv != 0:
+    if (h_kv == 0 and h != 0) or (h_kv != 0 and h % h_kv != 0):
         raise ValueError(
             f"k has {h_kv} heads but q has {h}: the query heads must be a whole multiple of the key/value heads "
             f"(grouped-query attention), got q {tuple(q.shape)} and k {tuple(k.shape)}")
