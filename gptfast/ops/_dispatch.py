@@ -32,7 +32,8 @@ from types import ModuleType
 
 import torch
 
-OPS = ("causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm")
+OPS = ("causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm", "swiglu",
+       "rope")
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,14 @@ def register_kernels(namespace: str, *, fakes_in_bodies: bool = False) -> None:
     ``fakes_in_bodies``: the attention and cross-entropy ops are ``triton_op``s, whose fake
     is their own Python body.
     """
-    from . import attention, loss, normalization, sampling
+    from . import activation, attention, loss, normalization, rotary, sampling
 
     attention.register(namespace, fakes=not fakes_in_bodies)
     loss.register(namespace, fakes=not fakes_in_bodies)
     sampling.register(namespace)
     normalization.register(namespace, fakes=not fakes_in_bodies)
+    activation.register(namespace, fakes=not fakes_in_bodies)
+    rotary.register(namespace, fakes=not fakes_in_bodies)
 
 
 def unavailable_reason(name: str) -> str | None:

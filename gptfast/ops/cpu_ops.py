@@ -13,7 +13,8 @@ import platform
 import torch
 
 from .. import _build_info
-from . import attention as _attention, loss as _loss, normalization as _normalization, sampling as _sampling
+from . import (activation as _activation, attention as _attention, loss as _loss, normalization as _normalization,
+               rotary as _rotary, sampling as _sampling)
 from ._dispatch import register_kernels
 
 NAMESPACE = "gptfast_cpu"
@@ -55,3 +56,5 @@ cross_entropy = functools.partial(_loss.fused_cross_entropy, NAMESPACE)
 linear_cross_entropy = functools.partial(_loss.fused_linear_cross_entropy, NAMESPACE)
 sample_next_token = functools.partial(_sampling.fused_sample_next_token, NAMESPACE)
 rms_norm = functools.partial(_normalization.fused_rms_norm, NAMESPACE)
+swiglu = functools.partial(_activation.fused_swiglu, NAMESPACE)
+rope = functools.partial(_rotary.fused_rope, NAMESPACE)
