@@ -11,8 +11,9 @@ serves the tensors' device and has been measured faster than the torch path.
 
 Layout: ``_checks`` (validation), ``_dispatch`` (backend registry and selection),
 ``torch_ops`` (the oracle), one module per op above the kernels (``attention``,
-``loss`` for the cross-entropy and the linear cross-entropy, ``sampling``; not named
-``cross_entropy``, which is this package's function), and one thin loader
+``loss`` for the cross-entropy and the linear cross-entropy, ``sampling``, ``normalization``
+for RMSNorm, ``activation`` for SwiGLU, ``rotary`` for RoPE; not named after the functions of
+this package, which would shadow them), and one thin loader
 per kernel backend (``cpu_ops``, ``cuda_ops``, ``triton_ops``).  The kernels' torch-op
 schemas are listed in csrc/schemas.h.
 """
