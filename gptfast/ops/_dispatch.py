@@ -36,6 +36,21 @@ OPS = ("causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next
        "rope")
 
 
+# The kernel ops every C++ namespace defines (csrc/schemas.h); a built extension that lacks one is
+# older than its Python layer and must be rebuilt.
+KERNEL_OPS = ("attention_fwd", "attention_bwd", "cross_entropy_fwd", "sample_next_token", "rms_norm_fwd",
+              "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd", "rope_fwd", "rope_bwd")
+
+
+def stale_extension_reason(namespace: str) -> str | None:
+    """Why the loaded extension of ``namespace`` cannot serve this package (it lacks ops), else ``None``."""
+    missing = [name for name in KERNEL_OPS if not hasattr(getattr(torch.ops, namespace), name)]
+    if missing:
+        return (f"the built extension is older than this package (torch.ops.{namespace} lacks "
+                f"{', '.join(missing)}): rebuild with pip install --no-build-isolation -e .")
+    return None
+
+
 @dataclass(frozen=True)
 class BackendSpec:
     name: str

@@ -15,7 +15,7 @@ import torch
 from .. import _build_info
 from . import (activation as _activation, attention as _attention, loss as _loss, normalization as _normalization,
                rotary as _rotary, sampling as _sampling)
-from ._dispatch import register_kernels
+from ._dispatch import register_kernels, stale_extension_reason
 
 NAMESPACE = "gptfast_cpu"
 DEVICES = ("cpu",)
@@ -39,6 +39,9 @@ def _load() -> str | None:
         if why:
             return f"extension gptfast._C_cpu is unavailable: {why}"
         return f"extension gptfast._C_cpu not built: run pip install --no-build-isolation -e . ({exc})"
+    stale = stale_extension_reason(NAMESPACE)
+    if stale is not None:
+        return stale
     register_kernels(NAMESPACE)
     return None
 

@@ -20,7 +20,7 @@ import torch
 from .. import _build_info
 from . import (activation as _activation, attention as _attention, loss as _loss, normalization as _normalization,
                rotary as _rotary, sampling as _sampling)
-from ._dispatch import register_kernels
+from ._dispatch import register_kernels, stale_extension_reason
 
 NAMESPACE = "gptfast_cuda"
 DEVICES = ("cuda",)
@@ -41,6 +41,9 @@ def _load() -> str | None:
     except ImportError as exc:
         why = _build_info.why_not_built("cuda")  # recorded by setup.py, e.g. the compiler's error
         return f"gptfast._C_cuda is unavailable: {why} [{exc}]" if why else f"{_NOT_BUILT} [{exc}]"
+    stale = stale_extension_reason(NAMESPACE)
+    if stale is not None:
+        return stale
     register_kernels(NAMESPACE)
     return None
 
