@@ -192,3 +192,48 @@ def test_sampling(benchmark, impl):
     memory = peak_memory(fn)
     run_benchmark(benchmark, fn, rounds=ROUNDS["fast"] * 2, group=f"sampling {s} temperature=1 {DTYPE_NAME}",
                   op="sample_next_token", impl=impl, shape=s, dtype=DTYPE_NAME, **memory)
+
+
+# Llama 3 / Qwen3 layer ops at Qwen3-0.6B's widths (emb 1024, hidden 3072, 16 heads of 128):
+# CPU 256 tokens, GPU 8192.  Against the torch path (backend "torch", the reference's math).
+LAYER_TOKENS = 8192 if ON_GPU else 256
+LAYER_SHAPES = {
+    "rms_norm": dict(N=LAYER_TOKENS, D=1024),
+    "swiglu": dict(N=LAYER_TOKENS, H=3072),
+    "rope": dict(B=1, H=16, T=LAYER_TOKENS, D=128),
+}
+
+
+def _layer_case(op, impl):
+    """``(forward, leaves, shape)`` for one layer op on the benchmark device."""
+    s = LAYER_SHAPES[op]
+    if op == "rms_norm":
+        x, w = _randn(s["N"], s["D"], grad=True, scale=2.0), _randn(s["D"], grad=True)
+        args, kwargs, leaves = (x, w), dict(eps=1e-6), (x, w)
+    elif op == "swiglu":
+        gate, up = _randn(s["N"], s["H"], grad=True, scale=2.0), _randn(s["N"], s["H"], grad=True)
+        args, kwargs, leaves = (gate, up), {}, (gate, up)
+    else:
+        from gptfast.models.layers import rope_tables
+        x = _randn(s["B"], s["T"], s["H"], s["D"], grad=True)
+        cos, sin = (t.to(DEVICE) for t in rope_tables(s["D"], theta_base=1_000_000.0, context_length=s["T"]))
+        # the heads view a projection gives the model: (B, H, T, D) over (B, T, H, D) memory
+        args, kwargs, leaves = (x.transpose(1, 2), cos, sin), dict(offset=0, positions=None), (x,)
+    require_backend(impl, op, args, kwargs)
+    return (lambda: getattr(ops, op)(*args, **kwargs, backend=impl)), leaves, s
+
+
+@pytest.mark.parametrize("passes", PASSES)
+@pytest.mark.parametrize("op", sorted(LAYER_SHAPES))
+@pytest.mark.parametrize("impl", sorted(set(bench_backends("rms_norm")) | {"torch"}))
+def test_layer_op(benchmark, impl, op, passes):
+    forward, leaves, s = _layer_case(op, impl)
+    if passes == "fwd":
+        fn, setup = (lambda: forward()), None
+    else:
+        out = forward()
+        grad_out = torch.randn_like(out)
+        fn, setup = _with_backward(forward, leaves, grad_out)
+    memory = peak_memory(lambda: (setup and setup(), fn()))
+    run_benchmark(benchmark, fn, setup=setup, rounds=ROUNDS["fast"], group=f"{op} {passes} {s} {DTYPE_NAME}",
+                  op=op, impl=impl, passes=passes, shape=s, dtype=DTYPE_NAME, **memory)

@@ -37,6 +37,18 @@
 // rms_norm_bwd(grad_out, x, weight, rstd) -> (dx, dweight)
 //   The forward's rstd; dx (N, D) contiguous in x's dtype, dweight (D,) in weight's dtype,
 //   summed over the rows in a fixed order (deterministic).
+// swiglu_fwd(gate, up) -> out
+//   silu(gate) * up elementwise; gate and up of one shape and dtype; out contiguous, that dtype
+//   (math in float32, float64 for float64 on cpu).
+// swiglu_bwd(grad_out, gate, up) -> (d_gate, d_up)
+//   Recomputed from gate and up; both contiguous in gate's dtype.
+// rope_fwd(x, cos, sin, positions, offset) -> out
+//   Rotate-half rotary embedding of x (B, H, T, D), D even, unit stride along D (other strides
+//   free): out = x * cos[p] + cat(-x2, x1) * sin[p] with p = offset + t, or p = positions[b, t]
+//   when positions (B, T) int64 is given (offset then unused).  cos/sin (P, D), every p in
+//   [0, P) (checked by the kernels).  out (B, H, T, D) contiguous in x's dtype.
+// rope_bwd(grad_out, cos, sin, positions, offset) -> grad_x
+//   The transpose of the forward's rotation applied to grad_out; same layout rules.
 //
 // cuda only (no counterpart elsewhere):
 // decode_attention(q, k, v, scale) -> out
@@ -59,6 +71,11 @@ constexpr const char* kSampleNextToken =
 constexpr const char* kRmsNormFwd = "rms_norm_fwd(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)";
 constexpr const char* kRmsNormBwd =
     "rms_norm_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)";
+constexpr const char* kSwigluFwd = "swiglu_fwd(Tensor gate, Tensor up) -> Tensor";
+constexpr const char* kSwigluBwd = "swiglu_bwd(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)";
+constexpr const char* kRopeFwd = "rope_fwd(Tensor x, Tensor cos, Tensor sin, Tensor? positions, int offset) -> Tensor";
+constexpr const char* kRopeBwd =
+    "rope_bwd(Tensor grad_out, Tensor cos, Tensor sin, Tensor? positions, int offset) -> Tensor";
 constexpr const char* kDecodeAttention = "decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor";
 
 }  // namespace schema

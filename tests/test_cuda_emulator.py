@@ -3,7 +3,9 @@
 Attention forward/backward (out, lse, dq, dk, dv, with dropout, strided layouts and grouped-query
 k/v) and decode (split-key flash-decoding, grouped-query too), softmax cross-entropy (loss and in-place/separate gradients for every
 dtype, alignment, ignore/bad targets) and top-k/temperature sampling (greedy ties and NaN, top-k
-support with ties, the distribution, Philox seed/offset plumbing, per-row clamping).
+support with ties, the distribution, Philox seed/offset plumbing, per-row clamping), and the
+Llama 3 / Qwen3 layer ops (RMSNorm forward/backward with a deterministic dweight, SwiGLU with
+NaN/inf, RoPE forward/backward with offsets, per-row and out-of-table positions, strided x).
 
 By default the quick subset runs on a plain build; GPTFAST_CUDA_EMULATOR_FULL=1 runs every case on
 an ASan + UBSan build (minutes).  The emulator's own detectors (divergent barriers, deadlocks, reads

@@ -292,6 +292,10 @@ SCHEMAS = {
                           "int top_k_value, Generator? generator) -> Tensor"),
     "rms_norm_fwd": "(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)",
     "rms_norm_bwd": "(Tensor grad_out, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)",
+    "swiglu_fwd": "(Tensor gate, Tensor up) -> Tensor",
+    "swiglu_bwd": "(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)",
+    "rope_fwd": "(Tensor x, Tensor cos, Tensor sin, Tensor? positions, int offset) -> Tensor",
+    "rope_bwd": "(Tensor grad_out, Tensor cos, Tensor sin, Tensor? positions, int offset) -> Tensor",
 }
 
 
@@ -351,3 +355,13 @@ def test_gpt_model_forward_backward_on_the_cpu_backend_matches_torch():
     torch.testing.assert_close(loss_c, loss_t, atol=1e-5, rtol=1e-5)
     for name in grads_t:
         torch.testing.assert_close(grads_c[name], grads_t[name], atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_an_extension_older_than_the_package_is_refused_with_the_ops_it_lacks():
+    from gptfast.ops import _dispatch
+    reason = _dispatch.stale_extension_reason("gptfast_never_built")
+    assert reason is not None and "rope_bwd" in reason and "rebuild" in reason
+    assert set(_dispatch.KERNEL_OPS) == {name for name in SCHEMAS}
+    for backend in ("cpu", "cuda"):
+        if ops.unavailable_reason(backend) is None:
+            assert _dispatch.stale_extension_reason(f"gptfast_{backend}") is None

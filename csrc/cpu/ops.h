@@ -24,5 +24,12 @@ at::Tensor sample_next_token(const at::Tensor& logits, const c10::optional<at::T
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight, double eps);
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_out, const at::Tensor& x,
                                                 const at::Tensor& weight, const at::Tensor& rstd);
+at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up);
+std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& grad_out, const at::Tensor& gate,
+                                              const at::Tensor& up);
+at::Tensor rope_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                    const c10::optional<at::Tensor>& positions, int64_t offset);
+at::Tensor rope_bwd(const at::Tensor& grad_out, const at::Tensor& cos, const at::Tensor& sin,
+                    const c10::optional<at::Tensor>& positions, int64_t offset);
 
 }  // namespace gptfast_cpu

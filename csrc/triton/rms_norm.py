@@ -95,7 +95,7 @@ def rms_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return dx, partial.sum(0).to(weight.dtype)
 
 
-def unsupported_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, *_) -> str | None:
     """``None`` if the kernels can run on these inputs, else why not."""
     if x.dtype not in DTYPES or weight.dtype not in DTYPES:
         return f"dtypes {x.dtype}/{weight.dtype} are not supported (float32/float16/bfloat16)"

@@ -163,6 +163,9 @@ def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     the positions of ``x``'s tokens, or ``(B, 1, T, D)`` for per-row positions.
     The result is cast back to ``x``'s dtype.
     """
+    if (cos.dim() == 2 and x.dim() == 4 and cos.shape == sin.shape == (x.shape[2], x.shape[3])
+            and x.shape[-1] % 2 == 0 and cos.dtype.is_floating_point and sin.dtype.is_floating_point):
+        return ops.rope(x, cos, sin)  # the torch backend runs these same lines, op for op
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return ((x * cos) + (rotated * sin)).to(dtype=x.dtype)
@@ -186,16 +189,15 @@ def check_rope_input(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offs
 def apply_rope_at(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """RoPE for ``x`` ``(B, H, T, D)`` whose tokens sit at positions ``offset ... offset + T - 1``."""
     check_rope_input(x, cos, sin, offset)
-    seq_len = x.shape[2]
-    return rotate_half_rope(x, cos[offset:offset + seq_len], sin[offset:offset + seq_len])
+    return ops.rope(x, cos, sin, offset=offset)
 
 
 # ----------------------------------------------------------------------------- feed-forward
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU activation ``silu(gate) * up``."""
-    return F.silu(gate) * up
+    """SwiGLU activation ``silu(gate) * up`` (through :func:`gptfast.ops.swiglu`; its torch backend is this formula)."""
+    return ops.swiglu(gate, up)
 
 
 class FeedForward(nn.Module):

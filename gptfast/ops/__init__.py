@@ -11,8 +11,9 @@ serves the tensors' device and has been measured faster than the torch path.
 
 Layout: ``_checks`` (validation), ``_dispatch`` (backend registry and selection),
 ``torch_ops`` (the oracle), one module per op above the kernels (``attention``,
-``loss`` for the cross-entropy and the linear cross-entropy, ``sampling``; not named
-``cross_entropy``, which is this package's function), and one thin loader
+``loss`` for the cross-entropy and the linear cross-entropy, ``sampling``, ``normalization``
+for RMSNorm, ``activation`` for SwiGLU, ``rotary`` for RoPE; not named after the functions of
+this package, which would shadow them), and one thin loader
 per kernel backend (``cpu_ops``, ``cuda_ops``, ``triton_ops``).  The kernels' torch-op
 schemas are listed in csrc/schemas.h.
 """
@@ -39,6 +40,8 @@ __all__ = [
     "sample_next_token",
     "sampler",
     "rms_norm",
+    "swiglu",
+    "rope",
     "available_backends",
     "backend_status",
     "get_backend",
@@ -144,3 +147,26 @@ def rms_norm(x, weight, *, eps=1e-6, backend=None):
     kwargs = dict(eps=float(eps))
     _, fn = resolve("rms_norm", x.device, (x, weight), kwargs, backend)
     return fn(x, weight, **kwargs)
+
+
+def swiglu(gate, up, *, backend=None):
+    """SwiGLU activation ``silu(gate) * up`` (the product of the two projections' outputs).
+
+    gate and up have one shape and dtype; fused backends compute in float32 and round once.
+    """
+    _checks.check_swiglu(gate, up)
+    _, fn = resolve("swiglu", gate.device, (gate, up), {}, backend)
+    return fn(gate, up)
+
+
+def rope(x, cos, sin, *, offset=0, positions=None, backend=None):
+    """Rotary position embedding (rotate-half) of ``x`` ``(B, H, T, D)`` from tables ``cos``/``sin`` ``(P, D)``.
+
+    ``x * cos[p] + cat(-x2, x1) * sin[p]`` where token ``t`` sits at position
+    ``p = offset + t``, or ``p = positions[b, t]`` with per-row ``positions`` ``(B, T)``
+    (a left-padded batch in KV-cache decode).  The result has ``x``'s dtype.
+    """
+    _checks.check_rope(x, cos, sin, offset, positions)
+    kwargs = dict(offset=int(offset), positions=positions)
+    _, fn = resolve("rope", x.device, (x, cos, sin), kwargs, backend)
+    return fn(x, cos, sin, **kwargs)

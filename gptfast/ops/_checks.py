@@ -199,3 +199,55 @@ def check_rms_norm(x, weight, eps) -> None:
         raise ValueError(f"weight must have shape ({x.shape[-1]},) to match x's last axis, got {tuple(weight.shape)}")
     require_same_device(x=x, weight=weight)
     require_positive_number("eps", eps)
+
+
+def check_swiglu(gate, up) -> None:
+    require_tensor("gate", gate)
+    require_tensor("up", up)
+    require_float("gate", gate)
+    require_float("up", up)
+    if gate.shape != up.shape:
+        raise ValueError(f"gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    if gate.dtype != up.dtype:
+        raise TypeError(f"gate and up must share one dtype, got {gate.dtype} and {up.dtype}")
+    require_same_device(gate=gate, up=up)
+
+
+def check_rope(x, cos, sin, offset, positions) -> None:
+    require_tensor("x", x)
+    require_tensor("cos", cos)
+    require_tensor("sin", sin)
+    require_float("x", x)
+    require_float("cos", cos)
+    require_float("sin", sin)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (batch, heads, tokens, head_dim), got shape {tuple(x.shape)}")
+    batch, _, tokens, head_dim = x.shape
+    if head_dim == 0 or head_dim % 2 != 0:
+        raise ValueError(f"x's head_dim must be even and non-zero for rotary embeddings, got {head_dim}")
+    if cos.dim() != 2 or cos.shape[1] != head_dim or sin.shape != cos.shape:
+        raise ValueError(f"cos and sin must both be (positions, {head_dim}), got {tuple(cos.shape)} and "
+                         f"{tuple(sin.shape)}")
+    require_same_device(x=x, cos=cos, sin=sin)
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral):
+        raise TypeError(f"offset must be an int, got {offset!r}")
+    table = cos.shape[0]
+    if positions is None:
+        if offset < 0 or offset + tokens > table:
+            raise ValueError(f"positions {offset}..{offset + tokens - 1} lie outside the RoPE tables' {table} "
+                             "positions (context_length)")
+        return
+    require_tensor("positions", positions)
+    if positions.dtype not in INDEX_DTYPES:
+        raise TypeError(f"positions must be an int64 or int32 tensor, got {positions.dtype}")
+    if positions.shape != (batch, tokens):
+        raise ValueError(f"positions must have shape ({batch}, {tokens}), one per batch row and token, got "
+                         f"{tuple(positions.shape)}")
+    if offset != 0:
+        raise ValueError(f"offset must be 0 when positions are given, got {offset}")
+    require_same_device(x=x, positions=positions)
+    if positions.device.type == "cpu" and positions.numel() > 0:
+        low, high = int(positions.min()), int(positions.max())
+        if low < 0 or high >= table:
+            raise ValueError(f"positions contains {low if low < 0 else high}, outside the RoPE tables' "
+                             f"[0, {table}) (context_length)")

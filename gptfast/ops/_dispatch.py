@@ -32,7 +32,23 @@ from types import ModuleType
 
 import torch
 
-OPS = ("causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm")
+OPS = ("causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm", "swiglu",
+       "rope")
+
+
+# The kernel ops every C++ namespace defines (csrc/schemas.h); a built extension that lacks one is
+# older than its Python layer and must be rebuilt.
+KERNEL_OPS = ("attention_fwd", "attention_bwd", "cross_entropy_fwd", "sample_next_token", "rms_norm_fwd",
+              "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd", "rope_fwd", "rope_bwd")
+
+
+def stale_extension_reason(namespace: str) -> str | None:
+    """Why the loaded extension of ``namespace`` cannot serve this package (it lacks ops), else ``None``."""
+    missing = [name for name in KERNEL_OPS if not hasattr(getattr(torch.ops, namespace), name)]
+    if missing:
+        return (f"the built extension is older than this package (torch.ops.{namespace} lacks "
+                f"{', '.join(missing)}): rebuild with pip install --no-build-isolation -e .")
+    return None
 
 
 @dataclass(frozen=True)
@@ -80,12 +96,14 @@ def register_kernels(namespace: str, *, fakes_in_bodies: bool = False) -> None:
     ``fakes_in_bodies``: the attention and cross-entropy ops are ``triton_op``s, whose fake
     is their own Python body.
     """
-    from . import attention, loss, normalization, sampling
+    from . import activation, attention, loss, normalization, rotary, sampling
 
     attention.register(namespace, fakes=not fakes_in_bodies)
     loss.register(namespace, fakes=not fakes_in_bodies)
     sampling.register(namespace)
     normalization.register(namespace, fakes=not fakes_in_bodies)
+    activation.register(namespace, fakes=not fakes_in_bodies)
+    rotary.register(namespace, fakes=not fakes_in_bodies)
 
 
 def unavailable_reason(name: str) -> str | None:

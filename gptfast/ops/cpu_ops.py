@@ -13,8 +13,9 @@ import platform
 import torch
 
 from .. import _build_info
-from . import attention as _attention, loss as _loss, normalization as _normalization, sampling as _sampling
-from ._dispatch import register_kernels
+from . import (activation as _activation, attention as _attention, loss as _loss, normalization as _normalization,
+               rotary as _rotary, sampling as _sampling)
+from ._dispatch import register_kernels, stale_extension_reason
 
 NAMESPACE = "gptfast_cpu"
 DEVICES = ("cpu",)
@@ -38,6 +39,9 @@ def _load() -> str | None:
         if why:
             return f"extension gptfast._C_cpu is unavailable: {why}"
         return f"extension gptfast._C_cpu not built: run pip install --no-build-isolation -e . ({exc})"
+    stale = stale_extension_reason(NAMESPACE)
+    if stale is not None:
+        return stale
     register_kernels(NAMESPACE)
     return None
 
@@ -55,3 +59,5 @@ cross_entropy = functools.partial(_loss.fused_cross_entropy, NAMESPACE)
 linear_cross_entropy = functools.partial(_loss.fused_linear_cross_entropy, NAMESPACE)
 sample_next_token = functools.partial(_sampling.fused_sample_next_token, NAMESPACE)
 rms_norm = functools.partial(_normalization.fused_rms_norm, NAMESPACE)
+swiglu = functools.partial(_activation.fused_swiglu, NAMESPACE)
+rope = functools.partial(_rotary.fused_rope, NAMESPACE)

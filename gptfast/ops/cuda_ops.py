@@ -18,8 +18,9 @@ import functools
 import torch
 
 from .. import _build_info
-from . import attention as _attention, loss as _loss, normalization as _normalization, sampling as _sampling
-from ._dispatch import register_kernels
+from . import (activation as _activation, attention as _attention, loss as _loss, normalization as _normalization,
+               rotary as _rotary, sampling as _sampling)
+from ._dispatch import register_kernels, stale_extension_reason
 
 NAMESPACE = "gptfast_cuda"
 DEVICES = ("cuda",)
@@ -40,6 +41,9 @@ def _load() -> str | None:
     except ImportError as exc:
         why = _build_info.why_not_built("cuda")  # recorded by setup.py, e.g. the compiler's error
         return f"gptfast._C_cuda is unavailable: {why} [{exc}]" if why else f"{_NOT_BUILT} [{exc}]"
+    stale = stale_extension_reason(NAMESPACE)
+    if stale is not None:
+        return stale
     register_kernels(NAMESPACE)
     return None
 
@@ -61,8 +65,11 @@ def supports(op, *args, **kwargs) -> str | None:
     x = args[0]
     if x.dtype not in KERNEL_DTYPES:
         return f"the CUDA kernels read float32/float16/bfloat16, not {x.dtype}"
-    if op == "rms_norm":
-        return None if args[1].dtype in KERNEL_DTYPES else f"the CUDA kernels read float32/float16/bfloat16, not {args[1].dtype}"
+    if op in ("rms_norm", "rope"):
+        bad = [t.dtype for t in args[1:3] if t.dtype not in KERNEL_DTYPES]
+        return f"the CUDA kernels read float32/float16/bfloat16, not {bad[0]}" if bad else None
+    if op == "swiglu":
+        return None
     vocab = args[1].shape[0] if op == "linear_cross_entropy" else x.shape[-1]
     if vocab >= 2**31:
         return "the CUDA cross-entropy and sampling kernels need a vocabulary below 2**31"
@@ -74,3 +81,5 @@ cross_entropy = functools.partial(_loss.fused_cross_entropy, NAMESPACE)
 linear_cross_entropy = functools.partial(_loss.fused_linear_cross_entropy, NAMESPACE)
 sample_next_token = functools.partial(_sampling.fused_sample_next_token, NAMESPACE)
 rms_norm = functools.partial(_normalization.fused_rms_norm, NAMESPACE)
+swiglu = functools.partial(_activation.fused_swiglu, NAMESPACE)
+rope = functools.partial(_rotary.fused_rope, NAMESPACE)

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 DEVICES = ("cpu", "cuda", "mps", "xpu", "meta")
-AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm"})
+AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm",
+                      "swiglu", "rope"})
 
 
 def unavailable_reason():
@@ -95,3 +96,24 @@ def rms_norm(x, weight, *, eps=1e-6):
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     variance = x.pow(2).mean(dim=-1, keepdim=True)
     return (x * torch.rsqrt(variance + eps) * weight).to(input_dtype)
+
+
+def swiglu(gate, up):
+    """SwiGLU ``silu(gate) * up``, as the reference's Llama 3 and Qwen3 ``FeedForward`` compute it."""
+    return F.silu(gate) * up
+
+
+def rope(x, cos, sin, *, offset=0, positions=None):
+    """Rotate-half RoPE of ``x`` ``(B, H, T, D)``, op for op as the reference's ``apply_rope``.
+
+    Token ``t`` of batch row ``b`` sits at position ``offset + t``, or ``positions[b, t]``
+    when ``positions`` ``(B, T)`` is given.  The products run in the tables' dtype
+    (float32 in the models) and the result is cast to ``x``'s dtype.
+    """
+    if positions is None:
+        cos, sin = cos[offset:offset + x.shape[2]], sin[offset:offset + x.shape[2]]
+    else:
+        cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return ((x * cos) + (rotated * sin)).to(dtype=x.dtype)

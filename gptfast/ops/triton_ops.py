@@ -19,7 +19,8 @@ import os
 
 import torch
 
-from . import attention as _attention, loss as _loss, normalization as _normalization, sampling as _sampling
+from . import (activation as _activation, attention as _attention, loss as _loss, normalization as _normalization,
+               rotary as _rotary, sampling as _sampling)
 from ._dispatch import register_kernels
 
 NAMESPACE = "gptfast_triton"
@@ -34,7 +35,7 @@ def _load() -> str | None:
     if not INTERPRETER and not torch.cuda.is_available():
         return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)"
     try:
-        for name in ("attention", "cross_entropy", "sampling", "rms_norm"):
+        for name in ("attention", "cross_entropy", "sampling", "rms_norm", "swiglu", "rope"):
             _kernels[name] = importlib.import_module(f"gptfast.triton_kernels.{name}")
     except (ImportError, RuntimeError, OSError) as exc:  # missing triton, or one that cannot load its backend
         return f"triton is not importable: {exc}"
@@ -58,8 +59,8 @@ def supports(op: str, *args, **kwargs) -> str | None:
                 "use float32, or a GPU without the interpreter")
     if op == "causal_attention":
         return _kernels["attention"].unsupported_reason(args[0], args[1])
-    if op == "rms_norm":
-        return _kernels["rms_norm"].unsupported_reason(args[0], args[1])
+    if op in ("rms_norm", "swiglu", "rope"):
+        return _kernels[op].unsupported_reason(*args[:3])
     if op == "linear_cross_entropy" and kwargs.get("bias") is not None and kwargs["bias"].dtype != x.dtype:
         return f"bias dtype {kwargs['bias'].dtype} differs from hidden's {x.dtype}"
     return _kernels["sampling" if op == "sample_next_token" else "cross_entropy"].unsupported_reason(x)
@@ -70,3 +71,5 @@ cross_entropy = functools.partial(_loss.fused_cross_entropy, NAMESPACE)
 linear_cross_entropy = functools.partial(_loss.fused_linear_cross_entropy, NAMESPACE)
 sample_next_token = functools.partial(_sampling.fused_sample_next_token, NAMESPACE)
 rms_norm = functools.partial(_normalization.fused_rms_norm, NAMESPACE)
+swiglu = functools.partial(_activation.fused_swiglu, NAMESPACE)
+rope = functools.partial(_rotary.fused_rope, NAMESPACE)

@@ -1,0 +1,45 @@
+// Host-side entry points of rms_norm.cu, swiglu.cu and rope.cu (the Llama 3 / Qwen3 layer ops),
+// called by the torch binding ops_layers.cpp and by the CPU emulator's checks.  Plain C++ (raw
+// pointers, sizes, a stream): the .cu files never see torch headers.  Each function launches on
+// `stream` and returns the launch's cudaError_t (cudaSuccess when there is nothing to do).
+// Every tensor is contiguous; math is float32.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "loss_sampling_launch.h"  // FloatType
+
+namespace gptfast {
+
+// out (rows x dim, x's dtype) = x * rstd * weight; rstd[r] = 1 / sqrt(mean(x[r]^2) + eps).
+// weight: dim float32 values.
+cudaError_t launch_rms_norm_fwd(const void* x, FloatType dtype, const float* weight, int64_t rows, int64_t dim,
+                                float eps, void* out, float* rstd, cudaStream_t stream);
+
+// Number of row blocks of the backward: the rows of its float32 partial buffer (blocks x dim).
+int64_t rms_norm_bwd_blocks(int64_t rows);
+
+// dx (rows x dim, x's dtype) and dweight (dim values of weight_dtype) for the forward's rstd.
+// partial: rms_norm_bwd_blocks(rows) x dim float32 scratch; dweight sums it in block order.
+cudaError_t launch_rms_norm_bwd(const void* grad, const void* x, FloatType dtype, const float* weight,
+                                const float* rstd, int64_t rows, int64_t dim, void* dx, float* partial,
+                                void* dweight, FloatType weight_dtype, cudaStream_t stream);
+
+// out[i] = silu(gate[i]) * up[i] for i < n.
+cudaError_t launch_swiglu_fwd(const void* gate, const void* up, FloatType dtype, int64_t n, void* out,
+                              cudaStream_t stream);
+// d_gate[i], d_up[i] from grad, gate, up (recomputed sigmoid).
+cudaError_t launch_swiglu_bwd(const void* grad, const void* gate, const void* up, FloatType dtype, int64_t n,
+                              void* d_gate, void* d_up, cudaStream_t stream);
+
+// Rotate-half RoPE of x (B, H, T, D; element (b, h, t, j) at b*sb + h*sh + t*st + j) into a
+// contiguous out.  Position of (b, t): positions[b*T + t] when positions != nullptr, else
+// offset + t; tables cos/sin (table_rows x D float32).  A position outside [0, table_rows)
+// is never read: its output row is NaN.  backward applies the transposed rotation.
+cudaError_t launch_rope(const void* x, FloatType dtype, int64_t B, int64_t H, int64_t T, int64_t D, int64_t sb,
+                        int64_t sh, int64_t st, const float* cos, const float* sin, int64_t table_rows,
+                        const int64_t* positions, int64_t offset, bool backward, void* out, cudaStream_t stream);
+
+}  // namespace gptfast

@@ -1,0 +1,58 @@
+"""SwiGLU (``silu(gate) * up``) above the kernels, for every fused backend (cpu, cuda, triton).
+
+The kernels are two torch ops with one schema in each namespace (csrc/schemas.h)::
+
+    swiglu_fwd(gate, up) -> out
+    swiglu_bwd(grad_out, gate, up) -> (d_gate, d_up)
+
+Here, once for all backends: the fakes (for the C++ ops; a Triton op's fake is its own
+body) and the autograd formula.  The backward recomputes ``sigmoid(gate)`` from the saved
+inputs instead of saving it: the inputs are kept alive by the projections' own backward
+anyway, so this costs no memory.  The kernels see contiguous data of any shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _namespace(ops):
+    """``torch.ops.<ops>`` for a namespace name; any other object (a test's stand-in) as is."""
+    return getattr(torch.ops, ops) if isinstance(ops, str) else ops
+
+
+def _fake_swiglu_fwd(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+def _fake_swiglu_bwd(grad_out, gate, up):
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+    ctx.set_materialize_grads(False)
+
+
+def _make_backward(namespace: str):
+    def backward(ctx, grad_out):
+        if grad_out is None:
+            return None, None
+        gate, up = ctx.saved_tensors
+        return _namespace(namespace).swiglu_bwd(grad_out, gate, up)
+
+    return backward
+
+
+def register(namespace: str, *, fakes: bool = True) -> None:
+    """Register the autograd formula (and, with ``fakes``, the fake impls) of ``namespace``'s SwiGLU ops."""
+    if fakes:
+        torch.library.register_fake(f"{namespace}::swiglu_fwd")(_fake_swiglu_fwd)
+        torch.library.register_fake(f"{namespace}::swiglu_bwd")(_fake_swiglu_bwd)
+    torch.library.register_autograd(f"{namespace}::swiglu_fwd", _make_backward(namespace),
+                                    setup_context=_setup_context)
+
+
+def fused_swiglu(ops, gate, up):
+    """``silu(gate) * up`` on ``ops``' kernels (inputs already validated); the result has ``gate``'s shape."""
+    return _namespace(ops).swiglu_fwd(gate, up)

@@ -1,0 +1,63 @@
+"""Rotary position embedding (rotate-half RoPE) above the kernels, for every fused backend.
+
+The kernels are two torch ops with one schema in each namespace (csrc/schemas.h)::
+
+    rope_fwd(x, cos, sin, positions, offset) -> out
+    rope_bwd(grad_out, cos, sin, positions, offset) -> grad_x
+
+RoPE is a rotation per pair ``(x[j], x[j + D/2])``, linear in ``x``: the backward is the
+transposed rotation of the upstream gradient, so nothing but the tables is saved.  The
+tables get no gradient (they are constants of the model).  Conventions held here: the
+per-row ``positions`` go to the kernels as int64, ``offset`` is unused with them, and ``x``
+may be a strided view (the heads of a projection) as long as ``D`` is unit-stride.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _namespace(ops):
+    """``torch.ops.<ops>`` for a namespace name; any other object (a test's stand-in) as is."""
+    return getattr(torch.ops, ops) if isinstance(ops, str) else ops
+
+
+def _fake_rope(x, cos, sin, positions, offset):
+    return x.new_empty(x.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    _x, cos, sin, positions, offset = inputs
+    ctx.save_for_backward(cos, sin, positions)
+    ctx.offset = offset
+    ctx.set_materialize_grads(False)
+
+
+def _make_backward(namespace: str):
+    def backward(ctx, grad_out):
+        if grad_out is None:
+            return None, None, None, None, None
+        cos, sin, positions = ctx.saved_tensors
+        grad_x = _namespace(namespace).rope_bwd(grad_out, cos, sin, positions, ctx.offset)
+        return grad_x, None, None, None, None
+
+    return backward
+
+
+def register(namespace: str, *, fakes: bool = True) -> None:
+    """Register the autograd formula (and, with ``fakes``, the fake impls) of ``namespace``'s RoPE ops."""
+    if fakes:
+        torch.library.register_fake(f"{namespace}::rope_fwd")(_fake_rope)
+        torch.library.register_fake(f"{namespace}::rope_bwd")(_fake_rope)
+    torch.library.register_autograd(f"{namespace}::rope_fwd", _make_backward(namespace),
+                                    setup_context=_setup_context)
+
+
+def fused_rope(ops, x, cos, sin, *, offset=0, positions=None):
+    """RoPE on ``ops``' kernels (inputs already validated); same contract as ``gptfast.ops.rope``."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if positions is not None:
+        positions = positions.to(torch.int64)
+        offset = 0
+    return _namespace(ops).rope_fwd(x, cos, sin, positions, int(offset))

@@ -1,0 +1,239 @@
+// Checks rms_norm.cu, swiglu.cu and rope.cu through their host launchers on the CPU emulator
+// (emu.h): every result is compared with a double-precision reference computed here.
+// Usage: layer_ops_check {rms_norm|swiglu_rope} {quick|full}; prints "FAIL ..." lines and
+// "N failures", exits non-zero on any mismatch.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "check_main.h"
+#include "layer_ops_launch.h"
+
+using namespace gptfast;
+
+static int failures = 0;
+#define CHECK(cond, ...)                                 \
+  do {                                                   \
+    if (!(cond)) {                                       \
+      if (++failures < 40) {                             \
+        std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+        std::printf(__VA_ARGS__);                        \
+        std::printf("\n");                               \
+      }                                                  \
+    }                                                    \
+  } while (0)
+
+template <typename T> T from_f(float x);
+template <> float from_f<float>(float x) { return x; }
+template <> __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+static double to_d(float x) { return x; }
+static double to_d(__half x) { return __half2float(x); }
+static double to_d(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> FloatType ftype();
+template <> FloatType ftype<float>() { return FloatType::kFloat32; }
+template <> FloatType ftype<__half>() { return FloatType::kFloat16; }
+template <> FloatType ftype<__nv_bfloat16>() { return FloatType::kBFloat16; }
+template <typename T> const char* tname();
+template <> const char* tname<float>() { return "f32"; }
+template <> const char* tname<__half>() { return "f16"; }
+template <> const char* tname<__nv_bfloat16>() { return "bf16"; }
+// |got - want| <= atol + rtol |want|, a few ulps of the output dtype; NaN must meet NaN.
+template <typename T> double rel_tol();
+template <> double rel_tol<float>() { return 2e-5; }
+template <> double rel_tol<__half>() { return 2e-3; }
+template <> double rel_tol<__nv_bfloat16>() { return 1.6e-2; }
+
+template <typename T>
+bool close(double got, double want, double scale = 1.0) {
+  if (std::isnan(want)) return std::isnan(got);
+  if (std::isinf(want)) return got == want;
+  const double tol = rel_tol<T>() * scale;
+  return std::fabs(got - want) <= tol + tol * std::fabs(want);
+}
+
+template <typename T>
+std::vector<T> random_values(size_t n, std::mt19937& rng, float sd) {
+  std::normal_distribution<float> normal(0.0f, sd);
+  std::vector<T> v(n);
+  for (auto& e : v) e = from_f<T>(normal(rng));
+  return v;
+}
+
+// ------------------------------------------------------------------ RMSNorm
+
+template <typename T, typename W>
+void test_rms_norm(int64_t rows, int64_t dim, unsigned seed, bool with_nan) {
+  std::mt19937 rng(seed);
+  std::vector<T> x = random_values<T>(rows * dim, rng, 2.0f), g = random_values<T>(rows * dim, rng, 1.0f);
+  std::vector<W> w_typed = random_values<W>(dim, rng, 1.0f);
+  if (with_nan && rows > 1) x[dim + dim / 2] = from_f<T>(NAN);  // row 1 turns NaN, the others must not
+  std::vector<float> w(dim);
+  for (int64_t j = 0; j < dim; ++j) w[j] = static_cast<float>(to_d(w_typed[j]));
+  const float eps = 1e-5f;
+  std::vector<T> out(rows * dim), dx(rows * dim);
+  std::vector<float> rstd(rows);
+  std::vector<float> partial(rms_norm_bwd_blocks(rows) * dim);
+  std::vector<W> dw(dim);
+  CHECK(launch_rms_norm_fwd(x.data(), ftype<T>(), w.data(), rows, dim, eps, out.data(), rstd.data(), nullptr) ==
+            cudaSuccess, "rms_norm_fwd launch");
+  CHECK(launch_rms_norm_bwd(g.data(), x.data(), ftype<T>(), w.data(), rstd.data(), rows, dim, dx.data(),
+                            partial.data(), dw.data(), ftype<W>(), nullptr) == cudaSuccess, "rms_norm_bwd launch");
+  std::vector<double> dw_ref(dim, 0.0);
+  int bad_out = 0, bad_dx = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    double ss = 0;
+    for (int64_t j = 0; j < dim; ++j) ss += to_d(x[r * dim + j]) * to_d(x[r * dim + j]);
+    const double rs = 1.0 / std::sqrt(ss / dim + eps);
+    double dot = 0;
+    for (int64_t j = 0; j < dim; ++j) dot += to_d(g[r * dim + j]) * w[j] * to_d(x[r * dim + j]) * rs;
+    if (!close<float>(rstd[r], rs)) ++bad_out;
+    for (int64_t j = 0; j < dim; ++j) {
+      const double xh = to_d(x[r * dim + j]) * rs, gj = to_d(g[r * dim + j]);
+      if (!close<T>(to_d(out[r * dim + j]), xh * w[j])) ++bad_out;
+      // dx carries a cancellation (g w - xhat c): compare against the row's scale
+      const double want = rs * (gj * w[j] - xh * dot / dim);
+      if (!(std::isnan(want) ? std::isnan(to_d(dx[r * dim + j]))
+                             : std::fabs(to_d(dx[r * dim + j]) - want) <= rel_tol<T>() * (4 * rs + std::fabs(want))))
+        ++bad_dx;
+      dw_ref[j] += gj * xh;
+    }
+  }
+  int bad_dw = 0;
+  for (int64_t j = 0; j < dim; ++j)
+    if (!close<W>(to_d(dw[j]), dw_ref[j], 2.0 + std::sqrt(static_cast<double>(rows)))) ++bad_dw;
+  CHECK(bad_out == 0 && bad_dx == 0 && bad_dw == 0, "rms_norm %s/%s rows=%lld dim=%lld nan=%d: %d out, %d dx, %d dw",
+        tname<T>(), tname<W>(), (long long)rows, (long long)dim, (int)with_nan, bad_out, bad_dx, bad_dw);
+  // dweight is deterministic: a second backward gives the same bits
+  std::vector<W> dw2(dim);
+  launch_rms_norm_bwd(g.data(), x.data(), ftype<T>(), w.data(), rstd.data(), rows, dim, dx.data(), partial.data(),
+                      dw2.data(), ftype<W>(), nullptr);
+  CHECK(std::memcmp(dw.data(), dw2.data(), dim * sizeof(W)) == 0, "rms_norm dweight differs between runs");
+}
+
+template <typename T>
+void run_rms_norm(bool quick) {
+  std::printf("rms_norm %s\n", tname<T>());
+  std::fflush(stdout);
+  const std::vector<int64_t> dims = quick ? std::vector<int64_t>{1, 7, 130, 1030, 4100}
+                                          : std::vector<int64_t>{1, 2, 7, 64, 130, 513, 1030, 2048, 4100, 8200};
+  for (int64_t dim : dims)
+    for (int64_t rows : {1, 5, 600}) {
+      if (rows == 600 && dim > 130) continue;
+      test_rms_norm<T, T>(rows, dim, 7u * dim + rows, rows == 5);
+    }
+  test_rms_norm<T, float>(9, 96, 3, false);
+}
+
+// ------------------------------------------------------------------ SwiGLU
+
+template <typename T>
+void test_swiglu(int64_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::vector<T> a = random_values<T>(n, rng, 3.0f), b = random_values<T>(n, rng, 2.0f),
+                 g = random_values<T>(n, rng, 1.0f);
+  const float specials[] = {NAN, INFINITY, -INFINITY, 0.0f, -90.0f, 90.0f};
+  for (int k = 0; k < 6 && k < n; ++k) a[k] = from_f<T>(specials[k]);
+  std::vector<T> out(n), da(n), db(n);
+  CHECK(launch_swiglu_fwd(a.data(), b.data(), ftype<T>(), n, out.data(), nullptr) == cudaSuccess, "swiglu_fwd");
+  CHECK(launch_swiglu_bwd(g.data(), a.data(), b.data(), ftype<T>(), n, da.data(), db.data(), nullptr) == cudaSuccess,
+        "swiglu_bwd");
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double av = to_d(a[i]), bv = to_d(b[i]), gv = to_d(g[i]);
+    const double s = 1.0 / (1.0 + std::exp(-av));
+    const double want_out = av * s * bv;  // inf * 0 (a = -inf) is NaN, as in torch
+    if (!close<T>(to_d(out[i]), std::isinf(av) && av < 0 ? NAN : want_out)) ++bad;
+    if (std::isfinite(av)) {
+      if (!close<T>(to_d(da[i]), gv * bv * s * (1.0 + av * (1.0 - s)), 2.0)) ++bad;
+      if (!close<T>(to_d(db[i]), gv * av * s)) ++bad;
+    }
+  }
+  CHECK(bad == 0, "swiglu %s n=%lld: %d mismatches", tname<T>(), (long long)n, bad);
+}
+
+// ------------------------------------------------------------------ RoPE
+
+template <typename T>
+void test_rope(int64_t B, int64_t H, int64_t Tn, int64_t D, int64_t offset, bool per_row, bool transposed,
+               unsigned seed) {
+  std::mt19937 rng(seed);
+  const int64_t P = 40, half = D / 2;
+  std::vector<float> cos(P * D), sin(P * D);
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t j = 0; j < half; ++j) {
+      const double angle = p * std::pow(500.0, -2.0 * j / D);
+      cos[p * D + j] = cos[p * D + j + half] = static_cast<float>(std::cos(angle));
+      sin[p * D + j] = sin[p * D + j + half] = static_cast<float>(std::sin(angle));
+    }
+  std::vector<T> x = random_values<T>(B * H * Tn * D, rng, 2.0f);
+  // element (b, h, t, j): (B, H, T, D) layout, or (B, T, H, D) memory read as a transposed view
+  const int64_t sb = H * Tn * D, sh = transposed ? D : Tn * D, st = transposed ? H * D : D;
+  std::vector<int64_t> positions(B * Tn);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < Tn; ++t) positions[b * Tn + t] = (b * 7 + t) % P;
+  if (per_row && B * Tn > 1) positions[1] = P;  // out of the tables: that row must be NaN, nothing read
+  for (int backward = 0; backward < 2; ++backward) {
+    std::vector<T> out(B * H * Tn * D);
+    CHECK(launch_rope(x.data(), ftype<T>(), B, H, Tn, D, sb, sh, st, cos.data(), sin.data(), P,
+                      per_row ? positions.data() : nullptr, offset, backward, out.data(), nullptr) == cudaSuccess,
+          "rope launch");
+    int bad = 0;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t t = 0; t < Tn; ++t) {
+          const int64_t p = per_row ? positions[b * Tn + t] : offset + t;
+          const T* src = x.data() + b * sb + h * sh + t * st;
+          const T* dst = out.data() + ((b * H + h) * Tn + t) * D;
+          for (int64_t j = 0; j < half; ++j) {
+            double w1 = NAN, w2 = NAN;
+            if (p >= 0 && p < P) {
+              const double x1 = to_d(src[j]), x2 = to_d(src[j + half]);
+              const double c1 = cos[p * D + j], c2 = cos[p * D + j + half];
+              const double s1 = sin[p * D + j], s2 = sin[p * D + j + half];
+              w1 = backward ? x1 * c1 + x2 * s2 : x1 * c1 - x2 * s1;
+              w2 = backward ? x2 * c2 - x1 * s1 : x2 * c2 + x1 * s2;
+            }
+            if (!close<T>(to_d(dst[j]), w1, 4.0) || !close<T>(to_d(dst[j + half]), w2, 4.0)) ++bad;
+          }
+        }
+    CHECK(bad == 0, "rope %s B=%lld H=%lld T=%lld D=%lld offset=%lld per_row=%d transposed=%d backward=%d: %d",
+          tname<T>(), (long long)B, (long long)H, (long long)Tn, (long long)D, (long long)offset, (int)per_row,
+          (int)transposed, backward, bad);
+  }
+}
+
+template <typename T>
+void run_swiglu_rope(bool quick) {
+  std::printf("swiglu_rope %s\n", tname<T>());
+  std::fflush(stdout);
+  for (int64_t n : {1, 7, 1000, 4099}) test_swiglu<T>(n, 3u + n);
+  if (!quick) test_swiglu<T>(300000, 5);
+  test_rope<T>(1, 1, 1, 2, 0, false, false, 1);
+  test_rope<T>(2, 3, 5, 18, 3, false, true, 2);
+  test_rope<T>(2, 2, 4, 64, 0, true, false, 3);
+  test_rope<T>(1, 2, 1, 128, 39, false, false, 4);
+  if (!quick) test_rope<T>(3, 4, 9, 34, 0, true, true, 5);
+}
+
+static void run_rms_norm_cases(bool full) {
+  run_rms_norm<float>(!full);
+  run_rms_norm<__half>(!full);
+  run_rms_norm<__nv_bfloat16>(!full);
+}
+
+static void run_swiglu_rope_cases(bool full) {
+  run_swiglu_rope<float>(!full);
+  run_swiglu_rope<__half>(!full);
+  run_swiglu_rope<__nv_bfloat16>(!full);
+}
+
+int main(int argc, char** argv) {
+  return check_main(argc, argv, "layer_ops_check", {"rms_norm", run_rms_norm_cases},
+                    {"swiglu_rope", run_swiglu_rope_cases}, failures);
+}

@@ -1,0 +1,130 @@
+"""Rotary embedding (``gptfast.ops.rope``): every fused backend against the torch oracle, forward and backward.
+
+Cases: float32/bfloat16/float16 (and float64 on cpu), head dims whose half is not a
+multiple of any vector width, one token and many, a position offset (KV-cache decode) and
+per-row positions (left-padded batches), Llama 3's scaled tables, non-contiguous views of
+x (transposed heads) and of the tables and upstream gradient, NaN/inf, ``opcheck`` and the
+argument checks (positions outside the tables included).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptfast import ops
+from gptfast.models.layers import rope_tables
+from gptfast.ops import torch_ops
+
+from parity import backend_cases, backend_devices, needs_cpu_backend, tol
+
+_ORACLE = torch_ops.rope
+
+CASES = backend_cases("rope") + [
+    pytest.param("cpu", "cpu", torch.float16, marks=[needs_cpu_backend], id="cpu-cpu-float16")]
+LLAMA_FREQ = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_context_length=64)
+# (B, H, T, D, offset)
+SHAPES = [(1, 1, 1, 2, 0), (2, 3, 5, 18, 0), (1, 2, 1, 64, 37), (2, 2, 9, 128, 3), (1, 4, 33, 34, 0)]
+
+
+def _inputs(b, h, t, d, seed=0, context=48, freq_config=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, h, t, d, generator=g) * 2
+    grad = torch.randn(b, h, t, d, generator=g)
+    cos, sin = rope_tables(d, theta_base=500.0, context_length=context, freq_config=freq_config)
+    return x, cos, sin, grad
+
+
+def check_rope_parity(backend, device, dtype, x, cos, sin, grad, offset=0, positions=None):
+    x1 = x.to(device=device, dtype=dtype).detach().requires_grad_(True)
+    pos1 = None if positions is None else positions.to(device)
+    out = ops.rope(x1, cos.to(device), sin.to(device), offset=offset, positions=pos1, backend=backend)
+    assert out.shape == x.shape and out.dtype == dtype and out.device == x1.device
+    out.backward(grad.to(device=device, dtype=dtype))
+    x2 = x1.detach().cpu().double().requires_grad_(True)
+    ref = _ORACLE(x2, cos.double(), sin.double(), offset=offset, positions=positions)
+    ref.backward(grad.to(dtype).double())
+    torch.testing.assert_close(out.detach().cpu().double(), ref.detach(), **tol(dtype), equal_nan=True)
+    torch.testing.assert_close(x1.grad.cpu().double(), x2.grad, **tol(dtype), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend, device, dtype", CASES)
+@pytest.mark.parametrize("b, h, t, d, offset", SHAPES, ids=lambda v: str(v))
+def test_forward_and_backward_match_the_oracle(backend, device, dtype, b, h, t, d, offset):
+    x, cos, sin, grad = _inputs(b, h, t, d)
+    check_rope_parity(backend, device, dtype, x, cos, sin, grad, offset=offset)
+
+
+@pytest.mark.parametrize("backend, device, dtype", CASES)
+def test_per_row_positions_and_llama3_scaled_tables(backend, device, dtype):
+    x, cos, sin, grad = _inputs(3, 2, 4, 32, freq_config=LLAMA_FREQ, context=100)
+    positions = torch.tensor([[0, 1, 2, 3], [5, 6, 7, 8], [96, 97, 98, 99]])
+    check_rope_parity(backend, device, dtype, x, cos, sin, grad, positions=positions.to(torch.int32))
+
+
+@pytest.mark.parametrize("backend, device, dtype", CASES)
+def test_non_contiguous_views_of_every_input(backend, device, dtype):
+    b, t, h, d = 2, 7, 3, 36
+    x, cos, sin, grad = _inputs(b, t, h, d)  # (B, T, H, D) as a projection gives it
+    x, grad = x.transpose(1, 2), grad.transpose(1, 2)  # heads view (B, H, T, D): strided
+    cos_wide, sin_wide = (torch.stack([c, c], dim=-1)[..., 0] for c in (cos, sin))  # strided tables, same values
+    assert not x.is_contiguous() and not cos_wide.is_contiguous() and torch.equal(cos_wide, cos)
+    check_rope_parity(backend, device, dtype, x, cos_wide, sin_wide, grad, offset=5)
+
+
+@pytest.mark.parametrize("backend, device, dtype", backend_cases("rope", dtypes=(torch.float32,)))
+def test_nan_and_inf_stay_in_their_pairs(backend, device, dtype):
+    x, cos, sin, _ = _inputs(1, 1, 3, 8)
+    x[0, 0, 1, 2] = float("nan")
+    x[0, 0, 2, 5] = float("inf")
+    out = ops.rope(x.to(device), cos.to(device), sin.to(device), backend=backend).cpu()
+    ref = _ORACLE(x, cos, sin)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    torch.testing.assert_close(out, ref, equal_nan=True, **tol(dtype))
+
+
+@pytest.mark.parametrize("backend, device", backend_devices())
+def test_opcheck(backend, device):
+    utils = (("test_schema", "test_autograd_registration", "test_faketensor") if backend == "triton"
+             and device == "cpu" else None)
+    kwargs = {} if utils is None else dict(test_utils=utils)
+    namespace = getattr(torch.ops, f"gptfast_{backend}")
+    x, cos, sin, grad = (t.to(device) for t in _inputs(2, 2, 3, 16))
+    positions = torch.tensor([[0, 1, 2], [4, 5, 6]], device=device)
+    for pos, offset in ((None, 4), (positions, 0)):
+        torch.library.opcheck(namespace.rope_fwd.default, (x.requires_grad_(True), cos, sin, pos, offset), **kwargs)
+        torch.library.opcheck(namespace.rope_bwd.default, (grad, cos, sin, pos, offset), **kwargs)
+
+
+def test_torch_backend_is_the_reference_apply_rope_bitwise():
+    from llms_from_scratch.llama3 import apply_rope, compute_rope_params
+    cos, sin = compute_rope_params(16, theta_base=500.0, context_length=20)
+    x = torch.randn(2, 3, 6, 16).to(torch.bfloat16)
+    assert torch.equal(ops.rope(x, cos, sin, backend="torch"), apply_rope(x, cos, sin))
+
+
+def test_bad_arguments_are_named_before_any_kernel():
+    x, cos, sin, _ = _inputs(2, 1, 3, 8, context=10)
+    for backend in ("torch", "cpu", "triton", "cuda"):
+        with pytest.raises(ValueError, match="x must be 4-D"):
+            ops.rope(x[0], cos, sin, backend=backend)
+        with pytest.raises(ValueError, match="head_dim must be even"):
+            ops.rope(x[..., :7], cos[:, :7], sin[:, :7], backend=backend)
+        with pytest.raises(ValueError, match=r"cos and sin must both be \(positions, 8\)"):
+            ops.rope(x, cos[:, :6], sin[:, :6], backend=backend)
+        with pytest.raises(ValueError, match="lie outside the RoPE tables"):
+            ops.rope(x, cos, sin, offset=8, backend=backend)
+        with pytest.raises(ValueError, match="lie outside the RoPE tables"):
+            ops.rope(x, cos, sin, offset=-1, backend=backend)
+        with pytest.raises(TypeError, match="offset must be an int"):
+            ops.rope(x, cos, sin, offset=1.0, backend=backend)
+        with pytest.raises(ValueError, match="positions contains 10, outside"):
+            ops.rope(x, cos, sin, positions=torch.tensor([[0, 1, 2], [8, 9, 10]]), backend=backend)
+        with pytest.raises(ValueError, match="positions contains -1, outside"):
+            ops.rope(x, cos, sin, positions=torch.tensor([[0, 1, -1], [8, 9, 9]]), backend=backend)
+        with pytest.raises(ValueError, match=r"positions must have shape \(2, 3\)"):
+            ops.rope(x, cos, sin, positions=torch.zeros(2, 2, dtype=torch.long), backend=backend)
+        with pytest.raises(TypeError, match="positions must be an int64 or int32"):
+            ops.rope(x, cos, sin, positions=torch.zeros(2, 3), backend=backend)
+        with pytest.raises(TypeError, match="cos must be a floating"):
+            ops.rope(x, cos.long(), sin, backend=backend)

@@ -1,0 +1,101 @@
+"""SwiGLU (``gptfast.ops.swiglu``): every fused backend against the torch oracle, forward and backward.
+
+Cases: float32/bfloat16/float16 (and float64 on cpu), odd sizes (not a multiple of any
+vector width or chunk), one element and many rows, non-contiguous views of both inputs and
+of the upstream gradient, NaN/inf, ``torch.library.opcheck`` and the argument checks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptfast import ops
+from gptfast.ops import torch_ops
+
+from parity import backend_cases, backend_devices, needs_cpu_backend, tol
+
+_ORACLE = torch_ops.swiglu
+
+CASES = backend_cases("swiglu") + [
+    pytest.param("cpu", "cpu", torch.float16, marks=[needs_cpu_backend], id="cpu-cpu-float16")]
+SHAPES = [(1,), (7,), (3, 33), (2, 5, 129), (70, 1100)]
+
+
+def _inputs(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, generator=g) * 3 for _ in range(3))
+
+
+def check_swiglu_parity(backend, device, dtype, gate, up, grad):
+    a1 = gate.to(device=device, dtype=dtype).detach().requires_grad_(True)
+    b1 = up.to(device=device, dtype=dtype).detach().requires_grad_(True)
+    out = ops.swiglu(a1, b1, backend=backend)
+    assert out.shape == gate.shape and out.dtype == dtype and out.device == a1.device
+    out.backward(grad.to(device=device, dtype=dtype))
+    a2 = a1.detach().cpu().double().requires_grad_(True)
+    b2 = b1.detach().cpu().double().requires_grad_(True)
+    ref = _ORACLE(a2, b2)
+    ref.backward(grad.to(dtype).double())
+    for name, mine, theirs in (("out", out.detach(), ref.detach()), ("d_gate", a1.grad, a2.grad),
+                               ("d_up", b1.grad, b2.grad)):
+        torch.testing.assert_close(mine.cpu().double(), theirs, **tol(dtype), equal_nan=True,
+                                   msg=lambda m: f"{backend} swiglu {name} {tuple(gate.shape)}: {m}")
+
+
+@pytest.mark.parametrize("backend, device, dtype", CASES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_and_backward_match_the_oracle(backend, device, dtype, shape):
+    check_swiglu_parity(backend, device, dtype, *_inputs(shape))
+
+
+@pytest.mark.parametrize("backend, device, dtype", CASES)
+def test_non_contiguous_views_of_every_input(backend, device, dtype):
+    gate, up, grad = _inputs((9, 2 * 41))
+    views = (gate.t()[::2], up.t()[::2], grad.t()[::2])  # (41, 9), strided both ways
+    assert not any(v.is_contiguous() for v in views)
+    check_swiglu_parity(backend, device, dtype, *views)
+
+
+@pytest.mark.parametrize("backend, device, dtype", backend_cases("swiglu", dtypes=(torch.float32,)))
+def test_nan_and_inf_follow_the_oracle(backend, device, dtype):
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 1.0, -90.0, 90.0])
+    gate = specials.repeat_interleave(7)
+    up = specials.repeat(7)
+    out = ops.swiglu(gate.to(device), up.to(device), backend=backend).cpu()
+    ref = _ORACLE(gate, up)
+    torch.testing.assert_close(out, ref, equal_nan=True, **tol(dtype))
+
+
+@pytest.mark.parametrize("backend, device", backend_devices())
+def test_opcheck(backend, device):
+    utils = (("test_schema", "test_autograd_registration", "test_faketensor") if backend == "triton"
+             and device == "cpu" else None)
+    kwargs = {} if utils is None else dict(test_utils=utils)
+    namespace = getattr(torch.ops, f"gptfast_{backend}")
+    gate, up, grad = (t.to(device) for t in _inputs((5, 37)))
+    torch.library.opcheck(namespace.swiglu_fwd.default, (gate.requires_grad_(True), up.requires_grad_(True)), **kwargs)
+    torch.library.opcheck(namespace.swiglu_bwd.default, (grad, gate.detach(), up.detach()), **kwargs)
+
+
+def test_torch_backend_is_the_reference_feed_forward_math():
+    from llms_from_scratch.qwen3 import FeedForward
+    cfg = dict(emb_dim=16, hidden_dim=40, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    ff = FeedForward(cfg)
+    x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
+    ours = ff.fc3(ops.swiglu(ff.fc1(x), ff.fc2(x), backend="torch"))
+    assert torch.equal(ours, ff(x))
+
+
+def test_bad_arguments_are_named_before_any_kernel():
+    a = torch.randn(3, 8)
+    for backend in ("torch", "cpu", "triton", "cuda"):
+        with pytest.raises(TypeError, match="gate must be a torch.Tensor"):
+            ops.swiglu(1.0, a, backend=backend)
+        with pytest.raises(TypeError, match="up must be a floating"):
+            ops.swiglu(a, a.long(), backend=backend)
+        with pytest.raises(ValueError, match="gate and up must have one shape"):
+            ops.swiglu(a, a[:, :4], backend=backend)
+        with pytest.raises(TypeError, match="gate and up must share one dtype"):
+            ops.swiglu(a, a.double(), backend=backend)
