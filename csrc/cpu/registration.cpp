@@ -17,6 +17,7 @@ TORCH_LIBRARY(gptfast_cpu, m) {
   m.def(gptfast::schema::kAttentionFwd);
   m.def(gptfast::schema::kAttentionBwd);
   m.def(gptfast::schema::kCrossEntropyFwd);
+  m.def(gptfast::schema::kCrossEntropyFwdInplace);
   m.def(gptfast::schema::kSampleNextToken);
 }
 
@@ -24,5 +25,6 @@ TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
   m.impl("attention_fwd", &gptfast_cpu::attention_fwd);
   m.impl("attention_bwd", &gptfast_cpu::attention_bwd);
   m.impl("cross_entropy_fwd", &gptfast_cpu::cross_entropy_fwd);
+  m.impl("cross_entropy_fwd_inplace", &gptfast_cpu::cross_entropy_fwd_inplace);
   m.impl("sample_next_token", &gptfast_cpu::sample_next_token);
 }
