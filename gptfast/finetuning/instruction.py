@@ -150,9 +150,9 @@ def calc_loss_batch(input_batch, target_batch, model, device, ignore_index=-100)
     """Mean next-token cross-entropy over the targets that are not ``ignore_index``.
 
     For gptfast's ``GPTModel`` (and any backend but ``"torch"``) only the positions that
-    count are computed: each row up to its last kept target (causal attention: later
-    positions cannot change earlier ones), and the output head only where the target is
-    kept, through the fused (linear) cross-entropy.
+    count are computed: the batch up to the last kept target of any row, rows without
+    one left out (causal attention: later positions cannot change earlier ones), and the
+    output head only where the target is kept, through the fused linear cross-entropy.
     """
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
     keep = target_batch != ignore_index
