@@ -50,6 +50,11 @@
 // rope_bwd(grad_out, cos, sin, positions, offset) -> grad_x
 //   The transpose of the forward's rotation applied to grad_out; same layout rules.
 //
+// cpu only (no counterpart elsewhere):
+// cross_entropy_fwd_inplace(logits, targets, ignore_index) -> loss_rows
+//   cross_entropy_fwd with want_grad, the gradient written over logits (contiguous) itself: the
+//   linear cross-entropy's chunk of logits becomes its gradient without a second buffer.
+//
 // cuda only (no counterpart elsewhere):
 // decode_attention(q, k, v, scale) -> out
 //   Tq == 1 against a long KV cache (split-key flash decoding); no dropout, no gradient.
@@ -65,6 +70,8 @@ constexpr const char* kAttentionBwd =
     "float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)";
 constexpr const char* kCrossEntropyFwd =
     "cross_entropy_fwd(Tensor logits, Tensor targets, int ignore_index, bool want_grad) -> (Tensor, Tensor)";
+constexpr const char* kCrossEntropyFwdInplace =
+    "cross_entropy_fwd_inplace(Tensor(a!) logits, Tensor targets, int ignore_index) -> Tensor";
 constexpr const char* kSampleNextToken =
     "sample_next_token(Tensor logits, Tensor? temperature, float temperature_value, Tensor? top_k, "
     "int top_k_value, Generator? generator) -> Tensor";

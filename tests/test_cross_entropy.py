@@ -510,6 +510,41 @@ def test_linear_driver_without_grad_mode_computes_no_gradient(small_chunks, redu
     parity.assert_close(loss, ref, torch.float32, "no-grad linear CE")
 
 
+@needs_cpu_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_cpu_inplace_kernel_writes_the_out_of_place_gradient_over_the_logits(dtype):
+    """cross_entropy_fwd_inplace: the loss rows and, over the logits, the gradient cross_entropy_fwd returns
+    (ignored rows, a NaN row, a -inf logit and a -inf target logit included)."""
+    logits, targets = _ce_case((9, 77), dtype)
+    logits[2, 5] = math.nan
+    logits[3, 0] = -math.inf
+    logits[4, targets[4]] = -math.inf
+    targets[5] = -100
+    loss, grad = torch.ops.gptfast_cpu.cross_entropy_fwd(logits, targets, -100, True)
+    buffer = logits.clone()
+    loss_inplace = torch.ops.gptfast_cpu.cross_entropy_fwd_inplace(buffer, targets.int(), -100)
+    torch.testing.assert_close(loss_inplace, loss, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(buffer, grad, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.gptfast_cpu.cross_entropy_fwd_inplace(logits.t().contiguous().t(), targets, -100)
+    torch.library.opcheck(torch.ops.gptfast_cpu.cross_entropy_fwd_inplace.default, (logits.clone(), targets, -100),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_cpu_backend
+def test_cpu_linear_cross_entropy_computes_the_gradient_in_the_logits_buffer(small_chunks, monkeypatch):
+    """The CPU linear cross-entropy never asks the kernel for a separate gradient buffer."""
+    calls = []
+    namespace = torch.ops.gptfast_cpu
+    original = ce._inplace_kernel
+    monkeypatch.setattr(ce, "_inplace_kernel", lambda ops: original(ops) if ops != "gptfast_cpu" else (
+        lambda logits, t, i: (calls.append(logits.shape[0]), namespace.cross_entropy_fwd_inplace(logits, t, i))[1]))
+    hidden, weight, b, targets = _linear_case(12, 8, 40, seed=25, bias=True)
+    run = lambda h, w, bb: ops.linear_cross_entropy(h, w, targets, bias=bb, backend="cpu")  # noqa: E731
+    _linear_grads_vs_oracle(run, hidden, weight, b, targets, what="in-place gradient")
+    assert calls == [5, 5, 2]
+
+
 def _linear_case(n, hidden_size, vocab, seed, bias=False):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, hidden_size, generator=g)

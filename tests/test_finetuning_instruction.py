@@ -145,7 +145,7 @@ def test_calc_loss_batch_matches_chapter_5s_loss_values_and_gradients(tokenizer,
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_rows_of_different_lengths_run_in_groups_cut_to_their_last_target(monkeypatch):
+def test_rows_run_in_one_pass_cut_to_the_last_target_rows_without_targets_left_out(monkeypatch):
     from gptfast.finetuning import instruction
 
     ref, ours = twin_models({**TINY, "drop_rate": 0.0})
@@ -161,8 +161,9 @@ def test_rows_of_different_lengths_run_in_groups_cut_to_their_last_target(monkey
     loss.backward(), expected.backward()
     for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
-    # Rows 1 and 3 (40 and 38 tokens, each ending in one kept end token) together; rows 0 and 4 alone.
-    assert seen == [(2, 40), (1, 5), (1, 1)]
+    # One pass over rows 1, 3, 0 and 4 (row 2 has no target), cut to row 1's last kept target: splitting
+    # rows into groups of similar length measured slower on a CPU (several passes of smaller matmuls).
+    assert seen == [(4, 40)]
 
 
 def test_row_groups():

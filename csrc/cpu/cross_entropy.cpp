@@ -1,4 +1,6 @@
 // Softmax cross-entropy for CPU: loss and gradient of every row in one visit of the row.
+// cross_entropy_fwd_inplace writes the gradient over the logits (each row is read before it
+// is written, row by row), so the linear cross-entropy's chunk buffer becomes its gradient.
 //
 // For each row (rows run in parallel): max, sum of exp(x - max) (the exponentials are kept
 // in the gradient buffer, or a per-thread row buffer for low-precision logits), the
@@ -93,8 +95,9 @@ void cross_entropy_impl(const at::Tensor& logits, const at::Tensor& targets, int
       if (g != nullptr) {
         if constexpr (kWide) e = g; else e = exps.data();
       }
+      const T x_target = x[target];  // read first: in place, sum_exp overwrites the row with exponentials
       const T sum = sum_exp(x, V, mx, e);
-      loss_all[r] = mx + std::log(sum) - x[target];
+      loss_all[r] = mx + std::log(sum) - x_target;
       if (g != nullptr) {
         write_scaled<scalar_t, T>(e, V, T(1) / sum, g);
         g[target] = static_cast<scalar_t>(static_cast<T>(g[target]) - T(1));
@@ -105,19 +108,42 @@ void cross_entropy_impl(const at::Tensor& logits, const at::Tensor& targets, int
 
 }  // namespace
 
+namespace {
+
+void check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& targets) {
+  TORCH_CHECK(logits.dim() == 2, "gptfast_cpu cross_entropy: logits must be (N, V)");
+  TORCH_CHECK(logits.device().is_cpu(), "gptfast_cpu cross_entropy: logits must be on the CPU");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0),
+              "gptfast_cpu cross_entropy: targets must be (N,) matching logits");
+  TORCH_CHECK(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt,
+              "gptfast_cpu cross_entropy: targets must be int64 or int32");
+  TORCH_CHECK(logits.size(1) > 0, "gptfast_cpu cross_entropy: logits need at least one class");
+}
+
+at::Tensor loss_rows_for(const at::Tensor& logits) {
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::empty({logits.size(0)}, logits.options().dtype(acc));
+}
+
+}  // namespace
+
+at::Tensor cross_entropy_fwd_inplace(at::Tensor& logits, const at::Tensor& targets_in, int64_t ignore_index) {
+  check_cross_entropy_args(logits, targets_in);
+  TORCH_CHECK(logits.is_contiguous(), "gptfast_cpu cross_entropy_fwd_inplace: logits must be contiguous");
+  const at::Tensor targets = targets_in.to(at::kLong).contiguous();
+  at::Tensor loss = loss_rows_for(logits);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gptfast_cpu_cross_entropy_", [&] {
+    cross_entropy_impl<scalar_t>(logits, targets, ignore_index, loss, &logits);
+  });
+  return loss;
+}
+
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits_in, const at::Tensor& targets_in,
                                                      int64_t ignore_index, bool want_grad) {
-  TORCH_CHECK(logits_in.dim() == 2, "gptfast_cpu cross_entropy: logits must be (N, V)");
-  TORCH_CHECK(logits_in.device().is_cpu(), "gptfast_cpu cross_entropy: logits must be on the CPU");
-  TORCH_CHECK(targets_in.dim() == 1 && targets_in.size(0) == logits_in.size(0),
-              "gptfast_cpu cross_entropy: targets must be (N,) matching logits");
-  TORCH_CHECK(targets_in.scalar_type() == at::kLong || targets_in.scalar_type() == at::kInt,
-              "gptfast_cpu cross_entropy: targets must be int64 or int32");
-  TORCH_CHECK(logits_in.size(1) > 0, "gptfast_cpu cross_entropy: logits need at least one class");
+  check_cross_entropy_args(logits_in, targets_in);
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor targets = targets_in.to(at::kLong).contiguous();
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(acc));
+  at::Tensor loss = loss_rows_for(logits);
   at::Tensor grad = want_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gptfast_cpu_cross_entropy", [&] {
     cross_entropy_impl<scalar_t>(logits, targets, ignore_index, loss, want_grad ? &grad : nullptr);

@@ -18,6 +18,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& g
                                                              double dropout_p, const c10::optional<at::Tensor>& seed);
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& targets,
                                                      int64_t ignore_index, bool want_grad);
+at::Tensor cross_entropy_fwd_inplace(at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index);
 at::Tensor sample_next_token(const at::Tensor& logits, const c10::optional<at::Tensor>& temperature,
                              double temperature_value, const c10::optional<at::Tensor>& top_k, int64_t top_k_value,
                              c10::optional<at::Generator> generator);

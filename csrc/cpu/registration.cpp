@@ -17,6 +17,7 @@ TORCH_LIBRARY(gptfast_cpu, m) {
   m.def(gptfast::schema::kAttentionFwd);
   m.def(gptfast::schema::kAttentionBwd);
   m.def(gptfast::schema::kCrossEntropyFwd);
+  m.def(gptfast::schema::kCrossEntropyFwdInplace);
   m.def(gptfast::schema::kSampleNextToken);
   m.def(gptfast::schema::kRmsNormFwd);
   m.def(gptfast::schema::kRmsNormBwd);
@@ -30,6 +31,7 @@ TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
   m.impl("attention_fwd", &gptfast_cpu::attention_fwd);
   m.impl("attention_bwd", &gptfast_cpu::attention_bwd);
   m.impl("cross_entropy_fwd", &gptfast_cpu::cross_entropy_fwd);
+  m.impl("cross_entropy_fwd_inplace", &gptfast_cpu::cross_entropy_fwd_inplace);
   m.impl("sample_next_token", &gptfast_cpu::sample_next_token);
   m.impl("rms_norm_fwd", &gptfast_cpu::rms_norm_fwd);
   m.impl("rms_norm_bwd", &gptfast_cpu::rms_norm_bwd);

@@ -21,12 +21,13 @@ NAMESPACE = "gptfast_cpu"
 DEVICES = ("cpu",)
 # Ops measured faster than the torch path (2-core shared machine, fp32, same process):
 # attention fwd+bwd B=2 H=12 T=256 D=64 ~3x, cross-entropy fwd+bwd N=512 V=50257 1.5-2.8x
-# (and a third of the peak memory), sampling B=8 V=50257 top_k=25 >100x.  Not
-# linear_cross_entropy: its chunked matmuls re-read the weight per chunk and measured on
-# par or slightly slower than one big matmul (its gain is memory, not speed).  RMSNorm
-# (256x1024) fwd 4x / fwd+bwd ~5x in fp32, ~2x / ~2.5x in bf16; RoPE (16 heads x 256 x 128)
+# (and a third of the peak memory), sampling B=8 V=50257 top_k=25 >100x, linear
+# cross-entropy fwd+bwd N=512 H=768 V=50257 1.08x and 1.74x in two loaded runs (both are three
+# matmuls of the same size) at a sixth of the peak memory, and free rows where targets are ignored.
+# RMSNorm (256x1024) fwd 4x / fwd+bwd ~5x in fp32, ~2x / ~2.5x in bf16; RoPE (16 heads x 256 x 128)
 # fwd ~3.5x / fwd+bwd ~6x.  Not swiglu: 0.5-0.9x of torch's two vectorized passes.
-AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "sample_next_token", "rms_norm", "rope"})
+AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token",
+                      "rms_norm", "rope"})
 
 
 def _load() -> str | None:

@@ -87,11 +87,17 @@ def _fake_cross_entropy_fwd(logits, targets, ignore_index, want_grad):
     return logits.new_empty((logits.shape[0],), dtype=acc_dtype(logits.dtype)), grad
 
 
+def _fake_cross_entropy_fwd_inplace(logits, targets, ignore_index):
+    return logits.new_empty((logits.shape[0],), dtype=acc_dtype(logits.dtype))
+
+
 def register(namespace: str, *, fakes: bool = True) -> None:
     """Register the autograd formula (and, with ``fakes``, the fake impl) of ``namespace::cross_entropy_fwd``."""
     op_name = f"{namespace}::cross_entropy_fwd"
     if fakes:
         torch.library.register_fake(op_name)(_fake_cross_entropy_fwd)
+        if _inplace_kernel(namespace) is not None:
+            torch.library.register_fake(f"{namespace}::cross_entropy_fwd_inplace")(_fake_cross_entropy_fwd_inplace)
 
     def setup_context(ctx, inputs, output):
         _, grad = output
@@ -171,6 +177,41 @@ def _accumulate(acc_tensor, product, first):
         acc_tensor += product
 
 
+def _inplace_kernel(ops):
+    """``ops``' ``cross_entropy_fwd_inplace`` (the gradient written over the logits), or None where it has none."""
+    try:
+        return getattr(_namespace(ops), "cross_entropy_fwd_inplace")
+    except AttributeError:
+        return None
+
+
+def _gradient_in_place(kernel, inplace):
+    """``kernel`` that, where it can, returns the logits themselves overwritten by their gradient.
+
+    The chunk's logits are not needed once the kernel has read them, so writing the gradient
+    over them spares a second chunk-sized buffer (and, on a CPU, the page faults of a fresh one).
+    """
+    if inplace is None:
+        return kernel
+
+    def run(logits, targets, ignore_index, want_grad):
+        if want_grad and logits.is_contiguous() and not is_tracing(logits):
+            return inplace(logits, targets, ignore_index), logits
+        return kernel(logits, targets, ignore_index, want_grad)
+
+    return run
+
+
+def _chunk_logits(h, weight, bias, buffer):
+    """``h @ weight.T (+ bias)``, into the first rows of ``buffer`` when one is given."""
+    if buffer is None:
+        return F.linear(h, weight, bias)
+    out = buffer[:h.shape[0]]
+    if bias is None:
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
+
+
 def _dense_chunks(kernel, hidden, weight, bias, targets, ignore_index, row_scale, need):
     """Per-row losses and the ``need``-ed gradients of every row of ``hidden``, chunk by chunk."""
     n, hidden_size = hidden.shape
@@ -188,11 +229,16 @@ def _dense_chunks(kernel, hidden, weight, bias, targets, ignore_index, row_scale
                 g.zero_()
         return loss_rows, grad_hidden, grad_weight, grad_bias
     step = chunk_rows(n, hidden_size, vocab, hidden.device.type)
+    # On a CPU every chunk's logits go to one buffer: a fresh chunk-sized tensor per chunk costs
+    # its page faults each time (it is too large for the allocator to keep).
+    reuse = hidden.device.type == "cpu" and not is_tracing(hidden) and n > step
+    buffer = hidden.new_empty((step, vocab)) if reuse else None
     for start in range(0, n, step):
         first = start == 0
         rows = slice(start, min(n, start + step))
         h = hidden[rows]
-        logits = F.linear(h, weight, bias)
+        logits = _chunk_logits(h, weight, bias, buffer)
+        dlogits = None  # the previous chunk's gradient goes before this one's is allocated
         loss, dlogits = kernel(logits, targets[rows], ignore_index, any_grad)
         loss_rows[rows] = loss
         del logits
@@ -304,7 +350,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def fused_linear_cross_entropy(ops, hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean"):
     """Cross-entropy of the output head on ``ops``' cross-entropy kernel, without the ``(N, V)`` logits."""
-    kernel = _namespace(ops).cross_entropy_fwd
+    kernel = _gradient_in_place(_namespace(ops).cross_entropy_fwd, _inplace_kernel(ops))
     op_name = f"{ops}::cross_entropy_fwd (linear cross-entropy)" if isinstance(ops, str) else "linear cross-entropy"
     flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     flat_targets = _flat_targets(targets)
