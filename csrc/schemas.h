@@ -38,6 +38,12 @@
 //   The forward's rstd; dx (N, D) contiguous in x's dtype, dweight (D,) in weight's dtype,
 //   summed over the rows in a fixed order (deterministic).
 //
+// decode_linear(x, weight, bias) -> out
+//   x (M, K) with few rows (a decode step's tokens), weight (N, K), bias (N,) or None, all of
+//   one dtype (float32, bfloat16, float16).  out (M, N) contiguous in x's dtype =
+//   x @ weight.T + bias, accumulated in float32 and rounded once; each weight row is read once
+//   per call for all M rows.  No gradient formula in the kernels (gptfast/ops/linear.py).
+//
 // cuda only (no counterpart elsewhere):
 // decode_attention(q, k, v, scale) -> out
 //   Tq == 1 against a long KV cache (split-key flash decoding); no dropout, no gradient.
@@ -59,6 +65,7 @@ constexpr const char* kSampleNextToken =
 constexpr const char* kRmsNormFwd = "rms_norm_fwd(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)";
 constexpr const char* kRmsNormBwd =
     "rms_norm_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)";
+constexpr const char* kDecodeLinear = "decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor";
 constexpr const char* kDecodeAttention = "decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor";
 
 }  // namespace schema

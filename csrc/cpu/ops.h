@@ -24,5 +24,6 @@ at::Tensor sample_next_token(const at::Tensor& logits, const c10::optional<at::T
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight, double eps);
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_out, const at::Tensor& x,
                                                 const at::Tensor& weight, const at::Tensor& rstd);
+at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
 }  // namespace gptfast_cpu

@@ -20,6 +20,7 @@ TORCH_LIBRARY(gptfast_cpu, m) {
   m.def(gptfast::schema::kSampleNextToken);
   m.def(gptfast::schema::kRmsNormFwd);
   m.def(gptfast::schema::kRmsNormBwd);
+  m.def(gptfast::schema::kDecodeLinear);
 }
 
 TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
@@ -29,4 +30,5 @@ TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
   m.impl("sample_next_token", &gptfast_cpu::sample_next_token);
   m.impl("rms_norm_fwd", &gptfast_cpu::rms_norm_fwd);
   m.impl("rms_norm_bwd", &gptfast_cpu::rms_norm_bwd);
+  m.impl("decode_linear", &gptfast_cpu::decode_linear);
 }

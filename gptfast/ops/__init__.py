@@ -39,6 +39,7 @@ __all__ = [
     "sample_next_token",
     "sampler",
     "rms_norm",
+    "decode_linear",
     "available_backends",
     "backend_status",
     "get_backend",
@@ -143,4 +144,18 @@ def rms_norm(x, weight, *, eps=1e-6, backend=None):
     _checks.check_rms_norm(x, weight, eps)
     kwargs = dict(eps=float(eps))
     _, fn = resolve("rms_norm", x.device, (x, weight), kwargs, backend)
+    return fn(x, weight, **kwargs)
+
+
+def decode_linear(x, weight, bias=None, *, backend=None):
+    """``x @ weight.T + bias`` for a few rows of ``x`` (``F.linear``), the matrix-vector products of decoding.
+
+    x is ``(..., K)``, weight ``(N, K)``, bias ``(N,)`` or None, one dtype for all.  The
+    fused kernels read each weight row once for all rows of ``x`` and accumulate in
+    float32 (16-bit weights widened in registers); they are valid for any row count but
+    built for the one to a few rows of a decode step.  Differentiable (plain-torch backward).
+    """
+    _checks.check_decode_linear(x, weight, bias)
+    kwargs = dict(bias=bias)
+    _, fn = resolve("decode_linear", x.device, (x, weight), kwargs, backend)
     return fn(x, weight, **kwargs)

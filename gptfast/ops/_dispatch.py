@@ -32,7 +32,7 @@ from types import ModuleType
 
 import torch
 
-OPS = ("causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm")
+OPS = ("causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm", "decode_linear")
 
 
 @dataclass(frozen=True)
@@ -80,12 +80,14 @@ def register_kernels(namespace: str, *, fakes_in_bodies: bool = False) -> None:
     ``fakes_in_bodies``: the attention and cross-entropy ops are ``triton_op``s, whose fake
     is their own Python body.
     """
-    from . import attention, loss, normalization, sampling
+    from . import attention, linear, loss, normalization, sampling
 
     attention.register(namespace, fakes=not fakes_in_bodies)
     loss.register(namespace, fakes=not fakes_in_bodies)
     sampling.register(namespace)
     normalization.register(namespace, fakes=not fakes_in_bodies)
+    if namespace == "gptfast_cpu":  # the only namespace with a decode_linear kernel so far
+        linear.register(namespace)
 
 
 def unavailable_reason(name: str) -> str | None:

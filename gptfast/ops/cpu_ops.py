@@ -13,7 +13,7 @@ import platform
 import torch
 
 from .. import _build_info
-from . import attention as _attention, loss as _loss, normalization as _normalization, sampling as _sampling
+from . import attention as _attention, linear as _linear, loss as _loss, normalization as _normalization, sampling as _sampling
 from ._dispatch import register_kernels
 
 NAMESPACE = "gptfast_cpu"
@@ -55,3 +55,11 @@ cross_entropy = functools.partial(_loss.fused_cross_entropy, NAMESPACE)
 linear_cross_entropy = functools.partial(_loss.fused_linear_cross_entropy, NAMESPACE)
 sample_next_token = functools.partial(_sampling.fused_sample_next_token, NAMESPACE)
 rms_norm = functools.partial(_normalization.fused_rms_norm, NAMESPACE)
+decode_linear = functools.partial(_linear.fused_decode_linear, NAMESPACE)
+
+
+def supports(op: str, *args, **kwargs) -> str | None:
+    """``None`` when this call can run here, else why not (decode_linear: float32/bfloat16/float16 only)."""
+    if op == "decode_linear" and args[0].dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"decode_linear runs float32, bfloat16 and float16, not {args[0].dtype}"
+    return None

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 DEVICES = ("cpu", "cuda", "mps", "xpu", "meta")
-AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm"})
+AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm",
+                      "decode_linear"})
 
 
 def unavailable_reason():
@@ -95,3 +96,8 @@ def rms_norm(x, weight, *, eps=1e-6):
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     variance = x.pow(2).mean(dim=-1, keepdim=True)
     return (x * torch.rsqrt(variance + eps) * weight).to(input_dtype)
+
+
+def decode_linear(x, weight, bias=None):
+    """``F.linear(x, weight, bias)``: what ``nn.Linear`` computes."""
+    return F.linear(x, weight, bias)
