@@ -169,3 +169,63 @@ def test_bad_arguments_are_named_before_any_kernel():
             ops.decode_linear(x, w, 1.0, backend=backend)
         with pytest.raises(ValueError, match="x must be"):
             ops.decode_linear(torch.tensor(1.0), w, backend=backend)
+
+
+# -- routing of a decode step's linear layers --------------------------------------------------
+
+
+def _count_routed(monkeypatch):
+    from gptfast.ops import cpu_ops
+    calls = []
+    real = cpu_ops.decode_linear
+
+    def counting(x, weight, bias=None):
+        calls.append(tuple(x.shape))
+        return real(x, weight, bias=bias)
+
+    monkeypatch.setattr(cpu_ops, "decode_linear", counting)
+    return calls
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+def test_decode_mode_routes_few_row_linears_to_the_fused_op(monkeypatch, backend):
+    from gptfast.generation.runner import DECODE_LINEAR_MAX_ROWS, DecodeLinearMode
+    calls = _count_routed(monkeypatch)
+    layer = torch.nn.Linear(24, 10).to(torch.bfloat16)
+    few = torch.randn(2, 1, 24).to(torch.bfloat16)
+    many = torch.randn(DECODE_LINEAR_MAX_ROWS + 1, 24).to(torch.bfloat16)
+    with ops.use_backend(backend), torch.no_grad():
+        with DecodeLinearMode():
+            out_few, out_many = layer(few), layer(many)
+            layer.double()(few.double())  # float64: no fused kernel, the model's own F.linear
+    assert calls == [(2, 1, 24)]
+    _check(out_few, few, layer.weight.to(torch.bfloat16), layer.bias.to(torch.bfloat16), torch.bfloat16)
+    assert out_many.shape == (DECODE_LINEAR_MAX_ROWS + 1, 10)
+
+
+@needs_cpu_backend
+def test_decode_mode_keeps_f_linear_with_the_torch_backend(monkeypatch):
+    from gptfast.generation.runner import DecodeLinearMode
+    calls = _count_routed(monkeypatch)
+    layer = torch.nn.Linear(24, 10)
+    x = torch.randn(1, 24)
+    with ops.use_backend("torch"), torch.no_grad(), DecodeLinearMode():
+        out = layer(x)
+    assert calls == [] and torch.equal(out, F.linear(x, layer.weight, layer.bias))
+
+
+@needs_cpu_backend
+def test_cached_decode_steps_use_the_fused_op(monkeypatch):
+    from gptfast.generation import generate
+    from gptfast.models.gpt import GPTModel
+    calls = _count_routed(monkeypatch)
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=50, context_length=16, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0, qkv_bias=True)
+    model = GPTModel(cfg).eval()
+    idx = torch.tensor([[1, 2, 3]])
+    with ops.use_backend("auto"):
+        cached = generate(model, idx, max_new_tokens=4, context_size=16)
+    assert len(calls) >= 3 * 5  # the decode steps' q/k/v, out, ff and head projections
+    with ops.use_backend("torch"):
+        assert torch.equal(cached, generate(model, idx, max_new_tokens=4, context_size=16))

@@ -230,7 +230,7 @@ def test_cpu_backend_is_listed():
         pytest.skip(cpu_ops.unavailable_reason())
     assert "cpu" in ops.available_backends()
     assert cpu_ops.DEVICES == ("cpu",)
-    assert cpu_ops.AUTO_OPS == frozenset({"causal_attention", "cross_entropy", "sample_next_token"})
+    assert cpu_ops.AUTO_OPS == frozenset({"causal_attention", "cross_entropy", "sample_next_token", "decode_linear"})
 
 
 def test_cuda_unavailable_reason_names_the_cause():
