@@ -192,12 +192,14 @@ def _count_routed(monkeypatch):
 def test_decode_mode_routes_few_row_linears_to_the_fused_op(monkeypatch, backend):
     from gptfast.generation.runner import DECODE_LINEAR_MAX_ROWS, DecodeLinearMode
     calls = _count_routed(monkeypatch)
+    one = torch.randn(1, 24).to(torch.bfloat16)
     layer = torch.nn.Linear(24, 10).to(torch.bfloat16)
     few = torch.randn(2, 1, 24).to(torch.bfloat16)
     many = torch.randn(DECODE_LINEAR_MAX_ROWS + 1, 24).to(torch.bfloat16)
     with ops.use_backend(backend), torch.no_grad():
         with DecodeLinearMode():
             out_few, out_many = layer(few), layer(many)
+            layer(one)  # a single row: torch's own matrix-vector path
             layer.double()(few.double())  # float64: no fused kernel, the model's own F.linear
     assert calls == [(2, 1, 24)]
     _check(out_few, few, layer.weight.to(torch.bfloat16), layer.bias.to(torch.bfloat16), torch.bfloat16)
@@ -209,7 +211,7 @@ def test_decode_mode_keeps_f_linear_with_the_torch_backend(monkeypatch):
     from gptfast.generation.runner import DecodeLinearMode
     calls = _count_routed(monkeypatch)
     layer = torch.nn.Linear(24, 10)
-    x = torch.randn(1, 24)
+    x = torch.randn(3, 24)
     with ops.use_backend("torch"), torch.no_grad(), DecodeLinearMode():
         out = layer(x)
     assert calls == [] and torch.equal(out, F.linear(x, layer.weight, layer.bias))
@@ -223,7 +225,7 @@ def test_cached_decode_steps_use_the_fused_op(monkeypatch):
     torch.manual_seed(0)
     cfg = dict(vocab_size=50, context_length=16, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0, qkv_bias=True)
     model = GPTModel(cfg).eval()
-    idx = torch.tensor([[1, 2, 3]])
+    idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
     with ops.use_backend("auto"):
         cached = generate(model, idx, max_new_tokens=4, context_size=16)
     assert len(calls) >= 3 * 5  # the decode steps' q/k/v, out, ff and head projections

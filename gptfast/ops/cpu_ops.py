@@ -23,8 +23,9 @@ DEVICES = ("cpu",)
 # (and a third of the peak memory), sampling B=8 V=50257 top_k=25 >100x.  Not
 # linear_cross_entropy: its chunked matmuls re-read the weight per chunk and measured on
 # par or slightly slower than one big matmul (its gain is memory, not speed).
-# decode_linear (1-8 rows, K=1024, N=3072): fp32 1.3x (1 row) to 4x (8 rows), bf16 1.3x to 2.5x; the
-# 151936-row head with one row measured on par or slightly slower (0.8-0.9x, busy machine).
+# decode_linear, 8 rows (K=1024, N=3072 and the 151936-row head, fp32 and bf16): 2.5-4x; one row
+# measured from 1.3x faster to slower on a busy machine, so the decode routing
+# (gptfast/generation/runner.py) sends it 2-16 rows only.
 AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "sample_next_token", "decode_linear"})
 
 
