@@ -8,6 +8,8 @@ Compare within a group: ``pytest benchmarks --benchmark-group-by=group``.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -237,3 +239,32 @@ def test_layer_op(benchmark, impl, op, passes):
     memory = peak_memory(lambda: (setup and setup(), fn()))
     run_benchmark(benchmark, fn, setup=setup, rounds=ROUNDS["fast"], group=f"{op} {passes} {s} {DTYPE_NAME}",
                   op=op, impl=impl, passes=passes, shape=s, dtype=DTYPE_NAME, **memory)
+
+
+# ----------------------------------------------------------------------------- decode linear
+
+# Qwen3-0.6B's decode matrix-vector products: a block's widest projection (N=3072, K=1024) and
+# the 151936-row output head; GPTFAST_BENCH_DECODE_LINEAR_SMALL=1 swaps the head for GPT-2's
+# 50257 x 768 (less memory).
+_HEAD = (50257, 768) if os.environ.get("GPTFAST_BENCH_DECODE_LINEAR_SMALL") == "1" else (151936, 1024)
+DECODE_LINEAR_SHAPES = [(3072, 1024), _HEAD]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("n, k", DECODE_LINEAR_SHAPES, ids=[f"N{n}K{k}" for n, k in DECODE_LINEAR_SHAPES])
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("impl", bench_backends("decode_linear") + ["F.linear"])
+def test_decode_linear(benchmark, impl, m, n, k, dtype):
+    weight = torch.randn(n, k, device=DEVICE).to(dtype)
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    if impl == "F.linear":
+        fn = lambda: F.linear(x, weight)  # noqa: E731
+    else:
+        require_backend(impl, "decode_linear", (x, weight), dict(bias=None))
+        fn = lambda: ops.decode_linear(x, weight, backend=impl)  # noqa: E731
+    name = str(dtype).removeprefix("torch.")
+    run_benchmark(benchmark, fn, rounds=ROUNDS["medium"] * 2, group=f"decode linear M={m} N={n} K={k} {name}",
+                  op="decode_linear", impl=impl, shape=dict(M=m, N=n, K=k), dtype=name)
+    seconds = median_seconds(benchmark)
+    if seconds:  # the weight-read floor: every weight byte once per call
+        benchmark.extra_info["gbytes_per_s"] = weight.numel() * weight.element_size() / seconds / 1e9

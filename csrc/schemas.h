@@ -55,6 +55,12 @@
 //   cross_entropy_fwd with want_grad, the gradient written over logits (contiguous) itself: the
 //   linear cross-entropy's chunk of logits becomes its gradient without a second buffer.
 //
+// decode_linear(x, weight, bias) -> out
+//   x (M, K) with few rows (a decode step's tokens), weight (N, K), bias (N,) or None, all of
+//   one dtype (float32, bfloat16, float16).  out (M, N) contiguous in x's dtype =
+//   x @ weight.T + bias, accumulated in float32 and rounded once; each weight row is read once
+//   per call for all M rows.  No gradient formula in the kernels (gptfast/ops/linear.py).
+//
 // cuda only (no counterpart elsewhere):
 // decode_attention(q, k, v, scale) -> out
 //   Tq == 1 against a long KV cache (split-key flash decoding); no dropout, no gradient.
@@ -83,6 +89,7 @@ constexpr const char* kSwigluBwd = "swiglu_bwd(Tensor grad_out, Tensor gate, Ten
 constexpr const char* kRopeFwd = "rope_fwd(Tensor x, Tensor cos, Tensor sin, Tensor? positions, int offset) -> Tensor";
 constexpr const char* kRopeBwd =
     "rope_bwd(Tensor grad_out, Tensor cos, Tensor sin, Tensor? positions, int offset) -> Tensor";
+constexpr const char* kDecodeLinear = "decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor";
 constexpr const char* kDecodeAttention = "decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor";
 
 }  // namespace schema

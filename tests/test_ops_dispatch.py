@@ -231,7 +231,7 @@ def test_cpu_backend_is_listed():
     assert "cpu" in ops.available_backends()
     assert cpu_ops.DEVICES == ("cpu",)
     assert cpu_ops.AUTO_OPS == frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy",
-                                          "sample_next_token"})
+                                          "sample_next_token", "rms_norm", "rope", "decode_linear"})
 
 
 def test_cuda_unavailable_reason_names_the_cause():
@@ -366,3 +366,7 @@ def test_an_extension_older_than_the_package_is_refused_with_the_ops_it_lacks():
     for backend in ("cpu", "cuda"):
         if ops.unavailable_reason(backend) is None:
             assert _dispatch.stale_extension_reason(f"gptfast_{backend}") is None
+    own = ("cross_entropy_fwd_inplace", "decode_linear")  # the cpu namespace's own ops
+    assert "decode_linear" in _dispatch.stale_extension_reason("gptfast_never_built", own_ops=own)
+    if ops.unavailable_reason("cpu") is None:
+        assert _dispatch.stale_extension_reason("gptfast_cpu", own_ops=own) is None

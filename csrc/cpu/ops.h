@@ -32,5 +32,6 @@ at::Tensor rope_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor
                     const c10::optional<at::Tensor>& positions, int64_t offset);
 at::Tensor rope_bwd(const at::Tensor& grad_out, const at::Tensor& cos, const at::Tensor& sin,
                     const c10::optional<at::Tensor>& positions, int64_t offset);
+at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
 }  // namespace gptfast_cpu

@@ -25,6 +25,7 @@ TORCH_LIBRARY(gptfast_cpu, m) {
   m.def(gptfast::schema::kSwigluBwd);
   m.def(gptfast::schema::kRopeFwd);
   m.def(gptfast::schema::kRopeBwd);
+  m.def(gptfast::schema::kDecodeLinear);
 }
 
 TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
@@ -39,4 +40,5 @@ TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
   m.impl("swiglu_bwd", &gptfast_cpu::swiglu_bwd);
   m.impl("rope_fwd", &gptfast_cpu::rope_fwd);
   m.impl("rope_bwd", &gptfast_cpu::rope_bwd);
+  m.impl("decode_linear", &gptfast_cpu::decode_linear);
 }

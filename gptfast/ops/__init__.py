@@ -42,6 +42,7 @@ __all__ = [
     "rms_norm",
     "swiglu",
     "rope",
+    "decode_linear",
     "available_backends",
     "backend_status",
     "get_backend",
@@ -170,3 +171,15 @@ def rope(x, cos, sin, *, offset=0, positions=None, backend=None):
     kwargs = dict(offset=int(offset), positions=positions)
     _, fn = resolve("rope", x.device, (x, cos, sin), kwargs, backend)
     return fn(x, cos, sin, **kwargs)
+def decode_linear(x, weight, bias=None, *, backend=None):
+    """``x @ weight.T + bias`` for a few rows of ``x`` (``F.linear``), the matrix-vector products of decoding.
+
+    x is ``(..., K)``, weight ``(N, K)``, bias ``(N,)`` or None, one dtype for all.  The
+    fused kernels read each weight row once for all rows of ``x`` and accumulate in
+    float32 (16-bit weights widened in registers); they are valid for any row count but
+    built for the one to a few rows of a decode step.  Differentiable (plain-torch backward).
+    """
+    _checks.check_decode_linear(x, weight, bias)
+    kwargs = dict(bias=bias)
+    _, fn = resolve("decode_linear", x.device, (x, weight), kwargs, backend)
+    return fn(x, weight, **kwargs)

@@ -251,3 +251,24 @@ def check_rope(x, cos, sin, offset, positions) -> None:
         if low < 0 or high >= table:
             raise ValueError(f"positions contains {low if low < 0 else high}, outside the RoPE tables' "
                              f"[0, {table}) (context_length)")
+def check_decode_linear(x, weight, bias) -> None:
+    require_tensor("x", x)
+    require_tensor("weight", weight)
+    require_float("x", x)
+    require_float("weight", weight)
+    if x.dim() < 1:
+        raise ValueError(f"x must be (..., K), got a 0-d tensor")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must be (N, K) with K={x.shape[-1]} to match x's last axis, got shape "
+                         f"{tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"x and weight must share one dtype, got {x.dtype} and {weight.dtype}")
+    if bias is not None:
+        require_tensor("bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+        require_same_device(x=x, weight=weight, bias=bias)
+    else:
+        require_same_device(x=x, weight=weight)

@@ -33,7 +33,7 @@ from types import ModuleType
 import torch
 
 OPS = ("causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm", "swiglu",
-       "rope")
+       "rope", "decode_linear")
 
 
 # The kernel ops every C++ namespace defines (csrc/schemas.h); a built extension that lacks one is
@@ -42,9 +42,12 @@ KERNEL_OPS = ("attention_fwd", "attention_bwd", "cross_entropy_fwd", "sample_nex
               "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd", "rope_fwd", "rope_bwd")
 
 
-def stale_extension_reason(namespace: str) -> str | None:
-    """Why the loaded extension of ``namespace`` cannot serve this package (it lacks ops), else ``None``."""
-    missing = [name for name in KERNEL_OPS if not hasattr(getattr(torch.ops, namespace), name)]
+def stale_extension_reason(namespace: str, own_ops: tuple[str, ...] = ()) -> str | None:
+    """Why the loaded extension of ``namespace`` cannot serve this package (it lacks ops), else ``None``.
+
+    ``own_ops``: kernel ops only this namespace defines (csrc/schemas.h lists them per backend).
+    """
+    missing = [name for name in KERNEL_OPS + own_ops if not hasattr(getattr(torch.ops, namespace), name)]
     if missing:
         return (f"the built extension is older than this package (torch.ops.{namespace} lacks "
                 f"{', '.join(missing)}): rebuild with pip install --no-build-isolation -e .")
@@ -96,7 +99,7 @@ def register_kernels(namespace: str, *, fakes_in_bodies: bool = False) -> None:
     ``fakes_in_bodies``: the attention and cross-entropy ops are ``triton_op``s, whose fake
     is their own Python body.
     """
-    from . import activation, attention, loss, normalization, rotary, sampling
+    from . import activation, attention, linear, loss, normalization, rotary, sampling
 
     attention.register(namespace, fakes=not fakes_in_bodies)
     loss.register(namespace, fakes=not fakes_in_bodies)
@@ -104,6 +107,8 @@ def register_kernels(namespace: str, *, fakes_in_bodies: bool = False) -> None:
     normalization.register(namespace, fakes=not fakes_in_bodies)
     activation.register(namespace, fakes=not fakes_in_bodies)
     rotary.register(namespace, fakes=not fakes_in_bodies)
+    if namespace == "gptfast_cpu":  # the only namespace with a decode_linear kernel so far
+        linear.register(namespace)
 
 
 def unavailable_reason(name: str) -> str | None:

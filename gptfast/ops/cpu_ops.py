@@ -1,7 +1,8 @@
 """Backend ``"cpu"``: loads gptfast's C++ CPU kernels (csrc/cpu, extension ``gptfast._C_cpu``).
 
 Everything above the kernels (fakes, autograd, reductions, argument conventions) is in
-the op modules ``attention``, ``loss`` and ``sampling``; this module loads the
+the op modules (``attention``, ``loss``, ``sampling``, ``normalization``, ``activation``,
+``rotary``, ``linear``); this module loads the
 extension, registers those for the ``gptfast_cpu`` namespace and binds the ops to it.
 """
 
@@ -13,8 +14,8 @@ import platform
 import torch
 
 from .. import _build_info
-from . import (activation as _activation, attention as _attention, loss as _loss, normalization as _normalization,
-               rotary as _rotary, sampling as _sampling)
+from . import (activation as _activation, attention as _attention, linear as _linear, loss as _loss,
+               normalization as _normalization, rotary as _rotary, sampling as _sampling)
 from ._dispatch import register_kernels, stale_extension_reason
 
 NAMESPACE = "gptfast_cpu"
@@ -26,8 +27,11 @@ DEVICES = ("cpu",)
 # matmuls of the same size) at a sixth of the peak memory, and free rows where targets are ignored.
 # RMSNorm (256x1024) fwd 4x / fwd+bwd ~5x in fp32, ~2x / ~2.5x in bf16; RoPE (16 heads x 256 x 128)
 # fwd ~3.5x / fwd+bwd ~6x.  Not swiglu: 0.5-0.9x of torch's two vectorized passes.
+# decode_linear, 8 rows (K=1024, N=3072 and the 151936-row head, fp32 and bf16): 2.5-4x; one row
+# measured from 1.3x faster to slower on a busy machine, so the decode routing
+# (gptfast/generation/runner.py) sends it 2-16 rows only.
 AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token",
-                      "rms_norm", "rope"})
+                      "rms_norm", "rope", "decode_linear"})
 
 
 def _load() -> str | None:
@@ -42,7 +46,7 @@ def _load() -> str | None:
         if why:
             return f"extension gptfast._C_cpu is unavailable: {why}"
         return f"extension gptfast._C_cpu not built: run pip install --no-build-isolation -e . ({exc})"
-    stale = stale_extension_reason(NAMESPACE)
+    stale = stale_extension_reason(NAMESPACE, own_ops=("cross_entropy_fwd_inplace", "decode_linear"))
     if stale is not None:
         return stale
     register_kernels(NAMESPACE)
@@ -64,3 +68,11 @@ sample_next_token = functools.partial(_sampling.fused_sample_next_token, NAMESPA
 rms_norm = functools.partial(_normalization.fused_rms_norm, NAMESPACE)
 swiglu = functools.partial(_activation.fused_swiglu, NAMESPACE)
 rope = functools.partial(_rotary.fused_rope, NAMESPACE)
+decode_linear = functools.partial(_linear.fused_decode_linear, NAMESPACE)
+
+
+def supports(op: str, *args, **kwargs) -> str | None:
+    """``None`` when this call can run here, else why not (decode_linear: float32/bfloat16/float16 only)."""
+    if op == "decode_linear" and args[0].dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"decode_linear runs float32, bfloat16 and float16, not {args[0].dtype}"
+    return None

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 DEVICES = ("cpu", "cuda", "mps", "xpu", "meta")
 AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm",
-                      "swiglu", "rope"})
+                      "swiglu", "rope", "decode_linear"})
 
 
 def unavailable_reason():
@@ -117,3 +117,8 @@ def rope(x, cos, sin, *, offset=0, positions=None):
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return ((x * cos) + (rotated * sin)).to(dtype=x.dtype)
+
+
+def decode_linear(x, weight, bias=None):
+    """``F.linear(x, weight, bias)``: what ``nn.Linear`` computes."""
+    return F.linear(x, weight, bias)

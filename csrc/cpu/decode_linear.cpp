@@ -1,0 +1,168 @@
+// Small-batch linear layer for CPU: out = x @ weight.T (+ bias) for a few rows of x.
+//
+// A decode step multiplies one to a few token rows by every weight matrix of the model, so
+// the time is the time to read the weights once.  torch's bf16/fp16 F.linear on a CPU
+// without native bf16 matmul reads them several times slower than fp32, although they are
+// half the bytes.  Here each thread takes a slice of the N output rows and streams each of
+// its weight rows once, against all M rows of x: 16-bit weights are widened to float32 in
+// registers (never in memory), products accumulate in float32, and the result is rounded
+// once to x's dtype after adding the bias (the order of torch's float32 accumulation).
+//
+// Tiling: R weight rows x MT rows of x per inner loop, two float32 accumulators (the low
+// and high halves of a 16-element step) per pair, R * MT * 2 <= 8 vector accumulators.
+// The weight tile (R rows) stays in L1 while the chunks of x rows reuse it; x itself is
+// widened to float32 once per call into a buffer every thread reads.
+#include "cpu_common.h"
+
+#include <algorithm>
+
+#include "ops.h"
+
+namespace gptfast_cpu {
+namespace {
+
+using Vf = Vectorized<float>;
+
+// 2 * Vf::size() elements of src starting at p, widened to float32 (lo, hi).
+template <typename scalar_t>
+inline std::pair<Vf, Vf> load_wide(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return {Vf::loadu(p), Vf::loadu(p + Vf::size())};
+  } else {
+    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+    return {lo, hi};
+  }
+}
+
+// out[m][r] (float32, not yet rounded) = dot(x row m0 + m, weight row n0 + r) for an R x MT tile.
+template <typename scalar_t, int R, int MT>
+void tile(const float* x, const scalar_t* w, int64_t K, int64_t n0, int64_t m0, float* acc_out, int64_t N) {
+  constexpr int64_t S = 2 * Vf::size();  // elements per step (one Vectorized<scalar_t> of 16-bit values)
+  static_assert(S == Vectorized<float>::size() * 2, "step");
+  Vf acc[R][MT][2];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m][0] = acc[r][m][1] = Vf(0.0f);
+  const scalar_t* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = w + (n0 + r) * K;
+  const float* xm[MT];
+  for (int m = 0; m < MT; ++m) xm[m] = x + (m0 + m) * K;
+  int64_t k = 0;
+  if constexpr (std::is_same_v<scalar_t, float> || Vectorized<scalar_t>::size() == S) {
+    for (; k + S <= K; k += S) {
+      Vf xlo[MT], xhi[MT];
+      for (int m = 0; m < MT; ++m) {
+        xlo[m] = Vf::loadu(xm[m] + k);
+        xhi[m] = Vf::loadu(xm[m] + k + Vf::size());
+      }
+      for (int r = 0; r < R; ++r) {
+        const auto [wlo, whi] = load_wide(wr[r] + k);
+        for (int m = 0; m < MT; ++m) {
+          acc[r][m][0] = at::vec::fmadd(wlo, xlo[m], acc[r][m][0]);
+          acc[r][m][1] = at::vec::fmadd(whi, xhi[m], acc[r][m][1]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int m = 0; m < MT; ++m) {
+      float s = at::vec::vec_reduce_all<float>([](Vf a, Vf b) { return a + b; }, acc[r][m][0] + acc[r][m][1]);
+      for (int64_t j = k; j < K; ++j) s += static_cast<float>(wr[r][j]) * xm[m][j];  // the K tail
+      acc_out[(m0 + m) * N + n0 + r] = s;
+    }
+  }
+}
+
+// All M rows of x against weight rows [n_begin, n_end): R rows at a time, x in chunks of MT <= 4.
+template <typename scalar_t, int R>
+void rows_block(const float* x, const scalar_t* w, int64_t M, int64_t K, int64_t N, int64_t n_begin, int64_t n_end,
+                float* acc_out) {
+  for (int64_t n = n_begin; n < n_end; n += R) {
+    if (n + R > n_end) {  // the last rows of the slice, one at a time
+      for (int64_t n1 = n; n1 < n_end; ++n1)
+        for (int64_t m = 0; m < M; ++m) tile<scalar_t, 1, 1>(x, w, K, n1, m, acc_out, N);
+      break;
+    }
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) tile<scalar_t, R, 4>(x, w, K, n, m, acc_out, N);
+    switch (M - m) {
+      case 3: tile<scalar_t, R, 3>(x, w, K, n, m, acc_out, N); break;
+      case 2: tile<scalar_t, R, 2>(x, w, K, n, m, acc_out, N); break;
+      case 1: tile<scalar_t, R, 1>(x, w, K, n, m, acc_out, N); break;
+      default: break;
+    }
+  }
+}
+
+template <typename scalar_t>
+void decode_linear_impl(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                        at::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  // x widened once (M * K floats, small); float32 x is read in place.
+  const at::Tensor x32 = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  const float* xp = x32.const_data_ptr<float>();
+  const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+  const bool f32_out = out.scalar_type() == at::kFloat;
+  at::Tensor acc = f32_out ? out : at::empty({M, N}, out.options().dtype(at::kFloat));
+  float* ap = acc.data_ptr<float>();
+  // Slices of whole 4-row groups; about 64 KiB of weights per slice at least, so a small layer stays on one thread.
+  constexpr int64_t kGroup = 4;
+  const int64_t groups = (N + kGroup - 1) / kGroup;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, K * kGroup * sizeof(scalar_t)));
+  at::parallel_for(0, groups, grain, [&](int64_t g_begin, int64_t g_end) {
+    const int64_t n_begin = g_begin * kGroup, n_end = std::min(N, g_end * kGroup);
+    if (M == 1) {
+      rows_block<scalar_t, 4>(xp, wp, M, K, N, n_begin, n_end, ap);
+    } else if (M == 2) {
+      rows_block<scalar_t, 2>(xp, wp, M, K, N, n_begin, n_end, ap);
+    } else {
+      rows_block<scalar_t, 1>(xp, wp, M, K, N, n_begin, n_end, ap);
+    }
+    // Bias and rounding for this slice's columns, in float32, rounded once.
+    if (bias.has_value()) {
+      const scalar_t* bp = bias->const_data_ptr<scalar_t>();
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n_begin; n < n_end; ++n) ap[m * N + n] += static_cast<float>(bp[n]);
+    }
+    if (!f32_out) {
+      scalar_t* op = out.data_ptr<scalar_t>();
+      for (int64_t m = 0; m < M; ++m)
+        at::vec::convert(ap + m * N + n_begin, op + m * N + n_begin, n_end - n_begin);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor decode_linear(const at::Tensor& x_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in) {
+  TORCH_CHECK(x_in.dim() == 2, "gptfast_cpu decode_linear: x must be (M, K), got ", x_in.sizes());
+  TORCH_CHECK(weight_in.dim() == 2 && weight_in.size(1) == x_in.size(1),
+              "gptfast_cpu decode_linear: weight must be (N, ", x_in.size(1), "), got ", weight_in.sizes());
+  TORCH_CHECK(x_in.device().is_cpu() && weight_in.device().is_cpu(), "gptfast_cpu decode_linear: x and weight must be on the CPU");
+  const auto dtype = x_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "gptfast_cpu decode_linear: x must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(weight_in.scalar_type() == dtype, "gptfast_cpu decode_linear: weight must have x's dtype ", dtype,
+              ", got ", weight_in.scalar_type());
+  c10::optional<at::Tensor> bias;
+  if (bias_in.has_value()) {
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == weight_in.size(0) && bias_in->device().is_cpu() &&
+                    bias_in->scalar_type() == dtype,
+                "gptfast_cpu decode_linear: bias must be a (", weight_in.size(0), ",) CPU tensor of x's dtype");
+    bias = bias_in->contiguous();
+  }
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous();  // no copy when already contiguous
+  at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
+  if (out.numel() == 0) return out;
+  if (x.size(1) == 0) return bias.has_value() ? out.copy_(bias->unsqueeze(0).expand_as(out)) : out.zero_();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "gptfast_cpu_decode_linear", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "gptfast_cpu decode_linear: float64 is not served");
+    } else {
+      decode_linear_impl<scalar_t>(x, weight, bias, out);
+    }
+  });
+  return out;
+}
+
+}  // namespace gptfast_cpu
