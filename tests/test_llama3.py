@@ -153,8 +153,12 @@ def test_rope_tables_with_llama3_frequency_scaling(freq_config):
 def test_apply_rope_is_the_references_and_a_rotation(dtype):
     cos, sin = ours.compute_rope_params(32, 500_000, 64, SCALING)
     x = torch.randn(2, 3, 20, 32).to(dtype)
-    got = ours.apply_rope(x, cos, sin)
-    assert got.dtype == dtype and torch.equal(got, ref.apply_rope(x, cos, sin))
+    expected = ref.apply_rope(x, cos, sin)
+    with ops.use_backend("torch"):  # the oracle: the reference's numbers bit for bit
+        assert torch.equal(ours.apply_rope(x, cos, sin), expected)
+    got = ours.apply_rope(x, cos, sin)  # the default backend: the fused kernel where one serves
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, expected, **({} if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)))
     # rotate-half pairs (i, i + D/2) keep their length; position 0 is the identity
     x32, got32 = ours.apply_rope(x.float(), cos, sin), x.float()
     pair_norm = lambda t: t[..., :16] ** 2 + t[..., 16:] ** 2  # noqa: E731
