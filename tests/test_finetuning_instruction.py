@@ -145,7 +145,7 @@ def test_calc_loss_batch_matches_chapter_5s_loss_values_and_gradients(tokenizer,
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_rows_run_in_one_pass_cut_to_the_last_target_rows_without_targets_left_out(monkeypatch):
+def test_rows_run_packed_each_cut_to_its_last_target_rows_without_targets_left_out(monkeypatch):
     from gptfast.finetuning import instruction
 
     ref, ours = twin_models({**TINY, "drop_rate": 0.0})
@@ -153,17 +153,28 @@ def test_rows_run_in_one_pass_cut_to_the_last_target_rows_without_targets_left_o
     inputs, targets = ch07.custom_collate_fn(rows)
     targets[2, :] = -100  # a row without any target adds nothing
     seen = []
-    real = instruction.final_hidden_states
-    monkeypatch.setattr(instruction, "final_hidden_states", lambda m, x: seen.append(tuple(x.shape)) or real(m, x))
+    real = instruction.packed_hidden_states
+    monkeypatch.setattr(instruction, "packed_hidden_states",
+                        lambda m, rs: seen.append([tuple(r.shape) for r in rs]) or real(m, rs))
     loss = ch07.calc_loss_batch(inputs, targets, ours, "cpu")
     expected = ref_ch05.calc_loss_batch(inputs, targets, ref, "cpu")
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
     loss.backward(), expected.backward()
     for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
-    # One pass over rows 1, 3, 0 and 4 (row 2 has no target), cut to row 1's last kept target: splitting
-    # rows into groups of similar length measured slower on a CPU (several passes of smaller matmuls).
-    assert seen == [(4, 40)]
+    # One packed sequence of rows 0, 1, 3 and 4 (row 2 has no target), each cut at its last kept
+    # target (a row of n tokens keeps n targets: n - 1 tokens and the end-of-text).
+    assert seen == [[(5,), (40,), (38,), (1,)]]
+
+
+def test_packed_rows_give_each_row_its_own_states():
+    from gptfast.finetuning.heads import final_hidden_states, packed_hidden_states
+
+    _, ours = twin_models({**TINY, "drop_rate": 0.0})
+    rows = [torch.randint(0, TINY["vocab_size"], (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 1, 13)]
+    packed = packed_hidden_states(ours, rows)
+    alone = torch.cat([final_hidden_states(ours, row.unsqueeze(0))[0] for row in rows])
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
 
 
 def test_row_groups():

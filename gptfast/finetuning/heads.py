@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import ops
 from ..ch04 import GPTModel, MultiHeadAttention, TransformerBlock
-from ..models.gpt import GPTModelFast
+from ..models.gpt import GPTModelFast, merge_heads, residual_block, split_heads
 
 
 def reference_numerics() -> bool:
@@ -47,6 +47,35 @@ def _embed(model, idx):
 def final_hidden_states(model, idx):
     """``(b, t, emb_dim)`` states after the final norm: the model's forward without the output head."""
     return model.final_norm(model.trf_blocks(_embed(model, idx)))
+
+
+def _per_row_attention(att, bounds):
+    """``att`` over packed rows: causal attention within each ``(start, end)`` span of the token axis only."""
+    def attention(h):
+        q, k, v = (split_heads(att, proj(h)) for proj in (att.W_query, att.W_key, att.W_value))
+        spans = [ops.causal_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=att.dropout.p,
+                                      training=att.training) for a, b in bounds]
+        return att.out_proj(merge_heads(att, torch.cat(spans, dim=2)))
+    return attention
+
+
+def packed_hidden_states(model, rows):
+    """Final-norm states ``(sum of lengths, emb_dim)`` of the 1-D token rows ``rows``, run as one packed sequence.
+
+    Each row keeps its own positions (0, 1, ...) and attends only to itself, so its states
+    are those of the row run alone; the linear layers see every row's tokens at once and
+    no position is spent on padding.  For a book-layout GPT (:func:`is_book_gpt`).
+    """
+    bounds, start = [], 0
+    for row in rows:
+        bounds.append((start, start + row.shape[0]))
+        start += row.shape[0]
+    idx = torch.cat(rows).unsqueeze(0)
+    positions = torch.cat([torch.arange(row.shape[0], device=idx.device) for row in rows])
+    x = model.drop_emb(model.tok_emb(idx) + model.pos_emb(positions))
+    for block in model.trf_blocks:
+        x = residual_block(block, x, _per_row_attention(block.att, bounds))
+    return model.final_norm(x)[0]
 
 
 def _heads(att, x):

@@ -32,7 +32,7 @@ from ..ch05 import text_to_token_ids
 from ..files import atomic_write_text
 from ..generation import generate_batch
 from ..training.loops import evaluate_losses, mean_batch_loss, train_simple_with_loss
-from .heads import final_hidden_states, head_loss, is_book_gpt, reference_numerics
+from .heads import final_hidden_states, head_loss, is_book_gpt, packed_hidden_states, reference_numerics
 
 # ----------------------------------------------------------------------------- data
 
@@ -150,9 +150,10 @@ def calc_loss_batch(input_batch, target_batch, model, device, ignore_index=-100)
     """Mean next-token cross-entropy over the targets that are not ``ignore_index``.
 
     For gptfast's ``GPTModel`` (and any backend but ``"torch"``) only the positions that
-    count are computed: the batch up to the last kept target of any row, rows without
-    one left out (causal attention: later positions cannot change earlier ones), and the
-    output head only where the target is kept, through the fused linear cross-entropy.
+    count are computed: each row up to its last kept target (causal attention: later
+    positions cannot change earlier ones), rows without one left out, and the output head
+    only where the target is kept, through the fused linear cross-entropy.  On a CPU the
+    cut rows run packed into one sequence; elsewhere as one batch cut to the longest.
     """
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
     keep = target_batch != ignore_index
@@ -160,10 +161,19 @@ def calc_loss_batch(input_batch, target_batch, model, device, ignore_index=-100)
         # The reference's way (also for a batch without any target: its loss is NaN, as there).
         logits = model(input_batch)
         return ops.cross_entropy(logits.flatten(0, 1), target_batch.flatten(), ignore_index=ignore_index)
+    lengths = _needed_lengths(keep)
+    if input_batch.device.type == "cpu":
+        # On a CPU time grows with the number of positions: pack the rows, each cut at its last kept
+        # target, into one sequence (the matmuls stay large and no padding is computed).
+        rows = [r for r, n in enumerate(lengths) if n > 0]
+        hidden = packed_hidden_states(model, [input_batch[r, :lengths[r]] for r in rows])
+        kept = torch.cat([keep[r, :lengths[r]] for r in rows])
+        targets = torch.cat([target_batch[r, :lengths[r]] for r in rows])
+        return head_loss(hidden[kept], model.out_head, targets[kept], ignore_index=ignore_index)
     hidden, targets = [], []
-    # One group (the common padding trimmed): split into groups of similar length, a CPU step measured
-    # ~1.5x slower (several passes of smaller matmuls cost more than the positions they save).
-    for rows, length in _row_groups(_needed_lengths(keep), split=False):
+    # On a GPU one pass with the common padding trimmed; groups of similar length would launch
+    # several passes of smaller kernels.
+    for rows, length in _row_groups(lengths, split=False):
         index = torch.tensor(rows, device=input_batch.device)
         group_keep = keep.index_select(0, index)[:, :length].flatten()
         states = final_hidden_states(model, input_batch.index_select(0, index)[:, :length]).flatten(0, 1)
