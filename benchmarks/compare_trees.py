@@ -21,6 +21,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 # Each snippet prints one float: seconds per unit of work (median of its inner repeats).
@@ -83,10 +84,23 @@ CASES = {
 
 
 def run_case(python: str, code: str) -> float:
-    """Seconds per unit reported by ``code`` run in a fresh ``python`` subprocess."""
+    """Seconds per unit reported by ``code`` run in a fresh ``python`` subprocess.
+
+    ``-P`` and a neutral working directory: with ``-c`` Python would put the current
+    directory first on ``sys.path``, and run from a checkout every interpreter would
+    import that checkout's gptfast instead of its own venv's.
+    """
     script = _PRELUDE + textwrap.dedent(code)
-    done = subprocess.run([python, "-c", script], capture_output=True, text=True, check=True)
+    done = subprocess.run([python, "-P", "-c", script], capture_output=True, text=True, check=True,
+                          cwd=tempfile.gettempdir())
     return float(done.stdout.strip().splitlines()[-1])
+
+
+def gptfast_location(python: str) -> str:
+    """The folder ``python`` imports gptfast from, the way :func:`run_case` runs it."""
+    done = subprocess.run([python, "-P", "-c", "import gptfast, os; print(os.path.dirname(gptfast.__file__))"],
+                          capture_output=True, text=True, check=True, cwd=tempfile.gettempdir())
+    return done.stdout.strip()
 
 
 def main(argv=None) -> int:
@@ -99,6 +113,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cases = {name: code for name, code in CASES.items()
              if not args.cases or any(word in name for word in args.cases)}
+    where = {which: gptfast_location(getattr(args, which)) for which in ("before", "after")}
+    if where["before"] == where["after"]:
+        parser.error(f"both interpreters import gptfast from {where['before']}: nothing to compare")
+    print(f"before: gptfast from {where['before']}; after: gptfast from {where['after']}", file=sys.stderr)
     times = {name: {"before": [], "after": []} for name in cases}
     for r in range(args.rounds):
         order = ("before", "after") if r % 2 == 0 else ("after", "before")
@@ -114,7 +132,7 @@ def main(argv=None) -> int:
         print(f"| {name} | {before:.4f} | {after:.4f} | {before / after:.2f}x |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(times, f, indent=1)
+            json.dump({"gptfast_from": where, "seconds": times}, f, indent=1)
     return 0
 
 
