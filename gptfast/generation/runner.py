@@ -116,9 +116,13 @@ class DecodeLinearMode(TorchFunctionMode):
         return None if name == "torch" else fn(x, weight, bias=bias)
 
 
-def decode_linears(device: torch.device):
-    """The context a decode step runs in: :class:`DecodeLinearMode` on CPU, nothing elsewhere."""
-    return DecodeLinearMode() if device.type == "cpu" else contextlib.nullcontext()
+def decode_linears(tokens: torch.Tensor):
+    """The context a decode step of ``tokens`` ``(B, 1)`` runs in: :class:`DecodeLinearMode` on CPU for
+    ``DECODE_LINEAR_MIN_ROWS <= B <= DECODE_LINEAR_MAX_ROWS``, nothing elsewhere (a mode that would route
+    nothing would still intercept every torch call of the step)."""
+    if tokens.device.type == "cpu" and DECODE_LINEAR_MIN_ROWS <= tokens.shape[0] <= DECODE_LINEAR_MAX_ROWS:
+        return DecodeLinearMode()
+    return contextlib.nullcontext()
 
 
 class CachedRunner:
@@ -278,11 +282,11 @@ class CachedRunner:
                 values[:, :, positions] = v[:, :, 0]
                 return self.causal_attention(q, keys[:, :, :n_keys], values[:, :, :n_keys])
 
-            with decode_linears(tokens.device):
+            with decode_linears(tokens):
                 return self._run(tokens, torch.tensor([positions], device=tokens.device), attend)
         self._check_positions(max(positions), cache.max_len)
         per_row = torch.tensor(positions, device=tokens.device)
-        with decode_linears(tokens.device):
+        with decode_linears(tokens):
             return self._run(tokens, per_row.unsqueeze(1),
                              self._per_row_attend(cache, per_row, n_keys=max(positions) + 1))
 
@@ -293,7 +297,7 @@ class CachedRunner:
         ``positions`` is a ``(B,)`` device tensor; attention spans the whole cache
         with keys past each row's position masked out.
         """
-        with decode_linears(tokens.device):
+        with decode_linears(tokens):
             return self._run(tokens, positions.unsqueeze(1), self._per_row_attend(cache, positions, n_keys=None))
 
     def _per_row_attend(self, cache, positions, n_keys):
