@@ -11,28 +11,11 @@
 #include <tuple>
 
 #include "../schemas.h"
+#include "binding_checks.h"
 #include "layer_ops_launch.h"
 
 namespace gptfast {
 namespace {
-
-FloatType kernel_type(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return FloatType::kFloat32;
-    case at::kHalf:
-      return FloatType::kFloat16;
-    case at::kBFloat16:
-      return FloatType::kBFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, name, " must be float32, float16 or bfloat16 for the gptfast CUDA kernels, got ",
-                       t.scalar_type());
-  }
-}
-
-void check_status(cudaError_t status, const char* what) {
-  TORCH_CHECK(status == cudaSuccess, "gptfast CUDA ", what, " launch failed: ", cudaGetErrorString(status));
-}
 
 void check_cuda(const at::Tensor& t, const char* name, const at::Device& device) {
   TORCH_CHECK_VALUE(t.is_cuda() && t.device() == device, name, " must be a CUDA tensor on ", device, ", got ",
@@ -52,12 +35,12 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x_in, const at
   check_rows(x_in, weight);
   TORCH_CHECK_VALUE(eps > 0, "eps must be positive, got ", eps);
   const at::Tensor x = x_in.contiguous();
-  const FloatType dtype = kernel_type(x, "x");
+  const FloatType dtype = float_type(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
   at::Tensor rstd = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
-  check_status(launch_rms_norm_fwd(x.data_ptr(), dtype, w.data_ptr<float>(), x.size(0), x.size(1),
+  check_launch(launch_rms_norm_fwd(x.data_ptr(), dtype, w.data_ptr<float>(), x.size(0), x.size(1),
                                    static_cast<float>(eps), out.data_ptr(), rstd.data_ptr<float>(),
                                    c10::cuda::getCurrentCUDAStream()),
                "rms_norm_fwd");
@@ -74,15 +57,15 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_out, cons
   TORCH_CHECK_VALUE(rstd_in.dim() == 1 && rstd_in.size(0) == rows && rstd_in.scalar_type() == at::kFloat,
                     "rstd must be the float32 (rows,) tensor from rms_norm_fwd");
   const at::Tensor x = x_in.contiguous();
-  const FloatType dtype = kernel_type(x, "x");
-  const FloatType wtype = kernel_type(weight, "weight");
+  const FloatType dtype = float_type(x, "x");
+  const FloatType wtype = float_type(weight, "weight");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor g = grad_out.to(x.scalar_type()).contiguous(), rstd = rstd_in.contiguous();
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   at::Tensor dx = at::empty(x.sizes(), x.options());
   at::Tensor dweight = at::empty({dim}, weight.options());
   at::Tensor partial = at::empty({rms_norm_bwd_blocks(rows), dim}, x.options().dtype(at::kFloat));
-  check_status(launch_rms_norm_bwd(g.data_ptr(), x.data_ptr(), dtype, w.data_ptr<float>(), rstd.data_ptr<float>(),
+  check_launch(launch_rms_norm_bwd(g.data_ptr(), x.data_ptr(), dtype, w.data_ptr<float>(), rstd.data_ptr<float>(),
                                    rows, dim, dx.data_ptr(), partial.data_ptr<float>(), dweight.data_ptr(), wtype,
                                    c10::cuda::getCurrentCUDAStream()),
                "rms_norm_bwd");
@@ -100,10 +83,10 @@ void check_pair(const at::Tensor& gate, const at::Tensor& up) {
 at::Tensor swiglu_fwd(const at::Tensor& gate_in, const at::Tensor& up_in) {
   check_pair(gate_in, up_in);
   const at::Tensor gate = gate_in.contiguous(), up = up_in.contiguous();
-  const FloatType dtype = kernel_type(gate, "gate");
+  const FloatType dtype = float_type(gate, "gate");
   const c10::cuda::CUDAGuard guard(gate.device());
   at::Tensor out = at::empty(gate.sizes(), gate.options());
-  check_status(launch_swiglu_fwd(gate.data_ptr(), up.data_ptr(), dtype, gate.numel(), out.data_ptr(),
+  check_launch(launch_swiglu_fwd(gate.data_ptr(), up.data_ptr(), dtype, gate.numel(), out.data_ptr(),
                                  c10::cuda::getCurrentCUDAStream()),
                "swiglu_fwd");
   return out;
@@ -115,11 +98,11 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& grad_out, const 
   check_cuda(grad_out, "grad_out", gate_in.device());
   TORCH_CHECK_VALUE(grad_out.sizes() == gate_in.sizes(), "grad_out must have gate's shape ", gate_in.sizes());
   const at::Tensor gate = gate_in.contiguous(), up = up_in.contiguous();
-  const FloatType dtype = kernel_type(gate, "gate");
+  const FloatType dtype = float_type(gate, "gate");
   const c10::cuda::CUDAGuard guard(gate.device());
   const at::Tensor g = grad_out.to(gate.scalar_type()).contiguous();
   at::Tensor d_gate = at::empty(gate.sizes(), gate.options()), d_up = at::empty(gate.sizes(), gate.options());
-  check_status(launch_swiglu_bwd(g.data_ptr(), gate.data_ptr(), up.data_ptr(), dtype, gate.numel(),
+  check_launch(launch_swiglu_bwd(g.data_ptr(), gate.data_ptr(), up.data_ptr(), dtype, gate.numel(),
                                  d_gate.data_ptr(), d_up.data_ptr(), c10::cuda::getCurrentCUDAStream()),
                "swiglu_bwd");
   return {d_gate, d_up};
@@ -135,7 +118,7 @@ at::Tensor rope_apply(const at::Tensor& x_in, const at::Tensor& cos, const at::T
   TORCH_CHECK_VALUE(cos.dim() == 2 && cos.size(1) == D && sin.sizes() == cos.sizes(),
                     "cos and sin must both be (positions, ", D, ")");
   const at::Tensor x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
-  const FloatType dtype = kernel_type(x, "x");
+  const FloatType dtype = float_type(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor positions;
   if (positions_in.has_value()) {
@@ -146,7 +129,7 @@ at::Tensor rope_apply(const at::Tensor& x_in, const at::Tensor& cos, const at::T
   }
   const at::Tensor c = cos.to(at::kFloat).contiguous(), s = sin.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({B, H, T, D}, x.options());
-  check_status(launch_rope(x.data_ptr(), dtype, B, H, T, D, x.stride(0), x.stride(1), x.stride(2), c.data_ptr<float>(),
+  check_launch(launch_rope(x.data_ptr(), dtype, B, H, T, D, x.stride(0), x.stride(1), x.stride(2), c.data_ptr<float>(),
                            s.data_ptr<float>(), c.size(0), positions.defined() ? positions.data_ptr<int64_t>() : nullptr,
                            offset, backward, out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
                backward ? "rope_bwd" : "rope_fwd");

@@ -19,6 +19,7 @@
 #include <tuple>
 
 #include "../schemas.h"
+#include "binding_checks.h"
 #include "loss_sampling_launch.h"
 
 extern "C" PyObject* PyInit__C_cuda(void) {
@@ -30,24 +31,6 @@ namespace gptfast {
 namespace {
 
 constexpr int64_t kMaxRows = 0x7fffffffLL;  // one block per row: grid.x limit
-
-FloatType float_type(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return FloatType::kFloat32;
-    case at::kHalf:
-      return FloatType::kFloat16;
-    case at::kBFloat16:
-      return FloatType::kBFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, name, " must be float32, float16 or bfloat16 for the gptfast CUDA kernels, got ",
-                       t.scalar_type());
-  }
-}
-
-void check_launch(cudaError_t status, const char* what) {
-  TORCH_CHECK(status == cudaSuccess, "gptfast CUDA ", what, " launch failed: ", cudaGetErrorString(status));
-}
 
 // 2-D CUDA logits whose rows may be strided but whose elements within a row are contiguous.
 at::Tensor row_major_logits(const at::Tensor& logits) {
