@@ -133,3 +133,30 @@ def median_seconds(benchmark) -> float | None:
     """The median of the finished benchmark, for derived figures (TFLOP/s, GB/s)."""
     stats = getattr(benchmark, "stats", None)
     return None if stats is None else stats.stats.median
+
+
+def run_interleaved(benchmark, steps: dict, *, rounds: int, group: str, **extra_info) -> dict:
+    """Time ``steps[impl]()`` for every impl in turn, round after round (who goes first rotates), so load on a
+    shared machine hits all alike.  Returns per-impl median seconds (the warm-up round left out) and records
+    them, with ``speedup_vs_reference``, in ``extra_info``."""
+    import statistics
+    import time
+
+    times = {impl: [] for impl in steps}
+    impls = tuple(steps)
+    rounds_done = [0]
+
+    def one_round():
+        offset = rounds_done[0] % len(impls)
+        rounds_done[0] += 1
+        for impl in impls[offset:] + impls[:offset]:
+            t0 = time.perf_counter()
+            steps[impl]()
+            times[impl].append(time.perf_counter() - t0)
+
+    run_benchmark(benchmark, one_round, rounds=rounds, group=group, **extra_info)
+    # The warm-up round is left out: pytest-benchmark ran it before the timed rounds.
+    medians = {impl: statistics.median(ts[1:] if len(ts) > 1 else ts) for impl, ts in times.items()}
+    benchmark.extra_info["per_impl_median_s"] = medians
+    benchmark.extra_info["speedup_vs_reference"] = {impl: medians["reference"] / m for impl, m in medians.items()}
+    return medians

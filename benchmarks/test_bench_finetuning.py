@@ -27,13 +27,11 @@ from __future__ import annotations
 import gc
 import os
 import random
-import statistics
-import time
 
 import pytest
 import torch
 
-from bench_utils import DEVICE, ON_GPU, peak_memory, run_benchmark
+from bench_utils import DEVICE, ON_GPU, peak_memory, run_benchmark, run_interleaved
 
 TINY = os.environ.get("GPTFAST_BENCH_FINETUNE_TINY") == "1"
 NUM_PROMPTS, NEW_TOKENS = (4, 8) if TINY else (24, 64)
@@ -73,23 +71,8 @@ def _release():
 
 def _interleaved(benchmark, steps, group, **info):
     """Time ``steps[impl]()`` for every impl in turn each round; per-impl medians go to ``extra_info``."""
-    times = {impl: [] for impl in steps}
-    rotation = iter(range(10**9))
-    impls = tuple(steps)
-
-    def one_round():
-        offset = next(rotation) % len(impls)
-        for impl in impls[offset:] + impls[:offset]:  # rotate who goes first
-            t0 = time.perf_counter()
-            steps[impl]()
-            times[impl].append(time.perf_counter() - t0)
-
-    run_benchmark(benchmark, one_round, rounds=ROUNDS, group=group, impl="reference and gptfast, interleaved",
-                  dtype="float32", **info)
-    # The warm-up round is left out: pytest-benchmark ran it before the timed rounds.
-    medians = {impl: statistics.median(ts[1:] if len(ts) > 1 else ts) for impl, ts in times.items()}
-    benchmark.extra_info["per_impl_median_s"] = medians
-    benchmark.extra_info["speedup_vs_reference"] = {impl: medians["reference"] / m for impl, m in medians.items()}
+    run_interleaved(benchmark, steps, rounds=ROUNDS, group=group, impl="reference and gptfast, interleaved",
+                    dtype="float32", **info)
 
 
 # ----------------------------------------------------------------------------- responses

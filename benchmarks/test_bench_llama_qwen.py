@@ -28,13 +28,11 @@ one round) to check that the file runs; its numbers mean nothing.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import pytest
 import torch
 
-from bench_utils import ON_GPU, run_benchmark
+from bench_utils import ON_GPU, run_interleaved
 
 TINY = os.environ.get("GPTFAST_BENCH_LLAMA_QWEN_TINY") == "1"
 NEW_TOKENS = 8 if TINY else 128
@@ -107,27 +105,17 @@ def test_qwen3_generate(benchmark, models, batch):
     generators = _generators(batch)
     pair = models["b1" if batch == 1 else "b8"]
     idx = torch.randint(0, cfg["vocab_size"], (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
-    times = {impl: [] for impl in generators}
     tokens = {}
-    rotation = iter(range(10**9))
-    impls = tuple(generators)
 
-    def one_round():
-        offset = next(rotation) % len(impls)
-        for impl in impls[offset:] + impls[:offset]:  # rotate who goes first
-            t0 = time.perf_counter()
-            tokens[impl] = generators[impl](pair[impl], idx, NEW_TOKENS)
-            times[impl].append(time.perf_counter() - t0)
+    def step(impl):
+        return lambda: tokens.__setitem__(impl, generators[impl](pair[impl], idx, NEW_TOKENS))
 
-    run_benchmark(benchmark, one_round, rounds=ROUNDS, group=f"qwen3-b{batch}-{models['dtype']}",
-                  impl="reference and gptfast, interleaved", dtype=models["dtype"], batch=batch,
-                  prompt_tokens=PROMPT_TOKENS, new_tokens=NEW_TOKENS, threads=torch.get_num_threads(),
-                  model="tiny (2 layers, 64 wide)" if TINY else "Qwen3-0.6B shape, random weights")
-    # The warm-up round is left out: pytest-benchmark ran it before the timed rounds.
-    medians = {impl: statistics.median(ts[1:] if len(ts) > 1 else ts) for impl, ts in times.items()}
+    medians = run_interleaved(
+        benchmark, {impl: step(impl) for impl in generators}, rounds=ROUNDS, group=f"qwen3-b{batch}-{models['dtype']}",
+        impl="reference and gptfast, interleaved", dtype=models["dtype"], batch=batch, prompt_tokens=PROMPT_TOKENS,
+        new_tokens=NEW_TOKENS, threads=torch.get_num_threads(),
+        model="tiny (2 layers, 64 wide)" if TINY else "Qwen3-0.6B shape, random weights")
     info = benchmark.extra_info
-    info["per_impl_median_s"] = medians
-    info["speedup_vs_reference"] = {impl: medians["reference"] / m for impl, m in medians.items()}
     info["tokens_per_s"] = {impl: batch * NEW_TOKENS / m for impl, m in medians.items()}
     info["weight_bytes"] = models["weight_bytes"]
     info["gb_per_s"] = {impl: models["weight_bytes"] * NEW_TOKENS / m / 1e9 for impl, m in medians.items()}

@@ -18,14 +18,12 @@ to check that the file runs; its numbers mean nothing.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bench_utils import ON_GPU, run_benchmark
+from bench_utils import ON_GPU, run_interleaved
 
 TINY = os.environ.get("GPTFAST_BENCH_LLAMA_TRAIN_TINY") == "1"
 BATCH, CONTEXT = (2, 32) if TINY else (4, 256)
@@ -69,22 +67,9 @@ def test_llama_train_step_interleaved(benchmark):
     tokens = torch.randint(0, cfg["vocab_size"], (BATCH, CONTEXT + 1), generator=g)
     x, y = tokens[:, :-1], tokens[:, 1:]
     made = {impl: _step(impl, x, y) for impl in IMPLS}
-    times = {impl: [] for impl in IMPLS}
-    rotation = iter(range(10**9))
-
-    def one_round():
-        offset = next(rotation) % len(IMPLS)
-        for impl in IMPLS[offset:] + IMPLS[:offset]:  # rotate who goes first
-            t0 = time.perf_counter()
-            made[impl][0]()
-            times[impl].append(time.perf_counter() - t0)
-
-    run_benchmark(benchmark, one_round, rounds=ROUNDS, group="llama-train-step", impl="reference and gptfast, "
-                  "interleaved", dtype="float32", batch=BATCH, context=CONTEXT,
-                  model="tiny" if TINY else "Llama-3-shaped, 8 layers, 512 wide, GQA 8/2")
-    # The warm-up round is left out: pytest-benchmark ran it before the timed rounds.
-    medians = {impl: statistics.median(ts[1:] if len(ts) > 1 else ts) for impl, ts in times.items()}
-    benchmark.extra_info["per_impl_median_s"] = medians
+    medians = run_interleaved(benchmark, {impl: made[impl][0] for impl in IMPLS}, rounds=ROUNDS,
+                              group="llama-train-step", impl="reference and gptfast, interleaved", dtype="float32",
+                              batch=BATCH, context=CONTEXT,
+                              model="tiny" if TINY else "Llama-3-shaped, 8 layers, 512 wide, GQA 8/2")
     benchmark.extra_info["per_impl_tokens_per_s"] = {impl: BATCH * CONTEXT / m for impl, m in medians.items()}
-    benchmark.extra_info["speedup_vs_reference"] = {impl: medians["reference"] / m for impl, m in medians.items()}
     benchmark.extra_info["loss_difference"] = abs(made["reference"][1][0] - made["gptfast"][1][0])
