@@ -109,6 +109,21 @@ def peak_memory(fn) -> dict:
     return {"peak_bytes": peak, "memory_method": "torch.profiler [memory] events (torch CPU allocator only)"}
 
 
+def read_bandwidth_gb_per_s(nbytes: int = 1 << 29, repeats: int = 5) -> float:
+    """The machine's read bandwidth in GB/s: the best of ``repeats`` sums over a buffer of ``nbytes`` (far
+    larger than any cache) with torch's threads, the roof a decode step that reads every weight once sits under."""
+    import time
+
+    buf = torch.ones(nbytes // 4, device=DEVICE)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        buf.sum()
+        synchronize()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best / 1e9
+
+
 def run_benchmark(benchmark, fn, *, rounds: int, group: str, setup=None, **extra_info):
     """Time ``fn`` (synchronised on GPU) with pytest-benchmark's pedantic mode and attach ``extra_info``."""
 

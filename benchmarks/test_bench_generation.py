@@ -7,8 +7,10 @@ CPU, fp32 (group ``generate-b1``): the reference (one round: it takes about a mi
 torch's thread setting (its decode steps then pick torch's count or one thread by timing the first
 steps) and with one thread throughout (``threads=1``), plus the weight-read floor: the
 matrix-vector products over every weight a cached step reads, timed in the same process
-(``floor_ms_per_token``, ``floor_ratio`` = step time / floor).
-CPU bf16 weights (``generate-b1-bf16``): tokens/s and how many of the 200 greedy tokens agree with
+(``floor_ms_per_token``, ``floor_ratio`` = step time / floor), and the way gpt-fast reports it:
+``gb_per_s`` (weight bytes per step times tokens/s) against the machine's read bandwidth measured in
+the same process (``read_floor_ratio``).
+CPU bf16 weights (``generate-b1-bf16``): tokens/s, ``gb_per_s`` against bf16's own floor, and how many of the 200 greedy tokens agree with
 fp32 (``agree_with_fp32``, ``same_prefix``).  CPU batch 8 (``generate-b8``): tokens/s over all rows.
 
 GPU: batch 1, bf16 weights, CUDA-graph decode against the reference's generate on the same bf16
@@ -24,7 +26,8 @@ import time
 import pytest
 import torch
 
-from bench_utils import DEVICE, ON_GPU, gpt2_124m_config, run_benchmark, same_weight_pair, synchronize
+from bench_utils import DEVICE, ON_GPU, gpt2_124m_config, read_bandwidth_gb_per_s, run_benchmark, same_weight_pair
+from bench_utils import synchronize
 from bench_utils import GEN_CONTEXT as CONTEXT
 from bench_utils import GEN_NEW_TOKENS as NEW_TOKENS
 from bench_utils import GEN_PROMPT as PROMPT
@@ -68,6 +71,23 @@ def _add_rate(benchmark, tokens):
     return stats
 
 
+def _linear_weight_bytes(model):
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def _add_bandwidth(benchmark, model):
+    """gpt-fast's figure: the bytes of the weights one cached step reads times tokens/s (``gb_per_s``), and how far
+    that sits under the machine's read bandwidth measured in the same process (``read_floor_ratio`` = bandwidth /
+    achieved, 1.0 = every step at the memory roof)."""
+    rate = benchmark.extra_info.get("tokens_per_s")
+    if rate is None:
+        return
+    achieved = _linear_weight_bytes(model) * rate / 1e9
+    roof = read_bandwidth_gb_per_s()
+    benchmark.extra_info.update(weight_bytes_per_token=_linear_weight_bytes(model), gb_per_s=achieved,
+                                read_bandwidth_gb_per_s=roof, read_floor_ratio=roof / achieved)
+
+
 def _weight_read_floor_ms(model, repeats=5):
     """Median time of the matrix-vector products over every weight one cached decode step reads."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -100,6 +120,7 @@ def test_cpu_generate_b1(benchmark, models, impl, threads):
                       threads=torch.get_num_threads() if threads is None else threads, dtype="float32",
                       batch=1, prompt_tokens=len(PROMPT), new_tokens=NEW_TOKENS, context=CONTEXT)
         stats = _add_rate(benchmark, NEW_TOKENS)
+        _add_bandwidth(benchmark, ours)
         if impl == "gptfast" and stats is not None:
             floor = _weight_read_floor_ms(ours)
             benchmark.extra_info["floor_ms_per_token"] = floor
@@ -124,6 +145,7 @@ def test_cpu_generate_b1_bf16(benchmark, models, threads):
                       threads=torch.get_num_threads() if threads is None else threads, dtype="bfloat16",
                       batch=1, new_tokens=NEW_TOKENS, context=CONTEXT)
         _add_rate(benchmark, NEW_TOKENS)
+        _add_bandwidth(benchmark, bf16)
         fp32 = generate_batch(ours, _prompt(), NEW_TOKENS, context_size=CONTEXT).tokens[0, len(PROMPT):]
     got = result["tokens"][0, len(PROMPT):]
     differs = (got != fp32).nonzero()
@@ -165,8 +187,7 @@ def test_gpu_generate(benchmark, models, impl):
                   batch=1, new_tokens=NEW_TOKENS, context=CONTEXT)
     stats = _add_rate(benchmark, NEW_TOKENS)
     if impl == "gptfast" and stats is not None:
-        weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in ours.modules()
-                           if isinstance(m, torch.nn.Linear))
+        weight_bytes = _linear_weight_bytes(ours)
         # The graph's step reads the whole static cache: layers x (k, v) x emb_dim x max_len, bf16.
         cfg = gpt2_124m_config()
         cache_bytes = cfg["n_layers"] * 2 * cfg["emb_dim"] * min(CONTEXT, len(PROMPT) + NEW_TOKENS - 1) * 2
