@@ -7,6 +7,7 @@ dtypes it runs here, so every backend is held to the same cases and the same tol
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -104,6 +105,27 @@ def backend_devices():
     """``pytest.param(backend, device)`` for every fused backend and device it runs on (no dtype axis)."""
     return [pytest.param(backend, device, marks=_MARKS[(backend, device)], id=f"{backend}-{device}")
             for (backend, device) in _DTYPES]
+
+
+def opcheck_kwargs(backend, device) -> dict:
+    """``torch.library.opcheck`` keyword arguments for ``backend``'s ops on ``device``.
+
+    Triton's interpreter on CPU runs the kernels as Python, which AOT dispatch cannot
+    trace; the schema, autograd-registration and fake-tensor checks still apply there.
+    """
+    if backend == "triton" and device == "cpu":
+        return dict(test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    return {}
+
+
+def kernel_namespace(backend):
+    """``torch.ops.gptfast_<backend>``: the namespace holding ``backend``'s kernels.
+
+    The backend's module is imported first: it registers the kernels, and a test run
+    alone (``-k opcheck``) may not have loaded it yet.
+    """
+    importlib.import_module(f"gptfast.ops.{backend}_ops")
+    return getattr(torch.ops, f"gptfast_{backend}")
 
 
 def tol(dtype):

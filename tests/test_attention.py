@@ -16,7 +16,8 @@ import torch
 import parity
 from gptfast import ops
 from gptfast.ops import attention, cuda_ops, torch_ops
-from parity import HAS_CUDA, backend_cases, backend_devices, needs_cpu_backend, needs_cuda, needs_interpreter
+from parity import (HAS_CUDA, backend_cases, backend_devices, kernel_namespace, needs_cpu_backend, needs_cuda,
+                    needs_interpreter, opcheck_kwargs)
 
 OP = "causal_attention"
 # Full-size shapes, only on a GPU (the interpreter would take minutes).
@@ -217,27 +218,18 @@ def test_dropout_only_in_training_and_p_one_drops_everything(backend, device):
 # --------------------------------------------------------------------------- registration
 
 
-def _opcheck_utils(backend, device):
-    # Under the interpreter the Triton kernels cannot run inside AOT tracing, so only the
-    # schema, autograd-registration and fake-tensor checks apply there.
-    if backend == "triton" and device == "cpu":
-        return ("test_schema", "test_autograd_registration", "test_faketensor")
-    return ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-
-
 @pytest.mark.parametrize("backend,device", backend_devices())
 def test_opcheck(backend, device):
     dtype = torch.float16 if backend == "cuda" else torch.float32
-    utils = _opcheck_utils(backend, device)
-    kernels = getattr(torch.ops, f"gptfast_{backend}")
+    kwargs, kernels = opcheck_kwargs(backend, device), kernel_namespace(backend)
     seed = torch.tensor([1234], dtype=torch.int64, device=device)
     q, k, v = _qkv((1, 2, 5, 9, 64), dtype, device, seed=5, requires_grad=True)
-    torch.library.opcheck(kernels.attention_fwd.default, (q, k, v, 0.125, 0.0, None), test_utils=utils)
-    torch.library.opcheck(kernels.attention_fwd.default, (q, k, v, 0.125, 0.3, seed), test_utils=utils)
+    torch.library.opcheck(kernels.attention_fwd.default, (q, k, v, 0.125, 0.0, None), **kwargs)
+    torch.library.opcheck(kernels.attention_fwd.default, (q, k, v, 0.125, 0.3, seed), **kwargs)
     out, lse = kernels.attention_fwd(q.detach(), k.detach(), v.detach(), 0.125, 0.2, seed)
     torch.library.opcheck(kernels.attention_bwd.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.125, 0.2, seed),
-                          test_utils=utils)
+                          **kwargs)
 
 
 @needs_cuda
@@ -708,19 +700,18 @@ def test_gqa_strided_kv_views(backend, device):
 @pytest.mark.parametrize("backend,device", backend_devices())
 def test_gqa_opcheck(backend, device):
     dtype = torch.float16 if backend == "cuda" else torch.float32
-    utils = _opcheck_utils(backend, device)
-    kernels = getattr(torch.ops, f"gptfast_{backend}")
+    kwargs, kernels = opcheck_kwargs(backend, device), kernel_namespace(backend)
     seed = torch.tensor([77], dtype=torch.int64, device=device)
     q, k, v = (t.requires_grad_(True) for t in _gqa_inputs((1, 4, 2, 5, 9, 64), dtype, device))
-    torch.library.opcheck(kernels.attention_fwd.default, (q, k, v, 0.125, 0.0, None), test_utils=utils)
-    torch.library.opcheck(kernels.attention_fwd.default, (q, k, v, 0.125, 0.3, seed), test_utils=utils)
+    torch.library.opcheck(kernels.attention_fwd.default, (q, k, v, 0.125, 0.0, None), **kwargs)
+    torch.library.opcheck(kernels.attention_fwd.default, (q, k, v, 0.125, 0.3, seed), **kwargs)
     out, lse = kernels.attention_fwd(q.detach(), k.detach(), v.detach(), 0.125, 0.2, seed)
     dq, dk, dv = kernels.attention_bwd(torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse,
                                        0.125, 0.2, seed)
     assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
     torch.library.opcheck(kernels.attention_bwd.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.125, 0.2, seed),
-                          test_utils=utils)
+                          **kwargs)
 
 
 def test_gqa_fakes_give_dk_dv_the_kv_shapes():

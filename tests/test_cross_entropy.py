@@ -307,13 +307,11 @@ def test_cpu_gradient_buffer_is_reused():
                                                                           torch.bfloat16)))
 @pytest.mark.parametrize("want_grad", [True, False])
 def test_opcheck(backend, device, dtype, want_grad):
-    utils = (("test_schema", "test_autograd_registration", "test_faketensor") if backend == "triton"
-             and device == "cpu" else None)
     g = torch.Generator().manual_seed(9)
     logits = torch.randn(6, 40, generator=g).to(device=device, dtype=dtype).requires_grad_(want_grad)
     targets = torch.tensor([0, 3, -100, 39, 7, 1], device=device)
-    kwargs = {} if utils is None else dict(test_utils=utils)
-    op = getattr(torch.ops, f"gptfast_{backend}").cross_entropy_fwd.default
+    kwargs = parity.opcheck_kwargs(backend, device)
+    op = parity.kernel_namespace(backend).cross_entropy_fwd.default
     torch.library.opcheck(op, (logits, targets, -100, want_grad), **kwargs)
     torch.library.opcheck(op, (logits.detach().t().contiguous().t(), targets, -100, False), **kwargs)
 

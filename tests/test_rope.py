@@ -16,7 +16,7 @@ from gptfast import ops
 from gptfast.models.layers import rope_tables
 from gptfast.ops import torch_ops
 
-from parity import backend_cases, backend_devices, needs_cpu_backend, tol
+from parity import backend_cases, backend_devices, kernel_namespace, needs_cpu_backend, opcheck_kwargs, tol
 
 _ORACLE = torch_ops.rope
 
@@ -85,10 +85,7 @@ def test_nan_and_inf_stay_in_their_pairs(backend, device, dtype):
 
 @pytest.mark.parametrize("backend, device", backend_devices())
 def test_opcheck(backend, device):
-    utils = (("test_schema", "test_autograd_registration", "test_faketensor") if backend == "triton"
-             and device == "cpu" else None)
-    kwargs = {} if utils is None else dict(test_utils=utils)
-    namespace = getattr(torch.ops, f"gptfast_{backend}")
+    kwargs, namespace = opcheck_kwargs(backend, device), kernel_namespace(backend)
     x, cos, sin, grad = (t.to(device) for t in _inputs(2, 2, 3, 16))
     positions = torch.tensor([[0, 1, 2], [4, 5, 6]], device=device)
     for pos, offset in ((None, 4), (positions, 0)):

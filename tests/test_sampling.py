@@ -263,10 +263,8 @@ def test_never_draws_masked_tokens_and_full_top_k_is_no_top_k(backend, device):
 @pytest.mark.parametrize("backend,device", backend_devices())
 def test_opcheck(backend, device):
     # Greedy keeps the output deterministic, which opcheck's comparisons need.
-    utils = (("test_schema", "test_autograd_registration", "test_faketensor") if backend == "triton"
-             and device == "cpu" else None)
-    kwargs = {} if utils is None else dict(test_utils=utils)
-    op = getattr(torch.ops, f"gptfast_{backend}").sample_next_token.default
+    kwargs = parity.opcheck_kwargs(backend, device)
+    op = parity.kernel_namespace(backend).sample_next_token.default
     logits = torch.randn(3, 300, device=device)
     torch.library.opcheck(op, (logits, None, 0.0, None, 300, None), **kwargs)
     torch.library.opcheck(op, (logits, torch.zeros(3, device=device), 1.0,
