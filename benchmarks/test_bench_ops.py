@@ -268,3 +268,29 @@ def test_decode_linear(benchmark, impl, m, n, k, dtype):
     seconds = median_seconds(benchmark)
     if seconds:  # the weight-read floor: every weight byte once per call
         benchmark.extra_info["gbytes_per_s"] = weight.numel() * weight.element_size() / seconds / 1e9
+
+
+# Every matrix of a Qwen3-0.6B decode step (q, k/v, o, gate/up, down projections and the head) as
+# (name, N, K): on a GPU the fused kernels are weighed against F.linear before decode steps route
+# to them there.
+QWEN3_06B_LINEARS = [("q_proj", 2048, 1024), ("kv_proj", 1024, 1024), ("o_proj", 1024, 2048),
+                     ("gate_up_proj", 3072, 1024), ("down_proj", 1024, 3072), ("lm_head", 151936, 1024)]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the GPU decode-linear comparison needs a CUDA device")
+@pytest.mark.parametrize("layer, n, k", QWEN3_06B_LINEARS, ids=[name for name, _, _ in QWEN3_06B_LINEARS])
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("impl", bench_backends("decode_linear") + ["F.linear"])
+def test_decode_linear_gpu_qwen3(benchmark, impl, m, layer, n, k):
+    weight = torch.randn(n, k, device=DEVICE).to(torch.bfloat16)
+    x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
+    if impl == "F.linear":
+        fn = lambda: F.linear(x, weight)  # noqa: E731
+    else:
+        require_backend(impl, "decode_linear", (x, weight), dict(bias=None))
+        fn = lambda: ops.decode_linear(x, weight, backend=impl)  # noqa: E731
+    run_benchmark(benchmark, fn, rounds=ROUNDS["medium"] * 2, group=f"decode linear gpu {layer} M={m} bfloat16",
+                  op="decode_linear", impl=impl, shape=dict(M=m, N=n, K=k), layer=layer, dtype="bfloat16")
+    seconds = median_seconds(benchmark)
+    if seconds:  # the weight-read floor: every weight byte once per call
+        benchmark.extra_info["gbytes_per_s"] = weight.numel() * weight.element_size() / seconds / 1e9

@@ -50,16 +50,17 @@
 // rope_bwd(grad_out, cos, sin, positions, offset) -> grad_x
 //   The transpose of the forward's rotation applied to grad_out; same layout rules.
 //
-// cpu only (no counterpart elsewhere):
-// cross_entropy_fwd_inplace(logits, targets, ignore_index) -> loss_rows
-//   cross_entropy_fwd with want_grad, the gradient written over logits (contiguous) itself: the
-//   linear cross-entropy's chunk of logits becomes its gradient without a second buffer.
-//
 // decode_linear(x, weight, bias) -> out
 //   x (M, K) with few rows (a decode step's tokens), weight (N, K), bias (N,) or None, all of
 //   one dtype (float32, bfloat16, float16).  out (M, N) contiguous in x's dtype =
 //   x @ weight.T + bias, accumulated in float32 and rounded once; each weight row is read once
-//   per call for all M rows.  No gradient formula in the kernels (gptfast/ops/linear.py).
+//   for all the rows of a register tile (cpu: all M rows; cuda: 16, triton: up to 64; more rows
+//   take further passes).  No gradient formula in the kernels (gptfast/ops/linear.py).
+//
+// cpu only (no counterpart elsewhere):
+// cross_entropy_fwd_inplace(logits, targets, ignore_index) -> loss_rows
+//   cross_entropy_fwd with want_grad, the gradient written over logits (contiguous) itself: the
+//   linear cross-entropy's chunk of logits becomes its gradient without a second buffer.
 //
 // cuda only (no counterpart elsewhere):
 // decode_attention(q, k, v, scale) -> out

@@ -54,6 +54,9 @@ RULES = [
     # Split-K decode: q, K and V rows are read as uint4; the combine pass reads a few floats per split.
     Rule(r"decode_partial\w*_kernel", max_regs=96, min_vec128=1),
     Rule(r"decode_combine\w*_kernel", max_regs=64),
+    # Few-row linear: weight and x rows streamed as uint4 (the scalar kernel serves unaligned/odd K).
+    Rule(r"decode_linear_vec16\w*_kernel", max_regs=96, min_vec128=1),
+    Rule(r"decode_linear_scalar\w*_kernel", max_regs=80),
     # Tiled attention: tiles stream into shared memory through 16-byte cp.async; the big
     # register budget is the tensor-core accumulators, so only spills are a hard limit.
     Rule(r"attention_bwd_delta\w*_kernel", max_regs=64),

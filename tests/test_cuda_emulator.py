@@ -5,7 +5,8 @@ k/v) and decode (split-key flash-decoding, grouped-query too), softmax cross-ent
 dtype, alignment, ignore/bad targets) and top-k/temperature sampling (greedy ties and NaN, top-k
 support with ties, the distribution, Philox seed/offset plumbing, per-row clamping), and the
 Llama 3 / Qwen3 layer ops (RMSNorm forward/backward with a deterministic dweight, SwiGLU with
-NaN/inf, RoPE forward/backward with offsets, per-row and out-of-table positions, strided x).
+NaN/inf, RoPE forward/backward with offsets, per-row and out-of-table positions, strided x), and
+the few-row decode_linear (1-17 rows, odd and vector-width K, misaligned x, bias, NaN, untouched guards).
 
 By default the quick subset runs on a plain build; GPTFAST_CUDA_EMULATOR_FULL=1 runs every case on
 an ASan + UBSan build (minutes).  The emulator's own detectors (divergent barriers, deadlocks, reads

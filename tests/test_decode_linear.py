@@ -1,9 +1,10 @@
 """Small-batch linear layer (``gptfast.ops.decode_linear``): every fused backend against ``F.linear``.
 
-Cases: float32/bfloat16/float16, odd K and N (not multiples of any vector width), M = 1, 3,
-8 and 17 rows (and a 3-D x), bias on and off, non-contiguous views of x and weight, a
-contiguous weight passed without a copy, NaN/inf propagation, the gradient, empty shapes,
-``torch.library.opcheck`` and the argument checks.
+Cases: float32/bfloat16/float16 (Triton's interpreter: float32 only), odd K and N (not multiples
+of any vector width or tile), M = 1, 2, 3, 5, 8, 16 and 17 rows (and a 3-D x), bias on and off,
+non-contiguous views of x and weight, a contiguous weight passed without a copy, NaN/inf
+propagation, the gradient, empty shapes, the Triton kernel's split and unsplit K paths,
+``torch.library.opcheck`` and the argument checks.  CUDA cases run only with a GPU.
 """
 
 from __future__ import annotations
@@ -15,49 +16,60 @@ import torch.nn.functional as F
 from gptfast import ops
 from gptfast.ops import linear as linear_module
 
-from parity import needs_cpu_backend
+from parity import needs_cpu_backend, needs_cuda, needs_interpreter, needs_triton
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-CASES = [pytest.param("cpu", "cpu", dt, marks=[needs_cpu_backend], id=f"cpu-cpu-{str(dt)[6:]}") for dt in DTYPES]
+_MARKS = {("cpu", "cpu"): [needs_cpu_backend], ("triton", "cpu"): [needs_triton, needs_interpreter],
+          ("triton", "cuda"): [needs_triton, needs_cuda], ("cuda", "cuda"): [needs_cuda]}
+_DTYPES = {("cpu", "cpu"): DTYPES, ("triton", "cpu"): (torch.float32,), ("triton", "cuda"): DTYPES,
+           ("cuda", "cuda"): DTYPES}
+CASES = [pytest.param(backend, device, dt, marks=_MARKS[(backend, device)], id=f"{backend}-{device}-{str(dt)[6:]}")
+         for (backend, device), dtypes in _DTYPES.items() for dt in dtypes]
+FP32_CASES = [case for case in CASES if case.values[2] == torch.float32]
+DEVICES = [pytest.param(backend, device, marks=_MARKS[(backend, device)], id=f"{backend}-{device}")
+           for backend, device in _DTYPES]
 
 # Against F.linear in float64 from the same rounded inputs: accumulation order (float32) and
 # one rounding of the output (a few ulps of the output dtype, relative to the row's scale).
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=0.3, rtol=1.6e-2),
        torch.float16: dict(atol=4e-2, rtol=2e-3)}
 
-# (M, K, N): one row, odd K and N, 8 rows, more rows than a tile holds, Qwen3-0.6B's width.
-SHAPES = [(1, 1, 1), (1, 7, 5), (3, 33, 19), (8, 100, 67), (17, 129, 31), (1, 1024, 257), (8, 1023, 13)]
+# (M, K, N): one row, odd K and N, the decode row counts 1-16 at N=37 K=65, more rows than a
+# register tile holds, Qwen3-0.6B's width.
+SHAPES = [(1, 1, 1), (1, 7, 5), (3, 33, 19), (8, 100, 67), (17, 129, 31), (1, 1024, 257), (8, 1023, 13),
+          (1, 65, 37), (2, 65, 37), (5, 65, 37), (16, 65, 37)]
 
 
-def _inputs(m, k, n, dtype, seed=0):
+def _inputs(m, k, n, dtype, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g).to(dtype)
     w = torch.randn(n, k, generator=g).to(dtype)
     b = torch.randn(n, generator=g).to(dtype)
-    return x, w, b
+    return x.to(device), w.to(device), b.to(device)
 
 
 def _reference(x, w, b):
-    return F.linear(x.double(), w.double(), None if b is None else b.double())
+    x, w, b = (None if t is None else t.cpu().double() for t in (x, w, b))
+    return F.linear(x, w, b)
 
 
 def _check(out, x, w, b, dtype):
-    assert out.dtype == dtype and out.shape == (*x.shape[:-1], w.shape[0])
-    torch.testing.assert_close(out.double(), _reference(x, w, b), **TOL[dtype], equal_nan=True)
+    assert out.dtype == dtype and out.shape == (*x.shape[:-1], w.shape[0]) and out.device == x.device
+    torch.testing.assert_close(out.cpu().double(), _reference(x, w, b), **TOL[dtype], equal_nan=True)
 
 
 @pytest.mark.parametrize("backend, device, dtype", CASES)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("m, k, n", SHAPES, ids=[f"M{m}K{k}N{n}" for m, k, n in SHAPES])
 def test_matches_f_linear(backend, device, dtype, with_bias, m, k, n):
-    x, w, b = _inputs(m, k, n, dtype)
+    x, w, b = _inputs(m, k, n, dtype, device=device)
     b = b if with_bias else None
     _check(ops.decode_linear(x, w, b, backend=backend), x, w, b, dtype)
 
 
 @pytest.mark.parametrize("backend, device, dtype", CASES)
 def test_leading_axes_are_rows(backend, device, dtype):
-    x, w, b = _inputs(6, 40, 9, dtype)
+    x, w, b = _inputs(6, 40, 9, dtype, device=device)
     x3 = x.view(2, 3, 40)
     out = ops.decode_linear(x3, w, b, backend=backend)
     assert out.shape == (2, 3, 9)
@@ -66,11 +78,11 @@ def test_leading_axes_are_rows(backend, device, dtype):
 
 @pytest.mark.parametrize("backend, device, dtype", CASES)
 def test_non_contiguous_views(backend, device, dtype):
-    x, w, b = _inputs(8, 2 * 37, 2 * 23, dtype, seed=1)
+    x, w, b = _inputs(8, 2 * 37, 2 * 23, dtype, seed=1, device=device)
     xv, wv, bv = x.t().contiguous().t()[:, ::2], w[::2, ::2], b[::2]  # strided rows, strided columns
     assert not xv.is_contiguous() and not wv.is_contiguous() and not bv.is_contiguous()
     _check(ops.decode_linear(xv, wv, bv, backend=backend), xv, wv, bv, dtype)
-    wt = torch.randn(37, 11).to(dtype).t()  # a transposed weight
+    wt = torch.randn(37, 11).to(dtype).to(device).t()  # a transposed weight
     _check(ops.decode_linear(xv, wt, None, backend=backend), xv, wt, None, dtype)
 
 
@@ -90,11 +102,12 @@ def test_a_contiguous_weight_is_passed_to_the_kernel_as_is():
 
 @pytest.mark.parametrize("backend, device, dtype", CASES)
 def test_nan_and_inf_propagate_to_their_entries(backend, device, dtype):
-    x, w, b = _inputs(3, 45, 21, dtype, seed=2)
+    x, w, b = _inputs(3, 45, 21, dtype, seed=2, device=device)
     x[1, 7] = float("nan")
     w[4, 44] = float("inf")  # in the K tail of any vector width
     out = ops.decode_linear(x, w, b, backend=backend)
     ref = _reference(x, w, b)
+    out = out.cpu()
     assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
     assert out[1].isnan().all() and not out[[0, 2]][:, [0, 1, 2, 3, 5]].isnan().any()
     finite = ref.isfinite()
@@ -104,30 +117,66 @@ def test_nan_and_inf_propagate_to_their_entries(backend, device, dtype):
 @pytest.mark.parametrize("backend, device, dtype", CASES)
 def test_empty_shapes(backend, device, dtype):
     for m, k, n in ((0, 8, 3), (2, 8, 0), (2, 0, 3)):
-        x, w, b = _inputs(m, k, n, dtype)
+        x, w, b = _inputs(m, k, n, dtype, device=device)
         for bias in (None, b):
             out = ops.decode_linear(x, w, bias, backend=backend)
-            torch.testing.assert_close(out.double(), _reference(x, w, bias))
+            assert out.shape == (m, n) and out.device == x.device
+            torch.testing.assert_close(out.cpu().double(), _reference(x, w, bias))
 
 
-@pytest.mark.parametrize("backend, device, dtype", CASES[:1])
+@pytest.mark.parametrize("backend, device, dtype", FP32_CASES)
 def test_gradient_is_f_linear_s(backend, device, dtype):
     x, w, b = _inputs(3, 20, 7, dtype, seed=4)
-    leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    leaves = [t.clone().to(device).requires_grad_(True) for t in (x, w, b)]
     refs = [t.clone().double().requires_grad_(True) for t in (x, w, b)]
     g = torch.randn(3, 7)
-    ops.decode_linear(*leaves, backend=backend).backward(g)
+    ops.decode_linear(*leaves, backend=backend).backward(g.to(device))
     F.linear(*refs).backward(g.double())
     for got, ref in zip(leaves, refs):
-        torch.testing.assert_close(got.grad.double(), ref.grad, **TOL[dtype])
+        torch.testing.assert_close(got.grad.cpu().double(), ref.grad, **TOL[dtype])
 
 
-@needs_cpu_backend
+@pytest.mark.parametrize("backend, device", DEVICES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_opcheck(with_bias):
-    x, w, b = _inputs(3, 37, 11, torch.float32)
+def test_opcheck(backend, device, with_bias):
+    # under Triton's interpreter the kernel cannot run on the fake tensors of the dynamic-shape check
+    utils = (("test_schema", "test_autograd_registration", "test_faketensor") if backend == "triton"
+             and device == "cpu" else None)
+    kwargs = {} if utils is None else dict(test_utils=utils)
+    x, w, b = _inputs(3, 37, 11, torch.float32, device=device)
     args = (x.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True) if with_bias else None)
-    torch.library.opcheck(torch.ops.gptfast_cpu.decode_linear.default, args)
+    torch.library.opcheck(getattr(torch.ops, f"gptfast_{backend}").decode_linear.default, args, **kwargs)
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 65, 37), (5, 300, 37), (16, 1023, 13), (33, 129, 70)])
+def test_triton_plan_covers_k_once_and_splits_narrow_layers_only(m, k, n):
+    dl = pytest.importorskip("gptfast.triton_kernels.decode_linear")
+    for dtype in DTYPES:
+        p = dl.plan(m, n, k, dtype)
+        tiles = -(-k // p["block_k"])
+        # the K ranges of the splits are disjoint, all non-empty and cover every tile: each weight
+        # element is read once per row group
+        assert (p["splits"] - 1) * p["tiles_per_split"] < tiles <= p["splits"] * p["tiles_per_split"]
+        assert p["block_m"] >= min(m, dl.MAX_BLOCK_M) and p["block_m"] >= 16
+    wide = dl.plan(8, 151936, 1024, torch.bfloat16)  # Qwen3-0.6B's LM head: columns enough, no split
+    narrow = dl.plan(8, 1024, 1024, torch.bfloat16)  # its k_proj: split
+    assert wide["splits"] == 1 and narrow["splits"] > 1
+
+
+@needs_triton
+@needs_interpreter
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_triton_split_and_unsplit_k_agree(monkeypatch, with_bias):
+    import gptfast.triton_kernels.decode_linear as dl
+    x, w, b = _inputs(5, 300, 37, torch.float32, seed=5)
+    b = b if with_bias else None
+    assert dl.plan(5, 37, 300, torch.float32)["splits"] > 1
+    split = ops.decode_linear(x, w, b, backend="triton")
+    monkeypatch.setattr(dl, "TARGET_PROGRAMS", 1)
+    assert dl.plan(5, 37, 300, torch.float32)["splits"] == 1
+    whole = ops.decode_linear(x, w, b, backend="triton")
+    _check(split, x, w, b, torch.float32)
+    _check(whole, x, w, b, torch.float32)
 
 
 @needs_cpu_backend

@@ -1,4 +1,4 @@
-// Host-side entry points of rms_norm.cu, swiglu.cu and rope.cu (the Llama 3 / Qwen3 layer ops),
+// Host-side entry points of rms_norm.cu, swiglu.cu, rope.cu and decode_linear.cu (the Llama 3 / Qwen3 layer ops),
 // called by the torch binding ops_layers.cpp and by the CPU emulator's checks.  Plain C++ (raw
 // pointers, sizes, a stream): the .cu files never see torch headers.  Each function launches on
 // `stream` and returns the launch's cudaError_t (cudaSuccess when there is nothing to do).
@@ -41,5 +41,10 @@ cudaError_t launch_swiglu_bwd(const void* grad, const void* gate, const void* up
 cudaError_t launch_rope(const void* x, FloatType dtype, int64_t B, int64_t H, int64_t T, int64_t D, int64_t sb,
                         int64_t sh, int64_t st, const float* cos, const float* sin, int64_t table_rows,
                         const int64_t* positions, int64_t offset, bool backward, void* out, cudaStream_t stream);
+
+// out (M x N, x's dtype) = x (M x K) @ weight (N x K).T + bias (N values, or nullptr), float32
+// accumulation, one rounding.  x, weight, bias and out share dtype; all contiguous.
+cudaError_t launch_decode_linear(const void* x, const void* weight, const void* bias, FloatType dtype, int64_t M,
+                                 int64_t N, int64_t K, void* out, cudaStream_t stream);
 
 }  // namespace gptfast

@@ -1,7 +1,7 @@
-// Torch binding of the Llama 3 / Qwen3 layer kernels (rms_norm.cu, swiglu.cu, rope.cu): ops in the
-// gptfast_cuda namespace with the shared schemas (csrc/schemas.h), argument checks, output
+// Torch binding of the Llama 3 / Qwen3 layer kernels (rms_norm.cu, swiglu.cu, rope.cu, decode_linear.cu):
+// ops in the gptfast_cuda namespace with the shared schemas (csrc/schemas.h), argument checks, output
 // allocation, and launches on torch's current CUDA stream.  Fakes and autograd are registered
-// from Python (gptfast/ops/normalization.py, activation.py, rotary.py).
+// from Python (gptfast/ops/normalization.py, activation.py, rotary.py, linear.py).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -146,6 +146,35 @@ at::Tensor rope_bwd(const at::Tensor& grad_out, const at::Tensor& cos, const at:
   return rope_apply(grad_out, cos, sin, positions, offset, true);
 }
 
+at::Tensor decode_linear(const at::Tensor& x_in, const at::Tensor& weight_in,
+                         const std::optional<at::Tensor>& bias_in) {
+  TORCH_CHECK_VALUE(x_in.is_cuda() && x_in.dim() == 2, "x must be a (M, K) CUDA tensor, got ", x_in.sizes(), " on ",
+                    x_in.device());
+  check_cuda(weight_in, "weight", x_in.device());
+  TORCH_CHECK_VALUE(weight_in.dim() == 2 && weight_in.size(1) == x_in.size(1), "weight must be (N, ", x_in.size(1),
+                    "), got ", weight_in.sizes());
+  const FloatType dtype = float_type(x_in, "x");
+  TORCH_CHECK_TYPE(weight_in.scalar_type() == x_in.scalar_type(), "weight must have x's dtype ", x_in.scalar_type(),
+                   ", got ", weight_in.scalar_type());
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    check_cuda(*bias_in, "bias", x_in.device());
+    TORCH_CHECK_VALUE(bias_in->dim() == 1 && bias_in->size(0) == weight_in.size(0), "bias must be (",
+                      weight_in.size(0), "), got ", bias_in->sizes());
+    TORCH_CHECK_TYPE(bias_in->scalar_type() == x_in.scalar_type(), "bias must have x's dtype ", x_in.scalar_type(),
+                     ", got ", bias_in->scalar_type());
+    bias = bias_in->contiguous();
+  }
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
+  check_launch(launch_decode_linear(x.data_ptr(), weight.data_ptr(), bias.defined() ? bias.data_ptr() : nullptr,
+                                    dtype, x.size(0), weight.size(0), x.size(1), out.data_ptr(),
+                                    c10::cuda::getCurrentCUDAStream()),
+               "decode_linear");
+  return out;
+}
+
 }  // namespace
 }  // namespace gptfast
 
@@ -156,6 +185,7 @@ TORCH_LIBRARY_FRAGMENT(gptfast_cuda, m) {
   m.def(gptfast::schema::kSwigluBwd);
   m.def(gptfast::schema::kRopeFwd);
   m.def(gptfast::schema::kRopeBwd);
+  m.def(gptfast::schema::kDecodeLinear);
 }
 
 TORCH_LIBRARY_IMPL(gptfast_cuda, CUDA, m) {
@@ -165,4 +195,5 @@ TORCH_LIBRARY_IMPL(gptfast_cuda, CUDA, m) {
   m.impl("swiglu_bwd", &gptfast::swiglu_bwd);
   m.impl("rope_fwd", &gptfast::rope_fwd);
   m.impl("rope_bwd", &gptfast::rope_bwd);
+  m.impl("decode_linear", &gptfast::decode_linear);
 }

@@ -178,6 +178,8 @@ def decode_linear(x, weight, bias=None, *, backend=None):
     fused kernels read each weight row once for all rows of ``x`` and accumulate in
     float32 (16-bit weights widened in registers); they are valid for any row count but
     built for the one to a few rows of a decode step.  Differentiable (plain-torch backward).
+    Kernels on cpu, cuda and triton; decode steps route to it on CPU only (2-16 rows), GPU
+    routing waits for a GPU measurement.
     """
     _checks.check_decode_linear(x, weight, bias)
     kwargs = dict(bias=bias)

@@ -39,7 +39,7 @@ OPS = ("causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next
 # The kernel ops every C++ namespace defines (csrc/schemas.h); a built extension that lacks one is
 # older than its Python layer and must be rebuilt.
 KERNEL_OPS = ("attention_fwd", "attention_bwd", "cross_entropy_fwd", "sample_next_token", "rms_norm_fwd",
-              "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd", "rope_fwd", "rope_bwd")
+              "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd", "rope_fwd", "rope_bwd", "decode_linear")
 
 
 def stale_extension_reason(namespace: str, own_ops: tuple[str, ...] = ()) -> str | None:
@@ -107,8 +107,7 @@ def register_kernels(namespace: str, *, fakes_in_bodies: bool = False) -> None:
     normalization.register(namespace, fakes=not fakes_in_bodies)
     activation.register(namespace, fakes=not fakes_in_bodies)
     rotary.register(namespace, fakes=not fakes_in_bodies)
-    if namespace == "gptfast_cpu":  # the only namespace with a decode_linear kernel so far
-        linear.register(namespace)
+    linear.register(namespace, fakes=not fakes_in_bodies)
 
 
 def unavailable_reason(name: str) -> str | None:

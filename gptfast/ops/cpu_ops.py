@@ -46,7 +46,7 @@ def _load() -> str | None:
         if why:
             return f"extension gptfast._C_cpu is unavailable: {why}"
         return f"extension gptfast._C_cpu not built: run pip install --no-build-isolation -e . ({exc})"
-    stale = stale_extension_reason(NAMESPACE, own_ops=("cross_entropy_fwd_inplace", "decode_linear"))
+    stale = stale_extension_reason(NAMESPACE, own_ops=("cross_entropy_fwd_inplace",))
     if stale is not None:
         return stale
     register_kernels(NAMESPACE)

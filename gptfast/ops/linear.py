@@ -1,6 +1,6 @@
 """The small-batch linear layer (``gptfast.ops.decode_linear``) above the kernels, for every fused backend.
 
-The kernel is one torch op per namespace (csrc/schemas.h)::
+The kernel is one torch op per namespace (gptfast_cpu, gptfast_cuda, gptfast_triton; csrc/schemas.h)::
 
     decode_linear(x, weight, bias) -> out      # x (M, K), weight (N, K), bias (N,) or None
 

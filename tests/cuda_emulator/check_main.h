@@ -1,9 +1,10 @@
 // The command line shared by the emulator's check programs:
-//   PROGRAM {SELECTION_A|SELECTION_B} {quick|full}
+//   PROGRAM {SELECTION_A|SELECTION_B|...} {quick|full}
 // Header-only; each check program includes it next to its own cases.
 #pragma once
 
 #include <cstdio>
+#include <initializer_list>
 #include <string>
 
 // One selection a check program accepts as its first argument, and the cases it runs
@@ -16,14 +17,25 @@ struct CheckSelection {
 // Runs the selection named on the command line and returns the exit status: 2 (after a
 // usage line) for an unknown selection or mode; else, after printing "N failures",
 // non-zero iff `failures` (the program's count, raised by its cases) is non-zero.
-inline int check_main(int argc, char** argv, const char* program, CheckSelection a, CheckSelection b,
+inline int check_main(int argc, char** argv, const char* program, std::initializer_list<CheckSelection> selections,
                       const int& failures) {
   const std::string which = argc > 1 ? argv[1] : "", mode = argc > 2 ? argv[2] : "quick";
-  if ((which != a.name && which != b.name) || (mode != "quick" && mode != "full")) {
-    std::printf("usage: %s {%s|%s} {quick|full}\n", program, a.name, b.name);
+  const CheckSelection* chosen = nullptr;
+  std::string names;
+  for (const CheckSelection& s : selections) {
+    if (which == s.name) chosen = &s;
+    names += (names.empty() ? "" : "|") + std::string(s.name);
+  }
+  if (chosen == nullptr || (mode != "quick" && mode != "full")) {
+    std::printf("usage: %s {%s} {quick|full}\n", program, names.c_str());
     return 2;
   }
-  (which == a.name ? a : b).run(mode == "full");
+  chosen->run(mode == "full");
   std::printf("%d failures\n", failures);
   return failures != 0;
+}
+
+inline int check_main(int argc, char** argv, const char* program, CheckSelection a, CheckSelection b,
+                      const int& failures) {
+  return check_main(argc, argv, program, {a, b}, failures);
 }

@@ -1,6 +1,6 @@
-// Checks rms_norm.cu, swiglu.cu and rope.cu through their host launchers on the CPU emulator
-// (emu.h): every result is compared with a double-precision reference computed here.
-// Usage: layer_ops_check {rms_norm|swiglu_rope} {quick|full}; prints "FAIL ..." lines and
+// Checks rms_norm.cu, swiglu.cu, rope.cu and decode_linear.cu through their host launchers on the CPU
+// emulator (emu.h): every result is compared with a double-precision reference computed here.
+// Usage: layer_ops_check {rms_norm|swiglu_rope|decode_linear} {quick|full}; prints "FAIL ..." lines and
 // "N failures", exits non-zero on any mismatch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -221,6 +221,73 @@ void run_swiglu_rope(bool quick) {
   if (!quick) test_rope<T>(3, 4, 9, 34, 0, true, true, 5);
 }
 
+// ------------------------------------------------------------------ decode_linear
+
+// out = x @ w.T + b for x (M, K) read from x_offset elements into its buffer (an offset of one
+// element misaligns the 16-byte path, so the scalar kernel runs).  Guard elements around out
+// must stay untouched; NaN in x row 1 (when M > 1) must fill that row only.
+template <typename T>
+void test_decode_linear(int64_t M, int64_t N, int64_t K, bool with_bias, int64_t x_offset, bool with_nan,
+                        unsigned seed) {
+  std::mt19937 rng(seed);
+  std::vector<T> xbuf = random_values<T>(x_offset + M * K, rng, 1.0f), w = random_values<T>(N * K, rng, 1.0f),
+                 b = random_values<T>(N, rng, 1.0f);
+  T* x = xbuf.data() + x_offset;
+  if (with_nan && M > 1 && K > 0) x[K + K / 2] = from_f<T>(NAN);
+  constexpr int64_t kGuard = 8;
+  const T sentinel = from_f<T>(12345.0f);
+  std::vector<T> outbuf(M * N + 2 * kGuard, sentinel);
+  T* out = outbuf.data() + kGuard;
+  CHECK(launch_decode_linear(x, w.data(), with_bias ? b.data() : nullptr, ftype<T>(), M, N, K, out, nullptr) ==
+            cudaSuccess, "decode_linear launch");
+  int bad = 0;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double want = with_bias ? to_d(b[n]) : 0.0, scale = std::fabs(want);
+      for (int64_t k = 0; k < K; ++k) {
+        want += to_d(x[m * K + k]) * to_d(w[n * K + k]);
+        scale += std::fabs(to_d(x[m * K + k]) * to_d(w[n * K + k]));
+      }
+      const double got = to_d(out[m * N + n]);
+      // one rounding to T (relative) plus float32 accumulation error (relative to the sum of |products|)
+      const bool ok = std::isnan(want) ? std::isnan(got)
+                                       : std::fabs(got - want) <= rel_tol<T>() * std::fabs(want) + 1e-5 * scale;
+      if (!ok) ++bad;
+    }
+  int touched = 0;
+  for (int64_t g = 0; g < kGuard; ++g)
+    touched += to_d(outbuf[g]) != to_d(sentinel) || to_d(outbuf[kGuard + M * N + g]) != to_d(sentinel);
+  CHECK(bad == 0 && touched == 0, "decode_linear %s M=%lld N=%lld K=%lld bias=%d x_offset=%lld nan=%d: %d wrong, "
+        "%d guard elements written", tname<T>(), (long long)M, (long long)N, (long long)K, (int)with_bias,
+        (long long)x_offset, (int)with_nan, bad, touched);
+}
+
+template <typename T>
+void run_decode_linear(bool quick) {
+  std::printf("decode_linear %s\n", tname<T>());
+  std::fflush(stdout);
+  unsigned seed = 11;
+  // K=65: odd, the scalar kernel; K=64/256: whole 16-byte vectors; N=37: a partial column group
+  for (int64_t M : {1, 2, 3, 5, 8, 16, 17})
+    for (int64_t K : {65, 64})
+      for (int bias = 0; bias < 2; ++bias) test_decode_linear<T>(M, 37, K, bias, 0, M == 5, seed++);
+  test_decode_linear<T>(8, 37, 64, true, 1, false, seed++);  // misaligned x: the scalar kernel
+  test_decode_linear<T>(4, 9, 256, true, 0, true, seed++);
+  test_decode_linear<T>(3, 5, 0, true, 0, false, seed++);  // K = 0: the bias alone
+  test_decode_linear<T>(1, 1, 1, false, 0, false, seed++);
+  if (!quick) {
+    test_decode_linear<T>(16, 300, 1024, true, 0, false, seed++);
+    test_decode_linear<T>(40, 70, 129, false, 0, true, seed++);
+    test_decode_linear<T>(2, 1000, 96, true, 0, false, seed++);
+  }
+}
+
+static void run_decode_linear_cases(bool full) {
+  run_decode_linear<float>(!full);
+  run_decode_linear<__half>(!full);
+  run_decode_linear<__nv_bfloat16>(!full);
+}
+
 static void run_rms_norm_cases(bool full) {
   run_rms_norm<float>(!full);
   run_rms_norm<__half>(!full);
@@ -234,6 +301,8 @@ static void run_swiglu_rope_cases(bool full) {
 }
 
 int main(int argc, char** argv) {
-  return check_main(argc, argv, "layer_ops_check", {"rms_norm", run_rms_norm_cases},
-                    {"swiglu_rope", run_swiglu_rope_cases}, failures);
+  return check_main(argc, argv, "layer_ops_check",
+                    {{"rms_norm", run_rms_norm_cases}, {"swiglu_rope", run_swiglu_rope_cases},
+                     {"decode_linear", run_decode_linear_cases}},
+                    failures);
 }
