@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from gptfast import ops
 from gptfast.ops import linear as linear_module
 
-from parity import needs_cpu_backend, needs_cuda, needs_interpreter, needs_triton
+from parity import kernel_namespace, needs_cpu_backend, needs_cuda, needs_interpreter, needs_triton, opcheck_kwargs
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MARKS = {("cpu", "cpu"): [needs_cpu_backend], ("triton", "cpu"): [needs_triton, needs_interpreter],
@@ -139,13 +139,9 @@ def test_gradient_is_f_linear_s(backend, device, dtype):
 @pytest.mark.parametrize("backend, device", DEVICES)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_opcheck(backend, device, with_bias):
-    # under Triton's interpreter the kernel cannot run on the fake tensors of the dynamic-shape check
-    utils = (("test_schema", "test_autograd_registration", "test_faketensor") if backend == "triton"
-             and device == "cpu" else None)
-    kwargs = {} if utils is None else dict(test_utils=utils)
     x, w, b = _inputs(3, 37, 11, torch.float32, device=device)
     args = (x.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True) if with_bias else None)
-    torch.library.opcheck(getattr(torch.ops, f"gptfast_{backend}").decode_linear.default, args, **kwargs)
+    torch.library.opcheck(kernel_namespace(backend).decode_linear.default, args, **opcheck_kwargs(backend, device))
 
 
 @pytest.mark.parametrize("m, k, n", [(1, 65, 37), (5, 300, 37), (16, 1023, 13), (33, 129, 70)])
