@@ -150,7 +150,56 @@ def case_list(device: str, dtypes: list[torch.dtype]):
             return [tokens]
 
         cases.append(("sample_next_token B5 V1031 top_k7 T0.8", dtype, sample, False))
+        cases += layer_cases(device, dtype, randn)
     return cases
+
+
+def layer_cases(device, dtype, randn):
+    """The Llama/Qwen layer ops (RMSNorm, RoPE, SwiGLU) fwd+bwd and the decode-step linear, odd shapes."""
+    from gptfast import ops
+
+    data = {}
+
+    def inputs(name, make):
+        if name not in data:  # the same inputs for the backend and the torch reference
+            data[name] = make()
+        return data[name]
+
+    def rms_norm(backend):
+        x, w = _leaves(*inputs("rms", lambda: (randn(7, 129, dtype=dtype), randn(129, dtype=torch.float32))))
+        out = ops.rms_norm(x, w, eps=1e-6, backend=backend)
+        out.float().square().sum().backward()
+        return [out, x.grad, w.grad]
+
+    def rope(backend):
+        def make():  # float32 tables of 40 positions, as the models keep them
+            angles = torch.outer(torch.arange(40.0), torch.rand(32, generator=torch.Generator().manual_seed(1)))
+            table = torch.cat([angles] * 2, -1).to(device)
+            return randn(2, 3, 9, 64, dtype=dtype), table.cos(), table.sin()
+        x, cos, sin = inputs("rope", make)
+        (x,) = _leaves(x)
+        out = ops.rope(x, cos, sin, offset=5, backend=backend)
+        out.float().square().sum().backward()
+        return [out, x.grad]
+
+    def swiglu(backend):
+        gate, up = _leaves(*inputs("swiglu", lambda: (randn(5, 301, dtype=dtype), randn(5, 301, dtype=dtype))))
+        out = ops.swiglu(gate, up, backend=backend)
+        out.float().square().sum().backward()
+        return [out, gate.grad, up.grad]
+
+    def decode_linear(backend, rows):
+        x, w, b = inputs(f"linear{rows}", lambda: (randn(rows, 197, dtype=dtype), randn(131, 197, dtype=dtype),
+                                                    randn(131, dtype=dtype)))
+        return [ops.decode_linear(x, w, b, backend=backend)]
+
+    return [
+        ("rms_norm fwd+bwd 7x129 fp32 weight", dtype, rms_norm, True),
+        ("rope fwd+bwd B2 H3 T9 D64 offset5", dtype, rope, True),
+        ("swiglu fwd+bwd 5x301", dtype, swiglu, True),
+        ("decode_linear M1 N131 K197 bias", dtype, lambda be: decode_linear(be, 1), True),
+        ("decode_linear M8 N131 K197 bias", dtype, lambda be: decode_linear(be, 8), True),
+    ]
 
 
 # ----------------------------------------------------------------------------- coverage and fakes
