@@ -196,12 +196,13 @@ def test_sampling(benchmark, impl):
                   op="sample_next_token", impl=impl, shape=s, dtype=DTYPE_NAME, **memory)
 
 
-# Llama 3 / Qwen3 layer ops at Qwen3-0.6B's widths (emb 1024, hidden 3072, 16 heads of 128):
-# CPU 256 tokens, GPU 8192.  Against the torch path (backend "torch", the reference's math).
+# Layer ops at Qwen3-0.6B's widths (emb 1024, hidden 3072, 16 heads of 128; GELU at GPT-2's
+# hidden 3072): CPU 256 tokens, GPU 8192.  Against the torch path (backend "torch", the reference's math).
 LAYER_TOKENS = 8192 if ON_GPU else 256
 LAYER_SHAPES = {
     "rms_norm": dict(N=LAYER_TOKENS, D=1024),
     "swiglu": dict(N=LAYER_TOKENS, H=3072),
+    "gelu": dict(N=LAYER_TOKENS, H=3072),  # GPT-2 124M's MLP activation
     "rope": dict(B=1, H=16, T=LAYER_TOKENS, D=128),
 }
 
@@ -215,6 +216,9 @@ def _layer_case(op, impl):
     elif op == "swiglu":
         gate, up = _randn(s["N"], s["H"], grad=True, scale=2.0), _randn(s["N"], s["H"], grad=True)
         args, kwargs, leaves = (gate, up), {}, (gate, up)
+    elif op == "gelu":
+        x = _randn(s["N"], s["H"], grad=True, scale=2.0)
+        args, kwargs, leaves = (x,), {}, (x,)
     else:
         from gptfast.models.layers import rope_tables
         x = _randn(s["B"], s["T"], s["H"], s["D"], grad=True)

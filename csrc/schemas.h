@@ -42,6 +42,12 @@
 //   (math in float32, float64 for float64 on cpu).
 // swiglu_bwd(grad_out, gate, up) -> (d_gate, d_up)
 //   Recomputed from gate and up; both contiguous in gate's dtype.
+// gelu_fwd(x) -> out
+//   GPT-2's tanh GELU 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) elementwise, sqrt(2/pi)
+//   taken at its float32 value as the book does; out contiguous in x's dtype (math in float32,
+//   float64 for float64 on cpu).
+// gelu_bwd(grad_out, x) -> dx
+//   Recomputed from x (the forward's output is not needed); dx contiguous in x's dtype.
 // rope_fwd(x, cos, sin, positions, offset) -> out
 //   Rotate-half rotary embedding of x (B, H, T, D), D even, unit stride along D (other strides
 //   free): out = x * cos[p] + cat(-x2, x1) * sin[p] with p = offset + t, or p = positions[b, t]
@@ -87,6 +93,8 @@ constexpr const char* kRmsNormBwd =
     "rms_norm_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)";
 constexpr const char* kSwigluFwd = "swiglu_fwd(Tensor gate, Tensor up) -> Tensor";
 constexpr const char* kSwigluBwd = "swiglu_bwd(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)";
+constexpr const char* kGeluFwd = "gelu_fwd(Tensor x) -> Tensor";
+constexpr const char* kGeluBwd = "gelu_bwd(Tensor grad_out, Tensor x) -> Tensor";
 constexpr const char* kRopeFwd = "rope_fwd(Tensor x, Tensor cos, Tensor sin, Tensor? positions, int offset) -> Tensor";
 constexpr const char* kRopeBwd =
     "rope_bwd(Tensor grad_out, Tensor cos, Tensor sin, Tensor? positions, int offset) -> Tensor";

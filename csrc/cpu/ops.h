@@ -28,6 +28,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_out, cons
 at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up);
 std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& grad_out, const at::Tensor& gate,
                                               const at::Tensor& up);
+at::Tensor gelu_fwd(const at::Tensor& x);
+at::Tensor gelu_bwd(const at::Tensor& grad_out, const at::Tensor& x);
 at::Tensor rope_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                     const c10::optional<at::Tensor>& positions, int64_t offset);
 at::Tensor rope_bwd(const at::Tensor& grad_out, const at::Tensor& cos, const at::Tensor& sin,

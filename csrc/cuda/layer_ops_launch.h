@@ -1,4 +1,4 @@
-// Host-side entry points of rms_norm.cu, swiglu.cu, rope.cu and decode_linear.cu (the Llama 3 / Qwen3 layer ops),
+// Host-side entry points of rms_norm.cu, swiglu.cu, gelu.cu, rope.cu and decode_linear.cu (the models' layer ops),
 // called by the torch binding ops_layers.cpp and by the CPU emulator's checks.  Plain C++ (raw
 // pointers, sizes, a stream): the .cu files never see torch headers.  Each function launches on
 // `stream` and returns the launch's cudaError_t (cudaSuccess when there is nothing to do).
@@ -33,6 +33,12 @@ cudaError_t launch_swiglu_fwd(const void* gate, const void* up, FloatType dtype,
 // d_gate[i], d_up[i] from grad, gate, up (recomputed sigmoid).
 cudaError_t launch_swiglu_bwd(const void* grad, const void* gate, const void* up, FloatType dtype, int64_t n,
                               void* d_gate, void* d_up, cudaStream_t stream);
+
+// out[i] = GPT-2's tanh GELU of x[i] for i < n.
+cudaError_t launch_gelu_fwd(const void* x, FloatType dtype, int64_t n, void* out, cudaStream_t stream);
+// dx[i] from grad and x (recomputed from x).
+cudaError_t launch_gelu_bwd(const void* grad, const void* x, FloatType dtype, int64_t n, void* dx,
+                            cudaStream_t stream);
 
 // Rotate-half RoPE of x (B, H, T, D; element (b, h, t, j) at b*sb + h*sh + t*st + j) into a
 // contiguous out.  Position of (b, t): positions[b*T + t] when positions != nullptr, else

@@ -1,5 +1,5 @@
-// Torch binding of the Llama 3 / Qwen3 layer kernels (rms_norm.cu, swiglu.cu, rope.cu, decode_linear.cu):
-// ops in the gptfast_cuda namespace with the shared schemas (csrc/schemas.h), argument checks, output
+// Torch binding of the layer kernels (rms_norm.cu, swiglu.cu, gelu.cu, rope.cu, decode_linear.cu): ops in the
+// gptfast_cuda namespace with the shared schemas (csrc/schemas.h), argument checks, output
 // allocation, and launches on torch's current CUDA stream.  Fakes and autograd are registered
 // from Python (gptfast/ops/normalization.py, activation.py, rotary.py, linear.py).
 #include <ATen/ATen.h>
@@ -108,6 +108,32 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& grad_out, const 
   return {d_gate, d_up};
 }
 
+at::Tensor gelu_fwd(const at::Tensor& x_in) {
+  TORCH_CHECK_VALUE(x_in.is_cuda(), "x must be a CUDA tensor, got one on ", x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const FloatType dtype = float_type(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  check_launch(launch_gelu_fwd(x.data_ptr(), dtype, x.numel(), out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+               "gelu_fwd");
+  return out;
+}
+
+at::Tensor gelu_bwd(const at::Tensor& grad_out, const at::Tensor& x_in) {
+  TORCH_CHECK_VALUE(x_in.is_cuda(), "x must be a CUDA tensor, got one on ", x_in.device());
+  check_cuda(grad_out, "grad_out", x_in.device());
+  TORCH_CHECK_VALUE(grad_out.sizes() == x_in.sizes(), "grad_out must have x's shape ", x_in.sizes());
+  const at::Tensor x = x_in.contiguous();
+  const FloatType dtype = float_type(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor g = grad_out.to(x.scalar_type()).contiguous();
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  check_launch(launch_gelu_bwd(g.data_ptr(), x.data_ptr(), dtype, x.numel(), dx.data_ptr(),
+                               c10::cuda::getCurrentCUDAStream()),
+               "gelu_bwd");
+  return dx;
+}
+
 at::Tensor rope_apply(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin,
                       const std::optional<at::Tensor>& positions_in, int64_t offset, bool backward) {
   TORCH_CHECK_VALUE(x_in.is_cuda() && x_in.dim() == 4, "x must be a (B, H, T, D) CUDA tensor, got ", x_in.sizes());
@@ -183,6 +209,8 @@ TORCH_LIBRARY_FRAGMENT(gptfast_cuda, m) {
   m.def(gptfast::schema::kRmsNormBwd);
   m.def(gptfast::schema::kSwigluFwd);
   m.def(gptfast::schema::kSwigluBwd);
+  m.def(gptfast::schema::kGeluFwd);
+  m.def(gptfast::schema::kGeluBwd);
   m.def(gptfast::schema::kRopeFwd);
   m.def(gptfast::schema::kRopeBwd);
   m.def(gptfast::schema::kDecodeLinear);
@@ -193,6 +221,8 @@ TORCH_LIBRARY_IMPL(gptfast_cuda, CUDA, m) {
   m.impl("rms_norm_bwd", &gptfast::rms_norm_bwd);
   m.impl("swiglu_fwd", &gptfast::swiglu_fwd);
   m.impl("swiglu_bwd", &gptfast::swiglu_bwd);
+  m.impl("gelu_fwd", &gptfast::gelu_fwd);
+  m.impl("gelu_bwd", &gptfast::gelu_bwd);
   m.impl("rope_fwd", &gptfast::rope_fwd);
   m.impl("rope_bwd", &gptfast::rope_bwd);
   m.impl("decode_linear", &gptfast::decode_linear);

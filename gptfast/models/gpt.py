@@ -19,10 +19,6 @@ import torch.nn as nn
 from .. import ops
 from .blocks import PreNormBlock
 
-# sqrt(2 / pi) rounded to float32 exactly as the reference computes it.
-_GELU_COEF = float(torch.sqrt(torch.tensor(2.0 / torch.pi)))
-
-
 def _causal_mask_buffer(context_length: int) -> torch.Tensor:
     """The reference's ``mask`` buffer: 1.0 above the diagonal (kept for state_dict compatibility)."""
     return torch.triu(torch.ones(context_length, context_length), diagonal=1)
@@ -211,7 +207,14 @@ class GELU(nn.Module):
         super().__init__()
 
     def forward(self, x):
-        return 0.5 * x * (1 + torch.tanh(_GELU_COEF * (x + 0.044715 * torch.pow(x, 3))))
+        # A fused backend runs one pass each way (ops.gelu); backend "torch" keeps the book's
+        # formula itself, bitwise the reference's numbers and gradients.  Its sqrt(2/pi) stays a
+        # float32 0-dim tensor as there: a 16-bit x rounds it to its own dtype first, which a
+        # Python float would not, so only the tensor gives the reference's bf16/fp16 bits.
+        if (x.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+                and ops.selected_backend("gelu", x) != "torch"):
+            return ops.gelu(x)
+        return 0.5 * x * (1 + torch.tanh(torch.sqrt(torch.tensor(2.0 / torch.pi)) * (x + 0.044715 * torch.pow(x, 3))))
 
 
 class FeedForward(nn.Module):

@@ -12,7 +12,7 @@ serves the tensors' device and has been measured faster than the torch path.
 Layout: ``_checks`` (validation), ``_dispatch`` (backend registry and selection),
 ``torch_ops`` (the oracle), one module per op above the kernels (``attention``,
 ``loss`` for the cross-entropy and the linear cross-entropy, ``sampling``, ``normalization``
-for RMSNorm, ``activation`` for SwiGLU, ``rotary`` for RoPE; not named after the functions of
+for RMSNorm, ``activation`` for SwiGLU and GELU, ``rotary`` for RoPE; not named after the functions of
 this package, which would shadow them), and one thin loader
 per kernel backend (``cpu_ops``, ``cuda_ops``, ``triton_ops``).  The kernels' torch-op
 schemas are listed in csrc/schemas.h.
@@ -41,6 +41,7 @@ __all__ = [
     "sampler",
     "rms_norm",
     "swiglu",
+    "gelu",
     "rope",
     "decode_linear",
     "available_backends",
@@ -158,6 +159,18 @@ def swiglu(gate, up, *, backend=None):
     _checks.check_swiglu(gate, up)
     _, fn = resolve("swiglu", gate.device, (gate, up), {}, backend)
     return fn(gate, up)
+
+
+def gelu(x, *, backend=None):
+    """GELU with GPT-2's tanh approximation, ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``.
+
+    The book's ``GELU`` module (``sqrt(2/pi)`` at its float32 value); fused backends compute
+    in float32 and round once, and their backward recomputes from ``x``.  Returns ``x``'s shape
+    and dtype.
+    """
+    _checks.check_gelu(x)
+    _, fn = resolve("gelu", x.device, (x,), {}, backend)
+    return fn(x)
 
 
 def rope(x, cos, sin, *, offset=0, positions=None, backend=None):

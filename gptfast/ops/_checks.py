@@ -213,6 +213,11 @@ def check_swiglu(gate, up) -> None:
     require_same_device(gate=gate, up=up)
 
 
+def check_gelu(x) -> None:
+    require_tensor("x", x)
+    require_float("x", x)
+
+
 def check_rope(x, cos, sin, offset, positions) -> None:
     require_tensor("x", x)
     require_tensor("cos", cos)

@@ -68,7 +68,7 @@ def supports(op, *args, **kwargs) -> str | None:
     if op in ("rms_norm", "rope"):
         bad = [t.dtype for t in args[1:3] if t.dtype not in KERNEL_DTYPES]
         return f"the CUDA kernels read float32/float16/bfloat16, not {bad[0]}" if bad else None
-    if op in ("swiglu", "decode_linear"):  # x, weight and bias share x's dtype (checked in gptfast.ops)
+    if op in ("swiglu", "gelu", "decode_linear"):  # every tensor shares x's dtype (checked in gptfast.ops)
         return None
     vocab = args[1].shape[0] if op == "linear_cross_entropy" else x.shape[-1]
     if vocab >= 2**31:
@@ -82,5 +82,6 @@ linear_cross_entropy = functools.partial(_loss.fused_linear_cross_entropy, NAMES
 sample_next_token = functools.partial(_sampling.fused_sample_next_token, NAMESPACE)
 rms_norm = functools.partial(_normalization.fused_rms_norm, NAMESPACE)
 swiglu = functools.partial(_activation.fused_swiglu, NAMESPACE)
+gelu = functools.partial(_activation.fused_gelu, NAMESPACE)
 rope = functools.partial(_rotary.fused_rope, NAMESPACE)
 decode_linear = functools.partial(_linear.fused_decode_linear, NAMESPACE)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 DEVICES = ("cpu", "cuda", "mps", "xpu", "meta")
 AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm",
-                      "swiglu", "rope", "decode_linear"})
+                      "swiglu", "gelu", "rope", "decode_linear"})
 
 
 def unavailable_reason():
@@ -101,6 +101,15 @@ def rms_norm(x, weight, *, eps=1e-6):
 def swiglu(gate, up):
     """SwiGLU ``silu(gate) * up``, as the reference's Llama 3 and Qwen3 ``FeedForward`` compute it."""
     return F.silu(gate) * up
+
+
+def gelu(x):
+    """GPT-2's tanh GELU, op for op as the book's ``GELU`` module (ch04).
+
+    ``sqrt(2/pi)`` is the book's float32 0-dim tensor (0.7978845834732056, the constant of the
+    fused kernels); a 16-bit ``x`` rounds it to its own dtype, as the reference does.
+    """
+    return 0.5 * x * (1 + torch.tanh(torch.sqrt(torch.tensor(2.0 / torch.pi)) * (x + 0.044715 * torch.pow(x, 3))))
 
 
 def rope(x, cos, sin, *, offset=0, positions=None):

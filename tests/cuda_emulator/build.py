@@ -3,7 +3,7 @@
 Every ``csrc/cuda/*.cu`` is rewritten into host C++ (``rewrite_source``), compiled with
 ``emu.h`` force-included, and linked with each check program of this folder
 (``attention_check.cpp``: attention forward/backward and decode; ``loss_sampling_check.cpp``:
-cross-entropy and sampling; ``layer_ops_check.cpp``: RMSNorm, SwiGLU, RoPE and decode_linear).  The check programs call the kernels' own host launchers and
+cross-entropy and sampling; ``layer_ops_check.cpp``: RMSNorm, SwiGLU, GELU, RoPE and decode_linear).  The check programs call the kernels' own host launchers and
 compare with float64 references; each prints ``N failures`` and exits non-zero on a mismatch.
 
 Usage: python tests/cuda_emulator/build.py [--full] [--sanitize] [--keep DIR] [--kernels DIR]

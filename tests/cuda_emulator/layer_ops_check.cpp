@@ -1,6 +1,7 @@
-// Checks rms_norm.cu, swiglu.cu, rope.cu and decode_linear.cu through their host launchers on the CPU
+// Checks rms_norm.cu, swiglu.cu, gelu.cu, rope.cu and decode_linear.cu through their host launchers on the CPU
 // emulator (emu.h): every result is compared with a double-precision reference computed here.
-// Usage: layer_ops_check {rms_norm|swiglu_rope|decode_linear} {quick|full}; prints "FAIL ..." lines and
+// Usage: layer_ops_check {rms_norm|swiglu_rope|decode_linear} {quick|full} (swiglu_rope runs the GELU
+// cases too); prints "FAIL ..." lines and
 // "N failures", exits non-zero on any mismatch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -157,6 +158,34 @@ void test_swiglu(int64_t n, unsigned seed) {
   CHECK(bad == 0, "swiglu %s n=%lld: %d mismatches", tname<T>(), (long long)n, bad);
 }
 
+// ------------------------------------------------------------------ GELU
+
+template <typename T>
+void test_gelu(int64_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::vector<T> x = random_values<T>(n, rng, 3.0f), g = random_values<T>(n, rng, 1.0f);
+  const float specials[] = {NAN, INFINITY, -INFINITY, 0.0f, -90.0f, 90.0f, -6.0f};
+  for (int k = 0; k < 7 && k < n; ++k) x[k] = from_f<T>(specials[k]);
+  std::vector<T> out(n), dx(n);
+  CHECK(launch_gelu_fwd(x.data(), ftype<T>(), n, out.data(), nullptr) == cudaSuccess, "gelu_fwd");
+  CHECK(launch_gelu_bwd(g.data(), x.data(), ftype<T>(), n, dx.data(), nullptr) == cudaSuccess, "gelu_bwd");
+  const double beta = 0.7978845834732056, kappa = 0.044715;  // the book's float32 sqrt(2/pi)
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double xv = to_d(x[i]), gv = to_d(g[i]);
+    const double t = std::tanh(beta * (xv + kappa * xv * xv * xv));
+    // -inf: -inf * 0 is NaN, as in the book's formula
+    if (!close<T>(to_d(out[i]), 0.5 * xv * (1.0 + t))) ++bad;
+    if (std::isfinite(xv)) {
+      const double want = gv * (0.5 * (1.0 + t) + 0.5 * xv * (1.0 - t * t) * beta * (1.0 + 3.0 * kappa * xv * xv));
+      if (!close<T>(to_d(dx[i]), want, 2.0)) ++bad;
+    } else if (std::isnan(xv) && !std::isnan(to_d(dx[i]))) {
+      ++bad;
+    }
+  }
+  CHECK(bad == 0, "gelu %s n=%lld: %d mismatches", tname<T>(), (long long)n, bad);
+}
+
 // ------------------------------------------------------------------ RoPE
 
 template <typename T>
@@ -214,6 +243,8 @@ void run_swiglu_rope(bool quick) {
   std::fflush(stdout);
   for (int64_t n : {1, 7, 1000, 4099}) test_swiglu<T>(n, 3u + n);
   if (!quick) test_swiglu<T>(300000, 5);
+  for (int64_t n : {1, 7, 1023, 4099}) test_gelu<T>(n, 11u + n);
+  if (!quick) test_gelu<T>(300000, 6);
   test_rope<T>(1, 1, 1, 2, 0, false, false, 1);
   test_rope<T>(2, 3, 5, 18, 3, false, true, 2);
   test_rope<T>(2, 2, 4, 64, 0, true, false, 3);

@@ -1,0 +1,91 @@
+// GPT-2's tanh GELU, 0.5 x (1 + tanh(b (x + k x^3))), forward and backward: elementwise,
+// grid-stride, float32 math, one rounding to the input's dtype.  0.5 (1 + tanh(u)) is sigmoid(2u),
+// so with s = 1 / (1 + exp(-2u)):
+//   out = x / (1 + exp(-2u)),   dx = grad * (s + x * s (1 - s) * 2b (1 + 3k x^2)).
+// expf (not __expf) keeps the limits exact: gelu(+inf) = +inf, gelu(-inf) = NaN as in the book's
+// formula, and a large negative x gives -0.  The backward caps x^2 at 400 inside the polynomial:
+// past |x| = 20, s (1 - s) is exactly 0, and the cap keeps the product finite (limit 1 or 0, no
+// 0 * inf).  b is sqrt(2/pi) at its float32 value, as the book computes it.
+#include "common.cuh"
+#include "layer_ops_launch.h"
+
+namespace gptfast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr float kBeta = 0.7978845834732056f;
+constexpr float kKappa = 0.044715f;
+constexpr float kSquareCap = 400.0f;
+
+__device__ __forceinline__ float minus_two_u(float x, float x2) {
+  return x * (-2.0f * kBeta - 2.0f * kBeta * kKappa * x2);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gelu_fwd_kernel(const T* x_in, int64_t n, T* out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const float x = to_float(x_in[i]);
+    out[i] = from_float<T>(x / (1.0f + expf(minus_two_u(x, x * x))));
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gelu_bwd_kernel(const T* grad, const T* x_in, int64_t n, T* dx) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const float g = to_float(grad[i]), x = to_float(x_in[i]), x2 = x * x;
+    const float s = 1.0f / (1.0f + expf(minus_two_u(x, x2)));
+    const float slope = 2.0f * kBeta + 6.0f * kBeta * kKappa * fminf(x2, kSquareCap);
+    dx[i] = from_float<T>(g * (s + x * (slope * s * (1.0f - s))));
+  }
+}
+
+unsigned grid_for(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < 65535 * 8 ? blocks : 65535 * 8);
+}
+
+template <typename T>
+cudaError_t fwd_typed(const void* x, int64_t n, void* out, cudaStream_t stream) {
+  gelu_fwd_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(static_cast<const T*>(x), n, static_cast<T*>(out));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t bwd_typed(const void* grad, const void* x, int64_t n, void* dx, cudaStream_t stream) {
+  gelu_bwd_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(static_cast<const T*>(grad), static_cast<const T*>(x), n,
+                                                          static_cast<T*>(dx));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_gelu_fwd(const void* x, FloatType dtype, int64_t n, void* out, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  switch (dtype) {
+    case FloatType::kFloat32:
+      return fwd_typed<float>(x, n, out, stream);
+    case FloatType::kFloat16:
+      return fwd_typed<__half>(x, n, out, stream);
+    case FloatType::kBFloat16:
+      return fwd_typed<__nv_bfloat16>(x, n, out, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_gelu_bwd(const void* grad, const void* x, FloatType dtype, int64_t n, void* dx,
+                            cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  switch (dtype) {
+    case FloatType::kFloat32:
+      return bwd_typed<float>(grad, x, n, dx, stream);
+    case FloatType::kFloat16:
+      return bwd_typed<__half>(grad, x, n, dx, stream);
+    case FloatType::kBFloat16:
+      return bwd_typed<__nv_bfloat16>(grad, x, n, dx, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace gptfast
