@@ -26,8 +26,9 @@ DEVICES = ("cpu",)
 # cross-entropy fwd+bwd N=512 H=768 V=50257 1.08x and 1.74x in two loaded runs (both are three
 # matmuls of the same size) at a sixth of the peak memory, and free rows where targets are ignored.
 # RMSNorm (256x1024) fwd 4x / fwd+bwd ~5x in fp32, ~2x / ~2.5x in bf16; RoPE (16 heads x 256 x 128)
-# fwd ~3.5x / fwd+bwd ~6x.  LayerNorm (960x768 and 512x768 fp32, one thread): ~9x / ~7x the book's
-# formula (backend "torch"), on a par with F.layer_norm's kernel.  Not swiglu: 0.5-0.9x of torch's two vectorized passes.
+# fwd ~3.5x / fwd+bwd ~6x.  LayerNorm (960x768 and 512x768 fp32, one thread): fwd 7-10x / fwd+bwd
+# 5-7x the book's formula (backend "torch"); the kernels alone match aten's (fwd 0.93-0.97x, bwd
+# 1.04-1.18x), the op's Python dispatch and autograd put it at 0.6-0.85x F.layer_norm.  Not swiglu: 0.5-0.9x of torch's two vectorized passes.
 # decode_linear, 8 rows (K=1024, N=3072 and the 151936-row head, fp32 and bf16): 2.5-4x; one row
 # measured from 1.3x faster to slower on a busy machine, so the decode routing
 # (gptfast/generation/runner.py) sends it 2-16 rows only.
