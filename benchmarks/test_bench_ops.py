@@ -197,10 +197,13 @@ def test_sampling(benchmark, impl):
 
 
 # Layer ops at Qwen3-0.6B's widths (emb 1024, hidden 3072, 16 heads of 128; GELU at GPT-2's
-# hidden 3072): CPU 256 tokens, GPU 8192.  Against the torch path (backend "torch", the reference's math).
+# hidden 3072): CPU 256 tokens, GPU 8192; the GPT's LayerNorm at the 124M model's width (768) over a
+# training step's tokens (batch 2 x context 256 on CPU).  Against the torch path (backend "torch", the
+# reference's math).
 LAYER_TOKENS = 8192 if ON_GPU else 256
 LAYER_SHAPES = {
     "rms_norm": dict(N=LAYER_TOKENS, D=1024),
+    "layer_norm": dict(N=2 * LAYER_TOKENS, D=768),
     "swiglu": dict(N=LAYER_TOKENS, H=3072),
     "gelu": dict(N=LAYER_TOKENS, H=3072),  # GPT-2 124M's MLP activation
     "rope": dict(B=1, H=16, T=LAYER_TOKENS, D=128),
@@ -213,6 +216,10 @@ def _layer_case(op, impl):
     if op == "rms_norm":
         x, w = _randn(s["N"], s["D"], grad=True, scale=2.0), _randn(s["D"], grad=True)
         args, kwargs, leaves = (x, w), dict(eps=1e-6), (x, w)
+    elif op == "layer_norm":
+        x = _randn(s["N"], s["D"], grad=True, scale=2.0)
+        w, b = _randn(s["D"], grad=True), _randn(s["D"], grad=True)
+        args, kwargs, leaves = (x, w, b), dict(eps=1e-5), (x, w, b)
     elif op == "swiglu":
         gate, up = _randn(s["N"], s["H"], grad=True, scale=2.0), _randn(s["N"], s["H"], grad=True)
         args, kwargs, leaves = (gate, up), {}, (gate, up)

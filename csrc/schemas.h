@@ -37,6 +37,15 @@
 // rms_norm_bwd(grad_out, x, weight, rstd) -> (dx, dweight)
 //   The forward's rstd; dx (N, D) contiguous in x's dtype, dweight (D,) in weight's dtype,
 //   summed over the rows in a fixed order (deterministic).
+// layer_norm_fwd(x, weight, bias, eps) -> (out, mean, rstd)
+//   x (N, D), weight and bias (D,) of any float dtype, eps >= 0.  out = (x - mean) * rstd * weight
+//   + bias computed in float32 (float64 for float64 x on cpu) and rounded once to x's dtype, out
+//   (N, D) contiguous; mean and rstd (N,) in that accumulation dtype, rstd = 1 / sqrt(var + eps)
+//   with the biased variance (mean of squared deviations).
+// layer_norm_bwd(grad_out, x, weight, mean, rstd) -> (dx, dweight, dbias)
+//   The forward's mean and rstd; dx (N, D) contiguous in x's dtype; dweight and dbias (D,) in the
+//   accumulation dtype (the caller casts them to the parameters' dtypes), summed over the rows in
+//   a fixed order (deterministic).
 // swiglu_fwd(gate, up) -> out
 //   silu(gate) * up elementwise; gate and up of one shape and dtype; out contiguous, that dtype
 //   (math in float32, float64 for float64 on cpu).
@@ -91,6 +100,10 @@ constexpr const char* kSampleNextToken =
 constexpr const char* kRmsNormFwd = "rms_norm_fwd(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)";
 constexpr const char* kRmsNormBwd =
     "rms_norm_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)";
+constexpr const char* kLayerNormFwd =
+    "layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)";
+constexpr const char* kLayerNormBwd =
+    "layer_norm_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)";
 constexpr const char* kSwigluFwd = "swiglu_fwd(Tensor gate, Tensor up) -> Tensor";
 constexpr const char* kSwigluBwd = "swiglu_bwd(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)";
 constexpr const char* kGeluFwd = "gelu_fwd(Tensor x) -> Tensor";

@@ -231,7 +231,8 @@ def test_cpu_backend_is_listed():
     assert "cpu" in ops.available_backends()
     assert cpu_ops.DEVICES == ("cpu",)
     assert cpu_ops.AUTO_OPS == frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy",
-                                          "sample_next_token", "rms_norm", "gelu", "rope", "decode_linear"})
+                                          "sample_next_token", "rms_norm", "layer_norm", "gelu", "rope",
+                                          "decode_linear"})
 
 
 def test_cuda_unavailable_reason_names_the_cause():
@@ -293,6 +294,8 @@ SCHEMAS = {
                           "int top_k_value, Generator? generator) -> Tensor"),
     "rms_norm_fwd": "(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)",
     "rms_norm_bwd": "(Tensor grad_out, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)",
+    "layer_norm_fwd": "(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)",
+    "layer_norm_bwd": "(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)",
     "swiglu_fwd": "(Tensor gate, Tensor up) -> Tensor",
     "swiglu_bwd": "(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)",
     "gelu_fwd": "(Tensor x) -> Tensor",

@@ -23,9 +23,11 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace gptfast_cpu {
@@ -99,5 +101,20 @@ inline int64_t first_nan(const T* a, int64_t n) {
     if (std::isnan(a[i])) return i;
   return -1;
 }
+
+// src[0..n) in the accumulation dtype T: src itself when already T, else a copy into `buffer`.
+template <typename scalar_t, typename T>
+inline const T* widen(const scalar_t* src, int64_t n, T* buffer) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    return src;
+  } else {
+    at::vec::convert(src, buffer, n);
+    return buffer;
+  }
+}
+
+// Rows per block of a deterministic column reduction over N rows (the weight gradients of the
+// norms): a function of N only, so the summation order never depends on the thread count.
+inline int64_t rows_per_block(int64_t N) { return std::max<int64_t>(8, (N + 63) / 64); }
 
 }  // namespace gptfast_cpu

@@ -25,6 +25,11 @@ at::Tensor sample_next_token(const at::Tensor& logits, const c10::optional<at::T
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight, double eps);
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_out, const at::Tensor& x,
                                                 const at::Tensor& weight, const at::Tensor& rstd);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                              const at::Tensor& bias, double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& grad_out, const at::Tensor& x,
+                                                              const at::Tensor& weight, const at::Tensor& mean,
+                                                              const at::Tensor& rstd);
 at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up);
 std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& grad_out, const at::Tensor& gate,
                                               const at::Tensor& up);

@@ -21,6 +21,8 @@ TORCH_LIBRARY(gptfast_cpu, m) {
   m.def(gptfast::schema::kSampleNextToken);
   m.def(gptfast::schema::kRmsNormFwd);
   m.def(gptfast::schema::kRmsNormBwd);
+  m.def(gptfast::schema::kLayerNormFwd);
+  m.def(gptfast::schema::kLayerNormBwd);
   m.def(gptfast::schema::kSwigluFwd);
   m.def(gptfast::schema::kSwigluBwd);
   m.def(gptfast::schema::kGeluFwd);
@@ -38,6 +40,8 @@ TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
   m.impl("sample_next_token", &gptfast_cpu::sample_next_token);
   m.impl("rms_norm_fwd", &gptfast_cpu::rms_norm_fwd);
   m.impl("rms_norm_bwd", &gptfast_cpu::rms_norm_bwd);
+  m.impl("layer_norm_fwd", &gptfast_cpu::layer_norm_fwd);
+  m.impl("layer_norm_bwd", &gptfast_cpu::layer_norm_bwd);
   m.impl("swiglu_fwd", &gptfast_cpu::swiglu_fwd);
   m.impl("swiglu_bwd", &gptfast_cpu::swiglu_bwd);
   m.impl("gelu_fwd", &gptfast_cpu::gelu_fwd);

@@ -19,17 +19,6 @@
 namespace gptfast_cpu {
 namespace {
 
-// dst[0..n) = src[0..n) in the accumulation dtype (a copy into `buffer` unless already wide).
-template <typename scalar_t, typename T>
-const T* widen(const scalar_t* src, int64_t n, T* buffer) {
-  if constexpr (std::is_same_v<scalar_t, T>) {
-    return src;
-  } else {
-    at::vec::convert(src, buffer, n);
-    return buffer;
-  }
-}
-
 template <typename T>
 T sum_squares(const T* x, int64_t n) {
   using V = Vectorized<T>;
@@ -71,9 +60,6 @@ void rms_norm_fwd_impl(const at::Tensor& x, const at::Tensor& w_acc, double eps,
     }
   });
 }
-
-// Rows per dweight block: a function of N only, so the summation order never depends on threads.
-int64_t rows_per_block(int64_t N) { return std::max<int64_t>(8, (N + 63) / 64); }
 
 template <typename scalar_t>
 void rms_norm_bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w_acc, const at::Tensor& rstd,

@@ -130,6 +130,21 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// Block-wide float sum; all threads get it.  `scratch` holds BLOCK / 32 floats.  Contains __syncthreads.
+template <int BLOCK>
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  constexpr int kWarps = BLOCK / kWarpSize;
+  v = warp_sum(v);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += scratch[w];
+  __syncthreads();  // scratch may be reused right after
+  return total;
+}
+
 // Merges two partial softmax normalisers (max m, sum s of exp(x - m)) into (m, s).
 __device__ __forceinline__ void merge_max_sum(float& m, float& s, float other_m, float other_s) {
   const float new_m = fmaxf(m, other_m);

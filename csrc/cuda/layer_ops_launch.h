@@ -1,4 +1,4 @@
-// Host-side entry points of rms_norm.cu, swiglu.cu, gelu.cu, rope.cu and decode_linear.cu (the models' layer ops),
+// Host-side entry points of rms_norm.cu, layer_norm.cu, swiglu.cu, gelu.cu, rope.cu and decode_linear.cu (the layer ops),
 // called by the torch binding ops_layers.cpp and by the CPU emulator's checks.  Plain C++ (raw
 // pointers, sizes, a stream): the .cu files never see torch headers.  Each function launches on
 // `stream` and returns the launch's cudaError_t (cudaSuccess when there is nothing to do).
@@ -26,6 +26,22 @@ int64_t rms_norm_bwd_blocks(int64_t rows);
 cudaError_t launch_rms_norm_bwd(const void* grad, const void* x, FloatType dtype, const float* weight,
                                 const float* rstd, int64_t rows, int64_t dim, void* dx, float* partial,
                                 void* dweight, FloatType weight_dtype, cudaStream_t stream);
+
+// out (rows x dim, x's dtype) = (x - mean) * rstd * weight + bias; mean[r] and rstd[r] =
+// 1 / sqrt(var + eps) with the biased variance of row r.  weight, bias: dim float32 values.
+cudaError_t launch_layer_norm_fwd(const void* x, FloatType dtype, const float* weight, const float* bias,
+                                  int64_t rows, int64_t dim, float eps, void* out, float* mean, float* rstd,
+                                  cudaStream_t stream);
+
+// Number of row blocks of the LayerNorm backward: its float32 partial buffer is
+// 2 * layer_norm_bwd_blocks(rows) x dim (each block's dweight row, then its dbias row).
+int64_t layer_norm_bwd_blocks(int64_t rows);
+
+// dx (rows x dim, x's dtype), dweight and dbias (dim float32 values each) for the forward's
+// mean and rstd; both sum the partial buffer in block order.
+cudaError_t launch_layer_norm_bwd(const void* grad, const void* x, FloatType dtype, const float* weight,
+                                  const float* mean, const float* rstd, int64_t rows, int64_t dim, void* dx,
+                                  float* partial, float* dweight, float* dbias, cudaStream_t stream);
 
 // out[i] = silu(gate[i]) * up[i] for i < n.
 cudaError_t launch_swiglu_fwd(const void* gate, const void* up, FloatType dtype, int64_t n, void* out,

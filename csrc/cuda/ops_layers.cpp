@@ -1,4 +1,4 @@
-// Torch binding of the layer kernels (rms_norm.cu, swiglu.cu, gelu.cu, rope.cu, decode_linear.cu): ops in the
+// Torch binding of the layer kernels (rms_norm.cu, layer_norm.cu, swiglu.cu, gelu.cu, rope.cu, decode_linear.cu): ops in the
 // gptfast_cuda namespace with the shared schemas (csrc/schemas.h), argument checks, output
 // allocation, and launches on torch's current CUDA stream.  Fakes and autograd are registered
 // from Python (gptfast/ops/normalization.py, activation.py, rotary.py, linear.py).
@@ -70,6 +70,63 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_out, cons
                                    c10::cuda::getCurrentCUDAStream()),
                "rms_norm_bwd");
   return {dx, dweight};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& x_in, const at::Tensor& weight,
+                                                              const at::Tensor& bias, double eps) {
+  check_rows(x_in, weight);
+  check_cuda(bias, "bias", x_in.device());
+  TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == x_in.size(1), "bias must be (", x_in.size(1), "), got ",
+                    bias.sizes());
+  TORCH_CHECK_VALUE(eps >= 0, "eps must be >= 0, got ", eps);
+  const at::Tensor x = x_in.contiguous();
+  const FloatType dtype = float_type(x, "x");
+  float_type(weight, "weight");
+  float_type(bias, "bias");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor w = weight.to(at::kFloat).contiguous(), b = bias.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor mean = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  check_launch(launch_layer_norm_fwd(x.data_ptr(), dtype, w.data_ptr<float>(), b.data_ptr<float>(), x.size(0),
+                                     x.size(1), static_cast<float>(eps), out.data_ptr(), mean.data_ptr<float>(),
+                                     rstd.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+               "layer_norm_fwd");
+  return {out, mean, rstd};
+}
+
+void check_layer_norm_stat(const at::Tensor& stat, const char* name, int64_t rows, const at::Device& device) {
+  check_cuda(stat, name, device);
+  TORCH_CHECK_VALUE(stat.dim() == 1 && stat.size(0) == rows && stat.scalar_type() == at::kFloat, name,
+                    " must be the float32 (rows,) tensor from layer_norm_fwd");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& grad_out, const at::Tensor& x_in,
+                                                              const at::Tensor& weight, const at::Tensor& mean_in,
+                                                              const at::Tensor& rstd_in) {
+  check_rows(x_in, weight);
+  const int64_t rows = x_in.size(0), dim = x_in.size(1);
+  check_cuda(grad_out, "grad_out", x_in.device());
+  TORCH_CHECK_VALUE(grad_out.sizes() == x_in.sizes(), "grad_out must have x's shape ", x_in.sizes());
+  check_layer_norm_stat(mean_in, "mean", rows, x_in.device());
+  check_layer_norm_stat(rstd_in, "rstd", rows, x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const FloatType dtype = float_type(x, "x");
+  float_type(weight, "weight");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor g = grad_out.to(x.scalar_type()).contiguous();
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor dweight = at::empty({dim}, x.options().dtype(at::kFloat));
+  at::Tensor dbias = at::empty({dim}, x.options().dtype(at::kFloat));
+  at::Tensor partial = at::empty({2 * layer_norm_bwd_blocks(rows), dim}, x.options().dtype(at::kFloat));
+  check_launch(launch_layer_norm_bwd(g.data_ptr(), x.data_ptr(), dtype, w.data_ptr<float>(), mean.data_ptr<float>(),
+                                     rstd.data_ptr<float>(), rows, dim, dx.data_ptr(), partial.data_ptr<float>(),
+                                     dweight.data_ptr<float>(), dbias.data_ptr<float>(),
+                                     c10::cuda::getCurrentCUDAStream()),
+               "layer_norm_bwd");
+  return {dx, dweight, dbias};
 }
 
 void check_pair(const at::Tensor& gate, const at::Tensor& up) {
@@ -207,6 +264,8 @@ at::Tensor decode_linear(const at::Tensor& x_in, const at::Tensor& weight_in,
 TORCH_LIBRARY_FRAGMENT(gptfast_cuda, m) {
   m.def(gptfast::schema::kRmsNormFwd);
   m.def(gptfast::schema::kRmsNormBwd);
+  m.def(gptfast::schema::kLayerNormFwd);
+  m.def(gptfast::schema::kLayerNormBwd);
   m.def(gptfast::schema::kSwigluFwd);
   m.def(gptfast::schema::kSwigluBwd);
   m.def(gptfast::schema::kGeluFwd);
@@ -219,6 +278,8 @@ TORCH_LIBRARY_FRAGMENT(gptfast_cuda, m) {
 TORCH_LIBRARY_IMPL(gptfast_cuda, CUDA, m) {
   m.impl("rms_norm_fwd", &gptfast::rms_norm_fwd);
   m.impl("rms_norm_bwd", &gptfast::rms_norm_bwd);
+  m.impl("layer_norm_fwd", &gptfast::layer_norm_fwd);
+  m.impl("layer_norm_bwd", &gptfast::layer_norm_bwd);
   m.impl("swiglu_fwd", &gptfast::swiglu_fwd);
   m.impl("swiglu_bwd", &gptfast::swiglu_bwd);
   m.impl("gelu_fwd", &gptfast::gelu_fwd);

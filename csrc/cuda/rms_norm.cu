@@ -17,21 +17,6 @@ namespace {
 
 constexpr int kMaxBwdBlocks = 512;
 
-// Block-wide float sum; all threads get it.  `scratch` holds BLOCK / 32 floats.  Contains __syncthreads.
-template <int BLOCK>
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-  constexpr int kWarps = BLOCK / kWarpSize;
-  v = warp_sum(v);
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float total = 0.0f;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) total += scratch[w];
-  __syncthreads();  // scratch may be reused right after
-  return total;
-}
-
 template <typename T, int BLOCK>
 __global__ void __launch_bounds__(BLOCK)
     rms_norm_fwd_kernel(const T* x, const float* weight, int64_t dim, float eps, T* out, float* rstd) {

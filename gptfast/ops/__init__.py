@@ -40,6 +40,7 @@ __all__ = [
     "sample_next_token",
     "sampler",
     "rms_norm",
+    "layer_norm",
     "swiglu",
     "gelu",
     "rope",
@@ -149,6 +150,20 @@ def rms_norm(x, weight, *, eps=1e-6, backend=None):
     kwargs = dict(eps=float(eps))
     _, fn = resolve("rms_norm", x.device, (x, weight), kwargs, backend)
     return fn(x, weight, **kwargs)
+
+
+def layer_norm(x, weight, bias, *, eps=1e-5, backend=None):
+    """Layer norm over the last axis: ``(x - mean) / sqrt(var + eps) * weight + bias``.
+
+    The book's GPT ``LayerNorm`` (biased variance).  x is ``(..., D)``, weight and bias
+    ``(D,)`` (any float dtype), ``eps >= 0``.  Fused backends compute the statistics and
+    the affine map in float32 and round the result once to ``x``'s dtype; backend
+    ``"torch"`` runs the book's lines as they are.
+    """
+    _checks.check_layer_norm(x, weight, bias, eps)
+    kwargs = dict(eps=float(eps))
+    _, fn = resolve("layer_norm", x.device, (x, weight, bias), kwargs, backend)
+    return fn(x, weight, bias, **kwargs)
 
 
 def swiglu(gate, up, *, backend=None):

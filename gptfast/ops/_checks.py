@@ -201,6 +201,28 @@ def check_rms_norm(x, weight, eps) -> None:
     require_positive_number("eps", eps)
 
 
+def require_non_negative_number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+    return float(value)
+
+
+def check_layer_norm(x, weight, bias, eps) -> None:
+    require_tensor("x", x)
+    require_tensor("weight", weight)
+    require_tensor("bias", bias)
+    require_float("x", x)
+    require_float("weight", weight)
+    require_float("bias", bias)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last axis (..., D), got shape {tuple(x.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t.shape != (x.shape[-1],):
+            raise ValueError(f"{name} must have shape ({x.shape[-1]},) to match x's last axis, got {tuple(t.shape)}")
+    require_same_device(x=x, weight=weight, bias=bias)
+    require_non_negative_number("eps", eps)
+
+
 def check_swiglu(gate, up) -> None:
     require_tensor("gate", gate)
     require_tensor("up", up)

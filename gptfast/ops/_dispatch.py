@@ -32,15 +32,15 @@ from types import ModuleType
 
 import torch
 
-OPS = ("causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm", "swiglu",
-       "gelu", "rope", "decode_linear")
+OPS = ("causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm", "layer_norm",
+       "swiglu", "gelu", "rope", "decode_linear")
 
 
 # The kernel ops every C++ namespace defines (csrc/schemas.h); a built extension that lacks one is
 # older than its Python layer and must be rebuilt.
 KERNEL_OPS = ("attention_fwd", "attention_bwd", "cross_entropy_fwd", "sample_next_token", "rms_norm_fwd",
-              "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd", "gelu_fwd", "gelu_bwd", "rope_fwd", "rope_bwd",
-              "decode_linear")
+              "rms_norm_bwd", "layer_norm_fwd", "layer_norm_bwd", "swiglu_fwd", "swiglu_bwd", "gelu_fwd", "gelu_bwd",
+              "rope_fwd", "rope_bwd", "decode_linear")
 
 
 def stale_extension_reason(namespace: str, own_ops: tuple[str, ...] = ()) -> str | None:

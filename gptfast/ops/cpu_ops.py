@@ -26,14 +26,16 @@ DEVICES = ("cpu",)
 # cross-entropy fwd+bwd N=512 H=768 V=50257 1.08x and 1.74x in two loaded runs (both are three
 # matmuls of the same size) at a sixth of the peak memory, and free rows where targets are ignored.
 # RMSNorm (256x1024) fwd 4x / fwd+bwd ~5x in fp32, ~2x / ~2.5x in bf16; RoPE (16 heads x 256 x 128)
-# fwd ~3.5x / fwd+bwd ~6x.  Not swiglu: 0.5-0.9x of torch's two vectorized passes.
+# fwd ~3.5x / fwd+bwd ~6x.  LayerNorm (960x768 and 512x768 fp32, one thread): fwd 7-10x / fwd+bwd
+# 5-7x the book's formula (backend "torch"); the kernels alone match aten's (fwd 0.93-0.97x, bwd
+# 1.04-1.18x), the op's Python dispatch and autograd put it at 0.6-0.85x F.layer_norm.
 # GELU (960x3072 and 512x3072 fp32): fwd 8-16x / fwd+bwd 8-11x the book's formula, 1.1-3x
-# F.gelu(approximate="tanh").
+# F.gelu(approximate="tanh").  Not swiglu: 0.5-0.9x of torch's two vectorized passes.
 # decode_linear, 8 rows (K=1024, N=3072 and the 151936-row head, fp32 and bf16): 2.5-4x; one row
 # measured from 1.3x faster to slower on a busy machine, so the decode routing
 # (gptfast/generation/runner.py) sends it 2-16 rows only.
 AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token",
-                      "rms_norm", "gelu", "rope", "decode_linear"})
+                      "rms_norm", "layer_norm", "gelu", "rope", "decode_linear"})
 
 
 def _load() -> str | None:
@@ -68,6 +70,7 @@ cross_entropy = functools.partial(_loss.fused_cross_entropy, NAMESPACE)
 linear_cross_entropy = functools.partial(_loss.fused_linear_cross_entropy, NAMESPACE)
 sample_next_token = functools.partial(_sampling.fused_sample_next_token, NAMESPACE)
 rms_norm = functools.partial(_normalization.fused_rms_norm, NAMESPACE)
+layer_norm = functools.partial(_normalization.fused_layer_norm, NAMESPACE)
 swiglu = functools.partial(_activation.fused_swiglu, NAMESPACE)
 gelu = functools.partial(_activation.fused_gelu, NAMESPACE)
 rope = functools.partial(_rotary.fused_rope, NAMESPACE)

@@ -65,7 +65,7 @@ def supports(op, *args, **kwargs) -> str | None:
     x = args[0]
     if x.dtype not in KERNEL_DTYPES:
         return f"the CUDA kernels read float32/float16/bfloat16, not {x.dtype}"
-    if op in ("rms_norm", "rope"):
+    if op in ("rms_norm", "layer_norm", "rope"):
         bad = [t.dtype for t in args[1:3] if t.dtype not in KERNEL_DTYPES]
         return f"the CUDA kernels read float32/float16/bfloat16, not {bad[0]}" if bad else None
     if op in ("swiglu", "gelu", "decode_linear"):  # every tensor shares x's dtype (checked in gptfast.ops)
@@ -81,6 +81,7 @@ cross_entropy = functools.partial(_loss.fused_cross_entropy, NAMESPACE)
 linear_cross_entropy = functools.partial(_loss.fused_linear_cross_entropy, NAMESPACE)
 sample_next_token = functools.partial(_sampling.fused_sample_next_token, NAMESPACE)
 rms_norm = functools.partial(_normalization.fused_rms_norm, NAMESPACE)
+layer_norm = functools.partial(_normalization.fused_layer_norm, NAMESPACE)
 swiglu = functools.partial(_activation.fused_swiglu, NAMESPACE)
 gelu = functools.partial(_activation.fused_gelu, NAMESPACE)
 rope = functools.partial(_rotary.fused_rope, NAMESPACE)

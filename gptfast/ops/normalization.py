@@ -1,19 +1,23 @@
-"""RMSNorm above the kernels, for every fused backend (cpu, cuda, triton).
+"""RMSNorm and LayerNorm above the kernels, for every fused backend (cpu, cuda, triton).
 
-The kernels are two torch ops with one schema in each namespace (csrc/schemas.h)::
+The kernels are torch ops with one schema in each namespace (csrc/schemas.h)::
 
     rms_norm_fwd(x, weight, eps) -> (out, rstd)
     rms_norm_bwd(grad_out, x, weight, rstd) -> (dx, dweight)
+    layer_norm_fwd(x, weight, bias, eps) -> (out, mean, rstd)
+    layer_norm_bwd(grad_out, x, weight, mean, rstd) -> (dx, dweight, dbias)
 
 Here, once for all backends: the fakes (for the C++ ops; a Triton op's fake is its own
-body), the autograd formula (the forward saves ``x`` and the per-row ``rstd``, not the
+body), the autograd formulas (the forwards save ``x`` and the per-row statistics, not the
 output) and the convention that the kernels see 2-D ``(rows, D)`` inputs: ``x`` of any
 rank is flattened to rows here and the result viewed back.
 
-Numerics (the convention of the reference's Qwen3 ``RMSNorm`` and of ``F.rms_norm``):
-``x`` is widened to float32, ``x * rstd * weight`` is computed there and rounded once to
-``x``'s dtype.  The weight may have another float dtype than ``x`` (a float32 weight
-with bfloat16 activations); its gradient comes back in the weight's dtype.
+Numerics: ``x`` is widened to float32 (float64 stays), the statistics and the affine map
+are computed there and the result is rounded once to ``x``'s dtype -- the convention of
+the reference's Qwen3 ``RMSNorm``, of ``F.rms_norm`` and of the book's GPT ``LayerNorm``
+run in float32 (its variance is the biased one, ``unbiased=False``).  The weight (and
+the LayerNorm bias) may have another float dtype than ``x`` (float32 parameters with
+bfloat16 activations); their gradients come back in the parameters' own dtypes.
 """
 
 from __future__ import annotations
@@ -58,13 +62,48 @@ def _make_backward(namespace: str):
     return backward
 
 
+def _fake_layer_norm_fwd(x, weight, bias, eps):
+    stat = x.new_empty((x.shape[0],), dtype=stat_dtype(x.dtype))
+    return x.new_empty(x.shape), stat, stat.new_empty(stat.shape)
+
+
+def _fake_layer_norm_bwd(grad_out, x, weight, mean, rstd):
+    param = x.new_empty(weight.shape, dtype=stat_dtype(x.dtype))
+    return x.new_empty(x.shape), param, param.new_empty(param.shape)
+
+
+def _setup_layer_norm_context(ctx, inputs, output):
+    x, weight, bias, _eps = inputs
+    _out, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.bias_dtype = bias.dtype
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+
+
+def _make_layer_norm_backward(namespace: str):
+    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        if grad_out is None:  # the output did not reach the differentiated result
+            return None, None, None, None
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias = _namespace(namespace).layer_norm_bwd(grad_out, x, weight, mean, rstd)
+        # The kernels sum the parameter gradients in the accumulation dtype; round once here.
+        return dx, dweight.to(weight.dtype), dbias.to(ctx.bias_dtype), None
+
+    return backward
+
+
 def register(namespace: str, *, fakes: bool = True) -> None:
-    """Register the autograd formula (and, with ``fakes``, the fake impls) of ``namespace``'s RMSNorm ops."""
+    """Register the autograd formulas (and, with ``fakes``, the fake impls) of ``namespace``'s norm ops."""
     if fakes:
         torch.library.register_fake(f"{namespace}::rms_norm_fwd")(_fake_rms_norm_fwd)
         torch.library.register_fake(f"{namespace}::rms_norm_bwd")(_fake_rms_norm_bwd)
+        torch.library.register_fake(f"{namespace}::layer_norm_fwd")(_fake_layer_norm_fwd)
+        torch.library.register_fake(f"{namespace}::layer_norm_bwd")(_fake_layer_norm_bwd)
     torch.library.register_autograd(f"{namespace}::rms_norm_fwd", _make_backward(namespace),
                                     setup_context=_setup_context)
+    torch.library.register_autograd(f"{namespace}::layer_norm_fwd", _make_layer_norm_backward(namespace),
+                                    setup_context=_setup_layer_norm_context)
 
 
 def fused_rms_norm(ops, x, weight, *, eps=1e-6):
@@ -75,4 +114,15 @@ def fused_rms_norm(ops, x, weight, *, eps=1e-6):
     """
     rows = x.reshape(-1, x.shape[-1])
     out, _rstd = _namespace(ops).rms_norm_fwd(rows, weight, float(eps))
+    return out.view(x.shape)
+
+
+def fused_layer_norm(ops, x, weight, bias, *, eps=1e-5):
+    """LayerNorm on ``ops``' kernels (a namespace name such as ``"gptfast_cpu"``).
+
+    Same contract as ``gptfast.ops.layer_norm`` (inputs already validated): ``x`` ``(..., D)``
+    is viewed as ``(rows, D)`` (copied only when its layout does not allow that).
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    out, _mean, _rstd = _namespace(ops).layer_norm_fwd(rows, weight, bias, float(eps))
     return out.view(x.shape)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 DEVICES = ("cpu", "cuda", "mps", "xpu", "meta")
 AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm",
-                      "swiglu", "gelu", "rope", "decode_linear"})
+                      "layer_norm", "swiglu", "gelu", "rope", "decode_linear"})
 
 
 def unavailable_reason():
@@ -96,6 +96,14 @@ def rms_norm(x, weight, *, eps=1e-6):
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     variance = x.pow(2).mean(dim=-1, keepdim=True)
     return (x * torch.rsqrt(variance + eps) * weight).to(input_dtype)
+
+
+def layer_norm(x, weight, bias, *, eps=1e-5):
+    """The book's GPT ``LayerNorm.forward``, line for line (biased variance, in ``x``'s dtype)."""
+    mean = x.mean(dim=-1, keepdim=True)
+    var = x.var(dim=-1, keepdim=True, unbiased=False)
+    norm_x = (x - mean) / torch.sqrt(var + eps)
+    return weight * norm_x + bias
 
 
 def swiglu(gate, up):

@@ -35,7 +35,8 @@ def _load() -> str | None:
     if not INTERPRETER and not torch.cuda.is_available():
         return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)"
     try:
-        for name in ("attention", "cross_entropy", "sampling", "rms_norm", "swiglu", "gelu", "rope", "decode_linear"):
+        for name in ("attention", "cross_entropy", "sampling", "rms_norm", "layer_norm", "swiglu", "gelu", "rope",
+                     "decode_linear"):
             _kernels[name] = importlib.import_module(f"gptfast.triton_kernels.{name}")
     except (ImportError, RuntimeError, OSError) as exc:  # missing triton, or one that cannot load its backend
         return f"triton is not importable: {exc}"
@@ -59,7 +60,7 @@ def supports(op: str, *args, **kwargs) -> str | None:
                 "use float32, or a GPU without the interpreter")
     if op == "causal_attention":
         return _kernels["attention"].unsupported_reason(args[0], args[1])
-    if op in ("rms_norm", "swiglu", "gelu", "rope", "decode_linear"):
+    if op in ("rms_norm", "layer_norm", "swiglu", "gelu", "rope", "decode_linear"):
         return _kernels[op].unsupported_reason(*args[:3])
     if op == "linear_cross_entropy" and kwargs.get("bias") is not None and kwargs["bias"].dtype != x.dtype:
         return f"bias dtype {kwargs['bias'].dtype} differs from hidden's {x.dtype}"
@@ -71,6 +72,7 @@ cross_entropy = functools.partial(_loss.fused_cross_entropy, NAMESPACE)
 linear_cross_entropy = functools.partial(_loss.fused_linear_cross_entropy, NAMESPACE)
 sample_next_token = functools.partial(_sampling.fused_sample_next_token, NAMESPACE)
 rms_norm = functools.partial(_normalization.fused_rms_norm, NAMESPACE)
+layer_norm = functools.partial(_normalization.fused_layer_norm, NAMESPACE)
 swiglu = functools.partial(_activation.fused_swiglu, NAMESPACE)
 gelu = functools.partial(_activation.fused_gelu, NAMESPACE)
 rope = functools.partial(_rotary.fused_rope, NAMESPACE)

@@ -3,7 +3,7 @@
 Every ``csrc/cuda/*.cu`` is rewritten into host C++ (``rewrite_source``), compiled with
 ``emu.h`` force-included, and linked with each check program of this folder
 (``attention_check.cpp``: attention forward/backward and decode; ``loss_sampling_check.cpp``:
-cross-entropy and sampling; ``layer_ops_check.cpp``: RMSNorm, SwiGLU, GELU, RoPE and decode_linear).  The check programs call the kernels' own host launchers and
+cross-entropy and sampling; ``layer_ops_check.cpp``: RMSNorm, LayerNorm, SwiGLU, GELU, RoPE and decode_linear).  The check programs call the kernels' own host launchers and
 compare with float64 references; each prints ``N failures`` and exits non-zero on a mismatch.
 
 Usage: python tests/cuda_emulator/build.py [--full] [--sanitize] [--keep DIR] [--kernels DIR]
@@ -33,7 +33,7 @@ EMULATOR_HEADER = HERE / "emu.h"
 CHECKS = {
     "attention_check": ("fwd_bwd", "decode"),
     "loss_sampling_check": ("cross_entropy", "sampling"),
-    "layer_ops_check": ("rms_norm", "swiglu_rope", "decode_linear"),
+    "layer_ops_check": ("norms", "swiglu_rope", "decode_linear"),
 }
 SELF_CHECK = HERE / "self_check.cu"  # faulty kernels the emulator must catch
 # A GPU faults on a misaligned load; UBSan's alignment check is the emulator's counterpart,

@@ -1,7 +1,7 @@
-// Checks rms_norm.cu, swiglu.cu, gelu.cu, rope.cu and decode_linear.cu through their host launchers on the CPU
-// emulator (emu.h): every result is compared with a double-precision reference computed here.
-// Usage: layer_ops_check {rms_norm|swiglu_rope|decode_linear} {quick|full} (swiglu_rope runs the GELU
-// cases too); prints "FAIL ..." lines and
+// Checks rms_norm.cu, layer_norm.cu, swiglu.cu, gelu.cu, rope.cu and decode_linear.cu through their host
+// launchers on the CPU emulator (emu.h): every result is compared with a double-precision reference computed here.
+// Usage: layer_ops_check {norms|swiglu_rope|decode_linear} {quick|full} (swiglu_rope runs the GELU cases
+// too); prints "FAIL ..." lines and
 // "N failures", exits non-zero on any mismatch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -129,6 +129,82 @@ void run_rms_norm(bool quick) {
       test_rms_norm<T, T>(rows, dim, 7u * dim + rows, rows == 5);
     }
   test_rms_norm<T, float>(9, 96, 3, false);
+}
+
+// ------------------------------------------------------------------ LayerNorm
+
+template <typename T>
+void test_layer_norm(int64_t rows, int64_t dim, unsigned seed, bool with_nan) {
+  std::mt19937 rng(seed);
+  std::vector<T> x = random_values<T>(rows * dim, rng, 2.0f), g = random_values<T>(rows * dim, rng, 1.0f);
+  for (auto& e : x) e = from_f<T>(static_cast<float>(to_d(e)) + 3.0f);  // a mean far from 0
+  std::vector<float> w = random_values<float>(dim, rng, 1.0f), b = random_values<float>(dim, rng, 1.0f);
+  if (with_nan && rows > 1) x[dim + dim / 2] = from_f<T>(NAN);  // row 1 turns NaN, the others must not
+  const float eps = 1e-5f;
+  std::vector<T> out(rows * dim), dx(rows * dim);
+  std::vector<float> mean(rows), rstd(rows), dw(dim), db(dim);
+  std::vector<float> partial(2 * layer_norm_bwd_blocks(rows) * dim);
+  CHECK(launch_layer_norm_fwd(x.data(), ftype<T>(), w.data(), b.data(), rows, dim, eps, out.data(), mean.data(),
+                              rstd.data(), nullptr) == cudaSuccess, "layer_norm_fwd launch");
+  CHECK(launch_layer_norm_bwd(g.data(), x.data(), ftype<T>(), w.data(), mean.data(), rstd.data(), rows, dim,
+                              dx.data(), partial.data(), dw.data(), db.data(), nullptr) == cudaSuccess,
+        "layer_norm_bwd launch");
+  std::vector<double> dw_ref(dim, 0.0), db_ref(dim, 0.0);
+  int bad_out = 0, bad_dx = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    double s = 0, ss = 0;
+    for (int64_t j = 0; j < dim; ++j) s += to_d(x[r * dim + j]);
+    const double mu = s / dim;
+    for (int64_t j = 0; j < dim; ++j) ss += (to_d(x[r * dim + j]) - mu) * (to_d(x[r * dim + j]) - mu);
+    const double rs = 1.0 / std::sqrt(ss / dim + eps);
+    double c1 = 0, c2 = 0;
+    for (int64_t j = 0; j < dim; ++j) {
+      const double gw = to_d(g[r * dim + j]) * w[j];
+      c1 += gw;
+      c2 += gw * (to_d(x[r * dim + j]) - mu) * rs;
+    }
+    c1 /= dim;
+    c2 /= dim;
+    if (!close<float>(mean[r], mu) || !close<float>(rstd[r], rs, 4.0)) ++bad_out;
+    for (int64_t j = 0; j < dim; ++j) {
+      const double xh = (to_d(x[r * dim + j]) - mu) * rs, gj = to_d(g[r * dim + j]);
+      if (!close<T>(to_d(out[r * dim + j]), xh * w[j] + b[j], 4.0)) ++bad_out;
+      // dx carries cancellations (g w - c1 - xhat c2): compare against the row's scale
+      const double want = rs * (gj * w[j] - c1 - xh * c2);
+      if (!(std::isnan(want) ? std::isnan(to_d(dx[r * dim + j]))
+                             : std::fabs(to_d(dx[r * dim + j]) - want) <= rel_tol<T>() * (8 * rs + std::fabs(want))))
+        ++bad_dx;
+      dw_ref[j] += gj * xh;
+      db_ref[j] += gj;
+    }
+  }
+  int bad_dw = 0;
+  const double grow = 2.0 + std::sqrt(static_cast<double>(rows));
+  for (int64_t j = 0; j < dim; ++j)
+    if (!close<T>(dw[j], dw_ref[j], grow) || !close<T>(db[j], db_ref[j], grow)) ++bad_dw;
+  CHECK(bad_out == 0 && bad_dx == 0 && bad_dw == 0,
+        "layer_norm %s rows=%lld dim=%lld nan=%d: %d out, %d dx, %d dweight/dbias", tname<T>(), (long long)rows,
+        (long long)dim, (int)with_nan, bad_out, bad_dx, bad_dw);
+  // dweight and dbias are deterministic: a second backward gives the same bits
+  std::vector<float> dw2(dim), db2(dim);
+  launch_layer_norm_bwd(g.data(), x.data(), ftype<T>(), w.data(), mean.data(), rstd.data(), rows, dim, dx.data(),
+                        partial.data(), dw2.data(), db2.data(), nullptr);
+  CHECK(std::memcmp(dw.data(), dw2.data(), dim * sizeof(float)) == 0 &&
+            std::memcmp(db.data(), db2.data(), dim * sizeof(float)) == 0,
+        "layer_norm dweight/dbias differ between runs");
+}
+
+template <typename T>
+void run_layer_norm(bool quick) {
+  std::printf("layer_norm %s\n", tname<T>());
+  std::fflush(stdout);
+  const std::vector<int64_t> dims = quick ? std::vector<int64_t>{1, 7, 130, 769, 4100}
+                                          : std::vector<int64_t>{1, 2, 7, 64, 130, 513, 769, 1030, 2048, 4100, 8200};
+  for (int64_t dim : dims)
+    for (int64_t rows : {1, 5, 600}) {
+      if (rows == 600 && dim > 130) continue;
+      test_layer_norm<T>(rows, dim, 11u * dim + rows, rows == 5);
+    }
 }
 
 // ------------------------------------------------------------------ SwiGLU
@@ -319,10 +395,13 @@ static void run_decode_linear_cases(bool full) {
   run_decode_linear<__nv_bfloat16>(!full);
 }
 
-static void run_rms_norm_cases(bool full) {
+static void run_norm_cases(bool full) {
   run_rms_norm<float>(!full);
   run_rms_norm<__half>(!full);
   run_rms_norm<__nv_bfloat16>(!full);
+  run_layer_norm<float>(!full);
+  run_layer_norm<__half>(!full);
+  run_layer_norm<__nv_bfloat16>(!full);
 }
 
 static void run_swiglu_rope_cases(bool full) {
@@ -333,7 +412,7 @@ static void run_swiglu_rope_cases(bool full) {
 
 int main(int argc, char** argv) {
   return check_main(argc, argv, "layer_ops_check",
-                    {{"rms_norm", run_rms_norm_cases}, {"swiglu_rope", run_swiglu_rope_cases},
+                    {{"norms", run_norm_cases}, {"swiglu_rope", run_swiglu_rope_cases},
                      {"decode_linear", run_decode_linear_cases}},
                     failures);
 }
