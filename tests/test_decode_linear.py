@@ -244,11 +244,22 @@ def test_decode_mode_routes_few_row_linears_to_the_fused_op(monkeypatch, backend
     with ops.use_backend(backend), torch.no_grad():
         with DecodeLinearMode():
             out_few, out_many = layer(few), layer(many)
-            layer(one)  # a single row: torch's own matrix-vector path
+            layer(one)  # a single 16-bit row: torch's own matrix-vector path
+            single32 = torch.nn.Linear(24, 10)(one.float())  # a single float32 row: the fused kernel
             layer.double()(few.double())  # float64: no fused kernel, the model's own F.linear
-    assert calls == [(2, 1, 24)]
+    assert calls == [(2, 1, 24), (1, 24)]
+    assert single32.shape == (1, 10)
     _check(out_few, few, layer.weight.to(torch.bfloat16), layer.bias.to(torch.bfloat16), torch.bfloat16)
     assert out_many.shape == (DECODE_LINEAR_MAX_ROWS + 1, 10)
+
+
+def test_decode_steps_enter_the_routing_mode_only_for_batches_it_routes():
+    from gptfast.generation.runner import DECODE_LINEAR_MAX_ROWS, DecodeLinearMode, decode_linears
+    cpu = [torch.zeros(rows, 1, dtype=torch.long) for rows in (1, 2, DECODE_LINEAR_MAX_ROWS + 1)]
+    assert isinstance(decode_linears(cpu[0], torch.float32), DecodeLinearMode)
+    assert not isinstance(decode_linears(cpu[0], torch.bfloat16), DecodeLinearMode)
+    assert isinstance(decode_linears(cpu[1], torch.bfloat16), DecodeLinearMode)
+    assert not isinstance(decode_linears(cpu[2], torch.float32), DecodeLinearMode)
 
 
 @needs_cpu_backend

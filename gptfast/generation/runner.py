@@ -76,14 +76,19 @@ def masked_decode_attention(q, k, v, last_visible):
 
 # Rows of x for which a decode step's linear layers go to ops.decode_linear (a batch of decode tokens).
 # From 2 rows the fused kernel measured 1.0-3x faster than F.linear in every run (8 rows: 2.5-4x, fp32 and
-# bf16); with one row torch's own matrix-vector path measured from 1.3x slower to several times faster
-# on a busy 2-core machine, so single rows keep F.linear until a quiet measurement says otherwise.
+# bf16).  One float32 row measured 1.15-2x faster on a quiet machine (GPT-2 124M's matrices, the
+# 50257-row head 1.6x); one 16-bit row measured 0.9-1.5x, so single 16-bit rows keep F.linear.
 DECODE_LINEAR_MIN_ROWS = 2
 DECODE_LINEAR_MAX_ROWS = 16
 
 
+def routes_rows(rows: int, dtype: torch.dtype) -> bool:
+    """True when a decode step's linear of ``rows`` rows of ``dtype`` goes to ``ops.decode_linear``."""
+    return DECODE_LINEAR_MIN_ROWS <= rows <= DECODE_LINEAR_MAX_ROWS or (rows == 1 and dtype == torch.float32)
+
+
 class DecodeLinearMode(TorchFunctionMode):
-    """Sends ``F.linear`` calls with 2 to ``DECODE_LINEAR_MAX_ROWS`` rows of CPU input to ``ops.decode_linear``.
+    """Sends ``F.linear`` calls of CPU input with the rows :func:`routes_rows` accepts to ``ops.decode_linear``.
 
     Active only around cached CPU decode steps, so the model itself is unchanged.  A call
     goes to the op only when the selected backend (``"auto"`` included) would run it on a
@@ -105,7 +110,7 @@ class DecodeLinearMode(TorchFunctionMode):
             return None
         if x.dim() < 1 or x.dtype != weight.dtype:
             return None
-        if not DECODE_LINEAR_MIN_ROWS <= x.shape[:-1].numel() <= DECODE_LINEAR_MAX_ROWS:
+        if not routes_rows(x.shape[:-1].numel(), x.dtype):
             return None
         if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != x.dtype):
             return None
@@ -116,11 +121,11 @@ class DecodeLinearMode(TorchFunctionMode):
         return None if name == "torch" else fn(x, weight, bias=bias)
 
 
-def decode_linears(tokens: torch.Tensor):
-    """The context a decode step of ``tokens`` ``(B, 1)`` runs in: :class:`DecodeLinearMode` on CPU for
-    ``DECODE_LINEAR_MIN_ROWS <= B <= DECODE_LINEAR_MAX_ROWS``, nothing elsewhere (a mode that would route
-    nothing would still intercept every torch call of the step)."""
-    if tokens.device.type == "cpu" and DECODE_LINEAR_MIN_ROWS <= tokens.shape[0] <= DECODE_LINEAR_MAX_ROWS:
+def decode_linears(tokens: torch.Tensor, dtype: torch.dtype):
+    """The context a decode step of ``tokens`` ``(B, 1)`` through weights of ``dtype`` runs in:
+    :class:`DecodeLinearMode` on CPU when :func:`routes_rows` accepts ``B`` rows, nothing elsewhere (a mode
+    that would route nothing would still intercept every torch call of the step)."""
+    if tokens.device.type == "cpu" and routes_rows(tokens.shape[0], dtype):
         return DecodeLinearMode()
     return contextlib.nullcontext()
 
@@ -141,6 +146,7 @@ class CachedRunner:
         self.rotary = is_rotary(model)
         att = self.blocks[0].att
         self.group_size = att.num_heads // att.num_kv_groups if self.rotary else 1
+        self.weight_dtype = model.out_head.weight.dtype  # the dtype the decode steps' linear layers read
 
     def causal_attention(self, q, k, v):
         """Causal attention of ``q`` over the (grouped) ``k``/``v``: the queries are the last key positions.
@@ -282,11 +288,11 @@ class CachedRunner:
                 values[:, :, positions] = v[:, :, 0]
                 return self.causal_attention(q, keys[:, :, :n_keys], values[:, :, :n_keys])
 
-            with decode_linears(tokens):
+            with decode_linears(tokens, self.weight_dtype):
                 return self._run(tokens, torch.tensor([positions], device=tokens.device), attend)
         self._check_positions(max(positions), cache.max_len)
         per_row = torch.tensor(positions, device=tokens.device)
-        with decode_linears(tokens):
+        with decode_linears(tokens, self.weight_dtype):
             return self._run(tokens, per_row.unsqueeze(1),
                              self._per_row_attend(cache, per_row, n_keys=max(positions) + 1))
 
@@ -297,7 +303,7 @@ class CachedRunner:
         ``positions`` is a ``(B,)`` device tensor; attention spans the whole cache
         with keys past each row's position masked out.
         """
-        with decode_linears(tokens):
+        with decode_linears(tokens, self.weight_dtype):
             return self._run(tokens, positions.unsqueeze(1), self._per_row_attend(cache, positions, n_keys=None))
 
     def _per_row_attend(self, cache, positions, n_keys):

@@ -111,6 +111,28 @@ def register_kernels(namespace: str, *, fakes_in_bodies: bool = False) -> None:
     linear.register(namespace, fakes=not fakes_in_bodies)
 
 
+def fused_entry_points(namespace: str, **overrides) -> dict:
+    """Every op's entry point bound to ``namespace``'s kernels: the table each kernel backend exposes.
+
+    The op modules hold the entry points (``fused_<op>(namespace, ...)``); ``overrides``
+    replaces one for a backend whose layer differs (the CUDA attention's head-dim padding).
+    A backend module puts the result in its namespace, so ``getattr(backend, op)`` finds it.
+    """
+    import functools
+
+    from . import activation, attention, linear, loss, normalization, rotary, sampling
+
+    table = {
+        "causal_attention": attention.fused_causal_attention, "cross_entropy": loss.fused_cross_entropy,
+        "linear_cross_entropy": loss.fused_linear_cross_entropy, "sample_next_token": sampling.fused_sample_next_token,
+        "rms_norm": normalization.fused_rms_norm, "layer_norm": normalization.fused_layer_norm,
+        "swiglu": activation.fused_swiglu, "gelu": activation.fused_gelu, "rope": rotary.fused_rope,
+        "decode_linear": linear.fused_decode_linear,
+    }
+    table.update(overrides)
+    return {op: functools.partial(fn, namespace) for op, fn in table.items()}
+
+
 def unavailable_reason(name: str) -> str | None:
     """``None`` if backend ``name`` can run here, else why it cannot."""
     if name not in BACKENDS:

@@ -8,15 +8,12 @@ extension, registers those for the ``gptfast_cpu`` namespace and binds the ops t
 
 from __future__ import annotations
 
-import functools
 import platform
 
 import torch
 
 from .. import _build_info
-from . import (activation as _activation, attention as _attention, linear as _linear, loss as _loss,
-               normalization as _normalization, rotary as _rotary, sampling as _sampling)
-from ._dispatch import register_kernels, stale_extension_reason
+from ._dispatch import fused_entry_points, register_kernels, stale_extension_reason
 
 NAMESPACE = "gptfast_cpu"
 DEVICES = ("cpu",)
@@ -65,16 +62,8 @@ def unavailable_reason() -> str | None:
     return _LOAD_ERROR
 
 
-causal_attention = functools.partial(_attention.fused_causal_attention, NAMESPACE)
-cross_entropy = functools.partial(_loss.fused_cross_entropy, NAMESPACE)
-linear_cross_entropy = functools.partial(_loss.fused_linear_cross_entropy, NAMESPACE)
-sample_next_token = functools.partial(_sampling.fused_sample_next_token, NAMESPACE)
-rms_norm = functools.partial(_normalization.fused_rms_norm, NAMESPACE)
-layer_norm = functools.partial(_normalization.fused_layer_norm, NAMESPACE)
-swiglu = functools.partial(_activation.fused_swiglu, NAMESPACE)
-gelu = functools.partial(_activation.fused_gelu, NAMESPACE)
-rope = functools.partial(_rotary.fused_rope, NAMESPACE)
-decode_linear = functools.partial(_linear.fused_decode_linear, NAMESPACE)
+# One function per op, bound to this namespace (``causal_attention``, ``cross_entropy``, ...).
+globals().update(fused_entry_points(NAMESPACE))
 
 
 def supports(op: str, *args, **kwargs) -> str | None:

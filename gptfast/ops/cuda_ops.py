@@ -13,14 +13,12 @@ works.  A target outside ``[0, V)`` is never read: its row's loss and gradient a
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
 from .. import _build_info
-from . import (activation as _activation, attention as _attention, linear as _linear, loss as _loss,
-               normalization as _normalization, rotary as _rotary, sampling as _sampling)
-from ._dispatch import register_kernels, stale_extension_reason
+from . import attention as _attention
+from ._dispatch import fused_entry_points, register_kernels, stale_extension_reason
 
 NAMESPACE = "gptfast_cuda"
 DEVICES = ("cuda",)
@@ -76,13 +74,5 @@ def supports(op, *args, **kwargs) -> str | None:
     return None
 
 
-causal_attention = functools.partial(_attention.cuda_causal_attention, NAMESPACE)
-cross_entropy = functools.partial(_loss.fused_cross_entropy, NAMESPACE)
-linear_cross_entropy = functools.partial(_loss.fused_linear_cross_entropy, NAMESPACE)
-sample_next_token = functools.partial(_sampling.fused_sample_next_token, NAMESPACE)
-rms_norm = functools.partial(_normalization.fused_rms_norm, NAMESPACE)
-layer_norm = functools.partial(_normalization.fused_layer_norm, NAMESPACE)
-swiglu = functools.partial(_activation.fused_swiglu, NAMESPACE)
-gelu = functools.partial(_activation.fused_gelu, NAMESPACE)
-rope = functools.partial(_rotary.fused_rope, NAMESPACE)
-decode_linear = functools.partial(_linear.fused_decode_linear, NAMESPACE)
+# One function per op, bound to this namespace (``causal_attention``, ``cross_entropy``, ...).
+globals().update(fused_entry_points(NAMESPACE, causal_attention=_attention.cuda_causal_attention))

@@ -13,15 +13,12 @@ The linear cross-entropy runs the shared chunked driver on the Triton cross-entr
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 
 import torch
 
-from . import (activation as _activation, attention as _attention, linear as _linear, loss as _loss,
-               normalization as _normalization, rotary as _rotary, sampling as _sampling)
-from ._dispatch import register_kernels
+from ._dispatch import fused_entry_points, register_kernels
 
 NAMESPACE = "gptfast_triton"
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -67,13 +64,5 @@ def supports(op: str, *args, **kwargs) -> str | None:
     return _kernels["sampling" if op == "sample_next_token" else "cross_entropy"].unsupported_reason(x)
 
 
-causal_attention = functools.partial(_attention.fused_causal_attention, NAMESPACE)
-cross_entropy = functools.partial(_loss.fused_cross_entropy, NAMESPACE)
-linear_cross_entropy = functools.partial(_loss.fused_linear_cross_entropy, NAMESPACE)
-sample_next_token = functools.partial(_sampling.fused_sample_next_token, NAMESPACE)
-rms_norm = functools.partial(_normalization.fused_rms_norm, NAMESPACE)
-layer_norm = functools.partial(_normalization.fused_layer_norm, NAMESPACE)
-swiglu = functools.partial(_activation.fused_swiglu, NAMESPACE)
-gelu = functools.partial(_activation.fused_gelu, NAMESPACE)
-rope = functools.partial(_rotary.fused_rope, NAMESPACE)
-decode_linear = functools.partial(_linear.fused_decode_linear, NAMESPACE)
+# One function per op, bound to this namespace (``causal_attention``, ``cross_entropy``, ...).
+globals().update(fused_entry_points(NAMESPACE))
