@@ -234,41 +234,61 @@ def _count_routed(monkeypatch):
 
 @needs_cpu_backend
 @pytest.mark.parametrize("backend", ["auto", "cpu"])
-def test_decode_mode_routes_few_row_linears_to_the_fused_op(monkeypatch, backend):
-    from gptfast.generation.runner import DECODE_LINEAR_MAX_ROWS, DecodeLinearMode
+def test_routed_linears_send_few_row_calls_to_the_fused_op(monkeypatch, backend):
+    from gptfast.generation.runner import DECODE_LINEAR_MAX_ROWS, RoutedLinears
     calls = _count_routed(monkeypatch)
     one = torch.randn(1, 24).to(torch.bfloat16)
     layer = torch.nn.Linear(24, 10).to(torch.bfloat16)
+    layer32, layer64 = torch.nn.Linear(24, 10), torch.nn.Linear(24, 10).double()
     few = torch.randn(2, 1, 24).to(torch.bfloat16)
     many = torch.randn(DECODE_LINEAR_MAX_ROWS + 1, 24).to(torch.bfloat16)
     with ops.use_backend(backend), torch.no_grad():
-        with DecodeLinearMode():
+        with RoutedLinears([layer, layer32, layer64]):
             out_few, out_many = layer(few), layer(many)
             layer(one)  # a single 16-bit row: torch's own matrix-vector path
-            single32 = torch.nn.Linear(24, 10)(one.float())  # a single float32 row: the fused kernel
-            layer.double()(few.double())  # float64: no fused kernel, the model's own F.linear
+            single32 = layer32(one.float())  # a single float32 row: the fused kernel
+            layer64(few.double())  # float64: no fused kernel, the model's own F.linear
+            untouched = torch.nn.Linear(24, 10).to(torch.bfloat16)(few)  # not handed over: never routed
+        after = layer(few)  # the context is left: plain F.linear again
     assert calls == [(2, 1, 24), (1, 24)]
-    assert single32.shape == (1, 10)
+    assert "forward" not in layer.__dict__ and torch.equal(after, F.linear(few, layer.weight, layer.bias))
+    assert single32.shape == (1, 10) and untouched.shape == (2, 1, 10)
     _check(out_few, few, layer.weight.to(torch.bfloat16), layer.bias.to(torch.bfloat16), torch.bfloat16)
     assert out_many.shape == (DECODE_LINEAR_MAX_ROWS + 1, 10)
 
 
-def test_decode_steps_enter_the_routing_mode_only_for_batches_it_routes():
-    from gptfast.generation.runner import DECODE_LINEAR_MAX_ROWS, DecodeLinearMode, decode_linears
+def test_routed_linears_are_restored_after_an_error():
+    from gptfast.generation.runner import RoutedLinears
+    layer = torch.nn.Linear(4, 3)
+    with pytest.raises(RuntimeError, match="boom"), RoutedLinears([layer]):
+        assert "forward" in layer.__dict__
+        raise RuntimeError("boom")
+    assert "forward" not in layer.__dict__
+
+
+def test_decode_steps_route_only_batches_the_kernel_serves():
+    from gptfast.generation.runner import DECODE_LINEAR_MAX_ROWS, RoutedLinears, decode_linears, plain_linears
     cpu = [torch.zeros(rows, 1, dtype=torch.long) for rows in (1, 2, DECODE_LINEAR_MAX_ROWS + 1)]
-    assert isinstance(decode_linears(cpu[0], torch.float32), DecodeLinearMode)
-    assert not isinstance(decode_linears(cpu[0], torch.bfloat16), DecodeLinearMode)
-    assert isinstance(decode_linears(cpu[1], torch.bfloat16), DecodeLinearMode)
-    assert not isinstance(decode_linears(cpu[2], torch.float32), DecodeLinearMode)
+    assert isinstance(decode_linears(cpu[0], torch.float32, []), RoutedLinears)
+    assert not isinstance(decode_linears(cpu[0], torch.bfloat16, []), RoutedLinears)
+    assert isinstance(decode_linears(cpu[1], torch.bfloat16, []), RoutedLinears)
+    assert not isinstance(decode_linears(cpu[2], torch.float32, []), RoutedLinears)
+
+    class OwnLinear(torch.nn.Linear):  # computes otherwise: left alone
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), OwnLinear(3, 3), torch.nn.ReLU())
+    assert plain_linears(model) == [model[0]]
 
 
 @needs_cpu_backend
-def test_decode_mode_keeps_f_linear_with_the_torch_backend(monkeypatch):
-    from gptfast.generation.runner import DecodeLinearMode
+def test_routed_linears_keep_f_linear_with_the_torch_backend(monkeypatch):
+    from gptfast.generation.runner import RoutedLinears
     calls = _count_routed(monkeypatch)
     layer = torch.nn.Linear(24, 10)
     x = torch.randn(3, 24)
-    with ops.use_backend("torch"), torch.no_grad(), DecodeLinearMode():
+    with ops.use_backend("torch"), torch.no_grad(), RoutedLinears([layer]):
         out = layer(x)
     assert calls == [] and torch.equal(out, F.linear(x, layer.weight, layer.bias))
 
