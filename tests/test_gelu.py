@@ -15,7 +15,7 @@ import torch
 from gptfast import ops
 from gptfast.ops import torch_ops
 
-from parity import backend_cases, backend_devices, needs_cpu_backend, tol
+from parity import backend_cases, backend_devices, kernel_namespace, needs_cpu_backend, opcheck_kwargs, tol
 
 _ORACLE = torch_ops.gelu
 
@@ -93,10 +93,7 @@ def test_nan_and_inf_follow_the_oracle(backend, device, dtype):
 
 @pytest.mark.parametrize("backend, device", backend_devices())
 def test_opcheck(backend, device):
-    utils = (("test_schema", "test_autograd_registration", "test_faketensor") if backend == "triton"
-             and device == "cpu" else None)
-    kwargs = {} if utils is None else dict(test_utils=utils)
-    namespace = getattr(torch.ops, f"gptfast_{backend}")
+    kwargs, namespace = opcheck_kwargs(backend, device), kernel_namespace(backend)
     x, grad = (t.to(device) for t in _inputs((5, 37)))
     torch.library.opcheck(namespace.gelu_fwd.default, (x.requires_grad_(True),), **kwargs)
     torch.library.opcheck(namespace.gelu_bwd.default, (grad, x.detach()), **kwargs)

@@ -19,7 +19,7 @@ import torch
 from gptfast import ops
 from gptfast.ops import torch_ops
 
-from parity import backend_cases, backend_devices, needs_cpu_backend, tol
+from parity import backend_cases, backend_devices, kernel_namespace, needs_cpu_backend, opcheck_kwargs, tol
 
 _ORACLE = torch_ops.layer_norm
 
@@ -146,10 +146,7 @@ def test_cpu_results_do_not_depend_on_the_thread_count(dtype):
 
 @pytest.mark.parametrize("backend, device", backend_devices())
 def test_opcheck(backend, device):
-    utils = (("test_schema", "test_autograd_registration", "test_faketensor") if backend == "triton"
-             and device == "cpu" else None)
-    kwargs = {} if utils is None else dict(test_utils=utils)
-    namespace = getattr(torch.ops, f"gptfast_{backend}")
+    kwargs, namespace = opcheck_kwargs(backend, device), kernel_namespace(backend)
     x, w, b, grad = (t.to(device) for t in _inputs((6,), 37))
     torch.library.opcheck(namespace.layer_norm_fwd.default,
                           (x.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True), 1e-5), **kwargs)

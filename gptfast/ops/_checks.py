@@ -188,16 +188,21 @@ def require_positive_number(name: str, value) -> float:
     return float(value)
 
 
-def check_rms_norm(x, weight, eps) -> None:
-    require_tensor("x", x)
-    require_tensor("weight", weight)
-    require_float("x", x)
-    require_float("weight", weight)
+def _check_row_norm(x, **params) -> None:
+    """x ``(..., D)`` with a non-empty last axis and each of ``params`` a ``(D,)`` float tensor on x's device."""
+    for name, t in (("x", x), *params.items()):
+        require_tensor(name, t)
+        require_float(name, t)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last axis (..., D), got shape {tuple(x.shape)}")
-    if weight.shape != (x.shape[-1],):
-        raise ValueError(f"weight must have shape ({x.shape[-1]},) to match x's last axis, got {tuple(weight.shape)}")
-    require_same_device(x=x, weight=weight)
+    for name, t in params.items():
+        if t.shape != (x.shape[-1],):
+            raise ValueError(f"{name} must have shape ({x.shape[-1]},) to match x's last axis, got {tuple(t.shape)}")
+    require_same_device(x=x, **params)
+
+
+def check_rms_norm(x, weight, eps) -> None:
+    _check_row_norm(x, weight=weight)
     require_positive_number("eps", eps)
 
 
@@ -208,18 +213,7 @@ def require_non_negative_number(name: str, value) -> float:
 
 
 def check_layer_norm(x, weight, bias, eps) -> None:
-    require_tensor("x", x)
-    require_tensor("weight", weight)
-    require_tensor("bias", bias)
-    require_float("x", x)
-    require_float("weight", weight)
-    require_float("bias", bias)
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"x must have a non-empty last axis (..., D), got shape {tuple(x.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t.shape != (x.shape[-1],):
-            raise ValueError(f"{name} must have shape ({x.shape[-1]},) to match x's last axis, got {tuple(t.shape)}")
-    require_same_device(x=x, weight=weight, bias=bias)
+    _check_row_norm(x, weight=weight, bias=bias)
     require_non_negative_number("eps", eps)
 
 
