@@ -210,9 +210,17 @@ def _run(module, x, grad):
     return out.detach(), x.grad, module.scale.grad, module.shift.grad
 
 
-def test_gpt_layer_norm_keeps_the_book_lines_on_backend_torch(monkeypatch):
+def _no_layer_norm_op_calls(monkeypatch):
+    """A list that records any call of a backend's layer_norm (the module must not make one)."""
+    from gptfast.ops import cpu_ops, torch_ops
     calls = []
-    monkeypatch.setattr(ops, "layer_norm", lambda *a, **k: calls.append(a))
+    for backend in (cpu_ops, torch_ops, ops):
+        monkeypatch.setattr(backend, "layer_norm", lambda *a, **k: calls.append(a))
+    return calls
+
+
+def test_gpt_layer_norm_keeps_the_book_lines_on_backend_torch(monkeypatch):
+    calls = _no_layer_norm_op_calls(monkeypatch)
     book, ours, x, grad = _book_and_ours(torch.float32)
     with ops.use_backend("torch"):
         got = _run(ours, x, grad)
@@ -223,14 +231,15 @@ def test_gpt_layer_norm_keeps_the_book_lines_on_backend_torch(monkeypatch):
 @needs_cpu_backend
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpt_layer_norm_runs_the_fused_op_on_a_fused_backend(monkeypatch, dtype):
+    from gptfast.ops import cpu_ops
     calls = []
-    fused = ops.layer_norm
+    fused = cpu_ops.layer_norm
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape)
         return fused(*args, **kwargs)
 
-    monkeypatch.setattr(ops, "layer_norm", counting)
+    monkeypatch.setattr(cpu_ops, "layer_norm", counting)
     book, ours, x, grad = _book_and_ours(dtype)
     with ops.use_backend("cpu"):
         got = _run(ours, x, grad)
@@ -244,8 +253,7 @@ def test_gpt_layer_norm_runs_the_fused_op_on_a_fused_backend(monkeypatch, dtype)
 @needs_cpu_backend
 def test_gpt_layer_norm_keeps_the_book_lines_when_dtypes_differ(monkeypatch):
     """bfloat16 activations with float32 parameters: the book promotes to float32, so do we."""
-    calls = []
-    monkeypatch.setattr(ops, "layer_norm", lambda *a, **k: calls.append(a))
+    calls = _no_layer_norm_op_calls(monkeypatch)
     book, ours, x, _ = _book_and_ours(torch.float32)
     with ops.use_backend("cpu"), torch.no_grad():
         out = ours(x.bfloat16())

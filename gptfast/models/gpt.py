@@ -198,10 +198,15 @@ class LayerNorm(nn.Module):
         # A fused backend runs gptfast.ops.layer_norm (one pass each way, float32 statistics); it
         # keeps x's dtype, so only when the parameters share it (else the book's lines promote).
         # Backend "torch" keeps the book's lines: bitwise the reference, gradients included.
-        if (x.dtype == self.scale.dtype == self.shift.dtype and x.dtype.is_floating_point and x.dim() >= 1
-                and self.scale.shape == self.shift.shape == (x.shape[-1],) and x.shape[-1] > 0 and self.eps >= 0
-                and ops.selected_backend("layer_norm", x, self.scale, self.shift) != "torch"):
-            return ops.layer_norm(x, self.scale, self.shift, eps=self.eps)
+        # The conditions are ops.layer_norm's argument checks, so the resolved kernel is called
+        # directly: one backend resolution per call, which matters at decode size (one row).
+        scale, shift = self.scale, self.shift
+        if (x.dtype == scale.dtype == shift.dtype and x.dtype.is_floating_point and x.dim() >= 1
+                and scale.shape == shift.shape == (x.shape[-1],) and x.shape[-1] > 0 and self.eps >= 0
+                and x.device == scale.device == shift.device):
+            name, layer_norm = ops.resolve("layer_norm", x.device, (x, scale, shift), {"eps": self.eps})
+            if name != "torch":
+                return layer_norm(x, scale, shift, eps=float(self.eps))
         mean = x.mean(dim=-1, keepdim=True)
         var = x.var(dim=-1, keepdim=True, unbiased=False)
         return self.scale * ((x - mean) / torch.sqrt(var + self.eps)) + self.shift
@@ -218,9 +223,10 @@ class GELU(nn.Module):
         # formula itself, bitwise the reference's numbers and gradients.  Its sqrt(2/pi) stays a
         # float32 0-dim tensor as there: a 16-bit x rounds it to its own dtype first, which a
         # Python float would not, so only the tensor gives the reference's bf16/fp16 bits.
-        if (x.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-                and ops.selected_backend("gelu", x) != "torch"):
-            return ops.gelu(x)
+        if x.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):  # ops.gelu's checks
+            name, gelu = ops.resolve("gelu", x.device, (x,), {})
+            if name != "torch":
+                return gelu(x)
         return 0.5 * x * (1 + torch.tanh(torch.sqrt(torch.tensor(2.0 / torch.pi)) * (x + 0.044715 * torch.pow(x, 3))))
 
 
