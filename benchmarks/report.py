@@ -152,7 +152,11 @@ def speedups(rows: list[dict]) -> list[dict]:
 
 
 def _fmt(value, spec, scale=1.0):
-    return "" if value is None else format(value * scale, spec)
+    if value is None:
+        return ""
+    if isinstance(value, dict):  # an interleaved benchmark records one value per implementation
+        return ", ".join(f"{impl} {format(v * scale, spec)}" for impl, v in value.items())
+    return format(value * scale, spec)
 
 
 def markdown(doc: dict) -> str:

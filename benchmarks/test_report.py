@@ -45,3 +45,9 @@ def test_render_without_results(tmp_path, capsys):
         assert "no results JSON" in str(exc)
     else:
         raise AssertionError("an empty results folder must raise FileNotFoundError")
+
+
+def test_per_implementation_values_of_interleaved_benchmarks_are_rendered():
+    # run_interleaved records e.g. peak_bytes as {impl: value}: each value gets the column's format
+    assert report._fmt({"reference": 2 * 2**20, "gptfast": 2**19}, ".1f", 1 / 2**20) == "reference 2.0, gptfast 0.5"
+    assert report._fmt(None, ".1f") == "" and report._fmt(1.5, ".2f") == "1.50"
