@@ -257,6 +257,31 @@ def test_routed_linears_send_few_row_calls_to_the_fused_op(monkeypatch, backend)
     assert out_many.shape == (DECODE_LINEAR_MAX_ROWS + 1, 10)
 
 
+@needs_cpu_backend
+def test_routed_linears_resolve_each_kind_of_call_once_per_step(monkeypatch):
+    from gptfast.generation import runner
+    calls = _count_routed(monkeypatch)
+    resolved = []
+    real_resolve = runner.ops.resolve
+
+    def counting_resolve(op, device, args=(), kwargs=None, backend=None):
+        resolved.append(tuple(args[0].shape))
+        return real_resolve(op, device, args, kwargs, backend)
+
+    monkeypatch.setattr(runner.ops, "resolve", counting_resolve)
+    first, second = torch.nn.Linear(24, 10), torch.nn.Linear(24, 10)
+    x, wide = torch.randn(2, 24), torch.randn(3, 24)
+    with torch.no_grad():
+        with runner.RoutedLinears([first, second]):
+            outs = [first(x), second(x), first(x), first(wide)]
+        with runner.RoutedLinears([first]):  # a new step resolves again
+            first(x)
+    assert resolved == [(2, 24), (3, 24), (2, 24)]
+    assert calls == [(2, 24), (2, 24), (2, 24), (3, 24), (2, 24)]
+    for out, layer, inp in zip(outs, (first, second, first, first), (x, x, x, wide)):
+        torch.testing.assert_close(out, F.linear(inp, layer.weight, layer.bias))
+
+
 def test_routed_linears_are_restored_after_an_error():
     from gptfast.generation.runner import RoutedLinears
     layer = torch.nn.Linear(4, 3)

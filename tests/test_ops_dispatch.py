@@ -377,3 +377,35 @@ def test_an_extension_older_than_the_package_is_refused_with_the_ops_it_lacks():
     assert "cross_entropy_fwd_inplace" in _dispatch.stale_extension_reason("gptfast_never_built", own_ops=own)
     if ops.unavailable_reason("cpu") is None:
         assert _dispatch.stale_extension_reason("gptfast_cpu", own_ops=own) is None
+
+
+def _autograd_layer_calls(fn):
+    """Names of the functions of torch's Python autograd layer for custom ops that ``fn()`` enters."""
+    entered = []
+
+    def profiler(frame, event, _arg):
+        path = frame.f_code.co_filename.replace("\\", "/")
+        if event == "call" and path.endswith("torch/_library/autograd.py"):
+            entered.append(frame.f_code.co_name)
+
+    sys.setprofile(profiler)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return entered
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_kernel_calls_without_grad_skip_the_python_autograd_layer(backend):
+    if ops.unavailable_reason(backend) is not None:
+        pytest.skip(ops.unavailable_reason(backend))
+    x = torch.randn(3, 8, requires_grad=True)
+    weight, bias = torch.randn(8, requires_grad=True), torch.randn(8)
+    with ops.use_backend(backend):
+        assert _autograd_layer_calls(lambda: ops.layer_norm(x, weight, bias))  # a graph is recorded through it
+        with torch.no_grad():
+            assert _autograd_layer_calls(lambda: ops.layer_norm(x, weight, bias)) == []
+            out = ops.layer_norm(x, weight, bias)
+        assert out.grad_fn is None and not out.requires_grad
+        torch.testing.assert_close(out, ops.layer_norm(x, weight, bias).detach())

@@ -51,16 +51,25 @@ inline T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
-// Sum of a[0..n) (vectorized).
-template <typename T>
-inline T vec_sum(const T* a, int64_t n) {
+// Sum over a[0..n) of term(a[j]), where term is a generic callable applied to a vector of
+// lanes and to the scalar tail alike (e.g. [](auto v) { return v * v; }).  Four independent
+// vector accumulators: with one, every add waits for the previous one (a latency chain as
+// long as the row), which made the norms' row sums twice slower.
+template <typename T, typename Term>
+inline T sum_of(const T* a, int64_t n, Term term) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
-  V acc(T(0));
-  int64_t i = 0;
-  for (; i + L <= n; i += L) acc = acc + V::loadu(a + i);
-  T s = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, acc);
-  for (; i < n; ++i) s += a[i];
+  V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+  int64_t j = 0;
+  for (; j + 4 * L <= n; j += 4 * L) {
+    a0 = a0 + term(V::loadu(a + j));
+    a1 = a1 + term(V::loadu(a + j + L));
+    a2 = a2 + term(V::loadu(a + j + 2 * L));
+    a3 = a3 + term(V::loadu(a + j + 3 * L));
+  }
+  for (; j + L <= n; j += L) a0 = a0 + term(V::loadu(a + j));
+  T s = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, (a0 + a1) + (a2 + a3));
+  for (; j < n; ++j) s += term(a[j]);
   return s;
 }
 
@@ -116,5 +125,27 @@ inline const T* widen(const scalar_t* src, int64_t n, T* buffer) {
 // Rows per block of a deterministic column reduction over N rows (the weight gradients of the
 // norms): a function of N only, so the summation order never depends on the thread count.
 inline int64_t rows_per_block(int64_t N) { return std::max<int64_t>(8, (N + 63) / 64); }
+
+// A deterministic column sum over N rows into total[0..width): the rows are cut into blocks of
+// rows_per_block(N); blocks run in parallel, accumulate(row_begin, row_end, part) adding its rows'
+// contributions into the block's own zeroed `width` partials; then each column adds the blocks'
+// partials in block order (column-parallel) into total, which it overwrites.  accumulate may
+// also write per-row outputs (dx).
+template <typename T, typename Accumulate>
+void sum_over_row_blocks(int64_t N, int64_t width, T* total, Accumulate accumulate) {
+  const int64_t per_block = rows_per_block(N), blocks = (N + per_block - 1) / per_block;
+  std::vector<T> partial(static_cast<size_t>(blocks * width), T(0));
+  at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+    for (int64_t b = b_begin; b < b_end; ++b)
+      accumulate(b * per_block, std::min(N, (b + 1) * per_block), partial.data() + b * width);
+  });
+  at::parallel_for(0, width, 256, [&](int64_t c_begin, int64_t c_end) {
+    std::fill(total + c_begin, total + c_end, T(0));
+    for (int64_t b = 0; b < blocks; ++b) {
+      const T* part = partial.data() + b * width;
+      for (int64_t j = c_begin; j < c_end; ++j) total[j] += part[j];
+    }
+  });
+}
 
 }  // namespace gptfast_cpu

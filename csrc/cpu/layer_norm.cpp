@@ -21,51 +21,6 @@
 namespace gptfast_cpu {
 namespace {
 
-// The row sums below keep four independent vector accumulators: with one, every add waits for
-// the previous one (a latency chain as long as the row), which made the forward twice slower.
-template <typename T>
-T row_sum(const T* x, int64_t n) {
-  using V = Vectorized<T>;
-  constexpr int64_t L = V::size();
-  V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
-  int64_t j = 0;
-  for (; j + 4 * L <= n; j += 4 * L) {
-    a0 = a0 + V::loadu(x + j);
-    a1 = a1 + V::loadu(x + j + L);
-    a2 = a2 + V::loadu(x + j + 2 * L);
-    a3 = a3 + V::loadu(x + j + 3 * L);
-  }
-  for (; j + L <= n; j += L) a0 = a0 + V::loadu(x + j);
-  T s = at::vec::vec_reduce_all<T>([](V a, V b) { return a + b; }, (a0 + a1) + (a2 + a3));
-  for (; j < n; ++j) s += x[j];
-  return s;
-}
-
-// Sum of (x[j] - mu)^2 over the row.
-template <typename T>
-T sum_sq_dev(const T* x, int64_t n, T mu) {
-  using V = Vectorized<T>;
-  constexpr int64_t L = V::size();
-  const V vmu(mu);
-  V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
-  int64_t j = 0;
-  for (; j + 4 * L <= n; j += 4 * L) {
-    const V d0 = V::loadu(x + j) - vmu, d1 = V::loadu(x + j + L) - vmu;
-    const V d2 = V::loadu(x + j + 2 * L) - vmu, d3 = V::loadu(x + j + 3 * L) - vmu;
-    a0 = at::vec::fmadd(d0, d0, a0);
-    a1 = at::vec::fmadd(d1, d1, a1);
-    a2 = at::vec::fmadd(d2, d2, a2);
-    a3 = at::vec::fmadd(d3, d3, a3);
-  }
-  for (; j + L <= n; j += L) {
-    const V d = V::loadu(x + j) - vmu;
-    a0 = at::vec::fmadd(d, d, a0);
-  }
-  T s = at::vec::vec_reduce_all<T>([](V a, V b) { return a + b; }, (a0 + a1) + (a2 + a3));
-  for (; j < n; ++j) s += (x[j] - mu) * (x[j] - mu);
-  return s;
-}
-
 template <typename scalar_t>
 void layer_norm_fwd_impl(const at::Tensor& x, const at::Tensor& w_acc, const at::Tensor& b_acc, double eps,
                          at::Tensor& out, at::Tensor& mean, at::Tensor& rstd) {
@@ -86,8 +41,9 @@ void layer_norm_fwd_impl(const at::Tensor& x, const at::Tensor& w_acc, const at:
     std::vector<T> row_buf(kWide ? 0 : D), y_buf(kWide ? 0 : D);
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = widen(x_all + r * D, D, row_buf.data());
-      const T mu = row_sum(xr, D) * inv_d;
-      const T rs = T(1) / std::sqrt(sum_sq_dev(xr, D, mu) * inv_d + static_cast<T>(eps));
+      const T mu = sum_of(xr, D, [](auto v) { return v; }) * inv_d;
+      const T var = sum_of(xr, D, [mu](auto v) { const auto d = v - decltype(v)(mu); return d * d; }) * inv_d;
+      const T rs = T(1) / std::sqrt(var + static_cast<T>(eps));
       mean_all[r] = mu;
       rstd_all[r] = rs;
       T* y = kWide ? reinterpret_cast<T*>(out_all + r * D) : y_buf.data();
@@ -116,76 +72,60 @@ void layer_norm_bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Ten
   const T* rstd_all = rstd.const_data_ptr<T>();
   scalar_t* dx_all = dx.data_ptr<scalar_t>();
   const T inv_d = T(1) / static_cast<T>(D);
-  const int64_t per_block = rows_per_block(N), blocks = (N + per_block - 1) / per_block;
-  // Block b's partial dweight at [2bD, 2bD + D), its partial dbias right after.
-  std::vector<T> partial(static_cast<size_t>(blocks * 2 * D), T(0));
-  at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+  // dweight and dbias side by side: a block's partials, and the totals, are [dweight | dbias].
+  std::vector<T> totals(static_cast<size_t>(2 * D));
+  sum_over_row_blocks<T>(N, 2 * D, totals.data(), [&](int64_t r_begin, int64_t r_end, T* part_w) {
+    T* part_b = part_w + D;
     std::vector<T> xb(kWide ? 0 : D), gb(kWide ? 0 : D), db(kWide ? 0 : D);
-    for (int64_t blk = b_begin; blk < b_end; ++blk) {
-      T* part_w = partial.data() + blk * 2 * D;
-      T* part_b = part_w + D;
-      for (int64_t r = blk * per_block; r < std::min(N, (blk + 1) * per_block); ++r) {
-        const T* xr = widen(x_all + r * D, D, xb.data());
-        const T* gr = widen(g_all + r * D, D, gb.data());
-        const T mu = mean_all[r], rs = rstd_all[r];
-        const V vmu(mu), vrs(rs);
-        // One sweep: sum(gw), sum(gw * xhat) and the block's dweight/dbias partials (two
-        // accumulators per sum, as in row_sum).
-        V v_gw0(T(0)), v_gw1(T(0)), v_gwxh0(T(0)), v_gwxh1(T(0));
-        const auto step = [&](int64_t k, V& v_gw, V& v_gwxh) {
-          const V gv = V::loadu(gr + k);
-          const V xh = (V::loadu(xr + k) - vmu) * vrs;
-          const V gw = gv * V::loadu(w + k);
-          v_gw = v_gw + gw;
-          v_gwxh = at::vec::fmadd(gw, xh, v_gwxh);
-          at::vec::fmadd(gv, xh, V::loadu(part_w + k)).store(part_w + k);
-          (V::loadu(part_b + k) + gv).store(part_b + k);
-        };
-        int64_t j = 0;
-        for (; j + 2 * L <= D; j += 2 * L) {
-          step(j, v_gw0, v_gwxh0);
-          step(j + L, v_gw1, v_gwxh1);
-        }
-        for (; j + L <= D; j += L) step(j, v_gw0, v_gwxh0);
-        const auto add = [](V a, V b2) { return a + b2; };
-        T s_gw = at::vec::vec_reduce_all<T>(add, v_gw0 + v_gw1);
-        T s_gwxh = at::vec::vec_reduce_all<T>(add, v_gwxh0 + v_gwxh1);
-        for (; j < D; ++j) {
-          const T xh = (xr[j] - mu) * rs;
-          const T gw = gr[j] * w[j];
-          s_gw += gw;
-          s_gwxh += gw * xh;
-          part_w[j] += gr[j] * xh;
-          part_b[j] += gr[j];
-        }
-        const T c1 = s_gw * inv_d, c2 = s_gwxh * inv_d;
-        const V vc1(c1), vc2(c2);
-        T* d = kWide ? reinterpret_cast<T*>(dx_all + r * D) : db.data();
-        j = 0;
-        for (; j + L <= D; j += L) {
-          const V xh = (V::loadu(xr + j) - vmu) * vrs;
-          const V gw = V::loadu(gr + j) * V::loadu(w + j);
-          (vrs * (gw - vc1 - xh * vc2)).store(d + j);
-        }
-        for (; j < D; ++j) d[j] = rs * (gr[j] * w[j] - c1 - ((xr[j] - mu) * rs) * c2);
-        if constexpr (!kWide) at::vec::convert(d, dx_all + r * D, D);
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      const T* xr = widen(x_all + r * D, D, xb.data());
+      const T* gr = widen(g_all + r * D, D, gb.data());
+      const T mu = mean_all[r], rs = rstd_all[r];
+      const V vmu(mu), vrs(rs);
+      // One sweep: sum(gw), sum(gw * xhat) and the block's dweight/dbias partials (two
+      // accumulators per sum, as in sum_of).
+      V v_gw0(T(0)), v_gw1(T(0)), v_gwxh0(T(0)), v_gwxh1(T(0));
+      const auto step = [&](int64_t k, V& v_gw, V& v_gwxh) {
+        const V gv = V::loadu(gr + k);
+        const V xh = (V::loadu(xr + k) - vmu) * vrs;
+        const V gw = gv * V::loadu(w + k);
+        v_gw = v_gw + gw;
+        v_gwxh = at::vec::fmadd(gw, xh, v_gwxh);
+        at::vec::fmadd(gv, xh, V::loadu(part_w + k)).store(part_w + k);
+        (V::loadu(part_b + k) + gv).store(part_b + k);
+      };
+      int64_t j = 0;
+      for (; j + 2 * L <= D; j += 2 * L) {
+        step(j, v_gw0, v_gwxh0);
+        step(j + L, v_gw1, v_gwxh1);
       }
+      for (; j + L <= D; j += L) step(j, v_gw0, v_gwxh0);
+      const auto add = [](V a, V b2) { return a + b2; };
+      T s_gw = at::vec::vec_reduce_all<T>(add, v_gw0 + v_gw1);
+      T s_gwxh = at::vec::vec_reduce_all<T>(add, v_gwxh0 + v_gwxh1);
+      for (; j < D; ++j) {
+        const T xh = (xr[j] - mu) * rs;
+        const T gw = gr[j] * w[j];
+        s_gw += gw;
+        s_gwxh += gw * xh;
+        part_w[j] += gr[j] * xh;
+        part_b[j] += gr[j];
+      }
+      const T c1 = s_gw * inv_d, c2 = s_gwxh * inv_d;
+      const V vc1(c1), vc2(c2);
+      T* d = kWide ? reinterpret_cast<T*>(dx_all + r * D) : db.data();
+      j = 0;
+      for (; j + L <= D; j += L) {
+        const V xh = (V::loadu(xr + j) - vmu) * vrs;
+        const V gw = V::loadu(gr + j) * V::loadu(w + j);
+        (vrs * (gw - vc1 - xh * vc2)).store(d + j);
+      }
+      for (; j < D; ++j) d[j] = rs * (gr[j] * w[j] - c1 - ((xr[j] - mu) * rs) * c2);
+      if constexpr (!kWide) at::vec::convert(d, dx_all + r * D, D);
     }
   });
-  // Column-parallel sum of the partials, block by block (a fixed order).
-  T* dw = dw_acc.data_ptr<T>();
-  T* dbias = db_acc.data_ptr<T>();
-  at::parallel_for(0, D, 256, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t j = c_begin; j < c_end; ++j) dw[j] = dbias[j] = T(0);
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      const T* part_w = partial.data() + blk * 2 * D;
-      const T* part_b = part_w + D;
-      for (int64_t j = c_begin; j < c_end; ++j) {
-        dw[j] += part_w[j];
-        dbias[j] += part_b[j];
-      }
-    }
-  });
+  std::copy(totals.begin(), totals.begin() + D, dw_acc.data_ptr<T>());
+  std::copy(totals.begin() + D, totals.end(), db_acc.data_ptr<T>());
 }
 
 void check_rows(const at::Tensor& t, const char* name, int64_t N, int64_t D) {

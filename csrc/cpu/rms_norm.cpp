@@ -19,21 +19,6 @@
 namespace gptfast_cpu {
 namespace {
 
-template <typename T>
-T sum_squares(const T* x, int64_t n) {
-  using V = Vectorized<T>;
-  constexpr int64_t L = V::size();
-  V acc(T(0));
-  int64_t j = 0;
-  for (; j + L <= n; j += L) {
-    const V v = V::loadu(x + j);
-    acc = acc + v * v;
-  }
-  T s = at::vec::vec_reduce_all<T>([](V a, V b) { return a + b; }, acc);
-  for (; j < n; ++j) s += x[j] * x[j];
-  return s;
-}
-
 template <typename scalar_t>
 void rms_norm_fwd_impl(const at::Tensor& x, const at::Tensor& w_acc, double eps, at::Tensor& out, at::Tensor& rstd) {
   using T = acc_t<scalar_t>;
@@ -49,7 +34,8 @@ void rms_norm_fwd_impl(const at::Tensor& x, const at::Tensor& w_acc, double eps,
     std::vector<T> row_buf(std::is_same_v<scalar_t, T> ? 0 : D), y_buf(std::is_same_v<scalar_t, T> ? 0 : D);
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = widen(x_all + r * D, D, row_buf.data());
-      const T rs = T(1) / std::sqrt(sum_squares(xr, D) / static_cast<T>(D) + static_cast<T>(eps));
+      const T mean_sq = sum_of(xr, D, [](auto v) { return v * v; }) / static_cast<T>(D);
+      const T rs = T(1) / std::sqrt(mean_sq + static_cast<T>(eps));
       rstd_all[r] = rs;
       T* y = std::is_same_v<scalar_t, T> ? reinterpret_cast<T*>(out_all + r * D) : y_buf.data();
       const V vrs(rs);
@@ -74,51 +60,38 @@ void rms_norm_bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tenso
   const T* w = w_acc.const_data_ptr<T>();
   const T* rstd_all = rstd.const_data_ptr<T>();
   scalar_t* dx_all = dx.data_ptr<scalar_t>();
-  const int64_t per_block = rows_per_block(N), blocks = (N + per_block - 1) / per_block;
-  std::vector<T> partial(static_cast<size_t>(blocks * D), T(0));
-  at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+  // dweight's partials: per block of rows, summed in block order (sum_over_row_blocks).
+  sum_over_row_blocks<T>(N, D, dw_acc.data_ptr<T>(), [&](int64_t r_begin, int64_t r_end, T* part) {
     std::vector<T> xb(kWide ? 0 : D), gb(kWide ? 0 : D), db(kWide ? 0 : D);
-    for (int64_t b = b_begin; b < b_end; ++b) {
-      T* part = partial.data() + b * D;
-      for (int64_t r = b * per_block; r < std::min(N, (b + 1) * per_block); ++r) {
-        const T* xr = widen(x_all + r * D, D, xb.data());
-        const T* gr = widen(g_all + r * D, D, gb.data());
-        const T rs = rstd_all[r];
-        const V vrs(rs);
-        // dot = sum(g * w * xhat); dweight partial += g * xhat
-        V vdot(T(0));
-        int64_t j = 0;
-        for (; j + L <= D; j += L) {
-          const V gxh = V::loadu(gr + j) * (V::loadu(xr + j) * vrs);
-          vdot = vdot + gxh * V::loadu(w + j);
-          (V::loadu(part + j) + gxh).store(part + j);
-        }
-        T dot = at::vec::vec_reduce_all<T>([](V a, V b2) { return a + b2; }, vdot);
-        for (; j < D; ++j) {
-          const T gxh = gr[j] * (xr[j] * rs);
-          dot += gxh * w[j];
-          part[j] += gxh;
-        }
-        const T c = dot / static_cast<T>(D);
-        const V vc(c);
-        T* d = kWide ? reinterpret_cast<T*>(dx_all + r * D) : db.data();
-        j = 0;
-        for (; j + L <= D; j += L) {
-          const V xh = V::loadu(xr + j) * vrs;
-          (vrs * (V::loadu(gr + j) * V::loadu(w + j) - xh * vc)).store(d + j);
-        }
-        for (; j < D; ++j) d[j] = rs * (gr[j] * w[j] - (xr[j] * rs) * c);
-        if constexpr (!kWide) at::vec::convert(d, dx_all + r * D, D);
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      const T* xr = widen(x_all + r * D, D, xb.data());
+      const T* gr = widen(g_all + r * D, D, gb.data());
+      const T rs = rstd_all[r];
+      const V vrs(rs);
+      // dot = sum(g * w * xhat); dweight partial += g * xhat
+      V vdot(T(0));
+      int64_t j = 0;
+      for (; j + L <= D; j += L) {
+        const V gxh = V::loadu(gr + j) * (V::loadu(xr + j) * vrs);
+        vdot = vdot + gxh * V::loadu(w + j);
+        (V::loadu(part + j) + gxh).store(part + j);
       }
-    }
-  });
-  // Column-parallel sum of the partials, block by block (a fixed order).
-  T* dw = dw_acc.data_ptr<T>();
-  at::parallel_for(0, D, 256, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t j = c_begin; j < c_end; ++j) dw[j] = T(0);
-    for (int64_t b = 0; b < blocks; ++b) {
-      const T* part = partial.data() + b * D;
-      for (int64_t j = c_begin; j < c_end; ++j) dw[j] += part[j];
+      T dot = at::vec::vec_reduce_all<T>([](V a, V b2) { return a + b2; }, vdot);
+      for (; j < D; ++j) {
+        const T gxh = gr[j] * (xr[j] * rs);
+        dot += gxh * w[j];
+        part[j] += gxh;
+      }
+      const T c = dot / static_cast<T>(D);
+      const V vc(c);
+      T* d = kWide ? reinterpret_cast<T*>(dx_all + r * D) : db.data();
+      j = 0;
+      for (; j + L <= D; j += L) {
+        const V xh = V::loadu(xr + j) * vrs;
+        (vrs * (V::loadu(gr + j) * V::loadu(w + j) - xh * vc)).store(d + j);
+      }
+      for (; j < D; ++j) d[j] = rs * (gr[j] * w[j] - (xr[j] * rs) * c);
+      if constexpr (!kWide) at::vec::convert(d, dx_all + r * D, D);
     }
   });
 }

@@ -9,10 +9,29 @@
 
 #include <cstdint>
 
+#include "loss_sampling_launch.h"  // FloatType
+
 namespace gptfast {
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+
+// ----------------------------------------------------------------- host dispatch
+
+// f(T{}) with T the element type `dtype` names (float, __half, __nv_bfloat16): the launchers' one
+// dtype switch, e.g. with_element_type(dtype, [&](auto t) { return launch<decltype(t)>(...); }).
+template <typename F>
+cudaError_t with_element_type(FloatType dtype, F&& f) {
+  switch (dtype) {
+    case FloatType::kFloat32:
+      return f(float{});
+    case FloatType::kFloat16:
+      return f(__half{});
+    case FloatType::kBFloat16:
+      return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 // ----------------------------------------------------------------- conversions
 

@@ -142,18 +142,10 @@ cudaError_t launch_cross_entropy_fwd(const void* logits, int64_t row_stride, Flo
                                      float* loss_rows, void* grad, int64_t grad_row_stride, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
   if (rows > 0x7fffffffLL || vocab <= 0) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case FloatType::kFloat32:
-      return launch_index<float>(logits, row_stride, targets, targets_int64, rows, vocab, ignore_index, loss_rows,
+  return with_element_type(dtype, [&](auto t) {
+    return launch_index<decltype(t)>(logits, row_stride, targets, targets_int64, rows, vocab, ignore_index, loss_rows,
                                  grad, grad_row_stride, stream);
-    case FloatType::kFloat16:
-      return launch_index<__half>(logits, row_stride, targets, targets_int64, rows, vocab, ignore_index, loss_rows,
-                                  grad, grad_row_stride, stream);
-    case FloatType::kBFloat16:
-      return launch_index<__nv_bfloat16>(logits, row_stride, targets, targets_int64, rows, vocab, ignore_index,
-                                         loss_rows, grad, grad_row_stride, stream);
-  }
-  return cudaErrorInvalidValue;
+  });
 }
 
 }  // namespace gptfast

@@ -152,15 +152,9 @@ cudaError_t launch_decode_linear(const void* x, const void* weight, const void* 
                                  int64_t N, int64_t K, void* out, cudaStream_t stream) {
   if (M < 0 || N < 0 || K < 0) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
-  switch (dtype) {
-    case FloatType::kFloat32:
-      return launch_typed<float>(x, weight, bias, M, N, K, out, stream);
-    case FloatType::kFloat16:
-      return launch_typed<__half>(x, weight, bias, M, N, K, out, stream);
-    case FloatType::kBFloat16:
-      return launch_typed<__nv_bfloat16>(x, weight, bias, M, N, K, out, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(dtype, [&](auto t) {
+    return launch_typed<decltype(t)>(x, weight, bias, M, N, K, out, stream);
+  });
 }
 
 }  // namespace gptfast

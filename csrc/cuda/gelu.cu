@@ -63,29 +63,13 @@ cudaError_t bwd_typed(const void* grad, const void* x, int64_t n, void* dx, cuda
 
 cudaError_t launch_gelu_fwd(const void* x, FloatType dtype, int64_t n, void* out, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  switch (dtype) {
-    case FloatType::kFloat32:
-      return fwd_typed<float>(x, n, out, stream);
-    case FloatType::kFloat16:
-      return fwd_typed<__half>(x, n, out, stream);
-    case FloatType::kBFloat16:
-      return fwd_typed<__nv_bfloat16>(x, n, out, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(dtype, [&](auto t) { return fwd_typed<decltype(t)>(x, n, out, stream); });
 }
 
 cudaError_t launch_gelu_bwd(const void* grad, const void* x, FloatType dtype, int64_t n, void* dx,
                             cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  switch (dtype) {
-    case FloatType::kFloat32:
-      return bwd_typed<float>(grad, x, n, dx, stream);
-    case FloatType::kFloat16:
-      return bwd_typed<__half>(grad, x, n, dx, stream);
-    case FloatType::kBFloat16:
-      return bwd_typed<__nv_bfloat16>(grad, x, n, dx, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(dtype, [&](auto t) { return bwd_typed<decltype(t)>(grad, x, n, dx, stream); });
 }
 
 }  // namespace gptfast

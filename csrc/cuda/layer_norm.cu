@@ -125,15 +125,9 @@ cudaError_t launch_layer_norm_fwd(const void* x, FloatType dtype, const float* w
                                   cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
   if (rows > 0x7fffffffLL || dim <= 0) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case FloatType::kFloat32:
-      return fwd_typed<float>(x, weight, bias, rows, dim, eps, out, mean, rstd, stream);
-    case FloatType::kFloat16:
-      return fwd_typed<__half>(x, weight, bias, rows, dim, eps, out, mean, rstd, stream);
-    case FloatType::kBFloat16:
-      return fwd_typed<__nv_bfloat16>(x, weight, bias, rows, dim, eps, out, mean, rstd, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(dtype, [&](auto t) {
+    return fwd_typed<decltype(t)>(x, weight, bias, rows, dim, eps, out, mean, rstd, stream);
+  });
 }
 
 cudaError_t launch_layer_norm_bwd(const void* grad, const void* x, FloatType dtype, const float* weight,
@@ -141,18 +135,9 @@ cudaError_t launch_layer_norm_bwd(const void* grad, const void* x, FloatType dty
                                   float* partial, float* dweight, float* dbias, cudaStream_t stream) {
   if (dim <= 0) return cudaErrorInvalidValue;
   if (rows > 0) {
-    cudaError_t status = cudaErrorInvalidValue;
-    switch (dtype) {
-      case FloatType::kFloat32:
-        status = bwd_typed<float>(grad, x, weight, mean, rstd, rows, dim, dx, partial, stream);
-        break;
-      case FloatType::kFloat16:
-        status = bwd_typed<__half>(grad, x, weight, mean, rstd, rows, dim, dx, partial, stream);
-        break;
-      case FloatType::kBFloat16:
-        status = bwd_typed<__nv_bfloat16>(grad, x, weight, mean, rstd, rows, dim, dx, partial, stream);
-        break;
-    }
+    const cudaError_t status = with_element_type(dtype, [&](auto t) {
+      return bwd_typed<decltype(t)>(grad, x, weight, mean, rstd, rows, dim, dx, partial, stream);
+    });
     if (status != cudaSuccess) return status;
   }
   const int64_t blocks = rows > 0 ? layer_norm_bwd_blocks(rows) : 0;

@@ -110,48 +110,25 @@ cudaError_t launch_rms_norm_fwd(const void* x, FloatType dtype, const float* wei
                                 float eps, void* out, float* rstd, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
   if (rows > 0x7fffffffLL || dim <= 0) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case FloatType::kFloat32:
-      return fwd_typed<float>(x, weight, rows, dim, eps, out, rstd, stream);
-    case FloatType::kFloat16:
-      return fwd_typed<__half>(x, weight, rows, dim, eps, out, rstd, stream);
-    case FloatType::kBFloat16:
-      return fwd_typed<__nv_bfloat16>(x, weight, rows, dim, eps, out, rstd, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(dtype, [&](auto t) {
+    return fwd_typed<decltype(t)>(x, weight, rows, dim, eps, out, rstd, stream);
+  });
 }
 
 cudaError_t launch_rms_norm_bwd(const void* grad, const void* x, FloatType dtype, const float* weight,
                                 const float* rstd, int64_t rows, int64_t dim, void* dx, float* partial,
                                 void* dweight, FloatType weight_dtype, cudaStream_t stream) {
   if (dim <= 0) return cudaErrorInvalidValue;
-  cudaError_t status = cudaSuccess;
   if (rows > 0) {
-    switch (dtype) {
-      case FloatType::kFloat32:
-        status = bwd_typed<float>(grad, x, weight, rstd, rows, dim, dx, partial, stream);
-        break;
-      case FloatType::kFloat16:
-        status = bwd_typed<__half>(grad, x, weight, rstd, rows, dim, dx, partial, stream);
-        break;
-      case FloatType::kBFloat16:
-        status = bwd_typed<__nv_bfloat16>(grad, x, weight, rstd, rows, dim, dx, partial, stream);
-        break;
-      default:
-        return cudaErrorInvalidValue;
-    }
+    const cudaError_t status = with_element_type(dtype, [&](auto t) {
+      return bwd_typed<decltype(t)>(grad, x, weight, rstd, rows, dim, dx, partial, stream);
+    });
     if (status != cudaSuccess) return status;
   }
   const int64_t blocks = rows > 0 ? rms_norm_bwd_blocks(rows) : 0;
-  switch (weight_dtype) {
-    case FloatType::kFloat32:
-      return sum_typed<float>(partial, blocks, dim, dweight, stream);
-    case FloatType::kFloat16:
-      return sum_typed<__half>(partial, blocks, dim, dweight, stream);
-    case FloatType::kBFloat16:
-      return sum_typed<__nv_bfloat16>(partial, blocks, dim, dweight, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(weight_dtype, [&](auto t) {
+    return sum_typed<decltype(t)>(partial, blocks, dim, dweight, stream);
+  });
 }
 
 }  // namespace gptfast

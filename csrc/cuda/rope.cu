@@ -65,18 +65,10 @@ cudaError_t launch_rope(const void* x, FloatType dtype, int64_t B, int64_t H, in
                         const int64_t* positions, int64_t offset, bool backward, void* out, cudaStream_t stream) {
   if (B <= 0 || H <= 0 || T <= 0) return cudaSuccess;
   if (D <= 0 || D % 2 != 0) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case FloatType::kFloat32:
-      return rope_typed<float>(x, B, H, T, D, sb, sh, st, cos, sin, table_rows, positions, offset, backward, out,
+  return with_element_type(dtype, [&](auto t) {
+    return rope_typed<decltype(t)>(x, B, H, T, D, sb, sh, st, cos, sin, table_rows, positions, offset, backward, out,
                                stream);
-    case FloatType::kFloat16:
-      return rope_typed<__half>(x, B, H, T, D, sb, sh, st, cos, sin, table_rows, positions, offset, backward, out,
-                                stream);
-    case FloatType::kBFloat16:
-      return rope_typed<__nv_bfloat16>(x, B, H, T, D, sb, sh, st, cos, sin, table_rows, positions, offset, backward,
-                                       out, stream);
-  }
-  return cudaErrorInvalidValue;
+  });
 }
 
 }  // namespace gptfast

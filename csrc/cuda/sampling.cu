@@ -225,18 +225,10 @@ cudaError_t launch_sample_next_token(const void* logits, int64_t row_stride, Flo
                                      int64_t* out, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
   if (rows > 0x7fffffffLL || vocab <= 0 || vocab > 0x7fffffffLL) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case FloatType::kFloat32:
-      return launch_typed<float>(logits, row_stride, rows, vocab, temperature, temperature_value, top_k,
+  return with_element_type(dtype, [&](auto t) {
+    return launch_typed<decltype(t)>(logits, row_stride, rows, vocab, temperature, temperature_value, top_k,
                                  top_k_value, rng, out, stream);
-    case FloatType::kFloat16:
-      return launch_typed<__half>(logits, row_stride, rows, vocab, temperature, temperature_value, top_k,
-                                  top_k_value, rng, out, stream);
-    case FloatType::kBFloat16:
-      return launch_typed<__nv_bfloat16>(logits, row_stride, rows, vocab, temperature, temperature_value, top_k,
-                                         top_k_value, rng, out, stream);
-  }
-  return cudaErrorInvalidValue;
+  });
 }
 
 }  // namespace gptfast

@@ -57,29 +57,15 @@ cudaError_t bwd_typed(const void* grad, const void* gate, const void* up, int64_
 cudaError_t launch_swiglu_fwd(const void* gate, const void* up, FloatType dtype, int64_t n, void* out,
                               cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  switch (dtype) {
-    case FloatType::kFloat32:
-      return fwd_typed<float>(gate, up, n, out, stream);
-    case FloatType::kFloat16:
-      return fwd_typed<__half>(gate, up, n, out, stream);
-    case FloatType::kBFloat16:
-      return fwd_typed<__nv_bfloat16>(gate, up, n, out, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(dtype, [&](auto t) { return fwd_typed<decltype(t)>(gate, up, n, out, stream); });
 }
 
 cudaError_t launch_swiglu_bwd(const void* grad, const void* gate, const void* up, FloatType dtype, int64_t n,
                               void* d_gate, void* d_up, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  switch (dtype) {
-    case FloatType::kFloat32:
-      return bwd_typed<float>(grad, gate, up, n, d_gate, d_up, stream);
-    case FloatType::kFloat16:
-      return bwd_typed<__half>(grad, gate, up, n, d_gate, d_up, stream);
-    case FloatType::kBFloat16:
-      return bwd_typed<__nv_bfloat16>(grad, gate, up, n, d_gate, d_up, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(dtype, [&](auto t) {
+    return bwd_typed<decltype(t)>(grad, gate, up, n, d_gate, d_up, stream);
+  });
 }
 
 }  // namespace gptfast

@@ -19,11 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._launch import INTERPRETER, launch, next_power_of_2
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_D = 65536  # one row in registers
-_BWD_PROGRAMS = 128
+from ._launch import launch, load_row_f32, next_power_of_2, row_slices, row_unsupported_reason, row_warps
 
 
 @triton.jit
@@ -31,9 +27,9 @@ def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, D, 
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     inside = cols < D
-    x = tl.load(x_ptr + row * D + cols, mask=inside, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    x = load_row_f32(x_ptr, row, D, cols, inside)
+    w = load_row_f32(w_ptr, 0, D, cols, inside)
+    b = load_row_f32(b_ptr, 0, D, cols, inside)
     mean = tl.sum(x, 0) / D
     dev = tl.where(inside, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, 0) / D + eps)
@@ -48,15 +44,15 @@ def _layer_norm_bwd_kernel(g_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, part
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     inside = cols < D
-    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    w = load_row_f32(w_ptr, 0, D, cols, inside)
     dw = tl.zeros([BLOCK_D], tl.float32)
     db = tl.zeros([BLOCK_D], tl.float32)
     first = pid * rows_per_program
     for i in range(0, rows_per_program):
         row = first + i
         if row < N:
-            x = tl.load(x_ptr + row * D + cols, mask=inside, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + row * D + cols, mask=inside, other=0.0).to(tl.float32)
+            x = load_row_f32(x_ptr, row, D, cols, inside)
+            g = load_row_f32(g_ptr, row, D, cols, inside)
             mean = tl.load(mean_ptr + row)
             rstd = tl.load(rstd_ptr + row)
             xhat = tl.where(inside, (x - mean) * rstd, 0.0)
@@ -71,10 +67,6 @@ def _layer_norm_bwd_kernel(g_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, part
     tl.store(partial_b_ptr + pid * D + cols, db, mask=inside)
 
 
-def _warps(block: int) -> dict:
-    return {} if INTERPRETER else dict(num_warps=min(16, max(1, block // 256)))
-
-
 @triton_op("gptfast_triton::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,7 +79,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     if n > 0:
         block = next_power_of_2(d)
         launch(_layer_norm_fwd_kernel, (n,), x, weight.contiguous(), bias.contiguous(), out, mean, rstd, d, eps,
-               BLOCK_D=block, **_warps(block))
+               BLOCK_D=block, **row_warps(block))
     return out, mean, rstd
 
 
@@ -99,21 +91,16 @@ def layer_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     g = grad_out.to(x.dtype).contiguous()
     n, d = x.shape
     dx = torch.empty((n, d), device=x.device, dtype=x.dtype)
-    programs = max(1, min(n, _BWD_PROGRAMS))
-    rows_per_program = (n + programs - 1) // programs if n > 0 else 0
+    programs, rows_per_program = row_slices(n)
     partial_w = torch.zeros((programs, d), device=x.device, dtype=torch.float32)
     partial_b = torch.zeros((programs, d), device=x.device, dtype=torch.float32)
     if n > 0:
         block = next_power_of_2(d)
         launch(_layer_norm_bwd_kernel, (programs,), g, x, weight.contiguous(), mean.contiguous(), rstd.contiguous(),
-               dx, partial_w, partial_b, n, d, rows_per_program, BLOCK_D=block, **_warps(block))
+               dx, partial_w, partial_b, n, d, rows_per_program, BLOCK_D=block, **row_warps(block))
     return dx, partial_w.sum(0), partial_b.sum(0)
 
 
 def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> str | None:
     """``None`` if the kernels can run on these inputs, else why not."""
-    if x.dtype not in DTYPES or weight.dtype not in DTYPES or bias.dtype not in DTYPES:
-        return f"dtypes {x.dtype}/{weight.dtype}/{bias.dtype} are not supported (float32/float16/bfloat16)"
-    if x.shape[-1] > MAX_D:
-        return f"rows longer than {MAX_D} elements are not supported, got {x.shape[-1]}"
-    return None
+    return row_unsupported_reason(x, weight, bias)

@@ -17,11 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._launch import INTERPRETER, launch, next_power_of_2
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_D = 65536  # one row in registers
-_BWD_PROGRAMS = 128
+from ._launch import launch, load_row_f32, next_power_of_2, row_slices, row_unsupported_reason, row_warps
 
 
 @triton.jit
@@ -29,8 +25,8 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, out_ptr, rstd_ptr, D, eps, BLOCK_D: tl.co
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     inside = cols < D
-    x = tl.load(x_ptr + row * D + cols, mask=inside, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    x = load_row_f32(x_ptr, row, D, cols, inside)
+    w = load_row_f32(w_ptr, 0, D, cols, inside)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / D + eps)
     tl.store(rstd_ptr + row, rstd)
     tl.store(out_ptr + row * D + cols, ((x * rstd) * w).to(out_ptr.dtype.element_ty), mask=inside)
@@ -42,14 +38,14 @@ def _rms_norm_bwd_kernel(g_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, partial_ptr, N, 
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     inside = cols < D
-    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    w = load_row_f32(w_ptr, 0, D, cols, inside)
     dw = tl.zeros([BLOCK_D], tl.float32)
     first = pid * rows_per_program
     for i in range(0, rows_per_program):
         row = first + i
         if row < N:
-            x = tl.load(x_ptr + row * D + cols, mask=inside, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + row * D + cols, mask=inside, other=0.0).to(tl.float32)
+            x = load_row_f32(x_ptr, row, D, cols, inside)
+            g = load_row_f32(g_ptr, row, D, cols, inside)
             rstd = tl.load(rstd_ptr + row)
             xhat = x * rstd
             gxh = g * xhat
@@ -58,10 +54,6 @@ def _rms_norm_bwd_kernel(g_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, partial_ptr, N, 
             dx = rstd * (g * w - xhat * c)
             tl.store(dx_ptr + row * D + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)
     tl.store(partial_ptr + pid * D + cols, dw, mask=inside)
-
-
-def _warps(block: int) -> dict:
-    return {} if INTERPRETER else dict(num_warps=min(16, max(1, block // 256)))
 
 
 @triton_op("gptfast_triton::rms_norm_fwd", mutates_args=())
@@ -73,7 +65,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
     rstd = torch.empty((n,), device=x.device, dtype=torch.float32)
     if n > 0:
         block = next_power_of_2(d)
-        launch(_rms_norm_fwd_kernel, (n,), x, weight.contiguous(), out, rstd, d, eps, BLOCK_D=block, **_warps(block))
+        launch(_rms_norm_fwd_kernel, (n,), x, weight.contiguous(), out, rstd, d, eps, BLOCK_D=block, **row_warps(block))
     return out, rstd
 
 
@@ -85,20 +77,15 @@ def rms_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     g = grad_out.to(x.dtype).contiguous()
     n, d = x.shape
     dx = torch.empty((n, d), device=x.device, dtype=x.dtype)
-    programs = max(1, min(n, _BWD_PROGRAMS))
-    rows_per_program = (n + programs - 1) // programs if n > 0 else 0
+    programs, rows_per_program = row_slices(n)
     partial = torch.zeros((programs, d), device=x.device, dtype=torch.float32)
     if n > 0:
         block = next_power_of_2(d)
         launch(_rms_norm_bwd_kernel, (programs,), g, x, weight.contiguous(), rstd.contiguous(), dx, partial, n, d,
-               rows_per_program, BLOCK_D=block, **_warps(block))
+               rows_per_program, BLOCK_D=block, **row_warps(block))
     return dx, partial.sum(0).to(weight.dtype)
 
 
 def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, *_) -> str | None:
     """``None`` if the kernels can run on these inputs, else why not."""
-    if x.dtype not in DTYPES or weight.dtype not in DTYPES:
-        return f"dtypes {x.dtype}/{weight.dtype} are not supported (float32/float16/bfloat16)"
-    if x.shape[-1] > MAX_D:
-        return f"rows longer than {MAX_D} elements are not supported, got {x.shape[-1]}"
-    return None
+    return row_unsupported_reason(x, weight)

@@ -87,49 +87,59 @@ def routes_rows(rows: int, dtype: torch.dtype) -> bool:
     return DECODE_LINEAR_MIN_ROWS <= rows <= DECODE_LINEAR_MAX_ROWS or (rows == 1 and dtype == torch.float32)
 
 
-def routed_linear(x, weight, bias=None):
-    """``F.linear(x, weight, bias)`` of a decode step: on ``ops.decode_linear`` where :func:`routes_rows` accepts
-    the rows and the selected backend (``"auto"`` included) runs it on a fused kernel, else ``F.linear`` itself.
+def decode_linear_kernel(x, weight, bias=None):
+    """The ``ops.decode_linear`` entry point that runs ``F.linear(x, weight, bias)`` of a decode step, or ``None``.
 
-    With backend ``"torch"``, or a call no fused backend serves (float64, mixed dtypes), the
-    model's own ``F.linear`` runs, so the reference's numbers stay.
+    ``None`` (the model's own ``F.linear`` runs, so the reference's numbers stay) where
+    :func:`routes_rows` refuses the rows, with backend ``"torch"``, or for a call no fused
+    backend serves (float64, mixed dtypes); else the selected backend's entry point
+    (``"auto"`` included).
     """
     if x.device.type == "cpu" and x.dim() >= 1 and x.dtype == weight.dtype and routes_rows(
             x.shape[:-1].numel(), x.dtype) and (bias is None or bias.dtype == x.dtype):
         try:
             name, fn = ops.resolve("decode_linear", x.device, (x, weight), dict(bias=bias))
         except RuntimeError:  # a named backend that does not serve this call
-            name = "torch"
+            return None
         if name != "torch":
-            return fn(x, weight, bias=bias)
-    return torch.nn.functional.linear(x, weight, bias)
-
-
-def _routed_forward(module, x):
-    return routed_linear(x, module.weight, module.bias)
+            return fn
+    return None
 
 
 class RoutedLinears:
-    """Context: the given ``nn.Linear`` layers compute through :func:`routed_linear` inside it.
+    """Context: the given ``nn.Linear`` layers compute on :func:`decode_linear_kernel`'s entry point inside it.
 
     Each layer gets an instance ``forward`` for the duration (removed on exit, also after an
     error), so hooks and the model's code run as written and nothing else is intercepted: a
     ``TorchFunctionMode`` would put a Python call in front of every torch call of the step
-    (about 800 per GPT-2 token, ~20 ms on a 2-core CPU, a third of the step).
+    (about 800 per GPT-2 token, ~20 ms on a 2-core CPU, a third of the step).  The context
+    spans one step, so each kind of call (dtypes and shapes) resolves its backend once in it:
+    a resolution costs about as much as a small layer's kernel.
     """
 
     def __init__(self, linears):
         self.linears = linears
+        self._kernels = {}
 
     def __enter__(self):
         for module in self.linears:
-            module.forward = functools.partial(_routed_forward, module)
+            module.forward = functools.partial(self.linear, module)
         return self
 
     def __exit__(self, *exc):
         for module in self.linears:
             module.__dict__.pop("forward", None)
         return False
+
+    def linear(self, module, x):
+        """``module(x)`` for an ``nn.Linear`` ``module``, on its decode kernel (resolved once per kind) or ``F.linear``."""
+        weight, bias = module.weight, module.bias
+        key = (x.device, x.dtype, x.shape, weight.dtype, weight.shape, None if bias is None else bias.dtype)
+        try:
+            fn = self._kernels[key]
+        except KeyError:
+            fn = self._kernels[key] = decode_linear_kernel(x, weight, bias)
+        return torch.nn.functional.linear(x, weight, bias) if fn is None else fn(x, weight, bias=bias)
 
 
 def plain_linears(model) -> list:

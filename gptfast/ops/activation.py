@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _namespace(ops):
-    """``torch.ops.<ops>`` for a namespace name; any other object (a test's stand-in) as is."""
-    return getattr(torch.ops, ops) if isinstance(ops, str) else ops
+from ._dispatch import kernels, without_graph
 
 
 def _fake_swiglu_fwd(gate, up):
@@ -51,7 +48,7 @@ def _make_backward(namespace: str):
         if grad_out is None:
             return None, None
         gate, up = ctx.saved_tensors
-        return _namespace(namespace).swiglu_bwd(grad_out, gate, up)
+        return kernels(namespace).swiglu_bwd(grad_out, gate, up)
 
     return backward
 
@@ -61,7 +58,7 @@ def _make_gelu_backward(namespace: str):
         if grad_out is None:
             return None
         (x,) = ctx.saved_tensors
-        return _namespace(namespace).gelu_bwd(grad_out, x)
+        return kernels(namespace).gelu_bwd(grad_out, x)
 
     return backward
 
@@ -81,9 +78,11 @@ def register(namespace: str, *, fakes: bool = True) -> None:
 
 def fused_swiglu(ops, gate, up):
     """``silu(gate) * up`` on ``ops``' kernels (inputs already validated); the result has ``gate``'s shape."""
-    return _namespace(ops).swiglu_fwd(gate, up)
+    with without_graph():
+        return kernels(ops).swiglu_fwd(gate, up)
 
 
 def fused_gelu(ops, x):
     """GPT-2's tanh GELU on ``ops``' kernels (input already validated); the result has ``x``'s shape."""
-    return _namespace(ops).gelu_fwd(x)
+    with without_graph():
+        return kernels(ops).gelu_fwd(x)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._dispatch import kernels, without_graph
+
 # Seeds stay below 2**31 so kernels keyed by Philox can put (batch, head) in the high word.
 SEED_BOUND = 2**31 - 1
 
@@ -31,11 +33,6 @@ SEED_BOUND = 2**31 - 1
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_HEAD_DIMS = (64, 128)
 CUDA_MAX_GRID_DIM = 65535
-
-
-def _namespace(ops):
-    """``torch.ops.<ops>`` for a namespace name; any other object (a test's recorder) as is."""
-    return getattr(torch.ops, ops) if isinstance(ops, str) else ops
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -73,7 +70,7 @@ def _make_backward(namespace: str):
         if grad_out is None:  # the output did not reach the differentiated result
             return None, None, None, None, None, None
         q, k, v, out, lse, seed = ctx.saved_tensors
-        dq, dk, dv = _namespace(namespace).attention_bwd(grad_out, q, k, v, out, lse, *ctx.params, seed)
+        dq, dk, dv = kernels(namespace).attention_bwd(grad_out, q, k, v, out, lse, *ctx.params, seed)
         return dq, dk, dv, None, None, None
 
     return backward
@@ -87,7 +84,7 @@ def register(namespace: str, *, fakes: bool = True) -> None:
     if fakes:
         torch.library.register_fake(f"{namespace}::attention_fwd")(_fake_attention_fwd)
         torch.library.register_fake(f"{namespace}::attention_bwd")(_fake_attention_bwd)
-        if hasattr(_namespace(namespace), "decode_attention"):
+        if hasattr(kernels(namespace), "decode_attention"):
             torch.library.register_fake(f"{namespace}::decode_attention")(_fake_decode_attention)
     torch.library.register_autograd(f"{namespace}::attention_fwd", _make_backward(namespace),
                                     setup_context=_setup_context)
@@ -115,8 +112,9 @@ def fused_causal_attention(ops, q, k, v, *, dropout_p=0.0, training=False, scale
     scale = k.shape[-1] ** -0.5 if scale is None else float(scale)
     p = float(dropout_p) if training else 0.0
     seed = dropout_seed(q.device) if p > 0.0 else None
-    out, _ = _namespace(ops).attention_fwd(_unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v),
-                                           scale, p, seed)
+    with without_graph():
+        out, _ = kernels(ops).attention_fwd(_unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v),
+                                            scale, p, seed)
     return out
 
 
@@ -137,7 +135,8 @@ def cuda_causal_attention(ops, q, k, v, *, dropout_p=0.0, training=False, scale=
     p = float(dropout_p) if training else 0.0
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.shape[2] == 1 and p == 0.0 and not needs_grad:
-        return _namespace(ops).decode_attention(q, k, v, scale)
+        with without_graph():
+            return kernels(ops).decode_attention(q, k, v, scale)
     return fused_causal_attention(ops, q, k, v, dropout_p=p, training=True, scale=scale)
 
 

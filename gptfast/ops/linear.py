@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _namespace(ops):
-    """``torch.ops.<ops>`` for a namespace name; any other object (a test's stand-in) as is."""
-    return getattr(torch.ops, ops) if isinstance(ops, str) else ops
+from ._dispatch import kernels, without_graph
 
 
 def _fake_decode_linear(x, weight, bias):
@@ -53,5 +50,6 @@ def fused_decode_linear(ops, x, weight, bias=None):
     Same contract as ``gptfast.ops.decode_linear`` (inputs already validated).
     """
     rows = x.reshape(x.shape[:-1].numel(), x.shape[-1])
-    out = _namespace(ops).decode_linear(rows, weight.contiguous(), None if bias is None else bias.contiguous())
+    with without_graph():
+        out = kernels(ops).decode_linear(rows, weight.contiguous(), None if bias is None else bias.contiguous())
     return out.view(*x.shape[:-1], weight.shape[0])

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils import _python_dispatch
 
+from ._dispatch import kernels, without_graph
+
 # Logits elements per chunk of the linear cross-entropy: ~64 MB in float32 (about 330 tokens of
 # GPT-2's vocabulary on a CPU, large enough for efficient matmuls).
 CPU_CHUNK_ELEMENTS = 1 << 24
@@ -32,11 +34,6 @@ CPU_CHUNK_ELEMENTS = 1 << 24
 # of the weight (which d weight needs anyway), while the float32 d weight, a pass over V x H, is
 # added to only N / hidden_size times.
 GPU_MIN_CHUNK_ROWS = 256
-
-
-def _namespace(ops):
-    """``torch.ops.<ops>`` for a namespace name; any other object (a test's stand-in) as is."""
-    return getattr(torch.ops, ops) if isinstance(ops, str) else ops
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -144,7 +141,8 @@ def fused_cross_entropy(ops, logits, targets, *, ignore_index=-100, reduction="m
     """Cross-entropy on ``ops``' kernel (a namespace name such as ``"gptfast_cpu"``), one pass per row."""
     flat = logits.reshape(-1, logits.shape[-1])
     want_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss_rows, _ = _namespace(ops).cross_entropy_fwd(flat, _flat_targets(targets), int(ignore_index), want_grad)
+    with without_graph():
+        loss_rows, _ = kernels(ops).cross_entropy_fwd(flat, _flat_targets(targets), int(ignore_index), want_grad)
     return reduce_loss(loss_rows, targets, ignore_index, reduction, logits.dtype)
 
 
@@ -180,7 +178,7 @@ def _accumulate(acc_tensor, product, first):
 def _inplace_kernel(ops):
     """``ops``' ``cross_entropy_fwd_inplace`` (the gradient written over the logits), or None where it has none."""
     try:
-        return getattr(_namespace(ops), "cross_entropy_fwd_inplace")
+        return getattr(kernels(ops), "cross_entropy_fwd_inplace")
     except AttributeError:
         return None
 
@@ -350,7 +348,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def fused_linear_cross_entropy(ops, hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean"):
     """Cross-entropy of the output head on ``ops``' cross-entropy kernel, without the ``(N, V)`` logits."""
-    kernel = _gradient_in_place(_namespace(ops).cross_entropy_fwd, _inplace_kernel(ops))
+    kernel = _gradient_in_place(kernels(ops).cross_entropy_fwd, _inplace_kernel(ops))
     op_name = f"{ops}::cross_entropy_fwd (linear cross-entropy)" if isinstance(ops, str) else "linear cross-entropy"
     flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     flat_targets = _flat_targets(targets)

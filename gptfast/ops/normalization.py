@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _namespace(ops):
-    """``torch.ops.<ops>`` for a namespace name; any other object (a test's stand-in) as is."""
-    return getattr(torch.ops, ops) if isinstance(ops, str) else ops
+from ._dispatch import kernels, without_graph
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -56,7 +53,7 @@ def _make_backward(namespace: str):
         if grad_out is None:  # the output did not reach the differentiated result
             return None, None, None
         x, weight, rstd = ctx.saved_tensors
-        dx, dweight = _namespace(namespace).rms_norm_bwd(grad_out, x, weight, rstd)
+        dx, dweight = kernels(namespace).rms_norm_bwd(grad_out, x, weight, rstd)
         return dx, dweight, None
 
     return backward
@@ -86,7 +83,7 @@ def _make_layer_norm_backward(namespace: str):
         if grad_out is None:  # the output did not reach the differentiated result
             return None, None, None, None
         x, weight, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias = _namespace(namespace).layer_norm_bwd(grad_out, x, weight, mean, rstd)
+        dx, dweight, dbias = kernels(namespace).layer_norm_bwd(grad_out, x, weight, mean, rstd)
         # The kernels sum the parameter gradients in the accumulation dtype; round once here.
         return dx, dweight.to(weight.dtype), dbias.to(ctx.bias_dtype), None
 
@@ -113,7 +110,8 @@ def fused_rms_norm(ops, x, weight, *, eps=1e-6):
     is viewed as ``(rows, D)`` (copied only when its layout does not allow that).
     """
     rows = x.reshape(-1, x.shape[-1])
-    out, _rstd = _namespace(ops).rms_norm_fwd(rows, weight, float(eps))
+    with without_graph():
+        out, _rstd = kernels(ops).rms_norm_fwd(rows, weight, float(eps))
     return out.view(x.shape)
 
 
@@ -124,5 +122,6 @@ def fused_layer_norm(ops, x, weight, bias, *, eps=1e-5):
     is viewed as ``(rows, D)`` (copied only when its layout does not allow that).
     """
     rows = x.reshape(-1, x.shape[-1])
-    out, _mean, _rstd = _namespace(ops).layer_norm_fwd(rows, weight, bias, float(eps))
+    with without_graph():
+        out, _mean, _rstd = kernels(ops).layer_norm_fwd(rows, weight, bias, float(eps))
     return out.view(x.shape)

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _namespace(ops):
-    """``torch.ops.<ops>`` for a namespace name; any other object (a test's stand-in) as is."""
-    return getattr(torch.ops, ops) if isinstance(ops, str) else ops
+from ._dispatch import kernels, without_graph
 
 
 def _fake_rope(x, cos, sin, positions, offset):
@@ -38,7 +35,7 @@ def _make_backward(namespace: str):
         if grad_out is None:
             return None, None, None, None, None
         cos, sin, positions = ctx.saved_tensors
-        grad_x = _namespace(namespace).rope_bwd(grad_out, cos, sin, positions, ctx.offset)
+        grad_x = kernels(namespace).rope_bwd(grad_out, cos, sin, positions, ctx.offset)
         return grad_x, None, None, None, None
 
     return backward
@@ -60,4 +57,5 @@ def fused_rope(ops, x, cos, sin, *, offset=0, positions=None):
     if positions is not None:
         positions = positions.to(torch.int64)
         offset = 0
-    return _namespace(ops).rope_fwd(x, cos, sin, positions, int(offset))
+    with without_graph():
+        return kernels(ops).rope_fwd(x, cos, sin, positions, int(offset))

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _namespace(ops):
-    """``torch.ops.<ops>`` for a namespace name; any other object (a test's stand-in) as is."""
-    return getattr(torch.ops, ops) if isinstance(ops, str) else ops
+from ._dispatch import kernels
 
 
 def _fake_sample_next_token(logits, temperature, temperature_value, top_k, top_k_value, generator):
@@ -50,4 +47,4 @@ def fused_sample_next_token(ops, logits, *, temperature=0.0, top_k=None, generat
     Same contract as ``gptfast.ops.sample_next_token``; arguments already validated and
     normalised (per-row tensors float32 / int64 of shape ``(B,)``).
     """
-    return _namespace(ops).sample_next_token(logits, *kernel_arguments(logits, temperature, top_k), generator)
+    return kernels(ops).sample_next_token(logits, *kernel_arguments(logits, temperature, top_k), generator)
