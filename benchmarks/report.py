@@ -173,13 +173,14 @@ def markdown(doc: dict) -> str:
     for row in speedups(doc.get("results", [])):
         extra = []
         if row.get("tokens_per_s"):
-            extra.append(f"{row['tokens_per_s']:,.0f} tok/s")
+            extra.append(f"{_fmt(row['tokens_per_s'], '.3g')} tok/s")
         if row.get("mfu"):
-            extra.append(f"MFU {100 * row['mfu']:.1f}%")
+            extra.append(f"MFU {_fmt(row['mfu'], '.1f', 100)}%")
         if row.get("tflops"):
-            extra.append(f"{row['tflops']:.3g} TFLOP/s")
-        if row.get("gbytes_per_s"):
-            extra.append(f"{row['gbytes_per_s']:.0f} GB/s")
+            extra.append(f"{_fmt(row['tflops'], '.3g')} TFLOP/s")
+        for key in ("gbytes_per_s", "gb_per_s"):  # gb_per_s: the weight-read rate of a decode benchmark
+            if row.get(key):
+                extra.append(f"{_fmt(row[key], '.1f')} GB/s")
         peak = row.get("peak_bytes")
         lines.append(f"| {row.get('group')} | {row.get('impl')} | {_fmt(row.get('median_s'), '.3f', 1e3)} | "
                      f"{_fmt(row.get('vs_torch'), '.2f')}{'x' if row.get('vs_torch') else ''} | "

@@ -51,3 +51,11 @@ def test_per_implementation_values_of_interleaved_benchmarks_are_rendered():
     # run_interleaved records e.g. peak_bytes as {impl: value}: each value gets the column's format
     assert report._fmt({"reference": 2 * 2**20, "gptfast": 2**19}, ".1f", 1 / 2**20) == "reference 2.0, gptfast 0.5"
     assert report._fmt(None, ".1f") == "" and report._fmt(1.5, ".2f") == "1.50"
+
+
+def test_rows_with_per_implementation_rates_render():
+    doc = {"results": [{"group": "qwen3-b1-fp32", "impl": "reference and gptfast, interleaved", "median_s": 30.0,
+                        "tokens_per_s": {"reference": 3.6, "gptfast": 5.6},
+                        "gb_per_s": {"reference": 8.59, "gptfast": 13.35}}]}
+    md = report.markdown(doc)
+    assert "reference 3.6, gptfast 5.6 tok/s" in md and "reference 8.6, gptfast 13.3 GB/s" in md
