@@ -34,10 +34,11 @@ DEVICES = [pytest.param(backend, device, marks=_MARKS[(backend, device)], id=f"{
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=0.3, rtol=1.6e-2),
        torch.float16: dict(atol=4e-2, rtol=2e-3)}
 
-# (M, K, N): one row, odd K and N, the decode row counts 1-16 at N=37 K=65, more rows than a
-# register tile holds, Qwen3-0.6B's width.
+# (M, K, N): one row, odd K and N, the decode row counts 1-16 at N=37 K=65 (the CPU kernel's
+# tiled rows up to 4, its broadcast rows with one and two vectors of x rows from 5), more rows
+# than a register tile holds, Qwen3-0.6B's width.
 SHAPES = [(1, 1, 1), (1, 7, 5), (3, 33, 19), (8, 100, 67), (17, 129, 31), (1, 1024, 257), (8, 1023, 13),
-          (1, 65, 37), (2, 65, 37), (5, 65, 37), (16, 65, 37)]
+          (1, 65, 37), (2, 65, 37), (5, 65, 37), (12, 300, 50), (16, 65, 37)]
 
 
 def _inputs(m, k, n, dtype, seed=0, device="cpu"):
@@ -101,8 +102,9 @@ def test_a_contiguous_weight_is_passed_to_the_kernel_as_is():
 
 
 @pytest.mark.parametrize("backend, device, dtype", CASES)
-def test_nan_and_inf_propagate_to_their_entries(backend, device, dtype):
-    x, w, b = _inputs(3, 45, 21, dtype, seed=2, device=device)
+@pytest.mark.parametrize("m", [3, 6, 12])
+def test_nan_and_inf_propagate_to_their_entries(backend, device, dtype, m):
+    x, w, b = _inputs(m, 45, 21, dtype, seed=2, device=device)
     x[1, 7] = float("nan")
     w[4, 44] = float("inf")  # in the K tail of any vector width
     out = ops.decode_linear(x, w, b, backend=backend)
