@@ -247,14 +247,15 @@ def test_routed_linears_send_few_row_calls_to_the_fused_op(monkeypatch, backend)
     with ops.use_backend(backend), torch.no_grad():
         with RoutedLinears([layer, layer32, layer64]):
             out_few, out_many = layer(few), layer(many)
-            layer(one)  # a single 16-bit row: torch's own matrix-vector path
-            single32 = layer32(one.float())  # a single float32 row: the fused kernel
+            single16 = layer(one)  # a single row: the fused kernel too, 16-bit ...
+            single32 = layer32(one.float())  # ... and float32
             layer64(few.double())  # float64: no fused kernel, the model's own F.linear
             untouched = torch.nn.Linear(24, 10).to(torch.bfloat16)(few)  # not handed over: never routed
         after = layer(few)  # the context is left: plain F.linear again
-    assert calls == [(2, 1, 24), (1, 24)]
+    assert calls == [(2, 1, 24), (1, 24), (1, 24)]
     assert "forward" not in layer.__dict__ and torch.equal(after, F.linear(few, layer.weight, layer.bias))
     assert single32.shape == (1, 10) and untouched.shape == (2, 1, 10)
+    _check(single16, one, layer.weight, layer.bias, torch.bfloat16)
     _check(out_few, few, layer.weight.to(torch.bfloat16), layer.bias.to(torch.bfloat16), torch.bfloat16)
     assert out_many.shape == (DECODE_LINEAR_MAX_ROWS + 1, 10)
 
@@ -296,10 +297,10 @@ def test_routed_linears_are_restored_after_an_error():
 def test_decode_steps_route_only_batches_the_kernel_serves():
     from gptfast.generation.runner import DECODE_LINEAR_MAX_ROWS, RoutedLinears, decode_linears, plain_linears
     cpu = [torch.zeros(rows, 1, dtype=torch.long) for rows in (1, 2, DECODE_LINEAR_MAX_ROWS + 1)]
-    assert isinstance(decode_linears(cpu[0], torch.float32, []), RoutedLinears)
-    assert not isinstance(decode_linears(cpu[0], torch.bfloat16, []), RoutedLinears)
-    assert isinstance(decode_linears(cpu[1], torch.bfloat16, []), RoutedLinears)
-    assert not isinstance(decode_linears(cpu[2], torch.float32, []), RoutedLinears)
+    assert isinstance(decode_linears(cpu[0], []), RoutedLinears)
+    assert isinstance(decode_linears(cpu[1], []), RoutedLinears)
+    assert not isinstance(decode_linears(cpu[2], []), RoutedLinears)
+    assert not isinstance(decode_linears(cpu[0].to("meta"), []), RoutedLinears)  # CPU only
 
     class OwnLinear(torch.nn.Linear):  # computes otherwise: left alone
         def forward(self, x):

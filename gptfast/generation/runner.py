@@ -77,14 +77,15 @@ def masked_decode_attention(q, k, v, last_visible):
 # Rows of x for which a decode step's linear layers go to ops.decode_linear (a batch of decode tokens).
 # From 2 rows the fused kernel measured 1.0-3x faster than F.linear in every run (8 rows: 2.5-4x, fp32 and
 # bf16).  One float32 row measured 1.15-2x faster on a quiet machine (GPT-2 124M's matrices, the
-# 50257-row head 1.6x); one 16-bit row measured 0.9-1.5x, so single 16-bit rows keep F.linear.
-DECODE_LINEAR_MIN_ROWS = 2
+# 50257-row head 1.6x); one bf16 row, since the kernel prefetches 16-bit rows, 1.3-1.4x (Qwen3-0.6B's
+# matrices and head, 2 cores).
+DECODE_LINEAR_MIN_ROWS = 1
 DECODE_LINEAR_MAX_ROWS = 16
 
 
-def routes_rows(rows: int, dtype: torch.dtype) -> bool:
-    """True when a decode step's linear of ``rows`` rows of ``dtype`` goes to ``ops.decode_linear``."""
-    return DECODE_LINEAR_MIN_ROWS <= rows <= DECODE_LINEAR_MAX_ROWS or (rows == 1 and dtype == torch.float32)
+def routes_rows(rows: int) -> bool:
+    """True when a decode step's linear of ``rows`` rows goes to ``ops.decode_linear``."""
+    return DECODE_LINEAR_MIN_ROWS <= rows <= DECODE_LINEAR_MAX_ROWS
 
 
 def decode_linear_kernel(x, weight, bias=None):
@@ -96,7 +97,7 @@ def decode_linear_kernel(x, weight, bias=None):
     (``"auto"`` included).
     """
     if x.device.type == "cpu" and x.dim() >= 1 and x.dtype == weight.dtype and routes_rows(
-            x.shape[:-1].numel(), x.dtype) and (bias is None or bias.dtype == x.dtype):
+            x.shape[:-1].numel()) and (bias is None or bias.dtype == x.dtype):
         try:
             name, fn = ops.resolve("decode_linear", x.device, (x, weight), dict(bias=bias))
         except RuntimeError:  # a named backend that does not serve this call
@@ -147,10 +148,10 @@ def plain_linears(model) -> list:
     return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and type(m).forward is torch.nn.Linear.forward]
 
 
-def decode_linears(tokens: torch.Tensor, dtype: torch.dtype, linears):
-    """The context a decode step of ``tokens`` ``(B, 1)`` through weights of ``dtype`` runs in: ``linears``
-    routed (:class:`RoutedLinears`) on CPU when :func:`routes_rows` accepts ``B`` rows, nothing elsewhere."""
-    if tokens.device.type == "cpu" and routes_rows(tokens.shape[0], dtype):
+def decode_linears(tokens: torch.Tensor, linears):
+    """The context a decode step of ``tokens`` ``(B, 1)`` runs in: ``linears`` routed
+    (:class:`RoutedLinears`) on CPU when :func:`routes_rows` accepts ``B`` rows, nothing elsewhere."""
+    if tokens.device.type == "cpu" and routes_rows(tokens.shape[0]):
         return RoutedLinears(linears)
     return contextlib.nullcontext()
 
@@ -171,7 +172,6 @@ class CachedRunner:
         self.rotary = is_rotary(model)
         att = self.blocks[0].att
         self.group_size = att.num_heads // att.num_kv_groups if self.rotary else 1
-        self.weight_dtype = model.out_head.weight.dtype  # the dtype the decode steps' linear layers read
         self.linears = plain_linears(model)
 
     def causal_attention(self, q, k, v):
@@ -314,11 +314,11 @@ class CachedRunner:
                 values[:, :, positions] = v[:, :, 0]
                 return self.causal_attention(q, keys[:, :, :n_keys], values[:, :, :n_keys])
 
-            with decode_linears(tokens, self.weight_dtype, self.linears):
+            with decode_linears(tokens, self.linears):
                 return self._run(tokens, torch.tensor([positions], device=tokens.device), attend)
         self._check_positions(max(positions), cache.max_len)
         per_row = torch.tensor(positions, device=tokens.device)
-        with decode_linears(tokens, self.weight_dtype, self.linears):
+        with decode_linears(tokens, self.linears):
             return self._run(tokens, per_row.unsqueeze(1),
                              self._per_row_attend(cache, per_row, n_keys=max(positions) + 1))
 
@@ -329,7 +329,7 @@ class CachedRunner:
         ``positions`` is a ``(B,)`` device tensor; attention spans the whole cache
         with keys past each row's position masked out.
         """
-        with decode_linears(tokens, self.weight_dtype, self.linears):
+        with decode_linears(tokens, self.linears):
             return self._run(tokens, positions.unsqueeze(1), self._per_row_attend(cache, positions, n_keys=None))
 
     def _per_row_attend(self, cache, positions, n_keys):
