@@ -335,3 +335,24 @@ def test_cached_decode_steps_use_the_fused_op(monkeypatch):
     assert len(calls) >= 3 * 5  # the decode steps' q/k/v, out, ff and head projections
     with ops.use_backend("torch"):
         assert torch.equal(cached, generate(model, idx, max_new_tokens=4, context_size=16))
+
+
+@needs_cpu_backend
+def test_short_prompts_use_the_fused_op_and_long_ones_f_linear(monkeypatch):
+    from gptfast.generation.runner import DECODE_LINEAR_MAX_ROWS, CachedRunner
+    from gptfast.models.gpt import GPTModel
+    calls = _count_routed(monkeypatch)
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=50, context_length=32, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0, qkv_bias=True)
+    model = GPTModel(cfg).eval()
+    runner = CachedRunner(model)
+    short = torch.randint(0, 50, (2, DECODE_LINEAR_MAX_ROWS // 2))
+    long = torch.randint(0, 50, (2, DECODE_LINEAR_MAX_ROWS // 2 + 1))
+    with ops.use_backend("auto"):
+        fused = runner.prefill(short)
+        assert (*short.shape, 16) in calls and (2, 1, 16) in calls  # the prompt's rows, the last positions
+        calls.clear()
+        runner.prefill(long)
+        assert calls == []
+    with ops.use_backend("torch"):
+        torch.testing.assert_close(fused, runner.prefill(short), rtol=1e-5, atol=1e-5)
