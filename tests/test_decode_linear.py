@@ -321,14 +321,20 @@ def test_routed_linears_keep_f_linear_with_the_torch_backend(monkeypatch):
     assert calls == [] and torch.equal(out, F.linear(x, layer.weight, layer.bias))
 
 
+def _tiny_gpt(context_length):
+    """A seeded one-layer GPT (vocabulary 50, width 16) in eval mode."""
+    from gptfast.models.gpt import GPTModel
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=50, context_length=context_length, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0,
+               qkv_bias=True)
+    return GPTModel(cfg).eval()
+
+
 @needs_cpu_backend
 def test_cached_decode_steps_use_the_fused_op(monkeypatch):
     from gptfast.generation import generate
-    from gptfast.models.gpt import GPTModel
     calls = _count_routed(monkeypatch)
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=50, context_length=16, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0, qkv_bias=True)
-    model = GPTModel(cfg).eval()
+    model = _tiny_gpt(16)
     idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
     with ops.use_backend("auto"):
         cached = generate(model, idx, max_new_tokens=4, context_size=16)
@@ -340,12 +346,8 @@ def test_cached_decode_steps_use_the_fused_op(monkeypatch):
 @needs_cpu_backend
 def test_short_prompts_use_the_fused_op_and_long_ones_f_linear(monkeypatch):
     from gptfast.generation.runner import DECODE_LINEAR_MAX_ROWS, CachedRunner
-    from gptfast.models.gpt import GPTModel
     calls = _count_routed(monkeypatch)
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=50, context_length=32, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0, qkv_bias=True)
-    model = GPTModel(cfg).eval()
-    runner = CachedRunner(model)
+    runner = CachedRunner(_tiny_gpt(32))
     short = torch.randint(0, 50, (2, DECODE_LINEAR_MAX_ROWS // 2))
     long = torch.randint(0, 50, (2, DECODE_LINEAR_MAX_ROWS // 2 + 1))
     with ops.use_backend("auto"):

@@ -77,7 +77,7 @@ def masked_decode_attention(q, k, v, last_visible):
 # Rows of x for which a decode step's linear layers go to ops.decode_linear (a batch of decode tokens).
 # From 2 rows the fused kernel measured 1.0-3x faster than F.linear in every run (8 rows: 2.5-4x, fp32 and
 # bf16).  One float32 row measured 1.15-2x faster on a quiet machine (GPT-2 124M's matrices, the
-# 50257-row head 1.6x); one bf16 row, since the kernel prefetches 16-bit rows, 1.3-1.4x (Qwen3-0.6B's
+# 50257-row head 1.6x); one bf16 row, since the kernel prefetches 16-bit rows, 1.1-1.3x (Qwen3-0.6B's
 # matrices and head, 2 cores).
 DECODE_LINEAR_MIN_ROWS = 1
 DECODE_LINEAR_MAX_ROWS = 16
