@@ -83,8 +83,9 @@ void tile(const float* x, const scalar_t* w, int64_t K, int64_t n0, int64_t m0, 
 // accumulators per pair leave room for only 4 weight rows in flight.
 //
 // 16-bit weights also prefetch the next R rows (contiguous in memory), a few cache lines per step:
-// their rows are half as long, and the hardware prefetchers alone read them at ~11 GB/s where
-// this reads ~15 (2 cores, Qwen3-0.6B's matrices, bf16).  Float32 rows measured faster without.
+// their rows are half as long, and the hardware prefetchers alone read them at 9-10 GB/s where
+// this reads 10-14.5 (2 cores, Qwen3-0.6B's matrices and head, bf16).  Float32 rows measured
+// faster without (17.6 against 14.8 GB/s).
 template <typename scalar_t, int R>
 void single_row_block(const float* x, const scalar_t* w, int64_t K, int64_t n_begin, int64_t n_end, float* out) {
   constexpr int64_t S = 2 * Vf::size();
@@ -149,7 +150,7 @@ void rows_block(const float* x, const scalar_t* w, int64_t M, int64_t K, int64_t
 // once into xt (K x 8V, zero padded, one or two vectors per k), and each step of k multiplies the
 // broadcast weight element of each of R rows into the x vector(s) at k.  Every weight element is
 // loaded once and xt once per R weight rows, where tile() loads x once per weight row and pass:
-// 1.3-1.45x tile()'s GB/s at M = 8 on GPT-2/Qwen3-shaped matrices (2 cores, AVX2); at M <= 4 the
+// 1.2-1.7x tile()'s GB/s at M = 8-16 on Qwen3-shaped matrices (2 cores, AVX2); at M <= 4 the
 // tiles are as fast and keep the idle lanes out.  The sum over k runs in order, in float32.
 template <int R, int V>
 void broadcast_rows(const float* xt, const float* w, int64_t K, int64_t n0, int64_t M, int64_t N, float* acc_out) {
