@@ -543,6 +543,67 @@ def test_cpu_linear_cross_entropy_computes_the_gradient_in_the_logits_buffer(sma
     assert calls == [5, 5, 2]
 
 
+needs_onednn = pytest.mark.skipif(ce._onednn_linear() is None, reason="this torch build has no oneDNN linear")
+
+
+def _spy_onednn(monkeypatch):
+    """Route every float32 chunk (any vocabulary) through oneDNN and record each call's row count."""
+    calls, product = [], ce._onednn_linear()
+    monkeypatch.setattr(ce, "ONEDNN_MIN_VOCAB", 1)
+    monkeypatch.setattr(ce, "_onednn_linear", lambda: lambda x, w, b: (calls.append(x.shape[0]), product(x, w, b))[1])
+    return calls
+
+
+@needs_onednn
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu_backend), "reference kernel"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_chunks_through_onednn(small_chunks, monkeypatch, backend, reduction, bias):
+    """A chunk's logits from oneDNN: loss and gradients equal the float64 oracle (several chunks, ignored rows)."""
+    calls = _spy_onednn(monkeypatch)
+    hidden, weight, b, targets = _linear_case(13, 8, 40, seed=31, bias=bias)
+    targets[[2, 9]] = -100
+    if backend == "cpu":
+        run = lambda h, w, bb: ops.linear_cross_entropy(h, w, targets, bias=bb, reduction=reduction,  # noqa: E731
+                                                        backend="cpu")
+    else:  # the one driver on the reference kernel (as the other backends' kernels use it)
+        run = lambda h, w, bb: ce.fused_linear_cross_entropy(_REF, h, w, targets, bias=bb,  # noqa: E731
+                                                             reduction=reduction)
+    _linear_grads_vs_oracle(run, hidden, weight, b, targets, reduction=reduction, what=f"oneDNN {backend}")
+    assert calls[:3] == [5, 5, 1]  # 11 kept rows in chunks of 5 (a "none" backward runs the chunks again)
+
+
+@needs_onednn
+def test_linear_chunks_stay_on_torch_mm_where_onednn_does_not_serve(small_chunks, monkeypatch):
+    """bf16, a non-contiguous weight, a graph being recorded, a small vocabulary or no oneDNN: the plain matmul."""
+    calls = _spy_onednn(monkeypatch)
+    hidden, weight, _, targets = _linear_case(7, 8, 40, seed=32)
+    assert not ce._onednn_serves(hidden.bfloat16(), weight.bfloat16(), None)
+    assert not ce._onednn_serves(hidden, weight.t().contiguous().t(), None)
+    with torch.enable_grad():
+        assert not ce._onednn_serves(hidden, weight.requires_grad_(True), None)
+    weight.requires_grad_(False)
+    with torch.no_grad():
+        assert ce._onednn_serves(hidden, weight.requires_grad_(True), None)  # what the chunk driver sees
+    weight.requires_grad_(False)
+    monkeypatch.setattr(ce, "ONEDNN_MIN_VOCAB", 41)
+    assert not ce._onednn_serves(hidden, weight, None)
+    monkeypatch.setattr(ce, "_onednn_linear", lambda: None)
+    monkeypatch.setattr(ce, "ONEDNN_MIN_VOCAB", 1)
+    assert not ce._onednn_serves(hidden, weight, None)
+    run = lambda h, w, bb: ce.fused_linear_cross_entropy(_REF, h, w, targets)  # noqa: E731
+    _linear_grads_vs_oracle(run, hidden, weight, None, targets, what="no oneDNN")
+    assert calls == []
+
+
+def test_onednn_probe_leaves_the_random_state_alone():
+    """The one-time check of oneDNN's linear uses fixed numbers: seeded runs draw the same after it."""
+    ce._onednn_linear.cache_clear()
+    before = torch.random.get_rng_state()
+    ce._onednn_linear()
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 def _linear_case(n, hidden_size, vocab, seed, bias=False):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, hidden_size, generator=g)
