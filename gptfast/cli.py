@@ -107,6 +107,7 @@ def run_train(args) -> int:
     from .models.gpt import GPTModel
     from .tokenizer import get_tokenizer
     from .training.checkpoints import apply_checkpoint, read_checkpoint, save_checkpoint
+    from .training.host_memory import keep_freed_host_memory
     from .training.loops import plot_losses, train_model_simple
 
     device = _check_device(args.device)
@@ -131,9 +132,11 @@ def run_train(args) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     if resume_state is not None:
         apply_checkpoint(resume_state, model, optimizer, source=f"--resume: checkpoint {ckpt_path}")
+    # The steps reuse their large blocks instead of faulting them in again (CPU training only).
+    host = f"; {keep_freed_host_memory()}" if device.type == "cpu" else ""
     print(f"gptfast train: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(train_loader)} train / {len(val_loader)} val batches, backend {ops.get_backend()}, "
-          f"device {device}")
+          f"device {device}{host}")
     start = time.perf_counter()
     train_losses, val_losses, tokens_seen = train_model_simple(
         model, train_loader, val_loader, optimizer, device, num_epochs=args.epochs,

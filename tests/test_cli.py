@@ -23,7 +23,8 @@ def trained(tmp_path_factory):
     """One short training run shared by the tests below: (out_dir, printed output)."""
     out_dir = tmp_path_factory.mktemp("run")
     capture = io.StringIO()
-    with contextlib.redirect_stdout(capture):
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(capture):
+        patch.setenv("GPTFAST_KEEP_HOST_MEMORY", "0")  # the test process keeps its malloc settings
         assert _train(out_dir) == 0
     return out_dir, capture.getvalue()
 
@@ -40,6 +41,11 @@ def test_train_writes_checkpoint_and_plot_and_prints_losses_and_a_sample(trained
     state = torch.load(tmp_path / "model_and_optimizer.pth", weights_only=True)
     assert {"model_state_dict", "optimizer_state_dict", "config"} <= set(state)
     assert (tmp_path / "loss-plot.png").stat().st_size > 1000
+
+
+def test_train_says_what_it_did_with_host_memory(trained):
+    header = trained[1].splitlines()[0]
+    assert header.startswith("gptfast train:") and "host memory: malloc left as it is (GPTFAST_KEEP_HOST_MEMORY=0)" in header
 
 
 def test_train_prints_what_the_books_chapter_5_script_prints(trained):

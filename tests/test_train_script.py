@@ -29,6 +29,12 @@ def without(args, flag):
     return args[:i] + args[i + 2:]
 
 
+@pytest.fixture(autouse=True)
+def _test_process_keeps_its_malloc(monkeypatch):
+    """CPU runs would set glibc's malloc for the whole process; the tests check the note instead."""
+    monkeypatch.setenv("GPTFAST_KEEP_HOST_MEMORY", "0")
+
+
 def run_main(out_dir, *extra):
     return train.main([*BASE, "--out-dir", str(out_dir), *extra])
 
@@ -69,6 +75,11 @@ def test_resume_continues_bit_for_bit(tmp_path):
     full = torch.load(whole / "ckpt.pt", weights_only=True)
     assert full["step"] == 6 and full["scheduler_state_dict"]["last_epoch"] == 6
     assert {"torch", "python"} <= set(full["rng"]) and full["data_state"]["next_step"] == 6
+
+
+def test_cpu_run_says_what_it_did_with_host_memory(tmp_path, capsys):
+    assert run_main(tmp_path, "--max-steps", "1") == 0
+    assert "host memory: malloc left as it is (GPTFAST_KEEP_HOST_MEMORY=0)" in capsys.readouterr().out
 
 
 def test_outputs_metrics_plot_and_export(tmp_path):

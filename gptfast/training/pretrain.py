@@ -33,6 +33,7 @@ from ..models.gpt import GPTModel
 from ..models.gpt_config import GPT2_VOCAB_SIZE, gpt2_config
 from .checkpoints import (MODEL_KEY, apply_checkpoint, check_model_state, export_state, fit_state_to_model,
                           load_gpt2_safetensors, read_checkpoint, write_checkpoint)
+from .host_memory import keep_freed_host_memory
 from .loops import warmup_cosine_lr
 from .metrics import format_row, plot_loss_curve, write_metrics, write_summary
 from .pretrain_config import PretrainConfig
@@ -525,6 +526,10 @@ def train_from_config(config: PretrainConfig) -> int:
             # Autograd may run backward on another thread: let the environment carry the choice too.
             os.environ["GPTFAST_BACKEND"] = config.backend
         rank, world, device = setup_distributed(config.device)
+        if device.type == "cpu":  # the steps reuse their large blocks instead of faulting them in again
+            note = keep_freed_host_memory()
+            if rank == 0:
+                print(note)
         run(config, rank, world, device)
     finally:
         if world > 1:
