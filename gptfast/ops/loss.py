@@ -211,7 +211,7 @@ def _onednn_linear():
     """torch's oneDNN linear ``(x, weight, bias) -> x @ weight.T + bias`` for CPU float32, or None.
 
     A chunk's logits are a product of a few hundred rows by a vocabulary-sized weight, and on
-    a 2-core AMD (AVX2) torch's BLAS ran that shape at 40-65 GFLOP/s against oneDNN's 90-100
+    a 2-core AMD (AVX2) torch's BLAS ran that shape at 40-65 GFLOP/s against oneDNN's 80-105
     (the backward's products run at 110-150 on both).  oneDNN comes with torch's x86 and
     arm64 builds but its op is not public API: it is used only once a small product through
     it has matched ``torch.mm`` here, and the plain matmul stays the fallback.
