@@ -596,6 +596,16 @@ def test_linear_chunks_stay_on_torch_mm_where_onednn_does_not_serve(small_chunks
     assert calls == []
 
 
+def test_onednn_is_not_used_off_x86(monkeypatch):
+    """On arm64 torch's BLAS (Accelerate, OpenBLAS) keeps the product: oneDNN was measured on x86-64 only."""
+    ce._onednn_linear.cache_clear()
+    monkeypatch.setattr(ce.platform, "machine", lambda: "arm64")
+    try:
+        assert ce._onednn_linear() is None
+    finally:
+        ce._onednn_linear.cache_clear()
+
+
 def test_onednn_probe_leaves_the_random_state_alone():
     """The one-time check of oneDNN's linear uses fixed numbers: seeded runs draw the same after it."""
     ce._onednn_linear.cache_clear()

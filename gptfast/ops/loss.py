@@ -22,6 +22,7 @@ Keeping it intact would cost a second gradient-sized buffer on every ordinary ba
 from __future__ import annotations
 
 import functools
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -212,11 +213,12 @@ def _onednn_linear():
 
     A chunk's logits are a product of a few hundred rows by a vocabulary-sized weight, and on
     a 2-core AMD (AVX2) torch's BLAS ran that shape at 40-65 GFLOP/s against oneDNN's 80-105
-    (the backward's products run at 110-150 on both).  oneDNN comes with torch's x86 and
-    arm64 builds but its op is not public API: it is used only once a small product through
-    it has matched ``torch.mm`` here, and the plain matmul stays the fallback.
+    (the backward's products run at 110-150 on both).  x86-64 only: on arm64 torch's BLAS is
+    Apple's Accelerate (or OpenBLAS), against which this was never measured.  oneDNN's op is
+    not public API: it is used only once a small product through it has matched ``torch.mm``
+    here, and the plain matmul stays the fallback.
     """
-    if not torch.backends.mkldnn.is_available():
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
         return None
     try:
         op = torch.ops.mkldnn._linear_pointwise.default
