@@ -192,18 +192,12 @@ void broadcast_block(const float* xt, const float* w, int64_t K, int64_t M, int6
 }
 
 // One thread's slice [n_begin, n_end) on the broadcast path (float32 weights only).
-template <typename scalar_t>
-void broadcast_slice(const at::Tensor& xt, int64_t vectors, const scalar_t* w, int64_t K, int64_t M, int64_t N,
+void broadcast_slice(const float* xt, int64_t vectors, const float* w, int64_t K, int64_t M, int64_t N,
                      int64_t n_begin, int64_t n_end, float* acc_out) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    const float* xtp = xt.const_data_ptr<float>();
-    if (vectors == 1) {
-      broadcast_block<8, 1>(xtp, w, K, M, N, n_begin, n_end, acc_out);
-    } else {
-      broadcast_block<6, 2>(xtp, w, K, M, N, n_begin, n_end, acc_out);
-    }
+  if (vectors == 1) {
+    broadcast_block<8, 1>(xt, w, K, M, N, n_begin, n_end, acc_out);
   } else {
-    TORCH_INTERNAL_ASSERT(false, "decode_linear's broadcast path reads float32 weights");
+    broadcast_block<6, 2>(xt, w, K, M, N, n_begin, n_end, acc_out);
   }
 }
 
@@ -239,7 +233,8 @@ void decode_linear_impl(const at::Tensor& x, const at::Tensor& weight, const c10
   at::parallel_for(0, groups, grain, [&](int64_t g_begin, int64_t g_end) {
     const int64_t n_begin = g_begin * kGroup, n_end = std::min(N, g_end * kGroup);
     if (broadcast) {
-      broadcast_slice(xt, vectors, wp, K, M, N, n_begin, n_end, ap);
+      if constexpr (std::is_same_v<scalar_t, float>)  // always: broadcast is false for 16-bit weights
+        broadcast_slice(xt.const_data_ptr<float>(), vectors, wp, K, M, N, n_begin, n_end, ap);
     } else if (M == 1) {
       single_row_block<scalar_t, 8>(xp, wp, K, n_begin, n_end, ap);
     } else if (M == 2) {
