@@ -358,3 +358,93 @@ def test_short_prompts_use_the_fused_op_and_long_ones_f_linear(monkeypatch):
         assert calls == []
     with ops.use_backend("torch"):
         torch.testing.assert_close(fused, runner.prefill(short), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- 16-bit rows in float32
+
+
+def _widened_reference(x, w, b):
+    """What ``linear_in_float32`` promises: float32 products of the 16-bit values, rounded once."""
+    return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("m,k,n", [(17, 65, 37), (40, 129, 300), (1, 7, 5), (0, 9, 4)])
+def test_linear_in_float32_is_float32_math_rounded_once(monkeypatch, dtype, with_bias, m, k, n):
+    # Blocks of 3 output rows: several blocks and a short last one.
+    monkeypatch.setattr(linear_module, "FLOAT32_WEIGHT_BLOCK_BYTES", 3 * 4 * k)
+    x, w, b = _inputs(m, k, n, dtype, seed=m + n)
+    b = b if with_bias else None
+    out = linear_module.linear_in_float32(x, w, b)
+    assert out.dtype == dtype and out.shape == (m, n)
+    # The float32 sums of a block may add in another order than the whole matrix's (BLAS picks its
+    # kernel by shape): at most a rounding step of the output apart.
+    torch.testing.assert_close(out, _widened_reference(x, w, b), rtol=2 * torch.finfo(dtype).eps, atol=0)
+    _check(out, x, w, b, dtype)
+    # torch's own 16-bit product accumulates in float32 too: equal up to the output's rounding.
+    torch.testing.assert_close(out, F.linear(x, w, b), **TOL[dtype])
+
+
+def test_linear_in_float32_takes_views_and_leading_axes_and_keeps_nan():
+    x, w, b = _inputs(24, 33, 20, torch.bfloat16)
+    x3 = x.view(2, 12, 33).transpose(0, 1)  # (12, 2, 33), not contiguous
+    wt = w.t().contiguous().t()  # the weight as a transposed view
+    x3 = x3.clone()
+    x3[3, 1, 5] = float("nan")
+    out = linear_module.linear_in_float32(x3, wt, b[::1])
+    assert out.shape == (12, 2, 20)
+    torch.testing.assert_close(out, _widened_reference(x3, w, b), rtol=0, atol=0, equal_nan=True)
+    assert out[3, 1].isnan().all() and not out[3, 0].isnan().any()
+
+
+def test_linear_in_float32_gradient_is_f_linear_s():
+    x, w, b = (t.requires_grad_() for t in _inputs(20, 17, 11, torch.bfloat16))
+    grad = torch.randn(20, 11).to(torch.bfloat16)
+    linear_module.linear_in_float32(x, w, b).backward(grad)
+    got = [t.grad for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    F.linear(x.float(), w.float(), b.float()).backward(grad.float())
+    for mine, want in zip(got, (x.grad, w.grad, b.grad)):
+        assert mine.dtype == torch.bfloat16
+        torch.testing.assert_close(mine.float(), want.float(), **TOL[torch.bfloat16])
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("backend", ["auto", "cpu", "torch"])
+def test_routed_linears_send_many_16_bit_rows_to_float32(monkeypatch, backend):
+    from gptfast.generation import runner
+    from gptfast.generation.runner import DECODE_LINEAR_MAX_ROWS, RoutedLinears, decode_linears
+    widened = []
+    real = runner.linear_in_float32
+    monkeypatch.setattr(runner, "linear_in_float32",
+                        lambda x, *args, **kwargs: widened.append(x.shape) or real(x, *args, **kwargs))
+    calls = _count_routed(monkeypatch)
+    layer16, layer32 = torch.nn.Linear(24, 10).to(torch.bfloat16), torch.nn.Linear(24, 10)
+    many = torch.randn(2, DECODE_LINEAR_MAX_ROWS, 24)
+    with ops.use_backend(backend), torch.no_grad(), RoutedLinears([layer16, layer32]):
+        out16, out32 = layer16(many.to(torch.bfloat16)), layer32(many)
+    assert calls == []  # too many rows for the decode kernel
+    assert widened == ([] if backend == "torch" else [many.shape])
+    assert torch.equal(out32, F.linear(many, layer32.weight, layer32.bias))
+    want = (F.linear(many.to(torch.bfloat16), layer16.weight, layer16.bias) if backend == "torch" else
+            _widened_reference(many.to(torch.bfloat16), layer16.weight, layer16.bias))
+    assert torch.equal(out16, want)
+    tokens = torch.zeros(2, DECODE_LINEAR_MAX_ROWS, dtype=torch.long)  # a prompt's pass
+    assert isinstance(decode_linears(tokens, [layer32, layer16]), RoutedLinears)
+    assert not isinstance(decode_linears(tokens, [layer32]), RoutedLinears)
+
+
+@needs_cpu_backend
+def test_a_long_16_bit_prompt_prefills_in_float32():
+    from gptfast.generation.runner import DECODE_LINEAR_MAX_ROWS, CachedRunner
+    model = _tiny_gpt(64).to(torch.bfloat16)
+    runner = CachedRunner(model)
+    long = torch.randint(0, 50, (2, DECODE_LINEAR_MAX_ROWS + 5))
+    with ops.use_backend("auto"):
+        fused = runner.prefill(long)
+    with ops.use_backend("torch"):
+        plain = runner.prefill(long)
+        assert torch.equal(plain, model(long)[:, -1])  # the oracle is the model's own forward
+    torch.testing.assert_close(fused.float(), plain.float(), **TOL[torch.bfloat16])

@@ -36,6 +36,7 @@ import torch
 from .. import ops
 from ..models import layers
 from ..models.gpt import merge_heads, residual_block, split_heads
+from ..ops.linear import linear_in_float32
 from .cache import KVCache, check_decodable, context_length, is_rotary
 
 
@@ -88,23 +89,33 @@ def routes_rows(rows: int) -> bool:
     return DECODE_LINEAR_MIN_ROWS <= rows <= DECODE_LINEAR_MAX_ROWS
 
 
-def decode_linear_kernel(x, weight, bias=None):
-    """The ``ops.decode_linear`` entry point that runs ``F.linear(x, weight, bias)`` of a decode step, or ``None``.
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
-    ``None`` (the model's own ``F.linear`` runs, so the reference's numbers stay) where
-    :func:`routes_rows` refuses the rows, with backend ``"torch"``, or for a call no fused
-    backend serves (float64, mixed dtypes); else the selected backend's entry point
-    (``"auto"`` included).
+
+def decode_linear_kernel(x, weight, bias=None):
+    """What a routed layer runs for ``F.linear(x, weight, bias)`` on a CPU, or ``None`` for ``F.linear`` itself.
+
+    ``ops.decode_linear``'s entry point where :func:`routes_rows` accepts the rows, and
+    :func:`~gptfast.ops.linear.linear_in_float32` for more rows of 16-bit tensors (a prompt's
+    prefill: torch's own 16-bit matmul is several times slower there on CPUs without
+    16-bit matrix instructions).  ``None`` (the model's own ``F.linear`` runs, so the
+    reference's numbers stay) for other calls, with backend ``"torch"``, or where no fused
+    backend serves the call (float64, mixed dtypes); ``"auto"`` and named backends that
+    serve it count as fused.
     """
-    if x.device.type == "cpu" and x.dim() >= 1 and x.dtype == weight.dtype and routes_rows(
-            x.shape[:-1].numel()) and (bias is None or bias.dtype == x.dtype):
-        try:
-            name, fn = ops.resolve("decode_linear", x.device, (x, weight), dict(bias=bias))
-        except RuntimeError:  # a named backend that does not serve this call
-            return None
-        if name != "torch":
-            return fn
-    return None
+    if x.device.type != "cpu" or x.dim() < 1 or x.dtype != weight.dtype or (
+            bias is not None and bias.dtype != x.dtype):
+        return None
+    rows = x.shape[:-1].numel()
+    if not routes_rows(rows) and x.dtype not in SIXTEEN_BIT:
+        return None
+    try:
+        name, fn = ops.resolve("decode_linear", x.device, (x, weight), dict(bias=bias))
+    except RuntimeError:  # a named backend that does not serve this call
+        return None
+    if name == "torch":
+        return None
+    return fn if routes_rows(rows) else linear_in_float32
 
 
 class RoutedLinears:
@@ -149,10 +160,11 @@ def plain_linears(model) -> list:
 
 
 def decode_linears(tokens: torch.Tensor, linears):
-    """The context a pass over ``tokens`` ``(B, T)`` runs in (a decode step, ``T == 1``, or a short prompt):
-    ``linears`` routed (:class:`RoutedLinears`) on CPU when :func:`routes_rows` accepts ``B * T`` rows,
-    nothing elsewhere."""
-    if tokens.device.type == "cpu" and routes_rows(tokens.numel()):
+    """The context a pass over ``tokens`` ``(B, T)`` runs in (a decode step, ``T == 1``, or a prompt):
+    ``linears`` routed (:class:`RoutedLinears`) on CPU when :func:`routes_rows` accepts ``B * T`` rows or
+    a layer holds 16-bit weights, nothing elsewhere."""
+    if tokens.device.type == "cpu" and (routes_rows(tokens.numel()) or any(
+            m.weight.dtype in SIXTEEN_BIT for m in linears)):
         return RoutedLinears(linears)
     return contextlib.nullcontext()
 
