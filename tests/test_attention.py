@@ -76,6 +76,36 @@ def test_cpu_parity_float16():
 
 
 @needs_cpu_backend
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,kv_heads", [((2, 4, 1, 37, 64), 4), ((2, 4, 2, 70, 128), 2), ((1, 8, 1, 9, 40), 1),
+                                            ((1, 2, 2, 5, 17), 2), ((3, 4, 1, 1, 16), 2)], ids=str)
+def test_cpu_16_bit_decode_rows(dtype, shape, kv_heads):
+    # One or two query rows read 16-bit keys and values directly (widened as read): the decode
+    # steps of bf16/fp16 models, grouped-query heads and head dims off the vector width included.
+    parity.check_attention_parity("cpu", shape, dtype, kv_heads=kv_heads)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpu_16_bit_decode_reads_cache_views(dtype):
+    g = torch.Generator().manual_seed(4)
+    cache_k, cache_v = (torch.randn(2, 2, 50, 64, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(2, 4, 1, 64, generator=g).to(dtype)
+    for n_keys in (1, 17, 33, 50):
+        k, v = cache_k[:, :, :n_keys], cache_v[:, :, :n_keys]  # the cache's first keys, not contiguous
+        out = ops.causal_attention(q, k, v, backend="cpu")
+        ref = torch_ops.causal_attention(*(t.double() for t in (q, k.repeat_interleave(2, 1),
+                                                                 v.repeat_interleave(2, 1))))
+        parity.assert_close(out, ref, dtype, f"16-bit decode over {n_keys} cached keys")
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("shape", [(1, 2, 1, 16, 8), (1, 2, 2, 16, 8), (2, 2, 1, 40, 64)], ids=str)
+def test_cpu_16_bit_decode_dropout_uses_one_mask(shape):
+    _check_dropout_uses_one_mask("cpu", "cpu", torch.bfloat16, shape)
+
+
+@needs_cpu_backend
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 3), (1, 2, 3, 3, 4), (2, 1, 2, 5, 3)], ids=str)
 def test_cpu_gradcheck_float64(shape):
     q, k, v = _qkv(shape, torch.float64, "cpu", seed=4, requires_grad=True)

@@ -213,37 +213,63 @@ void online_softmax_row(T* row, int64_t valid, int64_t nk, T& m, T& l, T* out_ro
 
 // Decode-sized tasks (one or two query rows): a tile GEMM would spend its time transposing
 // K, so score each key with a dot product straight from the (unit-stride) K and V rows.
+// 16-bit K and V are widened in registers as they are read (a widened tile copy per task
+// measured 3-4x slower than float32 here: the decode step reads each key once).
 constexpr int64_t kDirectRows = 2;
 
-template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
+// Vectorized<T> pair holding 2 * Vectorized<T>::size() elements of src at p, in T.
+template <typename T, typename scalar_t>
+inline std::pair<Vectorized<T>, Vectorized<T>> load_pair(const scalar_t* p) {
+  using V = Vectorized<T>;
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    return {V::loadu(p), V::loadu(p + V::size())};
+  } else {
+    static_assert(Vectorized<scalar_t>::size() == 2 * V::size(), "one 16-bit vector widens to two");
+    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+    return {lo, hi};
+  }
+}
+
+// sum over d of a[d] * b[d]; a in T, b in its own dtype (widened as read).
+template <typename T, typename scalar_t>
+T dot(const T* a, const scalar_t* b, int64_t n) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
-  V acc(T(0));
+  V acc0(T(0)), acc1(T(0));
   int64_t d = 0;
-  for (; d + L <= n; d += L) acc = at::vec::fmadd(V::loadu(a + d), V::loadu(b + d), acc);
-  T sum = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, acc);
-  for (; d < n; ++d) sum += a[d] * b[d];
+  for (; d + 2 * L <= n; d += 2 * L) {
+    const auto [lo, hi] = load_pair<T>(b + d);
+    acc0 = at::vec::fmadd(V::loadu(a + d), lo, acc0);
+    acc1 = at::vec::fmadd(V::loadu(a + d + L), hi, acc1);
+  }
+  T sum = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, acc0 + acc1);
+  for (; d < n; ++d) sum += a[d] * static_cast<T>(b[d]);
   return sum;
 }
 
-// out[0..n) += w * x[0..n)
-template <typename T>
-void axpy(T w, const T* x, T* out, int64_t n) {
+// out[0..n) += w * x[0..n); x in its own dtype (widened as read).
+template <typename T, typename scalar_t>
+void axpy(T w, const scalar_t* x, T* out, int64_t n) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
+  const V vw(w);
   int64_t d = 0;
-  for (; d + L <= n; d += L) at::vec::fmadd(V(w), V::loadu(x + d), V::loadu(out + d)).store(out + d);
-  for (; d < n; ++d) out[d] += w * x[d];
+  for (; d + 2 * L <= n; d += 2 * L) {
+    const auto [lo, hi] = load_pair<T>(x + d);
+    at::vec::fmadd(vw, lo, V::loadu(out + d)).store(out + d);
+    at::vec::fmadd(vw, hi, V::loadu(out + d + L)).store(out + d + L);
+  }
+  for (; d < n; ++d) out[d] += w * static_cast<T>(x[d]);
 }
 
-// One query row against its `valid` visible keys; writes the output row and its lse.
-template <typename T>
-void attend_row_direct(const T* qrow, const T* kbase, int64_t k_stride, const T* vbase, int64_t v_stride,
-                       int64_t valid, int64_t D, const Dropout& dropout, uint64_t counter_base,
-                       std::vector<T>& probs, std::vector<T>& acc, T* out_row, T* lse) {
+// One query row (already in T, scaled) against its `valid` visible keys; writes the output row
+// (rounded once to scalar_t) and its lse.
+template <typename T, typename scalar_t>
+void attend_row_direct(const T* qrow, const scalar_t* kbase, int64_t k_stride, const scalar_t* vbase,
+                       int64_t v_stride, int64_t valid, int64_t D, const Dropout& dropout, uint64_t counter_base,
+                       std::vector<T>& probs, std::vector<T>& acc, scalar_t* out_row, T* lse) {
   probs.resize(valid);
-  for (int64_t j = 0; j < valid; ++j) probs[j] = dot(qrow, kbase + j * k_stride, D);
+  for (int64_t j = 0; j < valid; ++j) probs[j] = dot<T>(qrow, kbase + j * k_stride, D);
   const T mx = vec_max(probs.data(), valid);
   T sum = 0;
   for (int64_t j = 0; j < valid; ++j) {
@@ -253,9 +279,9 @@ void attend_row_direct(const T* qrow, const T* kbase, int64_t k_stride, const T*
   if (dropout.active) dropout.apply(probs.data(), valid, counter_base);
   std::fill(acc.begin(), acc.begin() + D, T(0));
   for (int64_t j = 0; j < valid; ++j)
-    if (probs[j] != T(0)) axpy(probs[j], vbase + j * v_stride, acc.data(), D);
+    if (probs[j] != T(0)) axpy<T>(probs[j], vbase + j * v_stride, acc.data(), D);
   const T inv = T(1) / sum;
-  for (int64_t d = 0; d < D; ++d) out_row[d] = acc[d] * inv;
+  for (int64_t d = 0; d < D; ++d) out_row[d] = static_cast<scalar_t>(acc[d] * inv);
   *lse = mx + std::log(sum);
 }
 
@@ -278,18 +304,16 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int64_t bh = task / n_qtiles, b = bh / s.H, h = bh % s.H, hk = h / s.group();
       const int64_t i0 = (task % n_qtiles) * kQueryTile, mq = std::min(kQueryTile, s.Tq - i0);
       load_rows<scalar_t, T>(q, b, h, i0, mq, s.D, static_cast<T>(scale), qs.data(), s.Dp);
-      if constexpr (std::is_same_v<scalar_t, T>) {
-        if (mq <= kDirectRows) {
-          const T* kbase = k.const_data_ptr<T>() + b * k.stride(0) + hk * k.stride(1);
-          const T* vbase = v.const_data_ptr<T>() + b * v.stride(0) + hk * v.stride(1);
-          for (int64_t r = 0; r < mq; ++r) {
-            const int64_t i = i0 + r;
-            attend_row_direct<T>(qs.data() + r * s.Dp, kbase, k.stride(2), vbase, v.stride(2), s.offset + i + 1,
-                                 s.D, dropout, static_cast<uint64_t>((bh * s.Tq + i) * s.Tk), row_probs, acc,
-                                 out_data + (bh * s.Tq + i) * s.D, lse_data + bh * s.Tq + i);
-          }
-          continue;
+      if (mq <= kDirectRows) {
+        const scalar_t* kbase = k.const_data_ptr<scalar_t>() + b * k.stride(0) + hk * k.stride(1);
+        const scalar_t* vbase = v.const_data_ptr<scalar_t>() + b * v.stride(0) + hk * v.stride(1);
+        for (int64_t r = 0; r < mq; ++r) {
+          const int64_t i = i0 + r;
+          attend_row_direct<T>(qs.data() + r * s.Dp, kbase, k.stride(2), vbase, v.stride(2), s.offset + i + 1,
+                               s.D, dropout, static_cast<uint64_t>((bh * s.Tq + i) * s.Tk), row_probs, acc,
+                               out_data + (bh * s.Tq + i) * s.D, lse_data + bh * s.Tq + i);
         }
+        continue;
       }
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(m.begin(), m.end(), neg_inf<T>());
