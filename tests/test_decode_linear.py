@@ -411,11 +411,18 @@ def test_linear_in_float32_gradient_is_f_linear_s():
         torch.testing.assert_close(mine.float(), want.float(), **TOL[torch.bfloat16])
 
 
+def _widen_16_bit_here(monkeypatch):
+    """Route as on a CPU without 16-bit matrix instructions, whatever this one has."""
+    from gptfast.generation import runner
+    monkeypatch.setattr(runner, "widens_16_bit", lambda dtype: dtype in (torch.bfloat16, torch.float16))
+
+
 @needs_cpu_backend
 @pytest.mark.parametrize("backend", ["auto", "cpu", "torch"])
 def test_routed_linears_send_many_16_bit_rows_to_float32(monkeypatch, backend):
     from gptfast.generation import runner
     from gptfast.generation.runner import DECODE_LINEAR_MAX_ROWS, RoutedLinears, decode_linears
+    _widen_16_bit_here(monkeypatch)
     widened = []
     real = runner.linear_in_float32
     monkeypatch.setattr(runner, "linear_in_float32",
@@ -437,8 +444,9 @@ def test_routed_linears_send_many_16_bit_rows_to_float32(monkeypatch, backend):
 
 
 @needs_cpu_backend
-def test_a_long_16_bit_prompt_prefills_in_float32():
+def test_a_long_16_bit_prompt_prefills_in_float32(monkeypatch):
     from gptfast.generation.runner import DECODE_LINEAR_MAX_ROWS, CachedRunner
+    _widen_16_bit_here(monkeypatch)
     model = _tiny_gpt(64).to(torch.bfloat16)
     runner = CachedRunner(model)
     long = torch.randint(0, 50, (2, DECODE_LINEAR_MAX_ROWS + 5))
@@ -448,3 +456,44 @@ def test_a_long_16_bit_prompt_prefills_in_float32():
         plain = runner.prefill(long)
         assert torch.equal(plain, model(long)[:, -1])  # the oracle is the model's own forward
     torch.testing.assert_close(fused.float(), plain.float(), **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype,native", [(torch.bfloat16, "_is_avx512_bf16_supported"),
+                                          (torch.bfloat16, "_is_amx_tile_supported"),
+                                          (torch.float16, "_is_amx_fp16_supported")])
+def test_16_bit_rows_widen_only_on_cpus_without_16_bit_instructions(monkeypatch, dtype, native):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    linear_module.widens_16_bit.cache_clear()
+    try:
+        assert linear_module.widens_16_bit(dtype)
+        assert not linear_module.widens_16_bit(torch.float32) and not linear_module.widens_16_bit(torch.float64)
+        monkeypatch.setattr(torch.cpu, native, lambda: True)
+        linear_module.widens_16_bit.cache_clear()
+        assert not linear_module.widens_16_bit(dtype)  # torch's own 16-bit matmul is the fast one there
+        monkeypatch.delattr(torch.cpu, native)  # a torch without the probe: counts as lacking the instructions
+        linear_module.widens_16_bit.cache_clear()
+        assert linear_module.widens_16_bit(dtype)
+    finally:
+        monkeypatch.undo()
+        linear_module.widens_16_bit.cache_clear()
+
+
+@needs_cpu_backend
+def test_many_16_bit_rows_keep_f_linear_where_the_cpu_has_16_bit_instructions(monkeypatch):
+    from gptfast.generation import runner
+    from gptfast.generation.runner import DECODE_LINEAR_MAX_ROWS, RoutedLinears, decode_linears
+    monkeypatch.setattr(runner, "widens_16_bit", lambda dtype: False)
+    layer = torch.nn.Linear(24, 10).to(torch.bfloat16)
+    many = torch.randn(DECODE_LINEAR_MAX_ROWS + 3, 24).to(torch.bfloat16)
+    with torch.no_grad(), RoutedLinears([layer]):
+        out = layer(many)
+    assert torch.equal(out, F.linear(many, layer.weight, layer.bias))
+    assert not isinstance(decode_linears(torch.zeros(1, DECODE_LINEAR_MAX_ROWS + 3, dtype=torch.long), [layer]),
+                          RoutedLinears)
+
+
+def test_linear_in_float32_of_an_empty_inner_dimension_is_the_bias():
+    x, w, b = torch.zeros(3, 0, dtype=torch.bfloat16), torch.zeros(4, 0, dtype=torch.bfloat16), torch.arange(4.)
+    out = linear_module.linear_in_float32(x, w, b.to(torch.bfloat16))
+    assert torch.equal(out, b.to(torch.bfloat16).expand(3, 4))

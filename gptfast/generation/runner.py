@@ -36,7 +36,7 @@ import torch
 from .. import ops
 from ..models import layers
 from ..models.gpt import merge_heads, residual_block, split_heads
-from ..ops.linear import linear_in_float32
+from ..ops.linear import linear_in_float32, widens_16_bit
 from .cache import KVCache, check_decodable, context_length, is_rotary
 
 
@@ -89,16 +89,13 @@ def routes_rows(rows: int) -> bool:
     return DECODE_LINEAR_MIN_ROWS <= rows <= DECODE_LINEAR_MAX_ROWS
 
 
-SIXTEEN_BIT = (torch.bfloat16, torch.float16)
-
-
 def decode_linear_kernel(x, weight, bias=None):
     """What a routed layer runs for ``F.linear(x, weight, bias)`` on a CPU, or ``None`` for ``F.linear`` itself.
 
     ``ops.decode_linear``'s entry point where :func:`routes_rows` accepts the rows, and
-    :func:`~gptfast.ops.linear.linear_in_float32` for more rows of 16-bit tensors (a prompt's
-    prefill: torch's own 16-bit matmul is several times slower there on CPUs without
-    16-bit matrix instructions).  ``None`` (the model's own ``F.linear`` runs, so the
+    :func:`~gptfast.ops.linear.linear_in_float32` for more rows of 16-bit tensors on a CPU without
+    16-bit matrix instructions (a prompt's prefill: torch's own 16-bit matmul is several times
+    slower there; :func:`~gptfast.ops.linear.widens_16_bit`).  ``None`` (the model's own ``F.linear`` runs, so the
     reference's numbers stay) for other calls, with backend ``"torch"``, or where no fused
     backend serves the call (float64, mixed dtypes); ``"auto"`` and named backends that
     serve it count as fused.
@@ -107,7 +104,7 @@ def decode_linear_kernel(x, weight, bias=None):
             bias is not None and bias.dtype != x.dtype):
         return None
     rows = x.shape[:-1].numel()
-    if not routes_rows(rows) and x.dtype not in SIXTEEN_BIT:
+    if not routes_rows(rows) and not widens_16_bit(x.dtype):
         return None
     try:
         name, fn = ops.resolve("decode_linear", x.device, (x, weight), dict(bias=bias))
@@ -162,9 +159,9 @@ def plain_linears(model) -> list:
 def decode_linears(tokens: torch.Tensor, linears):
     """The context a pass over ``tokens`` ``(B, T)`` runs in (a decode step, ``T == 1``, or a prompt):
     ``linears`` routed (:class:`RoutedLinears`) on CPU when :func:`routes_rows` accepts ``B * T`` rows or
-    a layer holds 16-bit weights, nothing elsewhere."""
+    a layer holds 16-bit weights this CPU multiplies faster in float32, nothing elsewhere."""
     if tokens.device.type == "cpu" and (routes_rows(tokens.numel()) or any(
-            m.weight.dtype in SIXTEEN_BIT for m in linears)):
+            widens_16_bit(m.weight.dtype) for m in linears)):
         return RoutedLinears(linears)
     return contextlib.nullcontext()
 

@@ -17,6 +17,8 @@ CPU when there are too many rows for the decode kernel (a prompt's prefill).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._dispatch import kernels, without_graph
@@ -63,6 +65,25 @@ def fused_decode_linear(ops, x, weight, bias=None):
 FLOAT32_WEIGHT_BLOCK_BYTES = 4 << 20
 
 
+# torch.cpu's probes of the instructions a 16-bit matmul runs fast on (private, hence looked up by name:
+# a torch without one counts as lacking the instructions).
+_NATIVE_16_BIT_PROBES = {torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+                         torch.float16: ("_is_amx_fp16_supported",)}
+
+
+@functools.lru_cache(maxsize=None)
+def widens_16_bit(dtype) -> bool:
+    """True when many-row products of ``dtype`` are faster through :func:`linear_in_float32` on this CPU.
+
+    That is a bf16/fp16 ``dtype`` on a CPU without instructions for it (AVX512-BF16 or
+    AMX for bf16, AMX-FP16 for fp16): there torch's own 16-bit matmul is the slow one.
+    """
+    probes = _NATIVE_16_BIT_PROBES.get(dtype)
+    if probes is None:
+        return False
+    return not any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def linear_in_float32(x, weight, bias=None):
     """``F.linear(x, weight, bias)`` for 16-bit CPU tensors, computed in float32 and rounded once to ``x``'s dtype.
 
@@ -73,7 +94,7 @@ def linear_in_float32(x, weight, bias=None):
     matmul with float32 accumulation returns.  Works with autograd (plain torch ops).
     """
     wide_x = x.float()
-    block = max(1, FLOAT32_WEIGHT_BLOCK_BYTES // (4 * weight.shape[1]))
+    block = max(1, FLOAT32_WEIGHT_BLOCK_BYTES // (4 * max(1, weight.shape[1])))
     out = x.new_empty((*x.shape[:-1], weight.shape[0]))
     for start in range(0, weight.shape[0], block):
         stop = min(start + block, weight.shape[0])
