@@ -217,19 +217,6 @@ void online_softmax_row(T* row, int64_t valid, int64_t nk, T& m, T& l, T* out_ro
 // measured 3-4x slower than float32 here: the decode step reads each key once).
 constexpr int64_t kDirectRows = 2;
 
-// Vectorized<T> pair holding 2 * Vectorized<T>::size() elements of src at p, in T.
-template <typename T, typename scalar_t>
-inline std::pair<Vectorized<T>, Vectorized<T>> load_pair(const scalar_t* p) {
-  using V = Vectorized<T>;
-  if constexpr (std::is_same_v<scalar_t, T>) {
-    return {V::loadu(p), V::loadu(p + V::size())};
-  } else {
-    static_assert(Vectorized<scalar_t>::size() == 2 * V::size(), "one 16-bit vector widens to two");
-    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
-    return {lo, hi};
-  }
-}
-
 // sum over d of a[d] * b[d]; a in T, b in its own dtype (widened as read).
 template <typename T, typename scalar_t>
 T dot(const T* a, const scalar_t* b, int64_t n) {

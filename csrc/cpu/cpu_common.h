@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace gptfast_cpu {
@@ -109,6 +110,20 @@ inline int64_t first_nan(const T* a, int64_t n) {
   for (; i < n; ++i)
     if (std::isnan(a[i])) return i;
   return -1;
+}
+
+// 2 * Vectorized<T>::size() elements of src starting at p, in T (lo, hi): loaded as they are
+// when src is already T, else one 16-bit vector widened in registers.
+template <typename T, typename scalar_t>
+inline std::pair<Vectorized<T>, Vectorized<T>> load_pair(const scalar_t* p) {
+  using V = Vectorized<T>;
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    return {V::loadu(p), V::loadu(p + V::size())};
+  } else {
+    static_assert(Vectorized<scalar_t>::size() == 2 * V::size(), "one 16-bit vector widens to two");
+    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+    return {lo, hi};
+  }
 }
 
 // src[0..n) in the accumulation dtype T: src itself when already T, else a copy into `buffer`.

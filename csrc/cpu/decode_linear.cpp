@@ -23,17 +23,6 @@ namespace {
 
 using Vf = Vectorized<float>;
 
-// 2 * Vf::size() elements of src starting at p, widened to float32 (lo, hi).
-template <typename scalar_t>
-inline std::pair<Vf, Vf> load_wide(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return {Vf::loadu(p), Vf::loadu(p + Vf::size())};
-  } else {
-    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
-    return {lo, hi};
-  }
-}
-
 // out[m][r] (float32, not yet rounded) = dot(x row m0 + m, weight row n0 + r) for an R x MT tile.
 template <typename scalar_t, int R, int MT>
 void tile(const float* x, const scalar_t* w, int64_t K, int64_t n0, int64_t m0, float* acc_out, int64_t N) {
@@ -55,7 +44,7 @@ void tile(const float* x, const scalar_t* w, int64_t K, int64_t n0, int64_t m0, 
         xhi[m] = Vf::loadu(xm[m] + k + Vf::size());
       }
       for (int r = 0; r < R; ++r) {
-        const auto [wlo, whi] = load_wide(wr[r] + k);
+        const auto [wlo, whi] = load_pair<float>(wr[r] + k);
         for (int m = 0; m < MT; ++m) {
           acc[r][m][0] = at::vec::fmadd(wlo, xlo[m], acc[r][m][0]);
           acc[r][m][1] = at::vec::fmadd(whi, xhi[m], acc[r][m][1]);
@@ -107,7 +96,7 @@ void single_row_block(const float* x, const scalar_t* w, int64_t K, int64_t n_be
         }
         const Vf xlo = Vf::loadu(x + k), xhi = Vf::loadu(x + k + Vf::size());
         for (int r = 0; r < R; ++r) {
-          const auto [wlo, whi] = load_wide(w + (n + r) * K + k);
+          const auto [wlo, whi] = load_pair<float>(w + (n + r) * K + k);
           acc[r] = at::vec::fmadd(whi, xhi, at::vec::fmadd(wlo, xlo, acc[r]));
         }
       }
