@@ -38,6 +38,7 @@ from ..models import layers
 from ..models.gpt import merge_heads, residual_block, split_heads
 from ..ops.linear import linear_in_float32, widens_16_bit
 from .cache import KVCache, check_decodable, context_length, is_rotary
+from .planned import PlannedGPTStep
 
 
 def rotary_block(block, x, attention):
@@ -183,6 +184,7 @@ class CachedRunner:
         att = self.blocks[0].att
         self.group_size = att.num_heads // att.num_kv_groups if self.rotary else 1
         self.linears = plain_linears(model)
+        self._plans = {}
 
     def causal_attention(self, q, k, v):
         """Causal attention of ``q`` over the (grouped) ``k``/``v``: the queries are the last key positions.
@@ -321,19 +323,38 @@ class CachedRunner:
             self._check_positions(positions, cache.max_len)
             n_keys = positions + 1
 
+            attention = _StepAttention()
+
             def attend(i, q, k, v):
                 keys, values = cache.keys[i], cache.values[i]
-                keys[:, :, positions] = k[:, :, 0]
-                values[:, :, positions] = v[:, :, 0]
-                return self.causal_attention(q, keys[:, :, :n_keys], values[:, :, :n_keys])
+                keys.select(2, positions).copy_(k.select(2, 0))
+                values.select(2, positions).copy_(v.select(2, 0))
+                return attention(q, keys[:, :, :n_keys], values[:, :, :n_keys])
 
+            position_tensor = torch.tensor([positions], device=tokens.device)
+            plan = self._plan(tokens)
+            if plan is not None:
+                return plan.run(tokens, position_tensor, attend)
             with decode_linears(tokens, self.linears):
-                return self._run(tokens, torch.tensor([positions], device=tokens.device), attend)
+                return self._run(tokens, position_tensor, attend)
         self._check_positions(max(positions), cache.max_len)
         per_row = torch.tensor(positions, device=tokens.device)
         with decode_linears(tokens, self.linears):
             return self._run(tokens, per_row.unsqueeze(1),
                              self._per_row_attend(cache, per_row, n_keys=max(positions) + 1))
+
+    def _plan(self, tokens):
+        """The :class:`~gptfast.generation.planned.PlannedGPTStep` for a CPU decode step of ``tokens`` ``(B, 1)``, or
+        ``None`` (the generic walk runs).  Built once per batch size and backend selection."""
+        if self.rotary or tokens.device.type != "cpu" or not routes_rows(tokens.numel()):
+            return None
+        key = (tuple(tokens.shape), ops.get_backend())
+        if key not in self._plans:
+            model = self.model
+            dtype = torch.promote_types(model.tok_emb.weight.dtype, model.pos_emb.weight.dtype)
+            x = torch.empty((*tokens.shape, model.tok_emb.weight.shape[1]), dtype=dtype, device=tokens.device)
+            self._plans[key] = PlannedGPTStep.build(model, x, decode_linear_kernel)
+        return self._plans[key]
 
     @torch.no_grad()
     def decode_static(self, tokens, cache: KVCache, positions):
@@ -358,3 +379,28 @@ class CachedRunner:
             return self.masked_attention(q, keys, values, positions)
 
         return attend
+
+
+class _StepAttention:
+    """``ops.causal_attention`` for the layers of one decode step: checked and resolved once per kind of call.
+
+    Every layer of a step attends with the same shapes and dtypes, so the first call of each
+    kind goes through the op's checks and backend choice and the others reuse the kernel it
+    picked (a resolution costs about as much as the kernel itself at decode size).
+    """
+
+    def __init__(self):
+        self._kernels = {}
+
+    def __call__(self, q, k, v):
+        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device)
+        fn = self._kernels.get(key)
+        if fn is None:
+            out = ops.causal_attention(q, k, v)  # validates; raises for a call no backend takes
+            self._kernels[key] = ops.resolve("causal_attention", q.device, (q, k, v), _DECODE_ATTENTION_KWARGS)[1]
+            return out
+        return fn(q, k, v, **_DECODE_ATTENTION_KWARGS)
+
+
+# What ops.causal_attention passes its kernel for a decode step: no dropout, the default scale.
+_DECODE_ATTENTION_KWARGS = dict(dropout_p=0.0, training=False, scale=None)

@@ -25,6 +25,7 @@ Contract for a backend module (see ``torch_ops.py`` for the oracle):
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import threading
@@ -130,6 +131,20 @@ def without_graph():
     return torch._C._AutoDispatchBelowAutograd()
 
 
+def bound_kernel(entry_point, fused, kernel: str):
+    """The overload of kernel op ``kernel`` behind ``entry_point``, or ``None``.
+
+    ``entry_point`` is what :func:`resolve` returned; it is a fused backend's when it is the
+    op module's ``fused`` function bound to a kernel namespace (:func:`fused_entry_points`).
+    An op module uses this to give a caller that has prepared its inputs in the kernel's
+    layout once (a decode plan) the kernel itself, without the per-call reshaping.
+    """
+    if (isinstance(entry_point, functools.partial) and entry_point.func is fused and len(entry_point.args) == 1
+            and not entry_point.keywords):
+        return getattr(kernels(entry_point.args[0]), kernel).default
+    return None
+
+
 def fused_entry_points(namespace: str, **overrides) -> dict:
     """Every op's entry point bound to ``namespace``'s kernels: the table each kernel backend exposes.
 
@@ -137,8 +152,6 @@ def fused_entry_points(namespace: str, **overrides) -> dict:
     replaces one for a backend whose layer differs (the CUDA attention's head-dim padding).
     A backend module puts the result in its namespace, so ``getattr(backend, op)`` finds it.
     """
-    import functools
-
     from . import activation, attention, linear, loss, normalization, rotary, sampling
 
     table = {

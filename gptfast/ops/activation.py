@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import kernels, without_graph
+from ._dispatch import bound_kernel, kernels, without_graph
 
 
 def _fake_swiglu_fwd(gate, up):
@@ -86,3 +86,17 @@ def fused_gelu(ops, x):
     """GPT-2's tanh GELU on ``ops``' kernels (input already validated); the result has ``x``'s shape."""
     with without_graph():
         return kernels(ops).gelu_fwd(x)
+
+
+def gelu_rows(entry_point):
+    """``fn(x)`` running the kernel behind a resolved ``gelu`` entry point, or ``None`` when it is not a fused
+    backend's; for a caller that calls it many times on validated input (a decode plan)."""
+    kernel = bound_kernel(entry_point, fused_gelu, "gelu_fwd")
+    if kernel is None:
+        return None
+
+    def gelu(x):
+        with without_graph():
+            return kernel(x)
+
+    return gelu

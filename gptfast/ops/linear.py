@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from ._dispatch import kernels, without_graph
+from ._dispatch import bound_kernel, kernels, without_graph
 
 
 def _fake_decode_linear(x, weight, bias):
@@ -58,6 +58,26 @@ def fused_decode_linear(ops, x, weight, bias=None):
     with without_graph():
         out = kernels(ops).decode_linear(rows, weight.contiguous(), None if bias is None else bias.contiguous())
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def decode_linear_rows(entry_point):
+    """``fn(rows, weight, bias)`` running the kernel behind a resolved ``decode_linear`` entry point, or ``None``.
+
+    For a caller that keeps its inputs in the kernel's layout (a decode plan): ``rows``
+    ``(M, K)`` and ``weight`` contiguous, ``bias`` contiguous or ``None``, one dtype, already
+    validated; the result is ``(M, N)``.  It skips :func:`fused_decode_linear`'s reshaping,
+    which at one row costs as much as the kernel's work on a small matrix.  ``None`` when
+    ``entry_point`` is not a fused backend's.
+    """
+    kernel = bound_kernel(entry_point, fused_decode_linear, "decode_linear")
+    if kernel is None:
+        return None
+
+    def linear(rows, weight, bias):
+        with without_graph():
+            return kernel(rows, weight, bias)
+
+    return linear
 
 
 # The float32 copy of the weight exists one block of output rows at a time; 4 MiB blocks measured as fast as

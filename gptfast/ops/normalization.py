@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import kernels, without_graph
+from ._dispatch import bound_kernel, kernels, without_graph
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -125,3 +125,21 @@ def fused_layer_norm(ops, x, weight, bias, *, eps=1e-5):
     with without_graph():
         out, _mean, _rstd = kernels(ops).layer_norm_fwd(rows, weight, bias, float(eps))
     return out.view(x.shape)
+
+
+def layer_norm_rows(entry_point):
+    """``fn(rows, weight, bias, eps)`` running the kernel behind a resolved ``layer_norm`` entry point, or ``None``.
+
+    For a caller that keeps its inputs in the kernel's layout (a decode plan): ``rows``
+    ``(M, D)`` contiguous, already validated; returns the normalised ``(M, D)``.  ``None``
+    when ``entry_point`` is not a fused backend's.
+    """
+    kernel = bound_kernel(entry_point, fused_layer_norm, "layer_norm_fwd")
+    if kernel is None:
+        return None
+
+    def layer_norm(rows, weight, bias, eps):
+        with without_graph():
+            return kernel(rows, weight, bias, eps)[0]
+
+    return layer_norm

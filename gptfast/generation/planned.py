@@ -1,0 +1,170 @@
+"""A CPU decode step of the book's GPT with every kernel chosen once: no module calls, no per-call dispatch.
+
+The cached step of :class:`~gptfast.generation.runner.CachedRunner` walks the model's modules,
+so each of a GPT-2 token's ~600 Python-level calls pays for ``nn.Module.__call__``, argument
+checks and a backend resolution: about 10 ms of a ~50 ms step on a 2-core CPU, spent while
+the memory bus, which sets the floor of a decode step, sits idle.  When every part of the
+model is one whose forward is known (gptfast's ``LayerNorm`` and ``GELU``, plain ``nn.Linear``,
+dropout that does nothing) and no hook is registered, :class:`PlannedGPTStep` runs the kernels
+those forwards would pick, resolved once, on the same tensors and in the same order as
+:func:`~gptfast.models.gpt.residual_block`.  So its logits are bitwise the generic step's, and
+a model it cannot vouch for keeps the generic step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..models.gpt import GELU, FeedForward, LayerNorm
+from ..ops.activation import gelu_rows
+from ..ops.linear import decode_linear_rows
+from ..ops.normalization import layer_norm_rows
+
+
+def _global_hooks() -> bool:
+    """True when a global ``nn.Module`` forward hook is registered (it would see every module call)."""
+    module = nn.modules.module
+    return any(getattr(module, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called"))
+
+
+def _has_hooks(model) -> bool:
+    return _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def _quiet(dropout) -> bool:
+    """True when ``dropout`` returns its input unchanged (eval mode or ``p == 0``)."""
+    return type(dropout) is nn.Dropout and (not dropout.training or dropout.p == 0)
+
+
+def _plain_linear(module) -> bool:
+    return type(module) is nn.Linear
+
+
+def _book_block(block) -> bool:
+    """True for a block whose every part has a forward this plan reproduces."""
+    att, ff = block.att, block.ff
+    return (type(block.norm1) is LayerNorm and type(block.norm2) is LayerNorm and _quiet(block.drop_resid)
+            and all(_plain_linear(getattr(att, name)) for name in ("W_query", "W_key", "W_value", "out_proj"))
+            and type(ff) is FeedForward and len(ff.layers) == 3 and _plain_linear(ff.layers[0])
+            and type(ff.layers[1]) is GELU and _plain_linear(ff.layers[2]))
+
+
+def plannable(model) -> bool:
+    """True when :class:`PlannedGPTStep` may stand in for the generic cached step of ``model``.
+
+    ``model`` must have the book's GPT layout built from gptfast's own modules (or plain
+    ``nn.Linear``/``nn.Embedding``/``nn.Dropout``), its dropout must be inactive, and no
+    forward hook may be registered on it or globally (the plan calls no module).
+    """
+    return (type(model.tok_emb) is nn.Embedding and type(model.pos_emb) is nn.Embedding
+            and model.tok_emb.max_norm is None and model.pos_emb.max_norm is None
+            and _quiet(model.drop_emb) and type(model.final_norm) is LayerNorm and _plain_linear(model.out_head)
+            and all(_book_block(block) for block in model.trf_blocks) and not _has_hooks(model))
+
+
+def _fused(op, device, args, kwargs):
+    """The entry point of a fused backend for ``op`` on these arguments, or ``None`` when the torch path runs."""
+    try:
+        name, fn = ops.resolve(op, device, args, kwargs)
+    except RuntimeError:  # a named backend that cannot serve the call
+        return None
+    return None if name == "torch" else fn
+
+
+class _Norm:
+    """A ``LayerNorm`` on rows ``(M, D)`` as its forward runs it on a fused backend."""
+
+    def __init__(self, norm, entry_point):
+        self.weight, self.bias, self.eps = norm.scale, norm.shift, float(norm.eps)
+        self.rows = layer_norm_rows(entry_point) if self.weight.is_contiguous() and self.bias.is_contiguous() else None
+        self.entry_point = entry_point
+
+    def __call__(self, x):
+        if self.rows is None:
+            return self.entry_point(x, self.weight, self.bias, eps=self.eps)
+        return self.rows(x, self.weight, self.bias, self.eps)
+
+
+class _Linear:
+    """An ``nn.Linear`` on rows ``(M, K)``, on the kernel a routed decode layer would give it (``F.linear`` when none)."""
+
+    def __init__(self, module, entry_point):
+        self.weight, self.bias, self.entry_point = module.weight, module.bias, entry_point
+        contiguous = self.weight.is_contiguous() and (self.bias is None or self.bias.is_contiguous())
+        self.rows = decode_linear_rows(entry_point) if entry_point is not None and contiguous else None
+
+    def __call__(self, x):
+        if self.rows is not None:
+            return self.rows(x, self.weight, self.bias)
+        if self.entry_point is None:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        return self.entry_point(x, self.weight, bias=self.bias)
+
+
+class PlannedGPTStep:
+    """One cached decode step of a plannable GPT (:func:`plannable`) for ``B`` rows of one dtype.
+
+    Built from the first step's tensors by :meth:`build`, which returns ``None`` when a
+    forward would not take a fused kernel (backend ``"torch"``, a dtype the kernels do not
+    serve, mixed dtypes): the plan only replaces the module walk, never the arithmetic.
+    The stream stays as ``(B, emb_dim)`` rows, the layout the kernels take.
+    """
+
+    def __init__(self, model, norms, linears, gelu):
+        self.model = model
+        self.norms, self.linears, self.gelu = norms, linears, gelu
+        self.heads = [(block.att.num_heads, block.att.head_dim) for block in model.trf_blocks]
+
+    @classmethod
+    def build(cls, model, x, linear_kernel):
+        """The plan for steps whose embedded input looks like ``x`` ``(B, 1, emb_dim)``, or ``None``.
+
+        ``linear_kernel(x, weight, bias)`` is the runner's choice of kernel for a linear layer
+        (``None`` for ``F.linear``).
+        """
+        if not plannable(model):
+            return None
+        norm_modules = [n for block in model.trf_blocks for n in (block.norm1, block.norm2)] + [model.final_norm]
+        norms = []
+        for norm in norm_modules:
+            if not (x.dtype == norm.scale.dtype == norm.shift.dtype and norm.scale.shape == norm.shift.shape
+                    == (x.shape[-1],) and x.device == norm.scale.device == norm.shift.device and norm.eps >= 0):
+                return None  # LayerNorm.forward would run the book's formula
+            layer_norm = _fused("layer_norm", x.device, (x, norm.scale, norm.shift), {"eps": norm.eps})
+            if layer_norm is None:
+                return None
+            norms.append(_Norm(norm, layer_norm))
+        gelu = None
+        linears = []
+        for block in model.trf_blocks:
+            att, ff = block.att, block.ff.layers
+            hidden = x.new_empty((*x.shape[:-1], ff[0].out_features))
+            for module, sample in ((att.W_query, x), (att.W_key, x), (att.W_value, x), (att.out_proj, x),
+                                   (ff[0], x), (ff[2], hidden)):
+                linears.append(_Linear(module, linear_kernel(sample, module.weight, module.bias)))
+            if gelu is None:
+                entry_point = _fused("gelu", hidden.device, (hidden,), {})
+                if entry_point is None:
+                    return None
+                gelu = gelu_rows(entry_point) or entry_point
+        linears.append(_Linear(model.out_head, linear_kernel(x, model.out_head.weight, model.out_head.bias)))
+        return cls(model, norms, linears, gelu)
+
+    def run(self, idx, positions, attend):
+        """Logits ``(B, vocab)`` of the step's tokens ``idx`` ``(B, 1)`` at ``positions``; ``attend(i, q, k, v)``
+        is layer ``i``'s attention core (it writes the cache), as in ``CachedRunner._run``."""
+        model = self.model
+        b = idx.shape[0]
+        x = (model.tok_emb(idx) + model.pos_emb(positions)).view(b, -1)
+        norms, linears, gelu = self.norms, self.linears, self.gelu
+        for i, (heads, head_dim) in enumerate(self.heads):
+            w_query, w_key, w_value, out_proj, fc1, fc2 = linears[6 * i:6 * i + 6]
+            h = norms[2 * i](x)
+            # (B, heads * head_dim) rows are (B, heads, 1, head_dim) heads of one query position: views only.
+            q, k, v = (proj(h).view(b, heads, 1, head_dim) for proj in (w_query, w_key, w_value))
+            x = x + out_proj(attend(i, q, k, v).reshape(b, -1))
+            x = x + fc2(gelu(fc1(norms[2 * i + 1](x))))
+        return linears[-1](norms[-1](x))

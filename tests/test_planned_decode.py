@@ -1,0 +1,210 @@
+"""The planned CPU decode step of the book's GPT against the generic cached step and the model itself.
+
+The plan (``gptfast.generation.planned``) replaces only the walk over the model's modules:
+its logits must be bitwise those of the generic step, which calls the same kernels through
+the modules; a model it cannot vouch for (hooks, active dropout, other modules, backend
+``"torch"``) must keep the generic step.
+"""
+
+import functools
+
+import pytest
+import torch
+
+import llms_from_scratch.ch04 as ref_ch04
+
+from gptfast import ops
+from gptfast.generation import CachedRunner, KVCache, generate
+from gptfast.generation import planned
+from gptfast.generation.runner import DECODE_LINEAR_MAX_ROWS
+from gptfast.models import GPTModel
+from gptfast.models.gpt import FeedForwardFast
+from gptfast.ops import _dispatch
+from gptfast.ops.activation import fused_gelu, gelu_rows
+from gptfast.ops.linear import decode_linear_rows, fused_decode_linear
+from gptfast.ops.normalization import fused_layer_norm, layer_norm_rows
+
+needs_cpu_backend = pytest.mark.skipif(ops.unavailable_reason("cpu") is not None,
+                                       reason="the CPU extension is not built here")
+
+CFG = {"vocab_size": 97, "context_length": 24, "emb_dim": 32, "n_heads": 4, "n_layers": 3, "drop_rate": 0.0,
+       "qkv_bias": True}
+
+
+def make_model(seed=0, dtype=torch.float32, **overrides):
+    torch.manual_seed(seed)
+    return GPTModel({**CFG, **overrides}).eval().to(dtype)
+
+
+def _steps(model, idx, n_steps, plan):
+    """Prefill ``idx``, then ``n_steps`` greedy decode steps; each step's logits.  ``plan=False`` keeps the
+    generic walk (the runner finds no plan)."""
+    runner = CachedRunner(model)
+    if not plan:
+        runner._plan = lambda tokens: None
+    cache = KVCache.for_model(model, idx.shape[0], idx.shape[1] + n_steps)
+    logits = [runner.prefill(idx, cache)]
+    position = idx.shape[1]
+    for _ in range(n_steps):
+        token = logits[-1].argmax(-1, keepdim=True)
+        logits.append(runner.decode(token, cache, position))
+        position += 1
+    return logits, runner
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("batch", [1, 3, DECODE_LINEAR_MAX_ROWS])
+@pytest.mark.parametrize("qkv_bias", [True, False], ids=["bias", "nobias"])
+def test_planned_steps_are_bitwise_the_generic_steps(dtype, batch, qkv_bias):
+    model = make_model(dtype=dtype, qkv_bias=qkv_bias)
+    idx = torch.randint(0, CFG["vocab_size"], (batch, 5), generator=torch.Generator().manual_seed(batch))
+    with ops.use_backend("auto"):
+        planned_logits, runner = _steps(model, idx, 6, plan=True)
+        generic_logits, _ = _steps(model, idx, 6, plan=False)
+    assert [key for key, plan in runner._plans.items() if plan is not None] == [((batch, 1), "auto")]
+    for ours, theirs in zip(planned_logits, generic_logits):
+        assert ours.shape == (batch, CFG["vocab_size"]) and ours.dtype == dtype
+        assert torch.equal(ours, theirs)
+
+
+@needs_cpu_backend
+def test_float64_steps_plan_or_not_are_the_generic_steps():
+    model = make_model(dtype=torch.float64)  # no float64 decode kernel: F.linear inside the plan too
+    idx = torch.randint(0, CFG["vocab_size"], (2, 3), generator=torch.Generator().manual_seed(6))
+    for ours, theirs in zip(_steps(model, idx, 3, plan=True)[0], _steps(model, idx, 3, plan=False)[0]):
+        assert ours.dtype == torch.float64 and torch.equal(ours, theirs)
+
+
+@needs_cpu_backend
+def test_planned_steps_match_the_full_forward():
+    model = make_model()
+    idx = torch.randint(0, CFG["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(idx)
+    runner = CachedRunner(model)
+    cache = KVCache.for_model(model, 2, 9)
+    runner.prefill(idx[:, :3], cache)
+    for p in range(3, 9):
+        torch.testing.assert_close(runner.decode(idx[:, p:p + 1], cache, p), full[:, p], atol=1e-5, rtol=1e-5)
+    assert runner._plans[((2, 1), ops.get_backend())] is not None
+
+
+@needs_cpu_backend
+def test_generate_runs_the_plan_and_gives_the_uncached_tokens(monkeypatch):
+    runs = []
+    real_run = planned.PlannedGPTStep.run
+
+    def counting_run(self, *args):
+        runs.append(args[0].shape)
+        return real_run(self, *args)
+
+    monkeypatch.setattr(planned.PlannedGPTStep, "run", counting_run)
+    model = make_model()
+    idx = torch.randint(0, CFG["vocab_size"], (2, 4), generator=torch.Generator().manual_seed(5))
+    out = generate(model, idx, max_new_tokens=8, context_size=CFG["context_length"])
+    assert runs == [(2, 1)] * 7  # every step after the prompt's
+    expected = idx
+    for _ in range(8):
+        with torch.no_grad():
+            expected = torch.cat((expected, model(expected)[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(out, expected)
+
+
+def _plan_of(model, batch=1):
+    runner = CachedRunner(model)
+    return runner._plan(torch.zeros(batch, 1, dtype=torch.long))
+
+
+@needs_cpu_backend
+def test_models_the_plan_cannot_vouch_for_keep_the_generic_step():
+    assert _plan_of(make_model()) is not None
+    # backend "torch": the modules run the book's formulas, not the kernels the plan would call
+    with ops.use_backend("torch"):
+        assert _plan_of(make_model()) is None
+    # more rows than a decode step routes to the decode kernel
+    assert _plan_of(make_model(), batch=DECODE_LINEAR_MAX_ROWS + 1) is None
+    # active dropout
+    training = make_model(drop_rate=0.1).train()
+    assert _plan_of(training) is None
+    assert _plan_of(make_model(drop_rate=0.1)) is not None  # eval mode: dropout does nothing
+    # other modules: the reference's own GPT, PyTorch's GELU, a subclassed linear layer, float64 norms
+    torch.manual_seed(0)
+    assert _plan_of(ref_ch04.GPTModel(CFG).eval()) is None
+    fast_ff = make_model()
+    fast_ff.trf_blocks[1].ff = FeedForwardFast(CFG)
+    assert _plan_of(fast_ff) is None
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    scaled = make_model()
+    scaled.trf_blocks[0].att.out_proj.__class__ = Scaled
+    assert _plan_of(scaled) is None
+    mixed = make_model()
+    mixed.final_norm.double()  # LayerNorm.forward promotes: the book's formula, not the kernel
+    assert _plan_of(mixed) is None
+
+
+@needs_cpu_backend
+def test_hooks_keep_the_generic_step_and_are_called():
+    model = make_model()
+    seen = []
+    handle = model.trf_blocks[2].norm2.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    idx = torch.randint(0, CFG["vocab_size"], (1, 4), generator=torch.Generator().manual_seed(2))
+    generate(model, idx, max_new_tokens=5, context_size=CFG["context_length"])
+    assert len(seen) == 5  # the prompt's pass and four decode steps
+    assert _plan_of(model) is None
+    handle.remove()
+    assert _plan_of(model) is not None
+    global_hook = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert _plan_of(model) is None
+    finally:
+        global_hook.remove()
+    assert _plan_of(model) is not None
+
+
+@needs_cpu_backend
+def test_a_non_contiguous_weight_takes_the_entry_point_with_the_same_result():
+    model = make_model()
+    layer = model.trf_blocks[1].ff.layers[0]
+    layer.weight = torch.nn.Parameter(layer.weight.detach().t().contiguous().t())  # same values, transposed layout
+    assert not layer.weight.is_contiguous()
+    idx = torch.randint(0, CFG["vocab_size"], (2, 4), generator=torch.Generator().manual_seed(4))
+    planned_logits, runner = _steps(model, idx, 4, plan=True)
+    generic_logits, _ = _steps(model, idx, 4, plan=False)
+    plan = runner._plans[((2, 1), ops.get_backend())]
+    assert plan is not None and sum(linear.rows is None for linear in plan.linears) == 1
+    for ours, theirs in zip(planned_logits, generic_logits):
+        assert torch.equal(ours, theirs)
+
+
+# ----------------------------------------------------------------------------- the kernels a plan binds
+
+
+@needs_cpu_backend
+def test_rows_forms_run_the_entry_points_kernels():
+    from gptfast.ops import cpu_ops
+    torch.manual_seed(0)
+    rows, weight, bias = torch.randn(3, 20), torch.randn(7, 20), torch.randn(7)
+    assert torch.equal(decode_linear_rows(cpu_ops.decode_linear)(rows, weight, bias),
+                       cpu_ops.decode_linear(rows, weight, bias=bias))
+    assert torch.equal(decode_linear_rows(cpu_ops.decode_linear)(rows, weight, None), cpu_ops.decode_linear(rows, weight))
+    scale, shift = torch.randn(20), torch.randn(20)
+    assert torch.equal(layer_norm_rows(cpu_ops.layer_norm)(rows, scale, shift, 1e-5),
+                       cpu_ops.layer_norm(rows, scale, shift, eps=1e-5))
+    assert torch.equal(gelu_rows(cpu_ops.gelu)(rows), cpu_ops.gelu(rows))
+
+
+def test_rows_forms_exist_only_for_fused_entry_points():
+    from gptfast.ops import torch_ops
+    assert decode_linear_rows(torch_ops.decode_linear) is None
+    assert layer_norm_rows(torch_ops.layer_norm) is None
+    assert gelu_rows(torch_ops.gelu) is None
+    assert gelu_rows(lambda x: x) is None  # a stand-in (a test's spy) keeps its own call
+    assert _dispatch.bound_kernel(functools.partial(fused_gelu, "gptfast_cpu", 1), fused_gelu, "gelu_fwd") is None
+    assert _dispatch.bound_kernel(functools.partial(fused_decode_linear, ops="x"), fused_decode_linear,
+                                  "decode_linear") is None
+    assert _dispatch.bound_kernel(functools.partial(fused_layer_norm, "gptfast_cpu"), fused_gelu, "gelu_fwd") is None
