@@ -1,4 +1,4 @@
-"""The planned CPU decode step of the book's GPT against the generic cached step and the model itself.
+"""The planned CPU decode steps (book GPT, Llama 3 / Qwen3) against the generic cached step and the models.
 
 The plan (``gptfast.generation.planned``) replaces only the walk over the model's modules:
 its logits must be bitwise those of the generic step, which calls the same kernels through
@@ -12,12 +12,14 @@ import pytest
 import torch
 
 import llms_from_scratch.ch04 as ref_ch04
+import llms_from_scratch.qwen3 as ref_qwen3
 
 from gptfast import ops
 from gptfast.generation import CachedRunner, KVCache, generate
 from gptfast.generation import planned
 from gptfast.generation.runner import DECODE_LINEAR_MAX_ROWS
-from gptfast.models import GPTModel
+from gptfast.models import GPTModel, layers
+from gptfast.models import llama3, llama3_cached, qwen3, qwen3_batched, qwen3_cached
 from gptfast.models.gpt import FeedForwardFast
 from gptfast.ops import _dispatch
 from gptfast.ops.activation import fused_gelu, gelu_rows
@@ -208,3 +210,111 @@ def test_rows_forms_exist_only_for_fused_entry_points():
     assert _dispatch.bound_kernel(functools.partial(fused_decode_linear, ops="x"), fused_decode_linear,
                                   "decode_linear") is None
     assert _dispatch.bound_kernel(functools.partial(fused_layer_norm, "gptfast_cpu"), fused_gelu, "gelu_fwd") is None
+
+
+# ----------------------------------------------------------------------------- Llama 3 / Qwen3
+
+
+def llama_cfg(n_kv_groups=2, dtype=torch.float32):
+    return {"vocab_size": 97, "context_length": 32, "emb_dim": 32, "n_heads": 4, "n_layers": 3, "hidden_dim": 48,
+            "n_kv_groups": n_kv_groups, "rope_base": 500_000.0, "dtype": dtype,
+            "rope_freq": {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_context_length": 16}}
+
+
+def qwen_cfg(n_kv_groups=2, qk_norm=True, dtype=torch.float32, num_experts=0):
+    cfg = {"vocab_size": 101, "context_length": 32, "emb_dim": 32, "hidden_dim": 40, "n_layers": 3, "n_heads": 4,
+           "head_dim": 8, "n_kv_groups": n_kv_groups, "qk_norm": qk_norm, "dtype": dtype,
+           "rope_base": 1_000_000.0, "num_experts": num_experts}
+    if num_experts:
+        cfg.update(num_experts_per_tok=2, moe_intermediate_size=24)
+    return cfg
+
+
+ROTARY = {
+    "qwen-ratio1": lambda dtype: qwen3.Qwen3Model(qwen_cfg(4, dtype=dtype)),
+    "qwen-ratio2-no-qknorm": lambda dtype: qwen3.Qwen3Model(qwen_cfg(2, qk_norm=False, dtype=dtype)),
+    "qwen-ratio4": lambda dtype: qwen3.Qwen3Model(qwen_cfg(1, dtype=dtype)),
+    "qwen-cached": lambda dtype: qwen3_cached.Qwen3Model(qwen_cfg(2, dtype=dtype)),
+    "qwen-batched": lambda dtype: qwen3_batched.Qwen3Model(qwen_cfg(2, dtype=dtype)),
+    "llama-ratio2": lambda dtype: llama3.Llama3Model(llama_cfg(2, dtype=dtype)),
+    "llama-cached-ratio4": lambda dtype: llama3_cached.Llama3Model(llama_cfg(1, dtype=dtype)),
+}
+
+
+def _rotary(name, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    model = ROTARY[name](dtype).eval()
+    with torch.no_grad():  # RMSNorm weights of one: make the norms' weights matter
+        for module in model.modules():
+            for pname in ("scale", "weight"):
+                weight = getattr(module, pname, None)
+                if isinstance(module, (qwen3.RMSNorm, layers.BuiltinRMSNorm)) and weight is not None:
+                    weight.uniform_(0.5, 1.5)
+    return model
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("name", sorted(ROTARY))
+def test_planned_rotary_steps_are_bitwise_the_generic_steps(name, batch, dtype):
+    model = _rotary(name, dtype)
+    idx = torch.randint(0, 97, (batch, 5), generator=torch.Generator().manual_seed(batch))
+    with ops.use_backend("auto"):
+        planned_logits, runner = _steps(model, idx, 6, plan=True)
+        generic_logits, _ = _steps(model, idx, 6, plan=False)
+    assert [key for key, plan in runner._plans.items() if plan is not None] == [((batch, 1), "auto")]
+    for ours, theirs in zip(planned_logits, generic_logits):
+        assert ours.shape == (batch, model.out_head.out_features)
+        assert torch.equal(ours, theirs)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("name", ["qwen-ratio4", "llama-ratio2"])
+def test_planned_rotary_steps_match_the_full_forward(name):
+    model = _rotary(name)
+    idx = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = model(idx)
+    runner = CachedRunner(model)
+    cache = KVCache.for_model(model, 2, 10)
+    runner.prefill(idx[:, :4], cache)
+    for p in range(4, 10):
+        torch.testing.assert_close(runner.decode(idx[:, p:p + 1], cache, p), full[:, p], atol=1e-5, rtol=1e-5)
+    assert runner._plans[((2, 1), ops.get_backend())] is not None
+
+
+@needs_cpu_backend
+def test_rotary_models_the_plan_cannot_vouch_for_keep_the_generic_step():
+    assert _plan_of(_rotary("qwen-ratio2-no-qknorm")) is not None
+    with ops.use_backend("torch"):
+        assert _plan_of(_rotary("qwen-ratio1")) is None
+    torch.manual_seed(0)
+    assert _plan_of(qwen3.Qwen3Model(qwen_cfg(2, num_experts=4)).eval()) is None  # mixture of experts
+    assert _plan_of(ref_qwen3.Qwen3Model(qwen_cfg(2)).eval()) is None  # the reference's own modules
+    not_qwen_norms = _rotary("qwen-ratio1")
+    not_qwen_norms.trf_blocks[1].att.q_norm.qwen3_compatible = False  # its forward then computes otherwise
+    assert _plan_of(not_qwen_norms) is None
+    hooked = _rotary("llama-ratio2")
+    hooked.trf_blocks[0].ff.fc2.register_forward_pre_hook(lambda module, args: None)
+    assert _plan_of(hooked) is None
+
+
+def test_rotary_rows_forms_exist_only_for_fused_entry_points():
+    from gptfast.ops import torch_ops
+    from gptfast.ops.normalization import rms_norm_rows
+    from gptfast.ops.rotary import rope_rows
+    assert rms_norm_rows(torch_ops.rms_norm) is None and rope_rows(torch_ops.rope) is None
+
+
+@needs_cpu_backend
+def test_rotary_rows_forms_run_the_entry_points_kernels():
+    from gptfast.ops import cpu_ops
+    from gptfast.ops.normalization import rms_norm_rows
+    from gptfast.ops.rotary import rope_rows
+    torch.manual_seed(0)
+    rows, weight = torch.randn(6, 8), torch.rand(8) + 0.5
+    assert torch.equal(rms_norm_rows(cpu_ops.rms_norm)(rows, weight, 1e-6), cpu_ops.rms_norm(rows, weight, eps=1e-6))
+    x, cos, sin = torch.randn(2, 3, 1, 8), torch.randn(1, 8), torch.randn(1, 8)
+    assert torch.equal(rope_rows(cpu_ops.rope)(x, cos, sin), cpu_ops.rope(x, cos, sin))

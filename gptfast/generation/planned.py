@@ -1,14 +1,16 @@
-"""A CPU decode step of the book's GPT with every kernel chosen once: no module calls, no per-call dispatch.
+"""CPU decode steps of the book's GPT and of Llama 3 / Qwen3 with every kernel chosen once: no module calls.
 
 The cached step of :class:`~gptfast.generation.runner.CachedRunner` walks the model's modules,
 so each of a GPT-2 token's ~600 Python-level calls pays for ``nn.Module.__call__``, argument
 checks and a backend resolution: about 10 ms of a ~50 ms step on a 2-core CPU, spent while
 the memory bus, which sets the floor of a decode step, sits idle.  When every part of the
 model is one whose forward is known (gptfast's ``LayerNorm`` and ``GELU``, plain ``nn.Linear``,
-dropout that does nothing) and no hook is registered, :class:`PlannedGPTStep` runs the kernels
+dropout that does nothing; for Llama 3 / Qwen3 gptfast's RMSNorms and SwiGLU feed-forward) and
+no hook is registered, :class:`PlannedGPTStep` / :class:`PlannedRotaryStep` run the kernels
 those forwards would pick, resolved once, on the same tensors and in the same order as
-:func:`~gptfast.models.gpt.residual_block`.  So its logits are bitwise the generic step's, and
-a model it cannot vouch for keeps the generic step.
+:func:`~gptfast.models.gpt.residual_block` / :func:`~gptfast.generation.runner.rotary_block`.
+So their logits are bitwise the generic step's, and a model they cannot vouch for keeps the
+generic step.
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import numbers
+
 from .. import ops
+from ..models import layers, qwen3
 from ..models.gpt import GELU, FeedForward, LayerNorm
 from ..ops.activation import gelu_rows
 from ..ops.linear import decode_linear_rows
-from ..ops.normalization import layer_norm_rows
+from ..ops.normalization import layer_norm_rows, rms_norm_rows
+from ..ops.rotary import rope_rows
 
 
 def _global_hooks() -> bool:
@@ -168,3 +174,151 @@ class PlannedGPTStep:
             x = x + out_proj(attend(i, q, k, v).reshape(b, -1))
             x = x + fc2(gelu(fc1(norms[2 * i + 1](x))))
         return linears[-1](norms[-1](x))
+
+
+# ----------------------------------------------------------------------------- Llama 3 / Qwen3
+
+_RMS_NORMS = (qwen3.RMSNorm, layers.BuiltinRMSNorm)
+
+
+def _rotary_block(block) -> bool:
+    """True for a Llama 3 / Qwen3 block whose every part has a forward this plan reproduces."""
+    att, ff = block.att, block.ff
+    qk_norms = [getattr(att, name, None) for name in ("q_norm", "k_norm")]
+    return (type(block.norm1) in _RMS_NORMS and type(block.norm2) in _RMS_NORMS
+            and all(norm is None or type(norm) in _RMS_NORMS for norm in qk_norms)
+            and all(_plain_linear(getattr(att, name)) for name in ("W_query", "W_key", "W_value", "out_proj"))
+            and type(ff) is layers.FeedForward and all(_plain_linear(getattr(ff, n)) for n in ("fc1", "fc2", "fc3")))
+
+
+def rotary_plannable(model) -> bool:
+    """True when :class:`PlannedRotaryStep` may stand in for the generic cached step of ``model``.
+
+    gptfast's Llama 3 / Qwen3 decoders (plain, KV-cache or batched variants) with dense
+    SwiGLU feed-forwards and gptfast's RMSNorms, no forward hook on them or globally.
+    """
+    return (type(model.tok_emb) is nn.Embedding and model.tok_emb.max_norm is None
+            and type(model.final_norm) in _RMS_NORMS and _plain_linear(model.out_head)
+            and all(_rotary_block(block) for block in model.trf_blocks) and not _has_hooks(model))
+
+
+def _rms_weight_and_eps(norm, x):
+    """``(weight, eps)`` of ``ops.rms_norm`` as ``norm``'s forward would call it on ``x``, or ``None`` when that
+    forward would not call the op (it would compute otherwise)."""
+    d = x.shape[-1]
+    if type(norm) is qwen3.RMSNorm:
+        eps = norm.eps
+        if (norm.qwen3_compatible and norm.shift is None and x.dtype != torch.float64
+                and isinstance(eps, numbers.Real) and eps > 0 and norm.scale.shape == (d,)):
+            return norm.scale, eps
+        return None
+    if norm.normalized_shape != (d,) or norm.weight is None or not x.dtype.is_floating_point:
+        return None
+    eps = torch.finfo(x.dtype).eps if norm.eps is None else norm.eps
+    return (norm.weight, eps) if eps > 0 else None
+
+
+class _RMSNorm:
+    """A gptfast RMSNorm on rows ``(M, D)`` as its forward runs it on a fused backend."""
+
+    def __init__(self, weight, eps, entry_point):
+        self.weight, self.eps, self.entry_point = weight, float(eps), entry_point
+        self.rows = rms_norm_rows(entry_point) if weight.is_contiguous() else None
+
+    @classmethod
+    def build(cls, norm, x):
+        """The plan of ``norm`` for inputs like ``x``, or ``None`` when its forward would not run a fused kernel."""
+        weight_eps = _rms_weight_and_eps(norm, x)
+        if weight_eps is None:
+            return None
+        weight, eps = weight_eps
+        entry_point = _fused("rms_norm", x.device, (x, weight), {"eps": float(eps)})
+        return None if entry_point is None else cls(weight, eps, entry_point)
+
+    def __call__(self, x):
+        if self.rows is None:
+            return self.entry_point(x, self.weight, eps=self.eps)
+        return self.rows(x, self.weight, self.eps)
+
+
+class PlannedRotaryStep:
+    """One cached decode step of a plannable Llama 3 / Qwen3 decoder (:func:`rotary_plannable`).
+
+    As :class:`PlannedGPTStep`: built from the first step's tensors, ``None`` where a
+    forward would not take a fused kernel; the stream stays as ``(B, emb_dim)`` rows and
+    queries/keys are normalised as ``(B * heads, head_dim)`` rows, the kernels' layout.
+    """
+
+    def __init__(self, model, norms, qk_norms, linears, rope, swiglu):
+        self.model = model
+        self.norms, self.qk_norms, self.linears, self.rope, self.swiglu = norms, qk_norms, linears, rope, swiglu
+        self.heads = [(block.att.num_heads, block.att.num_kv_groups, block.att.head_dim) for block in model.trf_blocks]
+        self.head_dtype = model.out_head.weight.dtype
+
+    @classmethod
+    def build(cls, model, x, linear_kernel):
+        """The plan for steps whose embedded input looks like ``x`` ``(B, 1, emb_dim)``, or ``None``.
+
+        ``linear_kernel(x, weight, bias)`` is the runner's choice of kernel for a linear layer
+        (``None`` for ``F.linear``).
+        """
+        if not rotary_plannable(model):
+            return None
+        b = x.shape[0]
+        norm_modules = [n for block in model.trf_blocks for n in (block.norm1, block.norm2)] + [model.final_norm]
+        norms = [_RMSNorm.build(norm, x) for norm in norm_modules]
+        qk_norms, linears, rope, swiglu = [], [], None, None
+        for block in model.trf_blocks:
+            att, ff = block.att, block.ff
+            heads = x.new_empty((b, att.num_heads, 1, att.head_dim))
+            for name in ("q_norm", "k_norm"):
+                norm = getattr(att, name, None)
+                qk_norms.append(None if norm is None else _RMSNorm.build(norm, heads))
+                if norm is not None and qk_norms[-1] is None:
+                    return None
+            merged = x.new_empty((b, 1, att.num_heads * att.head_dim))
+            hidden = x.new_empty((b, 1, ff.fc1.out_features))
+            for module, sample in ((att.W_query, x), (att.W_key, x), (att.W_value, x), (att.out_proj, merged),
+                                   (ff.fc1, x), (ff.fc2, x), (ff.fc3, hidden)):
+                linears.append(_Linear(module, linear_kernel(sample, module.weight, module.bias)))
+            if rope is None:
+                # rotate_half_rope's conditions for taking ops.rope (else it runs the formula itself)
+                if att.head_dim % 2 or not (model.cos.dtype.is_floating_point and model.sin.dtype.is_floating_point):
+                    return None
+                entry_point = _fused("rope", x.device, (heads, model.cos[:1], model.sin[:1]),
+                                     {"offset": 0, "positions": None})
+                if entry_point is None:
+                    return None
+                rope = rope_rows(entry_point) or entry_point
+                # ops.swiglu runs whichever backend it resolves to (the torch path's two passes on a CPU).
+                swiglu = ops.resolve("swiglu", x.device, (hidden, hidden), {})[1]
+        if any(norm is None for norm in norms):
+            return None
+        final_sample = x.new_empty(x.shape, dtype=model.out_head.weight.dtype)
+        linears.append(_Linear(model.out_head, linear_kernel(final_sample, model.out_head.weight, model.out_head.bias)))
+        return cls(model, norms, qk_norms, linears, rope, swiglu)
+
+    def run(self, idx, positions, attend):
+        """Logits ``(B, vocab)`` of the step's tokens ``idx`` ``(B, 1)`` at ``positions`` ``(1,)``; ``attend(i, q, k,
+        v)`` is layer ``i``'s attention core over grouped k/v (it writes the cache), as in ``CachedRunner._run``."""
+        model = self.model
+        b = idx.shape[0]
+        x = model.tok_emb(idx).view(b, -1)
+        cos, sin = model.cos[positions], model.sin[positions]
+        norms, qk_norms, linears, rope, swiglu = self.norms, self.qk_norms, self.linears, self.rope, self.swiglu
+        for i, (heads, kv_heads, head_dim) in enumerate(self.heads):
+            w_query, w_key, w_value, out_proj, fc1, fc2, fc3 = linears[7 * i:7 * i + 7]
+            q_norm, k_norm = qk_norms[2 * i:2 * i + 2]
+            h = norms[2 * i](x)
+            q, k = w_query(h), w_key(h)
+            if q_norm is not None:
+                q = q_norm(q.view(b * heads, head_dim))
+            if k_norm is not None:
+                k = k_norm(k.view(b * kv_heads, head_dim))
+            q = rope(q.view(b, heads, 1, head_dim), cos, sin)
+            k = rope(k.view(b, kv_heads, 1, head_dim), cos, sin)
+            v = w_value(h).view(b, kv_heads, 1, head_dim)
+            x = out_proj(attend(i, q, k, v).reshape(b, -1)) + x
+            h = norms[2 * i + 1](x)
+            x = fc3(swiglu(fc1(h), fc2(h))) + x
+        return linears[-1](norms[-1](x).to(self.head_dtype))

@@ -23,6 +23,9 @@ Attention goes through :func:`gptfast.ops.causal_attention` whenever every row
 sees the same number of keys.  Rows at different positions (prompts of different
 lengths) and the static-shape step use :func:`masked_decode_attention`, which
 performs the oracle's operations in the same order with a per-row key mask.
+
+On a CPU, a decode step of a model built from gptfast's own modules runs as a planned step
+(:mod:`gptfast.generation.planned`): the same kernels, resolved once, without the module walk.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from ..models import layers
 from ..models.gpt import merge_heads, residual_block, split_heads
 from ..ops.linear import linear_in_float32, widens_16_bit
 from .cache import KVCache, check_decodable, context_length, is_rotary
-from .planned import PlannedGPTStep
+from .planned import PlannedGPTStep, PlannedRotaryStep
 
 
 def rotary_block(block, x, attention):
@@ -344,16 +347,19 @@ class CachedRunner:
                              self._per_row_attend(cache, per_row, n_keys=max(positions) + 1))
 
     def _plan(self, tokens):
-        """The :class:`~gptfast.generation.planned.PlannedGPTStep` for a CPU decode step of ``tokens`` ``(B, 1)``, or
+        """The planned step (:mod:`gptfast.generation.planned`) for a CPU decode step of ``tokens`` ``(B, 1)``, or
         ``None`` (the generic walk runs).  Built once per batch size and backend selection."""
-        if self.rotary or tokens.device.type != "cpu" or not routes_rows(tokens.numel()):
+        if tokens.device.type != "cpu" or not routes_rows(tokens.numel()):
             return None
         key = (tuple(tokens.shape), ops.get_backend())
         if key not in self._plans:
             model = self.model
-            dtype = torch.promote_types(model.tok_emb.weight.dtype, model.pos_emb.weight.dtype)
+            dtype = model.tok_emb.weight.dtype
+            if not self.rotary:
+                dtype = torch.promote_types(dtype, model.pos_emb.weight.dtype)
             x = torch.empty((*tokens.shape, model.tok_emb.weight.shape[1]), dtype=dtype, device=tokens.device)
-            self._plans[key] = PlannedGPTStep.build(model, x, decode_linear_kernel)
+            plan = PlannedRotaryStep if self.rotary else PlannedGPTStep
+            self._plans[key] = plan.build(model, x, decode_linear_kernel)
         return self._plans[key]
 
     @torch.no_grad()

@@ -143,3 +143,21 @@ def layer_norm_rows(entry_point):
             return kernel(rows, weight, bias, eps)[0]
 
     return layer_norm
+
+
+def rms_norm_rows(entry_point):
+    """``fn(rows, weight, eps)`` running the kernel behind a resolved ``rms_norm`` entry point, or ``None``.
+
+    For a caller that keeps its inputs in the kernel's layout (a decode plan): ``rows``
+    ``(M, D)`` contiguous, already validated; returns the normalised ``(M, D)``.  ``None``
+    when ``entry_point`` is not a fused backend's.
+    """
+    kernel = bound_kernel(entry_point, fused_rms_norm, "rms_norm_fwd")
+    if kernel is None:
+        return None
+
+    def rms_norm(rows, weight, eps):
+        with without_graph():
+            return kernel(rows, weight, eps)[0]
+
+    return rms_norm

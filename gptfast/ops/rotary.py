@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import kernels, without_graph
+from ._dispatch import bound_kernel, kernels, without_graph
 
 
 def _fake_rope(x, cos, sin, positions, offset):
@@ -59,3 +59,21 @@ def fused_rope(ops, x, cos, sin, *, offset=0, positions=None):
         offset = 0
     with without_graph():
         return kernels(ops).rope_fwd(x, cos, sin, positions, int(offset))
+
+
+def rope_rows(entry_point):
+    """``fn(x, cos, sin)`` running the kernel behind a resolved ``rope`` entry point, or ``None``.
+
+    For a caller that calls it many times on validated input in the kernel's layout (a
+    decode plan): ``x`` ``(B, H, T, D)`` with a unit-stride last axis, ``cos``/``sin`` the
+    ``(T, D)`` rows of its positions.  ``None`` when ``entry_point`` is not a fused backend's.
+    """
+    kernel = bound_kernel(entry_point, fused_rope, "rope_fwd")
+    if kernel is None:
+        return None
+
+    def rope(x, cos, sin):
+        with without_graph():
+            return kernel(x, cos, sin, None, 0)
+
+    return rope
