@@ -318,3 +318,34 @@ def test_rotary_rows_forms_run_the_entry_points_kernels():
     assert torch.equal(rms_norm_rows(cpu_ops.rms_norm)(rows, weight, 1e-6), cpu_ops.rms_norm(rows, weight, eps=1e-6))
     x, cos, sin = torch.randn(2, 3, 1, 8), torch.randn(1, 8), torch.randn(1, 8)
     assert torch.equal(rope_rows(cpu_ops.rope)(x, cos, sin), cpu_ops.rope(x, cos, sin))
+
+
+# ----------------------------------------------------------------------------- rows at their own positions
+
+
+def _ragged_steps(model, lengths, n_steps, plan):
+    """Prompts of ``lengths`` tokens prefilled row by row, then ``n_steps`` greedy steps with each row at its own
+    position (the batched generator's step for prompts of different lengths)."""
+    runner = CachedRunner(model)
+    if not plan:
+        runner._plan = lambda tokens: None
+    cache = KVCache.for_model(model, len(lengths), max(lengths) + n_steps)
+    generator = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 90, (1, n), generator=generator) for n in lengths]
+    logits = [torch.cat([runner.prefill(p, cache, torch.tensor([r])) for r, p in enumerate(prompts)])]
+    positions = list(lengths)
+    for _ in range(n_steps):
+        logits.append(runner.decode(logits[-1].argmax(-1, keepdim=True), cache, positions))
+        positions = [p + 1 for p in positions]
+    return logits, runner
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("name", ["gpt", "qwen-ratio4", "qwen-ratio2-no-qknorm", "llama-ratio2"])
+def test_planned_steps_of_rows_at_their_own_positions_are_bitwise_the_generic_steps(name):
+    model = make_model() if name == "gpt" else _rotary(name)
+    planned_logits, runner = _ragged_steps(model, [3, 6, 4], 5, plan=True)
+    generic_logits, _ = _ragged_steps(model, [3, 6, 4], 5, plan=False)
+    assert runner._plans[((3, 1), ops.get_backend())] is not None
+    for ours, theirs in zip(planned_logits, generic_logits):
+        assert torch.equal(ours, theirs)

@@ -15,13 +15,14 @@ generic step.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
-import numbers
-
 from .. import ops
 from ..models import layers, qwen3
+from ..models.blocks import has_forward_hooks
 from ..models.gpt import GELU, FeedForward, LayerNorm
 from ..ops.activation import gelu_rows
 from ..ops.linear import decode_linear_rows
@@ -29,15 +30,8 @@ from ..ops.normalization import layer_norm_rows, rms_norm_rows
 from ..ops.rotary import rope_rows
 
 
-def _global_hooks() -> bool:
-    """True when a global ``nn.Module`` forward hook is registered (it would see every module call)."""
-    module = nn.modules.module
-    return any(getattr(module, name, None) for name in (
-        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called"))
-
-
 def _has_hooks(model) -> bool:
-    return _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    return any(has_forward_hooks(m) for m in model.modules())
 
 
 def _quiet(dropout) -> bool:
@@ -63,7 +57,7 @@ def plannable(model) -> bool:
 
     ``model`` must have the book's GPT layout built from gptfast's own modules (or plain
     ``nn.Linear``/``nn.Embedding``/``nn.Dropout``), its dropout must be inactive, and no
-    forward hook may be registered on it or globally (the plan calls no module).
+    forward hook may be registered on it or globally (the plan skips the module calls).
     """
     return (type(model.tok_emb) is nn.Embedding and type(model.pos_emb) is nn.Embedding
             and model.tok_emb.max_norm is None and model.pos_emb.max_norm is None
@@ -160,8 +154,9 @@ class PlannedGPTStep:
         return cls(model, norms, linears, gelu)
 
     def run(self, idx, positions, attend):
-        """Logits ``(B, vocab)`` of the step's tokens ``idx`` ``(B, 1)`` at ``positions``; ``attend(i, q, k, v)``
-        is layer ``i``'s attention core (it writes the cache), as in ``CachedRunner._run``."""
+        """Logits ``(B, vocab)`` of the step's tokens ``idx`` ``(B, 1)`` at ``positions`` (``(1,)``, or ``(B, 1)`` for
+        rows at their own positions); ``attend(i, q, k, v)`` is layer ``i``'s attention core (it writes the
+        cache), as in ``CachedRunner._run``."""
         model = self.model
         b = idx.shape[0]
         x = (model.tok_emb(idx) + model.pos_emb(positions)).view(b, -1)
@@ -299,13 +294,19 @@ class PlannedRotaryStep:
         return cls(model, norms, qk_norms, linears, rope, swiglu)
 
     def run(self, idx, positions, attend):
-        """Logits ``(B, vocab)`` of the step's tokens ``idx`` ``(B, 1)`` at ``positions`` ``(1,)``; ``attend(i, q, k,
-        v)`` is layer ``i``'s attention core over grouped k/v (it writes the cache), as in ``CachedRunner._run``."""
+        """Logits ``(B, vocab)`` of the step's tokens ``idx`` ``(B, 1)`` at ``positions`` (``(1,)``, or ``(B, 1)`` for
+        rows at their own positions); ``attend(i, q, k, v)`` is layer ``i``'s attention core over grouped k/v (it
+        writes the cache), as in ``CachedRunner._run``."""
         model = self.model
         b = idx.shape[0]
         x = model.tok_emb(idx).view(b, -1)
         cos, sin = model.cos[positions], model.sin[positions]
-        norms, qk_norms, linears, rope, swiglu = self.norms, self.qk_norms, self.linears, self.rope, self.swiglu
+        rope = self.rope
+        if positions.dim() == 2:
+            # Per-row tables (B, 1, 1, D): rotate_half_rope computes these with its own formula, as the generic
+            # step does.
+            cos, sin, rope = cos.unsqueeze(1), sin.unsqueeze(1), layers.rotate_half_rope
+        norms, qk_norms, linears, swiglu = self.norms, self.qk_norms, self.linears, self.swiglu
         for i, (heads, kv_heads, head_dim) in enumerate(self.heads):
             w_query, w_key, w_value, out_proj, fc1, fc2, fc3 = linears[7 * i:7 * i + 7]
             q_norm, k_norm = qk_norms[2 * i:2 * i + 2]

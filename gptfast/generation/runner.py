@@ -342,9 +342,12 @@ class CachedRunner:
                 return self._run(tokens, position_tensor, attend)
         self._check_positions(max(positions), cache.max_len)
         per_row = torch.tensor(positions, device=tokens.device)
+        attend = self._per_row_attend(cache, per_row, n_keys=max(positions) + 1)
+        plan = self._plan(tokens)
+        if plan is not None:
+            return plan.run(tokens, per_row.unsqueeze(1), attend)
         with decode_linears(tokens, self.linears):
-            return self._run(tokens, per_row.unsqueeze(1),
-                             self._per_row_attend(cache, per_row, n_keys=max(positions) + 1))
+            return self._run(tokens, per_row.unsqueeze(1), attend)
 
     def _plan(self, tokens):
         """The planned step (:mod:`gptfast.generation.planned`) for a CPU decode step of ``tokens`` ``(B, 1)``, or

@@ -1,10 +1,13 @@
-"""The pre-norm transformer block's parts, shared by the GPT, Llama 3 and Qwen3 blocks."""
+"""Parts shared by the GPT, Llama 3 and Qwen3 models: the pre-norm block's holder and the output head's call."""
 
 from __future__ import annotations
 
 from typing import Callable
 
 import torch.nn as nn
+
+from .. import ops
+from ..ops.loss import head_logits
 
 
 class PreNormBlock(nn.Module):
@@ -21,3 +24,24 @@ class PreNormBlock(nn.Module):
         self.ff = ff
         self.norm1 = make_norm()
         self.norm2 = make_norm()
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """True when calling ``module`` would run a forward hook (its own or a global one)."""
+    hooks = nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks or any(
+        getattr(hooks, name, None) for name in (
+            "_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called")))
+
+
+def output_logits(head: nn.Module, x):
+    """``head(x)``: a model's output head over every position of ``x``.
+
+    A plain ``nn.Linear`` head without hooks computes through
+    :func:`gptfast.ops.loss.head_logits` (on an x86 CPU, a vocabulary-sized float32 head's
+    forward product runs through oneDNN); with backend ``"torch"`` the module is called as the
+    reference calls it, so its numbers stay bitwise the reference's.
+    """
+    if type(head) is nn.Linear and ops.get_backend() != "torch" and not has_forward_hooks(head):
+        return head_logits(x, head.weight, head.bias)
+    return head(x)

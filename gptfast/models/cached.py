@@ -15,6 +15,7 @@ import torch
 
 from ..generation.layer_cache import KVCache  # the one per-layer cache with the reference's API
 from . import layers
+from .blocks import output_logits
 
 __all__ = ["KVCache", "extend_cache", "claim_positions", "CachedAttention", "CachedBlock", "CachedDecoder"]
 
@@ -93,7 +94,7 @@ class CachedDecoder:
                                    cache=cache.get(i) if cache is not None else None)
             if cache is not None:
                 cache.update(i, layer_cache)
-        return self.out_head(self.final_norm(x).to(self.cfg["dtype"]))
+        return output_logits(self.out_head, self.final_norm(x).to(self.cfg["dtype"]))
 
     def reset_kv_cache(self):
         """Start a new sequence at position 0 (the caller starts a new :class:`KVCache`)."""

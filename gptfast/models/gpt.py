@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from .blocks import PreNormBlock
+from .blocks import PreNormBlock, output_logits
 
 def _causal_mask_buffer(context_length: int) -> torch.Tensor:
     """The reference's ``mask`` buffer: 1.0 above the diagonal (kept for state_dict compatibility)."""
@@ -290,7 +290,7 @@ class _GPTBackbone(nn.Module):
         return self.final_norm(self.trf_blocks(self.embed(in_idx)))
 
     def forward(self, in_idx):
-        return self.out_head(self.hidden_states(in_idx))
+        return output_logits(self.out_head, self.hidden_states(in_idx))
 
 
 class GPTModel(_GPTBackbone):

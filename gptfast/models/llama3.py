@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from . import layers
-from .blocks import PreNormBlock
+from .blocks import PreNormBlock, output_logits
 from .hub import assign, hf_blocks_to_fill, load_tensor_into
 from .layers import FeedForward, BuiltinRMSNorm
 
@@ -181,7 +181,7 @@ class _Llama3Base(nn.Module):
     def forward(self, in_idx):
         layers.check_token_ids(in_idx, self.cfg["vocab_size"], self.cos.shape[0])
         x = self._run_blocks(self.tok_emb(in_idx))
-        return self.out_head(self.final_norm(x).to(self.cfg["dtype"]))
+        return output_logits(self.out_head, self.final_norm(x).to(self.cfg["dtype"]))
 
 
 class Llama3Model(_Llama3Base):

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .. import ops
 from . import layers
-from .blocks import PreNormBlock
+from .blocks import PreNormBlock, output_logits
 from .hub import download_from_huggingface, download_from_huggingface_from_snapshots, hf_blocks_to_fill, load_tensor_into
 from .layers import FeedForward
 
@@ -231,7 +231,7 @@ class Qwen3Model(nn.Module):
         x = self.tok_emb(in_idx)
         for block in self.trf_blocks:
             x = block(x, None, self.cos, self.sin)  # mask None: causal, through the fused op
-        return self.out_head(self.final_norm(x).to(self.cfg["dtype"]))
+        return output_logits(self.out_head, self.final_norm(x).to(self.cfg["dtype"]))
 
 
 # ----------------------------------------------------------------------------- weights

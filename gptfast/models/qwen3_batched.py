@@ -27,6 +27,7 @@ import torch
 from .. import ops
 from ..generation.layer_cache import RowKVCache as KVCache
 from . import layers, qwen3
+from .blocks import output_logits
 from .layers import FeedForward
 from .qwen3 import (QWEN3_CONFIG_1_7B, QWEN3_CONFIG_4B, QWEN3_CONFIG_8B, QWEN3_CONFIG_14B, QWEN3_CONFIG_32B,
                     QWEN_CONFIG_06_B, Qwen3Tokenizer, RMSNorm, compute_rope_params, download_from_huggingface,
@@ -232,7 +233,7 @@ class Qwen3Model(qwen3.Qwen3Model):
             sin_rows = _rope_rows(self.sin, offset, num_tokens)
             for i, block in enumerate(self.trf_blocks):
                 x = block.forward_rows(x, cos_rows, sin_rows, starts, cache, i)
-        return self.out_head(self.final_norm(x).to(self.cfg["dtype"]))
+        return output_logits(self.out_head, self.final_norm(x).to(self.cfg["dtype"]))
 
     def _forward_row_lists(self, x, cache, starts):
         """The reference's path for a cache of another kind: row lists through ``get``/``update``."""
