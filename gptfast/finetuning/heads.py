@@ -51,10 +51,13 @@ def final_hidden_states(model, idx):
 
 def _per_row_attention(att, bounds):
     """``att`` over packed rows: causal attention within each ``(start, end)`` span of the token axis only."""
+    lengths = [b - a for a, b in bounds]
+
     def attention(h):
-        q, k, v = (split_heads(att, proj(h)) for proj in (att.W_query, att.W_key, att.W_value))
-        spans = [ops.causal_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=att.dropout.p,
-                                      training=att.training) for a, b in bounds]
+        q, k, v = (split_heads(att, proj(h)).split(lengths, dim=2) for proj in (att.W_query, att.W_key, att.W_value))
+        # split, not one slice per row: its backward writes the rows' gradients into one tensor, where each
+        # slice's backward would zero-fill a whole (1, heads, tokens, head_dim) gradient and add them up.
+        spans = [ops.causal_attention(*row, dropout_p=att.dropout.p, training=att.training) for row in zip(q, k, v)]
         return att.out_proj(merge_heads(att, torch.cat(spans, dim=2)))
     return attention
 
