@@ -25,6 +25,7 @@ from gptfast.ops import _dispatch
 from gptfast.ops.activation import fused_gelu, gelu_rows
 from gptfast.ops.linear import decode_linear_rows, fused_decode_linear
 from gptfast.ops.normalization import fused_layer_norm, layer_norm_rows
+from test_models_cached import llama_cfg, qwen_cfg
 
 needs_cpu_backend = pytest.mark.skipif(ops.unavailable_reason("cpu") is not None,
                                        reason="the CPU extension is not built here")
@@ -76,20 +77,6 @@ def test_float64_steps_plan_or_not_are_the_generic_steps():
     idx = torch.randint(0, CFG["vocab_size"], (2, 3), generator=torch.Generator().manual_seed(6))
     for ours, theirs in zip(_steps(model, idx, 3, plan=True)[0], _steps(model, idx, 3, plan=False)[0]):
         assert ours.dtype == torch.float64 and torch.equal(ours, theirs)
-
-
-@needs_cpu_backend
-def test_planned_steps_match_the_full_forward():
-    model = make_model()
-    idx = torch.randint(0, CFG["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        full = model(idx)
-    runner = CachedRunner(model)
-    cache = KVCache.for_model(model, 2, 9)
-    runner.prefill(idx[:, :3], cache)
-    for p in range(3, 9):
-        torch.testing.assert_close(runner.decode(idx[:, p:p + 1], cache, p), full[:, p], atol=1e-5, rtol=1e-5)
-    assert runner._plans[((2, 1), ops.get_backend())] is not None
 
 
 @needs_cpu_backend
@@ -215,22 +202,6 @@ def test_rows_forms_exist_only_for_fused_entry_points():
 # ----------------------------------------------------------------------------- Llama 3 / Qwen3
 
 
-def llama_cfg(n_kv_groups=2, dtype=torch.float32):
-    return {"vocab_size": 97, "context_length": 32, "emb_dim": 32, "n_heads": 4, "n_layers": 3, "hidden_dim": 48,
-            "n_kv_groups": n_kv_groups, "rope_base": 500_000.0, "dtype": dtype,
-            "rope_freq": {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                          "original_context_length": 16}}
-
-
-def qwen_cfg(n_kv_groups=2, qk_norm=True, dtype=torch.float32, num_experts=0):
-    cfg = {"vocab_size": 101, "context_length": 32, "emb_dim": 32, "hidden_dim": 40, "n_layers": 3, "n_heads": 4,
-           "head_dim": 8, "n_kv_groups": n_kv_groups, "qk_norm": qk_norm, "dtype": dtype,
-           "rope_base": 1_000_000.0, "num_experts": num_experts}
-    if num_experts:
-        cfg.update(num_experts_per_tok=2, moe_intermediate_size=24)
-    return cfg
-
-
 ROTARY = {
     "qwen-ratio1": lambda dtype: qwen3.Qwen3Model(qwen_cfg(4, dtype=dtype)),
     "qwen-ratio2-no-qknorm": lambda dtype: qwen3.Qwen3Model(qwen_cfg(2, qk_norm=False, dtype=dtype)),
@@ -271,10 +242,10 @@ def test_planned_rotary_steps_are_bitwise_the_generic_steps(name, batch, dtype):
 
 
 @needs_cpu_backend
-@pytest.mark.parametrize("name", ["qwen-ratio4", "llama-ratio2"])
-def test_planned_rotary_steps_match_the_full_forward(name):
-    model = _rotary(name)
-    idx = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(7))
+@pytest.mark.parametrize("name", ["gpt", "qwen-ratio4", "llama-ratio2"])
+def test_planned_steps_match_the_full_forward(name):
+    model = make_model() if name == "gpt" else _rotary(name)
+    idx = torch.randint(0, 90, (2, 10), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         full = model(idx)
     runner = CachedRunner(model)

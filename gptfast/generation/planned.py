@@ -252,11 +252,7 @@ class PlannedRotaryStep:
 
     @classmethod
     def build(cls, model, x, linear_kernel):
-        """The plan for steps whose embedded input looks like ``x`` ``(B, 1, emb_dim)``, or ``None``.
-
-        ``linear_kernel(x, weight, bias)`` is the runner's choice of kernel for a linear layer
-        (``None`` for ``F.linear``).
-        """
+        """The plan for steps whose embedded input looks like ``x``, or ``None`` (as :meth:`PlannedGPTStep.build`)."""
         if not rotary_plannable(model):
             return None
         b = x.shape[0]

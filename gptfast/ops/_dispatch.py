@@ -131,18 +131,28 @@ def without_graph():
     return torch._C._AutoDispatchBelowAutograd()
 
 
-def bound_kernel(entry_point, fused, kernel: str):
-    """The overload of kernel op ``kernel`` behind ``entry_point``, or ``None``.
+def bound_kernel(entry_point, fused, kernel: str, *, first_output: bool = False):
+    """A function calling kernel op ``kernel`` behind ``entry_point`` directly, or ``None``.
 
     ``entry_point`` is what :func:`resolve` returned; it is a fused backend's when it is the
     op module's ``fused`` function bound to a kernel namespace (:func:`fused_entry_points`).
-    An op module uses this to give a caller that has prepared its inputs in the kernel's
-    layout once (a decode plan) the kernel itself, without the per-call reshaping.
+    The function takes the kernel's own arguments and runs it as :func:`without_graph` does;
+    with ``first_output`` it returns only the first of the kernel's outputs (a norm's saved
+    statistics dropped).  An op module uses this to give a caller that has prepared its
+    inputs in the kernel's layout once (a decode plan) the kernel without the per-call
+    reshaping, which at one row costs as much as the kernel's work on a small matrix.
     """
-    if (isinstance(entry_point, functools.partial) and entry_point.func is fused and len(entry_point.args) == 1
+    if not (isinstance(entry_point, functools.partial) and entry_point.func is fused and len(entry_point.args) == 1
             and not entry_point.keywords):
-        return getattr(kernels(entry_point.args[0]), kernel).default
-    return None
+        return None
+    overload = getattr(kernels(entry_point.args[0]), kernel).default
+
+    def call(*args):
+        with without_graph():
+            out = overload(*args)
+        return out[0] if first_output else out
+
+    return call
 
 
 def fused_entry_points(namespace: str, **overrides) -> dict:

@@ -91,12 +91,4 @@ def fused_gelu(ops, x):
 def gelu_rows(entry_point):
     """``fn(x)`` running the kernel behind a resolved ``gelu`` entry point, or ``None`` when it is not a fused
     backend's; for a caller that calls it many times on validated input (a decode plan)."""
-    kernel = bound_kernel(entry_point, fused_gelu, "gelu_fwd")
-    if kernel is None:
-        return None
-
-    def gelu(x):
-        with without_graph():
-            return kernel(x)
-
-    return gelu
+    return bound_kernel(entry_point, fused_gelu, "gelu_fwd")

@@ -28,13 +28,15 @@ def _fake_decode_linear(x, weight, bias):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-def _setup_context(ctx, inputs, output):
+def save_linear_inputs(ctx, inputs, output):
+    """``setup_context`` of a linear product ``x @ weight.T (+ bias)`` whose backward is :func:`linear_backward`."""
     x, weight, bias = inputs
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad_out):
+def linear_backward(ctx, grad_out):
+    """``F.linear``'s gradients of ``x``, ``weight`` and ``bias`` (2-D ``x``), in plain torch."""
     x, weight = ctx.saved_tensors
     dx = grad_out @ weight if ctx.needs_input_grad[0] else None
     dw = grad_out.t() @ x if ctx.needs_input_grad[1] else None
@@ -46,7 +48,7 @@ def register(namespace: str, *, fakes: bool = True) -> None:
     """Register the autograd formula (and, with ``fakes``, the fake impl) of ``namespace``'s decode_linear."""
     if fakes:
         torch.library.register_fake(f"{namespace}::decode_linear")(_fake_decode_linear)
-    torch.library.register_autograd(f"{namespace}::decode_linear", _backward, setup_context=_setup_context)
+    torch.library.register_autograd(f"{namespace}::decode_linear", linear_backward, setup_context=save_linear_inputs)
 
 
 def fused_decode_linear(ops, x, weight, bias=None):
@@ -65,19 +67,9 @@ def decode_linear_rows(entry_point):
 
     For a caller that keeps its inputs in the kernel's layout (a decode plan): ``rows``
     ``(M, K)`` and ``weight`` contiguous, ``bias`` contiguous or ``None``, one dtype, already
-    validated; the result is ``(M, N)``.  It skips :func:`fused_decode_linear`'s reshaping,
-    which at one row costs as much as the kernel's work on a small matrix.  ``None`` when
-    ``entry_point`` is not a fused backend's.
+    validated; the result is ``(M, N)``.  ``None`` when ``entry_point`` is not a fused backend's.
     """
-    kernel = bound_kernel(entry_point, fused_decode_linear, "decode_linear")
-    if kernel is None:
-        return None
-
-    def linear(rows, weight, bias):
-        with without_graph():
-            return kernel(rows, weight, bias)
-
-    return linear
+    return bound_kernel(entry_point, fused_decode_linear, "decode_linear")
 
 
 # The float32 copy of the weight exists one block of output rows at a time; 4 MiB blocks measured as fast as

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils import _python_dispatch
 
 from ._dispatch import kernels, without_graph
+from .linear import linear_backward, save_linear_inputs
 
 # Logits elements per chunk of the linear cross-entropy: ~64 MB in float32 (about 330 tokens of
 # GPT-2's vocabulary on a CPU, large enough for efficient matmuls).
@@ -255,19 +256,11 @@ class _OneDNNLogits(torch.autograd.Function):
     """``rows @ weight.T (+ bias)`` with oneDNN's forward and ``F.linear``'s backward products (plain ``torch.mm``)."""
 
     @staticmethod
-    def forward(ctx, rows, weight, bias):
-        ctx.save_for_backward(rows, weight)
-        ctx.has_bias = bias is not None
+    def forward(rows, weight, bias):
         return _onednn_linear()(rows, weight, bias)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        rows, weight = ctx.saved_tensors
-        grad_rows = grad @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = grad.t() @ rows if ctx.needs_input_grad[1] else None
-        grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_rows, grad_weight, grad_bias
+    setup_context = staticmethod(save_linear_inputs)
+    backward = staticmethod(torch.autograd.function.once_differentiable(linear_backward))
 
 
 def head_logits(x, weight, bias=None):

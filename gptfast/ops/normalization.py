@@ -134,30 +134,10 @@ def layer_norm_rows(entry_point):
     ``(M, D)`` contiguous, already validated; returns the normalised ``(M, D)``.  ``None``
     when ``entry_point`` is not a fused backend's.
     """
-    kernel = bound_kernel(entry_point, fused_layer_norm, "layer_norm_fwd")
-    if kernel is None:
-        return None
-
-    def layer_norm(rows, weight, bias, eps):
-        with without_graph():
-            return kernel(rows, weight, bias, eps)[0]
-
-    return layer_norm
+    return bound_kernel(entry_point, fused_layer_norm, "layer_norm_fwd", first_output=True)
 
 
 def rms_norm_rows(entry_point):
-    """``fn(rows, weight, eps)`` running the kernel behind a resolved ``rms_norm`` entry point, or ``None``.
-
-    For a caller that keeps its inputs in the kernel's layout (a decode plan): ``rows``
-    ``(M, D)`` contiguous, already validated; returns the normalised ``(M, D)``.  ``None``
-    when ``entry_point`` is not a fused backend's.
-    """
-    kernel = bound_kernel(entry_point, fused_rms_norm, "rms_norm_fwd")
-    if kernel is None:
-        return None
-
-    def rms_norm(rows, weight, eps):
-        with without_graph():
-            return kernel(rows, weight, eps)[0]
-
-    return rms_norm
+    """``fn(rows, weight, eps)`` running the kernel behind a resolved ``rms_norm`` entry point, or ``None``
+    (same contract as :func:`layer_norm_rows`)."""
+    return bound_kernel(entry_point, fused_rms_norm, "rms_norm_fwd", first_output=True)

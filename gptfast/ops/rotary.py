@@ -71,9 +71,4 @@ def rope_rows(entry_point):
     kernel = bound_kernel(entry_point, fused_rope, "rope_fwd")
     if kernel is None:
         return None
-
-    def rope(x, cos, sin):
-        with without_graph():
-            return kernel(x, cos, sin, None, 0)
-
-    return rope
+    return lambda x, cos, sin: kernel(x, cos, sin, None, 0)
