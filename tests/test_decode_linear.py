@@ -265,13 +265,13 @@ def test_routed_linears_resolve_each_kind_of_call_once_per_step(monkeypatch):
     from gptfast.generation import runner
     calls = _count_routed(monkeypatch)
     resolved = []
-    real_resolve = runner.ops.resolve
+    real_entry_point = runner.ops.fused_entry_point
 
-    def counting_resolve(op, device, args=(), kwargs=None, backend=None):
+    def counting_entry_point(op, device, args=(), kwargs=None):
         resolved.append(tuple(args[0].shape))
-        return real_resolve(op, device, args, kwargs, backend)
+        return real_entry_point(op, device, args, kwargs)
 
-    monkeypatch.setattr(runner.ops, "resolve", counting_resolve)
+    monkeypatch.setattr(runner.ops, "fused_entry_point", counting_entry_point)
     first, second = torch.nn.Linear(24, 10), torch.nn.Linear(24, 10)
     x, wide = torch.randn(2, 24), torch.randn(3, 24)
     with torch.no_grad():

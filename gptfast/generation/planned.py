@@ -15,8 +15,6 @@ generic step.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
 
@@ -63,15 +61,6 @@ def plannable(model) -> bool:
             and model.tok_emb.max_norm is None and model.pos_emb.max_norm is None
             and _quiet(model.drop_emb) and type(model.final_norm) is LayerNorm and _plain_linear(model.out_head)
             and all(_book_block(block) for block in model.trf_blocks) and not _has_hooks(model))
-
-
-def _fused(op, device, args, kwargs):
-    """The entry point of a fused backend for ``op`` on these arguments, or ``None`` when the torch path runs."""
-    try:
-        name, fn = ops.resolve(op, device, args, kwargs)
-    except RuntimeError:  # a named backend that cannot serve the call
-        return None
-    return None if name == "torch" else fn
 
 
 class _Norm:
@@ -130,10 +119,9 @@ class PlannedGPTStep:
         norm_modules = [n for block in model.trf_blocks for n in (block.norm1, block.norm2)] + [model.final_norm]
         norms = []
         for norm in norm_modules:
-            if not (x.dtype == norm.scale.dtype == norm.shift.dtype and norm.scale.shape == norm.shift.shape
-                    == (x.shape[-1],) and x.device == norm.scale.device == norm.shift.device and norm.eps >= 0):
+            if not norm.takes_fused_op(x):
                 return None  # LayerNorm.forward would run the book's formula
-            layer_norm = _fused("layer_norm", x.device, (x, norm.scale, norm.shift), {"eps": norm.eps})
+            layer_norm = ops.fused_entry_point("layer_norm", x.device, (x, norm.scale, norm.shift), {"eps": norm.eps})
             if layer_norm is None:
                 return None
             norms.append(_Norm(norm, layer_norm))
@@ -146,7 +134,7 @@ class PlannedGPTStep:
                                    (ff[0], x), (ff[2], hidden)):
                 linears.append(_Linear(module, linear_kernel(sample, module.weight, module.bias)))
             if gelu is None:
-                entry_point = _fused("gelu", hidden.device, (hidden,), {})
+                entry_point = ops.fused_entry_point("gelu", hidden.device, (hidden,), {})
                 if entry_point is None:
                     return None
                 gelu = gelu_rows(entry_point) or entry_point
@@ -197,22 +185,6 @@ def rotary_plannable(model) -> bool:
             and all(_rotary_block(block) for block in model.trf_blocks) and not _has_hooks(model))
 
 
-def _rms_weight_and_eps(norm, x):
-    """``(weight, eps)`` of ``ops.rms_norm`` as ``norm``'s forward would call it on ``x``, or ``None`` when that
-    forward would not call the op (it would compute otherwise)."""
-    d = x.shape[-1]
-    if type(norm) is qwen3.RMSNorm:
-        eps = norm.eps
-        if (norm.qwen3_compatible and norm.shift is None and x.dtype != torch.float64
-                and isinstance(eps, numbers.Real) and eps > 0 and norm.scale.shape == (d,)):
-            return norm.scale, eps
-        return None
-    if norm.normalized_shape != (d,) or norm.weight is None or not x.dtype.is_floating_point:
-        return None
-    eps = torch.finfo(x.dtype).eps if norm.eps is None else norm.eps
-    return (norm.weight, eps) if eps > 0 else None
-
-
 class _RMSNorm:
     """A gptfast RMSNorm on rows ``(M, D)`` as its forward runs it on a fused backend."""
 
@@ -223,11 +195,11 @@ class _RMSNorm:
     @classmethod
     def build(cls, norm, x):
         """The plan of ``norm`` for inputs like ``x``, or ``None`` when its forward would not run a fused kernel."""
-        weight_eps = _rms_weight_and_eps(norm, x)
+        weight_eps = norm.fused_args(x)
         if weight_eps is None:
             return None
         weight, eps = weight_eps
-        entry_point = _fused("rms_norm", x.device, (x, weight), {"eps": float(eps)})
+        entry_point = ops.fused_entry_point("rms_norm", x.device, (x, weight), {"eps": float(eps)})
         return None if entry_point is None else cls(weight, eps, entry_point)
 
     def __call__(self, x):
@@ -273,10 +245,9 @@ class PlannedRotaryStep:
                                    (ff.fc1, x), (ff.fc2, x), (ff.fc3, hidden)):
                 linears.append(_Linear(module, linear_kernel(sample, module.weight, module.bias)))
             if rope is None:
-                # rotate_half_rope's conditions for taking ops.rope (else it runs the formula itself)
-                if att.head_dim % 2 or not (model.cos.dtype.is_floating_point and model.sin.dtype.is_floating_point):
-                    return None
-                entry_point = _fused("rope", x.device, (heads, model.cos[:1], model.sin[:1]),
+                if not layers.rope_takes_op(heads, model.cos[:1], model.sin[:1]):
+                    return None  # rotate_half_rope would run the formula itself
+                entry_point = ops.fused_entry_point("rope", x.device, (heads, model.cos[:1], model.sin[:1]),
                                      {"offset": 0, "positions": None})
                 if entry_point is None:
                     return None

@@ -110,11 +110,8 @@ def decode_linear_kernel(x, weight, bias=None):
     rows = x.shape[:-1].numel()
     if not routes_rows(rows) and not widens_16_bit(x.dtype):
         return None
-    try:
-        name, fn = ops.resolve("decode_linear", x.device, (x, weight), dict(bias=bias))
-    except RuntimeError:  # a named backend that does not serve this call
-        return None
-    if name == "torch":
+    fn = ops.fused_entry_point("decode_linear", x.device, (x, weight), dict(bias=bias))
+    if fn is None:
         return None
     return fn if routes_rows(rows) else linear_in_float32
 

@@ -194,16 +194,24 @@ class LayerNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(emb_dim))
         self.shift = nn.Parameter(torch.zeros(emb_dim))
 
-    def forward(self, x):
-        # A fused backend runs gptfast.ops.layer_norm (one pass each way, float32 statistics); it
-        # keeps x's dtype, so only when the parameters share it (else the book's lines promote).
-        # Backend "torch" keeps the book's lines: bitwise the reference, gradients included.
-        # The conditions are ops.layer_norm's argument checks, so the resolved kernel is called
-        # directly: one backend resolution per call, which matters at decode size (one row).
+    def takes_fused_op(self, x) -> bool:
+        """True when :meth:`forward` hands ``x`` to a fused ``ops.layer_norm`` (unless the backend is ``"torch"``).
+
+        The op keeps x's dtype, so only when the parameters share it (else the book's lines
+        promote).  The conditions are ``ops.layer_norm``'s argument checks, so the resolved
+        kernel is called directly: one backend resolution per call, which matters at decode
+        size (one row).
+        """
         scale, shift = self.scale, self.shift
-        if (x.dtype == scale.dtype == shift.dtype and x.dtype.is_floating_point and x.dim() >= 1
+        return (x.dtype == scale.dtype == shift.dtype and x.dtype.is_floating_point and x.dim() >= 1
                 and scale.shape == shift.shape == (x.shape[-1],) and x.shape[-1] > 0 and self.eps >= 0
-                and x.device == scale.device == shift.device):
+                and x.device == scale.device == shift.device)
+
+    def forward(self, x):
+        # A fused backend runs gptfast.ops.layer_norm (one pass each way, float32 statistics).
+        # Backend "torch" keeps the book's lines: bitwise the reference, gradients included.
+        scale, shift = self.scale, self.shift
+        if self.takes_fused_op(x):
             name, layer_norm = ops.resolve("layer_norm", x.device, (x, scale, shift), {"eps": self.eps})
             if name != "torch":
                 return layer_norm(x, scale, shift, eps=float(self.eps))

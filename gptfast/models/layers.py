@@ -65,6 +65,12 @@ def check_token_ids(in_idx: torch.Tensor, vocab_size: int, context_length: int) 
 # ----------------------------------------------------------------------------- RMSNorm
 
 
+def rms_norm_takes_op(x: torch.Tensor, weight: torch.Tensor, eps, *, bias=None, upcast: bool = True) -> bool:
+    """True when :func:`rms_norm` with these arguments computes through :func:`gptfast.ops.rms_norm`."""
+    return (upcast and bias is None and x.dtype != torch.float64 and isinstance(eps, numbers.Real) and eps > 0
+            and weight.shape == (x.shape[-1],))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, bias: torch.Tensor | None = None,
              upcast: bool = True) -> torch.Tensor:
     """Root-mean-square norm over the last axis, ``x / sqrt(mean(x^2) + eps) * weight (+ bias)``.
@@ -72,8 +78,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, bias: torch.T
     With ``upcast`` the statistics and the scaling run in float32 (Qwen3's convention;
     the weight may stay float32 while ``x`` is bfloat16).  The result has ``x``'s dtype.
     """
-    if (upcast and bias is None and x.dtype != torch.float64 and isinstance(eps, numbers.Real) and eps > 0
-            and weight.shape == (x.shape[-1],)):
+    if rms_norm_takes_op(x, weight, eps, bias=bias, upcast=upcast):
         return ops.rms_norm(x, weight, eps=eps)  # the torch backend runs these same lines, op for op
     input_dtype = x.dtype
     if upcast:
@@ -85,6 +90,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, bias: torch.T
     return out.to(input_dtype)
 
 
+def builtin_rms_norm_eps(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None) -> float | None:
+    """The eps :func:`rms_norm_builtin` normalises ``x``'s last axis with (``x``'s dtype's eps for ``None``), or
+    ``None`` when it leaves the call to ``F.rms_norm`` as given (no weight, a weight of another size, integer x)."""
+    if weight is None or weight.shape != (x.shape[-1],) or not x.dtype.is_floating_point:
+        return None
+    return torch.finfo(x.dtype).eps if eps is None else eps
+
+
 def rms_norm_builtin(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None) -> torch.Tensor:
     """``torch.nn.RMSNorm``'s computation over the last axis (Llama 3's norms use it).
 
@@ -92,8 +105,9 @@ def rms_norm_builtin(x: torch.Tensor, weight: torch.Tensor | None, eps: float | 
     convention of :func:`gptfast.ops.rms_norm`; a fused backend runs that op, the torch
     backend keeps ``F.rms_norm`` itself (bitwise the reference, gradients included).
     """
-    if weight is not None and weight.shape == (x.shape[-1],) and x.dtype.is_floating_point:
-        eps = torch.finfo(x.dtype).eps if eps is None else eps
+    own_eps = builtin_rms_norm_eps(x, weight, eps)
+    if own_eps is not None:
+        eps = own_eps
         if eps > 0 and ops.selected_backend("rms_norm", x, weight) != "torch":
             return ops.rms_norm(x, weight, eps=eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
@@ -104,6 +118,14 @@ class BuiltinRMSNorm(nn.RMSNorm):
 
     It stays an ``nn.RMSNorm`` instance, so code that checks the type still sees one.
     """
+
+    def fused_args(self, x):
+        """``(weight, eps)`` with which :meth:`forward` calls ``ops.rms_norm`` on ``x`` (unless the backend is
+        ``"torch"``), or ``None`` when it computes otherwise."""
+        if self.normalized_shape != (x.shape[-1],):
+            return None
+        eps = builtin_rms_norm_eps(x, self.weight, self.eps)
+        return (self.weight, eps) if eps is not None and eps > 0 else None
 
     def forward(self, x):
         if self.normalized_shape != (x.shape[-1],):
@@ -156,6 +178,12 @@ def _llama3_scaled_inv_freq(inv_freq: torch.Tensor, freq_config) -> torch.Tensor
     return torch.where(in_between, smoothed, scaled)
 
 
+def rope_takes_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """True when :func:`rotate_half_rope` computes through :func:`gptfast.ops.rope` (``(T, D)`` table rows)."""
+    return (cos.dim() == 2 and x.dim() == 4 and cos.shape == sin.shape == (x.shape[2], x.shape[3])
+            and x.shape[-1] % 2 == 0 and cos.dtype.is_floating_point and sin.dtype.is_floating_point)
+
+
 def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE: ``x * cos + cat(-x2, x1) * sin``, computed in the tables' dtype.
 
@@ -163,8 +191,7 @@ def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     the positions of ``x``'s tokens, or ``(B, 1, T, D)`` for per-row positions.
     The result is cast back to ``x``'s dtype.
     """
-    if (cos.dim() == 2 and x.dim() == 4 and cos.shape == sin.shape == (x.shape[2], x.shape[3])
-            and x.shape[-1] % 2 == 0 and cos.dtype.is_floating_point and sin.dtype.is_floating_point):
+    if rope_takes_op(x, cos, sin):
         return ops.rope(x, cos, sin)  # the torch backend runs these same lines, op for op
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)

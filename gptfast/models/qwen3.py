@@ -88,6 +88,12 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(emb_dim))
         self.shift = nn.Parameter(torch.zeros(emb_dim)) if bias else None
 
+    def fused_args(self, x):
+        """``(weight, eps)`` with which :meth:`forward` calls ``ops.rms_norm`` on ``x``, or ``None`` when it computes
+        otherwise."""
+        takes_op = layers.rms_norm_takes_op(x, self.scale, self.eps, bias=self.shift, upcast=self.qwen3_compatible)
+        return (self.scale, self.eps) if takes_op else None
+
     def forward(self, x):
         return layers.rms_norm(x, self.scale, self.eps, bias=self.shift, upcast=self.qwen3_compatible)
 

@@ -249,6 +249,16 @@ def _serves(module: ModuleType, op: str, device: torch.device, args, kwargs) -> 
     return supports(op, *args, **kwargs) if supports is not None else None
 
 
+def fused_entry_point(op: str, device: torch.device, args=(), kwargs=None):
+    """The entry point :func:`resolve` picks for ``op`` with the selected backend, or ``None`` when that is the
+    torch path or a named backend cannot serve the call (the caller then computes the plain way)."""
+    try:
+        name, fn = resolve(op, device, args, kwargs)
+    except RuntimeError:
+        return None
+    return None if name == "torch" else fn
+
+
 def resolve(op: str, device: torch.device, args=(), kwargs=None, backend: str | None = None):
     """Return ``(backend_name, function)`` that will run ``op`` on ``device``."""
     kwargs = kwargs or {}
