@@ -53,8 +53,8 @@
 //   Recomputed from gate and up; both contiguous in gate's dtype.
 // gelu_fwd(x) -> out
 //   GPT-2's tanh GELU 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) elementwise, sqrt(2/pi)
-//   taken at its float32 value as the book does; out contiguous in x's dtype (math in float32,
-//   float64 for float64 on cpu).
+//   being the book's float32 torch.sqrt(torch.tensor(2/pi)), taken from torch at run time; out
+//   contiguous in x's dtype (math in float32, float64 for float64 on cpu).
 // gelu_bwd(grad_out, x) -> dx
 //   Recomputed from x (the forward's output is not needed); dx contiguous in x's dtype.
 // rope_fwd(x, cos, sin, positions, offset) -> out

@@ -127,8 +127,12 @@ def test_the_static_shape_step_for_cuda_graphs_equals_the_per_row_step(name):
     per_row = runner.decode(tokens, caches[0], [4, 7])
     static = runner.decode_static(tokens, caches[1], torch.tensor([4, 7]))
     torch.testing.assert_close(static, per_row, atol=1e-5, rtol=1e-5)
-    for layer in range(2):
-        assert torch.equal(caches[0].keys[layer], caches[1].keys[layer])
+    # The first layer's keys are the step's write itself: bitwise.  Later layers' keys follow an
+    # attention over the whole masked cache instead of the trimmed one; its reductions group the keys
+    # by the CPU's vector width, so they agree to rounding only.
+    assert torch.equal(caches[0].keys[0], caches[1].keys[0])
+    for layer in range(1, 2):
+        torch.testing.assert_close(caches[0].keys[layer], caches[1].keys[layer], atol=1e-6, rtol=1e-6)
     single = runner.decode(tokens[1:], _alone(runner, model, prompts[1]), 7)  # row 1 run by itself
     torch.testing.assert_close(per_row[1:], single, atol=1e-5, rtol=1e-5)
 

@@ -1,6 +1,6 @@
 // GELU (GPT-2's tanh approximation) for CPU, forward and backward, elementwise over contiguous data.
 //
-//   gelu(x) = 0.5 x (1 + tanh(u)),   u = b (x + k x^3),   b = sqrt(2/pi) (its float32 value), k = 0.044715
+//   gelu(x) = 0.5 x (1 + tanh(u)),   u = b (x + k x^3),   b = sqrt(2/pi) (the book's float32 value), k = 0.044715
 //
 // 0.5 (1 + tanh(u)) is sigmoid(2u), so with e = exp(-2u) and s = 1 / (1 + e):
 //   gelu(x) = x / (1 + e),   d gelu / dx = s + x * s (1 - s) * 2b (1 + 3k x^2).
@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "../book_constants.h"
 #include "ops.h"
 
 namespace gptfast_cpu {
@@ -32,7 +33,6 @@ namespace {
 
 constexpr int64_t kGrain = 32768;  // elements per task at least: a task then costs ~10x a thread wake-up
 constexpr int64_t kChunk = 1024;   // 16-bit elements widened per step (fits L1 with its buffers)
-constexpr double kBeta = 0.7978845834732056;  // sqrt(2/pi) rounded to float32, as the book computes it
 constexpr double kKappa = 0.044715;
 constexpr double kSquareCap = 400.0;  // x^2 cap in the backward's polynomial (see above)
 
@@ -47,24 +47,32 @@ inline Vectorized<T> exp_fast(const Vectorized<T>& t) {
   }
 }
 
+// The polynomial's coefficients in the math type T, from b (taken from torch at run time, so not constexpr).
+template <typename T>
+struct Coefficients {
+  explicit Coefficients(double beta)
+      : minus_two_b(T(-2.0 * beta)), minus_two_bk(T(-2.0 * beta * kKappa)), two_b(T(2.0 * beta)),
+        six_bk(T(6.0 * beta * kKappa)) {}
+  Vectorized<T> minus_two_b, minus_two_bk, two_b, six_bk;
+};
+
 // -2u = x (-2b - 2bk x^2), given x^2.
 template <typename T>
-inline Vectorized<T> minus_two_u(const Vectorized<T>& x, const Vectorized<T>& x2) {
-  return x * at::vec::fmadd(x2, Vectorized<T>(T(-2.0 * kBeta * kKappa)), Vectorized<T>(T(-2.0 * kBeta)));
+inline Vectorized<T> minus_two_u(const Vectorized<T>& x, const Vectorized<T>& x2, const Coefficients<T>& c) {
+  return x * at::vec::fmadd(x2, c.minus_two_bk, c.minus_two_b);
 }
 
 template <typename T>
-inline Vectorized<T> gelu_vec(const Vectorized<T>& x) {
-  return x / (Vectorized<T>(T(1)) + exp_fast(minus_two_u(x, x * x)));
+inline Vectorized<T> gelu_vec(const Vectorized<T>& x, const Coefficients<T>& c) {
+  return x / (Vectorized<T>(T(1)) + exp_fast(minus_two_u(x, x * x, c)));
 }
 
 template <typename T>
-inline Vectorized<T> gelu_grad_vec(const Vectorized<T>& g, const Vectorized<T>& x) {
+inline Vectorized<T> gelu_grad_vec(const Vectorized<T>& g, const Vectorized<T>& x, const Coefficients<T>& c) {
   using V = Vectorized<T>;
   const V one(T(1)), x2 = x * x;
-  const V s = one / (one + exp_fast(minus_two_u(x, x2)));
-  const V slope = at::vec::fmadd(at::vec::clamp_max(x2, V(T(kSquareCap))), V(T(6.0 * kBeta * kKappa)),
-                                 V(T(2.0 * kBeta)));
+  const V s = one / (one + exp_fast(minus_two_u(x, x2, c)));
+  const V slope = at::vec::fmadd(at::vec::clamp_max(x2, V(T(kSquareCap))), c.six_bk, c.two_b);
   // x * (slope * s * (1 - s)): the bracket is exactly 0 when saturated, so a finite x gives 0
   return g * at::vec::fmadd(x, slope * s * (one - s), s);
 }
@@ -92,7 +100,8 @@ inline void map_binary(const T* a, const T* b, T* out, int64_t n, F f) {
 template <typename scalar_t>
 void gelu_fwd_impl(const scalar_t* x_all, scalar_t* out_all, int64_t n) {
   using T = acc_t<scalar_t>;
-  const auto f = [](const Vectorized<T>& x) { return gelu_vec(x); };
+  const Coefficients<T> c(gptfast_book::gelu_sqrt_two_over_pi());
+  const auto f = [&c](const Vectorized<T>& x) { return gelu_vec(x, c); };
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<scalar_t, T>) {
       map_unary(x_all + begin, out_all + begin, end - begin, f);
@@ -111,7 +120,8 @@ void gelu_fwd_impl(const scalar_t* x_all, scalar_t* out_all, int64_t n) {
 template <typename scalar_t>
 void gelu_bwd_impl(const scalar_t* g_all, const scalar_t* x_all, scalar_t* dx_all, int64_t n) {
   using T = acc_t<scalar_t>;
-  const auto f = [](const Vectorized<T>& g, const Vectorized<T>& x) { return gelu_grad_vec(g, x); };
+  const Coefficients<T> c(gptfast_book::gelu_sqrt_two_over_pi());
+  const auto f = [&c](const Vectorized<T>& g, const Vectorized<T>& x) { return gelu_grad_vec(g, x, c); };
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<scalar_t, T>) {
       map_binary(g_all + begin, x_all + begin, dx_all + begin, end - begin, f);

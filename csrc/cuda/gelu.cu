@@ -5,7 +5,8 @@
 // expf (not __expf) keeps the limits exact: gelu(+inf) = +inf, gelu(-inf) = NaN as in the book's
 // formula, and a large negative x gives -0.  The backward caps x^2 at 400 inside the polynomial:
 // past |x| = 20, s (1 - s) is exactly 0, and the cap keeps the product finite (limit 1 or 0, no
-// 0 * inf).  b is sqrt(2/pi) at its float32 value, as the book computes it.
+// 0 * inf).  b is sqrt(2/pi) at the book's float32 value, which the host code takes from torch and
+// passes in (its last bit depends on the machine, see csrc/book_constants.h).
 #include "common.cuh"
 #include "layer_ops_launch.h"
 
@@ -13,30 +14,39 @@ namespace gptfast {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr float kBeta = 0.7978845834732056f;
 constexpr float kKappa = 0.044715f;
 constexpr float kSquareCap = 400.0f;
 
-__device__ __forceinline__ float minus_two_u(float x, float x2) {
-  return x * (-2.0f * kBeta - 2.0f * kBeta * kKappa * x2);
+// The polynomial's coefficients for a given b, in float as the kernels use them.
+struct Coefficients {
+  float minus_two_b, minus_two_bk, two_b, six_bk;
+};
+
+Coefficients coefficients_for(float beta) {
+  return {-2.0f * beta, -2.0f * beta * kKappa, 2.0f * beta, 6.0f * beta * kKappa};
+}
+
+__device__ __forceinline__ float minus_two_u(float x, float x2, const Coefficients& c) {
+  return x * (c.minus_two_b + c.minus_two_bk * x2);
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) gelu_fwd_kernel(const T* x_in, int64_t n, T* out) {
+__global__ void __launch_bounds__(kThreads) gelu_fwd_kernel(const T* x_in, int64_t n, Coefficients c, T* out) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const float x = to_float(x_in[i]);
-    out[i] = from_float<T>(x / (1.0f + expf(minus_two_u(x, x * x))));
+    out[i] = from_float<T>(x / (1.0f + expf(minus_two_u(x, x * x, c))));
   }
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) gelu_bwd_kernel(const T* grad, const T* x_in, int64_t n, T* dx) {
+__global__ void __launch_bounds__(kThreads) gelu_bwd_kernel(const T* grad, const T* x_in, int64_t n, Coefficients c,
+                                                               T* dx) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const float g = to_float(grad[i]), x = to_float(x_in[i]), x2 = x * x;
-    const float s = 1.0f / (1.0f + expf(minus_two_u(x, x2)));
-    const float slope = 2.0f * kBeta + 6.0f * kBeta * kKappa * fminf(x2, kSquareCap);
+    const float s = 1.0f / (1.0f + expf(minus_two_u(x, x2, c)));
+    const float slope = c.two_b + c.six_bk * fminf(x2, kSquareCap);
     dx[i] = from_float<T>(g * (s + x * (slope * s * (1.0f - s))));
   }
 }
@@ -47,29 +57,30 @@ unsigned grid_for(int64_t n) {
 }
 
 template <typename T>
-cudaError_t fwd_typed(const void* x, int64_t n, void* out, cudaStream_t stream) {
-  gelu_fwd_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(static_cast<const T*>(x), n, static_cast<T*>(out));
+cudaError_t fwd_typed(const void* x, int64_t n, float beta, void* out, cudaStream_t stream) {
+  gelu_fwd_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(static_cast<const T*>(x), n, coefficients_for(beta),
+                                                          static_cast<T*>(out));
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t bwd_typed(const void* grad, const void* x, int64_t n, void* dx, cudaStream_t stream) {
+cudaError_t bwd_typed(const void* grad, const void* x, int64_t n, float beta, void* dx, cudaStream_t stream) {
   gelu_bwd_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(static_cast<const T*>(grad), static_cast<const T*>(x), n,
-                                                          static_cast<T*>(dx));
+                                                          coefficients_for(beta), static_cast<T*>(dx));
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t launch_gelu_fwd(const void* x, FloatType dtype, int64_t n, void* out, cudaStream_t stream) {
+cudaError_t launch_gelu_fwd(const void* x, FloatType dtype, int64_t n, float beta, void* out, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  return with_element_type(dtype, [&](auto t) { return fwd_typed<decltype(t)>(x, n, out, stream); });
+  return with_element_type(dtype, [&](auto t) { return fwd_typed<decltype(t)>(x, n, beta, out, stream); });
 }
 
-cudaError_t launch_gelu_bwd(const void* grad, const void* x, FloatType dtype, int64_t n, void* dx,
+cudaError_t launch_gelu_bwd(const void* grad, const void* x, FloatType dtype, int64_t n, float beta, void* dx,
                             cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  return with_element_type(dtype, [&](auto t) { return bwd_typed<decltype(t)>(grad, x, n, dx, stream); });
+  return with_element_type(dtype, [&](auto t) { return bwd_typed<decltype(t)>(grad, x, n, beta, dx, stream); });
 }
 
 }  // namespace gptfast

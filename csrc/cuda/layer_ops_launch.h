@@ -50,10 +50,10 @@ cudaError_t launch_swiglu_fwd(const void* gate, const void* up, FloatType dtype,
 cudaError_t launch_swiglu_bwd(const void* grad, const void* gate, const void* up, FloatType dtype, int64_t n,
                               void* d_gate, void* d_up, cudaStream_t stream);
 
-// out[i] = GPT-2's tanh GELU of x[i] for i < n.
-cudaError_t launch_gelu_fwd(const void* x, FloatType dtype, int64_t n, void* out, cudaStream_t stream);
+// out[i] = GPT-2's tanh GELU of x[i] for i < n; beta is its sqrt(2/pi) (the book's float32 value).
+cudaError_t launch_gelu_fwd(const void* x, FloatType dtype, int64_t n, float beta, void* out, cudaStream_t stream);
 // dx[i] from grad and x (recomputed from x).
-cudaError_t launch_gelu_bwd(const void* grad, const void* x, FloatType dtype, int64_t n, void* dx,
+cudaError_t launch_gelu_bwd(const void* grad, const void* x, FloatType dtype, int64_t n, float beta, void* dx,
                             cudaStream_t stream);
 
 // Rotate-half RoPE of x (B, H, T, D; element (b, h, t, j) at b*sb + h*sh + t*st + j) into a

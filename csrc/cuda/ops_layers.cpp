@@ -10,6 +10,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../book_constants.h"
 #include "../schemas.h"
 #include "binding_checks.h"
 #include "layer_ops_launch.h"
@@ -171,7 +172,8 @@ at::Tensor gelu_fwd(const at::Tensor& x_in) {
   const FloatType dtype = float_type(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty(x.sizes(), x.options());
-  check_launch(launch_gelu_fwd(x.data_ptr(), dtype, x.numel(), out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+  check_launch(launch_gelu_fwd(x.data_ptr(), dtype, x.numel(), gptfast_book::gelu_sqrt_two_over_pi(), out.data_ptr(),
+                               c10::cuda::getCurrentCUDAStream()),
                "gelu_fwd");
   return out;
 }
@@ -185,7 +187,8 @@ at::Tensor gelu_bwd(const at::Tensor& grad_out, const at::Tensor& x_in) {
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor g = grad_out.to(x.scalar_type()).contiguous();
   at::Tensor dx = at::empty(x.sizes(), x.options());
-  check_launch(launch_gelu_bwd(g.data_ptr(), x.data_ptr(), dtype, x.numel(), dx.data_ptr(),
+  check_launch(launch_gelu_bwd(g.data_ptr(), x.data_ptr(), dtype, x.numel(), gptfast_book::gelu_sqrt_two_over_pi(),
+                               dx.data_ptr(),
                                c10::cuda::getCurrentCUDAStream()),
                "gelu_bwd");
   return dx;

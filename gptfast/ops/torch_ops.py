@@ -114,8 +114,9 @@ def swiglu(gate, up):
 def gelu(x):
     """GPT-2's tanh GELU, op for op as the book's ``GELU`` module (ch04).
 
-    ``sqrt(2/pi)`` is the book's float32 0-dim tensor (0.7978845834732056, the constant of the
-    fused kernels); a 16-bit ``x`` rounds it to its own dtype, as the reference does.
+    ``sqrt(2/pi)`` is the book's float32 0-dim tensor, computed by torch on the machine at hand (its last
+    bit differs between CPUs; the fused kernels take theirs from torch the same way); a 16-bit ``x``
+    rounds it to its own dtype, as the reference does.
     """
     return 0.5 * x * (1 + torch.tanh(torch.sqrt(torch.tensor(2.0 / torch.pi)) * (x + 0.044715 * torch.pow(x, 3))))
 

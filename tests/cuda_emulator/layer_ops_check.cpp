@@ -243,9 +243,10 @@ void test_gelu(int64_t n, unsigned seed) {
   const float specials[] = {NAN, INFINITY, -INFINITY, 0.0f, -90.0f, 90.0f, -6.0f};
   for (int k = 0; k < 7 && k < n; ++k) x[k] = from_f<T>(specials[k]);
   std::vector<T> out(n), dx(n);
-  CHECK(launch_gelu_fwd(x.data(), ftype<T>(), n, out.data(), nullptr) == cudaSuccess, "gelu_fwd");
-  CHECK(launch_gelu_bwd(g.data(), x.data(), ftype<T>(), n, dx.data(), nullptr) == cudaSuccess, "gelu_bwd");
-  const double beta = 0.7978845834732056, kappa = 0.044715;  // the book's float32 sqrt(2/pi)
+  const float beta = std::sqrt(static_cast<float>(2.0 / 3.14159265358979323846));  // a float32 sqrt(2/pi)
+  CHECK(launch_gelu_fwd(x.data(), ftype<T>(), n, beta, out.data(), nullptr) == cudaSuccess, "gelu_fwd");
+  CHECK(launch_gelu_bwd(g.data(), x.data(), ftype<T>(), n, beta, dx.data(), nullptr) == cudaSuccess, "gelu_bwd");
+  const double kappa = 0.044715;
   int bad = 0;
   for (int64_t i = 0; i < n; ++i) {
     const double xv = to_d(x[i]), gv = to_d(g[i]);
