@@ -10,7 +10,8 @@
 #               still installs, with the reason recorded
 #   cuda        scripts/cuda_ci.sh check: build gptfast._C_cuda (sm_90) against CUDA torch, import it
 #               without a GPU, registrations, fakes, SASS (16-byte loads, registers, spills)
-#   tests       pytest -n 2 tests
+#   tests       pytest -n 2 tests (and the kernels' tests again on the AVX2 build where an AVX-512
+#               build of the CPU kernels exists and was used)
 # GPTFAST_CUDA_CI=0 skips the CUDA steps (default: run them where nvcc is found).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,3 +66,13 @@ rm -f "$CUDA_VENV_LOG"
 T=$(date +%s)
 python -m pytest -q -n 2 tests "$@"
 took "tests" "$T"
+
+# Where the CPU kernels also have an AVX-512 build, the run above used it: run the kernels' tests
+# once more on the AVX2 build, which a process loads when torch reports an AVX2 CPU.
+if python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gptfast._C_cpu_avx512') is None)"; then
+    T=$(date +%s)
+    ATEN_CPU_CAPABILITY=avx2 python -m pytest -q -n 2 tests/test_attention.py tests/test_cross_entropy.py \
+        tests/test_layer_norm.py tests/test_rms_norm.py tests/test_gelu.py tests/test_rope.py tests/test_swiglu.py \
+        tests/test_decode_linear.py tests/test_sampling.py tests/test_planned_decode.py
+    took "kernel tests on the AVX2 build" "$T"
+fi

@@ -96,6 +96,42 @@ def test_avx2_only_where_wanted(setup_module, monkeypatch):
     assert flags == [] and "no AVX2" in note
 
 
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 flags")
+def test_avx512_variant_only_where_wanted(setup_module, monkeypatch):
+    avx2 = ["-mavx2", "-mfma", "-mf16c"]
+    monkeypatch.setenv("GPTFAST_CPU_AVX512", "0")
+    assert setup_module.x86_avx512_flags(avx2) == (None, "not built: GPTFAST_CPU_AVX512=0 at install time")
+    monkeypatch.setenv("GPTFAST_CPU_AVX512", "auto")
+    flags, note = setup_module.x86_avx512_flags([])  # a portable build gets no AVX-512 variant either
+    assert flags is None and "without AVX2" in note
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    flags, note = setup_module.x86_avx512_flags(avx2)
+    assert flags is None and "no AVX-512" in note
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(setup_module, "_compiles", lambda flags, source, link_flags=(): True)
+    assert setup_module.x86_avx512_flags(avx2) == ([*avx2, *setup_module.AVX512_FLAGS], "avx512")
+    monkeypatch.setattr(setup_module, "_compiles", lambda flags, source, link_flags=(): False)
+    flags, note = setup_module.x86_avx512_flags(avx2)
+    assert flags is None and "rejects" in note
+    monkeypatch.setenv("GPTFAST_CPU_AVX512", "1")  # wanted: a compiler that cannot is an error
+    with pytest.raises(RuntimeError, match="GPTFAST_CPU_AVX512=1"):
+        setup_module.x86_avx512_flags(avx2)
+
+
+def test_variant_sources_include_the_kernels_themselves(setup_module, tmp_path, monkeypatch):
+    (tmp_path / "csrc" / "cpu").mkdir(parents=True)
+    (tmp_path / "csrc" / "cpu" / "gelu.cpp").write_text("int gelu_marker = 1;\n")
+    monkeypatch.setattr(setup_module, "ROOT", str(tmp_path))
+    wrappers = setup_module.variant_sources(["csrc/cpu/gelu.cpp"], os.path.join("build", "variant"))
+    assert wrappers == [os.path.join("build", "variant", "gelu.cpp")]
+    text = (tmp_path / wrappers[0]).read_text()
+    included = text.split('#include "')[1].split('"')[0]
+    assert (tmp_path / "build" / "variant" / included).resolve() == (tmp_path / "csrc" / "cpu" / "gelu.cpp").resolve()
+    before = (tmp_path / wrappers[0]).stat().st_mtime_ns
+    setup_module.variant_sources(["csrc/cpu/gelu.cpp"], os.path.join("build", "variant"))
+    assert (tmp_path / wrappers[0]).stat().st_mtime_ns == before  # unchanged: no rebuild
+
+
 def test_build_report_keeps_a_built_extensions_entry(setup_module, tmp_path):
     (tmp_path / "_C_cpu.cpython-311-x86_64-linux-gnu.so").write_text("")
     setup_module.write_report({"cpu": {"built": True, "attempted": True, "simd": "avx2"}}, str(tmp_path))
@@ -136,14 +172,14 @@ def _status(tmp_path, blocked=(), report=None, **env):
 
 
 def test_cpu_backend_without_its_extension_says_how_to_build_it(tmp_path):
-    status = _status(tmp_path, blocked={"gptfast._C_cpu"})
+    status = _status(tmp_path, blocked={"gptfast._C_cpu", "gptfast._C_cpu_avx512"})
     assert status["cpu"].startswith("extension gptfast._C_cpu not built: run pip install")
     assert status["torch"] == "available"
 
 
 def test_cpu_backend_quotes_the_recorded_build_failure(tmp_path):
     reason = "build failed at install time: RuntimeError: c++: error: no OpenMP here"
-    status = _status(tmp_path, blocked={"gptfast._C_cpu"},
+    status = _status(tmp_path, blocked={"gptfast._C_cpu", "gptfast._C_cpu_avx512"},
                      report={"cpu": {"built": False, "attempted": True, "reason": reason}})
     assert status["cpu"] == f"extension gptfast._C_cpu is unavailable: {reason}"
     assert status["torch"] == "available"
@@ -164,3 +200,31 @@ def test_avx2_refusal_applies_only_to_an_avx2_build(tmp_path):
     portable = _status(tmp_path, report={"cpu": {"built": True, "simd": "portable x86-64 (GPTFAST_CPU_AVX2=0)"}},
                        **no_avx2)
     assert portable["cpu"] == "available"
+
+
+LOADED = """
+import sys
+import gptfast.ops.cpu_ops as cpu_ops
+print(cpu_ops.LOADED, cpu_ops.unavailable_reason(), sorted(m for m in sys.modules if m.startswith("gptfast._C_cpu")))
+"""
+
+
+def _loaded(capability=None):
+    env = {**os.environ}
+    if capability is not None:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    proc = subprocess.run([sys.executable, "-c", LOADED], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def _avx512_build_present() -> bool:
+    return importlib.util.find_spec("gptfast._C_cpu_avx512") is not None
+
+
+@pytest.mark.skipif(not _avx512_build_present(), reason="no AVX-512 build of the CPU kernels here")
+def test_the_avx512_build_loads_alone_on_an_avx512_cpu_and_the_avx2_build_elsewhere():
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert _loaded() == "gptfast._C_cpu_avx512 None ['gptfast._C_cpu_avx512']"
+    # torch reports an AVX2 CPU: the AVX2 build, and never both (they register the same namespace)
+    assert _loaded("avx2") == "gptfast._C_cpu None ['gptfast._C_cpu']"

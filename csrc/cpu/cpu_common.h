@@ -1,16 +1,23 @@
 // Shared setup for gptfast's CPU kernels: vector width, small helpers.
 //
 // Include this header FIRST in every kernel source.  at::vec::Vectorized only uses
-// 256-bit registers when CPU_CAPABILITY_AVX2 is defined, so on x86-64 the kernels are
-// built for AVX2+FMA where the building machine has them (setup.py passes -mavx2 -mfma
-// -mf16c then, and gptfast/ops/cpu_ops.py refuses that build on an x86 CPU without AVX2);
-// elsewhere, and on x86-64 without those flags, they use Vectorized's portable code.  The
-// vector code lives in its own inline namespace (GPTFAST_AVX2 / GPTFAST_PORTABLE) so it
-// never collides with ATen's own copies of the same templates.
+// 256-bit registers when CPU_CAPABILITY_AVX2 is defined (512-bit ones with
+// CPU_CAPABILITY_AVX512), so on x86-64 the kernels are built for AVX2+FMA where the
+// building machine has them (setup.py passes -mavx2 -mfma -mf16c then, and
+// gptfast/ops/cpu_ops.py refuses that build on an x86 CPU without AVX2), and a second time
+// for AVX-512 where it has that too (the extension gptfast._C_cpu_avx512, loaded instead on
+// CPUs that torch reports as AVX512); elsewhere, and on x86-64 without those flags, they use
+// Vectorized's portable code.  The vector code lives in its own inline namespace
+// (GPTFAST_AVX512 / GPTFAST_AVX2 / GPTFAST_PORTABLE) so it never collides with ATen's own
+// copies of the same templates.
 #pragma once
 
 #if defined(__x86_64__) && !defined(CPU_CAPABILITY)
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    defined(__FMA__)
+#define CPU_CAPABILITY GPTFAST_AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
 #define CPU_CAPABILITY GPTFAST_AVX2
 #define CPU_CAPABILITY_AVX2
 #else

@@ -7,9 +7,19 @@
 #include "../schemas.h"
 #include "ops.h"
 
-// Importing gptfast._C_cpu runs the static registrations below; the module itself is empty.
-extern "C" PyObject* PyInit__C_cpu(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cpu", nullptr, -1, nullptr};
+// Importing gptfast._C_cpu (or its AVX-512 build, gptfast._C_cpu_avx512: setup.py names each build
+// through TORCH_EXTENSION_NAME) runs the static registrations below; the module itself is empty.
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C_cpu
+#endif
+#define GPTFAST_JOIN_(a, b) a##b
+#define GPTFAST_JOIN(a, b) GPTFAST_JOIN_(a, b)
+#define GPTFAST_STRING_(a) #a
+#define GPTFAST_STRING(a) GPTFAST_STRING_(a)
+
+extern "C" PyObject* GPTFAST_JOIN(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, GPTFAST_STRING(TORCH_EXTENSION_NAME), nullptr, -1,
+                                      nullptr};
   return PyModule_Create(&module);
 }
 

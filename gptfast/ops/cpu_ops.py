@@ -1,4 +1,5 @@
-"""Backend ``"cpu"``: loads gptfast's C++ CPU kernels (csrc/cpu, extension ``gptfast._C_cpu``).
+"""Backend ``"cpu"``: loads gptfast's C++ CPU kernels (csrc/cpu, extension ``gptfast._C_cpu``, or its
+AVX-512 build ``gptfast._C_cpu_avx512`` on a CPU that torch reports as AVX512, where it was built).
 
 Everything above the kernels (fakes, autograd, reductions, argument conventions) is in
 the op modules (``attention``, ``loss``, ``sampling``, ``normalization``, ``activation``,
@@ -8,6 +9,7 @@ extension, registers those for the ``gptfast_cpu`` namespace and binds the ops t
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 
 import torch
@@ -35,18 +37,39 @@ AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy
                       "rms_norm", "layer_norm", "gelu", "rope", "decode_linear"})
 
 
+LOADED = None  # the extension module the kernels came from, once loaded
+
+
+def _import_kernels() -> str:
+    """Import the kernels' extension (its import registers the ops) and return its name.
+
+    Both builds register the same namespace, so exactly one of them may ever be imported: the
+    AVX-512 one where torch reports the CPU as AVX512 (``ATEN_CPU_CAPABILITY`` lowers that)
+    and it was built, else ``_C_cpu``.
+    """
+    # Where the AVX-512 build exists its import must succeed: a failed import may have registered the
+    # namespace already, and importing _C_cpu after it would abort the process.  find_spec only looks.
+    if (torch.backends.cpu.get_cpu_capability() == "AVX512"
+            and importlib.util.find_spec("gptfast._C_cpu_avx512") is not None):
+        from gptfast import _C_cpu_avx512  # noqa: F401
+        return "gptfast._C_cpu_avx512"
+    from gptfast import _C_cpu  # noqa: F401
+    return "gptfast._C_cpu"
+
+
 def _load() -> str | None:
     """Import the extension (registering the ops); the reason it cannot be used, if any."""
+    global LOADED
     if (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() == "DEFAULT"
             and _build_info.cpu_needs_avx2()):  # checked before loading; a portable build runs anywhere
         return "gptfast._C_cpu is compiled for AVX2 and this CPU (or ATEN_CPU_CAPABILITY) does not provide it"
     try:
-        from gptfast import _C_cpu  # noqa: F401
+        LOADED = _import_kernels()
     except ImportError as exc:  # not built
         why = _build_info.why_not_built("cpu")  # recorded by setup.py, e.g. the compiler's error
         if why:
             return f"extension gptfast._C_cpu is unavailable: {why}"
-        return f"extension gptfast._C_cpu not built: run pip install --no-build-isolation -e . ({exc})"
+        return f"extension {exc.name or 'gptfast._C_cpu'} not built: run pip install --no-build-isolation -e . ({exc})"
     stale = stale_extension_reason(NAMESPACE, own_ops=("cross_entropy_fwd_inplace",))
     if stale is not None:
         return stale
