@@ -238,6 +238,7 @@ def _count_routed(monkeypatch):
 @pytest.mark.parametrize("backend", ["auto", "cpu"])
 def test_routed_linears_send_few_row_calls_to_the_fused_op(monkeypatch, backend):
     from gptfast.generation.runner import DECODE_LINEAR_MAX_ROWS, RoutedLinears
+    _widen_16_bit_here(monkeypatch)
     calls = _count_routed(monkeypatch)
     one = torch.randn(1, 24).to(torch.bfloat16)
     layer = torch.nn.Linear(24, 10).to(torch.bfloat16)
@@ -415,6 +416,27 @@ def _widen_16_bit_here(monkeypatch):
     """Route as on a CPU without 16-bit matrix instructions, whatever this one has."""
     from gptfast.generation import runner
     monkeypatch.setattr(runner, "widens_16_bit", lambda dtype: dtype in (torch.bfloat16, torch.float16))
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+def test_16_bit_calls_route_one_row_only_where_the_cpu_has_16_bit_instructions(monkeypatch, backend):
+    from gptfast.generation import runner
+    from gptfast.generation.runner import RoutedLinears
+    monkeypatch.setattr(runner, "widens_16_bit", lambda dtype: False)  # AMX / AVX512-BF16 here
+    calls = _count_routed(monkeypatch)
+    layer16, layer32 = torch.nn.Linear(24, 10).to(torch.bfloat16), torch.nn.Linear(24, 10)
+    one, few = torch.randn(1, 24), torch.randn(3, 24)
+    with ops.use_backend(backend), torch.no_grad(), RoutedLinears([layer16, layer32]):
+        out_one, out_few = layer16(one.to(torch.bfloat16)), layer16(few.to(torch.bfloat16))
+        out32 = layer32(few)
+    assert calls == [(1, 24), (3, 24)]  # the bf16 row, then float32's few rows; bf16's few rows: F.linear
+    assert torch.equal(out_few, F.linear(few.to(torch.bfloat16), layer16.weight, layer16.bias))
+    _check(out_one, one.to(torch.bfloat16), layer16.weight, layer16.bias, torch.bfloat16)
+    _check(out32, few, layer32.weight, layer32.bias, torch.float32)
+    assert runner.has_16_bit_matmul(torch.bfloat16) and not runner.has_16_bit_matmul(torch.float32)
+    monkeypatch.setattr(runner, "widens_16_bit", lambda dtype: dtype in (torch.bfloat16, torch.float16))
+    assert not runner.has_16_bit_matmul(torch.bfloat16)
 
 
 @needs_cpu_backend
