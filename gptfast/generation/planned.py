@@ -121,7 +121,8 @@ class PlannedGPTStep:
         for norm in norm_modules:
             if not norm.takes_fused_op(x):
                 return None  # LayerNorm.forward would run the book's formula
-            layer_norm = ops.fused_entry_point("layer_norm", x.device, (x, norm.scale, norm.shift), {"eps": norm.eps})
+            layer_norm = ops.fused_entry_point("layer_norm", x.device, (x, norm.scale, norm.shift),
+                                               {"eps": norm.eps})
             if layer_norm is None:
                 return None
             norms.append(_Norm(norm, layer_norm))
@@ -248,7 +249,7 @@ class PlannedRotaryStep:
                 if not layers.rope_takes_op(heads, model.cos[:1], model.sin[:1]):
                     return None  # rotate_half_rope would run the formula itself
                 entry_point = ops.fused_entry_point("rope", x.device, (heads, model.cos[:1], model.sin[:1]),
-                                     {"offset": 0, "positions": None})
+                                                    {"offset": 0, "positions": None})
                 if entry_point is None:
                     return None
                 rope = rope_rows(entry_point) or entry_point
