@@ -6,6 +6,8 @@ update) of
 * ``reference``: ``llms_from_scratch``'s GPTModel and ``calc_loss_batch``,
 * ``gptfast-dropin``: gptfast's GPTModel (ops backend "auto") with its ``calc_loss_batch``,
   the same optimizer: only the kernels differ,
+* ``gptfast-cli``: the step of ``gptfast train`` (the main job): the drop-in with the chapter's
+  optimizer as the command builds it (``chapter_adamw``: torch's fused AdamW on a fused backend),
 * ``gptfast-train``: one step of ``gptfast.train``'s Trainer (padded vocab, fused linear
   cross-entropy, fused AdamW, grad clipping).
 
@@ -78,7 +80,7 @@ def _release():
 
 # ----------------------------------------------------------------------------- CPU
 
-CPU_IMPLS = ("reference", "gptfast-dropin", "gptfast-train")
+CPU_IMPLS = ("reference", "gptfast-dropin", "gptfast-cli", "gptfast-train")
 
 
 def _cpu_step(impl, out_dir):
@@ -94,7 +96,12 @@ def _cpu_step(impl, out_dir):
         from gptfast.models import GPTModel
         from gptfast.training import calc_loss_batch
     model = GPTModel(_book_config()).to(DEVICE).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
+    if impl == "gptfast-cli":
+        from gptfast.training.loops import chapter_adamw
+
+        optimizer = chapter_adamw(model.parameters(), lr=4e-4, weight_decay=0.1)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
     x, y = _random_batch(CPU_BATCH, CPU_CONTEXT)
 
     def step():
@@ -107,7 +114,7 @@ def _cpu_step(impl, out_dir):
 
 @pytest.mark.skipif(ON_GPU, reason="the CPU end-to-end shape; the GPU comparison is test_gpu_train_step")
 def test_cpu_train_step_interleaved(benchmark):
-    """The three CPU variants stepped in turn, round after round, so shared-machine load hits all alike.
+    """The CPU variants stepped in turn, round after round, so shared-machine load hits all alike.
 
     pytest-benchmark times whole rounds (one step of each); the per-variant medians and
     tokens/s are in ``extra_info`` (``report.py`` expands them into one row each).
@@ -122,14 +129,15 @@ def test_cpu_train_step_interleaved(benchmark):
 
         def one_round():
             offset = next(rotation)
-            order = CPU_IMPLS[offset % 3:] + CPU_IMPLS[:offset % 3]  # rotate who goes first
+            first = offset % len(CPU_IMPLS)
+            order = CPU_IMPLS[first:] + CPU_IMPLS[:first]  # rotate who goes first
             for impl in order:
                 t0 = time.perf_counter()
                 steps[impl]()
                 times[impl].append(time.perf_counter() - t0)
 
         run_benchmark(benchmark, one_round, rounds=3, group=f"train step GPT-2 124M ctx {CPU_CONTEXT} batch "
-                      f"{CPU_BATCH} fp32 (interleaved)", op="train_step", impl="all three, interleaved",
+                      f"{CPU_BATCH} fp32 (interleaved)", op="train_step", impl="all variants, interleaved",
                       shape=dict(B=CPU_BATCH, T=CPU_CONTEXT, model="124M"), dtype="float32",
                       tokens_per_step=tokens, backend=ops.get_backend())
     # The warm-up round is left out: pytest-benchmark ran it before the timed rounds.

@@ -108,7 +108,7 @@ def run_train(args) -> int:
     from .tokenizer import get_tokenizer
     from .training.checkpoints import apply_checkpoint, read_checkpoint, save_checkpoint
     from .training.host_memory import keep_freed_host_memory
-    from .training.loops import plot_losses, train_model_simple
+    from .training.loops import chapter_adamw, plot_losses, train_model_simple
 
     device = _check_device(args.device)
     _select_backend(args.backend)
@@ -129,7 +129,7 @@ def run_train(args) -> int:
     train_loader, val_loader = train_val_loaders(text, cfg, args.batch_size, args.train_ratio, args.seed)
     torch.manual_seed(args.seed)
     model = GPTModel(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = chapter_adamw(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     if resume_state is not None:
         apply_checkpoint(resume_state, model, optimizer, source=f"--resume: checkpoint {ckpt_path}")
     # The steps reuse their large blocks instead of faulting them in again (CPU training only).

@@ -278,3 +278,43 @@ def test_unreadable_safetensors_is_one_line(tmp_path, capsys):
     assert re.search(r"model\.safetensors is not a readable (GPT-2 )?safetensors file", line), line
     line = _one_line_error(capsys, ["generate", "--safetensors", str(tmp_path / "none.safetensors")])
     assert "not found" in line
+
+
+def _adamw_steps(make, steps=3):
+    """Weights after ``steps`` updates by the optimizer ``make(params)`` from fixed weights and gradients."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(37, 19)), torch.nn.Parameter(torch.randn(19))]
+    optimizer = make(params)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        optimizer.step()
+    return [p.detach() for p in params], optimizer
+
+
+def test_the_chapter_optimizer_is_the_books_on_backend_torch_and_torchs_fused_adamw_otherwise():
+    from gptfast import ops
+    from gptfast.training.loops import chapter_adamw
+
+    book, _ = _adamw_steps(lambda ps: torch.optim.AdamW(ps, lr=4e-4, weight_decay=0.1))
+    with ops.use_backend("torch"):
+        ours, optimizer = _adamw_steps(lambda ps: chapter_adamw(ps, lr=4e-4, weight_decay=0.1))
+    assert not optimizer.defaults["fused"] and all(torch.equal(a, b) for a, b in zip(ours, book))
+    with ops.use_backend("auto"):
+        fused, optimizer = _adamw_steps(lambda ps: chapter_adamw(ps, lr=4e-4, weight_decay=0.1))
+    assert optimizer.defaults["fused"] and optimizer.defaults["weight_decay"] == 0.1
+    torch.manual_seed(0)
+    start = [torch.randn(37, 19), torch.randn(19)]
+    for a, b, s in zip(fused, book, start):
+        assert not torch.equal(a, s)  # the steps moved the weights ...
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # ... as the book's update, summed in another order
+
+
+def test_train_on_a_fused_backend_steps_with_the_fused_optimizer(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GPTFAST_KEEP_HOST_MEMORY", "0")
+    assert main(["train", "--model", "tiny", "--epochs", "1", "--eval-freq", "100", "--eval-iter", "1",
+                 "--batch-size", "4", "--out-dir", str(tmp_path), "--backend", "auto"]) == 0
+    state = torch.load(tmp_path / "model_and_optimizer.pth", weights_only=True)
+    assert state["optimizer_state_dict"]["param_groups"][0]["fused"] is True
+    capsys.readouterr()
