@@ -77,14 +77,19 @@ class _ScaledHead(GPTModel):
 
 
 @needs_cpu_backend
-@pytest.mark.parametrize("case", ["forward overridden", "hook on the head", "hook on the model", "LoRA-style head"])
-def test_models_whose_head_cannot_be_split_off_keep_their_forward(case):
+@pytest.mark.parametrize("case", ["forward overridden", "hook on the head", "hook on the model", "global hook",
+                                  "LoRA-style head"])
+def test_models_whose_head_cannot_be_split_off_keep_their_forward(case, request):
     x, y = _batch()
     model = _model(_ScaledHead if case == "forward overridden" else GPTModel)
     if case == "hook on the head":
         model.out_head.register_forward_hook(lambda m, i, out: out * 0.5)
     elif case == "hook on the model":
         model.register_forward_hook(lambda m, i, out: out * 0.5)
+    elif case == "global hook":  # registered for every module, acting on the head's logits
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, i, out: out * 0.5 if m is model.out_head else None)
+        request.addfinalizer(handle.remove)
     elif case == "LoRA-style head":
         from gptfast.appendix_e import LinearWithLoRA
         torch.manual_seed(1)

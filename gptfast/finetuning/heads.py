@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import ops
 from ..ch04 import GPTModel, MultiHeadAttention, TransformerBlock
+from ..models.blocks import has_forward_hooks
 from ..models.gpt import GPTModelFast, merge_heads, residual_block, split_heads
 
 
@@ -136,12 +137,12 @@ def head_loss(hidden, head, targets, ignore_index=-100):
 def head_is_separable(model) -> bool:
     """True when ``model(idx)`` is exactly ``model.out_head(model.hidden_states(idx))``, out_head a plain ``nn.Linear``.
 
-    gptfast's GPT-2 models qualify unless a subclass overrides ``forward`` or a hook sits on
-    the model or its head (calling the parts directly would skip it).
+    gptfast's GPT-2 models qualify unless a subclass overrides ``forward`` or a hook would run on
+    the model or its head, its own or a global one (calling the parts directly would skip it).
     """
     return (type(model).forward in (GPTModel.forward, GPTModelFast.forward) and hasattr(model, "hidden_states")
             and type(getattr(model, "out_head", None)) is nn.Linear
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in (model, model.out_head)))
+            and not any(has_forward_hooks(m) for m in (model, model.out_head)))
 
 
 def next_token_loss(model, input_batch, target_batch, ignore_index=-100):
