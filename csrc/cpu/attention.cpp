@@ -24,7 +24,7 @@ namespace {
 
 constexpr int64_t kQueryTile = 64;
 constexpr int64_t kKeyTile = 64;
-constexpr int kMaxRows = 6;  // rows per micro-kernel: 6 x 2 vector accumulators fit in 16 registers
+constexpr int kMaxRows = 6;  // rows per micro-kernel (see kPanelVectors)
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -36,75 +36,81 @@ inline int64_t grain_for(int64_t madds_per_task) {
 
 // ------------------------------------------------------------------ tile GEMM
 
-// C[R x n] (+)= A[R x k] * B[k x n]; row-major; n a multiple of the vector length.
-template <typename T, int R>
-inline void gemm_block(int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-                       int64_t ldc, bool accumulate) {
-  using V = Vectorized<T>;
-  constexpr int64_t L = V::size();
-  int64_t j = 0;
-  for (; j + 2 * L <= n; j += 2 * L) {
-    V c0[R], c1[R];
-    for (int r = 0; r < R; ++r) c0[r] = c1[r] = V(T(0));
-    for (int64_t p = 0; p < k; ++p) {
-      const V b0 = V::loadu(B + p * ldb + j);
-      const V b1 = V::loadu(B + p * ldb + j + L);
-      for (int r = 0; r < R; ++r) {
-        const V a(A[r * lda + p]);
-        c0[r] = at::vec::fmadd(a, b0, c0[r]);
-        c1[r] = at::vec::fmadd(a, b1, c1[r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      T* c = C + r * ldc + j;
-      if (accumulate) {
-        c0[r] = c0[r] + V::loadu(c);
-        c1[r] = c1[r] + V::loadu(c + L);
-      }
-      c0[r].store(c);
-      c1[r].store(c + L);
-    }
-  }
-  if (j < n) {  // one vector left (n is a multiple of L)
-    V c0[R];
-    for (int r = 0; r < R; ++r) c0[r] = V(T(0));
-    for (int64_t p = 0; p < k; ++p) {
-      const V b0 = V::loadu(B + p * ldb + j);
-      for (int r = 0; r < R; ++r) c0[r] = at::vec::fmadd(V(A[r * lda + p]), b0, c0[r]);
-    }
-    for (int r = 0; r < R; ++r) {
-      T* c = C + r * ldc + j;
-      if (accumulate) c0[r] = c0[r] + V::loadu(c);
-      c0[r].store(c);
-    }
-  }
+// Vectors per column panel of the micro-kernel: R x kPanelVectors accumulators, the panel's B
+// vectors and one broadcast must fit the register file (32 registers with AVX-512, 16 with AVX2).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kPanelVectors = 4;
+#else
+constexpr int kPanelVectors = 2;
+#endif
+
+// A's element (r, p): A[r * lda + p], or A[p * lda + r] when TransA (so P^T and dS^T products
+// read P and dS as they are, with no transposed copy).
+template <typename T, bool TransA>
+inline T a_at(const T* A, int64_t lda, int r, int64_t p) {
+  return TransA ? A[p * lda + r] : A[r * lda + p];
 }
 
-// C[m x n] (+)= A[m x k] * B[k x n], all row-major with leading dimensions.
-template <typename T>
+// C[R x NV vectors] (+)= A[R x k] * B[k x NV vectors]; row-major.
+template <typename T, int R, int NV, bool TransA>
+inline void gemm_panel(int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+                       bool accumulate) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  V c[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) c[r][v] = V(T(0));
+  for (int64_t p = 0; p < k; ++p) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = V::loadu(B + p * ldb + v * L);
+    for (int r = 0; r < R; ++r) {
+      const V a(a_at<T, TransA>(A, lda, r, p));
+      for (int v = 0; v < NV; ++v) c[r][v] = at::vec::fmadd(a, b[v], c[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) {
+      T* dst = C + r * ldc + v * L;
+      if (accumulate) c[r][v] = c[r][v] + V::loadu(dst);
+      c[r][v].store(dst);
+    }
+}
+
+// C[R x n] (+)= A[R x k] * B[k x n]; n a multiple of the vector length.
+template <typename T, int R, bool TransA>
+inline void gemm_block(int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                       int64_t ldc, bool accumulate) {
+  constexpr int64_t L = Vectorized<T>::size();
+  int64_t j = 0;
+  for (; j + kPanelVectors * L <= n; j += kPanelVectors * L)
+    gemm_panel<T, R, kPanelVectors, TransA>(k, A, lda, B + j, ldb, C + j, ldc, accumulate);
+  if (kPanelVectors > 2 && j + 2 * L <= n) {
+    gemm_panel<T, R, 2, TransA>(k, A, lda, B + j, ldb, C + j, ldc, accumulate);
+    j += 2 * L;
+  }
+  if (j < n) gemm_panel<T, R, 1, TransA>(k, A, lda, B + j, ldb, C + j, ldc, accumulate);
+}
+
+// C[m x n] (+)= op(A)[m x k] * B[k x n], row-major with leading dimensions; op(A) is A, or the
+// transpose of a (k x m) A when TransA.
+template <typename T, bool TransA = false>
 void tile_gemm(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                int64_t ldc, bool accumulate) {
   TORCH_INTERNAL_ASSERT(n % Vectorized<T>::size() == 0);
+  const auto rows_at = [&](int64_t i) { return TransA ? A + i : A + i * lda; };
   int64_t i = 0;
   for (; i + kMaxRows <= m; i += kMaxRows)
-    gemm_block<T, kMaxRows>(n, k, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
-  const T* a = A + i * lda;
+    gemm_block<T, kMaxRows, TransA>(n, k, rows_at(i), lda, B, ldb, C + i * ldc, ldc, accumulate);
+  const T* a = rows_at(i);
   T* c = C + i * ldc;
   switch (m - i) {
-    case 5: gemm_block<T, 5>(n, k, a, lda, B, ldb, c, ldc, accumulate); break;
-    case 4: gemm_block<T, 4>(n, k, a, lda, B, ldb, c, ldc, accumulate); break;
-    case 3: gemm_block<T, 3>(n, k, a, lda, B, ldb, c, ldc, accumulate); break;
-    case 2: gemm_block<T, 2>(n, k, a, lda, B, ldb, c, ldc, accumulate); break;
-    case 1: gemm_block<T, 1>(n, k, a, lda, B, ldb, c, ldc, accumulate); break;
+    case 5: gemm_block<T, 5, TransA>(n, k, a, lda, B, ldb, c, ldc, accumulate); break;
+    case 4: gemm_block<T, 4, TransA>(n, k, a, lda, B, ldb, c, ldc, accumulate); break;
+    case 3: gemm_block<T, 3, TransA>(n, k, a, lda, B, ldb, c, ldc, accumulate); break;
+    case 2: gemm_block<T, 2, TransA>(n, k, a, lda, B, ldb, c, ldc, accumulate); break;
+    case 1: gemm_block<T, 1, TransA>(n, k, a, lda, B, ldb, c, ldc, accumulate); break;
     default: break;
   }
-}
-
-// dst[c * ld_dst + r] = src[r * ld_src + c] for an (rows x cols) block.
-template <typename T>
-void transpose_into(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
 }
 
 // ------------------------------------------------------------------ dropout mask
@@ -189,7 +195,8 @@ void online_softmax_row(T* row, int64_t valid, int64_t nk, T& m, T& l, T* out_ro
   }
   const T row_max = vec_max(row, valid);  // NaN if the row holds one: it then stays NaN
   const T m_new = std::isnan(row_max) ? row_max : std::max(m, row_max);
-  const T alpha = std::exp(m - m_new);  // 0 on the first tile (m = -inf)
+  // 0 on the first tile (m = -inf); 1 without an exp call when the max did not move
+  const T alpha = m_new == m ? T(1) : std::exp(m - m_new);
   const V vm(m_new);
   V vsum(T(0));
   int64_t j = 0;
@@ -198,12 +205,15 @@ void online_softmax_row(T* row, int64_t valid, int64_t nk, T& m, T& l, T* out_ro
     p.store(row + j);
     vsum = vsum + p;
   }
-  T sum = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, vsum);
-  for (; j < valid; ++j) {
-    row[j] = std::exp(row[j] - m_new);
-    sum += row[j];
+  if (j < valid) {  // the diagonal tile's partial vector: masked lanes become 0 (the row is kKeyTile wide)
+    const int64_t rest = valid - j;
+    const V p = V::set(V(T(0)), exp_keep_nan(V::loadu(row + j, rest) - vm), rest);
+    p.store(row + j);
+    vsum = vsum + p;
+    j += L;
   }
-  std::fill(row + valid, row + nk, T(0));
+  const T sum = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, vsum);
+  if (j < nk) std::fill(row + j, row + nk, T(0));
   l = l * alpha + sum;
   m = m_new;
   if (alpha != T(1)) {
@@ -272,6 +282,34 @@ void attend_row_direct(const T* qrow, const scalar_t* kbase, int64_t k_stride, c
   *lse = mx + std::log(sum);
 }
 
+// The keys (transposed) and values of one kv head, widened to acc_t, up to the furthest key a
+// task has needed so far.  A thread's chunk takes its tasks in order (query tiles of one head,
+// then the heads sharing its kv head), so each k/v row is copied once per chunk rather than
+// once per query tile that sees it.
+template <typename T>
+struct KeyCache {
+  std::vector<T> kt, vs;  // (Dp x ld) and (Tk x Dp); allocated on first use (decode tasks never use them)
+  int64_t ld = 0, kv = -1, rows = 0;
+
+  template <typename scalar_t>
+  void cover(const at::Tensor& k, const at::Tensor& v, int64_t b, int64_t hk, int64_t needed, const Dims& s) {
+    if (kt.empty()) {
+      ld = round_up(s.Tk, Vectorized<T>::size());
+      kt.assign(s.Dp * ld, T(0));
+      vs.assign(s.Tk * s.Dp, T(0));
+    }
+    const int64_t id = b * s.Hkv + hk;
+    if (id != kv) {
+      kv = id;
+      rows = 0;
+    }
+    if (needed <= rows) return;
+    load_rows_transposed<scalar_t, T>(k, b, hk, rows, needed - rows, s.D, kt.data() + rows, ld);
+    load_rows<scalar_t, T>(v, b, hk, rows, needed - rows, s.D, T(1), vs.data() + rows * s.Dp, s.Dp);
+    rows = needed;
+  }
+};
+
 template <typename scalar_t>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                   at::Tensor& lse, double scale, const Dropout& dropout, const Dims& s) {
@@ -284,9 +322,10 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   at::parallel_for(0, s.B * s.H * n_qtiles, grain_for(std::min(kQueryTile, s.Tq) * s.Tk * s.Dp),
                    [&](int64_t begin, int64_t end) {
     // Scratch, allocated once per chunk; zero-initialised so padding columns stay zero.
-    std::vector<T> qs(kQueryTile * s.Dp, T(0)), kt(s.Dp * kKeyTile, T(0)), vs(kKeyTile * s.Dp, T(0));
+    std::vector<T> qs(kQueryTile * s.Dp, T(0));
     std::vector<T> scores(kQueryTile * kKeyTile), acc(kQueryTile * s.Dp), m(kQueryTile), l(kQueryTile);
     std::vector<T> row_probs;  // the direct (decode) path's scores
+    KeyCache<T> keys;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / n_qtiles, b = bh / s.H, h = bh % s.H, hk = h / s.group();
       const int64_t i0 = (task % n_qtiles) * kQueryTile, mq = std::min(kQueryTile, s.Tq - i0);
@@ -306,11 +345,10 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       std::fill(m.begin(), m.end(), neg_inf<T>());
       std::fill(l.begin(), l.end(), T(0));
       const int64_t last_key = s.offset + i0 + mq - 1;  // the last query's last visible key
+      keys.cover<scalar_t>(k, v, b, hk, last_key + 1, s);
       for (int64_t j0 = 0; j0 <= last_key; j0 += kKeyTile) {
         const int64_t nk = std::min(kKeyTile, last_key + 1 - j0), nkp = round_up(nk, L);
-        load_rows_transposed<scalar_t, T>(k, b, hk, j0, nk, s.D, kt.data(), kKeyTile);
-        load_rows<scalar_t, T>(v, b, hk, j0, nk, s.D, T(1), vs.data(), s.Dp);
-        tile_gemm<T>(mq, nkp, s.Dp, qs.data(), s.Dp, kt.data(), kKeyTile, scores.data(), kKeyTile, false);
+        tile_gemm<T>(mq, nkp, s.Dp, qs.data(), s.Dp, keys.kt.data() + j0, keys.ld, scores.data(), kKeyTile, false);
         for (int64_t r = 0; r < mq; ++r) {
           T* row = scores.data() + r * kKeyTile;
           const int64_t valid = visible_keys(s, i0 + r, j0, nk);
@@ -318,7 +356,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           if (dropout.active && valid > 0)
             dropout.apply(row, valid, static_cast<uint64_t>((bh * s.Tq + i0 + r) * s.Tk + j0));
         }
-        tile_gemm<T>(mq, s.Dp, nk, scores.data(), kKeyTile, vs.data(), s.Dp, acc.data(), s.Dp, true);
+        tile_gemm<T>(mq, s.Dp, nk, scores.data(), kKeyTile, keys.vs.data() + j0 * s.Dp, s.Dp, acc.data(), s.Dp, true);
       }
       for (int64_t r = 0; r < mq; ++r) {
         const T inv = T(1) / l[r];
@@ -337,11 +375,11 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // query head being processed.
 template <typename T>
 struct BackwardScratch {
-  std::vector<T> qs, dout, delta, kt, ks, vt, dq, dk, dv, p, dp, pt;
+  std::vector<T> qs, dout, delta, kt, ks, vt, dq, dk, dv, p, dp, pd;
   BackwardScratch(const Dims& s, int64_t Tkp)
       : qs(s.Tq * s.Dp, T(0)), dout(s.Tq * s.Dp, T(0)), delta(s.Tq), kt(s.Dp * Tkp, T(0)),
         ks(s.Tk * s.Dp, T(0)), vt(s.Dp * Tkp, T(0)), dq(s.Tq * s.Dp), dk(s.Tk * s.Dp), dv(s.Tk * s.Dp),
-        p(kQueryTile * kKeyTile), dp(kQueryTile * kKeyTile), pt(kKeyTile * kQueryTile) {}
+        p(kQueryTile * kKeyTile), dp(kQueryTile * kKeyTile), pd(kQueryTile * kKeyTile) {}
 };
 
 // How many slices the query heads of one kv head are cut into: one, unless there are fewer
@@ -354,25 +392,33 @@ inline int64_t group_slices(const Dims& s) {
   return (s.group() + per_slice - 1) / per_slice;
 }
 
+// pd = P * mask / (1 - p) for a (mq x nk) tile of P: what multiplied V in the forward.
+template <typename T>
+void keep_dropped(const T* p, T* pd, int64_t mq, int64_t nk, int64_t i0, int64_t j0, int64_t bh,
+                  const Dropout& dropout, const Dims& s) {
+  const T keep_scale = static_cast<T>(dropout.keep_scale);
+  for (int64_t r = 0; r < mq; ++r) {
+    const uint64_t base = static_cast<uint64_t>((bh * s.Tq + i0 + r) * s.Tk + j0);
+    const int64_t valid = std::max<int64_t>(0, visible_keys(s, i0 + r, j0, nk));
+    for (int64_t jj = 0; jj < nk; ++jj)
+      pd[r * kKeyTile + jj] = (jj < valid && dropout.keep(base + jj)) ? p[r * kKeyTile + jj] * keep_scale : T(0);
+  }
+}
+
 // Adds query head (b, h)'s contributions to the task's dK/dV sums (w.dk, w.dv, whose k/v rows
 // are already loaded) and writes its dQ.
 template <typename scalar_t, typename T>
 void backward_query_head(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& out, const T* lse_data,
                          at::Tensor& dq, int64_t b, int64_t h, T scale_t, const Dropout& dropout, const Dims& s,
-                         int64_t Tkp, BackwardScratch<T>& w, std::vector<T>& orow) {
+                         int64_t Tkp, BackwardScratch<T>& w) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
-  const T keep_scale = static_cast<T>(dropout.keep_scale);
   const int64_t bh = b * s.H + h;
   load_rows<scalar_t, T>(q, b, h, 0, s.Tq, s.D, scale_t, w.qs.data(), s.Dp);
   load_rows<scalar_t, T>(grad_out, b, h, 0, s.Tq, s.D, T(1), w.dout.data(), s.Dp);
   // delta_i = rowsum(dO_i * O_i): the softmax-backward correction term.
-  for (int64_t i = 0; i < s.Tq; ++i) {
-    load_rows<scalar_t, T>(out, b, h, i, 1, s.D, T(1), orow.data(), s.Dp);
-    T acc = 0;
-    for (int64_t d = 0; d < s.D; ++d) acc += orow[d] * w.dout[i * s.Dp + d];
-    w.delta[i] = acc;
-  }
+  const scalar_t* out_bh = out.const_data_ptr<scalar_t>() + b * out.stride(0) + h * out.stride(1);
+  for (int64_t i = 0; i < s.Tq; ++i) w.delta[i] = dot<T>(w.dout.data() + i * s.Dp, out_bh + i * out.stride(2), s.D);
   std::fill(w.dq.begin(), w.dq.end(), T(0));
   const T* lse_bh = lse_data + bh * s.Tq;
 
@@ -389,30 +435,49 @@ void backward_query_head(const at::Tensor& grad_out, const at::Tensor& q, const 
       tile_gemm<T>(mq, nkp, s.Dp, w.dout.data() + i0 * s.Dp, s.Dp, w.vt.data() + j0, Tkp, dp, kKeyTile, false);
       for (int64_t r = 0; r < mq; ++r) {
         T* prow = p + r * kKeyTile;
-        T* dprow = dp + r * kKeyTile;
         const int64_t valid = std::max<int64_t>(0, visible_keys(s, i0 + r, j0, nk));
         const V vl(lse_bh[i0 + r]);
         int64_t j = 0;
         for (; j + L <= valid; j += L) exp_keep_nan(V::loadu(prow + j) - vl).store(prow + j);
-        for (; j < valid; ++j) prow[j] = std::exp(prow[j] - lse_bh[i0 + r]);
-        std::fill(prow + valid, prow + nkp, T(0));
-        const uint64_t base = static_cast<uint64_t>((bh * s.Tq + i0 + r) * s.Tk + j0);
-        // dS = P * (dP - delta), with dP = dP_dropped * mask / (1 - p);
-        // the dropped P (what multiplied V) goes to the transposed buffer for dV.
+        if (j < valid) {  // partial vector: masked lanes become 0
+          V::set(V(T(0)), exp_keep_nan(V::loadu(prow + j, valid - j) - vl), valid - j).store(prow + j);
+          j += L;
+        }
+        if (j < nkp) std::fill(prow + j, prow + nkp, T(0));
+      }
+      // dV += P_dropped^T dO, read straight from the (queries x keys) buffer. Without dropout
+      // P_dropped is P, so it runs before P is overwritten by dS.
+      const T* p_dropped = p;
+      if (dropout.active) {
+        keep_dropped(p, w.pd.data(), mq, nk, i0, j0, bh, dropout, s);
+        p_dropped = w.pd.data();
+      }
+      tile_gemm<T, true>(nk, s.Dp, mq, p_dropped, kKeyTile, w.dout.data() + i0 * s.Dp, s.Dp,
+                         w.dv.data() + j0 * s.Dp, s.Dp, true);
+      // dS = P * (dP - delta), with dP = dP_dropped * mask / (1 - p), over every key of the tile
+      // (masked ones too, so a NaN in dO reaches dS as it does through torch's softmax).
+      for (int64_t r = 0; r < mq; ++r) {
+        T* prow = p + r * kKeyTile;
+        const T* dprow = dp + r * kKeyTile;
         const T delta = w.delta[i0 + r];
-        for (int64_t jj = 0; jj < nk; ++jj) {
-          const T keep = (!dropout.active || (jj < valid && dropout.keep(base + jj))) ? keep_scale : T(0);
-          w.pt[jj * kQueryTile + r] = prow[jj] * keep;
-          prow[jj] = prow[jj] * (dprow[jj] * keep - delta);  // prow now holds dS
+        if (dropout.active) {
+          const T* pdrow = w.pd.data() + r * kKeyTile;
+          // P * dP_dropped * mask / (1 - p) is P_dropped * dP_dropped.
+          for (int64_t jj = 0; jj < nk; ++jj) prow[jj] = pdrow[jj] * dprow[jj] - prow[jj] * delta;
+        } else {
+          const V vd(delta);
+          int64_t jj = 0;
+          for (; jj + L <= nk; jj += L) {
+            const V pv = V::loadu(prow + jj);
+            (pv * (V::loadu(dprow + jj) - vd)).store(prow + jj);
+          }
+          for (; jj < nk; ++jj) prow[jj] = prow[jj] * (dprow[jj] - delta);
         }
       }
-      // dV += P_dropped^T dO ; dK += dS^T (scale q) ; dQ += dS K  (scale applied at the end)
-      tile_gemm<T>(nk, s.Dp, mq, w.pt.data(), kQueryTile, w.dout.data() + i0 * s.Dp, s.Dp,
-                   w.dv.data() + j0 * s.Dp, s.Dp, true);
+      // dQ += dS K ; dK += dS^T (scale q)  (dQ's scale is applied at the end)
       tile_gemm<T>(mq, s.Dp, nk, p, kKeyTile, w.ks.data() + j0 * s.Dp, s.Dp, w.dq.data() + i0 * s.Dp, s.Dp, true);
-      transpose_into<T>(p, kKeyTile, mq, nk, w.pt.data(), kQueryTile);
-      tile_gemm<T>(nk, s.Dp, mq, w.pt.data(), kQueryTile, w.qs.data() + i0 * s.Dp, s.Dp,
-                   w.dk.data() + j0 * s.Dp, s.Dp, true);
+      tile_gemm<T, true>(nk, s.Dp, mq, p, kKeyTile, w.qs.data() + i0 * s.Dp, s.Dp, w.dk.data() + j0 * s.Dp, s.Dp,
+                         true);
     }
   }
   scalar_t* dq_dst = dq.data_ptr<scalar_t>() + bh * s.Tq * s.D;
@@ -447,7 +512,6 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   at::parallel_for(0, s.B * s.Hkv * slices, grain_for(2 * per_slice * s.Tq * s.Tk * s.Dp),
                    [&](int64_t begin, int64_t end) {
     BackwardScratch<T> w(s, Tkp);
-    std::vector<T> orow(s.Dp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t slice = task % slices, bkv = task / slices, b = bkv / s.Hkv, hk = bkv % s.Hkv;
       load_rows<scalar_t, T>(k, b, hk, 0, s.Tk, s.D, T(1), w.ks.data(), s.Dp);
@@ -458,7 +522,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
       const int64_t g_end = std::min(s.group(), (slice + 1) * per_slice);
       for (int64_t g = slice * per_slice; g < g_end; ++g)
         backward_query_head<scalar_t, T>(grad_out, q, out, lse_data, dq, b, hk * s.group() + g, scale_t, dropout,
-                                         s, Tkp, w, orow);
+                                         s, Tkp, w);
       if (slices == 1) {
         store_rows(w.dk, s.Tk, s, dk.data_ptr<scalar_t>() + bkv * s.Tk * s.D);
         store_rows(w.dv, s.Tk, s, dv.data_ptr<scalar_t>() + bkv * s.Tk * s.D);

@@ -82,7 +82,8 @@ inline T sum_of(const T* a, int64_t n, Term term) {
 }
 
 // Max of a[0..n) (vectorized); -inf when n == 0, NaN when any element is NaN
-// (at::vec::maximum propagates NaN; the scalar tail must too, which std::max does not).
+// (at::vec::maximum propagates NaN, std::max would not).  The tail is one partial vector
+// padded with -inf.
 template <typename T>
 inline T vec_max(const T* a, int64_t n) {
   using V = Vectorized<T>;
@@ -90,10 +91,8 @@ inline T vec_max(const T* a, int64_t n) {
   V acc(neg_inf<T>());
   int64_t i = 0;
   for (; i + L <= n; i += L) acc = at::vec::maximum(acc, V::loadu(a + i));
-  T m = at::vec::vec_reduce_all<T>([](V x, V y) { return at::vec::maximum(x, y); }, acc);
-  for (; i < n; ++i)
-    if (a[i] > m || std::isnan(a[i])) m = a[i];
-  return m;
+  if (i < n) acc = at::vec::maximum(acc, V::set(V(neg_inf<T>()), V::loadu(a + i, n - i), n - i));
+  return at::vec::vec_reduce_all<T>([](V x, V y) { return at::vec::maximum(x, y); }, acc);
 }
 
 // exp_u20 (fast vector exp) that keeps NaN lanes NaN: exp_u20 alone clamps a NaN (and
