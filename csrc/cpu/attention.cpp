@@ -345,7 +345,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       std::fill(m.begin(), m.end(), neg_inf<T>());
       std::fill(l.begin(), l.end(), T(0));
       const int64_t last_key = s.offset + i0 + mq - 1;  // the last query's last visible key
-      keys.cover<scalar_t>(k, v, b, hk, last_key + 1, s);
+      keys.template cover<scalar_t>(k, v, b, hk, last_key + 1, s);
       for (int64_t j0 = 0; j0 <= last_key; j0 += kKeyTile) {
         const int64_t nk = std::min(kKeyTile, last_key + 1 - j0), nkp = round_up(nk, L);
         tile_gemm<T>(mq, nkp, s.Dp, qs.data(), s.Dp, keys.kt.data() + j0, keys.ld, scores.data(), kKeyTile, false);
