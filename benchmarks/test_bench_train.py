@@ -11,6 +11,11 @@ update) of
 * ``gptfast-train``: one step of ``gptfast.train``'s Trainer (padded vocab, fused linear
   cross-entropy, fused AdamW, grad clipping).
 
+The two commands' variants step in a worker process of their own with the host-memory setting
+the commands apply to their process (``gptfast.training.host_memory``: freed blocks kept for
+reuse); the reference and the drop-in step in the benchmark's process with malloc as it is, as a
+user's script runs them.  All variants step in turn, one at a time.
+
 GPU: GPT-2 124M, context 1024, batch 16, bf16, compiled: the reference's optimized
 recipe (``gpu/reference_recipe.py``) against ``gptfast.train``'s Trainer; tokens/s and MFU in
 ``extra_info``.  Both use dropout 0.1 and no gradient clipping, like the recipe.
@@ -20,8 +25,11 @@ from __future__ import annotations
 
 import gc
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,6 +89,53 @@ def _release():
 # ----------------------------------------------------------------------------- CPU
 
 CPU_IMPLS = ("reference", "gptfast-dropin", "gptfast-cli", "gptfast-train")
+# The variants that are a gptfast command's step, which runs in the command's own process.
+COMMAND_IMPLS = ("gptfast-cli", "gptfast-train")
+
+
+class _StepWorker:
+    """One variant's training step in a child process set up as its command sets up its own.
+
+    The child applies ``keep_freed_host_memory`` (process-wide, so it must not reach the other
+    variants), builds the step with ``_cpu_step`` and runs one step per request; a request
+    returns the step's seconds as the child timed them.
+    """
+
+    def __init__(self, impl):
+        self.impl = impl
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--step-worker", impl],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     cwd=Path(__file__).resolve().parent)
+        self.note = self._reply().removeprefix("ready ")
+
+    def _reply(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.impl} step worker exited with {self.proc.wait()}")
+        return line.strip()
+
+    def __call__(self) -> float:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return float(self._reply())
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def _serve_steps(impl):
+    """The worker's side of :class:`_StepWorker`: one timed step per line read from stdin."""
+    from gptfast.training.host_memory import keep_freed_host_memory
+
+    note = keep_freed_host_memory()
+    with tempfile.TemporaryDirectory() as out_dir:
+        step = _cpu_step(impl, out_dir)
+        print("ready", note, flush=True)
+        for _ in sys.stdin:
+            t0 = time.perf_counter()
+            step()
+            print(time.perf_counter() - t0, flush=True)
 
 
 def _cpu_step(impl, out_dir):
@@ -123,23 +178,32 @@ def test_cpu_train_step_interleaved(benchmark):
 
     tokens = CPU_BATCH * CPU_CONTEXT
     times = {impl: [] for impl in CPU_IMPLS}
-    with tempfile.TemporaryDirectory() as out_dir:
-        steps = {impl: _cpu_step(impl, out_dir) for impl in CPU_IMPLS}
-        rotation = iter(range(10**9))
+    workers = {impl: _StepWorker(impl) for impl in COMMAND_IMPLS}
+    try:
+        with tempfile.TemporaryDirectory() as out_dir:
+            steps = {impl: _cpu_step(impl, out_dir) for impl in CPU_IMPLS if impl not in workers}
+            rotation = iter(range(10**9))
 
-        def one_round():
-            offset = next(rotation)
-            first = offset % len(CPU_IMPLS)
-            order = CPU_IMPLS[first:] + CPU_IMPLS[:first]  # rotate who goes first
-            for impl in order:
-                t0 = time.perf_counter()
-                steps[impl]()
-                times[impl].append(time.perf_counter() - t0)
+            def one_round():
+                offset = next(rotation)
+                first = offset % len(CPU_IMPLS)
+                order = CPU_IMPLS[first:] + CPU_IMPLS[:first]  # rotate who goes first
+                for impl in order:
+                    if impl in workers:
+                        times[impl].append(workers[impl]())
+                        continue
+                    t0 = time.perf_counter()
+                    steps[impl]()
+                    times[impl].append(time.perf_counter() - t0)
 
-        run_benchmark(benchmark, one_round, rounds=3, group=f"train step GPT-2 124M ctx {CPU_CONTEXT} batch "
-                      f"{CPU_BATCH} fp32 (interleaved)", op="train_step", impl="all variants, interleaved",
-                      shape=dict(B=CPU_BATCH, T=CPU_CONTEXT, model="124M"), dtype="float32",
-                      tokens_per_step=tokens, backend=ops.get_backend())
+            run_benchmark(benchmark, one_round, rounds=3, group=f"train step GPT-2 124M ctx {CPU_CONTEXT} batch "
+                          f"{CPU_BATCH} fp32 (interleaved)", op="train_step", impl="all variants, interleaved",
+                          shape=dict(B=CPU_BATCH, T=CPU_CONTEXT, model="124M"), dtype="float32",
+                          tokens_per_step=tokens, backend=ops.get_backend(),
+                          command_processes={impl: w.note for impl, w in workers.items()})
+    finally:
+        for worker in workers.values():
+            worker.close()
     # The warm-up round is left out: pytest-benchmark ran it before the timed rounds.
     medians = {impl: statistics.median(ts[1:] if len(ts) > 1 else ts) for impl, ts in times.items()}
     benchmark.extra_info["per_impl_median_s"] = medians
@@ -184,3 +248,7 @@ def test_gpu_train_step(benchmark, impl):
     _add_rates(benchmark, tokens, flops, peak)
     fn = recipe = trainer = None  # drop the model before freeing the cache for the next variant
     _release()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--step-worker"]:
+    _serve_steps(sys.argv[2])
