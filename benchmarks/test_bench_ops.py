@@ -197,15 +197,16 @@ def test_sampling(benchmark, impl):
 
 
 # Layer ops at Qwen3-0.6B's widths (emb 1024, hidden 3072, 16 heads of 128; GELU at GPT-2's
-# hidden 3072): CPU 256 tokens, GPU 8192; the GPT's LayerNorm at the 124M model's width (768) over a
-# training step's tokens (batch 2 x context 256 on CPU).  Against the torch path (backend "torch", the
-# reference's math).
+# hidden 3072): CPU 256 tokens, GPU 8192; the GPT's LayerNorm and dropout (p 0.1) at the 124M model's
+# width (768) over a training step's tokens (batch 2 x context 256 on CPU).  Against the torch path
+# (backend "torch", the reference's math; for dropout F.dropout's Bernoulli mask).
 LAYER_TOKENS = 8192 if ON_GPU else 256
 LAYER_SHAPES = {
     "rms_norm": dict(N=LAYER_TOKENS, D=1024),
     "layer_norm": dict(N=2 * LAYER_TOKENS, D=768),
     "swiglu": dict(N=LAYER_TOKENS, H=3072),
     "gelu": dict(N=LAYER_TOKENS, H=3072),  # GPT-2 124M's MLP activation
+    "dropout": dict(N=2 * LAYER_TOKENS, D=768, p=0.1),  # the GPT's residual and embedding dropout
     "rope": dict(B=1, H=16, T=LAYER_TOKENS, D=128),
 }
 
@@ -226,6 +227,9 @@ def _layer_case(op, impl):
     elif op == "gelu":
         x = _randn(s["N"], s["H"], grad=True, scale=2.0)
         args, kwargs, leaves = (x,), {}, (x,)
+    elif op == "dropout":
+        x = _randn(s["N"], s["D"], grad=True)
+        args, kwargs, leaves = (x, s["p"]), dict(training=True), (x,)
     else:
         from gptfast.models.layers import rope_tables
         x = _randn(s["B"], s["T"], s["H"], s["D"], grad=True)

@@ -57,6 +57,13 @@
 //   contiguous in x's dtype (math in float32, float64 for float64 on cpu).
 // gelu_bwd(grad_out, x) -> dx
 //   Recomputed from x (the forward's output is not needed); dx contiguous in x's dtype.
+// dropout_fwd(x, p, seed) -> out
+//   out = x * keep / (1 - p) elementwise (0 <= p <= 1; p = 1 drops everything), contiguous in x's
+//   dtype, math in float32 (float64 for float64 on cpu), rounded once; a dropped element is
+//   multiplied by 0, so NaN and inf give NaN as in torch.  keep is a pure function of (seed, the
+//   element's index in the contiguous tensor) defined in csrc/dropout_hash.h, the same on every
+//   backend.  seed: one-element int64 tensor on x's device.  The backward is this op on grad_out
+//   with the same p and seed.
 // rope_fwd(x, cos, sin, positions, offset) -> out
 //   Rotate-half rotary embedding of x (B, H, T, D), D even, unit stride along D (other strides
 //   free): out = x * cos[p] + cat(-x2, x1) * sin[p] with p = offset + t, or p = positions[b, t]
@@ -108,6 +115,7 @@ constexpr const char* kSwigluFwd = "swiglu_fwd(Tensor gate, Tensor up) -> Tensor
 constexpr const char* kSwigluBwd = "swiglu_bwd(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)";
 constexpr const char* kGeluFwd = "gelu_fwd(Tensor x) -> Tensor";
 constexpr const char* kGeluBwd = "gelu_bwd(Tensor grad_out, Tensor x) -> Tensor";
+constexpr const char* kDropoutFwd = "dropout_fwd(Tensor x, float p, Tensor seed) -> Tensor";
 constexpr const char* kRopeFwd = "rope_fwd(Tensor x, Tensor cos, Tensor sin, Tensor? positions, int offset) -> Tensor";
 constexpr const char* kRopeBwd =
     "rope_bwd(Tensor grad_out, Tensor cos, Tensor sin, Tensor? positions, int offset) -> Tensor";

@@ -231,8 +231,8 @@ def test_cpu_backend_is_listed():
     assert "cpu" in ops.available_backends()
     assert cpu_ops.DEVICES == ("cpu",)
     assert cpu_ops.AUTO_OPS == frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy",
-                                          "sample_next_token", "rms_norm", "layer_norm", "gelu", "rope",
-                                          "decode_linear"})
+                                          "sample_next_token", "rms_norm", "layer_norm", "gelu", "dropout",
+                                          "rope", "decode_linear"})
 
 
 def test_cuda_unavailable_reason_names_the_cause():
@@ -300,6 +300,7 @@ SCHEMAS = {
     "swiglu_bwd": "(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)",
     "gelu_fwd": "(Tensor x) -> Tensor",
     "gelu_bwd": "(Tensor grad_out, Tensor x) -> Tensor",
+    "dropout_fwd": "(Tensor x, float p, Tensor seed) -> Tensor",
     "rope_fwd": "(Tensor x, Tensor cos, Tensor sin, Tensor? positions, int offset) -> Tensor",
     "rope_bwd": "(Tensor grad_out, Tensor cos, Tensor sin, Tensor? positions, int offset) -> Tensor",
     "decode_linear": "(Tensor x, Tensor weight, Tensor? bias) -> Tensor",

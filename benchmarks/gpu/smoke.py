@@ -155,7 +155,7 @@ def case_list(device: str, dtypes: list[torch.dtype]):
 
 
 def layer_cases(device, dtype, randn):
-    """The Llama/Qwen layer ops (RMSNorm, RoPE, SwiGLU) fwd+bwd and the decode-step linear, odd shapes."""
+    """The Llama/Qwen layer ops (RMSNorm, RoPE, SwiGLU) fwd+bwd, dropout and the decode-step linear, odd shapes."""
     from gptfast import ops
 
     data = {}
@@ -188,6 +188,15 @@ def layer_cases(device, dtype, randn):
         out.float().square().sum().backward()
         return [out, gate.grad, up.grad]
 
+    def dropout(backend):
+        (x,) = _leaves(*inputs("dropout", lambda: (randn(7, 301, dtype=dtype),)))
+        if backend == "torch":  # the kernels' mask by its definition (F.dropout draws another one)
+            from gptfast.ops.regularization import keep_mask
+            keep = keep_mask(77, x.numel(), 0.3).reshape(x.shape).to(device)
+            return [(x.detach().float() * torch.where(keep, 1.0 / 0.7, 0.0)).to(dtype)]
+        seed = torch.tensor([77], dtype=torch.int64, device=device)
+        return [getattr(torch.ops, f"gptfast_{backend}").dropout_fwd(x.detach(), 0.3, seed)]
+
     def decode_linear(backend, rows):
         x, w, b = inputs(f"linear{rows}", lambda: (randn(rows, 197, dtype=dtype), randn(131, 197, dtype=dtype),
                                                     randn(131, dtype=dtype)))
@@ -197,6 +206,7 @@ def layer_cases(device, dtype, randn):
         ("rms_norm fwd+bwd 7x129 fp32 weight", dtype, rms_norm, True),
         ("rope fwd+bwd B2 H3 T9 D64 offset5", dtype, rope, True),
         ("swiglu fwd+bwd 5x301", dtype, swiglu, True),
+        ("dropout fwd 7x301 p0.3 (the mask's definition)", dtype, dropout, True),
         ("decode_linear M1 N131 K197 bias", dtype, lambda be: decode_linear(be, 1), True),
         ("decode_linear M8 N131 K197 bias", dtype, lambda be: decode_linear(be, 8), True),
     ]

@@ -35,6 +35,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& grad_out, const 
                                               const at::Tensor& up);
 at::Tensor gelu_fwd(const at::Tensor& x);
 at::Tensor gelu_bwd(const at::Tensor& grad_out, const at::Tensor& x);
+at::Tensor dropout_fwd(const at::Tensor& x, double p, const at::Tensor& seed);
 at::Tensor rope_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                     const c10::optional<at::Tensor>& positions, int64_t offset);
 at::Tensor rope_bwd(const at::Tensor& grad_out, const at::Tensor& cos, const at::Tensor& sin,

@@ -37,6 +37,7 @@ TORCH_LIBRARY(gptfast_cpu, m) {
   m.def(gptfast::schema::kSwigluBwd);
   m.def(gptfast::schema::kGeluFwd);
   m.def(gptfast::schema::kGeluBwd);
+  m.def(gptfast::schema::kDropoutFwd);
   m.def(gptfast::schema::kRopeFwd);
   m.def(gptfast::schema::kRopeBwd);
   m.def(gptfast::schema::kDecodeLinear);
@@ -56,6 +57,7 @@ TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
   m.impl("swiglu_bwd", &gptfast_cpu::swiglu_bwd);
   m.impl("gelu_fwd", &gptfast_cpu::gelu_fwd);
   m.impl("gelu_bwd", &gptfast_cpu::gelu_bwd);
+  m.impl("dropout_fwd", &gptfast_cpu::dropout_fwd);
   m.impl("rope_fwd", &gptfast_cpu::rope_fwd);
   m.impl("rope_bwd", &gptfast_cpu::rope_bwd);
   m.impl("decode_linear", &gptfast_cpu::decode_linear);

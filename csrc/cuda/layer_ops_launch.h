@@ -1,4 +1,5 @@
-// Host-side entry points of rms_norm.cu, layer_norm.cu, swiglu.cu, gelu.cu, rope.cu and decode_linear.cu (the layer ops),
+// Host-side entry points of rms_norm.cu, layer_norm.cu, swiglu.cu, gelu.cu, dropout.cu, rope.cu and decode_linear.cu
+// (the layer ops),
 // called by the torch binding ops_layers.cpp and by the CPU emulator's checks.  Plain C++ (raw
 // pointers, sizes, a stream): the .cu files never see torch headers.  Each function launches on
 // `stream` and returns the launch's cudaError_t (cudaSuccess when there is nothing to do).
@@ -51,6 +52,10 @@ cudaError_t launch_swiglu_bwd(const void* grad, const void* gate, const void* up
                               void* d_gate, void* d_up, cudaStream_t stream);
 
 // out[i] = GPT-2's tanh GELU of x[i] for i < n; beta is its sqrt(2/pi) (the book's float32 value).
+// out[i] = x[i] * keep(seed, i) / (1 - p) for i < n (csrc/dropout_hash.h); seed: one int64 in device
+// memory.  0 <= p <= 1.
+cudaError_t launch_dropout(const void* x, FloatType dtype, int64_t n, const int64_t* seed, double p, void* out,
+                           cudaStream_t stream);
 cudaError_t launch_gelu_fwd(const void* x, FloatType dtype, int64_t n, float beta, void* out, cudaStream_t stream);
 // dx[i] from grad and x (recomputed from x).
 cudaError_t launch_gelu_bwd(const void* grad, const void* x, FloatType dtype, int64_t n, float beta, void* dx,

@@ -1,7 +1,8 @@
-// Torch binding of the layer kernels (rms_norm.cu, layer_norm.cu, swiglu.cu, gelu.cu, rope.cu, decode_linear.cu): ops in the
-// gptfast_cuda namespace with the shared schemas (csrc/schemas.h), argument checks, output
-// allocation, and launches on torch's current CUDA stream.  Fakes and autograd are registered
-// from Python (gptfast/ops/normalization.py, activation.py, rotary.py, linear.py).
+// Torch binding of the layer kernels (rms_norm.cu, layer_norm.cu, swiglu.cu, gelu.cu, dropout.cu, rope.cu,
+// decode_linear.cu): ops in the gptfast_cuda namespace with the shared schemas (csrc/schemas.h),
+// argument checks, output allocation, and launches on torch's current CUDA stream.  Fakes and
+// autograd are registered from Python (gptfast/ops/normalization.py, activation.py, regularization.py,
+// rotary.py, linear.py).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -194,6 +195,22 @@ at::Tensor gelu_bwd(const at::Tensor& grad_out, const at::Tensor& x_in) {
   return dx;
 }
 
+at::Tensor dropout_fwd(const at::Tensor& x_in, double p, const at::Tensor& seed) {
+  TORCH_CHECK_VALUE(x_in.is_cuda(), "x must be a CUDA tensor, got one on ", x_in.device());
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "p must be in [0, 1], got ", p);
+  check_cuda(seed, "seed", x_in.device());
+  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.numel() >= 1 && seed.is_contiguous(),
+                    "seed must be a contiguous int64 tensor with >= 1 element");
+  const at::Tensor x = x_in.contiguous();
+  const FloatType dtype = float_type(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  check_launch(launch_dropout(x.data_ptr(), dtype, x.numel(), seed.data_ptr<int64_t>(), p, out.data_ptr(),
+                              c10::cuda::getCurrentCUDAStream()),
+               "dropout_fwd");
+  return out;
+}
+
 at::Tensor rope_apply(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin,
                       const std::optional<at::Tensor>& positions_in, int64_t offset, bool backward) {
   TORCH_CHECK_VALUE(x_in.is_cuda() && x_in.dim() == 4, "x must be a (B, H, T, D) CUDA tensor, got ", x_in.sizes());
@@ -273,6 +290,7 @@ TORCH_LIBRARY_FRAGMENT(gptfast_cuda, m) {
   m.def(gptfast::schema::kSwigluBwd);
   m.def(gptfast::schema::kGeluFwd);
   m.def(gptfast::schema::kGeluBwd);
+  m.def(gptfast::schema::kDropoutFwd);
   m.def(gptfast::schema::kRopeFwd);
   m.def(gptfast::schema::kRopeBwd);
   m.def(gptfast::schema::kDecodeLinear);
@@ -287,6 +305,7 @@ TORCH_LIBRARY_IMPL(gptfast_cuda, CUDA, m) {
   m.impl("swiglu_bwd", &gptfast::swiglu_bwd);
   m.impl("gelu_fwd", &gptfast::gelu_fwd);
   m.impl("gelu_bwd", &gptfast::gelu_bwd);
+  m.impl("dropout_fwd", &gptfast::dropout_fwd);
   m.impl("rope_fwd", &gptfast::rope_fwd);
   m.impl("rope_bwd", &gptfast::rope_bwd);
   m.impl("decode_linear", &gptfast::decode_linear);

@@ -21,7 +21,7 @@ from torch import nn
 from .. import ops
 from ..models import layers, qwen3
 from ..models.blocks import has_forward_hooks
-from ..models.gpt import GELU, FeedForward, LayerNorm
+from ..models.gpt import GELU, Dropout, FeedForward, LayerNorm
 from ..ops.activation import gelu_rows
 from ..ops.linear import decode_linear_rows
 from ..ops.normalization import layer_norm_rows, rms_norm_rows
@@ -34,7 +34,7 @@ def _has_hooks(model) -> bool:
 
 def _quiet(dropout) -> bool:
     """True when ``dropout`` returns its input unchanged (eval mode or ``p == 0``)."""
-    return type(dropout) is nn.Dropout and (not dropout.training or dropout.p == 0)
+    return type(dropout) in (nn.Dropout, Dropout) and (not dropout.training or dropout.p == 0)
 
 
 def _plain_linear(module) -> bool:

@@ -220,6 +220,11 @@ class LayerNorm(nn.Module):
         return self.scale * ((x - mean) / torch.sqrt(var + self.eps)) + self.shift
 
 
+# The dtypes the fused elementwise ops take (ops.gelu's and ops.dropout's checks); others keep the
+# modules' plain-torch forwards.
+_FUSED_OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 class GELU(nn.Module):
     """GELU, tanh approximation (as in GPT-2)."""
 
@@ -231,11 +236,28 @@ class GELU(nn.Module):
         # formula itself, bitwise the reference's numbers and gradients.  Its sqrt(2/pi) stays a
         # float32 0-dim tensor as there: a 16-bit x rounds it to its own dtype first, which a
         # Python float would not, so only the tensor gives the reference's bf16/fp16 bits.
-        if x.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):  # ops.gelu's checks
+        if x.dtype in _FUSED_OP_DTYPES:
             name, gelu = ops.resolve("gelu", x.device, (x,), {})
             if name != "torch":
                 return gelu(x)
         return 0.5 * x * (1 + torch.tanh(torch.sqrt(torch.tensor(2.0 / torch.pi)) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` (same arguments, no state) whose training pass runs ``ops.dropout`` on a fused backend.
+
+    The fused kernel derives its mask from one seed per call instead of a Bernoulli tensor drawn
+    element by element (on a 2-core CPU 0.27 ms against 3.5 ms for a 2 x 256 x 768 activation),
+    and its backward regenerates the mask.  Backend ``"torch"``, eval mode, ``p == 0`` and ``inplace`` keep
+    ``nn.Dropout``'s own forward, so the reference's numbers (its torch.manual_seed masks) hold there.
+    """
+
+    def forward(self, x):
+        if self.training and self.p > 0 and not self.inplace and x.dtype in _FUSED_OP_DTYPES:
+            name, dropout = ops.resolve("dropout", x.device, (x,), {"training": True})
+            if name != "torch":
+                return dropout(x, self.p, training=True)
+        return super().forward(x)
 
 
 class FeedForward(nn.Module):
@@ -267,7 +289,7 @@ class TransformerBlock(PreNormBlock):
                                  num_heads=cfg["n_heads"], dropout=cfg["drop_rate"], qkv_bias=cfg["qkv_bias"]),
             FeedForward(cfg),
             lambda: LayerNorm(emb_dim))
-        self.drop_resid = nn.Dropout(cfg["drop_rate"])
+        self.drop_resid = Dropout(cfg["drop_rate"])
 
     def forward(self, x):
         return residual_block(self, x, self.att)
@@ -283,7 +305,7 @@ class _GPTBackbone(nn.Module):
         super().__init__()
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
-        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.drop_emb = Dropout(cfg["drop_rate"])
         self.trf_blocks = nn.Sequential(*[self.block_class(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = self.norm_class(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)

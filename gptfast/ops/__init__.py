@@ -44,6 +44,7 @@ __all__ = [
     "layer_norm",
     "swiglu",
     "gelu",
+    "dropout",
     "rope",
     "decode_linear",
     "available_backends",
@@ -188,6 +189,22 @@ def gelu(x, *, backend=None):
     _checks.check_gelu(x)
     _, fn = resolve("gelu", x.device, (x,), {}, backend)
     return fn(x)
+
+
+def dropout(x, p=0.5, *, training=True, backend=None):
+    """Dropout: each element zeroed with probability ``p``, the rest scaled by ``1 / (1 - p)``.
+
+    ``torch.nn.functional.dropout``'s contract (``x`` itself when not ``training``).  Fused
+    backends draw one seed from torch's generator per call and derive the mask from it and each
+    element's index (the same mask on every fused backend, so ``torch.manual_seed`` reproduces it);
+    their backward regenerates the mask instead of storing it, and math is float32, rounded once.
+    Backend ``"torch"`` is ``F.dropout`` itself, whose mask (torch's Bernoulli draws) the book's
+    numbers depend on.
+    """
+    _checks.check_dropout(x, p, training)
+    kwargs = dict(training=training)
+    _, fn = resolve("dropout", x.device, (x,), kwargs, backend)
+    return fn(x, float(p), **kwargs)
 
 
 def rope(x, cos, sin, *, offset=0, positions=None, backend=None):

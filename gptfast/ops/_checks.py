@@ -234,6 +234,15 @@ def check_gelu(x) -> None:
     require_float("x", x)
 
 
+def check_dropout(x, p, training) -> None:
+    require_tensor("x", x)
+    require_float("x", x)
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be a number in [0, 1], got {p!r}")
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+
+
 def check_rope(x, cos, sin, offset, positions) -> None:
     require_tensor("x", x)
     require_tensor("cos", cos)

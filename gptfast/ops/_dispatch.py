@@ -35,14 +35,14 @@ from types import ModuleType
 import torch
 
 OPS = ("causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm", "layer_norm",
-       "swiglu", "gelu", "rope", "decode_linear")
+       "swiglu", "gelu", "dropout", "rope", "decode_linear")
 
 
 # The kernel ops every C++ namespace defines (csrc/schemas.h); a built extension that lacks one is
 # older than its Python layer and must be rebuilt.
 KERNEL_OPS = ("attention_fwd", "attention_bwd", "cross_entropy_fwd", "sample_next_token", "rms_norm_fwd",
               "rms_norm_bwd", "layer_norm_fwd", "layer_norm_bwd", "swiglu_fwd", "swiglu_bwd", "gelu_fwd", "gelu_bwd",
-              "rope_fwd", "rope_bwd", "decode_linear")
+              "dropout_fwd", "rope_fwd", "rope_bwd", "decode_linear")
 
 
 def stale_extension_reason(namespace: str, own_ops: tuple[str, ...] = ()) -> str | None:
@@ -102,13 +102,14 @@ def register_kernels(namespace: str, *, fakes_in_bodies: bool = False) -> None:
     ``fakes_in_bodies``: the attention and cross-entropy ops are ``triton_op``s, whose fake
     is their own Python body.
     """
-    from . import activation, attention, linear, loss, normalization, rotary, sampling
+    from . import activation, attention, linear, loss, normalization, regularization, rotary, sampling
 
     attention.register(namespace, fakes=not fakes_in_bodies)
     loss.register(namespace, fakes=not fakes_in_bodies)
     sampling.register(namespace)
     normalization.register(namespace, fakes=not fakes_in_bodies)
     activation.register(namespace, fakes=not fakes_in_bodies)
+    regularization.register(namespace, fakes=not fakes_in_bodies)
     rotary.register(namespace, fakes=not fakes_in_bodies)
     linear.register(namespace, fakes=not fakes_in_bodies)
 
@@ -162,13 +163,14 @@ def fused_entry_points(namespace: str, **overrides) -> dict:
     replaces one for a backend whose layer differs (the CUDA attention's head-dim padding).
     A backend module puts the result in its namespace, so ``getattr(backend, op)`` finds it.
     """
-    from . import activation, attention, linear, loss, normalization, rotary, sampling
+    from . import activation, attention, linear, loss, normalization, regularization, rotary, sampling
 
     table = {
         "causal_attention": attention.fused_causal_attention, "cross_entropy": loss.fused_cross_entropy,
         "linear_cross_entropy": loss.fused_linear_cross_entropy, "sample_next_token": sampling.fused_sample_next_token,
         "rms_norm": normalization.fused_rms_norm, "layer_norm": normalization.fused_layer_norm,
-        "swiglu": activation.fused_swiglu, "gelu": activation.fused_gelu, "rope": rotary.fused_rope,
+        "swiglu": activation.fused_swiglu, "gelu": activation.fused_gelu, "dropout": regularization.fused_dropout,
+        "rope": rotary.fused_rope,
         "decode_linear": linear.fused_decode_linear,
     }
     table.update(overrides)

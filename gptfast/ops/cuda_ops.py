@@ -66,7 +66,7 @@ def supports(op, *args, **kwargs) -> str | None:
     if op in ("rms_norm", "layer_norm", "rope"):
         bad = [t.dtype for t in args[1:3] if t.dtype not in KERNEL_DTYPES]
         return f"the CUDA kernels read float32/float16/bfloat16, not {bad[0]}" if bad else None
-    if op in ("swiglu", "gelu", "decode_linear"):  # every tensor shares x's dtype (checked in gptfast.ops)
+    if op in ("swiglu", "gelu", "dropout", "decode_linear"):  # every tensor shares x's dtype (checked in gptfast.ops)
         return None
     vocab = args[1].shape[0] if op == "linear_cross_entropy" else x.shape[-1]
     if vocab >= 2**31:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 DEVICES = ("cpu", "cuda", "mps", "xpu", "meta")
 AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm",
-                      "layer_norm", "swiglu", "gelu", "rope", "decode_linear"})
+                      "layer_norm", "swiglu", "gelu", "dropout", "rope", "decode_linear"})
 
 
 def unavailable_reason():
@@ -119,6 +119,11 @@ def gelu(x):
     rounds it to its own dtype, as the reference does.
     """
     return 0.5 * x * (1 + torch.tanh(torch.sqrt(torch.tensor(2.0 / torch.pi)) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+def dropout(x, p=0.5, *, training=True):
+    """``F.dropout`` itself, as the book's ``nn.Dropout`` modules run it (the same Bernoulli draws)."""
+    return F.dropout(x, p, training)
 
 
 def rope(x, cos, sin, *, offset=0, positions=None):

@@ -32,8 +32,8 @@ def _load() -> str | None:
     if not INTERPRETER and not torch.cuda.is_available():
         return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)"
     try:
-        for name in ("attention", "cross_entropy", "sampling", "rms_norm", "layer_norm", "swiglu", "gelu", "rope",
-                     "decode_linear"):
+        for name in ("attention", "cross_entropy", "sampling", "rms_norm", "layer_norm", "swiglu", "gelu", "dropout",
+                     "rope", "decode_linear"):
             _kernels[name] = importlib.import_module(f"gptfast.triton_kernels.{name}")
     except (ImportError, RuntimeError, OSError) as exc:  # missing triton, or one that cannot load its backend
         return f"triton is not importable: {exc}"
@@ -57,7 +57,7 @@ def supports(op: str, *args, **kwargs) -> str | None:
                 "use float32, or a GPU without the interpreter")
     if op == "causal_attention":
         return _kernels["attention"].unsupported_reason(args[0], args[1])
-    if op in ("rms_norm", "layer_norm", "swiglu", "gelu", "rope", "decode_linear"):
+    if op in ("rms_norm", "layer_norm", "swiglu", "gelu", "dropout", "rope", "decode_linear"):
         return _kernels[op].unsupported_reason(*args[:3])
     if op == "linear_cross_entropy" and kwargs.get("bias") is not None and kwargs["bias"].dtype != x.dtype:
         return f"bias dtype {kwargs['bias'].dtype} differs from hidden's {x.dtype}"

@@ -252,7 +252,9 @@ def build(out_dir: pathlib.Path, sanitize: bool = False, jobs: int = 2,
     self_check.write_text(rewrite_source(SELF_CHECK.read_text(), SELF_CHECK.name))
     flags = ["g++", "-std=c++20", "-O1", "-g0", "-w", "-pthread", "-U_FORTIFY_SOURCE",
              f"-I{cuda_home() / 'include'}", *(SANITIZE_FLAGS if sanitize else BASE_SANITIZE_FLAGS)]
-    jobs_list = [[*flags, "-x", "c++", "-include", str(EMULATOR_HEADER), f"-I{gen}", "-c", str(u),
+    # -I kernel_dir after gen: a kernel's "../x.h" (a header shared with the CPU kernels, csrc/x.h) is
+    # not under gen, and resolves from there as it does from csrc/cuda.
+    jobs_list = [[*flags, "-x", "c++", "-include", str(EMULATOR_HEADER), f"-I{gen}", f"-I{kernel_dir}", "-c", str(u),
                   "-o", str(out_dir / f"{u.parent.name}_{u.stem}.o")] for u in [*units, self_check]]
     jobs_list += [[*flags, f"-I{kernel_dir}", "-c", str(HERE / f"{check}.cpp"), "-o", str(out_dir / f"{check}.o")]
                   for check in CHECKS]

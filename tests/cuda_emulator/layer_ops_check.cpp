@@ -1,6 +1,6 @@
-// Checks rms_norm.cu, layer_norm.cu, swiglu.cu, gelu.cu, rope.cu and decode_linear.cu through their host
+// Checks rms_norm.cu, layer_norm.cu, swiglu.cu, gelu.cu, dropout.cu, rope.cu and decode_linear.cu through their host
 // launchers on the CPU emulator (emu.h): every result is compared with a double-precision reference computed here.
-// Usage: layer_ops_check {norms|swiglu_rope|decode_linear} {quick|full} (swiglu_rope runs the GELU cases
+// Usage: layer_ops_check {norms|swiglu_rope|decode_linear} {quick|full} (swiglu_rope runs the GELU and dropout cases
 // too); prints "FAIL ..." lines and
 // "N failures", exits non-zero on any mismatch.
 #include <cuda_bf16.h>
@@ -12,6 +12,7 @@
 #include <random>
 #include <vector>
 
+#include "../../csrc/dropout_hash.h"
 #include "check_main.h"
 #include "layer_ops_launch.h"
 
@@ -263,6 +264,36 @@ void test_gelu(int64_t n, unsigned seed) {
   CHECK(bad == 0, "gelu %s n=%lld: %d mismatches", tname<T>(), (long long)n, bad);
 }
 
+// ------------------------------------------------------------------ dropout
+
+// Every element against the mask of csrc/dropout_hash.h, exactly: kept ones are x * (1 / (1 - p))
+// rounded once, dropped ones x * 0 (NaN for NaN and inf); and the kept share near 1 - p.
+template <typename T>
+void test_dropout(int64_t n, double p, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::vector<T> x = random_values<T>(n, rng, 3.0f), out(n);
+  const float specials[] = {NAN, INFINITY, -INFINITY, 0.0f};
+  for (int k = 0; k < 4 && k < n; ++k) x[k] = from_f<T>(specials[k]);
+  const int64_t key = 12345 + seed;
+  CHECK(launch_dropout(x.data(), ftype<T>(), n, &key, p, out.data(), nullptr) == cudaSuccess, "dropout");
+  const uint64_t threshold = static_cast<uint64_t>(std::llround(p * gptfast_dropout::kDrawRange));
+  const float scale = p < 1.0 ? static_cast<float>(1.0 / (1.0 - p)) : 0.0f;
+  int bad = 0;
+  int64_t kept = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool keep = gptfast_dropout::keeps(static_cast<uint64_t>(key), static_cast<uint64_t>(i), threshold);
+    kept += keep;
+    const float want = to_d(from_f<T>(static_cast<float>(to_d(x[i])) * (keep ? scale : 0.0f)));
+    const double got = to_d(out[i]);
+    if (!(got == want || (std::isnan(got) && std::isnan(want)))) ++bad;
+  }
+  CHECK(bad == 0, "dropout %s n=%lld p=%g: %d mismatches", tname<T>(), (long long)n, p, bad);
+  if (n >= 100000) {
+    const double share = static_cast<double>(kept) / n;
+    CHECK(std::fabs(share - (1.0 - p)) < 0.01, "dropout %s p=%g: kept share %g", tname<T>(), p, share);
+  }
+}
+
 // ------------------------------------------------------------------ RoPE
 
 template <typename T>
@@ -322,6 +353,8 @@ void run_swiglu_rope(bool quick) {
   if (!quick) test_swiglu<T>(300000, 5);
   for (int64_t n : {1, 7, 1023, 4099}) test_gelu<T>(n, 11u + n);
   if (!quick) test_gelu<T>(300000, 6);
+  for (double p : {0.0, 0.1, 0.5, 1.0}) test_dropout<T>(1000, p, 21u);
+  test_dropout<T>(quick ? 120000 : 300000, 0.1, 22u);
   test_rope<T>(1, 1, 1, 2, 0, false, false, 1);
   test_rope<T>(2, 3, 5, 18, 3, false, true, 2);
   test_rope<T>(2, 2, 4, 64, 0, true, false, 3);
