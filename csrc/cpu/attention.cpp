@@ -17,6 +17,7 @@
 // All arithmetic is in acc_t (fp32, or fp64 for double inputs); bf16/fp16 inputs are
 // widened when a tile is loaded.  Tile products use the small register-blocked GEMM
 // below on scratch buffers whose widths are padded to the vector length.
+#include "../dropout_hash.h"
 #include "cpu_common.h"
 
 namespace gptfast_cpu {
@@ -115,12 +116,7 @@ void tile_gemm(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T
 
 // ------------------------------------------------------------------ dropout mask
 
-// splitmix64 finaliser: a counter-based generator, so any element's draw is random access.
-inline uint64_t mix64(uint64_t x) {
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
+// The draw is csrc/dropout_hash.h's counter-based hash (the dropout op's too), keyed by the score's index.
 
 struct Dropout {
   bool active = false;
@@ -136,7 +132,7 @@ struct Dropout {
   }
   // Whether score number `counter` ((bh * Tq + i) * Tk + j) survives.
   bool keep(uint64_t counter) const {
-    return (mix64(seed + counter * 0x9e3779b97f4a7c15ULL) >> 40) >= threshold;
+    return (gptfast_dropout::mix64(seed + counter * gptfast_dropout::kGolden) >> 40) >= threshold;
   }
   // Multiplies row[0..n) (keys j0.. of query counter_base) by mask / (1 - p).
   template <typename T>
