@@ -72,7 +72,7 @@ took "tests" "$T"
 if python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gptfast._C_cpu_avx512') is None)"; then
     T=$(date +%s)
     ATEN_CPU_CAPABILITY=avx2 python -m pytest -q -n 2 tests/test_attention.py tests/test_cross_entropy.py \
-        tests/test_layer_norm.py tests/test_rms_norm.py tests/test_gelu.py tests/test_rope.py tests/test_swiglu.py \
-        tests/test_decode_linear.py tests/test_sampling.py tests/test_planned_decode.py
+        tests/test_layer_norm.py tests/test_rms_norm.py tests/test_gelu.py tests/test_dropout.py tests/test_rope.py \
+        tests/test_swiglu.py tests/test_decode_linear.py tests/test_sampling.py tests/test_planned_decode.py
     took "kernel tests on the AVX2 build" "$T"
 fi
