@@ -24,7 +24,13 @@ GPTFAST_HOST_DEVICE inline uint64_t mix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-// Whether element `index` survives; `threshold` is round(p * 2^24).
+// round(p * 2^24) for 0 <= p <= 1: draws below it are dropped (p = 1 drops all 2^24 draws).
+GPTFAST_HOST_DEVICE inline uint64_t draw_threshold(double p) { return static_cast<uint64_t>(p * kDrawRange + 0.5); }
+
+// The factor a kept element is multiplied by, 1 / (1 - p); 0 for p = 1, where nothing is kept.
+GPTFAST_HOST_DEVICE inline double keep_scale(double p) { return p < 1.0 ? 1.0 / (1.0 - p) : 0.0; }
+
+// Whether element `index` survives; `threshold` is draw_threshold(p).
 GPTFAST_HOST_DEVICE inline bool keeps(uint64_t seed, uint64_t index, uint64_t threshold) {
   return (mix64(seed + index * kGolden) >> 40) >= threshold;
 }

@@ -121,19 +121,17 @@ void tile_gemm(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T
 struct Dropout {
   bool active = false;
   uint64_t seed = 0;
-  uint64_t threshold = 0;  // drop when the 24-bit draw is below this (p * 2^24)
+  uint64_t threshold = 0;  // drop when the 24-bit draw is below this (round(p * 2^24))
   double keep_scale = 1.0;
 
   Dropout(double p, int64_t seed_value) {
     active = p > 0.0;
     seed = static_cast<uint64_t>(seed_value);
-    threshold = static_cast<uint64_t>(std::llround(p * 16777216.0));
-    keep_scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
+    threshold = gptfast_dropout::draw_threshold(p);
+    keep_scale = gptfast_dropout::keep_scale(p);
   }
   // Whether score number `counter` ((bh * Tq + i) * Tk + j) survives.
-  bool keep(uint64_t counter) const {
-    return (gptfast_dropout::mix64(seed + counter * gptfast_dropout::kGolden) >> 40) >= threshold;
-  }
+  bool keep(uint64_t counter) const { return gptfast_dropout::keeps(seed, counter, threshold); }
   // Multiplies row[0..n) (keys j0.. of query counter_base) by mask / (1 - p).
   template <typename T>
   void apply(T* row, int64_t n, uint64_t counter_base) const {

@@ -33,11 +33,11 @@ at::Tensor dropout_fwd(const at::Tensor& x_in, double p, const at::Tensor& seed)
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
   const uint64_t seed_value = static_cast<uint64_t>(seed.reshape({-1})[0].item<int64_t>());
-  const uint64_t threshold = static_cast<uint64_t>(std::llround(p * gptfast_dropout::kDrawRange));
+  const uint64_t threshold = gptfast_dropout::draw_threshold(p);
   const int64_t n = x.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gptfast_cpu_dropout", [&] {
     using T = acc_t<scalar_t>;
-    const T scale = p < 1.0 ? static_cast<T>(1.0 / (1.0 - p)) : T(0);
+    const T scale = static_cast<T>(gptfast_dropout::keep_scale(p));
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     at::parallel_for(0, n, 16 * kBlock, [&](int64_t begin, int64_t end) {

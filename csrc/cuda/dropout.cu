@@ -33,8 +33,8 @@ unsigned grid_for(int64_t n) {
 cudaError_t launch_dropout(const void* x, FloatType dtype, int64_t n, const int64_t* seed, double p, void* out,
                            cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  const uint64_t threshold = static_cast<uint64_t>(p * gptfast_dropout::kDrawRange + 0.5);
-  const float scale = p < 1.0 ? static_cast<float>(1.0 / (1.0 - p)) : 0.0f;
+  const uint64_t threshold = gptfast_dropout::draw_threshold(p);
+  const float scale = static_cast<float>(gptfast_dropout::keep_scale(p));
   return with_element_type(dtype, [&](auto t) {
     using T = decltype(t);
     dropout_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(static_cast<const T*>(x), n, seed, threshold, scale,

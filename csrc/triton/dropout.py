@@ -56,7 +56,7 @@ def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     n = x.numel()
     if n > 0:
-        threshold = math.floor(p * _DRAW_RANGE + 0.5)  # llround's rounding, as in the C++ kernels
+        threshold = math.floor(p * _DRAW_RANGE + 0.5)  # draw_threshold in csrc/dropout_hash.h
         scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
         launch(_dropout_kernel, (triton.cdiv(n, _BLOCK),), x, out, seed, n, threshold, scale, _GOLDEN, _MIX1, _MIX2,
                BLOCK=_BLOCK)
