@@ -1,6 +1,6 @@
 """How far a CPU step is from its matmul floor: the step's own dense products, replayed alone.
 
-    python benchmarks/matmul_floor.py {train|ch07|llama|flce} [--rounds N]
+    python benchmarks/matmul_floor.py {train|ch06|ch07|llama|flce} [--rounds N]
 
 Every dense product ATen runs during one step (``mm``, ``addmm``, ``addmm_``, ``bmm``,
 ``baddbmm``, oneDNN's ``_linear_pointwise``; forward and backward) is recorded with its
@@ -21,6 +21,7 @@ Cases (the benchmarks' own shapes and steps):
 * ``train``: GPT-2 124M, context 256, batch 2, dropout 0.1: the reference's model, chapter 5's
   loss and a plain AdamW against the step ``gptfast train`` runs (``test_bench_train``'s
   ``gptfast-cli``), here without the command's host-memory setting;
+* ``ch06``: ``test_bench_finetuning``'s classification step (batch 8 x 120, last block trainable);
 * ``ch07``: ``test_bench_finetuning``'s instruction step (batch 8, 60-119 tokens padded);
 * ``llama``: ``test_bench_llama_train``'s step (8 layers, 512 wide, batch 4, context 256);
 * ``flce``: the fused linear cross-entropy fwd+bwd, N=512 H=768 V=50257, backend ``torch``
@@ -194,6 +195,12 @@ def _train_steps(out_dir):
     return {impl: bench._cpu_step(impl, out_dir) for impl in ("reference", "gptfast-cli")}
 
 
+def _ch06_steps(out_dir):
+    import test_bench_finetuning as bench
+
+    return {impl: bench._ch06_step(impl) for impl in bench.IMPLS}
+
+
 def _ch07_steps(out_dir):
     import test_bench_finetuning as bench
 
@@ -230,6 +237,8 @@ def _flce_steps(out_dir):
 
 CASES = {
     "train": ("GPT-2 124M training step, context 256, batch 2, dropout 0.1", _train_steps),
+    "ch06": ("ch06 classification step, GPT-2 124M, batch 8 x 120 tokens, last block and head trainable",
+             _ch06_steps),
     "ch07": ("ch07 instruction step, GPT-2 124M, batch 8 of 60-119 tokens padded", _ch07_steps),
     "llama": ("Llama-shaped training step, 8 layers, 512 wide, GQA 8/2, batch 4, context 256", _llama_steps),
     "flce": ("linear cross-entropy fwd+bwd, N=512 H=768 V=50257", _flce_steps),
