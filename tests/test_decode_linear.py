@@ -1,7 +1,7 @@
 """Small-batch linear layer (``gptfast.ops.decode_linear``): every fused backend against ``F.linear``.
 
 Cases: float32/bfloat16/float16 (Triton's interpreter: float32 only), odd K and N (not multiples
-of any vector width or tile), M = 1, 2, 3, 5, 8, 16 and 17 rows (and a 3-D x), bias on and off,
+of any vector width or tile), M = 1-8, 12, 16 and 17 rows (and a 3-D x), bias on and off,
 non-contiguous views of x and weight, a contiguous weight passed without a copy, NaN/inf
 propagation, the gradient, empty shapes, the Triton kernel's split and unsplit K paths,
 ``torch.library.opcheck`` and the argument checks.  CUDA cases run only with a GPU.
@@ -38,7 +38,9 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=0.3,
 # tiled rows up to 4, its broadcast rows with one and two vectors of x rows from 5), more rows
 # than a register tile holds, Qwen3-0.6B's width.
 SHAPES = [(1, 1, 1), (1, 7, 5), (3, 33, 19), (8, 100, 67), (17, 129, 31), (1, 1024, 257), (8, 1023, 13),
-          (1, 65, 37), (2, 65, 37), (5, 65, 37), (12, 300, 50), (16, 65, 37)]
+          (1, 65, 37), (2, 65, 37), (5, 65, 37), (12, 300, 50), (16, 65, 37),
+          # bf16 dot-product path (2-4 rows): 4 rows, a K of one step plus one, a K of exactly one step, odd N
+          (4, 65, 37), (3, 33, 9), (4, 32, 3)]
 
 
 def _inputs(m, k, n, dtype, seed=0, device="cpu"):
@@ -424,6 +426,7 @@ def test_16_bit_calls_route_one_row_only_where_the_cpu_has_16_bit_instructions(m
     from gptfast.generation import runner
     from gptfast.generation.runner import RoutedLinears
     monkeypatch.setattr(runner, "widens_16_bit", lambda dtype: False)  # AMX / AVX512-BF16 here
+    monkeypatch.setattr(runner, "kernel_bf16_dot_rows", lambda: 0)  # the AVX2 build: no bf16 dot products
     calls = _count_routed(monkeypatch)
     layer16, layer32 = torch.nn.Linear(24, 10).to(torch.bfloat16), torch.nn.Linear(24, 10)
     one, few = torch.randn(1, 24), torch.randn(3, 24)
@@ -437,6 +440,37 @@ def test_16_bit_calls_route_one_row_only_where_the_cpu_has_16_bit_instructions(m
     assert runner.has_16_bit_matmul(torch.bfloat16) and not runner.has_16_bit_matmul(torch.float32)
     monkeypatch.setattr(runner, "widens_16_bit", lambda dtype: dtype in (torch.bfloat16, torch.float16))
     assert not runner.has_16_bit_matmul(torch.bfloat16)
+
+
+@needs_cpu_backend
+def test_bf16_rows_the_kernel_multiplies_natively_route_to_it(monkeypatch):
+    from gptfast.generation import runner
+    from gptfast.generation.runner import RoutedLinears
+    monkeypatch.setattr(runner, "widens_16_bit", lambda dtype: False)
+    monkeypatch.setattr(runner, "kernel_bf16_dot_rows", lambda: 4)
+    calls = _count_routed(monkeypatch)
+    bf16, fp16 = torch.nn.Linear(24, 10).to(torch.bfloat16), torch.nn.Linear(24, 10).to(torch.float16)
+    rows = {n: torch.randn(n, 24) for n in (1, 2, 4, 5)}
+    with torch.no_grad(), RoutedLinears([bf16, fp16]):
+        outs = {n: bf16(x.to(torch.bfloat16)) for n, x in rows.items()}
+        half = fp16(rows[4].to(torch.float16))
+    assert calls == [(1, 24), (2, 24), (4, 24)]  # 5 bf16 rows and fp16 rows stay on torch's 16-bit product
+    for n in (1, 2, 4):
+        _check(outs[n], rows[n].to(torch.bfloat16), bf16.weight, bf16.bias, torch.bfloat16)
+    assert torch.equal(outs[5], F.linear(rows[5].to(torch.bfloat16), bf16.weight, bf16.bias))
+    assert torch.equal(half, F.linear(rows[4].to(torch.float16), fp16.weight, fp16.bias))
+
+
+@needs_cpu_backend
+def test_the_bf16_dot_path_follows_the_build_and_the_cpu():
+    from gptfast.generation import runner
+    from gptfast.ops import cpu_ops
+    native = cpu_ops.LOADED == "gptfast._C_cpu_avx512" and torch.cpu._is_avx512_bf16_supported()
+    assert cpu_ops.bf16_dot_rows() == (4 if native else 0)
+    assert runner.kernel_bf16_dot_rows() == cpu_ops.bf16_dot_rows()
+    if native and not runner.widens_16_bit(torch.bfloat16):
+        assert not runner.torch_16_bit_is_faster(torch.bfloat16, 4)
+        assert runner.torch_16_bit_is_faster(torch.bfloat16, 5)
 
 
 @needs_cpu_backend

@@ -41,5 +41,9 @@ at::Tensor rope_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor
 at::Tensor rope_bwd(const at::Tensor& grad_out, const at::Tensor& cos, const at::Tensor& sin,
                     const c10::optional<at::Tensor>& positions, int64_t offset);
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+// Most rows of x that decode_linear's bf16 dot-product path takes (from 2), and whether this build on this
+// CPU has that path (the AVX-512 build on a CPU with AVX512-BF16).
+inline constexpr int64_t kBf16DotMaxRows = 4;
+bool decode_linear_has_bf16_dot();
 
 }  // namespace gptfast_cpu

@@ -8,7 +8,7 @@
 #include "ops.h"
 
 // Importing gptfast._C_cpu (or its AVX-512 build, gptfast._C_cpu_avx512: setup.py names each build
-// through TORCH_EXTENSION_NAME) runs the static registrations below; the module itself is empty.
+// through TORCH_EXTENSION_NAME) runs the static registrations below; the module holds one constant.
 #ifndef TORCH_EXTENSION_NAME
 #define TORCH_EXTENSION_NAME _C_cpu
 #endif
@@ -20,7 +20,15 @@
 extern "C" PyObject* GPTFAST_JOIN(PyInit_, TORCH_EXTENSION_NAME)(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, GPTFAST_STRING(TORCH_EXTENSION_NAME), nullptr, -1,
                                       nullptr};
-  return PyModule_Create(&module);
+  PyObject* created = PyModule_Create(&module);
+  // The Python routing reads which bf16 rows decode_linear multiplies without widening (0: none).
+  if (created != nullptr &&
+      PyModule_AddIntConstant(created, "BF16_DOT_MAX_ROWS",
+                              gptfast_cpu::decode_linear_has_bf16_dot() ? gptfast_cpu::kBf16DotMaxRows : 0) != 0) {
+    Py_DECREF(created);
+    return nullptr;
+  }
+  return created;
 }
 
 TORCH_LIBRARY(gptfast_cpu, m) {

@@ -39,6 +39,7 @@ import torch
 from .. import ops
 from ..models import layers
 from ..models.gpt import merge_heads, residual_block, split_heads
+from ..ops import cpu_ops
 from ..ops.linear import linear_in_float32, widens_16_bit
 from .cache import KVCache, check_decodable, context_length, is_rotary
 from .planned import PlannedGPTStep, PlannedRotaryStep
@@ -84,8 +85,10 @@ def masked_decode_attention(q, k, v, last_visible):
 # bf16).  One float32 row measured 1.15-2x faster on a quiet machine (GPT-2 124M's matrices, the
 # 50257-row head 1.6x); one bf16 row, since the kernel prefetches 16-bit rows, 1.1-1.3x (Qwen3-0.6B's
 # matrices and head, 2 cores).  On a CPU with 16-bit matrix instructions (AMX here) torch's bf16 product
-# is the faster one from 2 rows (Qwen3-0.6B's matrices: 1.0-1.05x at 2-4 rows, 1.7-4x at 8-16, the head
-# 1.3-2.7x), while one row stays 1.65-1.75x faster on the kernel: there 16-bit calls route one row only.
+# is faster than the kernel's widening path from 2 rows (Qwen3-0.6B's matrices: 1.0-1.05x at 2-4 rows,
+# 1.7-4x at 8-16, the head 1.3-2.7x), while one row stays 1.65-1.75x faster on the kernel: there 16-bit
+# calls route one row, and the bf16 rows the kernel multiplies with AVX512-BF16 dot products
+# (kernel_bf16_dot_rows: 2-4 rows, 1.33-1.45x torch's AMX product over Qwen3-0.6B's matrices).
 DECODE_LINEAR_MIN_ROWS = 1
 DECODE_LINEAR_MAX_ROWS = 16
 
@@ -93,6 +96,22 @@ DECODE_LINEAR_MAX_ROWS = 16
 def has_16_bit_matmul(dtype) -> bool:
     """True for bf16/fp16 on a CPU with instructions for their matmul: the 16-bit dtypes :func:`widens_16_bit` keeps."""
     return dtype in (torch.bfloat16, torch.float16) and not widens_16_bit(dtype)
+
+
+def kernel_bf16_dot_rows() -> int:
+    """Most bf16 rows (from 2) the CPU kernels multiply with dot-product instructions, 0 where they cannot."""
+    return cpu_ops.bf16_dot_rows() if cpu_ops.unavailable_reason() is None else 0
+
+
+def torch_16_bit_is_faster(dtype, rows: int) -> bool:
+    """True when ``rows`` rows of ``dtype`` run faster through torch's own 16-bit product than the decode kernel.
+
+    That is from 2 rows on a CPU with 16-bit matrix instructions (:func:`has_16_bit_matmul`), except
+    the bf16 rows the kernel multiplies natively (:func:`kernel_bf16_dot_rows`).
+    """
+    if rows <= 1 or not has_16_bit_matmul(dtype):
+        return False
+    return not (dtype == torch.bfloat16 and rows <= kernel_bf16_dot_rows())
 
 
 def routes_rows(rows: int) -> bool:
@@ -103,8 +122,8 @@ def routes_rows(rows: int) -> bool:
 def decode_linear_kernel(x, weight, bias=None):
     """What a routed layer runs for ``F.linear(x, weight, bias)`` on a CPU, or ``None`` for ``F.linear`` itself.
 
-    ``ops.decode_linear``'s entry point where :func:`routes_rows` accepts the rows (one row of a
-    16-bit dtype on a CPU with 16-bit matrix instructions, :func:`has_16_bit_matmul`), and
+    ``ops.decode_linear``'s entry point where :func:`routes_rows` accepts the rows (for a 16-bit
+    dtype on a CPU with 16-bit matrix instructions only where :func:`torch_16_bit_is_faster` says no), and
     :func:`~gptfast.ops.linear.linear_in_float32` for more rows of 16-bit tensors on a CPU without
     16-bit matrix instructions (a prompt's prefill: torch's own 16-bit matmul is several times
     slower there; :func:`~gptfast.ops.linear.widens_16_bit`).  ``None`` (the model's own ``F.linear`` runs, so the
@@ -118,8 +137,8 @@ def decode_linear_kernel(x, weight, bias=None):
     rows = x.shape[:-1].numel()
     if not routes_rows(rows) and not widens_16_bit(x.dtype):
         return None
-    if rows > 1 and has_16_bit_matmul(x.dtype):
-        return None  # torch's own 16-bit product is the faster one there (see DECODE_LINEAR_MAX_ROWS)
+    if torch_16_bit_is_faster(x.dtype, rows):
+        return None  # see DECODE_LINEAR_MAX_ROWS
     fn = ops.fused_entry_point("decode_linear", x.device, (x, weight), dict(bias=bias))
     if fn is None:
         return None

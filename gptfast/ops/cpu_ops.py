@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import platform
+import sys
 
 import torch
 
@@ -88,6 +89,13 @@ def unavailable_reason() -> str | None:
 
 # One function per op, bound to this namespace (``causal_attention``, ``cross_entropy``, ...).
 globals().update(fused_entry_points(NAMESPACE))
+
+
+def bf16_dot_rows() -> int:
+    """Most rows (from 2) of a bf16 ``decode_linear`` the loaded kernels multiply with bf16 dot-product
+    instructions, without widening the weight (the AVX-512 build on a CPU with AVX512-BF16); 0 elsewhere."""
+    module = sys.modules.get(LOADED) if LOADED else None
+    return int(getattr(module, "BF16_DOT_MAX_ROWS", 0))
 
 
 def supports(op: str, *args, **kwargs) -> str | None:
