@@ -41,6 +41,16 @@ def test_environment_variable_selects_the_backend():
     assert out.stdout.strip() == "torch"
 
 
+def test_importing_gptfast_loads_no_kernel_backend():
+    # A process must be able to choose the build it loads (the portable-build check shadows the installed
+    # extension after ``import gptfast``), and one that never uses the kernels should not pay for loading them.
+    code = ("import sys, gptfast, gptfast.ch04, gptfast.ch05, gptfast.kv_cache.generate, gptfast.qwen3\n"
+            "print(sorted(m for m in sys.modules if m.startswith('gptfast.') and m.endswith(('cpu_ops', 'cuda_ops', "
+            "'triton_ops')) or m.startswith(('gptfast._C', 'gptfast.triton_kernels'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_unknown_backend_name_is_a_value_error():
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.use_backend("fastest")

@@ -39,7 +39,6 @@ import torch
 from .. import ops
 from ..models import layers
 from ..models.gpt import merge_heads, residual_block, split_heads
-from ..ops import cpu_ops
 from ..ops.linear import linear_in_float32, widens_16_bit
 from .cache import KVCache, check_decodable, context_length, is_rotary
 from .planned import PlannedGPTStep, PlannedRotaryStep
@@ -100,6 +99,10 @@ def has_16_bit_matmul(dtype) -> bool:
 
 def kernel_bf16_dot_rows() -> int:
     """Most bf16 rows (from 2) the CPU kernels multiply with dot-product instructions, 0 where they cannot."""
+    # Imported here, not with this module: importing the backend loads its kernels, which ``import gptfast``
+    # must not do (a process may still choose which build to load, or never use the CPU kernels).
+    from ..ops import cpu_ops
+
     return cpu_ops.bf16_dot_rows() if cpu_ops.unavailable_reason() is None else 0
 
 
