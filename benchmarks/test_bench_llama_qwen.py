@@ -7,8 +7,10 @@ RoPE tables stay fp32), a 16-token prompt, ``NEW_TOKENS`` (128) greedy new token
 
 * ``qwen3-b1-<dtype>``: batch 1, ``kv_cache.generate.generate_text_simple`` on
   ``kv_cache.qwen3.Qwen3Model``: the reference's against gptfast's;
-* ``qwen3-b8-<dtype>``: batch 8, ``kv_cache_batched.generate.generate_text_simple`` on
-  ``kv_cache_batched.qwen3.Qwen3Model``: the reference's against gptfast's.
+* ``qwen3-b4-<dtype>`` and ``qwen3-b8-<dtype>``: batch 4 and 8, ``kv_cache_batched.generate.generate_text_simple``
+  on ``kv_cache_batched.qwen3.Qwen3Model``: the reference's against gptfast's.  Where the CPU kernels
+  multiply that many bf16 rows with AVX512-BF16 dot products, a third variant runs gptfast with those
+  rows on torch's own bf16 product instead (``gptfast, 16-bit rows on torch``): the dot path's gain, same run.
 
 All four models of one dtype share one set of weight tensors (same values, one copy in
 memory).  The two implementations run in turn, round after round, so load on a shared
@@ -99,8 +101,28 @@ def _generators(batch):
     return {"reference": ref_batched_generate.generate_text_simple, "gptfast": batched_generate.generate_text_simple}
 
 
-@pytest.mark.parametrize("batch", [1, 8], ids=["b1", "b8"])
+TORCH_16_BIT = "gptfast, 16-bit rows on torch"
+
+
+def _without_bf16_dot_rows(fn):
+    """``fn`` with the decode routing told the CPU kernels have no bf16 dot-product rows (torch's product takes them)."""
+    from gptfast.generation import runner
+
+    def run():
+        real = runner.kernel_bf16_dot_rows
+        runner.kernel_bf16_dot_rows = lambda: 0
+        try:
+            return fn()
+        finally:
+            runner.kernel_bf16_dot_rows = real
+
+    return run
+
+
+@pytest.mark.parametrize("batch", [1, 4, 8], ids=["b1", "b4", "b8"])
 def test_qwen3_generate(benchmark, models, batch):
+    from gptfast.generation import runner
+
     cfg = models["cfg"]
     generators = _generators(batch)
     pair = models["b1" if batch == 1 else "b8"]
@@ -110,8 +132,12 @@ def test_qwen3_generate(benchmark, models, batch):
     def step(impl):
         return lambda: tokens.__setitem__(impl, generators[impl](pair[impl], idx, NEW_TOKENS))
 
+    steps = {impl: step(impl) for impl in generators}
+    if models["dtype"] == "bf16" and 2 <= batch <= runner.kernel_bf16_dot_rows():
+        steps[TORCH_16_BIT] = _without_bf16_dot_rows(
+            lambda: tokens.__setitem__(TORCH_16_BIT, generators["gptfast"](pair["gptfast"], idx, NEW_TOKENS)))
     medians = run_interleaved(
-        benchmark, {impl: step(impl) for impl in generators}, rounds=ROUNDS, group=f"qwen3-b{batch}-{models['dtype']}",
+        benchmark, steps, rounds=ROUNDS, group=f"qwen3-b{batch}-{models['dtype']}",
         impl="reference and gptfast, interleaved", dtype=models["dtype"], batch=batch, prompt_tokens=PROMPT_TOKENS,
         new_tokens=NEW_TOKENS, threads=torch.get_num_threads(),
         model="tiny (2 layers, 64 wide)" if TINY else "Qwen3-0.6B shape, random weights")
