@@ -63,8 +63,9 @@ PRODUCT_OPS = {
     "aten::baddbmm": {3: aten.baddbmm.default},
     "aten::baddbmm_": {3: aten.baddbmm_.default},
 }
-if _linear_pointwise() is not None:
-    PRODUCT_OPS["mkldnn::_linear_pointwise"] = {2: _linear_pointwise().default, 3: _linear_pointwise().default}
+_ONEDNN_LINEAR = _linear_pointwise()
+if _ONEDNN_LINEAR is not None:  # with and without a bias
+    PRODUCT_OPS["mkldnn::_linear_pointwise"] = {2: _ONEDNN_LINEAR.default, 3: _ONEDNN_LINEAR.default}
 
 
 class TensorLayout(collections.namedtuple("TensorLayout", "shape stride dtype")):
