@@ -103,7 +103,7 @@ def kernel_bf16_dot_rows() -> int:
     # must not do (a process may still choose which build to load, or never use the CPU kernels).
     from ..ops import cpu_ops
 
-    return cpu_ops.bf16_dot_rows() if cpu_ops.unavailable_reason() is None else 0
+    return cpu_ops.bf16_dot_rows()
 
 
 def torch_16_bit_is_faster(dtype, rows: int) -> bool:

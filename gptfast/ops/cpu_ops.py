@@ -93,9 +93,11 @@ globals().update(fused_entry_points(NAMESPACE))
 
 def bf16_dot_rows() -> int:
     """Most rows (from 2) of a bf16 ``decode_linear`` the loaded kernels multiply with bf16 dot-product
-    instructions, without widening the weight (the AVX-512 build on a CPU with AVX512-BF16); 0 elsewhere."""
-    module = sys.modules.get(LOADED) if LOADED else None
-    return int(getattr(module, "BF16_DOT_MAX_ROWS", 0))
+    instructions, without widening the weight (the AVX-512 build on a CPU with AVX512-BF16); 0 elsewhere,
+    also where the backend is unavailable."""
+    if _LOAD_ERROR is not None or not LOADED:
+        return 0
+    return int(getattr(sys.modules.get(LOADED), "BF16_DOT_MAX_ROWS", 0))
 
 
 def supports(op: str, *args, **kwargs) -> str | None:
