@@ -152,7 +152,7 @@ def _cpu_step(impl, out_dir):
         from gptfast.training import calc_loss_batch
     model = GPTModel(_book_config()).to(DEVICE).train()
     if impl == "gptfast-cli":
-        from gptfast.training.loops import chapter_adamw
+        from gptfast.training.optimizers import chapter_adamw
 
         optimizer = chapter_adamw(model.parameters(), lr=4e-4, weight_decay=0.1)
     else:

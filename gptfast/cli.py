@@ -108,7 +108,8 @@ def run_train(args) -> int:
     from .tokenizer import get_tokenizer
     from .training.checkpoints import apply_checkpoint, read_checkpoint, save_checkpoint
     from .training.host_memory import keep_freed_host_memory
-    from .training.loops import chapter_adamw, plot_losses, train_model_simple
+    from .training.loops import plot_losses, train_model_simple
+    from .training.optimizers import chapter_adamw
 
     device = _check_device(args.device)
     _select_backend(args.backend)

@@ -295,7 +295,7 @@ def _adamw_steps(make, steps=3):
 
 def test_the_chapter_optimizer_is_the_books_on_backend_torch_and_torchs_fused_adamw_otherwise():
     from gptfast import ops
-    from gptfast.training.loops import chapter_adamw
+    from gptfast.training.optimizers import chapter_adamw
 
     book, _ = _adamw_steps(lambda ps: torch.optim.AdamW(ps, lr=4e-4, weight_decay=0.1))
     with ops.use_backend("torch"):

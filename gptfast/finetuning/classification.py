@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from .. import ops
 from ..files import atomic_savefig, atomic_write
 from ..training.loops import evaluate_losses, mean_batch_loss
+from ..training.optimizers import fused_optimizer_steps
 from .heads import last_token_logits
 
 # The file name inside the UCI zip archive.
@@ -175,31 +176,34 @@ def train_classifier_simple(model, train_loader, val_loader, optimizer, device, 
                             eval_freq, eval_iter):
     """Chapter 6's loop: a step per batch, losses every ``eval_freq`` steps, accuracies after each epoch.
 
+    The optimizer steps inside :func:`~gptfast.training.optimizers.fused_optimizer_steps`, as in chapter 5's loop.
+
     Returns ``(train_losses, val_losses, train_accs, val_accs, examples_seen)``.
     """
     train_losses, val_losses, train_accs, val_accs = [], [], [], []
     examples_seen, global_step = 0, -1
-    for epoch in range(num_epochs):
-        model.train()
-        for input_batch, target_batch in train_loader:
-            optimizer.zero_grad()
-            loss = calc_loss_batch(input_batch, target_batch, model, device)
-            loss.backward()
-            optimizer.step()
-            examples_seen += input_batch.shape[0]
-            global_step += 1
-            if global_step % eval_freq == 0:
-                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
-                train_losses.append(train_loss)
-                val_losses.append(val_loss)
-                print(f"Ep {epoch+1} (Step {global_step:06d}): "
-                      f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-        train_accuracy = calc_accuracy_loader(train_loader, model, device, num_batches=eval_iter)
-        val_accuracy = calc_accuracy_loader(val_loader, model, device, num_batches=eval_iter)
-        print(f"Training accuracy: {train_accuracy*100:.2f}% | ", end="")
-        print(f"Validation accuracy: {val_accuracy*100:.2f}%")
-        train_accs.append(train_accuracy)
-        val_accs.append(val_accuracy)
+    with fused_optimizer_steps(optimizer):
+        for epoch in range(num_epochs):
+            model.train()
+            for input_batch, target_batch in train_loader:
+                optimizer.zero_grad()
+                loss = calc_loss_batch(input_batch, target_batch, model, device)
+                loss.backward()
+                optimizer.step()
+                examples_seen += input_batch.shape[0]
+                global_step += 1
+                if global_step % eval_freq == 0:
+                    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+                    train_losses.append(train_loss)
+                    val_losses.append(val_loss)
+                    print(f"Ep {epoch+1} (Step {global_step:06d}): "
+                          f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+            train_accuracy = calc_accuracy_loader(train_loader, model, device, num_batches=eval_iter)
+            val_accuracy = calc_accuracy_loader(val_loader, model, device, num_batches=eval_iter)
+            print(f"Training accuracy: {train_accuracy*100:.2f}% | ", end="")
+            print(f"Validation accuracy: {val_accuracy*100:.2f}%")
+            train_accs.append(train_accuracy)
+            val_accs.append(val_accuracy)
     return train_losses, val_losses, train_accs, val_accs, examples_seen
 
 

@@ -9,6 +9,7 @@ from .. import ops
 from ..files import atomic_savefig
 from ..generation import generate_text_simple
 from ..tokenizer import ENDOFTEXT
+from .optimizers import fused_optimizer_steps
 
 
 def text_to_token_ids(text, tokenizer):
@@ -103,23 +104,27 @@ def train_simple_with_loss(loss_batch, model, train_loader, val_loader, optimize
     """Chapter 5's loop with the per-batch loss ``loss_batch(input_batch, target_batch, model, device)``
     as a parameter (chapter 7 runs it with the instruction loss).
 
+    The optimizer steps inside :func:`~gptfast.training.optimizers.fused_optimizer_steps`: a plain
+    ``torch.optim.AdamW`` on CPU runs torch's fused update (backend ``"torch"``: the book's own).
+
     Returns ``(train_losses, val_losses, track_tokens_seen)``.
     """
     history = ([], [], [])
     tokens_seen, global_step = 0, -1
-    for epoch in range(num_epochs):
-        model.train()
-        for input_batch, target_batch in _batches(train_loader, progress, epoch, num_epochs):
-            optimizer.zero_grad()
-            loss = loss_batch(input_batch, target_batch, model, device)
-            loss.backward()
-            optimizer.step()
-            tokens_seen += input_batch.numel()
-            global_step += 1
-            if global_step % eval_freq == 0:
-                _record_evaluation(loss_batch, model, train_loader, val_loader, device, eval_iter, history,
-                                   tokens_seen, f"Ep {epoch + 1} (Step {global_step:06d})")
-        generate_and_print_sample(model, tokenizer, device, start_context)
+    with fused_optimizer_steps(optimizer):
+        for epoch in range(num_epochs):
+            model.train()
+            for input_batch, target_batch in _batches(train_loader, progress, epoch, num_epochs):
+                optimizer.zero_grad()
+                loss = loss_batch(input_batch, target_batch, model, device)
+                loss.backward()
+                optimizer.step()
+                tokens_seen += input_batch.numel()
+                global_step += 1
+                if global_step % eval_freq == 0:
+                    _record_evaluation(loss_batch, model, train_loader, val_loader, device, eval_iter, history,
+                                       tokens_seen, f"Ep {epoch + 1} (Step {global_step:06d})")
+            generate_and_print_sample(model, tokenizer, device, start_context)
     return history
 
 
@@ -132,21 +137,6 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
     """
     return train_simple_with_loss(calc_loss_batch, model, train_loader, val_loader, optimizer, device, num_epochs,
                                   eval_freq, eval_iter, start_context, tokenizer, progress)
-
-
-def chapter_adamw(params, lr, weight_decay):
-    """The chapter's optimizer, ``torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)``.
-
-    On a fused ops backend it is torch's fused AdamW: the same update, one pass over each
-    parameter and its two moments instead of one pass per elementwise op (124M parameters on a
-    2-core CPU: 0.13 s per step instead of 0.7 s, a quarter of a training step).  The sums are
-    grouped differently, so the weights agree to rounding.  With backend ``"torch"`` it is the
-    book's own optimizer, so a run is bitwise the book's.
-    """
-    params = list(params)
-    fused = ops.get_backend() != "torch" and bool(params) and all(
-        p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
 
 
 def find_highest_gradient(model):
@@ -169,33 +159,35 @@ def train_model(model, train_loader, val_loader, optimizer, device,
     """Appendix D's loop: warmup + cosine learning rate and gradient clipping (max norm 1).
 
     Clipping starts at the step after warmup (``orig_book_version=True``, as printed in
-    the book) or at the first step after warmup has ended (default).
+    the book) or at the first step after warmup has ended (default).  The optimizer steps as in
+    :func:`train_simple_with_loss`.
     Returns ``(train_losses, val_losses, track_tokens_seen, track_lrs)``.
     """
     history, track_lrs = ([], [], []), []
     tokens_seen, global_step = 0, -1
     peak_lr = optimizer.param_groups[0]["lr"]
     total_steps = len(train_loader) * n_epochs
-    for epoch in range(n_epochs):
-        model.train()
-        for input_batch, target_batch in train_loader:
-            optimizer.zero_grad()
-            global_step += 1
-            lr = warmup_cosine_lr(global_step, warmup_steps, total_steps, peak_lr, initial_lr, min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            track_lrs.append(lr)
-            loss = calc_loss_batch(input_batch, target_batch, model, device)
-            loss.backward()
-            clip_from = warmup_steps + 1 if orig_book_version else warmup_steps
-            if global_step >= clip_from:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
-            optimizer.step()
-            tokens_seen += input_batch.numel()
-            if global_step % eval_freq == 0:
-                _record_evaluation(calc_loss_batch, model, train_loader, val_loader, device, eval_iter, history,
-                                   tokens_seen, f"Ep {epoch + 1} (Iter {global_step:06d})")
-        generate_and_print_sample(model, tokenizer, device, start_context)
+    with fused_optimizer_steps(optimizer):
+        for epoch in range(n_epochs):
+            model.train()
+            for input_batch, target_batch in train_loader:
+                optimizer.zero_grad()
+                global_step += 1
+                lr = warmup_cosine_lr(global_step, warmup_steps, total_steps, peak_lr, initial_lr, min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                track_lrs.append(lr)
+                loss = calc_loss_batch(input_batch, target_batch, model, device)
+                loss.backward()
+                clip_from = warmup_steps + 1 if orig_book_version else warmup_steps
+                if global_step >= clip_from:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+                optimizer.step()
+                tokens_seen += input_batch.numel()
+                if global_step % eval_freq == 0:
+                    _record_evaluation(calc_loss_batch, model, train_loader, val_loader, device, eval_iter, history,
+                                       tokens_seen, f"Ep {epoch + 1} (Iter {global_step:06d})")
+            generate_and_print_sample(model, tokenizer, device, start_context)
     return (*history, track_lrs)
 
 
