@@ -9,8 +9,9 @@ RoPE tables stay fp32), a 16-token prompt, ``NEW_TOKENS`` (128) greedy new token
   ``kv_cache.qwen3.Qwen3Model``: the reference's against gptfast's;
 * ``qwen3-b4-<dtype>`` and ``qwen3-b8-<dtype>``: batch 4 and 8, ``kv_cache_batched.generate.generate_text_simple``
   on ``kv_cache_batched.qwen3.Qwen3Model``: the reference's against gptfast's.  Where the CPU kernels
-  multiply that many bf16 rows with AVX512-BF16 dot products, a third variant runs gptfast with those
-  rows on torch's own bf16 product instead (``gptfast, 16-bit rows on torch``): the dot path's gain, same run.
+  multiply that many bf16 rows natively (AVX512-BF16 dot products up to 4 rows, AMX tile products up to 16),
+  a third variant runs gptfast with those rows on torch's own bf16 product instead (``gptfast, 16-bit rows on
+  torch``): the native path's gain, same run.
 
 All four models of one dtype share one set of weight tensors (same values, one copy in
 memory).  The two implementations run in turn, round after round, so load on a shared
@@ -104,17 +105,18 @@ def _generators(batch):
 TORCH_16_BIT = "gptfast, 16-bit rows on torch"
 
 
-def _without_bf16_dot_rows(fn):
-    """``fn`` with the decode routing told the CPU kernels have no bf16 dot-product rows (torch's product takes them)."""
+def _without_native_bf16_rows(fn):
+    """``fn`` with the decode routing told the CPU kernels multiply no bf16 rows natively (torch's product takes
+    them)."""
     from gptfast.generation import runner
 
     def run():
-        real = runner.kernel_bf16_dot_rows
-        runner.kernel_bf16_dot_rows = lambda: 0
+        real = runner.kernel_bf16_native_rows
+        runner.kernel_bf16_native_rows = lambda: 0
         try:
             return fn()
         finally:
-            runner.kernel_bf16_dot_rows = real
+            runner.kernel_bf16_native_rows = real
 
     return run
 
@@ -133,8 +135,8 @@ def test_qwen3_generate(benchmark, models, batch):
         return lambda: tokens.__setitem__(impl, generators[impl](pair[impl], idx, NEW_TOKENS))
 
     steps = {impl: step(impl) for impl in generators}
-    if models["dtype"] == "bf16" and 2 <= batch <= runner.kernel_bf16_dot_rows():
-        steps[TORCH_16_BIT] = _without_bf16_dot_rows(
+    if models["dtype"] == "bf16" and 2 <= batch <= runner.kernel_bf16_native_rows():
+        steps[TORCH_16_BIT] = _without_native_bf16_rows(
             lambda: tokens.__setitem__(TORCH_16_BIT, generators["gptfast"](pair["gptfast"], idx, NEW_TOKENS)))
     medians = run_interleaved(
         benchmark, steps, rounds=ROUNDS, group=f"qwen3-b{batch}-{models['dtype']}",

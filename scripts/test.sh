@@ -75,4 +75,9 @@ if python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gpt
         tests/test_layer_norm.py tests/test_rms_norm.py tests/test_gelu.py tests/test_dropout.py tests/test_rope.py \
         tests/test_swiglu.py tests/test_decode_linear.py tests/test_sampling.py tests/test_planned_decode.py
     took "kernel tests on the AVX2 build" "$T"
+    # On a CPU with AMX the AVX-512 build multiplies bf16 decode rows with tile products: run the decode
+    # kernels' tests once more with them off, on its AVX512-BF16 dot-product and one-row paths.
+    T=$(date +%s)
+    GPTFAST_CPU_AMX=0 python -m pytest -q -n 2 tests/test_decode_linear.py tests/test_planned_decode.py
+    took "decode kernel tests without AMX" "$T"
 fi

@@ -40,7 +40,10 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=0.3,
 SHAPES = [(1, 1, 1), (1, 7, 5), (3, 33, 19), (8, 100, 67), (17, 129, 31), (1, 1024, 257), (8, 1023, 13),
           (1, 65, 37), (2, 65, 37), (5, 65, 37), (12, 300, 50), (16, 65, 37),
           # bf16 dot-product path (2-4 rows): 4 rows, a K of one step plus one, a K of exactly one step, odd N
-          (4, 65, 37), (3, 33, 9), (4, 32, 3)]
+          (4, 65, 37), (3, 33, 9), (4, 32, 3),
+          # bf16 tile path (1-16 rows, with AMX): 16-row blocks and fewer rows; K in whole 32-steps, with a
+          # tail, and below one step; slices on both threads
+          (5, 96, 100), (8, 70, 150), (16, 33, 81), (9, 31, 20), (12, 1024, 200), (6, 64, 2000)]
 
 
 def _inputs(m, k, n, dtype, seed=0, device="cpu"):
@@ -104,11 +107,11 @@ def test_a_contiguous_weight_is_passed_to_the_kernel_as_is():
 
 
 @pytest.mark.parametrize("backend, device, dtype", CASES)
-@pytest.mark.parametrize("m", [3, 6, 12])
-def test_nan_and_inf_propagate_to_their_entries(backend, device, dtype, m):
-    x, w, b = _inputs(m, 45, 21, dtype, seed=2, device=device)
+@pytest.mark.parametrize("m, k, n", [(3, 45, 21), (6, 45, 21), (12, 45, 21), (8, 96, 100)])
+def test_nan_and_inf_propagate_to_their_entries(backend, device, dtype, m, k, n):
+    x, w, b = _inputs(m, k, n, dtype, seed=2, device=device)
     x[1, 7] = float("nan")
-    w[4, 44] = float("inf")  # in the K tail of any vector width
+    w[4, k - 1] = float("inf")  # in the K tail of any vector width (K = 45), in a whole tile step (K = 96)
     out = ops.decode_linear(x, w, b, backend=backend)
     ref = _reference(x, w, b)
     out = out.cpu()
@@ -426,7 +429,7 @@ def test_16_bit_calls_route_one_row_only_where_the_cpu_has_16_bit_instructions(m
     from gptfast.generation import runner
     from gptfast.generation.runner import RoutedLinears
     monkeypatch.setattr(runner, "widens_16_bit", lambda dtype: False)  # AMX / AVX512-BF16 here
-    monkeypatch.setattr(runner, "kernel_bf16_dot_rows", lambda: 0)  # the AVX2 build: no bf16 dot products
+    monkeypatch.setattr(runner, "kernel_bf16_native_rows", lambda: 0)  # the AVX2 build: no bf16 rows natively
     calls = _count_routed(monkeypatch)
     layer16, layer32 = torch.nn.Linear(24, 10).to(torch.bfloat16), torch.nn.Linear(24, 10)
     one, few = torch.randn(1, 24), torch.randn(3, 24)
@@ -447,30 +450,41 @@ def test_bf16_rows_the_kernel_multiplies_natively_route_to_it(monkeypatch):
     from gptfast.generation import runner
     from gptfast.generation.runner import RoutedLinears
     monkeypatch.setattr(runner, "widens_16_bit", lambda dtype: False)
-    monkeypatch.setattr(runner, "kernel_bf16_dot_rows", lambda: 4)
+    monkeypatch.setattr(runner, "kernel_bf16_native_rows", lambda: 4)
     calls = _count_routed(monkeypatch)
     bf16, fp16 = torch.nn.Linear(24, 10).to(torch.bfloat16), torch.nn.Linear(24, 10).to(torch.float16)
     rows = {n: torch.randn(n, 24) for n in (1, 2, 4, 5)}
     with torch.no_grad(), RoutedLinears([bf16, fp16]):
         outs = {n: bf16(x.to(torch.bfloat16)) for n, x in rows.items()}
         half = fp16(rows[4].to(torch.float16))
-    assert calls == [(1, 24), (2, 24), (4, 24)]  # 5 bf16 rows and fp16 rows stay on torch's 16-bit product
+    monkeypatch.setattr(runner, "kernel_bf16_native_rows", lambda: 16)  # a CPU with AMX
+    with torch.no_grad(), RoutedLinears([bf16]):  # a new step: its kinds of call resolve again
+        five = bf16(rows[5].to(torch.bfloat16))
+    assert calls == [(1, 24), (2, 24), (4, 24), (5, 24)]  # fp16 rows stay on torch's 16-bit product
     for n in (1, 2, 4):
         _check(outs[n], rows[n].to(torch.bfloat16), bf16.weight, bf16.bias, torch.bfloat16)
+    _check(five, rows[5].to(torch.bfloat16), bf16.weight, bf16.bias, torch.bfloat16)
     assert torch.equal(outs[5], F.linear(rows[5].to(torch.bfloat16), bf16.weight, bf16.bias))
     assert torch.equal(half, F.linear(rows[4].to(torch.float16), fp16.weight, fp16.bias))
 
 
 @needs_cpu_backend
-def test_the_bf16_dot_path_follows_the_build_and_the_cpu():
+def test_the_native_bf16_rows_follow_the_build_and_the_cpu():
+    import os
+    import sys
+
     from gptfast.generation import runner
     from gptfast.ops import cpu_ops
-    native = cpu_ops.LOADED == "gptfast._C_cpu_avx512" and torch.cpu._is_avx512_bf16_supported()
-    assert cpu_ops.bf16_dot_rows() == (4 if native else 0)
-    assert runner.kernel_bf16_dot_rows() == cpu_ops.bf16_dot_rows()
-    if native and not runner.widens_16_bit(torch.bfloat16):
-        assert not runner.torch_16_bit_is_faster(torch.bfloat16, 4)
-        assert runner.torch_16_bit_is_faster(torch.bfloat16, 5)
+    avx512_build = cpu_ops.LOADED == "gptfast._C_cpu_avx512"
+    tiles = (avx512_build and sys.platform == "linux" and torch.cpu._is_amx_tile_supported()
+             and os.environ.get("GPTFAST_CPU_AMX") != "0")  # scripts/test.sh runs these tests once with it off
+    dots = avx512_build and torch.cpu._is_avx512_bf16_supported()
+    rows = 16 if tiles else 4 if dots else 0
+    assert cpu_ops.bf16_native_rows() == rows
+    assert runner.kernel_bf16_native_rows() == rows
+    if rows and not runner.widens_16_bit(torch.bfloat16):
+        assert not runner.torch_16_bit_is_faster(torch.bfloat16, rows)
+        assert runner.torch_16_bit_is_faster(torch.bfloat16, rows + 1)
 
 
 @needs_cpu_backend

@@ -41,9 +41,11 @@ at::Tensor rope_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor
 at::Tensor rope_bwd(const at::Tensor& grad_out, const at::Tensor& cos, const at::Tensor& sin,
                     const c10::optional<at::Tensor>& positions, int64_t offset);
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
-// Most rows of x that decode_linear's bf16 dot-product path takes (from 2), and whether this build on this
-// CPU has that path (the AVX-512 build on a CPU with AVX512-BF16).
+// Most rows of x that decode_linear's bf16 dot-product path takes (from 2; the AVX-512 build on a CPU with
+// AVX512-BF16) and its tile path (from 1; that build on Linux on a CPU with AMX, instead of the dot products),
+// and the most bf16 rows this build multiplies natively on this CPU: one of those, or 0.
 inline constexpr int64_t kBf16DotMaxRows = 4;
-bool decode_linear_has_bf16_dot();
+inline constexpr int64_t kBf16TileMaxRows = 16;
+int64_t decode_linear_bf16_native_rows();
 
 }  // namespace gptfast_cpu

@@ -23,8 +23,7 @@ extern "C" PyObject* GPTFAST_JOIN(PyInit_, TORCH_EXTENSION_NAME)(void) {
   PyObject* created = PyModule_Create(&module);
   // The Python routing reads which bf16 rows decode_linear multiplies without widening (0: none).
   if (created != nullptr &&
-      PyModule_AddIntConstant(created, "BF16_DOT_MAX_ROWS",
-                              gptfast_cpu::decode_linear_has_bf16_dot() ? gptfast_cpu::kBf16DotMaxRows : 0) != 0) {
+      PyModule_AddIntConstant(created, "BF16_NATIVE_MAX_ROWS", gptfast_cpu::decode_linear_bf16_native_rows()) != 0) {
     Py_DECREF(created);
     return nullptr;
   }

@@ -86,8 +86,9 @@ def masked_decode_attention(q, k, v, last_visible):
 # matrices and head, 2 cores).  On a CPU with 16-bit matrix instructions (AMX here) torch's bf16 product
 # is faster than the kernel's widening path from 2 rows (Qwen3-0.6B's matrices: 1.0-1.05x at 2-4 rows,
 # 1.7-4x at 8-16, the head 1.3-2.7x), while one row stays 1.65-1.75x faster on the kernel: there 16-bit
-# calls route one row, and the bf16 rows the kernel multiplies with AVX512-BF16 dot products
-# (kernel_bf16_dot_rows: 2-4 rows, 1.33-1.45x torch's AMX product over Qwen3-0.6B's matrices).
+# calls route one row, and the bf16 rows the kernel multiplies natively (kernel_bf16_native_rows: 2-4 rows
+# with AVX512-BF16 dot products, 1.33-1.45x torch's AMX product over Qwen3-0.6B's matrices; 1-16 rows with
+# AMX tile products where the CPU has them, 1.2-1.45x).
 DECODE_LINEAR_MIN_ROWS = 1
 DECODE_LINEAR_MAX_ROWS = 16
 
@@ -97,24 +98,24 @@ def has_16_bit_matmul(dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16) and not widens_16_bit(dtype)
 
 
-def kernel_bf16_dot_rows() -> int:
-    """Most bf16 rows (from 2) the CPU kernels multiply with dot-product instructions, 0 where they cannot."""
+def kernel_bf16_native_rows() -> int:
+    """Most bf16 rows (from 2) the CPU kernels multiply without widening the weight, 0 where they cannot."""
     # Imported here, not with this module: importing the backend loads its kernels, which ``import gptfast``
     # must not do (a process may still choose which build to load, or never use the CPU kernels).
     from ..ops import cpu_ops
 
-    return cpu_ops.bf16_dot_rows()
+    return cpu_ops.bf16_native_rows()
 
 
 def torch_16_bit_is_faster(dtype, rows: int) -> bool:
     """True when ``rows`` rows of ``dtype`` run faster through torch's own 16-bit product than the decode kernel.
 
     That is from 2 rows on a CPU with 16-bit matrix instructions (:func:`has_16_bit_matmul`), except
-    the bf16 rows the kernel multiplies natively (:func:`kernel_bf16_dot_rows`).
+    the bf16 rows the kernel multiplies natively (:func:`kernel_bf16_native_rows`).
     """
     if rows <= 1 or not has_16_bit_matmul(dtype):
         return False
-    return not (dtype == torch.bfloat16 and rows <= kernel_bf16_dot_rows())
+    return not (dtype == torch.bfloat16 and rows <= kernel_bf16_native_rows())
 
 
 def routes_rows(rows: int) -> bool:

@@ -91,13 +91,13 @@ def unavailable_reason() -> str | None:
 globals().update(fused_entry_points(NAMESPACE))
 
 
-def bf16_dot_rows() -> int:
-    """Most rows (from 2) of a bf16 ``decode_linear`` the loaded kernels multiply with bf16 dot-product
-    instructions, without widening the weight (the AVX-512 build on a CPU with AVX512-BF16); 0 elsewhere,
-    also where the backend is unavailable."""
+def bf16_native_rows() -> int:
+    """Most rows (from 2) of a bf16 ``decode_linear`` the loaded kernels multiply without widening the weight:
+    16 with AMX tile products (the AVX-512 build on Linux, on a CPU with AMX), 4 with AVX512-BF16 dot products
+    (that build on a CPU with them); 0 elsewhere, also where the backend is unavailable."""
     if _LOAD_ERROR is not None or not LOADED:
         return 0
-    return int(getattr(sys.modules.get(LOADED), "BF16_DOT_MAX_ROWS", 0))
+    return int(getattr(sys.modules.get(LOADED), "BF16_NATIVE_MAX_ROWS", 0))
 
 
 def supports(op: str, *args, **kwargs) -> str | None:
