@@ -96,12 +96,23 @@ def test_an_optimizer_whose_owner_chose_its_implementation_is_not_touched(make):
 
 
 def test_only_the_groups_that_can_take_it_are_fused():
-    frozen_half = [torch.nn.Parameter(torch.randn(3, 4))]
+    chosen = [torch.nn.Parameter(torch.randn(3, 4))]  # its owner chose the single-tensor path
     integer = [torch.zeros(3, dtype=torch.int64)]  # not a float parameter: the fused kernel refuses it
-    optimizer = torch.optim.AdamW([{"params": _params()}, {"params": frozen_half, "foreach": False}])
+    optimizer = torch.optim.AdamW([{"params": _params()}, {"params": chosen, "foreach": False}])
     optimizer.add_param_group({"params": integer})
     with ops.use_backend("auto"), fused_optimizer_steps(optimizer):
         assert [group["fused"] for group in optimizer.param_groups] == [True, None, None]
+
+
+def test_a_torch_without_fused_cpu_kernels_keeps_the_books_path(monkeypatch):
+    from gptfast.training import optimizers
+
+    optimizer = torch.optim.AdamW(_params())
+    with ops.use_backend("auto"), fused_optimizer_steps(optimizer):
+        assert optimizer.param_groups[0]["fused"] is True
+    monkeypatch.setattr(optimizers, "_torch_fuses_adam_on_cpu", lambda: False)
+    with ops.use_backend("auto"), fused_optimizer_steps(optimizer):
+        assert optimizer.param_groups[0]["fused"] is None
 
 
 def test_the_groups_are_restored_when_the_block_raises():

@@ -32,7 +32,18 @@ def chapter_adamw(params, lr, weight_decay):
 
 
 def _fusable_parameter(p) -> bool:
-    return p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point and not p.is_sparse
+    """A dense floating-point parameter on a device this torch has fused Adam kernels for."""
+    on_fused_device = p.device.type == "cuda" or (p.device.type == "cpu" and _torch_fuses_adam_on_cpu())
+    return on_fused_device and p.dtype.is_floating_point and not p.is_sparse
+
+
+def _torch_fuses_adam_on_cpu() -> bool:
+    """Whether this torch has fused Adam kernels for CPU tensors."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # a torch without the registry: do not guess
+        return False
+    return "cpu" in _get_fused_kernels_supported_devices()
 
 
 def _fusable_group(group) -> bool:
