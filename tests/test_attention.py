@@ -100,6 +100,36 @@ def test_cpu_16_bit_decode_reads_cache_views(dtype):
 
 
 @needs_cpu_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_decode_rows_of_a_batch_split_over_threads(dtype):
+    # Qwen3-0.6B's decode attention at batch 8: 128 (row, head) tasks over 150 keys, enough for several chunks.
+    parity.check_attention_parity("cpu", (8, 16, 1, 150, 128), dtype, kv_heads=8)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("shape", [(2, 2, 1, 40, 64), (1, 2, 2, 37, 32), (1, 2, 33, 33, 64)], ids=str)
+def test_nan_and_inf_reach_the_rows_that_see_them(backend, device, shape):
+    """A NaN query row, a NaN key and an infinite value spoil exactly the rows the causal mask lets see them."""
+    dtype = _device_dtype(backend, device)
+    q, k, v = _qkv(shape, dtype, device, seed=6)
+    tq, tk = shape[2], shape[3]
+    q[0, 0, tq - 1, 3] = math.nan  # the last query row of head 0
+    k[0, 1, tk - 2, 5] = math.nan  # a key only the last rows of head 1 see
+    # The first key's value, which every row sees: its column becomes inf everywhere.  (An infinite value behind
+    # the causal mask would make the dense oracle's 0 * inf a NaN; the kernels never read masked keys.)
+    v[-1, 0, 0, 7] = math.inf
+    out = ops.causal_attention(q, k, v, backend=backend).cpu().double()
+    ref = torch_ops.causal_attention(*(t.cpu().double() for t in (q, k, v)))
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    assert out[0, 0, tq - 1].isnan().all() and out[0, 1, tq - 1].isnan().all()
+    assert out[-1, 0, :-1, 7].isinf().all()  # (the last row of batch 0's head 0 is the NaN query's)
+    if tq > 2:  # rows before the NaN key stay finite
+        assert out[0, 1, 0].isfinite().all()
+    finite = ref.isfinite()
+    torch.testing.assert_close(out[finite], ref[finite], rtol=2e-2, atol=2e-2)
+
+
+@needs_cpu_backend
 @pytest.mark.parametrize("shape", [(1, 2, 1, 16, 8), (1, 2, 2, 16, 8), (2, 2, 1, 40, 64)], ids=str)
 def test_cpu_16_bit_decode_dropout_uses_one_mask(shape):
     _check_dropout_uses_one_mask("cpu", "cpu", torch.bfloat16, shape)
