@@ -181,6 +181,28 @@ inline int64_t visible_keys(const Dims& s, int64_t i, int64_t j0, int64_t nk) {
 
 // ------------------------------------------------------------------ forward
 
+// p[j] = exp(p[j] - mx) for j < n, a vector at a time, NaN kept; returns their sum.  The tile path's online
+// softmax and the decode rows' direct path both take it (a decode row's scores are one per key).
+template <typename T>
+T exp_and_sum(T* p, int64_t n, T mx) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  const V vm(mx);
+  V vsum(T(0));
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    const V e = exp_keep_nan(V::loadu(p + j) - vm);
+    e.store(p + j);
+    vsum = vsum + e;
+  }
+  if (j < n) {
+    const V e = V::set(V(T(0)), exp_keep_nan(V::loadu(p + j, n - j) - vm), n - j);
+    e.store(p + j, n - j);
+    vsum = vsum + e;
+  }
+  return at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, vsum);
+}
+
 // Online-softmax update of one score row: turns row[0..nk) into probabilities relative to
 // the new running max (zero where masked), rescales the running sum and output row.
 template <typename T>
@@ -195,23 +217,8 @@ void online_softmax_row(T* row, int64_t valid, int64_t nk, T& m, T& l, T* out_ro
   const T m_new = std::isnan(row_max) ? row_max : std::max(m, row_max);
   // 0 on the first tile (m = -inf); 1 without an exp call when the max did not move
   const T alpha = m_new == m ? T(1) : std::exp(m - m_new);
-  const V vm(m_new);
-  V vsum(T(0));
-  int64_t j = 0;
-  for (; j + L <= valid; j += L) {
-    const V p = exp_keep_nan(V::loadu(row + j) - vm);
-    p.store(row + j);
-    vsum = vsum + p;
-  }
-  if (j < valid) {  // the diagonal tile's partial vector: masked lanes become 0 (the row is kKeyTile wide)
-    const int64_t rest = valid - j;
-    const V p = V::set(V(T(0)), exp_keep_nan(V::loadu(row + j, rest) - vm), rest);
-    p.store(row + j);
-    vsum = vsum + p;
-    j += L;
-  }
-  const T sum = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, vsum);
-  if (j < nk) std::fill(row + j, row + nk, T(0));
+  const T sum = exp_and_sum(row, valid, m_new);
+  std::fill(row + valid, row + nk, T(0));  // the diagonal tile's masked keys
   l = l * alpha + sum;
   m = m_new;
   if (alpha != T(1)) {
@@ -255,28 +262,6 @@ void axpy(T w, const scalar_t* x, T* out, int64_t n) {
     at::vec::fmadd(vw, hi, V::loadu(out + d + L)).store(out + d + L);
   }
   for (; d < n; ++d) out[d] += w * static_cast<T>(x[d]);
-}
-
-// p[j] = exp(p[j] - mx) for j < n, returning their sum, a vector at a time (a decode row takes one exp per
-// key; the direct path used to call the scalar std::exp for each).
-template <typename T>
-T exp_and_sum(T* p, int64_t n, T mx) {
-  using V = Vectorized<T>;
-  constexpr int64_t L = V::size();
-  const V vm(mx);
-  V vsum(T(0));
-  int64_t j = 0;
-  for (; j + L <= n; j += L) {
-    const V e = exp_keep_nan(V::loadu(p + j) - vm);
-    e.store(p + j);
-    vsum = vsum + e;
-  }
-  if (j < n) {
-    const V e = V::set(V(T(0)), exp_keep_nan(V::loadu(p + j, n - j) - vm), n - j);
-    e.store(p + j, n - j);
-    vsum = vsum + e;
-  }
-  return at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, vsum);
 }
 
 // One query row (already in T, scaled) against its `valid` visible keys; writes the output row
