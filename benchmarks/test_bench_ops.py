@@ -123,6 +123,33 @@ def test_decode_attention(benchmark, impl, tk):
         benchmark.extra_info["gbytes_per_s"] = kv_bytes / seconds / 1e9
 
 
+# Qwen3-0.6B's decode attention on CPU: one query row per head (16 query heads sharing 8 key/value heads of
+# 128) over the first Tk positions of a static cache (a view, as a decode step reads it), batch 1 and 8.
+CPU_DECODE_CACHE = 600
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU decode shapes; test_decode_attention is the GPU one")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("batch,tk", [(1, 144), (1, 512), (8, 144), (8, 512)], ids=lambda x: str(x))
+@pytest.mark.parametrize("impl", bench_backends("causal_attention") + ["sdpa"])
+def test_cpu_decode_attention_qwen3(benchmark, impl, batch, tk, dtype):
+    g = torch.Generator().manual_seed(0)
+    cache_k, cache_v = (torch.randn(batch, 8, CPU_DECODE_CACHE, 128, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(batch, 16, 1, 128, generator=g).to(dtype)
+    k, v = cache_k[:, :, :tk], cache_v[:, :, :tk]
+    if impl == "sdpa":
+        fn = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+    else:
+        require_backend(impl, "causal_attention", (q, k, v), dict(dropout_p=0.0, training=False, scale=None))
+        fn = lambda: ops.causal_attention(q, k, v, backend=impl)  # noqa: E731
+    name = str(dtype).removeprefix("torch.")
+    run_benchmark(benchmark, fn, rounds=ROUNDS["fast"] * 4, group=f"cpu decode attention B={batch} Tk={tk} {name}",
+                  op="decode_attention", impl=impl, shape=dict(B=batch, H=16, H_kv=8, Tq=1, Tk=tk, D=128), dtype=name)
+    seconds = median_seconds(benchmark)
+    if seconds:
+        benchmark.extra_info["gbytes_per_s"] = 2 * k.numel() * k.element_size() / seconds / 1e9
+
+
 @pytest.mark.parametrize("passes", PASSES)
 @pytest.mark.parametrize("impl", bench_backends("cross_entropy"))
 def test_cross_entropy(benchmark, impl, passes):

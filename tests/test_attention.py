@@ -86,6 +86,16 @@ def test_cpu_16_bit_decode_rows(dtype, shape, kv_heads):
 
 
 @needs_cpu_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", [8, 17, 40, 72, 96, 136], ids=str)
+def test_cpu_decode_rows_key_blocks_and_head_dim_tails(dtype, head_dim):
+    # Decode rows score four keys at a time and keep four vectors of the output in registers: key counts
+    # around a block of four and head dims past a whole number of 32- and 64-float chunks take the tails.
+    for n_keys in (1, 3, 4, 5, 9):
+        parity.check_attention_parity("cpu", (1, 2, 1, n_keys, head_dim), dtype, seed=n_keys)
+
+
+@needs_cpu_backend
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cpu_16_bit_decode_reads_cache_views(dtype):
     g = torch.Generator().manual_seed(4)
@@ -116,7 +126,9 @@ def test_nan_and_inf_reach_the_rows_that_see_them(backend, device, shape):
     q[0, 0, tq - 1, 3] = math.nan  # the last query row of head 0
     k[0, 1, tk - 2, 5] = math.nan  # a key only the last rows of head 1 see
     # The first key's value, which every row sees: its column becomes inf everywhere.  (An infinite value behind
-    # the causal mask would make the dense oracle's 0 * inf a NaN; the kernels never read masked keys.)
+    # the causal mask makes the dense oracle's 0 * inf a NaN in the rows before it; whether a kernel multiplies
+    # a masked key's zero probability by its value depends on its tiles, so the test puts the inf where no row
+    # is masked from it.)
     v[-1, 0, 0, 7] = math.inf
     out = ops.causal_attention(q, k, v, backend=backend).cpu().double()
     ref = torch_ops.causal_attention(*(t.cpu().double() for t in (q, k, v)))

@@ -264,6 +264,71 @@ void axpy(T w, const scalar_t* x, T* out, int64_t n) {
   for (; d < n; ++d) out[d] += w * static_cast<T>(x[d]);
 }
 
+// scores[j] = q . k_j for the n keys at kbase (row stride ks), four keys at a time: their
+// independent sums keep the FMA units busy where one key's chain of D / L multiply-adds would
+// wait on itself.  Each key's sum runs in the order of dot(), so a score does not depend on
+// which block its key falls in.
+template <typename T, typename scalar_t>
+void score_keys(const T* q, const scalar_t* kbase, int64_t ks, int64_t n, int64_t D, T* scores) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  const int64_t D2 = D / (2 * L) * (2 * L);
+  const auto total = [](V lo, V hi) { return at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, lo + hi); };
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const scalar_t* k0 = kbase + j * ks;
+    V lo[4] = {V(T(0)), V(T(0)), V(T(0)), V(T(0))}, hi[4] = {V(T(0)), V(T(0)), V(T(0)), V(T(0))};
+    for (int64_t d = 0; d < D2; d += 2 * L) {
+      const V q_lo = V::loadu(q + d), q_hi = V::loadu(q + d + L);
+#pragma GCC unroll 4  // constant indices keep the sums in registers
+      for (int r = 0; r < 4; ++r) {
+        const auto [k_lo, k_hi] = load_pair<T>(k0 + r * ks + d);
+        lo[r] = at::vec::fmadd(q_lo, k_lo, lo[r]);
+        hi[r] = at::vec::fmadd(q_hi, k_hi, hi[r]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      T sum = total(lo[r], hi[r]);
+      for (int64_t d = D2; d < D; ++d) sum += q[d] * static_cast<T>(k0[r * ks + d]);
+      scores[j + r] = sum;
+    }
+  }
+  for (; j < n; ++j) scores[j] = dot<T>(q, kbase + j * ks, D);
+}
+
+// acc[0..D) = sum over j of p[j] * v_j for the n value rows at vbase (row stride vs), keys with p[j] == 0
+// skipped (as axpy's callers do).  Four vectors of the output at a time stay in registers over all keys,
+// rather than a load and a store of the output row per key; the sums run in the same order.
+template <typename T, typename scalar_t>
+void weigh_values(const T* p, const scalar_t* vbase, int64_t vs, int64_t n, int64_t D, T* acc) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  int64_t d = 0;
+  for (; d + 4 * L <= D; d += 4 * L) {
+    V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+    for (int64_t j = 0; j < n; ++j) {
+      if (p[j] == T(0)) continue;
+      const V w(p[j]);
+      const scalar_t* row = vbase + j * vs + d;
+      const auto [v0, v1] = load_pair<T>(row);
+      const auto [v2, v3] = load_pair<T>(row + 2 * L);
+      a0 = at::vec::fmadd(w, v0, a0);
+      a1 = at::vec::fmadd(w, v1, a1);
+      a2 = at::vec::fmadd(w, v2, a2);
+      a3 = at::vec::fmadd(w, v3, a3);
+    }
+    a0.store(acc + d);
+    a1.store(acc + d + L);
+    a2.store(acc + d + 2 * L);
+    a3.store(acc + d + 3 * L);
+  }
+  if (d == D) return;
+  std::fill(acc + d, acc + D, T(0));
+  for (int64_t j = 0; j < n; ++j)
+    if (p[j] != T(0)) axpy<T>(p[j], vbase + j * vs + d, acc + d, D - d);
+}
+
 // One query row (already in T, scaled) against its `valid` visible keys; writes the output row
 // (rounded once to scalar_t) and its lse.
 template <typename T, typename scalar_t>
@@ -271,13 +336,11 @@ void attend_row_direct(const T* qrow, const scalar_t* kbase, int64_t k_stride, c
                        int64_t v_stride, int64_t valid, int64_t D, const Dropout& dropout, uint64_t counter_base,
                        std::vector<T>& probs, std::vector<T>& acc, scalar_t* out_row, T* lse) {
   probs.resize(valid);
-  for (int64_t j = 0; j < valid; ++j) probs[j] = dot<T>(qrow, kbase + j * k_stride, D);
+  score_keys<T>(qrow, kbase, k_stride, valid, D, probs.data());
   const T mx = vec_max(probs.data(), valid);
   const T sum = exp_and_sum(probs.data(), valid, mx);
   if (dropout.active) dropout.apply(probs.data(), valid, counter_base);
-  std::fill(acc.begin(), acc.begin() + D, T(0));
-  for (int64_t j = 0; j < valid; ++j)
-    if (probs[j] != T(0)) axpy<T>(probs[j], vbase + j * v_stride, acc.data(), D);
+  weigh_values<T>(probs.data(), vbase, v_stride, valid, D, acc.data());
   const T inv = T(1) / sum;
   for (int64_t d = 0; d < D; ++d) out_row[d] = static_cast<scalar_t>(acc[d] * inv);
   *lse = mx + std::log(sum);

@@ -332,7 +332,13 @@ GPTFAST_TARGET_AMX void amx_block(const uint32_t* x_pairs, const uint16_t* w, in
   _tile_zero(0);
   for (int64_t k = 0; k < K32; k += kAmxK) {
     const int64_t ahead = k + kAmxPrefetchSteps * kAmxK;
-    const uint16_t* line = ahead < K ? rows + ahead : next_rows ? rows + kAmxRows * K + (ahead - K) : nullptr;
+    // Past the end of K the lines ahead are the next 16 rows' first ones; for K < 8 * 32 they would lie
+    // further on than those rows, so nothing is prefetched there.
+    const uint16_t* line = nullptr;
+    if (ahead < K)
+      line = rows + ahead;
+    else if (next_rows && ahead - K < K)
+      line = rows + kAmxRows * K + (ahead - K);
     if (line != nullptr)
       for (int64_t i = 0; i < kAmxRows; ++i) _mm_prefetch(reinterpret_cast<const char*>(line + i * K), _MM_HINT_T1);
     _tile_loadd(2, x_pairs + (k / 2) * M, M * 4);
@@ -394,6 +400,9 @@ bool cpu_has_amx_bf16() {
   static const bool has = [] {
     const char* wanted = std::getenv("GPTFAST_CPU_AMX");
     if (wanted != nullptr && std::string(wanted) == "0") return false;
+    // The tile path's K tail and last rows run AVX512-BF16 dot products: a CPU (or a VM's CPUID) with the
+    // tiles but without those instructions keeps the other paths.
+    if (!cpu_has_bf16_dot()) return false;
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 22)) || !(edx & (1u << 24)))
       return false;
