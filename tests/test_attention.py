@@ -141,6 +141,45 @@ def test_nan_and_inf_reach_the_rows_that_see_them(backend, device, shape):
     torch.testing.assert_close(out[finite], ref[finite], rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("shape", [(2, 2, 1, 9, 16), (1, 2, 2, 37, 32), (1, 2, 17, 40, 64)], ids=str)
+def test_a_zero_weight_times_an_infinite_value_is_nan(backend, device, shape):
+    """A key whose weight underflows to exactly 0 still multiplies its value: 0 * inf is NaN, as in P @ V."""
+    dtype = _device_dtype(backend, device)
+    q, k, v = _qkv(shape, dtype, device, seed=8)
+    tq, tk = shape[2], shape[3]
+    q[..., 0] = 8.0
+    # The first key (every row sees it, and another) scores ~800 below the others: its weight underflows to 0
+    # even in fp64.
+    k[:, :, 0, 0] = -800.0
+    v[:, 0, 0, 5] = math.inf
+    out = ops.causal_attention(q, k, v, backend=backend).cpu().double()
+    ref = torch_ops.causal_attention(*(t.cpu().double() for t in (q, k, v)))
+    assert ref[:, 0, :, 5].isnan().all() and ref[:, 1].isfinite().all()  # the setup does what it says
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    torch.testing.assert_close(out[finite], ref[finite], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("shape", [(2, 4, 1, 1, 16), (2, 4, 2, 2, 16), (2, 4, 33, 33, 64)], ids=str)
+def test_dropout_keeps_a_nan_row_nan(backend, device, shape):
+    """Dropout multiplies the weights by the mask (NaN * 0 is NaN, as in torch's dropout), so a NaN query row
+    stays NaN even where every weight it has is dropped; the keys it sees get NaN value gradients."""
+    dtype = _device_dtype(backend, device)
+    q, k, v = _qkv(shape, dtype, device, seed=9)
+    q[:, :, 0, 3] = math.nan  # each head's first query row: one visible key when tq == tk
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.manual_seed(5)
+    out = ops.causal_attention(q, k, v, dropout_p=0.9, training=True, backend=backend)
+    assert out[:, :, 0].isnan().all()
+    assert out[:, :, 1:].isfinite().all()
+    out.backward(torch.ones_like(out))
+    offset = shape[3] - shape[2]
+    assert v.grad[:, :, :offset + 1].isnan().all()  # the keys row 0 sees
+    assert q.grad[:, :, 0].isnan().all()
+
+
 @needs_cpu_backend
 @pytest.mark.parametrize("shape", [(1, 2, 1, 16, 8), (1, 2, 2, 16, 8), (2, 2, 1, 40, 64)], ids=str)
 def test_cpu_16_bit_decode_dropout_uses_one_mask(shape):

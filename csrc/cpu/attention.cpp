@@ -136,11 +136,16 @@ struct Dropout {
   }
   // Whether score number `counter` ((bh * Tq + i) * Tk + j) survives.
   bool keep(uint64_t counter) const { return gptfast_dropout::keeps(seed, counter, threshold); }
+  // mask / (1 - p) for score number `counter`: a factor to multiply by, not a choice between the
+  // weight and 0, so a NaN weight stays NaN when dropped, as in torch's dropout (x * mask * scale).
+  template <typename T>
+  T factor(uint64_t counter) const {
+    return keep(counter) ? static_cast<T>(keep_scale) : T(0);
+  }
   // Multiplies row[0..n) (keys j0.. of query counter_base) by mask / (1 - p).
   template <typename T>
   void apply(T* row, int64_t n, uint64_t counter_base) const {
-    const T s = static_cast<T>(keep_scale);
-    for (int64_t j = 0; j < n; ++j) row[j] = keep(counter_base + j) ? row[j] * s : T(0);
+    for (int64_t j = 0; j < n; ++j) row[j] *= factor<T>(counter_base + j);
   }
 };
 
@@ -297,9 +302,10 @@ void score_keys(const T* q, const scalar_t* kbase, int64_t ks, int64_t n, int64_
   for (; j < n; ++j) scores[j] = dot<T>(q, kbase + j * ks, D);
 }
 
-// acc[0..D) = sum over j of p[j] * v_j for the n value rows at vbase (row stride vs), keys with p[j] == 0
-// skipped (as axpy's callers do).  Four vectors of the output at a time stay in registers over all keys,
-// rather than a load and a store of the output row per key; the sums run in the same order.
+// acc[0..D) = sum over j of p[j] * v_j for the n value rows at vbase (row stride vs).  Keys whose weight
+// is 0 (underflowed, or dropped) are multiplied too: an infinite value there gives NaN, as the dense
+// product P V does.  Four vectors of the output at a time stay in registers over all keys, rather than
+// a load and a store of the output row per key.
 template <typename T, typename scalar_t>
 void weigh_values(const T* p, const scalar_t* vbase, int64_t vs, int64_t n, int64_t D, T* acc) {
   using V = Vectorized<T>;
@@ -308,7 +314,6 @@ void weigh_values(const T* p, const scalar_t* vbase, int64_t vs, int64_t n, int6
   for (; d + 4 * L <= D; d += 4 * L) {
     V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
     for (int64_t j = 0; j < n; ++j) {
-      if (p[j] == T(0)) continue;
       const V w(p[j]);
       const scalar_t* row = vbase + j * vs + d;
       const auto [v0, v1] = load_pair<T>(row);
@@ -325,8 +330,7 @@ void weigh_values(const T* p, const scalar_t* vbase, int64_t vs, int64_t n, int6
   }
   if (d == D) return;
   std::fill(acc + d, acc + D, T(0));
-  for (int64_t j = 0; j < n; ++j)
-    if (p[j] != T(0)) axpy<T>(p[j], vbase + j * vs + d, acc + d, D - d);
+  for (int64_t j = 0; j < n; ++j) axpy<T>(p[j], vbase + j * vs + d, acc + d, D - d);
 }
 
 // One query row (already in T, scaled) against its `valid` visible keys; writes the output row
@@ -456,16 +460,16 @@ inline int64_t group_slices(const Dims& s) {
   return (s.group() + per_slice - 1) / per_slice;
 }
 
-// pd = P * mask / (1 - p) for a (mq x nk) tile of P: what multiplied V in the forward.
+// pd = P * mask / (1 - p) for a (mq x nk) tile of P: what multiplied V in the forward (0 past a row's
+// visible keys).
 template <typename T>
 void keep_dropped(const T* p, T* pd, int64_t mq, int64_t nk, int64_t i0, int64_t j0, int64_t bh,
                   const Dropout& dropout, const Dims& s) {
-  const T keep_scale = static_cast<T>(dropout.keep_scale);
   for (int64_t r = 0; r < mq; ++r) {
     const uint64_t base = static_cast<uint64_t>((bh * s.Tq + i0 + r) * s.Tk + j0);
     const int64_t valid = std::max<int64_t>(0, visible_keys(s, i0 + r, j0, nk));
     for (int64_t jj = 0; jj < nk; ++jj)
-      pd[r * kKeyTile + jj] = (jj < valid && dropout.keep(base + jj)) ? p[r * kKeyTile + jj] * keep_scale : T(0);
+      pd[r * kKeyTile + jj] = jj < valid ? p[r * kKeyTile + jj] * dropout.factor<T>(base + jj) : T(0);
   }
 }
 

@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_kernel(const BwdPar
       }
     }
     const float inv_keep = dropout ? p.dropout.inv_keep : 1.f;
-    auto dropped = [&](float x, int i, int e) { return (keep_bits >> (4 * i + e)) & 1u ? x * inv_keep : 0.f; };
+    auto dropped = [&](float x, int i, int e) { return x * ((keep_bits >> (4 * i + e)) & 1u ? inv_keep : 0.f); };
 
     // dV += (P^T with dropout) dO.
 #pragma unroll

@@ -169,8 +169,9 @@ __global__ void __launch_bounds__(kFwdThreads) attention_fwd_kernel(const FwdPar
           const uint4 bits = dropout_bits(p.dropout, seed_key, bh, rows[r], key);
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
+            // Multiplied by the mask, not replaced: a dropped NaN weight stays NaN, as in torch's dropout.
             const bool keep = pick_word(bits, rows[r], key + c) >= p.dropout.threshold;
-            s[i][2 * r + c] = keep ? s[i][2 * r + c] * p.dropout.inv_keep : 0.f;
+            s[i][2 * r + c] *= keep ? p.dropout.inv_keep : 0.f;
           }
         }
       }

@@ -68,7 +68,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_partial_kernel(const De
       valid[u] = j < end;
       const int64_t row = static_cast<int64_t>(valid[u] ? j : start);
       kraw[u] = *reinterpret_cast<const uint4*>(kg + row * p.k_stride.token);
-      vraw[u] = *reinterpret_cast<const uint4*>(vg + row * p.v_stride.token);
+      // A slot past the chunk weighs zeros, not a real key's value: 0 * inf there would be a NaN.
+      vraw[u] = valid[u] ? *reinterpret_cast<const uint4*>(vg + row * p.v_stride.token) : make_uint4(0, 0, 0, 0);
     }
     float score[kDecodeUnroll];
     float tile_max = -INFINITY;
@@ -87,15 +88,18 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_partial_kernel(const De
       score[u] = valid[u] ? dot : -INFINITY;
       tile_max = fmaxf(tile_max, score[u]);
     }
+    // fmaxf passes over NaN scores, so the maxima stay numbers; a NaN score's weight exp2(NaN) = NaN
+    // then reaches the sum and the output, as in the softmax.  With no finite score yet (a NaN query,
+    // or only padding slots) exp2 takes 0 as the max, so no -inf - -inf ever makes a NaN of its own.
     const float new_max = fmaxf(run_max, tile_max);
-    if (new_max == -INFINITY) continue;  // nothing valid for this group yet (uniform per group)
-    const float rescale = exp2f(run_max - new_max);
+    const float safe = new_max == -INFINITY ? 0.f : new_max;
+    const float rescale = exp2f(run_max - safe);
     run_sum *= rescale;
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[e] *= rescale;
 #pragma unroll
     for (int u = 0; u < kDecodeUnroll; ++u) {
-      const float w = exp2f(score[u] - new_max);  // 0 for invalid keys
+      const float w = exp2f(score[u] - safe);  // 0 for invalid keys
       run_sum += w;
       const uint32_t words[4] = {vraw[u].x, vraw[u].y, vraw[u].z, vraw[u].w};
 #pragma unroll
@@ -157,7 +161,8 @@ __global__ void __launch_bounds__(kD) decode_combine_kernel(const DecodeParams p
     a += pacc[s * kD + d] * w;
   }
   T* out = static_cast<T*>(p.out) + bh * kD;
-  out[d] = E::from_float(sum > 0.f ? a / sum : 0.f);
+  // A NaN sum (a NaN score) gives a NaN row; only a row without keys has sum 0.
+  out[d] = E::from_float(sum == 0.f ? 0.f : a / sum);
 }
 
 template <bool kBf16, int kD>

@@ -117,7 +117,8 @@ def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs
         acc = acc * alpha[:, None]
         if DROPOUT:
             r = tl.rand(seed, offs_m[:, None] * tk + offs_n[None, :])
-            p = tl.where(r >= dropout_p, p * keep_scale, 0.0)
+            # Multiplied by the mask, not replaced: a dropped NaN weight stays NaN, as in torch's dropout.
+            p = p * tl.where(r >= dropout_p, keep_scale, 0.0)
         if MASKED:
             v = _load_rows(v_base, offs_n, stride_vt, offs_d, tk, WIDE)
         else:
@@ -203,9 +204,9 @@ def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_t
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
             r = tl.rand(seed, offs_m[None, :] * tk + offs_n[:, None])
-            keep = r >= dropout_p
-            dv = tl.dot(tl.where(keep, p_t * keep_scale, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
-            dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
+            factor = tl.where(r >= dropout_p, keep_scale, 0.0)
+            dv = tl.dot((p_t * factor).to(do.dtype), do, dv, input_precision=PRECISION)
+            dp_t = dp_t * factor
         else:
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -283,7 +284,7 @@ def _dq_key_blocks(dq, q, do, lse, delta, k_base, v_base, sk_t, sv_t, offs_m, of
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
             r = tl.rand(seed, offs_m[:, None] * tk + offs_n[None, :])
-            dp = tl.where(r >= dropout_p, dp * keep_scale, 0.0)
+            dp = dp * tl.where(r >= dropout_p, keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     return dq

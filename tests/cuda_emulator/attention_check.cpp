@@ -57,16 +57,28 @@ static bool keep_ref(uint64_t seed, uint32_t bh, int i, int j, uint32_t thr) {
 }
 
 static int failures = 0;
+// |got - ref|, or 1e30 where they differ in kind: a NaN or an infinity of the reference must come out
+// exactly, and a number of the reference must come out a number (std::max would pass over a NaN).
+static double diff(double got, double ref) {
+  if (!std::isfinite(ref)) return (std::isnan(ref) ? std::isnan(got) : got == ref) ? 0.0 : 1e30;
+  return std::isfinite(got) ? std::fabs(got - ref) : 1e30;
+}
+static double size_of(double ref) { return std::isfinite(ref) ? std::fabs(ref) : 0.0; }
 static void report(const char* what, const std::string& cfg, double err, double mag, double tol) {
   bool ok = err <= tol * std::max(1.0, mag);
   if (!ok) ++failures;
   std::printf("%-5s %-48s max_err=%.3e max_ref=%.3e %s\n", what, cfg.c_str(), err, mag, ok ? "ok" : "FAIL");
 }
 
-// H query heads over Hkv key/value heads (grouped-query attention when Hkv < H).
-static void run_case(bool bf16, int B, int H, int Hkv, int Tq, int Tk, int D, double p, bool bthd) {
+// H query heads over Hkv key/value heads (grouped-query attention when Hkv < H).  `nan_rows`: the
+// first query row of every head is NaN, so with dropout some of them have every weight dropped; the
+// forward must keep them NaN (NaN * 0, as torch's dropout).  Their gradients reach keys a tile
+// computes past the mask, which the reference here does not model, so only lse and out are compared.
+static void run_case(bool bf16, int B, int H, int Hkv, int Tq, int Tk, int D, double p, bool bthd, bool nan_rows = false) {
   std::mt19937 rng(B * 1000 + Tq * 7 + Tk + D + H * 31 + Hkv);
   Tensor4 q = make(B, H, Tq, D, bthd, bf16, rng), k = make(B, Hkv, Tk, D, false, bf16, rng), v = make(B, Hkv, Tk, D, bthd, bf16, rng);
+  if (nan_rows)
+    for (int b = 0; b < B; ++b) for (int h = 0; h < H; ++h) q.data[q.idx(b, h, 0, 3)] = to_bits(NAN, bf16);
   const int group = H / Hkv;
   Tensor4 dout = make(B, H, Tq, D, bthd, bf16, rng);
   const float scale = 1.0f / std::sqrt((float)D);
@@ -100,7 +112,7 @@ static void run_case(bool bf16, int B, int H, int Hkv, int Tq, int Tk, int D, do
     double* dV = dVall.data() + ((size_t)b * Hkv + hk) * Tk * D;
     for (int i = 0; i < Tq; ++i) {
       double mx = -1e300;
-      for (int j = 0; j <= off + i; ++j) { double s = 0; for (int d = 0; d < D; ++d) s += Q(i, d) * K(j, d); P[i * Tk + j] = s * scale; mx = std::max(mx, P[i * Tk + j]); }
+      for (int j = 0; j <= off + i; ++j) { double s = 0; for (int d = 0; d < D; ++d) s += Q(i, d) * K(j, d); P[i * Tk + j] = s * scale; if (P[i * Tk + j] > mx) mx = P[i * Tk + j]; }
       double sum = 0;
       for (int j = 0; j <= off + i; ++j) { P[i * Tk + j] = std::exp(P[i * Tk + j] - mx); sum += P[i * Tk + j]; }
       for (int j = 0; j <= off + i; ++j) {
@@ -109,13 +121,13 @@ static void run_case(bool bf16, int B, int H, int Hkv, int Tq, int Tk, int D, do
       }
       // The saved log-sum-exp is in log2 units of scale*log2(e)*q.k.
       const double lse_ref = (mx + std::log(sum)) / std::log(2.0);
-      el = std::max(el, std::fabs(lse[bh * Tq + i] - lse_ref));
-      ml = std::max(ml, std::fabs(lse_ref));
+      el = std::max(el, diff(lse[bh * Tq + i], lse_ref));
+      ml = std::max(ml, size_of(lse_ref));
       std::vector<double> o(D, 0), dP(Tk, 0);
       for (int j = 0; j <= off + i; ++j) for (int d = 0; d < D; ++d) o[d] += P[i * Tk + j] * M[i * Tk + j] * V(j, d);
       for (int d = 0; d < D; ++d) {
         double got = from_bits(out[((size_t)bh * Tq + i) * D + d], bf16);
-        eo = std::max(eo, std::fabs(got - o[d])); mo = std::max(mo, std::fabs(o[d]));
+        eo = std::max(eo, diff(got, o[d])); mo = std::max(mo, size_of(o[d]));
       }
       double dsum = 0;
       for (int j = 0; j <= off + i; ++j) { double x = 0; for (int d = 0; d < D; ++d) x += G(i, d) * V(j, d); dP[j] = x * M[i * Tk + j]; dsum += P[i * Tk + j] * dP[j]; }
@@ -123,7 +135,7 @@ static void run_case(bool bf16, int B, int H, int Hkv, int Tq, int Tk, int D, do
       for (int d = 0; d < D; ++d) {
         double x = 0; for (int j = 0; j <= off + i; ++j) x += dS[i * Tk + j] * K(j, d);
         x *= scale;
-        eq = std::max(eq, std::fabs(dq[((size_t)bh * Tq + i) * D + d] - x)); mq = std::max(mq, std::fabs(x));
+        eq = std::max(eq, diff(dq[((size_t)bh * Tq + i) * D + d], x)); mq = std::max(mq, size_of(x));
       }
       for (int j = 0; j <= off + i; ++j) for (int d = 0; d < D; ++d) {
         dK[j * D + d] += scale * dS[i * Tk + j] * Q(i, d);
@@ -133,21 +145,30 @@ static void run_case(bool bf16, int B, int H, int Hkv, int Tq, int Tk, int D, do
   }
   for (size_t x = 0; x < dKall.size(); ++x) {
     double gk = from_bits(dk[x], bf16), gv = from_bits(dv[x], bf16);
-    ek = std::max(ek, std::fabs(gk - dKall[x])); mk = std::max(mk, std::fabs(dKall[x]));
-    ev = std::max(ev, std::fabs(gv - dVall[x])); mv = std::max(mv, std::fabs(dVall[x]));
-    if (std::isnan(gk) || std::isnan(gv)) { ek = ev = 1e30; }
+    ek = std::max(ek, diff(gk, dKall[x])); mk = std::max(mk, size_of(dKall[x]));
+    ev = std::max(ev, diff(gv, dVall[x])); mv = std::max(mv, size_of(dVall[x]));
   }
   char cfg[200];
-  std::snprintf(cfg, sizeof cfg, "%s B%d H%d Hkv%d Tq%d Tk%d D%d p%.2f %s", bf16 ? "bf16" : "fp16", B, H, Hkv, Tq, Tk, D, p, bthd ? "bthd" : "bhtd");
+  std::snprintf(cfg, sizeof cfg, "%s B%d H%d Hkv%d Tq%d Tk%d D%d p%.2f %s%s", bf16 ? "bf16" : "fp16", B, H, Hkv, Tq, Tk, D, p, bthd ? "bthd" : "bhtd", nan_rows ? " nan rows" : "");
   const double tol = bf16 ? 3e-2 : 4e-3;
   report("lse", cfg, el, ml, 1e-4);
-  report("out", cfg, eo, mo, tol); report("dq", cfg, eq, mq, tol); report("dk", cfg, ek, mk, tol); report("dv", cfg, ev, mv, tol);
+  report("out", cfg, eo, mo, tol);
+  if (nan_rows) return;
+  report("dq", cfg, eq, mq, tol); report("dk", cfg, ek, mk, tol); report("dv", cfg, ev, mv, tol);
 }
 
-static void run_decode(bool bf16, int B, int H, int Hkv, int Tk, int D, int sms, bool strided) {
+// `poison`: a NaN in query head (0, 0), a NaN at one key of the last (batch, kv head) and +inf in the
+// first key's value of (last batch, kv head 0), the key a chunk's padding slots would otherwise read.
+// The reference's rows then hold NaN and inf, and the kernel must give exactly those.
+static void run_decode(bool bf16, int B, int H, int Hkv, int Tk, int D, int sms, bool strided, bool poison = false) {
   std::mt19937 rng(Tk * 3 + D + sms + Hkv);
   const int Tmax = strided ? Tk + 24 : Tk, group = H / Hkv;
   Tensor4 q = make(B, H, 1, D, true, bf16, rng), k = make(B, Hkv, Tmax, D, false, bf16, rng), v = make(B, Hkv, Tmax, D, false, bf16, rng);
+  if (poison) {
+    q.data[q.idx(0, 0, 0, 3)] = to_bits(NAN, bf16);
+    k.data[k.idx(B - 1, Hkv - 1, Tk / 2, 5)] = to_bits(NAN, bf16);
+    v.data[v.idx(B - 1, 0, 0, 7)] = to_bits(INFINITY, bf16);
+  }
   const float scale = 1.0f / std::sqrt((float)D);
   DecodeParams p{};
   p.shape = Shape{B, H, Hkv, 1, Tk, D, bf16, scale};
@@ -160,17 +181,21 @@ static void run_decode(bool bf16, int B, int H, int Hkv, int Tk, int D, int sms,
   if (launch_decode_attention(p, nullptr) != cudaSuccess) { std::printf("decode launch failed\n"); ++failures; return; }
   double e = 0, m = 0;
   for (int b = 0; b < B; ++b) for (int h = 0; h < H; ++h) {
-    std::vector<double> s(Tk); double best = -1e300;
-    for (int j = 0; j < Tk; ++j) { double x = 0; for (int d = 0; d < D; ++d) x += (double)from_bits(q.data[q.idx(b, h, 0, d)], bf16) * from_bits(k.data[k.idx(b, h / group, j, d)], bf16); s[j] = x * scale; best = std::max(best, s[j]); }
+    std::vector<double> s(Tk); double best = -1e300;  // a NaN score is passed over here and spoils the sum
+    for (int j = 0; j < Tk; ++j) { double x = 0; for (int d = 0; d < D; ++d) x += (double)from_bits(q.data[q.idx(b, h, 0, d)], bf16) * from_bits(k.data[k.idx(b, h / group, j, d)], bf16); s[j] = x * scale; if (s[j] > best) best = s[j]; }
     double sum = 0; for (auto& x : s) { x = std::exp(x - best); sum += x; }
     for (int d = 0; d < D; ++d) {
       double o = 0; for (int j = 0; j < Tk; ++j) o += s[j] / sum * from_bits(v.data[v.idx(b, h / group, j, d)], bf16);
       double got = from_bits(out[((size_t)b * H + h) * D + d], bf16);
-      e = std::max(e, std::isnan(got) ? 1e30 : std::fabs(got - o)); m = std::max(m, std::fabs(o));
+      if (!std::isfinite(o)) {  // NaN where the reference has NaN, the same infinity where it has one
+        if (std::isnan(o) ? !std::isnan(got) : got != o) e = 1e30;
+        continue;
+      }
+      e = std::max(e, std::isfinite(got) ? std::fabs(got - o) : 1e30); m = std::max(m, std::fabs(o));
     }
   }
   char cfg[200];
-  std::snprintf(cfg, sizeof cfg, "%s B%d H%d Hkv%d Tk%d D%d sms%d splits%d chunk%d%s", bf16 ? "bf16" : "fp16", B, H, Hkv, Tk, D, sms, p.splits, p.chunk, strided ? " strided" : "");
+  std::snprintf(cfg, sizeof cfg, "%s B%d H%d Hkv%d Tk%d D%d sms%d splits%d chunk%d%s%s", bf16 ? "bf16" : "fp16", B, H, Hkv, Tk, D, sms, p.splits, p.chunk, strided ? " strided" : "", poison ? " nan/inf" : "");
   report("dec", cfg, e, m, bf16 ? 3e-2 : 4e-3);
 }
 
@@ -184,6 +209,7 @@ static void run_fwd_bwd_cases(bool full) {
     run_case(bf16, 1, 1, 1, 67, 67, 128, 0.5, false);
     run_case(bf16, 1, 4, 2, 33, 40, 64, 0.3, true);    // grouped-query, dropout
     run_case(bf16, 2, 4, 1, 20, 20, 128, 0.0, false);  // multi-query
+    run_case(bf16, 2, 4, 2, 20, 20, 64, 0.9, false, true);  // NaN rows under dropout
     if (full) {
       run_case(bf16, 1, 8, 2, 70, 70, 64, 0.0, false);
       run_case(bf16, 1, 1, 1, 1, 1, 64, 0.0, false);
@@ -202,9 +228,11 @@ static void run_decode_cases(bool full) {
     run_decode(bf16, 2, 2, 2, 1000, 128, 4, true);
     run_decode(bf16, 1, 1, 1, 777, 64, 1, false);
     run_decode(bf16, 2, 8, 2, 300, 64, 4, true);  // grouped-query
+    run_decode(bf16, 2, 4, 2, 37, 64, 132, false, true);  // NaN and inf, a padded chunk
     if (full) {
       run_decode(bf16, 1, 3, 3, 5, 128, 132, false);
       run_decode(bf16, 1, 2, 2, 300, 64, 132, true);
+      run_decode(bf16, 2, 4, 2, 300, 128, 4, true, true);
     }
   }
 }
