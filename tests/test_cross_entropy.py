@@ -219,6 +219,36 @@ def test_large_logits_do_not_overflow(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
+def test_a_small_loss_next_to_large_logits_keeps_its_digits(backend, device):
+    """A confident row's loss is log(1 + tiny): computed as (max - target) + log(sum), not as the log-sum-exp
+    (rounded at the size of the max) minus the target, it keeps its leading digits."""
+    logits = torch.tensor([[1000.0, 990.0, 985.0], [30.0, 18.0, -5.0], [-200.0, -212.0, -230.0]])
+    targets = torch.tensor([0, 0, 0])
+    loss = ops.cross_entropy(logits.to(device), targets.to(device), reduction="none", backend=backend).cpu()
+    exact = -torch.log_softmax(logits.double(), -1)[:, 0]
+    assert exact.max() < 1e-4  # the setup: every loss is tiny next to its row's logits
+    relative = ((loss.double() - exact) / exact).abs()
+    assert relative.max() < 1e-2, relative  # fp32's log(sum) near 1 leaves ~1e-3; the old form lost 7-35%
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_cases(OP, dtypes=(torch.bfloat16, torch.float16)))
+def test_16_bit_target_gradient_is_rounded_once(backend, device, dtype):
+    """The target's gradient p - 1 comes from the unrounded p: rounding p to 16 bits first would leave little
+    of 1 - p when p is near 1."""
+    margins = torch.tensor([4.15625, 5.0, 6.0, 7.0])
+    logits = torch.zeros(4, 4)
+    logits[:, 0] = margins
+    logits = logits.to(dtype)
+    x = logits.to(device).requires_grad_(True)
+    ops.cross_entropy(x, torch.zeros(4, dtype=torch.long, device=device), reduction="sum", backend=backend).backward()
+    got = x.grad[:, 0].double().cpu()
+    exact = torch.softmax(logits.double(), -1)[:, 0] - 1
+    mantissa = 7 if dtype == torch.bfloat16 else 10
+    one_step = 2.0 ** (torch.floor(torch.log2(exact.abs())) - mantissa)
+    assert ((got - exact).abs() <= one_step).all(), (got, exact)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
 def test_3d_logits_int32_targets_and_extreme_values(backend, device):
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(2, 5, 70, generator=g) * 40  # large logits: the online max must keep exp finite

@@ -261,6 +261,46 @@ def test_never_draws_masked_tokens_and_full_top_k_is_no_top_k(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("vocab", [100, 128], ids=lambda v: f"V{v}")
+def test_top_k_is_exact_when_logits_span_many_powers_of_two(backend, device, vocab):
+    """The k-th largest value is found exactly even when each bisection step in value space would move past
+    only one value (-1, -2, -4, ...): at a huge temperature every kept token is about equally likely, so a
+    second kept token would show up."""
+    row = -(2.0 ** torch.arange(vocab, dtype=torch.float64)).float()
+    assert row.isfinite().all()
+    logits = row.expand(300, vocab).contiguous().to(device)
+    gen = torch.Generator(device=device).manual_seed(4)
+    for top_k in (1, 3):
+        tokens = ops.sample_next_token(logits, temperature=1e30, top_k=top_k, generator=gen, backend=backend)
+        counts = torch.bincount(tokens.squeeze(1).cpu(), minlength=vocab)
+        assert counts[top_k:].sum() == 0 and (counts[:top_k] > 0).all(), counts[:8]
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("vocab", [4, 40], ids=lambda v: f"V{v}")
+@pytest.mark.parametrize("top_k", [None, 3], ids=lambda k: f"top{k}")
+def test_infinite_temperature_is_uniform_over_finite_logits(backend, device, vocab, top_k):
+    """softmax(x / T) tends to uniform over the finite logits as T grows: a -inf logit is never drawn (its
+    (-inf) * (1 / T) = (-inf) * 0 must not become a NaN weight), the finite ones (top-k kept) equally often."""
+    g = torch.Generator().manual_seed(21)
+    row = torch.randn(vocab, generator=g)
+    row[1::2] = float("-inf")  # V4: tokens 0 and 2 finite; V40: the 20 even tokens
+    support = row.isfinite()
+    if top_k is not None:
+        support &= row >= row.topk(top_k).values[-1]
+    draws = 4000
+    logits = row.expand(draws, vocab).contiguous().to(device)
+    gen = torch.Generator(device=device).manual_seed(22)
+    tokens = ops.sample_next_token(logits, temperature=math.inf, top_k=top_k, generator=gen,
+                                   backend=backend).squeeze(1).cpu()
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    assert counts[~support].sum() == 0, counts
+    expected = draws / int(support.sum())
+    chi2 = float(((counts[support] - expected) ** 2 / expected).sum())
+    assert chi2 < 3 * int(support.sum()) + 30, chi2
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
 def test_opcheck(backend, device):
     # Greedy keeps the output deterministic, which opcheck's comparisons need.
     kwargs = parity.opcheck_kwargs(backend, device)

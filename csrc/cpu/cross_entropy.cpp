@@ -97,10 +97,16 @@ void cross_entropy_impl(const at::Tensor& logits, const at::Tensor& targets, int
       }
       const T x_target = x[target];  // read first: in place, sum_exp overwrites the row with exponentials
       const T sum = sum_exp(x, V, mx, e);
-      loss_all[r] = mx + std::log(sum) - x_target;
+      // (mx - x_target) + log(sum), not (mx + log(sum)) - x_target: a small loss next to a large max keeps
+      // its digits, as log_softmax's (x_target - mx) - log(sum) does.
+      loss_all[r] = (mx - x_target) + std::log(sum);
       if (g != nullptr) {
-        write_scaled<scalar_t, T>(e, V, T(1) / sum, g);
-        g[target] = static_cast<scalar_t>(static_cast<T>(g[target]) - T(1));
+        const T inv = T(1) / sum;
+        write_scaled<scalar_t, T>(e, V, inv, g);
+        // p - 1 from the unrounded p: a 16-bit g[target] already holds p rounded, and a p near 1 would lose
+        // most of 1 - p to that first rounding.  (In the wide case e is g, and g[target] is p itself.)
+        const T p_target = kWide ? static_cast<T>(g[target]) : e[target] * inv;
+        g[target] = static_cast<scalar_t>(p_target - T(1));
       }
     }
   });

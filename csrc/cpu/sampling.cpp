@@ -117,7 +117,10 @@ int64_t sample_row(const T* x, int64_t n, int64_t row, double temperature, int64
   if (!std::isfinite(inv_t)) return argmax(x, n);  // 1 / T overflows: the draw's limit is the argmax
   const bool filter = top_k > 0 && top_k < n;
   // x holds no NaN, so the threshold is a value of the row <= mx and the row's max always survives.
-  const T threshold = filter ? kth_largest(x, n, top_k, scratch) : neg_inf<T>();
+  T threshold = filter ? kth_largest(x, n, top_k, scratch) : neg_inf<T>();
+  // T = +inf makes every weight exp((x - max) * 0) = 1, but a -inf logit's (-inf) * 0 is NaN.  The limit
+  // of softmax(x / T) is uniform over the finite logits, so -inf logits are filtered out then.
+  if (inv_t == T(0)) threshold = std::max(threshold, std::numeric_limits<T>::lowest());
   if (filter && top_k <= kHeapMaxK) return draw_among_survivors(x, n, threshold, mx, inv_t, u, weights);
   weights.resize(n);
   using V = Vectorized<T>;

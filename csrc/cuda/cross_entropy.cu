@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(BLOCK)
   float target_logit = 0.0f;
   if (threadIdx.x == 0 && normal) target_logit = to_float(row[target]);
 
-  float lse = 0.0f;
+  float lse = 0.0f, row_max = 0.0f, log_sum = 0.0f;
   if (need_lse) {
     float m = -INFINITY, s = 0.0f;
     bool saw_nan = false;  // fmaxf drops NaN, and a thread whose values are all NaN/-inf sums nothing
@@ -67,11 +67,14 @@ __global__ void __launch_bounds__(BLOCK)
     });
     if (saw_nan) s = quiet_nan();  // merge_max_sum carries a NaN sum through to the log-sum-exp
     block_merge_max_sum<BLOCK>(m, s, scratch);
-    lse = m + __logf(s);  // NaN (NaN or +inf in the row), -inf (all -inf) or finite
+    row_max = m;
+    log_sum = __logf(s);
+    lse = m + log_sum;  // NaN (NaN or +inf in the row), -inf (all -inf) or finite
   }
   const bool finite_lse = fabsf(lse) < INFINITY;  // false for NaN and +-inf
   if (threadIdx.x == 0) {
-    loss_rows[r] = ignored ? 0.0f : ((bad || !finite_lse) ? quiet_nan() : lse - target_logit);
+    // (m - target) + log(s) rather than lse - target: a small loss next to a large max keeps its digits.
+    loss_rows[r] = ignored ? 0.0f : ((bad || !finite_lse) ? quiet_nan() : (row_max - target_logit) + log_sum);
   }
   if (grad == nullptr) return;
 

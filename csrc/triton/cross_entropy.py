@@ -51,7 +51,8 @@ def _cross_entropy_kernel(logits_ptr, logits_row_stride, targets_ptr, targets_st
     lse = row_max + tl.log(row_sum)
 
     target_logit = tl.load(row_ptr + target, mask=valid & ~ignored, other=0.0).to(tl.float32)
-    loss = tl.where(ignored, 0.0, tl.where(valid, lse - target_logit, float("nan")))
+    # (max - target) + log(sum) rather than lse - target: a small loss next to a large max keeps its digits.
+    loss = tl.where(ignored, 0.0, tl.where(valid, (row_max - target_logit) + tl.log(row_sum), float("nan")))
     tl.store(loss_ptr + row, loss)
 
     if WRITE_GRAD:

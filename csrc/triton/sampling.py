@@ -46,6 +46,9 @@ def _key_to_float(key):
     return tl.where(key32 < 0, key32 ^ 0x7FFFFFFF, key32).to(tl.float32, bitcast=True)
 
 
+_VALUE_SWEEPS = tl.constexpr(16)  # value-space midpoints before the keys take every other sweep
+
+
 @triton.jit
 def _kth_largest_key(row_base, row_ok, k, n_cols, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     """Key of each row's k-th largest value, by a bisection that snaps to the row's own values.
@@ -55,7 +58,10 @@ def _kth_largest_key(row_base, row_ok, k, n_cols, BLOCK_R: tl.constexpr, BLOCK_V
     in value space (key space as a fallback) and moves ``lo`` up to the smallest key
     ``>= mid`` or ``hi`` down to just above the largest key ``< mid``.  A row is done
     once exactly k keys are ``>= lo`` or ``hi = lo + 1``; typical logits need far fewer
-    sweeps than the 32 a plain bisection over 32-bit keys takes.
+    sweeps than the 32 a plain bisection over 32-bit keys takes.  A value midpoint need
+    not halve the key range, though (values spread over many powers of two move ``lo`` one
+    value per sweep), so after ``_VALUE_SWEEPS`` sweeps every other sweep bisects the keys:
+    that ends every row within ``_VALUE_SWEEPS + 2 * 33`` sweeps.
     """
     big = tl.full([BLOCK_R], 2147483648, tl.int64)
     lo = big
@@ -69,12 +75,13 @@ def _kth_largest_key(row_base, row_ok, k, n_cols, BLOCK_R: tl.constexpr, BLOCK_V
     done = (hi - lo <= 1) | (k >= n_cols) | (row_ok == 0)
     active = tl.sum((done == 0).to(tl.int32), 0)
     sweeps = tl.zeros([], tl.int32)
-    while (active > 0) & (sweeps < 64):
+    while (active > 0) & (sweeps < _VALUE_SWEEPS + 80):  # a guard only: rows end by 16 + 66 sweeps
         lo_v = _key_to_float(lo)
         hi_v = _key_to_float(hi)
         mid = _ordered_key(lo_v + (hi_v - lo_v) * 0.5).to(tl.int64)
-        # Infinite, NaN or adjacent endpoints: fall back to the midpoint of the keys.
-        mid = tl.where((mid > lo) & (mid < hi), mid, lo + (hi - lo) // 2)
+        # Infinite, NaN or adjacent endpoints, or a turn for the keys: the midpoint of the keys.
+        keys_turn = (sweeps >= _VALUE_SWEEPS) & (sweeps % 2 == 1)
+        mid = tl.where((mid > lo) & (mid < hi) & (keys_turn == 0), mid, lo + (hi - lo) // 2)
         count = tl.zeros([BLOCK_R], tl.int64)
         min_above = hi
         max_below = lo
@@ -171,7 +178,9 @@ def _sample_kernel(logits_ptr, row_stride, out_ptr, seed_ptr, temperature_ptr, t
             x = tl.load(row_base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
             u = tl.rand(row_seed[:, None], tl.broadcast_to(cols[None, :], [BLOCK_R, BLOCK_V]))
             gumbel = -tl.log(-tl.log(u))
-            kept = ok & (_ordered_key(x).to(tl.int64) >= threshold[:, None])
+            # A -inf logit is never kept: at T = inf its (-inf) * 0 would be a NaN score (softmax(x / T) tends to
+            # uniform over the finite logits).
+            kept = ok & (_ordered_key(x).to(tl.int64) >= threshold[:, None]) & (x > float("-inf"))
             # Shifted by the row max so x / T cannot overflow; scores are finite or -inf, never NaN.
             score = tl.where(kept, (x - shift[:, None]) * inv_t[:, None] + gumbel, float("-inf"))
             block_best = tl.max(score, 1)

@@ -119,6 +119,48 @@ void test_cross_entropy(int64_t rows, int64_t vocab, int64_t offset, int64_t pad
   }
 }
 
+// Rows the random ones never hold, one kind per row (V = 37, target 5 unless ignored):
+// 0 NaN first, 1 +inf last, 2 all -inf (loss and gradient NaN: no softmax); 3 a -inf target
+// (loss +inf, gradient finite); 4 ignored with a NaN (loss 0, gradient NaN as in PyTorch);
+// 5 ignored (loss 0, gradient 0); 6 confident with large logits: a loss of ~5e-5 next to a max
+// of 1000 must keep its digits (a relative check; the random rows' check is absolute there).
+template <typename T>
+void test_cross_entropy_special_rows() {
+  constexpr int64_t rows = 7, vocab = 37, target = 5;
+  std::vector<T> x(rows * vocab);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < vocab; ++j) x[r * vocab + j] = from_f<T>(0.25f * static_cast<float>((j * 7 + r) % 11) - 1.0f);
+  const float inf = std::numeric_limits<float>::infinity();
+  x[0 * vocab + 0] = from_f<T>(NAN);
+  x[1 * vocab + vocab - 1] = from_f<T>(inf);
+  for (int64_t j = 0; j < vocab; ++j) x[2 * vocab + j] = from_f<T>(-inf);
+  x[3 * vocab + target] = from_f<T>(-inf);
+  x[4 * vocab + 9] = from_f<T>(NAN);
+  for (int64_t j = 0; j < vocab; ++j) x[6 * vocab + j] = from_f<T>(j == target ? 1000.0f : 988.0f - static_cast<float>(j % 3));
+  std::vector<int64_t> targets = {target, target, target, target, -100, -100, target};
+  std::vector<float> loss(rows, -1.0f);
+  std::vector<T> g(rows * vocab);
+  CHECK(launch_cross_entropy_fwd(x.data(), vocab, ftype<T>(), targets.data(), true, rows, vocab, -100, loss.data(),
+                                 g.data(), vocab, nullptr) == cudaSuccess, "launch failed");
+  auto all_nan = [&](int64_t r) {
+    for (int64_t j = 0; j < vocab; ++j) if (!std::isnan(to_f(g[r * vocab + j]))) return false;
+    return true;
+  };
+  for (int64_t r : {0, 1, 2}) CHECK(std::isnan(loss[r]) && all_nan(r), "%s ce special row %lld: loss %g", tname<T>(), (long long)r, loss[r]);
+  CHECK(loss[3] == inf && to_f(g[3 * vocab + target]) == -1.0f, "%s ce -inf target: loss %g grad %g", tname<T>(), loss[3],
+        to_f(g[3 * vocab + target]));
+  CHECK(loss[4] == 0.0f && all_nan(4), "%s ce ignored NaN row: loss %g", tname<T>(), loss[4]);
+  bool zero = loss[5] == 0.0f;
+  for (int64_t j = 0; j < vocab; ++j) zero &= to_f(g[5 * vocab + j]) == 0.0f;
+  CHECK(zero, "%s ce ignored row: loss %g or a gradient not 0", tname<T>(), loss[5]);
+  double m = -INFINITY, s = 0;
+  for (int64_t j = 0; j < vocab; ++j) m = std::max(m, static_cast<double>(to_f(x[6 * vocab + j])));
+  for (int64_t j = 0; j < vocab; ++j) s += std::exp(to_f(x[6 * vocab + j]) - m);
+  const double ref = (m - to_f(x[6 * vocab + target])) + std::log(s);
+  CHECK(ref < 1e-3 && std::fabs(loss[6] - ref) <= 1e-2 * ref, "%s ce confident row: loss %.7g vs %.7g", tname<T>(),
+        loss[6], ref);
+}
+
 // ------------------------------------------------------------------ sampling
 
 struct SampleArgs {
@@ -338,6 +380,7 @@ void run_cross_entropy(bool quick) {
         test_cross_entropy<T, int64_t>(rows, vocab, offset, offset == 1 ? 5 : 0, mode, 11u * vocab + offset);
       }
   test_cross_entropy<T, int32_t>(8, 515, 2, 1, 1, 5);
+  test_cross_entropy_special_rows<T>();
 }
 
 // quick: greedy (ties, NaN, -inf rows), top-k support with ties (radix select), the
