@@ -1,7 +1,9 @@
 // SwiGLU, silu(gate) * up, forward and backward: elementwise, grid-stride, float32 math,
 // one rounding to the inputs' dtype.  With s = sigmoid(a) = 1 / (1 + exp(-a)):
 //   out = a / (1 + exp(-a)) * b,  d gate = grad * b * s * (1 + a (1 - s)),  d up = grad * a * s.
-// expf (not __expf) keeps the limits exact: -inf gives s = 0, +inf gives s = 1.
+// The build's --use_fast_math makes expf the fast exp2-based one; its limits stay exact (exp(-inf) = 0,
+// exp(inf) = inf), so -inf gives s = 0 and +inf gives s = 1.  Fast division returns 0 for a divisor past
+// 2^126: a gate below about -87 gives 0 where exact math gives a subnormal.
 #include "common.cuh"
 #include "layer_ops_launch.h"
 
