@@ -3,10 +3,11 @@
 // so with s = 1 / (1 + exp(-2u)):
 //   out = x / (1 + exp(-2u)),   dx = grad * (s + x * s (1 - s) * 2b (1 + 3k x^2)).
 // The build's --use_fast_math makes expf the fast exp2-based one; its limits stay exact, so
-// gelu(+inf) = +inf, gelu(-inf) = NaN as in the book's formula, and a large negative x gives zero.  The backward caps x^2 at 400 inside the polynomial:
-// past |x| = 20, s (1 - s) is exactly 0, and the cap keeps the product finite (limit 1 or 0, no
-// 0 * inf).  b is sqrt(2/pi) at the book's float32 value, which the host code takes from torch and
-// passes in (its last bit depends on the machine, see csrc/book_constants.h).
+// gelu(+inf) = +inf, gelu(-inf) = NaN as in the book's formula, and a large negative x gives zero.
+// The backward caps x^2 at 400 inside the polynomial: past |x| = 20, s (1 - s) is exactly 0, and
+// the cap keeps the product finite (limit 1 or 0, no 0 * inf).  b is sqrt(2/pi) at the book's
+// float32 value, which the host code takes from torch and passes in (its last bit depends on the
+// machine, see csrc/book_constants.h).
 #include "common.cuh"
 #include "layer_ops_launch.h"
 
