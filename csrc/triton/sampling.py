@@ -79,9 +79,9 @@ def _kth_largest_key(row_base, row_ok, k, n_cols, BLOCK_R: tl.constexpr, BLOCK_V
         lo_v = _key_to_float(lo)
         hi_v = _key_to_float(hi)
         mid = _ordered_key(lo_v + (hi_v - lo_v) * 0.5).to(tl.int64)
-        # Infinite, NaN or adjacent endpoints, or a turn for the keys: the midpoint of the keys.
-        keys_turn = (sweeps >= _VALUE_SWEEPS) & (sweeps % 2 == 1)
-        mid = tl.where((mid > lo) & (mid < hi) & (keys_turn == 0), mid, lo + (hi - lo) // 2)
+        # Infinite, NaN or adjacent endpoints, or the keys' turn: the midpoint of the keys.
+        values_turn = (sweeps < _VALUE_SWEEPS) | (sweeps % 2 == 0)
+        mid = tl.where((mid > lo) & (mid < hi) & values_turn, mid, lo + (hi - lo) // 2)
         count = tl.zeros([BLOCK_R], tl.int64)
         min_above = hi
         max_below = lo
