@@ -234,6 +234,86 @@ def test_models_without_the_book_layout_use_the_uncached_loop():
         generate_batch(model, [[1, 2]], 5)
 
 
+def test_a_model_training_with_dropout_draws_the_reference_tokens():
+    """In training mode dropout acts on every position the reference's loop feeds the model; the cached passes
+    see fewer positions, so such a model runs the uncached loop and draws the same random numbers."""
+    model = make_model(drop_rate=0.3).train()
+    idx = prompt(1, 4)
+    for temperature in (0.0, 1.0):
+        torch.manual_seed(7)
+        expected = ref_ch05.generate(model, idx, 10, 16, temperature=temperature)
+        torch.manual_seed(7)
+        assert torch.equal(generate(model, idx, 10, 16, temperature=temperature), expected)
+
+
+@pytest.mark.parametrize("where", ["model", "block", "attention", "global"])
+def test_forward_hooks_the_cached_passes_would_skip_are_honoured(where):
+    """The cached passes call a block's parts, not ``block(x)``: a hook on the model, a block or an attention
+    module (or a global one) sends generation through the model's own forward, as in the reference."""
+    model = make_model()
+    idx = prompt(2, 4)
+
+    def shift(module, args, output):
+        if isinstance(output, torch.Tensor):
+            output = output.clone()
+            output[..., 3] += 50.0
+        return output
+
+    target = {"model": model, "block": model.trf_blocks[0], "attention": model.trf_blocks[1].att}.get(where)
+    handle = (target.register_forward_hook(shift) if target is not None
+              else torch.nn.modules.module.register_module_forward_hook(
+                  lambda m, a, out: shift(m, a, out) if m is model.trf_blocks[0] else out))
+    try:
+        expected = ref_ch05.generate(model, idx, 8, 16)
+        assert not torch.equal(expected, ref_ch05.generate(make_model(), idx, 8, 16))  # the hook changes tokens
+        assert torch.equal(generate(model, idx, 8, 16), expected)
+    finally:
+        handle.remove()
+
+
+def test_a_patched_linear_forward_is_used_and_kept():
+    """A forward set on an ``nn.Linear`` instance (as wrappers do) computes the layer, and it is still there after
+    generation (the decode-time routing never replaces or removes it)."""
+    model = make_model()
+    original = model.out_head.forward
+
+    def boosted(x):
+        out = original(x)
+        out[..., 7] += 1000.0
+        return out
+
+    model.out_head.forward = boosted
+    idx = prompt(1, 4)
+    out = generate(model, idx, 5, 16)
+    assert torch.equal(out[:, 4:], torch.full((1, 5), 7))
+    assert model.out_head.__dict__.get("forward") is boosted
+    with ops.use_backend("auto"):
+        generate(model, idx, 3, 16)
+    assert model.out_head.__dict__.get("forward") is boosted
+
+
+def test_a_classifier_head_samples_over_its_own_outputs():
+    """The sampler takes the logits' width (the head's outputs), not the embedding's rows."""
+    model = make_model()
+    torch.manual_seed(3)
+    model.out_head = torch.nn.Linear(CFG["emb_dim"], 2)
+    idx = prompt(1, 4) % 2
+    assert torch.equal(generate(model, idx, 3, 16), ref_ch05.generate(model, idx, 3, 16))
+    torch.manual_seed(5)
+    expected = ref_ch05.generate(model, idx, 3, 16, temperature=1.0)
+    torch.manual_seed(5)
+    assert torch.equal(generate(model, idx, 3, 16, temperature=1.0), expected)
+
+
+def test_zero_dimensional_tensors_pass_as_ints():
+    model = make_model()
+    idx = prompt(1, 4)
+    expected = ref_ch05.generate(model, idx, 6, 16, eos_id=int(ref_ch05.generate(model, idx, 3, 16)[0, -1]))
+    eos = torch.tensor(int(expected[0, -1]))
+    got = generate(model, idx, torch.tensor(6), torch.tensor(16), eos_id=eos)
+    assert torch.equal(got, ref_ch05.generate(model, idx, torch.tensor(6), torch.tensor(16), eos_id=eos))
+
+
 def test_generation_leaves_the_model_and_autograd_alone():
     model = make_model()
     model.train()
@@ -476,11 +556,14 @@ def test_captured_steps_are_reused_only_when_free_and_for_the_same_weights(monke
     first = cuda_graphs.captured_decoder(runner, 2, 8)
     assert first.busy and first.cache.batch == 2 and first.cache.max_len == 8
     second = cuda_graphs.captured_decoder(runner, 2, 8)  # the first is still in use: a private one
-    assert second is not first and cuda_graphs._GRAPHS[(id(model), 2, 8)][0] is first
+    assert second is not first and cuda_graphs._GRAPHS[(id(model), 2, 8, ops.get_backend())][0] is first
     first.busy = False
     assert cuda_graphs.captured_decoder(runner, 2, 8) is first
     first.busy = False
     assert cuda_graphs.captured_decoder(runner, 3, 8) is not first
+    with ops.use_backend("auto"):  # another backend selection: other kernels, so another capture
+        assert cuda_graphs.captured_decoder(runner, 2, 8) is not first
+    first.busy = False
     model.out_head.weight = torch.nn.Parameter(model.out_head.weight.clone())  # new tensors: capture again
     assert cuda_graphs.captured_decoder(runner, 2, 8) is not first
     cuda_graphs.clear_cuda_graphs()

@@ -163,9 +163,10 @@ def test_positions_past_the_context_are_a_clear_error_and_change_nothing(which):
         assert o.current_pos == 30 and cache.get(0)[0].shape[2] == 30
         o(torch.zeros(1, 2, dtype=torch.long), cache=cache)  # exactly full is fine
         assert o.current_pos == 32
+        o.reset_kv_cache()
         with pytest.raises(ValueError, match="batch"):
-            o.reset_kv_cache()
             o(torch.zeros(3, 1, dtype=torch.long), cache=cache)  # a cache of batch 1 with 3 rows
+        assert o.current_pos == 0  # the refused call hands its positions back
 
 
 @pytest.mark.parametrize("which", ["llama", "qwen"])

@@ -6,6 +6,8 @@ import copy
 
 import torch
 
+from ..models.blocks import has_forward_hooks
+
 _BLOCK_PARTS = ("norm1", "att", "drop_resid", "ff", "norm2")
 _ATTENTION_PARTS = ("W_query", "W_key", "W_value", "out_proj", "num_heads", "head_dim", "d_out")
 _MODEL_PARTS = ("tok_emb", "pos_emb", "drop_emb", "trf_blocks", "final_norm", "out_head")
@@ -59,6 +61,43 @@ def is_decodable(model) -> bool:
             raise
         return False
     return True
+
+
+# Modules whose own forward a model from these packages runs: the cached passes may stand in for them.
+_LIBRARY_PACKAGES = ("gptfast", "llms_from_scratch")
+
+
+def _runs_library_forward(module) -> bool:
+    """True when calling ``module`` runs its class's forward from gptfast or the reference, with no hook and no
+    instance-level ``forward`` (a patched or wrapped module)."""
+    forward = getattr(type(module), "forward", None)
+    package = getattr(forward, "__module__", "").split(".")[0]
+    return package in _LIBRARY_PACKAGES and "forward" not in module.__dict__ and not has_forward_hooks(module)
+
+
+def _active_dropout(module) -> bool:
+    """True for a module in training mode that drops: an ``nn.Dropout`` with ``p > 0``, or an attention module
+    holding its dropout rate as a float (gptfast's fused ``MultiHeadAttention``)."""
+    if not module.training:
+        return False
+    if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+        return module.p > 0
+    rate = getattr(module, "dropout", None)
+    return isinstance(rate, float) and rate > 0
+
+
+def walk_reproduces_forward(model) -> bool:
+    """Whether the cached passes compute what ``model(idx)`` does, so generation may take them.
+
+    They call the model's parts themselves, in place of the forward of the model, of its blocks and
+    of their attention modules: those must run the library's own forward, unhooked and unpatched.
+    And no dropout may be active: the cached passes see fewer positions per call, so their random
+    draws would differ from the reference's (a model in training mode with dropout runs uncached).
+    """
+    bypassed = [model, *model.trf_blocks, *(block.att for block in model.trf_blocks)]
+    if not all(_runs_library_forward(module) for module in bypassed):
+        return False
+    return not any(_active_dropout(module) for module in model.modules())
 
 
 def context_length(model) -> int:

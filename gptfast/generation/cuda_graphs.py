@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
 from .cache import KVCache
 from .runner import CachedRunner
 
@@ -77,7 +78,8 @@ def captured_decoder(runner: CachedRunner, batch: int, max_len: int) -> CUDAGrap
     The returned decoder is marked busy; the run that got it sets ``busy = False`` when done.
     """
     model = runner.model
-    key = (id(model), batch, max_len)
+    # The captured kernels are the ones the backend selection chose at capture time.
+    key = (id(model), batch, max_len, ops.get_backend())
     pointers = tuple(p.data_ptr() for p in model.parameters())
     entry = _GRAPHS.get(key)
     if entry is not None and entry[0].runner.model is model and entry[1] == pointers and not entry[0].busy:

@@ -22,7 +22,9 @@ whose batch shape is fixed: there a finished row rides along for free in the
 weight-bound step).  On CPU the steps after the prompt run with torch's thread
 count or with one thread, whichever the first steps time faster (see
 :class:`DecodeThreads`).  Models without the book's ``GPTModel`` layout (or a Llama 3 / Qwen3 decoder's) fall back
-to the uncached loop.
+to the uncached loop, and so do models whose forward the cached passes would not reproduce: a hook or
+a patched ``forward`` on the model, a block or an attention module, or dropout active in training mode
+(:func:`~gptfast.generation.cache.walk_reproduces_forward`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import time
 import torch
 
 from .. import ops
-from .cache import KVCache, context_length, is_decodable, prepare_model
+from .cache import KVCache, context_length, is_decodable, prepare_model, walk_reproduces_forward
 from .cuda_graphs import captured_decoder, graph_capturable
 from .runner import CachedRunner
 
@@ -44,7 +46,15 @@ INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8
 # ----------------------------------------------------------------------------- validation
 
 
+def _as_int(value):
+    """``value`` as an int when it is one: a python int, or a 0-d integer tensor (the reference takes both)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype in INTEGER_DTYPES:
+        return int(value)
+    return value
+
+
 def _require_int(name, value, minimum):
+    value = _as_int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
@@ -75,6 +85,13 @@ def vocab_size(model):
     return tok_emb.weight.shape[0] if isinstance(tok_emb, torch.nn.Embedding) else None
 
 
+def logits_size(model):
+    """Columns of the model's logits: its ``out_head``'s outputs (a classifier's head may have 2), or None when
+    only the first logits can tell."""
+    head = getattr(model, "out_head", None)
+    return head.out_features if isinstance(head, torch.nn.Linear) else None
+
+
 def check_idx(idx, model):
     """Check the reference API's ``idx``: a non-empty ``(batch, tokens)`` tensor of in-vocabulary ids."""
     if not isinstance(idx, torch.Tensor):
@@ -101,6 +118,7 @@ def _eos_tensor(eos_id, batch, device):
     """``(batch,)`` int64 end-of-sequence ids, -1 where a row has none; ``None`` when no row has one."""
     if eos_id is None:
         return None
+    eos_id = _as_int(eos_id)
     if isinstance(eos_id, numbers.Integral) and not isinstance(eos_id, bool):
         return torch.full((batch,), int(eos_id), dtype=torch.long, device=device)
     if isinstance(eos_id, bool):
@@ -172,8 +190,11 @@ class Decoder:
                  *, dtype=None, cuda_graph=None):
         self.max_new_tokens = _require_int("max_new_tokens", max_new_tokens, 0)
         self.context_size = _require_int("context_size", context_size, 1)
-        self.cached = is_decodable(model)
-        if dtype is not None and not self.cached:
+        # A model the cache code can walk, whose forward the walk reproduces (no hook, no patched forward, no
+        # active dropout), takes the cached passes; the others run the reference's uncached loop.
+        self.decodable = is_decodable(model)
+        self.cached = self.decodable and walk_reproduces_forward(model)
+        if dtype is not None and not self.decodable:
             raise TypeError("dtype needs a model with the book's GPTModel layout or a Llama 3 / Qwen3 decoder")
         self.model = model  # replaced by its converted copy once every argument is checked
         device = model_device(model)
@@ -191,23 +212,23 @@ class Decoder:
         self._check_fits_model(context_size)
 
         self.temperature = _per_row("temperature", temperature, self.batch, device, torch.float32)
-        vocab = vocab_size(self.model) or 1
+        vocab = logits_size(self.model) or 1
         if isinstance(top_k, (list, tuple)):  # None in a row: keep the whole vocabulary
             top_k = [vocab if k is None else k for k in top_k]
         self.top_k = _per_row("top_k", top_k, self.batch, device, torch.int64)
         self.generator = generator
         # The sampling arguments are checked here, once per call and before any model work (values of
         # per-row tensors on CPU only); every step then draws without checking them again.
-        # A model without the book's tok_emb gets its sampler once its first logits show the vocabulary.
+        # A model without a linear out_head gets its sampler once its first logits show their size.
         self.sampling = dict(temperature=self.temperature, top_k=self.top_k, generator=generator)
-        self.draw = ops.sampler(self.batch, vocab, device, **self.sampling) if vocab_size(self.model) else None
+        self.draw = ops.sampler(self.batch, vocab, device, **self.sampling) if logits_size(self.model) else None
         self.eos = _eos_tensor(eos_id, self.batch, device)
         self.finished = [False] * self.batch
         self.new_counts = [0] * self.batch
         self.finished_at_eos = torch.zeros(self.batch, dtype=torch.bool, device=device)
         self.logits = None
 
-        if self.cached and dtype is not None:
+        if self.decodable and dtype is not None:
             self.model = prepare_model(model, dtype)
         self.runner = CachedRunner(self.model) if self.cached else None
         self.cache = None
@@ -225,7 +246,7 @@ class Decoder:
 
     def _check_fits_model(self, context_size):
         """The longest input the model will see must have position embeddings."""
-        if not self.cached or self.max_new_tokens == 0:
+        if not self.decodable or self.max_new_tokens == 0:
             return
         longest = min(context_size, max(self.prompt_lens) + self.max_new_tokens - 1)
         limit = context_length(self.model)

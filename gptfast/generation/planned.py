@@ -6,7 +6,7 @@ checks and a backend resolution: about 10 ms of a ~50 ms step on a 2-core CPU, s
 the memory bus, which sets the floor of a decode step, sits idle.  When every part of the
 model is one whose forward is known (gptfast's ``LayerNorm`` and ``GELU``, plain ``nn.Linear``,
 dropout that does nothing; for Llama 3 / Qwen3 gptfast's RMSNorms and SwiGLU feed-forward) and
-no hook is registered, :class:`PlannedGPTStep` / :class:`PlannedRotaryStep` run the kernels
+no hook or instance-level ``forward`` is set, :class:`PlannedGPTStep` / :class:`PlannedRotaryStep` run the kernels
 those forwards would pick, resolved once, on the same tensors and in the same order as
 :func:`~gptfast.models.gpt.residual_block` / :func:`~gptfast.generation.runner.rotary_block`.
 So their logits are bitwise the generic step's, and a model they cannot vouch for keeps the
@@ -29,7 +29,8 @@ from ..ops.rotary import rope_rows
 
 
 def _has_hooks(model) -> bool:
-    return any(has_forward_hooks(m) for m in model.modules())
+    """True when a module would run a hook, or a ``forward`` set on the instance, that the plan's kernels skip."""
+    return any(has_forward_hooks(m) or "forward" in m.__dict__ for m in model.modules())
 
 
 def _quiet(dropout) -> bool:
@@ -55,7 +56,8 @@ def plannable(model) -> bool:
 
     ``model`` must have the book's GPT layout built from gptfast's own modules (or plain
     ``nn.Linear``/``nn.Embedding``/``nn.Dropout``), its dropout must be inactive, and no
-    forward hook may be registered on it or globally (the plan skips the module calls).
+    forward hook or instance-level ``forward`` may be set on it or globally (the plan skips the
+    module calls).
     """
     return (type(model.tok_emb) is nn.Embedding and type(model.pos_emb) is nn.Embedding
             and model.tok_emb.max_norm is None and model.pos_emb.max_norm is None
@@ -179,7 +181,8 @@ def rotary_plannable(model) -> bool:
     """True when :class:`PlannedRotaryStep` may stand in for the generic cached step of ``model``.
 
     gptfast's Llama 3 / Qwen3 decoders (plain, KV-cache or batched variants) with dense
-    SwiGLU feed-forwards and gptfast's RMSNorms, no forward hook on them or globally.
+    SwiGLU feed-forwards and gptfast's RMSNorms, no forward hook (on them or globally) and no
+    instance-level ``forward``.
     """
     return (type(model.tok_emb) is nn.Embedding and model.tok_emb.max_norm is None
             and type(model.final_norm) in _RMS_NORMS and _plain_linear(model.out_head)

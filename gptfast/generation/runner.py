@@ -186,8 +186,10 @@ class RoutedLinears:
 
 
 def plain_linears(model) -> list:
-    """The model's linear layers whose forward is ``nn.Linear``'s own (subclasses that compute otherwise stay)."""
-    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and type(m).forward is torch.nn.Linear.forward]
+    """The model's linear layers whose forward is ``nn.Linear``'s own: subclasses that compute otherwise, and
+    layers whose ``forward`` was replaced on the instance (a wrapper's patch), stay as they are."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and type(m).forward is torch.nn.Linear.forward
+            and "forward" not in m.__dict__]
 
 
 def decode_linears(tokens: torch.Tensor, linears):
@@ -204,8 +206,10 @@ class CachedRunner:
     """Cached forward passes over an unchanged ``GPTModel``.
 
     Every pass runs under ``torch.no_grad`` and returns last-position logits
-    ``(B, vocab)``.  Dropout modules run in whatever mode the model is in, as in
-    the reference's ``generate``.
+    ``(B, vocab)``.  The passes call the model's parts, not the forward of the model, its
+    blocks or their attention, and the attention core runs without dropout: generation takes
+    them only where that computes what the model would
+    (:func:`~gptfast.generation.cache.walk_reproduces_forward`).
     """
 
     def __init__(self, model):

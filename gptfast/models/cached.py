@@ -38,7 +38,9 @@ def claim_positions(model, num_tokens: int, cache) -> int:
     """The position of the first of ``num_tokens`` new tokens; with a cache, advance ``model.current_pos``.
 
     Checked before anything changes: positions past the RoPE tables (the context
-    length) raise ``ValueError`` and leave ``current_pos`` as it was.
+    length) raise ``ValueError`` and leave ``current_pos`` as it was.  (A call refused
+    later, e.g. a batch the cache does not hold, hands its positions back:
+    :meth:`CachedDecoder.forward`.)
     """
     if cache is None:
         return 0
@@ -88,12 +90,17 @@ class CachedDecoder:
         """Logits ``(batch, tokens, vocab_size)``; with a :class:`KVCache` the tokens continue at ``current_pos``."""
         layers.check_token_ids(in_idx, self.cfg["vocab_size"], self.cos.shape[0])
         start = claim_positions(self, in_idx.shape[1], cache)
-        x = self.tok_emb(in_idx)
-        for i, block in enumerate(self.trf_blocks):
-            x, layer_cache = block(x, None, self.cos, self.sin, start_pos=start,
-                                   cache=cache.get(i) if cache is not None else None)
+        try:
+            x = self.tok_emb(in_idx)
+            for i, block in enumerate(self.trf_blocks):
+                x, layer_cache = block(x, None, self.cos, self.sin, start_pos=start,
+                                       cache=cache.get(i) if cache is not None else None)
+                if cache is not None:
+                    cache.update(i, layer_cache)
+        except Exception:
             if cache is not None:
-                cache.update(i, layer_cache)
+                self.current_pos = start  # a refused call (say, a batch the cache does not hold) moves nothing on
+            raise
         return output_logits(self.out_head, self.final_norm(x).to(self.cfg["dtype"]))
 
     def reset_kv_cache(self):
