@@ -384,7 +384,7 @@ def test_triton_kernel_bounds_checks_targets_and_refuses_float64(device):
     with pytest.raises(RuntimeError, match="float64"):
         ops.cross_entropy(logits.double(), targets, backend="triton")
     hidden, weight = torch.randn(3, 8, device=device), torch.randn(10, 8, device=device)
-    with pytest.raises(RuntimeError, match="bias dtype"):
+    with pytest.raises(TypeError, match="bias must have hidden's dtype"):
         ops.linear_cross_entropy(hidden, weight, targets, bias=torch.zeros(10, device=device, dtype=torch.float16),
                                  backend="triton")
 

@@ -408,3 +408,127 @@ def test_attention_non_finite_inputs_give_the_torch_result_class(backend, case):
         both = a.isfinite() & e.isfinite()
         torch.testing.assert_close(a[both], e[both], atol=1e-4, rtol=1e-4, msg=lambda m: f"{what}: {m}")
         assert not (a.isinf() & ~e.isinf()).any(), f"{what}: inf where the torch path has none"
+
+
+# --------------------------------------------------------------------------- second derivatives
+
+def _second_order_cases(device, dtype):
+    """``(name, inputs, f)``: ``f(*inputs, backend)`` a scalar whose gradient in ``inputs[0]`` depends on it."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    half = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    cos, sin = torch.cat([half.cos()] * 2, -1).to(device, dtype), torch.cat([half.sin()] * 2, -1).to(device, dtype)
+    targets = torch.tensor([1, 2, 0, 3], device=device)
+    return [
+        ("gelu", [rand(4, 8)], lambda x, b: ops.gelu(x, backend=b).pow(2).sum()),
+        ("swiglu", [rand(4, 8), rand(4, 8)], lambda a, u, b: ops.swiglu(a, u, backend=b).pow(2).sum()),
+        ("rms_norm", [rand(4, 8), rand(8)], lambda x, w, b: ops.rms_norm(x, w, backend=b).pow(2).sum()),
+        ("layer_norm", [rand(4, 8), rand(8), rand(8)],
+         lambda x, w, s, b: ops.layer_norm(x, w, s, backend=b).pow(3).sum()),
+        ("rope", [rand(1, 2, 5, 8)], lambda x, b: ops.rope(x, cos, sin, backend=b).pow(2).sum()),
+        ("causal_attention", [rand(1, 2, 5, 16), rand(1, 2, 5, 16), rand(1, 2, 5, 16)],
+         lambda q, k, v, b: ops.causal_attention(q, k, v, backend=b).pow(2).sum()),
+        ("cross_entropy", [rand(4, 6)], lambda x, b: ops.cross_entropy(x, targets, backend=b)),
+        ("linear_cross_entropy", [rand(4, 8), rand(6, 8)],
+         lambda h, w, b: ops.linear_cross_entropy(h, w, targets, backend=b)),
+        ("linear_cross_entropy none", [rand(4, 8), rand(6, 8)],
+         lambda h, w, b: ops.linear_cross_entropy(h, w, targets, reduction="none", backend=b).pow(2).sum()),
+    ]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_a_second_derivative_through_a_fused_backward_is_an_error_not_zero(backend):
+    """The backward kernels have no derivative of their own: differentiating a gradient taken with
+    create_graph=True through one raises (at once, or when the second backward reaches it) instead of
+    treating the kernel's gradient as a constant.  First derivatives under create_graph are unchanged."""
+    device = _device_for(backend)
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    for name, inputs, f in _second_order_cases(device, dtype):
+        xs = [t.detach().requires_grad_() for t in inputs]
+        with pytest.raises(RuntimeError, match="no derivative of its own"):
+            (grad,) = torch.autograd.grad(f(*xs, backend), xs[0], create_graph=True)
+            torch.autograd.grad(grad.pow(2).sum(), xs[0])
+        if "cross_entropy" in name:
+            continue  # no input is saved to tie the gradient to: the create_graph backward itself refuses
+        ref = [t.detach().requires_grad_() for t in inputs]
+        (expected,) = torch.autograd.grad(f(*ref, "torch"), ref[0])
+        xs = [t.detach().requires_grad_() for t in inputs]
+        (first,) = torch.autograd.grad(f(*xs, backend), xs[0], create_graph=True)
+        torch.testing.assert_close(first.detach(), expected, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_torch_backend_keeps_second_derivatives():
+    for name, inputs, f in _second_order_cases("cpu", torch.float64):
+        xs = [t.detach().requires_grad_() for t in inputs]
+        (grad,) = torch.autograd.grad(f(*xs, "torch"), xs[0], create_graph=True)
+        (second,) = torch.autograd.grad(grad.pow(2).sum(), xs[0])
+        assert second.abs().sum() > 0, name
+
+
+# --------------------------------------------------------------------------- linear cross-entropy edges
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_under_autocast_computes_as_the_torch_path_does(backend, reduction):
+    """Under autocast the head multiplies in the autocast dtype and the loss comes back in float32, as
+    F.cross_entropy(F.linear(...)) gives; the chunks' products with out= buffers no longer clash with it."""
+    if backend == "triton" and INTERPRETER:
+        pytest.skip("Triton's interpreter is trustworthy in float32 only")
+    device = _device_for(backend)
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(40, 16, generator=g), torch.randn(900, 16, generator=g)
+    targets = torch.randint(0, 900, (40,), generator=g)
+    results = {}
+    for name in (backend, "torch"):
+        h, w = hidden.to(device).requires_grad_(), weight.to(device).requires_grad_()
+        with torch.autocast(device, dtype=dtype):
+            loss = ops.linear_cross_entropy(h, w, targets.to(device), reduction=reduction, backend=name)
+        assert loss.dtype == torch.float32, (name, loss.dtype)
+        loss.sum().backward()
+        results[name] = (loss.detach().cpu(), h.grad.cpu(), w.grad.cpu())
+    for got, expected in zip(results[backend], results["torch"]):
+        torch.testing.assert_close(got, expected, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_int32_targets_with_an_ignore_index_past_int32_ignore_nothing(backend):
+    """2**32 + 1 is not 1: int32 targets are compared with a wide ignore_index in int64, as the kernels do."""
+    device = _device_for(backend)
+    g = torch.Generator().manual_seed(4)
+    logits, hidden, weight = torch.randn(3, 5, generator=g), torch.randn(3, 8, generator=g), torch.randn(5, 8, generator=g)
+    targets = torch.tensor([1, 2, 3], dtype=torch.int32)
+    for reduction in ("mean", "none"):
+        for fn, args in ((ops.cross_entropy, (logits,)), (ops.linear_cross_entropy, (hidden, weight))):
+            kwargs = dict(ignore_index=2**32 + 1, reduction=reduction)
+            got = fn(*(a.to(device) for a in args), targets.to(device), backend=backend, **kwargs)
+            expected = fn(*args, targets.long(), backend="torch", **kwargs)
+            torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        ops.cross_entropy(logits, targets, ignore_index=2**64, backend=backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_linear_cross_entropy_with_an_empty_hidden_dim_and_checked_bias(backend):
+    device = _device_for(backend)
+    hidden = torch.zeros(3, 0, device=device, requires_grad=True)
+    weight = torch.zeros(5, 0, device=device, requires_grad=True)
+    targets = torch.tensor([0, 1, 2], device=device)
+    loss = ops.linear_cross_entropy(hidden, weight, targets, backend=backend)
+    torch.testing.assert_close(loss.detach().cpu(), torch.tensor(math.log(5)))
+    loss.backward()
+    assert hidden.grad.shape == (3, 0) and weight.grad.shape == (5, 0)
+    h, w = torch.randn(3, 8, device=device), torch.randn(5, 8, device=device)
+    for bad in (torch.zeros(5, dtype=torch.int64, device=device), torch.zeros(5, dtype=torch.float64, device=device)):
+        with pytest.raises(TypeError, match="bias"):
+            ops.linear_cross_entropy(h, w, targets, bias=bad, backend=backend)
+
+
+def test_attention_without_heads_is_empty_on_every_backend():
+    q = k = v = torch.zeros(2, 0, 3, 8)
+    for backend in ["torch"] + [b for b in ("cpu",) if b in AVAILABLE]:
+        assert ops.causal_attention(q, k, v, backend=backend).shape == (2, 0, 3, 8)

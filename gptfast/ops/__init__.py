@@ -87,6 +87,7 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", backe
     returns one loss per target, in the targets' shape.
     """
     _checks.check_cross_entropy(logits, targets, ignore_index, reduction)
+    targets = _checks.comparable_targets(targets, ignore_index)
     kwargs = dict(ignore_index=int(ignore_index), reduction=reduction)
     _, fn = resolve("cross_entropy", logits.device, (logits, targets), kwargs, backend)
     return fn(logits, targets, **kwargs)
@@ -100,6 +101,7 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-10
     hidden is ``(..., H)``, weight ``(V, H)``, targets ``hidden.shape[:-1]``.
     """
     _checks.check_linear_cross_entropy(hidden, weight, targets, bias, ignore_index, reduction)
+    targets = _checks.comparable_targets(targets, ignore_index)
     kwargs = dict(bias=bias, ignore_index=int(ignore_index), reduction=reduction)
     _, fn = resolve("linear_cross_entropy", hidden.device, (hidden, weight, targets), kwargs, backend)
     return fn(hidden, weight, targets, **kwargs)

@@ -82,11 +82,32 @@ def check_targets(targets: torch.Tensor, expected_shape, num_classes: int, ignor
         raise ValueError(f"targets must have shape {tuple(expected_shape)}, got {tuple(targets.shape)}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if targets.device.type == "cpu" and targets.numel() > 0:
+        targets = comparable_targets(targets, ignore_index)
         bad = ((targets < 0) | (targets >= num_classes)) & (targets != ignore_index)
         if bool(bad.any()):
             value = int(targets[bad][0])
             raise ValueError(f"targets contains {value}, outside [0, {num_classes}) and not ignore_index={ignore_index}")
+
+
+def check_bias(bias, rows: int, dtype: torch.dtype, input_name: str) -> None:
+    """A linear layer's ``bias``: a ``(rows,)`` tensor of its input's ``dtype`` (``input_name`` says which input)."""
+    require_tensor("bias", bias)
+    if bias.shape != (rows,):
+        raise ValueError(f"bias must have shape ({rows},), got {tuple(bias.shape)}")
+    if bias.dtype != dtype:
+        raise TypeError(f"bias must have {input_name}'s dtype {dtype}, got {bias.dtype}")
+
+
+def comparable_targets(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``targets`` as they may be compared with ``ignore_index``: int32 targets widened to int64 when
+    ``ignore_index`` lies outside int32 (torch compares a Python int with an int32 tensor in int32, where
+    it wraps: 2**32 + 1 would match 1, which the kernels, comparing in int64, do not ignore)."""
+    if targets.dtype == torch.int32 and not -2**31 <= ignore_index < 2**31:
+        return targets.long()
+    return targets
 
 
 def check_cross_entropy(logits, targets, ignore_index, reduction) -> None:
@@ -114,9 +135,7 @@ def check_linear_cross_entropy(hidden, weight, targets, bias, ignore_index, redu
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden and weight must share one dtype, got {hidden.dtype} and {weight.dtype}")
     if bias is not None:
-        require_tensor("bias", bias)
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        check_bias(bias, weight.shape[0], hidden.dtype, "hidden")
         require_same_device(hidden=hidden, bias=bias)
     check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index)
     require_same_device(hidden=hidden, weight=weight, targets=targets)
@@ -294,11 +313,7 @@ def check_decode_linear(x, weight, bias) -> None:
     if weight.dtype != x.dtype:
         raise TypeError(f"x and weight must share one dtype, got {x.dtype} and {weight.dtype}")
     if bias is not None:
-        require_tensor("bias", bias)
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+        check_bias(bias, weight.shape[0], x.dtype, "x")
         require_same_device(x=x, weight=weight, bias=bias)
     else:
         require_same_device(x=x, weight=weight)

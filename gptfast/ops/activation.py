@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ._autograd import first_order_only
 from ._dispatch import bound_kernel, kernels, without_graph
 
 
@@ -70,9 +71,11 @@ def register(namespace: str, *, fakes: bool = True) -> None:
         torch.library.register_fake(f"{namespace}::swiglu_bwd")(_fake_swiglu_bwd)
         torch.library.register_fake(f"{namespace}::gelu_fwd")(_fake_gelu_fwd)
         torch.library.register_fake(f"{namespace}::gelu_bwd")(_fake_gelu_bwd)
-    torch.library.register_autograd(f"{namespace}::swiglu_fwd", _make_backward(namespace),
+    torch.library.register_autograd(f"{namespace}::swiglu_fwd",
+                                    first_order_only(f"{namespace}::swiglu", _make_backward(namespace)),
                                     setup_context=_setup_context)
-    torch.library.register_autograd(f"{namespace}::gelu_fwd", _make_gelu_backward(namespace),
+    torch.library.register_autograd(f"{namespace}::gelu_fwd",
+                                    first_order_only(f"{namespace}::gelu", _make_gelu_backward(namespace)),
                                     setup_context=_setup_context)
 
 

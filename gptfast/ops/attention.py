@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._autograd import first_order_only
 from ._dispatch import kernels, without_graph
 
 # Seeds stay below 2**31 so kernels keyed by Philox can put (batch, head) in the high word.
@@ -86,7 +87,8 @@ def register(namespace: str, *, fakes: bool = True) -> None:
         torch.library.register_fake(f"{namespace}::attention_bwd")(_fake_attention_bwd)
         if hasattr(kernels(namespace), "decode_attention"):
             torch.library.register_fake(f"{namespace}::decode_attention")(_fake_decode_attention)
-    torch.library.register_autograd(f"{namespace}::attention_fwd", _make_backward(namespace),
+    torch.library.register_autograd(f"{namespace}::attention_fwd",
+                                    first_order_only(f"{namespace}::causal_attention", _make_backward(namespace)),
                                     setup_context=_setup_context)
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import _python_dispatch
 
+from ._autograd import first_order_only, guard_second_derivative, second_derivative_message
 from ._dispatch import kernels, without_graph
 from .linear import linear_backward, save_linear_inputs
 
@@ -121,7 +122,7 @@ def register(namespace: str, *, fakes: bool = True) -> None:
         (grad,) = ctx.saved_tensors
         return scale_saved_grad(grad, grad_loss_rows.unsqueeze(1)), None, None, None
 
-    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+    torch.library.register_autograd(op_name, first_order_only(op_name, backward), setup_context=setup_context)
 
 
 # --------------------------------------------------------------------------- cross-entropy
@@ -403,6 +404,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                                   need if precompute else (False, False, False))
         ctx.reduction, ctx.ignore_index, ctx.need, ctx.kernel = reduction, ignore_index, need, kernel
         ctx.weight_dtype = weight.dtype
+        ctx.op_name = op_name
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, targets)
             return loss_rows.to(hidden.dtype)
@@ -414,10 +416,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        anchors = [*ctx.saved_tensors, grad_loss] if torch.is_grad_enabled() else []
         if ctx.reduction == "none":
             hidden, weight, bias, targets = ctx.saved_tensors
-            _, gh, gw, gb = _linear_ce_chunks(ctx.kernel, hidden, weight, bias, targets, ctx.ignore_index,
-                                              grad_loss.to(acc_dtype(hidden.dtype)), ctx.need)
+            with torch.no_grad():  # kernel results either way (create_graph is refused below)
+                _, gh, gw, gb = _linear_ce_chunks(ctx.kernel, hidden, weight, bias, targets, ctx.ignore_index,
+                                                  grad_loss.to(acc_dtype(hidden.dtype)), ctx.need)
         else:
             ctx.saved_gradient.take()
             factor = grad_loss.to(acc_dtype(grad_loss.dtype))
@@ -427,14 +431,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ctx.grads = None
         gw = gw.to(ctx.weight_dtype) if gw is not None else None
         gb = gb.to(ctx.weight_dtype) if gb is not None else None
+        if torch.is_grad_enabled():
+            gh, gw, gb = guard_second_derivative(second_derivative_message(ctx.op_name), (gh, gw, gb), anchors)
         return gh, gw, gb, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(ops, hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean"):
     """Cross-entropy of the output head on ``ops``' cross-entropy kernel, without the ``(N, V)`` logits."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type) and hidden.dtype != torch.float64:  # (autocast leaves float64)
+        # As under autocast F.linear multiplies in the autocast dtype and F.cross_entropy returns float32:
+        # the chunks take the cast inputs with autocast off (their out= products keep the dtypes given).
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            loss = fused_linear_cross_entropy(ops, hidden.to(dtype), weight.to(dtype), targets,
+                                              bias=None if bias is None else bias.to(dtype),
+                                              ignore_index=ignore_index, reduction=reduction)
+        return loss.float()
     kernel = _gradient_in_place(kernels(ops).cross_entropy_fwd, _inplace_kernel(ops))
     op_name = f"{ops}::cross_entropy_fwd (linear cross-entropy)" if isinstance(ops, str) else "linear cross-entropy"
-    flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    flat = hidden.reshape(hidden.shape[:-1].numel(), hidden.shape[-1]).contiguous()  # (-1 cannot size H = 0)
     flat_targets = _flat_targets(targets)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
         # No gradient will be asked for (evaluation, no_grad): the loss only, without the Function, whose

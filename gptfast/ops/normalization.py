@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from ._autograd import first_order_only
 from ._dispatch import bound_kernel, kernels, without_graph
 
 
@@ -97,9 +98,11 @@ def register(namespace: str, *, fakes: bool = True) -> None:
         torch.library.register_fake(f"{namespace}::rms_norm_bwd")(_fake_rms_norm_bwd)
         torch.library.register_fake(f"{namespace}::layer_norm_fwd")(_fake_layer_norm_fwd)
         torch.library.register_fake(f"{namespace}::layer_norm_bwd")(_fake_layer_norm_bwd)
-    torch.library.register_autograd(f"{namespace}::rms_norm_fwd", _make_backward(namespace),
+    torch.library.register_autograd(f"{namespace}::rms_norm_fwd",
+                                    first_order_only(f"{namespace}::rms_norm", _make_backward(namespace)),
                                     setup_context=_setup_context)
-    torch.library.register_autograd(f"{namespace}::layer_norm_fwd", _make_layer_norm_backward(namespace),
+    torch.library.register_autograd(f"{namespace}::layer_norm_fwd",
+                                    first_order_only(f"{namespace}::layer_norm", _make_layer_norm_backward(namespace)),
                                     setup_context=_setup_layer_norm_context)
 
 

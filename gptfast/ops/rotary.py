@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ._autograd import first_order_only
 from ._dispatch import bound_kernel, kernels, without_graph
 
 
@@ -46,7 +47,8 @@ def register(namespace: str, *, fakes: bool = True) -> None:
     if fakes:
         torch.library.register_fake(f"{namespace}::rope_fwd")(_fake_rope)
         torch.library.register_fake(f"{namespace}::rope_bwd")(_fake_rope)
-    torch.library.register_autograd(f"{namespace}::rope_fwd", _make_backward(namespace),
+    torch.library.register_autograd(f"{namespace}::rope_fwd",
+                                    first_order_only(f"{namespace}::rope", _make_backward(namespace)),
                                     setup_context=_setup_context)
 
 

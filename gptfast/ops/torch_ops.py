@@ -30,7 +30,7 @@ def causal_attention(q, k, v, *, dropout_p=0.0, training=False, scale=None):
     Grouped k/v ``(B, H_kv, Tk, D)`` are expanded to the query heads with ``repeat_interleave``,
     as the reference's ``GroupedQueryAttention`` does before its own matmuls.
     """
-    group = q.shape[1] // k.shape[1]
+    group = q.shape[1] // k.shape[1] if k.shape[1] else 1  # no heads at all: nothing to expand
     if group != 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = q @ k.transpose(2, 3)
