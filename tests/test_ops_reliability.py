@@ -532,3 +532,21 @@ def test_attention_without_heads_is_empty_on_every_backend():
     q = k = v = torch.zeros(2, 0, 3, 8)
     for backend in ["torch"] + [b for b in ("cpu",) if b in AVAILABLE]:
         assert ops.causal_attention(q, k, v, backend=backend).shape == (2, 0, 3, 8)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_rope_tables_that_need_a_gradient_take_the_torch_path(backend):
+    """The fused kernels give cos/sin no gradient: "auto" runs such a call on the torch path (the tables get
+    their gradient), a named fused backend refuses it, and constant tables keep the kernels."""
+    device = _device_for(backend)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 2, 5, 16, generator=g).to(device)
+    cos, sin = (torch.randn(5, 16, generator=g).to(device).requires_grad_() for _ in range(2))
+    with pytest.raises(RuntimeError, match="no gradient"):
+        ops.rope(x, cos, sin, backend=backend)
+    with torch.no_grad():
+        ops.rope(x, cos, sin, backend=backend)  # no gradient wanted: the kernels serve it
+    ops.rope(x, cos.detach(), sin.detach(), backend=backend)
+    with ops.use_backend("auto"):
+        ops.rope(x, cos, sin).sum().backward()
+    assert cos.grad is not None and sin.grad is not None

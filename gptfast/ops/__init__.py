@@ -214,12 +214,15 @@ def rope(x, cos, sin, *, offset=0, positions=None, backend=None):
 
     ``x * cos[p] + cat(-x2, x1) * sin[p]`` where token ``t`` sits at position
     ``p = offset + t``, or ``p = positions[b, t]`` with per-row ``positions`` ``(B, T)``
-    (a left-padded batch in KV-cache decode).  The result has ``x``'s dtype.
+    (a left-padded batch in KV-cache decode).  The result has ``x``'s dtype.  Tables that
+    require grad get one on the torch path only (``"auto"`` takes it for such calls).
     """
     _checks.check_rope(x, cos, sin, offset, positions)
     kwargs = dict(offset=int(offset), positions=positions)
     _, fn = resolve("rope", x.device, (x, cos, sin), kwargs, backend)
     return fn(x, cos, sin, **kwargs)
+
+
 def decode_linear(x, weight, bias=None, *, backend=None):
     """``x @ weight.T + bias`` for a few rows of ``x`` (``F.linear``), the matrix-vector products of decoding.
 

@@ -241,6 +241,13 @@ class use_backend:
         _state.backend = self._previous
 
 
+def _fused_limit(op: str):
+    """The op module's ``fn(*args, **kwargs) -> reason | None`` for calls no fused backend can run, or ``None``."""
+    from . import rotary
+
+    return {"rope": rotary.fused_rope_limit}.get(op)
+
+
 def _serves(module: ModuleType, op: str, device: torch.device, args, kwargs) -> str | None:
     """``None`` if ``module`` can run ``op`` for these inputs, else why not."""
     if device.type not in module.DEVICES:
@@ -249,6 +256,15 @@ def _serves(module: ModuleType, op: str, device: torch.device, args, kwargs) -> 
         return f"it does not implement {op}"
     supports = getattr(module, "supports", None)
     return supports(op, *args, **kwargs) if supports is not None else None
+
+
+def _serves_fused(module: ModuleType, op: str, device: torch.device, args, kwargs) -> str | None:
+    """:func:`_serves` for a fused (kernel) backend: also the op's own limits on fused kernels."""
+    reason = _serves(module, op, device, args, kwargs)
+    limit = _fused_limit(op)
+    if reason is None and limit is not None and args:
+        reason = limit(*args, **kwargs)
+    return reason
 
 
 def fused_entry_point(op: str, device: torch.device, args=(), kwargs=None):
@@ -268,13 +284,14 @@ def resolve(op: str, device: torch.device, args=(), kwargs=None, backend: str | 
     if name != "auto":
         reason = unavailable_reason(name)
         if reason is None:
-            reason = _serves(_modules[name], op, device, args, kwargs)
+            serves = _serves if name == "torch" else _serves_fused
+            reason = serves(_modules[name], op, device, args, kwargs)
         if reason is not None:
             raise RuntimeError(f"gptfast backend {name!r} cannot run {op}: {reason}")
         return name, getattr(_modules[name], op)
     for candidate in BACKENDS:
         if candidate != "torch" and unavailable_reason(candidate) is None:
             module = _modules[candidate]
-            if op in module.AUTO_OPS and _serves(module, op, device, args, kwargs) is None:
+            if op in module.AUTO_OPS and _serves_fused(module, op, device, args, kwargs) is None:
                 return candidate, getattr(module, op)
     return "torch", getattr(_load("torch"), op)

@@ -7,7 +7,8 @@ The kernels are two torch ops with one schema in each namespace (csrc/schemas.h)
 
 RoPE is a rotation per pair ``(x[j], x[j + D/2])``, linear in ``x``: the backward is the
 transposed rotation of the upstream gradient, so nothing but the tables is saved.  The
-tables get no gradient (they are constants of the model).  Conventions held here: the
+tables get no gradient (they are constants of the model); a call whose tables require one is
+not served here (:func:`fused_rope_limit`), so it takes the torch path.  Conventions held here: the
 per-row ``positions`` go to the kernels as int64, ``offset`` is unused with them, and ``x``
 may be a strided view (the heads of a projection) as long as ``D`` is unit-stride.
 """
@@ -50,6 +51,14 @@ def register(namespace: str, *, fakes: bool = True) -> None:
     torch.library.register_autograd(f"{namespace}::rope_fwd",
                                     first_order_only(f"{namespace}::rope", _make_backward(namespace)),
                                     setup_context=_setup_context)
+
+
+def fused_rope_limit(x, cos, sin, **_):
+    """Why no fused backend runs this call, or ``None``: the kernels give the tables no gradient, so tables
+    that need one take the torch path under ``"auto"`` (a named fused backend refuses the call)."""
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        return "cos/sin require grad, and the fused kernels give the RoPE tables no gradient"
+    return None
 
 
 def fused_rope(ops, x, cos, sin, *, offset=0, positions=None):
