@@ -172,13 +172,16 @@ def test_seeded_sampling_draws_the_reference_tokens(temperature, top_k, context_
     assert torch.equal(after_ours, torch.rand(3)), "the global RNG must end where the reference leaves it"
 
 
+def assert_seeded_draws_match(model, idx, max_new_tokens, context_size, seed, **sampling):
+    """``generate`` draws the reference's tokens under one torch seed."""
+    torch.manual_seed(seed)
+    expected = ref_ch05.generate(model, idx, max_new_tokens, context_size, **sampling)
+    torch.manual_seed(seed)
+    assert torch.equal(generate(model, idx, max_new_tokens, context_size, **sampling), expected)
+
+
 def test_seeded_batch_sampling_draws_the_reference_tokens():
-    model = make_model()
-    idx = prompt(4, 5)
-    torch.manual_seed(9)
-    expected = ref_ch05.generate(model, idx, 16, 8, temperature=1.2)
-    torch.manual_seed(9)
-    assert torch.equal(generate(model, idx, 16, 8, temperature=1.2), expected)
+    assert_seeded_draws_match(make_model(), prompt(4, 5), 16, 8, seed=9, temperature=1.2)
 
 
 def test_seeded_sampling_is_reproducible_and_depends_on_the_seed():
@@ -240,10 +243,7 @@ def test_a_model_training_with_dropout_draws_the_reference_tokens():
     model = make_model(drop_rate=0.3).train()
     idx = prompt(1, 4)
     for temperature in (0.0, 1.0):
-        torch.manual_seed(7)
-        expected = ref_ch05.generate(model, idx, 10, 16, temperature=temperature)
-        torch.manual_seed(7)
-        assert torch.equal(generate(model, idx, 10, 16, temperature=temperature), expected)
+        assert_seeded_draws_match(model, idx, 10, 16, seed=7, temperature=temperature)
 
 
 @pytest.mark.parametrize("where", ["model", "block", "attention", "global"])
@@ -299,10 +299,7 @@ def test_a_classifier_head_samples_over_its_own_outputs():
     model.out_head = torch.nn.Linear(CFG["emb_dim"], 2)
     idx = prompt(1, 4) % 2
     assert torch.equal(generate(model, idx, 3, 16), ref_ch05.generate(model, idx, 3, 16))
-    torch.manual_seed(5)
-    expected = ref_ch05.generate(model, idx, 3, 16, temperature=1.0)
-    torch.manual_seed(5)
-    assert torch.equal(generate(model, idx, 3, 16, temperature=1.0), expected)
+    assert_seeded_draws_match(model, idx, 3, 16, seed=5, temperature=1.0)
 
 
 def test_zero_dimensional_tensors_pass_as_ints():
