@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text", "atomic_savefig", "check_writable_dir"]
+__all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text", "atomic_savefig", "check_writable_dir",
+           "save_response", "path_inside"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -101,3 +102,33 @@ def check_writable_dir(path: str | os.PathLike, *, name: str = "out_dir") -> Pat
     except OSError as exc:
         raise ValueError(f"{name} {str(folder)!r} is not writable: {exc.strerror or exc}") from None
     return folder
+
+
+def save_response(response, destination: str | os.PathLike, progress=None) -> int:
+    """Write an HTTP ``response``'s body to ``destination`` through :func:`atomic_write`; return its size.
+
+    ``progress(n)`` is called after each chunk of ``n`` bytes.  A server that closes before the
+    ``Content-Length`` it announced gets a ``ConnectionError`` and leaves no file: a short body reads
+    as a normal end of data, and kept, it would later pass for the complete file.
+    """
+    size = int(response.headers.get("Content-Length", 0) or 0)
+    received = 0
+    with atomic_write(destination, "wb") as out:
+        while chunk := response.read(1 << 16):
+            out.write(chunk)
+            received += len(chunk)
+            if progress is not None:
+                progress(len(chunk))
+        if size and received != size:
+            raise ConnectionError(f"the connection closed after {received} of {size} bytes")
+    return received
+
+
+def path_inside(folder: str | os.PathLike, name: str) -> Path:
+    """``folder / name``, or ``ValueError`` when ``name`` (a file name from a server or an index file) would
+    lead outside ``folder`` (``..`` parts, an absolute path)."""
+    base = Path(folder).resolve()
+    path = (base / name).resolve()
+    if path != base and base not in path.parents:
+        raise ValueError(f"file name {name!r} leads outside {str(folder)!r}")
+    return Path(folder) / name

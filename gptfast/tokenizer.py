@@ -6,10 +6,10 @@ downloads for ``get_encoding("gpt2")``), so building the encoding needs no netwo
 
 from __future__ import annotations
 
+import base64
 import functools
 
 import tiktoken
-import tiktoken.load
 
 from .resources import resource_path
 
@@ -23,10 +23,31 @@ except ImportError:  # older tiktoken without the constant
     _GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 
 
+def read_tiktoken_ranks(path) -> dict[bytes, int]:
+    """Parse a tiktoken BPE file (one ``base64-token rank`` pair per line).
+
+    Read directly rather than through ``tiktoken.load``, which copies a local file into its
+    download cache (a shared temporary folder by default) and later reads that copy unchecked.
+    """
+    ranks = {}
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError as exc:
+                raise ValueError(f"{path} line {number} is not 'base64-token rank': {line[:80]!r}") from exc
+    if not ranks:
+        raise ValueError(f"{path} holds no BPE ranks")
+    return ranks
+
+
 @functools.lru_cache(maxsize=1)
 def get_tokenizer() -> tiktoken.Encoding:
     """The GPT-2 encoding (50,257 tokens), equal to ``tiktoken.get_encoding("gpt2")``."""
-    ranks = tiktoken.load.load_tiktoken_bpe(str(resource_path("gpt2.tiktoken")))
+    ranks = read_tiktoken_ranks(resource_path("gpt2.tiktoken"))
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=_GPT2_PATTERN,

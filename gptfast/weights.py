@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import atomic_write
+from .files import save_response
 
 GPT2_MODEL_SIZES = ("124M", "355M", "774M", "1558M")
 GPT2_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
@@ -298,16 +298,8 @@ def download_file(url, destination, backup_url=None):
             size = int(response.headers.get("Content-Length", 0) or 0)
             if os.path.exists(destination) and size and os.path.getsize(destination) == size:
                 return
-            received = 0
-            with tqdm(total=size, unit="iB", unit_scale=True, desc=os.path.basename(address)) as bar, \
-                    atomic_write(destination, "wb") as out:
-                while chunk := response.read(1 << 16):
-                    out.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-                if size and received != size:
-                    # Raising inside atomic_write drops the partial file.
-                    raise ConnectionError(f"the connection closed after {received} of {size} bytes")
+            with tqdm(total=size, unit="iB", unit_scale=True, desc=os.path.basename(address)) as bar:
+                save_response(response, destination, bar.update)
 
     errors = []
     for address in (url, backup_url):
@@ -330,6 +322,7 @@ def download_and_load_gpt2(model_size, models_dir):
     """
     if model_size not in GPT2_MODEL_SIZES:
         raise ValueError(f"Model size not in {GPT2_MODEL_SIZES}")
+    tf = _import_tensorflow()  # before any download: without TensorFlow the files could not be read
     model_dir = os.path.join(models_dir, model_size)
     os.makedirs(model_dir, exist_ok=True)
     for filename in GPT2_FILES:
@@ -338,7 +331,6 @@ def download_and_load_gpt2(model_size, models_dir):
             continue  # already downloaded: works offline
         download_file(f"{GPT2_BASE_URL}/{model_size}/{filename}", path,
                       f"{GPT2_BACKUP_URL}/{model_size}/{filename}")
-    tf = _import_tensorflow()
     hparams = Path(model_dir, "hparams.json")
     try:
         settings = json.loads(hparams.read_text(encoding="utf-8"))

@@ -35,6 +35,22 @@ def test_offline_tokenizer_equals_tiktoken_gpt2():
     assert ours.decode(ours.encode(samples[2])) == samples[2]
 
 
+def test_the_tokenizer_reads_the_shipped_ranks_not_tiktokens_cache(monkeypatch):
+    """tiktoken's loader copies a local file into a shared cache folder and later reads that copy unchecked;
+    the shipped ranks are read directly."""
+    import tiktoken.load
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tiktoken.load was used")
+
+    monkeypatch.setattr(tiktoken.load, "load_tiktoken_bpe", refuse)
+    get_tokenizer.cache_clear()
+    try:
+        assert get_tokenizer().encode("Every effort moves you") == [6109, 3626, 6100, 345]
+    finally:
+        get_tokenizer.cache_clear()
+
+
 def test_dataset_windows_and_too_short_text():
     tok = get_tokenizer()
     ds = GPTDatasetV1(default_text(), tok, max_length=4, stride=1)

@@ -1,6 +1,7 @@
 """gptfast.qwen3 against ``llms_from_scratch.qwen3``: same API, same parameters, same logits."""
 
 import io
+import json
 import sys
 import types
 import urllib.error
@@ -248,6 +249,10 @@ def test_loader_names_the_missing_or_misshapen_tensor():
 
 
 class _FakeResponse(io.BytesIO):
+    def __init__(self, body, length=None):
+        super().__init__(body)
+        self.headers = {"Content-Length": str(len(body) if length is None else length)}
+
     def __enter__(self):
         return self
 
@@ -287,6 +292,28 @@ def test_failed_download_names_the_url_and_leaves_no_file(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="cut off"):
         ours.download_from_huggingface("x/y", "tokenizer.json", str(tmp_path))
     assert list(tmp_path.iterdir()) == []  # no truncated file a later run would take for the real one
+
+
+def test_a_cut_short_download_is_an_error_and_leaves_no_file(tmp_path, monkeypatch):
+    """A server closing early reads as a normal end of data: the announced length tells it apart."""
+    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda url: _FakeResponse(b'{"hel', length=12))
+    with pytest.raises(OSError, match="closed after 5 of 12 bytes"):
+        ours.download_from_huggingface("x/y", "tokenizer.json", str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_file_names_cannot_lead_outside_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda url: _FakeResponse(b"{}"))
+    with pytest.raises(ValueError, match="leads outside"):
+        ours.download_from_huggingface("x/y", "../escaped.json", str(tmp_path / "sub"))
+    assert not (tmp_path / "escaped.json").exists()
+    path = ours.download_from_huggingface("x/y", "nested/tokenizer.json", str(tmp_path / "sub"))
+    assert open(path, "rb").read() == b"{}"
+    folder = write_checkpoint({"model.norm.weight": torch.ones(4)}, tmp_path / "ckpt", shards=1)
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"model.norm.weight": "../outside.safetensors"}}))
+    with pytest.raises(ValueError, match="leads outside"):
+        hub.load_safetensors_folder(folder)
 
 
 def test_snapshot_download_returns_the_checkpoint_tensors(tmp_path, monkeypatch):

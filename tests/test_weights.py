@@ -517,10 +517,18 @@ def test_missing_tensorflow_gives_a_clear_import_error(monkeypatch):
 
 
 def test_download_offline_raises_connection_error(tmp_path, monkeypatch):
+    calls = []
+
     def offline(*args, **kwargs):
+        calls.append(args)
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(weights.urllib.request, "urlopen", offline)
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # not installed: said before any download
+    with pytest.raises(ImportError, match="needs TensorFlow"):
+        weights.download_and_load_gpt2("124M", tmp_path)
+    assert calls == []
+    monkeypatch.setitem(sys.modules, "tensorflow", _fake_tensorflow({}))
     with pytest.raises(ConnectionError, match="could not download checkpoint"):
         weights.download_and_load_gpt2("124M", tmp_path)
     with pytest.raises(ValueError, match="Model size"):

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import torch
 
-from ..files import atomic_write
+from ..files import path_inside, save_response
 
 __all__ = ["HF_BASE_URL", "download_from_huggingface", "download_from_huggingface_from_snapshots",
            "load_safetensors_folder", "assign", "load_tensor_into", "hf_blocks_to_fill"]
@@ -29,19 +28,19 @@ SHARD_INDEX = "model.safetensors.index.json"
 def download_from_huggingface(repo_id, filename, local_dir, revision="main"):
     """Download ``filename`` of Hub repository ``repo_id`` into ``local_dir`` unless it is already there.
 
-    Returns the local path.  A failed download raises ``OSError`` naming the URL and
-    leaves nothing behind.
+    Returns the local path.  A failed or cut-short download raises ``OSError`` naming the URL
+    and leaves nothing behind; a ``filename`` leading outside ``local_dir`` is a ``ValueError``.
     """
     url = f"{HF_BASE_URL}/{repo_id}/resolve/{revision}/{filename}"
-    Path(local_dir).mkdir(parents=True, exist_ok=True)
-    dest_path = os.path.join(local_dir, filename)
+    dest_path = str(path_inside(local_dir, filename))
+    Path(dest_path).parent.mkdir(parents=True, exist_ok=True)
     if os.path.exists(dest_path):
         print(f"File already exists: {dest_path}")
         return dest_path
     print(f"Downloading {url} to {dest_path}...")
     try:
-        with urllib.request.urlopen(url) as response, atomic_write(dest_path, "wb") as handle:
-            shutil.copyfileobj(response, handle, length=1 << 20)
+        with urllib.request.urlopen(url) as response:
+            save_response(response, dest_path)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise OSError(f"could not download {url} to {dest_path}: {reason}") from exc
@@ -65,7 +64,7 @@ def load_safetensors_folder(folder):
             raise ValueError(f"{index_path} has no 'weight_map' of tensor names to shard files")
         weights = {}
         for shard in sorted(set(weight_map.values())):
-            shard_path = folder / shard
+            shard_path = path_inside(folder, shard)
             if not shard_path.is_file():
                 raise FileNotFoundError(f"{index_path} names shard {shard!r}, which is not in {folder}")
             weights.update(load_file(str(shard_path)))

@@ -7,13 +7,13 @@ this model is built from.
 
 from __future__ import annotations
 
-import base64
 import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from ..tokenizer import read_tiktoken_ranks
 from . import layers
 from .blocks import PreNormBlock, output_logits
 from .hub import assign, hf_blocks_to_fill, load_tensor_into
@@ -238,27 +238,6 @@ def _llama3_special_tokens():
     return special
 
 
-def _read_tiktoken_ranks(path: str) -> dict[bytes, int]:
-    """Parse a tiktoken BPE file (one ``base64-token rank`` pair per line).
-
-    Read directly rather than through ``tiktoken.load``, which would copy a local
-    file into its download cache.
-    """
-    ranks = {}
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
-            except ValueError as exc:
-                raise ValueError(f"{path} line {number} is not 'base64-token rank': {line[:80]!r}") from exc
-    if not ranks:
-        raise ValueError(f"{path} holds no BPE ranks")
-    return ranks
-
-
 class Llama3Tokenizer:
     """Llama 3's tiktoken BPE (Meta's ``tokenizer.model``) plus its special-token ids."""
 
@@ -272,7 +251,7 @@ class Llama3Tokenizer:
         self.model = tiktoken.Encoding(
             name=Path(model_path).name,
             pat_str=_LLAMA3_SPLIT_PATTERN,
-            mergeable_ranks=_read_tiktoken_ranks(model_path),
+            mergeable_ranks=read_tiktoken_ranks(model_path),
             special_tokens=self.special,
         )
 
