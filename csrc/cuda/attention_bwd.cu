@@ -186,7 +186,11 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_kernel(const BwdPar
       }
     }
     const float inv_keep = dropout ? p.dropout.inv_keep : 1.f;
-    auto dropped = [&](float x, int i, int e) { return x * ((keep_bits >> (4 * i + e)) & 1u ? inv_keep : 0.f); };
+    // x times mask / (1 - p), not a choice between x * inv_keep and 0, so a dropped NaN stays NaN (torch's
+    // dropout multiplies).  The factor is built from its bits: selecting it instead spilled registers at D = 128.
+    auto dropped = [&](float x, int i, int e) {
+      return x * __uint_as_float(__float_as_uint(inv_keep) & (0u - ((keep_bits >> (4 * i + e)) & 1u)));
+    };
 
     // dV += (P^T with dropout) dO.
 #pragma unroll
