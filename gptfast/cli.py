@@ -111,6 +111,11 @@ def run_train(args) -> int:
     from .training.loops import plot_losses, train_model_simple
     from .training.optimizers import chapter_adamw
 
+    for flag, value in (("--eval-freq", args.eval_freq), ("--eval-iter", args.eval_iter)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.epochs < 0:
+        raise ValueError(f"--epochs must be >= 0, got {args.epochs}")
     device = _check_device(args.device)
     _select_backend(args.backend)
     cfg = _model_config(args)
@@ -146,9 +151,11 @@ def run_train(args) -> int:
     elapsed = time.perf_counter() - start
     print(f"trained in {elapsed:.1f} s ({tokens_seen[-1] / elapsed if tokens_seen else 0:.0f} tokens/s)")
     save_checkpoint(ckpt_path, model, optimizer, config=cfg)
-    if train_losses:
-        epochs = torch.linspace(0, args.epochs, len(train_losses)).tolist()
-        plot_losses(epochs, tokens_seen, train_losses, val_losses, save_path=out_dir / "loss-plot.png", show=False)
+    if not train_losses:  # no evaluation ran (no epochs, or fewer steps than --eval-freq): nothing to plot
+        print(f"saved {ckpt_path} (no loss plot: no evaluation ran)")
+        return 0
+    epochs = torch.linspace(0, args.epochs, len(train_losses)).tolist()
+    plot_losses(epochs, tokens_seen, train_losses, val_losses, save_path=out_dir / "loss-plot.png", show=False)
     print(f"saved {ckpt_path} and {out_dir / 'loss-plot.png'}")
     return 0
 
@@ -179,6 +186,15 @@ def run_generate(args) -> int:
     from .tokenizer import ENDOFTEXT_ID, get_tokenizer
     from .training.loops import text_to_token_ids
 
+    # Checked before anything is written: an error then stands alone on its line.
+    if not args.prompt:
+        raise ValueError("--prompt is empty: give at least one token of text to continue")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     _select_backend(args.backend)
     model, cfg = load_model_for_generation(args)
     tokenizer = get_tokenizer()

@@ -115,12 +115,20 @@ def test_generate_errors(trained, tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "nope.pth")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     ckpt = str(trained[0] / "model_and_optimizer.pth")
-    assert main(["generate", "--checkpoint", ckpt, "--top-k", "0"]) == 2
-    assert "top_k" in capsys.readouterr().err
-    assert main(["generate", "--checkpoint", ckpt, "--temperature", "-1"]) == 2
-    assert "temperature" in capsys.readouterr().err
-    assert main(["generate", "--checkpoint", ckpt, "--prompt", "word " * 70]) == 2
-    assert "context length" in capsys.readouterr().err
+    for flags, message in ((["--top-k", "0"], "--top-k"), (["--temperature", "-1"], "--temperature"),
+                           (["--max-new-tokens", "-3"], "--max-new-tokens"), (["--prompt", ""], "--prompt is empty"),
+                           (["--prompt", "word " * 70], "context length")):
+        assert main(["generate", "--checkpoint", ckpt, *flags]) == 2
+        out, err = capsys.readouterr()
+        assert message in err and out == ""  # the error stands alone: nothing was streamed before it
+
+
+def test_train_refuses_evaluation_counts_below_one_before_training(tmp_path, capsys):
+    for flag in ("--eval-freq", "--eval-iter"):
+        assert main(["train", "--model", "tiny", "--epochs", "1", "--batch-size", "4", "--out-dir", str(tmp_path),
+                     flag, "0"]) == 2
+        out, err = capsys.readouterr()
+        assert f"{flag} must be >= 1" in err and "Traceback" not in err and out == ""
 
 
 def test_train_gpu_subcommand_hands_over_to_the_training_script(capsys):
@@ -316,5 +324,20 @@ def test_train_on_a_fused_backend_steps_with_the_fused_optimizer(tmp_path, capsy
     assert main(["train", "--model", "tiny", "--epochs", "1", "--eval-freq", "100", "--eval-iter", "1",
                  "--batch-size", "4", "--out-dir", str(tmp_path), "--backend", "auto"]) == 0
     state = torch.load(tmp_path / "model_and_optimizer.pth", weights_only=True)
-    assert state["optimizer_state_dict"]["param_groups"][0]["fused"] is True
+    # How the optimizer computed is not saved: a run resumed with backend "torch" steps the book's AdamW.
+    assert state["optimizer_state_dict"]["param_groups"][0]["fused"] is None
+    from gptfast import ops
+    from gptfast.models import GPTModel
+    from gptfast.training.checkpoints import load_checkpoint
+    from gptfast.training.optimizers import chapter_adamw
+
+    model = GPTModel(state["config"])
+    with ops.use_backend("torch"):
+        optimizer = chapter_adamw(model.parameters(), lr=4e-4, weight_decay=0.1)
+    load_checkpoint(tmp_path / "model_and_optimizer.pth", model, optimizer)
+    assert not optimizer.param_groups[0]["fused"]
+    with ops.use_backend("auto"):
+        fused = chapter_adamw(model.parameters(), lr=4e-4, weight_decay=0.1)
+    load_checkpoint(tmp_path / "model_and_optimizer.pth", model, fused)
+    assert fused.param_groups[0]["fused"] is True
     capsys.readouterr()

@@ -238,6 +238,32 @@ def test_last_token_shortcut_equals_the_full_forward_values_and_gradients(seq_le
     assert heads.is_book_gpt(model) and not heads.is_book_gpt(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("where", ["model", "last block", "attention", "subclass"])
+def test_hooks_and_overridden_forwards_are_honoured_by_the_loss_shortcuts(where):
+    """The shortcuts compute a model's parts themselves; a hook or an overridden forward on the model, a block
+    or an attention module makes them call the model, so the loss is the one the model's forward gives."""
+    cfg = {**TINY, "drop_rate": 0.0}
+    _, model = _classifier_pair(cfg)
+    idx = torch.randint(0, cfg["vocab_size"], (3, 7), generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 1])
+
+    def halve(module, args, output):
+        return output / 2
+
+    if where == "subclass":
+        class Halved(type(model)):
+            def forward(self, in_idx):
+                return super().forward(in_idx) / 2
+
+        model.__class__ = Halved
+    else:
+        target = {"model": model, "last block": model.trf_blocks[-1], "attention": model.trf_blocks[0].att}[where]
+        target.register_forward_hook(halve)
+    assert not heads.is_book_gpt(model)
+    expected = torch.nn.functional.cross_entropy(model(idx)[:, -1, :], labels)
+    torch.testing.assert_close(ch06.calc_loss_batch(idx, labels, model, "cpu"), expected)
+
+
 def test_a_model_without_transformer_blocks_still_classifies():
     cfg = {**TINY, "n_layers": 0, "drop_rate": 0.0}
     _, ours = twin_models(cfg)

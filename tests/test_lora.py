@@ -244,3 +244,35 @@ def test_appendix_e_classifier_loss_and_gradients_match_the_reference(backend):
         # fp32 rounding through every layer and the fused attention kernels: an absolute error of
         # ~1e-3 of the largest gradient, which small gradients (the last block's queries) feel most.
         torch.testing.assert_close(a, b, atol=1e-3 * scale, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_lora_model_generates_like_the_reference():
+    """Generation walks a model's layers only when its projections are plain linear layers; a LoRA-wrapped GPT
+    runs the model's own forward each step, as the reference's loop does."""
+    from gptfast import ch04
+
+    ref_ch04 = reference("ch04")
+    ref, ours = _book_lora_pair(TINY)
+    for model in (ref, ours):
+        for module in model.modules():
+            if isinstance(module, (ref_e.LoRALayer, appendix_e.LoRALayer)):
+                with torch.no_grad():
+                    module.B.normal_(generator=torch.Generator().manual_seed(2))
+    ref.eval(), ours.eval()
+    idx = torch.tensor([[5, 17, 300, 42]])
+    expected = ref_ch04.generate_text_simple(ref, idx, 6, TINY["context_length"])
+    for backend in ("torch", "auto"):
+        with ops.use_backend(backend):
+            assert torch.equal(ch04.generate_text_simple(ours, idx, 6, TINY["context_length"]), expected)
+
+
+def test_lora_under_autocast_returns_the_autocast_dtype():
+    ref_layer, ours = _twin_lora()
+    x = torch.randn(3, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = ref_layer(x)
+        for backend in ("torch", "auto"):
+            with ops.use_backend(backend):
+                got = ours(x)
+            assert got.dtype == expected.dtype == torch.bfloat16
+            torch.testing.assert_close(got, expected)

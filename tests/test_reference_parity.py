@@ -243,3 +243,21 @@ def test_appendix_d_train_model_reproduces_the_reference(capsys):
         assert got == expected
         assert torch.equal(appendix_d.find_highest_gradient(ours), ref_appendix_d.find_highest_gradient(ref))
     capsys.readouterr()
+
+
+def test_appendix_d_warmup_rates_and_highest_gradient_are_the_references():
+    """The warmup rate is initial + step * increment, the increment divided first (the other grouping rounds
+    differently); the highest gradient is compared parameter by parameter, so a NaN later on is passed over."""
+    from gptfast.training.loops import warmup_cosine_lr
+
+    for peak, initial, warmup in ((1e-3, 3e-5, 6), (1e-3, 3e-5, 10), (5e-4, 3e-5, 10)):
+        increment = (peak - initial) / warmup
+        for step in range(warmup):
+            assert warmup_cosine_lr(step, warmup, 100, peak, initial, 1e-6) == initial + step * increment
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    for i, p in enumerate(model.parameters()):
+        p.grad = torch.full_like(p, float(i + 1))
+    model[1].weight.grad[0, 0] = float("nan")
+    expected = ref_appendix_d.find_highest_gradient(model)
+    got = appendix_d.find_highest_gradient(model)
+    assert torch.equal(got, expected) and got.dtype == expected.dtype

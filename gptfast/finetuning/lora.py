@@ -70,7 +70,8 @@ class LinearWithLoRA(nn.Module):
             linear.requires_grad_(False)
 
     def forward(self, x):
-        if reference_numerics():
+        # Under autocast the in-place addmm_ would mix its dtypes (in-place ops are not cast): the plain sum then.
+        if reference_numerics() or torch.is_autocast_enabled(x.device.type):
             return self.linear(x) + self.lora(x)
         return _linear_plus_low_rank(x, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B,
                                      self.lora.alpha)

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from ..models.blocks import has_forward_hooks
+from ..models.blocks import runs_library_forward
 
 _BLOCK_PARTS = ("norm1", "att", "drop_resid", "ff", "norm2")
 _ATTENTION_PARTS = ("W_query", "W_key", "W_value", "out_proj", "num_heads", "head_dim", "d_out")
@@ -31,6 +31,9 @@ def _missing_parts(model, model_parts, block_parts, attention_parts):
         missing = [f"trf_blocks[0].{n}" for n in block_parts if not hasattr(block, n)]
         if not missing:
             missing = [f"trf_blocks[0].att.{n}" for n in attention_parts if not hasattr(block.att, n)]
+        if not missing:  # the cache takes its dtype and device from a projection's weight (a LoRA wrapper has none)
+            missing = [f"trf_blocks[0].att.{n}.weight" for n in ("W_query", "W_key", "W_value")
+                       if not isinstance(getattr(getattr(block.att, n), "weight", None), torch.Tensor)]
     return missing
 
 
@@ -63,18 +66,6 @@ def is_decodable(model) -> bool:
     return True
 
 
-# Modules whose own forward a model from these packages runs: the cached passes may stand in for them.
-_LIBRARY_PACKAGES = ("gptfast", "llms_from_scratch")
-
-
-def _runs_library_forward(module) -> bool:
-    """True when calling ``module`` runs its class's forward from gptfast or the reference, with no hook and no
-    instance-level ``forward`` (a patched or wrapped module)."""
-    forward = getattr(type(module), "forward", None)
-    package = getattr(forward, "__module__", "").split(".")[0]
-    return package in _LIBRARY_PACKAGES and "forward" not in module.__dict__ and not has_forward_hooks(module)
-
-
 def _active_dropout(module) -> bool:
     """True for a module in training mode that drops: an ``nn.Dropout`` with ``p > 0``, or an attention module
     holding its dropout rate as a float (gptfast's fused ``MultiHeadAttention``)."""
@@ -95,7 +86,7 @@ def walk_reproduces_forward(model) -> bool:
     draws would differ from the reference's (a model in training mode with dropout runs uncached).
     """
     bypassed = [model, *model.trf_blocks, *(block.att for block in model.trf_blocks)]
-    if not all(_runs_library_forward(module) for module in bypassed):
+    if not all(runs_library_forward(module) for module in bypassed):
         return False
     return not any(_active_dropout(module) for module in model.modules())
 

@@ -34,6 +34,18 @@ def has_forward_hooks(module: nn.Module) -> bool:
             "_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called")))
 
 
+# Packages whose modules' forward gptfast reproduces when it computes a model's parts itself.
+_LIBRARY_PACKAGES = ("gptfast", "llms_from_scratch")
+
+
+def runs_library_forward(module: nn.Module) -> bool:
+    """True when calling ``module`` runs its class's forward from gptfast or the reference, with no hook and no
+    instance-level ``forward``: only then may code that computes the module's parts itself stand in for it."""
+    forward = getattr(type(module), "forward", None)
+    package = getattr(forward, "__module__", "").split(".")[0]
+    return package in _LIBRARY_PACKAGES and "forward" not in module.__dict__ and not has_forward_hooks(module)
+
+
 def output_logits(head: nn.Module, x):
     """``head(x)``: a model's output head over every position of ``x``.
 

@@ -86,11 +86,25 @@ def write_checkpoint(path, state: dict) -> Path:
     return path
 
 
+# Param-group entries that say how an optimizer computes, not what it trains: a checkpoint leaves them to
+# the optimizer that loads it (a fused AdamW's "fused": True would otherwise switch on fused steps in a
+# run resumed with backend "torch", or in the reference's own optimizer).
+IMPLEMENTATION_KEYS = ("fused", "foreach")
+
+
 def save_checkpoint(path, model, optimizer=None, **extra):
-    """Save ``model`` (and ``optimizer``) in the reference's format plus ``extra`` entries and a checksum."""
+    """Save ``model`` (and ``optimizer``) in the reference's format plus ``extra`` entries and a checksum.
+
+    The optimizer's implementation choices (``fused``, ``foreach``) are saved unset.
+    """
     state = {MODEL_KEY: model.state_dict(), **extra}
     if optimizer is not None:
-        state[OPTIMIZER_KEY] = optimizer.state_dict()
+        optimizer_state = optimizer.state_dict()
+        for group in optimizer_state["param_groups"]:
+            for key in IMPLEMENTATION_KEYS:
+                if key in group:
+                    group[key] = None
+        state[OPTIMIZER_KEY] = optimizer_state
     return write_checkpoint(path, state)
 
 
@@ -208,7 +222,11 @@ def apply_checkpoint(state: dict, model, optimizer=None, source="checkpoint") ->
         check_optimizer_state(optimizer, state[OPTIMIZER_KEY], source)
     model.load_state_dict(state[MODEL_KEY], strict=True)
     if optimizer is not None:
+        # The loading optimizer keeps its own implementation (whatever the checkpoint's groups say).
+        chosen = [{k: group[k] for k in IMPLEMENTATION_KEYS if k in group} for group in optimizer.param_groups]
         optimizer.load_state_dict(state[OPTIMIZER_KEY])
+        for group, own in zip(optimizer.param_groups, chosen):
+            group.update(own)
 
 
 def load_checkpoint(path, model, optimizer=None, map_location="cpu"):

@@ -140,15 +140,24 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
 
 
 def find_highest_gradient(model):
-    """Largest single gradient value over all parameters (None before any backward)."""
-    grads = [p.grad.detach().max() for p in model.parameters() if p.grad is not None]
-    return torch.stack(grads).max() if grads else None
+    """Largest single gradient value over all parameters (None before any backward).
+
+    Compared parameter by parameter as the reference does, so its answer's dtype is that
+    parameter's, and a NaN maximum after the first parameter's never replaces the value held.
+    """
+    highest = None
+    for param in model.parameters():
+        if param.grad is not None:
+            candidate = param.grad.detach().max()
+            if highest is None or candidate > highest:
+                highest = candidate
+    return highest
 
 
 def warmup_cosine_lr(step, warmup_steps, total_steps, peak_lr, initial_lr, min_lr):
     """Appendix D's schedule: linear warmup from ``initial_lr``, then cosine decay to ``min_lr``."""
     if step < warmup_steps:
-        return initial_lr + step * (peak_lr - initial_lr) / warmup_steps
+        return initial_lr + step * ((peak_lr - initial_lr) / warmup_steps)  # the reference's rounding
     progress = (step - warmup_steps) / (total_steps - warmup_steps)
     return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
