@@ -106,9 +106,14 @@ def test_bad_data_arguments_are_clear_errors(tmp_path, tokenizer, csv_files):
         ch06.create_balanced_dataset(df.rename(columns={"Label": "y"}))
     with pytest.raises(ValueError, match="max_length"):
         ch06.SpamDataset(csv_files[0], tokenizer, max_length=0)
-    pd.DataFrame({"Label": ["ham"], "Text": ["hi"]}).to_csv(tmp_path / "raw.csv", index=None)
-    with pytest.raises(ValueError, match="Label must hold integer class ids"):
-        ch06.SpamDataset(tmp_path / "raw.csv", tokenizer)
+    for labels in (["ham", "spam"], [1.5, 0.0], [1.0, None]):
+        pd.DataFrame({"Label": labels, "Text": ["hi", "yo"]}).to_csv(tmp_path / "raw.csv", index=None)
+        with pytest.raises(ValueError, match="Label must hold integer class ids"):
+            ch06.SpamDataset(tmp_path / "raw.csv", tokenizer)
+    pd.DataFrame({"Label": [1.0, 0.0], "Text": ["hi", "yo"]}).to_csv(tmp_path / "floats.csv", index=None)
+    ours, ref = ch06.SpamDataset(tmp_path / "floats.csv", tokenizer), ref_ch06.SpamDataset(tmp_path / "floats.csv",
+                                                                                           tokenizer)
+    assert [ours[i][1] for i in range(2)] == [ref[i][1] for i in range(2)] == [torch.tensor(1), torch.tensor(0)]
 
 
 @pytest.mark.parametrize("max_length,pad", [(None, 50256), (5, 50256), (40, 7)])

@@ -108,7 +108,11 @@ class SpamDataset(Dataset):
         self._inputs = torch.tensor(self.encoded_texts, dtype=torch.long).view(len(self.encoded_texts),
                                                                                 self.max_length)
         labels = self.data["Label"]
-        if not pd.api.types.is_integer_dtype(labels):
+        # Whole numbers written as floats (1.0) are class ids too, as in the reference; 1.5 or NaN is no class
+        # (the reference's torch.tensor(label, dtype=torch.long) would truncate it silently).
+        whole_floats = pd.api.types.is_float_dtype(labels) and bool(
+            (labels.notna() & (labels == labels.round())).all())
+        if not (pd.api.types.is_integer_dtype(labels) or whole_floats):
             raise ValueError(f"csv_file {str(csv_file)!r}: Label must hold integer class ids (e.g. ham 0, spam 1), "
                              f"got dtype {labels.dtype}")
         self._labels = torch.tensor(labels.to_numpy(), dtype=torch.long)
