@@ -96,6 +96,11 @@ def _load(name: str) -> ModuleType | None:
     return module
 
 
+# Per op, ``fn(*args, **kwargs) -> reason | None`` for calls no fused backend can serve (the op module's own
+# limits); filled by :func:`register_kernels`, which every fused backend runs when it loads.
+_FUSED_LIMITS: dict = {}
+
+
 def register_kernels(namespace: str, *, fakes_in_bodies: bool = False) -> None:
     """Register the fakes and autograd of every op in a kernel namespace (the op modules hold them).
 
@@ -112,6 +117,7 @@ def register_kernels(namespace: str, *, fakes_in_bodies: bool = False) -> None:
     regularization.register(namespace, fakes=not fakes_in_bodies)
     rotary.register(namespace, fakes=not fakes_in_bodies)
     linear.register(namespace, fakes=not fakes_in_bodies)
+    _FUSED_LIMITS["rope"] = rotary.fused_rope_limit
 
 
 def kernels(ops):
@@ -241,13 +247,6 @@ class use_backend:
         _state.backend = self._previous
 
 
-def _fused_limit(op: str):
-    """The op module's ``fn(*args, **kwargs) -> reason | None`` for calls no fused backend can run, or ``None``."""
-    from . import rotary
-
-    return {"rope": rotary.fused_rope_limit}.get(op)
-
-
 def _serves(module: ModuleType, op: str, device: torch.device, args, kwargs) -> str | None:
     """``None`` if ``module`` can run ``op`` for these inputs, else why not."""
     if device.type not in module.DEVICES:
@@ -261,7 +260,7 @@ def _serves(module: ModuleType, op: str, device: torch.device, args, kwargs) -> 
 def _serves_fused(module: ModuleType, op: str, device: torch.device, args, kwargs) -> str | None:
     """:func:`_serves` for a fused (kernel) backend: also the op's own limits on fused kernels."""
     reason = _serves(module, op, device, args, kwargs)
-    limit = _fused_limit(op)
+    limit = _FUSED_LIMITS.get(op)
     if reason is None and limit is not None and args:
         reason = limit(*args, **kwargs)
     return reason
