@@ -431,8 +431,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ctx.grads = None
         gw = gw.to(ctx.weight_dtype) if gw is not None else None
         gb = gb.to(ctx.weight_dtype) if gb is not None else None
-        if torch.is_grad_enabled():
-            gh, gw, gb = guard_second_derivative(second_derivative_message(ctx.op_name), (gh, gw, gb), anchors)
+        gh, gw, gb = guard_second_derivative(second_derivative_message(ctx.op_name), (gh, gw, gb), anchors)
         return gh, gw, gb, None, None, None, None, None
 
 
