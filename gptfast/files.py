@@ -126,9 +126,9 @@ def save_response(response, destination: str | os.PathLike, progress=None) -> in
 
 def path_inside(folder: str | os.PathLike, name: str) -> Path:
     """``folder / name``, or ``ValueError`` when ``name`` (a file name from a server or an index file) would
-    lead outside ``folder`` (``..`` parts, an absolute path)."""
-    base = Path(folder).resolve()
-    path = (base / name).resolve()
-    if path != base and base not in path.parents:
+    lead outside ``folder``: an absolute path, or ``..`` parts that climb out.  Checked on the name itself,
+    not by following links (a Hugging Face cache's shards are links into a sibling ``blobs`` folder)."""
+    normal = os.path.normpath(name)
+    if os.path.isabs(name) or normal == os.pardir or normal.startswith(os.pardir + os.sep):
         raise ValueError(f"file name {name!r} leads outside {str(folder)!r}")
     return Path(folder) / name

@@ -271,6 +271,44 @@ def test_forward_hooks_the_cached_passes_would_skip_are_honoured(where):
         handle.remove()
 
 
+def test_which_forwards_the_cached_passes_may_stand_in_for():
+    """A copy of the book's classes outside gptfast (a notebook's) keeps the cached passes, and so does a
+    torch.compile wrapper; a subclass replacing a gptfast or reference forward does not."""
+    from gptfast.generation.cache import walk_reproduces_forward
+    from gptfast.models.blocks import overrides_library_forward
+    from gptfast.models.gpt import TransformerBlock
+
+    class NotebookBlock(torch.nn.Module):  # the book's code, copied: its own class, its own forward
+        def forward(self, x):
+            return x
+
+    class Tweaked(TransformerBlock):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class Renamed(TransformerBlock):  # inherits the library's forward
+        pass
+
+    assert not overrides_library_forward(NotebookBlock) and not overrides_library_forward(Renamed)
+    assert overrides_library_forward(Tweaked) and not overrides_library_forward(GPTModel)
+    model = make_model()
+    assert walk_reproduces_forward(model) and walk_reproduces_forward(torch.compile(model))
+    model.trf_blocks[1].__class__ = Tweaked
+    assert not walk_reproduces_forward(model)
+
+
+def test_unset_per_row_top_k_keeps_every_logit_of_a_wrapped_head():
+    """Rows with top_k None keep the whole vocabulary even when the head is not a plain nn.Linear."""
+    from gptfast import appendix_e
+    from gptfast.generation.decoding import Decoder
+
+    model = make_model()
+    appendix_e.replace_linear_with_lora(model, rank=2, alpha=4)
+    decoder = Decoder(model, [torch.tensor([1, 2, 3])], 3, 16, 1.0, [None], None, None)
+    assert decoder.top_k == CFG["vocab_size"]
+    assert generate(model, prompt(1, 4), 3, 16).shape == (1, 7)
+
+
 def test_a_patched_linear_forward_is_used_and_kept():
     """A forward set on an ``nn.Linear`` instance (as wrappers do) computes the layer, and it is still there after
     generation (the decode-time routing never replaces or removes it)."""

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import sys
 import types
 import urllib.error
@@ -314,6 +315,13 @@ def test_file_names_cannot_lead_outside_the_folder(tmp_path, monkeypatch):
     index.write_text(json.dumps({"weight_map": {"model.norm.weight": "../outside.safetensors"}}))
     with pytest.raises(ValueError, match="leads outside"):
         hub.load_safetensors_folder(folder)
+    # A Hugging Face cache snapshot: its shards are links into a sibling blobs folder, and that is fine.
+    snapshot, blobs = tmp_path / "hf" / "snapshots" / "abc", tmp_path / "hf" / "blobs"
+    write_checkpoint({"model.norm.weight": torch.arange(4.0), "lm_head.weight": torch.ones(2, 4)}, blobs, shards=2)
+    snapshot.mkdir(parents=True)
+    for entry in blobs.iterdir():
+        (snapshot / entry.name).symlink_to(os.path.relpath(entry, snapshot))
+    assert torch.equal(hub.load_safetensors_folder(snapshot)["model.norm.weight"], torch.arange(4.0))
 
 
 def test_snapshot_download_returns_the_checkpoint_tensors(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import ops
 from ..ch04 import GPTModel, MultiHeadAttention, TransformerBlock
-from ..models.blocks import has_forward_hooks, runs_library_forward
+from ..models.blocks import has_forward_hooks, runs_own_forward
 from ..models.gpt import GPTModelFast, merge_heads, residual_block, split_heads
 
 
@@ -39,7 +39,7 @@ def is_book_gpt(model) -> bool:
     return isinstance(model, GPTModel) and all(
         isinstance(block, TransformerBlock) and isinstance(block.att, MultiHeadAttention)
         for block in model.trf_blocks) and all(
-        runs_library_forward(m) for m in (model, *model.trf_blocks, *(b.att for b in model.trf_blocks)))
+        runs_own_forward(m) for m in (model, *model.trf_blocks, *(b.att for b in model.trf_blocks)))
 
 
 def _embed(model, idx):

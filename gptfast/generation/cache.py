@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from ..models.blocks import runs_library_forward
+from ..models.blocks import runs_own_forward
 
 _BLOCK_PARTS = ("norm1", "att", "drop_resid", "ff", "norm2")
 _ATTENTION_PARTS = ("W_query", "W_key", "W_value", "out_proj", "num_heads", "head_dim", "d_out")
@@ -84,9 +84,11 @@ def walk_reproduces_forward(model) -> bool:
     of their attention modules: those must run the library's own forward, unhooked and unpatched.
     And no dropout may be active: the cached passes see fewer positions per call, so their random
     draws would differ from the reference's (a model in training mode with dropout runs uncached).
+    A ``torch.compile`` wrapper is looked through: the compiled forward computes the model's.
     """
+    model = getattr(model, "_orig_mod", model)
     bypassed = [model, *model.trf_blocks, *(block.att for block in model.trf_blocks)]
-    if not all(runs_library_forward(module) for module in bypassed):
+    if not all(runs_own_forward(module) for module in bypassed):
         return False
     return not any(_active_dropout(module) for module in model.modules())
 

@@ -22,9 +22,9 @@ whose batch shape is fixed: there a finished row rides along for free in the
 weight-bound step).  On CPU the steps after the prompt run with torch's thread
 count or with one thread, whichever the first steps time faster (see
 :class:`DecodeThreads`).  Models without the book's ``GPTModel`` layout (or a Llama 3 / Qwen3 decoder's) fall back
-to the uncached loop, and so do models whose forward the cached passes would not reproduce: a hook or
-a patched ``forward`` on the model, a block or an attention module, or dropout active in training mode
-(:func:`~gptfast.generation.cache.walk_reproduces_forward`).
+to the uncached loop, and so do models whose forward the cached passes would not reproduce: a hook, a
+patched ``forward`` or a subclass's own forward over gptfast's or the reference's, on the model, a block or an
+attention module, or dropout active in training mode (:func:`~gptfast.generation.cache.walk_reproduces_forward`).
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ class Decoder:
         self._check_fits_model(context_size)
 
         self.temperature = _per_row("temperature", temperature, self.batch, device, torch.float32)
-        vocab = logits_size(self.model) or 1
+        vocab = logits_size(self.model) or vocab_size(self.model) or 1
         if isinstance(top_k, (list, tuple)):  # None in a row: keep the whole vocabulary
             top_k = [vocab if k is None else k for k in top_k]
         self.top_k = _per_row("top_k", top_k, self.batch, device, torch.int64)

@@ -38,12 +38,28 @@ def has_forward_hooks(module: nn.Module) -> bool:
 _LIBRARY_PACKAGES = ("gptfast", "llms_from_scratch")
 
 
-def runs_library_forward(module: nn.Module) -> bool:
-    """True when calling ``module`` runs its class's forward from gptfast or the reference, with no hook and no
-    instance-level ``forward``: only then may code that computes the module's parts itself stand in for it."""
-    forward = getattr(type(module), "forward", None)
-    package = getattr(forward, "__module__", "").split(".")[0]
-    return package in _LIBRARY_PACKAGES and "forward" not in module.__dict__ and not has_forward_hooks(module)
+def _from_library(cls) -> bool:
+    return cls.__module__.split(".")[0] in _LIBRARY_PACKAGES
+
+
+def overrides_library_forward(cls) -> bool:
+    """True when ``cls`` subclasses a gptfast or reference module and replaces its forward with one of its own.
+
+    A class outside both packages that is not such a subclass (the book's code copied into a notebook,
+    with the same layout) keeps the forward its layout stands for.
+    """
+    owner = next((c for c in cls.__mro__ if "forward" in c.__dict__), None)
+    if owner is None or _from_library(owner):
+        return False
+    return any(_from_library(c) and "forward" in c.__dict__ for c in cls.__mro__)
+
+
+def runs_own_forward(module: nn.Module) -> bool:
+    """True when calling ``module`` runs the forward its layout stands for: no hook, no instance-level
+    ``forward``, and no subclass forward over a gptfast or reference module's.  Only then may code that
+    computes the module's parts itself stand in for calling it."""
+    return ("forward" not in module.__dict__ and not has_forward_hooks(module)
+            and not overrides_library_forward(type(module)))
 
 
 def output_logits(head: nn.Module, x):

@@ -99,7 +99,9 @@ class CachedDecoder:
                     cache.update(i, layer_cache)
         except Exception:
             if cache is not None:
-                self.current_pos = start  # a refused call (say, a batch the cache does not hold) moves nothing on
+                # A call refused at its first layer (say, a batch the cache does not hold) moves nothing on; one
+                # failing at a later layer has already stored the layers before it, as the reference's would.
+                self.current_pos = start
             raise
         return output_logits(self.out_head, self.final_norm(x).to(self.cfg["dtype"]))
 

@@ -86,10 +86,13 @@ def write_checkpoint(path, state: dict) -> Path:
     return path
 
 
-# Param-group entries that say how an optimizer computes, not what it trains: a checkpoint leaves them to
-# the optimizer that loads it (a fused AdamW's "fused": True would otherwise switch on fused steps in a
-# run resumed with backend "torch", or in the reference's own optimizer).
+# Param-group entries that say how an optimizer computes, not what it trains: a checkpoint saves them unset
+# and the optimizer that loads it keeps its own (a fused AdamW's "fused": True would otherwise switch on
+# fused steps in a run resumed with backend "torch", or in the reference's own optimizer).
 IMPLEMENTATION_KEYS = ("fused", "foreach")
+# What the loading optimizer keeps of its own: also "capturable", which with "fused" decides where torch
+# puts each parameter's step count while loading.
+LOADER_KEEPS = IMPLEMENTATION_KEYS + ("capturable",)
 
 
 def save_checkpoint(path, model, optimizer=None, **extra):
@@ -222,11 +225,12 @@ def apply_checkpoint(state: dict, model, optimizer=None, source="checkpoint") ->
         check_optimizer_state(optimizer, state[OPTIMIZER_KEY], source)
     model.load_state_dict(state[MODEL_KEY], strict=True)
     if optimizer is not None:
-        # The loading optimizer keeps its own implementation (whatever the checkpoint's groups say).
-        chosen = [{k: group[k] for k in IMPLEMENTATION_KEYS if k in group} for group in optimizer.param_groups]
-        optimizer.load_state_dict(state[OPTIMIZER_KEY])
-        for group, own in zip(optimizer.param_groups, chosen):
-            group.update(own)
+        # The loading optimizer keeps its own implementation: its choices go into the groups it loads, before
+        # loading, since torch places the step counts (CPU or the parameters' device) by the loaded groups.
+        saved = state[OPTIMIZER_KEY]
+        own = [{k: group[k] for k in LOADER_KEEPS if k in group} for group in optimizer.param_groups]
+        groups = [{**group, **choice} for group, choice in zip(saved["param_groups"], own)]
+        optimizer.load_state_dict({**saved, "param_groups": groups})
 
 
 def load_checkpoint(path, model, optimizer=None, map_location="cpu"):
