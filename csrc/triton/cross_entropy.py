@@ -48,11 +48,12 @@ def _cross_entropy_kernel(logits_ptr, logits_row_stride, targets_ptr, targets_st
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(x - shift), 0)
         row_max = new_max
-    lse = row_max + tl.log(row_sum)
+    log_sum = tl.log(row_sum)
+    lse = row_max + log_sum
 
     target_logit = tl.load(row_ptr + target, mask=valid & ~ignored, other=0.0).to(tl.float32)
     # (max - target) + log(sum) rather than lse - target: a small loss next to a large max keeps its digits.
-    loss = tl.where(ignored, 0.0, tl.where(valid, (row_max - target_logit) + tl.log(row_sum), float("nan")))
+    loss = tl.where(ignored, 0.0, tl.where(valid, (row_max - target_logit) + log_sum, float("nan")))
     tl.store(loss_ptr + row, loss)
 
     if WRITE_GRAD:
