@@ -31,14 +31,17 @@ def read_tiktoken_ranks(path) -> dict[bytes, int]:
     """
     ranks = {}
     with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
-            except ValueError as exc:
-                raise ValueError(f"{path} line {number} is not 'base64-token rank': {line[:80]!r}") from exc
+        contents = handle.read()
+    # Any line ending and a leading byte-order mark are accepted: tiktoken's reader (the reference's) takes both.
+    contents = contents.removeprefix(b"\xef\xbb\xbf")
+    for number, line in enumerate(contents.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError as exc:
+            raise ValueError(f"{path} line {number} is not 'base64-token rank': {line[:80]!r}") from exc
     if not ranks:
         raise ValueError(f"{path} holds no BPE ranks")
     return ranks

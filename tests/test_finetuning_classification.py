@@ -243,10 +243,10 @@ def test_last_token_shortcut_equals_the_full_forward_values_and_gradients(seq_le
     assert heads.is_book_gpt(model) and not heads.is_book_gpt(torch.nn.Linear(2, 2))
 
 
-@pytest.mark.parametrize("where", ["model", "last block", "attention", "subclass"])
+@pytest.mark.parametrize("where", ["model", "last block", "attention", "subclass", "head", "forward set on the head"])
 def test_hooks_and_overridden_forwards_are_honoured_by_the_loss_shortcuts(where):
-    """The shortcuts compute a model's parts themselves; a hook or an overridden forward on the model, a block
-    or an attention module makes them call the model, so the loss is the one the model's forward gives."""
+    """The shortcuts compute a model's parts themselves; a hook or an overridden forward on the model, a block,
+    an attention module or the head makes them call the model, so the loss is the one the model's forward gives."""
     cfg = {**TINY, "drop_rate": 0.0}
     _, model = _classifier_pair(cfg)
     idx = torch.randint(0, cfg["vocab_size"], (3, 7), generator=torch.Generator().manual_seed(1))
@@ -261,11 +261,16 @@ def test_hooks_and_overridden_forwards_are_honoured_by_the_loss_shortcuts(where)
                 return super().forward(in_idx) / 2
 
         model.__class__ = Halved
+    elif where == "forward set on the head":
+        head_forward = model.out_head.forward
+        model.out_head.forward = lambda x: head_forward(x) / 2
     else:
-        target = {"model": model, "last block": model.trf_blocks[-1], "attention": model.trf_blocks[0].att}[where]
+        target = {"model": model, "last block": model.trf_blocks[-1], "attention": model.trf_blocks[0].att,
+                  "head": model.out_head}[where]
         target.register_forward_hook(halve)
     assert not heads.is_book_gpt(model)
-    expected = torch.nn.functional.cross_entropy(model(idx)[:, -1, :], labels)
+    with ops.use_backend("torch"):  # the oracle calls every module as the reference does
+        expected = torch.nn.functional.cross_entropy(model(idx)[:, -1, :], labels)
     torch.testing.assert_close(ch06.calc_loss_batch(idx, labels, model, "cpu"), expected)
 
 

@@ -167,6 +167,24 @@ def test_rows_run_packed_each_cut_to_its_last_target_rows_without_targets_left_o
     assert seen == [[(5,), (40,), (38,), (1,)]]
 
 
+@pytest.mark.parametrize("where", ["hook on the head", "forward set on the head"])
+def test_a_head_that_computes_otherwise_is_called_by_the_loss(tokenizer, where):
+    """The fast path multiplies the kept rows by the head's weight; a hooked or patched head makes it call the model."""
+    _, ours = twin_models({**TINY, "drop_rate": 0.0})
+    if where == "hook on the head":
+        ours.out_head.register_forward_hook(lambda module, args, output: output / 2)
+    else:
+        forward = ours.out_head.forward
+        ours.out_head.forward = lambda x: forward(x) / 2
+    inputs, targets = ch07.custom_collate_fn([tokenizer.encode(ch07.format_input(e)) for e in _entries(3)],
+                                             allowed_max_length=TINY["context_length"])
+    with ops.use_backend("torch"):
+        expected = ch07.calc_loss_batch(inputs, targets, ours, "cpu")
+    with ops.use_backend("auto"):
+        torch.testing.assert_close(ch07.calc_loss_batch(inputs, targets, ours, "cpu"), expected,
+                                   atol=1e-6, rtol=1e-6)
+
+
 def test_packed_rows_give_each_row_its_own_states():
     from gptfast.finetuning.heads import final_hidden_states, packed_hidden_states
 

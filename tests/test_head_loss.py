@@ -37,21 +37,28 @@ def _loss_and_grads(model, loss_fn):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _head_calls(model):
-    calls = []
-    model.out_head.forward = lambda h, f=model.out_head.forward: (calls.append(h.shape), f(h))[1]
+def _head_calls(model, monkeypatch):
+    """Shapes the head is called with, spied on ``nn.Linear``'s class so that the head stays a plain linear."""
+    calls, forward = [], torch.nn.Linear.forward
+
+    def spy(self, h):
+        if self is model.out_head:
+            calls.append(h.shape)
+        return forward(self, h)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", spy)
     return calls
 
 
 @needs_cpu_backend
 @pytest.mark.parametrize("cls", [GPTModel, GPTModelFast])
-def test_fused_head_loss_matches_the_logits_path_without_building_logits(cls):
+def test_fused_head_loss_matches_the_logits_path_without_building_logits(cls, monkeypatch):
     x, y = _batch()
     model = _model(cls)
     with ops.use_backend("torch"):
         ref_loss, ref_grads = _loss_and_grads(model, lambda: torch.nn.functional.cross_entropy(
             model(x).flatten(0, 1), y.flatten()))
-    calls = _head_calls(model)
+    calls = _head_calls(model, monkeypatch)
     with ops.use_backend("cpu"):
         assert heads.head_is_separable(model)
         loss, grads = _loss_and_grads(model, lambda: ch05.calc_loss_batch(x, y, model, "cpu"))
@@ -61,10 +68,10 @@ def test_fused_head_loss_matches_the_logits_path_without_building_logits(cls):
         torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
 
 
-def test_torch_backend_runs_the_reference_way():
+def test_torch_backend_runs_the_reference_way(monkeypatch):
     x, y = _batch()
     model = _model()
-    calls = _head_calls(model)
+    calls = _head_calls(model, monkeypatch)
     with ops.use_backend("torch"):
         loss = ch05.calc_loss_batch(x, y, model, "cpu")
     assert calls == [torch.Size([2, 11, 64])]  # model(x): the full logits, then the loss
@@ -76,9 +83,21 @@ class _ScaledHead(GPTModel):
         return super().forward(in_idx) * 0.5
 
 
+class _ScaledLinear(torch.nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+def _halve_calls(module):
+    """Set a ``forward`` on ``module``'s instance (as wrappers do) that halves what it returns."""
+    forward = module.forward
+    module.forward = lambda *args: forward(*args) * 0.5
+
+
 @needs_cpu_backend
 @pytest.mark.parametrize("case", ["forward overridden", "hook on the head", "hook on the model", "global hook",
-                                  "LoRA-style head"])
+                                  "LoRA-style head", "forward set on the head", "forward set on the model",
+                                  "linear subclass head"])
 def test_models_whose_head_cannot_be_split_off_keep_their_forward(case, request):
     x, y = _batch()
     model = _model(_ScaledHead if case == "forward overridden" else GPTModel)
@@ -95,8 +114,35 @@ def test_models_whose_head_cannot_be_split_off_keep_their_forward(case, request)
         torch.manual_seed(1)
         model.out_head = LinearWithLoRA(model.out_head, rank=2, alpha=4)
         torch.nn.init.normal_(model.out_head.lora.B)
+    elif case == "forward set on the head":
+        _halve_calls(model.out_head)
+    elif case == "forward set on the model":
+        _halve_calls(model)
+    elif case == "linear subclass head":
+        head = model.out_head
+        model.out_head = _ScaledLinear(head.in_features, head.out_features, bias=False)
+        model.out_head.weight = head.weight
     assert not heads.head_is_separable(model)
     with ops.use_backend("cpu"):
         loss = ch05.calc_loss_batch(x, y, model, "cpu")
+    with ops.use_backend("torch"):  # the oracle calls every module as the reference does
         expected = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
     parity.assert_close(loss, expected, torch.float32, case)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("case", ["forward set on the head", "linear subclass head"])
+def test_the_models_forward_calls_a_head_with_a_forward_of_its_own(case):
+    """The model's forward computes a plain head from its weight; any other head is called."""
+    x, _ = _batch()
+    model = _model()
+    if case == "forward set on the head":
+        _halve_calls(model.out_head)
+    else:
+        head = model.out_head
+        model.out_head = _ScaledLinear(head.in_features, head.out_features, bias=False)
+        model.out_head.weight = head.weight
+    with ops.use_backend("torch"):
+        expected = model(x)
+    with ops.use_backend("cpu"):
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)

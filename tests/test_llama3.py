@@ -253,6 +253,19 @@ def test_tokenizer_and_chat_format_give_the_references_ids(tokenizers):
     assert ours.clean_text("no header") == "no header"
 
 
+@pytest.mark.parametrize("layout", ["CR line endings", "CRLF line endings", "byte-order mark"])
+def test_ranks_files_with_other_line_endings_or_a_bom_read_as_the_reference_reads_them(tokenizers, tmp_path, layout):
+    _, theirs = tokenizers
+    lines = _write_bpe(tmp_path / "plain.model").read_bytes().splitlines()
+    data = {"CR line endings": b"\r".join(lines), "CRLF line endings": b"\r\n".join(lines),
+            "byte-order mark": b"\xef\xbb\xbf" + b"\n".join(lines)}[layout]
+    path = tmp_path / "other.model"
+    path.write_bytes(data)
+    mine = ours.Llama3Tokenizer(str(path))
+    for text in ["hello world", "hello\n\nworld 123"]:
+        assert mine.encode(text, bos=True, eos=True) == theirs.encode(text, bos=True, eos=True)
+
+
 def test_missing_tokenizer_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         ours.Llama3Tokenizer(str(tmp_path / "tokenizer.model"))

@@ -295,6 +295,22 @@ def test_failed_download_names_the_url_and_leaves_no_file(tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []  # no truncated file a later run would take for the real one
 
 
+def test_a_refused_download_keeps_urllibs_error_types(tmp_path, monkeypatch):
+    """Code written for the reference catches ``HTTPError`` (and reads its code) or ``URLError``."""
+    def not_found(url):
+        raise urllib.error.HTTPError(url, 404, "Not Found", {}, None)
+
+    monkeypatch.setattr(hub.urllib.request, "urlopen", not_found)
+    with pytest.raises(urllib.error.HTTPError, match=r"resolve/main/tokenizer.json.*Not Found") as caught:
+        ours.download_from_huggingface("x/y", "tokenizer.json", str(tmp_path))
+    assert caught.value.code == 404 and caught.value.url.endswith("/x/y/resolve/main/tokenizer.json")
+    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda url: (_ for _ in ()).throw(
+        urllib.error.URLError("no network")))
+    with pytest.raises(urllib.error.URLError, match="no network"):
+        ours.download_from_huggingface("x/y", "tokenizer.json", str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_cut_short_download_is_an_error_and_leaves_no_file(tmp_path, monkeypatch):
     """A server closing early reads as a normal end of data: the announced length tells it apart."""
     monkeypatch.setattr(hub.urllib.request, "urlopen", lambda url: _FakeResponse(b'{"hel', length=12))

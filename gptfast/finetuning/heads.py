@@ -20,11 +20,10 @@ way instead, op for op, so results are bitwise those of ``llms_from_scratch``.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .. import ops
 from ..ch04 import GPTModel, MultiHeadAttention, TransformerBlock
-from ..models.blocks import has_forward_hooks, runs_own_forward
+from ..models.blocks import is_plain_linear, runs_own_forward
 from ..models.gpt import GPTModelFast, merge_heads, residual_block, split_heads
 
 
@@ -35,11 +34,12 @@ def reference_numerics() -> bool:
 
 def is_book_gpt(model) -> bool:
     """True for gptfast's ``GPTModel`` whose blocks are the book's (the layout the shortcuts rely on), each of
-    the model, its blocks and their attention running its own forward (no hook, no override)."""
+    the model, its blocks, their attention and the output head running its own forward (no hook, no
+    override): the shortcuts call the head on fewer positions than the model's forward does."""
     return isinstance(model, GPTModel) and all(
         isinstance(block, TransformerBlock) and isinstance(block.att, MultiHeadAttention)
         for block in model.trf_blocks) and all(
-        runs_own_forward(m) for m in (model, *model.trf_blocks, *(b.att for b in model.trf_blocks)))
+        runs_own_forward(m) for m in (model, model.out_head, *model.trf_blocks, *(b.att for b in model.trf_blocks)))
 
 
 def _embed(model, idx):
@@ -128,10 +128,11 @@ def _fused_linear_cross_entropy_serves(hidden, head, targets) -> bool:
 def head_loss(hidden, head, targets, ignore_index=-100):
     """Mean cross-entropy of ``head(hidden)`` against ``targets`` (rows equal to ``ignore_index`` skipped).
 
-    A plain ``nn.Linear`` head goes through ``ops.linear_cross_entropy`` where a fused
-    backend serves it (the logits are never built), else through ``ops.cross_entropy``.
+    A plain ``nn.Linear`` head (no hook, no forward of its own) goes through
+    ``ops.linear_cross_entropy`` where a fused backend serves it (the logits are never built);
+    any other head is called, then ``ops.cross_entropy``.
     """
-    if isinstance(head, nn.Linear) and _fused_linear_cross_entropy_serves(hidden, head, targets):
+    if is_plain_linear(head) and _fused_linear_cross_entropy_serves(hidden, head, targets):
         return ops.linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, ignore_index=ignore_index)
     return ops.cross_entropy(head(hidden), targets, ignore_index=ignore_index)
 
@@ -139,12 +140,12 @@ def head_loss(hidden, head, targets, ignore_index=-100):
 def head_is_separable(model) -> bool:
     """True when ``model(idx)`` is exactly ``model.out_head(model.hidden_states(idx))``, out_head a plain ``nn.Linear``.
 
-    gptfast's GPT-2 models qualify unless a subclass overrides ``forward`` or a hook would run on
-    the model or its head, its own or a global one (calling the parts directly would skip it).
+    gptfast's GPT-2 models qualify unless a subclass overrides ``forward``, a ``forward`` is set on the
+    model's or the head's instance, or a hook would run on either, its own or a global one (calling
+    the parts directly would skip it).
     """
     return (type(model).forward in (GPTModel.forward, GPTModelFast.forward) and hasattr(model, "hidden_states")
-            and type(getattr(model, "out_head", None)) is nn.Linear
-            and not any(has_forward_hooks(m) for m in (model, model.out_head)))
+            and runs_own_forward(model) and is_plain_linear(getattr(model, "out_head", None)))
 
 
 def next_token_loss(model, input_batch, target_batch, ignore_index=-100):

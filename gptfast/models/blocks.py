@@ -62,14 +62,22 @@ def runs_own_forward(module: nn.Module) -> bool:
             and not overrides_library_forward(type(module)))
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """True when calling ``module`` computes exactly ``F.linear(x, weight, bias)``: an ``nn.Linear`` whose class
+    keeps ``nn.Linear``'s forward, with no hook and no ``forward`` set on the instance (a wrapper's patch).
+    Only such a layer may be computed from its weight without calling it."""
+    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+            and "forward" not in module.__dict__ and not has_forward_hooks(module))
+
+
 def output_logits(head: nn.Module, x):
     """``head(x)``: a model's output head over every position of ``x``.
 
-    A plain ``nn.Linear`` head without hooks computes through
+    A plain ``nn.Linear`` head (:func:`is_plain_linear`) computes through
     :func:`gptfast.ops.loss.head_logits` (on an x86 CPU, a vocabulary-sized float32 head's
     forward product runs through oneDNN); with backend ``"torch"`` the module is called as the
     reference calls it, so its numbers stay bitwise the reference's.
     """
-    if type(head) is nn.Linear and ops.get_backend() != "torch" and not has_forward_hooks(head):
+    if is_plain_linear(head) and ops.get_backend() != "torch":
         return head_logits(x, head.weight, head.bias)
     return head(x)

@@ -29,6 +29,7 @@ def download_from_huggingface(repo_id, filename, local_dir, revision="main"):
     """Download ``filename`` of Hub repository ``repo_id`` into ``local_dir`` unless it is already there.
 
     Returns the local path.  A failed or cut-short download raises ``OSError`` naming the URL
+    (``urllib``'s ``HTTPError`` with the server's code, as in the reference, when the server refused)
     and leaves nothing behind; a ``filename`` leading outside ``local_dir`` is a ``ValueError``.
     """
     url = f"{HF_BASE_URL}/{repo_id}/resolve/{revision}/{filename}"
@@ -41,10 +42,20 @@ def download_from_huggingface(repo_id, filename, local_dir, revision="main"):
     try:
         with urllib.request.urlopen(url) as response:
             save_response(response, dest_path)
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise OSError(f"could not download {url} to {dest_path}: {reason}") from exc
+    except OSError as exc:
+        raise _download_error(exc, f"could not download {url} to {dest_path}") from exc
     return dest_path
+
+
+def _download_error(exc: OSError, message: str) -> OSError:
+    """``exc`` as the same kind of error (``HTTPError`` with its code, ``URLError``, ``OSError``), its message
+    naming what failed: code catching the reference's ``urllib`` errors keeps working."""
+    reason = getattr(exc, "reason", None) or exc
+    if isinstance(exc, urllib.error.HTTPError):
+        return urllib.error.HTTPError(exc.url, exc.code, f"{message}: {reason}", exc.headers, None)
+    if isinstance(exc, urllib.error.URLError):
+        return urllib.error.URLError(f"{message}: {reason}")
+    return OSError(f"{message}: {reason}")
 
 
 def load_safetensors_folder(folder):
