@@ -202,6 +202,10 @@ def test_the_cache_grows_without_copying_each_step_and_keeps_its_contents():
             if t == 50:
                 assert cache.get(0, 0)[0].untyped_storage().data_ptr() == buffer_at_10
         keys = cache.get(1, 1)[0].clone()
+        # a negative row counts from the end, as in the reference's lists
+        assert all(torch.equal(a, b) for a, b in zip(cache.get(1, -1), cache.get(1, 1)))
+        with pytest.raises(IndexError):
+            cache.get(1, -3)
         plain = qwen_plain.Qwen3Model(qwen_cfg(2, context_length=200)).eval()
         plain.load_state_dict(o.state_dict())
         full = plain(torch.arange(70).remainder(100).unsqueeze(0).expand(2, 70))
@@ -264,6 +268,13 @@ def test_cached_generation_past_the_context_equals_uncached_generation():
 # ----------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_negative_token_count_is_an_error_with_or_without_the_cache(use_cache):
+    _, o = pair(qwen_cfg(2))
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        generate.generate_text_simple(o, torch.zeros(2, 3, dtype=torch.long), -1, use_cache=use_cache)
+
+
 def test_bad_input_is_a_clear_error_and_changes_nothing():
     _, o = pair(qwen_cfg(2))
     cache = utils.KVCache(2, 2)
@@ -294,6 +305,13 @@ def test_bad_input_is_a_clear_error_and_changes_nothing():
         with pytest.raises(ValueError, match="token id 101"):
             o(torch.full((2, 1), 101), cache=cache, start_pos=o.current_pos)
         assert cache.row_lengths(0) == [30, 30]
+        # the reference's list cache: the rows' stored keys tell how far they are
+        rows = ref_utils.KVCache(2, 2)
+        o(torch.zeros(2, 5, dtype=torch.long), cache=rows, start_pos=torch.tensor([0, 0]))
+        with pytest.raises(ValueError, match=r"start_pos \[0, 0\] does not continue the cached rows, which hold "
+                                             r"\[5, 5\]"):
+            o(torch.zeros(2, 3, dtype=torch.long), cache=rows, start_pos=torch.tensor([0, 0]))
+        assert o(torch.zeros(2, 1, dtype=torch.long), cache=rows, start_pos=torch.tensor([5, 5])).shape == (2, 1, 101)
         o(torch.zeros(2, 2, dtype=torch.long), cache=cache, start_pos=o.current_pos)  # exactly full is fine
     with pytest.raises(ValueError, match="non-empty"):
         generate.generate_text_simple(o, torch.zeros(0, 3, dtype=torch.long), max_new_tokens=2)

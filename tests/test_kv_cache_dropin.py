@@ -325,6 +325,16 @@ def test_mismatched_cache_rows_and_layers_are_refused():
             ours(ids(2, 1), use_cache=True, cache=KVCache(CFG["n_layers"] + 1))
 
 
+@pytest.mark.parametrize("call", ["cached", "uncached", "stream"])
+def test_a_negative_token_count_is_an_error_on_every_path(call):
+    _, ours = models()
+    run = {"cached": lambda: kv_generate.generate_text_simple(ours, ids(1, 4), -1),
+           "uncached": lambda: kv_generate.generate_text_simple(ours, ids(1, 4), -1, use_cache=False),
+           "stream": lambda: kv_generate.generate_text_simple_stream(ours, ids(1, 4), -1)}[call]
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        run()
+
+
 def test_generation_with_a_context_size_past_the_model_is_refused():
     _, ours = models()
     with pytest.raises(ValueError, match="context_size"):

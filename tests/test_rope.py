@@ -100,6 +100,18 @@ def test_torch_backend_is_the_reference_apply_rope_bitwise():
     assert torch.equal(ops.rope(x, cos, sin, backend="torch"), apply_rope(x, cos, sin))
 
 
+def test_a_zero_dimensional_tensor_offset_is_an_offset_as_in_the_reference():
+    from llms_from_scratch.kv_cache.qwen3 import apply_rope as reference_apply_rope
+
+    from gptfast.kv_cache.qwen3 import apply_rope
+    x, cos, sin, _ = _inputs(2, 3, 4, 8, context=10)
+    expected = reference_apply_rope(x, cos, sin, torch.tensor(3))
+    assert torch.equal(apply_rope(x, cos, sin, torch.tensor(3)), apply_rope(x, cos, sin, 3))
+    torch.testing.assert_close(apply_rope(x, cos, sin, torch.tensor(3)), expected)
+    with pytest.raises(TypeError, match="offset must be an int"):
+        ops.rope(x, cos, sin, offset=torch.tensor(3.0))
+
+
 def test_bad_arguments_are_named_before_any_kernel():
     x, cos, sin, _ = _inputs(2, 1, 3, 8, context=10)
     for backend in ("torch", "cpu", "triton", "cuda"):

@@ -36,25 +36,19 @@ import time
 import torch
 
 from .. import ops
+from ..ops._checks import INTEGER_DTYPES, as_int
 from .cache import KVCache, context_length, is_decodable, prepare_model, walk_reproduces_forward
 from .cuda_graphs import captured_decoder, graph_capturable
 from .runner import CachedRunner
 
-INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
 # ----------------------------------------------------------------------------- validation
 
 
-def _as_int(value):
-    """``value`` as an int when it is one: a python int, or a 0-d integer tensor (the reference takes both)."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype in INTEGER_DTYPES:
-        return int(value)
-    return value
-
-
-def _require_int(name, value, minimum):
-    value = _as_int(value)
+def require_int(name, value, minimum):
+    """``value`` (an int or a 0-d integer tensor) as an int of at least ``minimum``; else an error naming ``name``."""
+    value = as_int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
@@ -118,7 +112,7 @@ def _eos_tensor(eos_id, batch, device):
     """``(batch,)`` int64 end-of-sequence ids, -1 where a row has none; ``None`` when no row has one."""
     if eos_id is None:
         return None
-    eos_id = _as_int(eos_id)
+    eos_id = as_int(eos_id)
     if isinstance(eos_id, numbers.Integral) and not isinstance(eos_id, bool):
         return torch.full((batch,), int(eos_id), dtype=torch.long, device=device)
     if isinstance(eos_id, bool):
@@ -188,8 +182,8 @@ class Decoder:
 
     def __init__(self, model, prompts, max_new_tokens, context_size, temperature, top_k, eos_id, generator,
                  *, dtype=None, cuda_graph=None):
-        self.max_new_tokens = _require_int("max_new_tokens", max_new_tokens, 0)
-        self.context_size = _require_int("context_size", context_size, 1)
+        self.max_new_tokens = require_int("max_new_tokens", max_new_tokens, 0)
+        self.context_size = require_int("context_size", context_size, 1)
         # A model the cache code can walk, whose forward the walk reproduces (no hook, no patched forward, no
         # active dropout), takes the cached passes; the others run the reference's uncached loop.
         self.decodable = is_decodable(model)

@@ -165,7 +165,8 @@ class RowKVCache:
         if n == 0:
             return None
         keys, values = self._buffers[layer_idx]
-        return keys[batch_idx:batch_idx + 1, :, :n], values[batch_idx:batch_idx + 1, :, :n]
+        row = range(self.batch_size)[batch_idx]  # a negative index counts from the end, as in a list
+        return keys[row:row + 1, :, :n], values[row:row + 1, :, :n]
 
     def update(self, layer_idx, batch_idx, value):
         """Replace one entry with ``value`` (a ``(keys, values)`` pair or ``None``)."""

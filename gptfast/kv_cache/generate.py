@@ -23,6 +23,7 @@ import torch
 from ..generate import trim_input_tensor  # noqa: F401  (the reference re-exports it here)
 from ..generation import api
 from ..generation.cache import context_length, is_decodable
+from ..generation.decoding import require_int
 from .utils import KVCache
 
 __all__ = ["generate_text_simple", "generate_text_simple_stream", "trim_input_tensor", "KVCache"]
@@ -36,6 +37,7 @@ def generate_text_simple(model, idx, max_new_tokens, context_size=None, use_cach
     """
     model.eval()
     ctx_len = context_size or _default_context(model)
+    max_new_tokens = require_int("max_new_tokens", max_new_tokens, 0)
     if not use_cache:
         return _uncached(model, idx, max_new_tokens, ctx_len)
     if is_decodable(model):
@@ -53,6 +55,7 @@ def generate_text_simple_stream(model, token_ids, max_new_tokens, eos_token_id=N
     Arguments are checked when this is called, before the first token.
     """
     model.eval()
+    max_new_tokens = require_int("max_new_tokens", max_new_tokens, 0)
     if is_decodable(model):
         _reset(model)
         ctx_len = context_size or context_length(model)

@@ -24,7 +24,7 @@ import torch
 from ..generate import trim_input_tensor  # noqa: F401  (the reference re-exports it here)
 from ..generation import api
 from ..generation.cache import is_decodable
-from ..generation.decoding import check_idx
+from ..generation.decoding import check_idx, require_int
 from .utils import KVCache
 
 __all__ = ["generate_text_simple", "trim_input_tensor", "KVCache"]
@@ -39,6 +39,7 @@ def generate_text_simple(model, idx, max_new_tokens, context_size=None, use_cach
     model.eval()
     ctx_len = context_size or model.cfg["context_length"]
     check_idx(idx, model)
+    max_new_tokens = require_int("max_new_tokens", max_new_tokens, 0)
     if not use_cache:
         return _uncached(model, idx, max_new_tokens, ctx_len)
     if is_decodable(model):

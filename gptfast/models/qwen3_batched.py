@@ -248,7 +248,13 @@ class Qwen3Model(qwen3.Qwen3Model):
     def _check_cache(self, cache, batch, starts):
         """Before any work: the cache must have this many rows, each holding ``starts[b]`` tokens."""
         if not isinstance(cache, KVCache):
-            return  # another implementation of the API: its own rules
+            # Another implementation of the API (the reference's row lists): its entries tell the lengths.
+            entries = [cache.get(0, b) for b in range(batch)]
+            held = [0 if entry is None else int(entry[0].shape[2]) for entry in entries]
+            if held != starts:
+                raise ValueError(f"start_pos {starts} does not continue the cached rows, which hold {held} tokens "
+                                 "in layer 0 (pass model.current_pos and advance it after each call)")
+            return
         if cache.batch_size != batch:
             raise ValueError(f"the cache has {cache.batch_size} rows but in_idx has {batch}; "
                              "make a KVCache(n_layers, batch_size) for this batch")

@@ -217,6 +217,7 @@ def rope(x, cos, sin, *, offset=0, positions=None, backend=None):
     (a left-padded batch in KV-cache decode).  The result has ``x``'s dtype.  Tables that
     require grad get one on the torch path only (``"auto"`` takes it for such calls).
     """
+    offset = _checks.as_int(offset)
     _checks.check_rope(x, cos, sin, offset, positions)
     kwargs = dict(offset=int(offset), positions=positions)
     _, fn = resolve("rope", x.device, (x, cos, sin), kwargs, backend)

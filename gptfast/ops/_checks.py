@@ -15,6 +15,14 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def as_int(value):
+    """``value`` as an int when it is a 0-d integer tensor (the reference indexes with either), else unchanged."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype in INTEGER_DTYPES:
+        return int(value)
+    return value
 REDUCTIONS = ("mean", "sum", "none")
 
 
