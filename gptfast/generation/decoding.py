@@ -42,7 +42,6 @@ from .cuda_graphs import captured_decoder, graph_capturable
 from .runner import CachedRunner
 
 
-
 # ----------------------------------------------------------------------------- validation
 
 

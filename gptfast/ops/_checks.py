@@ -16,6 +16,7 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def as_int(value):
@@ -23,7 +24,6 @@ def as_int(value):
     if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype in INTEGER_DTYPES:
         return int(value)
     return value
-REDUCTIONS = ("mean", "sum", "none")
 
 
 def require_tensor(name: str, value) -> torch.Tensor:
