@@ -97,7 +97,7 @@ def _halve_calls(module):
 @needs_cpu_backend
 @pytest.mark.parametrize("case", ["forward overridden", "hook on the head", "hook on the model", "global hook",
                                   "LoRA-style head", "forward set on the head", "forward set on the model",
-                                  "linear subclass head"])
+                                  "linear subclass head", "backward hook on the head", "backward hook on the model"])
 def test_models_whose_head_cannot_be_split_off_keep_their_forward(case, request):
     x, y = _batch()
     model = _model(_ScaledHead if case == "forward overridden" else GPTModel)
@@ -122,12 +122,18 @@ def test_models_whose_head_cannot_be_split_off_keep_their_forward(case, request)
         head = model.out_head
         model.out_head = _ScaledLinear(head.in_features, head.out_features, bias=False)
         model.out_head.weight = head.weight
+    elif case.startswith("backward hook"):
+        target = model.out_head if case.endswith("head") else model
+        target.register_full_backward_pre_hook(lambda module, grad_output: tuple(g * 0.5 for g in grad_output))
     assert not heads.head_is_separable(model)
     with ops.use_backend("cpu"):
-        loss = ch05.calc_loss_batch(x, y, model, "cpu")
+        loss, grads = _loss_and_grads(model, lambda: ch05.calc_loss_batch(x, y, model, "cpu"))
     with ops.use_backend("torch"):  # the oracle calls every module as the reference does
-        expected = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        expected, expected_grads = _loss_and_grads(model, lambda: torch.nn.functional.cross_entropy(
+            model(x).flatten(0, 1), y.flatten()))
     parity.assert_close(loss, expected, torch.float32, case)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, expected_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
 
 
 @needs_cpu_backend

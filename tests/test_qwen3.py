@@ -190,6 +190,36 @@ def test_routed_experts_match_the_dense_reference_with_the_default_backend(tmp_p
         torch.testing.assert_close(routed.float(), r.trf_blocks[0].ff(x).float(), atol=tol, rtol=tol)
 
 
+def test_experts_without_tokens_get_zero_gradients_as_in_the_reference(tmp_path):
+    """One token reaches 2 of 4 experts: the others' gradients are zeros, not None (AdamW skips a None)."""
+    cfg = tiny_cfg(2, num_experts=4)
+    r, o, _ = _moe_pair(cfg, tmp_path)
+    idx = torch.randint(0, cfg["vocab_size"], (1, 1), generator=torch.Generator().manual_seed(2))
+    r(idx).sum().backward()
+    with ops.use_backend("auto"):
+        o(idx).sum().backward()
+    unrouted = 0
+    for (name, p), q in zip(o.named_parameters(), r.parameters()):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        unrouted += ".fc1." in name and not q.grad.any()
+    assert unrouted == 2 * cfg["n_layers"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_experts_wrapped_by_the_user_run(tmp_path, backend):
+    from gptfast.appendix_e import LinearWithLoRA
+
+    cfg = tiny_cfg(2, num_experts=4)
+    _, o, _ = _moe_pair(cfg, tmp_path)
+    ff = o.trf_blocks[0].ff
+    plain = o(torch.tensor([[3, 4]]))
+    for e in range(cfg["num_experts"]):
+        ff.fc1[e] = LinearWithLoRA(ff.fc1[e], rank=2, alpha=4)  # B starts at zero: the same function
+    with ops.use_backend(backend):
+        torch.testing.assert_close(o(torch.tensor([[3, 4]])), plain, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_running_experts_before_loading_them_is_a_clear_error(backend):
     # Experts are created on the meta device; a real input times a meta weight gives

@@ -26,12 +26,17 @@ class PreNormBlock(nn.Module):
         self.norm2 = make_norm()
 
 
-def has_forward_hooks(module: nn.Module) -> bool:
-    """True when calling ``module`` would run a forward hook (its own or a global one)."""
-    hooks = nn.modules.module
-    return bool(module._forward_hooks or module._forward_pre_hooks or any(
-        getattr(hooks, name, None) for name in (
-            "_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called")))
+# Module-level registries of hooks that torch runs on every module call.
+_GLOBAL_CALL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called",
+                      "_global_backward_hooks", "_global_backward_pre_hooks")
+
+
+def has_call_hooks(module: nn.Module) -> bool:
+    """True when calling ``module`` would run a hook: a forward or forward-pre hook, or a backward hook (torch
+    attaches those to the call's outputs), the module's own or a global one."""
+    registry = nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or any(getattr(registry, name, None) for name in _GLOBAL_CALL_HOOKS))
 
 
 # Packages whose modules' forward gptfast reproduces when it computes a model's parts itself.
@@ -58,7 +63,7 @@ def runs_own_forward(module: nn.Module) -> bool:
     """True when calling ``module`` runs the forward its layout stands for: no hook, no instance-level
     ``forward``, and no subclass forward over a gptfast or reference module's.  Only then may code that
     computes the module's parts itself stand in for calling it."""
-    return ("forward" not in module.__dict__ and not has_forward_hooks(module)
+    return ("forward" not in module.__dict__ and not has_call_hooks(module)
             and not overrides_library_forward(type(module)))
 
 
@@ -67,7 +72,7 @@ def is_plain_linear(module: nn.Module) -> bool:
     keeps ``nn.Linear``'s forward, with no hook and no ``forward`` set on the instance (a wrapper's patch).
     Only such a layer may be computed from its weight without calling it."""
     return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
-            and "forward" not in module.__dict__ and not has_forward_hooks(module))
+            and "forward" not in module.__dict__ and not has_call_hooks(module))
 
 
 def output_logits(head: nn.Module, x):

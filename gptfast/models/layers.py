@@ -306,7 +306,10 @@ def dense_expert_mixture(x, topk_probs, topk_indices, num_experts, expert_fn):
 def routed_expert_mixture(x, topk_probs, topk_indices, num_experts, expert_fn):
     """Each expert only on the tokens routed to it; outputs summed with their weights in float32.
 
-    Same result as :func:`dense_expert_mixture` up to rounding, at ``k / E`` of its work.
+    Same result as :func:`dense_expert_mixture` up to rounding, at ``k / E`` of its work.  While
+    gradients are recorded an expert without tokens still runs, on no rows: its weights then get
+    zero gradients as in the dense mixture, not none (an optimizer skips a parameter without a
+    gradient, so its weight decay and momentum would stop).
     """
     flat = x.reshape(-1, x.shape[-1])
     idx = topk_indices.reshape(flat.shape[0], -1)
@@ -319,7 +322,7 @@ def routed_expert_mixture(x, topk_probs, topk_indices, num_experts, expert_fn):
     weights = probs.flatten()[order]
     start = 0
     for e, count in enumerate(counts):
-        if count:
+        if count or torch.is_grad_enabled():
             rows = tokens[start:start + count]
             y = expert_fn(e, flat[rows])
             out.index_add_(0, rows, y.float() * weights[start:start + count, None].float())

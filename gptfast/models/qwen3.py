@@ -176,7 +176,8 @@ class MoEFeedForward(nn.Module):
     def expert(self, e, x):
         """Expert ``e``'s SwiGLU MLP applied to ``x``."""
         fc1, fc2, fc3 = self.fc1[e], self.fc2[e], self.fc3[e]
-        if not x.is_meta and (fc1.weight.is_meta or fc2.weight.is_meta or fc3.weight.is_meta):
+        # Parameters, not ``.weight``: a user may have wrapped an expert (LoRA) in a module without one.
+        if not x.is_meta and any(p.is_meta for m in (fc1, fc2, fc3) for p in m.parameters()):
             # A real input times a meta weight returns uninitialised memory, not an error.
             raise RuntimeError(
                 f"expert {e} of MoEFeedForward has no weights yet (experts are created on the meta device); "
