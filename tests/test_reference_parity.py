@@ -261,3 +261,95 @@ def test_appendix_d_warmup_rates_and_highest_gradient_are_the_references():
     expected = ref_appendix_d.find_highest_gradient(model)
     got = appendix_d.find_highest_gradient(model)
     assert torch.equal(got, expected) and got.dtype == expected.dtype
+
+
+# ----------------------------------------------------------------------------- the user's own modules
+
+
+def _twins(cfg):
+    torch.manual_seed(3)
+    ref = ref_ch04.GPTModel(cfg)
+    ours = ch04.GPTModel(cfg)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _change(model, case):
+    """Apply one user change the fused attention core cannot stand in for."""
+    for block in model.trf_blocks:
+        att = block.att
+        if case == "hook on the attention dropout":
+            att.dropout.register_forward_hook(lambda module, args, out: out * 0.5)
+        elif case == "dropout replaced by Identity":
+            att.dropout = torch.nn.Identity()
+        elif case == "mask zeroed (no causality)":
+            att.mask.zero_()
+        elif case == "each position sees only itself":
+            att.mask.copy_(1 - torch.eye(att.mask.shape[0]))
+        elif case == "dropout left in training in an eval model":
+            att.dropout.train()
+
+
+CASES = ["hook on the attention dropout", "dropout replaced by Identity", "mask zeroed (no causality)",
+         "each position sees only itself", "dropout left in training in an eval model"]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_a_changed_attention_mask_or_dropout_module_takes_effect(case, backend):
+    """The fused core stands in for the mask and the dropout module only while they are the book's."""
+    drop = case == "dropout left in training in an eval model"
+    ref, ours = _twins({**TINY, "vocab_size": 300, "drop_rate": 0.5 if drop else 0.0})
+    x = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(4))
+    for model in (ref, ours):
+        model.eval()
+        _change(model, case)
+    torch.manual_seed(5)
+    expected = ref(x)
+    with ops.use_backend(backend):
+        torch.manual_seed(5)
+        got = ours(x)
+    if backend == "torch":
+        assert torch.equal(got, expected)
+    elif drop:  # dropout active in attention, with the fused op's own draws (statistically the same)
+        with ops.use_backend(backend):
+            assert not torch.equal(ours(x), ours(x))
+    else:
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_dropout_follows_its_own_module_mode():
+    """``model.train()`` then every ``nn.Dropout`` put in eval mode: deterministic, as in the reference."""
+    _, ours = _twins({**TINY, "vocab_size": 300, "drop_rate": 0.5})
+    ours.train()
+    for module in ours.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+    x = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(ours(x), ours(x))
+
+
+@pytest.mark.parametrize("case", ["hook on trf_blocks", "an entry that is not a block",
+                                  "each position sees only itself", "a callable, not a module"])
+def test_generation_calls_what_it_cannot_stand_in_for(case):
+    ref, ours = _twins({**TINY, "vocab_size": 300, "drop_rate": 0.0})
+    idx = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(4))
+    for model in (ref, ours):
+        model.eval()
+        if case == "hook on trf_blocks":
+            model.trf_blocks.register_forward_hook(lambda module, args, out: out.flip(-1))
+        elif case == "an entry that is not a block":
+            model.trf_blocks.append(torch.nn.Tanh())
+        elif case == "each position sees only itself":
+            _change(model, case)
+    if case == "a callable, not a module":
+        table = torch.randn(300, 300, generator=torch.Generator().manual_seed(6))
+        ref = ours = lambda ids: table[ids]  # noqa: E731
+    expected = ref_ch05.generate(ref, idx, 6, 16)
+    if case != "a callable, not a module":
+        unchanged = ch04.GPTModel({**TINY, "vocab_size": 300, "drop_rate": 0.0}).eval()
+        unchanged.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.endswith(".mask")},
+                                  strict=False)
+        assert not torch.equal(ref_ch05.generate(unchanged, idx, 6, 16), expected)  # the change changes tokens
+    assert torch.equal(ch05.generate(ours, idx, 6, 16), expected)
+    assert torch.equal(ch04.generate_text_simple(ours, idx, 6, 16), ref_ch04.generate_text_simple(ref, idx, 6, 16))

@@ -24,7 +24,7 @@ import torch
 from .. import ops
 from ..ch04 import GPTModel, MultiHeadAttention, TransformerBlock
 from ..models.blocks import is_plain_linear, runs_own_forward
-from ..models.gpt import GPTModelFast, merge_heads, residual_block, split_heads
+from ..models.gpt import GPTModelFast, merge_heads, residual_block, runs_fused_core, split_heads
 
 
 def reference_numerics() -> bool:
@@ -34,12 +34,15 @@ def reference_numerics() -> bool:
 
 def is_book_gpt(model) -> bool:
     """True for gptfast's ``GPTModel`` whose blocks are the book's (the layout the shortcuts rely on), each of
-    the model, its blocks, their attention and the output head running its own forward (no hook, no
-    override): the shortcuts call the head on fewer positions than the model's forward does."""
-    return isinstance(model, GPTModel) and all(
-        isinstance(block, TransformerBlock) and isinstance(block.att, MultiHeadAttention)
-        for block in model.trf_blocks) and all(
-        runs_own_forward(m) for m in (model, model.out_head, *model.trf_blocks, *(b.att for b in model.trf_blocks)))
+    the model, its ``trf_blocks`` sequence, its blocks, their attention and the output head running its own
+    forward (no hook, no override; the shortcuts call the head on fewer positions than the model's forward
+    does), and each attention core the fused op (:func:`runs_fused_core`)."""
+    if not (isinstance(model, GPTModel) and type(model.trf_blocks) is torch.nn.Sequential):
+        return False
+    blocks = list(model.trf_blocks)
+    return all(isinstance(block, TransformerBlock) and isinstance(block.att, MultiHeadAttention)
+               and runs_fused_core(block.att) for block in blocks) and all(
+        runs_own_forward(m) for m in (model, model.trf_blocks, model.out_head, *blocks, *(b.att for b in blocks)))
 
 
 def _embed(model, idx):
@@ -60,7 +63,7 @@ def _per_row_attention(att, bounds):
         q, k, v = (split_heads(att, proj(h)).split(lengths, dim=2) for proj in (att.W_query, att.W_key, att.W_value))
         # split, not one slice per row: its backward writes the rows' gradients into one tensor, where each
         # slice's backward would zero-fill a whole (1, heads, tokens, head_dim) gradient and add them up.
-        spans = [ops.causal_attention(*row, dropout_p=att.dropout.p, training=att.training) for row in zip(q, k, v)]
+        spans = [ops.causal_attention(*row, dropout_p=att.dropout.p, training=att.dropout.training) for row in zip(q, k, v)]
         return att.out_proj(merge_heads(att, torch.cat(spans, dim=2)))
     return attention
 
@@ -97,7 +100,7 @@ def _last_position_of_block(block, x):
     keys, values = _heads(att, att.W_key(normed)), _heads(att, att.W_value(normed))
     query = _heads(att, att.W_query(normed[:, -1:]))
     # The last query sees every key, so the causal op computes exactly its row of the full attention.
-    context = ops.causal_attention(query, keys, values, dropout_p=att.dropout.p, training=att.training)
+    context = ops.causal_attention(query, keys, values, dropout_p=att.dropout.p, training=att.dropout.training)
     context = context.transpose(1, 2).reshape(x.shape[0], 1, att.d_out)
     last = x[:, -1:] + block.drop_resid(att.out_proj(context))
     return last + block.drop_resid(block.ff(block.norm2(last)))

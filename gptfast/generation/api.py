@@ -200,7 +200,7 @@ def stream_text(model, prompt_ids, max_new_tokens, tokenizer, *, context_size=No
     if context_size is None:
         check_decodable(model)
         context_size = context_length(model)
-    stream = generate_stream(model, prompt_ids.to(model_device(model)), max_new_tokens, context_size,
+    stream = generate_stream(model, prompt_ids.to(model_device(model) or prompt_ids.device), max_new_tokens, context_size,
                              temperature, top_k, eos_id, generator, dtype=dtype)
     return _text_chunks(stream, tokenizer)
 

@@ -7,6 +7,7 @@ import copy
 import torch
 
 from ..models.blocks import runs_own_forward
+from ..models.gpt import runs_fused_core
 
 _BLOCK_PARTS = ("norm1", "att", "drop_resid", "ff", "norm2")
 _ATTENTION_PARTS = ("W_query", "W_key", "W_value", "out_proj", "num_heads", "head_dim", "d_out")
@@ -80,15 +81,25 @@ def _active_dropout(module) -> bool:
 def walk_reproduces_forward(model) -> bool:
     """Whether the cached passes compute what ``model(idx)`` does, so generation may take them.
 
-    They call the model's parts themselves, in place of the forward of the model, of its blocks and
-    of their attention modules: those must run the library's own forward, unhooked and unpatched.
+    They call the model's parts themselves, in place of the forward of the model, of its ``trf_blocks``,
+    of its blocks and of their attention modules: those must run the library's own forward, unhooked
+    and unpatched, every entry of ``trf_blocks`` must be a block, and a GPT attention's mask and
+    dropout module must be the book's (:func:`gptfast.models.gpt.runs_fused_core`).
     And no dropout may be active: the cached passes see fewer positions per call, so their random
     draws would differ from the reference's (a model in training mode with dropout runs uncached).
     A ``torch.compile`` wrapper is looked through: the compiled forward computes the model's.
     """
     model = getattr(model, "_orig_mod", model)
-    bypassed = [model, *model.trf_blocks, *(block.att for block in model.trf_blocks)]
+    blocks = model.trf_blocks
+    if type(blocks) not in (torch.nn.Sequential, torch.nn.ModuleList) or not all(
+            all(hasattr(block, name) for name in _ROTARY_BLOCK_PARTS) for block in blocks):
+        return False  # a container of its own, or an entry that is not a block: only calling it is right
+    bypassed = [model, blocks, *blocks, *(block.att for block in blocks)]
     if not all(runs_own_forward(module) for module in bypassed):
+        return False
+    # A GPT attention's core is the fused op only with the causal mask and a plain dropout module.
+    if not all(runs_fused_core(block.att) for block in blocks
+               if isinstance(getattr(block.att, "dropout", None), torch.nn.Module)):
         return False
     return not any(_active_dropout(module) for module in model.modules())
 

@@ -56,7 +56,10 @@ def require_int(name, value, minimum):
 
 
 def model_device(model):
-    """The device of the model's first parameter (CPU for a model without parameters)."""
+    """The device of the model's first parameter: CPU for a module without parameters, None for a callable
+    that is not a module (its inputs stay where they are, as in the reference's loop)."""
+    if not isinstance(model, torch.nn.Module):
+        return None
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
@@ -190,7 +193,7 @@ class Decoder:
         if dtype is not None and not self.decodable:
             raise TypeError("dtype needs a model with the book's GPTModel layout or a Llama 3 / Qwen3 decoder")
         self.model = model  # replaced by its converted copy once every argument is checked
-        device = model_device(model)
+        device = model_device(model) or prompts[0].device
         self.device = device
         self.batch = len(prompts)
         self.prompt_lens = [int(p.shape[0]) for p in prompts]

@@ -17,10 +17,11 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from .blocks import PreNormBlock, output_logits
+from .blocks import PreNormBlock, output_logits, runs_own_forward
 
 def _causal_mask_buffer(context_length: int) -> torch.Tensor:
-    """The reference's ``mask`` buffer: 1.0 above the diagonal (kept for state_dict compatibility)."""
+    """The reference's ``mask`` buffer: 1.0 above the diagonal.  The fused op is causal by itself; a
+    changed mask sends the attention through :func:`attend_as_written`."""
     return torch.triu(torch.ones(context_length, context_length), diagonal=1)
 
 
@@ -37,6 +38,49 @@ def merge_heads(att, x):
     """``(b, heads, t, head_dim)`` -> ``(b, t, d_out)`` for attention module ``att``."""
     b, _, t, _ = x.shape
     return x.transpose(1, 2).reshape(b, t, att.d_out)
+
+
+def _mask_is_causal(att) -> bool:
+    """True when ``att.mask`` (if any) is the book's causal mask: 1 above the diagonal, 0 elsewhere.
+
+    Compared once per version of the buffer (an in-place change bumps it), so the check costs a lookup per call.
+    """
+    mask = getattr(att, "mask", None)
+    if mask is None or mask.is_meta or torch.compiler.is_compiling():
+        return True
+    key = (mask.data_ptr(), mask._version, mask.shape, mask.device)
+    cached = att.__dict__.get("_causal_mask_checked")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    causal = torch.ones(mask.shape, dtype=torch.bool, device=mask.device).triu(1)
+    verdict = bool(torch.equal(mask.bool(), causal))
+    att.__dict__["_causal_mask_checked"] = (key, verdict)
+    return verdict
+
+
+def runs_fused_core(att) -> bool:
+    """True when ``att``'s core is what the fused causal attention computes: its ``mask`` the causal mask and
+    its ``dropout`` an ``nn.Dropout`` (no hook, no forward of its own), so the op may stand in for both."""
+    dropout = att.dropout
+    return type(dropout) in (nn.Dropout, Dropout) and runs_own_forward(dropout) and _mask_is_causal(att)
+
+
+def attend_as_written(att, queries, keys, values):
+    """The book's attention core, step by step: scores masked by ``att.mask``, softmax, ``att.dropout`` called,
+    times ``values``.  For a changed mask or dropout module, which the fused op cannot stand in for."""
+    t_q, t_k = queries.shape[-2], keys.shape[-2]
+    scores = queries @ keys.transpose(-2, -1)
+    scores.masked_fill_(att.mask.bool()[t_k - t_q:t_k, :t_k], -torch.inf)
+    weights = att.dropout(torch.softmax(scores / keys.shape[-1] ** 0.5, dim=-1))
+    return weights @ values
+
+
+def causal_core(att, queries, keys, values):
+    """``att``'s attention core over ``(b, heads, t, head_dim)`` inputs (queries as the last positions of the
+    keys): the fused op where :func:`runs_fused_core`, else :func:`attend_as_written`."""
+    if runs_fused_core(att):
+        return ops.causal_attention(queries, keys, values, dropout_p=att.dropout.p, training=att.dropout.training)
+    return attend_as_written(att, queries, keys, values)
 
 
 def residual_block(block, x, attention):
@@ -101,10 +145,7 @@ class CausalAttention(nn.Module):
     def forward(self, x):
         keys, queries, values = self.W_key(x), self.W_query(x), self.W_value(x)
         # One head: add a heads axis of size 1 for the fused op and drop it again.
-        context = ops.causal_attention(
-            queries.unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1),
-            dropout_p=self.dropout.p, training=self.training)
-        return context.squeeze(1)
+        return causal_core(self, queries.unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1)).squeeze(1)
 
 
 class MultiHeadAttentionWrapper(nn.Module):
@@ -146,8 +187,7 @@ class _HeadProjections(nn.Module):
 
     def attend(self, queries, keys, values):
         """Causal attention (queries as the last positions of the keys), merged and projected out."""
-        context = ops.causal_attention(queries, keys, values, dropout_p=self.dropout.p, training=self.training)
-        return self.out_proj(merge_heads(self, context))
+        return self.out_proj(merge_heads(self, causal_core(self, queries, keys, values)))
 
 
 class MultiHeadAttention(_HeadProjections):
