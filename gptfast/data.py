@@ -27,8 +27,10 @@ class GPTDatasetV1(Dataset):
         # Windows start at 0, stride, ... while a full input plus its shifted target fits.
         windows = token_ids.unfold(0, max_length + 1, stride) if len(token_ids) > max_length else \
             token_ids.new_empty((0, max_length + 1))
-        self.input_ids = windows[:, :-1]
-        self.target_ids = windows[:, 1:]
+        # Copies, not views of the overlapping windows: as in the reference, each window owns its tokens, so a
+        # change to one item (in place) leaves the neighbouring windows and the targets as they were.
+        self.input_ids = windows[:, :-1].clone()
+        self.target_ids = windows[:, 1:].clone()
 
     def __len__(self):
         return len(self.input_ids)

@@ -309,7 +309,24 @@ def test_plot_values_writes_the_pdf(tmp_path, monkeypatch):
 
     matplotlib.use("Agg")
     monkeypatch.chdir(tmp_path)
-    fig = ch06.plot_values([0, 1, 2], [0, 8, 16], [0.9, 0.7, 0.5], [1.0, 0.8, 0.6], label="accuracy", show=False)
+    import matplotlib.pyplot as plt
+
+    # None, as the reference's: a returned figure would be drawn twice at the end of a notebook cell
+    assert ch06.plot_values([0, 1, 2], [0, 8, 16], [0.9, 0.7, 0.5], [1.0, 0.8, 0.6], label="accuracy",
+                            show=False) is None
+    fig = plt.gcf()
     assert (tmp_path / "accuracy-plot.pdf").read_bytes().startswith(b"%PDF")
     assert fig.axes[0].get_ylabel() == "Accuracy"
     assert [line.get_label() for line in fig.axes[0].lines] == ["Training accuracy", "Validation accuracy"]
+
+
+def test_plot_losses_writes_the_file_and_returns_none_like_the_reference(tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from gptfast import ch05
+
+    matplotlib.use("Agg")
+    assert ch05.plot_losses([0, 1], [0, 8], [0.9, 0.7], [1.0, 0.8], save_path=tmp_path / "loss.pdf", show=False) is None
+    assert (tmp_path / "loss.pdf").read_bytes().startswith(b"%PDF")
+    assert plt.gcf().axes[0].get_ylabel() == "Loss"

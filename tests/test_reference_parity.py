@@ -188,6 +188,21 @@ def test_dataloaders_yield_the_reference_batches_under_a_seed():
         assert torch.equal(xr, x) and torch.equal(yr, y)
 
 
+def test_dataset_items_own_their_tokens_like_the_references():
+    """Changing one item in place changes that item only (the windows overlap, their tensors do not)."""
+    from gptfast.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    text = _verdict_text()[:2000]
+    datasets = [module.GPTDatasetV1(text, tokenizer, max_length=8, stride=4) for module in (ref_ch02, ch02)]
+    for dataset in datasets:
+        x, _ = dataset[0]
+        x[5] = 999
+    (ref_x0, ref_y0), (x0, y0) = datasets[0][0], datasets[1][0]
+    assert torch.equal(x0, ref_x0) and torch.equal(y0, ref_y0) and int(y0[4]) != 999
+    assert torch.equal(datasets[1][1][0], datasets[0][1][0])
+
+
 def _loaders(module, text, cfg, batch_size=2):
     split = int(0.9 * len(text))
     torch.manual_seed(123)

@@ -214,7 +214,8 @@ def train_classifier_simple(model, train_loader, val_loader, optimizer, device, 
 def plot_values(epochs_seen, examples_seen, train_values, val_values, label="loss", show=True):
     """Plot training/validation ``label`` against epochs and examples seen; saves ``{label}-plot.pdf``.
 
-    ``show=False`` (not in the reference) skips ``plt.show()``.  Returns the figure.
+    ``show=False`` (not in the reference) skips ``plt.show()``.  Returns None as the reference does (a returned
+    figure would be drawn twice at the end of a notebook cell); the figure stays pyplot's current one.
     """
     import matplotlib.pyplot as plt
 
@@ -231,7 +232,6 @@ def plot_values(epochs_seen, examples_seen, train_values, val_values, label="los
     atomic_savefig(fig, f"{label}-plot.pdf")
     if show:
         plt.show()
-    return fig
 
 
 def classify_review(text, model, tokenizer, device, max_length=None, pad_token_id=50256):

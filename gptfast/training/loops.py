@@ -203,7 +203,9 @@ def train_model(model, train_loader, val_loader, optimizer, device,
 def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, save_path="loss-plot.pdf", show=True):
     """Plot train/validation loss against epochs (bottom axis) and tokens seen (top axis).
 
-    The file is written atomically (a temporary file renamed over ``save_path``).
+    The file is written atomically (a temporary file renamed over ``save_path``).  Returns None as the
+    reference does (a returned figure would be drawn a second time at the end of a notebook cell); the
+    figure stays pyplot's current one (``plt.gcf()``).
     """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
@@ -222,4 +224,3 @@ def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, save_path="l
     atomic_savefig(fig, save_path)
     if show:
         plt.show()
-    return fig
