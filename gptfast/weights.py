@@ -37,7 +37,10 @@ _TORCH_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def assign(left, right):
     """A new Parameter holding ``right``, after checking it has ``left``'s shape.
 
-    ``right`` may be a numpy array or a tensor; the result keeps ``left``'s dtype and device.
+    ``right`` may be a numpy array or a tensor; the result keeps ``left``'s dtype and device, and is
+    contiguous.  The reference keeps a transposed numpy array's layout (the GPT-2 checkpoint's
+    ``w.T``); the fused decode and head kernels read contiguous weights without a copy per call, and
+    the products then round differently (logits ~1e-6 apart on backend ``"torch"``, not bitwise).
     """
     if tuple(left.shape) != tuple(right.shape):
         raise ValueError(f"Shape mismatch. Left: {left.shape}, Right: {right.shape}")
