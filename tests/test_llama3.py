@@ -128,7 +128,9 @@ def _llama3_inv_freq_float64(head_dim, theta, cfg):
 
 
 @pytest.mark.parametrize("freq_config", [None, {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                 "original_context_length": 64}])
+                                                 "original_context_length": 64},
+                                         {"factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 2.0,
+                                          "original_context_length": 64}], ids=["plain", "scaled", "step"])
 def test_rope_tables_with_llama3_frequency_scaling(freq_config):
     head_dim, theta, ctx = 16, 500_000, 256
     cos, sin = ours.compute_rope_params(head_dim, theta, ctx, freq_config)
@@ -138,11 +140,12 @@ def test_rope_tables_with_llama3_frequency_scaling(freq_config):
         inv = torch.tensor([1.0 / theta ** (i / head_dim) for i in range(0, head_dim, 2)], dtype=torch.float64)
     else:
         inv = _llama3_inv_freq_float64(head_dim, theta, freq_config)
-        # this head size spans all three regimes: kept, interpolated, divided by factor
+        # this head size spans all three regimes: kept, interpolated (none for a step), divided by factor
         plain = torch.tensor([1.0 / theta ** (i / head_dim) for i in range(0, head_dim, 2)], dtype=torch.float64)
         ratio = plain / inv
         assert ratio.min() == 1.0 and ratio.max() == pytest.approx(freq_config["factor"])
-        assert ((ratio > 1.0) & (ratio < freq_config["factor"] - 1e-9)).any()
+        step = freq_config["low_freq_factor"] == freq_config["high_freq_factor"]
+        assert ((ratio > 1.0) & (ratio < freq_config["factor"] - 1e-9)).any() != step
     angles = torch.arange(ctx, dtype=torch.float64)[:, None] * inv[None, :]
     angles = torch.cat([angles, angles], dim=1)
     torch.testing.assert_close(cos.double(), torch.cos(angles), atol=1e-4, rtol=0)

@@ -166,12 +166,13 @@ def _llama3_scaled_inv_freq(inv_freq: torch.Tensor, freq_config) -> torch.Tensor
     factor = freq_config["factor"]
     low, high = freq_config["low_freq_factor"], freq_config["high_freq_factor"]
     original = freq_config["original_context_length"]
-    if high == low:
-        raise ValueError(f"freq_config needs high_freq_factor != low_freq_factor, both are {low}")
     low_freq_wavelen = original / low
     high_freq_wavelen = original / high
     wavelen = 2 * torch.pi / inv_freq
     scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    if high == low:
+        # No band in between: a step at the one wavelength (the reference's 0/0 there would be NaN).
+        return scaled
     smooth = (original / wavelen - low) / (high - low)
     smoothed = (1 - smooth) * (inv_freq / factor) + smooth * inv_freq
     in_between = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
