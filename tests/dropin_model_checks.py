@@ -89,3 +89,22 @@ def assert_parameter_count(ours, ref, cls_name, config, total, without_embedding
     assert count == sum(p.numel() for p in r.parameters())
     if total is not None:
         assert count == total and count - o.tok_emb.weight.numel() == without_embedding
+
+
+def assert_blocks_of_the_users_get_the_references_mask(ref, r, o, cfg, seq_len=7):
+    """The model hands its blocks the reference's causal mask, so a block of the reference's own class (put in
+    by the user) computes as there, and a hook on gptfast's attention sees a real mask."""
+    seen = []
+    o.trf_blocks[0].att.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
+    for model in (r, o):
+        state = model.trf_blocks[1].state_dict()
+        model.trf_blocks[1] = ref.TransformerBlock(cfg)
+        model.trf_blocks[1].load_state_dict(state)
+    x = torch.randint(0, cfg["vocab_size"], (2, seq_len), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = r(x)
+        with ops.use_backend("torch"):
+            assert torch.equal(o(x), expected)
+        torch.testing.assert_close(o(x), expected, atol=1e-5, rtol=1e-5)
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).triu(1)
+    assert len(seen) == 2 and all(isinstance(m, torch.Tensor) and torch.equal(m, causal) for m in seen)

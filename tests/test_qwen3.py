@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from gptfast import ops
-from dropin_model_checks import (assert_loaded_like_the_reference, assert_logits_bitwise, assert_parameter_count,
-                                 assert_same_public_api, assert_training_gradients_bitwise, seeded_pair)
+from dropin_model_checks import (assert_blocks_of_the_users_get_the_references_mask, assert_loaded_like_the_reference,
+                                 assert_logits_bitwise, assert_parameter_count, assert_same_public_api,
+                                 assert_training_gradients_bitwise, seeded_pair)
 from hf_checkpoints import random_hf_state_dict, write_checkpoint
 
 ref = pytest.importorskip("llms_from_scratch.qwen3", reason="llms-from-scratch is a test dependency")
@@ -478,3 +479,9 @@ def test_model_compiles_as_one_graph_with_the_same_logits():
 def test_real_configs_have_the_references_parameter_count(config, total, without_embedding):
     # Qwen3-0.6B: the figures the book's notebook prints
     assert_parameter_count(ours, ref, "Qwen3Model", config, total, without_embedding)
+
+
+def test_a_block_of_the_references_own_class_gets_the_mask_it_needs():
+    cfg = tiny_cfg()
+    r, o = _pair(cfg)
+    assert_blocks_of_the_users_get_the_references_mask(ref, r, o, cfg)

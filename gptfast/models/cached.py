@@ -92,8 +92,10 @@ class CachedDecoder:
         start = claim_positions(self, in_idx.shape[1], cache)
         try:
             x = self.tok_emb(in_idx)
+            # The reference's mask for the new tokens over every cached one (recognised: the fused op runs).
+            mask = layers.causal_mask(in_idx.shape[1], start + in_idx.shape[1], x.device)
             for i, block in enumerate(self.trf_blocks):
-                x, layer_cache = block(x, None, self.cos, self.sin, start_pos=start,
+                x, layer_cache = block(x, mask, self.cos, self.sin, start_pos=start,
                                        cache=cache.get(i) if cache is not None else None)
                 if cache is not None:
                     cache.update(i, layer_cache)

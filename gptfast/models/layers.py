@@ -253,14 +253,54 @@ def expand_kv_heads(t: torch.Tensor, group_size: int) -> torch.Tensor:
     return t.repeat_interleave(group_size, dim=1)
 
 
+# The causal masks the models hand their blocks, newest last: recognised by identity (and an unchanged
+# version counter), so the attention knows the fused op computes exactly what they express.
+_CAUSAL_MASKS: dict = {}
+_CAUSAL_MASKS_KEPT = 8
+
+
+def causal_mask(num_queries: int, num_keys: int, device) -> torch.Tensor | None:
+    """The boolean causal mask ``(num_queries, num_keys)`` (True = hidden) the reference builds for its blocks,
+    the queries being the last ``num_queries`` key positions.
+
+    The models pass it to their blocks as the reference does, so a block or attention module of the user's
+    own (or a hook) gets a real mask; gptfast's attention recognises it (:func:`is_causal_mask`) and takes
+    the fused op.  Inside ``torch.compile`` it is None (causal by convention), which keeps graphs free of
+    this module-level state.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    key = (num_queries, num_keys, torch.device(device))
+    entry = _CAUSAL_MASKS.pop(key, None)
+    if entry is None or entry[0]._version != entry[1]:
+        mask = torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).triu(num_keys - num_queries + 1)
+        entry = (mask, mask._version)
+    _CAUSAL_MASKS[key] = entry  # re-inserted: the newest last
+    while len(_CAUSAL_MASKS) > _CAUSAL_MASKS_KEPT:
+        del _CAUSAL_MASKS[next(iter(_CAUSAL_MASKS))]
+    return entry[0]
+
+
+def is_causal_mask(mask, num_queries: int, num_keys: int) -> bool:
+    """True for ``None`` (causal by convention) or a mask from :func:`causal_mask` of this shape, unchanged."""
+    if mask is None:
+        return True
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (num_queries, num_keys):
+        return False
+    entry = _CAUSAL_MASKS.get((num_queries, num_keys, mask.device))
+    return entry is not None and entry[0] is mask and mask._version == entry[1]
+
+
 def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
     """Softmax attention of q ``(B, H, Tq, D)`` over grouped k/v ``(B, H_kv, Tk, D)``, ``H % H_kv == 0``.
 
-    ``mask=None`` means causal (queries are the last ``Tq`` key positions) and runs
-    the fused :func:`gptfast.ops.causal_attention`; an explicit boolean ``mask``
-    (True = hidden, broadcastable to ``(B, H, Tq, Tk)``) is honoured exactly as the
-    reference does, in plain PyTorch.  Returns ``(B, H, Tq, D)``.
+    ``mask=None`` (or the models' own :func:`causal_mask`) means causal (queries are the
+    last ``Tq`` key positions) and runs the fused :func:`gptfast.ops.causal_attention`;
+    any other boolean ``mask`` (True = hidden, broadcastable to ``(B, H, Tq, Tk)``) is
+    honoured exactly as the reference does, in plain PyTorch.  Returns ``(B, H, Tq, D)``.
     """
+    if is_causal_mask(mask, q.shape[2], k.shape[2]):
+        mask = None
     heads, kv_heads = q.shape[1], k.shape[1]
     if kv_heads == 0 or heads % kv_heads != 0:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")

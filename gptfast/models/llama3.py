@@ -102,14 +102,14 @@ class _LlamaAttentionBase(layers.RotaryGroupedAttention):
 class GroupedQueryAttention(_LlamaAttentionBase):
     """Grouped-query attention: ``num_kv_groups`` key/value heads shared by ``num_heads`` query heads.
 
-    ``forward(x, mask, cos, sin)``: ``mask=None`` is causal attention through the
-    fused op (what :class:`Llama3Model` passes); a boolean mask (True = hidden) is
-    applied as given, cut to the number of tokens, as the reference does.
+    ``forward(x, mask, cos, sin)``: the causal mask :class:`Llama3Model` passes (or None)
+    runs the fused op; another boolean mask (True = hidden) is applied as given, cut to
+    the number of tokens, as the reference does.
     """
 
     def forward(self, x, mask, cos, sin):
-        if mask is not None:
-            num_tokens = x.shape[1]
+        num_tokens = x.shape[1]
+        if not layers.is_causal_mask(mask, num_tokens, num_tokens):
             mask = mask[:num_tokens, :num_tokens]
         return self._attend(x, mask, cos, sin)
 
@@ -190,8 +190,10 @@ class Llama3Model(_Llama3Base):
     block_class = TransformerBlock
 
     def _run_blocks(self, x):
+        # The reference's causal mask, which gptfast's attention recognises (the fused op stands in for it).
+        mask = layers.causal_mask(x.shape[1], x.shape[1], x.device)
         for block in self.trf_blocks:
-            x = block(x, None, self.cos, self.sin)  # mask None: causal, through the fused op
+            x = block(x, mask, self.cos, self.sin)
         return x
 
 

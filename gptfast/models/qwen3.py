@@ -101,9 +101,9 @@ class RMSNorm(nn.Module):
 class GroupedQueryAttention(layers.RotaryGroupedAttention):
     """Grouped-query attention with optional RMSNorm of queries and keys (Qwen3's ``qk_norm``).
 
-    ``forward(x, mask, cos, sin)``: ``mask=None`` is causal attention through the
-    fused op (what :class:`Qwen3Model` passes); a boolean mask (True = hidden) is
-    applied as given, as the reference does.
+    ``forward(x, mask, cos, sin)``: the causal mask :class:`Qwen3Model` passes (or None)
+    runs the fused op; another boolean mask (True = hidden) is applied as given, as
+    the reference does.
     """
 
     def __init__(self, d_in, num_heads, num_kv_groups, head_dim=None, qk_norm=False, dtype=None):
@@ -236,8 +236,10 @@ class Qwen3Model(nn.Module):
     def forward(self, in_idx):
         layers.check_token_ids(in_idx, self.cfg["vocab_size"], self.cos.shape[0])
         x = self.tok_emb(in_idx)
+        # The reference's causal mask, which gptfast's attention recognises (the fused op stands in for it).
+        mask = layers.causal_mask(x.shape[1], x.shape[1], x.device)
         for block in self.trf_blocks:
-            x = block(x, None, self.cos, self.sin)  # mask None: causal, through the fused op
+            x = block(x, mask, self.cos, self.sin)
         return output_logits(self.out_head, self.final_norm(x).to(self.cfg["dtype"]))
 
 
