@@ -368,3 +368,46 @@ def test_generation_calls_what_it_cannot_stand_in_for(case):
         assert not torch.equal(ref_ch05.generate(unchanged, idx, 6, 16), expected)  # the change changes tokens
     assert torch.equal(ch05.generate(ours, idx, 6, 16), expected)
     assert torch.equal(ch04.generate_text_simple(ours, idx, 6, 16), ref_ch04.generate_text_simple(ref, idx, 6, 16))
+
+
+class _PostNormBlock(torch.nn.Module):
+    """A user's own block with the book's part names, computing post-norm (the book's is pre-norm)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        e = cfg["emb_dim"]
+        self.att = ref_ch04.MultiHeadAttention(e, e, cfg["context_length"], cfg["drop_rate"], cfg["n_heads"])
+        self.ff = ref_ch04.FeedForward(cfg)
+        self.norm1, self.norm2 = ref_ch04.LayerNorm(e), ref_ch04.LayerNorm(e)
+        self.drop_resid = torch.nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x):
+        x = self.norm1(x + self.drop_resid(self.att(x)))
+        return self.norm2(x + self.drop_resid(self.ff(x)))
+
+
+class _PreNormBlock(_PostNormBlock):
+    """The book's block copied into a notebook: the formula the cached passes compute."""
+
+    def forward(self, x):
+        x = x + self.drop_resid(self.att(self.norm1(x)))
+        return x + self.drop_resid(self.ff(self.norm2(x)))
+
+
+@pytest.mark.parametrize("block_class,stays_cached", [(_PostNormBlock, False), (_PreNormBlock, True)],
+                         ids=["another formula", "a notebook copy"])
+def test_generation_checks_classes_of_the_users_own_against_their_forward(block_class, stays_cached, monkeypatch):
+    from gptfast.generation import decoding
+
+    cfg = {**TINY, "vocab_size": 300, "drop_rate": 0.0}
+    torch.manual_seed(1)
+    model = ref_ch04.GPTModel(cfg)
+    model.trf_blocks = torch.nn.Sequential(*[block_class(cfg) for _ in range(cfg["n_layers"])])
+    model.eval()
+    idx = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(4))
+    decoders = []
+    real_init = decoding.Decoder.__init__
+    monkeypatch.setattr(decoding.Decoder, "__init__",
+                        lambda self, *a, **k: decoders.append(self) or real_init(self, *a, **k))
+    assert torch.equal(ch05.generate(model, idx, 6, 16), ref_ch05.generate(model, idx, 6, 16))
+    assert decoders and decoders[-1].probe and decoders[-1].cached == stays_cached

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from ..models.blocks import runs_own_forward
+from ..models.blocks import from_library, runs_own_forward
 from ..models.gpt import runs_fused_core
 
 _BLOCK_PARTS = ("norm1", "att", "drop_resid", "ff", "norm2")
@@ -102,6 +102,15 @@ def walk_reproduces_forward(model) -> bool:
                if isinstance(getattr(block.att, "dropout", None), torch.nn.Module)):
         return False
     return not any(_active_dropout(module) for module in model.modules())
+
+
+def walk_needs_probe(model) -> bool:
+    """True when the model, a block or an attention module is a class of the user's own (outside gptfast and
+    the reference), say the book's code copied into a notebook: its layout matches the book's, but only its
+    logits can show that its forward computes what the cached passes do."""
+    model = getattr(model, "_orig_mod", model)
+    modules = [model, *model.trf_blocks, *(block.att for block in model.trf_blocks)]
+    return not all(from_library(type(module)) for module in modules)
 
 
 def context_length(model) -> int:

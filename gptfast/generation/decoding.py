@@ -37,7 +37,7 @@ import torch
 
 from .. import ops
 from ..ops._checks import INTEGER_DTYPES, as_int
-from .cache import KVCache, context_length, is_decodable, prepare_model, walk_reproduces_forward
+from .cache import KVCache, context_length, is_decodable, prepare_model, walk_needs_probe, walk_reproduces_forward
 from .cuda_graphs import captured_decoder, graph_capturable
 from .runner import CachedRunner
 
@@ -190,6 +190,7 @@ class Decoder:
         # active dropout), takes the cached passes; the others run the reference's uncached loop.
         self.decodable = is_decodable(model)
         self.cached = self.decodable and walk_reproduces_forward(model)
+        self.probe = self.cached and walk_needs_probe(model)
         if dtype is not None and not self.decodable:
             raise TypeError("dtype needs a model with the book's GPTModel layout or a Llama 3 / Qwen3 decoder")
         self.model = model  # replaced by its converted copy once every argument is checked
@@ -306,6 +307,25 @@ class Decoder:
         if windowed:
             self._put(windowed, self.runner.last_logits(self._window(windowed)))
 
+    def _probe_walk(self, active):
+        """Compare the cached prefill's logits with the model's own forward (for classes outside gptfast and the
+        reference): a model computing otherwise (another block formula with the book's names) runs uncached
+        from here on.  Either way this step keeps the model's own logits, the reference's values."""
+        walked = self.logits.clone()
+        self._uncached_logits(active)
+        own = self.logits
+        rows = self._index(active)
+        walked, own = walked.index_select(0, rows), own.index_select(0, rows)
+        tol = 1e-3 if self._walk_dtype() in (torch.float32, torch.float64) else 5e-2
+        scale = max(1.0, float(own.abs().max())) if own.numel() else 1.0
+        if not torch.allclose(walked, own, rtol=tol, atol=tol * scale, equal_nan=True):
+            self.release()
+            self.cached, self.runner, self.cache = False, None, None
+
+    def _walk_dtype(self):
+        """The dtype of the cached passes' weights (the first attention's key projection)."""
+        return self.model.trf_blocks[0].att.W_key.weight.dtype
+
     def _decode(self, active):
         """Later steps: one cached token for rows that still fit, a window recompute for the others."""
         fitting = [r for r in self.cache_rows if r in active and self.length(r) <= self.context_size]
@@ -378,6 +398,8 @@ class Decoder:
             self._uncached_logits(active)
         elif self.steps == 0:
             self._prefill(active)
+            if self.probe:
+                self._probe_walk(active)
         else:
             self._decode(active)
         if self.draw is None:

@@ -43,7 +43,8 @@ def has_call_hooks(module: nn.Module) -> bool:
 _LIBRARY_PACKAGES = ("gptfast", "llms_from_scratch")
 
 
-def _from_library(cls) -> bool:
+def from_library(cls) -> bool:
+    """True for a class defined in gptfast or in the reference package."""
     return cls.__module__.split(".")[0] in _LIBRARY_PACKAGES
 
 
@@ -51,12 +52,13 @@ def overrides_library_forward(cls) -> bool:
     """True when ``cls`` subclasses a gptfast or reference module and replaces its forward with one of its own.
 
     A class outside both packages that is not such a subclass (the book's code copied into a notebook,
-    with the same layout) keeps the forward its layout stands for.
+    with the same layout) is not one: generation checks such classes against their logits instead
+    (:func:`gptfast.generation.cache.walk_needs_probe`).
     """
     owner = next((c for c in cls.__mro__ if "forward" in c.__dict__), None)
-    if owner is None or _from_library(owner):
+    if owner is None or from_library(owner):
         return False
-    return any(_from_library(c) and "forward" in c.__dict__ for c in cls.__mro__)
+    return any(from_library(c) and "forward" in c.__dict__ for c in cls.__mro__)
 
 
 def runs_own_forward(module: nn.Module) -> bool:
