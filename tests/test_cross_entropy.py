@@ -267,6 +267,21 @@ def test_3d_logits_int32_targets_and_extreme_values(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
+def test_uint8_targets_are_class_indices_as_in_torch(backend, device):
+    g = torch.Generator().manual_seed(3)
+    logits, hidden, weight = torch.randn(6, 30, generator=g), torch.randn(6, 8, generator=g), torch.randn(30, 8)
+    targets = torch.randint(0, 30, (6,), generator=g, dtype=torch.uint8)
+    expected = torch.nn.functional.cross_entropy(logits, targets)
+    got = ops.cross_entropy(logits.to(device), targets.to(device), backend=backend)
+    parity.assert_close(got.cpu(), expected, torch.float32, "uint8 targets")
+    got = ops.linear_cross_entropy(hidden.to(device), weight.to(device), targets.to(device), backend=backend)
+    parity.assert_close(got.cpu(), torch.nn.functional.cross_entropy(hidden @ weight.T, targets), torch.float32,
+                        "uint8 targets through the head")
+    with pytest.raises(TypeError, match="int64, int32 or uint8"):
+        ops.cross_entropy(logits.to(device), targets.to(device, torch.int8), backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
 def test_without_grad_computes_only_the_loss(backend, device):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(6, 30, generator=g).to(device)

@@ -51,6 +51,19 @@ def test_importing_gptfast_loads_no_kernel_backend():
     assert out.stdout.strip() == "[]", out.stdout
 
 
+def test_a_training_model_compiles_into_one_graph_before_any_kernel_backend_is_loaded():
+    """Compiling is often a process's first use of the ops: loading a backend then happens while tracing."""
+    code = ("import torch\n"
+            "from gptfast.models import GPTModel, gpt2_config\n"
+            "torch.manual_seed(0)\n"
+            "model = GPTModel(gpt2_config('tiny', vocab_size=64, drop_rate=0.1)).train()\n"
+            "out = torch.compile(model, backend='eager', fullgraph=True)(torch.randint(0, 64, (2, 8)))\n"
+            "out.sum().backward()\n"
+            "print(tuple(out.shape))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "(2, 8, 64)", out.stderr[-2000:]
+
+
 def test_unknown_backend_name_is_a_value_error():
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.use_backend("fastest")

@@ -16,6 +16,7 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+TARGET_DTYPES = (torch.int64, torch.int32, torch.uint8)  # class indices: torch's cross-entropy also takes uint8
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -84,8 +85,8 @@ def check_reduction(reduction) -> None:
 
 def check_targets(targets: torch.Tensor, expected_shape, num_classes: int, ignore_index: int) -> None:
     require_tensor("targets", targets)
-    if targets.dtype not in INDEX_DTYPES:
-        raise TypeError(f"targets must be an int64 or int32 tensor of class indices, got {targets.dtype}")
+    if targets.dtype not in TARGET_DTYPES:
+        raise TypeError(f"targets must be an int64, int32 or uint8 tensor of class indices, got {targets.dtype}")
     if tuple(targets.shape) != tuple(expected_shape):
         raise ValueError(f"targets must have shape {tuple(expected_shape)}, got {tuple(targets.shape)}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
@@ -112,8 +113,9 @@ def check_bias(bias, rows: int, dtype: torch.dtype, input_name: str) -> None:
 def comparable_targets(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """``targets`` as they may be compared with ``ignore_index``: int32 targets widened to int64 when
     ``ignore_index`` lies outside int32 (torch compares a Python int with an int32 tensor in int32, where
-    it wraps: 2**32 + 1 would match 1, which the kernels, comparing in int64, do not ignore)."""
-    if targets.dtype == torch.int32 and not -2**31 <= ignore_index < 2**31:
+    it wraps: 2**32 + 1 would match 1, which the kernels, comparing in int64, do not ignore); uint8 targets
+    (which torch's cross-entropy takes) widened to int64, the kernels' index type."""
+    if targets.dtype == torch.uint8 or (targets.dtype == torch.int32 and not -2**31 <= ignore_index < 2**31):
         return targets.long()
     return targets
 

@@ -183,6 +183,19 @@ def fused_entry_points(namespace: str, **overrides) -> dict:
     return {op: functools.partial(fn, namespace) for op, fn in table.items()}
 
 
+@torch.compiler.assume_constant_result
+def _import_every_backend() -> int:
+    """Import every backend module (once; later calls find them imported) and return how many loaded.
+
+    ``torch.compile`` runs this eagerly while tracing, as a constant of the graph: an import cannot be
+    traced, and a compiled model is often a process's first user of the ops.  Importing all of them
+    before :func:`resolve` reads the module table keeps the traced table whole.
+    """
+    for name in BACKENDS:
+        _load(name)
+    return len(_modules)
+
+
 def unavailable_reason(name: str) -> str | None:
     """``None`` if backend ``name`` can run here, else why it cannot."""
     if name not in BACKENDS:
@@ -278,6 +291,7 @@ def fused_entry_point(op: str, device: torch.device, args=(), kwargs=None):
 
 def resolve(op: str, device: torch.device, args=(), kwargs=None, backend: str | None = None):
     """Return ``(backend_name, function)`` that will run ``op`` on ``device``."""
+    _import_every_backend()
     kwargs = kwargs or {}
     name = _check_name(backend) if backend is not None else get_backend()
     if name != "auto":
