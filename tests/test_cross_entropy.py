@@ -266,6 +266,20 @@ def test_3d_logits_int32_targets_and_extreme_values(backend, device):
         parity.assert_close(x1.grad.cpu(), x2.grad, torch.float32, "3-D cross-entropy grad")
 
 
+@pytest.mark.parametrize("backend,device,dtype", backend_cases("cross_entropy", dtypes=(torch.bfloat16,)))
+def test_under_autocast_the_loss_is_float32_as_torchs(backend, device, dtype):
+    """Autocast runs torch's cross-entropy in float32: a 16-bit loss would be rounded (0.03 at a loss near 11)."""
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(8, 50, generator=g) * 3).to(torch.bfloat16)
+    targets = torch.randint(0, 50, (8,), generator=g)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        expected = torch.nn.functional.cross_entropy(logits.to(device), targets.to(device))
+        for reduction in ("mean", "none"):
+            got = ops.cross_entropy(logits.to(device), targets.to(device), reduction=reduction, backend=backend)
+            assert got.dtype == torch.float32
+    torch.testing.assert_close(got.mean().cpu(), expected.cpu(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend,device", backend_devices())
 def test_uint8_targets_are_class_indices_as_in_torch(backend, device):
     g = torch.Generator().manual_seed(3)
@@ -880,6 +894,18 @@ def test_cuda_extreme_logits():
     loss.sum().backward()
     ref.sum().backward()
     torch.testing.assert_close(x1.grad.double().cpu(), x2.grad, atol=1e-5, rtol=1e-5)
+
+
+@needs_cpu_backend
+def test_cpu_loss_compiles_into_one_graph():
+    """The front door's target checks read values on CPU, but not while torch.compile traces (a graph break)."""
+    logits = torch.randn(6, 40, requires_grad=True)
+    targets = torch.randint(0, 40, (6,))
+    compiled = torch.compile(lambda x, t: ops.cross_entropy(x, t, backend="cpu"), backend="eager", fullgraph=True)
+    loss = compiled(logits, targets)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, targets))
+    loss.backward()
+    assert logits.grad is not None
 
 
 @needs_cuda

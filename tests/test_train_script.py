@@ -257,7 +257,10 @@ def test_unknown_model_name(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--grad-accum", "0"), ("--max-steps", "0"),
-                                        ("--lr", "-1"), ("--dropout", "1.5")])
+                                        ("--lr", "-1"), ("--dropout", "1.5"), ("--peak-tflops", "0"),
+                                        ("--peak-tflops", "-1"), ("--lr", "inf"), ("--min-lr", "nan"),
+                                        ("--grad-clip", "nan"), ("--val-fraction", "1.0"),
+                                        ("--seed", str(2**64 - 1)), ("--device", "nonsense")])
 def test_bad_numbers(tmp_path, capsys, flag, value):
     assert flag in error_of(capsys, tmp_path, flag, value)
 
@@ -266,14 +269,51 @@ def test_resume_without_checkpoint(tmp_path, capsys):
     assert "no checkpoint" in error_of(capsys, tmp_path, "--resume")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_one_line_before_any_work(tmp_path, capsys):
+    assert "CUDA is not available" in error_of(capsys, tmp_path, "--device", "cuda")
+    assert not (tmp_path / "token_cache").exists()
+
+
+def test_lr_schedule_edges():
+    def rates(*flags, steps=12):
+        config = train.parse_config([*BASE, *flags])
+        return [train.lr_at(s, config) for s in range(steps)]
+
+    no_warmup = rates("--warmup-steps", "0", "--max-steps", "10")
+    assert no_warmup[0] == 1e-3 and no_warmup[9] == pytest.approx(1e-4)  # the peak is used, the end is min_lr
+    assert no_warmup[10:] == [pytest.approx(1e-4)] * 2  # past the end it stays at min_lr
+    assert rates("--warmup-steps", "0", "--max-steps", "1", steps=2) == [1e-3, 1e-3]  # no room to decay
+    assert rates("--warmup-steps", "4", "--max-steps", "3", steps=6)[3:] == [1e-3] * 3  # never past the peak
+
+
+def test_a_new_run_does_not_replace_a_checkpoint_and_outputs_must_be_files(tmp_path, capsys):
+    assert run_main(tmp_path, "--max-steps", "2", "--stop-at", "1") == 0
+    capsys.readouterr()
+    assert run_main(tmp_path, "--max-steps", "2") == 2
+    assert "already holds a training checkpoint" in capsys.readouterr().err
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 1
+    (tmp_path / "other" / "model.pth").mkdir(parents=True)
+    assert run_main(tmp_path / "other", "--max-steps", "1") == 2
+    assert "model.pth is a folder" in capsys.readouterr().err and not (tmp_path / "other" / "token_cache").exists()
+
+
 @pytest.mark.parametrize("changed,expected", [(("--context-length", "16"), "context_length"),
-                                              (("--batch-size", "4"), "batch_size")])
+                                              (("--batch-size", "4"), "batch_size"), (("--lr", "2e-3"), "lr"),
+                                              (("--min-lr", "2e-4"), "min_lr"),
+                                              (("--warmup-steps", "1"), "warmup_steps"),
+                                              (("--data", None), "data")])
 def test_resume_with_mismatched_config(tmp_path, capsys, changed, expected):
     assert run_main(tmp_path, "--max-steps", "2", "--stop-at", "1") == 0
     capsys.readouterr()
     args = [*BASE, "--out-dir", str(tmp_path), "--max-steps", "2", "--resume"]
-    i = args.index(changed[0])
-    args[i + 1] = changed[1]
+    if changed[0] == "--data":  # other text
+        other = tmp_path / "other.txt"
+        other.write_text("Some other text, long enough for a few windows of 32 tokens. " * 40)
+        args += ["--data", str(other)]
+    else:
+        i = args.index(changed[0])
+        args[i + 1] = changed[1]
     assert train.main(args) == 2
     err = capsys.readouterr().err
     assert "different configuration" in err and expected in err
@@ -391,3 +431,16 @@ def test_no_module_writes_user_files_without_the_atomic_helper():
             if pattern.search(line) and "atomic" not in line:
                 offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_the_validation_loss_weights_every_window_alike(tmp_path):
+    """Windows in batches of 3 with a short last batch: the mean over windows, not over batch means."""
+    config = train.parse_config([*BASE, "--out-dir", str(tmp_path), "--batch-size", "3", "--eval-batches", "3",
+                                 "--val-fraction", "0.045"])
+    trainer = train.Trainer(config, device=torch.device("cpu"))
+    x_all, y_all = trainer.val_data.fixed_windows(9)
+    assert x_all.shape[0] % 3 != 0  # the last batch is short
+    trainer.model.eval()
+    with torch.no_grad():
+        per_window = [trainer.loss_module(x[None], y[None]).item() for x, y in zip(x_all, y_all)]
+    assert trainer.evaluate() == pytest.approx(sum(per_window) / len(per_window), rel=1e-5)

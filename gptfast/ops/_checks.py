@@ -93,7 +93,9 @@ def check_targets(targets: torch.Tensor, expected_shape, num_classes: int, ignor
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    if targets.device.type == "cpu" and targets.numel() > 0:
+    # Values are read on CPU only (a GPU read would wait for the device) and not while torch.compile traces
+    # (a read breaks the graph); the kernels bounds-check every target themselves.
+    if targets.device.type == "cpu" and targets.numel() > 0 and not torch.compiler.is_compiling():
         targets = comparable_targets(targets, ignore_index)
         bad = ((targets < 0) | (targets >= num_classes)) & (targets != ignore_index)
         if bool(bad.any()):

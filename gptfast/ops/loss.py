@@ -150,7 +150,16 @@ def fused_cross_entropy(ops, logits, targets, *, ignore_index=-100, reduction="m
     want_grad = torch.is_grad_enabled() and logits.requires_grad
     with without_graph():
         loss_rows, _ = kernels(ops).cross_entropy_fwd(flat, _flat_targets(targets), int(ignore_index), want_grad)
-    return reduce_loss(loss_rows, targets, ignore_index, reduction, logits.dtype)
+    return reduce_loss(loss_rows, targets, ignore_index, reduction, loss_dtype(logits))
+
+
+def loss_dtype(logits: torch.Tensor) -> torch.dtype:
+    """The loss's dtype as ``F.cross_entropy`` gives it: float32 under autocast (which runs the loss in float32),
+    else the logits' dtype.  The kernels' per-row losses are float32 either way, so nothing is lost to a
+    16-bit rounding that torch's autocast would not make."""
+    if logits.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(logits.device.type):
+        return torch.float32
+    return logits.dtype
 
 
 # --------------------------------------------------------------------------- linear cross-entropy

@@ -15,6 +15,7 @@ A run is described by one :class:`PretrainConfig`; the command line only fills i
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -23,6 +24,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -34,7 +36,6 @@ from ..models.gpt_config import GPT2_VOCAB_SIZE, gpt2_config
 from .checkpoints import (MODEL_KEY, apply_checkpoint, check_model_state, export_state, fit_state_to_model,
                           load_gpt2_safetensors, read_checkpoint, write_checkpoint)
 from .host_memory import keep_freed_host_memory
-from .loops import warmup_cosine_lr
 from .metrics import format_row, plot_loss_curve, write_metrics, write_summary
 from .pretrain_config import PretrainConfig
 from .pretrain_config import build_parser as _build_parser
@@ -46,8 +47,10 @@ EXPORT_NAME = "model.pth"
 # Dense bf16 tensor-core peak (TFLOP/s) per GPU, and the TF32 peak used for --dtype fp32.
 PEAK_TFLOPS = {"H100": (989.0, 494.0), "H200": (989.0, 494.0), "A100": (312.0, 156.0),
                "L4": (121.0, 60.0), "A10": (125.0, 62.5)}
-# Settings that change which batches a step sees: a resumed run must keep them.
-RUN_SIGNATURE_KEYS = ("batch_size", "grad_accum", "world_size", "seed", "dtype", "val_fraction")
+# Settings that change which batches a step sees or how it updates the weights: a resumed run must keep them
+# (--max-steps may grow, extending a run; its schedule then follows the new length).
+RUN_SIGNATURE_KEYS = ("batch_size", "grad_accum", "world_size", "seed", "dtype", "val_fraction", "data",
+                      "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -129,11 +132,21 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: tor
 
 
 def lr_at(step: int, config: PretrainConfig) -> float:
-    """Linear warmup to ``--lr`` over ``--warmup-steps``, then cosine decay to ``--min-lr`` at the last step."""
-    if config.max_steps <= config.warmup_steps:
-        return config.lr * (step + 1) / max(config.warmup_steps, 1)
-    # step + 1 so the first step already has a non-zero rate and the last one ends at min_lr.
-    return warmup_cosine_lr(step + 1, config.warmup_steps, config.max_steps, config.lr, 0.0, config.min_lr)
+    """Linear warmup to ``--lr`` over ``--warmup-steps``, then cosine decay to ``--min-lr`` at the last step.
+
+    Step ``warmup_steps - 1`` (step 0 without warmup) runs at the peak and step ``max_steps - 1`` at
+    ``--min-lr``; steps past the end (a finished run resumed with a larger ``--max-steps`` reads
+    the last one's rate) stay at ``--min-lr``, and a schedule without room to decay stays at the peak.
+    """
+    lr, warmup = config.lr, config.warmup_steps
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    peak_step = max(warmup - 1, 0)
+    span = config.max_steps - 1 - peak_step
+    if span <= 0:
+        return lr
+    progress = min(1.0, (step - peak_step) / span)
+    return config.min_lr + (lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def flops_per_token(cfg: dict, context_length: int, vocab_size: int = GPT2_VOCAB) -> float:
@@ -230,6 +243,7 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if self.dtype == "bf16" else None
         # Found now, not after hours of training: an out-dir that is a file, below a file, or read-only.
         self.out_dir = check_writable_dir(config.out_dir, name="--out-dir")
+        check_outputs_writable(self.out_dir, resume=config.resume)
         self.cfg = model_config(config)  # the model's config dict (GPTModel(cfg))
         self.context_length = self.cfg["context_length"]
         if self.device.type == "cuda":
@@ -351,20 +365,36 @@ class Trainer:
             return None
         self.model.eval()
         x_all, y_all = self.val_data.fixed_windows(self.config.eval_batches * self.config.batch_size)
-        losses = []
+        total = 0.0
         for x, y in zip(x_all.split(self.config.batch_size), y_all.split(self.config.batch_size)):
             with self._autocast():
-                losses.append(self.loss_module(x.to(self.device), y.to(self.device)).float().item())
+                # Each batch's mean weighted by its windows: a short last batch counts for what it holds.
+                total += self.loss_module(x.to(self.device), y.to(self.device)).float().item() * x.shape[0]
         self.model.train()
-        return sum(losses) / len(losses)
+        return total / x_all.shape[0]
 
     # -- checkpoints
 
     def signature(self) -> dict:
-        values = {"batch_size": self.config.batch_size, "grad_accum": self.config.grad_accum,
-                  "world_size": self.world_size, "seed": self.config.seed, "dtype": self.dtype,
-                  "val_fraction": self.config.val_fraction}
+        """The run's settings a resumed run must keep (:data:`RUN_SIGNATURE_KEYS`)."""
+        config = self.config
+        values = {"batch_size": config.batch_size, "grad_accum": config.grad_accum, "world_size": self.world_size,
+                  "seed": config.seed, "dtype": self.dtype, "val_fraction": config.val_fraction,
+                  "data": self._data_fingerprint(), "lr": config.lr, "min_lr": config.min_lr,
+                  "warmup_steps": config.warmup_steps, "weight_decay": config.weight_decay,
+                  "grad_clip": config.grad_clip}
         return {k: values[k] for k in RUN_SIGNATURE_KEYS}
+
+    def _data_fingerprint(self) -> str:
+        """Token counts and a hash of the first and last tokens of each split: other data shows as other text."""
+        digest = hashlib.sha1()
+        counts = []
+        for split in (self.train_data, self.val_data):
+            tokens = np.asarray([] if split is None else split.tokens)
+            counts.append(str(len(tokens)))
+            for part in (tokens[:65536], tokens[-65536:]):
+                digest.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
+        return f"{'/'.join(counts)} tokens, {digest.hexdigest()[:16]}"
 
     def save_checkpoint(self, next_step: int) -> Path:
         """Write ``ckpt.pt`` atomically, with its checksum (main process only)."""
@@ -402,6 +432,22 @@ class Trainer:
         self.history = list(state.get("history", []))
 
 
+# What a run writes into --out-dir (besides the token cache).
+OUTPUT_NAMES = (CHECKPOINT_NAME, EXPORT_NAME, "metrics.csv", "metrics.json", "summary.json", "loss.png")
+
+
+def check_outputs_writable(out_dir: Path, resume: bool) -> None:
+    """Before any work: no output path is a folder, and a checkpoint already there is only continued (``--resume``),
+    never silently replaced by a new run's."""
+    for name in OUTPUT_NAMES:
+        if (out_dir / name).is_dir():
+            raise ValueError(f"--out-dir {str(out_dir)!r}: {name} is a folder; the run writes a file there")
+    checkpoint = out_dir / CHECKPOINT_NAME
+    if not resume and checkpoint.exists():
+        raise ValueError(f"--out-dir {str(out_dir)!r} already holds a training checkpoint ({CHECKPOINT_NAME}): pass "
+                         "--resume to continue it, or choose another --out-dir (or remove it) to start over")
+
+
 RESUME_ENTRIES = {"optimizer_state_dict": dict, "scheduler_state_dict": dict, "step": int, "config": dict,
                   "rng": dict}
 
@@ -423,8 +469,9 @@ def check_resume_config(state: dict, cfg: dict, signature: dict, path) -> None:
     diffs = [f"model {k}: checkpoint {state['config'].get(k)!r}, now {cfg.get(k)!r}"
              for k in sorted(set(cfg) | set(state.get("config", {}))) if state["config"].get(k) != cfg.get(k)]
     saved_run = state.get("run", {})
+    # A checkpoint written before a setting was recorded is not checked for it.
     diffs += [f"{k}: checkpoint {saved_run.get(k)!r}, now {signature[k]!r}"
-              for k in signature if saved_run.get(k) != signature[k]]
+              for k in signature if k in saved_run and saved_run[k] != signature[k]]
     if diffs:
         raise ValueError(f"--resume: checkpoint {path} was written with a different configuration ("
                          + "; ".join(diffs) + ")")

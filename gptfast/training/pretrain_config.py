@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from .. import ops
@@ -63,6 +64,16 @@ class PretrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "dropout", "val_fraction", "peak_tflops"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ValueError(f"--peak-tflops must be > 0, got {self.peak_tflops}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed must be in [0, 2**63), got {self.seed}")
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need --lr > 0 and 0 <= --min-lr <= --lr, got {self.lr} and {self.min_lr}")
         if self.grad_clip < 0 or self.weight_decay < 0:
@@ -73,7 +84,23 @@ class PretrainConfig:
             raise ValueError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
         if self.backend is not None and self.backend not in ops.BACKEND_CHOICES:
             raise ValueError(f"--backend must be one of {ops.BACKEND_CHOICES}, got {self.backend!r}")
+        if self.device is not None:
+            check_device(self.device)
         return self
+
+
+def check_device(name: str) -> None:
+    """``ValueError`` naming ``--device`` unless ``name`` is a device this torch can use here."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"--device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here (this torch: {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
 
 
 def build_parser(add_help: bool = True, description: str | None = None) -> argparse.ArgumentParser:
