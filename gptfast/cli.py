@@ -121,6 +121,9 @@ def run_train(args) -> int:
     cfg = _model_config(args)
     out_dir = check_writable_dir(args.out_dir, name="--out-dir")  # before training, not after it
     ckpt_path = out_dir / "model_and_optimizer.pth"
+    for path in (ckpt_path, out_dir / "loss-plot.png"):
+        if path.is_dir():
+            raise ValueError(f"--out-dir {str(out_dir)!r}: {path.name} is a folder; the run writes a file there")
     resume_state = None
     if args.resume:
         try:
@@ -202,9 +205,16 @@ def run_generate(args) -> int:
     idx = text_to_token_ids(args.prompt, tokenizer).to(next(model.parameters()).device)
     if idx.shape[1] > cfg["context_length"]:
         raise ValueError(f"--prompt has {idx.shape[1]} tokens, more than the context length {cfg['context_length']}")
+    if int(idx.max()) >= cfg["vocab_size"]:
+        raise ValueError(f"--prompt holds token id {int(idx.max())}, outside the checkpoint's vocabulary of "
+                         f"{cfg['vocab_size']}")
+    if args.top_k is not None and args.top_k > cfg["vocab_size"]:
+        raise ValueError(f"--top-k must be <= the vocabulary size {cfg['vocab_size']}, got {args.top_k}")
+    # The stream checks its arguments when made: before the prompt is written.
+    chunks = stream_text(model, idx, args.max_new_tokens, tokenizer, context_size=cfg["context_length"],
+                         temperature=args.temperature, top_k=args.top_k, eos_id=ENDOFTEXT_ID)
     sys.stdout.write(args.prompt)
-    for chunk in stream_text(model, idx, args.max_new_tokens, tokenizer, context_size=cfg["context_length"],
-                             temperature=args.temperature, top_k=args.top_k, eos_id=ENDOFTEXT_ID):
+    for chunk in chunks:
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -117,7 +117,7 @@ def test_generate_errors(trained, tmp_path, capsys):
     ckpt = str(trained[0] / "model_and_optimizer.pth")
     for flags, message in ((["--top-k", "0"], "--top-k"), (["--temperature", "-1"], "--temperature"),
                            (["--max-new-tokens", "-3"], "--max-new-tokens"), (["--prompt", ""], "--prompt is empty"),
-                           (["--prompt", "word " * 70], "context length")):
+                           (["--prompt", "word " * 70], "context length"), (["--top-k", "100000"], "--top-k")):
         assert main(["generate", "--checkpoint", ckpt, *flags]) == 2
         out, err = capsys.readouterr()
         assert message in err and out == ""  # the error stands alone: nothing was streamed before it
@@ -274,6 +274,24 @@ def test_generate_from_a_padded_vocabulary_checkpoint_never_emits_a_padded_id(tm
                      *extra]) == 0
         out = capsys.readouterr()
         assert out.out.startswith("Every effort moves you") and out.err == ""
+
+
+def test_a_prompt_outside_a_small_vocabulary_is_named_before_anything_is_written(tmp_path, capsys):
+    from gptfast.models import GPTModel
+    from gptfast.training.checkpoints import write_checkpoint
+
+    small = {**GOOD_CFG, "vocab_size": 97}
+    path = write_checkpoint(tmp_path / "ckpt.pt", {"model_state_dict": GPTModel(small).state_dict(), "config": small})
+    assert main(["generate", "--checkpoint", str(path), "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--prompt holds token id" in err and "vocabulary of 97" in err
+
+
+def test_train_finds_output_paths_that_are_folders_before_training(tmp_path, capsys):
+    (tmp_path / "model_and_optimizer.pth").mkdir()
+    line = _one_line_error(capsys, ["train", "--model", "tiny", "--out-dir", str(tmp_path), "--epochs", "1"])
+    assert "model_and_optimizer.pth is a folder" in line
+    assert "Train loss" not in capsys.readouterr().out  # nothing was trained
 
 
 def test_unreadable_safetensors_is_one_line(tmp_path, capsys):

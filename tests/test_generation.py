@@ -387,16 +387,22 @@ def test_stream_text_yields_the_tokens_and_their_text():
     assert "".join(c.text for c in chunks) == tokenizer.decode(expected)
 
 
-def test_stream_text_holds_back_split_characters():
+@pytest.mark.parametrize("with_bytes", [False, True], ids=["text only", "decode_bytes"])
+def test_stream_text_holds_back_split_characters(with_bytes):
     class ByteTokenizer:  # token i is byte i: "é" is two tokens
         def decode(self, ids):
             return bytes(ids).decode("utf-8", errors="replace")
 
+    class ByteTokenizerWithBytes(ByteTokenizer):  # as tiktoken's encodings: the bytes themselves too
+        def decode_bytes(self, ids):
+            return bytes(ids)
+
     from gptfast.generation.api import _text_chunks
-    stream = (torch.tensor([[t]]) for t in "aé€b".encode())
-    chunks = list(_text_chunks(stream, ByteTokenizer()))
-    assert [c.text for c in chunks] == ["a", "", "é", "", "", "€", "b"]
-    dangling = list(_text_chunks((torch.tensor([[t]]) for t in "a€".encode()[:3]), ByteTokenizer()))
+    tokenizer = ByteTokenizerWithBytes() if with_bytes else ByteTokenizer()
+    stream = (torch.tensor([[t]]) for t in "aé€😀b".encode())
+    chunks = list(_text_chunks(stream, tokenizer))
+    assert [c.text for c in chunks] == ["a", "", "é", "", "", "€", "", "", "", "😀", "b"]
+    dangling = list(_text_chunks((torch.tensor([[t]]) for t in "a€".encode()[:3]), tokenizer))
     assert dangling[-1].token_id is None and "".join(c.text for c in dangling) == "a\ufffd"
 
 
@@ -498,7 +504,7 @@ def test_bfloat16_decoding_agrees_with_float32():
     converted = prepare_model(model, torch.bfloat16)
     assert converted is not model and model.trf_blocks[0].att.W_key.weight.dtype == torch.float32
     assert converted.trf_blocks[0].att.W_key.weight.dtype == torch.bfloat16
-    assert "mask" not in dict(converted.trf_blocks[0].att.named_buffers())
+    assert "mask" in dict(converted.trf_blocks[0].att.named_buffers())  # the model's own forward may need it
     assert prepare_model(model) is model
     idx = prompt(2, 6)
     with torch.no_grad():
@@ -548,6 +554,16 @@ def test_bad_input_gets_clear_errors():
         generate_batch(model, [[1], [2]], 5, temperature=[1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="eos_id must be an int or have one value per prompt"):
         generate_batch(model, [[1], [2]], 5, eos_id=[1])
+    # named before any model work: values that are no numbers, fractional top_k, and pad_id
+    for kwargs, message in [(dict(temperature=[1.0, None]), "temperature must be a number"),
+                            (dict(temperature="1"), "temperature must be a number"),
+                            (dict(eos_id="3"), "eos_id must be a number"),
+                            (dict(top_k=[1.9, 1.9]), "top_k must hold integers"),
+                            (dict(pad_id=None), "pad_id must be an int"), (dict(pad_id=0.7), "pad_id must be an int")]:
+        with pytest.raises(TypeError, match=message):
+            generate_batch(model, [[1], [2]], 5, **kwargs)
+    with pytest.raises(ValueError, match="pad_id must fit in int64"):
+        generate_batch(model, [[1], [2]], 5, pad_id=2**70)
     if not HAS_CUDA:
         with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA model"):
             generate_batch(model, [[1]], 5, cuda_graph=True)
@@ -717,3 +733,72 @@ def test_a_sampler_refuses_logits_of_another_shape():
         draw(torch.randn(3, 7))
     with pytest.raises(ValueError, match="top_k"):
         ops.sampler(2, 7, torch.device("cpu"), top_k=8)
+
+
+def test_a_forward_patched_onto_a_library_class_is_called(monkeypatch):
+    """``FeedForward.forward = ...`` (on the class, not an instance) sends generation through the model's forward."""
+    model = make_model()
+    idx = prompt(2, 4)
+    unchanged = ref_ch05.generate(model, idx, 8, 16)
+    ff_class = type(model.trf_blocks[0].ff)
+    original = ff_class.forward
+    monkeypatch.setattr(ff_class, "forward", lambda self, x: original(self, x) * 0.0)
+    expected = ref_ch05.generate(model, idx, 8, 16)
+    assert not torch.equal(expected, unchanged)
+    assert torch.equal(generate(model, idx, 8, 16), expected)
+    with ops.use_backend("auto"):
+        assert torch.equal(generate(model, idx, 8, 16), expected)
+
+
+def test_a_converted_copy_keeps_what_the_models_own_forward_reads():
+    """``dtype=`` on a model that runs its own forward (a hook here): the copy keeps the attention masks."""
+    torch.manual_seed(0)
+    model = ref_ch04.GPTModel(CFG).eval()  # the reference's attention reads its mask
+    model.trf_blocks[0].register_forward_hook(lambda module, args, out: None)
+    out = generate_batch(model, [[1, 2, 3]], 4, dtype=torch.bfloat16)
+    assert out.tokens.shape[1] == 7
+    converted = prepare_model(model, torch.bfloat16)
+    assert converted(prompt(1, 3)).dtype == torch.bfloat16
+
+
+def test_rows_keeping_the_whole_vocabulary_of_a_model_without_a_linear_head():
+    """top_k None in a row keeps every logit even before the first logits tell how many there are."""
+    class Fixed(torch.nn.Module):
+        def forward(self, idx):
+            return torch.arange(10.0).div(5).expand(*idx.shape, 10)
+
+    def draw(top_k):
+        return generate_batch(Fixed(), [[1], [1]], 8, context_size=4, temperature=1.0, top_k=top_k,
+                              generator=torch.Generator().manual_seed(0)).tokens
+
+    per_row = draw([None, None])
+    assert torch.equal(per_row, draw(None)) and torch.equal(per_row, draw([10, 10]))
+    assert len(set(per_row[0, 1:].tolist())) > 1  # sampled, not greedy
+
+
+def test_a_real_replacement_character_streams_at_once():
+    """U+FFFD as a token of its own is text, not half a character: each one is a chunk as it comes."""
+    from gptfast.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    replacement = tokenizer.encode("\ufffd")
+    assert len(replacement) == 1
+
+    class Replacements(torch.nn.Module):
+        def forward(self, idx):
+            logits = torch.zeros(*idx.shape, 50257)
+            logits[..., replacement[0]] = 1.0
+            return logits
+
+    chunks = list(stream_text(Replacements(), [1, 2], 4, tokenizer, context_size=8))
+    assert [(c.token_id, c.text) for c in chunks] == [(replacement[0], "\ufffd")] * 4
+
+
+def test_the_token_buffer_grows_with_the_run_instead_of_holding_every_requested_token():
+    from gptfast.generation.decoding import Decoder
+
+    model = make_model()
+    decoder = Decoder(model, [torch.tensor([1, 2])], 10**9, 16, 0.0, None, None, None)
+    assert decoder.seq.shape[1] <= 2 + 256  # not 10**9 tokens (8 GB) up front
+    idx = prompt(2, 3)
+    assert torch.equal(generate(model, idx, 300, 16), uncached_generate(model, idx, 300, 16))

@@ -25,11 +25,13 @@ first steps time faster (see :class:`~gptfast.generation.decoding.DecodeThreads`
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
+from ..ops._checks import as_int
 from .cache import check_decodable, context_length, is_decodable
 from .decoding import INTEGER_DTYPES, Decoder, check_prompt_tokens, decoder_for_idx, model_device, vocab_size
 
@@ -147,6 +149,7 @@ def generate_batch(model, prompts, max_new_tokens, *, context_size=None, tempera
     convert once with :func:`gptfast.generation.prepare_model` when calling often.
     Each row's tokens equal what running it alone gives, up to float rounding.
     """
+    pad_id = _check_pad_id(pad_id)
     if not is_decodable(model) and context_size is None:
         raise TypeError("context_size is required for a model without the book's GPTModel layout or a Llama 3 / Qwen3 "
                         "decoder's")
@@ -159,6 +162,16 @@ def generate_batch(model, prompts, max_new_tokens, *, context_size=None, tempera
     while decoder.step() is not None:
         pass
     return _result(decoder, pad_id)
+
+
+def _check_pad_id(pad_id) -> int:
+    """``pad_id`` as an int (a 0-d integer tensor too) that fits the int64 token tensor."""
+    value = as_int(pad_id)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"pad_id must be an int, got {pad_id!r}")
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"pad_id must fit in int64, got {value}")
+    return int(value)
 
 
 def _result(decoder, pad_id):
@@ -200,8 +213,9 @@ def stream_text(model, prompt_ids, max_new_tokens, tokenizer, *, context_size=No
     if context_size is None:
         check_decodable(model)
         context_size = context_length(model)
-    stream = generate_stream(model, prompt_ids.to(model_device(model) or prompt_ids.device), max_new_tokens, context_size,
-                             temperature, top_k, eos_id, generator, dtype=dtype)
+    device = model_device(model) or prompt_ids.device
+    stream = generate_stream(model, prompt_ids.to(device), max_new_tokens, context_size, temperature, top_k, eos_id,
+                             generator, dtype=dtype)
     return _text_chunks(stream, tokenizer)
 
 
@@ -210,11 +224,29 @@ def _text_chunks(stream, tokenizer):
     for token in stream:
         token_id = int(token[0, 0])
         pending.append(token_id)
-        text = tokenizer.decode(pending)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the next token
+        if _ends_inside_a_character(tokenizer, pending):  # wait for the rest of the character
             yield TextChunk(token_id, "")
             continue
+        text = tokenizer.decode(pending)
         pending.clear()
         yield TextChunk(token_id, text)
     if pending:  # whatever never completed is shown as the tokenizer decodes it
         yield TextChunk(None, tokenizer.decode(pending))
+
+
+def _ends_inside_a_character(tokenizer, ids) -> bool:
+    """True when the bytes of ``ids`` end inside a UTF-8 character (a later token completes it).
+
+    From the bytes where the tokenizer gives them (tiktoken's ``decode_bytes``): a decoded text ending
+    in U+FFFD may be a real U+FFFD.  Other tokenizers are judged by that ending.
+    """
+    decode_bytes = getattr(tokenizer, "decode_bytes", None)
+    if decode_bytes is None:
+        return tokenizer.decode(ids).endswith("\ufffd")
+    data = decode_bytes(ids)
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # the lead byte of the last character: does it need more bytes than follow?
+            needed = 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4 if byte >> 3 == 0b11110 else 1
+            return needed > back
+    return False

@@ -123,8 +123,8 @@ def context_length(model) -> int:
 def prepare_model(model, dtype=None, device=None):
     """``model`` itself, or a converted copy when ``dtype``/``device`` differ from the model's.
 
-    The copy drops the attention ``mask`` buffers: the cached path never reads
-    them, and at context 1024 they are 4 MiB per layer.
+    The copy keeps every buffer, the attention ``mask`` included: a model whose forward the cached
+    passes cannot stand in for runs that forward, which reads it.
     """
     check_decodable(model)
     weight = model.trf_blocks[0].att.W_key.weight
@@ -134,10 +134,7 @@ def prepare_model(model, dtype=None, device=None):
         return model
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-    converted = copy.deepcopy(model)
-    for block in converted.trf_blocks:
-        block.att._buffers.pop("mask", None)
-    converted = converted.to(device=device, dtype=dtype)
+    converted = copy.deepcopy(model).to(device=device, dtype=dtype)
     if is_rotary(model):  # RoPE tables keep their precision (the models compute them in float32)
         converted.cos = model.cos.to(device)
         converted.sin = model.sin.to(device)

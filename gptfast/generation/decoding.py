@@ -44,6 +44,11 @@ from .runner import CachedRunner
 
 # ----------------------------------------------------------------------------- validation
 
+# A row's top_k of None before the first logits show the vocabulary's size (a model without a linear head).
+_WHOLE_VOCABULARY = 2**62
+# New-token positions the token buffer starts with (it doubles when a run goes on).
+_FIRST_ROOM = 256
+
 
 def require_int(name, value, minimum):
     """``value`` (an int or a 0-d integer tensor) as an int of at least ``minimum``; else an error naming ``name``."""
@@ -101,13 +106,23 @@ def _per_row(name, value, batch, device, dtype):
     """A scalar stays a python number; a sequence/tensor becomes a ``(batch,)`` tensor on ``device``."""
     if value is None or isinstance(value, numbers.Number) and not isinstance(value, torch.Tensor):
         return value
-    tensor = torch.as_tensor(value, device=device)
+    tensor = _as_numbers(name, value, device)
+    if not dtype.is_floating_point and (tensor.dtype.is_floating_point or tensor.dtype == torch.bool):
+        raise TypeError(f"{name} must hold integers, got {tensor.dtype}")
     if tensor.dim() == 0:
         return tensor.item()
     if tensor.shape != (batch,):
         raise ValueError(f"{name} must be a number or have one value per prompt ({batch}), got shape "
                          f"{tuple(tensor.shape)}")
     return tensor.to(dtype)
+
+
+def _as_numbers(name, value, device):
+    """``value`` as a tensor of numbers, or a ``TypeError`` naming ``name`` (a string, or None among numbers)."""
+    try:
+        return torch.as_tensor(value, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a number or one number per prompt, got {value!r}") from None
 
 
 def _eos_tensor(eos_id, batch, device):
@@ -120,7 +135,7 @@ def _eos_tensor(eos_id, batch, device):
     if isinstance(eos_id, bool):
         raise TypeError("eos_id must be None, an int or one int per row, got bool")
     values = [(-1 if e is None else e) for e in eos_id] if isinstance(eos_id, (list, tuple)) else eos_id
-    tensor = torch.as_tensor(values, device=device)
+    tensor = _as_numbers("eos_id", values, device)
     if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
         raise TypeError(f"eos_id must hold integers, got {tensor.dtype}")
     if tensor.shape != (batch,):
@@ -201,17 +216,18 @@ class Decoder:
         for r, p in enumerate(prompts):
             if p.device != device:
                 raise ValueError(f"prompt {r} is on {p.device} but the model is on {device}")
-        self.seq = torch.zeros(self.batch, max(self.prompt_lens) + self.max_new_tokens, dtype=torch.long,
-                               device=device)
+        # Room for the prompts and the first new tokens; grown as they come (an eos may end a long request early).
+        room = max(self.prompt_lens) + min(self.max_new_tokens, _FIRST_ROOM)
+        self.seq = torch.zeros(self.batch, room, dtype=torch.long, device=device)
         for r, p in enumerate(prompts):
             self.seq[r, :p.shape[0]] = p
         self.steps = 0
         self._check_fits_model(context_size)
 
         self.temperature = _per_row("temperature", temperature, self.batch, device, torch.float32)
-        vocab = logits_size(self.model) or vocab_size(self.model) or 1
-        if isinstance(top_k, (list, tuple)):  # None in a row: keep the whole vocabulary
-            top_k = [vocab if k is None else k for k in top_k]
+        vocab = logits_size(self.model) or vocab_size(self.model)
+        if isinstance(top_k, (list, tuple)):  # None in a row: keep the whole vocabulary (known by the first logits)
+            top_k = [(vocab or _WHOLE_VOCABULARY) if k is None else k for k in top_k]
         self.top_k = _per_row("top_k", top_k, self.batch, device, torch.int64)
         self.generator = generator
         # The sampling arguments are checked here, once per call and before any model work (values of
@@ -268,6 +284,15 @@ class Decoder:
         """The last ``context_size`` tokens of each of ``rows`` (all longer than it)."""
         c = self.context_size
         return torch.stack([self.seq[r, self.length(r) - c:self.length(r)] for r in rows])
+
+    def _make_room(self, length):
+        """Grow ``seq`` (doubling, up to the prompts plus ``max_new_tokens``) so it holds ``length`` tokens a row."""
+        if length <= self.seq.shape[1]:
+            return
+        room = min(max(length, 2 * self.seq.shape[1]), max(self.prompt_lens) + self.max_new_tokens)
+        grown = self.seq.new_zeros((self.batch, room))
+        grown[:, :self.seq.shape[1]] = self.seq
+        self.seq = grown
 
     def _put(self, rows, logits):
         if self.logits is None:
@@ -403,7 +428,10 @@ class Decoder:
         else:
             self._decode(active)
         if self.draw is None:
-            self.draw = ops.sampler(self.batch, self.logits.shape[-1], self.device, **self.sampling)
+            width = self.logits.shape[-1]
+            if isinstance(self.top_k, torch.Tensor):  # rows keeping the whole vocabulary, now that it is known
+                self.sampling["top_k"] = self.top_k.masked_fill(self.top_k == _WHOLE_VOCABULARY, width)
+            self.draw = ops.sampler(self.batch, width, self.device, **self.sampling)
         next_token = self.draw(self.logits)
         if self.eos is not None:
             self._mark_finished(next_token)
@@ -411,6 +439,7 @@ class Decoder:
                 return None
             next_token = torch.where(self.finished_at_eos.unsqueeze(1), self.eos.unsqueeze(1), next_token)
         positions = self._index(self.prompt_lens) + self.steps
+        self._make_room(max(self.prompt_lens) + self.steps + 1)
         self.seq.scatter_(1, positions.unsqueeze(1), next_token)
         self.steps += 1
         return next_token

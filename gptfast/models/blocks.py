@@ -49,16 +49,25 @@ def from_library(cls) -> bool:
 
 
 def overrides_library_forward(cls) -> bool:
-    """True when ``cls`` subclasses a gptfast or reference module and replaces its forward with one of its own.
+    """True when ``cls`` subclasses a gptfast or reference module and replaces its forward with one of its own,
+    or is such a module whose ``forward`` was replaced on the class (``Class.forward = ...``).
 
     A class outside both packages that is not such a subclass (the book's code copied into a notebook,
     with the same layout) is not one: generation checks such classes against their logits instead
     (:func:`gptfast.generation.cache.walk_needs_probe`).
     """
     owner = next((c for c in cls.__mro__ if "forward" in c.__dict__), None)
-    if owner is None or from_library(owner):
+    if owner is None:
         return False
+    if from_library(owner):
+        return not _defined_in(owner.__dict__["forward"], owner)  # a forward patched onto the class
     return any(from_library(c) and "forward" in c.__dict__ for c in cls.__mro__)
+
+
+def _defined_in(function, cls) -> bool:
+    """True when ``function`` was written in ``cls``'s body (not assigned to the class afterwards)."""
+    return (getattr(function, "__module__", None) == cls.__module__
+            and getattr(function, "__qualname__", None) == f"{cls.__qualname__}.forward")
 
 
 def runs_own_forward(module: nn.Module) -> bool:
