@@ -367,3 +367,64 @@ def test_gptfast_generate_is_the_drop_in_module_whichever_import_comes_first():
             "types.ModuleType); from gptfast import generate; assert hasattr(generate, 'trim_input_tensor'); "
             "import gptfast.generate as g; assert g is generate")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- the user's modules in cached calls
+
+
+def _two_cached_calls(model, x, cache):
+    return torch.cat([model(x[:, :4], use_cache=True, cache=cache), model(x[:, 4:], use_cache=True, cache=cache)],
+                     dim=1)
+
+
+@pytest.mark.parametrize("change", ["LoRA", "hook on a block"])
+def test_cached_calls_run_what_the_models_own_blocks_run(change):
+    from gptfast import appendix_e
+    from llms_from_scratch import appendix_e as ref_appendix_e
+
+    ref, ours = models(seed=6)
+    x = ids(2, 7)
+    for model, wrap in ((ref, ref_appendix_e.replace_linear_with_lora), (ours, appendix_e.replace_linear_with_lora)):
+        if change == "LoRA":
+            torch.manual_seed(2)
+            wrap(model, rank=2, alpha=4)
+            for module in model.modules():
+                if hasattr(module, "B") and isinstance(module.B, torch.nn.Parameter):
+                    torch.nn.init.normal_(module.B)
+        else:
+            model.trf_blocks[0].register_forward_hook(lambda module, args, out: (out[0] * 0.5, out[1]))
+    expected = ref(x)  # the reference's uncached logits (its own cached attention fails after one call)
+    with torch.no_grad():
+        torch.testing.assert_close(_two_cached_calls(ours, x, KVCache(CFG["n_layers"])), expected,
+                                   atol=1e-5, rtol=1e-5)
+        ours.reset_kv_cache()
+        torch.testing.assert_close(_two_cached_calls(ours, x, ref_utils.KVCache(CFG["n_layers"])), expected,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_cached_gradients_are_the_uncached_ones_bitwise_with_the_torch_backend():
+    _, ours = models(seed=6)
+    ours.train()
+    x = ids(2, 7)
+    grads = []
+    for cached in (False, True):
+        ours.zero_grad(set_to_none=True)
+        ours.reset_kv_cache()
+        logits = ours(x[:, :5], use_cache=cached, cache=KVCache(CFG["n_layers"]) if cached else None)
+        logits.square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in ours.named_parameters()})
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def test_an_earlier_cached_call_keeps_its_backward_when_only_the_queries_need_gradients():
+    _, ours = models(seed=6)
+    for name, p in ours.named_parameters():
+        p.requires_grad_(name == "trf_blocks.0.att.W_query.weight")
+    x = ids(1, 8)
+    cache = KVCache(CFG["n_layers"])
+    ours(x[:, :5], use_cache=True, cache=cache)
+    second = ours(x[:, 5:6], use_cache=True, cache=cache).sum()
+    ours(x[:, 6:7], use_cache=True, cache=cache)
+    second.backward()  # the third call must not have written over keys the second call's backward reads
+    assert ours.trf_blocks[0].att.W_query.weight.grad.abs().sum() > 0

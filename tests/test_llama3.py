@@ -326,3 +326,17 @@ def test_a_block_of_the_references_own_class_gets_the_mask_it_needs():
     cfg = tiny_cfg()
     r, o = _pair("Llama3Model", cfg)
     assert_blocks_of_the_users_get_the_references_mask(ref, r, o, cfg)
+
+
+def test_the_causal_mask_lives_only_as_long_as_the_forward():
+    """The mask handed to the blocks is not kept after the call (at a long context it is large)."""
+    import gc
+
+    from gptfast.models import layers
+
+    cfg = tiny_cfg()
+    _, o = _pair("Llama3Model", cfg)
+    with torch.no_grad():
+        o(torch.randint(0, cfg["vocab_size"], (1, 23)))
+    gc.collect()
+    assert (23, 23, torch.device("cpu")) not in layers._CAUSAL_MASKS

@@ -276,3 +276,26 @@ def test_lora_under_autocast_returns_the_autocast_dtype():
                 got = ours(x)
             assert got.dtype == expected.dtype == torch.bfloat16
             torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("change", ["hook on the linear", "hook on the lora", "pruned linear"])
+def test_the_parts_of_a_lora_layer_run_their_own_forward(change):
+    """The fused sum reads the parts' weights: a hook (pruning's too) on a part sends it through the parts."""
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    layer = appendix_e.LinearWithLoRA(torch.nn.Linear(6, 5), rank=2, alpha=4)
+    torch.nn.init.normal_(layer.lora.B)
+    x = torch.randn(3, 6, requires_grad=True)
+    if change == "hook on the linear":
+        layer.linear.register_forward_hook(lambda module, args, out: out * 0)
+    elif change == "hook on the lora":
+        layer.lora.register_forward_hook(lambda module, args, out: out * 0)
+    else:
+        prune.l1_unstructured(layer.linear, "weight", 0.5)
+    with ops.use_backend("torch"):
+        expected = layer(x)
+    for _ in range(2):  # pruning recomputes its weight each call: twice shows the backward is sound
+        got = layer(x)
+        got.sum().backward()
+    torch.testing.assert_close(got, expected)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.blocks import is_plain_linear, runs_own_forward
 from .heads import reference_numerics
 
 
@@ -70,8 +71,11 @@ class LinearWithLoRA(nn.Module):
             linear.requires_grad_(False)
 
     def forward(self, x):
-        # Under autocast the in-place addmm_ would mix its dtypes (in-place ops are not cast): the plain sum then.
-        if reference_numerics() or torch.is_autocast_enabled(x.device.type):
+        # Under autocast the in-place addmm_ would mix its dtypes (in-place ops are not cast), and the fused sum
+        # reads the two parts' weights, skipping their forwards: the plain sum then, and for parts with a hook
+        # (pruning's too) or a forward of their own.
+        if (reference_numerics() or torch.is_autocast_enabled(x.device.type) or not is_plain_linear(self.linear)
+                or type(self.lora) is not LoRALayer or not runs_own_forward(self.lora)):
             return self.linear(x) + self.lora(x)
         return _linear_plus_low_rank(x, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B,
                                      self.lora.alpha)

@@ -88,12 +88,14 @@ class KVCache:
         """Add ``keys``/``values`` ``(batch, heads, new, head_dim)`` after layer ``layer_idx``'s entry.
 
         Returns the layer's whole ``(keys, values)``, views of the preallocated buffers
-        (sized for ``model``, allocated on first use).  With autograd recording, the
-        pair is concatenated instead, as the reference does: writing into shared buffers
-        would break the backward pass of earlier calls.
+        (sized for ``model``, allocated on first use).  With autograd recording for anything
+        of the model, the pair is concatenated instead, as the reference does: an earlier
+        call's backward may have saved the keys (for its queries' gradient, say), and writing
+        into the shared buffers would break it.
         """
         entry = self.cache[layer_idx]
-        if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
+        if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad
+                                        or any(p.requires_grad for p in model.parameters())):
             if entry is not None:
                 keys, values = torch.cat([entry[0], keys], dim=2), torch.cat([entry[1], values], dim=2)
             self.update(layer_idx, (keys, values))

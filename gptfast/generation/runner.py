@@ -283,8 +283,13 @@ class CachedRunner:
     @staticmethod
     def _attention(i, att, attend, last_only):
         """Layer ``i``'s attention module with its core replaced by ``attend``."""
+        # The module's own projection order (the reference's): autograd then sums their input gradients in the
+        # same order, so a cached pass with gradients stays bitwise the module's.
+        order = getattr(att, "projection_order", ("W_key", "W_query", "W_value"))
+
         def attention(h):
-            q, k, v = (split_heads(att, proj(h)) for proj in (att.W_query, att.W_key, att.W_value))
+            heads = {name: split_heads(att, getattr(att, name)(h)) for name in order}
+            q, k, v = heads["W_query"], heads["W_key"], heads["W_value"]
             if last_only:
                 q = q[:, :, -1:]
             return att.out_proj(merge_heads(att, attend(i, q, k, v)))

@@ -31,9 +31,11 @@ import torch
 import torch.nn as nn
 
 from .. import ops
+from ..generation.cache import is_decodable, walk_reproduces_forward
 from ..generation.layer_cache import KVCache
 from ..generation.runner import CachedRunner
 from . import gpt
+from .blocks import output_logits
 from .gpt import GELU, FeedForward, LayerNorm, _HeadProjections, residual_block
 
 __all__ = ["MultiHeadAttention", "LayerNorm", "GELU", "FeedForward", "TransformerBlock", "GPTModel", "KVCache"]
@@ -138,6 +140,8 @@ class GPTModel(gpt.GPTModel):
         return self.out_head(self.hidden_states(in_idx))
 
     def _cached(self, in_idx, cache):
+        if not (is_decodable(self) and walk_reproduces_forward(self)):
+            return self._cached_by_blocks(in_idx, cache)
         batch, seq_len = in_idx.shape
         positions = self._positions(seq_len, in_idx.device)
         # Everything is checked before the first write, so a refused call changes nothing.
@@ -149,6 +153,18 @@ class GPTModel(gpt.GPTModel):
         logits = CachedRunner(self).all_logits(in_idx, positions, attend)
         self.current_pos += seq_len
         return logits
+
+    def _cached_by_blocks(self, in_idx, cache):
+        """The reference's cached pass, each block called with its ``(keys, values)`` pair: for a model whose
+        blocks the runner's loop would not reproduce (a hook, a forward of the user's, LoRA-wrapped projections)."""
+        seq_len = in_idx.shape[1]
+        self._positions(seq_len, in_idx.device)  # checks the room before any work
+        x = self.embed(in_idx, self.current_pos)
+        for i, block in enumerate(self.trf_blocks):
+            x, pair = block(x, use_cache=True, start_pos=self.current_pos, cache=cache.get(i))
+            cache.update(i, pair)
+        self.current_pos += seq_len
+        return output_logits(self.out_head, self.final_norm(x))
 
     def _static_attend(self, cache):
         def attend(i, q, k, v):

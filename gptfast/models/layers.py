@@ -15,6 +15,7 @@ fused ops to come and keep their argument conventions.
 from __future__ import annotations
 
 import numbers
+import weakref
 
 import torch
 import torch.nn as nn
@@ -253,10 +254,11 @@ def expand_kv_heads(t: torch.Tensor, group_size: int) -> torch.Tensor:
     return t.repeat_interleave(group_size, dim=1)
 
 
-# The causal masks the models hand their blocks, newest last: recognised by identity (and an unchanged
-# version counter), so the attention knows the fused op computes exactly what they express.
-_CAUSAL_MASKS: dict = {}
-_CAUSAL_MASKS_KEPT = 8
+# The causal masks the models hand their blocks, recognised by identity (and an unchanged version counter),
+# so the attention knows the fused op computes exactly what they express.  Held weakly: a mask lives as long
+# as the forward that uses it, as the reference's does (at a long context one is large).
+_CAUSAL_MASKS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_CAUSAL_MASK_VERSIONS: dict = {}
 
 
 def causal_mask(num_queries: int, num_keys: int, device) -> torch.Tensor | None:
@@ -271,14 +273,14 @@ def causal_mask(num_queries: int, num_keys: int, device) -> torch.Tensor | None:
     if torch.compiler.is_compiling():
         return None
     key = (num_queries, num_keys, torch.device(device))
-    entry = _CAUSAL_MASKS.pop(key, None)
-    if entry is None or entry[0]._version != entry[1]:
+    mask = _CAUSAL_MASKS.get(key)
+    if mask is None or mask._version != _CAUSAL_MASK_VERSIONS.get(key):
         mask = torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).triu(num_keys - num_queries + 1)
-        entry = (mask, mask._version)
-    _CAUSAL_MASKS[key] = entry  # re-inserted: the newest last
-    while len(_CAUSAL_MASKS) > _CAUSAL_MASKS_KEPT:
-        del _CAUSAL_MASKS[next(iter(_CAUSAL_MASKS))]
-    return entry[0]
+        for gone in [k for k in _CAUSAL_MASK_VERSIONS if k not in _CAUSAL_MASKS]:
+            del _CAUSAL_MASK_VERSIONS[gone]
+        _CAUSAL_MASKS[key] = mask
+        _CAUSAL_MASK_VERSIONS[key] = mask._version
+    return mask
 
 
 def is_causal_mask(mask, num_queries: int, num_keys: int) -> bool:
@@ -287,8 +289,8 @@ def is_causal_mask(mask, num_queries: int, num_keys: int) -> bool:
         return True
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (num_queries, num_keys):
         return False
-    entry = _CAUSAL_MASKS.get((num_queries, num_keys, mask.device))
-    return entry is not None and entry[0] is mask and mask._version == entry[1]
+    key = (num_queries, num_keys, mask.device)
+    return _CAUSAL_MASKS.get(key) is mask and mask._version == _CAUSAL_MASK_VERSIONS.get(key)
 
 
 def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
