@@ -802,3 +802,16 @@ def test_the_token_buffer_grows_with_the_run_instead_of_holding_every_requested_
     assert decoder.seq.shape[1] <= 2 + 256  # not 10**9 tokens (8 GB) up front
     idx = prompt(2, 3)
     assert torch.equal(generate(model, idx, 300, 16), uncached_generate(model, idx, 300, 16))
+
+
+def test_the_probe_tells_rounding_from_another_formula():
+    from gptfast.generation.decoding import _same_logits
+
+    g = torch.Generator().manual_seed(0)
+    own = torch.randn(2, 50, generator=g) * 8
+    rounded = own + torch.randn(2, 50, generator=g) * 0.3  # bf16 through many layers: ~4% of the row's size
+    assert _same_logits(rounded, own, torch.bfloat16) and not _same_logits(rounded, own, torch.float32)
+    assert not _same_logits(torch.randn(2, 50, generator=g) * 8, own, torch.bfloat16)  # another formula
+    nan_row = own.clone()
+    nan_row[0, 3] = float("nan")
+    assert _same_logits(nan_row, nan_row.clone(), torch.float32) and not _same_logits(nan_row, own, torch.float32)

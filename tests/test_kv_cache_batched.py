@@ -319,3 +319,28 @@ def test_bad_input_is_a_clear_error_and_changes_nothing():
         o.reset_kv_cache(0)
     with pytest.raises(ValueError, match="num_heads .* divisible by num_kv_groups"):
         qwen.Qwen3Model(qwen_cfg(3))
+
+
+@pytest.mark.parametrize("change", ["hook on a block", "hook on an attention", "a block of the reference's class"])
+def test_blocks_the_fast_path_cannot_run_are_called_as_the_reference_calls_them(change):
+    r, o = pair(qwen_cfg(2))
+    for model in (r, o):
+        if change == "hook on a block":
+            model.trf_blocks[0].register_forward_hook(lambda module, args, out: (out[0] * 0.5, out[1]))
+        elif change == "hook on an attention":
+            model.trf_blocks[1].att.register_forward_hook(lambda module, args, out: (out[0] * 0.5, out[1]))
+    if change == "a block of the reference's class":
+        block = ref_qwen.TransformerBlock(qwen_cfg(2))
+        block.load_state_dict(o.trf_blocks[1].state_dict())
+        o.trf_blocks[1] = block
+    x = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), ops.use_backend("torch"):
+        assert torch.equal(o(x), r(x))
+        rows_r, rows_o = ref_utils.KVCache(2, 2), utils.KVCache(2, 2)
+        r.reset_kv_cache(2), o.reset_kv_cache(2)
+        for chunk in (x[:, :4], x[:, 4:5]):
+            expected = r(chunk, cache=rows_r, start_pos=r.current_pos.clone())
+            got = o(chunk, cache=rows_o, start_pos=o.current_pos.clone())
+            r.current_pos += chunk.shape[1]
+            o.current_pos += chunk.shape[1]
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)

@@ -340,3 +340,18 @@ def test_the_causal_mask_lives_only_as_long_as_the_forward():
         o(torch.randint(0, cfg["vocab_size"], (1, 23)))
     gc.collect()
     assert (23, 23, torch.device("cpu")) not in layers._CAUSAL_MASKS
+
+
+def test_inference_mode_runs_the_models_and_their_kv_cache_variants():
+    """Masks made in inference mode have no version counter: recognised all the same."""
+    import gptfast.kv_cache.llama3 as cached
+
+    cfg = tiny_cfg()
+    _, o = _pair("Llama3Model", cfg)
+    x = torch.randint(0, cfg["vocab_size"], (1, 7))
+    expected = o(x).detach()
+    with torch.inference_mode():
+        torch.testing.assert_close(o(x), expected)
+        model = cached.Llama3Model(cfg).eval()
+        model.load_state_dict(o.state_dict())
+        torch.testing.assert_close(model(x, cache=cached.KVCache(cfg["n_layers"])), expected, atol=1e-5, rtol=1e-5)

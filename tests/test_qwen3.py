@@ -215,10 +215,15 @@ def test_experts_wrapped_by_the_user_run(tmp_path, backend):
     _, o, _ = _moe_pair(cfg, tmp_path)
     ff = o.trf_blocks[0].ff
     plain = o(torch.tensor([[3, 4]]))
+    torch.manual_seed(4)
     for e in range(cfg["num_experts"]):
-        ff.fc1[e] = LinearWithLoRA(ff.fc1[e], rank=2, alpha=4)  # B starts at zero: the same function
+        ff.fc1[e] = LinearWithLoRA(ff.fc1[e], rank=2, alpha=4)
+        torch.nn.init.normal_(ff.fc1[e].lora.B)  # a low-rank update that changes the output
+    with ops.use_backend("torch"):  # every expert on every token, each wrapper called as a module
+        expected = o(torch.tensor([[3, 4]]))
+    assert not torch.allclose(expected, plain)
     with ops.use_backend(backend):
-        torch.testing.assert_close(o(torch.tensor([[3, 4]])), plain, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(o(torch.tensor([[3, 4]])), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])

@@ -411,3 +411,44 @@ def test_generation_checks_classes_of_the_users_own_against_their_forward(block_
                         lambda self, *a, **k: decoders.append(self) or real_init(self, *a, **k))
     assert torch.equal(ch05.generate(model, idx, 6, 16), ref_ch05.generate(model, idx, 6, 16))
     assert decoders and decoders[-1].probe and decoders[-1].cached == stays_cached
+
+
+def test_a_changed_mask_is_honoured_under_torch_compile_and_in_inference_mode():
+    _, ours = _twins({**TINY, "vocab_size": 300, "drop_rate": 0.0})
+    ours.eval()
+    x = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(4))
+    for block in ours.trf_blocks:
+        block.att.mask.zero_()
+    eager = ours(x)
+    torch.testing.assert_close(torch.compile(ours, backend="eager", fullgraph=True)(x), eager)
+    with torch.inference_mode():
+        converted = ours.to(torch.float64)  # its buffers become inference tensors, without version counters
+        torch.testing.assert_close(converted(x).float(), eager, atol=1e-5, rtol=1e-5)
+
+
+def test_the_kv_cache_attention_without_a_mask_buffer_runs_a_changed_dropout_module():
+    import llms_from_scratch.kv_cache.gpt2 as ref_gpt2
+
+    import gptfast.kv_cache.gpt2 as gpt2
+
+    cfg = {**TINY, "vocab_size": 300, "drop_rate": 0.0}
+    torch.manual_seed(3)
+    ref = ref_gpt2.GPTModel(cfg).eval()
+    ours = gpt2.GPTModel(cfg).eval()
+    ours.load_state_dict(ref.state_dict())
+    for model in (ref, ours):
+        model.trf_blocks[0].att.dropout.register_forward_hook(lambda module, args, out: out * 0.5)
+    x = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_forward_patched_with_functools_wraps_is_still_the_users(monkeypatch):
+    import functools
+
+    from gptfast.models.blocks import overrides_library_forward
+    from gptfast.models.gpt import FeedForward
+
+    original = FeedForward.forward
+    assert not overrides_library_forward(FeedForward)
+    monkeypatch.setattr(FeedForward, "forward", functools.wraps(original)(lambda self, x: original(self, x) * 0))
+    assert overrides_library_forward(FeedForward)

@@ -65,9 +65,11 @@ def overrides_library_forward(cls) -> bool:
 
 
 def _defined_in(function, cls) -> bool:
-    """True when ``function`` was written in ``cls``'s body (not assigned to the class afterwards)."""
+    """True when ``function`` was written in ``cls``'s body (not assigned to the class afterwards; a wrapper
+    made with ``functools.wraps`` copies the names but also records what it wraps)."""
     return (getattr(function, "__module__", None) == cls.__module__
-            and getattr(function, "__qualname__", None) == f"{cls.__qualname__}.forward")
+            and getattr(function, "__qualname__", None) == f"{cls.__qualname__}.forward"
+            and not hasattr(function, "__wrapped__"))
 
 
 def runs_own_forward(module: nn.Module) -> bool:

@@ -15,6 +15,7 @@ import functools
 
 import torch
 import torch.nn as nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import ops
 from .blocks import PreNormBlock, output_logits, runs_own_forward
@@ -40,22 +41,43 @@ def merge_heads(att, x):
     return x.transpose(1, 2).reshape(b, t, att.d_out)
 
 
+# Verdicts of _mask_is_causal per mask tensor (held weakly, by identity) and the version they were made at.
+_MASK_VERDICTS = WeakIdKeyDictionary()
+
+
 def _mask_is_causal(att) -> bool:
     """True when ``att.mask`` (if any) is the book's causal mask: 1 above the diagonal, 0 elsewhere.
 
-    Compared once per version of the buffer (an in-place change bumps it), so the check costs a lookup per call.
+    Compared once per version of the buffer (an in-place change bumps it), so the check costs a lookup per
+    call; an inference tensor (no version counter) is compared on every call.  Under ``torch.compile`` the
+    verdict is a constant of the graph, made from the real buffer while tracing: a mask changed after
+    compiling needs a recompile, as any change of a module's state does.  Writes through ``.data`` or numpy
+    bypass the version counter and are not seen.
     """
     mask = getattr(att, "mask", None)
-    if mask is None or mask.is_meta or torch.compiler.is_compiling():
+    if mask is None or mask.is_meta:
         return True
-    key = (mask.data_ptr(), mask._version, mask.shape, mask.device)
-    cached = att.__dict__.get("_causal_mask_checked")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    causal = torch.ones(mask.shape, dtype=torch.bool, device=mask.device).triu(1)
-    verdict = bool(torch.equal(mask.bool(), causal))
-    att.__dict__["_causal_mask_checked"] = (key, verdict)
+    if torch.compiler.is_compiling():
+        return _traced_mask_verdict(att)
+    if mask.is_inference():
+        return _compare_with_causal(mask)
+    entry = _MASK_VERDICTS.get(mask)
+    if entry is not None and entry[0] == mask._version:
+        return entry[1]
+    verdict = _compare_with_causal(mask)
+    _MASK_VERDICTS[mask] = (mask._version, verdict)
     return verdict
+
+
+def _compare_with_causal(mask) -> bool:
+    return bool(torch.equal(mask.bool(), torch.ones(mask.shape, dtype=torch.bool, device=mask.device).triu(1)))
+
+
+@torch.compiler.assume_constant_result
+def _traced_mask_verdict(att) -> bool:
+    """:func:`_compare_with_causal` of ``att.mask``, run eagerly on the real buffer while ``torch.compile`` traces."""
+    mask = att.mask
+    return True if mask.is_meta else _compare_with_causal(mask)
 
 
 def runs_fused_core(att) -> bool:
@@ -70,7 +92,10 @@ def attend_as_written(att, queries, keys, values):
     times ``values``.  For a changed mask or dropout module, which the fused op cannot stand in for."""
     t_q, t_k = queries.shape[-2], keys.shape[-2]
     scores = queries @ keys.transpose(-2, -1)
-    scores.masked_fill_(att.mask.bool()[t_k - t_q:t_k, :t_k], -torch.inf)
+    mask = getattr(att, "mask", None)  # the KV-cache attention, as the reference's, builds its mask per call
+    if mask is None:
+        mask = torch.ones(t_k, t_k, device=queries.device).triu(1)
+    scores.masked_fill_(mask.bool()[t_k - t_q:t_k, :t_k], -torch.inf)
     weights = att.dropout(torch.softmax(scores / keys.shape[-1] ** 0.5, dim=-1))
     return weights @ values
 

@@ -274,13 +274,19 @@ def causal_mask(num_queries: int, num_keys: int, device) -> torch.Tensor | None:
         return None
     key = (num_queries, num_keys, torch.device(device))
     mask = _CAUSAL_MASKS.get(key)
-    if mask is None or mask._version != _CAUSAL_MASK_VERSIONS.get(key):
+    if mask is None or _version_of(mask) != _CAUSAL_MASK_VERSIONS.get(key):
         mask = torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).triu(num_keys - num_queries + 1)
         for gone in [k for k in _CAUSAL_MASK_VERSIONS if k not in _CAUSAL_MASKS]:
             del _CAUSAL_MASK_VERSIONS[gone]
         _CAUSAL_MASKS[key] = mask
-        _CAUSAL_MASK_VERSIONS[key] = mask._version
+        _CAUSAL_MASK_VERSIONS[key] = _version_of(mask)
     return mask
+
+
+def _version_of(tensor: torch.Tensor):
+    """The in-place version counter, or None for an inference tensor (which has none; in inference mode the
+    mask lives only within the forward that made it)."""
+    return None if tensor.is_inference() else tensor._version
 
 
 def is_causal_mask(mask, num_queries: int, num_keys: int) -> bool:
@@ -290,7 +296,7 @@ def is_causal_mask(mask, num_queries: int, num_keys: int) -> bool:
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (num_queries, num_keys):
         return False
     key = (num_queries, num_keys, mask.device)
-    return _CAUSAL_MASKS.get(key) is mask and mask._version == _CAUSAL_MASK_VERSIONS.get(key)
+    return _CAUSAL_MASKS.get(key) is mask and _version_of(mask) == _CAUSAL_MASK_VERSIONS.get(key)
 
 
 def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:

@@ -176,8 +176,7 @@ class MoEFeedForward(nn.Module):
     def expert(self, e, x):
         """Expert ``e``'s SwiGLU MLP applied to ``x``."""
         fc1, fc2, fc3 = self.fc1[e], self.fc2[e], self.fc3[e]
-        # Parameters, not ``.weight``: a user may have wrapped an expert (LoRA) in a module without one.
-        if not x.is_meta and any(p.is_meta for m in (fc1, fc2, fc3) for p in m.parameters()):
+        if not x.is_meta and any(_on_meta(m) for m in (fc1, fc2, fc3)):
             # A real input times a meta weight returns uninitialised memory, not an error.
             raise RuntimeError(
                 f"expert {e} of MoEFeedForward has no weights yet (experts are created on the meta device); "
@@ -193,6 +192,15 @@ class MoEFeedForward(nn.Module):
         else:
             mix = layers.routed_expert_mixture
         return mix(x, topk_probs, topk_indices, self.num_experts, self.expert)
+
+
+def _on_meta(module) -> bool:
+    """True when ``module`` holds meta-device weights: its ``weight``, or for a module without one (an expert
+    the user wrapped, LoRA say) any parameter."""
+    weight = module.__dict__.get("_parameters", {}).get("weight")
+    if weight is not None:
+        return weight.is_meta
+    return any(p.is_meta for p in module.parameters())
 
 
 class TransformerBlock(PreNormBlock):

@@ -27,7 +27,7 @@ import torch
 from .. import ops
 from ..generation.layer_cache import RowKVCache as KVCache
 from . import layers, qwen3
-from .blocks import output_logits
+from .blocks import output_logits, runs_own_forward
 from .layers import FeedForward
 from .qwen3 import (QWEN3_CONFIG_1_7B, QWEN3_CONFIG_4B, QWEN3_CONFIG_8B, QWEN3_CONFIG_14B, QWEN3_CONFIG_32B,
                     QWEN_CONFIG_06_B, Qwen3Tokenizer, RMSNorm, compute_rope_params, download_from_huggingface,
@@ -225,7 +225,7 @@ class Qwen3Model(qwen3.Qwen3Model):
             starts = check_start_pos(start_pos, batch, num_tokens, self.cos.shape[0])
             self._check_cache(cache, batch, starts)
         x = self.tok_emb(in_idx)
-        if cache is not None and not isinstance(cache, KVCache):
+        if cache is not None and not isinstance(cache, KVCache) or not self._blocks_run_rows():
             x = self._forward_row_lists(x, cache, starts)
         else:
             offset = torch.tensor(starts, device=x.device)
@@ -235,14 +235,24 @@ class Qwen3Model(qwen3.Qwen3Model):
                 x = block.forward_rows(x, cos_rows, sin_rows, starts, cache, i)
         return output_logits(self.out_head, self.final_norm(x).to(self.cfg["dtype"]))
 
+    def _blocks_run_rows(self) -> bool:
+        """True when every block is gptfast's and runs its own forward (and its attention's): the fast path
+        calls their parts, which would skip a hook, a forward of the user's or a block of another class."""
+        return all(isinstance(block, TransformerBlock) and runs_own_forward(block) and runs_own_forward(block.att)
+                   for block in self.trf_blocks)
+
     def _forward_row_lists(self, x, cache, starts):
-        """The reference's path for a cache of another kind: row lists through ``get``/``update``."""
+        """The reference's path: every block called with the reference's mask and, with a cache, each row's
+        entry through ``get``/``update`` (for a cache of another kind, or blocks the fast path cannot run)."""
         offset = torch.tensor(starts, device=x.device)
+        batch, num_tokens = x.shape[0], x.shape[1]
+        mask = row_mask(starts, num_tokens, max(starts) + num_tokens, x.device)
         for i, block in enumerate(self.trf_blocks):
-            x, new_cache = block(x, None, self.cos, self.sin, start_pos=offset,
-                                 cache=[cache.get(i, b) for b in range(x.shape[0])])
-            for b in range(x.shape[0]):
-                cache.update(i, b, new_cache[b])
+            rows = None if cache is None else [cache.get(i, b) for b in range(batch)]
+            x, new_cache = block(x, mask, self.cos, self.sin, start_pos=offset, cache=rows)
+            if cache is not None:
+                for b in range(batch):
+                    cache.update(i, b, new_cache[b])
         return x
 
     def _check_cache(self, cache, batch, starts):
