@@ -428,3 +428,17 @@ def test_an_earlier_cached_call_keeps_its_backward_when_only_the_queries_need_gr
     ours(x[:, 6:7], use_cache=True, cache=cache)
     second.backward()  # the third call must not have written over keys the second call's backward reads
     assert ours.trf_blocks[0].att.W_query.weight.grad.abs().sum() > 0
+
+
+def test_cached_attention_dropout_follows_its_own_module_mode():
+    """``model.train()`` then every ``nn.Dropout`` in eval mode: cached calls are deterministic, as uncached ones."""
+    _, ours = models(seed=6, drop_rate=0.5)
+    ours.train()
+    for module in ours.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+    x = ids(2, 5)
+    with torch.no_grad():
+        expected = ours(x)
+        ours.reset_kv_cache()
+        torch.testing.assert_close(ours(x, use_cache=True, cache=KVCache(CFG["n_layers"])), expected)

@@ -185,4 +185,4 @@ class GPTModel(gpt.GPTModel):
 
     def _attention(self, i, q, keys, values):
         att = self.trf_blocks[i].att
-        return ops.causal_attention(q, keys, values, dropout_p=att.dropout.p, training=att.training)
+        return ops.causal_attention(q, keys, values, dropout_p=att.dropout.p, training=att.dropout.training)
