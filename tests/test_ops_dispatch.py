@@ -51,6 +51,14 @@ def test_importing_gptfast_loads_no_kernel_backend():
     assert out.stdout.strip() == "[]", out.stdout
 
 
+def test_importing_gptfast_does_not_import_torch_dynamo():
+    """The marks for torch.compile are set without loading the compiler (seconds, and many registered ops)."""
+    code = ("import sys, gptfast, gptfast.ch04, gptfast.ch05, gptfast.kv_cache.generate, gptfast.qwen3, gptfast.ops\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout
+
+
 def test_a_training_model_compiles_into_one_graph_before_any_kernel_backend_is_loaded():
     """Compiling is often a process's first use of the ops: loading a backend then happens while tracing."""
     code = ("import torch\n"

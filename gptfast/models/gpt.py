@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import ops
+from ..ops._dispatch import constant_under_compile
 from .blocks import PreNormBlock, output_logits, runs_own_forward
 
 def _causal_mask_buffer(context_length: int) -> torch.Tensor:
@@ -73,7 +74,7 @@ def _compare_with_causal(mask) -> bool:
     return bool(torch.equal(mask.bool(), torch.ones(mask.shape, dtype=torch.bool, device=mask.device).triu(1)))
 
 
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def _traced_mask_verdict(att) -> bool:
     """:func:`_compare_with_causal` of ``att.mask``, run eagerly on the real buffer while ``torch.compile`` traces."""
     mask = att.mask

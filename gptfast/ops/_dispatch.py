@@ -183,7 +183,16 @@ def fused_entry_points(namespace: str, **overrides) -> dict:
     return {op: functools.partial(fn, namespace) for op, fn in table.items()}
 
 
-@torch.compiler.assume_constant_result
+def constant_under_compile(fn):
+    """``fn`` marked as ``torch.compiler.assume_constant_result`` marks it (``torch.compile`` calls it eagerly
+    while tracing and keeps its result as a constant), without importing ``torch._dynamo`` now: that import
+    takes seconds and registers many ops, and a program that never compiles should not pay for it.  The mark
+    is the attribute that decorator sets."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_under_compile
 def _import_every_backend() -> int:
     """Import every backend module (once; later calls find them imported) and return how many loaded.
 
