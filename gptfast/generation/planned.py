@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import ops
 from ..models import layers, qwen3
-from ..models.blocks import has_call_hooks, overrides_library_forward
+from ..models.blocks import runs_own_forward
 from ..models.gpt import GELU, Dropout, FeedForward, LayerNorm
 from ..ops.activation import gelu_rows
 from ..ops.linear import decode_linear_rows
@@ -29,9 +29,9 @@ from ..ops.rotary import rope_rows
 
 
 def _has_hooks(model) -> bool:
-    """True when a module would run a hook, or a ``forward`` set on the instance, that the plan's kernels skip."""
-    return any(has_call_hooks(m) or "forward" in m.__dict__ or overrides_library_forward(type(m))
-               for m in model.modules())
+    """True when a module would run a hook or a forward of the user's (on the instance or the class) that the
+    plan's kernels skip."""
+    return not all(runs_own_forward(m) for m in model.modules())
 
 
 def _quiet(dropout) -> bool:
