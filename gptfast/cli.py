@@ -103,7 +103,7 @@ def run_train(args) -> int:
 
     matplotlib.use("Agg")
     from .data import load_text, train_val_loaders
-    from .files import check_writable_dir
+    from .files import check_output_files, check_writable_dir
     from .models.gpt import GPTModel
     from .tokenizer import get_tokenizer
     from .training.checkpoints import apply_checkpoint, read_checkpoint, save_checkpoint
@@ -121,9 +121,7 @@ def run_train(args) -> int:
     cfg = _model_config(args)
     out_dir = check_writable_dir(args.out_dir, name="--out-dir")  # before training, not after it
     ckpt_path = out_dir / "model_and_optimizer.pth"
-    for path in (ckpt_path, out_dir / "loss-plot.png"):
-        if path.is_dir():
-            raise ValueError(f"--out-dir {str(out_dir)!r}: {path.name} is a folder; the run writes a file there")
+    check_output_files(out_dir, (ckpt_path.name, "loss-plot.png"), name="--out-dir")
     resume_state = None
     if args.resume:
         try:

@@ -104,6 +104,14 @@ def check_writable_dir(path: str | os.PathLike, *, name: str = "out_dir") -> Pat
     return folder
 
 
+def check_output_files(folder: Path, names, *, name: str = "out_dir") -> None:
+    """``ValueError`` naming ``name`` when one of the files ``names`` a run will write into ``folder`` is a folder:
+    found before the work, not when the file is written."""
+    for file_name in names:
+        if (Path(folder) / file_name).is_dir():
+            raise ValueError(f"{name} {str(folder)!r}: {file_name} is a folder; the run writes a file there")
+
+
 def save_response(response, destination: str | os.PathLike, progress=None) -> int:
     """Write an HTTP ``response``'s body to ``destination`` through :func:`atomic_write`; return its size.
 

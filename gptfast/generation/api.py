@@ -25,15 +25,14 @@ first steps time faster (see :class:`~gptfast.generation.decoding.DecodeThreads`
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from ..ops._checks import as_int
 from .cache import check_decodable, context_length, is_decodable
-from .decoding import INTEGER_DTYPES, Decoder, check_prompt_tokens, decoder_for_idx, model_device, vocab_size
+from .decoding import (INTEGER_DTYPES, Decoder, check_prompt_tokens, decoder_for_idx, model_device, require_int,
+                       vocab_size)
 
 __all__ = ["generate", "generate_text_simple", "generate_stream", "generate_batch", "stream_text",
            "GenerationResult", "TextChunk"]
@@ -166,12 +165,10 @@ def generate_batch(model, prompts, max_new_tokens, *, context_size=None, tempera
 
 def _check_pad_id(pad_id) -> int:
     """``pad_id`` as an int (a 0-d integer tensor too) that fits the int64 token tensor."""
-    value = as_int(pad_id)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"pad_id must be an int, got {pad_id!r}")
-    if not -2**63 <= value < 2**63:
+    value = require_int("pad_id", pad_id, -2**63)
+    if value >= 2**63:
         raise ValueError(f"pad_id must fit in int64, got {value}")
-    return int(value)
+    return value
 
 
 def _result(decoder, pad_id):

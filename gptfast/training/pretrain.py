@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..errors import run_cli
-from ..files import check_writable_dir
+from ..files import check_output_files, check_writable_dir
 from ..models.gpt import GPTModel
 from ..models.gpt_config import GPT2_VOCAB_SIZE, gpt2_config
 from .checkpoints import (MODEL_KEY, apply_checkpoint, check_model_state, export_state, fit_state_to_model,
@@ -439,9 +439,7 @@ OUTPUT_NAMES = (CHECKPOINT_NAME, EXPORT_NAME, "metrics.csv", "metrics.json", "su
 def check_outputs_writable(out_dir: Path, resume: bool) -> None:
     """Before any work: no output path is a folder, and a checkpoint already there is only continued (``--resume``),
     never silently replaced by a new run's."""
-    for name in OUTPUT_NAMES:
-        if (out_dir / name).is_dir():
-            raise ValueError(f"--out-dir {str(out_dir)!r}: {name} is a folder; the run writes a file there")
+    check_output_files(out_dir, OUTPUT_NAMES, name="--out-dir")
     checkpoint = out_dir / CHECKPOINT_NAME
     if not resume and checkpoint.exists():
         raise ValueError(f"--out-dir {str(out_dir)!r} already holds a training checkpoint ({CHECKPOINT_NAME}): pass "
