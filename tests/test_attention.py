@@ -756,6 +756,35 @@ def _expand(t, group):
     return t.repeat_interleave(group, dim=1)
 
 
+@needs_cpu_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 7, 1, 1, 45, 64), (2, 12, 4, 2, 30, 72), (1, 16, 1, 1, 33, 128),
+                                   (3, 10, 2, 2, 9, 40), (1, 8, 8, 1, 20, 16), (2, 6, 2, 1, 3, 24)], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.4])
+def test_cpu_decode_scores_a_kv_heads_query_heads_together(dtype, shape, threads, dropout_p):
+    """Decode rows of the query heads sharing a kv head are scored together (four, then two, then one at a
+    time; a kv head's heads split over threads when there are fewer kv heads than threads): every row comes
+    out bitwise as with k/v expanded to one head per query head, dropout's mask included, and close to the
+    oracle."""
+    b, h, h_kv, tq, tk, d = shape
+    q, k, v = _gqa_inputs(shape, dtype, "cpu")
+    group = h // h_kv
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        outs = []
+        for kv in ((k, v), (_expand(k, group), _expand(v, group))):
+            torch.manual_seed(5)
+            outs.append(ops.causal_attention(q, *kv, dropout_p=dropout_p, training=dropout_p > 0, backend="cpu"))
+    finally:
+        torch.set_num_threads(saved)
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    if dropout_p == 0.0:
+        ref = torch_ops.causal_attention(q.double(), _expand(k, group).double(), _expand(v, group).double())
+        parity.assert_close(outs[0], ref, dtype, f"grouped decode {shape}")
+
+
 @pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("shape", [(2, 4, 2, 19, 19, 64), (1, 4, 1, 6, 30, 64)], ids=str)
 def test_gqa_equals_expanded_kv_with_dropout(backend, device, shape):

@@ -1,9 +1,11 @@
 // Fused causal attention for CPU, forward and backward (flash-attention style).
 //
-// Forward: every (batch, head, query tile) is one task.  The task walks the key tiles
-// its queries may see, keeps a running row max and row sum (online softmax), and
-// accumulates P @ V in a tile-sized buffer, so the Tq x Tk score matrix never exists.
-// It saves the output and the per-row log-sum-exp; backward recomputes P from them.
+// Forward: every (batch, head, query tile) is one task.  The task walks the key tiles its
+// queries may see, keeps a running row max and row sum (online softmax), and accumulates
+// P @ V in a tile-sized buffer, so the Tq x Tk score matrix never exists.  It saves the
+// output and the per-row log-sum-exp; backward recomputes P from them.  A decode call (one
+// or two query rows) instead runs one task per (batch, kv head): its query heads score each
+// key together, so every key and value row is read once per kv head.
 //
 // Dropout: the keep/drop decision of score (bh, i, j) is a hash of (seed, counter),
 // so backward regenerates exactly the forward's mask without storing it.
@@ -184,6 +186,16 @@ inline int64_t visible_keys(const Dims& s, int64_t i, int64_t j0, int64_t nk) {
   return std::min(nk, s.offset + i - j0 + 1);
 }
 
+// How many slices the query heads of one kv head are cut into: one, unless there are fewer
+// (batch, kv head) pairs than threads, then enough slices to keep every thread busy.
+inline int64_t group_slices(const Dims& s) {
+  const int64_t pairs = s.B * s.Hkv, threads = at::get_num_threads();
+  if (s.group() == 1 || pairs >= threads) return 1;
+  const int64_t wanted = std::min(s.group(), (threads + pairs - 1) / pairs);
+  const int64_t per_slice = (s.group() + wanted - 1) / wanted;
+  return (s.group() + per_slice - 1) / per_slice;
+}
+
 // ------------------------------------------------------------------ forward
 
 // p[j] = exp(p[j] - mx) for j < n, a vector at a time, NaN kept; returns their sum.  The tile path's online
@@ -269,85 +281,135 @@ void axpy(T w, const scalar_t* x, T* out, int64_t n) {
   for (; d < n; ++d) out[d] += w * static_cast<T>(x[d]);
 }
 
-// scores[j] = q . k_j for the n keys at kbase (row stride ks), four keys at a time: their
-// independent sums keep the FMA units busy where one key's chain of D / L multiply-adds would
-// wait on itself.  Each key's sum runs in the order of dot(), so a score does not depend on
-// which block its key falls in.
-template <typename T, typename scalar_t>
-void score_keys(const T* q, const scalar_t* kbase, int64_t ks, int64_t n, int64_t D, T* scores) {
+// Query rows scored together against one kv head's keys: each key and value row is then read and widened
+// once for the rows (query heads sharing the kv head), not once per row.  Rows x keys per step stays at
+// eight vector sums (two each), so the register use matches the one-row path.
+constexpr int kGroupRows = 4;
+
+// scores[r * lds + j] = q_r . k_j for NQ query rows (row stride ldq) and the n keys at kbase (row stride
+// ks), 4 / NQ keys per step: the independent sums keep the FMA units busy where one key's chain of D / L
+// multiply-adds would wait on itself.  Every score's sum runs in the order of dot(), so it depends neither
+// on NQ nor on which step its key falls in.
+template <typename T, typename scalar_t, int NQ>
+void score_keys_rows(const T* q, int64_t ldq, const scalar_t* kbase, int64_t ks, int64_t n, int64_t D, T* scores,
+                     int64_t lds) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
+  constexpr int KB = 4 / NQ;
   const int64_t D2 = D / (2 * L) * (2 * L);
-  const auto total = [](V lo, V hi) { return at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, lo + hi); };
   int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
+  for (; j + KB <= n; j += KB) {
     const scalar_t* k0 = kbase + j * ks;
-    V lo[4] = {V(T(0)), V(T(0)), V(T(0)), V(T(0))}, hi[4] = {V(T(0)), V(T(0)), V(T(0)), V(T(0))};
+    V lo[NQ][KB], hi[NQ][KB];
+#pragma GCC unroll 4
+    for (int r = 0; r < NQ; ++r) {
+#pragma GCC unroll 4
+      for (int c = 0; c < KB; ++c) lo[r][c] = hi[r][c] = V(T(0));
+    }
     for (int64_t d = 0; d < D2; d += 2 * L) {
-      const V q_lo = V::loadu(q + d), q_hi = V::loadu(q + d + L);
+      V k_lo[KB], k_hi[KB];
+#pragma GCC unroll 4
+      for (int c = 0; c < KB; ++c) std::tie(k_lo[c], k_hi[c]) = load_pair<T>(k0 + c * ks + d);
 #pragma GCC unroll 4  // constant indices keep the sums in registers
-      for (int r = 0; r < 4; ++r) {
-        const auto [k_lo, k_hi] = load_pair<T>(k0 + r * ks + d);
-        lo[r] = at::vec::fmadd(q_lo, k_lo, lo[r]);
-        hi[r] = at::vec::fmadd(q_hi, k_hi, hi[r]);
+      for (int r = 0; r < NQ; ++r) {
+        const V q_lo = V::loadu(q + r * ldq + d), q_hi = V::loadu(q + r * ldq + d + L);
+#pragma GCC unroll 4
+        for (int c = 0; c < KB; ++c) {
+          lo[r][c] = at::vec::fmadd(q_lo, k_lo[c], lo[r][c]);
+          hi[r][c] = at::vec::fmadd(q_hi, k_hi[c], hi[r][c]);
+        }
       }
     }
 #pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r) {
-      T sum = total(lo[r], hi[r]);
-      for (int64_t d = D2; d < D; ++d) sum += q[d] * static_cast<T>(k0[r * ks + d]);
-      scores[j + r] = sum;
+    for (int r = 0; r < NQ; ++r) {
+#pragma GCC unroll 4
+      for (int c = 0; c < KB; ++c) {
+        T sum = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, lo[r][c] + hi[r][c]);
+        for (int64_t d = D2; d < D; ++d) sum += q[r * ldq + d] * static_cast<T>(k0[c * ks + d]);
+        scores[r * lds + j + c] = sum;
+      }
     }
   }
-  for (; j < n; ++j) scores[j] = dot<T>(q, kbase + j * ks, D);
+  for (; j < n; ++j) {
+    for (int r = 0; r < NQ; ++r) scores[r * lds + j] = dot<T>(q + r * ldq, kbase + j * ks, D);
+  }
 }
 
-// acc[0..D) = sum over j of p[j] * v_j for the n value rows at vbase (row stride vs).  Keys whose weight
-// is 0 (underflowed, or dropped) are multiplied too: an infinite value there gives NaN, as the dense
-// product P V does.  Four vectors of the output at a time stay in registers over all keys, rather than
-// a load and a store of the output row per key.
-template <typename T, typename scalar_t>
-void weigh_values(const T* p, const scalar_t* vbase, int64_t vs, int64_t n, int64_t D, T* acc) {
+// acc[r * lda + d] = sum over j of p[r * ldp + j] * v_j[d] for NQ rows of weights and the n value rows at vbase
+// (row stride vs), each element summed over the keys in order, as weigh_values() does.  Keys whose weight is 0
+// are multiplied too (an infinite value there gives NaN, as the dense product P V does).  The output
+// vectors of a slice of D stay in registers over all keys: four per row, two for four rows.
+template <typename T, typename scalar_t, int NQ>
+void weigh_values_rows(const T* p, int64_t ldp, const scalar_t* vbase, int64_t vs, int64_t n, int64_t D, T* acc,
+                       int64_t lda) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
+  constexpr int VP = NQ <= 2 ? 4 : 2;  // vectors of the output per row and pass (VP / 2 pairs)
   int64_t d = 0;
-  for (; d + 4 * L <= D; d += 4 * L) {
-    V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
-    for (int64_t j = 0; j < n; ++j) {
-      const V w(p[j]);
-      const scalar_t* row = vbase + j * vs + d;
-      const auto [v0, v1] = load_pair<T>(row);
-      const auto [v2, v3] = load_pair<T>(row + 2 * L);
-      a0 = at::vec::fmadd(w, v0, a0);
-      a1 = at::vec::fmadd(w, v1, a1);
-      a2 = at::vec::fmadd(w, v2, a2);
-      a3 = at::vec::fmadd(w, v3, a3);
+  for (; d + VP * L <= D; d += VP * L) {
+    V a[NQ][VP];
+#pragma GCC unroll 4
+    for (int r = 0; r < NQ; ++r) {
+#pragma GCC unroll 4
+      for (int c = 0; c < VP; ++c) a[r][c] = V(T(0));
     }
-    a0.store(acc + d);
-    a1.store(acc + d + L);
-    a2.store(acc + d + 2 * L);
-    a3.store(acc + d + 3 * L);
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t* row = vbase + j * vs + d;
+      V v[VP];
+#pragma GCC unroll 2
+      for (int c = 0; c < VP; c += 2) std::tie(v[c], v[c + 1]) = load_pair<T>(row + c * L);
+#pragma GCC unroll 4
+      for (int r = 0; r < NQ; ++r) {
+        const V w(p[r * ldp + j]);
+#pragma GCC unroll 4
+        for (int c = 0; c < VP; ++c) a[r][c] = at::vec::fmadd(w, v[c], a[r][c]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < NQ; ++r) {
+#pragma GCC unroll 4
+      for (int c = 0; c < VP; ++c) a[r][c].store(acc + r * lda + d + c * L);
+    }
   }
   if (d == D) return;
-  std::fill(acc + d, acc + D, T(0));
-  for (int64_t j = 0; j < n; ++j) axpy<T>(p[j], vbase + j * vs + d, acc + d, D - d);
+  for (int r = 0; r < NQ; ++r) {
+    std::fill(acc + r * lda + d, acc + r * lda + D, T(0));
+    for (int64_t j = 0; j < n; ++j) axpy<T>(p[r * ldp + j], vbase + j * vs + d, acc + r * lda + d, D - d);
+  }
 }
 
-// One query row (already in T, scaled) against its `valid` visible keys; writes the output row
-// (rounded once to scalar_t) and its lse.
-template <typename T, typename scalar_t>
-void attend_row_direct(const T* qrow, const scalar_t* kbase, int64_t k_stride, const scalar_t* vbase,
-                       int64_t v_stride, int64_t valid, int64_t D, const Dropout& dropout, uint64_t counter_base,
-                       std::vector<T>& probs, std::vector<T>& acc, scalar_t* out_row, T* lse) {
-  probs.resize(valid);
-  score_keys<T>(qrow, kbase, k_stride, valid, D, probs.data());
-  const T mx = vec_max(probs.data(), valid);
-  const T sum = exp_and_sum(probs.data(), valid, mx);
-  if (dropout.active) dropout.apply(probs.data(), valid, counter_base);
-  weigh_values<T>(probs.data(), vbase, v_stride, valid, D, acc.data());
-  const T inv = T(1) / sum;
-  for (int64_t d = 0; d < D; ++d) out_row[d] = static_cast<scalar_t>(acc[d] * inv);
-  *lse = mx + std::log(sum);
+// Scratch of one thread's decode tasks: kGroupRows query rows, their scores and output sums.
+template <typename T>
+struct DecodeScratch {
+  std::vector<T> qs, probs, acc;
+  DecodeScratch(const Dims& s) : qs(kGroupRows * s.Dp, T(0)), probs(kGroupRows * s.Tk), acc(kGroupRows * s.Dp) {}
+};
+
+// NQ query heads h0.. of batch row b at query index i (already loaded into w.qs, scaled) against their kv
+// head's `valid` visible keys: softmax, dropout, P V; writes each head's output row (rounded once to
+// scalar_t) and lse.
+template <typename T, typename scalar_t, int NQ>
+void attend_rows_direct(const scalar_t* kbase, int64_t k_stride, const scalar_t* vbase, int64_t v_stride,
+                        int64_t valid, const Dims& s, int64_t b, int64_t h0, int64_t i, const Dropout& dropout,
+                        DecodeScratch<T>& w, scalar_t* out_data, T* lse_data) {
+  score_keys_rows<T, scalar_t, NQ>(w.qs.data(), s.Dp, kbase, k_stride, valid, s.D, w.probs.data(), s.Tk);
+  T mx[NQ], sum[NQ];
+  for (int r = 0; r < NQ; ++r) {
+    T* probs = w.probs.data() + r * s.Tk;
+    const int64_t bh = b * s.H + h0 + r;
+    mx[r] = vec_max(probs, valid);
+    sum[r] = exp_and_sum(probs, valid, mx[r]);
+    if (dropout.active) dropout.apply(probs, valid, static_cast<uint64_t>((bh * s.Tq + i) * s.Tk));
+  }
+  weigh_values_rows<T, scalar_t, NQ>(w.probs.data(), s.Tk, vbase, v_stride, valid, s.D, w.acc.data(), s.Dp);
+  for (int r = 0; r < NQ; ++r) {
+    const int64_t bh = b * s.H + h0 + r;
+    const T inv = T(1) / sum[r];
+    const T* acc = w.acc.data() + r * s.Dp;
+    scalar_t* out_row = out_data + (bh * s.Tq + i) * s.D;
+    for (int64_t d = 0; d < s.D; ++d) out_row[d] = static_cast<scalar_t>(acc[d] * inv);
+    lse_data[bh * s.Tq + i] = mx[r] + std::log(sum[r]);
+  }
 }
 
 // The keys (transposed) and values of one kv head, widened to acc_t, up to the furthest key a
@@ -378,37 +440,68 @@ struct KeyCache {
   }
 };
 
+// Decode-sized calls (Tq <= kDirectRows): one task per (batch row, kv head, slice of its query heads), the
+// slice's heads attending kGroupRows at a time (then two, then one) at each query index.
+template <typename scalar_t>
+void decode_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                         at::Tensor& lse, double scale, const Dropout& dropout, const Dims& s) {
+  using T = acc_t<scalar_t>;
+  const int64_t slices = group_slices(s), per_slice = (s.group() + slices - 1) / slices;
+  scalar_t* out_data = out.data_ptr<scalar_t>();
+  T* lse_data = lse.data_ptr<T>();
+  at::parallel_for(0, s.B * s.Hkv * slices, grain_for(per_slice * s.Tq * s.Tk * s.Dp, true),
+                   [&](int64_t begin, int64_t end) {
+    DecodeScratch<T> w(s);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t pair = task / slices, b = pair / s.Hkv, hk = pair % s.Hkv;
+      const int64_t first = hk * s.group() + (task % slices) * per_slice;
+      const int64_t last = std::min(first + per_slice, (hk + 1) * s.group());
+      const scalar_t* kbase = k.const_data_ptr<scalar_t>() + b * k.stride(0) + hk * k.stride(1);
+      const scalar_t* vbase = v.const_data_ptr<scalar_t>() + b * v.stride(0) + hk * v.stride(1);
+      for (int64_t i = 0; i < s.Tq; ++i) {
+        const int64_t valid = s.offset + i + 1;
+        for (int64_t h0 = first; h0 < last;) {
+          const int64_t left = last - h0;
+          const int nq = left >= kGroupRows ? kGroupRows : (left >= 2 ? 2 : 1);
+          for (int r = 0; r < nq; ++r)
+            load_rows<scalar_t, T>(q, b, h0 + r, i, 1, s.D, static_cast<T>(scale), w.qs.data() + r * s.Dp, s.Dp);
+          const auto attend = [&](auto rows) {
+            attend_rows_direct<T, scalar_t, decltype(rows)::value>(kbase, k.stride(2), vbase, v.stride(2), valid, s,
+                                                                   b, h0, i, dropout, w, out_data, lse_data);
+          };
+          if (nq == kGroupRows) attend(std::integral_constant<int, kGroupRows>{});
+          else if (nq == 2) attend(std::integral_constant<int, 2>{});
+          else attend(std::integral_constant<int, 1>{});
+          h0 += nq;
+        }
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                   at::Tensor& lse, double scale, const Dropout& dropout, const Dims& s) {
   using T = acc_t<scalar_t>;
   constexpr int64_t L = Vectorized<T>::size();
+  if (s.Tq <= kDirectRows) {
+    decode_forward_impl<scalar_t>(q, k, v, out, lse, scale, dropout, s);
+    return;
+  }
   const int64_t n_qtiles = (s.Tq + kQueryTile - 1) / kQueryTile;
   scalar_t* out_data = out.data_ptr<scalar_t>();
   T* lse_data = lse.data_ptr<T>();
 
-  at::parallel_for(0, s.B * s.H * n_qtiles, grain_for(std::min(kQueryTile, s.Tq) * s.Tk * s.Dp, s.Tq <= kDirectRows),
+  at::parallel_for(0, s.B * s.H * n_qtiles, grain_for(std::min(kQueryTile, s.Tq) * s.Tk * s.Dp, false),
                    [&](int64_t begin, int64_t end) {
     // Scratch, allocated once per chunk; zero-initialised so padding columns stay zero.
     std::vector<T> qs(kQueryTile * s.Dp, T(0));
     std::vector<T> scores(kQueryTile * kKeyTile), acc(kQueryTile * s.Dp), m(kQueryTile), l(kQueryTile);
-    std::vector<T> row_probs;  // the direct (decode) path's scores
     KeyCache<T> keys;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / n_qtiles, b = bh / s.H, h = bh % s.H, hk = h / s.group();
       const int64_t i0 = (task % n_qtiles) * kQueryTile, mq = std::min(kQueryTile, s.Tq - i0);
       load_rows<scalar_t, T>(q, b, h, i0, mq, s.D, static_cast<T>(scale), qs.data(), s.Dp);
-      if (mq <= kDirectRows) {
-        const scalar_t* kbase = k.const_data_ptr<scalar_t>() + b * k.stride(0) + hk * k.stride(1);
-        const scalar_t* vbase = v.const_data_ptr<scalar_t>() + b * v.stride(0) + hk * v.stride(1);
-        for (int64_t r = 0; r < mq; ++r) {
-          const int64_t i = i0 + r;
-          attend_row_direct<T>(qs.data() + r * s.Dp, kbase, k.stride(2), vbase, v.stride(2), s.offset + i + 1,
-                               s.D, dropout, static_cast<uint64_t>((bh * s.Tq + i) * s.Tk), row_probs, acc,
-                               out_data + (bh * s.Tq + i) * s.D, lse_data + bh * s.Tq + i);
-        }
-        continue;
-      }
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(m.begin(), m.end(), neg_inf<T>());
       std::fill(l.begin(), l.end(), T(0));
@@ -449,16 +542,6 @@ struct BackwardScratch {
         ks(s.Tk * s.Dp, T(0)), vt(s.Dp * Tkp, T(0)), dq(s.Tq * s.Dp), dk(s.Tk * s.Dp), dv(s.Tk * s.Dp),
         p(kQueryTile * kKeyTile), dp(kQueryTile * kKeyTile), pd(kQueryTile * kKeyTile) {}
 };
-
-// How many slices the query heads of one kv head are cut into: one, unless there are fewer
-// (batch, kv head) pairs than threads, then enough slices to keep every thread busy.
-inline int64_t group_slices(const Dims& s) {
-  const int64_t pairs = s.B * s.Hkv, threads = at::get_num_threads();
-  if (s.group() == 1 || pairs >= threads) return 1;
-  const int64_t wanted = std::min(s.group(), (threads + pairs - 1) / pairs);
-  const int64_t per_slice = (s.group() + wanted - 1) / wanted;
-  return (s.group() + per_slice - 1) / per_slice;
-}
 
 // pd = P * mask / (1 - p) for a (mq x nk) tile of P: what multiplied V in the forward (0 past a row's
 // visible keys).
