@@ -6,6 +6,7 @@ the modules; a model it cannot vouch for (hooks, active dropout, other modules, 
 ``"torch"``) must keep the generic step.
 """
 
+import contextlib
 import functools
 
 import pytest
@@ -179,18 +180,26 @@ def test_a_non_contiguous_weight_takes_the_entry_point_with_the_same_result():
 # ----------------------------------------------------------------------------- the kernels a plan binds
 
 
+def _holding(guarded):
+    """The context a rows form runs in: the caller's one guard for ``guarded`` forms (a plan's step), none else."""
+    from gptfast.ops._dispatch import without_graph
+    return without_graph() if guarded else contextlib.nullcontext()
+
+
 @needs_cpu_backend
-def test_rows_forms_run_the_entry_points_kernels():
+@pytest.mark.parametrize("guarded", [False, True])
+def test_rows_forms_run_the_entry_points_kernels(guarded):
     from gptfast.ops import cpu_ops
     torch.manual_seed(0)
     rows, weight, bias = torch.randn(3, 20), torch.randn(7, 20), torch.randn(7)
-    assert torch.equal(decode_linear_rows(cpu_ops.decode_linear)(rows, weight, bias),
-                       cpu_ops.decode_linear(rows, weight, bias=bias))
-    assert torch.equal(decode_linear_rows(cpu_ops.decode_linear)(rows, weight, None), cpu_ops.decode_linear(rows, weight))
     scale, shift = torch.randn(20), torch.randn(20)
-    assert torch.equal(layer_norm_rows(cpu_ops.layer_norm)(rows, scale, shift, 1e-5),
-                       cpu_ops.layer_norm(rows, scale, shift, eps=1e-5))
-    assert torch.equal(gelu_rows(cpu_ops.gelu)(rows), cpu_ops.gelu(rows))
+    with torch.no_grad(), _holding(guarded):
+        linear = decode_linear_rows(cpu_ops.decode_linear, guarded=guarded)
+        assert torch.equal(linear(rows, weight, bias), cpu_ops.decode_linear(rows, weight, bias=bias))
+        assert torch.equal(linear(rows, weight, None), cpu_ops.decode_linear(rows, weight))
+        assert torch.equal(layer_norm_rows(cpu_ops.layer_norm, guarded=guarded)(rows, scale, shift, 1e-5),
+                           cpu_ops.layer_norm(rows, scale, shift, eps=1e-5))
+        assert torch.equal(gelu_rows(cpu_ops.gelu, guarded=guarded)(rows), cpu_ops.gelu(rows))
 
 
 def test_rows_forms_exist_only_for_fused_entry_points():
@@ -286,15 +295,18 @@ def test_rotary_rows_forms_exist_only_for_fused_entry_points():
 
 
 @needs_cpu_backend
-def test_rotary_rows_forms_run_the_entry_points_kernels():
+@pytest.mark.parametrize("guarded", [False, True])
+def test_rotary_rows_forms_run_the_entry_points_kernels(guarded):
     from gptfast.ops import cpu_ops
     from gptfast.ops.normalization import rms_norm_rows
     from gptfast.ops.rotary import rope_rows
     torch.manual_seed(0)
     rows, weight = torch.randn(6, 8), torch.rand(8) + 0.5
-    assert torch.equal(rms_norm_rows(cpu_ops.rms_norm)(rows, weight, 1e-6), cpu_ops.rms_norm(rows, weight, eps=1e-6))
     x, cos, sin = torch.randn(2, 3, 1, 8), torch.randn(1, 8), torch.randn(1, 8)
-    assert torch.equal(rope_rows(cpu_ops.rope)(x, cos, sin), cpu_ops.rope(x, cos, sin))
+    with torch.no_grad(), _holding(guarded):
+        assert torch.equal(rms_norm_rows(cpu_ops.rms_norm, guarded=guarded)(rows, weight, 1e-6),
+                           cpu_ops.rms_norm(rows, weight, eps=1e-6))
+        assert torch.equal(rope_rows(cpu_ops.rope, guarded=guarded)(x, cos, sin), cpu_ops.rope(x, cos, sin))
 
 
 # ----------------------------------------------------------------------------- rows at their own positions

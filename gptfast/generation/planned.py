@@ -22,6 +22,7 @@ from .. import ops
 from ..models import layers, qwen3
 from ..models.blocks import runs_own_forward
 from ..models.gpt import GELU, Dropout, FeedForward, LayerNorm
+from ..ops._dispatch import without_graph
 from ..ops.activation import gelu_rows
 from ..ops.linear import decode_linear_rows
 from ..ops.normalization import layer_norm_rows, rms_norm_rows
@@ -71,7 +72,8 @@ class _Norm:
 
     def __init__(self, norm, entry_point):
         self.weight, self.bias, self.eps = norm.scale, norm.shift, float(norm.eps)
-        self.rows = layer_norm_rows(entry_point) if self.weight.is_contiguous() and self.bias.is_contiguous() else None
+        contiguous = self.weight.is_contiguous() and self.bias.is_contiguous()
+        self.rows = layer_norm_rows(entry_point, guarded=True) if contiguous else None
         self.entry_point = entry_point
 
     def __call__(self, x):
@@ -86,7 +88,7 @@ class _Linear:
     def __init__(self, module, entry_point):
         self.weight, self.bias, self.entry_point = module.weight, module.bias, entry_point
         contiguous = self.weight.is_contiguous() and (self.bias is None or self.bias.is_contiguous())
-        self.rows = decode_linear_rows(entry_point) if entry_point is not None and contiguous else None
+        self.rows = decode_linear_rows(entry_point, guarded=True) if entry_point is not None and contiguous else None
 
     def __call__(self, x):
         if self.rows is not None:
@@ -141,7 +143,7 @@ class PlannedGPTStep:
                 entry_point = ops.fused_entry_point("gelu", hidden.device, (hidden,), {})
                 if entry_point is None:
                     return None
-                gelu = gelu_rows(entry_point) or entry_point
+                gelu = gelu_rows(entry_point, guarded=True) or entry_point
         linears.append(_Linear(model.out_head, linear_kernel(x, model.out_head.weight, model.out_head.bias)))
         return cls(model, norms, linears, gelu)
 
@@ -149,6 +151,10 @@ class PlannedGPTStep:
         """Logits ``(B, vocab)`` of the step's tokens ``idx`` ``(B, 1)`` at ``positions`` (``(1,)``, or ``(B, 1)`` for
         rows at their own positions); ``attend(i, q, k, v)`` is layer ``i``'s attention core (it writes the
         cache), as in ``CachedRunner._run``."""
+        with without_graph():  # once for the step: the rows kernels are bound without their own guard
+            return self._run(idx, positions, attend)
+
+    def _run(self, idx, positions, attend):
         model = self.model
         b = idx.shape[0]
         x = (model.tok_emb(idx) + model.pos_emb(positions)).view(b, -1)
@@ -195,7 +201,7 @@ class _RMSNorm:
 
     def __init__(self, weight, eps, entry_point):
         self.weight, self.eps, self.entry_point = weight, float(eps), entry_point
-        self.rows = rms_norm_rows(entry_point) if weight.is_contiguous() else None
+        self.rows = rms_norm_rows(entry_point, guarded=True) if weight.is_contiguous() else None
 
     @classmethod
     def build(cls, norm, x):
@@ -256,7 +262,7 @@ class PlannedRotaryStep:
                                                     {"offset": 0, "positions": None})
                 if entry_point is None:
                     return None
-                rope = rope_rows(entry_point) or entry_point
+                rope = rope_rows(entry_point, guarded=True) or entry_point
                 # ops.swiglu runs whichever backend it resolves to (the torch path's two passes on a CPU).
                 swiglu = ops.resolve("swiglu", x.device, (hidden, hidden), {})[1]
         if any(norm is None for norm in norms):
@@ -269,6 +275,10 @@ class PlannedRotaryStep:
         """Logits ``(B, vocab)`` of the step's tokens ``idx`` ``(B, 1)`` at ``positions`` (``(1,)``, or ``(B, 1)`` for
         rows at their own positions); ``attend(i, q, k, v)`` is layer ``i``'s attention core over grouped k/v (it
         writes the cache), as in ``CachedRunner._run``."""
+        with without_graph():  # once for the step: the rows kernels are bound without their own guard
+            return self._run(idx, positions, attend)
+
+    def _run(self, idx, positions, attend):
         model = self.model
         b = idx.shape[0]
         x = model.tok_emb(idx).view(b, -1)

@@ -138,7 +138,7 @@ def without_graph():
     return torch._C._AutoDispatchBelowAutograd()
 
 
-def bound_kernel(entry_point, fused, kernel: str, *, first_output: bool = False):
+def bound_kernel(entry_point, fused, kernel: str, *, first_output: bool = False, guarded: bool = False):
     """A function calling kernel op ``kernel`` behind ``entry_point`` directly, or ``None``.
 
     ``entry_point`` is what :func:`resolve` returned; it is a fused backend's when it is the
@@ -148,11 +148,15 @@ def bound_kernel(entry_point, fused, kernel: str, *, first_output: bool = False)
     statistics dropped).  An op module uses this to give a caller that has prepared its
     inputs in the kernel's layout once (a decode plan) the kernel without the per-call
     reshaping, which at one row costs as much as the kernel's work on a small matrix.
+    With ``guarded`` the caller runs the function inside :func:`without_graph` itself (a
+    decode plan enters it once per step: ~3 µs a call saved, against a ~11 µs small kernel).
     """
     if not (isinstance(entry_point, functools.partial) and entry_point.func is fused and len(entry_point.args) == 1
             and not entry_point.keywords):
         return None
     overload = getattr(kernels(entry_point.args[0]), kernel).default
+    if guarded:
+        return (lambda *args: overload(*args)[0]) if first_output else overload
 
     def call(*args):
         with without_graph():

@@ -91,7 +91,8 @@ def fused_gelu(ops, x):
         return kernels(ops).gelu_fwd(x)
 
 
-def gelu_rows(entry_point):
+def gelu_rows(entry_point, *, guarded=False):
     """``fn(x)`` running the kernel behind a resolved ``gelu`` entry point, or ``None`` when it is not a fused
-    backend's; for a caller that calls it many times on validated input (a decode plan)."""
-    return bound_kernel(entry_point, fused_gelu, "gelu_fwd")
+    backend's; for a caller that calls it many times on validated input (a decode plan).  ``guarded``: the
+    caller holds :func:`~gptfast.ops._dispatch.without_graph` (see ``bound_kernel``)."""
+    return bound_kernel(entry_point, fused_gelu, "gelu_fwd", guarded=guarded)

@@ -62,14 +62,15 @@ def fused_decode_linear(ops, x, weight, bias=None):
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def decode_linear_rows(entry_point):
+def decode_linear_rows(entry_point, *, guarded=False):
     """``fn(rows, weight, bias)`` running the kernel behind a resolved ``decode_linear`` entry point, or ``None``.
 
     For a caller that keeps its inputs in the kernel's layout (a decode plan): ``rows``
     ``(M, K)`` and ``weight`` contiguous, ``bias`` contiguous or ``None``, one dtype, already
     validated; the result is ``(M, N)``.  ``None`` when ``entry_point`` is not a fused backend's.
+    ``guarded``: the caller holds :func:`~gptfast.ops._dispatch.without_graph` (see ``bound_kernel``).
     """
-    return bound_kernel(entry_point, fused_decode_linear, "decode_linear")
+    return bound_kernel(entry_point, fused_decode_linear, "decode_linear", guarded=guarded)
 
 
 # The float32 copy of the weight exists one block of output rows at a time; 4 MiB blocks measured as fast as

@@ -130,17 +130,18 @@ def fused_layer_norm(ops, x, weight, bias, *, eps=1e-5):
     return out.view(x.shape)
 
 
-def layer_norm_rows(entry_point):
+def layer_norm_rows(entry_point, *, guarded=False):
     """``fn(rows, weight, bias, eps)`` running the kernel behind a resolved ``layer_norm`` entry point, or ``None``.
 
     For a caller that keeps its inputs in the kernel's layout (a decode plan): ``rows``
     ``(M, D)`` contiguous, already validated; returns the normalised ``(M, D)``.  ``None``
-    when ``entry_point`` is not a fused backend's.
+    when ``entry_point`` is not a fused backend's.  ``guarded``: the caller holds
+    :func:`~gptfast.ops._dispatch.without_graph` (see ``bound_kernel``).
     """
-    return bound_kernel(entry_point, fused_layer_norm, "layer_norm_fwd", first_output=True)
+    return bound_kernel(entry_point, fused_layer_norm, "layer_norm_fwd", first_output=True, guarded=guarded)
 
 
-def rms_norm_rows(entry_point):
+def rms_norm_rows(entry_point, *, guarded=False):
     """``fn(rows, weight, eps)`` running the kernel behind a resolved ``rms_norm`` entry point, or ``None``
     (same contract as :func:`layer_norm_rows`)."""
-    return bound_kernel(entry_point, fused_rms_norm, "rms_norm_fwd", first_output=True)
+    return bound_kernel(entry_point, fused_rms_norm, "rms_norm_fwd", first_output=True, guarded=guarded)

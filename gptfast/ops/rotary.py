@@ -72,14 +72,15 @@ def fused_rope(ops, x, cos, sin, *, offset=0, positions=None):
         return kernels(ops).rope_fwd(x, cos, sin, positions, int(offset))
 
 
-def rope_rows(entry_point):
+def rope_rows(entry_point, *, guarded=False):
     """``fn(x, cos, sin)`` running the kernel behind a resolved ``rope`` entry point, or ``None``.
 
     For a caller that calls it many times on validated input in the kernel's layout (a
     decode plan): ``x`` ``(B, H, T, D)`` with a unit-stride last axis, ``cos``/``sin`` the
     ``(T, D)`` rows of its positions.  ``None`` when ``entry_point`` is not a fused backend's.
+    ``guarded``: the caller holds :func:`~gptfast.ops._dispatch.without_graph` (see ``bound_kernel``).
     """
-    kernel = bound_kernel(entry_point, fused_rope, "rope_fwd")
+    kernel = bound_kernel(entry_point, fused_rope, "rope_fwd", guarded=guarded)
     if kernel is None:
         return None
     return lambda x, cos, sin: kernel(x, cos, sin, None, 0)
