@@ -197,5 +197,9 @@ def test_the_kv_cache_generator_serves_the_qwen3_cache_model_with_the_references
     idx = torch.randint(0, 101, (2, 6))
     expected = ref_kv_generate.generate_text_simple(r, idx, max_new_tokens=15)
     assert torch.equal(kv_generate.generate_text_simple(o, idx, max_new_tokens=15), expected)
+    assert o.current_pos == r.current_pos == 6 + 15  # left where the reference leaves it
+    ref_kv_generate.generate_text_simple(r, idx, max_new_tokens=4, context_size=5)
+    kv_generate.generate_text_simple(o, idx, max_new_tokens=4, context_size=5)
+    assert o.current_pos == r.current_pos == 5 + 4
     streamed = list(kv_generate.generate_text_simple_stream(o, idx, max_new_tokens=15))
     assert torch.equal(torch.cat([idx] + streamed, dim=1), expected)

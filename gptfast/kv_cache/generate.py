@@ -22,7 +22,7 @@ import torch
 
 from ..generate import trim_input_tensor  # noqa: F401  (the reference re-exports it here)
 from ..generation import api
-from ..generation.cache import context_length, is_decodable
+from ..generation.cache import context_length, is_decodable, is_rotary
 from ..generation.decoding import require_int
 from .utils import KVCache
 
@@ -42,7 +42,10 @@ def generate_text_simple(model, idx, max_new_tokens, context_size=None, use_cach
         return _uncached(model, idx, max_new_tokens, ctx_len)
     if is_decodable(model):
         _reset(model)
-        return api.generate_text_simple(model, idx, max_new_tokens, ctx_len)
+        out = api.generate_text_simple(model, idx, max_new_tokens, ctx_len)
+        if is_rotary(model):
+            _leave_position(model, min(idx.shape[1], ctx_len) + max_new_tokens)
+        return out
     return _protocol_cached(model, idx, max_new_tokens, ctx_len)
 
 
@@ -93,6 +96,15 @@ def _reset(model):
         reset()
     elif isinstance(getattr(model, "current_pos", None), int):
         model.current_pos = 0
+
+
+def _leave_position(model, position):
+    """Set an integer ``model.current_pos`` to where the reference's loop leaves it (the prompt's window, then one
+    call per new token).  Only for Llama 3 / Qwen3 models: their cache is an object of the call, gone afterwards
+    in the reference too, while the GPT-2 cache model keeps its cache in its blocks, which gptfast's decoder
+    does not fill (its position stays at the start, consistent with its empty cache)."""
+    if isinstance(getattr(model, "current_pos", None), int):
+        model.current_pos = position
 
 
 def _uncached(model, idx, max_new_tokens, ctx_len):
