@@ -306,8 +306,8 @@ constexpr int group_rows() {
 
 // scores[r * lds + j] = q_r . k_j for NQ query rows (row stride ldq) and the n keys at kbase (row stride
 // ks), up to four keys per step: the independent sums keep the FMA units busy where one key's chain of
-// D / L multiply-adds would wait on itself, and the keys' rows stream in together.  Every score's sum runs in the order of dot(), so it depends neither
-// on NQ nor on which step its key falls in.
+// D / L multiply-adds would wait on itself, and the keys' rows stream in together.  Every score's sum
+// runs in the order of dot(), so it depends neither on NQ nor on which step its key falls in.
 template <typename T, typename scalar_t, int NQ>
 void score_keys_rows(const T* q, int64_t ldq, const scalar_t* kbase, int64_t ks, int64_t n, int64_t D, T* scores,
                      int64_t lds) {
@@ -353,10 +353,11 @@ void score_keys_rows(const T* q, int64_t ldq, const scalar_t* kbase, int64_t ks,
   }
 }
 
-// acc[r * lda + d] = sum over j of p[r * ldp + j] * v_j[d] for NQ rows of weights and the n value rows at vbase
-// (row stride vs), each element summed over the keys in order, as weigh_values() does.  Keys whose weight is 0
+// acc[r * lda + d] = sum over j of p[r * ldp + j] * v_j[d] for NQ rows of weights and the n value rows at
+// vbase (row stride vs), each element summed over the keys in order, whatever NQ.  Keys whose weight is 0
 // are multiplied too (an infinite value there gives NaN, as the dense product P V does).  The output
-// vectors of a slice of D stay in registers over all keys: four per row, two for four rows.
+// vectors of a slice of D stay in registers over all keys (four per row, two for four rows) rather than a
+// load and a store of the output row per key.
 template <typename T, typename scalar_t, int NQ>
 void weigh_values_rows(const T* p, int64_t ldp, const scalar_t* vbase, int64_t vs, int64_t n, int64_t D, T* acc,
                        int64_t lda) {
