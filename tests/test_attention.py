@@ -757,32 +757,60 @@ def _expand(t, group):
 
 
 @needs_cpu_backend
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(1, 7, 1, 1, 45, 64), (2, 12, 4, 2, 30, 72), (1, 16, 1, 1, 33, 128),
                                    (3, 10, 2, 2, 9, 40), (1, 8, 8, 1, 20, 16), (2, 6, 2, 1, 3, 24)], ids=str)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.4])
 def test_cpu_decode_scores_a_kv_heads_query_heads_together(dtype, shape, threads, dropout_p):
-    """Decode rows of the query heads sharing a kv head are scored together (four, then two, then one at a
-    time; a kv head's heads split over threads when there are fewer kv heads than threads): every row comes
-    out bitwise as with k/v expanded to one head per query head, dropout's mask included, and close to the
-    oracle."""
+    """16-bit decode rows of the query heads sharing a kv head are scored together (four, then two, then one at a
+    time; a kv head's heads split over threads when there are fewer kv heads than threads): every row's output
+    and log-sum-exp come out bitwise as with k/v expanded to one head per query head (one head a task), dropout's
+    mask included, and close to the oracle."""
     b, h, h_kv, tq, tk, d = shape
     q, k, v = _gqa_inputs(shape, dtype, "cpu")
     group = h // h_kv
+    kernels = parity.kernel_namespace("cpu")
+    seed = torch.tensor([7]) if dropout_p else None
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        outs = []
-        for kv in ((k, v), (_expand(k, group), _expand(v, group))):
-            torch.manual_seed(5)
-            outs.append(ops.causal_attention(q, *kv, dropout_p=dropout_p, training=dropout_p > 0, backend="cpu"))
+        grouped = kernels.attention_fwd(q, k, v, d ** -0.5, dropout_p, seed)
+        expanded = kernels.attention_fwd(q, _expand(k, group), _expand(v, group), d ** -0.5, dropout_p, seed)
     finally:
         torch.set_num_threads(saved)
-    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    for mine, theirs in zip(grouped, expanded):
+        torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
     if dropout_p == 0.0:
         ref = torch_ops.causal_attention(q.double(), _expand(k, group).double(), _expand(v, group).double())
-        parity.assert_close(outs[0], ref, dtype, f"grouped decode {shape}")
+        parity.assert_close(grouped[0], ref, dtype, f"grouped decode {shape}")
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tq", [65, 66, 130])
+def test_cpu_a_prefills_last_one_or_two_rows_are_its_decode_rows(dtype, tq):
+    """A query tile of one or two rows (the last of 65, 66, 130 queries) is scored key by key as a decode call
+    is: those rows equal, bitwise, the same rows attended on their own, the log-sum-exp too."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 4, n, 64, generator=g).to(dtype) for n in (tq, tq + 3, tq + 3))
+    kernels = parity.kernel_namespace("cpu")
+    whole = kernels.attention_fwd(q, k, v, 0.125, 0.0, None)
+    rows = tq % 64
+    alone = kernels.attention_fwd(q[:, :, -rows:], k, v, 0.125, 0.0, None)
+    torch.testing.assert_close(whole[0][:, :, -rows:], alone[0], atol=0, rtol=0)
+    torch.testing.assert_close(whole[1][:, :, -rows:], alone[1], atol=0, rtol=0)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("tq", [1, 2, 3])
+def test_cpu_an_empty_batch_of_grouped_heads_gives_empty_results(tq):
+    q = torch.randn(0, 8, tq, 16, requires_grad=True)
+    k, v = (torch.randn(0, 2, 5, 16, requires_grad=True) for _ in range(2))
+    out = ops.causal_attention(q, k, v, backend="cpu")
+    assert out.shape == (0, 8, tq, 16)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())

@@ -189,6 +189,26 @@ def test_a_model_lacking_part_of_the_layout_is_named():
         check_decodable(model)
 
 
+def test_the_kv_cache_stream_leaves_current_pos_where_the_references_stream_does():
+    """The reference's stream runs the prompt at the first next() and one cached call each time it resumes after
+    a token; a stream stopped early, at an eos or after no tokens leaves the position there."""
+    torch.manual_seed(4)
+    r = ref_kv_qwen.Qwen3Model(qwen_cfg(2)).eval()
+    o = qwen_cached.Qwen3Model(qwen_cfg(2)).eval()
+    o.load_state_dict(r.state_dict())
+    idx = torch.randint(0, 101, (1, 6))
+    first = next(ref_kv_generate.generate_text_simple_stream(r, idx, max_new_tokens=1)).item()
+    for kwargs, taken in (({"max_new_tokens": 5}, None), ({"max_new_tokens": 5}, 2), ({"max_new_tokens": 0}, None),
+                          ({"max_new_tokens": 5, "eos_token_id": first}, None)):
+        streams = [generate.generate_text_simple_stream(model, idx, **kwargs)
+                   for model, generate in ((r, ref_kv_generate), (o, kv_generate))]
+        for stream in streams:
+            for i, _ in enumerate(stream):
+                if taken is not None and i + 1 == taken:
+                    break
+        assert o.current_pos == r.current_pos, (kwargs, taken, o.current_pos, r.current_pos)
+
+
 def test_the_kv_cache_generator_serves_the_qwen3_cache_model_with_the_references_tokens():
     torch.manual_seed(4)
     r = ref_kv_qwen.Qwen3Model(qwen_cfg(2)).eval()

@@ -202,6 +202,34 @@ def test_rows_forms_run_the_entry_points_kernels(guarded):
         assert torch.equal(gelu_rows(cpu_ops.gelu, guarded=guarded)(rows), cpu_ops.gelu(rows))
 
 
+@needs_cpu_backend
+@pytest.mark.parametrize("name", ["gpt", "qwen-ratio4"])
+def test_a_planned_step_holds_one_autograd_guard_for_its_kernels(monkeypatch, name):
+    """The plan's rows kernels are bound without a guard of their own (``guarded``): the step enters one for
+    all of them."""
+    model = make_model() if name == "gpt" else _rotary(name)
+    idx = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    runner = CachedRunner(model)
+    cache = KVCache.for_model(model, 2, 9)
+    counts = {"step": 0, "kernel": 0}
+
+    def counting(key, real):
+        def enter():
+            counts[key] += 1
+            return real()
+        return enter
+
+    with ops.use_backend("auto"):
+        token = runner.prefill(idx, cache).argmax(-1, keepdim=True)
+        token = runner.decode(token, cache, 5).argmax(-1, keepdim=True)  # the first step builds the plan
+        monkeypatch.setattr(planned, "without_graph", counting("step", planned.without_graph))
+        monkeypatch.setattr(_dispatch, "without_graph", counting("kernel", _dispatch.without_graph))
+        for position in (6, 7):
+            token = runner.decode(token, cache, position).argmax(-1, keepdim=True)
+    assert runner._plans[((2, 1), "auto")] is not None
+    assert counts == {"step": 2, "kernel": 0}
+
+
 def test_rows_forms_exist_only_for_fused_entry_points():
     from gptfast.ops import torch_ops
     assert decode_linear_rows(torch_ops.decode_linear) is None

@@ -22,6 +22,7 @@
 #include "../dropout_hash.h"
 #include "cpu_common.h"
 
+#include <optional>
 #include <tuple>
 
 namespace gptfast_cpu {
@@ -192,7 +193,7 @@ inline int64_t visible_keys(const Dims& s, int64_t i, int64_t j0, int64_t nk) {
 // (batch, kv head) pairs than threads, then enough slices to keep every thread busy.
 inline int64_t group_slices(const Dims& s) {
   const int64_t pairs = s.B * s.Hkv, threads = at::get_num_threads();
-  if (s.group() == 1 || pairs >= threads) return 1;
+  if (s.group() == 1 || pairs == 0 || pairs >= threads) return 1;  // (an empty batch has no tasks)
   const int64_t wanted = std::min(s.group(), (threads + pairs - 1) / pairs);
   const int64_t per_slice = (s.group() + wanted - 1) / wanted;
   return (s.group() + per_slice - 1) / per_slice;
@@ -522,9 +523,21 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     std::vector<T> qs(kQueryTile * s.Dp, T(0));
     std::vector<T> scores(kQueryTile * kKeyTile), acc(kQueryTile * s.Dp), m(kQueryTile), l(kQueryTile);
     KeyCache<T> keys;
+    std::optional<DecodeScratch<T>> rows;  // for a last tile of one or two queries
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / n_qtiles, b = bh / s.H, h = bh % s.H, hk = h / s.group();
       const int64_t i0 = (task % n_qtiles) * kQueryTile, mq = std::min(kQueryTile, s.Tq - i0);
+      if (mq <= kDirectRows) {  // a prefill's last one or two rows: scored as decode rows are, key by key
+        if (!rows) rows.emplace(s);
+        const scalar_t* kbase = k.const_data_ptr<scalar_t>() + b * k.stride(0) + hk * k.stride(1);
+        const scalar_t* vbase = v.const_data_ptr<scalar_t>() + b * v.stride(0) + hk * v.stride(1);
+        for (int64_t i = i0; i < i0 + mq; ++i) {
+          load_rows<scalar_t, T>(q, b, h, i, 1, s.D, static_cast<T>(scale), rows->qs.data(), s.Dp);
+          attend_rows_direct<T, scalar_t, 1>(kbase, k.stride(2), vbase, v.stride(2), s.offset + i + 1, s, b, h, i,
+                                             dropout, *rows, out_data, lse_data);
+        }
+        continue;
+      }
       load_rows<scalar_t, T>(q, b, h, i0, mq, s.D, static_cast<T>(scale), qs.data(), s.Dp);
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(m.begin(), m.end(), neg_inf<T>());

@@ -63,6 +63,8 @@ def generate_text_simple_stream(model, token_ids, max_new_tokens, eos_token_id=N
         _reset(model)
         ctx_len = context_size or context_length(model)
         tokens = api.generate_stream(model, token_ids, max_new_tokens, ctx_len)
+        if is_rotary(model):
+            tokens = _tracking_position(model, tokens, min(token_ids.shape[1], ctx_len))
     else:
         tokens = _protocol_stream(model, token_ids, max_new_tokens)
     return _until_eos(tokens, eos_token_id)
@@ -105,6 +107,16 @@ def _leave_position(model, position):
     does not fill (its position stays at the start, consistent with its empty cache)."""
     if isinstance(getattr(model, "current_pos", None), int):
         model.current_pos = position
+
+
+def _tracking_position(model, tokens, start):
+    """``tokens``, with ``model.current_pos`` kept where the reference's stream keeps it: ``start`` once the prompt
+    ran, one more each time the stream resumes after a token (its cached call for that token)."""
+    _leave_position(model, start)  # (the body runs from the first next(), when the reference runs the prompt)
+    for token in tokens:
+        yield token
+        start += 1
+        _leave_position(model, start)
 
 
 def _uncached(model, idx, max_new_tokens, ctx_len):
