@@ -460,8 +460,35 @@ struct KeyCache {
   }
 };
 
-// Decode-sized calls (Tq <= kDirectRows): one task per (batch row, kv head, slice of its query heads), the
-// slice's heads attending group_rows() at a time (then two, then one) at each query index.
+// Query heads [h0, h1) of batch row b, all reading one kv head, at query index i: each head's row of q loaded
+// (scaled) and attended key by key, group_rows() heads at a time, then two, then one.
+template <typename T, typename scalar_t>
+void attend_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Dims& s, int64_t b,
+                  int64_t h0, int64_t h1, int64_t i, T scale, const Dropout& dropout, DecodeScratch<T>& w,
+                  scalar_t* out_data, T* lse_data) {
+  constexpr int most = group_rows<scalar_t>();
+  const int64_t hk = h0 / s.group(), valid = s.offset + i + 1;
+  const scalar_t* kbase = k.const_data_ptr<scalar_t>() + b * k.stride(0) + hk * k.stride(1);
+  const scalar_t* vbase = v.const_data_ptr<scalar_t>() + b * v.stride(0) + hk * v.stride(1);
+  const auto attend = [&](auto rows) {
+    attend_rows_direct<T, scalar_t, decltype(rows)::value>(kbase, k.stride(2), vbase, v.stride(2), valid, s, b, h0,
+                                                           i, dropout, w, out_data, lse_data);
+  };
+  while (h0 < h1) {
+    const int nq = h1 - h0 >= most ? most : (h1 - h0 >= 2 && most >= 2 ? 2 : 1);
+    for (int r = 0; r < nq; ++r) load_rows<scalar_t, T>(q, b, h0 + r, i, 1, s.D, scale, w.qs.data() + r * s.Dp, s.Dp);
+    if constexpr (most > 1) {
+      if (nq == kGroupRows) attend(std::integral_constant<int, kGroupRows>{});
+      else if (nq == 2) attend(std::integral_constant<int, 2>{});
+      else attend(std::integral_constant<int, 1>{});
+    } else {
+      attend(std::integral_constant<int, 1>{});
+    }
+    h0 += nq;
+  }
+}
+
+// Decode-sized calls (Tq <= kDirectRows): one task per (batch row, kv head, slice of its query heads).
 template <typename scalar_t>
 void decode_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                          at::Tensor& lse, double scale, const Dropout& dropout, const Dims& s) {
@@ -476,30 +503,8 @@ void decode_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
       const int64_t pair = task / slices, b = pair / s.Hkv, hk = pair % s.Hkv;
       const int64_t first = hk * s.group() + (task % slices) * per_slice;
       const int64_t last = std::min(first + per_slice, (hk + 1) * s.group());
-      const scalar_t* kbase = k.const_data_ptr<scalar_t>() + b * k.stride(0) + hk * k.stride(1);
-      const scalar_t* vbase = v.const_data_ptr<scalar_t>() + b * v.stride(0) + hk * v.stride(1);
-      for (int64_t i = 0; i < s.Tq; ++i) {
-        const int64_t valid = s.offset + i + 1;
-        for (int64_t h0 = first; h0 < last;) {
-          const int64_t left = last - h0;
-          constexpr int most = group_rows<scalar_t>();
-          const int nq = left >= most ? most : (left >= 2 && most >= 2 ? 2 : 1);
-          for (int r = 0; r < nq; ++r)
-            load_rows<scalar_t, T>(q, b, h0 + r, i, 1, s.D, static_cast<T>(scale), w.qs.data() + r * s.Dp, s.Dp);
-          const auto attend = [&](auto rows) {
-            attend_rows_direct<T, scalar_t, decltype(rows)::value>(kbase, k.stride(2), vbase, v.stride(2), valid, s,
-                                                                   b, h0, i, dropout, w, out_data, lse_data);
-          };
-          if constexpr (group_rows<scalar_t>() > 1) {
-            if (nq == kGroupRows) attend(std::integral_constant<int, kGroupRows>{});
-            else if (nq == 2) attend(std::integral_constant<int, 2>{});
-            else attend(std::integral_constant<int, 1>{});
-          } else {
-            attend(std::integral_constant<int, 1>{});
-          }
-          h0 += nq;
-        }
-      }
+      for (int64_t i = 0; i < s.Tq; ++i)
+        attend_heads<T, scalar_t>(q, k, v, s, b, first, last, i, static_cast<T>(scale), dropout, w, out_data, lse_data);
     }
   });
 }
@@ -529,13 +534,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int64_t i0 = (task % n_qtiles) * kQueryTile, mq = std::min(kQueryTile, s.Tq - i0);
       if (mq <= kDirectRows) {  // a prefill's last one or two rows: scored as decode rows are, key by key
         if (!rows) rows.emplace(s);
-        const scalar_t* kbase = k.const_data_ptr<scalar_t>() + b * k.stride(0) + hk * k.stride(1);
-        const scalar_t* vbase = v.const_data_ptr<scalar_t>() + b * v.stride(0) + hk * v.stride(1);
-        for (int64_t i = i0; i < i0 + mq; ++i) {
-          load_rows<scalar_t, T>(q, b, h, i, 1, s.D, static_cast<T>(scale), rows->qs.data(), s.Dp);
-          attend_rows_direct<T, scalar_t, 1>(kbase, k.stride(2), vbase, v.stride(2), s.offset + i + 1, s, b, h, i,
-                                             dropout, *rows, out_data, lse_data);
-        }
+        for (int64_t i = i0; i < i0 + mq; ++i)
+          attend_heads<T, scalar_t>(q, k, v, s, b, h, h + 1, i, static_cast<T>(scale), dropout, *rows, out_data,
+                                    lse_data);
         continue;
       }
       load_rows<scalar_t, T>(q, b, h, i0, mq, s.D, static_cast<T>(scale), qs.data(), s.Dp);
