@@ -1,6 +1,6 @@
 """How far a CPU step is from its matmul floor: the step's own dense products, replayed alone.
 
-    python benchmarks/matmul_floor.py {train|ch06|ch07|llama|flce} [--rounds N]
+    python benchmarks/matmul_floor.py {train|ch06|ch07|llama|llama-book|flce} [--rounds N]
 
 Every dense product ATen runs during one step (``mm``, ``addmm``, ``addmm_``, ``bmm``,
 ``baddbmm``, oneDNN's ``_linear_pointwise``; forward and backward) is recorded with its
@@ -23,7 +23,8 @@ Cases (the benchmarks' own shapes and steps):
   ``gptfast-cli``), here without the command's host-memory setting;
 * ``ch06``: ``test_bench_finetuning``'s classification step (batch 8 x 120, last block trainable);
 * ``ch07``: ``test_bench_finetuning``'s instruction step (batch 8, 60-119 tokens padded);
-* ``llama``: ``test_bench_llama_train``'s step (8 layers, 512 wide, batch 4, context 256);
+* ``llama``, ``llama-book``: ``test_bench_llama_train``'s step (8 layers, 512 wide, batch 4, context 256),
+  the user's loop and chapter 5's;
 * ``flce``: the fused linear cross-entropy fwd+bwd, N=512 H=768 V=50257, backend ``torch``
   (the reference's way) against ``cpu``.
 
@@ -208,14 +209,18 @@ def _ch07_steps(out_dir):
     return {impl: bench._ch07_step(impl)[0] for impl in bench.IMPLS}
 
 
-def _llama_steps(out_dir):
-    import test_bench_llama_train as bench
+def _llama_steps(loop):
+    """``test_bench_llama_train``'s steps in ``loop`` ("user" or "book"), one per package."""
+    def steps(out_dir):
+        import test_bench_llama_train as bench
 
-    cfg = bench._config()
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg["vocab_size"], (bench.BATCH, bench.CONTEXT + 1), generator=g)
-    x, y = tokens[:, :-1], tokens[:, 1:]
-    return {impl: bench._step(impl, x, y)[0] for impl in bench.IMPLS}
+        cfg = bench._config()
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, cfg["vocab_size"], (bench.BATCH, bench.CONTEXT + 1), generator=g)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        return {impl: bench._step(impl, loop, x, y)[0] for impl in bench.IMPLS}
+
+    return steps
 
 
 def _flce_steps(out_dir):
@@ -241,7 +246,10 @@ CASES = {
     "ch06": ("ch06 classification step, GPT-2 124M, batch 8 x 120 tokens, last block and head trainable",
              _ch06_steps),
     "ch07": ("ch07 instruction step, GPT-2 124M, batch 8 of 60-119 tokens padded", _ch07_steps),
-    "llama": ("Llama-shaped training step, 8 layers, 512 wide, GQA 8/2, batch 4, context 256", _llama_steps),
+    "llama": ("Llama-shaped training step, 8 layers, 512 wide, GQA 8/2, batch 4, context 256, the user's loop",
+              _llama_steps("user")),
+    "llama-book": ("Llama-shaped training step, 8 layers, 512 wide, GQA 8/2, batch 4, context 256, "
+                   "chapter 5's loop", _llama_steps("book")),
     "flce": ("linear cross-entropy fwd+bwd, N=512 H=768 V=50257", _flce_steps),
 }
 

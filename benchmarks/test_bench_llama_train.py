@@ -1,11 +1,17 @@
-"""A small Llama-3-shaped model's training step: gptfast's drop-in against ``llms_from_scratch``, same run.
+"""A small Llama-3-shaped model's training step: gptfast against ``llms_from_scratch``, same run.
 
 The shape is Llama 3.2's layout scaled down to train on a laptop CPU: 8 layers, 512 wide,
 8 query heads sharing 2 key/value heads (grouped-query ratio 4), SwiGLU hidden 1536,
 a 32000-token vocabulary, RoPE with Llama 3's frequency scaling, context 256, batch 4,
-fp32, AdamW.  The user's loop is the same for both (``F.cross_entropy`` on the model's
-logits, ``backward``, ``optimizer.step``): only the import line differs, so whatever
-gptfast gains comes from its model (fused attention over grouped k/v, fused norms).
+fp32, AdamW.  Two loops, each run by both packages:
+
+* ``user loop``: the user's own step (``F.cross_entropy`` on the model's logits, ``backward``,
+  ``optimizer.step``); only the import line of the model differs, so whatever gptfast gains
+  comes from its model (fused attention over grouped k/v, fused norms and RoPE).
+* ``book loop``: the step of chapter 5's ``train_model_simple``, each package's own:
+  ``calc_loss_batch`` then the user's ``torch.optim.AdamW`` step.  gptfast's runs the output head
+  inside the fused linear cross-entropy (the logits are never built) and steps the optimizer
+  inside ``fused_optimizer_steps``, as its ``train_model_simple`` does.
 
 The two implementations step in turn, round after round, so load on a shared machine
 hits both alike; ``extra_info`` has per-implementation medians, tokens/s and
@@ -17,6 +23,7 @@ to check that the file runs; its numbers mean nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -40,36 +47,66 @@ def _config():
                           "original_context_length": 8192}}
 
 
-def _step(impl, x, y):
-    """A closure running one training step of ``impl``'s ``Llama3Model`` (seeded: both start from the same weights)."""
+def _model_class(impl):
     if impl == "reference":
         from llms_from_scratch.llama3 import Llama3Model
     else:
         from gptfast.llama3 import Llama3Model
+    return Llama3Model
+
+
+def _user_loss(impl):
+    """The user's loss: ``F.cross_entropy`` on the model's logits, whichever package built the model."""
+    return lambda x, y, model: F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+
+def _book_loss(impl):
+    """Chapter 5's ``calc_loss_batch`` of ``impl``'s package."""
+    if impl == "reference":
+        from llms_from_scratch.ch05 import calc_loss_batch
+    else:
+        from gptfast.ch05 import calc_loss_batch
+    return lambda x, y, model: calc_loss_batch(x, y, model, "cpu")
+
+
+def _optimizer_steps(impl, loop, optimizer):
+    """What the optimizer steps inside: gptfast's chapter 5 loop steps in ``fused_optimizer_steps``."""
+    if impl == "gptfast" and loop == "book":
+        from gptfast.training.optimizers import fused_optimizer_steps
+        return fused_optimizer_steps(optimizer)
+    return contextlib.nullcontext()
+
+
+def _step(impl, loop, x, y):
+    """A closure running one training step of ``impl``'s ``Llama3Model`` in ``loop`` (seeded: both start from the
+    same weights), and the list its losses go to."""
     torch.manual_seed(123)
-    model = Llama3Model(_config()).train()
+    model = _model_class(impl)(_config()).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+    loss_fn = (_book_loss if loop == "book" else _user_loss)(impl)
     losses = []
 
     def step():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        loss.backward()
-        optimizer.step()
+        with _optimizer_steps(impl, loop, optimizer):
+            optimizer.zero_grad()
+            loss = loss_fn(x, y, model)
+            loss.backward()
+            optimizer.step()
         losses.append(loss.item())
 
     return step, losses
 
 
-def test_llama_train_step_interleaved(benchmark):
+@pytest.mark.parametrize("loop", ["user", "book"])
+def test_llama_train_step_interleaved(benchmark, loop):
     cfg = _config()
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg["vocab_size"], (BATCH, CONTEXT + 1), generator=g)
     x, y = tokens[:, :-1], tokens[:, 1:]
-    made = {impl: _step(impl, x, y) for impl in IMPLS}
+    made = {impl: _step(impl, loop, x, y) for impl in IMPLS}
     medians = run_interleaved(benchmark, {impl: made[impl][0] for impl in IMPLS}, rounds=ROUNDS,
-                              group="llama-train-step", impl="reference and gptfast, interleaved", dtype="float32",
-                              batch=BATCH, context=CONTEXT,
+                              group=f"llama-train-step, {loop} loop", impl="reference and gptfast, interleaved",
+                              dtype="float32", batch=BATCH, context=CONTEXT,
                               model="tiny" if TINY else "Llama-3-shaped, 8 layers, 512 wide, GQA 8/2")
     benchmark.extra_info["per_impl_tokens_per_s"] = {impl: BATCH * CONTEXT / m for impl, m in medians.items()}
     benchmark.extra_info["loss_difference"] = abs(made["reference"][1][0] - made["gptfast"][1][0])

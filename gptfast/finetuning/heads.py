@@ -9,8 +9,8 @@ For the book's ``GPTModel`` layout the helpers here compute only what is kept:
   attention output, feed-forward and their backward shrink by the sequence length;
 * :func:`head_loss` applies the output head to the kept rows only, through the fused
   (linear) cross-entropy;
-* :func:`next_token_loss` is the chapter 5 loss of any GPT whose forward is its hidden
-  states followed by a plain linear head: the head and the loss run as one fused op
+* :func:`next_token_loss` is the chapter 5 loss of gptfast's GPT, Llama 3 and Qwen3 models
+  (forward: hidden states, then a plain linear head): the head and the loss run as one fused op
   where a backend serves it, so the ``(b, t, vocab)`` logits are never built.
 
 With the ``"torch"`` ops backend (the parity oracle) everything runs the reference's
@@ -25,6 +25,8 @@ from .. import ops
 from ..ch04 import GPTModel, MultiHeadAttention, TransformerBlock
 from ..models.blocks import is_plain_linear, runs_own_forward
 from ..models.gpt import GPTModelFast, merge_heads, residual_block, runs_fused_core, split_heads
+from ..models.llama3 import Llama3Model
+from ..models.qwen3 import Qwen3Model
 
 
 def reference_numerics() -> bool:
@@ -143,12 +145,17 @@ def head_loss(hidden, head, targets, ignore_index=-100):
 def head_is_separable(model) -> bool:
     """True when ``model(idx)`` is exactly ``model.out_head(model.hidden_states(idx))``, out_head a plain ``nn.Linear``.
 
-    gptfast's GPT-2 models qualify unless a subclass overrides ``forward``, a ``forward`` is set on the
-    model's or the head's instance, or a hook would run on either, its own or a global one (calling
-    the parts directly would skip it).
+    gptfast's GPT-2, Llama 3 and Qwen3 models (not their KV-cache variants, whose forward takes a cache)
+    qualify unless a subclass overrides ``forward``, a ``forward`` is set on the model's or the head's
+    instance, or a hook would run on either, its own or a global one (calling the parts directly would
+    skip it).
     """
-    return (type(model).forward in (GPTModel.forward, GPTModelFast.forward) and hasattr(model, "hidden_states")
+    return (type(model).forward in _SEPARABLE_FORWARDS and hasattr(model, "hidden_states")
             and runs_own_forward(model) and is_plain_linear(getattr(model, "out_head", None)))
+
+
+# Forwards that are ``output_logits(self.out_head, self.hidden_states(in_idx))`` and nothing else.
+_SEPARABLE_FORWARDS = (GPTModel.forward, GPTModelFast.forward, Llama3Model.forward, Qwen3Model.forward)
 
 
 def next_token_loss(model, input_batch, target_batch, ignore_index=-100):

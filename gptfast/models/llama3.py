@@ -178,10 +178,14 @@ class _Llama3Base(nn.Module):
     def _run_blocks(self, x):
         raise NotImplementedError
 
-    def forward(self, in_idx):
+    def hidden_states(self, in_idx):
+        """Final-norm hidden states ``(b, t, emb_dim)`` in the config's dtype: everything but the output head."""
         layers.check_token_ids(in_idx, self.cfg["vocab_size"], self.cos.shape[0])
         x = self._run_blocks(self.tok_emb(in_idx))
-        return output_logits(self.out_head, self.final_norm(x).to(self.cfg["dtype"]))
+        return self.final_norm(x).to(self.cfg["dtype"])
+
+    def forward(self, in_idx):
+        return output_logits(self.out_head, self.hidden_states(in_idx))
 
 
 class Llama3Model(_Llama3Base):

@@ -241,14 +241,18 @@ class Qwen3Model(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
         self.cfg = cfg
 
-    def forward(self, in_idx):
+    def hidden_states(self, in_idx):
+        """Final-norm hidden states ``(b, t, emb_dim)`` in the config's dtype: everything but the output head."""
         layers.check_token_ids(in_idx, self.cfg["vocab_size"], self.cos.shape[0])
         x = self.tok_emb(in_idx)
         # The reference's causal mask, which gptfast's attention recognises (the fused op stands in for it).
         mask = layers.causal_mask(x.shape[1], x.shape[1], x.device)
         for block in self.trf_blocks:
             x = block(x, mask, self.cos, self.sin)
-        return output_logits(self.out_head, self.final_norm(x).to(self.cfg["dtype"]))
+        return self.final_norm(x).to(self.cfg["dtype"])
+
+    def forward(self, in_idx):
+        return output_logits(self.out_head, self.hidden_states(in_idx))
 
 
 # ----------------------------------------------------------------------------- weights
