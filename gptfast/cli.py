@@ -64,12 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from out-dir's checkpoint")
     _add_common_flags(train)
 
-    gen = sub.add_parser("generate", help="stream text from a checkpoint or GPT-2 safetensors weights")
+    gen = sub.add_parser("generate", help="stream text from a checkpoint, GPT-2 safetensors weights or a Hugging "
+                                          "Face Llama 3 / Qwen3 folder")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a checkpoint written by `gptfast train` or `gptfast train-gpu`")
-    source.add_argument("--safetensors", help="Hugging Face GPT-2 model.safetensors (or its folder)")
-    gen.add_argument("--model", default="gpt2", choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"],
-                     help="GPT-2 size of the safetensors weights")
+    source.add_argument("--safetensors", help="Hugging Face GPT-2 model.safetensors (or its folder), or a Llama 3 / "
+                                              "Qwen3 model folder (its config.json says which)")
+    gen.add_argument("--model", default=None, choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"],
+                     help="GPT-2 size of the safetensors weights (default gpt2)")
+    gen.add_argument("--tokenizer", default=None,
+                     help="Llama 3 / Qwen3: the tokenizer file (default: the folder's tokenizer.json for Qwen3, "
+                          "original/tokenizer.model for Llama 3)")
+    gen.add_argument("--chat", action="store_true",
+                     help="Llama 3 / Qwen3: wrap the prompt in the model's chat template and stop at the end of "
+                          "the reply")
+    gen.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                     help="Llama 3 / Qwen3: the model's dtype (default: the checkpoint's config.json)")
     gen.add_argument("--prompt", default=DEFAULT_PROMPT)
     gen.add_argument("--max-new-tokens", type=int, default=50)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -162,7 +172,7 @@ def run_train(args) -> int:
 
 
 def load_model_for_generation(args):
-    """Build the model from ``--checkpoint`` (config stored inside) or ``--safetensors``.
+    """Build the model from ``--checkpoint`` (config stored inside) or ``--safetensors`` (GPT-2 weights).
 
     A padded vocabulary (the GPU script's ``ckpt.pt``) is cut to GPT-2's, so a padded id is never produced.
     """
@@ -176,16 +186,50 @@ def load_model_for_generation(args):
         path = Path(args.safetensors)
         if not path.exists():
             raise FileNotFoundError(f"--safetensors path not found: {path}")
-        cfg = gpt2_config(args.model)
+        cfg = gpt2_config(args.model or "gpt2")
         model = load_gpt2_safetensors(GPTModel(cfg), path)
     return model.to(device).eval(), cfg
+
+
+def _gpt2_generation(args):
+    """``(model, cfg, tokenizer, eos_id, prompt_ids)`` for a GPT-2 checkpoint or safetensors file."""
+    from .tokenizer import ENDOFTEXT_ID, get_tokenizer
+    from .training.loops import text_to_token_ids
+
+    for flag, value in (("--tokenizer", args.tokenizer), ("--chat", args.chat), ("--dtype", args.dtype)):
+        if value:
+            raise ValueError(f"{flag} applies to Llama 3 / Qwen3 model folders, not to GPT-2 weights")
+    model, cfg = load_model_for_generation(args)
+    tokenizer = get_tokenizer()
+    return model, cfg, tokenizer, ENDOFTEXT_ID, text_to_token_ids(args.prompt, tokenizer)
+
+
+def _hf_folder_generation(args):
+    """``(model, cfg, tokenizer, eos_id, prompt_ids)`` for a Llama 3 / Qwen3 model folder (``--safetensors``)."""
+    from .models import hf_folder
+
+    if args.model is not None:
+        raise ValueError(f"--model {args.model} names a GPT-2 size, but {args.safetensors} holds a Llama 3 / "
+                         "Qwen3 model (its config.json describes it)")
+    device = _check_device(args.device)
+    family, _ = hf_folder.read_config(args.safetensors)  # a bad config is named before the weights are read
+    tokenizer_path = args.tokenizer or hf_folder.default_tokenizer_path(args.safetensors, family)
+    tokenizer = hf_folder.load_tokenizer(family, tokenizer_path, chat=args.chat)
+    prompt_ids = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long)
+    dtype = hf_folder.DTYPES[args.dtype] if args.dtype else None
+    model, cfg, _ = hf_folder.load_model(args.safetensors, dtype=dtype, device=device)
+    return model, cfg, tokenizer, tokenizer.eos_id, prompt_ids
+
+
+def _is_hf_model_folder(args) -> bool:
+    from .models.hf_folder import is_hf_model_folder
+
+    return bool(args.safetensors) and is_hf_model_folder(args.safetensors)
 
 
 def run_generate(args) -> int:
     """Stream ``--max-new-tokens`` tokens after ``--prompt`` to stdout."""
     from .generation import stream_text
-    from .tokenizer import ENDOFTEXT_ID, get_tokenizer
-    from .training.loops import text_to_token_ids
 
     # Checked before anything is written: an error then stands alone on its line.
     if not args.prompt:
@@ -197,10 +241,12 @@ def run_generate(args) -> int:
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     _select_backend(args.backend)
-    model, cfg = load_model_for_generation(args)
-    tokenizer = get_tokenizer()
+    load = _hf_folder_generation if _is_hf_model_folder(args) else _gpt2_generation
+    model, cfg, tokenizer, eos_id, idx = load(args)
+    if idx.numel() == 0:
+        raise ValueError("--prompt encodes to no tokens: give at least one token of text to continue")
     torch.manual_seed(args.seed)
-    idx = text_to_token_ids(args.prompt, tokenizer).to(next(model.parameters()).device)
+    idx = idx.to(next(model.parameters()).device)
     if idx.shape[1] > cfg["context_length"]:
         raise ValueError(f"--prompt has {idx.shape[1]} tokens, more than the context length {cfg['context_length']}")
     if int(idx.max()) >= cfg["vocab_size"]:
@@ -210,8 +256,8 @@ def run_generate(args) -> int:
         raise ValueError(f"--top-k must be <= the vocabulary size {cfg['vocab_size']}, got {args.top_k}")
     # The stream checks its arguments when made: before the prompt is written.
     chunks = stream_text(model, idx, args.max_new_tokens, tokenizer, context_size=cfg["context_length"],
-                         temperature=args.temperature, top_k=args.top_k, eos_id=ENDOFTEXT_ID)
-    sys.stdout.write(args.prompt)
+                         temperature=args.temperature, top_k=args.top_k, eos_id=eos_id)
+    sys.stdout.write(args.prompt + ("\n" if args.chat else ""))  # a chat's reply starts on a line of its own
     for chunk in chunks:
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
