@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -191,8 +192,20 @@ def load_model_for_generation(args):
     return model.to(device).eval(), cfg
 
 
-def _gpt2_generation(args):
-    """``(model, cfg, tokenizer, eos_id, prompt_ids)`` for a GPT-2 checkpoint or safetensors file."""
+class _Generation(NamedTuple):
+    """What ``gptfast generate`` streams from: the model, its config, the tokenizer, the end token the stream
+    stops at, every token that ends the text, and the prompt's ids ``(1, T)``."""
+
+    model: torch.nn.Module
+    cfg: dict
+    tokenizer: object
+    eos_id: int
+    stop_ids: frozenset
+    prompt_ids: torch.Tensor
+
+
+def _gpt2_generation(args) -> _Generation:
+    """What to stream from a GPT-2 checkpoint or safetensors file."""
     from .tokenizer import ENDOFTEXT_ID, get_tokenizer
     from .training.loops import text_to_token_ids
 
@@ -201,11 +214,12 @@ def _gpt2_generation(args):
             raise ValueError(f"{flag} applies to Llama 3 / Qwen3 model folders, not to GPT-2 weights")
     model, cfg = load_model_for_generation(args)
     tokenizer = get_tokenizer()
-    return model, cfg, tokenizer, ENDOFTEXT_ID, text_to_token_ids(args.prompt, tokenizer)
+    return _Generation(model, cfg, tokenizer, ENDOFTEXT_ID, frozenset({ENDOFTEXT_ID}),
+                       text_to_token_ids(args.prompt, tokenizer))
 
 
-def _hf_folder_generation(args):
-    """``(model, cfg, tokenizer, eos_id, prompt_ids)`` for a Llama 3 / Qwen3 model folder (``--safetensors``)."""
+def _hf_folder_generation(args) -> _Generation:
+    """What to stream from a Llama 3 / Qwen3 model folder (``--safetensors``)."""
     from .models import hf_folder
 
     if args.model is not None:
@@ -214,11 +228,11 @@ def _hf_folder_generation(args):
     device = _check_device(args.device)
     family, _ = hf_folder.read_config(args.safetensors)  # a bad config is named before the weights are read
     tokenizer_path = args.tokenizer or hf_folder.default_tokenizer_path(args.safetensors, family)
-    tokenizer = hf_folder.load_tokenizer(family, tokenizer_path, chat=args.chat)
+    tokenizer = hf_folder.load_tokenizer(family, tokenizer_path, chat=args.chat, folder=args.safetensors)
     prompt_ids = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long)
     dtype = hf_folder.DTYPES[args.dtype] if args.dtype else None
     model, cfg, _ = hf_folder.load_model(args.safetensors, dtype=dtype, device=device)
-    return model, cfg, tokenizer, tokenizer.eos_id, prompt_ids
+    return _Generation(model, cfg, tokenizer, tokenizer.eos_id, tokenizer.stop_ids, prompt_ids)
 
 
 def _is_hf_model_folder(args) -> bool:
@@ -242,7 +256,7 @@ def run_generate(args) -> int:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     _select_backend(args.backend)
     load = _hf_folder_generation if _is_hf_model_folder(args) else _gpt2_generation
-    model, cfg, tokenizer, eos_id, idx = load(args)
+    model, cfg, tokenizer, eos_id, stop_ids, idx = load(args)
     if idx.numel() == 0:
         raise ValueError("--prompt encodes to no tokens: give at least one token of text to continue")
     torch.manual_seed(args.seed)
@@ -255,10 +269,13 @@ def run_generate(args) -> int:
     if args.top_k is not None and args.top_k > cfg["vocab_size"]:
         raise ValueError(f"--top-k must be <= the vocabulary size {cfg['vocab_size']}, got {args.top_k}")
     # The stream checks its arguments when made: before the prompt is written.
+    # The stream stops at one end token (the model's own); the loop below at any of the others.
     chunks = stream_text(model, idx, args.max_new_tokens, tokenizer, context_size=cfg["context_length"],
                          temperature=args.temperature, top_k=args.top_k, eos_id=eos_id)
     sys.stdout.write(args.prompt + ("\n" if args.chat else ""))  # a chat's reply starts on a line of its own
     for chunk in chunks:
+        if chunk.token_id in stop_ids:
+            break
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
     sys.stdout.write("\n")

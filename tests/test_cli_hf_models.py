@@ -68,10 +68,15 @@ def test_a_real_config_json_reads_as_the_books_config(tmp_path, config_json, exp
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"rms_norm_eps": 1e-5}, "rms_norm_eps"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
-    ({"hidden_size": "1024"}, "'hidden_size' must be an integer"),
-    ({"num_hidden_layers": None}, "'num_hidden_layers' must be an integer"),
+    ({"hidden_size": "1024"}, "'hidden_size' must be a positive integer"),
+    ({"num_hidden_layers": None}, "'num_hidden_layers' must be a positive integer"),
+    ({"num_hidden_layers": -1}, "'num_hidden_layers' must be a positive integer, got -1"),
+    ({"rope_theta": 0}, "'rope_theta' must be a positive number"),
+    ({"use_sliding_window": True}, "sliding-window"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window"),
     ({"torch_dtype": "int8"}, "torch_dtype 'int8'"),
-], ids=["model-type", "bias", "activation", "eps", "rope-scaling", "string", "null", "dtype"])
+], ids=["model-type", "bias", "activation", "eps", "rope-scaling", "string", "null", "negative", "zero-theta",
+        "sliding-window", "sliding-layers", "dtype"])
 def test_a_config_the_books_models_would_compute_differently_is_refused(tmp_path, change, message):
     config = {**QWEN3_06B_CONFIG_JSON, **change}
     with pytest.raises(ValueError, match=message):
@@ -90,10 +95,18 @@ def test_llama_settings_the_book_does_not_have_are_refused(tmp_path, change, mes
 
 @pytest.mark.parametrize("change, message", [({"mlp_only_layers": [0]}, "mlp_only_layers"),
                                              ({"decoder_sparse_step": 2}, "decoder_sparse_step"),
-                                             ({"norm_topk_prob": False}, "norm_topk_prob")])
+                                             ({"norm_topk_prob": False}, "norm_topk_prob is False"),
+                                             ({"norm_topk_prob": None}, "norm_topk_prob is None"),
+                                             ({"num_experts": 0}, "'num_experts' must be a positive integer")])
 def test_mixtures_other_than_the_books_are_refused(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         hf_folder.read_config(_write_config(tmp_path, {**QWEN3_MOE_CONFIG_JSON, **change}))
+
+
+def test_a_mixture_config_without_norm_topk_prob_is_refused_as_hugging_faces_default_is_false(tmp_path):
+    config = {k: v for k, v in QWEN3_MOE_CONFIG_JSON.items() if k != "norm_topk_prob"}
+    with pytest.raises(ValueError, match=r"norm_topk_prob is unset \(false\)"):
+        hf_folder.read_config(_write_config(tmp_path, config))
 
 
 def test_llama_without_rope_scaling_reads_as_no_frequency_scaling(tmp_path):
@@ -348,16 +361,88 @@ def test_gpt2_flags_and_llama_qwen_flags_do_not_mix(tmp_path, capsys):
 
 def test_loading_initialises_nothing_and_keeps_the_rope_tables(tmp_path, monkeypatch):
     folder = _qwen_folder(tmp_path)
-    register = torch.nn.Module.register_parameter
+    touched = []
+    for name in ("kaiming_uniform_", "uniform_", "normal_", "ones_", "zeros_"):
+        init = getattr(torch.nn.init, name)
+
+        def spy(tensor, *args, init=init, **kwargs):
+            if not tensor.is_meta:
+                touched.append(tuple(tensor.shape))
+            return init(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.init, name, spy)
     model, cfg, _ = hf_folder.load_model(folder)
-    assert torch.nn.Module.register_parameter is register  # restored after the build
+    assert touched == []  # nothing was initialised: every value is the checkpoint's
+    monkeypatch.undo()
     built = our_qwen3.Qwen3Model(cfg)
     assert torch.equal(model.cos, built.cos) and torch.equal(model.sin, built.sin)
-    assert not any(p.is_meta for p in model.parameters())
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    params = hf_folder.load_safetensors_folder(folder)
+    assert torch.equal(model.trf_blocks[1].ff.fc3.weight, params["model.layers.1.mlp.down_proj.weight"])
     # A parameter no loader fills is named, not left on the meta device.
     fill = hf_folder.qwen3.load_weights_into_qwen
     monkeypatch.setattr(hf_folder.qwen3, "load_weights_into_qwen", lambda m, c, p: (
         fill(m, c, p), setattr(m.final_norm, "scale", torch.nn.Parameter(torch.empty(32, device="meta")))))
     with pytest.raises(ValueError, match="filled no value for final_norm.scale"):
         hf_folder.load_model(folder)
-    assert torch.nn.Module.register_parameter is register
+
+
+def test_the_head_follows_tie_word_embeddings_as_hugging_face_does(tmp_path, capsys):
+    folder = _qwen_folder(tmp_path)  # untied, with its own lm_head.weight
+    params = hf_folder.load_safetensors_folder(folder)
+    model, _, _ = hf_folder.load_model(folder)
+    assert torch.equal(model.out_head.weight, params["lm_head.weight"])
+    _write_config(folder, _qwen_hf_config(tie_word_embeddings=True))  # tied: the file's lm_head is not used
+    model, _, _ = hf_folder.load_model(folder)
+    assert torch.equal(model.out_head.weight, params["model.embed_tokens.weight"])
+    assert not torch.equal(model.out_head.weight, params["lm_head.weight"])
+    _write_config(folder, _qwen_hf_config(tie_word_embeddings=False))
+    del params["lm_head.weight"]
+    write_checkpoint(params, folder)
+    with pytest.raises(ValueError, match="tie_word_embeddings is not true, but the checkpoint holds no lm_head"):
+        hf_folder.load_model(folder)
+
+
+def test_generation_stops_at_the_folders_own_end_tokens(tmp_path, capsys):
+    folder = _qwen_folder(tmp_path)
+    tokenizer = ref_qwen3.Qwen3Tokenizer(str(folder / "tokenizer.json"), apply_chat_template=False)
+    ids = tokenizer.encode("hello world")
+    expected = _reference_text("qwen3", folder, ids, 8, None)
+    stop_at = 3 if expected[3] not in expected[:3] else expected.index(expected[3])
+    # generation_config.json names the fourth new token an end token (with an id the tokenizer has too).
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [expected[3], 151643]}))
+    out, _ = _generate(capsys, folder, "hello world", "--max-new-tokens", "8", "--backend", "torch")
+    assert out == "hello world" + tokenizer.decode(expected[:stop_at]) + "\n"
+    ours = hf_folder.load_tokenizer("qwen3", folder / "tokenizer.json", folder=folder)
+    assert ours.stop_ids == {tokenizer.eos_token_id, expected[3], 151643, 151645}  # 151645: config.json's
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": "end"}))
+    assert "eos_token_id must be a token id" in _error(capsys, "--safetensors", str(folder))
+
+
+def test_a_tokenizer_file_the_tokenizers_package_cannot_read_is_one_line(tmp_path, capsys):
+    folder = _qwen_folder(tmp_path)
+    for text in ("{not json", '{"a": 1}'):
+        (folder / "tokenizer.json").write_text(text, encoding="utf-8")
+        assert "is not a Hugging Face tokenizer.json" in _error(capsys, "--safetensors", str(folder))
+
+
+@pytest.mark.parametrize("module_name", ["kv_cache.llama3", "kv_cache.qwen3", "kv_cache_batched.qwen3"])
+def test_the_cache_models_hidden_states_are_their_forward_without_the_head(tmp_path, module_name):
+    import importlib
+
+    module = importlib.import_module(f"gptfast.{module_name}")
+    if "qwen3" in module_name:
+        config, cls_name = _qwen_hf_config(), "Qwen3Model"
+    else:
+        config, cls_name = {**LLAMA32_1B_CONFIG_JSON, "hidden_size": 32, "intermediate_size": 48,
+                            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                            "head_dim": 8, "max_position_embeddings": 64, "vocab_size": 300,
+                            "torch_dtype": "float32"}, "Llama3Model"
+    _, cfg = hf_folder.read_config(_write_config(tmp_path, config))
+    torch.manual_seed(0)
+    model = getattr(module, cls_name)(cfg).eval()
+    idx = torch.randint(0, cfg["vocab_size"], (2, 5))
+    with torch.no_grad():
+        hidden = model.hidden_states(idx)
+        assert hidden.shape == (2, 5, 32)
+        torch.testing.assert_close(model.out_head(hidden), model(idx), atol=1e-5, rtol=1e-5)

@@ -56,8 +56,8 @@ def test_instruction_dataset_matches_the_reference(tokenizer):
     ours, ref = ch07.InstructionDataset(data, tokenizer), ref_ch07.InstructionDataset(data, tokenizer)
     assert ours.encoded_texts == ref.encoded_texts and len(ours) == len(ref) == 15
     assert all(ours[i] == ref[i] for i in range(15))
-    with pytest.raises(ValueError, match="data must hold at least one"):
-        ch07.InstructionDataset([], tokenizer)
+    empty, ref_empty = ch07.InstructionDataset([], tokenizer), ref_ch07.InstructionDataset([], tokenizer)
+    assert len(empty) == len(ref_empty) == 0 and empty.encoded_texts == ref_empty.encoded_texts == []
 
     class Plain:  # any object with encode() works too
         encode = staticmethod(tokenizer.encode)

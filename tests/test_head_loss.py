@@ -11,7 +11,7 @@ import torch
 import parity
 from gptfast import ch05, ops
 from gptfast.finetuning import heads
-from gptfast.models import GPTModel, GPTModelFast, gpt2_config
+from gptfast.models import GPTModel, GPTModelFast, blocks, gpt2_config
 from parity import needs_cpu_backend
 
 VOCAB = 300
@@ -38,15 +38,34 @@ def _loss_and_grads(model, loss_fn):
 
 
 def _head_calls(model, monkeypatch):
-    """Shapes the head is called with, spied on ``nn.Linear``'s class so that the head stays a plain linear."""
-    calls, forward = [], torch.nn.Linear.forward
+    """Shapes of the inputs the head's logits are computed for: the head called (spied on ``nn.Linear``'s class,
+    so that the head stays a plain linear) or its weight multiplied by the models' ``output_logits``."""
+    calls, forward, head_logits = [], torch.nn.Linear.forward, blocks.head_logits
 
     def spy(self, h):
         if self is model.out_head:
             calls.append(h.shape)
         return forward(self, h)
 
+    def spy_logits(x, weight, bias):
+        if weight is model.out_head.weight:
+            calls.append(x.shape)
+        return head_logits(x, weight, bias)
+
     monkeypatch.setattr(torch.nn.Linear, "forward", spy)
+    monkeypatch.setattr(blocks, "head_logits", spy_logits)
+    return calls
+
+
+def _fused_loss_calls(monkeypatch):
+    """Shapes of the hidden states ``ops.linear_cross_entropy`` is called with."""
+    calls, fused = [], ops.linear_cross_entropy
+
+    def spy(hidden, weight, *args, **kwargs):
+        calls.append(hidden.shape)
+        return fused(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "linear_cross_entropy", spy)
     return calls
 
 
@@ -58,11 +77,11 @@ def test_fused_head_loss_matches_the_logits_path_without_building_logits(cls, mo
     with ops.use_backend("torch"):
         ref_loss, ref_grads = _loss_and_grads(model, lambda: torch.nn.functional.cross_entropy(
             model(x).flatten(0, 1), y.flatten()))
-    calls = _head_calls(model, monkeypatch)
+    calls, fused = _head_calls(model, monkeypatch), _fused_loss_calls(monkeypatch)
     with ops.use_backend("cpu"):
         assert heads.head_is_separable(model)
         loss, grads = _loss_and_grads(model, lambda: ch05.calc_loss_batch(x, y, model, "cpu"))
-    assert calls == []  # the head ran inside the fused linear cross-entropy
+    assert calls == [] and fused == [torch.Size([22, 64])]  # the head ran inside the fused linear cross-entropy
     parity.assert_close(loss, ref_loss, torch.float32, "fused head loss")
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
@@ -200,11 +219,11 @@ def test_llama_and_qwen_models_train_through_the_fused_head_loss_like_the_refere
     x, y = _batch()
     r, model = _rotary_pair(family, cls_name, extra)
     expected, expected_grads = _loss_and_grads(r, lambda: ref_ch05.calc_loss_batch(x, y, r, "cpu"))
-    calls = _head_calls(model, monkeypatch)
+    calls, fused = _head_calls(model, monkeypatch), _fused_loss_calls(monkeypatch)
     with ops.use_backend("cpu"):
         assert heads.head_is_separable(model)
         loss, grads = _loss_and_grads(model, lambda: ch05.calc_loss_batch(x, y, model, "cpu"))
-    assert calls == []  # the head ran inside the fused linear cross-entropy
+    assert calls == [] and fused == [torch.Size([22, 32])]  # the head ran inside the fused linear cross-entropy
     parity.assert_close(loss, expected, torch.float32, f"{cls_name} fused head loss")
     assert grads.keys() == expected_grads.keys()
     for name, g in grads.items():

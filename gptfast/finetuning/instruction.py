@@ -70,9 +70,7 @@ class InstructionDataset(Dataset):
     """
 
     def __init__(self, data, tokenizer):
-        if len(data) == 0:
-            raise ValueError("data must hold at least one instruction entry, got an empty list")
-        self.data = data
+        self.data = data  # may be empty, as the reference's (a split with no entries gives no batches)
         texts = [_full_text(entry) for entry in data]
         encode_batch = getattr(tokenizer, "encode_batch", None)
         if _is_tiktoken(tokenizer) and encode_batch is not None:

@@ -88,6 +88,11 @@ class CachedDecoder:
 
     def forward(self, in_idx, cache=None):
         """Logits ``(batch, tokens, vocab_size)``; with a :class:`KVCache` the tokens continue at ``current_pos``."""
+        return output_logits(self.out_head, self.hidden_states(in_idx, cache))
+
+    def hidden_states(self, in_idx, cache=None):
+        """Final-norm hidden states ``(batch, tokens, emb_dim)`` in the config's dtype: :meth:`forward` without
+        the output head (the cache and ``current_pos`` move on alike)."""
         layers.check_token_ids(in_idx, self.cfg["vocab_size"], self.cos.shape[0])
         start = claim_positions(self, in_idx.shape[1], cache)
         try:
@@ -105,7 +110,7 @@ class CachedDecoder:
                 # failing at a later layer has already stored the layers before it, as the reference's would.
                 self.current_pos = start
             raise
-        return output_logits(self.out_head, self.final_norm(x).to(self.cfg["dtype"]))
+        return self.final_norm(x).to(self.cfg["dtype"])
 
     def reset_kv_cache(self):
         """Start a new sequence at position 0 (the caller starts a new :class:`KVCache`)."""

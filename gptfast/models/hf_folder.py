@@ -54,12 +54,13 @@ def _read_json(path: Path) -> dict:
 
 
 def _get(hf: dict, key: str, path: Path, kind=int):
-    """``hf[key]`` checked to be a ``kind`` (a bool is no number)."""
+    """``hf[key]`` checked to be a positive ``kind`` (a bool is no number)."""
     if key not in hf:
         raise ValueError(f"{path} has no {key!r}")
     value = hf[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
-        raise ValueError(f"{path}: {key!r} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind) or not value > 0:
+        raise ValueError(f"{path}: {key!r} must be a positive {'number' if kind is float else 'integer'}, "
+                         f"got {value!r}")
     return kind(value)
 
 
@@ -86,9 +87,12 @@ def _refuse_unsupported(hf: dict, path: Path, family: str) -> None:
         if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
             raise ValueError(f"{path}: dense blocks between the expert blocks (mlp_only_layers, "
                              "decoder_sparse_step) are not supported: the book's model has experts in every block")
-        if not hf.get("norm_topk_prob", True):
-            raise ValueError(f"{path}: norm_topk_prob is false, but the book's router renormalises the chosen "
-                             "experts' probabilities")
+        if hf.get("norm_topk_prob") is not True:  # Hugging Face's default is false
+            raise ValueError(f"{path}: norm_topk_prob is {hf.get('norm_topk_prob', 'unset (false)')}, but the book's "
+                             "router renormalises the chosen experts' probabilities")
+    if hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or ()):
+        raise ValueError(f"{path}: sliding-window attention is not supported (the book's models attend to every "
+                         "earlier token)")
 
 
 def _dtype(hf: dict, path: Path) -> torch.dtype:
@@ -148,47 +152,37 @@ def load_model(folder, dtype=None, device="cpu"):
     """``(model, cfg, family)``: gptfast's ``Llama3Model`` / ``Qwen3Model`` for the checkpoint in ``folder``, its
     weights loaded (in ``dtype`` when given, else the checkpoint's), in eval mode on ``device``.
 
-    The book's loaders print a line when the head is tied to the embedding: it goes to stderr here, so a
-    command streaming text on stdout keeps only the text there.
+    The model is built on the meta device, so no weight is initialised only to be overwritten; its RoPE tables
+    are then computed for real.  The head follows ``tie_word_embeddings`` as Hugging Face does: tied, it is the
+    token embedding even where the file also holds an ``lm_head.weight``; untied, the file must hold one.  The
+    book's loaders print a line when the head is tied: it goes to stderr here, so a command streaming text on
+    stdout keeps only the text there.
     """
     family, cfg = read_config(folder)
+    tied = _read_json(Path(folder) / CONFIG_NAME).get("tie_word_embeddings", False) is True
     if dtype is not None:
         cfg["dtype"] = dtype
     params = load_safetensors_folder(folder)
+    if tied:
+        params = {name: tensor for name, tensor in params.items() if name != "lm_head.weight"}
+    elif "lm_head.weight" not in params:
+        raise ValueError(f"{folder}: tie_word_embeddings is not true, but the checkpoint holds no lm_head.weight")
     module = llama3 if family == "llama3" else qwen3
-    model_class = module.Llama3Model if family == "llama3" else module.Qwen3Model
-    loader = module.load_weights_into_llama if family == "llama3" else module.load_weights_into_qwen
-    with _parameters_on_meta():  # every parameter comes from the checkpoint: none is initialised first
-        model = model_class(cfg)
+    with torch.device("meta"):  # every parameter comes from the checkpoint: none is initialised first
+        model = (module.Llama3Model if family == "llama3" else module.Qwen3Model)(cfg)
+    model.cos, model.sin = module.rope_tables_for(cfg)
     built = {name: p.dtype for name, p in model.named_parameters()}
+    loader = module.load_weights_into_llama if family == "llama3" else module.load_weights_into_qwen
     try:
         with contextlib.redirect_stdout(sys.stderr):
             loader(model, cfg, params)
     except KeyError as exc:  # a tensor the config needs is missing from the checkpoint
         raise ValueError(f"{folder}: {exc.args[0]}") from None
-    left = [name for name, p in model.named_parameters() if p.is_meta]
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"{folder}: the loader filled no value for {', '.join(left[:3])}")
     _cast_parameters(model, built)
     return model.to(device).eval(), cfg, family
-
-
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Parameters registered inside the block are put on the meta device (no memory, and their initialisation
-    costs nothing: ~8 s of random numbers for Qwen3-0.6B on two cores); buffers (the RoPE tables) stay real."""
-    register = torch.nn.Module.register_parameter
-
-    def register_on_meta(module, name, param):
-        if param is not None and not param.is_meta:
-            param = torch.nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    torch.nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
 
 
 def _cast_parameters(model, dtypes) -> None:
@@ -207,12 +201,14 @@ def _cast_parameters(model, dtypes) -> None:
 @dataclass
 class ChatTokenizer:
     """A family's tokenizer for generation: ``encode(text)`` gives the prompt's ids (in the chat template with
-    ``chat``), ``decode(ids)`` the text, and ``eos_id`` the token that ends the reply."""
+    ``chat``), ``decode(ids)`` the text; ``eos_id`` is the token that ends the reply, ``stop_ids`` every token
+    that ends generation (``eos_id`` and the folder's own end tokens)."""
 
     tokenizer: object
     family: str
     chat: bool
     eos_id: int
+    stop_ids: frozenset
 
     def encode(self, text):
         if self.family == "qwen3":
@@ -236,14 +232,37 @@ def default_tokenizer_path(folder, family) -> Path:
     return folder / "original" / "tokenizer.model"
 
 
-def load_tokenizer(family, path, chat=False) -> ChatTokenizer:
+def load_tokenizer(family, path, chat=False, folder=None) -> ChatTokenizer:
     """The book's tokenizer of ``family`` read from ``path``, the reply ending at ``<|im_end|>`` (Qwen3) /
-    ``<|eot_id|>`` (Llama 3) in a chat, else at ``<|endoftext|>`` / ``<|end_of_text|>``."""
+    ``<|eot_id|>`` (Llama 3) in a chat, else at ``<|endoftext|>`` / ``<|end_of_text|>``.
+
+    With the model's ``folder``, generation also stops at the end tokens its ``config.json`` and
+    ``generation_config.json`` name (``eos_token_id``), as Hugging Face's generation does: an instruct model
+    continuing plain text may still close its turn.
+    """
     if family == "qwen3":
         tokenizer = qwen3.Qwen3Tokenizer(str(path), apply_chat_template=chat, add_generation_prompt=chat)
         ids = tokenizer._special_to_id
-        end = "<|im_end|>" if chat and "<|im_end|>" in ids else "<|endoftext|>"
-        return ChatTokenizer(tokenizer, family, chat, ids[end])
-    tokenizer = llama3.Llama3Tokenizer(str(path))
-    end = "<|eot_id|>" if chat else "<|end_of_text|>"
-    return ChatTokenizer(tokenizer, family, chat, tokenizer.special[end])
+        eos_id = ids["<|im_end|>" if chat and "<|im_end|>" in ids else "<|endoftext|>"]
+    else:
+        tokenizer = llama3.Llama3Tokenizer(str(path))
+        eos_id = tokenizer.special["<|eot_id|>" if chat else "<|end_of_text|>"]
+    stops = frozenset({eos_id, *(folder_end_tokens(folder) if folder is not None else ())})
+    return ChatTokenizer(tokenizer, family, chat, eos_id, stops)
+
+
+def folder_end_tokens(folder) -> set:
+    """The ``eos_token_id`` values (an id or a list of ids) of the folder's ``config.json`` and
+    ``generation_config.json``."""
+    found = set()
+    for name in (CONFIG_NAME, "generation_config.json"):
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        value = _read_json(path).get("eos_token_id")
+        values = value if isinstance(value, list) else [] if value is None else [value]
+        for token in values:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
+            found.add(token)
+    return found

@@ -66,6 +66,12 @@ def compute_rope_params(head_dim, theta_base=10_000, context_length=4096, freq_c
     return layers.rope_tables(head_dim, theta_base, context_length, freq_config, dtype)
 
 
+def rope_tables_for(cfg):
+    """The ``(cos, sin)`` tables a Llama 3 model of config ``cfg`` holds."""
+    return compute_rope_params(head_dim=cfg["emb_dim"] // cfg["n_heads"], theta_base=cfg["rope_base"],
+                               context_length=cfg["context_length"], freq_config=cfg["rope_freq"])
+
+
 def apply_rope(x, cos, sin):
     """Rotate ``x`` ``(batch, heads, tokens, head_dim)`` by the first ``tokens`` rows of the tables."""
     return layers.apply_rope_at(x, cos, sin, 0)
@@ -168,9 +174,7 @@ class _Llama3Base(nn.Module):
         self.trf_blocks = nn.ModuleList([self.block_class(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = BuiltinRMSNorm(cfg["emb_dim"], eps=_NORM_EPS, dtype=cfg["dtype"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False, dtype=cfg["dtype"])
-        cos, sin = compute_rope_params(
-            head_dim=cfg["emb_dim"] // cfg["n_heads"], theta_base=cfg["rope_base"],
-            context_length=cfg["context_length"], freq_config=cfg["rope_freq"])
+        cos, sin = rope_tables_for(cfg)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.cfg = cfg

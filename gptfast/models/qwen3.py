@@ -73,6 +73,14 @@ def compute_rope_params(head_dim, theta_base=10_000, context_length=4096, dtype=
     return layers.rope_tables(head_dim, theta_base, context_length, None, dtype)
 
 
+def rope_tables_for(cfg):
+    """The ``(cos, sin)`` tables a Qwen3 model of config ``cfg`` holds."""
+    head_dim = cfg.get("head_dim")
+    if head_dim is None:
+        head_dim = cfg["emb_dim"] // cfg["n_heads"]
+    return compute_rope_params(head_dim=head_dim, theta_base=cfg["rope_base"], context_length=cfg["context_length"])
+
+
 def apply_rope(x, cos, sin):
     """Rotate ``x`` ``(batch, heads, tokens, head_dim)`` by the first ``tokens`` rows of the tables."""
     return layers.apply_rope_at(x, cos, sin, 0)
@@ -232,11 +240,7 @@ class Qwen3Model(nn.Module):
         self.trf_blocks = nn.ModuleList([self.block_class(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = RMSNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False, dtype=cfg["dtype"])
-        head_dim = cfg.get("head_dim")
-        if head_dim is None:
-            head_dim = cfg["emb_dim"] // cfg["n_heads"]
-        cos, sin = compute_rope_params(head_dim=head_dim, theta_base=cfg["rope_base"],
-                                       context_length=cfg["context_length"])
+        cos, sin = rope_tables_for(cfg)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.cfg = cfg
@@ -334,7 +338,10 @@ class Qwen3Tokenizer:
         if not tok_file.is_file():
             raise FileNotFoundError(f"Qwen3 tokenizer file not found: {str(tok_file)!r} (a Hugging Face "
                                     "tokenizer.json; pass repo_id to download it)")
-        self._tok = Tokenizer.from_file(str(tok_file))
+        try:
+            self._tok = Tokenizer.from_file(str(tok_file))
+        except Exception as exc:  # the tokenizers package raises a bare Exception for a file it cannot read
+            raise ValueError(f"{str(tok_file)!r} is not a Hugging Face tokenizer.json: {exc}") from None
         self._special_to_id = {}
         for token in self._SPECIALS:
             token_id = self._tok.token_to_id(token)

@@ -215,6 +215,11 @@ class Qwen3Model(qwen3.Qwen3Model):
 
     def forward(self, in_idx, cache=None, start_pos=None):
         """Logits ``(batch, tokens, vocab_size)``; with a cache, row ``b`` continues at ``start_pos[b]``."""
+        return output_logits(self.out_head, self.hidden_states(in_idx, cache, start_pos))
+
+    def hidden_states(self, in_idx, cache=None, start_pos=None):
+        """Final-norm hidden states ``(batch, tokens, emb_dim)`` in the config's dtype: :meth:`forward` without
+        the output head."""
         layers.check_token_ids(in_idx, self.cfg["vocab_size"], self.cos.shape[0])
         batch, num_tokens = in_idx.shape
         if batch == 0 or num_tokens == 0:
@@ -233,7 +238,7 @@ class Qwen3Model(qwen3.Qwen3Model):
             sin_rows = _rope_rows(self.sin, offset, num_tokens)
             for i, block in enumerate(self.trf_blocks):
                 x = block.forward_rows(x, cos_rows, sin_rows, starts, cache, i)
-        return output_logits(self.out_head, self.final_norm(x).to(self.cfg["dtype"]))
+        return self.final_norm(x).to(self.cfg["dtype"])
 
     def _blocks_run_rows(self) -> bool:
         """True when every block is gptfast's and runs its own forward (and its attention's): the fast path
