@@ -340,15 +340,17 @@ def test_rotary_rows_forms_run_the_entry_points_kernels(guarded):
 # ----------------------------------------------------------------------------- rows at their own positions
 
 
-def _ragged_steps(model, lengths, n_steps, plan):
+def _ragged_steps(model, lengths, n_steps, plan, seed_rows=None):
     """Prompts of ``lengths`` tokens prefilled row by row, then ``n_steps`` greedy steps with each row at its own
-    position (the batched generator's step for prompts of different lengths)."""
+    position (the batched generator's step for prompts of different lengths).  Prompt ``r`` is drawn from seed
+    ``11 + r``, or ``11 + seed_rows[r]`` (a row of another batch run alone)."""
     runner = CachedRunner(model)
     if not plan:
         runner._plan = lambda tokens: None
     cache = KVCache.for_model(model, len(lengths), max(lengths) + n_steps)
-    generator = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(0, 90, (1, n), generator=generator) for n in lengths]
+    seeds = seed_rows if seed_rows is not None else range(len(lengths))
+    prompts = [torch.randint(0, 90, (1, n), generator=torch.Generator().manual_seed(11 + s))
+               for n, s in zip(lengths, seeds)]
     logits = [torch.cat([runner.prefill(p, cache, torch.tensor([r])) for r, p in enumerate(prompts)])]
     positions = list(lengths)
     for _ in range(n_steps):
@@ -366,3 +368,111 @@ def test_planned_steps_of_rows_at_their_own_positions_are_bitwise_the_generic_st
     assert runner._plans[((3, 1), ops.get_backend())] is not None
     for ours, theirs in zip(planned_logits, generic_logits):
         assert torch.equal(ours, theirs)
+
+
+def test_position_runs_group_consecutive_rows_at_one_position():
+    from gptfast.generation.runner import _position_runs
+
+    assert _position_runs([3, 3, 5, 5, 5, 2]) == [(0, 2, 3), (2, 5, 5), (5, 6, 2)]
+    assert _position_runs([4]) == [(0, 1, 4)] and _position_runs([]) == []
+    assert _position_runs([1, 2, 1]) == [(0, 1, 1), (1, 2, 2), (2, 3, 1)]
+
+
+def _count_calls(monkeypatch, module, name):
+    calls, original = [], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("name", ["gpt", "qwen-ratio4", "llama-ratio2"])
+def test_rows_at_their_own_positions_attend_through_the_fused_op_over_their_own_keys(name, monkeypatch):
+    """A fused backend's step runs the attention op once per run of rows at one position, over that row's keys
+    (views of the cache); the masked dense attention is the torch backend's.  Each row's logits are those of the
+    row run alone."""
+    from gptfast.generation import runner as runner_module
+
+    model = make_model() if name == "gpt" else _rotary(name)
+    lengths = [3, 6, 6, 4]
+    masked = _count_calls(monkeypatch, runner_module, "masked_decode_attention")
+    step_calls = _count_calls(monkeypatch, runner_module._StepAttention, "__call__")
+    logits, _ = _ragged_steps(model, lengths, 3, plan=True)
+    assert masked == []
+    # 3 runs (rows 0, 1-2, 3) per layer and step, each over its rows' keys 0..position: views of the cache.
+    n_layers = len(model.trf_blocks)
+    assert len(step_calls) == 3 * n_layers * 3
+    first_step = step_calls[:3]
+    assert [q.shape[0] for _, q, _, _ in first_step] == [1, 2, 1]
+    assert [k.shape[2] for _, _, k, _ in first_step] == [4, 7, 5]
+    assert all(k._base is not None for _, _, k, _ in step_calls)
+    with ops.use_backend("torch"):
+        oracle, _ = _ragged_steps(model, lengths, 3, plan=True)
+    assert len(masked) > 0
+    for ours, theirs in zip(logits, oracle):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    for row, n in enumerate(lengths):  # each row by itself: the step of a one-row batch
+        alone, _ = _ragged_steps(model, [n], 3, plan=True, seed_rows=[row])
+        for ours, theirs in zip(logits, alone):
+            torch.testing.assert_close(ours[row:row + 1], theirs, atol=1e-5, rtol=1e-5)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("name", ["qwen-ratio4", "llama-ratio2"])
+def test_rows_at_their_own_positions_rotate_through_the_rope_kernel(name):
+    """Per-row positions go to the RoPE op with the positions (each row's table rows read by the kernel), in the
+    generic step and the plan alike; backend ``"torch"`` keeps the per-row tables and the formula."""
+    model = _rotary(name)
+    runner = CachedRunner(model)
+    x = torch.randn(3, 4, 1, model.cos.shape[1])
+    positions = torch.tensor([[2], [7], [5]])
+    rotated = runner._rotation(positions)(x)
+    assert torch.equal(rotated, ops.rope(x, model.cos, model.sin, positions=positions, backend="cpu"))
+    plan = planned.PlannedRotaryStep.build(model, torch.empty(3, 1, 32), lambda *args: None)
+    rope, cos, sin = plan._rope_for(positions)
+    assert torch.equal(rope(x, cos, sin), rotated)
+    with ops.use_backend("torch"):
+        formula = runner._rotation(positions)(x)
+    cos, sin = model.cos[positions].unsqueeze(1), model.sin[positions].unsqueeze(1)
+    assert torch.equal(formula, layers.rotate_half_rope(x, cos, sin))
+    torch.testing.assert_close(rotated, formula, atol=1e-6, rtol=1e-6)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("name", ["gpt", "qwen-ratio4", "llama-ratio2"])
+def test_prompts_of_different_lengths_prefill_in_one_padded_pass(name, monkeypatch):
+    """The batched generator prefills prompts of different lengths right-padded in one pass (the weights read
+    once) while padding is at most half of what it computes; each row's first logits and cached keys are those
+    of its own pass, and its tokens those of the row run alone."""
+    from gptfast.generation import decoding, generate_batch
+
+    model = make_model() if name == "gpt" else _rotary(name)
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 90, (n,), generator=generator) for n in (3, 6, 6, 4)]
+    padded = _count_calls(monkeypatch, CachedRunner, "prefill_padded")
+    per_length = _count_calls(monkeypatch, CachedRunner, "prefill")
+    result = generate_batch(model, prompts, 5)
+    assert len(padded) == 1 and per_length == []
+    for b, p in enumerate(prompts):
+        assert torch.equal(result.new_tokens(b), generate(model, p.unsqueeze(0), 5, 24)[0, len(p):])
+    # The first logits and the cache against one pass per prompt.
+    runner = CachedRunner(model)
+    caches = [KVCache.for_model(model, 4, 10) for _ in range(2)]
+    rows = torch.nn.utils.rnn.pad_sequence(prompts, batch_first=True)
+    together = runner.prefill_padded(rows, [len(p) for p in prompts], caches[0])
+    alone = torch.cat([runner.prefill(p.unsqueeze(0), caches[1], torch.tensor([b])) for b, p in enumerate(prompts)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    for layer in range(len(caches[0].keys)):
+        for b, p in enumerate(prompts):
+            torch.testing.assert_close(caches[0].keys[layer][b, :, :len(p)], caches[1].keys[layer][b, :, :len(p)],
+                                       atol=1e-5, rtol=1e-5)
+    # Mostly padding: one pass per length instead.
+    padded.clear()
+    per_length.clear()
+    generate_batch(model, [prompts[0][:1], prompts[1][:1], prompts[2]], 2)
+    assert padded == [] and len(per_length) == 2
+    assert decoding.PADDED_PREFILL_WASTE == 2

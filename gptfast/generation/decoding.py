@@ -48,6 +48,10 @@ from .runner import CachedRunner
 _WHOLE_VOCABULARY = 2**62
 # New-token positions the token buffer starts with (it doubles when a run goes on).
 _FIRST_ROOM = 256
+# Prompts of different lengths are prefilled together, right-padded, while the padded pass computes at most this
+# many times their tokens; beyond that, one pass per length (each reads the weights again, but pads cost more).
+# Qwen3-0.6B bf16, 8 prompts of 4-28 tokens (1.75x): one pass 0.55 s against 1.24-1.40 s, 2 cores.
+PADDED_PREFILL_WASTE = 2
 
 
 def require_int(name, value, minimum):
@@ -324,11 +328,22 @@ class Decoder:
                 self.cache = self.graph.cache
             else:
                 self.cache = KVCache.for_model(self.model, len(fitting), max_len)
+            lengths = [self.prompt_lens[r] for r in fitting]
+            if len(set(lengths)) > 1 and len(fitting) * max(lengths) <= PADDED_PREFILL_WASTE * sum(lengths):
+                # One pass over the prompts right-padded to the longest: the weights are read once, not once per
+                # length.
+                self._put(fitting, self.runner.prefill_padded(self.seq[self._index(fitting), :max(lengths)],
+                                                              lengths, self.cache))
+                return self._prefill_windowed(windowed)
             # One pass per distinct prompt length: no padding, so attention needs no mask.
-            for t in sorted({self.prompt_lens[r] for r in fitting}):
+            for t in sorted(set(lengths)):
                 group = [r for r in fitting if self.prompt_lens[r] == t]
                 slots = None if len(group) == len(fitting) else self._index([fitting.index(r) for r in group])
                 self._put(group, self.runner.prefill(self.seq[self._index(group), :t], self.cache, slots))
+        self._prefill_windowed(windowed)
+
+    def _prefill_windowed(self, windowed):
+        """Rows whose prompt is longer than the window: a pass over their last ``context_size`` tokens."""
         if windowed:
             self._put(windowed, self.runner.last_logits(self._window(windowed)))
 

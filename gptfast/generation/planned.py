@@ -26,7 +26,7 @@ from ..ops._dispatch import without_graph
 from ..ops.activation import gelu_rows
 from ..ops.linear import decode_linear_rows
 from ..ops.normalization import layer_norm_rows, rms_norm_rows
-from ..ops.rotary import rope_rows
+from ..ops.rotary import rope_rows, rope_rows_at
 
 
 def _has_hooks(model) -> bool:
@@ -227,9 +227,10 @@ class PlannedRotaryStep:
     queries/keys are normalised as ``(B * heads, head_dim)`` rows, the kernels' layout.
     """
 
-    def __init__(self, model, norms, qk_norms, linears, rope, swiglu):
+    def __init__(self, model, norms, qk_norms, linears, rope, swiglu, rope_at=None):
         self.model = model
         self.norms, self.qk_norms, self.linears, self.rope, self.swiglu = norms, qk_norms, linears, rope, swiglu
+        self.rope_at = rope_at  # rows at their own positions (None: the formula, as the generic step)
         self.heads = [(block.att.num_heads, block.att.num_kv_groups, block.att.head_dim) for block in model.trf_blocks]
         self.head_dtype = model.out_head.weight.dtype
 
@@ -241,7 +242,7 @@ class PlannedRotaryStep:
         b = x.shape[0]
         norm_modules = [n for block in model.trf_blocks for n in (block.norm1, block.norm2)] + [model.final_norm]
         norms = [_RMSNorm.build(norm, x) for norm in norm_modules]
-        qk_norms, linears, rope, swiglu = [], [], None, None
+        qk_norms, linears, rope, swiglu, rope_at = [], [], None, None, None
         for block in model.trf_blocks:
             att, ff = block.att, block.ff
             heads = x.new_empty((b, att.num_heads, 1, att.head_dim))
@@ -263,13 +264,14 @@ class PlannedRotaryStep:
                 if entry_point is None:
                     return None
                 rope = rope_rows(entry_point, guarded=True) or entry_point
+                rope_at = rope_rows_at(entry_point, guarded=True) if x.device.type == "cpu" else None
                 # ops.swiglu runs whichever backend it resolves to (the torch path's two passes on a CPU).
                 swiglu = ops.resolve("swiglu", x.device, (hidden, hidden), {})[1]
         if any(norm is None for norm in norms):
             return None
         final_sample = x.new_empty(x.shape, dtype=model.out_head.weight.dtype)
         linears.append(_Linear(model.out_head, linear_kernel(final_sample, model.out_head.weight, model.out_head.bias)))
-        return cls(model, norms, qk_norms, linears, rope, swiglu)
+        return cls(model, norms, qk_norms, linears, rope, swiglu, rope_at)
 
     def run(self, idx, positions, attend):
         """Logits ``(B, vocab)`` of the step's tokens ``idx`` ``(B, 1)`` at ``positions`` (``(1,)``, or ``(B, 1)`` for
@@ -278,16 +280,22 @@ class PlannedRotaryStep:
         with without_graph():  # once for the step: the rows kernels are bound without their own guard
             return self._run(idx, positions, attend)
 
+    def _rope_for(self, positions):
+        """``(rope, cos, sin)`` with ``rope(x, cos, sin)`` rotating the step's heads at ``positions``: ``(1,)`` for
+        every row, ``(B, 1)`` for rows at their own positions (as the generic step rotates them)."""
+        model = self.model
+        if positions.dim() == 1:
+            return self.rope, model.cos[positions], model.sin[positions]
+        if self.rope_at is not None:  # the kernel reads each row's table row: the generic step's op
+            return (lambda x, cos, sin: self.rope_at(x, cos, sin, positions)), model.cos, model.sin
+        # Per-row tables (B, 1, 1, D): rotate_half_rope computes these with its own formula, as the generic step does.
+        return layers.rotate_half_rope, model.cos[positions].unsqueeze(1), model.sin[positions].unsqueeze(1)
+
     def _run(self, idx, positions, attend):
         model = self.model
         b = idx.shape[0]
         x = model.tok_emb(idx).view(b, -1)
-        cos, sin = model.cos[positions], model.sin[positions]
-        rope = self.rope
-        if positions.dim() == 2:
-            # Per-row tables (B, 1, 1, D): rotate_half_rope computes these with its own formula, as the generic
-            # step does.
-            cos, sin, rope = cos.unsqueeze(1), sin.unsqueeze(1), layers.rotate_half_rope
+        rope, cos, sin = self._rope_for(positions)
         norms, qk_norms, linears, swiglu = self.norms, self.qk_norms, self.linears, self.swiglu
         for i, (heads, kv_heads, head_dim) in enumerate(self.heads):
             w_query, w_key, w_value, out_proj, fc1, fc2, fc3 = linears[7 * i:7 * i + 7]

@@ -241,35 +241,49 @@ class CachedRunner:
 
     # -- the one block loop ----------------------------------------------------------------
 
-    def _run(self, idx, positions, attend, last_only=False, every_position=False):
+    def _run(self, idx, positions, attend, last_only=False, every_position=False, last_positions=None):
         """Embed ``idx`` at ``positions`` and run every block; ``attend(i, q, k, v)`` is layer ``i``'s core.
 
         ``positions`` is ``(T,)`` or ``(B, T)``.  With ``last_only`` the last layer keeps
         only the last position (nothing after it needs the others).  Returns logits ``(B, vocab)``,
-        or ``(B, T, vocab)`` with ``every_position``.
+        or ``(B, T, vocab)`` with ``every_position``; with ``last_positions`` ``(B,)``, row ``b``'s logits at
+        position ``last_positions[b]`` (the norm and head run on those rows only).
         """
         model = self.model
         last = len(self.blocks) - 1
         if self.rotary:
-            rope = self._rope_rows(positions)
+            rotate = self._rotation(positions)
             x = model.tok_emb(idx)
             for i, block in enumerate(self.blocks):
-                x = rotary_block(block, x, self._rotary_attention(i, block.att, attend, last_only and i == last, rope))
-            # The models cast the normed stream to the head's dtype (Qwen3's norms compute in float32).
-            logits = model.out_head(model.final_norm(x).to(model.out_head.weight.dtype))
+                x = rotary_block(block, x, self._rotary_attention(i, block.att, attend, last_only and i == last,
+                                                                  rotate))
         else:
             x = model.drop_emb(model.tok_emb(idx) + model.pos_emb(positions))
             for i, block in enumerate(self.blocks):
                 x = residual_block(block, x, self._attention(i, block.att, attend, last_only and i == last))
+        if last_positions is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last_positions].unsqueeze(1)
+        if self.rotary:
+            # The models cast the normed stream to the head's dtype (Qwen3's norms compute in float32).
+            logits = model.out_head(model.final_norm(x).to(model.out_head.weight.dtype))
+        else:
             logits = model.out_head(model.final_norm(x))
         return logits if every_position else logits[:, -1, :]
 
-    def _rope_rows(self, positions):
-        """The RoPE table rows for ``positions``: ``(T, D)`` for ``(T,)``, ``(B, 1, T, D)`` for per-row ``(B, T)``."""
-        cos, sin = self.model.cos[positions], self.model.sin[positions]
+    def _rotation(self, positions):
+        """``rotate(x)``: RoPE of heads ``x`` ``(B, H, T, D)`` at ``positions`` ``(T,)`` or per-row ``(B, T)``.
+
+        Rows at their own positions on a CPU with a fused backend go to the op with the positions (its kernel
+        reads each row's table rows); backend ``"torch"`` and other devices rotate with per-row tables
+        ``(B, 1, T, D)`` and the formula.
+        """
+        model = self.model
+        if positions.dim() == 2 and positions.device.type == "cpu" and ops.get_backend() != "torch":
+            return lambda x: ops.rope(x, model.cos, model.sin, positions=positions)
+        cos, sin = model.cos[positions], model.sin[positions]
         if positions.dim() == 2:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return cos, sin
+        return lambda x: layers.rotate_half_rope(x, cos, sin)
 
     def all_logits(self, idx, positions, attend):
         """Logits ``(B, T, vocab)`` of every position of ``idx`` at ``positions``, ``attend`` as each layer's core.
@@ -296,9 +310,9 @@ class CachedRunner:
         return attention
 
     @staticmethod
-    def _rotary_attention(i, att, attend, last_only, rope):
-        """Layer ``i``'s grouped-query attention with its core replaced by ``attend`` (k/v stay grouped)."""
-        cos, sin = rope
+    def _rotary_attention(i, att, attend, last_only, rotate):
+        """Layer ``i``'s grouped-query attention with its core replaced by ``attend`` (k/v stay grouped), queries
+        and keys rotated by ``rotate``."""
 
         def attention(h):
             q = layers.split_heads(att.W_query(h), att.num_heads, att.head_dim)
@@ -309,7 +323,7 @@ class CachedRunner:
                 q = q_norm(q)
             if k_norm is not None:
                 k = k_norm(k)
-            q, k = layers.rotate_half_rope(q, cos, sin), layers.rotate_half_rope(k, cos, sin)
+            q, k = rotate(q), rotate(k)
             if last_only:
                 q = q[:, :, -1:]
             return att.out_proj(layers.merge_heads(attend(i, q, k, v)))
@@ -350,6 +364,27 @@ class CachedRunner:
         with decode_linears(idx, self.linears):
             return self._run(idx, torch.arange(t, device=idx.device), attend, last_only=True)
 
+    @torch.no_grad()
+    def prefill_padded(self, idx, lengths, cache: KVCache):
+        """Run prompts of different ``lengths`` at once, each from position 0, right-padded to ``idx`` ``(B, T)``.
+
+        Every row's tokens see only the ones before them (causal attention), so the padding after a row changes
+        none of its values; its keys/values land in the cache past the row's end, where the row's own next
+        tokens overwrite them before anything attends there.  Returns each row's logits at its last prompt
+        token ``(B, vocab)``.
+        """
+        t = idx.shape[1]
+        self._check_positions(t - 1, cache.max_len)
+
+        def attend(i, q, k, v):
+            cache.keys[i][:, :, :t].copy_(k)
+            cache.values[i][:, :, :t].copy_(v)
+            return self.causal_attention(q, k, v)
+
+        last = torch.tensor([n - 1 for n in lengths], device=idx.device)
+        with decode_linears(idx, self.linears):
+            return self._run(idx, torch.arange(t, device=idx.device), attend, last_positions=last)
+
     def last_logits(self, idx):
         """Logits of the last position of ``idx`` ``(B, T)`` without a cache (a window recompute)."""
         return self.prefill(idx, None)
@@ -381,7 +416,7 @@ class CachedRunner:
                 return self._run(tokens, position_tensor, attend)
         self._check_positions(max(positions), cache.max_len)
         per_row = torch.tensor(positions, device=tokens.device)
-        attend = self._per_row_attend(cache, per_row, n_keys=max(positions) + 1)
+        attend = self._per_row_attend(cache, per_row, n_keys=max(positions) + 1, host_positions=positions)
         plan = self._plan(tokens)
         if plan is not None:
             return plan.run(tokens, per_row.unsqueeze(1), attend)
@@ -414,19 +449,40 @@ class CachedRunner:
         with decode_linears(tokens, self.linears):
             return self._run(tokens, positions.unsqueeze(1), self._per_row_attend(cache, positions, n_keys=None))
 
-    def _per_row_attend(self, cache, positions, n_keys):
-        """Attention core for rows at their own ``positions`` ``(B,)``: write, then attend with a key mask."""
+    def _per_row_attend(self, cache, positions, n_keys, host_positions=None):
+        """Attention core for rows at their own ``positions`` ``(B,)``: write, then attend to each row's keys.
+
+        With ``host_positions`` (the same positions as ints) on a fused backend, each run of consecutive rows at
+        one position attends through the fused op over its own keys (views of the cache, no copies): per row, the
+        decode step's call.  Otherwise (backend ``"torch"``, the static-shape step) every row attends over the
+        first ``n_keys`` keys (all with ``None``) with the later ones masked.
+        """
         rows = torch.arange(positions.shape[0], device=positions.device)
+        runs = _position_runs(host_positions) if host_positions is not None and ops.get_backend() != "torch" else None
+        attention = _StepAttention()
 
         def attend(i, q, k, v):
             keys, values = cache.keys[i], cache.values[i]
             keys[rows, :, positions] = k[:, :, 0]
             values[rows, :, positions] = v[:, :, 0]
+            if runs is not None:
+                out = [attention(q[a:b], keys[a:b, :, :p + 1], values[a:b, :, :p + 1]) for a, b, p in runs]
+                return out[0] if len(out) == 1 else torch.cat(out)
             if n_keys is not None:
                 keys, values = keys[:, :, :n_keys], values[:, :, :n_keys]
             return self.masked_attention(q, keys, values, positions)
 
         return attend
+
+
+def _position_runs(positions):
+    """``[(first, end, position)]``: the runs of consecutive rows at one position."""
+    runs, first = [], 0
+    for row in range(1, len(positions) + 1):
+        if row == len(positions) or positions[row] != positions[first]:
+            runs.append((first, row, positions[first]))
+            first = row
+    return runs
 
 
 class _StepAttention:

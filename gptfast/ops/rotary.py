@@ -84,3 +84,15 @@ def rope_rows(entry_point, *, guarded=False):
     if kernel is None:
         return None
     return lambda x, cos, sin: kernel(x, cos, sin, None, 0)
+
+
+def rope_rows_at(entry_point, *, guarded=False):
+    """``fn(x, cos, sin, positions)``: :func:`rope_rows` for rows at their own positions, or ``None``.
+
+    ``cos``/``sin`` are the whole ``(P, D)`` tables and ``positions`` the ``(B, T)`` int64 position of each
+    token of ``x`` (the kernels check that they lie in the tables).
+    """
+    kernel = bound_kernel(entry_point, fused_rope, "rope_fwd", guarded=guarded)
+    if kernel is None:
+        return None
+    return lambda x, cos, sin, positions: kernel(x, cos, sin, positions, 0)
