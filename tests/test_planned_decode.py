@@ -390,11 +390,11 @@ def _count_calls(monkeypatch, module, name):
 
 
 @needs_cpu_backend
-@pytest.mark.parametrize("name", ["gpt", "qwen-ratio4", "llama-ratio2"])
+@pytest.mark.parametrize("name", ["qwen-ratio4", "llama-ratio2", "gpt", "qwen-ratio1"])
 def test_rows_at_their_own_positions_attend_through_the_fused_op_over_their_own_keys(name, monkeypatch):
-    """A fused backend's step runs the attention op once per run of rows at one position, over that row's keys
-    (views of the cache); the masked dense attention is the torch backend's.  Each row's logits are those of the
-    row run alone."""
+    """With grouped k/v, a fused backend's step runs the attention op once per run of rows at one position, over
+    that row's keys (views of the cache); the masked dense attention is the torch backend's, and that of models
+    with a kv head per query head (it copies nothing there).  Each row's logits are those of the row run alone."""
     from gptfast.generation import runner as runner_module
 
     model = make_model() if name == "gpt" else _rotary(name)
@@ -402,6 +402,9 @@ def test_rows_at_their_own_positions_attend_through_the_fused_op_over_their_own_
     masked = _count_calls(monkeypatch, runner_module, "masked_decode_attention")
     step_calls = _count_calls(monkeypatch, runner_module._StepAttention, "__call__")
     logits, _ = _ragged_steps(model, lengths, 3, plan=True)
+    if name in ("gpt", "qwen-ratio1"):
+        assert len(masked) == 3 * len(model.trf_blocks) and step_calls == []
+        return
     assert masked == []
     # 3 runs (rows 0, 1-2, 3) per layer and step, each over its rows' keys 0..position: views of the cache.
     n_layers = len(model.trf_blocks)
