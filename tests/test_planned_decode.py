@@ -438,6 +438,10 @@ def test_rows_at_their_own_positions_rotate_through_the_rope_kernel(name):
     plan = planned.PlannedRotaryStep.build(model, torch.empty(3, 1, 32), lambda *args: None)
     rope, cos, sin = plan._rope_for(positions)
     assert torch.equal(rope(x, cos, sin), rotated)
+    # Where no kernel binding exists the plan calls the entry point with the positions: the same numbers.
+    entry_point = ops.fused_entry_point("rope", x.device, (x, model.cos, model.sin),
+                                        {"offset": 0, "positions": positions})
+    assert torch.equal(planned._rope_at(entry_point, x, model.cos, model.sin, positions), rotated)
     with ops.use_backend("torch"):
         formula = runner._rotation(positions)(x)
     cos, sin = model.cos[positions].unsqueeze(1), model.sin[positions].unsqueeze(1)
@@ -473,9 +477,56 @@ def test_prompts_of_different_lengths_prefill_in_one_padded_pass(name, monkeypat
         for b, p in enumerate(prompts):
             torch.testing.assert_close(caches[0].keys[layer][b, :, :len(p)], caches[1].keys[layer][b, :, :len(p)],
                                        atol=1e-5, rtol=1e-5)
+    # The padding's slots are left zero: a dense masked pass weighs them 0, and 0 * inf would be NaN.
+    for layer in range(len(caches[0].keys)):
+        for b, p in enumerate(prompts):
+            assert not caches[0].keys[layer][b, :, len(p):].any() and not caches[0].values[layer][b, :, len(p):].any()
     # Mostly padding: one pass per length instead.
     padded.clear()
     per_length.clear()
     generate_batch(model, [prompts[0][:1], prompts[1][:1], prompts[2]], 2)
     assert padded == [] and len(per_length) == 2
     assert decoding.PADDED_PREFILL_WASTE == 2
+    # Backend "torch": one pass per length, so each row's first logits are bitwise its own pass's.
+    per_length.clear()
+    with ops.use_backend("torch"):
+        generate_batch(model, prompts, 2)
+    assert padded == [] and len(per_length) == 3
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("name", ["gpt", "qwen-ratio4"])
+def test_padded_prefill_with_rows_sliding_out_of_the_window_and_finishing_at_eos(name):
+    """Rows prefilled together, then some finish at their eos (leaving the cache) and the others outgrow a small
+    window (recomputed over it): every row's tokens are still those of the row run alone."""
+    from gptfast.generation import generate_batch
+
+    model = make_model() if name == "gpt" else _rotary(name)
+    generator = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 90, (n,), generator=generator) for n in (3, 6, 6, 4)]
+    singles = [generate(model, p.unsqueeze(0), 10, 8)[0, len(p):] for p in prompts]
+    eos = [-1, int(singles[1][2]), -1, int(singles[3][5])]
+    result = generate_batch(model, prompts, 10, context_size=8, eos_id=eos)
+    for b, single in enumerate(singles):
+        expected = single if eos[b] == -1 else single[:int((single == eos[b]).nonzero()[0])]
+        assert torch.equal(result.new_tokens(b), expected), b
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("name", ["gpt", "qwen-ratio4"])
+def test_the_static_shape_step_over_a_padded_prefill_equals_the_per_row_step(name):
+    """``decode_static`` (what a CUDA graph captures) attends over the whole cache, the padding's slots included
+    (zeroed and masked): it gives the per-row step's logits."""
+    model = make_model() if name == "gpt" else _rotary(name)
+    runner = CachedRunner(model)
+    generator = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, 90, (n,), generator=generator) for n in (3, 7, 5)]
+    rows = torch.nn.utils.rnn.pad_sequence(prompts, batch_first=True)
+    caches = [KVCache.for_model(model, 3, 12) for _ in range(2)]
+    for cache in caches:
+        runner.prefill_padded(rows, [3, 7, 5], cache)
+    tokens = torch.tensor([[5], [9], [2]])
+    per_row = runner.decode(tokens, caches[0], [3, 7, 5])
+    static = runner.decode_static(tokens, caches[1], torch.tensor([3, 7, 5]))
+    assert torch.isfinite(static).all()
+    torch.testing.assert_close(static, per_row, atol=1e-5, rtol=1e-5)

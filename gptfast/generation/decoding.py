@@ -329,7 +329,9 @@ class Decoder:
             else:
                 self.cache = KVCache.for_model(self.model, len(fitting), max_len)
             lengths = [self.prompt_lens[r] for r in fitting]
-            if len(set(lengths)) > 1 and len(fitting) * max(lengths) <= PADDED_PREFILL_WASTE * sum(lengths):
+            # Backend "torch" keeps one pass per length: each row's first logits stay bitwise its own pass's.
+            padded = len(set(lengths)) > 1 and len(fitting) * max(lengths) <= PADDED_PREFILL_WASTE * sum(lengths)
+            if padded and ops.get_backend() != "torch":
                 # One pass over the prompts right-padded to the longest: the weights are read once, not once per
                 # length.
                 self._put(fitting, self.runner.prefill_padded(self.seq[self._index(fitting), :max(lengths)],

@@ -15,6 +15,8 @@ generic step.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -219,6 +221,11 @@ class _RMSNorm:
         return self.rows(x, self.weight, self.eps)
 
 
+def _rope_at(entry_point, x, cos, sin, positions):
+    """``entry_point`` (a fused backend's rope) for rows at their own ``positions``."""
+    return entry_point(x, cos, sin, offset=0, positions=positions)
+
+
 class PlannedRotaryStep:
     """One cached decode step of a plannable Llama 3 / Qwen3 decoder (:func:`rotary_plannable`).
 
@@ -264,7 +271,8 @@ class PlannedRotaryStep:
                 if entry_point is None:
                     return None
                 rope = rope_rows(entry_point, guarded=True) or entry_point
-                rope_at = rope_rows_at(entry_point, guarded=True) if x.device.type == "cpu" else None
+                if x.device.type == "cpu":  # the generic step's op with the positions, on its kernel where bound
+                    rope_at = rope_rows_at(entry_point, guarded=True) or functools.partial(_rope_at, entry_point)
                 # ops.swiglu runs whichever backend it resolves to (the torch path's two passes on a CPU).
                 swiglu = ops.resolve("swiglu", x.device, (hidden, hidden), {})[1]
         if any(norm is None for norm in norms):

@@ -375,10 +375,14 @@ class CachedRunner:
         """
         t = idx.shape[1]
         self._check_positions(t - 1, cache.max_len)
+        short = [(row, n) for row, n in enumerate(lengths) if n < t]
 
         def attend(i, q, k, v):
             cache.keys[i][:, :, :t].copy_(k)
             cache.values[i][:, :, :t].copy_(v)
+            for row, n in short:  # the padding's keys/values zeroed: a dense masked pass weighs them 0, and 0 * inf
+                cache.keys[i][row, :, n:t].zero_()  # would be NaN
+                cache.values[i][row, :, n:t].zero_()
             return self.causal_attention(q, k, v)
 
         last = torch.tensor([n - 1 for n in lengths], device=idx.device)
