@@ -89,3 +89,24 @@ def write_checkpoint(params, folder, shards=1):
     with open(folder / "model.safetensors.index.json", "w", encoding="utf-8") as handle:
         json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, handle)
     return folder
+
+
+QWEN3_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+def write_qwen3_tokenizer(path, texts, vocab_size=400):
+    """A small byte-level BPE ``tokenizer.json`` in Qwen3's layout (its special tokens included), trained on
+    ``texts``; skips the test where the ``tokenizers`` package is missing.  Returns ``path``."""
+    import pytest
+
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN3_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text for text in texts for _ in range(20)], trainer=trainer)
+    tok.save(str(path))
+    return path

@@ -12,7 +12,7 @@ import torch
 
 from gptfast.cli import main
 from gptfast.models import hf_folder
-from hf_checkpoints import random_hf_state_dict, write_checkpoint
+from hf_checkpoints import random_hf_state_dict, write_checkpoint, write_qwen3_tokenizer
 
 ref_ch05 = pytest.importorskip("llms_from_scratch.ch05", reason="llms-from-scratch is a test dependency")
 ref_qwen3 = pytest.importorskip("llms_from_scratch.qwen3", reason="llms-from-scratch is a test dependency")
@@ -116,23 +116,11 @@ def test_llama_without_rope_scaling_reads_as_no_frequency_scaling(tmp_path):
 
 # ----------------------------------------------------------------------------- tiny folders, end to end
 
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-QWEN_VOCAB = 420
+QWEN_VOCAB = 420  # the model's rows: the tokenizer's 400 and some it never spells
 
 
 def _qwen_tokenizer(path):
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=QWEN_SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["Every effort moves you forward, hello world."] * 20
-                            + ["user assistant think tell me a story"] * 20, trainer=trainer)
-    assert tok.get_vocab_size() <= QWEN_VOCAB
-    tok.save(str(path))
+    write_qwen3_tokenizer(path, ["Every effort moves you forward, hello world.", "user assistant think tell me a story"])
 
 
 def _qwen_hf_config(**change):

@@ -14,7 +14,8 @@ from gptfast import ops
 from dropin_model_checks import (assert_blocks_of_the_users_get_the_references_mask, assert_loaded_like_the_reference,
                                  assert_logits_bitwise, assert_parameter_count, assert_same_public_api,
                                  assert_training_gradients_bitwise, seeded_pair)
-from hf_checkpoints import random_hf_state_dict, write_checkpoint
+from hf_checkpoints import QWEN3_SPECIALS as SPECIALS
+from hf_checkpoints import random_hf_state_dict, write_checkpoint, write_qwen3_tokenizer
 
 ref = pytest.importorskip("llms_from_scratch.qwen3", reason="llms-from-scratch is a test dependency")
 import gptfast.qwen3 as ours  # noqa: E402
@@ -393,24 +394,11 @@ def test_snapshot_download_returns_the_checkpoint_tensors(tmp_path, monkeypatch)
 # ----------------------------------------------------------------------------- tokenizer
 
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-
-
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory):
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["Give me a short introduction to large language models."] * 20
-                            + ["user assistant think hello world"] * 20, trainer=trainer)
-    path = tmp_path_factory.mktemp("qwen-tok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
+    return write_qwen3_tokenizer(tmp_path_factory.mktemp("qwen-tok") / "tokenizer.json",
+                                 ["Give me a short introduction to large language models.",
+                                  "user assistant think hello world"])
 
 
 @pytest.mark.parametrize("repo_id", [None, "Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B-Base"])
