@@ -218,27 +218,35 @@ def _gpt2_generation(args) -> _Generation:
                        text_to_token_ids(args.prompt, tokenizer))
 
 
-def _hf_folder_generation(args) -> _Generation:
-    """What to stream from a Llama 3 / Qwen3 model folder (``--safetensors``)."""
+def _hf_folder_generation(args, folder) -> _Generation:
+    """What to stream from the Llama 3 / Qwen3 model ``folder`` (``--safetensors``)."""
     from .models import hf_folder
 
     if args.model is not None:
         raise ValueError(f"--model {args.model} names a GPT-2 size, but {args.safetensors} holds a Llama 3 / "
                          "Qwen3 model (its config.json describes it)")
     device = _check_device(args.device)
-    family, _ = hf_folder.read_config(args.safetensors)  # a bad config is named before the weights are read
-    tokenizer_path = args.tokenizer or hf_folder.default_tokenizer_path(args.safetensors, family)
-    tokenizer = hf_folder.load_tokenizer(family, tokenizer_path, chat=args.chat, folder=args.safetensors)
+    family, _ = hf_folder.read_config(folder)  # a bad config is named before the weights are read
+    tokenizer_path = args.tokenizer or hf_folder.default_tokenizer_path(folder, family)
+    tokenizer = hf_folder.load_tokenizer(family, tokenizer_path, chat=args.chat, folder=folder)
     prompt_ids = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long)
     dtype = hf_folder.DTYPES[args.dtype] if args.dtype else None
-    model, cfg, _ = hf_folder.load_model(args.safetensors, dtype=dtype, device=device)
+    model, cfg, _ = hf_folder.load_model(folder, dtype=dtype, device=device)
     return _Generation(model, cfg, tokenizer, tokenizer.eos_id, tokenizer.stop_ids, prompt_ids)
 
 
-def _is_hf_model_folder(args) -> bool:
+def _hf_model_folder(args):
+    """The Llama 3 / Qwen3 folder ``--safetensors`` names (itself, or the folder of a weights file inside one), or
+    ``None`` (GPT-2 weights, or ``--checkpoint``)."""
     from .models.hf_folder import is_hf_model_folder
 
-    return bool(args.safetensors) and is_hf_model_folder(args.safetensors)
+    if not args.safetensors:
+        return None
+    path = Path(args.safetensors)
+    for folder in (path, path.parent) if path.is_file() else (path,):
+        if is_hf_model_folder(folder):
+            return folder
+    return None
 
 
 def run_generate(args) -> int:
@@ -255,8 +263,9 @@ def run_generate(args) -> int:
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     _select_backend(args.backend)
-    load = _hf_folder_generation if _is_hf_model_folder(args) else _gpt2_generation
-    model, cfg, tokenizer, eos_id, stop_ids, idx = load(args)
+    folder = _hf_model_folder(args)
+    loaded = _gpt2_generation(args) if folder is None else _hf_folder_generation(args, folder)
+    model, cfg, tokenizer, eos_id, stop_ids, idx = loaded
     if idx.numel() == 0:
         raise ValueError("--prompt encodes to no tokens: give at least one token of text to continue")
     torch.manual_seed(args.seed)

@@ -173,6 +173,10 @@ def test_qwen3_folder_generates_the_references_text(tmp_path, capsys, backend, t
                          *(["--backend", backend] if backend else []))
     assert out == prompt + tokenizer.decode(expected) + "\n"
     assert ("Model uses weight tying." in err) == tie  # the loader's line stays off the streamed text
+    if shards == 1:  # a weights file inside the folder reads the folder
+        again, _ = _generate(capsys, folder / "model.safetensors", prompt, "--max-new-tokens", "12",
+                             *(["--backend", backend] if backend else []))
+        assert again == out
 
 
 def test_qwen3_chat_wraps_the_prompt_and_stops_at_the_end_of_the_reply(tmp_path, capsys):
@@ -341,7 +345,8 @@ def test_gpt2_flags_and_llama_qwen_flags_do_not_mix(tmp_path, capsys):
     folder = _qwen_folder(tmp_path)
     assert "--model gpt2-medium names a GPT-2 size" in _error(capsys, "--safetensors", str(folder), "--model",
                                                               "gpt2-medium")
-    gpt2 = tmp_path / "gpt2.safetensors"
+    (tmp_path / "gpt2").mkdir()
+    gpt2 = tmp_path / "gpt2" / "model.safetensors"
     gpt2.write_bytes(b"")
     for flags in (["--chat"], ["--dtype", "bfloat16"], ["--tokenizer", str(folder / "tokenizer.json")]):
         assert f"{flags[0]} applies to Llama 3 / Qwen3" in _error(capsys, "--safetensors", str(gpt2), *flags)
