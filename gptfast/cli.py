@@ -282,13 +282,29 @@ def run_generate(args) -> int:
     chunks = stream_text(model, idx, args.max_new_tokens, tokenizer, context_size=cfg["context_length"],
                          temperature=args.temperature, top_k=args.top_k, eos_id=eos_id)
     sys.stdout.write(args.prompt + ("\n" if args.chat else ""))  # a chat's reply starts on a line of its own
-    for chunk in chunks:
-        if chunk.token_id in stop_ids:
-            break
-        sys.stdout.write(chunk.text)
-        sys.stdout.flush()
+    write_until_stop(chunks, stop_ids, tokenizer, sys.stdout)
     sys.stdout.write("\n")
     return 0
+
+
+def write_until_stop(chunks, stop_ids, tokenizer, out) -> None:
+    """Write the streamed ``chunks``' text to ``out`` up to the first chunk of a token in ``stop_ids``.
+
+    A stop token's chunk is not written, but the bytes held back before it (a character the stop
+    token cut short) are: as the tokenizer decodes them on their own, as at the end of a stream.
+    """
+    held: list[int] = []  # tokens since the last chunk with text: their bytes wait for a character's end
+    for chunk in chunks:
+        if chunk.token_id in stop_ids:
+            if held:
+                out.write(tokenizer.decode(held))
+            break
+        if chunk.text:
+            held.clear()
+        elif chunk.token_id is not None:
+            held.append(chunk.token_id)
+        out.write(chunk.text)
+        out.flush()
 
 
 def run_train_gpu(args) -> int:

@@ -359,3 +359,24 @@ def test_train_on_a_fused_backend_steps_with_the_fused_optimizer(tmp_path, capsy
     load_checkpoint(tmp_path / "model_and_optimizer.pth", model, fused)
     assert fused.param_groups[0]["fused"] is True
     capsys.readouterr()
+
+
+def test_generate_writes_the_bytes_a_stop_token_cut_short():
+    from gptfast.cli import write_until_stop
+    from gptfast.generation.api import _text_chunks
+
+    class ByteTokenizer:  # token i < 256 is byte i; 300 is the stop token
+        def decode(self, ids):
+            return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace") + "<stop>" * ids.count(300)
+
+    def written(ids):
+        out = io.StringIO()
+        write_until_stop(_text_chunks((torch.tensor([[i]]) for i in ids), ByteTokenizer()), {300}, ByteTokenizer(),
+                         out)
+        return out.getvalue()
+
+    euro = list("€".encode())  # three tokens
+    assert written([ord("a"), *euro, ord("b"), 300, ord("c")]) == "a€b"
+    assert written([ord("a"), *euro[:2], 300, ord("c")]) == "a\ufffd"  # before: "a", the two bytes lost
+    assert written([ord("a"), 300]) == "a"
+    assert written([*euro[:1]]) == "\ufffd"  # the stream's own end releases them too

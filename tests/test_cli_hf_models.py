@@ -389,6 +389,10 @@ def test_the_head_follows_tie_word_embeddings_as_hugging_face_does(tmp_path, cap
     model, _, _ = hf_folder.load_model(folder)
     assert torch.equal(model.out_head.weight, params["model.embed_tokens.weight"])
     assert not torch.equal(model.out_head.weight, params["lm_head.weight"])
+    assert model.out_head.weight is model.tok_emb.weight  # one tensor, not a copy of the embedding
+    for dtype in (torch.bfloat16, torch.float32):  # still one after a cast to another dtype
+        model, _, _ = hf_folder.load_model(folder, dtype=dtype)
+        assert model.out_head.weight is model.tok_emb.weight and model.out_head.weight.dtype == dtype
     _write_config(folder, _qwen_hf_config(tie_word_embeddings=False))
     del params["lm_head.weight"]
     write_checkpoint(params, folder)

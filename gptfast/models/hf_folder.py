@@ -154,7 +154,8 @@ def load_model(folder, dtype=None, device="cpu"):
 
     The model is built on the meta device, so no weight is initialised only to be overwritten; its RoPE tables
     are then computed for real.  The head follows ``tie_word_embeddings`` as Hugging Face does: tied, it is the
-    token embedding even where the file also holds an ``lm_head.weight``; untied, the file must hold one.  The
+    token embedding (the same tensor, not a copy: 311 MB less for Qwen3-0.6B in bf16) even where the file also
+    holds an ``lm_head.weight``; untied, the file must hold one.  The
     book's loaders print a line when the head is tied: it goes to stderr here, so a command streaming text on
     stdout keeps only the text there.
     """
@@ -182,6 +183,8 @@ def load_model(folder, dtype=None, device="cpu"):
     if left:
         raise ValueError(f"{folder}: the loader filled no value for {', '.join(left[:3])}")
     _cast_parameters(model, built)
+    if tied:  # the loaders give the head a copy of the embedding; inference needs only the one tensor
+        model.out_head.weight = model.tok_emb.weight
     return model.to(device).eval(), cfg, family
 
 
