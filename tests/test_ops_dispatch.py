@@ -263,7 +263,7 @@ def test_cpu_backend_is_listed():
     assert cpu_ops.DEVICES == ("cpu",)
     assert cpu_ops.AUTO_OPS == frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy",
                                           "sample_next_token", "rms_norm", "layer_norm", "gelu", "dropout",
-                                          "rope", "decode_linear"})
+                                          "rope", "decode_linear", "swiglu"})
 
 
 def test_cuda_unavailable_reason_names_the_cause():

@@ -23,7 +23,7 @@ from gptfast.models import GPTModel, layers
 from gptfast.models import llama3, llama3_cached, qwen3, qwen3_batched, qwen3_cached
 from gptfast.models.gpt import FeedForwardFast
 from gptfast.ops import _dispatch
-from gptfast.ops.activation import fused_gelu, gelu_rows
+from gptfast.ops.activation import fused_gelu, gelu_rows, swiglu_rows
 from gptfast.ops.linear import decode_linear_rows, fused_decode_linear
 from gptfast.ops.normalization import fused_layer_norm, layer_norm_rows
 from test_models_cached import llama_cfg, qwen_cfg
@@ -320,6 +320,7 @@ def test_rotary_rows_forms_exist_only_for_fused_entry_points():
     from gptfast.ops.normalization import rms_norm_rows
     from gptfast.ops.rotary import rope_rows
     assert rms_norm_rows(torch_ops.rms_norm) is None and rope_rows(torch_ops.rope) is None
+    assert swiglu_rows(torch_ops.swiglu) is None
 
 
 @needs_cpu_backend
@@ -335,6 +336,20 @@ def test_rotary_rows_forms_run_the_entry_points_kernels(guarded):
         assert torch.equal(rms_norm_rows(cpu_ops.rms_norm, guarded=guarded)(rows, weight, 1e-6),
                            cpu_ops.rms_norm(rows, weight, eps=1e-6))
         assert torch.equal(rope_rows(cpu_ops.rope, guarded=guarded)(x, cos, sin), cpu_ops.rope(x, cos, sin))
+        assert torch.equal(swiglu_rows(cpu_ops.swiglu, guarded=guarded)(rows, rows.flip(0)),
+                           cpu_ops.swiglu(rows, rows.flip(0)))
+
+
+@needs_cpu_backend
+def test_a_rotary_plan_runs_swiglu_on_the_bound_kernel():
+    model = _rotary("qwen-ratio4")
+    runner = CachedRunner(model)
+    cache = KVCache.for_model(model, 2, 9)
+    with ops.use_backend("auto"):
+        token = runner.prefill(torch.randint(0, 50, (2, 5)), cache).argmax(-1, keepdim=True)
+        runner.decode(token, cache, 5)  # the first step builds the plan
+    plan = runner._plans[((2, 1), "auto")]
+    assert plan is not None and plan.swiglu is torch.ops.gptfast_cpu.swiglu_fwd.default
 
 
 # ----------------------------------------------------------------------------- rows at their own positions

@@ -13,12 +13,39 @@
 namespace gptfast_cpu {
 namespace {
 
-constexpr int64_t kChunk = 1024;  // elements widened per step (fits L1 with its buffers)
+constexpr int64_t kChunk = 1024;  // elements per step (fits L1 with its buffers when 16-bit data is widened)
 
 template <typename T>
 Vectorized<T> sigmoid(const Vectorized<T>& a) {
   const Vectorized<T> one(T(1));
   return one / (one + a.neg().exp());
+}
+
+// The chunk [start, start + len) of a tensor as acc_t values: the data itself when it already is
+// (float32, float64: no copy, a pass over memory saved each way), else widened into buf.
+template <typename scalar_t>
+const acc_t<scalar_t>* chunk_in(const scalar_t* data, int64_t start, int64_t len, acc_t<scalar_t>* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    return data + start;
+  } else {
+    at::vec::convert(data + start, buf, len);
+    return buf;
+  }
+}
+
+// Where a chunk's results go before they are rounded into out: out itself for float32/float64.
+template <typename scalar_t>
+acc_t<scalar_t>* chunk_out(scalar_t* out, int64_t start, acc_t<scalar_t>* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    return out + start;
+  } else {
+    return buf;
+  }
+}
+
+template <typename scalar_t>
+void chunk_store(const acc_t<scalar_t>* values, scalar_t* out, int64_t start, int64_t len) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t<scalar_t>>) at::vec::convert(values, out + start, len);
 }
 
 template <typename scalar_t>
@@ -27,11 +54,12 @@ void swiglu_fwd_impl(const scalar_t* a_all, const scalar_t* b_all, scalar_t* out
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   at::parallel_for(0, (n + kChunk - 1) / kChunk, 16, [&](int64_t c_begin, int64_t c_end) {
-    T a[kChunk], b[kChunk], y[kChunk];
+    T a_buf[kChunk], b_buf[kChunk], y_buf[kChunk];
     for (int64_t c = c_begin; c < c_end; ++c) {
       const int64_t start = c * kChunk, len = std::min(kChunk, n - start);
-      at::vec::convert(a_all + start, a, len);
-      at::vec::convert(b_all + start, b, len);
+      const T* a = chunk_in(a_all, start, len, a_buf);
+      const T* b = chunk_in(b_all, start, len, b_buf);
+      T* y = chunk_out(out_all, start, y_buf);
       int64_t j = 0;
       for (; j + L <= len; j += L) {
         const V va = V::loadu(a + j);
@@ -39,7 +67,7 @@ void swiglu_fwd_impl(const scalar_t* a_all, const scalar_t* b_all, scalar_t* out
         (va / (V(T(1)) + va.neg().exp()) * V::loadu(b + j)).store(y + j);
       }
       for (; j < len; ++j) y[j] = a[j] / (T(1) + std::exp(-a[j])) * b[j];
-      at::vec::convert(y, out_all + start, len);
+      chunk_store(y, out_all, start, len);
     }
   });
 }
@@ -51,12 +79,14 @@ void swiglu_bwd_impl(const scalar_t* g_all, const scalar_t* a_all, const scalar_
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   at::parallel_for(0, (n + kChunk - 1) / kChunk, 16, [&](int64_t c_begin, int64_t c_end) {
-    T g[kChunk], a[kChunk], b[kChunk], da[kChunk], db[kChunk];
+    T g_buf[kChunk], a_buf[kChunk], b_buf[kChunk], da_buf[kChunk], db_buf[kChunk];
     for (int64_t c = c_begin; c < c_end; ++c) {
       const int64_t start = c * kChunk, len = std::min(kChunk, n - start);
-      at::vec::convert(g_all + start, g, len);
-      at::vec::convert(a_all + start, a, len);
-      at::vec::convert(b_all + start, b, len);
+      const T* g = chunk_in(g_all, start, len, g_buf);
+      const T* a = chunk_in(a_all, start, len, a_buf);
+      const T* b = chunk_in(b_all, start, len, b_buf);
+      T* da = chunk_out(da_all, start, da_buf);
+      T* db = chunk_out(db_all, start, db_buf);
       const V one(T(1));
       int64_t j = 0;
       for (; j + L <= len; j += L) {
@@ -69,8 +99,8 @@ void swiglu_bwd_impl(const scalar_t* g_all, const scalar_t* a_all, const scalar_
         da[j] = g[j] * b[j] * s * (T(1) + a[j] * (T(1) - s));
         db[j] = g[j] * a[j] * s;
       }
-      at::vec::convert(da, da_all + start, len);
-      at::vec::convert(db, db_all + start, len);
+      chunk_store(da, da_all, start, len);
+      chunk_store(db, db_all, start, len);
     }
   });
 }

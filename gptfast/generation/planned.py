@@ -25,7 +25,7 @@ from ..models import layers, qwen3
 from ..models.blocks import runs_own_forward
 from ..models.gpt import GELU, Dropout, FeedForward, LayerNorm
 from ..ops._dispatch import without_graph
-from ..ops.activation import gelu_rows
+from ..ops.activation import gelu_rows, swiglu_rows
 from ..ops.linear import decode_linear_rows
 from ..ops.normalization import layer_norm_rows, rms_norm_rows
 from ..ops.rotary import rope_rows, rope_rows_at
@@ -273,8 +273,9 @@ class PlannedRotaryStep:
                 rope = rope_rows(entry_point, guarded=True) or entry_point
                 if x.device.type == "cpu":  # the generic step's op with the positions, on its kernel where bound
                     rope_at = rope_rows_at(entry_point, guarded=True) or functools.partial(_rope_at, entry_point)
-                # ops.swiglu runs whichever backend it resolves to (the torch path's two passes on a CPU).
-                swiglu = ops.resolve("swiglu", x.device, (hidden, hidden), {})[1]
+                # The backend ops.swiglu resolves to, on its kernel where that is a fused backend's.
+                entry_point = ops.resolve("swiglu", x.device, (hidden, hidden), {})[1]
+                swiglu = swiglu_rows(entry_point, guarded=True) or entry_point
         if any(norm is None for norm in norms):
             return None
         final_sample = x.new_empty(x.shape, dtype=model.out_head.weight.dtype)

@@ -96,3 +96,9 @@ def gelu_rows(entry_point, *, guarded=False):
     backend's; for a caller that calls it many times on validated input (a decode plan).  ``guarded``: the
     caller holds :func:`~gptfast.ops._dispatch.without_graph` (see ``bound_kernel``)."""
     return bound_kernel(entry_point, fused_gelu, "gelu_fwd", guarded=guarded)
+
+
+def swiglu_rows(entry_point, *, guarded=False):
+    """``fn(gate, up)`` running the kernel behind a resolved ``swiglu`` entry point, or ``None`` when it is not a
+    fused backend's (same contract as :func:`gelu_rows`)."""
+    return bound_kernel(entry_point, fused_swiglu, "swiglu_fwd", guarded=guarded)

@@ -30,13 +30,17 @@ DEVICES = ("cpu",)
 # 5-7x the book's formula (backend "torch"); the kernels alone match aten's (fwd 0.93-0.97x, bwd
 # 1.04-1.18x), the op's Python dispatch and autograd put it at 0.6-0.85x F.layer_norm.
 # GELU (960x3072 and 512x3072 fp32): fwd 8-16x / fwd+bwd 8-11x the book's formula, 1.1-3x
-# F.gelu(approximate="tanh").  Not swiglu: 0.5-0.9x of torch's two vectorized passes.
+# F.gelu(approximate="tanh").  SwiGLU (4 x 256 x 1536): fp32 fwd ~1.5x / fwd+bwd 1.6-1.8x torch's
+# silu-and-multiply, bf16 1.2x / 1.2x; in a Llama-shaped training step (8 such layers) 23-41 ms
+# against 58-69 ms, the two allocations per layer it spares included.  Below ~10 K elements the op's
+# dispatch costs more than it saves (1 x 3072 bf16: 14 against 8 us), which a decode plan avoids by
+# binding the kernel.
 # decode_linear, 8 rows (K=1024, N=3072 and the 151936-row head, fp32 and bf16): 2.5-4x; one row
 # measured from 1.3x faster to slower on a busy machine, so the decode routing
 # (gptfast/generation/runner.py) sends it 2-16 rows only.
 # dropout (2 x 256 x 768 fp32, p 0.1, AVX-512 build): 0.27 ms against F.dropout's 3.5 ms (its Bernoulli draws).
 AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token",
-                      "rms_norm", "layer_norm", "gelu", "dropout", "rope", "decode_linear"})
+                      "rms_norm", "layer_norm", "gelu", "dropout", "rope", "decode_linear", "swiglu"})
 
 
 LOADED = None  # the extension module the kernels came from, once loaded
