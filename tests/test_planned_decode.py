@@ -341,6 +341,39 @@ def test_rotary_rows_forms_run_the_entry_points_kernels(guarded):
 
 
 @needs_cpu_backend
+def test_guarded_rows_forms_call_the_cpu_kernels_without_the_dispatcher():
+    import sys
+    from gptfast.ops import cpu_ops
+    from gptfast.ops.normalization import rms_norm_rows
+    from gptfast.ops.rotary import rope_rows
+    extension = sys.modules[cpu_ops.LOADED]
+    assert decode_linear_rows(cpu_ops.decode_linear, guarded=True) is extension.direct_decode_linear
+    assert swiglu_rows(cpu_ops.swiglu, guarded=True) is extension.direct_swiglu_fwd
+    assert gelu_rows(cpu_ops.gelu, guarded=True) is extension.direct_gelu_fwd
+    assert rope_rows(cpu_ops.rope, guarded=True) is not None and rms_norm_rows(cpu_ops.rms_norm, guarded=True)
+    # unguarded forms keep the op (its dispatcher enters the guard's effect itself)
+    assert decode_linear_rows(cpu_ops.decode_linear) is not extension.direct_decode_linear
+    # the kernels' own checks still hold: a bad call is a RuntimeError naming the problem, not a crash
+    with pytest.raises(RuntimeError, match="weight must be"):
+        extension.direct_decode_linear(torch.randn(2, 8), torch.randn(3, 5), None)
+
+
+@needs_cpu_backend
+def test_no_plan_for_a_model_holding_a_tensor_subclass():
+    class Tagged(torch.Tensor):  # a subclass with its own torch-function handling: the plan must not skip it
+        pass
+
+    model = _rotary("qwen-ratio4")
+    assert planned.rotary_plannable(model)
+    model.final_norm.scale = torch.nn.Parameter(model.final_norm.scale.detach().as_subclass(Tagged))
+    assert not planned.rotary_plannable(model)
+    gpt = make_model()
+    assert planned.plannable(gpt)
+    gpt.out_head.weight = torch.nn.Parameter(gpt.out_head.weight.detach().as_subclass(Tagged))
+    assert not planned.plannable(gpt)
+
+
+@needs_cpu_backend
 def test_a_rotary_plan_runs_swiglu_on_the_bound_kernel():
     model = _rotary("qwen-ratio4")
     runner = CachedRunner(model)
@@ -349,7 +382,9 @@ def test_a_rotary_plan_runs_swiglu_on_the_bound_kernel():
         token = runner.prefill(torch.randint(0, 50, (2, 5)), cache).argmax(-1, keepdim=True)
         runner.decode(token, cache, 5)  # the first step builds the plan
     plan = runner._plans[((2, 1), "auto")]
-    assert plan is not None and plan.swiglu is torch.ops.gptfast_cpu.swiglu_fwd.default
+    import sys
+    from gptfast.ops import cpu_ops
+    assert plan is not None and plan.swiglu is sys.modules[cpu_ops.LOADED].direct_swiglu_fwd
 
 
 # ----------------------------------------------------------------------------- rows at their own positions

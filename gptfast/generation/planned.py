@@ -31,6 +31,13 @@ from ..ops.normalization import layer_norm_rows, rms_norm_rows
 from ..ops.rotary import rope_rows, rope_rows_at
 
 
+def _plain_tensors(model) -> bool:
+    """True when every parameter and buffer of ``model`` is a plain tensor: the plan's kernels are called directly
+    (:func:`~gptfast.ops._dispatch.bound_kernel`), past any tensor subclass's own dispatch."""
+    plain = (torch.Tensor, nn.Parameter)
+    return all(type(t) in plain for t in (*model.parameters(), *model.buffers()))
+
+
 def _has_hooks(model) -> bool:
     """True when a module would run a hook or a forward of the user's (on the instance or the class) that the
     plan's kernels skip."""
@@ -61,12 +68,13 @@ def plannable(model) -> bool:
     ``model`` must have the book's GPT layout built from gptfast's own modules (or plain
     ``nn.Linear``/``nn.Embedding``/``nn.Dropout``), its dropout must be inactive, and no
     forward hook or instance-level ``forward`` may be set on it or globally (the plan skips the
-    module calls).
+    module calls); its parameters and buffers must be plain tensors.
     """
     return (type(model.tok_emb) is nn.Embedding and type(model.pos_emb) is nn.Embedding
             and model.tok_emb.max_norm is None and model.pos_emb.max_norm is None
             and _quiet(model.drop_emb) and type(model.final_norm) is LayerNorm and _plain_linear(model.out_head)
-            and all(_book_block(block) for block in model.trf_blocks) and not _has_hooks(model))
+            and all(_book_block(block) for block in model.trf_blocks) and not _has_hooks(model)
+            and _plain_tensors(model))
 
 
 class _Norm:
@@ -190,12 +198,13 @@ def rotary_plannable(model) -> bool:
     """True when :class:`PlannedRotaryStep` may stand in for the generic cached step of ``model``.
 
     gptfast's Llama 3 / Qwen3 decoders (plain, KV-cache or batched variants) with dense
-    SwiGLU feed-forwards and gptfast's RMSNorms, no forward hook (on them or globally) and no
-    instance-level ``forward``.
+    SwiGLU feed-forwards and gptfast's RMSNorms, no forward hook (on them or globally), no
+    instance-level ``forward`` and plain tensors only (as :func:`plannable`).
     """
     return (type(model.tok_emb) is nn.Embedding and model.tok_emb.max_norm is None
             and type(model.final_norm) in _RMS_NORMS and _plain_linear(model.out_head)
-            and all(_rotary_block(block) for block in model.trf_blocks) and not _has_hooks(model))
+            and all(_rotary_block(block) for block in model.trf_blocks) and not _has_hooks(model)
+            and _plain_tensors(model))
 
 
 class _RMSNorm:

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from .. import _build_info
-from ._dispatch import fused_entry_points, register_kernels, stale_extension_reason
+from ._dispatch import fused_entry_points, register_direct_calls, register_kernels, stale_extension_reason
 
 NAMESPACE = "gptfast_cpu"
 DEVICES = ("cpu",)
@@ -80,6 +80,7 @@ def _load() -> str | None:
     if stale is not None:
         return stale
     register_kernels(NAMESPACE)
+    register_direct_calls(NAMESPACE, sys.modules[LOADED])
     return None
 
 
