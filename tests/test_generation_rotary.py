@@ -223,3 +223,26 @@ def test_the_kv_cache_generator_serves_the_qwen3_cache_model_with_the_references
     assert o.current_pos == r.current_pos == 5 + 4
     streamed = list(kv_generate.generate_text_simple_stream(o, idx, max_new_tokens=15))
     assert torch.equal(torch.cat([idx] + streamed, dim=1), expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_the_kv_cache_generator_keeps_what_the_references_cached_loop_keeps(backend):
+    """A ``context_size`` shorter than the prompt, or than the prompt and the new tokens: the reference caches the
+    prompt's last ``context_size`` tokens and then every new one (no window while the model has positions); its
+    stream takes the whole prompt whatever ``context_size`` says."""
+    from gptfast import ops
+    torch.manual_seed(3)
+    r = ref_kv_qwen.Qwen3Model(qwen_cfg(2)).eval()
+    o = qwen_cached.Qwen3Model(qwen_cfg(2)).eval()
+    o.load_state_dict(r.state_dict())
+    with ops.use_backend(backend):
+        for seed in range(3):
+            idx = torch.randint(0, 101, (1, 6), generator=torch.Generator().manual_seed(seed))
+            for context_size, new in ((4, 6), (8, 6), (3, 1)):
+                expected = ref_kv_generate.generate_text_simple(r, idx, new, context_size=context_size)
+                got = kv_generate.generate_text_simple(o, idx, new, context_size=context_size)
+                assert torch.equal(got, expected), (seed, context_size, new)
+                assert o.current_pos == r.current_pos
+                ref_stream = list(ref_kv_generate.generate_text_simple_stream(r, idx, new, context_size=context_size))
+                ours = list(kv_generate.generate_text_simple_stream(o, idx, new, context_size=context_size))
+                assert torch.equal(torch.cat(ours, dim=1), torch.cat(ref_stream, dim=1)), (seed, context_size)

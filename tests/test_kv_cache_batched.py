@@ -227,8 +227,10 @@ def test_generate_gives_the_references_tokens(qk_norm, n_kv_groups):
     cfg = qwen_cfg(n_kv_groups, qk_norm)
     r, o = pair(cfg)
     idx = torch.randint(0, 101, (4, 6))
-    # (a context_size the sequences outgrow is where the two differ on purpose: see the test past the context)
-    for kwargs in ({}, {"use_cache": False}, {"context_size": 20}, {"use_cache": False, "context_size": 10}):
+    # context_size 10 and 4: the cache keeps the prompt's last tokens, then grows past context_size as the
+    # reference's does (only past the model's positions does the window slide: see the test past the context)
+    for kwargs in ({}, {"use_cache": False}, {"context_size": 20}, {"use_cache": False, "context_size": 10},
+                   {"context_size": 10}, {"context_size": 4}):
         expected = ref_generate.generate_text_simple(r, idx, max_new_tokens=12, **kwargs)
         got = generate.generate_text_simple(o, idx, max_new_tokens=12, **kwargs)
         assert got.shape == (4, 18) and torch.equal(got, expected), kwargs
@@ -255,6 +257,21 @@ def test_generate_drives_the_references_model_and_a_model_outside_the_decoder_th
     expected = ref_generate.generate_text_simple(r, idx, max_new_tokens=8)
     assert torch.equal(generate.generate_text_simple(r, idx, max_new_tokens=8), expected)
     assert torch.equal(generate._protocol_cached(o, idx, 8, 32), expected)
+
+
+def test_bfloat16_generation_under_the_torch_backend_gives_the_references_tokens():
+    """The batched reference's RoPE keeps bf16 models' queries and keys in float32, in its cache too: under backend
+    "torch" gptfast gives its tokens bitwise (the reference's protocol), whichever way close logits fall."""
+    from gptfast.models.qwen3_batched import rotates_in_float32
+    r, o = pair(qwen_cfg(1, dtype=torch.bfloat16))
+    with ops.use_backend("torch"):
+        for seed in range(12):
+            idx = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(seed))
+            expected = ref_generate.generate_text_simple(r, idx, 3)
+            assert torch.equal(generate.generate_text_simple(o, idx, 3), expected), seed
+            assert torch.equal(o.current_pos, r.current_pos)
+    assert rotates_in_float32(o) and rotates_in_float32(r)
+    assert not rotates_in_float32(pair(qwen_cfg(1))[1])  # float32 weights: the decoder's cache is exact
 
 
 def test_cached_generation_past_the_context_equals_uncached_generation():

@@ -3,11 +3,17 @@
 For a model with the book's GPT layout (``gptfast.kv_cache.gpt2.GPTModel``, the
 chapter-4 ``GPTModel`` of gptfast or of the reference) or a Llama 3 / Qwen3 decoder
 (``kv_cache.llama3``, ``kv_cache.qwen3``, gptfast's or the reference's) the cached path is gptfast's
-decoder (:mod:`gptfast.generation`): a static cache, the prompt's head on its last
-position only, and, once a sequence is longer than ``context_size``, the window the
-uncached loop would see recomputed each step, so cached and uncached greedy output
-agree token for token past the context window too (the reference's cached loop feeds
-positions past the context and fails there).
+decoder (:mod:`gptfast.generation`): a static cache and the prompt's head on its last
+position only.
+
+Which tokens the cache holds follows the reference's cached loop wherever that loop
+works.  Llama 3 / Qwen3: the prompt's last ``context_size`` tokens, then every new one
+(the reference's stream: the whole prompt), even past ``context_size``, as long as the
+model has positions; past the model's context length, where the reference's loop
+fails, the window the uncached loop would see is recomputed each step.  GPT layout: the
+reference's cached decode step fails, so once a sequence is longer than ``context_size``
+the window is recomputed each step, and cached and uncached greedy output agree token
+for token.
 
 Any other model is driven through the book's protocol, as the reference does:
 ``model.reset_kv_cache()``, then ``model(ids, cache=cache)`` with a
@@ -42,10 +48,12 @@ def generate_text_simple(model, idx, max_new_tokens, context_size=None, use_cach
         return _uncached(model, idx, max_new_tokens, ctx_len)
     if is_decodable(model):
         _reset(model)
-        out = api.generate_text_simple(model, idx, max_new_tokens, ctx_len)
-        if is_rotary(model):
-            _leave_position(model, min(idx.shape[1], ctx_len) + max_new_tokens)
-        return out
+        if not is_rotary(model):
+            return api.generate_text_simple(model, idx, max_new_tokens, ctx_len)
+        prompt, window = reference_cache_window(model, idx, max_new_tokens, ctx_len)
+        out = api.generate_text_simple(model, prompt, max_new_tokens, window)
+        _leave_position(model, prompt.shape[1] + max_new_tokens)
+        return torch.cat([idx[:, :idx.shape[1] - prompt.shape[1]], out], dim=1)
     return _protocol_cached(model, idx, max_new_tokens, ctx_len)
 
 
@@ -53,24 +61,42 @@ def generate_text_simple_stream(model, token_ids, max_new_tokens, eos_token_id=N
     """Yield the argmax token ``(b, 1)`` of every row, one step at a time, with a KV cache.
 
     Stops after ``max_new_tokens`` tokens, or before yielding a step at which every
-    row's token is ``eos_token_id``.  Past ``context_size`` tokens (default: the
-    model's context length) the window slides as in :func:`generate_text_simple`.
-    Arguments are checked when this is called, before the first token.
+    row's token is ``eos_token_id``.  A Llama 3 / Qwen3 model starts from the whole
+    prompt, as the reference's stream does (which takes ``context_size`` but does not
+    use it), and slides a window only past the model's context length; a GPT-layout
+    model slides it past ``context_size`` (default: the model's context length), as in
+    :func:`generate_text_simple`.  Arguments are checked when this is called, before
+    the first token.
     """
     model.eval()
     max_new_tokens = require_int("max_new_tokens", max_new_tokens, 0)
-    if is_decodable(model):
+    if is_decodable(model) and is_rotary(model):
         _reset(model)
-        ctx_len = context_size or context_length(model)
-        tokens = api.generate_stream(model, token_ids, max_new_tokens, ctx_len)
-        if is_rotary(model):
-            tokens = _tracking_position(model, tokens, min(token_ids.shape[1], ctx_len))
+        prompt, window = reference_cache_window(model, token_ids, max_new_tokens, None)
+        tokens = _tracking_position(model, api.generate_stream(model, prompt, max_new_tokens, window), prompt.shape[1])
+    elif is_decodable(model):
+        _reset(model)
+        tokens = api.generate_stream(model, token_ids, max_new_tokens, context_size or context_length(model))
     else:
         tokens = _protocol_stream(model, token_ids, max_new_tokens)
     return _until_eos(tokens, eos_token_id)
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def reference_cache_window(model, idx, max_new_tokens, ctx_len):
+    """``(prompt, context_size)`` for gptfast's decoder to run the reference's cached loop on a Llama 3 / Qwen3
+    ``model``: the last ``ctx_len`` tokens of ``idx`` (``None``: all of them) go into the cache, and every new
+    token joins them, past ``ctx_len`` too, while the model has positions.  Only past the model's context length
+    (where the reference's loop fails, or reuses its last RoPE position) does the window slide, at that length.
+    A ``ctx_len`` beyond the model's positions is passed on as it is: the decoder refuses it if the sequences
+    would outgrow the model."""
+    prompt = idx if ctx_len is None else idx[:, -ctx_len:]
+    limit = context_length(model)
+    if ctx_len is not None and ctx_len > limit:
+        return prompt, ctx_len
+    return prompt, max(1, min(limit, prompt.shape[1] + max_new_tokens))
 
 
 def _until_eos(tokens, eos_token_id):

@@ -3,28 +3,34 @@
 For a Llama 3 / Qwen3 decoder (:mod:`gptfast.kv_cache_batched.qwen3`'s, the other
 gptfast variants, or the reference's) the cached path is gptfast's decoder
 (:mod:`gptfast.generation`): a static cache holding one key/value head per group,
-the prompt's head on its last position only, one token per row per step.  Once a
-sequence is longer than ``context_size`` the window the uncached loop would see is
-recomputed each step, so cached and uncached greedy output agree token for token (the
-reference's cached loop instead runs on past the window, and past the RoPE tables it
-silently reuses the last position).  Rows are the caller's: prompts of different
-lengths are left-padded by the caller, as with the reference, and the pad tokens are
-attended like any other.  Afterwards ``model.current_pos`` is where the reference
-leaves it.
+the prompt's head on its last position only, one token per row per step.  The cache
+holds what the reference's cached loop holds: each row's last ``context_size`` prompt
+tokens, then every new token, past ``context_size`` too.  Only past the model's
+context length (where the reference's loop silently reuses its last RoPE position) is
+the window the uncached loop would see recomputed each step.  Rows are the caller's:
+prompts of different lengths are left-padded by the caller, as with the reference, and
+the pad tokens are attended like any other.  Afterwards ``model.current_pos`` is where
+the reference leaves it.
 
 Any other model is driven through the reference's protocol:
 ``model.reset_kv_cache(batch_size)``, then ``model(ids, cache=cache, start_pos=...)``
-with a :class:`gptfast.kv_cache_batched.utils.KVCache`.
+with a :class:`gptfast.kv_cache_batched.utils.KVCache`.  So is a batched Qwen3 model
+with 16-bit weights under backend ``"torch"``: its RoPE keeps queries and keys in
+float32 (the reference's), which the decoder's cache, in the weights' dtype, would
+round; the protocol gives the reference's tokens bitwise.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import ops
 from ..generate import trim_input_tensor  # noqa: F401  (the reference re-exports it here)
 from ..generation import api
-from ..generation.cache import is_decodable
+from ..generation.cache import is_decodable, is_rotary
 from ..generation.decoding import check_idx, require_int
+from ..kv_cache.generate import reference_cache_window
+from ..models.qwen3_batched import rotates_in_float32
 from .utils import KVCache
 
 __all__ = ["generate_text_simple", "trim_input_tensor", "KVCache"]
@@ -42,10 +48,13 @@ def generate_text_simple(model, idx, max_new_tokens, context_size=None, use_cach
     max_new_tokens = require_int("max_new_tokens", max_new_tokens, 0)
     if not use_cache:
         return _uncached(model, idx, max_new_tokens, ctx_len)
-    if is_decodable(model):
-        out = api.generate_text_simple(model, idx, max_new_tokens, ctx_len)
-        _leave_positions(model, idx, min(idx.shape[1], ctx_len) + max_new_tokens)
-        return out
+    if is_decodable(model) and not (ops.get_backend() == "torch" and rotates_in_float32(model)):
+        if not is_rotary(model):
+            return api.generate_text_simple(model, idx, max_new_tokens, ctx_len)
+        prompt, window = reference_cache_window(model, idx, max_new_tokens, ctx_len)
+        out = api.generate_text_simple(model, prompt, max_new_tokens, window)
+        _leave_positions(model, idx, prompt.shape[1] + max_new_tokens)
+        return torch.cat([idx[:, :idx.shape[1] - prompt.shape[1]], out], dim=1)
     return _protocol_cached(model, idx, max_new_tokens, ctx_len)
 
 

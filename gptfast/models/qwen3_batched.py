@@ -286,3 +286,19 @@ class Qwen3Model(qwen3.Qwen3Model):
         batch_size = layers.require_positive_int("batch_size", batch_size)
         device = device or next(self.parameters()).device
         self.current_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+
+# The batched attention classes whose RoPE keeps the tables' float32 (this module's and the reference's).
+_FLOAT32_ROPE_ATTENTION = ("gptfast.models.qwen3_batched", "llms_from_scratch.kv_cache_batched.qwen3")
+
+
+def rotates_in_float32(model) -> bool:
+    """True for a batched Qwen3 model (this module's or the reference's) whose weights are not float32: its RoPE
+    returns float32 queries and keys (the tables' dtype), so its cache and attention scores are float32 where a
+    decoder keeping the weights' dtype would round them."""
+    blocks = getattr(model, "trf_blocks", None)
+    weight = getattr(getattr(model, "tok_emb", None), "weight", None)
+    if blocks is None or not isinstance(weight, torch.Tensor) or weight.dtype == torch.float32:
+        return False
+    return any(type(block.att).__module__ in _FLOAT32_ROPE_ATTENTION and type(block.att).__name__ ==
+               "GroupedQueryAttention" for block in blocks)
