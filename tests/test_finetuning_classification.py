@@ -116,6 +116,14 @@ def test_bad_data_arguments_are_clear_errors(tmp_path, tokenizer, csv_files):
     assert [ours[i][1] for i in range(2)] == [ref[i][1] for i in range(2)] == [torch.tensor(1), torch.tensor(0)]
 
 
+@pytest.mark.parametrize("max_length", [None, 5])
+def test_a_file_with_no_messages_is_an_empty_data_set_as_in_the_reference(tmp_path, tokenizer, max_length):
+    pd.DataFrame({"Label": [], "Text": []}).to_csv(tmp_path / "empty.csv", index=None)  # a split that came out empty
+    ours = ch06.SpamDataset(tmp_path / "empty.csv", tokenizer, max_length=max_length)
+    ref = ref_ch06.SpamDataset(tmp_path / "empty.csv", tokenizer, max_length=max_length)
+    assert len(ours) == len(ref) == 0 and ours.max_length == ref.max_length
+
+
 @pytest.mark.parametrize("max_length,pad", [(None, 50256), (5, 50256), (40, 7)])
 def test_spam_dataset_matches_the_reference(csv_files, tokenizer, max_length, pad):
     ours = ch06.SpamDataset(csv_files[0], tokenizer, max_length=max_length, pad_token_id=pad)

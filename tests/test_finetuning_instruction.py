@@ -359,6 +359,9 @@ def test_no_server_is_a_clear_connection_error():
         port = probe.getsockname()[1]
     with pytest.raises(ConnectionError, match="no Ollama server answered.*ollama serve"):
         ch07.query_model("hi", url=f"http://127.0.0.1:{port}/api/chat")
+    import urllib.error
+    with pytest.raises(urllib.error.URLError, match="^no Ollama server answered"):  # what the reference raises
+        ch07.query_model("hi", url=f"http://127.0.0.1:{port}/api/chat")
     with pytest.raises(ConnectionError, match="no Ollama server"):
         ch07.generate_model_scores([dict(_entries(1)[0], r="x")], "r",
                                    url=f"http://127.0.0.1:{port}/api/chat")

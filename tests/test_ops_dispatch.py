@@ -178,6 +178,17 @@ def test_cross_entropy_rejects_bad_input(logits, targets, error, match):
         ops.cross_entropy(logits, targets)
 
 
+def test_an_out_of_range_target_is_also_the_index_error_torch_raises():
+    import torch.nn.functional as F
+    logits, targets = torch.randn(3, 2), torch.tensor([0, 2, 1])
+    with pytest.raises(IndexError):
+        F.cross_entropy(logits, targets)  # the reference's loss
+    with pytest.raises(IndexError, match="targets contains 2"):
+        ops.cross_entropy(logits, targets)
+    with pytest.raises(IndexError, match="targets contains -1"):
+        ops.linear_cross_entropy(torch.randn(3, 4), torch.randn(2, 4), torch.tensor([0, -1, 1]))
+
+
 def test_cross_entropy_rejects_bad_reduction_and_accepts_3d_and_int32():
     logits, targets = torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3))
     with pytest.raises(ValueError, match="reduction"):

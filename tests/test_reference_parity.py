@@ -46,6 +46,37 @@ def test_every_public_reference_name_exists_with_the_same_parameters(chapter):
         assert all(p.default is not inspect.Parameter.empty for p in our_params[len(ref_params):])
 
 
+DROP_IN_MODULES = ["ch02", "ch03", "ch04", "ch05", "ch06", "ch07", "appendix_a", "appendix_d", "appendix_e", "llama3",
+                   "qwen3", "kv_cache.gpt2", "kv_cache.llama3", "kv_cache.qwen3", "kv_cache.generate",
+                   "kv_cache_batched.qwen3", "kv_cache_batched.generate", "kv_cache_batched.utils"]
+
+
+def _star_import(module_name):
+    names = {}
+    exec(f"from {module_name} import *", names)
+    return {name: value for name, value in names.items() if name != "__builtins__"}
+
+
+@pytest.mark.parametrize("module", DROP_IN_MODULES)
+def test_a_star_import_gives_the_references_names(module):
+    """The reference's modules have no __all__: a star import also gives what they import (torch, nn, plt ...),
+    which notebook code may use; and no more, so ch07 does not replace chapter 5's training loop."""
+    ref, ours = _star_import(f"llms_from_scratch.{module}"), _star_import(f"gptfast.{module}")
+    assert sorted(ours) == sorted(ref)
+    for name, value in ref.items():
+        if inspect.ismodule(value):  # the same module object (gptfast's own classes and functions differ)
+            assert ours[name] is value, name
+
+
+def test_the_reference_imports_are_loaded_only_when_asked_for():
+    import subprocess
+    import sys
+    code = ("import sys, gptfast.ch06; print('matplotlib.pyplot' in sys.modules); "
+            "from gptfast.ch06 import *; print('matplotlib.pyplot' in sys.modules, plt.__name__, urllib.request.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True", "matplotlib.pyplot", "urllib.request"]
+
+
 def _pair(cfg, seed=123):
     torch.manual_seed(seed)
     ref = ref_ch04.GPTModel(cfg)

@@ -112,10 +112,12 @@ class SpamDataset(Dataset):
         # (the reference's torch.tensor(label, dtype=torch.long) would truncate it silently).
         whole_floats = pd.api.types.is_float_dtype(labels) and bool(
             (labels.notna() & (labels == labels.round())).all())
-        if not (pd.api.types.is_integer_dtype(labels) or whole_floats):
+        # An empty file (a split that came out empty) reads as an object column: an empty data set, as the reference's.
+        if len(labels) > 0 and not (pd.api.types.is_integer_dtype(labels) or whole_floats):
             raise ValueError(f"csv_file {str(csv_file)!r}: Label must hold integer class ids (e.g. ham 0, spam 1), "
                              f"got dtype {labels.dtype}")
-        self._labels = torch.tensor(labels.to_numpy(), dtype=torch.long)
+        self._labels = torch.tensor(labels.to_numpy(dtype="int64") if len(labels) == 0 else labels.to_numpy(),
+                                    dtype=torch.long)
 
     def __getitem__(self, index):
         return self._inputs[index].clone(), self._labels[index].clone()

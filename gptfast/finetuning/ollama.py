@@ -2,8 +2,9 @@
 
 The HTTP code is the real one: a streamed ``/api/chat`` request with deterministic
 options (seed 123, temperature 0, 2048-token context).  When no server answers, the
-functions raise ``ConnectionError`` saying how to start one, instead of urllib's
-bare connection-refused error.
+functions raise :class:`OllamaUnavailable` saying how to start one, instead of urllib's
+bare connection-refused error: a ``ConnectionError`` and a ``urllib.error.URLError`` both,
+so code catching the reference's ``URLError`` still catches it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ import urllib.request
 from .instruction import format_input
 
 DEFAULT_CHAT_URL = "http://localhost:11434/api/chat"
+
+
+class OllamaUnavailable(urllib.error.URLError, ConnectionError):
+    """No Ollama server answered (or it refused the request); the message says what to do."""
+
+    def __str__(self):
+        return str(self.reason)  # the message alone, not urllib's "<urlopen error ...>" wrapping
 
 
 def check_if_running(process_name):
@@ -41,8 +49,9 @@ def _chat_payload(prompt, model):
 def query_model(prompt, model="llama3", url=DEFAULT_CHAT_URL):
     """Send ``prompt`` to the Ollama chat endpoint at ``url`` and return the concatenated streamed reply.
 
-    Raises ``ConnectionError`` when nothing answers at ``url`` (start the server with
-    ``ollama serve``) and ``ValueError`` when the reply is not Ollama's JSON lines.
+    Raises :class:`OllamaUnavailable` (a ``ConnectionError`` and a ``URLError``) when nothing answers at
+    ``url`` (start the server with ``ollama serve``) and ``ValueError`` when the reply is not Ollama's JSON
+    lines.
     """
     request = urllib.request.Request(url, data=json.dumps(_chat_payload(prompt, model)).encode("utf-8"),
                                      method="POST")
@@ -50,10 +59,10 @@ def query_model(prompt, model="llama3", url=DEFAULT_CHAT_URL):
     try:
         response = urllib.request.urlopen(request)
     except urllib.error.HTTPError as exc:
-        raise ConnectionError(f"the Ollama server at {url} answered HTTP {exc.code} ({exc.reason}); "
+        raise OllamaUnavailable(f"the Ollama server at {url} answered HTTP {exc.code} ({exc.reason}); "
                               f"is the model {model!r} pulled (ollama pull {model})?") from None
     except urllib.error.URLError as exc:
-        raise ConnectionError(f"no Ollama server answered at {url} ({exc.reason}); start one with "
+        raise OllamaUnavailable(f"no Ollama server answered at {url} ({exc.reason}); start one with "
                               "`ollama serve` (https://ollama.com) or pass its url") from None
     reply = []
     with response:

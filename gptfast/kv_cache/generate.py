@@ -31,6 +31,7 @@ from ..generation import api
 from ..generation.cache import context_length, is_decodable, is_rotary
 from ..generation.decoding import require_int
 from .utils import KVCache
+from .._star import with_reference_imports
 
 __all__ = ["generate_text_simple", "generate_text_simple_stream", "trim_input_tensor", "KVCache"]
 
@@ -181,3 +182,8 @@ def _protocol_stream(model, token_ids, max_new_tokens, ctx_len=None):
 def _protocol_cached(model, idx, max_new_tokens, ctx_len):
     new = list(_protocol_stream(model, idx, max_new_tokens, ctx_len))
     return torch.cat([idx, *new], dim=1)
+
+# The names a star import of the reference's module also gives (see gptfast/_star.py).
+__all__, __getattr__ = with_reference_imports(__name__, __all__, {
+    "torch": "torch",
+})

@@ -32,6 +32,7 @@ from ..generation.decoding import check_idx, require_int
 from ..kv_cache.generate import reference_cache_window
 from ..models.qwen3_batched import rotates_in_float32
 from .utils import KVCache
+from .._star import with_reference_imports
 
 __all__ = ["generate_text_simple", "trim_input_tensor", "KVCache"]
 
@@ -94,3 +95,8 @@ def _protocol_cached(model, idx, max_new_tokens, ctx_len):
                 logits = model(next_token, cache=cache, start_pos=model.current_pos.clone())
             model.current_pos += 1
     return idx
+
+# The names a star import of the reference's module also gives (see gptfast/_star.py).
+__all__, __getattr__ = with_reference_imports(__name__, __all__, {
+    "torch": "torch",
+})

@@ -13,6 +13,11 @@ import numbers
 
 import torch
 
+
+class TargetOutOfRange(ValueError, IndexError):
+    """A class id outside the logits' classes: a ``ValueError`` as every bad argument here, and the
+    ``IndexError`` torch's ``F.cross_entropy`` (the reference's loss) raises for it."""
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
@@ -100,7 +105,8 @@ def check_targets(targets: torch.Tensor, expected_shape, num_classes: int, ignor
         bad = ((targets < 0) | (targets >= num_classes)) & (targets != ignore_index)
         if bool(bad.any()):
             value = int(targets[bad][0])
-            raise ValueError(f"targets contains {value}, outside [0, {num_classes}) and not ignore_index={ignore_index}")
+            raise TargetOutOfRange(f"targets contains {value}, outside [0, {num_classes}) and not "
+                                   f"ignore_index={ignore_index}")
 
 
 def check_bias(bias, rows: int, dtype: torch.dtype, input_name: str) -> None:
