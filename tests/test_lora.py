@@ -1,6 +1,8 @@
 """Appendix E (LoRA) and appendix A (toy network) against the reference: initial values, outputs,
 gradients, parameter counts, frozen base weights, and no ``A @ B`` or base-weight gradient ever built."""
 
+import warnings
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -169,7 +171,7 @@ def test_freeze_base_in_replace_linear_with_lora():
 
 
 def test_bad_lora_arguments_are_clear_errors():
-    for bad_rank, error in ((0, ValueError), (-2, ValueError), (2.0, TypeError), (True, TypeError)):
+    for bad_rank, error in ((-2, ValueError), (2.0, TypeError), (True, TypeError)):
         with pytest.raises(error, match="rank"):
             appendix_e.LoRALayer(4, 4, bad_rank, 1.0)
         with pytest.raises(error, match="rank"):
@@ -180,6 +182,39 @@ def test_bad_lora_arguments_are_clear_errors():
         appendix_e.LoRALayer(0, 4, 2, 1.0)
     with pytest.raises(TypeError, match="linear"):
         appendix_e.LinearWithLoRA(torch.nn.Conv1d(2, 2, 1), 1, 1.0)
+
+
+def test_what_the_reference_accepts_works_the_same():
+    """Rank 0 (no update), a tensor alpha (learnable: it gets a gradient) and a wrapped module that is not an
+    nn.Linear but says its sizes: the reference takes them, so gptfast does, with the same outputs."""
+    import llms_from_scratch.appendix_e as ref_appendix_e
+
+    class Scaled(torch.nn.Module):  # a linear layer of the user's own
+        def __init__(self):
+            super().__init__()
+            self.inner, self.in_features, self.out_features = torch.nn.Linear(6, 5), 6, 5
+
+        def forward(self, x):
+            return 2 * self.inner(x)
+
+    x = torch.randn(3, 6)
+    for make_base, rank, alpha in ((lambda: torch.nn.Linear(6, 5), 0, 2.0),
+                                   (lambda: torch.nn.Linear(6, 5), 2, torch.nn.Parameter(torch.tensor(1.5))),
+                                   (Scaled, 2, 3.0)):
+        outputs = []
+        for module in (ref_appendix_e, appendix_e):
+            torch.manual_seed(0)
+            base = make_base()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's warning on initialising a rank-0 matrix
+                layer = module.LinearWithLoRA(base, rank, alpha)
+            torch.nn.init.normal_(layer.lora.B)  # a trained update, so alpha matters
+            outputs.append(layer(x))
+        torch.testing.assert_close(outputs[1], outputs[0])
+        if isinstance(alpha, torch.Tensor):
+            alpha.grad = None
+            outputs[1].sum().backward()
+            assert alpha.grad is not None
 
 
 # ----------------------------------------------------------------------------- appendix A
