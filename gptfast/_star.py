@@ -14,6 +14,11 @@ import importlib.util
 import sys
 
 
+# What the reference's llama3 module imports (its KV-cache variant the same).
+LLAMA3_IMPORTS = {"Path": "pathlib:Path", "load_tiktoken_bpe": "tiktoken.load:load_tiktoken_bpe", "nn": "torch.nn",
+                  "os": "os", "tiktoken": "tiktoken", "torch": "torch"}
+
+
 def with_reference_imports(module_name: str, own: list[str], imports: dict[str, str]):
     """``(__all__, __getattr__)`` for drop-in module ``module_name``: its ``own`` names and the reference's
     ``imports`` (attribute name -> ``"module"`` or ``"module:attribute"``).

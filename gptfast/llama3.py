@@ -4,18 +4,11 @@ from .models.llama3 import (LLAMA32_CONFIG_1B, LLAMA32_CONFIG_3B, ChatFormat, Fe
                             GroupedQueryAttentionFast, Llama3Model, Llama3ModelFast, Llama3Tokenizer,
                             TransformerBlock, TransformerBlockFast, apply_rope, assign, clean_text,
                             compute_rope_params, load_weights_into_llama)
-from ._star import with_reference_imports
+from ._star import LLAMA3_IMPORTS, with_reference_imports
 
 __all__ = ["LLAMA32_CONFIG_1B", "LLAMA32_CONFIG_3B", "Llama3Model", "TransformerBlock", "FeedForward",
            "GroupedQueryAttention", "compute_rope_params", "apply_rope", "Llama3Tokenizer", "ChatFormat", "clean_text",
            "GroupedQueryAttentionFast", "TransformerBlockFast", "Llama3ModelFast", "assign", "load_weights_into_llama"]
 
 # The names a star import of the reference's module also gives (see gptfast/_star.py).
-__all__, __getattr__ = with_reference_imports(__name__, __all__, {
-    "Path": "pathlib:Path",
-    "load_tiktoken_bpe": "tiktoken.load:load_tiktoken_bpe",
-    "nn": "torch.nn",
-    "os": "os",
-    "tiktoken": "tiktoken",
-    "torch": "torch",
-})
+__all__, __getattr__ = with_reference_imports(__name__, __all__, LLAMA3_IMPORTS)

@@ -5,14 +5,7 @@ The code lives in :mod:`gptfast.models.llama3_cached`; this module only re-expor
 
 from ..models.llama3_cached import *  # noqa: F401,F403
 from ..models.llama3_cached import __all__  # noqa: F401
-from .._star import with_reference_imports
+from .._star import LLAMA3_IMPORTS, with_reference_imports
 
 # The names a star import of the reference's module also gives (see gptfast/_star.py).
-__all__, __getattr__ = with_reference_imports(__name__, __all__, {
-    "Path": "pathlib:Path",
-    "load_tiktoken_bpe": "tiktoken.load:load_tiktoken_bpe",
-    "nn": "torch.nn",
-    "os": "os",
-    "tiktoken": "tiktoken",
-    "torch": "torch",
-})
+__all__, __getattr__ = with_reference_imports(__name__, __all__, LLAMA3_IMPORTS)
