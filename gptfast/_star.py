@@ -20,22 +20,26 @@ LLAMA3_IMPORTS = {"Path": "pathlib:Path", "load_tiktoken_bpe": "tiktoken.load:lo
 
 
 def with_reference_imports(module_name: str, own: list[str], imports: dict[str, str]):
-    """``(__all__, __getattr__)`` for drop-in module ``module_name``: its ``own`` names and the reference's
-    ``imports`` (attribute name -> ``"module"`` or ``"module:attribute"``).
+    """``(__all__, __getattr__, __dir__)`` for drop-in module ``module_name``: its ``own`` names and the
+    reference's ``imports`` (attribute name -> ``"module"`` or ``"module:attribute"``).
 
-    An import whose package is not installed is left out of ``__all__``, so the star import still works.  A
-    dotted module bound under its top package's name (``urllib`` for ``import urllib.request``) is that package,
-    with the submodule loaded, as the reference's ``import`` statement binds it.
+    An import whose package is not installed is left out (of ``__all__``, so the star import still works, and
+    of the attributes: ``hasattr`` says False).  A dotted module bound under its top package's name (``urllib``
+    for ``import urllib.request``) is that package, with the submodule loaded, as the reference's ``import``
+    statement binds it.
     """
     available = [name for name, target in imports.items()
                  if importlib.util.find_spec(target.split(":")[0].split(".")[0]) is not None]
 
     def __getattr__(name):
-        target = imports.get(name)
+        target = imports.get(name) if name in available else None
         if target is None:
             raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
         module_path, _, attribute = target.partition(":")
-        module = importlib.import_module(module_path)
+        try:
+            module = importlib.import_module(module_path)
+        except ImportError as exc:  # installed but not importable: still only a missing attribute
+            raise AttributeError(f"module {module_name!r} has no attribute {name!r} ({exc})") from exc
         if attribute:
             value = getattr(module, attribute)
         elif module_path.split(".")[0] == name:
@@ -45,4 +49,7 @@ def with_reference_imports(module_name: str, own: list[str], imports: dict[str, 
         vars(sys.modules[module_name])[name] = value  # later lookups find it without this hook
         return value
 
-    return [*own, *available], __getattr__
+    def __dir__():
+        return sorted({*vars(sys.modules[module_name]), *available})
+
+    return [*own, *available], __getattr__, __dir__

@@ -8,7 +8,7 @@ __all__ = ["SelfAttention_v1", "SelfAttention_v2", "CausalAttention", "MultiHead
            "MultiHeadAttention", "PyTorchMultiHeadAttention"]
 
 # The names a star import of the reference's module also gives (see gptfast/_star.py).
-__all__, __getattr__ = with_reference_imports(__name__, __all__, {
+__all__, __getattr__, __dir__ = with_reference_imports(__name__, __all__, {
     "nn": "torch.nn",
     "torch": "torch",
 })

@@ -9,7 +9,7 @@ __all__ = ["GPTModel", "TransformerBlock", "MultiHeadAttention", "PyTorchMultiHe
            "LayerNorm", "GELU", "generate_text_simple", "FeedForwardFast", "TransformerBlockFast", "GPTModelFast"]
 
 # The names a star import of the reference's module also gives (see gptfast/_star.py).
-__all__, __getattr__ = with_reference_imports(__name__, __all__, {
+__all__, __getattr__, __dir__ = with_reference_imports(__name__, __all__, {
     "nn": "torch.nn",
     "torch": "torch",
 })

@@ -19,7 +19,7 @@ __all__ = ["download_and_load_file", "format_input", "InstructionDataset", "cust
            "generate_model_scores"]
 
 # The names a star import of the reference's module also gives (see gptfast/_star.py).
-__all__, __getattr__ = with_reference_imports(__name__, __all__, {
+__all__, __getattr__, __dir__ = with_reference_imports(__name__, __all__, {
     "Dataset": "torch.utils.data:Dataset",
     "json": "json",
     "os": "os",

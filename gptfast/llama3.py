@@ -11,4 +11,4 @@ __all__ = ["LLAMA32_CONFIG_1B", "LLAMA32_CONFIG_3B", "Llama3Model", "Transformer
            "GroupedQueryAttentionFast", "TransformerBlockFast", "Llama3ModelFast", "assign", "load_weights_into_llama"]
 
 # The names a star import of the reference's module also gives (see gptfast/_star.py).
-__all__, __getattr__ = with_reference_imports(__name__, __all__, LLAMA3_IMPORTS)
+__all__, __getattr__, __dir__ = with_reference_imports(__name__, __all__, LLAMA3_IMPORTS)

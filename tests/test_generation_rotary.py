@@ -246,3 +246,16 @@ def test_the_kv_cache_generator_keeps_what_the_references_cached_loop_keeps(back
                 ref_stream = list(ref_kv_generate.generate_text_simple_stream(r, idx, new, context_size=context_size))
                 ours = list(kv_generate.generate_text_simple_stream(o, idx, new, context_size=context_size))
                 assert torch.equal(torch.cat(ours, dim=1), torch.cat(ref_stream, dim=1)), (seed, context_size)
+
+
+def test_a_bad_context_size_is_named_before_any_work():
+    o = qwen_cached.Qwen3Model(qwen_cfg(2)).eval()
+    idx = torch.randint(0, 101, (2, 6))
+    with pytest.raises(ValueError, match="context_size must be >= 1, got -2"):
+        kv_generate.generate_text_simple(o, idx, 5, context_size=-2)
+    with pytest.raises(TypeError, match="context_size must be an int"):
+        kv_generate.generate_text_simple(o, idx, 5, context_size=3.0)
+    batched = qwen_batched.Qwen3Model(qwen_cfg(2)).eval()
+    import gptfast.kv_cache_batched.generate as batched_generate
+    with pytest.raises(ValueError, match="context_size must be >= 1"):
+        batched_generate.generate_text_simple(batched, idx, 5, context_size=-1)

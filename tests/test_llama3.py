@@ -61,17 +61,31 @@ def test_logits_are_bitwise_the_references_with_the_torch_backend(seq_len, n_kv_
 
 
 @pytest.mark.parametrize("n_kv_groups", RATIOS)
-def test_fast_variant_matches_the_references_fast_and_equals_our_plain_model(n_kv_groups):
+def test_fast_variant_matches_the_references_fast_and_our_plain_model(n_kv_groups):
     cfg = tiny_cfg(n_kv_groups)
     r_fast, o_fast = _pair("Llama3ModelFast", cfg)
     _, o_plain = _pair("Llama3Model", cfg)
     o_plain.load_state_dict(o_fast.state_dict())
     idx = torch.randint(0, cfg["vocab_size"], (3, 23))
     with torch.no_grad():
-        # The reference's fast variant uses scaled_dot_product_attention: equal up to fp32 rounding.
+        # The default backend runs the plain model's fused op: equal up to fp32 rounding to the reference's SDPA.
         torch.testing.assert_close(o_fast(idx), r_fast(idx), atol=1e-5, rtol=1e-5)
-        with ops.use_backend("torch"):
-            assert torch.equal(o_fast(idx), o_plain(idx))
+        torch.testing.assert_close(o_fast(idx), o_plain(idx), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n_kv_groups", RATIOS)
+def test_fast_variant_is_bitwise_the_references_with_the_torch_backend(n_kv_groups, dtype):
+    cfg = tiny_cfg(n_kv_groups, dtype=dtype)
+    r_fast, o_fast = _pair("Llama3ModelFast", cfg)
+    idx = torch.randint(0, cfg["vocab_size"], (2, 16))
+    with ops.use_backend("torch"):
+        mine, theirs = o_fast(idx), r_fast(idx)
+        assert torch.equal(mine, theirs)
+        mine.float().pow(2).mean().backward()
+        theirs.float().pow(2).mean().backward()
+    for (name, p), q in zip(o_fast.named_parameters(), r_fast.parameters()):
+        assert torch.equal(p.grad, q.grad), name
 
 
 def test_default_backend_matches_the_reference_within_fp32_tolerance():
@@ -355,3 +369,22 @@ def test_inference_mode_runs_the_models_and_their_kv_cache_variants():
         model = cached.Llama3Model(cfg).eval()
         model.load_state_dict(o.state_dict())
         torch.testing.assert_close(model(x, cache=cached.KVCache(cfg["n_layers"])), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_a_hook_editing_the_mask_in_place_is_honoured(mode):
+    """A pre-hook that narrows the causal mask in place (a sliding window): gptfast's attention must see the edit and
+    leave the fused causal op, in inference mode too (where a mask made there would count no edits)."""
+    cfg = tiny_cfg(2)
+    r, o = _pair("Llama3Model", cfg)
+
+    def window(module, args):
+        args[1].__ior__(torch.ones_like(args[1]).tril(-2))
+
+    for model in (r, o):
+        model.trf_blocks[0].register_forward_pre_hook(window)
+    x = torch.randint(0, cfg["vocab_size"], (2, 9))
+    context = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
+    with context:
+        for _ in range(2):  # also once the edited mask is the cached one
+            torch.testing.assert_close(o(x), r(x), atol=1e-5, rtol=1e-5)

@@ -311,6 +311,16 @@ def test_download_writes_the_file_once_and_reuses_it(tmp_path, monkeypatch, caps
     assert open(path, "rb").read() == b'{"hello": 1}'
     assert ours.download_from_huggingface("Qwen/Qwen3-0.6B", "tokenizer.json", str(tmp_path / "q")) == path
     assert len(urls) == 1 and "File already exists" in capsys.readouterr().out
+    # the path as the reference spells it: local_dir joined with the filename, unnormalised
+    monkeypatch.chdir(tmp_path)
+    import llms_from_scratch.qwen3 as reference
+    for local_dir in (".", "q/", str(tmp_path) + "//q"):
+        ours.download_from_huggingface("Qwen/Qwen3-0.6B", "tokenizer.json", local_dir)  # there from now on
+        capsys.readouterr()
+        assert (ours.download_from_huggingface("Qwen/Qwen3-0.6B", "tokenizer.json", local_dir)
+                == reference.download_from_huggingface("Qwen/Qwen3-0.6B", "tokenizer.json", local_dir))
+        printed = capsys.readouterr().out.splitlines()
+        assert printed[0] == printed[1], local_dir
 
 
 def test_failed_download_names_the_url_and_leaves_no_file(tmp_path, monkeypatch):
@@ -478,3 +488,13 @@ def test_a_block_of_the_references_own_class_gets_the_mask_it_needs():
     cfg = tiny_cfg()
     r, o = _pair(cfg)
     assert_blocks_of_the_users_get_the_references_mask(ref, r, o, cfg)
+
+
+@pytest.mark.parametrize("num_experts", [0, 4], ids=["dense", "moe"])
+def test_an_empty_input_gives_empty_logits_as_in_the_reference(num_experts):
+    cfg = tiny_cfg(2, num_experts=num_experts)
+    r, o = _pair(cfg)
+    for shape in ((2, 0), (0, 5)):
+        idx = torch.zeros(shape, dtype=torch.long)
+        with torch.no_grad():
+            assert o.eval()(idx).shape == r.eval()(idx).shape == (*shape, cfg["vocab_size"])

@@ -483,3 +483,22 @@ def test_a_forward_patched_with_functools_wraps_is_still_the_users(monkeypatch):
     assert not overrides_library_forward(FeedForward)
     monkeypatch.setattr(FeedForward, "forward", functools.wraps(original)(lambda self, x: original(self, x) * 0))
     assert overrides_library_forward(FeedForward)
+
+
+def test_a_reference_import_that_is_missing_or_broken_is_only_a_missing_attribute(tmp_path, monkeypatch):
+    import sys
+    import types
+    from gptfast._star import with_reference_imports
+    (tmp_path / "broken_for_the_test").mkdir()
+    (tmp_path / "broken_for_the_test" / "__init__.py").write_text("raise ImportError('no native part')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = types.ModuleType("drop_in_for_the_test")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    names, getattr_, dir_ = with_reference_imports(module.__name__, ["own"], {
+        "json": "json", "absent": "no_such_package_for_the_test", "broken": "broken_for_the_test"})
+    module.__getattr__, module.own = getattr_, 1
+    assert names == ["own", "json", "broken"]  # an absent package is no star-import name
+    assert module.json is __import__("json") and not hasattr(module, "absent") and not hasattr(module, "broken")
+    assert {"own", "json", "broken"} <= set(dir_())
+    import gptfast.ch05
+    assert "plt" in dir(gptfast.ch05) and "generate" in dir(gptfast.ch05)  # tab completion sees them

@@ -159,3 +159,17 @@ def test_bad_arguments_are_named_before_any_kernel():
         for eps in (0.0, -1e-6, float("nan"), float("inf"), True, "1e-6"):
             with pytest.raises(ValueError, match="eps must be a positive"):
                 ops.rms_norm(x, w, eps=eps, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_builtin_rms_norm_without_eps_uses_torchs_eps(dtype):
+    """``nn.RMSNorm(eps=None)`` normalises with the eps of the dtype it computes in: float32's for 16-bit inputs."""
+    from gptfast.models.layers import BuiltinRMSNorm
+    theirs = torch.nn.RMSNorm(8, eps=None, dtype=dtype)
+    ours = BuiltinRMSNorm(8, eps=None, dtype=dtype)
+    torch.nn.init.normal_(theirs.weight)
+    ours.load_state_dict(theirs.state_dict())
+    x = (torch.randn(3, 8) * 1e-3).to(dtype)  # small enough that eps matters
+    for backend in ("torch", "auto"):
+        with ops.use_backend(backend):
+            torch.testing.assert_close(ours(x), theirs(x), **tol(dtype))

@@ -25,14 +25,16 @@ namespace {
 // ~400 times a step of a 28-layer model.  They bypass the dispatcher (no autograd, no dispatch modes, no
 // profiler record), so gptfast hands them only to a caller that holds its no-autograd guard over plain
 // CPU tensors (gptfast/ops/_dispatch.py, bound_kernel); every kernel still checks its arguments.
+// Like the op, each releases the GIL while its kernel runs (other Python threads go on).
 void add_direct_calls(PyObject* created) {
   auto module = pybind11::reinterpret_borrow<pybind11::module_>(created);
-  module.def("direct_decode_linear", &gptfast_cpu::decode_linear);
-  module.def("direct_rms_norm_fwd", &gptfast_cpu::rms_norm_fwd);
-  module.def("direct_layer_norm_fwd", &gptfast_cpu::layer_norm_fwd);
-  module.def("direct_rope_fwd", &gptfast_cpu::rope_fwd);
-  module.def("direct_swiglu_fwd", &gptfast_cpu::swiglu_fwd);
-  module.def("direct_gelu_fwd", &gptfast_cpu::gelu_fwd);
+  const auto released = pybind11::call_guard<pybind11::gil_scoped_release>();
+  module.def("direct_decode_linear", &gptfast_cpu::decode_linear, released);
+  module.def("direct_rms_norm_fwd", &gptfast_cpu::rms_norm_fwd, released);
+  module.def("direct_layer_norm_fwd", &gptfast_cpu::layer_norm_fwd, released);
+  module.def("direct_rope_fwd", &gptfast_cpu::rope_fwd, released);
+  module.def("direct_swiglu_fwd", &gptfast_cpu::swiglu_fwd, released);
+  module.def("direct_gelu_fwd", &gptfast_cpu::gelu_fwd, released);
 }
 
 }  // namespace

@@ -54,7 +54,7 @@ def generate_text_simple(model, idx, max_new_tokens, context_size=None, use_cach
         prompt, window = reference_cache_window(model, idx, max_new_tokens, ctx_len)
         out = api.generate_text_simple(model, prompt, max_new_tokens, window)
         _leave_position(model, prompt.shape[1] + max_new_tokens)
-        return torch.cat([idx[:, :idx.shape[1] - prompt.shape[1]], out], dim=1)
+        return torch.cat([idx[:, :idx.shape[1] - prompt.shape[1]].to(out.device), out], dim=1)
     return _protocol_cached(model, idx, max_new_tokens, ctx_len)
 
 
@@ -93,6 +93,8 @@ def reference_cache_window(model, idx, max_new_tokens, ctx_len):
     (where the reference's loop fails, or reuses its last RoPE position) does the window slide, at that length.
     A ``ctx_len`` beyond the model's positions is passed on as it is: the decoder refuses it if the sequences
     would outgrow the model."""
+    if ctx_len is not None:
+        ctx_len = require_int("context_size", ctx_len, 1)
     prompt = idx if ctx_len is None else idx[:, -ctx_len:]
     limit = context_length(model)
     if ctx_len is not None and ctx_len > limit:
@@ -184,6 +186,6 @@ def _protocol_cached(model, idx, max_new_tokens, ctx_len):
     return torch.cat([idx, *new], dim=1)
 
 # The names a star import of the reference's module also gives (see gptfast/_star.py).
-__all__, __getattr__ = with_reference_imports(__name__, __all__, {
+__all__, __getattr__, __dir__ = with_reference_imports(__name__, __all__, {
     "torch": "torch",
 })

@@ -55,7 +55,7 @@ def generate_text_simple(model, idx, max_new_tokens, context_size=None, use_cach
         prompt, window = reference_cache_window(model, idx, max_new_tokens, ctx_len)
         out = api.generate_text_simple(model, prompt, max_new_tokens, window)
         _leave_positions(model, idx, prompt.shape[1] + max_new_tokens)
-        return torch.cat([idx[:, :idx.shape[1] - prompt.shape[1]], out], dim=1)
+        return torch.cat([idx[:, :idx.shape[1] - prompt.shape[1]].to(out.device), out], dim=1)
     return _protocol_cached(model, idx, max_new_tokens, ctx_len)
 
 
@@ -97,6 +97,6 @@ def _protocol_cached(model, idx, max_new_tokens, ctx_len):
     return idx
 
 # The names a star import of the reference's module also gives (see gptfast/_star.py).
-__all__, __getattr__ = with_reference_imports(__name__, __all__, {
+__all__, __getattr__, __dir__ = with_reference_imports(__name__, __all__, {
     "torch": "torch",
 })

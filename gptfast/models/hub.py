@@ -33,7 +33,8 @@ def download_from_huggingface(repo_id, filename, local_dir, revision="main"):
     and leaves nothing behind; a ``filename`` leading outside ``local_dir`` is a ``ValueError``.
     """
     url = f"{HF_BASE_URL}/{repo_id}/resolve/{revision}/{filename}"
-    dest_path = str(path_inside(local_dir, filename))
+    path_inside(local_dir, filename)  # refuses a filename leading outside local_dir
+    dest_path = os.path.join(local_dir, filename)  # the path as the reference spells it (returned and printed)
     Path(dest_path).parent.mkdir(parents=True, exist_ok=True)
     if os.path.exists(dest_path):
         print(f"File already exists: {dest_path}")

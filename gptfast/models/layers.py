@@ -92,11 +92,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, bias: torch.T
 
 
 def builtin_rms_norm_eps(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None) -> float | None:
-    """The eps :func:`rms_norm_builtin` normalises ``x``'s last axis with (``x``'s dtype's eps for ``None``), or
-    ``None`` when it leaves the call to ``F.rms_norm`` as given (no weight, a weight of another size, integer x)."""
+    """The eps :func:`rms_norm_builtin` normalises ``x``'s last axis with, or ``None`` when it leaves the call to
+    ``F.rms_norm`` as given (no weight, a weight of another size, integer x).  For ``eps=None`` that is
+    ``F.rms_norm``'s: the eps of the dtype it computes in (float32 for 16-bit x)."""
     if weight is None or weight.shape != (x.shape[-1],) or not x.dtype.is_floating_point:
         return None
-    return torch.finfo(x.dtype).eps if eps is None else eps
+    if eps is not None:
+        return eps
+    return torch.finfo(torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype).eps
 
 
 def rms_norm_builtin(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None) -> torch.Tensor:
@@ -275,7 +278,10 @@ def causal_mask(num_queries: int, num_keys: int, device) -> torch.Tensor | None:
     key = (num_queries, num_keys, torch.device(device))
     mask = _CAUSAL_MASKS.get(key)
     if mask is None or _version_of(mask) != _CAUSAL_MASK_VERSIONS.get(key):
-        mask = torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).triu(num_keys - num_queries + 1)
+        # Never an inference tensor: a normal one keeps counting in-place edits (a hook's) in inference mode too.
+        with torch.inference_mode(False):
+            mask = torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).triu(
+                num_keys - num_queries + 1)
         for gone in [k for k in _CAUSAL_MASK_VERSIONS if k not in _CAUSAL_MASKS]:
             del _CAUSAL_MASK_VERSIONS[gone]
         _CAUSAL_MASKS[key] = mask
@@ -284,8 +290,7 @@ def causal_mask(num_queries: int, num_keys: int, device) -> torch.Tensor | None:
 
 
 def _version_of(tensor: torch.Tensor):
-    """The in-place version counter, or None for an inference tensor (which has none; in inference mode the
-    mask lives only within the forward that made it)."""
+    """The in-place version counter, or None for an inference tensor (which has none)."""
     return None if tensor.is_inference() else tensor._version
 
 
@@ -312,6 +317,8 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     heads, kv_heads = q.shape[1], k.shape[1]
     if kv_heads == 0 or heads % kv_heads != 0:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
+    if q.shape[2] == 0:  # no tokens (an empty input): no output rows, as the reference's matmuls give
+        return q.new_zeros((*q.shape[:3], v.shape[-1]))
     group_size = heads // kv_heads
     # The fused kernels read the shared k/v heads in place.  The torch backend gets the
     # reference's contiguous repeat_interleave copies, so its matmuls stay bitwise equal.
@@ -361,8 +368,8 @@ def routed_expert_mixture(x, topk_probs, topk_indices, num_experts, expert_fn):
     gradient, so its weight decay and momentum would stop).
     """
     flat = x.reshape(-1, x.shape[-1])
-    idx = topk_indices.reshape(flat.shape[0], -1)
-    probs = topk_probs.reshape(flat.shape[0], -1)
+    idx = topk_indices.reshape(flat.shape[0], topk_indices.shape[-1])  # (an explicit k: also for no tokens)
+    probs = topk_probs.reshape(flat.shape[0], topk_probs.shape[-1])
     out = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
     # Sorting the (token, slot) pairs by expert gives each expert one contiguous slice.
     order = torch.argsort(idx.flatten(), stable=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .. import ops
 from ..tokenizer import read_tiktoken_ranks
 from . import layers
 from .blocks import PreNormBlock, output_logits
@@ -123,12 +124,19 @@ class GroupedQueryAttention(_LlamaAttentionBase):
 class GroupedQueryAttentionFast(_LlamaAttentionBase):
     """Causal grouped-query attention without a mask argument: ``forward(x, cos, sin)``.
 
-    The reference runs PyTorch's ``scaled_dot_product_attention`` here; this runs the
-    same fused op as :class:`GroupedQueryAttention`, so both variants agree bitwise.
+    The reference runs PyTorch's ``scaled_dot_product_attention`` over k/v expanded to every
+    query head; so does this under backend ``"torch"`` (bitwise the reference).  Otherwise it
+    runs the same fused op as :class:`GroupedQueryAttention`, over the grouped k/v.
     """
 
     def forward(self, x, cos, sin):
-        return self._attend(x, None, cos, sin)
+        if ops.get_backend() != "torch":
+            return self._attend(x, None, cos, sin)
+        queries, keys, values = self.project_rotary(x, cos, sin)
+        group = queries.shape[1] // keys.shape[1]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            queries, layers.expand_kv_heads(keys, group), layers.expand_kv_heads(values, group), is_causal=True)
+        return self.out_proj(layers.merge_heads(out))
 
 
 # ----------------------------------------------------------------------------- blocks and models
