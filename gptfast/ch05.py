@@ -12,6 +12,7 @@ __all__ = ["generate", "generate_text_simple", "train_model_simple", "evaluate_m
            "calc_loss_loader", "plot_losses", "download_and_load_gpt2", "download_file",
            "load_gpt2_params_from_tf_ckpt"]
 
+
 # The names a star import of the reference's module also gives (see gptfast/_star.py).
 __all__, __getattr__, __dir__ = with_reference_imports(__name__, __all__, {
     "MaxNLocator": "matplotlib.ticker:MaxNLocator",

@@ -9,6 +9,7 @@ __all__ = ["download_and_unzip_spam_data", "create_balanced_dataset", "random_sp
            "calc_accuracy_loader", "calc_loss_batch", "calc_loss_loader", "evaluate_model",
            "train_classifier_simple", "plot_values", "classify_review"]
 
+
 # The names a star import of the reference's module also gives (see gptfast/_star.py).
 __all__, __getattr__, __dir__ = with_reference_imports(__name__, __all__, {
     "Dataset": "torch.utils.data:Dataset",

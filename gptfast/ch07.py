@@ -18,6 +18,7 @@ __all__ = ["download_and_load_file", "format_input", "InstructionDataset", "cust
            "custom_collate_draft_2", "custom_collate_fn", "check_if_running", "query_model",
            "generate_model_scores"]
 
+
 # The names a star import of the reference's module also gives (see gptfast/_star.py).
 __all__, __getattr__, __dir__ = with_reference_imports(__name__, __all__, {
     "Dataset": "torch.utils.data:Dataset",

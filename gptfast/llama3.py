@@ -10,5 +10,6 @@ __all__ = ["LLAMA32_CONFIG_1B", "LLAMA32_CONFIG_3B", "Llama3Model", "Transformer
            "GroupedQueryAttention", "compute_rope_params", "apply_rope", "Llama3Tokenizer", "ChatFormat", "clean_text",
            "GroupedQueryAttentionFast", "TransformerBlockFast", "Llama3ModelFast", "assign", "load_weights_into_llama"]
 
+
 # The names a star import of the reference's module also gives (see gptfast/_star.py).
 __all__, __getattr__, __dir__ = with_reference_imports(__name__, __all__, LLAMA3_IMPORTS)

@@ -16,6 +16,7 @@ __all__ = ["QWEN_CONFIG_06_B", "QWEN3_CONFIG_1_7B", "QWEN3_CONFIG_4B", "QWEN3_CO
            "load_weights_into_qwen", "Qwen3Tokenizer", "download_from_huggingface",
            "download_from_huggingface_from_snapshots"]
 
+
 # The names a star import of the reference's module also gives (see gptfast/_star.py).
 __all__, __getattr__, __dir__ = with_reference_imports(__name__, __all__, {
     "Path": "pathlib:Path",

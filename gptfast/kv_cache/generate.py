@@ -51,10 +51,9 @@ def generate_text_simple(model, idx, max_new_tokens, context_size=None, use_cach
         _reset(model)
         if not is_rotary(model):
             return api.generate_text_simple(model, idx, max_new_tokens, ctx_len)
-        prompt, window = reference_cache_window(model, idx, max_new_tokens, ctx_len)
-        out = api.generate_text_simple(model, prompt, max_new_tokens, window)
-        _leave_position(model, prompt.shape[1] + max_new_tokens)
-        return torch.cat([idx[:, :idx.shape[1] - prompt.shape[1]].to(out.device), out], dim=1)
+        out, position = reference_cached_generation(model, idx, max_new_tokens, ctx_len)
+        _leave_position(model, position)
+        return out
     return _protocol_cached(model, idx, max_new_tokens, ctx_len)
 
 
@@ -100,6 +99,15 @@ def reference_cache_window(model, idx, max_new_tokens, ctx_len):
     if ctx_len is not None and ctx_len > limit:
         return prompt, ctx_len
     return prompt, max(1, min(limit, prompt.shape[1] + max_new_tokens))
+
+
+def reference_cached_generation(model, idx, max_new_tokens, ctx_len):
+    """Greedy tokens ``(b, t + n)`` of gptfast's decoder caching what the reference's cached loop caches
+    (:func:`reference_cache_window`), and the position that loop ends at (its ``current_pos``)."""
+    prompt, window = reference_cache_window(model, idx, max_new_tokens, ctx_len)
+    out = api.generate_text_simple(model, prompt, max_new_tokens, window)
+    cut = idx[:, :idx.shape[1] - prompt.shape[1]].to(out.device)  # the tokens the cache never saw
+    return torch.cat([cut, out], dim=1), prompt.shape[1] + max_new_tokens
 
 
 def _until_eos(tokens, eos_token_id):
@@ -184,6 +192,7 @@ def _protocol_stream(model, token_ids, max_new_tokens, ctx_len=None):
 def _protocol_cached(model, idx, max_new_tokens, ctx_len):
     new = list(_protocol_stream(model, idx, max_new_tokens, ctx_len))
     return torch.cat([idx, *new], dim=1)
+
 
 # The names a star import of the reference's module also gives (see gptfast/_star.py).
 __all__, __getattr__, __dir__ = with_reference_imports(__name__, __all__, {

@@ -29,7 +29,7 @@ from ..generate import trim_input_tensor  # noqa: F401  (the reference re-export
 from ..generation import api
 from ..generation.cache import is_decodable, is_rotary
 from ..generation.decoding import check_idx, require_int
-from ..kv_cache.generate import reference_cache_window
+from ..kv_cache.generate import reference_cached_generation
 from ..models.qwen3_batched import rotates_in_float32
 from .utils import KVCache
 from .._star import with_reference_imports
@@ -52,10 +52,9 @@ def generate_text_simple(model, idx, max_new_tokens, context_size=None, use_cach
     if is_decodable(model) and not (ops.get_backend() == "torch" and rotates_in_float32(model)):
         if not is_rotary(model):
             return api.generate_text_simple(model, idx, max_new_tokens, ctx_len)
-        prompt, window = reference_cache_window(model, idx, max_new_tokens, ctx_len)
-        out = api.generate_text_simple(model, prompt, max_new_tokens, window)
-        _leave_positions(model, idx, prompt.shape[1] + max_new_tokens)
-        return torch.cat([idx[:, :idx.shape[1] - prompt.shape[1]].to(out.device), out], dim=1)
+        out, position = reference_cached_generation(model, idx, max_new_tokens, ctx_len)
+        _leave_positions(model, idx, position)
+        return out
     return _protocol_cached(model, idx, max_new_tokens, ctx_len)
 
 
@@ -95,6 +94,7 @@ def _protocol_cached(model, idx, max_new_tokens, ctx_len):
                 logits = model(next_token, cache=cache, start_pos=model.current_pos.clone())
             model.current_pos += 1
     return idx
+
 
 # The names a star import of the reference's module also gives (see gptfast/_star.py).
 __all__, __getattr__, __dir__ = with_reference_imports(__name__, __all__, {
