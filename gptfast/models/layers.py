@@ -317,17 +317,19 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     heads, kv_heads = q.shape[1], k.shape[1]
     if kv_heads == 0 or heads % kv_heads != 0:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
-    if q.shape[2] == 0:  # no tokens (an empty input): no output rows, as the reference's matmuls give
-        return q.new_zeros((*q.shape[:3], v.shape[-1]))
     group_size = heads // kv_heads
+    causal_op = mask is None and q.shape[2] > 0  # no query tokens (an empty input): the matmuls below, as the
+    # reference's, give no rows and keep the graph (its projections get zero gradients, not none)
     # The fused kernels read the shared k/v heads in place.  The torch backend gets the
     # reference's contiguous repeat_interleave copies, so its matmuls stay bitwise equal.
-    if mask is None and ops.selected_backend("causal_attention", q, k, v) != "torch":
+    if causal_op and ops.selected_backend("causal_attention", q, k, v) != "torch":
         return ops.causal_attention(q, k, v)
     k, v = expand_kv_heads(k, group_size), expand_kv_heads(v, group_size)
-    if mask is None:
+    if causal_op:
         return ops.causal_attention(q, k, v)
-    scores = (q @ k.transpose(2, 3)).masked_fill(mask, -torch.inf)
+    scores = q @ k.transpose(2, 3)
+    if mask is not None:
+        scores = scores.masked_fill(mask, -torch.inf)
     weights = torch.softmax(scores / k.shape[-1] ** 0.5, dim=-1)
     return weights @ v
 
