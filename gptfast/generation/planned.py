@@ -28,7 +28,7 @@ from ..ops._dispatch import without_graph
 from ..ops.activation import gelu_rows, swiglu_rows
 from ..ops.linear import decode_linear_rows
 from ..ops.normalization import layer_norm_rows, rms_norm_rows
-from ..ops.rotary import rope_rows, rope_rows_at
+from ..ops.rotary import rope_rows
 
 
 def _plain_tensors(model) -> bool:
@@ -279,9 +279,10 @@ class PlannedRotaryStep:
                                                     {"offset": 0, "positions": None})
                 if entry_point is None:
                     return None
-                rope = rope_rows(entry_point, guarded=True) or entry_point
+                bound = rope_rows(entry_point, guarded=True)
+                rope = bound or entry_point
                 if x.device.type == "cpu":  # the generic step's op with the positions, on its kernel where bound
-                    rope_at = rope_rows_at(entry_point, guarded=True) or functools.partial(_rope_at, entry_point)
+                    rope_at = bound or functools.partial(_rope_at, entry_point)
                 # The backend ops.swiglu resolves to, on its kernel where that is a fused backend's.
                 entry_point = ops.resolve("swiglu", x.device, (hidden, hidden), {})[1]
                 swiglu = swiglu_rows(entry_point, guarded=True) or entry_point

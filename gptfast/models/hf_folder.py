@@ -119,10 +119,19 @@ def _llama_rope_freq(hf: dict, path: Path):
 def read_config(folder) -> tuple[str, dict]:
     """``(family, cfg)`` of the checkpoint in ``folder``: ``"llama3"`` or ``"qwen3"`` and the book's config dict
     (the keys of ``LLAMA32_CONFIG_1B`` / ``QWEN_CONFIG_06_B`` / ``QWEN3_CONFIG_30B_A3B``)."""
+    return _config_from(_folder_config(folder), Path(folder) / CONFIG_NAME)
+
+
+def _folder_config(folder) -> dict:
+    """The folder's ``config.json``, read."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}: not a Hugging Face model folder")
-    hf = _read_json(path)
+    return _read_json(path)
+
+
+def _config_from(hf: dict, path: Path) -> tuple[str, dict]:
+    """:func:`read_config` of the ``config.json`` at ``path``, read into ``hf``."""
     model_type = hf.get("model_type")
     if model_type not in FAMILIES:
         raise ValueError(f"{path}: model_type {model_type!r} is not one of {', '.join(FAMILIES)}")
@@ -155,12 +164,12 @@ def load_model(folder, dtype=None, device="cpu"):
     The model is built on the meta device, so no weight is initialised only to be overwritten; its RoPE tables
     are then computed for real.  The head follows ``tie_word_embeddings`` as Hugging Face does: tied, it is the
     token embedding (the same tensor, not a copy: 311 MB less for Qwen3-0.6B in bf16) even where the file also
-    holds an ``lm_head.weight``; untied, the file must hold one.  The
-    book's loaders print a line when the head is tied: it goes to stderr here, so a command streaming text on
-    stdout keeps only the text there.
+    holds an ``lm_head.weight``; untied, the file must hold one.  The book's loaders print a line when the head
+    is tied: it goes to stderr here, so a command streaming text on stdout keeps only the text there.
     """
-    family, cfg = read_config(folder)
-    tied = _read_json(Path(folder) / CONFIG_NAME).get("tie_word_embeddings", False) is True
+    hf = _folder_config(folder)
+    family, cfg = _config_from(hf, Path(folder) / CONFIG_NAME)
+    tied = hf.get("tie_word_embeddings", False) is True
     if dtype is not None:
         cfg["dtype"] = dtype
     params = load_safetensors_folder(folder)

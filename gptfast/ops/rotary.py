@@ -73,26 +73,16 @@ def fused_rope(ops, x, cos, sin, *, offset=0, positions=None):
 
 
 def rope_rows(entry_point, *, guarded=False):
-    """``fn(x, cos, sin)`` running the kernel behind a resolved ``rope`` entry point, or ``None``.
+    """``fn(x, cos, sin, positions=None)`` running the kernel behind a resolved ``rope`` entry point, or ``None``.
 
     For a caller that calls it many times on validated input in the kernel's layout (a
-    decode plan): ``x`` ``(B, H, T, D)`` with a unit-stride last axis, ``cos``/``sin`` the
-    ``(T, D)`` rows of its positions.  ``None`` when ``entry_point`` is not a fused backend's.
-    ``guarded``: the caller holds :func:`~gptfast.ops._dispatch.without_graph` (see ``bound_kernel``).
+    decode plan): ``x`` ``(B, H, T, D)`` with a unit-stride last axis; ``cos``/``sin`` the
+    ``(T, D)`` rows of its positions, or, with ``positions`` (the ``(B, T)`` int64 position of
+    each token; the kernels check that they lie in the tables), the whole ``(P, D)`` tables.
+    ``None`` when ``entry_point`` is not a fused backend's.  ``guarded``: the caller holds
+    :func:`~gptfast.ops._dispatch.without_graph` (see ``bound_kernel``).
     """
     kernel = bound_kernel(entry_point, fused_rope, "rope_fwd", guarded=guarded)
     if kernel is None:
         return None
-    return lambda x, cos, sin: kernel(x, cos, sin, None, 0)
-
-
-def rope_rows_at(entry_point, *, guarded=False):
-    """``fn(x, cos, sin, positions)``: :func:`rope_rows` for rows at their own positions, or ``None``.
-
-    ``cos``/``sin`` are the whole ``(P, D)`` tables and ``positions`` the ``(B, T)`` int64 position of each
-    token of ``x`` (the kernels check that they lie in the tables).
-    """
-    kernel = bound_kernel(entry_point, fused_rope, "rope_fwd", guarded=guarded)
-    if kernel is None:
-        return None
-    return lambda x, cos, sin, positions: kernel(x, cos, sin, positions, 0)
+    return lambda x, cos, sin, positions=None: kernel(x, cos, sin, positions, 0)
