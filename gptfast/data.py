@@ -41,9 +41,14 @@ class GPTDatasetV1(Dataset):
 
 def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=True, drop_last=True,
                          num_workers=0):
-    """DataLoader over ``GPTDatasetV1`` windows of ``txt``, tokenized with GPT-2's BPE."""
+    """DataLoader over ``GPTDatasetV1`` windows of ``txt``, tokenized with GPT-2's BPE.
+
+    A text too short for one window gives an empty loader when ``shuffle`` is False, as the reference's does
+    (chapter 5's validation split with a long context; its loss loader then reports nan); a shuffled one
+    cannot sample from nothing, so it raises, naming the sizes.
+    """
     dataset = GPTDatasetV1(txt, get_tokenizer(), max_length, stride)
-    if len(dataset) == 0:
+    if len(dataset) == 0 and shuffle:
         raise ValueError(
             f"txt is too short for one window: it has {len(dataset.tokenizer.encode(txt, allowed_special={ENDOFTEXT}))}"
             f" tokens and max_length={max_length} needs at least {max_length + 1}")
@@ -70,4 +75,7 @@ def train_val_loaders(text, cfg, batch_size=2, train_ratio=0.90, seed=123):
                                         drop_last=True, shuffle=True, num_workers=0)
     val_loader = create_dataloader_v1(text[split:], batch_size=batch_size, max_length=ctx, stride=ctx,
                                       drop_last=False, shuffle=False, num_workers=0)
+    if len(val_loader.dataset) == 0:  # the chapter's loop would report nan validation losses
+        raise ValueError(f"the validation split ({len(text) - split} characters) is too short for one window "
+                         f"of context_length={ctx} plus one token")
     return train_loader, val_loader

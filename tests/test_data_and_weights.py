@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from gptfast.data import GPTDatasetV1, create_dataloader_v1, load_text
+from gptfast.data import GPTDatasetV1, create_dataloader_v1, load_text, train_val_loaders
 from gptfast.models import GPTModel
 from gptfast.resources import default_text
 from gptfast.tokenizer import get_tokenizer
 from gptfast.training.checkpoints import load_checkpoint, save_checkpoint
 
+ref_ch02 = pytest.importorskip("llms_from_scratch.ch02")
 ref_ch04 = pytest.importorskip("llms_from_scratch.ch04")
 
 CFG = {"vocab_size": 300, "context_length": 16, "emb_dim": 24, "n_heads": 3, "n_layers": 2, "drop_rate": 0.0,
@@ -59,6 +60,12 @@ def test_dataset_windows_and_too_short_text():
     assert len(ds) == 5_145 - 4
     with pytest.raises(ValueError, match="too short for one window"):
         create_dataloader_v1("only a few words", max_length=256)
+    # Unshuffled, as the reference's: an empty loader (chapter 5's validation split with a long context).
+    loader = create_dataloader_v1("only a few words", max_length=256, shuffle=False)
+    reference = ref_ch02.create_dataloader_v1("only a few words", max_length=256, shuffle=False)
+    assert len(loader) == len(reference) == 0 and list(loader) == []
+    with pytest.raises(ValueError, match="validation split .* too short"):
+        train_val_loaders("only a few words " * 200, {"context_length": 256})
     with pytest.raises(ValueError, match="max_length and stride"):
         GPTDatasetV1("text", tok, max_length=0, stride=1)
 

@@ -271,6 +271,56 @@ def test_forward_hooks_the_cached_passes_would_skip_are_honoured(where):
         handle.remove()
 
 
+def _mean_over_positions(module, args, output):
+    """A hook that looks at every position: it subtracts half the mean over the sequence."""
+    return output - 0.5 * output.mean(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("part", ["ff", "norm2", "final_norm", "out_head", "pos_emb"])
+def test_a_hook_on_any_part_gets_every_position_the_reference_gives_it(part):
+    """The cached passes call a block's feed-forward, the norms, the head and the embeddings on fewer positions
+    than the forward does: a hook on any of them (one that looks across positions, or records its input) sends
+    generation through the model's own forward, as in the reference."""
+    model = make_model()
+    target = {"ff": model.trf_blocks[1].ff, "norm2": model.trf_blocks[0].norm2}.get(part) or getattr(model, part)
+    seen = []
+    handle = target.register_forward_hook(lambda m, a, out: seen.append(out.shape) or _mean_over_positions(m, a, out))
+    idx = prompt(1, 5)
+    try:
+        torch.manual_seed(0)
+        expected = ref_ch05.generate(model, idx, 6, 16, temperature=1.0)
+        expected_shapes, seen[:] = list(seen), []
+        torch.manual_seed(0)
+        assert torch.equal(generate(model, idx, 6, 16, temperature=1.0), expected)
+        assert seen == expected_shapes
+    finally:
+        handle.remove()
+
+
+def test_a_feed_forward_of_the_users_that_mixes_positions_is_called_on_every_position():
+    """A block part replaced by a module of the user's own may mix positions (here a running mean): the first
+    step's logits show that the cached passes compute otherwise, and generation keeps the model's forward."""
+
+    class RunningMean(torch.nn.Module):
+        def forward(self, x):
+            counts = torch.arange(1, x.shape[1] + 1, dtype=x.dtype).view(1, -1, 1)
+            return x.cumsum(dim=1) / counts
+
+    model = make_model()
+    model.trf_blocks[1].ff = RunningMean()
+    idx = prompt(2, 5)
+    expected = ref_ch05.generate(model, idx, 8, 16)
+    assert not torch.equal(expected, ref_ch05.generate(make_model(), idx, 8, 16))
+    assert torch.equal(generate(model, idx, 8, 16), expected)
+
+
+def test_a_model_without_blocks_generates_like_the_reference():
+    model = make_model(n_layers=0)
+    idx = prompt(2, 4)
+    assert torch.equal(generate(model, idx, 5, 16), ref_ch05.generate(model, idx, 5, 16))
+    assert torch.equal(generate_text_simple(model, idx, 5, 16), ref_ch04.generate_text_simple(model, idx, 5, 16))
+
+
 def test_which_forwards_the_cached_passes_may_stand_in_for():
     """A copy of the book's classes outside gptfast (a notebook's) keeps the cached passes, and so does a
     torch.compile wrapper; a subclass replacing a gptfast or reference forward does not."""

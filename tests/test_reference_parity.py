@@ -145,6 +145,57 @@ def test_training_mode_with_dropout_is_bitwise_identical_with_the_torch_backend(
         assert torch.equal(p.grad, q.grad), f"gradient of {name} differs"
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_the_fast_variant_is_bitwise_the_references_with_the_torch_backend(training):
+    """``GPTModelFast``'s attention is PyTorch's ``scaled_dot_product_attention`` in the reference: the torch
+    backend makes the same call, so logits and gradients are bitwise, dropout draws included."""
+    torch.manual_seed(0)
+    ref = ref_ch04.GPTModelFast(TINY).train(training)
+    torch.manual_seed(0)
+    ours = ch04.GPTModelFast(TINY).train(training)
+    idx = torch.randint(0, TINY["vocab_size"], (2, 11))
+    with ops.use_backend("torch"):
+        torch.manual_seed(3)
+        out_ref = ref(idx)
+        torch.manual_seed(3)
+        out = ours(idx)
+        assert torch.equal(out, out_ref)
+        out.square().mean().backward()
+        out_ref.square().mean().backward()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad), f"gradient of {name} differs"
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_inputs_of_no_tokens_give_empty_outputs_as_the_references(backend):
+    import llms_from_scratch.ch03 as ref_ch03
+
+    import gptfast.ch03 as ch03
+
+    with ops.use_backend(backend):
+        for cls in (ch04.GPTModel, ch04.GPTModelFast):
+            assert cls(TINY)(torch.zeros(2, 0, dtype=torch.long)).shape == (2, 0, TINY["vocab_size"])
+        for name, args in [("CausalAttention", (8, 6, 16, 0.0)), ("MultiHeadAttention", (8, 6, 16, 0.0, 2)),
+                           ("PyTorchMultiHeadAttention", (8, 6, 2))]:
+            x = torch.zeros(2, 0, 8, requires_grad=True)
+            out, ref_out = getattr(ch03, name)(*args)(x), getattr(ref_ch03, name)(*args)(x)
+            assert out.shape == ref_out.shape == (2, 0, 6)
+            out.sum().backward()  # connected to the projections, as the reference's
+            assert x.grad.shape == x.shape
+
+
+def test_inputs_the_reference_cannot_take_raise_clear_errors():
+    import gptfast.ch03 as ch03
+
+    for att in (ch03.CausalAttention(8, 6, 16, 0.0), ch03.MultiHeadAttention(8, 6, 16, 0.0, 2)):
+        with pytest.raises(ValueError, match="17 tokens, more than the attention's context_length"):
+            att(torch.zeros(1, 17, 8))
+    model = ch04.GPTModel(TINY)
+    for shape in [(5,), (1, 2, 3)]:
+        with pytest.raises(ValueError, match=r"in_idx must be \(batch, tokens\)"):
+            model(torch.zeros(shape, dtype=torch.long))
+
+
 def test_the_books_two_example_cross_entropy():
     # Chapter 5's example: "every effort moves" -> " effort moves you", "I really like" -> " really like chocolate".
     inputs = torch.tensor([[16833, 3626, 6100], [40, 1107, 588]])

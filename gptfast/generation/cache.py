@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from ..models.blocks import from_library, runs_own_forward
+from ..models.blocks import from_library, has_global_call_hooks, has_own_call_hooks, runs_own_forward
 from ..models.gpt import runs_fused_core
 
 _BLOCK_PARTS = ("norm1", "att", "drop_resid", "ff", "norm2")
@@ -17,6 +17,12 @@ _MODEL_PARTS = ("tok_emb", "pos_emb", "drop_emb", "trf_blocks", "final_norm", "o
 _ROTARY_BLOCK_PARTS = ("norm1", "att", "ff", "norm2")
 _ROTARY_ATTENTION_PARTS = ("W_query", "W_key", "W_value", "out_proj", "num_heads", "num_kv_groups", "head_dim")
 _ROTARY_MODEL_PARTS = ("tok_emb", "trf_blocks", "final_norm", "out_head", "cos", "sin")
+# torch modules whose forward treats each position on its own.  The cached passes call a model's parts on fewer
+# positions than its forward does (one token a step, only the last position at the prefill's last layer), which
+# gives the same numbers only for such parts.
+_POSITIONWISE_TORCH_MODULES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Dropout, torch.nn.LayerNorm,
+                               torch.nn.RMSNorm, torch.nn.GELU, torch.nn.SiLU, torch.nn.ReLU, torch.nn.Tanh,
+                               torch.nn.Identity, torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
 
 
 def is_rotary(model) -> bool:
@@ -82,35 +88,46 @@ def walk_reproduces_forward(model) -> bool:
     """Whether the cached passes compute what ``model(idx)`` does, so generation may take them.
 
     They call the model's parts themselves, in place of the forward of the model, of its ``trf_blocks``,
-    of its blocks and of their attention modules: those must run the library's own forward, unhooked
-    and unpatched, every entry of ``trf_blocks`` must be a block, and a GPT attention's mask and
-    dropout module must be the book's (:func:`gptfast.models.gpt.runs_fused_core`).
+    of its blocks and of their attention modules: those must run the library's own forward, unpatched,
+    every entry of ``trf_blocks`` must be a block (and there must be one), and a GPT attention's mask and
+    dropout module must be the book's (:func:`gptfast.models.gpt.runs_fused_core`).  They call the other
+    parts on fewer positions than the forward does, so no module of the model may run a hook (a hook may
+    look at every position, or record what it is given) or a ``forward`` set on the instance.
     And no dropout may be active: the cached passes see fewer positions per call, so their random
     draws would differ from the reference's (a model in training mode with dropout runs uncached).
     A ``torch.compile`` wrapper is looked through: the compiled forward computes the model's.
     """
     model = getattr(model, "_orig_mod", model)
     blocks = model.trf_blocks
-    if type(blocks) not in (torch.nn.Sequential, torch.nn.ModuleList) or not all(
+    if type(blocks) not in (torch.nn.Sequential, torch.nn.ModuleList) or len(blocks) == 0 or not all(
             all(hasattr(block, name) for name in _ROTARY_BLOCK_PARTS) for block in blocks):
-        return False  # a container of its own, or an entry that is not a block: only calling it is right
+        # A container of its own, no block at all, or an entry that is not a block: only calling it is right.
+        return False
     bypassed = [model, blocks, *blocks, *(block.att for block in blocks)]
     if not all(runs_own_forward(module) for module in bypassed):
         return False
-    # A GPT attention's core is the fused op only with the causal mask and a plain dropout module.
-    if not all(runs_fused_core(block.att) for block in blocks
-               if isinstance(getattr(block.att, "dropout", None), torch.nn.Module)):
+    if has_global_call_hooks() or any(has_own_call_hooks(module) or "forward" in module.__dict__
+                                      or _active_dropout(module) for module in model.modules()):
         return False
-    return not any(_active_dropout(module) for module in model.modules())
+    # A GPT attention's core is the fused op only with the causal mask and a plain dropout module.
+    return all(runs_fused_core(block.att) for block in blocks
+               if isinstance(getattr(block.att, "dropout", None), torch.nn.Module))
+
+
+def _known_positionwise(module) -> bool:
+    """True for a module of gptfast or the reference, or a torch module known to treat positions one by one."""
+    return from_library(type(module)) or type(module) in _POSITIONWISE_TORCH_MODULES
 
 
 def walk_needs_probe(model) -> bool:
     """True when the model, a block or an attention module is a class of the user's own (outside gptfast and
-    the reference), say the book's code copied into a notebook: its layout matches the book's, but only its
-    logits can show that its forward computes what the cached passes do."""
+    the reference), say the book's code copied into a notebook, or when another part is neither a library
+    module nor a position-wise torch module (a feed-forward of the user's, say): the layout matches the book's,
+    but only the logits can show that the forward computes what the cached passes do."""
     model = getattr(model, "_orig_mod", model)
-    modules = [model, *model.trf_blocks, *(block.att for block in model.trf_blocks)]
-    return not all(from_library(type(module)) for module in modules)
+    bypassed = [model, *model.trf_blocks, *(block.att for block in model.trf_blocks)]
+    return not (all(from_library(type(module)) for module in bypassed)
+                and all(_known_positionwise(module) for module in model.modules()))
 
 
 def context_length(model) -> int:

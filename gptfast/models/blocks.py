@@ -34,9 +34,19 @@ _GLOBAL_CALL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_gl
 def has_call_hooks(module: nn.Module) -> bool:
     """True when calling ``module`` would run a hook: a forward or forward-pre hook, or a backward hook (torch
     attaches those to the call's outputs), the module's own or a global one."""
-    registry = nn.modules.module
+    return has_own_call_hooks(module) or has_global_call_hooks()
+
+
+def has_own_call_hooks(module: nn.Module) -> bool:
+    """True when ``module`` itself holds a forward, forward-pre or backward hook."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or any(getattr(registry, name, None) for name in _GLOBAL_CALL_HOOKS))
+                or module._backward_pre_hooks)
+
+
+def has_global_call_hooks() -> bool:
+    """True when a hook is registered for every module call (``register_module_forward_hook`` and the like)."""
+    registry = nn.modules.module
+    return any(getattr(registry, name, None) for name in _GLOBAL_CALL_HOOKS)
 
 
 # Packages whose modules' forward gptfast reproduces when it computes a model's parts itself.

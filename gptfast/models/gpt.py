@@ -103,10 +103,21 @@ def attend_as_written(att, queries, keys, values):
 
 def causal_core(att, queries, keys, values):
     """``att``'s attention core over ``(b, heads, t, head_dim)`` inputs (queries as the last positions of the
-    keys): the fused op where :func:`runs_fused_core`, else :func:`attend_as_written`."""
-    if runs_fused_core(att):
+    keys): the fused op where :func:`runs_fused_core`, else :func:`attend_as_written` (also for an input of no
+    tokens, which the reference's lines take and the op does not)."""
+    _check_fits_mask(att, keys.shape[-2])
+    if queries.shape[-2] > 0 and runs_fused_core(att):
         return ops.causal_attention(queries, keys, values, dropout_p=att.dropout.p, training=att.dropout.training)
     return attend_as_written(att, queries, keys, values)
+
+
+def _check_fits_mask(att, tokens):
+    """An attention module holding a causal mask covers ``context_length`` tokens; the reference's lines fail on
+    a longer input (the mask does not broadcast), and the fused op must not quietly attend past it."""
+    mask = getattr(att, "mask", None)
+    if isinstance(mask, torch.Tensor) and tokens > mask.shape[-1]:
+        raise ValueError(f"the input has {tokens} tokens, more than the attention's context_length "
+                         f"({mask.shape[-1]}, the size of its causal mask)")
 
 
 def residual_block(block, x, attention):
@@ -244,7 +255,11 @@ class PyTorchMultiHeadAttention(nn.Module):
         b, t, _ = x.shape
         # (b, t, 3 * d_out) -> three (b, heads, t, head_dim) views
         queries, keys, values = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        context = ops.causal_attention(queries, keys, values, dropout_p=self.dropout, training=self.training)
+        if ops.get_backend() == "torch" or t == 0:  # the reference's call: bitwise its numbers, empty inputs too
+            context = torch.nn.functional.scaled_dot_product_attention(
+                queries, keys, values, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        else:
+            context = ops.causal_attention(queries, keys, values, dropout_p=self.dropout, training=self.training)
         return self.proj(context.transpose(1, 2).reshape(b, t, self.d_out))
 
 
@@ -378,6 +393,8 @@ class _GPTBackbone(nn.Module):
 
     def embed(self, in_idx, start_pos: int = 0):
         """Token plus position embeddings for positions ``start_pos ...``, with embedding dropout."""
+        if in_idx.dim() != 2:
+            raise ValueError(f"in_idx must be (batch, tokens), got shape {tuple(in_idx.shape)}")
         positions = torch.arange(start_pos, start_pos + in_idx.shape[1], device=in_idx.device)
         return self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
 
