@@ -2,44 +2,51 @@
 also ``python -m gptfast.train``) and ``gptfast generate`` (streamed sampling).
 
 Expected failures print one line on stderr and exit with status 2; ``--debug`` or
-``GPTFAST_DEBUG=1`` shows the traceback instead.
+``GPTFAST_DEBUG=1`` shows the traceback instead.  Ctrl-C, at any moment, prints one line and
+exits with status 130.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
-
-from . import ops
-from .errors import run_cli
-from .models.gpt_config import GPT_CONFIG_124M, gpt2_config
-from .training import pretrain
+# Only the standard library and gptfast.errors at import time: torch and the models are imported by
+# main, where a Ctrl-C during those seconds of importing is caught like any other.
+from .errors import OneLineArgumentParser, debug_requested, report_interrupt, run_cli
 
 DEFAULT_PROMPT = "Every effort moves you"
 
 
 def _add_common_flags(parser):
+    from . import ops
+
     parser.add_argument("--backend", default=None, choices=ops.BACKEND_CHOICES,
                         help="kernel backend for attention, loss and sampling (default: $GPTFAST_BACKEND or auto)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or GPTFAST_DEBUG=1)")
 
 
 def _model_config(args) -> dict:
+    from .models.gpt_config import GPT_CONFIG_124M, gpt2_config
+
     cfg = dict(GPT_CONFIG_124M) if args.model == "gpt2-ctx256" else gpt2_config(args.model)
     if args.context_length is not None:
         cfg["context_length"] = args.context_length
     return cfg
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``gptfast`` parser with its three subcommands."""
-    parser = argparse.ArgumentParser(prog="gptfast", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> OneLineArgumentParser:
+    """The ``gptfast`` parser with its three subcommands (imports torch: the device defaults need it)."""
+    import argparse
+
+    import torch
+
+    from .training import pretrain
+
+    parser = OneLineArgumentParser(prog="gptfast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)  # the subcommands' parsers are of the same class
 
     sub.add_parser("train-gpu", parents=[pretrain.build_parser(add_help=False)],
                    help="the fast training script (python -m gptfast.train): bf16, compile, DDP",
@@ -91,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_device(device: str) -> torch.device:
+def _check_device(device: str):
     """``--device`` parsed and usable here (a clear error instead of a failure deep inside torch)."""
+    import torch
+
     try:
         device = torch.device(device)
     except RuntimeError as exc:
@@ -104,6 +113,8 @@ def _check_device(device: str) -> torch.device:
 
 def _select_backend(name) -> None:
     """``--backend``: ``ops.use_backend`` refuses one that cannot run here (a one-line error)."""
+    from . import ops
+
     if name is not None:
         ops.use_backend(name)
 
@@ -111,6 +122,9 @@ def _select_backend(name) -> None:
 def run_train(args) -> int:
     """The chapter-5 pretraining run; saves ``model_and_optimizer.pth`` and ``loss-plot.png`` in out-dir."""
     import matplotlib
+    import torch
+
+    from . import ops
 
     matplotlib.use("Agg")
     from .data import load_text, train_val_loaders
@@ -178,6 +192,7 @@ def load_model_for_generation(args):
     A padded vocabulary (the GPU script's ``ckpt.pt``) is cut to GPT-2's, so a padded id is never produced.
     """
     from .models.gpt import GPTModel
+    from .models.gpt_config import GPT_CONFIG_124M, gpt2_config
     from .training.checkpoints import load_gpt2_safetensors, model_from_checkpoint
 
     device = _check_device(args.device)
@@ -196,12 +211,12 @@ class _Generation(NamedTuple):
     """What ``gptfast generate`` streams from: the model, its config, the tokenizer, the end token the stream
     stops at, every token that ends the text, and the prompt's ids ``(1, T)``."""
 
-    model: torch.nn.Module
+    model: object  # a torch.nn.Module
     cfg: dict
     tokenizer: object
     eos_id: int
     stop_ids: frozenset
-    prompt_ids: torch.Tensor
+    prompt_ids: object  # a torch.Tensor
 
 
 def _gpt2_generation(args) -> _Generation:
@@ -220,6 +235,8 @@ def _gpt2_generation(args) -> _Generation:
 
 def _hf_folder_generation(args, folder) -> _Generation:
     """What to stream from the Llama 3 / Qwen3 model ``folder`` (``--safetensors``)."""
+    import torch
+
     from .models import hf_folder
 
     if args.model is not None:
@@ -251,6 +268,8 @@ def _hf_model_folder(args):
 
 def run_generate(args) -> int:
     """Stream ``--max-new-tokens`` tokens after ``--prompt`` to stdout."""
+    import torch
+
     from .generation import stream_text
 
     # Checked before anything is written: an error then stands alone on its line.
@@ -309,13 +328,26 @@ def write_until_stop(chunks, stop_ids, tokenizer, out) -> None:
 
 def run_train_gpu(args) -> int:
     """``gptfast train-gpu``: the GPU pretraining script with the parsed flags."""
+    from .training import pretrain
+
     return pretrain.train_from_config(pretrain.PretrainConfig.from_args(args))
 
 
 COMMANDS = {"train": run_train, "generate": run_generate, "train-gpu": run_train_gpu}
 
 
+def _prog(argv) -> str:
+    """``gptfast`` and the command ``argv`` names, as its messages begin."""
+    command = next((arg for arg in (sys.argv[1:] if argv is None else argv) if arg in COMMANDS), None)
+    return "gptfast" if command is None else f"gptfast {command}"
+
+
 def main(argv=None) -> int:
     """Entry point of the ``gptfast`` command."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)  # the seconds of importing torch and the models
+    except KeyboardInterrupt:
+        if debug_requested():
+            raise
+        return report_interrupt(_prog(argv))
     return run_cli(f"gptfast {args.command}", lambda: COMMANDS[args.command](args), debug=args.debug)

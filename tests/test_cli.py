@@ -4,8 +4,10 @@ import contextlib
 import io
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -137,6 +139,45 @@ def test_train_gpu_subcommand_hands_over_to_the_training_script(capsys):
     assert exit_info.value.code == 0
     assert "--grad-accum" in capsys.readouterr().out
     assert main(["train-gpu", "--model", "nonexistent-size"]) == 2
+
+
+# ``python -m gptfast ARGS`` that says on stdout when it starts importing torch, then goes on with it.
+_ANNOUNCES_THE_TORCH_IMPORT = textwrap.dedent("""
+    import runpy, sys
+
+    class Announce:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch":
+                sys.meta_path.remove(self)
+                print("importing torch", flush=True)
+            return None
+
+    sys.meta_path.insert(0, Announce())
+    runpy.run_module("gptfast", run_name="__main__", alter_sys=True)
+""")
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line_and_status_130(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", _ANNOUNCES_THE_TORCH_IMPORT, "generate", "--checkpoint",
+                              str(tmp_path / "c.pth")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "importing torch\n"
+    child.send_signal(signal.SIGINT)  # torch takes a second or more to import: this lands inside it
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130 and err == "gptfast generate: interrupted\n", err
+
+
+def test_a_bad_flag_value_is_one_line_and_help_is_still_the_full_help(capsys):
+    for argv, flag in ((["generate", "--checkpoint", "c", "--max-new-tokens", "abc"], "--max-new-tokens"),
+                       (["train", "--epochs", "x"], "--epochs"), (["train-gpu", "--max-steps", "x"], "--max-steps")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"gptfast {argv[0]}: error: argument {flag}: invalid int value") and "--help" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith("usage: gptfast generate") and "--max-new-tokens" in out
 
 
 def test_python_dash_m_entry_point():

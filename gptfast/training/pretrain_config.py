@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 from .. import ops
+from ..errors import OneLineArgumentParser
 from ..models.gpt_config import MODEL_NAMES
 
 MODEL_CHOICES = ("tiny", *MODEL_NAMES)
@@ -106,8 +107,8 @@ def check_device(name: str) -> None:
 def build_parser(add_help: bool = True, description: str | None = None) -> argparse.ArgumentParser:
     """The flags of :class:`PretrainConfig` (defaults from it); ``add_help=False`` to embed it in ``gptfast``."""
     d = PretrainConfig()
-    p = argparse.ArgumentParser(prog="python -m gptfast.train", description=description, add_help=add_help,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(prog="python -m gptfast.train", description=description, add_help=add_help,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=d.model, help=f"model size: one of {', '.join(MODEL_CHOICES)}")
     p.add_argument("--data", default=d.data,
                    help="a text file or a folder of them (default: the-verdict, shipped with gptfast)")
