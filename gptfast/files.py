@@ -10,6 +10,7 @@ complete old file or the complete new one, plus at most a stray ``.<name>.*.tmp`
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +18,18 @@ from typing import IO, Iterator
 
 __all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text", "atomic_savefig", "check_writable_dir",
            "save_response", "path_inside"]
+
+
+# The errors of a write that ran out of room: a full disk or quota, a file over the size limit, a failing device.
+_WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+
+
+def _write_error(exc: OSError, target: Path) -> OSError:
+    """``exc``, a failed write to ``target``'s temporary file, as an OSError naming ``target`` (the temporary
+    file's name would mean nothing to the user)."""
+    error = OSError(f"could not write {target}: {exc.strerror or exc}")
+    error.errno = exc.errno
+    return error
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -39,6 +52,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> It
 
     If the block raises, the temporary file is removed and ``path`` is untouched.  ``mode``
     must be a write mode (``"w"``, ``"wb"``); ``open_kwargs`` go to :func:`open` (``encoding``, ``newline``).
+    A write that fails for want of room (no space left, file too large) raises an ``OSError`` naming ``path``.
     """
     if mode not in ("w", "wb", "wt"):
         raise ValueError(f"mode must be 'w', 'wt' or 'wb', got {mode!r}")
@@ -56,19 +70,53 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> It
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno in _WRITE_FAILURES:
+            raise _write_error(exc, target) from None
         raise
     _fsync_dir(folder)
 
 
+class _WriteErrorRecorder:
+    """A file whose ``write`` and ``flush`` remember the OSError they raise: ``torch.save`` reports a failed
+    write (a full disk, a file over the size limit) as a RuntimeError about its zip stream instead."""
+
+    def __init__(self, handle: IO):
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data):
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self):
+        try:
+            return self.handle.flush()
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` through :func:`atomic_write`."""
+    """``torch.save(obj, path)`` through :func:`atomic_write`; a failed write raises its OSError, naming ``path``."""
     import torch
 
     with atomic_write(path, "wb") as handle:
-        torch.save(obj, handle)
+        recorder = _WriteErrorRecorder(handle)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is None:
+                raise
+            raise recorder.error from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -77,6 +77,29 @@ def test_failed_write_removes_the_temporary_and_keeps_the_old_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
+# A child allowed to write files of 20 kB at most that saves bigger ones; it exits as the commands do on an error.
+_OVER_THE_SIZE_LIMIT_CHILD = textwrap.dedent("""
+    import resource, sys, torch
+    from gptfast.errors import run_cli
+    from gptfast.files import atomic_torch_save, atomic_write_text
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+    if sys.argv[1].endswith(".pth"):
+        sys.exit(run_cli("save", lambda: atomic_torch_save({"w": torch.zeros(100_000)}, sys.argv[1])))
+    sys.exit(run_cli("save", lambda: atomic_write_text(sys.argv[1], "x" * 100_000)))
+""")
+
+
+@pytest.mark.parametrize("name", ["model.pth", "metrics.json"])
+def test_a_write_over_the_size_limit_names_the_file_and_keeps_the_old_one(tmp_path, name):
+    target = tmp_path / name
+    target.write_bytes(b"OLD")
+    result = subprocess.run([sys.executable, "-c", _OVER_THE_SIZE_LIMIT_CHILD, str(target)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr == f"save: error: could not write {target}: File too large\n", \
+        result.stderr
+    assert target.read_bytes() == b"OLD" and sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
 def test_successful_writes_replace_the_file_with_the_usual_mode(tmp_path):
     target = tmp_path / "notes.txt"
     atomic_write_text(target, "héllo\n")
