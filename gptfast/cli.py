@@ -135,12 +135,14 @@ def run_train(args) -> int:
     from .training.host_memory import keep_freed_host_memory
     from .training.loops import plot_losses, train_model_simple
     from .training.optimizers import chapter_adamw
+    from .training.pretrain_config import check_seed
 
     for flag, value in (("--eval-freq", args.eval_freq), ("--eval-iter", args.eval_iter)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.epochs < 0:
         raise ValueError(f"--epochs must be >= 0, got {args.epochs}")
+    check_seed(args.seed)
     device = _check_device(args.device)
     _select_backend(args.backend)
     cfg = _model_config(args)
@@ -271,6 +273,7 @@ def run_generate(args) -> int:
     import torch
 
     from .generation import stream_text
+    from .training.pretrain_config import check_seed
 
     # Checked before anything is written: an error then stands alone on its line.
     if not args.prompt:
@@ -281,6 +284,7 @@ def run_generate(args) -> int:
         raise ValueError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    check_seed(args.seed)
     _select_backend(args.backend)
     folder = _hf_model_folder(args)
     loaded = _gpt2_generation(args) if folder is None else _hf_folder_generation(args, folder)

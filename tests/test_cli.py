@@ -234,6 +234,25 @@ def _one_line_error(capsys, argv):
     return lines[0]
 
 
+def test_a_seed_out_of_range_is_named_by_every_command(tmp_path, capsys):
+    huge = str(10**23)
+    for argv in (["train", "--model", "tiny", "--out-dir", str(tmp_path / "o"), "--seed", huge],
+                 ["generate", "--checkpoint", str(tmp_path / "c.pth"), "--seed", huge],
+                 ["generate", "--checkpoint", str(tmp_path / "c.pth"), "--seed", "-1"],
+                 ["train-gpu", "--model", "tiny", "--out-dir", str(tmp_path / "o"), "--seed", str(2**63)]):
+        assert "--seed must be in [0, 2**63), got" in _one_line_error(capsys, argv)
+
+
+def test_the_largest_seed_draws_training_windows():
+    import numpy as np
+
+    from gptfast.training.token_cache import TokenWindows
+
+    windows = TokenWindows(np.arange(1000, dtype=np.uint16), 16, seed=2**63 - 1)
+    assert windows.step_offsets(5, 8).shape == (8,)
+    assert not torch.equal(windows.step_offsets(5, 8), windows.step_offsets(6, 8))
+
+
 def test_generate_reports_every_bad_checkpoint_in_one_line(tmp_path, capsys):
     for name, path in _bad_checkpoints(tmp_path).items():
         line = _one_line_error(capsys, ["generate", "--checkpoint", str(path), "--max-new-tokens", "2"])

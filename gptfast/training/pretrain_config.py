@@ -12,6 +12,15 @@ from ..errors import OneLineArgumentParser
 from ..models.gpt_config import MODEL_NAMES
 
 MODEL_CHOICES = ("tiny", *MODEL_NAMES)
+# The seeds every command takes: torch's generators take any of them, and the per-step seed of the
+# training data is derived from them modulo 2**64.
+SEED_LIMIT = 2**63
+
+
+def check_seed(seed: int) -> None:
+    """``ValueError`` naming ``--seed`` unless ``seed`` lies in ``[0, 2**63)``."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be in [0, 2**63), got {seed}")
 
 
 @dataclass
@@ -73,8 +82,7 @@ class PretrainConfig:
             raise ValueError(f"--peak-tflops must be > 0, got {self.peak_tflops}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if not 0 <= self.seed < 2**63:
-            raise ValueError(f"--seed must be in [0, 2**63), got {self.seed}")
+        check_seed(self.seed)
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need --lr > 0 and 0 <= --min-lr <= --lr, got {self.lr} and {self.min_lr}")
         if self.grad_clip < 0 or self.weight_decay < 0:

@@ -114,7 +114,8 @@ class TokenWindows:
 
     def step_offsets(self, step: int, count: int) -> torch.Tensor:
         """``count`` window start positions for optimizer step ``step``."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        # Modulo 2**64, the range torch's generators take: a large --seed still has its own draws.
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % 2**64)
         return torch.randint(0, len(self.tokens) - self.context_length, (count,), generator=generator)
 
     def gather(self, offsets) -> tuple[torch.Tensor, torch.Tensor]:
