@@ -8,6 +8,7 @@ exits with status 130.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -240,18 +241,64 @@ def _hf_folder_generation(args, folder) -> _Generation:
     import torch
 
     from .models import hf_folder
+    from .weights import check_safetensors_folder
 
     if args.model is not None:
         raise ValueError(f"--model {args.model} names a GPT-2 size, but {args.safetensors} holds a Llama 3 / "
                          "Qwen3 model (its config.json describes it)")
     device = _check_device(args.device)
-    family, _ = hf_folder.read_config(folder)  # a bad config is named before the weights are read
+    family, config = hf_folder.read_config(folder)  # a bad config is named before the weights are read
     tokenizer_path = args.tokenizer or hf_folder.default_tokenizer_path(folder, family)
     tokenizer = hf_folder.load_tokenizer(family, tokenizer_path, chat=args.chat, folder=folder)
+    _check_tokenizer_fits(tokenizer, family, tokenizer_path, config["vocab_size"], folder)
     prompt_ids = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long)
     dtype = hf_folder.DTYPES[args.dtype] if args.dtype else None
+    check_safetensors_folder(folder)  # a broken weights file or index is named before any tensor is read
     model, cfg, _ = hf_folder.load_model(folder, dtype=dtype, device=device)
+    tokenizer = _DecodeErrorsNamed(tokenizer, tokenizer_path)
     return _Generation(model, cfg, tokenizer, tokenizer.eos_id, tokenizer.stop_ids, prompt_ids)
+
+
+def _tokenizer_id_count(tokenizer, family) -> int:
+    """How many token ids the book's tokenizer of ``family`` (inside ``hf_folder.load_tokenizer``'s) knows: its
+    highest id + 1."""
+    if family == "llama3":
+        return tokenizer.tokenizer.model.n_vocab  # the tiktoken encoding's highest id + 1
+    return tokenizer.tokenizer._tok.get_vocab_size(with_added_tokens=True)
+
+
+def _check_tokenizer_fits(tokenizer, family, path, vocab_size, folder) -> None:
+    """``ValueError`` naming the tokenizer file and both sizes when the tokenizer is not the model's.
+
+    Llama 3's tiktoken raises on an id it has no token for, so the model may have no rows past the tokenizer's
+    highest id (the book's tokenizer has two reserved ids past Llama 3's 128,256 rows: more ids are fine).
+    Qwen3 models have more rows than their tokenizer has ids (151,936 for 151,669; the tokenizers package
+    decodes those ids as no text), never fewer: a tokenizer with ids past the model's rows is another model's.
+    """
+    count = _tokenizer_id_count(tokenizer, family)
+    if (family == "llama3" and vocab_size > count) or (family != "llama3" and count > vocab_size):
+        raise ValueError(f"tokenizer {path} has {count} token ids, but the model's vocab_size is {vocab_size} "
+                         f"({Path(folder) / 'config.json'}): the tokenizer does not belong to this model")
+
+
+class _DecodeErrorsNamed:
+    """The tokenizer ``tokenizer`` whose decode of an id it has no token for (tiktoken's KeyError, where a
+    tokenizer file leaves gaps in the model's vocabulary) is a ValueError naming the tokenizer file."""
+
+    def __init__(self, tokenizer, path):
+        self.tokenizer = tokenizer
+        self.path = path
+
+    def decode(self, ids):
+        try:
+            return self.tokenizer.decode(ids)
+        except KeyError as exc:
+            raise ValueError(f"tokenizer {self.path} cannot decode a token the model generated "
+                             f"({exc.args[0] if exc.args else exc}): the tokenizer does not belong to this model") \
+                from None
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
 
 
 def _hf_model_folder(args):
@@ -268,23 +315,33 @@ def _hf_model_folder(args):
     return None
 
 
+def _check_generate_flags(args) -> None:
+    """The generate flags no file is needed for, checked before any is read and anything is written: an error
+    then stands alone on its line."""
+    from .training.pretrain_config import check_seed
+
+    if args.checkpoint and args.model is not None:
+        raise ValueError(f"--model {args.model} applies to --safetensors GPT-2 weights: a --checkpoint holds its "
+                         "model's config")
+    if not args.prompt:
+        raise ValueError("--prompt is empty: give at least one token of text to continue")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    # The library takes any temperature >= 0, as the book's generate does; an infinite one here is a typo.
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 means greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    check_seed(args.seed)
+
+
 def run_generate(args) -> int:
     """Stream ``--max-new-tokens`` tokens after ``--prompt`` to stdout."""
     import torch
 
     from .generation import stream_text
-    from .training.pretrain_config import check_seed
 
-    # Checked before anything is written: an error then stands alone on its line.
-    if not args.prompt:
-        raise ValueError("--prompt is empty: give at least one token of text to continue")
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if not args.temperature >= 0:
-        raise ValueError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
-    check_seed(args.seed)
+    _check_generate_flags(args)
     _select_backend(args.backend)
     folder = _hf_model_folder(args)
     loaded = _gpt2_generation(args) if folder is None else _hf_folder_generation(args, folder)

@@ -125,6 +125,15 @@ def test_generate_errors(trained, tmp_path, capsys):
         assert message in err and out == ""  # the error stands alone: nothing was streamed before it
 
 
+def test_generate_refuses_flags_it_would_otherwise_ignore_or_misuse(trained, capsys):
+    ckpt = str(trained[0] / "model_and_optimizer.pth")
+    for flags, message in ((["--temperature", "inf"], "--temperature must be a finite number"),
+                           (["--temperature", "nan"], "--temperature must be a finite number"),
+                           (["--model", "gpt2-xl"], "--model gpt2-xl applies to --safetensors GPT-2 weights")):
+        line = _one_line_error(capsys, ["generate", "--checkpoint", ckpt, *flags])
+        assert message in line, line
+
+
 def test_train_refuses_evaluation_counts_below_one_before_training(tmp_path, capsys):
     for flag in ("--eval-freq", "--eval-iter"):
         assert main(["train", "--model", "tiny", "--epochs", "1", "--batch-size", "4", "--out-dir", str(tmp_path),
