@@ -70,7 +70,11 @@ def build_parser() -> OneLineArgumentParser:
     train.add_argument("--seed", type=int, default=123)
     train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     train.add_argument("--out-dir", default="runs/verdict", help="checkpoint and loss plot go here")
-    train.add_argument("--resume", action="store_true", help="continue from out-dir's checkpoint")
+    keep = train.add_mutually_exclusive_group()
+    keep.add_argument("--resume", action="store_true", help="continue from out-dir's checkpoint")
+    keep.add_argument("--overwrite", action="store_true",
+                      help="replace out-dir's checkpoint with this run's (without --resume or --overwrite, a run "
+                           "refuses an out-dir that holds one)")
     _add_common_flags(train)
 
     gen = sub.add_parser("generate", help="stream text from a checkpoint, GPT-2 safetensors weights or a Hugging "
@@ -120,48 +124,135 @@ def _select_backend(name) -> None:
         ops.use_backend(name)
 
 
+CHAPTER_CHECKPOINT = "model_and_optimizer.pth"
+LOSS_PLOT = "loss-plot.png"
+
+
+def _check_train_flags(args) -> None:
+    """The train flags no file is needed for, checked before anything is read or made."""
+    from .training.pretrain_config import check_seed
+
+    for flag, value in (("--eval-freq", args.eval_freq), ("--eval-iter", args.eval_iter),
+                        ("--batch-size", args.batch_size), ("--context-length", args.context_length)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.epochs < 0:
+        raise ValueError(f"--epochs must be >= 0, got {args.epochs}")
+    for flag, value in (("--lr", args.lr), ("--weight-decay", args.weight_decay)):
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
+    # Python's slicing would read a negative ratio from the end: -0.1 would train on the first 90%.
+    if not 0 < args.train_ratio < 1:
+        raise ValueError(f"--train-ratio must lie strictly between 0 and 1, got {args.train_ratio}")
+    check_seed(args.seed)
+
+
+def _check_start_context(text: str) -> None:
+    """``--start-context``, which each epoch's sample continues, encodes to at least one token (found now, not
+    after the first epoch)."""
+    from .tokenizer import get_tokenizer
+    from .training.loops import text_to_token_ids
+
+    if not text or text_to_token_ids(text, get_tokenizer()).numel() == 0:
+        raise ValueError("--start-context is empty: each epoch's sample continues it, give at least one token")
+
+
+def _check_out_dir(args, out_dir: Path) -> None:
+    """``--out-dir`` can hold the run's files, and a checkpoint already there is replaced only on request."""
+    from .files import check_dir_path, check_output_files
+
+    check_dir_path(out_dir, name="--out-dir")
+    check_output_files(out_dir, (CHAPTER_CHECKPOINT, LOSS_PLOT), name="--out-dir")
+    if (out_dir / CHAPTER_CHECKPOINT).exists() and not (args.resume or args.overwrite):
+        raise ValueError(f"--out-dir {str(out_dir)!r} already holds a checkpoint ({CHAPTER_CHECKPOINT}): pass "
+                         "--resume to continue it or --overwrite to replace it")
+
+
+def _read_resume_state(ckpt_path: Path, cfg: dict, device):
+    """``--resume``: the checkpoint at ``ckpt_path``, checked to be one of a model with config ``cfg``."""
+    from .training.checkpoints import read_checkpoint
+
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    try:
+        state = read_checkpoint(ckpt_path, map_location=device)
+    except ValueError as exc:
+        raise ValueError(f"--resume: {exc}") from None
+    if state.get("config", cfg) != cfg:
+        raise ValueError(f"--resume: checkpoint config {state['config']} differs from {cfg}")
+    return state
+
+
+def _read_data(path) -> str:
+    """The text of ``--data`` (the-verdict without it); a folder, a missing or a non-UTF-8 file is named."""
+    from .data import load_text
+
+    try:
+        return load_text(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"--data: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"--data: {exc}") from None
+
+
+def _chapter_loaders(args, text: str, cfg: dict):
+    """The chapter's train and validation loaders of ``text``, refused when they give no training batch."""
+    from .data import train_val_loaders
+
+    try:
+        train_loader, val_loader = train_val_loaders(text, cfg, args.batch_size, args.train_ratio, args.seed)
+    except ValueError as exc:  # a split too short for one window
+        raise ValueError(f"{exc}: use more text (--data), another --train-ratio or a shorter --context-length") \
+            from None
+    if len(train_loader) == 0:  # drop_last: fewer windows than a batch give no step at all
+        raise ValueError(f"--batch-size {args.batch_size} is more than the {len(train_loader.dataset)} windows of "
+                         f"--context-length {cfg['context_length']} tokens the training split gives: use a smaller "
+                         "--batch-size or --context-length, or more text")
+    return train_loader, val_loader
+
+
 def run_train(args) -> int:
-    """The chapter-5 pretraining run; saves ``model_and_optimizer.pth`` and ``loss-plot.png`` in out-dir."""
+    """The chapter-5 pretraining run; saves ``model_and_optimizer.pth`` and ``loss-plot.png`` in out-dir.
+
+    Every flag, the data and out-dir are checked before out-dir is made and before the model is built; a run
+    that fails leaves no empty out-dir it made behind.
+    """
+    from .files import removing_new_empty_dirs
+
+    _check_train_flags(args)
+    _check_start_context(args.start_context)
+    device = _check_device(args.device)
+    _select_backend(args.backend)
+    cfg = _model_config(args)
+    out_dir = Path(args.out_dir)
+    _check_out_dir(args, out_dir)
+    resume_state = _read_resume_state(out_dir / CHAPTER_CHECKPOINT, cfg, device) if args.resume else None
+    text = _read_data(args.data)
+    # The chapter's order: seed and build the loaders, then seed again and build the model, so the
+    # shuffling and dropout draws of `--backend torch` follow the book's run.
+    train_loader, val_loader = _chapter_loaders(args, text, cfg)
+    with removing_new_empty_dirs(out_dir):
+        return _train_and_save(args, cfg, device, out_dir, train_loader, val_loader, resume_state)
+
+
+def _train_and_save(args, cfg, device, out_dir: Path, train_loader, val_loader, resume_state) -> int:
+    """The checked run: make out-dir, build the model, train, save the checkpoint and the loss plot."""
     import matplotlib
     import torch
 
     from . import ops
 
     matplotlib.use("Agg")
-    from .data import load_text, train_val_loaders
-    from .files import check_output_files, check_writable_dir
+    from .files import check_writable_dir
     from .models.gpt import GPTModel
     from .tokenizer import get_tokenizer
-    from .training.checkpoints import apply_checkpoint, read_checkpoint, save_checkpoint
+    from .training.checkpoints import apply_checkpoint, save_checkpoint
     from .training.host_memory import keep_freed_host_memory
     from .training.loops import plot_losses, train_model_simple
     from .training.optimizers import chapter_adamw
-    from .training.pretrain_config import check_seed
 
-    for flag, value in (("--eval-freq", args.eval_freq), ("--eval-iter", args.eval_iter)):
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
-    if args.epochs < 0:
-        raise ValueError(f"--epochs must be >= 0, got {args.epochs}")
-    check_seed(args.seed)
-    device = _check_device(args.device)
-    _select_backend(args.backend)
-    cfg = _model_config(args)
-    out_dir = check_writable_dir(args.out_dir, name="--out-dir")  # before training, not after it
-    ckpt_path = out_dir / "model_and_optimizer.pth"
-    check_output_files(out_dir, (ckpt_path.name, "loss-plot.png"), name="--out-dir")
-    resume_state = None
-    if args.resume:
-        try:
-            resume_state = read_checkpoint(ckpt_path, map_location=device)
-        except ValueError as exc:
-            raise ValueError(f"--resume: {exc}") from None
-        if resume_state.get("config", cfg) != cfg:
-            raise ValueError(f"--resume: checkpoint config {resume_state['config']} differs from {cfg}")
-    text = load_text(args.data)
-    # The chapter's order: seed and build the loaders, then seed again and build the model, so the
-    # shuffling and dropout draws of `--backend torch` follow the book's run.
-    train_loader, val_loader = train_val_loaders(text, cfg, args.batch_size, args.train_ratio, args.seed)
+    check_writable_dir(out_dir, name="--out-dir")  # before training, not after it
+    ckpt_path = out_dir / CHAPTER_CHECKPOINT
     torch.manual_seed(args.seed)
     model = GPTModel(cfg).to(device)
     optimizer = chapter_adamw(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -184,8 +275,8 @@ def run_train(args) -> int:
         print(f"saved {ckpt_path} (no loss plot: no evaluation ran)")
         return 0
     epochs = torch.linspace(0, args.epochs, len(train_losses)).tolist()
-    plot_losses(epochs, tokens_seen, train_losses, val_losses, save_path=out_dir / "loss-plot.png", show=False)
-    print(f"saved {ckpt_path} and {out_dir / 'loss-plot.png'}")
+    plot_losses(epochs, tokens_seen, train_losses, val_losses, save_path=out_dir / LOSS_PLOT, show=False)
+    print(f"saved {ckpt_path} and {out_dir / LOSS_PLOT}")
     return 0
 
 

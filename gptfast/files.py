@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 __all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text", "atomic_savefig", "check_writable_dir",
-           "save_response", "path_inside"]
+           "check_dir_path", "removing_new_empty_dirs", "save_response", "path_inside"]
 
 
 # The errors of a write that ran out of room: a full disk or quota, a file over the size limit, a failing device.
@@ -132,16 +132,23 @@ def atomic_savefig(figure, path: str | os.PathLike, **savefig_kwargs) -> None:
         figure.savefig(handle, format=fmt, **savefig_kwargs)
 
 
+def check_dir_path(path: str | os.PathLike, *, name: str = "out_dir") -> Path:
+    """``ValueError`` naming ``name`` when ``path`` is a file or lies below one; creates nothing, so a run can
+    check its folders with its other input before it makes any of them.  Returns ``path`` as a Path."""
+    folder = Path(path)
+    for parent in (folder, *folder.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{name} {str(folder)!r} is not usable: {str(parent)!r} is a file, not a folder")
+    return folder
+
+
 def check_writable_dir(path: str | os.PathLike, *, name: str = "out_dir") -> Path:
     """Create ``path`` if needed and prove files can be written there, before any long work starts.
 
     Raises ``ValueError`` naming ``name`` when ``path`` is a file, lies below a file, or is not
     writable, so a run never trains for hours and then loses its result.
     """
-    folder = Path(path)
-    for parent in (folder, *folder.parents):
-        if parent.exists() and not parent.is_dir():
-            raise ValueError(f"{name} {str(folder)!r} is not usable: {str(parent)!r} is a file, not a folder")
+    folder = check_dir_path(path, name=name)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
@@ -150,6 +157,26 @@ def check_writable_dir(path: str | os.PathLike, *, name: str = "out_dir") -> Pat
     except OSError as exc:
         raise ValueError(f"{name} {str(folder)!r} is not writable: {exc.strerror or exc}") from None
     return folder
+
+
+@contextlib.contextmanager
+def removing_new_empty_dirs(*paths: str | os.PathLike) -> Iterator[None]:
+    """When the block raises, remove each folder of ``paths`` (and each parent) that did not exist before the
+    block and is empty after it: a run that fails (bad input found late, Ctrl-C) leaves behind no empty folder it
+    made.  A folder holding anything stays."""
+    made = set()
+    for path in paths:
+        for folder in (Path(path), *Path(path).parents):
+            if os.path.lexists(folder):
+                break
+            made.add(folder)
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(made, key=lambda f: len(f.parts), reverse=True):  # the deepest first
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                folder.rmdir()
+        raise
 
 
 def check_output_files(folder: Path, names, *, name: str = "out_dir") -> None:

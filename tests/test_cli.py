@@ -142,6 +142,77 @@ def test_train_refuses_evaluation_counts_below_one_before_training(tmp_path, cap
         assert f"{flag} must be >= 1" in err and "Traceback" not in err and out == ""
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--train-ratio", "-0.1"], "--train-ratio must lie strictly between 0 and 1, got -0.1"),
+    (["--train-ratio", "0"], "--train-ratio must lie strictly between 0 and 1"),
+    (["--train-ratio", "1"], "--train-ratio must lie strictly between 0 and 1"),
+    (["--train-ratio", "nan"], "--train-ratio must lie strictly between 0 and 1"),
+    (["--train-ratio", "0.999"], "the validation split (the text after the first 99.9%)"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--context-length", "0"], "--context-length must be >= 1"),
+    (["--lr", "-1"], "--lr must be a finite number >= 0"),
+    (["--lr", "nan"], "--lr must be a finite number >= 0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
+    (["--start-context", ""], "--start-context is empty"),
+    (["--batch-size", "100"], "--batch-size 100 is more than the 72 windows of --context-length 64"),
+    (["--resume"], "--resume: no checkpoint at"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_train_names_a_bad_flag_before_it_makes_out_dir(tmp_path, capsys, flags, message):
+    out_dir = tmp_path / "new" / "run"
+    line = _one_line_error(capsys, ["train", "--model", "tiny", "--out-dir", str(out_dir), *flags])
+    assert message in line, line
+    assert not (tmp_path / "new").exists()
+
+
+def test_train_names_data_it_cannot_read_before_it_makes_out_dir(tmp_path, capsys):
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    for data, message in ((not_utf8, "is not UTF-8 text: byte 0xe9 at offset 3"), (tmp_path, "is a folder")):
+        line = _one_line_error(capsys, ["train", "--model", "tiny", "--out-dir", str(tmp_path / "o"), "--data",
+                                        str(data)])
+        assert line.startswith("gptfast train: error: --data: data file ") and message in line, line
+        assert not (tmp_path / "o").exists()
+
+
+def test_train_replaces_a_checkpoint_only_with_overwrite(trained, tmp_path, capsys):
+    _copy_run(trained, tmp_path)
+    ckpt = tmp_path / "model_and_optimizer.pth"
+    ckpt.write_bytes(b"an older run's checkpoint")
+    line = _one_line_error(capsys, ["train", "--model", "tiny", "--out-dir", str(tmp_path)])
+    assert "already holds a checkpoint" in line and "--resume" in line and "--overwrite" in line
+    assert ckpt.read_bytes() == b"an older run's checkpoint"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GPTFAST_KEEP_HOST_MEMORY", "0")
+        assert _train(tmp_path, "--overwrite", "--epochs", "0") == 0  # no training: only the save matters
+    assert "model_state_dict" in torch.load(ckpt, weights_only=True)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--out-dir", str(tmp_path), "--resume", "--overwrite"])
+    assert "--overwrite: not allowed with argument --resume" in capsys.readouterr().err
+    assert "--overwrite" in _help_of("train")
+
+
+def _help_of(command):
+    capture = io.StringIO()
+    with contextlib.redirect_stdout(capture), pytest.raises(SystemExit):
+        main([command, "--help"])
+    return capture.getvalue()
+
+
+def test_a_train_run_stopped_after_making_out_dir_leaves_no_empty_folder(tmp_path, capsys, monkeypatch):
+    from gptfast.training import loops
+
+    def interrupted(*args, **kwargs):
+        assert (tmp_path / "new" / "run").is_dir()  # made before training
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loops, "train_model_simple", interrupted)
+    monkeypatch.setenv("GPTFAST_KEEP_HOST_MEMORY", "0")
+    assert _train(tmp_path / "new" / "run") == 130
+    assert capsys.readouterr().err == "gptfast train: interrupted\n"
+    assert not (tmp_path / "new").exists()
+
+
 def test_train_gpu_subcommand_hands_over_to_the_training_script(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train-gpu", "--help"])

@@ -10,7 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from gptfast.files import atomic_savefig, atomic_torch_save, atomic_write, atomic_write_text, check_writable_dir
+from gptfast.files import (atomic_savefig, atomic_torch_save, atomic_write, atomic_write_text, check_dir_path,
+                           check_writable_dir, removing_new_empty_dirs)
 
 # A child that writes half of a new file's bytes through atomic_write, says so, then waits to be killed.
 _HALF_WRITE_CHILD = textwrap.dedent("""
@@ -162,3 +163,27 @@ def test_check_writable_dir_reports_a_refused_write(tmp_path, monkeypatch):
     monkeypatch.setattr("gptfast.files.tempfile.mkstemp", refuse)
     with pytest.raises(ValueError, match="out_dir .*not writable: Permission denied"):
         check_writable_dir(tmp_path)
+
+
+def test_a_failed_block_removes_only_the_empty_folders_it_made(tmp_path):
+    (tmp_path / "old").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        with removing_new_empty_dirs(tmp_path / "old", tmp_path / "a" / "b" / "c", tmp_path / "kept" / "d"):
+            check_writable_dir(tmp_path / "a" / "b" / "c")
+            check_writable_dir(tmp_path / "kept" / "d")
+            (tmp_path / "kept" / "note.txt").write_text("x")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "old"]  # "kept" holds a file; "old" was there
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["note.txt"]
+    with removing_new_empty_dirs(tmp_path / "e"):  # a block that succeeds keeps what it made
+        (tmp_path / "e").mkdir()
+    assert (tmp_path / "e").is_dir()
+
+
+def test_check_dir_path_refuses_a_file_and_makes_nothing(tmp_path):
+    (tmp_path / "f").write_text("x")
+    for path in (tmp_path / "f", tmp_path / "f" / "below"):
+        with pytest.raises(ValueError, match="--out-dir .* is a file, not a folder"):
+            check_dir_path(path, name="--out-dir")
+    assert check_dir_path(tmp_path / "new" / "sub") == tmp_path / "new" / "sub"
+    assert not (tmp_path / "new").exists()
