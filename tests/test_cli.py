@@ -221,15 +221,17 @@ def test_train_gpu_subcommand_hands_over_to_the_training_script(capsys):
     assert main(["train-gpu", "--model", "nonexistent-size"]) == 2
 
 
-# ``python -m gptfast ARGS`` that says on stdout when it starts importing torch, then goes on with it.
+# ``python -m gptfast ARGS`` that, when it starts importing torch, says so on stdout and waits there for a signal:
+# a Ctrl-C during the seconds torch takes to import, without racing code of torch's that may swallow it.
 _ANNOUNCES_THE_TORCH_IMPORT = textwrap.dedent("""
-    import runpy, sys
+    import runpy, sys, time
 
     class Announce:
         def find_spec(self, name, path=None, target=None):
             if name == "torch":
                 sys.meta_path.remove(self)
                 print("importing torch", flush=True)
+                time.sleep(60)
             return None
 
     sys.meta_path.insert(0, Announce())
@@ -241,7 +243,7 @@ def test_ctrl_c_while_the_command_starts_is_one_line_and_status_130(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", _ANNOUNCES_THE_TORCH_IMPORT, "generate", "--checkpoint",
                               str(tmp_path / "c.pth")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert child.stdout.readline() == "importing torch\n"
-    child.send_signal(signal.SIGINT)  # torch takes a second or more to import: this lands inside it
+    child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=120)
     assert child.returncode == 130 and err == "gptfast generate: interrupted\n", err
 
