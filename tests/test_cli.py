@@ -262,6 +262,29 @@ def test_a_bad_flag_value_is_one_line_and_help_is_still_the_full_help(capsys):
     assert exit_info.value.code == 0 and out.startswith("usage: gptfast generate") and "--max-new-tokens" in out
 
 
+def _train_gpu(out_dir, *flags):
+    return ["train-gpu", "--model", "tiny", "--device", "cpu", "--no-progress", "--out-dir", str(out_dir), *flags]
+
+
+@pytest.mark.parametrize("case", ["cache-dir-is-a-file", "resume-and-init-from", "missing-init-from", "not-utf8"])
+def test_train_gpu_names_bad_paths_and_flags_and_leaves_no_folder_it_made(tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setenv("GPTFAST_KEEP_HOST_MEMORY", "0")  # the test process keeps its malloc settings
+    a_file = tmp_path / "tiny.txt"
+    a_file.write_text("x")
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    flags, message = {
+        "cache-dir-is-a-file": (["--cache-dir", str(a_file)], f"--cache-dir '{a_file}' is not usable: '{a_file}' is "
+                                                              "a file, not a folder"),
+        "resume-and-init-from": (["--resume", "--init-from", str(a_file)], "--init-from and --resume do not go"),
+        "missing-init-from": (["--init-from", str(tmp_path / "none.pt")], "--init-from path not found"),
+        "not-utf8": (["--data", str(not_utf8)], f"--data: {not_utf8} is not UTF-8 text: byte 0xe9 at offset 3"),
+    }[case]
+    line = _one_line_error(capsys, _train_gpu(tmp_path / "new" / "run", *flags))
+    assert message in line, line
+    assert not (tmp_path / "new").exists()  # not-utf8: made for the token cache, then removed as it stayed empty
+
+
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "gptfast", "--help"], capture_output=True, text=True, check=True)
     assert "train" in out.stdout and "generate" in out.stdout

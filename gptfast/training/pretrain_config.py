@@ -89,6 +89,9 @@ class PretrainConfig:
             raise ValueError("--grad-clip and --weight-decay must be >= 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.resume and self.init_from:
+            raise ValueError("--init-from and --resume do not go together: --resume continues from OUT_DIR's "
+                             "checkpoint, whose weights would replace --init-from's")
         if self.dtype not in (None, "fp32", "bf16"):
             raise ValueError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
         if self.backend is not None and self.backend not in ops.BACKEND_CHOICES:
