@@ -239,13 +239,16 @@ _ANNOUNCES_THE_TORCH_IMPORT = textwrap.dedent("""
 """)
 
 
-def test_ctrl_c_while_the_command_starts_is_one_line_and_status_130(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", _ANNOUNCES_THE_TORCH_IMPORT, "generate", "--checkpoint",
-                              str(tmp_path / "c.pth")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@pytest.mark.parametrize("module, args, prog", [("gptfast", ["generate", "--checkpoint", "c.pth"], "gptfast generate"),
+                                               ("gptfast.train", ["--model", "tiny"], "gptfast.train")])
+def test_ctrl_c_while_the_command_starts_is_one_line_and_status_130(module, args, prog):
+    code = _ANNOUNCES_THE_TORCH_IMPORT.replace('"gptfast"', repr(module))
+    child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
     assert child.stdout.readline() == "importing torch\n"
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=120)
-    assert child.returncode == 130 and err == "gptfast generate: interrupted\n", err
+    assert child.returncode == 130 and err == f"{prog}: interrupted\n", err
 
 
 def test_a_bad_flag_value_is_one_line_and_help_is_still_the_full_help(capsys):
