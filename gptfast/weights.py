@@ -469,6 +469,8 @@ def load_hf_gpt2_into_gpt(gpt, path):
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a safetensors file")
     if not path.is_file():
         raise FileNotFoundError(f"safetensors file not found: {path}")
     tensors = _read_gpt2_safetensors(path)

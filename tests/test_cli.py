@@ -474,6 +474,12 @@ def test_unreadable_safetensors_is_one_line(tmp_path, capsys):
     assert "not found" in line
 
 
+def test_a_gpt2_weights_folder_whose_model_safetensors_is_a_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "model.safetensors").mkdir()
+    line = _one_line_error(capsys, ["generate", "--safetensors", str(tmp_path), "--max-new-tokens", "1"])
+    assert "model.safetensors is a folder, not a safetensors file" in line, line
+
+
 def _adamw_steps(make, steps=3):
     """Weights after ``steps`` updates by the optimizer ``make(params)`` from fixed weights and gradients."""
     torch.manual_seed(0)
