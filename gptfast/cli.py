@@ -2,44 +2,52 @@
 also ``python -m gptfast.train``) and ``gptfast generate`` (streamed sampling).
 
 Expected failures print one line on stderr and exit with status 2; ``--debug`` or
-``GPTFAST_DEBUG=1`` shows the traceback instead.
+``GPTFAST_DEBUG=1`` shows the traceback instead.  Ctrl-C, at any moment, prints one line and
+exits with status 130.
 """
 
 from __future__ import annotations
 
-import argparse
+import math
 import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
-
-from . import ops
-from .errors import run_cli
-from .models.gpt_config import GPT_CONFIG_124M, gpt2_config
-from .training import pretrain
+# Only the standard library and gptfast.errors at import time: torch and the models are imported by
+# main, where a Ctrl-C during those seconds of importing is caught like any other.
+from .errors import OneLineArgumentParser, debug_requested, report_interrupt, run_cli
 
 DEFAULT_PROMPT = "Every effort moves you"
 
 
 def _add_common_flags(parser):
+    from . import ops
+
     parser.add_argument("--backend", default=None, choices=ops.BACKEND_CHOICES,
                         help="kernel backend for attention, loss and sampling (default: $GPTFAST_BACKEND or auto)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or GPTFAST_DEBUG=1)")
 
 
 def _model_config(args) -> dict:
+    from .models.gpt_config import GPT_CONFIG_124M, gpt2_config
+
     cfg = dict(GPT_CONFIG_124M) if args.model == "gpt2-ctx256" else gpt2_config(args.model)
     if args.context_length is not None:
         cfg["context_length"] = args.context_length
     return cfg
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``gptfast`` parser with its three subcommands."""
-    parser = argparse.ArgumentParser(prog="gptfast", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> OneLineArgumentParser:
+    """The ``gptfast`` parser with its three subcommands (imports torch: the device defaults need it)."""
+    import argparse
+
+    import torch
+
+    from .training import pretrain
+
+    parser = OneLineArgumentParser(prog="gptfast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)  # the subcommands' parsers are of the same class
 
     sub.add_parser("train-gpu", parents=[pretrain.build_parser(add_help=False)],
                    help="the fast training script (python -m gptfast.train): bf16, compile, DDP",
@@ -62,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=123)
     train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     train.add_argument("--out-dir", default="runs/verdict", help="checkpoint and loss plot go here")
-    train.add_argument("--resume", action="store_true", help="continue from out-dir's checkpoint")
+    keep = train.add_mutually_exclusive_group()
+    keep.add_argument("--resume", action="store_true", help="continue from out-dir's checkpoint")
+    keep.add_argument("--overwrite", action="store_true",
+                      help="replace out-dir's checkpoint with this run's (without --resume or --overwrite, a run "
+                           "refuses an out-dir that holds one)")
     _add_common_flags(train)
 
     gen = sub.add_parser("generate", help="stream text from a checkpoint, GPT-2 safetensors weights or a Hugging "
@@ -91,8 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_device(device: str) -> torch.device:
+def _check_device(device: str):
     """``--device`` parsed and usable here (a clear error instead of a failure deep inside torch)."""
+    import torch
+
     try:
         device = torch.device(device)
     except RuntimeError as exc:
@@ -104,47 +118,141 @@ def _check_device(device: str) -> torch.device:
 
 def _select_backend(name) -> None:
     """``--backend``: ``ops.use_backend`` refuses one that cannot run here (a one-line error)."""
+    from . import ops
+
     if name is not None:
         ops.use_backend(name)
 
 
+CHAPTER_CHECKPOINT = "model_and_optimizer.pth"
+LOSS_PLOT = "loss-plot.png"
+
+
+def _check_train_flags(args) -> None:
+    """The train flags no file is needed for, checked before anything is read or made."""
+    from .training.pretrain_config import check_seed
+
+    for flag, value in (("--eval-freq", args.eval_freq), ("--eval-iter", args.eval_iter),
+                        ("--batch-size", args.batch_size), ("--context-length", args.context_length)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.epochs < 0:
+        raise ValueError(f"--epochs must be >= 0, got {args.epochs}")
+    for flag, value in (("--lr", args.lr), ("--weight-decay", args.weight_decay)):
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
+    # Python's slicing would read a negative ratio from the end: -0.1 would train on the first 90%.
+    if not 0 < args.train_ratio < 1:
+        raise ValueError(f"--train-ratio must lie strictly between 0 and 1, got {args.train_ratio}")
+    check_seed(args.seed)
+
+
+def _check_start_context(text: str) -> None:
+    """``--start-context``, which each epoch's sample continues, encodes to at least one token (found now, not
+    after the first epoch)."""
+    from .tokenizer import get_tokenizer
+    from .training.loops import text_to_token_ids
+
+    if not text or text_to_token_ids(text, get_tokenizer()).numel() == 0:
+        raise ValueError("--start-context is empty: each epoch's sample continues it, give at least one token")
+
+
+def _check_out_dir(args, out_dir: Path) -> None:
+    """``--out-dir`` can hold the run's files, and a checkpoint already there is replaced only on request."""
+    from .files import check_dir_path, check_output_files
+
+    check_dir_path(out_dir, name="--out-dir")
+    check_output_files(out_dir, (CHAPTER_CHECKPOINT, LOSS_PLOT), name="--out-dir")
+    if (out_dir / CHAPTER_CHECKPOINT).exists() and not (args.resume or args.overwrite):
+        raise ValueError(f"--out-dir {str(out_dir)!r} already holds a checkpoint ({CHAPTER_CHECKPOINT}): pass "
+                         "--resume to continue it or --overwrite to replace it")
+
+
+def _read_resume_state(ckpt_path: Path, cfg: dict, device):
+    """``--resume``: the checkpoint at ``ckpt_path``, checked to be one of a model with config ``cfg``."""
+    from .training.checkpoints import read_checkpoint
+
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    try:
+        state = read_checkpoint(ckpt_path, map_location=device)
+    except ValueError as exc:
+        raise ValueError(f"--resume: {exc}") from None
+    if state.get("config", cfg) != cfg:
+        raise ValueError(f"--resume: checkpoint config {state['config']} differs from {cfg}")
+    return state
+
+
+def _read_data(path) -> str:
+    """The text of ``--data`` (the-verdict without it); a folder, a missing or a non-UTF-8 file is named."""
+    from .data import load_text
+
+    try:
+        return load_text(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"--data: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"--data: {exc}") from None
+
+
+def _chapter_loaders(args, text: str, cfg: dict):
+    """The chapter's train and validation loaders of ``text``, refused when they give no training batch."""
+    from .data import train_val_loaders
+
+    try:
+        train_loader, val_loader = train_val_loaders(text, cfg, args.batch_size, args.train_ratio, args.seed)
+    except ValueError as exc:  # a split too short for one window
+        raise ValueError(f"{exc}: use more text (--data), another --train-ratio or a shorter --context-length") \
+            from None
+    if len(train_loader) == 0:  # drop_last: fewer windows than a batch give no step at all
+        raise ValueError(f"--batch-size {args.batch_size} is more than the {len(train_loader.dataset)} windows of "
+                         f"--context-length {cfg['context_length']} tokens the training split gives: use a smaller "
+                         "--batch-size or --context-length, or more text")
+    return train_loader, val_loader
+
+
 def run_train(args) -> int:
-    """The chapter-5 pretraining run; saves ``model_and_optimizer.pth`` and ``loss-plot.png`` in out-dir."""
+    """The chapter-5 pretraining run; saves ``model_and_optimizer.pth`` and ``loss-plot.png`` in out-dir.
+
+    Every flag, the data and out-dir are checked before out-dir is made and before the model is built; a run
+    that fails leaves no empty out-dir it made behind.
+    """
+    from .files import removing_new_empty_dirs
+
+    _check_train_flags(args)
+    _check_start_context(args.start_context)
+    device = _check_device(args.device)
+    _select_backend(args.backend)
+    cfg = _model_config(args)
+    out_dir = Path(args.out_dir)
+    _check_out_dir(args, out_dir)
+    resume_state = _read_resume_state(out_dir / CHAPTER_CHECKPOINT, cfg, device) if args.resume else None
+    text = _read_data(args.data)
+    # The chapter's order: seed and build the loaders, then seed again and build the model, so the
+    # shuffling and dropout draws of `--backend torch` follow the book's run.
+    train_loader, val_loader = _chapter_loaders(args, text, cfg)
+    with removing_new_empty_dirs(out_dir):
+        return _train_and_save(args, cfg, device, out_dir, train_loader, val_loader, resume_state)
+
+
+def _train_and_save(args, cfg, device, out_dir: Path, train_loader, val_loader, resume_state) -> int:
+    """The checked run: make out-dir, build the model, train, save the checkpoint and the loss plot."""
     import matplotlib
+    import torch
+
+    from . import ops
 
     matplotlib.use("Agg")
-    from .data import load_text, train_val_loaders
-    from .files import check_output_files, check_writable_dir
+    from .files import check_writable_dir
     from .models.gpt import GPTModel
     from .tokenizer import get_tokenizer
-    from .training.checkpoints import apply_checkpoint, read_checkpoint, save_checkpoint
+    from .training.checkpoints import apply_checkpoint, save_checkpoint
     from .training.host_memory import keep_freed_host_memory
     from .training.loops import plot_losses, train_model_simple
     from .training.optimizers import chapter_adamw
 
-    for flag, value in (("--eval-freq", args.eval_freq), ("--eval-iter", args.eval_iter)):
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
-    if args.epochs < 0:
-        raise ValueError(f"--epochs must be >= 0, got {args.epochs}")
-    device = _check_device(args.device)
-    _select_backend(args.backend)
-    cfg = _model_config(args)
-    out_dir = check_writable_dir(args.out_dir, name="--out-dir")  # before training, not after it
-    ckpt_path = out_dir / "model_and_optimizer.pth"
-    check_output_files(out_dir, (ckpt_path.name, "loss-plot.png"), name="--out-dir")
-    resume_state = None
-    if args.resume:
-        try:
-            resume_state = read_checkpoint(ckpt_path, map_location=device)
-        except ValueError as exc:
-            raise ValueError(f"--resume: {exc}") from None
-        if resume_state.get("config", cfg) != cfg:
-            raise ValueError(f"--resume: checkpoint config {resume_state['config']} differs from {cfg}")
-    text = load_text(args.data)
-    # The chapter's order: seed and build the loaders, then seed again and build the model, so the
-    # shuffling and dropout draws of `--backend torch` follow the book's run.
-    train_loader, val_loader = train_val_loaders(text, cfg, args.batch_size, args.train_ratio, args.seed)
+    check_writable_dir(out_dir, name="--out-dir")  # before training, not after it
+    ckpt_path = out_dir / CHAPTER_CHECKPOINT
     torch.manual_seed(args.seed)
     model = GPTModel(cfg).to(device)
     optimizer = chapter_adamw(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -167,8 +275,8 @@ def run_train(args) -> int:
         print(f"saved {ckpt_path} (no loss plot: no evaluation ran)")
         return 0
     epochs = torch.linspace(0, args.epochs, len(train_losses)).tolist()
-    plot_losses(epochs, tokens_seen, train_losses, val_losses, save_path=out_dir / "loss-plot.png", show=False)
-    print(f"saved {ckpt_path} and {out_dir / 'loss-plot.png'}")
+    plot_losses(epochs, tokens_seen, train_losses, val_losses, save_path=out_dir / LOSS_PLOT, show=False)
+    print(f"saved {ckpt_path} and {out_dir / LOSS_PLOT}")
     return 0
 
 
@@ -178,6 +286,7 @@ def load_model_for_generation(args):
     A padded vocabulary (the GPU script's ``ckpt.pt``) is cut to GPT-2's, so a padded id is never produced.
     """
     from .models.gpt import GPTModel
+    from .models.gpt_config import GPT_CONFIG_124M, gpt2_config
     from .training.checkpoints import load_gpt2_safetensors, model_from_checkpoint
 
     device = _check_device(args.device)
@@ -196,12 +305,12 @@ class _Generation(NamedTuple):
     """What ``gptfast generate`` streams from: the model, its config, the tokenizer, the end token the stream
     stops at, every token that ends the text, and the prompt's ids ``(1, T)``."""
 
-    model: torch.nn.Module
+    model: object  # a torch.nn.Module
     cfg: dict
     tokenizer: object
     eos_id: int
     stop_ids: frozenset
-    prompt_ids: torch.Tensor
+    prompt_ids: object  # a torch.Tensor
 
 
 def _gpt2_generation(args) -> _Generation:
@@ -220,19 +329,67 @@ def _gpt2_generation(args) -> _Generation:
 
 def _hf_folder_generation(args, folder) -> _Generation:
     """What to stream from the Llama 3 / Qwen3 model ``folder`` (``--safetensors``)."""
+    import torch
+
     from .models import hf_folder
+    from .weights import check_safetensors_folder
 
     if args.model is not None:
         raise ValueError(f"--model {args.model} names a GPT-2 size, but {args.safetensors} holds a Llama 3 / "
                          "Qwen3 model (its config.json describes it)")
     device = _check_device(args.device)
-    family, _ = hf_folder.read_config(folder)  # a bad config is named before the weights are read
+    family, config = hf_folder.read_config(folder)  # a bad config is named before the weights are read
     tokenizer_path = args.tokenizer or hf_folder.default_tokenizer_path(folder, family)
     tokenizer = hf_folder.load_tokenizer(family, tokenizer_path, chat=args.chat, folder=folder)
+    _check_tokenizer_fits(tokenizer, family, tokenizer_path, config["vocab_size"], folder)
     prompt_ids = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long)
     dtype = hf_folder.DTYPES[args.dtype] if args.dtype else None
+    check_safetensors_folder(folder)  # a broken weights file or index is named before any tensor is read
     model, cfg, _ = hf_folder.load_model(folder, dtype=dtype, device=device)
+    tokenizer = _DecodeErrorsNamed(tokenizer, tokenizer_path)
     return _Generation(model, cfg, tokenizer, tokenizer.eos_id, tokenizer.stop_ids, prompt_ids)
+
+
+def _tokenizer_id_count(tokenizer, family) -> int:
+    """How many token ids the book's tokenizer of ``family`` (inside ``hf_folder.load_tokenizer``'s) knows: its
+    highest id + 1."""
+    if family == "llama3":
+        return tokenizer.tokenizer.model.n_vocab  # the tiktoken encoding's highest id + 1
+    return tokenizer.tokenizer._tok.get_vocab_size(with_added_tokens=True)
+
+
+def _check_tokenizer_fits(tokenizer, family, path, vocab_size, folder) -> None:
+    """``ValueError`` naming the tokenizer file and both sizes when the tokenizer is not the model's.
+
+    Llama 3's tiktoken raises on an id it has no token for, so the model may have no rows past the tokenizer's
+    highest id (the book's tokenizer has two reserved ids past Llama 3's 128,256 rows: more ids are fine).
+    Qwen3 models have more rows than their tokenizer has ids (151,936 for 151,669; the tokenizers package
+    decodes those ids as no text), never fewer: a tokenizer with ids past the model's rows is another model's.
+    """
+    count = _tokenizer_id_count(tokenizer, family)
+    if (family == "llama3" and vocab_size > count) or (family != "llama3" and count > vocab_size):
+        raise ValueError(f"tokenizer {path} has {count} token ids, but the model's vocab_size is {vocab_size} "
+                         f"({Path(folder) / 'config.json'}): the tokenizer does not belong to this model")
+
+
+class _DecodeErrorsNamed:
+    """The tokenizer ``tokenizer`` whose decode of an id it has no token for (tiktoken's KeyError, where a
+    tokenizer file leaves gaps in the model's vocabulary) is a ValueError naming the tokenizer file."""
+
+    def __init__(self, tokenizer, path):
+        self.tokenizer = tokenizer
+        self.path = path
+
+    def decode(self, ids):
+        try:
+            return self.tokenizer.decode(ids)
+        except KeyError as exc:
+            raise ValueError(f"tokenizer {self.path} cannot decode a token the model generated "
+                             f"({exc.args[0] if exc.args else exc}): the tokenizer does not belong to this model") \
+                from None
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
 
 
 def _hf_model_folder(args):
@@ -249,19 +406,33 @@ def _hf_model_folder(args):
     return None
 
 
-def run_generate(args) -> int:
-    """Stream ``--max-new-tokens`` tokens after ``--prompt`` to stdout."""
-    from .generation import stream_text
+def _check_generate_flags(args) -> None:
+    """The generate flags no file is needed for, checked before any is read and anything is written: an error
+    then stands alone on its line."""
+    from .training.pretrain_config import check_seed
 
-    # Checked before anything is written: an error then stands alone on its line.
+    if args.checkpoint and args.model is not None:
+        raise ValueError(f"--model {args.model} applies to --safetensors GPT-2 weights: a --checkpoint holds its "
+                         "model's config")
     if not args.prompt:
         raise ValueError("--prompt is empty: give at least one token of text to continue")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if not args.temperature >= 0:
-        raise ValueError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
+    # The library takes any temperature >= 0, as the book's generate does; an infinite one here is a typo.
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 means greedy), got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    check_seed(args.seed)
+
+
+def run_generate(args) -> int:
+    """Stream ``--max-new-tokens`` tokens after ``--prompt`` to stdout."""
+    import torch
+
+    from .generation import stream_text
+
+    _check_generate_flags(args)
     _select_backend(args.backend)
     folder = _hf_model_folder(args)
     loaded = _gpt2_generation(args) if folder is None else _hf_folder_generation(args, folder)
@@ -309,13 +480,26 @@ def write_until_stop(chunks, stop_ids, tokenizer, out) -> None:
 
 def run_train_gpu(args) -> int:
     """``gptfast train-gpu``: the GPU pretraining script with the parsed flags."""
+    from .training import pretrain
+
     return pretrain.train_from_config(pretrain.PretrainConfig.from_args(args))
 
 
 COMMANDS = {"train": run_train, "generate": run_generate, "train-gpu": run_train_gpu}
 
 
+def _prog(argv) -> str:
+    """``gptfast`` and the command ``argv`` names, as its messages begin."""
+    command = next((arg for arg in (sys.argv[1:] if argv is None else argv) if arg in COMMANDS), None)
+    return "gptfast" if command is None else f"gptfast {command}"
+
+
 def main(argv=None) -> int:
     """Entry point of the ``gptfast`` command."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)  # the seconds of importing torch and the models
+    except KeyboardInterrupt:
+        if debug_requested():
+            raise
+        return report_interrupt(_prog(argv))
     return run_cli(f"gptfast {args.command}", lambda: COMMANDS[args.command](args), debug=args.debug)

@@ -49,33 +49,65 @@ def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=
     """
     dataset = GPTDatasetV1(txt, get_tokenizer(), max_length, stride)
     if len(dataset) == 0 and shuffle:
-        raise ValueError(
-            f"txt is too short for one window: it has {len(dataset.tokenizer.encode(txt, allowed_special={ENDOFTEXT}))}"
-            f" tokens and max_length={max_length} needs at least {max_length + 1}")
+        raise ValueError(_too_short_for_one_window(txt, dataset.tokenizer, max_length))
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                       num_workers=num_workers)
 
 
+def _too_short_for_one_window(txt, tokenizer, max_length) -> str:
+    tokens = len(tokenizer.encode(txt, allowed_special={ENDOFTEXT}))
+    return f"txt is too short for one window: it has {tokens} tokens and max_length={max_length} needs at least " \
+           f"{max_length + 1}"
+
+
 def load_text(path=None) -> str:
-    """Read a UTF-8 text file, or the embedded the-verdict when ``path`` is None."""
+    """Read a UTF-8 text file, or the embedded the-verdict when ``path`` is None.
+
+    A missing file is a ``FileNotFoundError``; a folder, or a file that is not UTF-8, a ``ValueError`` naming it.
+    """
     if path is None:
         return default_text()
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"data file {path} is a folder, not a text file")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"data file {path} is not UTF-8 text: byte {exc.object[exc.start]:#04x} at offset "
+                         f"{exc.start} ({exc.reason})") from None
 
 
 def train_val_loaders(text, cfg, batch_size=2, train_ratio=0.90, seed=123):
-    """The chapter-5 split: first ``train_ratio`` of the characters for training, the rest for validation."""
+    """The chapter-5 split: first ``train_ratio`` of the characters for training, the rest for validation.
+
+    ``train_ratio`` must lie strictly between 0 and 1 (Python's slicing would read a negative one from the end);
+    a split too short for one window raises a ``ValueError`` saying which split.
+    """
+    if not 0 < train_ratio < 1:
+        raise ValueError(f"train_ratio must lie strictly between 0 and 1, got {train_ratio}")
     split = int(train_ratio * len(text))
     ctx = cfg["context_length"]
     torch.manual_seed(seed)
-    train_loader = create_dataloader_v1(text[:split], batch_size=batch_size, max_length=ctx, stride=ctx,
-                                        drop_last=True, shuffle=True, num_workers=0)
-    val_loader = create_dataloader_v1(text[split:], batch_size=batch_size, max_length=ctx, stride=ctx,
-                                      drop_last=False, shuffle=False, num_workers=0)
-    if len(val_loader.dataset) == 0:  # the chapter's loop would report nan validation losses
-        raise ValueError(f"the validation split ({len(text) - split} characters) is too short for one window "
-                         f"of context_length={ctx} plus one token")
+    share = f"{100 * train_ratio:.3g}%"
+    train_loader = _split_loader(text[:split], f"the training split (the first {share} of the text)",
+                                 batch_size=batch_size, max_length=ctx, stride=ctx, drop_last=True, shuffle=True,
+                                 num_workers=0)
+    val_loader = _split_loader(text[split:], f"the validation split (the text after the first {share})",
+                               batch_size=batch_size, max_length=ctx, stride=ctx, drop_last=False, shuffle=False,
+                               num_workers=0)
     return train_loader, val_loader
+
+
+def _split_loader(text, split_name, **loader_kwargs):
+    """``create_dataloader_v1(text, **loader_kwargs)``; a split too short for one window is named in the error
+    (an empty training split would train on nothing, an empty validation split report nan losses)."""
+    try:
+        loader = create_dataloader_v1(text, **loader_kwargs)
+    except ValueError as exc:
+        raise ValueError(f"{split_name}: {exc}") from None
+    if len(loader.dataset) == 0:
+        message = _too_short_for_one_window(text, loader.dataset.tokenizer, loader_kwargs["max_length"])
+        raise ValueError(f"{split_name}: {message}")
+    return loader

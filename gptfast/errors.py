@@ -7,6 +7,7 @@ expected failures: the user gets ``<prog>: error: <what is wrong>`` and exit sta
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable
@@ -31,6 +32,12 @@ def one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def report_interrupt(prog: str) -> int:
+    """Say on stderr that ``prog`` was interrupted (Ctrl-C); return the exit status for it."""
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def run_cli(prog: str, main: Callable[[], int], *, debug: bool = False) -> int:
     """Run ``main``; turn an expected failure into one stderr line and exit status 2."""
     try:
@@ -43,5 +50,13 @@ def run_cli(prog: str, main: Callable[[], int], *, debug: bool = False) -> int:
     except KeyboardInterrupt:
         if debug_requested(debug):
             raise
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return report_interrupt(prog)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr, as the commands' other errors, with
+    argparse's exit status 2: the usage block would bury the line that says what is wrong.
+    ``--help`` still prints the full help."""
+
+    def error(self, message):
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")

@@ -10,13 +10,26 @@ complete old file or the complete new one, plus at most a stray ``.<name>.*.tmp`
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
 __all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text", "atomic_savefig", "check_writable_dir",
-           "save_response", "path_inside"]
+           "check_dir_path", "removing_new_empty_dirs", "save_response", "path_inside"]
+
+
+# The errors of a write that ran out of room: a full disk or quota, a file over the size limit, a failing device.
+_WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+
+
+def _write_error(exc: OSError, target: Path) -> OSError:
+    """``exc``, a failed write to ``target``'s temporary file, as an OSError naming ``target`` (the temporary
+    file's name would mean nothing to the user)."""
+    error = OSError(f"could not write {target}: {exc.strerror or exc}")
+    error.errno = exc.errno
+    return error
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -39,6 +52,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> It
 
     If the block raises, the temporary file is removed and ``path`` is untouched.  ``mode``
     must be a write mode (``"w"``, ``"wb"``); ``open_kwargs`` go to :func:`open` (``encoding``, ``newline``).
+    A write that fails for want of room (no space left, file too large) raises an ``OSError`` naming ``path``.
     """
     if mode not in ("w", "wb", "wt"):
         raise ValueError(f"mode must be 'w', 'wt' or 'wb', got {mode!r}")
@@ -56,19 +70,53 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> It
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno in _WRITE_FAILURES:
+            raise _write_error(exc, target) from None
         raise
     _fsync_dir(folder)
 
 
+class _WriteErrorRecorder:
+    """A file whose ``write`` and ``flush`` remember the OSError they raise: ``torch.save`` reports a failed
+    write (a full disk, a file over the size limit) as a RuntimeError about its zip stream instead."""
+
+    def __init__(self, handle: IO):
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data):
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self):
+        try:
+            return self.handle.flush()
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` through :func:`atomic_write`."""
+    """``torch.save(obj, path)`` through :func:`atomic_write`; a failed write raises its OSError, naming ``path``."""
     import torch
 
     with atomic_write(path, "wb") as handle:
-        torch.save(obj, handle)
+        recorder = _WriteErrorRecorder(handle)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is None:
+                raise
+            raise recorder.error from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -84,16 +132,23 @@ def atomic_savefig(figure, path: str | os.PathLike, **savefig_kwargs) -> None:
         figure.savefig(handle, format=fmt, **savefig_kwargs)
 
 
+def check_dir_path(path: str | os.PathLike, *, name: str = "out_dir") -> Path:
+    """``ValueError`` naming ``name`` when ``path`` is a file or lies below one; creates nothing, so a run can
+    check its folders with its other input before it makes any of them.  Returns ``path`` as a Path."""
+    folder = Path(path)
+    for parent in (folder, *folder.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{name} {str(folder)!r} is not usable: {str(parent)!r} is a file, not a folder")
+    return folder
+
+
 def check_writable_dir(path: str | os.PathLike, *, name: str = "out_dir") -> Path:
     """Create ``path`` if needed and prove files can be written there, before any long work starts.
 
     Raises ``ValueError`` naming ``name`` when ``path`` is a file, lies below a file, or is not
     writable, so a run never trains for hours and then loses its result.
     """
-    folder = Path(path)
-    for parent in (folder, *folder.parents):
-        if parent.exists() and not parent.is_dir():
-            raise ValueError(f"{name} {str(folder)!r} is not usable: {str(parent)!r} is a file, not a folder")
+    folder = check_dir_path(path, name=name)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
@@ -102,6 +157,26 @@ def check_writable_dir(path: str | os.PathLike, *, name: str = "out_dir") -> Pat
     except OSError as exc:
         raise ValueError(f"{name} {str(folder)!r} is not writable: {exc.strerror or exc}") from None
     return folder
+
+
+@contextlib.contextmanager
+def removing_new_empty_dirs(*paths: str | os.PathLike) -> Iterator[None]:
+    """When the block raises, remove each folder of ``paths`` (and each parent) that did not exist before the
+    block and is empty after it: a run that fails (bad input found late, Ctrl-C) leaves behind no empty folder it
+    made.  A folder holding anything stays."""
+    made = set()
+    for path in paths:
+        for folder in (Path(path), *Path(path).parents):
+            if os.path.lexists(folder):
+                break
+            made.add(folder)
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(made, key=lambda f: len(f.parts), reverse=True):  # the deepest first
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                folder.rmdir()
+        raise
 
 
 def check_output_files(folder: Path, names, *, name: str = "out_dir") -> None:

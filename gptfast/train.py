@@ -2,11 +2,19 @@
 
 import sys
 
-from .models.gpt_config import gpt2_config
-from .training.pretrain import (CHECKPOINT_NAME, EXPORT_NAME, GPT2_VOCAB, LanguageModelLoss, PretrainConfig,
-                                Trainer, build_model, build_parser, check_resume_config, device_peak_flops,
-                                export_for_generation, flops_per_token, load_initial_weights, lr_at, main,
-                                make_optimizer, model_config, padded_vocab, parse_config, run, train_from_config)
+try:
+    from .models.gpt_config import gpt2_config
+    from .training.pretrain import (CHECKPOINT_NAME, EXPORT_NAME, GPT2_VOCAB, LanguageModelLoss, PretrainConfig,
+                                    Trainer, build_model, build_parser, check_resume_config, device_peak_flops,
+                                    export_for_generation, flops_per_token, load_initial_weights, lr_at, main,
+                                    make_optimizer, model_config, padded_vocab, parse_config, run,
+                                    train_from_config)
+except KeyboardInterrupt:  # Ctrl-C during the seconds of importing torch: the script's one line, as later
+    if __name__ != "__main__":
+        raise
+    from .errors import report_interrupt
+
+    sys.exit(report_interrupt("gptfast.train"))
 
 __all__ = ["PretrainConfig", "Trainer", "build_parser", "parse_config", "run", "train_from_config", "main",
            "model_config", "build_model", "LanguageModelLoss", "make_optimizer", "lr_at", "flops_per_token",

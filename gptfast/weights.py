@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import save_response
+from .files import path_inside, save_response
 
 GPT2_MODEL_SIZES = ("124M", "355M", "774M", "1558M")
 GPT2_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
@@ -401,6 +401,46 @@ def _safetensors_errors(path: Path):
         raise
 
 
+def check_safetensors_header(path) -> None:
+    """``ValueError`` naming ``path`` unless it is a safetensors file whose header is whole and covers the file
+    (a truncated file fails here); reads the header only."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():  # safetensors would say only "No such device"
+        raise ValueError(f"{path} is a folder, not a safetensors file")
+    with _safetensors_errors(path):
+        with safe_open(str(path), framework="pt"):
+            pass
+
+
+def _index_shards(index: Path, folder: Path) -> list:
+    """The shard files a ``model.safetensors.index.json`` names, each problem of the index named with it."""
+    if index.is_dir():
+        raise ValueError(f"{index} is a folder, not the JSON index of the weight files")
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{index} is not a JSON file: {exc}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index} has no 'weight_map' of tensor names to shard files")
+    return [path_inside(folder, shard) for shard in sorted(set(weight_map.values()))]
+
+
+def check_safetensors_folder(folder) -> None:
+    """Check a Hugging Face model folder's weight files before any tensor is read: the
+    ``model.safetensors.index.json`` (when there is one) maps tensor names to shard files, and each file it
+    names, or else ``model.safetensors``, has a whole safetensors header (:func:`check_safetensors_header`).
+    Each problem is a ``ValueError`` naming its file; a missing file is left for the loader to name."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    files = _index_shards(index, folder) if index.exists() else [folder / "model.safetensors"]
+    for path in files:
+        if path.exists():
+            check_safetensors_header(path)
+
+
 def _read_gpt2_safetensors(path: Path) -> dict:
     """The GPT-2 tensors of a safetensors file, dtypes checked from the header before any data is read."""
     from safetensors import safe_open
@@ -429,6 +469,8 @@ def load_hf_gpt2_into_gpt(gpt, path):
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a safetensors file")
     if not path.is_file():
         raise FileNotFoundError(f"safetensors file not found: {path}")
     tensors = _read_gpt2_safetensors(path)

@@ -4,8 +4,10 @@ import contextlib
 import io
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -123,6 +125,15 @@ def test_generate_errors(trained, tmp_path, capsys):
         assert message in err and out == ""  # the error stands alone: nothing was streamed before it
 
 
+def test_generate_refuses_flags_it_would_otherwise_ignore_or_misuse(trained, capsys):
+    ckpt = str(trained[0] / "model_and_optimizer.pth")
+    for flags, message in ((["--temperature", "inf"], "--temperature must be a finite number"),
+                           (["--temperature", "nan"], "--temperature must be a finite number"),
+                           (["--model", "gpt2-xl"], "--model gpt2-xl applies to --safetensors GPT-2 weights")):
+        line = _one_line_error(capsys, ["generate", "--checkpoint", ckpt, *flags])
+        assert message in line, line
+
+
 def test_train_refuses_evaluation_counts_below_one_before_training(tmp_path, capsys):
     for flag in ("--eval-freq", "--eval-iter"):
         assert main(["train", "--model", "tiny", "--epochs", "1", "--batch-size", "4", "--out-dir", str(tmp_path),
@@ -131,12 +142,150 @@ def test_train_refuses_evaluation_counts_below_one_before_training(tmp_path, cap
         assert f"{flag} must be >= 1" in err and "Traceback" not in err and out == ""
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--train-ratio", "-0.1"], "--train-ratio must lie strictly between 0 and 1, got -0.1"),
+    (["--train-ratio", "0"], "--train-ratio must lie strictly between 0 and 1"),
+    (["--train-ratio", "1"], "--train-ratio must lie strictly between 0 and 1"),
+    (["--train-ratio", "nan"], "--train-ratio must lie strictly between 0 and 1"),
+    (["--train-ratio", "0.999"], "the validation split (the text after the first 99.9%)"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--context-length", "0"], "--context-length must be >= 1"),
+    (["--lr", "-1"], "--lr must be a finite number >= 0"),
+    (["--lr", "nan"], "--lr must be a finite number >= 0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
+    (["--start-context", ""], "--start-context is empty"),
+    (["--batch-size", "100"], "--batch-size 100 is more than the 72 windows of --context-length 64"),
+    (["--resume"], "--resume: no checkpoint at"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_train_names_a_bad_flag_before_it_makes_out_dir(tmp_path, capsys, flags, message):
+    out_dir = tmp_path / "new" / "run"
+    line = _one_line_error(capsys, ["train", "--model", "tiny", "--out-dir", str(out_dir), *flags])
+    assert message in line, line
+    assert not (tmp_path / "new").exists()
+
+
+def test_train_names_data_it_cannot_read_before_it_makes_out_dir(tmp_path, capsys):
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    for data, message in ((not_utf8, "is not UTF-8 text: byte 0xe9 at offset 3"), (tmp_path, "is a folder")):
+        line = _one_line_error(capsys, ["train", "--model", "tiny", "--out-dir", str(tmp_path / "o"), "--data",
+                                        str(data)])
+        assert line.startswith("gptfast train: error: --data: data file ") and message in line, line
+        assert not (tmp_path / "o").exists()
+
+
+def test_train_replaces_a_checkpoint_only_with_overwrite(trained, tmp_path, capsys):
+    _copy_run(trained, tmp_path)
+    ckpt = tmp_path / "model_and_optimizer.pth"
+    ckpt.write_bytes(b"an older run's checkpoint")
+    line = _one_line_error(capsys, ["train", "--model", "tiny", "--out-dir", str(tmp_path)])
+    assert "already holds a checkpoint" in line and "--resume" in line and "--overwrite" in line
+    assert ckpt.read_bytes() == b"an older run's checkpoint"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GPTFAST_KEEP_HOST_MEMORY", "0")
+        assert _train(tmp_path, "--overwrite", "--epochs", "0") == 0  # no training: only the save matters
+    assert "model_state_dict" in torch.load(ckpt, weights_only=True)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--out-dir", str(tmp_path), "--resume", "--overwrite"])
+    assert "--overwrite: not allowed with argument --resume" in capsys.readouterr().err
+    assert "--overwrite" in _help_of("train")
+
+
+def _help_of(command):
+    capture = io.StringIO()
+    with contextlib.redirect_stdout(capture), pytest.raises(SystemExit):
+        main([command, "--help"])
+    return capture.getvalue()
+
+
+def test_a_train_run_stopped_after_making_out_dir_leaves_no_empty_folder(tmp_path, capsys, monkeypatch):
+    from gptfast.training import loops
+
+    def interrupted(*args, **kwargs):
+        assert (tmp_path / "new" / "run").is_dir()  # made before training
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loops, "train_model_simple", interrupted)
+    monkeypatch.setenv("GPTFAST_KEEP_HOST_MEMORY", "0")
+    assert _train(tmp_path / "new" / "run") == 130
+    assert capsys.readouterr().err == "gptfast train: interrupted\n"
+    assert not (tmp_path / "new").exists()
+
+
 def test_train_gpu_subcommand_hands_over_to_the_training_script(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train-gpu", "--help"])
     assert exit_info.value.code == 0
     assert "--grad-accum" in capsys.readouterr().out
     assert main(["train-gpu", "--model", "nonexistent-size"]) == 2
+
+
+# ``python -m gptfast ARGS`` that, when it starts importing torch, says so on stdout and waits there for a signal:
+# a Ctrl-C during the seconds torch takes to import, without racing code of torch's that may swallow it.
+_ANNOUNCES_THE_TORCH_IMPORT = textwrap.dedent("""
+    import runpy, sys, time
+
+    class Announce:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch":
+                sys.meta_path.remove(self)
+                print("importing torch", flush=True)
+                time.sleep(60)
+            return None
+
+    sys.meta_path.insert(0, Announce())
+    runpy.run_module("gptfast", run_name="__main__", alter_sys=True)
+""")
+
+
+@pytest.mark.parametrize("module, args, prog", [("gptfast", ["generate", "--checkpoint", "c.pth"], "gptfast generate"),
+                                               ("gptfast.train", ["--model", "tiny"], "gptfast.train")])
+def test_ctrl_c_while_the_command_starts_is_one_line_and_status_130(module, args, prog):
+    code = _ANNOUNCES_THE_TORCH_IMPORT.replace('"gptfast"', repr(module))
+    child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline() == "importing torch\n"
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130 and err == f"{prog}: interrupted\n", err
+
+
+def test_a_bad_flag_value_is_one_line_and_help_is_still_the_full_help(capsys):
+    for argv, flag in ((["generate", "--checkpoint", "c", "--max-new-tokens", "abc"], "--max-new-tokens"),
+                       (["train", "--epochs", "x"], "--epochs"), (["train-gpu", "--max-steps", "x"], "--max-steps")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"gptfast {argv[0]}: error: argument {flag}: invalid int value") and "--help" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith("usage: gptfast generate") and "--max-new-tokens" in out
+
+
+def _train_gpu(out_dir, *flags):
+    return ["train-gpu", "--model", "tiny", "--device", "cpu", "--no-progress", "--out-dir", str(out_dir), *flags]
+
+
+@pytest.mark.parametrize("case", ["cache-dir-is-a-file", "resume-and-init-from", "missing-init-from", "not-utf8"])
+def test_train_gpu_names_bad_paths_and_flags_and_leaves_no_folder_it_made(tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setenv("GPTFAST_KEEP_HOST_MEMORY", "0")  # the test process keeps its malloc settings
+    a_file = tmp_path / "tiny.txt"
+    a_file.write_text("x")
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    flags, message = {
+        "cache-dir-is-a-file": (["--cache-dir", str(a_file)], f"--cache-dir '{a_file}' is not usable: '{a_file}' is "
+                                                              "a file, not a folder"),
+        "resume-and-init-from": (["--resume", "--init-from", str(a_file)], "--init-from and --resume do not go"),
+        "missing-init-from": (["--init-from", str(tmp_path / "none.pt")], "--init-from path not found"),
+        "not-utf8": (["--data", str(not_utf8)], f"--data: {not_utf8} is not UTF-8 text: byte 0xe9 at offset 3"),
+    }[case]
+    line = _one_line_error(capsys, _train_gpu(tmp_path / "new" / "run", *flags))
+    assert message in line, line
+    assert not (tmp_path / "new").exists()  # not-utf8: made for the token cache, then removed as it stayed empty
 
 
 def test_python_dash_m_entry_point():
@@ -191,6 +340,25 @@ def _one_line_error(capsys, argv):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def test_a_seed_out_of_range_is_named_by_every_command(tmp_path, capsys):
+    huge = str(10**23)
+    for argv in (["train", "--model", "tiny", "--out-dir", str(tmp_path / "o"), "--seed", huge],
+                 ["generate", "--checkpoint", str(tmp_path / "c.pth"), "--seed", huge],
+                 ["generate", "--checkpoint", str(tmp_path / "c.pth"), "--seed", "-1"],
+                 ["train-gpu", "--model", "tiny", "--out-dir", str(tmp_path / "o"), "--seed", str(2**63)]):
+        assert "--seed must be in [0, 2**63), got" in _one_line_error(capsys, argv)
+
+
+def test_the_largest_seed_draws_training_windows():
+    import numpy as np
+
+    from gptfast.training.token_cache import TokenWindows
+
+    windows = TokenWindows(np.arange(1000, dtype=np.uint16), 16, seed=2**63 - 1)
+    assert windows.step_offsets(5, 8).shape == (8,)
+    assert not torch.equal(windows.step_offsets(5, 8), windows.step_offsets(6, 8))
 
 
 def test_generate_reports_every_bad_checkpoint_in_one_line(tmp_path, capsys):
@@ -304,6 +472,12 @@ def test_unreadable_safetensors_is_one_line(tmp_path, capsys):
     assert re.search(r"model\.safetensors is not a readable (GPT-2 )?safetensors file", line), line
     line = _one_line_error(capsys, ["generate", "--safetensors", str(tmp_path / "none.safetensors")])
     assert "not found" in line
+
+
+def test_a_gpt2_weights_folder_whose_model_safetensors_is_a_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "model.safetensors").mkdir()
+    line = _one_line_error(capsys, ["generate", "--safetensors", str(tmp_path), "--max-new-tokens", "1"])
+    assert "model.safetensors is a folder, not a safetensors file" in line, line
 
 
 def _adamw_steps(make, steps=3):

@@ -254,17 +254,19 @@ LLAMA_MERGES = [b"ll", b"he", b"hell", b"hello", b" w", b"or", b" wor", b"ld", b
 LLAMA_TEXT_IDS = 256 + len(LLAMA_MERGES)
 
 
-def _llama_folder(root, *, chat_end_first=False):
+def _llama_folder(root, *, chat_end_first=False, spelled_only=True, vocab_size=None):
     """A tiny Llama 3 folder (tied head, as Llama-3.2-1B) whose token rows past the tiny tokenizer's are zero, so
-    greedy decoding stays on ids the tokenizer can spell."""
+    greedy decoding stays on ids the tokenizer can spell (with ``spelled_only``)."""
     config = {**LLAMA32_1B_CONFIG_JSON, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 64,
               "torch_dtype": "float32",
-              "rope_scaling": {**LLAMA32_1B_CONFIG_JSON["rope_scaling"], "original_max_position_embeddings": 16}}
+              "rope_scaling": {**LLAMA32_1B_CONFIG_JSON["rope_scaling"], "original_max_position_embeddings": 16},
+              **({"vocab_size": vocab_size} if vocab_size else {})}
     folder = _write_config(root, config)
     _, cfg = hf_folder.read_config(folder)
     params = random_hf_state_dict(our_llama3.Llama3Model(cfg), seed=1, tie_embeddings=True)
-    params["model.embed_tokens.weight"][LLAMA_TEXT_IDS:] = 0
+    if spelled_only:
+        params["model.embed_tokens.weight"][LLAMA_TEXT_IDS:] = 0
     write_checkpoint(params, folder)
     tokens = [bytes([i]) for i in range(256)] + LLAMA_MERGES
     (folder / "original").mkdir()
@@ -443,3 +445,56 @@ def test_the_cache_models_hidden_states_are_their_forward_without_the_head(tmp_p
         hidden = model.hidden_states(idx)
         assert hidden.shape == (2, 5, 32)
         torch.testing.assert_close(model.out_head(hidden), model(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_a_tokenizer_that_does_not_fit_the_models_vocabulary_is_named_with_both_sizes(tmp_path, capsys,
+                                                                                        tiktoken_cache):
+    # Llama 3's tiktoken cannot decode an id it has no token for: a model with rows past its ids is refused.
+    folder = _llama_folder(tmp_path / "llama", vocab_size=128_300)
+    (folder / "model.safetensors").unlink()  # refused before the weights are read
+    err = _error(capsys, "--safetensors", str(folder))
+    assert "original/tokenizer.model has 128258 token ids" in err and "vocab_size is 128300" in err
+    # Qwen3's tokenizer may have fewer ids than the model has rows (the real models do), but not more.
+    folder = _write_config(tmp_path / "qwen", _qwen_hf_config(vocab_size=300))
+    _qwen_tokenizer(folder / "tokenizer.json")
+    ids = __import__("tokenizers").Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()
+    assert ids > 300
+    err = _error(capsys, "--safetensors", str(folder))
+    assert f"tokenizer.json has {ids} token ids" in err and "vocab_size is 300" in err
+
+
+def test_a_token_the_tokenizer_cannot_decode_is_one_line_naming_the_tokenizer(tmp_path, capsys, tiktoken_cache):
+    folder = _llama_folder(tmp_path / "model", spelled_only=False)  # the model picks ids the tokenizer lacks
+    capsys.readouterr()
+    assert main(["generate", "--safetensors", str(folder), "--prompt", "hello", "--max-new-tokens", "5"]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("hello") and "Traceback" not in err
+    # The loader's note on the tied head, then the error.
+    assert err.splitlines()[:-1] == ["Model uses weight tying."], err
+    error = err.splitlines()[-1]
+    assert error.startswith("gptfast generate: error: tokenizer ") and "tokenizer.model cannot decode" in error
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _replace_with_a_folder(path):
+    path.unlink()
+    path.mkdir()
+
+
+@pytest.mark.parametrize("shards, break_it, message", [
+    (1, lambda f: _truncate(f / "model.safetensors"), "model.safetensors is not a readable safetensors file"),
+    (1, lambda f: _replace_with_a_folder(f / "model.safetensors"), "model.safetensors is a folder"),
+    (2, lambda f: _truncate(f / "model-00002-of-00002.safetensors"),
+     "model-00002-of-00002.safetensors is not a readable safetensors file"),
+    (2, lambda f: (f / "model.safetensors.index.json").write_text("[]"),
+     "model.safetensors.index.json has no 'weight_map'"),
+    (2, lambda f: (f / "model.safetensors.index.json").write_text("{not json"),
+     "model.safetensors.index.json is not a JSON file"),
+], ids=["truncated", "folder", "truncated-shard", "index-list", "index-not-json"])
+def test_broken_weight_files_are_one_line_naming_the_file(tmp_path, capsys, shards, break_it, message):
+    folder = _qwen_folder(tmp_path, shards=shards)
+    break_it(folder)
+    assert message in _error(capsys, "--safetensors", str(folder))

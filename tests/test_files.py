@@ -10,7 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from gptfast.files import atomic_savefig, atomic_torch_save, atomic_write, atomic_write_text, check_writable_dir
+from gptfast.files import (atomic_savefig, atomic_torch_save, atomic_write, atomic_write_text, check_dir_path,
+                           check_writable_dir, removing_new_empty_dirs)
 
 # A child that writes half of a new file's bytes through atomic_write, says so, then waits to be killed.
 _HALF_WRITE_CHILD = textwrap.dedent("""
@@ -77,6 +78,29 @@ def test_failed_write_removes_the_temporary_and_keeps_the_old_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
+# A child allowed to write files of 20 kB at most that saves bigger ones; it exits as the commands do on an error.
+_OVER_THE_SIZE_LIMIT_CHILD = textwrap.dedent("""
+    import resource, sys, torch
+    from gptfast.errors import run_cli
+    from gptfast.files import atomic_torch_save, atomic_write_text
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+    if sys.argv[1].endswith(".pth"):
+        sys.exit(run_cli("save", lambda: atomic_torch_save({"w": torch.zeros(100_000)}, sys.argv[1])))
+    sys.exit(run_cli("save", lambda: atomic_write_text(sys.argv[1], "x" * 100_000)))
+""")
+
+
+@pytest.mark.parametrize("name", ["model.pth", "metrics.json"])
+def test_a_write_over_the_size_limit_names_the_file_and_keeps_the_old_one(tmp_path, name):
+    target = tmp_path / name
+    target.write_bytes(b"OLD")
+    result = subprocess.run([sys.executable, "-c", _OVER_THE_SIZE_LIMIT_CHILD, str(target)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr == f"save: error: could not write {target}: File too large\n", \
+        result.stderr
+    assert target.read_bytes() == b"OLD" and sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
 def test_successful_writes_replace_the_file_with_the_usual_mode(tmp_path):
     target = tmp_path / "notes.txt"
     atomic_write_text(target, "héllo\n")
@@ -139,3 +163,27 @@ def test_check_writable_dir_reports_a_refused_write(tmp_path, monkeypatch):
     monkeypatch.setattr("gptfast.files.tempfile.mkstemp", refuse)
     with pytest.raises(ValueError, match="out_dir .*not writable: Permission denied"):
         check_writable_dir(tmp_path)
+
+
+def test_a_failed_block_removes_only_the_empty_folders_it_made(tmp_path):
+    (tmp_path / "old").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        with removing_new_empty_dirs(tmp_path / "old", tmp_path / "a" / "b" / "c", tmp_path / "kept" / "d"):
+            check_writable_dir(tmp_path / "a" / "b" / "c")
+            check_writable_dir(tmp_path / "kept" / "d")
+            (tmp_path / "kept" / "note.txt").write_text("x")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "old"]  # "kept" holds a file; "old" was there
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["note.txt"]
+    with removing_new_empty_dirs(tmp_path / "e"):  # a block that succeeds keeps what it made
+        (tmp_path / "e").mkdir()
+    assert (tmp_path / "e").is_dir()
+
+
+def test_check_dir_path_refuses_a_file_and_makes_nothing(tmp_path):
+    (tmp_path / "f").write_text("x")
+    for path in (tmp_path / "f", tmp_path / "f" / "below"):
+        with pytest.raises(ValueError, match="--out-dir .* is a file, not a folder"):
+            check_dir_path(path, name="--out-dir")
+    assert check_dir_path(tmp_path / "new" / "sub") == tmp_path / "new" / "sub"
+    assert not (tmp_path / "new").exists()

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..errors import run_cli
-from ..files import check_output_files, check_writable_dir
+from ..files import check_dir_path, check_output_files, check_writable_dir, removing_new_empty_dirs
 from ..models.gpt import GPTModel
 from ..models.gpt_config import GPT2_VOCAB_SIZE, gpt2_config
 from .checkpoints import (MODEL_KEY, apply_checkpoint, check_model_state, export_state, fit_state_to_model,
@@ -39,7 +39,7 @@ from .host_memory import keep_freed_host_memory
 from .metrics import format_row, plot_loss_curve, write_metrics, write_summary
 from .pretrain_config import PretrainConfig
 from .pretrain_config import build_parser as _build_parser
-from .token_cache import TokenWindows, build_token_cache, load_tokens, split_tokens
+from .token_cache import TokenWindows, build_token_cache, find_text_files, load_tokens, split_tokens
 
 GPT2_VOCAB = GPT2_VOCAB_SIZE
 CHECKPOINT_NAME = "ckpt.pt"
@@ -241,9 +241,9 @@ class Trainer:
         self.dtype = config.dtype or ("bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
                                       else "fp32")
         self.amp_dtype = torch.bfloat16 if self.dtype == "bf16" else None
-        # Found now, not after hours of training: an out-dir that is a file, below a file, or read-only.
+        check_run_paths(config)  # before any folder is made
+        # Found now, not after hours of training: an out-dir that is read-only.
         self.out_dir = check_writable_dir(config.out_dir, name="--out-dir")
-        check_outputs_writable(self.out_dir, resume=config.resume)
         self.cfg = model_config(config)  # the model's config dict (GPTModel(cfg))
         self.context_length = self.cfg["context_length"]
         if self.device.type == "cuda":
@@ -266,11 +266,8 @@ class Trainer:
     # -- data
 
     def _load_data(self):
-        from ..resources import resource_path
-
         config = self.config
-        data = config.data if config.data is not None else resource_path("the-verdict.txt")
-        cache_dir = config.cache_dir or self.out_dir / "token_cache"
+        data, cache_dir = data_path(config), token_cache_dir(config)
         # One process tokenises; the others wait and then read the same cache file.
         if self.is_main:
             cache_file = build_token_cache(data, cache_dir)
@@ -432,6 +429,32 @@ class Trainer:
         self.history = list(state.get("history", []))
 
 
+def data_path(config: PretrainConfig) -> Path:
+    """``--data``, or the-verdict shipped with gptfast."""
+    from ..resources import resource_path
+
+    return Path(config.data if config.data is not None else resource_path("the-verdict.txt"))
+
+
+def token_cache_dir(config: PretrainConfig) -> Path:
+    """``--cache-dir``, or OUT_DIR/token_cache."""
+    return Path(config.cache_dir) if config.cache_dir else Path(config.out_dir) / "token_cache"
+
+
+def check_run_paths(config: PretrainConfig) -> None:
+    """The run's paths, checked before any folder is made: ``--out-dir`` and ``--cache-dir`` are folders or can be,
+    ``--data`` holds text, ``--init-from`` exists, and OUT_DIR's checkpoint is there for ``--resume`` and only
+    then (:func:`check_outputs_writable`)."""
+    out_dir = check_dir_path(config.out_dir, name="--out-dir")
+    check_dir_path(token_cache_dir(config), name="--cache-dir")
+    check_outputs_writable(out_dir, resume=config.resume)
+    if config.resume and not (out_dir / CHECKPOINT_NAME).is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {out_dir / CHECKPOINT_NAME}")
+    find_text_files(data_path(config))
+    if config.init_from and not Path(config.init_from).exists():
+        raise FileNotFoundError(f"--init-from path not found: {config.init_from}")
+
+
 # What a run writes into --out-dir (besides the token cache).
 OUTPUT_NAMES = (CHECKPOINT_NAME, EXPORT_NAME, "metrics.csv", "metrics.json", "summary.json", "loss.png")
 
@@ -479,7 +502,15 @@ def check_resume_config(state: dict, cfg: dict, signature: dict, path) -> None:
 
 
 def run(config: PretrainConfig, rank=0, world_size=1, device=None) -> dict:
-    """Train per ``config``; returns the summary (also written to OUT_DIR/summary.json)."""
+    """Train per ``config``; returns the summary (also written to OUT_DIR/summary.json).
+
+    A run that fails (bad input found late, Ctrl-C) leaves behind no empty folder it made.
+    """
+    with removing_new_empty_dirs(config.out_dir, token_cache_dir(config)):
+        return _run(config, rank, world_size, device)
+
+
+def _run(config: PretrainConfig, rank, world_size, device) -> dict:
     trainer = Trainer(config, rank, world_size, device)
     if config.resume:
         trainer.resume()

@@ -8,9 +8,19 @@ import math
 from dataclasses import dataclass
 
 from .. import ops
+from ..errors import OneLineArgumentParser
 from ..models.gpt_config import MODEL_NAMES
 
 MODEL_CHOICES = ("tiny", *MODEL_NAMES)
+# The seeds every command takes: torch's generators take any of them, and the per-step seed of the
+# training data is derived from them modulo 2**64.
+SEED_LIMIT = 2**63
+
+
+def check_seed(seed: int) -> None:
+    """``ValueError`` naming ``--seed`` unless ``seed`` lies in ``[0, 2**63)``."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be in [0, 2**63), got {seed}")
 
 
 @dataclass
@@ -72,14 +82,16 @@ class PretrainConfig:
             raise ValueError(f"--peak-tflops must be > 0, got {self.peak_tflops}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if not 0 <= self.seed < 2**63:
-            raise ValueError(f"--seed must be in [0, 2**63), got {self.seed}")
+        check_seed(self.seed)
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need --lr > 0 and 0 <= --min-lr <= --lr, got {self.lr} and {self.min_lr}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("--grad-clip and --weight-decay must be >= 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.resume and self.init_from:
+            raise ValueError("--init-from and --resume do not go together: --resume continues from OUT_DIR's "
+                             "checkpoint, whose weights would replace --init-from's")
         if self.dtype not in (None, "fp32", "bf16"):
             raise ValueError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
         if self.backend is not None and self.backend not in ops.BACKEND_CHOICES:
@@ -106,8 +118,8 @@ def check_device(name: str) -> None:
 def build_parser(add_help: bool = True, description: str | None = None) -> argparse.ArgumentParser:
     """The flags of :class:`PretrainConfig` (defaults from it); ``add_help=False`` to embed it in ``gptfast``."""
     d = PretrainConfig()
-    p = argparse.ArgumentParser(prog="python -m gptfast.train", description=description, add_help=add_help,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(prog="python -m gptfast.train", description=description, add_help=add_help,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=d.model, help=f"model size: one of {', '.join(MODEL_CHOICES)}")
     p.add_argument("--data", default=d.data,
                    help="a text file or a folder of them (default: the-verdict, shipped with gptfast)")

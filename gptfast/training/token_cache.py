@@ -44,12 +44,21 @@ def cache_key(files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def _read_utf8(path: Path) -> str:
+    """The text of ``path``; a file that is not UTF-8 is a ``ValueError`` naming it and the first bad byte."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--data: {path} is not UTF-8 text: byte {exc.object[exc.start]:#04x} at offset "
+                         f"{exc.start} ({exc.reason})") from None
+
+
 def _tokenise(files: list[Path]) -> np.ndarray:
     """GPT-2 token ids of the files, an end-of-text token between consecutive files."""
     tokenizer = get_tokenizer()
     pieces = []
     for i, f in enumerate(files):
-        ids = tokenizer.encode(f.read_text(encoding="utf-8"), allowed_special={ENDOFTEXT})
+        ids = tokenizer.encode(_read_utf8(f), allowed_special={ENDOFTEXT})
         if i > 0:
             pieces.append(np.array([ENDOFTEXT_ID], dtype=np.uint16))
         pieces.append(np.asarray(ids, dtype=np.uint16))
@@ -114,7 +123,8 @@ class TokenWindows:
 
     def step_offsets(self, step: int, count: int) -> torch.Tensor:
         """``count`` window start positions for optimizer step ``step``."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        # Modulo 2**64, the range torch's generators take: a large --seed still has its own draws.
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % 2**64)
         return torch.randint(0, len(self.tokens) - self.context_length, (count,), generator=generator)
 
     def gather(self, offsets) -> tuple[torch.Tensor, torch.Tensor]:
