@@ -422,6 +422,49 @@ def test_bad_input_raises_before_any_kernel():
             ops.causal_attention(q, q, q, dropout_p=1.5, backend=backend)
         with pytest.raises(ValueError, match="scale"):
             ops.causal_attention(q, q, q, scale=-1.0, backend=backend)
+        for truthy in ("no", 1, None):  # "no" would switch dropout on
+            with pytest.raises(TypeError, match=f"training must be a bool, got {type(truthy).__name__}"):
+                ops.causal_attention(q, q, q, dropout_p=0.5, training=truthy, backend=backend)
+
+
+def test_a_numpy_bool_is_a_bool_for_training_flags():
+    np = pytest.importorskip("numpy")
+    q = torch.randn(1, 2, 4, 8)
+    torch.manual_seed(0)
+    expected = ops.causal_attention(q, q, q, dropout_p=0.5, training=True, backend="torch")
+    torch.manual_seed(0)
+    assert torch.equal(ops.causal_attention(q, q, q, dropout_p=0.5, training=np.bool_(True), backend="torch"),
+                       expected)
+    assert torch.equal(ops.dropout(q, 0.5, training=np.bool_(False)), q)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("tokens,hidden_keys", [(80, 64), (40, 32), (130, 70)])
+@pytest.mark.parametrize("how", ["overflow", "minus-inf"])
+def test_keys_scoring_minus_inf_in_a_whole_tile_leave_later_rows_finite(backend, device, tokens, hidden_keys, how):
+    """Rows whose first key tile scores only -inf (finite q.k overflowing, or -inf keys) get their softmax from
+    the later keys, as the oracle's: the running max starts at -inf, and exp((-inf) - (-inf)) must not leave a
+    NaN behind.  Rows that see only such keys are NaN in both."""
+    torch.manual_seed(0)
+    q = torch.full((1, 2, tokens, 16), 10.0, device=device)
+    k = torch.zeros(1, 2, tokens, 16, device=device)
+    k[:, :, :hidden_keys] = -1e38 if how == "overflow" else float("-inf")
+    v = torch.randn(1, 2, tokens, 16, device=device)
+    ours = ops.causal_attention(q, k, v, backend=backend)
+    assert torch.isfinite(ours[:, :, hidden_keys:]).all()
+    torch.testing.assert_close(ours.cpu(), ops.causal_attention(q, k, v, backend="torch").cpu(), equal_nan=True)
+    # Queries only at the positions that see a finite key (the last ones): gradients too.
+    q = q[:, :, hidden_keys:]
+    grad = torch.randn_like(q)
+    results = {}
+    for impl in ("torch", backend):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = ops.causal_attention(*leaves, backend=impl)
+        out.backward(grad)
+        results[impl] = [out, *(t.grad for t in leaves)]
+    for mine, theirs in zip(results[backend], results["torch"]):
+        torch.testing.assert_close(mine.cpu(), theirs.cpu(), equal_nan=True, atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(results[backend][0]).all() and torch.isfinite(results[backend][3]).all()
 
 
 @needs_cpu_backend

@@ -201,6 +201,36 @@ def test_other_ignore_index_and_all_ignored(backend, device, reduction):
                                       ignore_fraction=1.0)
 
 
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("upstream", [float("inf"), float("nan")])
+@pytest.mark.parametrize("all_ignored", [False, True], ids=["some-ignored", "all-ignored"])
+def test_a_non_finite_upstream_gradient_leaves_ignored_rows_at_zero(backend, device, reduction, upstream,
+                                                                    all_ignored):
+    """An ignored row's gradient is 0 whatever gradient reaches the loss, as in PyTorch; the saved gradient
+    scaled by it would give 0 * inf = NaN."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 33, device=device)
+    hidden, weight = torch.randn(5, 8, device=device), torch.randn(33, 8, device=device)
+    targets = torch.tensor([1, -100, 2, -100, 30], device=device)
+    if all_ignored:
+        targets.fill_(-100)
+    upstream = torch.full((5,) if reduction == "none" else (), upstream, device=device)
+    for name, inputs in [("cross_entropy", (logits,)), ("linear_cross_entropy", (hidden, weight))]:
+        grads = {}
+        for impl in ("torch", backend):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            getattr(ops, name)(*leaves, targets, reduction=reduction, backend=impl).backward(upstream)
+            grads[impl] = [t.grad for t in leaves]
+        # Where torch's gradient is inf or NaN (inf - inf at a target logit) ours is non-finite too.
+        for ours, expected in zip(grads[backend], grads["torch"]):
+            ours, expected = ours.cpu(), expected.cpu()
+            finite = torch.isfinite(expected)
+            assert torch.equal(torch.isfinite(ours), finite)
+            torch.testing.assert_close(ours[finite], expected[finite])
+        assert (grads[backend][0][targets == -100] == 0).all()
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("ignore_index", [0, -1, 7])

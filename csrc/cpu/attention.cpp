@@ -22,6 +22,7 @@
 #include "../dropout_hash.h"
 #include "cpu_common.h"
 
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -235,9 +236,12 @@ void online_softmax_row(T* row, int64_t valid, int64_t nk, T& m, T& l, T* out_ro
   }
   const T row_max = vec_max(row, valid);  // NaN if the row holds one: it then stays NaN
   const T m_new = std::isnan(row_max) ? row_max : std::max(m, row_max);
+  // Shift by 0 while every score seen is -inf (overflowed or -inf keys): (-inf) - (-inf) would put a NaN
+  // into the sum and the output row that a later tile's finite scores could never take out.
+  const T shift = m_new == -std::numeric_limits<T>::infinity() ? T(0) : m_new;
   // 0 on the first tile (m = -inf); 1 without an exp call when the max did not move
-  const T alpha = m_new == m ? T(1) : std::exp(m - m_new);
-  const T sum = exp_and_sum(row, valid, m_new);
+  const T alpha = m_new == m ? T(1) : std::exp(m - shift);
+  const T sum = exp_and_sum(row, valid, shift);
   std::fill(row + valid, row + nk, T(0));  // the diagonal tile's masked keys
   l = l * alpha + sum;
   m = m_new;

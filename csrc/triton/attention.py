@@ -110,8 +110,11 @@ def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs
             visible = (offs_n[None, :] <= pos_offset + offs_m[:, None]) & in_range[None, :]
             s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        # Shift by 0 while every score seen is -inf, so exp2 never sees (-inf) - (-inf): its NaN would stay in
+        # the running sum and output after a later block's finite scores.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - shift[:, None])
+        alpha = tl.exp2(m_i - shift)
         # The normaliser uses the undropped weights: dropout acts after the softmax.
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -194,11 +197,11 @@ def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_t
         row_ok = offs_m < tq
         q_t = tl.load(q_base + _idx(offs_m, WIDE)[None, :] * sq_t + offs_d[:, None], mask=row_ok[None, :], other=0.0)
         do = _load_rows(do_base, offs_m, sdo_t, offs_d, tq, WIDE)
-        # Rows past Tq get lse=+inf, so their probabilities are exactly 0.
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale  # (keys, queries)
-        p_t = tl.exp2(s_t - lse[None, :])
+        # Rows past Tq get probability 0: their zero queries times an infinite key would score NaN.
+        p_t = tl.where(row_ok[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
         if MASKED:
             p_t = tl.where(offs_n[:, None] <= pos_offset + offs_m[None, :], p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)

@@ -73,7 +73,7 @@ def causal_attention(q, k, v, *, dropout_p=0.0, training=False, scale=None, back
     ``scale`` defaults to ``1 / sqrt(D)``.  Dropout on the attention weights is applied
     only when ``training`` is true.  Returns ``(B, H, Tq, D)``.
     """
-    _checks.check_attention(q, k, v, dropout_p, scale)
+    _checks.check_attention(q, k, v, dropout_p, scale, training)
     kwargs = dict(dropout_p=float(dropout_p), training=bool(training), scale=scale)
     _, fn = resolve("causal_attention", q.device, (q, k, v), kwargs, backend)
     return fn(q, k, v, **kwargs)
@@ -204,7 +204,7 @@ def dropout(x, p=0.5, *, training=True, backend=None):
     numbers depend on.
     """
     _checks.check_dropout(x, p, training)
-    kwargs = dict(training=training)
+    kwargs = dict(training=bool(training))
     _, fn = resolve("dropout", x.device, (x,), kwargs, backend)
     return fn(x, float(p), **kwargs)
 

@@ -38,6 +38,21 @@ def require_tensor(name: str, value) -> torch.Tensor:
     return value
 
 
+def _type_name(value) -> str:
+    """``value``'s type as a user would write it: ``bool``, ``numpy.bool``, ``str``."""
+    cls = type(value)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def require_bool(name: str, value) -> bool:
+    """``value`` as a bool: a Python bool or a numpy one, nothing merely truthy (``"no"`` would switch it on)."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {_type_name(value)}")
+
+
 def require_float(name: str, t: torch.Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (float32/float16/bfloat16/float64), got {t.dtype}")
@@ -53,7 +68,7 @@ def require_same_device(**tensors: torch.Tensor) -> torch.device:
     return first
 
 
-def check_attention(q, k, v, dropout_p, scale) -> None:
+def check_attention(q, k, v, dropout_p, scale, training=False) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         require_tensor(name, t)
         if t.dim() != 4:
@@ -81,6 +96,7 @@ def check_attention(q, k, v, dropout_p, scale) -> None:
         raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0):
         raise ValueError(f"scale must be None or a positive number, got {scale!r}")
+    require_bool("training", training)
 
 
 def check_reduction(reduction) -> None:
@@ -276,8 +292,7 @@ def check_dropout(x, p, training) -> None:
     require_float("x", x)
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be a number in [0, 1], got {p!r}")
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    require_bool("training", training)
 
 
 def check_rope(x, cos, sin, offset, positions) -> None:

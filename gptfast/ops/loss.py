@@ -105,9 +105,9 @@ def register(namespace: str, *, fakes: bool = True) -> None:
 
     def setup_context(ctx, inputs, output):
         _, grad = output
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad, inputs[1])
         ctx.mark_non_differentiable(grad)
-        ctx.want_grad = inputs[3]
+        ctx.ignore_index, ctx.want_grad = inputs[2], inputs[3]
         ctx.saved_gradient = _SavedGradient(op_name)
         # Otherwise autograd hands backward a zero-filled (N, V) "gradient" of `grad`.
         ctx.set_materialize_grads(False)
@@ -119,8 +119,11 @@ def register(namespace: str, *, fakes: bool = True) -> None:
             raise RuntimeError(f"{op_name} ran without a gradient buffer (grad mode was off or logits did "
                                "not require grad); cannot backpropagate")
         ctx.saved_gradient.take()
-        (grad,) = ctx.saved_tensors
-        return scale_saved_grad(grad, grad_loss_rows.unsqueeze(1)), None, None, None
+        grad, targets = ctx.saved_tensors
+        # An ignored row keeps the kernel's gradient (0, or NaN for a NaN softmax) whatever reaches its loss, as
+        # in PyTorch: scaled by an inf or NaN upstream gradient, its 0 would become NaN.
+        factor = grad_loss_rows.masked_fill(targets == ctx.ignore_index, 1)
+        return scale_saved_grad(grad, factor.unsqueeze(1)), None, None, None
 
     torch.library.register_autograd(op_name, first_order_only(op_name, backward), setup_context=setup_context)
 
@@ -417,11 +420,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, targets)
             return loss_rows.to(hidden.dtype)
-        count = (targets != ignore_index).sum() if reduction == "mean" else None
-        ctx.grads, ctx.count = (gh, gw, gb), count
+        ignored = targets == ignore_index
+        kept = targets.numel() - ignored.sum()
+        ctx.grads, ctx.kept = (gh, gw, gb), kept
+        ctx.ignored = ignored.view(-1) if need[0] else None
         ctx.saved_gradient = _SavedGradient(op_name)
         total = loss_rows.sum()
-        return (total / count if count is not None else total).to(hidden.dtype)
+        return (total / kept if reduction == "mean" else total).to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -434,10 +439,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:
             ctx.saved_gradient.take()
             factor = grad_loss.to(acc_dtype(grad_loss.dtype))
-            if ctx.count is not None:  # all ignored: the gradients are 0, not 0 * inf
-                factor = factor / ctx.count.clamp(min=1)
-            gh, gw, gb = (scale_saved_grad(g, factor) if g is not None else None for g in ctx.grads)
-            ctx.grads = None
+            if ctx.reduction == "mean":
+                factor = factor / ctx.kept.clamp(min=1)
+            # All rows ignored: every gradient is 0, as in PyTorch, not 0 * inf or 0 * NaN.
+            factor = torch.where(ctx.kept > 0, factor, torch.zeros_like(factor))
+            gh, gw, gb = ctx.grads
+            # Ignored rows of the hidden gradient keep the kernel's values, as in PyTorch (see the CE op).
+            gh = scale_saved_grad(gh, factor.where(~ctx.ignored, 1).unsqueeze(1)) if gh is not None else None
+            gw, gb = (scale_saved_grad(g, factor) if g is not None else None for g in (gw, gb))
+            ctx.grads = ctx.ignored = None
         gw = gw.to(ctx.weight_dtype) if gw is not None else None
         gb = gb.to(ctx.weight_dtype) if gb is not None else None
         gh, gw, gb = guard_second_derivative(second_derivative_message(ctx.op_name), (gh, gw, gb), anchors)

@@ -74,11 +74,21 @@ static void report(const char* what, const std::string& cfg, double err, double 
 // first query row of every head is NaN, so with dropout some of them have every weight dropped; the
 // forward must keep them NaN (NaN * 0, as torch's dropout).  Their gradients reach keys a tile
 // computes past the mask, which the reference here does not model, so only lse and out are compared.
-static void run_case(bool bf16, int B, int H, int Hkv, int Tq, int Tk, int D, double p, bool bthd, bool nan_rows = false) {
+// `hidden_keys`: the first keys of every kv head are -inf in dimension 0, where every query is positive, so
+// they score -inf (probability 0); the query tile's rows past Tq are zeros, which score NaN against them
+// unless the kernel masks those rows.  Every query must see a later key: hidden_keys <= Tk - Tq.
+static void run_case(bool bf16, int B, int H, int Hkv, int Tq, int Tk, int D, double p, bool bthd, bool nan_rows = false,
+                     int hidden_keys = 0) {
   std::mt19937 rng(B * 1000 + Tq * 7 + Tk + D + H * 31 + Hkv);
   Tensor4 q = make(B, H, Tq, D, bthd, bf16, rng), k = make(B, Hkv, Tk, D, false, bf16, rng), v = make(B, Hkv, Tk, D, bthd, bf16, rng);
   if (nan_rows)
     for (int b = 0; b < B; ++b) for (int h = 0; h < H; ++h) q.data[q.idx(b, h, 0, 3)] = to_bits(NAN, bf16);
+  for (int b = 0; b < B && hidden_keys > 0; ++b) {
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < Tq; ++i) q.data[q.idx(b, h, i, 0)] = to_bits(0.5f + std::fabs(from_bits(q.data[q.idx(b, h, i, 0)], bf16)), bf16);
+    for (int hk = 0; hk < Hkv; ++hk)
+      for (int j = 0; j < hidden_keys; ++j) k.data[k.idx(b, hk, j, 0)] = to_bits(-INFINITY, bf16);
+  }
   const int group = H / Hkv;
   Tensor4 dout = make(B, H, Tq, D, bthd, bf16, rng);
   const float scale = 1.0f / std::sqrt((float)D);
@@ -149,7 +159,8 @@ static void run_case(bool bf16, int B, int H, int Hkv, int Tq, int Tk, int D, do
     ev = std::max(ev, diff(gv, dVall[x])); mv = std::max(mv, size_of(dVall[x]));
   }
   char cfg[200];
-  std::snprintf(cfg, sizeof cfg, "%s B%d H%d Hkv%d Tq%d Tk%d D%d p%.2f %s%s", bf16 ? "bf16" : "fp16", B, H, Hkv, Tq, Tk, D, p, bthd ? "bthd" : "bhtd", nan_rows ? " nan rows" : "");
+  std::snprintf(cfg, sizeof cfg, "%s B%d H%d Hkv%d Tq%d Tk%d D%d p%.2f %s%s%s", bf16 ? "bf16" : "fp16", B, H, Hkv, Tq, Tk, D, p,
+                bthd ? "bthd" : "bhtd", nan_rows ? " nan rows" : "", hidden_keys ? " -inf keys" : "");
   const double tol = bf16 ? 3e-2 : 4e-3;
   report("lse", cfg, el, ml, 1e-4);
   report("out", cfg, eo, mo, tol);
@@ -210,6 +221,7 @@ static void run_fwd_bwd_cases(bool full) {
     run_case(bf16, 1, 4, 2, 33, 40, 64, 0.3, true);    // grouped-query, dropout
     run_case(bf16, 2, 4, 1, 20, 20, 128, 0.0, false);  // multi-query
     run_case(bf16, 2, 4, 2, 20, 20, 64, 0.9, false, true);  // NaN rows under dropout
+    run_case(bf16, 1, 2, 1, 20, 100, 64, 0.0, false, false, 64);  // a whole key tile scoring -inf
     if (full) {
       run_case(bf16, 1, 8, 2, 70, 70, 64, 0.0, false);
       run_case(bf16, 1, 1, 1, 1, 1, 64, 0.0, false);
