@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_kernel(const BwdPar
     load_tile_async<kBM, kD, kStride, kBwdThreads>(dst + C::kQ, dog, p.dout_stride.token, m * kBM, tq, tid);
     if (tid < kBM) {
       const int i = m * kBM + tid;
-      // lse = +inf for queries past the end (their probabilities are masked to 0 as well).
+      // lse = +inf marks the queries past the end: their probabilities are masked to 0.
       sStats[2 * buf * kBM + tid] = i < tq ? lse_g[i] : INFINITY;
       sStats[(2 * buf + 1) * kBM + tid] = i < tq ? delta_g[i] : 0.f;
     }
@@ -170,9 +170,11 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_kernel(const BwdPar
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int qi = i * 8 + 2 * t + (e & 1);
-        // Queries past tq are zero rows: times an infinite key they score NaN, so they are masked too.
-        const bool masked = (needs_mask && keys[e >> 1] > offset + m0 + qi) || m0 + qi >= tq;
-        s[i][e] = masked ? 0.f : exp2f(s[i][e] * qk_scale - sLse[qi]);
+        // Queries past tq (lse +inf, which no real row has) are zero rows: times an infinite key they score
+        // NaN, so they are masked too.
+        const float lse = sLse[qi];
+        const bool masked = (needs_mask && keys[e >> 1] > offset + m0 + qi) || lse == INFINITY;
+        s[i][e] = masked ? 0.f : exp2f(s[i][e] * qk_scale - lse);
       }
       if (dropout) {
         const int query = m0 + i * 8 + 2 * t;
