@@ -2,9 +2,11 @@
 
 Cases: float32/bfloat16/float16 (Triton's interpreter: float32 only), odd K and N (not multiples
 of any vector width or tile), M = 1-8, 12, 16 and 17 rows (and a 3-D x), bias on and off,
-non-contiguous views of x and weight, a contiguous weight passed without a copy, NaN/inf
-propagation, the gradient, empty shapes, the Triton kernel's split and unsplit K paths,
-``torch.library.opcheck`` and the argument checks.  CUDA cases run only with a GPU.
+non-contiguous views of x and weight, x, weight and bias expanded from one row, column or value
+(stride 0), a contiguous weight passed without a copy, NaN/inf propagation, the gradient (also
+of the weight alone), results independent of the thread count, empty shapes, the Triton
+kernel's split and unsplit K paths, ``torch.library.opcheck`` and the argument checks.  CUDA
+cases run only with a GPU.
 """
 
 from __future__ import annotations
@@ -141,6 +143,76 @@ def test_gradient_is_f_linear_s(backend, device, dtype):
     F.linear(*refs).backward(g.double())
     for got, ref in zip(leaves, refs):
         torch.testing.assert_close(got.grad.cpu().double(), ref.grad, **TOL[dtype])
+
+
+def _expanded(row, column, value, m, n):
+    """x (2, m // 2, K) from one row, weight (n, K) from one value per output row, bias (n,) from one value."""
+    x, w, b = row.expand(2, m // 2, row.shape[0]), column.expand(n, row.shape[0]), value.expand(n)
+    assert x.stride()[0] == 0 and x.stride()[2] == 1 and w.stride() == (1, 0) and b.stride() == (0,)
+    return x, w, b
+
+
+@pytest.mark.parametrize("backend, device, dtype", CASES)
+@pytest.mark.parametrize("m", [2, 6, 12])
+def test_expanded_inputs_match_f_linear(backend, device, dtype, m):
+    """x broadcast from one row, weight from one value per output row and bias from one value (stride 0)."""
+    g = torch.Generator().manual_seed(6)
+    row, column, value = (torch.randn(*s, generator=g).to(dtype).to(device) for s in ((45,), (21, 1), (1,)))
+    x, w, b = _expanded(row, column, value, m, 21)
+    _check(ops.decode_linear(x, w, b, backend=backend), x, w, b, dtype)
+
+
+@pytest.mark.parametrize("backend, device, dtype", FP32_CASES)
+def test_gradient_through_expanded_inputs_is_f_linear_s(backend, device, dtype):
+    """The gradients of expanded x, weight and bias, summed back into their one row, column and value."""
+    g = torch.Generator().manual_seed(7)
+    sources = [torch.randn(*s, generator=g) for s in ((45,), (21, 1), (1,))]
+    leaves = [t.clone().to(device).requires_grad_(True) for t in sources]
+    refs = [t.clone().double().requires_grad_(True) for t in sources]
+    grad = torch.randn(2, 3, 21, generator=g)
+    ops.decode_linear(*_expanded(*leaves, 6, 21), backend=backend).backward(grad.to(device))
+    F.linear(*_expanded(*refs, 6, 21)).backward(grad.double())
+    for got, ref in zip(leaves, refs):
+        torch.testing.assert_close(got.grad.cpu().double(), ref.grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend, device, dtype", FP32_CASES)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_gradient_of_the_weight_alone(backend, device, dtype, with_bias):
+    """Only the weight requires grad: its gradient is F.linear's, and x and bias get none."""
+    x, w, b = _inputs(3, 20, 7, dtype, seed=8)
+    b = b if with_bias else None
+    w1 = w.clone().to(device).requires_grad_(True)
+    x1, b1 = x.to(device), None if b is None else b.to(device)
+    w2 = w.clone().double().requires_grad_(True)
+    g = torch.randn(3, 7, generator=torch.Generator().manual_seed(9))
+    out = ops.decode_linear(x1, w1, b1, backend=backend)
+    out.backward(g.to(device))
+    F.linear(x.double(), w2, None if b is None else b.double()).backward(g.double())
+    assert x1.grad is None and (b1 is None or b1.grad is None)
+    torch.testing.assert_close(w1.grad.cpu().double(), w2.grad, **TOL[dtype])
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_results_do_not_depend_on_the_thread_count(dtype):
+    """Output and gradients are bitwise the same with 1, 2 and 3 threads, for 1, 3, 8 and 12 rows
+    (N = 2000 at K = 64: several slices of output rows)."""
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for m in (1, 3, 8, 12):
+                x, w, b = (t.requires_grad_(True) for t in _inputs(m, 64, 2000, dtype, seed=m))
+                out = ops.decode_linear(x, w, b, backend="cpu")
+                out.backward(torch.ones_like(out))
+                results.setdefault(m, []).append((out.detach(), x.grad, w.grad, b.grad))
+    finally:
+        torch.set_num_threads(before)
+    for m, runs in results.items():
+        for other in runs[1:]:
+            assert all(torch.equal(a, c) for a, c in zip(runs[0], other)), f"M={m}"
 
 
 @pytest.mark.parametrize("backend, device", DEVICES)

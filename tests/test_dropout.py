@@ -4,7 +4,8 @@ The fused kernels' mask is not torch's (it is a hash of one seed and each elemen
 csrc/dropout_hash.h), so the oracle here is that definition spelt in numpy (``keep_mask``):
 every element of every backend must equal ``x * keep / (1 - p)`` rounded once, bitwise.  Also:
 the backward (the same mask, regenerated), odd sizes, non-contiguous views of the input and of
-the upstream gradient, the kept share, reproducibility under ``torch.manual_seed``, p = 0 / 1 and
+the upstream gradient, an input expanded from one row (stride 0), results independent of the
+thread count, the kept share, reproducibility under ``torch.manual_seed``, p = 0 / 1 and
 eval mode, NaN/inf (a dropped NaN or inf is NaN, as in torch), ``opcheck``, ``gradcheck``, the
 argument checks, and the GPT's ``Dropout`` modules (the fused op on a fused backend,
 ``nn.Dropout`` bitwise on backend "torch").
@@ -90,6 +91,51 @@ def test_non_contiguous_views_of_the_input_and_the_gradient(backend, device, dty
     _same(out, expected(xv.detach().contiguous(), seed, 0.4), f"{backend} view out")
     out.backward(gv)
     _same(xv.grad, expected(gv.contiguous(), seed, 0.4), f"{backend} view grad")
+
+
+@pytest.mark.parametrize("backend, device, dtype", backend_cases("dropout", dtypes=(torch.float32, torch.bfloat16)))
+def test_expanded_input_is_masked_as_its_contiguous_copy(backend, device, dtype):
+    """x broadcast from one row (stride 0 over the rows): each element gets the mask of its index in the
+    contiguous tensor (the rows differ), and the row's gradient is the masked gradient summed over rows."""
+    row, _ = _inputs((45,), seed=4)
+    grad = _inputs((7, 45), seed=5)[1].to(device=device, dtype=dtype)
+    row1 = row.to(device=device, dtype=dtype).requires_grad_(True)
+    x1 = row1.expand(7, 45)
+    assert x1.stride() == (0, 1)
+    torch.manual_seed(6)
+    seed = torch.randint(0, 2**31 - 1, (1,)).item()  # what ops.dropout draws first after manual_seed(6)
+    torch.manual_seed(6)
+    out = ops.dropout(x1, 0.4, backend=backend)
+    _same(out, expected(x1.detach().contiguous(), seed, 0.4), f"{backend} expanded out")
+    assert not torch.equal(out[0] != 0, out[1] != 0)
+    out.backward(grad)
+    want = expected(grad, seed, 0.4).sum(0)
+    assert row1.grad.dtype == dtype
+    # the sum over rows may run in another order on another device: a rounding of the sum apart
+    torch.testing.assert_close(row1.grad.cpu().double(), want.double(), atol=1e-5,
+                               rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_results_do_not_depend_on_the_thread_count(dtype):
+    """Under one seed, output and gradient are bitwise the same with 1, 2 and 3 threads (100000 elements:
+    several parallel blocks)."""
+    x, grad = (t.to(dtype) for t in _inputs((100, 1000), seed=7))
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            x1 = x.clone().requires_grad_(True)
+            torch.manual_seed(12)
+            out = ops.dropout(x1, 0.3, backend="cpu")
+            out.backward(grad)
+            results.append((out.detach(), x1.grad))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, c) for a, c in zip(results[0], other))
 
 
 @pytest.mark.parametrize("backend, device", backend_devices())

@@ -2,9 +2,10 @@
 
 Cases: forward and backward in float32/bfloat16/float16 (and float64 on cpu), odd sizes (empty,
 one element, not a multiple of any vector width, chunk or thread grain), non-contiguous views of
-the input and of the upstream gradient, saturation at large |x| (no NaN where the book's autograd
-overflows), NaN/inf, ``torch.library.opcheck``, ``gradcheck`` in float64, the argument checks,
-and the book's ``GELU`` module routed through the op (bitwise the reference on backend "torch").
+the input and of the upstream gradient, an input expanded from one row (stride 0), saturation at
+large |x| (no NaN where the book's autograd overflows), NaN/inf, ``torch.library.opcheck``,
+``gradcheck`` in float64, the argument checks, and the book's ``GELU`` module routed through the
+op (bitwise the reference on backend "torch").
 """
 
 from __future__ import annotations
@@ -55,6 +56,25 @@ def test_non_contiguous_views_of_every_input(backend, device, dtype):
     views = (x.t()[::2], grad.t()[::2])  # (41, 9), strided both ways
     assert not any(v.is_contiguous() for v in views)
     check_gelu_parity(backend, device, dtype, *views)
+
+
+@pytest.mark.parametrize("backend, device, dtype", backend_cases("gelu", dtypes=(torch.float32, torch.bfloat16)))
+def test_expanded_input_matches_the_oracle(backend, device, dtype):
+    """x broadcast from one row (stride 0 over the rows): forward, and the gradient summed back into the row."""
+    g = torch.Generator().manual_seed(12)
+    row, grad = torch.randn(45, generator=g) * 3, torch.randn(7, 45, generator=g)
+    row1 = row.to(device=device, dtype=dtype).requires_grad_(True)
+    x1 = row1.expand(7, 45)
+    assert x1.stride() == (0, 1)
+    out = ops.gelu(x1, backend=backend)
+    out.backward(grad.to(device=device, dtype=dtype))
+    row2 = row1.detach().cpu().double().requires_grad_(True)
+    ref = _ORACLE(row2.expand(7, 45))
+    ref.backward(grad.to(dtype).double())
+    t = tol(dtype)
+    grow = 1.0 if dtype == torch.float32 else 2.0  # the row's gradient sums 7 rounded terms
+    torch.testing.assert_close(out.detach().cpu().double(), ref.detach(), **t)
+    torch.testing.assert_close(row1.grad.cpu().double(), row2.grad, atol=t["atol"] * grow, rtol=t["rtol"] * grow)
 
 
 @pytest.mark.parametrize("backend, device, dtype", CASES)

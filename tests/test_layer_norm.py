@@ -3,8 +3,9 @@
 The oracle is the book's GPT ``LayerNorm`` line for line (biased variance), run in float64
 on the fused backend's (rounded) inputs.  Cases: float32/bfloat16/float16 (and float64 on
 cpu), odd widths (1, 7, 769: not a multiple of any vector width), 1-D and 3-D inputs, one
-row and many rows, non-contiguous views of x, weight, bias and the upstream gradient,
-NaN/inf rows, parameters in another dtype than x, determinism of dweight/dbias (also across
+row and many rows, non-contiguous views of x, weight, bias and the upstream gradient, inputs
+expanded from one row or value (stride 0), the parameters alone requiring grad, rows of huge,
+tiny and denormal magnitude, NaN/inf rows, parameters in another dtype than x, determinism of dweight/dbias (also across
 thread counts), ``torch.library.opcheck``, gradcheck in float64, the argument checks and the
 routing of the GPT's ``LayerNorm`` module.
 """
@@ -122,6 +123,81 @@ def test_parameter_gradients_are_deterministic(backend, device):
         ops.layer_norm(x.to(device), w1, b1, backend=backend).backward(grad.to(device))
         grads.append((w1.grad, b1.grad))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("backend, device, dtype",
+                         backend_cases("layer_norm", dtypes=(torch.float32, torch.bfloat16)))
+def test_expanded_inputs_match_the_oracle(backend, device, dtype):
+    """x broadcast from one row (stride 0 over the rows), weight and bias broadcast from one value each:
+    forward and the gradients reaching the un-expanded leaves."""
+    g = torch.Generator().manual_seed(11)
+    row = torch.randn(37, generator=g) * 2 + 3
+    scale, shift, grad = torch.randn(1, generator=g), torch.randn(1, generator=g), torch.randn(6, 5, 37, generator=g)
+    leaves = [_leaf(t, dtype, device) for t in (row, scale, shift)]
+    x1, w1, b1 = leaves[0].expand(6, 5, 37), leaves[1].expand(37), leaves[2].expand(37)
+    assert x1.stride() == (0, 0, 1) and w1.stride() == (0,) and b1.stride() == (0,)
+    out = ops.layer_norm(x1, w1, b1, backend=backend)
+    out.backward(grad.to(device=device, dtype=dtype))
+    refs = [_leaf(t.detach().cpu(), torch.float64, "cpu") for t in leaves]
+    ref = _ORACLE(refs[0].expand(6, 5, 37), refs[1].expand(37), refs[2].expand(37))
+    ref.backward(grad.to(dtype).double())
+    torch.testing.assert_close(out.detach().cpu().double(), ref.detach(), **tol(dtype))
+    for name, mine, theirs, terms in (("row", leaves[0], refs[0], 30), ("scale", leaves[1], refs[1], 30 * 37),
+                                      ("shift", leaves[2], refs[2], 30 * 37)):
+        torch.testing.assert_close(mine.grad.cpu().double(), theirs.grad, **_grad_tol(dtype, terms),
+                                   msg=lambda m: f"{backend} d{name}: {m}")
+
+
+@pytest.mark.parametrize("backend, device, dtype",
+                         backend_cases("layer_norm", dtypes=(torch.float32, torch.bfloat16)))
+@pytest.mark.parametrize("with_bias_grad", [True, False], ids=["weight-and-bias", "weight"])
+def test_gradient_of_the_parameters_alone(backend, device, dtype, with_bias_grad):
+    """x does not require grad: the parameters' gradients are the oracle's and x gets none."""
+    x, w, b, grad = _inputs((4, 5), 40, seed=4)
+    x1, w1 = x.to(device=device, dtype=dtype), _leaf(w, dtype, device)
+    b1 = _leaf(b, dtype, device) if with_bias_grad else b.to(device=device, dtype=dtype)
+    out = ops.layer_norm(x1, w1, b1, backend=backend)
+    out.backward(grad.to(device=device, dtype=dtype))
+    w2 = _leaf(w1.detach().cpu(), torch.float64, "cpu")
+    b2 = b1.detach().cpu().double().requires_grad_(with_bias_grad)
+    ref = _ORACLE(x1.cpu().double(), w2, b2)
+    ref.backward(grad.to(dtype).double())
+    assert x1.grad is None and w1.grad.dtype == dtype
+    torch.testing.assert_close(out.detach().cpu().double(), ref.detach(), **tol(dtype))
+    torch.testing.assert_close(w1.grad.cpu().double(), w2.grad, **_grad_tol(dtype, 20))
+    if with_bias_grad:
+        torch.testing.assert_close(b1.grad.cpu().double(), b2.grad, **_grad_tol(dtype, 20))
+    else:
+        assert b1.grad is None
+
+
+def _assert_close_at_scale(mine, ref, dtype, what):
+    """``mine`` close to ``ref`` relative to ``ref``'s largest magnitude (for results far from 1)."""
+    assert ref.isfinite().all() and mine.isfinite().all(), what
+    scale = ref.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    torch.testing.assert_close(mine.cpu().double() / scale, ref / scale, **tol(dtype), msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("backend, device, dtype", backend_cases("layer_norm", dtypes=(torch.float32,)))
+@pytest.mark.parametrize("magnitude", [1e18, 1e-30, 1e-40], ids=["huge", "tiny", "denormal"])
+def test_huge_tiny_and_denormal_rows(backend, device, dtype, magnitude):
+    """Rows of magnitude 1e18 with a mean of 3e18 (squared deviations near float32's top), 1e-30
+    (the variance underflows to 0) and float32 denormals: forward and gradients as the float64
+    oracle's, relative to each result's scale."""
+    g = torch.Generator().manual_seed(9)
+    x = ((torch.randn(6, 48, generator=g, dtype=torch.float64) + 3) * magnitude).to(dtype)
+    w, b, grad = torch.randn(48, generator=g), torch.randn(48, generator=g), torch.randn(6, 48, generator=g)
+    if magnitude < 1e-38:
+        assert (x.abs() < torch.finfo(dtype).tiny).all()
+    x1, w1, b1 = (_leaf(t, dtype, device) for t in (x, w, b))
+    out = ops.layer_norm(x1, w1, b1, backend=backend)
+    out.backward(grad.to(device=device, dtype=dtype))
+    x2, w2, b2 = (_leaf(t, torch.float64, "cpu") for t in (x, w, b))
+    ref = _ORACLE(x2, w2, b2)
+    ref.backward(grad.double())
+    for name, mine, theirs in (("out", out.detach(), ref.detach()), ("dx", x1.grad, x2.grad),
+                               ("dweight", w1.grad, w2.grad), ("dbias", b1.grad, b2.grad)):
+        _assert_close_at_scale(mine, theirs, dtype, f"{backend} {name} at {magnitude}")
 
 
 @needs_cpu_backend

@@ -2,8 +2,9 @@
 
 Cases: float32/bfloat16/float16 (and float64 on cpu), odd widths (not a multiple of any
 vector width), one row and many rows, non-contiguous views of x, weight and the upstream
-gradient, NaN/inf rows, a weight in another dtype than x, determinism of dweight,
-``torch.library.opcheck`` and the argument checks.
+gradient, inputs expanded from one row or value (stride 0), the weight alone requiring grad,
+rows of huge, tiny and denormal magnitude, NaN/inf rows, a weight in another dtype than x,
+determinism of dweight (also across thread counts), ``torch.library.opcheck`` and the argument checks.
 """
 
 from __future__ import annotations
@@ -116,6 +117,88 @@ def test_dweight_is_deterministic(backend, device):
         ops.rms_norm(x.to(device), w1, backend=backend).backward(grad.to(device))
         grads.append(w1.grad)
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("backend, device, dtype", backend_cases("rms_norm", dtypes=(torch.float32, torch.bfloat16)))
+def test_expanded_inputs_match_the_oracle(backend, device, dtype):
+    """x broadcast from one row (stride 0 over the rows) and a weight broadcast from one value:
+    forward and the gradients reaching the un-expanded leaves."""
+    g = torch.Generator().manual_seed(11)
+    row, scale, grad = torch.randn(37, generator=g) * 2, torch.randn(1, generator=g), torch.randn(6, 5, 37, generator=g)
+    row1, scale1 = _leaf(row, dtype, device), _leaf(scale, dtype, device)
+    x1, w1 = row1.expand(6, 5, 37), scale1.expand(37)
+    assert x1.stride() == (0, 0, 1) and w1.stride() == (0,)
+    out = ops.rms_norm(x1, w1, backend=backend)
+    out.backward(grad.to(device=device, dtype=dtype))
+    row2, scale2 = _leaf(row1.detach().cpu(), torch.float64, "cpu"), _leaf(scale1.detach().cpu(), torch.float64, "cpu")
+    ref = _ORACLE(row2.expand(6, 5, 37), scale2.expand(37))
+    ref.backward(grad.to(dtype).double())
+    torch.testing.assert_close(out.detach().cpu().double(), ref.detach(), **tol(dtype))
+    torch.testing.assert_close(row1.grad.cpu().double(), row2.grad, **_grad_tol(dtype, 30))
+    torch.testing.assert_close(scale1.grad.cpu().double(), scale2.grad, **_grad_tol(dtype, 30 * 37))
+
+
+@pytest.mark.parametrize("backend, device, dtype", backend_cases("rms_norm", dtypes=(torch.float32, torch.bfloat16)))
+def test_gradient_of_the_weight_alone(backend, device, dtype):
+    """Only the weight requires grad: its gradient is the oracle's and x gets none."""
+    x, w, grad = _inputs((4, 5), 40, seed=4)
+    x1, w1 = x.to(device=device, dtype=dtype), _leaf(w, dtype, device)
+    out = ops.rms_norm(x1, w1, backend=backend)
+    out.backward(grad.to(device=device, dtype=dtype))
+    w2 = _leaf(w1.detach().cpu(), torch.float64, "cpu")
+    ref = _ORACLE(x1.cpu().double(), w2)
+    ref.backward(grad.to(dtype).double())
+    assert x1.grad is None and w1.grad.dtype == dtype
+    torch.testing.assert_close(out.detach().cpu().double(), ref.detach(), **tol(dtype))
+    torch.testing.assert_close(w1.grad.cpu().double(), w2.grad, **_grad_tol(dtype, 20))
+
+
+def _assert_close_at_scale(mine, ref, dtype, what):
+    """``mine`` close to ``ref`` relative to ``ref``'s largest magnitude (for results far from 1)."""
+    assert ref.isfinite().all() and mine.isfinite().all(), what
+    scale = ref.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    torch.testing.assert_close(mine.cpu().double() / scale, ref / scale, **tol(dtype), msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("backend, device, dtype", backend_cases("rms_norm", dtypes=(torch.float32,)))
+@pytest.mark.parametrize("magnitude", [1e18, 1e-30, 1e-40], ids=["huge", "tiny", "denormal"])
+def test_huge_tiny_and_denormal_rows(backend, device, dtype, magnitude):
+    """Rows of magnitude 1e18 (sum of squares near float32's top), 1e-30 (squares underflow to 0) and
+    float32 denormals: forward and gradients as the float64 oracle's, relative to each result's scale."""
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(6, 64, generator=g, dtype=torch.float64) * magnitude).to(dtype)
+    w, grad = torch.randn(64, generator=g), torch.randn(6, 64, generator=g)
+    if magnitude < 1e-38:
+        assert (x.abs() < torch.finfo(dtype).tiny).all()
+    x1, w1 = _leaf(x, dtype, device), _leaf(w, dtype, device)
+    out = ops.rms_norm(x1, w1, backend=backend)
+    out.backward(grad.to(device=device, dtype=dtype))
+    x2, w2 = _leaf(x, torch.float64, "cpu"), _leaf(w, torch.float64, "cpu")
+    ref = _ORACLE(x2, w2)
+    ref.backward(grad.double())
+    _assert_close_at_scale(out.detach(), ref.detach(), dtype, f"{backend} out at {magnitude}")
+    _assert_close_at_scale(x1.grad, x2.grad, dtype, f"{backend} dx at {magnitude}")
+    _assert_close_at_scale(w1.grad, w2.grad, dtype, f"{backend} dweight at {magnitude}")
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_results_do_not_depend_on_the_thread_count(dtype):
+    """Output, dx and dweight are bitwise the same with 1, 2 and 3 threads (dweight's row blocks are fixed by N)."""
+    x, w, grad = _inputs((1000,), 77, seed=5)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            x1, w1 = _leaf(x, dtype, "cpu"), _leaf(w, dtype, "cpu")
+            out = ops.rms_norm(x1, w1, backend="cpu")
+            out.backward(grad.to(dtype))
+            results.append((out.detach(), x1.grad, w1.grad))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, c) for a, c in zip(results[0], other))
 
 
 @pytest.mark.parametrize("backend, device", backend_devices())

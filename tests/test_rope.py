@@ -3,7 +3,8 @@
 Cases: float32/bfloat16/float16 (and float64 on cpu), head dims whose half is not a
 multiple of any vector width, one token and many, a position offset (KV-cache decode) and
 per-row positions (left-padded batches), Llama 3's scaled tables, non-contiguous views of
-x (transposed heads) and of the tables and upstream gradient, NaN/inf, ``opcheck`` and the
+x (transposed heads) and of the tables and upstream gradient, x and tables expanded from one
+row (stride 0), results independent of the thread count, NaN/inf, ``opcheck`` and the
 argument checks (positions outside the tables included).
 """
 
@@ -70,6 +71,55 @@ def test_non_contiguous_views_of_every_input(backend, device, dtype):
     cos_wide, sin_wide = (torch.stack([c, c], dim=-1)[..., 0] for c in (cos, sin))  # strided tables, same values
     assert not x.is_contiguous() and not cos_wide.is_contiguous() and torch.equal(cos_wide, cos)
     check_rope_parity(backend, device, dtype, x, cos_wide, sin_wide, grad, offset=5)
+
+
+@pytest.mark.parametrize("backend, device, dtype", backend_cases("rope", dtypes=(torch.float32, torch.bfloat16)))
+@pytest.mark.parametrize("expanded_tables", [False, True], ids=["tables", "expanded-tables"])
+def test_expanded_inputs_match_the_oracle(backend, device, dtype, expanded_tables):
+    """x broadcast over batch and tokens from one (1, H, 1, D) slice (stride 0 there), optionally with
+    tables broadcast from one position's row: forward, and the gradient summed back into the slice."""
+    b, h, t, d = 2, 3, 5, 18
+    base, cos, sin, grad = _inputs(1, h, 1, d, seed=14, context=12)
+    grad = torch.randn(b, h, t, d, generator=torch.Generator().manual_seed(15))
+    if expanded_tables:
+        cos, sin = cos[7:8].expand(12, d), sin[7:8].expand(12, d)
+        assert cos.stride() == (0, 1)
+    base1 = base.to(device=device, dtype=dtype).requires_grad_(True)
+    x1 = base1.expand(b, h, t, d)
+    assert x1.stride()[0] == 0 and x1.stride()[2] == 0
+    out = ops.rope(x1, cos.to(device), sin.to(device), offset=4, backend=backend)
+    out.backward(grad.to(device=device, dtype=dtype))
+    base2 = base1.detach().cpu().double().requires_grad_(True)
+    ref = _ORACLE(base2.expand(b, h, t, d), cos.double(), sin.double(), offset=4)
+    ref.backward(grad.to(dtype).double())
+    tolerance = tol(dtype)
+    grow = 1.0 if dtype == torch.float32 else 3.0  # the slice's gradient sums b * t = 10 rounded terms
+    torch.testing.assert_close(out.detach().cpu().double(), ref.detach(), **tolerance)
+    torch.testing.assert_close(base1.grad.cpu().double(), base2.grad, atol=tolerance["atol"] * grow,
+                               rtol=tolerance["rtol"] * grow)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_results_do_not_depend_on_the_thread_count(dtype):
+    """Output and gradient are bitwise the same with 1, 2 and 3 threads (1280 rows of 64: several tasks),
+    with an offset and with per-row positions."""
+    x, cos, sin, grad = _inputs(2, 4, 160, 64, seed=16, context=200)
+    positions = torch.randint(0, 200, (2, 160), generator=torch.Generator().manual_seed(17))
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for offset, pos in ((7, None), (0, positions)):
+                x1 = x.to(dtype).requires_grad_(True)
+                out = ops.rope(x1, cos, sin, offset=offset, positions=pos, backend="cpu")
+                out.backward(grad.to(dtype))
+                results.append((out.detach(), x1.grad))
+    finally:
+        torch.set_num_threads(before)
+    for i, other in enumerate(results[2:], start=2):
+        assert all(torch.equal(a, c) for a, c in zip(results[i % 2], other))
 
 
 @pytest.mark.parametrize("backend, device, dtype", backend_cases("rope", dtypes=(torch.float32,)))

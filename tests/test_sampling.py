@@ -342,6 +342,32 @@ def test_cpu_kernel_bounds_checks_top_k_itself():
         torch.ops.gptfast_cpu.sample_next_token(torch.randn(2, 5), None, 1.0, None, 6, None)
 
 
+@needs_cpu_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_draws_do_not_depend_on_the_thread_count(dtype):
+    """Under one generator seed the tokens are the same with 1, 2 and 3 threads (96 rows of 32768: several
+    parallel tasks), with and without top-k and with per-row arguments."""
+    g = torch.Generator().manual_seed(23)
+    logits = (torch.randn(96, 32768, generator=g) * 2).to(dtype)
+    per_row = (torch.rand(96, generator=g) * 1.5, torch.randint(1, 200, (96,), generator=g))
+    settings = [(1.0, None), (0.8, 40), per_row]
+    before = torch.get_num_threads()
+    draws = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for temperature, top_k in settings:
+                gen = torch.Generator().manual_seed(24)
+                draws.append(ops.sample_next_token(logits, temperature=temperature, top_k=top_k, generator=gen,
+                                                   backend="cpu"))
+    finally:
+        torch.set_num_threads(before)
+    n = len(settings)
+    assert all(len(set(d.flatten().tolist())) > 10 for d in draws[:n])  # the rows draw different tokens
+    for i in range(n, len(draws)):
+        assert torch.equal(draws[i % n], draws[i]), f"setting {i % n}, {1 + i // n} threads"
+
+
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_triton_interpreter_refuses_16_bit_instead_of_returning_garbage(dtype):

@@ -2,7 +2,8 @@
 
 Cases: float32/bfloat16/float16 (and float64 on cpu), odd sizes (not a multiple of any
 vector width or chunk), one element and many rows, non-contiguous views of both inputs and
-of the upstream gradient, NaN/inf, ``torch.library.opcheck`` and the argument checks.
+of the upstream gradient, inputs expanded from one row or one value per row (stride 0), results
+independent of the thread count, NaN/inf, ``torch.library.opcheck`` and the argument checks.
 """
 
 from __future__ import annotations
@@ -55,6 +56,50 @@ def test_non_contiguous_views_of_every_input(backend, device, dtype):
     views = (gate.t()[::2], up.t()[::2], grad.t()[::2])  # (41, 9), strided both ways
     assert not any(v.is_contiguous() for v in views)
     check_swiglu_parity(backend, device, dtype, *views)
+
+
+@pytest.mark.parametrize("backend, device, dtype", backend_cases("swiglu", dtypes=(torch.float32, torch.bfloat16)))
+def test_expanded_inputs_match_the_oracle(backend, device, dtype):
+    """gate broadcast from one row (stride 0 over the rows), up from one value per row (stride 0 along it):
+    forward, and the gradients summed back into the un-expanded leaves."""
+    g = torch.Generator().manual_seed(13)
+    row, column = torch.randn(45, generator=g) * 3, torch.randn(7, 1, generator=g) * 3
+    grad = torch.randn(7, 45, generator=g)
+    row1, col1 = (t.to(device=device, dtype=dtype).requires_grad_(True) for t in (row, column))
+    gate, up = row1.expand(7, 45), col1.expand(7, 45)
+    assert gate.stride() == (0, 1) and up.stride() == (1, 0)
+    out = ops.swiglu(gate, up, backend=backend)
+    out.backward(grad.to(device=device, dtype=dtype))
+    row2, col2 = (t.detach().cpu().double().requires_grad_(True) for t in (row1, col1))
+    ref = _ORACLE(row2.expand(7, 45), col2.expand(7, 45))
+    ref.backward(grad.to(dtype).double())
+    t = tol(dtype)
+    torch.testing.assert_close(out.detach().cpu().double(), ref.detach(), **t)
+    # the leaves' gradients sum 7 and 45 rounded terms
+    for name, mine, theirs, grow in (("d_gate", row1, row2, 2.0), ("d_up", col1, col2, 4.0)):
+        grow = 1.0 if dtype == torch.float32 else grow
+        torch.testing.assert_close(mine.grad.cpu().double(), theirs.grad, atol=t["atol"] * grow,
+                                   rtol=t["rtol"] * grow, msg=lambda m: f"{backend} {name}: {m}")
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_results_do_not_depend_on_the_thread_count(dtype):
+    """Output and both gradients are bitwise the same with 1, 2 and 3 threads (77000 elements: several chunks)."""
+    gate, up, grad = (t.to(dtype) for t in _inputs((70, 1100), seed=6))
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            a, b = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
+            out = ops.swiglu(a, b, backend="cpu")
+            out.backward(grad)
+            results.append((out.detach(), a.grad, b.grad))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(results[0], other))
 
 
 @pytest.mark.parametrize("backend, device, dtype", backend_cases("swiglu", dtypes=(torch.float32,)))
