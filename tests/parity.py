@@ -137,6 +137,13 @@ def assert_close(actual, expected, dtype, what):
     torch.testing.assert_close(actual.double(), expected.double(), atol=t["atol"], rtol=t["rtol"], msg=lambda m: f"{what}: {m}")
 
 
+def assert_close_at_scale(mine, ref, dtype, what):
+    """``mine`` close to the float64 ``ref`` relative to ``ref``'s largest magnitude (for results far from 1)."""
+    assert ref.isfinite().all() and mine.isfinite().all(), what
+    scale = ref.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    torch.testing.assert_close(mine.cpu().double() / scale, ref / scale, **tol(dtype), msg=lambda m: f"{what}: {m}")
+
+
 def _leaf(t, dtype, device):
     return t.to(device=device, dtype=dtype).detach().requires_grad_(True)
 

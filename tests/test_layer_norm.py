@@ -20,7 +20,8 @@ import torch
 from gptfast import ops
 from gptfast.ops import torch_ops
 
-from parity import backend_cases, backend_devices, kernel_namespace, needs_cpu_backend, opcheck_kwargs, tol
+from parity import (assert_close_at_scale, backend_cases, backend_devices, kernel_namespace, needs_cpu_backend,
+                    opcheck_kwargs, tol)
 
 _ORACLE = torch_ops.layer_norm
 
@@ -171,13 +172,6 @@ def test_gradient_of_the_parameters_alone(backend, device, dtype, with_bias_grad
         assert b1.grad is None
 
 
-def _assert_close_at_scale(mine, ref, dtype, what):
-    """``mine`` close to ``ref`` relative to ``ref``'s largest magnitude (for results far from 1)."""
-    assert ref.isfinite().all() and mine.isfinite().all(), what
-    scale = ref.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
-    torch.testing.assert_close(mine.cpu().double() / scale, ref / scale, **tol(dtype), msg=lambda m: f"{what}: {m}")
-
-
 @pytest.mark.parametrize("backend, device, dtype", backend_cases("layer_norm", dtypes=(torch.float32,)))
 @pytest.mark.parametrize("magnitude", [1e18, 1e-30, 1e-40], ids=["huge", "tiny", "denormal"])
 def test_huge_tiny_and_denormal_rows(backend, device, dtype, magnitude):
@@ -197,7 +191,7 @@ def test_huge_tiny_and_denormal_rows(backend, device, dtype, magnitude):
     ref.backward(grad.double())
     for name, mine, theirs in (("out", out.detach(), ref.detach()), ("dx", x1.grad, x2.grad),
                                ("dweight", w1.grad, w2.grad), ("dbias", b1.grad, b2.grad)):
-        _assert_close_at_scale(mine, theirs, dtype, f"{backend} {name} at {magnitude}")
+        assert_close_at_scale(mine, theirs, dtype, f"{backend} {name} at {magnitude}")
 
 
 @needs_cpu_backend

@@ -85,6 +85,21 @@ def _pair(cfg, seed=123):
     return ref, ours
 
 
+def _same_output_under_a_seed(ours, ref, idx, seed):
+    """Both models' outputs of ``idx``, each after ``torch.manual_seed(seed)`` (the same dropout draws): equal."""
+    torch.manual_seed(seed)
+    out_ref = ref(idx)
+    torch.manual_seed(seed)
+    out = ours(idx)
+    assert torch.equal(out, out_ref)
+    return out, out_ref
+
+
+def _assert_same_gradients(ours, ref):
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad), f"gradient of {name} differs"
+
+
 def test_state_dict_keys_order_shapes_and_seeded_values_are_identical():
     ref, ours = _pair(TINY)
     ref_sd, our_sd = ref.state_dict(), ours.state_dict()
@@ -131,18 +146,13 @@ def test_training_mode_with_dropout_is_bitwise_identical_with_the_torch_backend(
     ref, ours = _pair(TINY)
     idx = torch.randint(0, TINY["vocab_size"], (2, seq_len))
     with ops.use_backend("torch"):
-        torch.manual_seed(9)
-        out_ref = ref(idx)
-        torch.manual_seed(9)
-        out = ours(idx)
-        assert torch.equal(out, out_ref)
+        _same_output_under_a_seed(ours, ref, idx, seed=9)
         target = torch.randint(0, TINY["vocab_size"], (2, seq_len))
         torch.manual_seed(10)
         ch05.calc_loss_batch(idx, target, ours, "cpu").backward()
         torch.manual_seed(10)  # the reference loss with the same dropout draws
         ref_ch05.calc_loss_batch(idx, target, ref, "cpu").backward()
-    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
-        assert torch.equal(p.grad, q.grad), f"gradient of {name} differs"
+    _assert_same_gradients(ours, ref)
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -155,15 +165,10 @@ def test_the_fast_variant_is_bitwise_the_references_with_the_torch_backend(train
     ours = ch04.GPTModelFast(TINY).train(training)
     idx = torch.randint(0, TINY["vocab_size"], (2, 11))
     with ops.use_backend("torch"):
-        torch.manual_seed(3)
-        out_ref = ref(idx)
-        torch.manual_seed(3)
-        out = ours(idx)
-        assert torch.equal(out, out_ref)
+        out, out_ref = _same_output_under_a_seed(ours, ref, idx, seed=3)
         out.square().mean().backward()
         out_ref.square().mean().backward()
-    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
-        assert torch.equal(p.grad, q.grad), f"gradient of {name} differs"
+    _assert_same_gradients(ours, ref)
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])

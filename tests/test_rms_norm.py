@@ -17,7 +17,8 @@ import torch
 from gptfast import ops
 from gptfast.ops import torch_ops
 
-from parity import backend_cases, backend_devices, kernel_namespace, needs_cpu_backend, opcheck_kwargs, tol
+from parity import (assert_close_at_scale, backend_cases, backend_devices, kernel_namespace, needs_cpu_backend,
+                    opcheck_kwargs, tol)
 
 _ORACLE = torch_ops.rms_norm
 
@@ -153,13 +154,6 @@ def test_gradient_of_the_weight_alone(backend, device, dtype):
     torch.testing.assert_close(w1.grad.cpu().double(), w2.grad, **_grad_tol(dtype, 20))
 
 
-def _assert_close_at_scale(mine, ref, dtype, what):
-    """``mine`` close to ``ref`` relative to ``ref``'s largest magnitude (for results far from 1)."""
-    assert ref.isfinite().all() and mine.isfinite().all(), what
-    scale = ref.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
-    torch.testing.assert_close(mine.cpu().double() / scale, ref / scale, **tol(dtype), msg=lambda m: f"{what}: {m}")
-
-
 @pytest.mark.parametrize("backend, device, dtype", backend_cases("rms_norm", dtypes=(torch.float32,)))
 @pytest.mark.parametrize("magnitude", [1e18, 1e-30, 1e-40], ids=["huge", "tiny", "denormal"])
 def test_huge_tiny_and_denormal_rows(backend, device, dtype, magnitude):
@@ -176,9 +170,9 @@ def test_huge_tiny_and_denormal_rows(backend, device, dtype, magnitude):
     x2, w2 = _leaf(x, torch.float64, "cpu"), _leaf(w, torch.float64, "cpu")
     ref = _ORACLE(x2, w2)
     ref.backward(grad.double())
-    _assert_close_at_scale(out.detach(), ref.detach(), dtype, f"{backend} out at {magnitude}")
-    _assert_close_at_scale(x1.grad, x2.grad, dtype, f"{backend} dx at {magnitude}")
-    _assert_close_at_scale(w1.grad, w2.grad, dtype, f"{backend} dweight at {magnitude}")
+    assert_close_at_scale(out.detach(), ref.detach(), dtype, f"{backend} out at {magnitude}")
+    assert_close_at_scale(x1.grad, x2.grad, dtype, f"{backend} dx at {magnitude}")
+    assert_close_at_scale(w1.grad, w2.grad, dtype, f"{backend} dweight at {magnitude}")
 
 
 @needs_cpu_backend
