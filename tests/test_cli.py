@@ -223,8 +223,12 @@ def test_train_gpu_subcommand_hands_over_to_the_training_script(capsys):
 
 # ``python -m gptfast ARGS`` that, when it starts importing torch, says so on stdout and waits there for a signal:
 # a Ctrl-C during the seconds torch takes to import, without racing code of torch's that may swallow it.
+# The child first takes Ctrl-C as a terminal's program does: a parent that ignores SIGINT (a pytest-xdist
+# worker) would otherwise pass that on, and Python then installs no handler.
 _ANNOUNCES_THE_TORCH_IMPORT = textwrap.dedent("""
-    import runpy, sys, time
+    import runpy, signal, sys, time
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     class Announce:
         def find_spec(self, name, path=None, target=None):

@@ -441,7 +441,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             factor = grad_loss.to(acc_dtype(grad_loss.dtype))
             if ctx.reduction == "mean":
                 factor = factor / ctx.kept.clamp(min=1)
-            # All rows ignored: every gradient is 0, as in PyTorch, not 0 * inf or 0 * NaN.
+            # All rows ignored: no upstream gradient reaches any row, as in PyTorch (finite rows get 0, not 0 * inf).
             factor = torch.where(ctx.kept > 0, factor, torch.zeros_like(factor))
             gh, gw, gb = ctx.grads
             # Ignored rows of the hidden gradient keep the kernel's values, as in PyTorch (see the CE op).
