@@ -72,10 +72,16 @@ def load_text(path=None) -> str:
         raise ValueError(f"data file {path} is a folder, not a text file")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
+    return read_utf8_text(path, name="data file ")
+
+
+def read_utf8_text(path: Path, name: str = "") -> str:
+    """The text of ``path``; a file that is not UTF-8 is a ``ValueError`` saying ``{name}{path}`` and its first
+    bad byte."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"data file {path} is not UTF-8 text: byte {exc.object[exc.start]:#04x} at offset "
+        raise ValueError(f"{name}{path} is not UTF-8 text: byte {exc.object[exc.start]:#04x} at offset "
                          f"{exc.start} ({exc.reason})") from None
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import read_utf8_text
 from ..files import atomic_write, atomic_write_text
 from ..models.gpt_config import GPT2_VOCAB_SIZE
 from ..tokenizer import ENDOFTEXT, ENDOFTEXT_ID, get_tokenizer
@@ -44,21 +45,12 @@ def cache_key(files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _read_utf8(path: Path) -> str:
-    """The text of ``path``; a file that is not UTF-8 is a ``ValueError`` naming it and the first bad byte."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"--data: {path} is not UTF-8 text: byte {exc.object[exc.start]:#04x} at offset "
-                         f"{exc.start} ({exc.reason})") from None
-
-
 def _tokenise(files: list[Path]) -> np.ndarray:
     """GPT-2 token ids of the files, an end-of-text token between consecutive files."""
     tokenizer = get_tokenizer()
     pieces = []
     for i, f in enumerate(files):
-        ids = tokenizer.encode(_read_utf8(f), allowed_special={ENDOFTEXT})
+        ids = tokenizer.encode(read_utf8_text(f, name="--data: "), allowed_special={ENDOFTEXT})
         if i > 0:
             pieces.append(np.array([ENDOFTEXT_ID], dtype=np.uint16))
         pieces.append(np.asarray(ids, dtype=np.uint16))
