@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import parity
 from gptfast import ops
-from gptfast.ops import loss as ce, torch_ops
+from gptfast.ops import linear as dense, loss as ce, torch_ops
 from parity import backend_cases, backend_devices, needs_cpu_backend, needs_cuda, needs_interpreter
 
 OP = "cross_entropy"
@@ -632,14 +632,14 @@ def test_cpu_linear_cross_entropy_computes_the_gradient_in_the_logits_buffer(sma
     assert calls == [5, 5, 2]
 
 
-needs_onednn = pytest.mark.skipif(ce._onednn_linear() is None, reason="this torch build has no oneDNN linear")
+needs_onednn = pytest.mark.skipif(dense.onednn_linear() is None, reason="this torch build has no oneDNN linear")
 
 
 def _spy_onednn(monkeypatch):
     """Route every float32 chunk (any vocabulary) through oneDNN and record each call's row count."""
-    calls, product = [], ce._onednn_linear()
-    monkeypatch.setattr(ce, "ONEDNN_MIN_VOCAB", 1)
-    monkeypatch.setattr(ce, "_onednn_linear", lambda: lambda x, w, b: (calls.append(x.shape[0]), product(x, w, b))[1])
+    calls, product = [], dense.onednn_linear()
+    monkeypatch.setattr(dense, "ONEDNN_MIN_VOCAB", 1)
+    monkeypatch.setattr(dense, "onednn_linear", lambda: lambda x, w, b: (calls.append(x.shape[0]), product(x, w, b))[1])
     return calls
 
 
@@ -675,99 +675,14 @@ def test_linear_chunks_stay_on_torch_mm_where_onednn_does_not_serve(small_chunks
     with torch.no_grad():
         assert ce._onednn_serves(hidden, weight.requires_grad_(True), None)  # what the chunk driver sees
     weight.requires_grad_(False)
-    monkeypatch.setattr(ce, "ONEDNN_MIN_VOCAB", 41)
+    monkeypatch.setattr(dense, "ONEDNN_MIN_VOCAB", 41)
     assert not ce._onednn_serves(hidden, weight, None)
-    monkeypatch.setattr(ce, "_onednn_linear", lambda: None)
-    monkeypatch.setattr(ce, "ONEDNN_MIN_VOCAB", 1)
+    monkeypatch.setattr(dense, "onednn_linear", lambda: None)
+    monkeypatch.setattr(dense, "ONEDNN_MIN_VOCAB", 1)
     assert not ce._onednn_serves(hidden, weight, None)
     run = lambda h, w, bb: ce.fused_linear_cross_entropy(_REF, h, w, targets)  # noqa: E731
     _linear_grads_vs_oracle(run, hidden, weight, None, targets, what="no oneDNN")
     assert calls == []
-
-
-@needs_onednn
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(7,), (2, 5)], ids=["rows", "batch-by-positions"])
-def test_head_logits_through_onednn_are_f_linear_s(monkeypatch, bias, shape):
-    """A model head's logits with oneDNN's forward: values and every gradient as F.linear's (float32 rounding)."""
-    calls = _spy_onednn(monkeypatch)
-    g = torch.Generator().manual_seed(41)
-    x = torch.randn(*shape, 12, generator=g, requires_grad=True)
-    weight = torch.randn(30, 12, generator=g, requires_grad=True)
-    b = torch.randn(30, generator=g, requires_grad=True) if bias else None
-    upstream = torch.randn(*shape, 30, generator=g)
-    ours = ce.head_logits(x, weight, b)
-    grads = torch.autograd.grad(ours, [t for t in (x, weight, b) if t is not None], upstream)
-    theirs = F.linear(x, weight, b)
-    expected = torch.autograd.grad(theirs, [t for t in (x, weight, b) if t is not None], upstream)
-    assert calls == [math.prod(shape)] and ours.shape == (*shape, 30)
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, expected):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-@needs_onednn
-def test_head_logits_keep_f_linear_where_onednn_does_not_serve(monkeypatch):
-    """bf16, a non-contiguous input, an empty batch, a small vocabulary, no oneDNN: F.linear itself, bit for bit."""
-    calls = _spy_onednn(monkeypatch)
-    g = torch.Generator().manual_seed(42)
-    x, weight = torch.randn(6, 12, generator=g), torch.randn(30, 12, generator=g)
-    cases = [(x.bfloat16(), weight.bfloat16()), (x.t().contiguous().t(), weight), (x[:0], weight)]
-    for inp, w in cases:
-        assert torch.equal(ce.head_logits(inp, w), F.linear(inp, w))
-    monkeypatch.setattr(ce, "ONEDNN_MIN_VOCAB", 31)
-    assert torch.equal(ce.head_logits(x, weight), F.linear(x, weight))
-    monkeypatch.setattr(ce, "ONEDNN_MIN_VOCAB", 1)
-    monkeypatch.setattr(ce, "_onednn_linear", lambda: None)
-    assert torch.equal(ce.head_logits(x, weight), F.linear(x, weight))
-    assert calls == []
-
-
-@needs_onednn
-def test_model_heads_compute_through_head_logits(monkeypatch):
-    """GPT, Llama 3 and Qwen3 forwards send a plain head to head_logits; backend "torch" and hooked heads keep the
-    module's own call."""
-    from gptfast.models import GPTModel, llama3, qwen3
-    calls = _spy_onednn(monkeypatch)
-    torch.manual_seed(0)
-    gpt = GPTModel({"vocab_size": 50, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
-                    "drop_rate": 0.0, "qkv_bias": False})
-    rotary = dict(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1, hidden_dim=24, n_kv_groups=1,
-                  dtype=torch.float32)
-    llama = llama3.Llama3Model({**rotary, "rope_base": 500_000.0, "rope_freq": None})
-    qwen = qwen3.Qwen3Model({**rotary, "head_dim": 8, "qk_norm": True, "rope_base": 1e6})
-    idx = torch.randint(0, 50, (2, 5))
-    for model in (gpt, llama, qwen):
-        calls.clear()
-        out = model(idx)
-        assert calls == [10] and out.shape == (2, 5, 50)
-        with ops.use_backend("torch"):
-            reference = model(idx)
-        assert calls == [10]
-        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
-        seen = []
-        handle = model.out_head.register_forward_hook(lambda module, args, output: seen.append(output.shape))
-        model(idx)
-        handle.remove()
-        assert seen == [(2, 5, 50)] and calls == [10]
-
-
-def test_onednn_is_not_used_off_x86(monkeypatch):
-    """On arm64 torch's BLAS (Accelerate, OpenBLAS) keeps the product: oneDNN was measured on x86-64 only."""
-    ce._onednn_linear.cache_clear()
-    monkeypatch.setattr(ce.platform, "machine", lambda: "arm64")
-    try:
-        assert ce._onednn_linear() is None
-    finally:
-        ce._onednn_linear.cache_clear()
-
-
-def test_onednn_probe_leaves_the_random_state_alone():
-    """The one-time check of oneDNN's linear uses fixed numbers: seeded runs draw the same after it."""
-    ce._onednn_linear.cache_clear()
-    before = torch.random.get_rng_state()
-    ce._onednn_linear()
-    assert torch.equal(torch.random.get_rng_state(), before)
 
 
 def _linear_case(n, hidden_size, vocab, seed, bias=False):

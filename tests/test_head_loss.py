@@ -39,8 +39,8 @@ def _loss_and_grads(model, loss_fn):
 
 def _head_calls(model, monkeypatch):
     """Shapes of the inputs the head's logits are computed for: the head called (spied on ``nn.Linear``'s class,
-    so that the head stays a plain linear) or its weight multiplied by the models' ``output_logits``."""
-    calls, forward, head_logits = [], torch.nn.Linear.forward, blocks.head_logits
+    so that the head stays a plain linear) or its weight multiplied by the models' ``apply_linear``."""
+    calls, forward, dense_linear = [], torch.nn.Linear.forward, blocks.dense_linear
 
     def spy(self, h):
         if self is model.out_head:
@@ -50,10 +50,10 @@ def _head_calls(model, monkeypatch):
     def spy_logits(x, weight, bias):
         if weight is model.out_head.weight:
             calls.append(x.shape)
-        return head_logits(x, weight, bias)
+        return dense_linear(x, weight, bias)
 
     monkeypatch.setattr(torch.nn.Linear, "forward", spy)
-    monkeypatch.setattr(blocks, "head_logits", spy_logits)
+    monkeypatch.setattr(blocks, "dense_linear", spy_logits)
     return calls
 
 

@@ -154,7 +154,7 @@ def head_is_separable(model) -> bool:
             and runs_own_forward(model) and is_plain_linear(getattr(model, "out_head", None)))
 
 
-# Forwards that are ``output_logits(self.out_head, self.hidden_states(in_idx))`` and nothing else.
+# Forwards that are ``apply_linear(self.out_head, self.hidden_states(in_idx))`` and nothing else.
 _SEPARABLE_FORWARDS = (GPTModel.forward, GPTModelFast.forward, Llama3Model.forward, Qwen3Model.forward)
 
 

@@ -7,7 +7,7 @@ from typing import Callable
 import torch.nn as nn
 
 from .. import ops
-from ..ops.loss import head_logits
+from ..ops.linear import dense_linear
 
 
 class PreNormBlock(nn.Module):
@@ -98,14 +98,15 @@ def is_plain_linear(module: nn.Module) -> bool:
             and "forward" not in module.__dict__ and not has_call_hooks(module))
 
 
-def output_logits(head: nn.Module, x):
-    """``head(x)``: a model's output head over every position of ``x``.
+def apply_linear(layer: nn.Module, x):
+    """``layer(x)`` for a model's own linear layers and output head.
 
-    A plain ``nn.Linear`` head (:func:`is_plain_linear`) computes through
-    :func:`gptfast.ops.loss.head_logits` (on an x86 CPU, a vocabulary-sized float32 head's
-    forward product runs through oneDNN); with backend ``"torch"`` the module is called as the
-    reference calls it, so its numbers stay bitwise the reference's.
+    A plain ``nn.Linear`` (:func:`is_plain_linear`) computes through
+    :func:`gptfast.ops.linear.dense_linear` (on an x86 CPU a large float32 layer's forward
+    product runs through oneDNN); with backend ``"torch"``, and for any other module (a
+    hooked layer, a LoRA wrapper), the module is called as the reference calls it, so its
+    numbers stay bitwise the reference's.
     """
-    if is_plain_linear(head) and ops.get_backend() != "torch":
-        return head_logits(x, head.weight, head.bias)
-    return head(x)
+    if is_plain_linear(layer) and ops.get_backend() != "torch":
+        return dense_linear(x, layer.weight, layer.bias)
+    return layer(x)

@@ -15,7 +15,7 @@ import torch
 
 from ..generation.layer_cache import KVCache  # the one per-layer cache with the reference's API
 from . import layers
-from .blocks import output_logits
+from .blocks import apply_linear
 
 __all__ = ["KVCache", "extend_cache", "claim_positions", "CachedAttention", "CachedBlock", "CachedDecoder"]
 
@@ -88,7 +88,7 @@ class CachedDecoder:
 
     def forward(self, in_idx, cache=None):
         """Logits ``(batch, tokens, vocab_size)``; with a :class:`KVCache` the tokens continue at ``current_pos``."""
-        return output_logits(self.out_head, self.hidden_states(in_idx, cache))
+        return apply_linear(self.out_head, self.hidden_states(in_idx, cache))
 
     def hidden_states(self, in_idx, cache=None):
         """Final-norm hidden states ``(batch, tokens, emb_dim)`` in the config's dtype: :meth:`forward` without

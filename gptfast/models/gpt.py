@@ -19,7 +19,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import ops
 from ..ops._dispatch import constant_under_compile
-from .blocks import PreNormBlock, output_logits, runs_own_forward
+from .blocks import PreNormBlock, apply_linear, runs_own_forward
 
 def _causal_mask_buffer(context_length: int) -> torch.Tensor:
     """The reference's ``mask`` buffer: 1.0 above the diagonal.  The fused op is causal by itself; a
@@ -219,12 +219,12 @@ class _HeadProjections(nn.Module):
 
     def project_heads(self, x):
         """``(queries, keys, values)`` of ``x``, each ``(b, heads, t, head_dim)``."""
-        heads = {name: split_heads(self, getattr(self, name)(x)) for name in self.projection_order}
+        heads = {name: split_heads(self, apply_linear(getattr(self, name), x)) for name in self.projection_order}
         return heads["W_query"], heads["W_key"], heads["W_value"]
 
     def attend(self, queries, keys, values):
         """Causal attention (queries as the last positions of the keys), merged and projected out."""
-        return self.out_proj(merge_heads(self, causal_core(self, queries, keys, values)))
+        return apply_linear(self.out_proj, merge_heads(self, causal_core(self, queries, keys, values)))
 
 
 class MultiHeadAttention(_HeadProjections):
@@ -254,13 +254,14 @@ class PyTorchMultiHeadAttention(nn.Module):
     def forward(self, x):
         b, t, _ = x.shape
         # (b, t, 3 * d_out) -> three (b, heads, t, head_dim) views
-        queries, keys, values = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = apply_linear(self.qkv, x)
+        queries, keys, values = qkv.view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if ops.get_backend() == "torch" or t == 0:  # the reference's call: bitwise its numbers, empty inputs too
             context = torch.nn.functional.scaled_dot_product_attention(
                 queries, keys, values, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         else:
             context = ops.causal_attention(queries, keys, values, dropout_p=self.dropout, training=self.training)
-        return self.proj(context.transpose(1, 2).reshape(b, t, self.d_out))
+        return apply_linear(self.proj, context.transpose(1, 2).reshape(b, t, self.d_out))
 
 
 # ----------------------------------------------------------------------------- chapter 4
@@ -355,7 +356,11 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x):
-        return self.layers(x)
+        layers = self.layers
+        if type(layers) is not nn.Sequential or len(layers) != 3 or not runs_own_forward(layers):
+            return layers(x)  # changed by the user: run it as it now is
+        expand, activation, project = layers
+        return apply_linear(project, activation(apply_linear(expand, x)))
 
 
 class TransformerBlock(PreNormBlock):
@@ -403,7 +408,7 @@ class _GPTBackbone(nn.Module):
         return self.final_norm(self.trf_blocks(self.embed(in_idx)))
 
     def forward(self, in_idx):
-        return output_logits(self.out_head, self.hidden_states(in_idx))
+        return apply_linear(self.out_head, self.hidden_states(in_idx))
 
 
 class GPTModel(_GPTBackbone):

@@ -35,7 +35,7 @@ from ..generation.cache import is_decodable, walk_reproduces_forward
 from ..generation.layer_cache import KVCache
 from ..generation.runner import CachedRunner
 from . import gpt
-from .blocks import output_logits
+from .blocks import apply_linear
 from .gpt import GELU, FeedForward, LayerNorm, _HeadProjections, residual_block
 
 __all__ = ["MultiHeadAttention", "LayerNorm", "GELU", "FeedForward", "TransformerBlock", "GPTModel", "KVCache"]
@@ -164,7 +164,7 @@ class GPTModel(gpt.GPTModel):
             x, pair = block(x, use_cache=True, start_pos=self.current_pos, cache=cache.get(i))
             cache.update(i, pair)
         self.current_pos += seq_len
-        return output_logits(self.out_head, self.final_norm(x))
+        return apply_linear(self.out_head, self.final_norm(x))
 
     def _static_attend(self, cache):
         def attend(i, q, k, v):

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from .blocks import apply_linear
 
 # ----------------------------------------------------------------------------- argument checks
 
@@ -242,7 +243,7 @@ class FeedForward(nn.Module):
         self.fc3 = nn.Linear(cfg["hidden_dim"], cfg["emb_dim"], dtype=cfg["dtype"], bias=False)
 
     def forward(self, x):
-        return self.fc3(swiglu(self.fc1(x), self.fc2(x)))
+        return apply_linear(self.fc3, swiglu(apply_linear(self.fc1, x), apply_linear(self.fc2, x)))
 
 
 # ----------------------------------------------------------------------------- attention
@@ -402,15 +403,15 @@ class RotaryGroupedAttention(nn.Module):
 
     def project_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int = 0):
         """``(queries, keys, values)`` in heads layout, queries and keys rotated for positions ``offset ...``."""
-        queries = split_heads(self.W_query(x), self.num_heads, self.head_dim)
-        keys = split_heads(self.W_key(x), self.num_kv_groups, self.head_dim)
-        values = split_heads(self.W_value(x), self.num_kv_groups, self.head_dim)
+        queries = split_heads(apply_linear(self.W_query, x), self.num_heads, self.head_dim)
+        keys = split_heads(apply_linear(self.W_key, x), self.num_kv_groups, self.head_dim)
+        values = split_heads(apply_linear(self.W_value, x), self.num_kv_groups, self.head_dim)
         queries, keys = self.normalize_qk(queries, keys)
         return apply_rope_at(queries, cos, sin, offset), apply_rope_at(keys, cos, sin, offset), values
 
     def attend_heads(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask=None):
         """Attention over heads-layout inputs (see :func:`grouped_query_attention`), merged and projected out."""
-        return self.out_proj(merge_heads(grouped_query_attention(queries, keys, values, mask)))
+        return apply_linear(self.out_proj, merge_heads(grouped_query_attention(queries, keys, values, mask)))
 
     def _attend(self, x, mask, cos, sin):
         queries, keys, values = self.project_rotary(x, cos, sin)

@@ -16,7 +16,7 @@ import torch.nn as nn
 from .. import ops
 from ..tokenizer import read_tiktoken_ranks
 from . import layers
-from .blocks import PreNormBlock, output_logits
+from .blocks import PreNormBlock, apply_linear
 from .hub import assign, hf_blocks_to_fill, load_tensor_into
 from .layers import FeedForward, BuiltinRMSNorm
 
@@ -197,7 +197,7 @@ class _Llama3Base(nn.Module):
         return self.final_norm(x).to(self.cfg["dtype"])
 
     def forward(self, in_idx):
-        return output_logits(self.out_head, self.hidden_states(in_idx))
+        return apply_linear(self.out_head, self.hidden_states(in_idx))
 
 
 class Llama3Model(_Llama3Base):

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .. import ops
 from . import layers
-from .blocks import PreNormBlock, output_logits
+from .blocks import PreNormBlock, apply_linear
 from .hub import download_from_huggingface, download_from_huggingface_from_snapshots, hf_blocks_to_fill, load_tensor_into
 from .layers import FeedForward
 
@@ -256,7 +256,7 @@ class Qwen3Model(nn.Module):
         return self.final_norm(x).to(self.cfg["dtype"])
 
     def forward(self, in_idx):
-        return output_logits(self.out_head, self.hidden_states(in_idx))
+        return apply_linear(self.out_head, self.hidden_states(in_idx))
 
 
 # ----------------------------------------------------------------------------- weights

@@ -27,7 +27,7 @@ import torch
 from .. import ops
 from ..generation.layer_cache import RowKVCache as KVCache
 from . import layers, qwen3
-from .blocks import output_logits, runs_own_forward
+from .blocks import apply_linear, runs_own_forward
 from .layers import FeedForward
 from .qwen3 import (QWEN3_CONFIG_1_7B, QWEN3_CONFIG_4B, QWEN3_CONFIG_8B, QWEN3_CONFIG_14B, QWEN3_CONFIG_32B,
                     QWEN_CONFIG_06_B, Qwen3Tokenizer, RMSNorm, compute_rope_params, download_from_huggingface,
@@ -215,7 +215,7 @@ class Qwen3Model(qwen3.Qwen3Model):
 
     def forward(self, in_idx, cache=None, start_pos=None):
         """Logits ``(batch, tokens, vocab_size)``; with a cache, row ``b`` continues at ``start_pos[b]``."""
-        return output_logits(self.out_head, self.hidden_states(in_idx, cache, start_pos))
+        return apply_linear(self.out_head, self.hidden_states(in_idx, cache, start_pos))
 
     def hidden_states(self, in_idx, cache=None, start_pos=None):
         """Final-norm hidden states ``(batch, tokens, emb_dim)`` in the config's dtype: :meth:`forward` without

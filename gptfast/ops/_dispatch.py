@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+from torch.utils import _python_dispatch
 
 OPS = ("causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm", "layer_norm",
        "swiglu", "gelu", "dropout", "rope", "decode_linear")
@@ -342,3 +343,15 @@ def resolve(op: str, device: torch.device, args=(), kwargs=None, backend: str | 
             if op in module.AUTO_OPS and _serves_fused(module, op, device, args, kwargs) is None:
                 return candidate, getattr(module, op)
     return "torch", getattr(_load("torch"), op)
+
+
+# What eager code holds: tensors and parameters (tracers' fake, functional and proxy tensors are other subclasses).
+_EAGER_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def is_tracing(t: torch.Tensor) -> bool:
+    """True while dynamo/AOTAutograd/make_fx/opcheck trace (fake, functional or proxy tensors) or a ``torch.func``
+    transform wraps ``t``; False when eager."""
+    return (torch.compiler.is_compiling() or type(t) not in _EAGER_TENSOR_TYPES
+            or _python_dispatch._get_current_dispatch_mode() is not None
+            or torch._C._functorch.is_functorch_wrapped_tensor(t))

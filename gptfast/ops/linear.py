@@ -11,17 +11,25 @@ uses ``F.linear``'s formulas in plain torch (``dx = g @ W``, ``dW = g^T x``,
 ``db = sum g``) so the op can sit in a graph that needs one; the kernels target the
 forward of decode steps.
 
-Also here, in plain torch: :func:`linear_in_float32`, the product of 16-bit rows on a
-CPU when there are too many rows for the decode kernel (a prompt's prefill).
+Also here, in plain torch:
+
+* :func:`dense_linear`, the models' own linear layers and output heads: on an x86 CPU the
+  float32 forward product of a large enough layer runs through oneDNN (faster there than
+  torch's BLAS for ``x @ W.T``), the backward is ``F.linear``'s; the linear cross-entropy's
+  chunk logits use the same oneDNN product (:func:`onednn_linear`);
+* :func:`linear_in_float32`, the product of 16-bit rows on a CPU when there are too many
+  rows for the decode kernel (a prompt's prefill).
 """
 
 from __future__ import annotations
 
 import functools
+import platform
 
 import torch
+import torch.nn.functional as F
 
-from ._dispatch import bound_kernel, kernels, without_graph
+from ._dispatch import bound_kernel, is_tracing, kernels, without_graph
 
 
 def _fake_decode_linear(x, weight, bias):
@@ -114,3 +122,87 @@ def linear_in_float32(x, weight, bias=None):
         block_bias = None if bias is None else bias[start:stop].float()
         out[..., start:stop] = torch.nn.functional.linear(wide_x, weight[start:stop].float(), block_bias)
     return out
+
+
+# ----------------------------------------------------------------------------- dense products
+
+# A weight with at least this many output rows (a vocabulary) goes through oneDNN at any row count.
+ONEDNN_MIN_VOCAB = 8192
+# Other layers: at least this many weight elements and multiply-adds.  oneDNN's call costs ~50-80 us
+# more than torch's BLAS (2-core AMD, AVX2), which small products do not win back: 256x256 layers lost
+# at every row count up to 2048, 768x768 ones tied at 128-512 rows and won by 1.15x at 2048, 768x3072
+# ones won by 1.1-1.6x from 8 rows on.
+ONEDNN_MIN_WEIGHT = 1 << 18
+ONEDNN_MIN_MACS = 1 << 26
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_linear():
+    """torch's oneDNN linear ``(x, weight, bias) -> x @ weight.T + bias`` for CPU float32, or None.
+
+    On a 2-core AMD (AVX2) torch's BLAS ran ``x @ W.T`` at 75-105 GFLOP/s on a model's
+    shapes (512-1024 rows by 512x1536, 768x3072, 32000x512, 50257x768 weights) against
+    oneDNN's 90-130; the backward's products (``g @ W``, ``g.T @ x``) were as fast or faster
+    through torch's BLAS, so only forwards use this.  x86-64 only: on arm64 torch's BLAS is
+    Apple's Accelerate (or OpenBLAS), against which this was never measured.  oneDNN's op is
+    not public API: it is used only once a small product through it has matched ``torch.mm``
+    here, and the plain matmul stays the fallback.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        op = torch.ops.mkldnn._linear_pointwise.default
+        x = torch.arange(12, dtype=torch.float32).view(3, 4) / 7  # no random numbers: the user's seed stays
+        w = torch.arange(20, dtype=torch.float32).view(5, 4).flip(0) / 11
+        b = torch.arange(5, dtype=torch.float32)
+        if not torch.allclose(op(x, w, b, "none", [], ""), torch.addmm(b, x, w.t()), rtol=1e-5, atol=1e-5):
+            return None
+    except (AttributeError, RuntimeError):
+        return None
+    return lambda x, weight, bias: op(x, weight, bias, "none", [], "")
+
+
+def onednn_pays(rows: int, weight: torch.Tensor) -> bool:
+    """True when ``rows`` rows times ``weight`` ``(N, K)`` is a product oneDNN computes faster than torch's BLAS
+    (see :data:`ONEDNN_MIN_VOCAB`, :data:`ONEDNN_MIN_WEIGHT`, :data:`ONEDNN_MIN_MACS`)."""
+    if weight.shape[0] >= ONEDNN_MIN_VOCAB:
+        return True
+    return weight.numel() >= ONEDNN_MIN_WEIGHT and rows * weight.numel() >= ONEDNN_MIN_MACS
+
+
+def onednn_fits(x, weight, bias) -> bool:
+    """True when :func:`onednn_linear` computes ``x @ weight.T (+ bias)`` here and that pays: eager (not traced,
+    not under autocast) CPU float32, every tensor contiguous, a product large enough, the op available."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    return (x.device.type == "cpu" and x.dim() >= 1 and x.numel() > 0 and weight.dim() == 2
+            and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+            and not any(is_tracing(t) for t in tensors) and not torch.is_autocast_enabled("cpu")
+            and onednn_pays(x.numel() // x.shape[-1], weight) and onednn_linear() is not None)
+
+
+class _OneDNNForward(torch.autograd.Function):
+    """``rows @ weight.T (+ bias)`` with oneDNN's forward and ``F.linear``'s backward products in plain torch
+    (differentiable again, so a second derivative works as through ``F.linear``)."""
+
+    @staticmethod
+    def forward(rows, weight, bias):
+        return onednn_linear()(rows, weight, bias)
+
+    setup_context = staticmethod(save_linear_inputs)
+    backward = staticmethod(linear_backward)
+
+
+def dense_linear(x, weight, bias=None):
+    """``F.linear(x, weight, bias)`` for a model's own layers and output heads, ``x`` ``(..., K)``.
+
+    On an x86-64 CPU, float32, the forward product of a large enough layer (:func:`onednn_pays`)
+    runs through oneDNN (:func:`onednn_linear`; 1.1-1.5x torch's BLAS on a 2-core AMD
+    CPU) and the backward is ``F.linear``'s two products.  Elsewhere (other dtypes and devices,
+    small layers, non-contiguous tensors, autocast, ``torch.compile`` and ``torch.func``) it is
+    ``F.linear`` itself.  Results agree with ``F.linear`` within float32 rounding (another
+    summation order), not bitwise.
+    """
+    if not onednn_fits(x, weight, bias):
+        return F.linear(x, weight, bias)
+    rows = x.view(-1, x.shape[-1])
+    return _OneDNNForward.apply(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])

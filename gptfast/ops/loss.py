@@ -13,8 +13,8 @@ Everything else lives here, once for all backends:
 * the reduction (mean over kept targets, sum, none);
 * the chunked linear cross-entropy driver, which takes a backend's ``cross_entropy_fwd``
   and never builds the full ``(N, V)`` logits;
-* the vocabulary-sized product both the chunks and a model's full logits (:func:`head_logits`,
-  what ``model(idx)`` returns) compute through oneDNN on an x86 CPU.
+* the chunks' logits, through oneDNN's product on an x86 CPU (:mod:`gptfast.ops.linear`, the
+  home of the dense products).
 
 A second backward through the same graph (``retain_graph=True``) is refused with a
 ``RuntimeError`` that says why: the first backward consumed the saved gradient in place.
@@ -23,16 +23,12 @@ Keeping it intact would cost a second gradient-sized buffer on every ordinary ba
 
 from __future__ import annotations
 
-import functools
-import platform
-
 import torch
 import torch.nn.functional as F
-from torch.utils import _python_dispatch
 
+from . import linear
 from ._autograd import first_order_only, guard_second_derivative, second_derivative_message
-from ._dispatch import kernels, without_graph
-from .linear import linear_backward, save_linear_inputs
+from ._dispatch import is_tracing, kernels, without_graph
 
 # Logits elements per chunk of the linear cross-entropy: ~64 MB in float32 (about 330 tokens of
 # GPT-2's vocabulary on a CPU, large enough for efficient matmuls).
@@ -46,12 +42,6 @@ GPU_MIN_CHUNK_ROWS = 256
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The per-row loss dtype the kernels return: float64 for float64 logits (cpu), else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def is_tracing(t: torch.Tensor) -> bool:
-    """True while dynamo/AOTAutograd/make_fx/opcheck trace (fake, functional or proxy tensors), False when eager."""
-    return (torch.compiler.is_compiling() or type(t) is not torch.Tensor
-            or _python_dispatch._get_current_dispatch_mode() is not None)
 
 
 def scale_saved_grad(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -219,84 +209,18 @@ def _gradient_in_place(kernel, inplace):
     return run
 
 
-# Fewest vocabulary rows for which a CPU chunk's logits go through oneDNN (see _onednn_linear).
-ONEDNN_MIN_VOCAB = 8192
-
-
-@functools.lru_cache(maxsize=None)
-def _onednn_linear():
-    """torch's oneDNN linear ``(x, weight, bias) -> x @ weight.T + bias`` for CPU float32, or None.
-
-    A chunk's logits are a product of a few hundred rows by a vocabulary-sized weight, and on
-    a 2-core AMD (AVX2) torch's BLAS ran that shape at 40-65 GFLOP/s against oneDNN's 80-105
-    (the backward's products run at 110-150 on both).  x86-64 only: on arm64 torch's BLAS is
-    Apple's Accelerate (or OpenBLAS), against which this was never measured.  oneDNN's op is
-    not public API: it is used only once a small product through it has matched ``torch.mm``
-    here, and the plain matmul stays the fallback.
-    """
-    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        op = torch.ops.mkldnn._linear_pointwise.default
-        x = torch.arange(12, dtype=torch.float32).view(3, 4) / 7  # no random numbers: the user's seed stays
-        w = torch.arange(20, dtype=torch.float32).view(5, 4).flip(0) / 11
-        b = torch.arange(5, dtype=torch.float32)
-        if not torch.allclose(op(x, w, b, "none", [], ""), torch.addmm(b, x, w.t()), rtol=1e-5, atol=1e-5):
-            return None
-    except (AttributeError, RuntimeError):
-        return None
-    return lambda x, weight, bias: op(x, weight, bias, "none", [], "")
-
-
-def _onednn_fits(h, weight, bias) -> bool:
-    """True when :func:`_onednn_linear` can compute ``h @ weight.T (+ bias)``: eager CPU float32, contiguous, a
-    vocabulary-sized weight, and the op available here."""
-    tensors = (h, weight) if bias is None else (h, weight, bias)
-    return (h.device.type == "cpu" and weight.shape[0] >= ONEDNN_MIN_VOCAB and not is_tracing(h)
-            and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-            and _onednn_linear() is not None)
-
-
 def _onednn_serves(h, weight, bias) -> bool:
-    """True when a chunk's logits go through :func:`_onednn_linear` (eager CPU float32, a vocabulary-sized weight)."""
+    """True when a chunk's logits go through oneDNN's product (:func:`~gptfast.ops.linear.onednn_fits`)."""
     tensors = (h, weight) if bias is None else (h, weight, bias)
     # Never recorded by autograd (the chunk driver runs without a graph): the op has no derivative here.
     recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return not recording and _onednn_fits(h, weight, bias)
-
-
-class _OneDNNLogits(torch.autograd.Function):
-    """``rows @ weight.T (+ bias)`` with oneDNN's forward and ``F.linear``'s backward products (plain ``torch.mm``)."""
-
-    @staticmethod
-    def forward(rows, weight, bias):
-        return _onednn_linear()(rows, weight, bias)
-
-    setup_context = staticmethod(save_linear_inputs)
-    backward = staticmethod(torch.autograd.function.once_differentiable(linear_backward))
-
-
-def head_logits(x, weight, bias=None):
-    """``F.linear(x, weight, bias)`` for a model's output head: the logits of every position of ``x`` ``(..., H)``.
-
-    On an x86-64 CPU with a float32 vocabulary-sized ``weight`` (at least
-    :data:`ONEDNN_MIN_VOCAB` rows) the forward product runs through oneDNN, which on a
-    2-core AMD CPU computed that shape 1.2-1.5x faster than torch's BLAS (1024 rows by
-    Llama-shaped 32000x512, 512 rows by GPT-2's 50257x768; see :func:`_onednn_linear`); the
-    backward is ``F.linear``'s two products.  Elsewhere, and
-    while tracing, it is ``F.linear`` itself.  Results agree with ``F.linear`` within float32
-    rounding (another summation order), not bitwise.
-    """
-    if x.dim() < 1 or x.numel() == 0 or not x.is_contiguous() or not _onednn_fits(x, weight, bias):
-        return F.linear(x, weight, bias)
-    rows = x.view(-1, x.shape[-1])
-    return _OneDNNLogits.apply(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return not recording and linear.onednn_fits(h, weight, bias)
 
 
 def _chunk_logits(h, weight, bias, buffer):
     """``h @ weight.T (+ bias)``, into the first rows of ``buffer`` when one is given (or via oneDNN on a CPU)."""
     if _onednn_serves(h, weight, bias):
-        return _onednn_linear()(h, weight, bias)
+        return linear.onednn_linear()(h, weight, bias)
     if buffer is None:
         return F.linear(h, weight, bias)
     out = buffer[:h.shape[0]]
