@@ -208,3 +208,23 @@ def test_onednn_probe_leaves_the_random_state_alone():
     before = torch.random.get_rng_state()
     dense.onednn_linear()
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_rule_comparison_script_runs_both_rules_and_restores_the_rule(tmp_path):
+    """``benchmarks/dense_rule_ab.py`` on the tiny Llama step: both gptfast variants step every round, the
+    reference too, and the size rule is the module's own again afterwards."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    check = ("import sys; sys.argv = ['x']; sys.path.insert(0, 'benchmarks'); import dense_rule_ab as ab; "
+             "from gptfast.ops import linear; rule = linear.onednn_pays; sys.path.insert(0, str(ab.BENCH_DIR)); "
+             "times = ab.measure('book', 2); assert linear.onednn_pays is rule; "
+             "print(sorted((name, len(ts)) for name, ts in times.items()))")
+    env = dict(os.environ, GPTFAST_BENCH_LLAMA_TRAIN_TINY="1")
+    done = subprocess.run([sys.executable, "-c", check], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[('heads', 2), ('layers', 2), ('reference', 2)]"
