@@ -160,6 +160,24 @@ def test_models_send_plain_layers_through_dense_linear(monkeypatch):
 
 
 @needs_onednn
+def test_cached_passes_send_the_same_layers_through_dense_linear(monkeypatch):
+    """The KV-cache GPT-2's cached pass computes q, k, v, out, the MLP and the head through dense_linear as the
+    plain forward does, and its logits match the uncached ones."""
+    from gptfast.kv_cache.gpt2 import GPTModel
+    calls = _spy_onednn(monkeypatch)
+    torch.manual_seed(0)
+    model = GPTModel({"vocab_size": 50, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
+                      "drop_rate": 0.0, "qkv_bias": False}).eval()
+    idx = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(5))
+    cached = model(idx, use_cache=True)
+    assert calls == [10] * 7
+    calls.clear()
+    model.reset_kv_cache()
+    torch.testing.assert_close(cached, model(idx), rtol=1e-5, atol=1e-5)
+    assert calls == [10] * 7
+
+
+@needs_onednn
 def test_hooked_or_wrapped_layers_keep_their_module_call(monkeypatch):
     """A hook on a layer or the head runs (the module is called); a layer replaced by another module, or a GPT
     feed-forward whose Sequential was changed, runs as the user left it."""

@@ -38,6 +38,7 @@ import torch
 
 from .. import ops
 from ..models import layers
+from ..models.blocks import apply_linear
 from ..models.gpt import merge_heads, residual_block, split_heads
 from ..ops.linear import linear_in_float32, widens_16_bit
 from .cache import KVCache, check_decodable, context_length, is_rotary
@@ -265,9 +266,9 @@ class CachedRunner:
             x = x[torch.arange(x.shape[0], device=x.device), last_positions].unsqueeze(1)
         if self.rotary:
             # The models cast the normed stream to the head's dtype (Qwen3's norms compute in float32).
-            logits = model.out_head(model.final_norm(x).to(model.out_head.weight.dtype))
+            logits = apply_linear(model.out_head, model.final_norm(x).to(model.out_head.weight.dtype))
         else:
-            logits = model.out_head(model.final_norm(x))
+            logits = apply_linear(model.out_head, model.final_norm(x))
         return logits if every_position else logits[:, -1, :]
 
     def _rotation(self, positions):
@@ -302,11 +303,11 @@ class CachedRunner:
         order = getattr(att, "projection_order", ("W_key", "W_query", "W_value"))
 
         def attention(h):
-            heads = {name: split_heads(att, getattr(att, name)(h)) for name in order}
+            heads = {name: split_heads(att, apply_linear(getattr(att, name), h)) for name in order}
             q, k, v = heads["W_query"], heads["W_key"], heads["W_value"]
             if last_only:
                 q = q[:, :, -1:]
-            return att.out_proj(merge_heads(att, attend(i, q, k, v)))
+            return apply_linear(att.out_proj, merge_heads(att, attend(i, q, k, v)))
         return attention
 
     @staticmethod
@@ -315,9 +316,9 @@ class CachedRunner:
         and keys rotated by ``rotate``."""
 
         def attention(h):
-            q = layers.split_heads(att.W_query(h), att.num_heads, att.head_dim)
-            k = layers.split_heads(att.W_key(h), att.num_kv_groups, att.head_dim)
-            v = layers.split_heads(att.W_value(h), att.num_kv_groups, att.head_dim)
+            q = layers.split_heads(apply_linear(att.W_query, h), att.num_heads, att.head_dim)
+            k = layers.split_heads(apply_linear(att.W_key, h), att.num_kv_groups, att.head_dim)
+            v = layers.split_heads(apply_linear(att.W_value, h), att.num_kv_groups, att.head_dim)
             q_norm, k_norm = getattr(att, "q_norm", None), getattr(att, "k_norm", None)
             if q_norm is not None:
                 q = q_norm(q)
@@ -326,7 +327,7 @@ class CachedRunner:
             q, k = rotate(q), rotate(k)
             if last_only:
                 q = q[:, :, -1:]
-            return att.out_proj(layers.merge_heads(attend(i, q, k, v)))
+            return apply_linear(att.out_proj, layers.merge_heads(attend(i, q, k, v)))
         return attention
 
     def _check_positions(self, last_position: int, max_len: int | None = None):

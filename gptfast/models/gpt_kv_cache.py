@@ -137,7 +137,7 @@ class GPTModel(gpt.GPTModel):
         return self.final_norm(x)
 
     def _uncached(self, in_idx):
-        return self.out_head(self.hidden_states(in_idx))
+        return apply_linear(self.out_head, self.hidden_states(in_idx))
 
     def _cached(self, in_idx, cache):
         if not (is_decodable(self) and walk_reproduces_forward(self)):
