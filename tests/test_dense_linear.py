@@ -120,6 +120,22 @@ def test_fallbacks_are_f_linear_bit_for_bit(monkeypatch):
 
 
 @needs_onednn
+@pytest.mark.parametrize("case", ["input", "bias"])
+def test_shapes_that_do_not_multiply_raise_f_linear_s_error(monkeypatch, case):
+    """A wrong input width or bias length gets F.linear's own error, not oneDNN's."""
+    calls = _spy_onednn(monkeypatch)
+    x, weight = torch.randn(6, 12), torch.randn(30, 12)
+    bias = torch.randn(29) if case == "bias" else None
+    if case == "input":
+        x = torch.randn(6, 11)
+    with pytest.raises(RuntimeError) as ours:
+        dense.dense_linear(x, weight, bias)
+    with pytest.raises(RuntimeError) as theirs:
+        F.linear(x, weight, bias)
+    assert str(ours.value) == str(theirs.value) and calls == []
+
+
+@needs_onednn
 def test_compiled_model_layer_traces_f_linear(monkeypatch):
     """Under make_fx (what torch.compile's tracing sees) the product is aten's, not oneDNN's private op."""
     from torch.fx.experimental.proxy_tensor import make_fx

@@ -174,7 +174,10 @@ def onednn_fits(x, weight, bias) -> bool:
     """True when :func:`onednn_linear` computes ``x @ weight.T (+ bias)`` here and that pays: eager (not traced,
     not under autocast) CPU float32, every tensor contiguous, a product large enough, the op available."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
-    return (x.device.type == "cpu" and x.dim() >= 1 and x.numel() > 0 and weight.dim() == 2
+    # Shapes that do not multiply are left to F.linear, which names them in its usual error.
+    shapes_fit = (x.dim() >= 1 and weight.dim() == 2 and x.shape[-1] == weight.shape[1]
+                  and (bias is None or tuple(bias.shape) == (weight.shape[0],)))
+    return (x.device.type == "cpu" and shapes_fit and x.numel() > 0
             and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
             and not any(is_tracing(t) for t in tensors) and not torch.is_autocast_enabled("cpu")
             and onednn_pays(x.numel() // x.shape[-1], weight) and onednn_linear() is not None)
