@@ -173,14 +173,20 @@ def onednn_pays(rows: int, weight: torch.Tensor) -> bool:
 def onednn_fits(x, weight, bias) -> bool:
     """True when :func:`onednn_linear` computes ``x @ weight.T (+ bias)`` here and that pays: eager (not traced,
     not under autocast) CPU float32, every tensor contiguous, a product large enough, the op available."""
-    tensors = (x, weight) if bias is None else (x, weight, bias)
+    # Traced first: a tracer's symbolic sizes are not compared below (each comparison would be a guard).
+    if x.device.type != "cpu" or is_tracing(x):
+        return False
     # Shapes that do not multiply are left to F.linear, which names them in its usual error.
-    shapes_fit = (x.dim() >= 1 and weight.dim() == 2 and x.shape[-1] == weight.shape[1]
-                  and (bias is None or tuple(bias.shape) == (weight.shape[0],)))
-    return (x.device.type == "cpu" and shapes_fit and x.numel() > 0
-            and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-            and not any(is_tracing(t) for t in tensors) and not torch.is_autocast_enabled("cpu")
-            and onednn_pays(x.numel() // x.shape[-1], weight) and onednn_linear() is not None)
+    if (x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
+            or (bias is not None and tuple(bias.shape) != (weight.shape[0],))):
+        return False
+    # The size rule first: it turns away a decode step's small products at the least cost.
+    if x.numel() == 0 or not onednn_pays(x.numel() // x.shape[-1], weight):
+        return False
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    return (all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+            and not any(is_tracing(t) for t in tensors[1:]) and not torch.is_autocast_enabled("cpu")
+            and onednn_linear() is not None)
 
 
 class _OneDNNForward(torch.autograd.Function):
