@@ -1,6 +1,6 @@
 """Which layers take oneDNN's forward product, measured both ways in one process, step after step.
 
-    python benchmarks/dense_rule_ab.py {gpt|book|user} [--rounds N]
+    python benchmarks/dense_rule_ab.py {gpt|book|user|lora} [--rounds N]
 
 Three training steps run in turn, round after round (who goes first rotates, the first round is a
 warm-up): the reference's, gptfast's with oneDNN for the output head alone (``heads``: the rule
@@ -11,7 +11,10 @@ differs, switched before each step.
 * ``gpt``: GPT-2 124M, context 256, batch 2, the step of ``gptfast train`` (``test_bench_train``'s
   ``gptfast-cli``) without the command's host-memory setting;
 * ``book``, ``user``: ``test_bench_llama_train``'s Llama-shaped step (8 layers, 512 wide, batch 4,
-  context 256) in chapter 5's loop and in the user's own.
+  context 256) in chapter 5's loop and in the user's own;
+* ``lora``: appendix E's step, each package's own: GPT-2 124M frozen, a 2-class head, every linear layer
+  wrapped by ``replace_linear_with_lora`` (rank 16, alpha 16), chapter 6's ``calc_loss_batch`` on
+  ``test_bench_finetuning``'s batch (8 x 120 tokens), AdamW over the trainable parameters.
 
 Prints per-variant medians, each gptfast variant's speedup over the reference, and the
 ``heads / layers`` time ratio of every round.
@@ -31,8 +34,40 @@ import torch
 BENCH_DIR = Path(__file__).resolve().parent
 
 
+def _lora_step(impl):
+    """Appendix E's LoRA fine-tuning step of ``impl``'s package ("reference" or "gptfast")."""
+    import test_bench_finetuning as bench
+
+    if impl == "reference":
+        from llms_from_scratch.appendix_e import replace_linear_with_lora
+        from llms_from_scratch.ch06 import calc_loss_batch
+    else:
+        from gptfast.appendix_e import replace_linear_with_lora
+        from gptfast.ch06 import calc_loss_batch
+    model = bench._model(impl)
+    model.requires_grad_(False)
+    torch.manual_seed(123)
+    model.out_head = torch.nn.Linear(bench._config()["emb_dim"], 2)
+    replace_linear_with_lora(model, rank=16, alpha=16)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50257, (bench.BATCH, bench.CH06_TOKENS), generator=g)
+    y = torch.randint(0, 2, (bench.BATCH,), generator=g)
+
+    def step():
+        optimizer.zero_grad()
+        calc_loss_batch(x, y, model, "cpu").backward()
+        optimizer.step()
+
+    return step
+
+
 def _steps(case):
     """``{variant: step}`` for ``case``; the two gptfast variants are built alike."""
+    if case == "lora":
+        return {name: _lora_step(impl)
+                for name, impl in (("reference", "reference"), ("heads", "gptfast"), ("layers", "gptfast"))}
     if case == "gpt":
         import test_bench_train as bench
 
@@ -77,7 +112,7 @@ def measure(case, rounds):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("case", choices=("gpt", "book", "user"))
+    parser.add_argument("case", choices=("gpt", "book", "user", "lora"))
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args(argv)
     if args.rounds < 1:

@@ -219,6 +219,27 @@ def test_hooked_or_wrapped_layers_keep_their_module_call(monkeypatch):
     assert len(calls) == layers - 1
 
 
+@needs_onednn
+def test_lora_sum_takes_the_base_product_through_dense_linear(monkeypatch):
+    """A LoRA-wrapped layer's fused sum computes the base product through dense_linear and adds the low-rank update
+    in place on its output: values and gradients as the plain ``linear(x) + lora(x)``."""
+    from gptfast.finetuning.lora import LinearWithLoRA
+    calls = _spy_onednn(monkeypatch)
+    torch.manual_seed(6)
+    layer = LinearWithLoRA(torch.nn.Linear(12, 20), rank=3, alpha=2.0)
+    torch.nn.init.normal_(layer.lora.B)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    params = [x, layer.linear.weight, layer.linear.bias, layer.lora.A, layer.lora.B]
+    ours = layer(x)
+    grads = torch.autograd.grad(ours.square().sum(), params)
+    assert calls == [10]
+    theirs = F.linear(x, layer.linear.weight, layer.linear.bias) + layer.lora(x)
+    expected = torch.autograd.grad(theirs.square().sum(), params)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_apply_linear_calls_any_other_module():
     """``apply_linear`` on a module that is not a plain nn.Linear is that module's call."""
     layer = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())

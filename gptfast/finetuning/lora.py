@@ -17,10 +17,10 @@ import math
 import numbers
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..models.blocks import is_plain_linear, runs_own_forward
+from ..ops.linear import dense_linear
 from .heads import reference_numerics
 
 
@@ -91,10 +91,11 @@ class LinearWithLoRA(nn.Module):
 
 
 def _linear_plus_low_rank(x, weight, bias, A, B, alpha):
-    """``x @ weight.T + bias + alpha * (x @ A) @ B`` with the update accumulated in place by ``addmm_``."""
-    out = F.linear(x, weight, bias)
+    """``x @ weight.T + bias + alpha * (x @ A) @ B`` with the update accumulated in place by ``addmm_`` (the
+    layer's own product as the models compute theirs, :func:`~gptfast.ops.linear.dense_linear`)."""
+    out = dense_linear(x, weight, bias)
     low = (x @ A).reshape(-1, A.shape[1])
-    # F.linear's backward needs x and weight, not its output, so updating the output in place is safe.
+    # The linear's backward needs x and weight, not its output, so updating the output in place is safe.
     out.view(-1, out.shape[-1]).addmm_(low, B, alpha=alpha)
     return out
 
