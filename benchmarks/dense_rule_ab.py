@@ -63,25 +63,28 @@ def _lora_step(impl):
     return step
 
 
-def _steps(case):
-    """``{variant: step}`` for ``case``; the two gptfast variants are built alike."""
+def _step_builder(case):
+    """``make(impl)``: one training step of ``case`` for ``impl`` "reference" or "gptfast", built from scratch."""
     if case == "lora":
-        return {name: _lora_step(impl)
-                for name, impl in (("reference", "reference"), ("heads", "gptfast"), ("layers", "gptfast"))}
+        return _lora_step
     if case == "gpt":
         import test_bench_train as bench
 
         out_dir = tempfile.mkdtemp()
-        return {name: bench._cpu_step(impl, out_dir)
-                for name, impl in (("reference", "reference"), ("heads", "gptfast-cli"), ("layers", "gptfast-cli"))}
+        return lambda impl: bench._cpu_step("reference" if impl == "reference" else "gptfast-cli", out_dir)
     import test_bench_llama_train as bench
 
     cfg = bench._config()
     tokens = torch.randint(0, cfg["vocab_size"], (bench.BATCH, bench.CONTEXT + 1),
                            generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1], tokens[:, 1:]
-    return {name: bench._step(impl, case, x, y)[0]
-            for name, impl in (("reference", "reference"), ("heads", "gptfast"), ("layers", "gptfast"))}
+    return lambda impl: bench._step(impl, case, x, y)[0]
+
+
+def _steps(case):
+    """``{variant: step}`` for ``case``; the two gptfast variants are built alike."""
+    make = _step_builder(case)
+    return {"reference": make("reference"), "heads": make("gptfast"), "layers": make("gptfast")}
 
 
 def measure(case, rounds):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gptfast import ops
-from gptfast.ops import torch_ops
+from gptfast.ops import linear as dense, torch_ops
 
 # The oracle, bound at import so that a test patching the torch backend still compares
 # against the real thing.
@@ -251,3 +251,21 @@ def check_sampling_reproducible(backend, logits, temperature=1.0, top_k=25, devi
 
     assert torch.equal(draw(7), draw(7)), f"{backend} sampling not reproducible under one seed"
     assert not torch.equal(draw(7), draw(8)), f"{backend} sampling ignores the generator"
+
+
+# ----------------------------------------------------------------------------- oneDNN's dense product
+
+needs_onednn = pytest.mark.skipif(dense.onednn_linear() is None, reason="this torch build has no oneDNN linear")
+
+# The size rule's limits (gptfast.ops.linear.onednn_pays).
+ONEDNN_LIMITS = ("ONEDNN_MIN_VOCAB", "ONEDNN_MIN_WEIGHT", "ONEDNN_MIN_MACS")
+
+
+def spy_onednn(monkeypatch, limits=ONEDNN_LIMITS):
+    """Record the row count of each product oneDNN computes; the size limits named in ``limits`` are set to 1
+    (every size qualifies by them)."""
+    calls, product = [], dense.onednn_linear()
+    for name in limits:
+        monkeypatch.setattr(dense, name, 1)
+    monkeypatch.setattr(dense, "onednn_linear", lambda: lambda x, w, b: (calls.append(x.shape[0]), product(x, w, b))[1])
+    return calls

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import parity
 from gptfast import ops
 from gptfast.ops import linear as dense, loss as ce, torch_ops
-from parity import backend_cases, backend_devices, needs_cpu_backend, needs_cuda, needs_interpreter
+from parity import (backend_cases, backend_devices, needs_cpu_backend, needs_cuda, needs_interpreter, needs_onednn,
+                    spy_onednn)
 
 OP = "cross_entropy"
 REDUCTIONS = ["mean", "sum", "none"]
@@ -632,15 +633,9 @@ def test_cpu_linear_cross_entropy_computes_the_gradient_in_the_logits_buffer(sma
     assert calls == [5, 5, 2]
 
 
-needs_onednn = pytest.mark.skipif(dense.onednn_linear() is None, reason="this torch build has no oneDNN linear")
-
-
 def _spy_onednn(monkeypatch):
     """Route every float32 chunk (any vocabulary) through oneDNN and record each call's row count."""
-    calls, product = [], dense.onednn_linear()
-    monkeypatch.setattr(dense, "ONEDNN_MIN_VOCAB", 1)
-    monkeypatch.setattr(dense, "onednn_linear", lambda: lambda x, w, b: (calls.append(x.shape[0]), product(x, w, b))[1])
-    return calls
+    return spy_onednn(monkeypatch, limits=("ONEDNN_MIN_VOCAB",))
 
 
 @needs_onednn

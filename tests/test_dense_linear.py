@@ -19,18 +19,11 @@ import torch.nn.functional as F
 from gptfast import ops
 from gptfast.models import blocks
 from gptfast.ops import linear as dense
-
-needs_onednn = pytest.mark.skipif(dense.onednn_linear() is None, reason="this torch build has no oneDNN linear")
-
+from parity import ONEDNN_LIMITS, needs_onednn, spy_onednn
 
 def _spy_onednn(monkeypatch, *, every_size=True):
     """Record the row count of each product oneDNN computes; with ``every_size`` any layer qualifies."""
-    calls, product = [], dense.onednn_linear()
-    if every_size:
-        for name in ("ONEDNN_MIN_VOCAB", "ONEDNN_MIN_WEIGHT", "ONEDNN_MIN_MACS"):
-            monkeypatch.setattr(dense, name, 1)
-    monkeypatch.setattr(dense, "onednn_linear", lambda: lambda x, w, b: (calls.append(x.shape[0]), product(x, w, b))[1])
-    return calls
+    return spy_onednn(monkeypatch, limits=ONEDNN_LIMITS if every_size else ())
 
 
 def _case(shape, out_features, in_features, bias, seed):
