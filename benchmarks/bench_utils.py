@@ -154,7 +154,6 @@ def run_interleaved(benchmark, steps: dict, *, rounds: int, group: str, **extra_
     """Time ``steps[impl]()`` for every impl in turn, round after round (who goes first rotates), so load on a
     shared machine hits all alike.  Returns per-impl median seconds (the warm-up round left out) and records
     them, with ``speedup_vs_reference``, in ``extra_info``."""
-    import statistics
     import time
 
     times = {impl: [] for impl in steps}
@@ -170,8 +169,24 @@ def run_interleaved(benchmark, steps: dict, *, rounds: int, group: str, **extra_
             times[impl].append(time.perf_counter() - t0)
 
     run_benchmark(benchmark, one_round, rounds=rounds, group=group, **extra_info)
+    return record_interleaved(benchmark, times)
+
+
+def record_interleaved(benchmark, times: dict) -> dict:
+    """Per-impl median seconds of interleaved rounds (``times[impl]``: one entry per round, the warm-up first),
+    recorded in ``extra_info`` with ``speedup_vs_reference`` (ratio of the medians) and each round's own ratios.
+
+    A round's ratio compares steps run seconds apart, so slow drift of a shared machine's load
+    cancels in it; ``speedup_median_of_rounds`` is the median of those.
+    """
+    import statistics
+
     # The warm-up round is left out: pytest-benchmark ran it before the timed rounds.
-    medians = {impl: statistics.median(ts[1:] if len(ts) > 1 else ts) for impl, ts in times.items()}
+    timed = {impl: ts[1:] if len(ts) > 1 else ts for impl, ts in times.items()}
+    medians = {impl: statistics.median(ts) for impl, ts in timed.items()}
+    per_round = {impl: [ref / t for ref, t in zip(timed["reference"], ts)] for impl, ts in timed.items()}
     benchmark.extra_info["per_impl_median_s"] = medians
     benchmark.extra_info["speedup_vs_reference"] = {impl: medians["reference"] / m for impl, m in medians.items()}
+    benchmark.extra_info["speedup_per_round"] = per_round
+    benchmark.extra_info["speedup_median_of_rounds"] = {impl: statistics.median(r) for impl, r in per_round.items()}
     return medians

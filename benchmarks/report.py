@@ -18,6 +18,7 @@ import argparse
 import datetime as _dt
 import json
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -88,9 +89,10 @@ def interleaved_rows(group, extra) -> list[dict]:
     """One row per variant of a benchmark that timed several variants in turn (``per_impl_median_s``)."""
     medians = extra.get("per_impl_median_s") or {}
     rates = extra.get("per_impl_tokens_per_s") or {}
+    rounds = extra.get("speedup_per_round") or {}
     return [{"name": f"{group} [{impl}]", "group": f"{group} per variant", "impl": impl, "op": extra.get("op"),
-             "median_s": median, "tokens_per_s": rates.get(impl), "shape": extra.get("shape"),
-             "dtype": extra.get("dtype"), "device": extra.get("device")}
+             "median_s": median, "tokens_per_s": rates.get(impl), "round_speedups": rounds.get(impl),
+             "shape": extra.get("shape"), "dtype": extra.get("dtype"), "device": extra.get("device")}
             for impl, median in medians.items()]
 
 
@@ -181,6 +183,10 @@ def markdown(doc: dict) -> str:
         for key in ("gbytes_per_s", "gb_per_s"):  # gb_per_s: the weight-read rate of a decode benchmark
             if row.get(key):
                 extra.append(f"{_fmt(row[key], '.1f')} GB/s")
+        if row.get("round_speedups") and row.get("impl") != "reference":
+            ratios = row["round_speedups"]
+            extra.append(f"per round vs reference {', '.join(_fmt(r, '.2f') + 'x' for r in ratios)} "
+                         f"(median {_fmt(statistics.median(ratios), '.2f')}x)")
         peak = row.get("peak_bytes")
         lines.append(f"| {row.get('group')} | {row.get('impl')} | {_fmt(row.get('median_s'), '.3f', 1e3)} | "
                      f"{_fmt(row.get('vs_torch'), '.2f')}{'x' if row.get('vs_torch') else ''} | "

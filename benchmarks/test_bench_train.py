@@ -24,7 +24,6 @@ recipe (``gpu/reference_recipe.py``) against ``gptfast.train``'s Trainer; tokens
 from __future__ import annotations
 
 import gc
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench_utils import DEVICE, ON_GPU, run_benchmark
+from bench_utils import DEVICE, ON_GPU, record_interleaved, run_benchmark
 
 CPU_CONTEXT, CPU_BATCH = 256, 2
 GPU_CONTEXT, GPU_BATCH = 1024, 16
@@ -204,11 +203,8 @@ def test_cpu_train_step_interleaved(benchmark):
     finally:
         for worker in workers.values():
             worker.close()
-    # The warm-up round is left out: pytest-benchmark ran it before the timed rounds.
-    medians = {impl: statistics.median(ts[1:] if len(ts) > 1 else ts) for impl, ts in times.items()}
-    benchmark.extra_info["per_impl_median_s"] = medians
+    medians = record_interleaved(benchmark, times)
     benchmark.extra_info["per_impl_tokens_per_s"] = {impl: tokens / m for impl, m in medians.items()}
-    benchmark.extra_info["speedup_vs_reference"] = {impl: medians["reference"] / m for impl, m in medians.items()}
     _release()
 
 

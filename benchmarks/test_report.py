@@ -17,7 +17,8 @@ def test_collect_and_render(tmp_path):
         _bench("b", "attention fwd", "cpu", 0.01),
         _bench("c", "attention fwd", "sdpa", 0.016),
         _bench("d", "train", "all", 3.0, per_impl_median_s={"reference": 2.0, "gptfast-dropin": 1.0},
-               per_impl_tokens_per_s={"reference": 256.0, "gptfast-dropin": 512.0}),
+               per_impl_tokens_per_s={"reference": 256.0, "gptfast-dropin": 512.0},
+               speedup_per_round={"reference": [1.0, 1.0, 1.0], "gptfast-dropin": [1.9, 2.2, 2.05]}),
     ]}
     (tmp_path / "raw.json").write_text(json.dumps(raw))
     out = tmp_path / "results" / "r.json"
@@ -33,6 +34,7 @@ def test_collect_and_render(tmp_path):
     assert report.main([str(out)]) == 0
     md = out.with_suffix(".md").read_text()
     assert "| attention fwd | cpu | 10.000 | 2.00x | 1.60x |" in md and "512 tok/s" in md and "2.0 |" in md
+    assert "per round vs reference 1.90x, 2.20x, 2.05x (median 2.05x)" in md
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
