@@ -320,8 +320,10 @@ def test_bad_token_ids_and_positions_are_clear_errors():
         o(torch.tensor([[1, 97]]))
     with pytest.raises(ValueError, match="token id -1"):
         o(torch.tensor([[-1, 2]]))
-    with pytest.raises(TypeError, match="integer"):
-        o(torch.zeros(1, 3))
+    for dtype in (torch.float32, torch.bool, torch.uint8, torch.int16):
+        with pytest.raises(TypeError, match="in_idx must hold integer token ids as int64 or int32"):
+            o(torch.zeros(1, 3, dtype=dtype))
+    assert torch.equal(o(torch.tensor([[1, 2]], dtype=torch.int32)), o(torch.tensor([[1, 2]])))
     with pytest.raises(ValueError, match="2-D"):
         o(torch.zeros(3, dtype=torch.long))
     cos, sin = ours.compute_rope_params(8, context_length=4)

@@ -52,8 +52,8 @@ def check_token_ids(in_idx: torch.Tensor, vocab_size: int, context_length: int) 
         raise TypeError(f"in_idx must be a torch.Tensor of token ids, got {type(in_idx).__name__}")
     if in_idx.dim() != 2:
         raise ValueError(f"in_idx must be 2-D (batch, tokens), got shape {tuple(in_idx.shape)}")
-    if in_idx.dtype.is_floating_point or in_idx.dtype.is_complex or in_idx.dtype == torch.bool:
-        raise TypeError(f"in_idx must hold integer token ids, got {in_idx.dtype}")
+    if in_idx.dtype not in (torch.int64, torch.int32):  # the index types the embedding takes
+        raise TypeError(f"in_idx must hold integer token ids as int64 or int32, got {in_idx.dtype}")
     if in_idx.shape[1] > context_length:
         raise ValueError(
             f"in_idx has {in_idx.shape[1]} tokens, more than the model's context_length {context_length}")
