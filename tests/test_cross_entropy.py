@@ -779,6 +779,28 @@ def test_cpu_linear_ignored_rows_keep_pytorchs_nan(small_chunks):
         assert torch.isnan(mine[1].grad).any(), case
 
 
+@needs_cpu_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cpu_linear_ignored_rows_whose_logits_overflow_keep_pytorchs_nan(small_chunks, dtype):
+    """An ignored row of finite numbers whose logits overflow the dtype gives PyTorch NaN gradients (0 * the NaN
+    softmax of inf - inf): it is computed, not skipped, so the gradients are NaN in the same places."""
+    hidden, weight, _, targets = _linear_case(12, 8, 30, seed=24)
+    targets[::2] = -100
+    big = 1e20 if dtype != torch.float16 else 300.0
+    hidden[0], weight[5] = big, big ** 1.5  # row 0 is ignored; its logit at row 5 is ~8 big^2.5: inf
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    grads = {}
+    for backend in ("torch", "cpu"):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = ops.linear_cross_entropy(h, w, targets, backend=backend)
+        grads[backend] = (loss, *torch.autograd.grad(loss, (h, w)))
+    assert grads["torch"][0].isfinite() and grads["torch"][1].isnan().any()  # the setup does what it says
+    for mine, theirs in zip(grads["cpu"], grads["torch"]):
+        assert torch.equal(mine.isnan(), theirs.isnan())
+        torch.testing.assert_close(mine[theirs.isfinite()].float(), theirs[theirs.isfinite()].float(),
+                                   rtol=2e-2, atol=1e-3)
+
+
 def test_chunk_rows_policy():
     most = ce.CPU_CHUNK_ELEMENTS // 50257
     for n in (1, 333, 334, 512, 10_000):  # equal chunks, none above the element budget, none a sliver

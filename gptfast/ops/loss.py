@@ -23,6 +23,8 @@ Keeping it intact would cost a second gradient-sized buffer on every ordinary ba
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -279,26 +281,43 @@ def _dense_chunks(kernel, hidden, weight, bias, targets, ignore_index, row_scale
     return loss_rows, grad_hidden, grad_weight, grad_bias
 
 
+def _largest_magnitude(t: torch.Tensor) -> float:
+    """``max |t|`` as a Python float (inf or NaN when ``t`` holds one); one pass, no temporary of ``t``'s size."""
+    if t.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(t)
+    return max(abs(float(low)), abs(float(high))) if not bool(torch.isnan(low) | torch.isnan(high)) else math.nan
+
+
+def _logits_surely_finite(rows, weight, bias) -> bool:
+    """True when every logit of ``rows @ weight.T + bias`` is finite in ``rows``' dtype, by a bound with room
+    for the product's rounding (half the dtype's largest number)."""
+    if rows.numel() == 0:
+        return True
+    row_sum = float(rows.abs().sum(-1, dtype=torch.float64).max())  # inf or NaN when a row holds one
+    bound = row_sum * _largest_magnitude(weight) + (0.0 if bias is None else _largest_magnitude(bias))
+    return bound < torch.finfo(rows.dtype).max / 2  # False for a NaN bound too
+
+
 def _skippable_ignored_rows(hidden, weight, bias, targets, ignore_index):
     """Indices of the rows to compute when the others (targets equal to ``ignore_index``) may be skipped, else None.
 
     An ignored row adds nothing to the loss and, while its logits are finite, nothing to any
     gradient, so it costs nothing if left out.  Eagerly on a CPU only (the gather needs the
     count of kept rows on the host, a sync on a GPU and a dynamic shape while tracing).
-    When an ignored row's hidden state, or the bias, is not finite, its softmax is NaN and
-    PyTorch spreads that NaN into the gradients: then every row is computed.
+    When an ignored row's logits are not finite (a non-finite hidden state or bias, or finite
+    ones whose product overflows), its softmax is NaN and PyTorch spreads that NaN into the
+    gradients: then every row is computed.  Finite logits are proven by a bound, not computed:
+    ``|h . w_j + b_j| <= ||h||_1 max|W| + max|b|`` below the dtype's largest number.
     """
     if hidden.device.type != "cpu" or is_tracing(hidden):
         return None
     ignored = targets == ignore_index
     if not bool(ignored.any()):
         return None
-    if not bool(torch.isfinite(hidden[ignored]).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
+    if not _logits_surely_finite(hidden[ignored], weight, bias):
         return None
-    kept = (~ignored).nonzero().squeeze(1)
-    if kept.numel() == 0 and not bool(torch.isfinite(weight).all()):
-        return None  # every row ignored: only a non-finite weight could still make a gradient NaN
-    return kept
+    return (~ignored).nonzero().squeeze(1)
 
 
 def _linear_ce_chunks(kernel, hidden, weight, bias, targets, ignore_index, row_scale, need):
