@@ -227,6 +227,32 @@ def test_generate_reproduces_the_reference_under_a_seed(temperature, top_k):
     assert torch.equal(got, expected)
 
 
+def test_generate_draws_from_the_models_own_dtype_like_the_reference():
+    """Greedy and sampled tokens of float64 and bfloat16 models are the reference's on backend ``torch``: the
+    logits are not rounded to float32 first (which merges float64 logits 1e-12 apart)."""
+    ref, ours = _pair(TINY)
+    for model in (ref, ours):
+        model.eval().double()
+        with torch.no_grad():  # every position's final features 1, and two logits 1e-12 apart
+            model.final_norm.scale.zero_(), model.final_norm.shift.fill_(1.0)
+            model.out_head.weight.zero_()
+            model.out_head.weight[3] = 1.0
+            model.out_head.weight[5] = 1.0 + 1e-12
+    idx = torch.tensor([[6109, 3626]])
+    with ops.use_backend("torch"):
+        expected = ref_ch05.generate(ref, idx, 3, TINY["context_length"])
+        assert expected[0, 2:].tolist() == [5, 5, 5]  # the setup does what it says
+        assert torch.equal(ch05.generate(ours, idx, 3, TINY["context_length"]), expected)
+    ref, ours = _pair(TINY)
+    ref.eval().bfloat16(), ours.eval().bfloat16()
+    with ops.use_backend("torch"):
+        for seed in range(6):
+            torch.manual_seed(seed)
+            expected = ref_ch05.generate(ref, idx, 12, TINY["context_length"], temperature=1.0)
+            torch.manual_seed(seed)
+            assert torch.equal(ch05.generate(ours, idx, 12, TINY["context_length"], temperature=1.0), expected)
+
+
 def test_generate_stops_at_eos_like_the_reference():
     ref, ours = _pair(TINY)
     ref.eval(), ours.eval()

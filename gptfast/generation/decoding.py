@@ -300,11 +300,13 @@ class Decoder:
 
     def _put(self, rows, logits):
         if self.logits is None:
-            self.logits = torch.zeros(self.batch, logits.shape[-1], dtype=torch.float32, device=self.device)
+            # The model's own dtype: the reference draws from its logits as they are, and rounding float64
+            # logits to float32 could merge the two largest (a different greedy token).
+            self.logits = torch.zeros(self.batch, logits.shape[-1], dtype=logits.dtype, device=self.device)
         if rows == list(range(self.batch)):
             self.logits.copy_(logits)
         else:
-            self.logits.index_copy_(0, self._index(rows), logits.to(torch.float32))
+            self.logits.index_copy_(0, self._index(rows), logits.to(self.logits.dtype))
 
     # -- computing the logits of every unfinished row ---------------------------------------
 
