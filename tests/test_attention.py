@@ -137,6 +137,31 @@ def test_nan_and_inf_reach_the_rows_that_see_them(backend, device, shape):
         assert out[0, 1, 0].isfinite().all()
 
 
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("shape,kv_heads", [((1, 2, 40, 40, 32), 2), ((2, 4, 5, 37, 32), 2), ((1, 4, 70, 70, 32), 1)],
+                         ids=str)
+def test_a_nan_upstream_gradient_reaches_only_the_keys_its_row_sees(backend, device, shape, kv_heads):
+    """The oracle's masked_fill zeroes the score gradients behind the causal mask whatever dP holds, so a NaN in
+    one row's upstream gradient spoils dQ of that row and dK of the keys it sees, and no other dQ or dK entry."""
+    dtype = _device_dtype(backend, device)
+    q, k, v = _qkv(shape, dtype, device, seed=11)
+    k, v = k[:, :kv_heads].contiguous(), v[:, :kv_heads].contiguous()
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(12)).to(device=device, dtype=dtype)
+    grad[0, 0, 0, 3] = math.nan  # the first query row of head 0: it sees keys 0 .. tk - tq
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    ours = torch.autograd.grad(ops.causal_attention(q, k, v, backend=backend), (q, k, v), grad)
+    wide = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    ref = torch.autograd.grad(torch_ops.causal_attention(*wide), wide, grad.cpu().double())
+    seen = shape[3] - shape[2] + 1
+    assert ref[1][0, 0, :seen].isnan().any(dim=-1).all() and ref[1][0, 0, seen:].isfinite().all()  # the setup
+    for name, mine, theirs in zip(("dq", "dk"), ours[:2], ref[:2]):
+        mine = mine.cpu().double()
+        assert torch.equal(mine.isnan(), theirs.isnan()), name
+        finite = theirs.isfinite()
+        torch.testing.assert_close(mine[finite], theirs[finite], rtol=2e-2, atol=2e-2, msg=name)
+    assert ours[2][0, 0, :seen, 3].isnan().all()  # dV of the keys it sees (behind the mask, tiles may differ)
+
+
 def _against_the_oracle(q, k, v, backend):
     """``backend``'s output and the float64 oracle's: NaN and inf in the same places, the rest close."""
     out = ops.causal_attention(q, k, v, backend=backend).cpu().double()

@@ -647,25 +647,28 @@ void backward_query_head(const at::Tensor& grad_out, const at::Tensor& q, const 
       }
       tile_gemm<T, true>(nk, s.Dp, mq, p_dropped, kKeyTile, w.dout.data() + i0 * s.Dp, s.Dp,
                          w.dv.data() + j0 * s.Dp, s.Dp, true);
-      // dS = P * (dP - delta), with dP = dP_dropped * mask / (1 - p), over every key of the tile
-      // (masked ones too, so a NaN in dO reaches dS as it does through torch's softmax).
+      // dS = P * (dP - delta), with dP = dP_dropped * mask / (1 - p), over the keys the row sees (a
+      // NaN in dO or delta reaches them as through torch's softmax); 0 behind the causal mask, where
+      // the oracle's masked_fill zeroes the gradient whatever dP holds.
       for (int64_t r = 0; r < mq; ++r) {
         T* prow = p + r * kKeyTile;
         const T* dprow = dp + r * kKeyTile;
         const T delta = w.delta[i0 + r];
+        const int64_t valid = std::max<int64_t>(0, visible_keys(s, i0 + r, j0, nk));
         if (dropout.active) {
           const T* pdrow = w.pd.data() + r * kKeyTile;
           // P * dP_dropped * mask / (1 - p) is P_dropped * dP_dropped.
-          for (int64_t jj = 0; jj < nk; ++jj) prow[jj] = pdrow[jj] * dprow[jj] - prow[jj] * delta;
+          for (int64_t jj = 0; jj < valid; ++jj) prow[jj] = pdrow[jj] * dprow[jj] - prow[jj] * delta;
         } else {
           const V vd(delta);
           int64_t jj = 0;
-          for (; jj + L <= nk; jj += L) {
+          for (; jj + L <= valid; jj += L) {
             const V pv = V::loadu(prow + jj);
             (pv * (V::loadu(dprow + jj) - vd)).store(prow + jj);
           }
-          for (; jj < nk; ++jj) prow[jj] = prow[jj] * (dprow[jj] - delta);
+          for (; jj < valid; ++jj) prow[jj] = prow[jj] * (dprow[jj] - delta);
         }
+        std::fill(prow + valid, prow + nk, T(0));
       }
       // dQ += dS K ; dK += dS^T (scale q)  (dQ's scale is applied at the end)
       tile_gemm<T>(mq, s.Dp, nk, p, kKeyTile, w.ks.data() + j0 * s.Dp, s.Dp, w.dq.data() + i0 * s.Dp, s.Dp, true);

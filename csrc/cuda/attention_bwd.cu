@@ -216,13 +216,15 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_kernel(const BwdPar
     float dpt[kSTiles][4];
     warp_gemm_abt<kBf16, kStride, kKSteps>(dpt, sV, warp * 16, sdO, lane);
 
-    // dS^T = P^T * (dP^T through the dropout mask - delta); reuse s for it.
+    // dS^T = P^T * (dP^T through the dropout mask - delta); reuse s for it.  Masked entries are 0, not
+    // 0 * (dP - delta): the oracle's masked_fill zeroes them even where a NaN dO makes dP NaN.
 #pragma unroll
     for (int i = 0; i < kSTiles; ++i) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int qi = i * 8 + 2 * t + (e & 1);
-        s[i][e] = s[i][e] * (dropped(dpt[i][e], i, e) - sDelta[qi]);
+        const bool masked = (needs_mask && keys[e >> 1] > offset + m0 + qi) || sLse[qi] == INFINITY;
+        s[i][e] = masked ? 0.f : s[i][e] * (dropped(dpt[i][e], i, e) - sDelta[qi]);
       }
     }
 

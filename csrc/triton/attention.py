@@ -213,6 +213,8 @@ def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_t
         else:
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if MASKED:  # behind the causal mask the oracle's masked_fill zeroes the gradient, whatever dP holds
+            ds_t = tl.where(offs_n[:, None] <= pos_offset + offs_m[None, :], ds_t, 0.0)
         dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=PRECISION)
     return dk, dv
 
@@ -289,6 +291,8 @@ def _dq_key_blocks(dq, q, do, lse, delta, k_base, v_base, sk_t, sv_t, offs_m, of
             r = tl.rand(seed, offs_m[:, None] * tk + offs_n[None, :])
             dp = dp * tl.where(r >= dropout_p, keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if MASKED:  # behind the causal mask the oracle's masked_fill zeroes the gradient, whatever dP holds
+            ds = tl.where(visible, ds, 0.0)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     return dq
 

@@ -74,11 +74,14 @@ static void report(const char* what, const std::string& cfg, double err, double 
 // first query row of every head is NaN, so with dropout some of them have every weight dropped; the
 // forward must keep them NaN (NaN * 0, as torch's dropout).  Their gradients reach keys a tile
 // computes past the mask, which the reference here does not model, so only lse and out are compared.
+// `nan_grads`: the first row of every head's upstream gradient is NaN: dQ of that row and dK of the keys it
+// sees are NaN, and every other dQ/dK entry must stay finite (a key behind the mask gets no gradient from
+// it).  dV is not compared: a tile multiplies its masked zeros by the NaN row, as the dense oracle does.
 // `hidden_keys`: the first keys of every kv head are -inf in dimension 0, where every query is positive, so
 // they score -inf (probability 0); the query tile's rows past Tq are zeros, which score NaN against them
 // unless the kernel masks those rows.  Every query must see a later key: hidden_keys <= Tk - Tq.
 static void run_case(bool bf16, int B, int H, int Hkv, int Tq, int Tk, int D, double p, bool bthd, bool nan_rows = false,
-                     int hidden_keys = 0) {
+                     int hidden_keys = 0, bool nan_grads = false) {
   std::mt19937 rng(B * 1000 + Tq * 7 + Tk + D + H * 31 + Hkv);
   Tensor4 q = make(B, H, Tq, D, bthd, bf16, rng), k = make(B, Hkv, Tk, D, false, bf16, rng), v = make(B, Hkv, Tk, D, bthd, bf16, rng);
   if (nan_rows)
@@ -91,6 +94,8 @@ static void run_case(bool bf16, int B, int H, int Hkv, int Tq, int Tk, int D, do
   }
   const int group = H / Hkv;
   Tensor4 dout = make(B, H, Tq, D, bthd, bf16, rng);
+  if (nan_grads)
+    for (int b = 0; b < B; ++b) for (int h = 0; h < H; ++h) dout.data[dout.idx(b, h, 0, 3)] = to_bits(NAN, bf16);
   const float scale = 1.0f / std::sqrt((float)D);
   int64_t seed = 0x123456789abcLL;
   Dropout drop{p > 0, 0u, 1.f, &seed};
@@ -159,13 +164,15 @@ static void run_case(bool bf16, int B, int H, int Hkv, int Tq, int Tk, int D, do
     ev = std::max(ev, diff(gv, dVall[x])); mv = std::max(mv, size_of(dVall[x]));
   }
   char cfg[200];
-  std::snprintf(cfg, sizeof cfg, "%s B%d H%d Hkv%d Tq%d Tk%d D%d p%.2f %s%s%s", bf16 ? "bf16" : "fp16", B, H, Hkv, Tq, Tk, D, p,
-                bthd ? "bthd" : "bhtd", nan_rows ? " nan rows" : "", hidden_keys ? " -inf keys" : "");
+  std::snprintf(cfg, sizeof cfg, "%s B%d H%d Hkv%d Tq%d Tk%d D%d p%.2f %s%s%s%s", bf16 ? "bf16" : "fp16", B, H, Hkv, Tq, Tk, D,
+                p, bthd ? "bthd" : "bhtd", nan_rows ? " nan rows" : "", hidden_keys ? " -inf keys" : "",
+                nan_grads ? " nan dO rows" : "");
   const double tol = bf16 ? 3e-2 : 4e-3;
   report("lse", cfg, el, ml, 1e-4);
   report("out", cfg, eo, mo, tol);
   if (nan_rows) return;
-  report("dq", cfg, eq, mq, tol); report("dk", cfg, ek, mk, tol); report("dv", cfg, ev, mv, tol);
+  report("dq", cfg, eq, mq, tol); report("dk", cfg, ek, mk, tol);
+  if (!nan_grads) report("dv", cfg, ev, mv, tol);
 }
 
 // `poison`: a NaN in query head (0, 0), a NaN at one key of the last (batch, kv head) and +inf in the
@@ -222,6 +229,8 @@ static void run_fwd_bwd_cases(bool full) {
     run_case(bf16, 2, 4, 1, 20, 20, 128, 0.0, false);  // multi-query
     run_case(bf16, 2, 4, 2, 20, 20, 64, 0.9, false, true);  // NaN rows under dropout
     run_case(bf16, 1, 2, 1, 20, 100, 64, 0.0, false, false, 64);  // a whole key tile scoring -inf
+    run_case(bf16, 1, 4, 2, 40, 40, 64, 0.0, false, false, 0, true);  // NaN upstream rows, grouped-query
+    run_case(bf16, 1, 2, 2, 33, 70, 128, 0.3, true, false, 0, true);  // ... with dropout
     if (full) {
       run_case(bf16, 1, 8, 2, 70, 70, 64, 0.0, false);
       run_case(bf16, 1, 1, 1, 1, 1, 64, 0.0, false);
