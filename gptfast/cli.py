@@ -117,11 +117,11 @@ def _check_device(device: str):
 
 
 def _select_backend(name) -> None:
-    """``--backend``: ``ops.use_backend`` refuses one that cannot run here (a one-line error)."""
+    """``--backend``, else ``$GPTFAST_BACKEND``: one that is no backend or cannot run here is refused now, before
+    anything is read or made (a one-line error)."""
     from . import ops
 
-    if name is not None:
-        ops.use_backend(name)
+    ops.use_backend(ops.check_backend_choice(name))
 
 
 CHAPTER_CHECKPOINT = "model_and_optimizer.pth"

@@ -384,6 +384,25 @@ def test_unavailable_backend_is_one_line_for_every_command(tmp_path, capsys):
         assert missing[0] in line and "not available" in line
 
 
+def test_a_bad_environment_backend_is_one_line_before_anything_is_made(tmp_path, capsys, monkeypatch):
+    """``$GPTFAST_BACKEND`` (what ``--backend`` defaults to) is checked as the flag is: before any output, model or
+    folder, not at the first op."""
+    good = _bad_checkpoints(tmp_path / "c")["config wrong types"].parent / "good.pth"
+    missing = [b for b in ("cuda", "triton", "cpu") if b not in __import__("gptfast").ops.available_backends()]
+    for value, expected in [("bogus", "GPTFAST_BACKEND must be one of"), (" torch ", "GPTFAST_BACKEND must be one of"),
+                            *[(name, "not available") for name in missing[:1]]]:
+        monkeypatch.setenv("GPTFAST_BACKEND", value)
+        for command in (["generate", "--checkpoint", str(good), "--max-new-tokens", "2"],
+                        ["train", "--model", "tiny", "--out-dir", str(tmp_path / "t")],
+                        ["train-gpu", "--model", "tiny", "--out-dir", str(tmp_path / "g"), "--device", "cpu"]):
+            assert main(command) == 2
+            captured = capsys.readouterr()
+            assert captured.out == "", (value, command)  # no prompt echoed, no model announced
+            lines = captured.err.strip().splitlines()
+            assert len(lines) == 1 and expected in lines[0], (value, command, captured.err)
+        assert not (tmp_path / "t").exists() and not (tmp_path / "g").exists()
+
+
 def test_train_finds_an_unusable_out_dir_before_training(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")

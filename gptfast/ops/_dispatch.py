@@ -265,6 +265,26 @@ def get_backend() -> str:
     return chosen
 
 
+def check_backend_choice(name: str | None = None) -> str:
+    """A command's backend choice, checked before anything is read or built: ``name`` (its ``--backend``), else
+    ``use_backend``'s selection, else ``$GPTFAST_BACKEND``, else ``"auto"``.
+
+    A name that is no backend is a ``ValueError`` naming where it came from; a named backend that
+    cannot run here is a ``RuntimeError``, as ``use_backend`` raises.  Selects nothing.
+    """
+    source = "backend"
+    if name is None:
+        name = getattr(_state, "backend", None)
+        if name is None:
+            name, source = os.environ.get("GPTFAST_BACKEND", "auto") or "auto", "GPTFAST_BACKEND"
+    if not isinstance(name, str) or name not in BACKEND_CHOICES:
+        raise ValueError(f"{source} must be one of {BACKEND_CHOICES}, got {name!r}")
+    reason = None if name == "auto" else unavailable_reason(name)
+    if reason is not None:
+        raise RuntimeError(f"gptfast backend {name!r} ({source}) is not available: {reason}")
+    return name
+
+
 class use_backend:
     """Select the backend for the gptfast ops.
 

@@ -597,10 +597,11 @@ def train_from_config(config: PretrainConfig) -> int:
     config.validate()
     rank, world, device = 0, 1, None
     try:
+        backend = ops.check_backend_choice(config.backend)  # ($GPTFAST_BACKEND too, before anything is made)
         if config.backend is not None:
-            ops.use_backend(config.backend)
+            ops.use_backend(backend)
             # Autograd may run backward on another thread: let the environment carry the choice too.
-            os.environ["GPTFAST_BACKEND"] = config.backend
+            os.environ["GPTFAST_BACKEND"] = backend
         rank, world, device = setup_distributed(config.device)
         if device.type == "cpu":  # the steps reuse their large blocks instead of faulting them in again
             note = keep_freed_host_memory()
