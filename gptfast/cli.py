@@ -235,6 +235,23 @@ def run_train(args) -> int:
         return _train_and_save(args, cfg, device, out_dir, train_loader, val_loader, resume_state)
 
 
+def _tokens_per_epoch(loader) -> int:
+    """Input tokens one pass over ``loader`` trains on (its windows, less the partial batch ``drop_last`` skips)."""
+    rows = len(loader.dataset)
+    if loader.drop_last:
+        rows -= rows % loader.batch_size
+    return rows * len(loader.dataset[0][0]) if rows else 0
+
+
+def _refuse_diverged(model) -> None:
+    """A model whose parameters are no longer finite (the loss diverged) is an error: saving it would replace the
+    last good checkpoint with one that cannot generate."""
+    bad = next((name for name, p in model.named_parameters() if not bool(p.detach().isfinite().all())), None)
+    if bad is not None:
+        raise RuntimeError(f"training diverged: {bad} is no longer finite (the loss became nan or inf); nothing was "
+                           "saved: lower --lr or check the data")
+
+
 def _train_and_save(args, cfg, device, out_dir: Path, train_loader, val_loader, resume_state) -> int:
     """The checked run: make out-dir, build the model, train, save the checkpoint and the loss plot."""
     import matplotlib
@@ -269,7 +286,8 @@ def _train_and_save(args, cfg, device, out_dir: Path, train_loader, val_loader, 
         eval_freq=args.eval_freq, eval_iter=args.eval_iter, start_context=args.start_context,
         tokenizer=get_tokenizer(), progress=True)
     elapsed = time.perf_counter() - start
-    print(f"trained in {elapsed:.1f} s ({tokens_seen[-1] / elapsed if tokens_seen else 0:.0f} tokens/s)")
+    print(f"trained in {elapsed:.1f} s ({_tokens_per_epoch(train_loader) * args.epochs / elapsed:.0f} tokens/s)")
+    _refuse_diverged(model)
     save_checkpoint(ckpt_path, model, optimizer, config=cfg)
     if not train_losses:  # no evaluation ran (no epochs, or fewer steps than --eval-freq): nothing to plot
         print(f"saved {ckpt_path} (no loss plot: no evaluation ran)")

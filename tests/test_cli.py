@@ -45,6 +45,30 @@ def test_train_writes_checkpoint_and_plot_and_prints_losses_and_a_sample(trained
     assert (tmp_path / "loss-plot.png").stat().st_size > 1000
 
 
+def test_train_refuses_to_save_a_diverged_model_and_reports_the_rate_of_every_step(trained, tmp_path, capsys):
+    """A loss that became nan leaves the checkpoint it would replace as it was (one line, status 2); the rate it
+    printed, ``trained in S s (R tokens/s)``, counts every input token of the epoch (R * S), not only those seen
+    by the last evaluation (here the first step's)."""
+    from gptfast.data import train_val_loaders
+    from gptfast.models import TINY_CONFIG
+    from gptfast.resources import default_text
+
+    run = _copy_run(trained, tmp_path)
+    before = (run / "model_and_optimizer.pth").read_bytes()
+    assert main(["train", "--model", "tiny", "--epochs", "1", "--eval-freq", "100", "--batch-size", "4", "--out-dir",
+                 str(run), "--backend", "torch", "--overwrite", "--lr", "1e30"]) == 2
+    captured = capsys.readouterr()
+    last = captured.err.strip().splitlines()[-1].split("\r")[-1]  # after the progress bar's line
+    assert last.startswith("gptfast train: error: training diverged") and "nothing was saved" in last, captured.err
+    assert "Traceback" not in captured.err
+    assert (run / "model_and_optimizer.pth").read_bytes() == before
+    line = next(line for line in captured.out.splitlines() if line.startswith("trained in "))
+    seconds, rate = float(line.split()[2]), float(line.split("(")[1].split()[0])
+    train_loader, _ = train_val_loaders(default_text(), TINY_CONFIG, 4, 0.9, 123)
+    tokens = sum(x.numel() for x, _ in train_loader)
+    assert rate * seconds == pytest.approx(tokens, rel=0.06, abs=2 * seconds)  # (the figures are rounded)
+
+
 def test_train_says_what_it_did_with_host_memory(trained):
     header = trained[1].splitlines()[0]
     assert header.startswith("gptfast train:") and "host memory: malloc left as it is (GPTFAST_KEEP_HOST_MEMORY=0)" in header
