@@ -216,6 +216,23 @@ def test_token_cache_folder_memmap_and_invalidation(tmp_path):
     assert build_token_cache(folder, tmp_path / "cache") != cache  # a changed source re-tokenises
 
 
+def test_a_cut_short_token_cache_is_tokenised_again_not_used(tmp_path):
+    """A cache file shorter than its record says (a copy stopped half-way, a full disk), or without its record,
+    is rebuilt instead of training on part of the data."""
+    data = tmp_path / "text.txt"
+    data.write_text("Every effort moves you toward the end of the story. " * 20)
+    cache = build_token_cache(data, tmp_path / "cache")
+    expected = load_tokens(cache).tolist()
+    for damage in ("truncated to an even size", "record missing"):
+        if damage == "record missing":
+            cache.with_suffix(".json").unlink()
+        else:
+            with open(cache, "r+b") as handle:
+                handle.truncate(20)
+        assert build_token_cache(data, tmp_path / "cache") == cache
+        assert load_tokens(cache).tolist() == expected, damage
+
+
 def test_windows_depend_only_on_seed_and_step():
     tokens = np.arange(1000, dtype=np.uint16)
     windows = TokenWindows(tokens, 16, seed=3)
@@ -360,7 +377,9 @@ def test_token_cache_with_ids_outside_the_vocabulary_is_refused(tmp_path, capsys
     data = resource_path("the-verdict.txt")
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir()
-    np.full(5000, 60000, dtype=np.uint16).tofile(cache_dir / f"{cache_key(find_text_files(data))}.bin")
+    cache = cache_dir / f"{cache_key(find_text_files(data))}.bin"
+    np.full(5000, 60000, dtype=np.uint16).tofile(cache)
+    cache.with_suffix(".json").write_text('{"tokens": 5000}')  # complete as far as its record tells
     assert run_main(tmp_path / "out", "--cache-dir", str(cache_dir), "--max-steps", "1") == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "60000" in err and "outside the vocabulary" in err

@@ -57,13 +57,25 @@ def _tokenise(files: list[Path]) -> np.ndarray:
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint16)
 
 
+def _complete(target: Path) -> bool:
+    """True when ``target`` holds as many tokens as the ``.json`` record written after it says.  A cache cut
+    short (a full disk, a copy stopped half-way) or one whose record is missing (the run stopped between the
+    two files) is not reused."""
+    try:
+        recorded = json.loads(target.with_suffix(".json").read_text()).get("tokens")
+        size = target.stat().st_size
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(recorded, int) and size == 2 * recorded
+
+
 def build_token_cache(data_path, cache_dir) -> Path:
-    """Tokenise ``data_path`` into ``cache_dir/<hash>.bin`` unless that file exists; return its path."""
+    """Tokenise ``data_path`` into ``cache_dir/<hash>.bin`` unless a complete one exists; return its path."""
     files = find_text_files(data_path)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / f"{cache_key(files)}.bin"
-    if target.is_file():
+    if target.is_file() and _complete(target):
         return target
     tokens = _tokenise(files)
     # Written to a temporary file and renamed: readers never see a half-written cache.
