@@ -77,6 +77,22 @@ def test_resume_continues_bit_for_bit(tmp_path):
     assert {"torch", "python"} <= set(full["rng"]) and full["data_state"]["next_step"] == 6
 
 
+def test_resume_with_more_steps_follows_the_new_schedule_from_its_first_step(tmp_path, capsys):
+    """Continuing a 6-step run to 10 steps: steps 6-9 run at the learning rates a 10-step run has there (the
+    checkpoint's saved rate is the old schedule's).  Fewer steps than the checkpoint ran is one line."""
+    short, whole = tmp_path / "short", tmp_path / "whole"
+    assert run_main(short, "--max-steps", "6") == 0
+    assert run_main(whole, "--max-steps", "10") == 0
+    rates = lambda out_dir: [row["lr"] for row in json.loads((out_dir / "metrics.json").read_text())]  # noqa: E731
+    assert rates(short) != rates(whole)[:6]  # the two schedules differ
+    capsys.readouterr()
+    assert run_main(short, "--max-steps", "4", "--resume") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "already run 6 steps, more than --max-steps 4" in err
+    assert run_main(short, "--max-steps", "10", "--resume") == 0
+    assert rates(short)[6:] == rates(whole)[6:]
+
+
 def test_cpu_run_says_what_it_did_with_host_memory(tmp_path, capsys):
     assert run_main(tmp_path, "--max-steps", "1") == 0
     assert "host memory: malloc left as it is (GPTFAST_KEEP_HOST_MEMORY=0)" in capsys.readouterr().out

@@ -422,8 +422,16 @@ class Trainer:
             raise ValueError(f"--resume: {exc}") from None
         check_resume_state(state, path)
         check_resume_config(state, self.cfg, self.signature(), path)
+        if int(state["step"]) > self.config.max_steps:
+            raise ValueError(f"--resume: checkpoint {path} has already run {int(state['step'])} steps, more than "
+                             f"--max-steps {self.config.max_steps}: give --max-steps {int(state['step'])} or more")
         apply_checkpoint(state, self.model, self.optimizer, source=f"--resume: checkpoint {path}")
         self.scheduler.load_state_dict(state["scheduler_state_dict"])
+        # The saved learning rate is the old schedule's; with another --max-steps the next step must run at
+        # the new schedule's (LambdaLR's own product, so an unchanged schedule resumes bit for bit).
+        for group, base, schedule in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                         self.scheduler.lr_lambdas):
+            group["lr"] = base * schedule(self.scheduler.last_epoch)
         set_rng_state(state["rng"], self.device)
         self.start_step = int(state["step"])
         self.history = list(state.get("history", []))
