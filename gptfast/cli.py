@@ -361,6 +361,7 @@ def _hf_folder_generation(args, folder) -> _Generation:
     tokenizer = hf_folder.load_tokenizer(family, tokenizer_path, chat=args.chat, folder=folder)
     _check_tokenizer_fits(tokenizer, family, tokenizer_path, config["vocab_size"], folder)
     prompt_ids = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long)
+    _check_prompt_fits(args, prompt_ids, config)  # from config.json: before the weights are read
     dtype = hf_folder.DTYPES[args.dtype] if args.dtype else None
     check_safetensors_folder(folder)  # a broken weights file or index is named before any tensor is read
     model, cfg, _ = hf_folder.load_model(folder, dtype=dtype, device=device)
@@ -444,6 +445,19 @@ def _check_generate_flags(args) -> None:
     check_seed(args.seed)
 
 
+def _check_prompt_fits(args, idx, cfg) -> None:
+    """``--prompt``'s token ids ``idx`` (on the CPU) and ``--top-k`` within the model's context and vocabulary."""
+    if idx.numel() == 0:
+        raise ValueError("--prompt encodes to no tokens: give at least one token of text to continue")
+    if idx.shape[1] > cfg["context_length"]:
+        raise ValueError(f"--prompt has {idx.shape[1]} tokens, more than the context length {cfg['context_length']}")
+    if int(idx.max()) >= cfg["vocab_size"]:
+        raise ValueError(f"--prompt holds token id {int(idx.max())}, outside the checkpoint's vocabulary of "
+                         f"{cfg['vocab_size']}")
+    if args.top_k is not None and args.top_k > cfg["vocab_size"]:
+        raise ValueError(f"--top-k must be <= the vocabulary size {cfg['vocab_size']}, got {args.top_k}")
+
+
 def run_generate(args) -> int:
     """Stream ``--max-new-tokens`` tokens after ``--prompt`` to stdout."""
     import torch
@@ -455,17 +469,9 @@ def run_generate(args) -> int:
     folder = _hf_model_folder(args)
     loaded = _gpt2_generation(args) if folder is None else _hf_folder_generation(args, folder)
     model, cfg, tokenizer, eos_id, stop_ids, idx = loaded
-    if idx.numel() == 0:
-        raise ValueError("--prompt encodes to no tokens: give at least one token of text to continue")
+    _check_prompt_fits(args, idx, cfg)
     torch.manual_seed(args.seed)
     idx = idx.to(next(model.parameters()).device)
-    if idx.shape[1] > cfg["context_length"]:
-        raise ValueError(f"--prompt has {idx.shape[1]} tokens, more than the context length {cfg['context_length']}")
-    if int(idx.max()) >= cfg["vocab_size"]:
-        raise ValueError(f"--prompt holds token id {int(idx.max())}, outside the checkpoint's vocabulary of "
-                         f"{cfg['vocab_size']}")
-    if args.top_k is not None and args.top_k > cfg["vocab_size"]:
-        raise ValueError(f"--top-k must be <= the vocabulary size {cfg['vocab_size']}, got {args.top_k}")
     # The stream checks its arguments when made: before the prompt is written.
     # The stream stops at one end token (the model's own); the loop below at any of the others.
     chunks = stream_text(model, idx, args.max_new_tokens, tokenizer, context_size=cfg["context_length"],

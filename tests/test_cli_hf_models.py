@@ -335,6 +335,16 @@ def test_a_checkpoint_missing_a_tensor_is_one_line_naming_it(tmp_path, capsys):
     assert "model.layers.1.mlp.down_proj.weight" in _error(capsys, "--safetensors", str(folder))
 
 
+def test_a_prompt_or_top_k_the_config_cannot_take_is_one_line_before_the_weights_load(tmp_path, capsys):
+    """Limits config.json states (context, vocabulary) are checked before the weights are read: no loader line
+    ("Model uses weight tying.") comes before the error."""
+    folder = _qwen_folder(tmp_path, tie=True)
+    assert "--top-k must be <= the vocabulary size" in _error(capsys, "--safetensors", str(folder), "--prompt",
+                                                              "hello", "--top-k", str(QWEN_VOCAB + 1))
+    assert "more than the context length 64" in _error(capsys, "--safetensors", str(folder), "--prompt",
+                                                       "hello world " * 40)
+
+
 def test_a_bad_config_is_one_line(tmp_path, capsys):
     folder = _qwen_folder(tmp_path)
     (folder / "config.json").write_text("{not json", encoding="utf-8")
