@@ -174,7 +174,9 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_kernel(const BwdPar
         // NaN, so they are masked too.
         const float lse = sLse[qi];
         const bool masked = (needs_mask && keys[e >> 1] > offset + m0 + qi) || lse == INFINITY;
-        s[i][e] = masked ? 0.f : exp2f(s[i][e] * qk_scale - lse);
+        // -0 marks a masked entry for dS below (exp2f never gives -0, a NaN is never exactly -0); as a
+        // probability it is 0 all the same.  Keeping the mask itself live that far spilled registers.
+        s[i][e] = masked ? -0.f : exp2f(s[i][e] * qk_scale - lse);
       }
       if (dropout) {
         const int query = m0 + i * 8 + 2 * t;
@@ -216,14 +218,14 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_kernel(const BwdPar
     float dpt[kSTiles][4];
     warp_gemm_abt<kBf16, kStride, kKSteps>(dpt, sV, warp * 16, sdO, lane);
 
-    // dS^T = P^T * (dP^T through the dropout mask - delta); reuse s for it.  Masked entries are 0, not
+    // dS^T = P^T * (dP^T through the dropout mask - delta); reuse s for it.  Masked entries (-0) are 0, not
     // 0 * (dP - delta): the oracle's masked_fill zeroes them even where a NaN dO makes dP NaN.
 #pragma unroll
     for (int i = 0; i < kSTiles; ++i) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int qi = i * 8 + 2 * t + (e & 1);
-        const bool masked = (needs_mask && keys[e >> 1] > offset + m0 + qi) || sLse[qi] == INFINITY;
+        const bool masked = __float_as_uint(s[i][e]) == 0x80000000u;
         s[i][e] = masked ? 0.f : s[i][e] * (dropped(dpt[i][e], i, e) - sDelta[qi]);
       }
     }
