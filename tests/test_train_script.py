@@ -428,6 +428,7 @@ def test_corrupt_init_from_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(os.urandom(2048))
     assert run_main(tmp_path / "out", "--init-from", str(bad), "--max-steps", "1") == 2
+    assert not (tmp_path / "out").exists()  # refused before the out-dir or its token cache was made
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--init-from" in err and "cannot be read" in err
 

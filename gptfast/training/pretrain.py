@@ -242,18 +242,20 @@ class Trainer:
                                       else "fp32")
         self.amp_dtype = torch.bfloat16 if self.dtype == "bf16" else None
         check_run_paths(config)  # before any folder is made
-        # Found now, not after hours of training: an out-dir that is read-only.
-        self.out_dir = check_writable_dir(config.out_dir, name="--out-dir")
         self.cfg = model_config(config)  # the model's config dict (GPTModel(cfg))
         self.context_length = self.cfg["context_length"]
+        # The model and --init-from's weights before any folder or token cache is made: a file that does not
+        # fit is refused leaving nothing behind.
+        self.model = build_model(self.cfg, config.seed).to(self.device)
+        if config.init_from:
+            load_initial_weights(self.model, config.init_from, self.cfg)
+        # Found now, not after hours of training: an out-dir that is read-only.
+        self.out_dir = check_writable_dir(config.out_dir, name="--out-dir")
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
         self.train_data, self.val_data = self._load_data()
-        self.model = build_model(self.cfg, config.seed).to(self.device)
-        if config.init_from:
-            load_initial_weights(self.model, config.init_from, self.cfg)
         self.loss_module = LanguageModelLoss(self.model, compute_dtype=self.amp_dtype)
         self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s, config) / config.lr)
