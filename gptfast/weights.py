@@ -448,6 +448,9 @@ def _read_gpt2_safetensors(path: Path) -> dict:
     with _safetensors_errors(path):
         with safe_open(str(path), framework="pt") as handle:
             keys = [k for k in handle.keys() if _HF_KEY.fullmatch(k.removeprefix("transformer."))]
+            if any(k.startswith("model.layers.") for k in handle.keys()):  # the Hub's Llama / Qwen names
+                raise ValueError(f"{path} holds a Llama 3 / Qwen3 checkpoint's tensors (model.layers...), not GPT-2's:"
+                                 " such a checkpoint needs its config.json beside it")
             if not keys:
                 raise ValueError(f"{path} holds no GPT-2 weights (no wte.weight, h.0..., ln_f...): "
                                  f"its tensors are {sorted(handle.keys())[:5]}...")

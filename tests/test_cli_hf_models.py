@@ -345,6 +345,17 @@ def test_a_prompt_or_top_k_the_config_cannot_take_is_one_line_before_the_weights
                                                        "hello world " * 40)
 
 
+def test_an_integer_tensor_or_a_missing_config_is_one_line_naming_it(tmp_path, capsys):
+    folder = _qwen_folder(tmp_path)
+    params = hf_folder.load_safetensors_folder(folder)
+    params["model.norm.weight"] = params["model.norm.weight"].to(torch.int32)
+    write_checkpoint(params, folder)
+    err = _error(capsys, "--safetensors", str(folder))
+    assert "'model.norm.weight' has dtype torch.int32" in err
+    (folder / "config.json").unlink()
+    assert "needs its config.json beside it" in _error(capsys, "--safetensors", str(folder / "model.safetensors"))
+
+
 def test_a_bad_config_is_one_line(tmp_path, capsys):
     folder = _qwen_folder(tmp_path)
     (folder / "config.json").write_text("{not json", encoding="utf-8")

@@ -173,6 +173,10 @@ def load_model(folder, dtype=None, device="cpu"):
     if dtype is not None:
         cfg["dtype"] = dtype
     params = load_safetensors_folder(folder)
+    not_floating = next((name for name, t in params.items() if not t.is_floating_point()), None)
+    if not_floating is not None:  # the loaders would make it a parameter: torch's error names neither
+        raise ValueError(f"{folder}: tensor {not_floating!r} has dtype {params[not_floating].dtype}; a Llama 3 / "
+                         "Qwen3 checkpoint's tensors are floating point")
     if tied:
         params = {name: tensor for name, tensor in params.items() if name != "lm_head.weight"}
     elif "lm_head.weight" not in params:
