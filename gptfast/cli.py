@@ -61,8 +61,9 @@ def build_parser() -> OneLineArgumentParser:
     train.add_argument("--context-length", type=int, default=None)
     train.add_argument("--epochs", type=int, default=10)
     train.add_argument("--batch-size", type=int, default=2)
-    train.add_argument("--lr", type=float, default=4e-4)
-    train.add_argument("--weight-decay", type=float, default=0.1)
+    # None: the book's 4e-4 and 0.1 for a new run; a --resume keeps the checkpoint's unless given.
+    train.add_argument("--lr", type=float, default=None, help="default 4e-4 (a --resume: the checkpoint's)")
+    train.add_argument("--weight-decay", type=float, default=None, help="default 0.1 (a --resume: the checkpoint's)")
     train.add_argument("--eval-freq", type=int, default=5)
     train.add_argument("--eval-iter", type=int, default=5)
     train.add_argument("--train-ratio", type=float, default=0.90)
@@ -125,6 +126,7 @@ def _select_backend(name) -> None:
 
 
 CHAPTER_CHECKPOINT = "model_and_optimizer.pth"
+DEFAULT_LR, DEFAULT_WEIGHT_DECAY = 4e-4, 0.1  # chapter 5's AdamW
 LOSS_PLOT = "loss-plot.png"
 
 
@@ -139,7 +141,7 @@ def _check_train_flags(args) -> None:
     if args.epochs < 0:
         raise ValueError(f"--epochs must be >= 0, got {args.epochs}")
     for flag, value in (("--lr", args.lr), ("--weight-decay", args.weight_decay)):
-        if not (value >= 0 and math.isfinite(value)):
+        if value is not None and not (value >= 0 and math.isfinite(value)):
             raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
     # Python's slicing would read a negative ratio from the end: -0.1 would train on the first 90%.
     if not 0 < args.train_ratio < 1:
@@ -272,9 +274,15 @@ def _train_and_save(args, cfg, device, out_dir: Path, train_loader, val_loader, 
     ckpt_path = out_dir / CHAPTER_CHECKPOINT
     torch.manual_seed(args.seed)
     model = GPTModel(cfg).to(device)
-    optimizer = chapter_adamw(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = chapter_adamw(model.parameters(), lr=DEFAULT_LR if args.lr is None else args.lr,
+                              weight_decay=DEFAULT_WEIGHT_DECAY if args.weight_decay is None else args.weight_decay)
     if resume_state is not None:
         apply_checkpoint(resume_state, model, optimizer, source=f"--resume: checkpoint {ckpt_path}")
+        # The optimizer state brings the saved rates back; a flag given for this run overrides them.
+        for group in optimizer.param_groups:
+            for key, value in (("lr", args.lr), ("weight_decay", args.weight_decay)):
+                if value is not None:
+                    group[key] = value
     # The steps reuse their large blocks instead of faulting them in again (CPU training only).
     host = f"; {keep_freed_host_memory()}" if device.type == "cpu" else ""
     print(f"gptfast train: {sum(p.numel() for p in model.parameters()):,} parameters, "

@@ -114,6 +114,19 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_resume_keeps_the_checkpoints_rates_unless_flags_give_new_ones(trained, tmp_path, capsys):
+    """A resumed run trains at the saved learning rate and weight decay; --lr / --weight-decay given with --resume
+    change them (they used to be read back from the optimizer state, silently undoing the flags)."""
+    rates = lambda: [(g["lr"], g["weight_decay"]) for g in torch.load(  # noqa: E731
+        tmp_path / "model_and_optimizer.pth", weights_only=True)["optimizer_state_dict"]["param_groups"]]
+    _copy_run(trained, tmp_path)
+    assert _train(tmp_path, "--resume", "--lr", "1e-5", "--weight-decay", "0.05") == 0
+    assert rates() and all(rate == (1e-5, 0.05) for rate in rates())
+    assert _train(tmp_path, "--resume") == 0
+    assert all(rate == (1e-5, 0.05) for rate in rates())
+    capsys.readouterr()
+
+
 def test_resume_with_a_different_config_is_an_error(trained, tmp_path, capsys):
     _copy_run(trained, tmp_path)
     assert _train(tmp_path, "--resume", "--context-length", "32") == 2
