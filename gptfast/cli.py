@@ -127,6 +127,9 @@ def _select_backend(name) -> None:
 
 CHAPTER_CHECKPOINT = "model_and_optimizer.pth"
 DEFAULT_LR, DEFAULT_WEIGHT_DECAY = 4e-4, 0.1  # chapter 5's AdamW
+# Entries of the chapter checkpoint beside the reference's two: the CPU random state at its end, and the
+# losses of every run that led to it (the loss plot of a resumed run covers them all).
+RNG_KEY, HISTORY_KEY = "rng_state", "history"
 LOSS_PLOT = "loss-plot.png"
 
 
@@ -245,6 +248,17 @@ def _tokens_per_epoch(loader) -> int:
     return rows * len(loader.dataset[0][0]) if rows else 0
 
 
+def _saved_history(resume_state) -> dict:
+    """The epochs, losses and token counts the checkpoint being resumed recorded (none for a new run, or for a
+    checkpoint written before they were saved)."""
+    saved = (resume_state or {}).get(HISTORY_KEY)
+    keys = ("train_losses", "val_losses", "tokens_seen")
+    if not (isinstance(saved, dict) and isinstance(saved.get("epochs"), int)
+            and all(isinstance(saved.get(key), list) for key in keys)):
+        return {"epochs": 0, **{key: [] for key in keys}}
+    return saved
+
+
 def _refuse_diverged(model) -> None:
     """A model whose parameters are no longer finite (the loss diverged) is an error: saving it would replace the
     last good checkpoint with one that cannot generate."""
@@ -288,6 +302,11 @@ def _train_and_save(args, cfg, device, out_dir: Path, train_loader, val_loader, 
     print(f"gptfast train: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(train_loader)} train / {len(val_loader)} val batches, backend {ops.get_backend()}, "
           f"device {device}{host}")
+    history = _saved_history(resume_state)
+    if resume_state is not None and isinstance(resume_state.get(RNG_KEY), torch.Tensor):
+        # The saved run's random stream goes on: the next epoch is shuffled (and dropped out) as that run's
+        # next epoch would be, not as its first one again.
+        torch.set_rng_state(resume_state[RNG_KEY].cpu())
     start = time.perf_counter()
     train_losses, val_losses, tokens_seen = train_model_simple(
         model, train_loader, val_loader, optimizer, device, num_epochs=args.epochs,
@@ -296,12 +315,17 @@ def _train_and_save(args, cfg, device, out_dir: Path, train_loader, val_loader, 
     elapsed = time.perf_counter() - start
     print(f"trained in {elapsed:.1f} s ({_tokens_per_epoch(train_loader) * args.epochs / elapsed:.0f} tokens/s)")
     _refuse_diverged(model)
-    save_checkpoint(ckpt_path, model, optimizer, config=cfg)
-    if not train_losses:  # no evaluation ran (no epochs, or fewer steps than --eval-freq): nothing to plot
+    offset = _tokens_per_epoch(train_loader) * history["epochs"]  # this run's counts start at 0
+    history = {"epochs": history["epochs"] + args.epochs, "train_losses": history["train_losses"] + train_losses,
+               "val_losses": history["val_losses"] + val_losses,
+               "tokens_seen": history["tokens_seen"] + [offset + int(t) for t in tokens_seen]}
+    save_checkpoint(ckpt_path, model, optimizer, config=cfg, **{RNG_KEY: torch.get_rng_state(), HISTORY_KEY: history})
+    if not history["train_losses"]:  # no evaluation ran (no epochs, or fewer steps than --eval-freq): nothing to plot
         print(f"saved {ckpt_path} (no loss plot: no evaluation ran)")
         return 0
-    epochs = torch.linspace(0, args.epochs, len(train_losses)).tolist()
-    plot_losses(epochs, tokens_seen, train_losses, val_losses, save_path=out_dir / LOSS_PLOT, show=False)
+    epochs = torch.linspace(0, history["epochs"], len(history["train_losses"])).tolist()
+    plot_losses(epochs, history["tokens_seen"], history["train_losses"], history["val_losses"],
+                save_path=out_dir / LOSS_PLOT, show=False)
     print(f"saved {ckpt_path} and {out_dir / LOSS_PLOT}")
     return 0
 

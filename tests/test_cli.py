@@ -127,6 +127,22 @@ def test_resume_keeps_the_checkpoints_rates_unless_flags_give_new_ones(trained, 
     capsys.readouterr()
 
 
+def test_one_epoch_resumed_for_another_is_the_two_epoch_run(trained, tmp_path, capsys):
+    """The checkpoint keeps the random stream: the resumed epoch shuffles (and drops out) as a two-epoch run's
+    second epoch, not as the first again, so the weights come out the same (evaluations falling on the same
+    steps, as here: 18 steps an epoch, --eval-freq 2).  The loss plot's history covers both runs."""
+    whole, resumed = tmp_path / "whole", _copy_run(trained, tmp_path / "resumed")
+    assert _train(whole, "--epochs", "2") == 0
+    assert _train(resumed, "--resume") == 0
+    capsys.readouterr()
+    a, b = (torch.load(d / "model_and_optimizer.pth", weights_only=True) for d in (whole, resumed))
+    for key, value in a["model_state_dict"].items():
+        assert torch.equal(value, b["model_state_dict"][key]), key
+    assert a["history"]["epochs"] == b["history"]["epochs"] == 2
+    assert a["history"]["train_losses"] == b["history"]["train_losses"]
+    assert a["history"]["tokens_seen"] == b["history"]["tokens_seen"]
+
+
 def test_resume_with_a_different_config_is_an_error(trained, tmp_path, capsys):
     _copy_run(trained, tmp_path)
     assert _train(tmp_path, "--resume", "--context-length", "32") == 2
