@@ -313,9 +313,10 @@ def _train_and_save(args, cfg, device, out_dir: Path, train_loader, val_loader, 
         eval_freq=args.eval_freq, eval_iter=args.eval_iter, start_context=args.start_context,
         tokenizer=get_tokenizer(), progress=True)
     elapsed = time.perf_counter() - start
-    print(f"trained in {elapsed:.1f} s ({_tokens_per_epoch(train_loader) * args.epochs / elapsed:.0f} tokens/s)")
+    epoch_tokens = _tokens_per_epoch(train_loader)
+    print(f"trained in {elapsed:.1f} s ({epoch_tokens * args.epochs / elapsed:.0f} tokens/s)")
     _refuse_diverged(model)
-    offset = _tokens_per_epoch(train_loader) * history["epochs"]  # this run's counts start at 0
+    offset = epoch_tokens * history["epochs"]  # this run's counts start at 0
     history = {"epochs": history["epochs"] + args.epochs, "train_losses": history["train_losses"] + train_losses,
                "val_losses": history["val_losses"] + val_losses,
                "tokens_seen": history["tokens_seen"] + [offset + int(t) for t in tokens_seen]}
