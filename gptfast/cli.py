@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 # Only the standard library and gptfast.errors at import time: torch and the models are imported by
 # main, where a Ctrl-C during those seconds of importing is caught like any other.
+from .devices import usable_device
 from .errors import OneLineArgumentParser, debug_requested, report_interrupt, run_cli
 
 DEFAULT_PROMPT = "Every effort moves you"
@@ -102,19 +103,6 @@ def build_parser() -> OneLineArgumentParser:
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     _add_common_flags(gen)
     return parser
-
-
-def _check_device(device: str):
-    """``--device`` parsed and usable here (a clear error instead of a failure deep inside torch)."""
-    import torch
-
-    try:
-        device = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"--device {device!r} is not a device: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this machine has no usable CUDA device")
-    return device
 
 
 def _select_backend(name) -> None:
@@ -226,7 +214,7 @@ def run_train(args) -> int:
 
     _check_train_flags(args)
     _check_start_context(args.start_context)
-    device = _check_device(args.device)
+    device = usable_device(args.device)
     _select_backend(args.backend)
     cfg = _model_config(args)
     out_dir = Path(args.out_dir)
@@ -340,7 +328,7 @@ def load_model_for_generation(args):
     from .models.gpt_config import GPT_CONFIG_124M, gpt2_config
     from .training.checkpoints import load_gpt2_safetensors, model_from_checkpoint
 
-    device = _check_device(args.device)
+    device = usable_device(args.device)
     if args.checkpoint:
         model, cfg = model_from_checkpoint(args.checkpoint, default_config=GPT_CONFIG_124M)
     else:
@@ -388,7 +376,7 @@ def _hf_folder_generation(args, folder) -> _Generation:
     if args.model is not None:
         raise ValueError(f"--model {args.model} names a GPT-2 size, but {args.safetensors} holds a Llama 3 / "
                          "Qwen3 model (its config.json describes it)")
-    device = _check_device(args.device)
+    device = usable_device(args.device)
     family, config = hf_folder.read_config(folder)  # a bad config is named before the weights are read
     tokenizer_path = args.tokenizer or hf_folder.default_tokenizer_path(folder, family)
     tokenizer = hf_folder.load_tokenizer(family, tokenizer_path, chat=args.chat, folder=folder)

@@ -209,6 +209,8 @@ def test_train_refuses_evaluation_counts_below_one_before_training(tmp_path, cap
     (["--start-context", ""], "--start-context is empty"),
     (["--batch-size", "100"], "--batch-size 100 is more than the 72 windows of --context-length 64"),
     (["--resume"], "--resume: no checkpoint at"),
+    (["--device", "meta"], "--device meta holds no data"),
+    (["--device", "cpu:x"], "--device 'cpu:x' is not a device"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_train_names_a_bad_flag_before_it_makes_out_dir(tmp_path, capsys, flags, message):
     out_dir = tmp_path / "new" / "run"
@@ -630,3 +632,10 @@ def test_generate_writes_the_bytes_a_stop_token_cut_short():
     assert written([ord("a"), *euro[:2], 300, ord("c")]) == "a\ufffd"  # before: "a", the two bytes lost
     assert written([ord("a"), 300]) == "a"
     assert written([*euro[:1]]) == "\ufffd"  # the stream's own end releases them too
+
+
+def test_generate_names_a_device_that_holds_no_data_before_reading_the_checkpoint(tmp_path, capsys):
+    for device in ("meta", "cpu:x"):
+        assert main(["generate", "--checkpoint", str(tmp_path / "none.pth"), "--device", device]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith(f"gptfast generate: error: --device ") and "none.pth" not in err, err

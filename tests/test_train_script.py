@@ -293,7 +293,8 @@ def test_unknown_model_name(tmp_path, capsys):
                                         ("--lr", "-1"), ("--dropout", "1.5"), ("--peak-tflops", "0"),
                                         ("--peak-tflops", "-1"), ("--lr", "inf"), ("--min-lr", "nan"),
                                         ("--grad-clip", "nan"), ("--val-fraction", "1.0"),
-                                        ("--seed", str(2**64 - 1)), ("--device", "nonsense")])
+                                        ("--seed", str(2**64 - 1)), ("--device", "nonsense"),
+                                        ("--device", "meta")])
 def test_bad_numbers(tmp_path, capsys, flag, value):
     assert flag in error_of(capsys, tmp_path, flag, value)
 

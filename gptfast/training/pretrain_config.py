@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 from .. import ops
+from ..devices import usable_device
 from ..errors import OneLineArgumentParser
 from ..models.gpt_config import MODEL_NAMES
 
@@ -97,22 +98,8 @@ class PretrainConfig:
         if self.backend is not None and self.backend not in ops.BACKEND_CHOICES:
             raise ValueError(f"--backend must be one of {ops.BACKEND_CHOICES}, got {self.backend!r}")
         if self.device is not None:
-            check_device(self.device)
+            usable_device(self.device)
         return self
-
-
-def check_device(name: str) -> None:
-    """``ValueError`` naming ``--device`` unless ``name`` is a device this torch can use here."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"--device: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here (this torch: {torch.__version__})")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
 
 
 def build_parser(add_help: bool = True, description: str | None = None) -> argparse.ArgumentParser:
