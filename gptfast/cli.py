@@ -362,8 +362,9 @@ def _gpt2_generation(args) -> _Generation:
             raise ValueError(f"{flag} applies to Llama 3 / Qwen3 model folders, not to GPT-2 weights")
     model, cfg = load_model_for_generation(args)
     tokenizer = get_tokenizer()
-    return _Generation(model, cfg, tokenizer, ENDOFTEXT_ID, frozenset({ENDOFTEXT_ID}),
-                       text_to_token_ids(args.prompt, tokenizer))
+    prompt_ids = text_to_token_ids(args.prompt, tokenizer)
+    _check_prompt_fits(args, prompt_ids, cfg)  # the checkpoint holds the config: known only once it is read
+    return _Generation(model, cfg, tokenizer, ENDOFTEXT_ID, frozenset({ENDOFTEXT_ID}), prompt_ids)
 
 
 def _hf_folder_generation(args, folder) -> _Generation:
@@ -490,7 +491,6 @@ def run_generate(args) -> int:
     folder = _hf_model_folder(args)
     loaded = _gpt2_generation(args) if folder is None else _hf_folder_generation(args, folder)
     model, cfg, tokenizer, eos_id, stop_ids, idx = loaded
-    _check_prompt_fits(args, idx, cfg)
     torch.manual_seed(args.seed)
     idx = idx.to(next(model.parameters()).device)
     # The stream checks its arguments when made: before the prompt is written.
