@@ -90,8 +90,10 @@ def interleaved_rows(group, extra) -> list[dict]:
     medians = extra.get("per_impl_median_s") or {}
     rates = extra.get("per_impl_tokens_per_s") or {}
     rounds = extra.get("speedup_per_round") or {}
+    round_medians = extra.get("speedup_median_of_rounds") or {}
     return [{"name": f"{group} [{impl}]", "group": f"{group} per variant", "impl": impl, "op": extra.get("op"),
              "median_s": median, "tokens_per_s": rates.get(impl), "round_speedups": rounds.get(impl),
+             "round_speedup_median": round_medians.get(impl),
              "shape": extra.get("shape"), "dtype": extra.get("dtype"), "device": extra.get("device")}
             for impl, median in medians.items()]
 
@@ -185,8 +187,9 @@ def markdown(doc: dict) -> str:
                 extra.append(f"{_fmt(row[key], '.1f')} GB/s")
         if row.get("round_speedups") and row.get("impl") != "reference":
             ratios = row["round_speedups"]
+            middle = row.get("round_speedup_median") or statistics.median(ratios)  # older files lack the median
             extra.append(f"per round vs reference {', '.join(_fmt(r, '.2f') + 'x' for r in ratios)} "
-                         f"(median {_fmt(statistics.median(ratios), '.2f')}x)")
+                         f"(median {_fmt(middle, '.2f')}x)")
         peak = row.get("peak_bytes")
         lines.append(f"| {row.get('group')} | {row.get('impl')} | {_fmt(row.get('median_s'), '.3f', 1e3)} | "
                      f"{_fmt(row.get('vs_torch'), '.2f')}{'x' if row.get('vs_torch') else ''} | "

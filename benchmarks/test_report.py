@@ -18,7 +18,8 @@ def test_collect_and_render(tmp_path):
         _bench("c", "attention fwd", "sdpa", 0.016),
         _bench("d", "train", "all", 3.0, per_impl_median_s={"reference": 2.0, "gptfast-dropin": 1.0},
                per_impl_tokens_per_s={"reference": 256.0, "gptfast-dropin": 512.0},
-               speedup_per_round={"reference": [1.0, 1.0, 1.0], "gptfast-dropin": [1.9, 2.2, 2.05]}),
+               speedup_per_round={"reference": [1.0, 1.0, 1.0], "gptfast-dropin": [1.9, 2.2, 2.05]},
+               speedup_median_of_rounds={"reference": 1.0, "gptfast-dropin": 2.05}),
     ]}
     (tmp_path / "raw.json").write_text(json.dumps(raw))
     out = tmp_path / "results" / "r.json"
