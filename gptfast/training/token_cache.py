@@ -60,7 +60,7 @@ def _tokenise(files: list[Path]) -> np.ndarray:
 def _complete(target: Path) -> bool:
     """True when ``target`` holds as many tokens as the ``.json`` record written after it says.  A cache cut
     short (a full disk, a copy stopped half-way) or one whose record is missing (the run stopped between the
-    two files) is not reused."""
+    two files) is not reused; nor is a missing one."""
     try:
         recorded = json.loads(target.with_suffix(".json").read_text()).get("tokens")
         size = target.stat().st_size
@@ -75,7 +75,7 @@ def build_token_cache(data_path, cache_dir) -> Path:
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / f"{cache_key(files)}.bin"
-    if target.is_file() and _complete(target):
+    if _complete(target):
         return target
     tokens = _tokenise(files)
     # Written to a temporary file and renamed: readers never see a half-written cache.
