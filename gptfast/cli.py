@@ -236,14 +236,18 @@ def _tokens_per_epoch(loader) -> int:
     return rows * len(loader.dataset[0][0]) if rows else 0
 
 
-def _saved_history(resume_state) -> dict:
-    """The epochs, losses and token counts the checkpoint being resumed recorded (none for a new run, or for a
-    checkpoint written before they were saved)."""
+def _saved_history(resume_state, train_loader) -> dict:
+    """The epochs, steps, tokens, losses and token counts the checkpoint being resumed recorded (none for a new
+    run, or for a checkpoint written before they were saved). A checkpoint with epochs but no step or token total
+    gets those of as many passes over ``train_loader``."""
     saved = (resume_state or {}).get(HISTORY_KEY)
     keys = ("train_losses", "val_losses", "tokens_seen")
     if not (isinstance(saved, dict) and isinstance(saved.get("epochs"), int)
             and all(isinstance(saved.get(key), list) for key in keys)):
-        return {"epochs": 0, **{key: [] for key in keys}}
+        return {"epochs": 0, "steps": 0, "tokens": 0, **{key: [] for key in keys}}
+    for key, per_epoch in (("steps", len(train_loader)), ("tokens", _tokens_per_epoch(train_loader))):
+        if not isinstance(saved.get(key), int):
+            saved[key] = saved["epochs"] * per_epoch
     return saved
 
 
@@ -269,7 +273,7 @@ def _train_and_save(args, cfg, device, out_dir: Path, train_loader, val_loader, 
     from .tokenizer import get_tokenizer
     from .training.checkpoints import apply_checkpoint, save_checkpoint
     from .training.host_memory import keep_freed_host_memory
-    from .training.loops import plot_losses, train_model_simple
+    from .training.loops import RunSoFar, calc_loss_batch, plot_losses, train_simple_with_loss
     from .training.optimizers import chapter_adamw
 
     check_writable_dir(out_dir, name="--out-dir")  # before training, not after it
@@ -290,24 +294,27 @@ def _train_and_save(args, cfg, device, out_dir: Path, train_loader, val_loader, 
     print(f"gptfast train: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(train_loader)} train / {len(val_loader)} val batches, backend {ops.get_backend()}, "
           f"device {device}{host}")
-    history = _saved_history(resume_state)
+    history = _saved_history(resume_state, train_loader)
     if resume_state is not None and isinstance(resume_state.get(RNG_KEY), torch.Tensor):
         # The saved run's random stream goes on: the next epoch is shuffled (and dropped out) as that run's
         # next epoch would be, not as its first one again.
         torch.set_rng_state(resume_state[RNG_KEY].cpu())
     start = time.perf_counter()
-    train_losses, val_losses, tokens_seen = train_model_simple(
-        model, train_loader, val_loader, optimizer, device, num_epochs=args.epochs,
+    # Chapter 5's loop (``train_model_simple``), its epochs, steps and token counts going on from the saved run's.
+    train_losses, val_losses, tokens_seen = train_simple_with_loss(
+        calc_loss_batch, model, train_loader, val_loader, optimizer, device, num_epochs=args.epochs,
         eval_freq=args.eval_freq, eval_iter=args.eval_iter, start_context=args.start_context,
-        tokenizer=get_tokenizer(), progress=True)
+        tokenizer=get_tokenizer(), progress=True,
+        so_far=RunSoFar(history["epochs"], history["steps"], history["tokens"]))
     elapsed = time.perf_counter() - start
     epoch_tokens = _tokens_per_epoch(train_loader)
     print(f"trained in {elapsed:.1f} s ({epoch_tokens * args.epochs / elapsed:.0f} tokens/s)")
     _refuse_diverged(model)
-    offset = epoch_tokens * history["epochs"]  # this run's counts start at 0
-    history = {"epochs": history["epochs"] + args.epochs, "train_losses": history["train_losses"] + train_losses,
+    history = {"epochs": history["epochs"] + args.epochs, "steps": history["steps"] + len(train_loader) * args.epochs,
+               "tokens": history["tokens"] + epoch_tokens * args.epochs,
+               "train_losses": history["train_losses"] + train_losses,
                "val_losses": history["val_losses"] + val_losses,
-               "tokens_seen": history["tokens_seen"] + [offset + int(t) for t in tokens_seen]}
+               "tokens_seen": history["tokens_seen"] + [int(t) for t in tokens_seen]}
     save_checkpoint(ckpt_path, model, optimizer, config=cfg, **{RNG_KEY: torch.get_rng_state(), HISTORY_KEY: history})
     if not history["train_losses"]:  # no evaluation ran (no epochs, or fewer steps than --eval-freq): nothing to plot
         print(f"saved {ckpt_path} (no loss plot: no evaluation ran)")

@@ -127,20 +127,33 @@ def test_resume_keeps_the_checkpoints_rates_unless_flags_give_new_ones(trained, 
     capsys.readouterr()
 
 
-def test_one_epoch_resumed_for_another_is_the_two_epoch_run(trained, tmp_path, capsys):
+def _epoch_lines(out):
+    return [line for line in out.splitlines() if line.startswith("Ep ")]
+
+
+def test_one_epoch_resumed_for_another_is_the_two_epoch_run(tmp_path, capsys):
     """The checkpoint keeps the random stream: the resumed epoch shuffles (and drops out) as a two-epoch run's
-    second epoch, not as the first again, so the weights come out the same (evaluations falling on the same
-    steps, as here: 18 steps an epoch, --eval-freq 2).  The loss plot's history covers both runs."""
-    whole, resumed = tmp_path / "whole", _copy_run(trained, tmp_path / "resumed")
-    assert _train(whole, "--epochs", "2") == 0
-    assert _train(resumed, "--resume") == 0
-    capsys.readouterr()
+    second epoch, not as the first again, so the weights come out the same. The resumed run goes on counting
+    epochs, steps and tokens from the saved ones: it evaluates at the two-epoch run's steps (with 18 steps an
+    epoch, --eval-freq 5 evaluates at step 20, the resumed run's third) and prints that run's lines. The loss
+    plot's history covers both runs."""
+    whole, resumed, eval_freq = tmp_path / "whole", tmp_path / "resumed", "5"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GPTFAST_KEEP_HOST_MEMORY", "0")
+        assert _train(whole, "--epochs", "2", "--eval-freq", eval_freq) == 0
+        whole_lines = _epoch_lines(capsys.readouterr().out)
+        assert _train(resumed, "--eval-freq", eval_freq) == 0
+        first_lines = _epoch_lines(capsys.readouterr().out)
+        assert _train(resumed, "--resume", "--eval-freq", eval_freq) == 0
+        resumed_lines = _epoch_lines(capsys.readouterr().out)
+    assert resumed_lines and resumed_lines[0].startswith("Ep 2 (Step 0000")
+    assert first_lines + resumed_lines == whole_lines
     a, b = (torch.load(d / "model_and_optimizer.pth", weights_only=True) for d in (whole, resumed))
     for key, value in a["model_state_dict"].items():
         assert torch.equal(value, b["model_state_dict"][key]), key
-    assert a["history"]["epochs"] == b["history"]["epochs"] == 2
-    assert a["history"]["train_losses"] == b["history"]["train_losses"]
-    assert a["history"]["tokens_seen"] == b["history"]["tokens_seen"]
+    assert a["history"] == b["history"]
+    assert a["history"]["epochs"] == 2 and a["history"]["steps"] == 36
+    assert a["history"]["tokens_seen"][-1] <= a["history"]["tokens"]
 
 
 def test_resume_with_a_different_config_is_an_error(trained, tmp_path, capsys):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
+
 import torch
 
 from .. import ops
@@ -90,31 +92,42 @@ def _record_evaluation(loss_batch, model, train_loader, val_loader, device, eval
     print(f"{label}: Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
 
 
-def _batches(loader, progress, epoch, num_epochs):
+def _batches(loader, progress, epoch, last_epoch):
     """The loader itself, or wrapped in a tqdm bar when ``progress`` is set."""
     if not progress:
         return loader
     from tqdm import tqdm
 
-    return tqdm(loader, desc=f"epoch {epoch + 1}/{num_epochs}", unit="step", leave=False)
+    return tqdm(loader, desc=f"epoch {epoch + 1}/{last_epoch}", unit="step", leave=False)
+
+
+class RunSoFar(NamedTuple):
+    """What an earlier run of the same training did: its epochs, optimizer steps and input tokens."""
+
+    epochs: int = 0
+    steps: int = 0
+    tokens: int = 0
 
 
 def train_simple_with_loss(loss_batch, model, train_loader, val_loader, optimizer, device, num_epochs,
-                           eval_freq, eval_iter, start_context, tokenizer, progress=False):
+                           eval_freq, eval_iter, start_context, tokenizer, progress=False, so_far=RunSoFar()):
     """Chapter 5's loop with the per-batch loss ``loss_batch(input_batch, target_batch, model, device)``
     as a parameter (chapter 7 runs it with the instruction loss).
 
     The optimizer steps inside :func:`~gptfast.training.optimizers.fused_optimizer_steps`: a plain
     ``torch.optim.AdamW`` on CPU runs torch's fused update (backend ``"torch"``: the book's own).
+    ``so_far`` continues a resumed run: epochs, steps and token counts go on from it, so the evaluations fall on
+    the steps the uninterrupted run evaluates at and the printed labels and counts are that run's.
 
     Returns ``(train_losses, val_losses, track_tokens_seen)``.
     """
     history = ([], [], [])
-    tokens_seen, global_step = 0, -1
+    tokens_seen, global_step = so_far.tokens, so_far.steps - 1
+    last_epoch = so_far.epochs + num_epochs
     with fused_optimizer_steps(optimizer):
-        for epoch in range(num_epochs):
+        for epoch in range(so_far.epochs, last_epoch):
             model.train()
-            for input_batch, target_batch in _batches(train_loader, progress, epoch, num_epochs):
+            for input_batch, target_batch in _batches(train_loader, progress, epoch, last_epoch):
                 optimizer.zero_grad()
                 loss = loss_batch(input_batch, target_batch, model, device)
                 loss.backward()
