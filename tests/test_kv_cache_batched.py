@@ -219,6 +219,28 @@ def test_the_cache_grows_without_copying_each_step_and_keeps_its_contents():
     assert full.shape == (2, 70, 101)
 
 
+def test_a_cache_filled_under_inference_mode_goes_on_outside_it():
+    """Buffers made under ``torch.inference_mode`` cannot be written outside it: the cache remakes them (its
+    entries copied over), as the reference's concatenated entries simply work there."""
+    r, o = pair(qwen_cfg(2))
+    x = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]])
+    results = {}
+    for name, model, cache in (("reference", r, ref_utils.KVCache(2, 2)), ("gptfast", o, utils.KVCache(2, 2))):
+        model.reset_kv_cache(2)
+        with torch.inference_mode(), ops.use_backend("torch"):
+            first = model(x[:, :4], cache=cache, start_pos=model.current_pos.clone())
+        model.current_pos += 4
+        with torch.no_grad(), ops.use_backend("torch"):
+            rest = model(x[:, 4:], cache=cache, start_pos=model.current_pos.clone())  # continues the sequence
+        cache.reset()
+        model.reset_kv_cache(2)
+        with torch.no_grad(), ops.use_backend("torch"):
+            again = model(x[:, :4], cache=cache, start_pos=model.current_pos.clone())  # a new sequence
+        results[name] = (first, rest, again)
+    for got, want in zip(results["gptfast"], results["reference"]):
+        assert torch.equal(got, want)
+
+
 # ----------------------------------------------------------------------------- generation
 
 

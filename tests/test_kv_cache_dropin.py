@@ -159,6 +159,25 @@ def test_use_cache_without_a_cache_uses_one_the_model_keeps_until_reset():
         assert torch.equal(ours(x, use_cache=True), uncached)
 
 
+def test_a_cache_kept_under_inference_mode_serves_calls_outside_it():
+    """The model-kept cache's buffers, made under ``torch.inference_mode``, are remade for a call outside it
+    (the sequence goes on; after a reset a new one starts), where writing them in place would fail."""
+    ref, ours = models(seed=2)
+    x = ids(1, 8)
+    with torch.no_grad():
+        full = ref(x)
+    with torch.inference_mode():
+        first = ours(x[:, :6], use_cache=True)
+    with torch.no_grad():
+        rest = ours(x[:, 6:], use_cache=True)
+        torch.testing.assert_close(torch.cat([first.clone(), rest], dim=1), full, rtol=1e-5, atol=1e-5)
+        ours.reset_kv_cache()
+        with torch.inference_mode():
+            ours(x, use_cache=True)
+        ours.reset_kv_cache()
+        torch.testing.assert_close(ours(x, use_cache=True), full, rtol=1e-5, atol=1e-5)
+
+
 def test_a_cache_filled_through_update_is_continued():
     """Entries set with ``update`` (the book's way) are taken over into the static buffers."""
     _, ours = models(seed=4)

@@ -18,6 +18,12 @@ from .cache import KVCache as StaticKVCache
 from .cache import context_length
 
 
+def writable_here(buffer) -> bool:
+    """Whether ``buffer`` may be written in place now: buffers made under ``torch.inference_mode`` may not be
+    outside it, so a cache filled there and used again outside gets new buffers (its entries copied over)."""
+    return not buffer.is_inference() or torch.is_inference_mode_enabled()
+
+
 class KVCache:
     """One ``(keys, values)`` entry per layer, ``None`` until filled (the reference's API).
 
@@ -117,7 +123,7 @@ class KVCache:
         store = self._store
         batch = keys.shape[0]
         if store is None or store.batch != batch or store.keys[0].dtype != keys.dtype \
-                or store.keys[0].device != keys.device:
+                or store.keys[0].device != keys.device or not writable_here(store.keys[0]):
             att = model.trf_blocks[0].att
             # Entries living in the old buffers are copied into the new ones by append().
             self._in_store = [False] * len(self.cache)
@@ -233,13 +239,13 @@ class RowKVCache:
             fits = (k_old.shape[1] == keys.shape[1] and k_old.shape[3] == keys.shape[3]
                     and v_old.shape[3] == values.shape[3] and k_old.dtype == keys.dtype
                     and v_old.dtype == values.dtype and k_old.device == keys.device)
-            if fits and k_old.shape[2] >= needed:
+            if fits and k_old.shape[2] >= needed and writable_here(k_old):
                 return current
             if not fits and any(self._lengths[layer_idx]):
                 raise ValueError(f"cached keys {tuple(k_old.shape)} ({k_old.dtype}) do not fit the new keys "
                                  f"{tuple(keys.shape)} ({keys.dtype}); call reset() for a new batch")
-            if fits:
-                capacity = max(capacity, 2 * k_old.shape[2])
+            if fits:  # grown by doubling; only remade (same size) when inference-mode buffers are written outside
+                capacity = max(capacity, k_old.shape[2] if k_old.shape[2] >= needed else 2 * k_old.shape[2])
         # Zeros, not empty memory: positions past a row's end are masked, and 0 * NaN would still be NaN.
         k_buf = keys.new_zeros(self.batch_size, keys.shape[1], capacity, keys.shape[3])
         v_buf = values.new_zeros(self.batch_size, values.shape[1], capacity, values.shape[3])
