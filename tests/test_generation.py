@@ -667,6 +667,19 @@ def test_captured_steps_are_reused_only_when_free_and_for_the_same_weights(monke
     first.busy = False
     model.out_head.weight = torch.nn.Parameter(model.out_head.weight.clone())  # new tensors: capture again
     assert cuda_graphs.captured_decoder(runner, 2, 8) is not first
+    for change in ("activation", "buffer", "inference"):  # each is another capture
+        for held, _ in cuda_graphs._GRAPHS.values():
+            held.busy = False
+        last = cuda_graphs.captured_decoder(runner, 2, 8)
+        last.busy = False
+        assert cuda_graphs.captured_decoder(runner, 2, 8) is last
+        last.busy = False
+        if change == "activation":  # a module without weights swapped for another
+            model.trf_blocks[0].ff.layers[1] = torch.nn.ReLU()
+        elif change == "buffer":
+            model.trf_blocks[0].att.mask = model.trf_blocks[0].att.mask.clone()
+        with torch.inference_mode(change == "inference"):
+            assert cuda_graphs.captured_decoder(runner, 2, 8) is not last
     cuda_graphs.clear_cuda_graphs()
     assert not cuda_graphs._GRAPHS
 

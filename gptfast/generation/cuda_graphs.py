@@ -72,6 +72,14 @@ def clear_cuda_graphs() -> None:
     _GRAPHS.clear()
 
 
+def _captured_state(model) -> tuple:
+    """What a captured step bakes in besides its cache: the addresses of the model's parameters and buffers, its
+    module objects (an activation or norm swapped for another, weightless, is other kernels) and whether the
+    cache was made under ``torch.inference_mode`` (such tensors cannot be written outside it)."""
+    return (tuple(p.data_ptr() for p in model.parameters()), tuple(b.data_ptr() for b in model.buffers()),
+            tuple(id(module) for module in model.modules()), torch.is_inference_mode_enabled())
+
+
 def captured_decoder(runner: CachedRunner, batch: int, max_len: int) -> CUDAGraphDecoder:
     """A captured step for ``runner``'s model with a fresh-to-use cache, reused when one is free.
 
@@ -80,7 +88,7 @@ def captured_decoder(runner: CachedRunner, batch: int, max_len: int) -> CUDAGrap
     model = runner.model
     # The captured kernels are the ones the backend selection chose at capture time.
     key = (id(model), batch, max_len, ops.get_backend())
-    pointers = tuple(p.data_ptr() for p in model.parameters())
+    pointers = _captured_state(model)
     entry = _GRAPHS.get(key)
     if entry is not None and entry[0].runner.model is model and entry[1] == pointers and not entry[0].busy:
         entry[0].busy = True
