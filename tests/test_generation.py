@@ -7,6 +7,8 @@ deterministic, so a case that landed on a near-tie would fail every run rather
 than flake; none does.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -312,6 +314,63 @@ def test_a_feed_forward_of_the_users_that_mixes_positions_is_called_on_every_pos
     expected = ref_ch05.generate(model, idx, 8, 16)
     assert not torch.equal(expected, ref_ch05.generate(make_model(), idx, 8, 16))
     assert torch.equal(generate(model, idx, 8, 16), expected)
+
+
+class _NotebookAttention(torch.nn.Module):
+    """The book's attention copied into a notebook (a class of its own, the book's parts), changed: each query
+    sees only its last ``window`` keys, and the scores are multiplied by ``sharpen``."""
+
+    def __init__(self, att, window, sharpen):
+        super().__init__()
+        self.W_query, self.W_key, self.W_value, self.out_proj = att.W_query, att.W_key, att.W_value, att.out_proj
+        self.num_heads, self.head_dim, self.d_out = att.num_heads, att.head_dim, att.d_out
+        self.dropout = torch.nn.Dropout(0.0)
+        self.register_buffer("mask", torch.triu(torch.ones(CFG["context_length"], CFG["context_length"]), 1))
+        self.window, self.sharpen = window, sharpen
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (split_heads(self, proj(x)) for proj in (self.W_query, self.W_key, self.W_value))
+        scores = q @ k.transpose(2, 3) * (self.sharpen / self.head_dim ** 0.5)
+        position = torch.arange(t)
+        hidden = self.mask.bool()[:t, :t] | (position[None, :] <= position[:, None] - self.window)
+        weights = torch.softmax(scores.masked_fill(hidden, -torch.inf), dim=-1)
+        return self.out_proj((weights @ v).transpose(1, 2).reshape(b, t, self.d_out))
+
+
+@pytest.mark.parametrize("prompt_len, window, sharpen", [(3, 4, 1.0), (1, 16, 0.0)], ids=["window", "scale"])
+def test_a_notebook_attention_that_differs_only_past_the_prompt_runs_its_own_forward(prompt_len, window, sharpen):
+    """The prompt's logits cannot show a window wider than the prompt, nor a changed scale when the prompt is one
+    token (a softmax over one key is 1): the check at the run's length does, and generation keeps the model's
+    forward, as the reference does."""
+    model = make_model()
+    torch.manual_seed(4)
+    for param in model.parameters():
+        torch.nn.init.normal_(param, std=1.0)  # large weights: a changed attention changes the greedy tokens
+    plain = copy.deepcopy(model)
+    for block in model.trf_blocks:
+        block.att = _NotebookAttention(block.att, window, sharpen)
+    idx = prompt(1, prompt_len)
+    expected = ref_ch05.generate(model, idx, 12, 16)
+    assert not torch.equal(expected, ref_ch05.generate(plain, idx, 12, 16))
+    assert torch.equal(generate(model, idx, 12, 16), expected)
+    assert torch.equal(generate_batch(model, idx, 12).tokens, expected)
+
+
+@pytest.mark.parametrize("change", ["other heads", "another block class"])
+def test_a_block_unlike_the_first_runs_through_the_models_forward(change):
+    """One cache, sized from the first block, serves every layer: a later block with other heads, or of a kind
+    the walk cannot read (the reference's fast block), leaves generation to the model's forward."""
+    from gptfast.models.gpt import TransformerBlock
+
+    model = make_model()
+    torch.manual_seed(3)
+    if change == "other heads":
+        model.trf_blocks[1] = TransformerBlock({**CFG, "n_heads": 2}).eval()
+    else:
+        model.trf_blocks[1] = ref_ch04.TransformerBlockFast(CFG).eval()
+    idx = prompt(2, 5)
+    assert torch.equal(generate(model, idx, 6, 16), ref_ch05.generate(model, idx, 6, 16))
 
 
 def test_a_model_without_blocks_generates_like_the_reference():
@@ -634,6 +693,12 @@ def test_zero_new_tokens_returns_the_prompt():
     model = make_model()
     idx = prompt(2, 3)
     assert torch.equal(generate(model, idx, 0, 16), idx)
+    # As the reference's loop: nothing generated (no step, or an eos first) returns the input tensor itself.
+    small = prompt(1, 3).to(torch.int32)
+    eos = int(ref_ch05.generate(model, small, 1, 16)[0, -1])
+    for steps, eos_id in ((0, None), (4, eos)):
+        assert ref_ch05.generate(model, small, steps, 16, eos_id=eos_id) is small
+        assert generate(model, small, steps, 16, eos_id=eos_id) is small
     assert list(generate_stream(model, idx, 0, 16)) == []
     assert generate_batch(model, [[1, 2]], 0).lengths.tolist() == [2]
 

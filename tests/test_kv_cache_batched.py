@@ -219,6 +219,21 @@ def test_the_cache_grows_without_copying_each_step_and_keeps_its_contents():
     assert full.shape == (2, 70, 101)
 
 
+def test_entries_handed_out_keep_their_values_after_a_reset():
+    _, o = pair(qwen_cfg(2))
+    cache = utils.KVCache(2, 2)
+    with torch.no_grad():
+        o.reset_kv_cache(2)
+        o(torch.tensor([[1, 2, 3], [4, 5, 6]]), cache=cache, start_pos=o.current_pos.clone())
+        kept = cache.get(1, 0)
+        snapshot = [t.clone() for t in kept]
+        cache.reset()
+        o.reset_kv_cache(2)
+        o(torch.tensor([[7, 8, 9], [10, 11, 12]]), cache=cache, start_pos=o.current_pos.clone())
+    assert all(torch.equal(a, b) for a, b in zip(kept, snapshot))
+    assert not torch.equal(cache.get(1, 0)[0], snapshot[0])
+
+
 def test_a_cache_filled_under_inference_mode_goes_on_outside_it():
     """Buffers made under ``torch.inference_mode`` cannot be written outside it: the cache remakes them (its
     entries copied over), as the reference's concatenated entries simply work there."""

@@ -178,6 +178,22 @@ def test_a_cache_kept_under_inference_mode_serves_calls_outside_it():
         torch.testing.assert_close(ours(x, use_cache=True), full, rtol=1e-5, atol=1e-5)
 
 
+def test_entries_handed_out_keep_their_values_after_a_reset():
+    """``get`` hands out views of the cache's buffers; after ``reset()`` the next sequence writes new ones, so a
+    kept entry still holds its sequence's keys, as the reference's (tensors of their own) do."""
+    _, ours = models(seed=2)
+    cache = KVCache(len(ours.trf_blocks))
+    with torch.no_grad():
+        ours(ids(1, 5, seed=1), use_cache=True, cache=cache)
+        kept = cache.get(0)
+        snapshot = [t.clone() for t in kept]
+        cache.reset()
+        ours.reset_kv_cache()
+        ours(ids(1, 5, seed=2), use_cache=True, cache=cache)
+    assert all(torch.equal(a, b) for a, b in zip(kept, snapshot))
+    assert not torch.equal(cache.get(0)[0], snapshot[0])
+
+
 def test_a_cache_filled_through_update_is_continued():
     """Entries set with ``update`` (the book's way) are taken over into the static buffers."""
     _, ours = models(seed=4)

@@ -70,6 +70,8 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
     """
     decoder = decoder_for_idx(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, None)
     steps = sum(1 for _ in _iterate(decoder))
+    if steps == 0:  # the reference's loop then returns its input itself, whatever its integer dtype
+        return idx
     return torch.cat([idx, decoder.seq[:, idx.shape[1]:idx.shape[1] + steps]], dim=1)
 
 

@@ -44,6 +44,29 @@ def _missing_parts(model, model_parts, block_parts, attention_parts):
     return missing
 
 
+def _blocks_like_the_first(model) -> bool:
+    """Whether every block has the parts the walk reads, as the first block does, and the first block's head
+    count and size: one cache, sized from the first block, serves every layer (a block replaced by another
+    kind, or rebuilt with other heads, runs only through the model's forward)."""
+    rotary = is_rotary(model)
+    block_parts = _ROTARY_BLOCK_PARTS if rotary else _BLOCK_PARTS
+    attention_parts = _ROTARY_ATTENTION_PARTS if rotary else _ATTENTION_PARTS
+    first = model.trf_blocks[0].att
+
+    def geometry(att):
+        return tuple(getattr(att, name, None) for name in ("num_heads", "num_kv_groups", "head_dim")) + tuple(
+            getattr(getattr(att, name), "weight", None).shape for name in ("W_query", "W_key", "W_value"))
+
+    for block in model.trf_blocks:
+        if not all(hasattr(block, name) for name in block_parts) or not all(
+                hasattr(block.att, name) for name in attention_parts):
+            return False
+        if not all(isinstance(getattr(getattr(block.att, name), "weight", None), torch.Tensor)
+                   for name in ("W_query", "W_key", "W_value")) or geometry(block.att) != geometry(first):
+            return False
+    return True
+
+
 def check_decodable(model) -> None:
     """Raise ``TypeError`` unless ``model`` has a layout the cache code walks: the book's ``GPTModel``,
     or a Llama 3 / Qwen3 decoder (gptfast's or the reference's)."""
@@ -102,6 +125,8 @@ def walk_reproduces_forward(model) -> bool:
     if type(blocks) not in (torch.nn.Sequential, torch.nn.ModuleList) or len(blocks) == 0 or not all(
             all(hasattr(block, name) for name in _ROTARY_BLOCK_PARTS) for block in blocks):
         # A container of its own, no block at all, or an entry that is not a block: only calling it is right.
+        return False
+    if not _blocks_like_the_first(model):
         return False
     bypassed = [model, blocks, *blocks, *(block.att for block in blocks)]
     if not all(runs_own_forward(module) for module in bypassed):

@@ -358,9 +358,30 @@ class Decoder:
         walked = self.logits.clone()
         self._uncached_logits(active)
         rows = self._index(active)
-        if not _same_logits(walked.index_select(0, rows), self.logits.index_select(0, rows), self._walk_dtype()):
+        if not (_same_logits(walked.index_select(0, rows), self.logits.index_select(0, rows), self._walk_dtype())
+                and self._walk_reaches_the_runs_length()):
             self.release()
             self.cached, self.runner, self.cache = False, None, None
+
+    @torch.no_grad()
+    def _walk_reaches_the_runs_length(self) -> bool:
+        """The prompt shows only its own positions: a forward that treats later ones otherwise (a window over
+        the keys, say), or one whose difference a one-token prompt hides (a softmax over one key is 1), or a
+        part that mixes positions (a decode step shows it one), would pass that check.  So random tokens
+        (from a generator of their own: the caller's stream is untouched) as long as this run's inputs grow
+        are walked, the prompt part then two decode steps, and compared with the forward over all of them."""
+        length = min(self.context_size, max(self.prompt_lens) + self.max_new_tokens - 1)
+        if length < 2:
+            return True  # the run never attends over more than the prompt's one position
+        width = getattr(self.model.tok_emb, "num_embeddings", None) or self.logits.shape[-1]
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        tokens = torch.randint(0, width, (1, length), generator=generator, device=self.device)
+        cache = KVCache.for_model(self.model, 1, length)
+        prefix = max(1, length - 2)
+        walked = [self.runner.prefill(tokens[:, :prefix], cache)]
+        walked += [self.runner.decode(tokens[:, p:p + 1], cache, p) for p in range(prefix, length)]
+        own = self.model(tokens)[0, prefix - 1:]
+        return _same_logits(torch.cat(walked).to(own.dtype), own, self._walk_dtype())
 
     def _walk_dtype(self):
         """The dtype of the cached passes' weights (the first attention's key projection)."""

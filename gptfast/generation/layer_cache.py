@@ -54,10 +54,12 @@ class KVCache:
         return self.cache
 
     def reset(self):
-        """Forget every entry (the preallocated buffers stay, for the next sequence)."""
+        """Forget every entry.  The next sequence gets new buffers: entries handed out before stay as they were
+        (the reference's are tensors of their own), at the cost of one allocation per sequence."""
         for i in range(len(self.cache)):
             self.cache[i] = None
             self._in_store[i] = False
+        self._store = None
 
     # -- gptfast's additions --------------------------------------------------------------
 
@@ -186,10 +188,11 @@ class RowKVCache:
         return [self.get(layer_idx, b) for b in range(self.batch_size)]
 
     def reset(self):
-        """Forget every entry (the buffers stay for the next batch)."""
+        """Forget every entry.  The next batch gets new buffers, so entries handed out before keep their values."""
         for i in range(len(self._lengths)):
             self._lengths[i] = [0] * self.batch_size
             self._given[i] = [None] * self.batch_size
+            self._buffers[i] = None
 
     # -- gptfast's additions --------------------------------------------------------------
 
