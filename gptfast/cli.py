@@ -251,6 +251,19 @@ def _saved_history(resume_state, train_loader) -> dict:
     return saved
 
 
+def _restore_random_state(saved, device) -> None:
+    """Set the random generators to a checkpoint's: the states :func:`~gptfast.training.pretrain.rng_state` saved,
+    or the CPU generator's state alone (checkpoints written before the GPU's was kept); none: left as they are."""
+    import torch
+
+    from .training.pretrain import set_rng_state
+
+    if isinstance(saved, torch.Tensor):
+        torch.set_rng_state(saved.cpu())
+    elif isinstance(saved, dict) and isinstance(saved.get("torch"), torch.Tensor) and "python" in saved:
+        set_rng_state(saved, device)
+
+
 def _refuse_diverged(model) -> None:
     """A model whose parameters are no longer finite (the loss diverged) is an error: saving it would replace the
     last good checkpoint with one that cannot generate."""
@@ -275,6 +288,7 @@ def _train_and_save(args, cfg, device, out_dir: Path, train_loader, val_loader, 
     from .training.host_memory import keep_freed_host_memory
     from .training.loops import RunSoFar, calc_loss_batch, plot_losses, train_simple_with_loss
     from .training.optimizers import chapter_adamw
+    from .training.pretrain import rng_state
 
     check_writable_dir(out_dir, name="--out-dir")  # before training, not after it
     ckpt_path = out_dir / CHAPTER_CHECKPOINT
@@ -295,10 +309,10 @@ def _train_and_save(args, cfg, device, out_dir: Path, train_loader, val_loader, 
           f"{len(train_loader)} train / {len(val_loader)} val batches, backend {ops.get_backend()}, "
           f"device {device}{host}")
     history = _saved_history(resume_state, train_loader)
-    if resume_state is not None and isinstance(resume_state.get(RNG_KEY), torch.Tensor):
-        # The saved run's random stream goes on: the next epoch is shuffled (and dropped out) as that run's
-        # next epoch would be, not as its first one again.
-        torch.set_rng_state(resume_state[RNG_KEY].cpu())
+    if resume_state is not None:
+        # The saved run's random streams go on (the CPU's, and a GPU's dropout): the next epoch is shuffled
+        # (and dropped out) as that run's next epoch would be, not as its first one again.
+        _restore_random_state(resume_state.get(RNG_KEY), device)
     start = time.perf_counter()
     # Chapter 5's loop (``train_model_simple``), its epochs, steps and token counts going on from the saved run's.
     train_losses, val_losses, tokens_seen = train_simple_with_loss(
@@ -315,7 +329,7 @@ def _train_and_save(args, cfg, device, out_dir: Path, train_loader, val_loader, 
                "train_losses": history["train_losses"] + train_losses,
                "val_losses": history["val_losses"] + val_losses,
                "tokens_seen": history["tokens_seen"] + [int(t) for t in tokens_seen]}
-    save_checkpoint(ckpt_path, model, optimizer, config=cfg, **{RNG_KEY: torch.get_rng_state(), HISTORY_KEY: history})
+    save_checkpoint(ckpt_path, model, optimizer, config=cfg, **{RNG_KEY: rng_state(device), HISTORY_KEY: history})
     if not history["train_losses"]:  # no evaluation ran (no epochs, or fewer steps than --eval-freq): nothing to plot
         print(f"saved {ckpt_path} (no loss plot: no evaluation ran)")
         return 0

@@ -156,6 +156,21 @@ def test_one_epoch_resumed_for_another_is_the_two_epoch_run(tmp_path, capsys):
     assert a["history"]["tokens_seen"][-1] <= a["history"]["tokens"]
 
 
+def test_resume_takes_the_random_state_of_either_checkpoint_format():
+    """The checkpoint keeps every generator's state (CPU, Python, and a GPU's when training on one); one written
+    before kept only the CPU generator's tensor. Either sets the CPU stream back."""
+    from gptfast.cli import _restore_random_state
+    from gptfast.training.pretrain import rng_state
+
+    cpu = torch.device("cpu")
+    for take in (rng_state, lambda _: torch.get_rng_state()):
+        saved = take(cpu)
+        expected = torch.rand(3)
+        torch.rand(5)
+        _restore_random_state(saved, cpu)
+        assert torch.equal(torch.rand(3), expected)
+
+
 def test_resume_with_a_different_config_is_an_error(trained, tmp_path, capsys):
     _copy_run(trained, tmp_path)
     assert _train(tmp_path, "--resume", "--context-length", "32") == 2
