@@ -960,19 +960,36 @@ def test_gqa_fakes_give_dk_dv_the_kv_shapes():
     assert attention._fake_decode_attention(q[:, :, :1], k, k, 0.25).shape == (2, 6, 1, 16)
 
 
-@pytest.mark.parametrize("h,h_kv", [(4, 3), (6, 4), (2, 4), (4, 0)])
-def test_gqa_bad_head_ratio_raises_before_any_kernel(h, h_kv):
-    q, k = torch.randn(1, h, 4, 8), torch.randn(1, h_kv, 4, 8)
+@pytest.mark.parametrize("h,h_kv", [(4, 3), (6, 4), (2, 4), (4, 0), (0, 1)])
+@pytest.mark.parametrize("tq", [1, 4], ids=["decode", "prefill"])
+def test_gqa_bad_head_ratio_raises_before_any_kernel(h, h_kv, tq):
+    q, k = torch.randn(1, h, tq, 8), torch.randn(1, h_kv, 4, 8)
     for backend in ("torch", "cpu", "triton", "cuda"):
         with pytest.raises(ValueError, match=r"k has .* heads but q has .*multiple of the key/value heads"):
             ops.causal_attention(q, k, k, backend=backend)
 
 
 @needs_cpu_backend
-def test_gqa_cpu_kernel_checks_head_ratio_itself():
+@pytest.mark.parametrize("h", [3, 0], ids=["not a multiple", "no query head"])
+def test_gqa_cpu_kernel_checks_head_ratio_itself(h):
+    """The kernel checks too (a group of no query heads would divide by zero in its head loops)."""
+    q, k = torch.randn(1, h, 2, 4), torch.randn(1, 2, 2, 4)
     with pytest.raises(RuntimeError, match="multiple of k's heads"):
-        torch.ops.gptfast_cpu.attention_fwd(torch.randn(1, 3, 2, 4), torch.randn(1, 2, 2, 4),
-                                            torch.randn(1, 2, 2, 4), 1.0, 0.0, None)
+        torch.ops.gptfast_cpu.attention_fwd(q, k, k, 1.0, 0.0, None)
+    with pytest.raises(RuntimeError, match="multiple of k's heads"):
+        torch.ops.gptfast_cpu.attention_bwd(q, q, k, k, q, torch.zeros(1, h, 2), 1.0, 0.0, None)
+
+
+@parity.needs_triton
+@needs_interpreter
+def test_gqa_triton_kernels_check_head_ratio_themselves():
+    from csrc.triton import attention as triton_attention
+
+    q, k = torch.randn(1, 0, 2, 16), torch.randn(1, 2, 2, 16)
+    with pytest.raises(ValueError, match="whole multiple of k's"):
+        triton_attention.attention_fwd(q, k, k, 1.0, 0.0, None)
+    with pytest.raises(ValueError, match="whole multiple of k's"):
+        triton_attention.attention_bwd(q, q, k, k, q, torch.zeros(1, 0, 2), 1.0, 0.0, None)
 
 
 def test_gqa_kernels_receive_the_unexpanded_kv():
@@ -1097,3 +1114,18 @@ def test_generation_runner_hands_the_cache_kv_heads_to_the_op(monkeypatch, backe
     with torch.no_grad(), ops.use_backend(backend):
         full = model(idx)[:, -1]
     parity.assert_close(step, full, torch.float32, f"{backend} cached decode")
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_cases("causal_attention", dtypes=(torch.bfloat16,)))
+def test_under_autocast_float32_inputs_are_attended_in_its_dtype_as_torchs(backend, device, dtype):
+    """Autocast runs the torch path's products in its dtype, so the output is in it; a fused backend, one op
+    autocast does not cast, takes its inputs cast the same way (and their gradients flow back in float32)."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 4, 6, 16, generator=g).to(device).requires_grad_(True) for _ in range(3))
+    with torch.autocast(torch.device(device).type, dtype=dtype):
+        expected = ops.causal_attention(q, k[:, :2], v[:, :2], backend="torch")
+        got = ops.causal_attention(q, k[:, :2], v[:, :2], backend=backend)
+    assert got.dtype == expected.dtype == dtype
+    parity.assert_close(got.float(), expected.float(), dtype, "attention under autocast")
+    got.float().sum().backward()
+    assert q.grad.dtype == k.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()

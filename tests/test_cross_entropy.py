@@ -870,6 +870,43 @@ def test_cpu_loss_compiles_into_one_graph():
     assert logits.grad is not None
 
 
+@pytest.mark.parametrize("backend,device", [case for case in backend_devices() if case.values != ("triton", "cpu")])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_loss_with_gradients_compiles_into_one_graph(backend, device, reduction):
+    """The guard against a second backward through the in-place gradient is left out while torch.compile traces
+    (the traced backward scales out of place): dynamo refused its mutation, breaking the graph."""
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(5, 16, generator=g).to(device).requires_grad_(True)
+    weight = torch.randn(11, 16, generator=g).to(device).requires_grad_(True)
+    targets = torch.tensor([1, 2, -100, 4, 5], device=device)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda h, w: ops.linear_cross_entropy(h, w, targets, reduction=reduction,
+                                                                    backend=backend),
+                             backend="aot_eager", fullgraph=True)
+    loss = compiled(hidden, weight)
+    loss.sum().backward()
+    h2, w2 = (t.detach().double().cpu().requires_grad_(True) for t in (hidden, weight))
+    expected = torch.nn.functional.cross_entropy(h2 @ w2.T, targets.cpu(), reduction=reduction)
+    expected.sum().backward()
+    parity.assert_close(loss.detach().cpu(), expected.detach(), torch.float32, "compiled linear loss")
+    parity.assert_close(hidden.grad.cpu(), h2.grad, torch.float32, "compiled linear loss, hidden grad")
+    parity.assert_close(weight.grad.cpu(), w2.grad, torch.float32, "compiled linear loss, weight grad")
+
+
+@parity.needs_triton
+@needs_interpreter
+def test_the_triton_interpreter_refuses_to_run_traced():
+    """Traced by torch.compile, the interpreter's kernels read tensors without real data (a loss of 1e-28 or
+    1e26): the backend says it cannot run there instead."""
+    hidden, weight = torch.randn(5, 16), torch.randn(11, 16)
+    targets = torch.tensor([1, 2, -100, 4, 5])
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda h, w: ops.linear_cross_entropy(h, w, targets, backend="triton"),
+                             backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="interpreter .* cannot run under torch.compile"):
+        compiled(hidden, weight)
+
+
 @needs_cuda
 def test_cuda_bad_target_is_nan_not_a_wild_read():
     logits = torch.randn(4, 50257, device="cuda", requires_grad=True)

@@ -639,3 +639,19 @@ def test_linear_in_float32_of_an_empty_inner_dimension_is_the_bias():
     x, w, b = torch.zeros(3, 0, dtype=torch.bfloat16), torch.zeros(4, 0, dtype=torch.bfloat16), torch.arange(4.)
     out = linear_module.linear_in_float32(x, w, b.to(torch.bfloat16))
     assert torch.equal(out, b.to(torch.bfloat16).expand(3, 4))
+
+
+BF16_CASES = [case for case in CASES if case.values[2] == torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend,device,dtype", BF16_CASES)
+def test_under_autocast_float32_inputs_are_multiplied_in_its_dtype_as_torchs(backend, device, dtype):
+    """As ``F.linear`` under autocast: float32 inputs cast to its dtype, the product in it."""
+    g = torch.Generator().manual_seed(4)
+    x, weight, bias = torch.randn(3, 40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
+    x, weight, bias = x.to(device), weight.to(device), bias.to(device)
+    with torch.autocast(torch.device(device).type, dtype=dtype):
+        expected = F.linear(x, weight, bias)
+        got = ops.decode_linear(x, weight, bias, backend=backend)
+    assert got.dtype == expected.dtype == dtype
+    torch.testing.assert_close(got.float(), expected.float(), **TOL[dtype])

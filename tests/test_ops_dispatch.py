@@ -452,3 +452,17 @@ def test_kernel_calls_without_grad_skip_the_python_autograd_layer(backend):
             out = ops.layer_norm(x, weight, bias)
         assert out.grad_fn is None and not out.requires_grad
         torch.testing.assert_close(out, ops.layer_norm(x, weight, bias).detach())
+
+
+def test_selected_backend_names_an_unknown_op_and_asks_for_the_arguments_it_needs():
+    x = torch.randn(1, 1, 2, 8)
+    with pytest.raises(ValueError, match="op must be one of .*not_an_op"):
+        ops.selected_backend("not_an_op", x)
+    with pytest.raises(TypeError, match="tensor arguments"):
+        ops.selected_backend("rope")
+    with ops.use_backend("cpu" if "cpu" in ops.available_backends() else "torch"):
+        cos = sin = torch.randn(4, 8)
+        assert ops.selected_backend("rope", x, cos, sin) in ("cpu", "torch")
+        if ops.get_backend() == "cpu":  # its limits read the tables: a clear TypeError, not theirs
+            with pytest.raises(TypeError, match=r"selected_backend\('rope', \.\.\.\) needs more of rope's"):
+                ops.selected_backend("rope", x)

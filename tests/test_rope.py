@@ -187,3 +187,17 @@ def test_bad_arguments_are_named_before_any_kernel():
             ops.rope(x, cos, sin, positions=torch.zeros(2, 3), backend=backend)
         with pytest.raises(TypeError, match="cos must be a floating"):
             ops.rope(x, cos.long(), sin, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_backend)])
+def test_per_row_positions_compile_into_one_graph(backend):
+    """The front door reads the positions' range on CPU, but not while torch.compile traces (the values are not
+    known then; the kernels' own bounds checks stand)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 5, 16, generator=g)
+    cos, sin = rope_tables(16, context_length=20)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x_, p: ops.rope(x_, cos, sin, positions=p, backend=backend), backend="eager",
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(x, positions), ops.rope(x, cos, sin, positions=positions, backend="torch"))

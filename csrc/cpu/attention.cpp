@@ -748,7 +748,8 @@ Dims check_and_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   TORCH_CHECK(k.sizes() == v.sizes(), "gptfast_cpu attention: k and v shapes differ");
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3),
               "gptfast_cpu attention: q and k disagree in batch or head_dim");
-  TORCH_CHECK(k.size(1) == q.size(1) || (k.size(1) >= 1 && q.size(1) % k.size(1) == 0),
+  // A group of zero query heads per key/value head would divide by zero in the head loops.
+  TORCH_CHECK(k.size(1) == q.size(1) || (k.size(1) >= 1 && q.size(1) >= k.size(1) && q.size(1) % k.size(1) == 0),
               "gptfast_cpu attention: q's heads must be a multiple of k's heads, got ", q.size(1), " and ", k.size(1));
   TORCH_CHECK(q.size(2) >= 1 && q.size(2) <= k.size(2), "gptfast_cpu attention: need 1 <= Tq <= Tk");
   Dims s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), 0, k.size(2) - q.size(2)};

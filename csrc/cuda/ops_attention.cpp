@@ -80,7 +80,8 @@ Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, d
   TORCH_CHECK(k.sizes() == v.sizes(), "gptfast_cuda attention: k and v shapes differ: ", k.sizes(), " vs ", v.sizes());
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3),
               "gptfast_cuda attention: q ", q.sizes(), " and k ", k.sizes(), " must agree in B and D");
-  TORCH_CHECK(k.size(1) == q.size(1) || (k.size(1) >= 1 && q.size(1) % k.size(1) == 0), "gptfast_cuda attention: q's heads must be a multiple of ",
+  TORCH_CHECK(k.size(1) == q.size(1) || (k.size(1) >= 1 && q.size(1) >= k.size(1) && q.size(1) % k.size(1) == 0),
+              "gptfast_cuda attention: q's heads must be a whole multiple of ",
               "k's heads, got q ", q.sizes(), " and k ", k.sizes());
   TORCH_CHECK(head_dim_supported(static_cast<int>(q.size(3))),
               "gptfast_cuda attention: head_dim must be 64 or 128, got ", q.size(3));

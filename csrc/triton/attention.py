@@ -390,6 +390,14 @@ def needs_wide_offsets(*tensors: torch.Tensor) -> bool:
     return False
 
 
+def _check_heads(q: torch.Tensor, k: torch.Tensor) -> None:
+    """The kernels index a key/value head as ``h // group``: the query heads must be a whole multiple of them,
+    with at least one query head per key/value head (a group of 0 divides by zero)."""
+    h, h_kv = q.shape[1], k.shape[1]
+    if not (h == h_kv or (h_kv >= 1 and h >= h_kv and h % h_kv == 0)):
+        raise ValueError(f"gptfast_triton attention: q's heads must be a whole multiple of k's, got {h} and {h_kv}")
+
+
 def _dropout_args(dropout_p: float, seed: torch.Tensor | None) -> tuple[bool, float]:
     """(dropout on?, scale of kept weights); p = 1 drops everything, like F.dropout."""
     active = dropout_p > 0.0
@@ -403,6 +411,7 @@ def _dropout_args(dropout_p: float, seed: torch.Tensor | None) -> tuple[bool, fl
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float,
                   seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention forward; returns ``(out, lse)`` with lse ``(B, H, Tq)`` float32 (base 2)."""
+    _check_heads(q, k)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, h, tq, d = q.shape
     tk = k.shape[2]
@@ -424,6 +433,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                   lse: torch.Tensor, scale: float, dropout_p: float,
                   seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of causal attention, recomputing the probabilities from ``lse``."""
+    _check_heads(q, k)
     q, k, v, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, grad_out))
     b, h, tq, d = q.shape
     tk = k.shape[2]

@@ -25,6 +25,8 @@ import torch
 from . import _checks
 from ._dispatch import (
     BACKEND_CHOICES,
+    OPS,
+    autocast_inputs,
     available_backends,
     backend_status,
     check_backend_choice,
@@ -60,8 +62,21 @@ __all__ = [
 
 
 def selected_backend(op: str, *tensors: torch.Tensor) -> str:
-    """Name of the backend that would run ``op`` on these tensors right now."""
-    return resolve(op, tensors[0].device, tensors)[0]
+    """Name of the backend that would run ``op`` on these tensors right now.
+
+    ``tensors`` are the op's tensor arguments in its order; the leading ones may do (the other arguments count
+    as their defaults) unless the choice depends on a later one, as RoPE's does on its tables: a ``TypeError``
+    then says so.
+    """
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
+    if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise TypeError(f"selected_backend needs {op}'s tensor arguments, got {[type(t).__name__ for t in tensors]}")
+    try:
+        return resolve(op, tensors[0].device, tensors)[0]
+    except (TypeError, IndexError, ValueError) as exc:  # a backend's limits read an argument not given
+        raise TypeError(f"selected_backend({op!r}, ...) needs more of {op}'s tensor arguments to decide, got "
+                        f"{len(tensors)}: {exc}") from None
 
 
 def causal_attention(q, k, v, *, dropout_p=0.0, training=False, scale=None, backend=None):
@@ -77,8 +92,9 @@ def causal_attention(q, k, v, *, dropout_p=0.0, training=False, scale=None, back
     """
     _checks.check_attention(q, k, v, dropout_p, scale, training)
     kwargs = dict(dropout_p=float(dropout_p), training=bool(training), scale=scale)
-    _, fn = resolve("causal_attention", q.device, (q, k, v), kwargs, backend)
-    return fn(q, k, v, **kwargs)
+    cast = autocast_inputs(q, k, v)
+    name, fn = resolve("causal_attention", q.device, cast, kwargs, backend)
+    return fn(q, k, v, **kwargs) if name == "torch" else fn(*cast, **kwargs)
 
 
 def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", backend=None):
@@ -237,6 +253,6 @@ def decode_linear(x, weight, bias=None, *, backend=None):
     routing waits for a GPU measurement.
     """
     _checks.check_decode_linear(x, weight, bias)
-    kwargs = dict(bias=bias)
-    _, fn = resolve("decode_linear", x.device, (x, weight), kwargs, backend)
-    return fn(x, weight, **kwargs)
+    x_cast, weight_cast, bias_cast = autocast_inputs(x, weight, bias)
+    name, fn = resolve("decode_linear", x.device, (x_cast, weight_cast), dict(bias=bias_cast), backend)
+    return fn(x, weight, bias=bias) if name == "torch" else fn(x_cast, weight_cast, bias=bias_cast)

@@ -83,7 +83,9 @@ def check_attention(q, k, v, dropout_p, scale, training=False) -> None:
     if k.shape[0] != b or k.shape[3] != d:
         raise ValueError(
             f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head_dim")
-    if (h_kv == 0 and h != 0) or (h_kv != 0 and h % h_kv != 0):
+    # At least one query head per key/value head: a group of none (q with 0 heads, k with some) has no meaning,
+    # and the kernels would divide by it.
+    if (h_kv == 0) != (h == 0) or (h_kv != 0 and h % h_kv != 0):
         raise ValueError(
             f"k has {h_kv} heads but q has {h}: the query heads must be a whole multiple of the key/value heads "
             f"(grouped-query attention), got q {tuple(q.shape)} and k {tuple(k.shape)}")
@@ -328,7 +330,8 @@ def check_rope(x, cos, sin, offset, positions) -> None:
     if offset != 0:
         raise ValueError(f"offset must be 0 when positions are given, got {offset}")
     require_same_device(x=x, positions=positions)
-    if positions.device.type == "cpu" and positions.numel() > 0:
+    # Under torch.compile the values are not known while tracing: the kernels' own bounds checks stand then.
+    if positions.device.type == "cpu" and positions.numel() > 0 and not torch.compiler.is_compiling():
         low, high = int(positions.min()), int(positions.max())
         if low < 0 or high >= table:
             raise ValueError(f"positions contains {low if low < 0 else high}, outside the RoPE tables' "

@@ -367,7 +367,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         kept = targets.numel() - ignored.sum()
         ctx.grads, ctx.kept = (gh, gw, gb), kept
         ctx.ignored = ignored.view(-1) if need[0] else None
-        ctx.saved_gradient = _SavedGradient(op_name)
+        # Traced (torch.compile), the backward scales out of place, so a second backward is no hazard; and
+        # dynamo refuses the guard's mutation there.
+        ctx.saved_gradient = None if torch.compiler.is_compiling() else _SavedGradient(op_name)
         total = loss_rows.sum()
         return (total / kept if reduction == "mean" else total).to(hidden.dtype)
 
@@ -380,7 +382,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 _, gh, gw, gb = _linear_ce_chunks(ctx.kernel, hidden, weight, bias, targets, ctx.ignore_index,
                                                   grad_loss.to(acc_dtype(hidden.dtype)), ctx.need)
         else:
-            ctx.saved_gradient.take()
+            if ctx.saved_gradient is not None:
+                ctx.saved_gradient.take()
             factor = grad_loss.to(acc_dtype(grad_loss.dtype))
             if ctx.reduction == "mean":
                 factor = factor / ctx.kept.clamp(min=1)

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from ._dispatch import fused_entry_points, register_kernels
+from ._dispatch import fused_entry_points, is_tracing, register_kernels
 
 NAMESPACE = "gptfast_triton"
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -52,6 +52,9 @@ def unavailable_reason() -> str | None:
 def supports(op: str, *args, **kwargs) -> str | None:
     """``None`` if the kernels can serve this call, else the reason (dtype, head dim ...)."""
     x = args[0]
+    if INTERPRETER and x.device.type == "cpu" and is_tracing(x):
+        # Traced (torch.compile, make_fx), the interpreter's kernels read tensors without real data: garbage.
+        return "Triton's interpreter (TRITON_INTERPRET=1) cannot run under torch.compile or other tracing"
     if INTERPRETER and x.dtype in (torch.float16, torch.bfloat16):
         return (f"Triton's interpreter (TRITON_INTERPRET=1) computes {x.dtype} tl.dot wrongly; "
                 "use float32, or a GPU without the interpreter")
