@@ -106,10 +106,13 @@ def test_bad_data_arguments_are_clear_errors(tmp_path, tokenizer, csv_files):
         ch06.create_balanced_dataset(df.rename(columns={"Label": "y"}))
     with pytest.raises(ValueError, match="max_length"):
         ch06.SpamDataset(csv_files[0], tokenizer, max_length=0)
-    for labels in (["ham", "spam"], [1.5, 0.0], [1.0, None]):
+    for labels in (["ham", "spam"], [1.5, 0.0], [1.0, None], [float("inf"), 0.0], [1e30, 1.0]):
         pd.DataFrame({"Label": labels, "Text": ["hi", "yo"]}).to_csv(tmp_path / "raw.csv", index=None)
         with pytest.raises(ValueError, match="Label must hold integer class ids"):
             ch06.SpamDataset(tmp_path / "raw.csv", tokenizer)
+    for pad in (1.5, None, "x"):
+        with pytest.raises(TypeError, match="pad_token_id must be an int token id"):
+            ch06.SpamDataset(csv_files[0], tokenizer, pad_token_id=pad)
     pd.DataFrame({"Label": [1.0, 0.0], "Text": ["hi", "yo"]}).to_csv(tmp_path / "floats.csv", index=None)
     ours, ref = ch06.SpamDataset(tmp_path / "floats.csv", tokenizer), ref_ch06.SpamDataset(tmp_path / "floats.csv",
                                                                                            tokenizer)
@@ -338,3 +341,17 @@ def test_plot_losses_writes_the_file_and_returns_none_like_the_reference(tmp_pat
     assert ch05.plot_losses([0, 1], [0, 8], [0.9, 0.7], [1.0, 0.8], save_path=tmp_path / "loss.pdf", show=False) is None
     assert (tmp_path / "loss.pdf").read_bytes().startswith(b"%PDF")
     assert plt.gcf().axes[0].get_ylabel() == "Loss"
+
+
+def test_batch_limits_that_are_not_positive_ints_are_named(csv_files, tokenizer):
+    """The reference divides by the limit (0 fails, -1 gives -0.0, 1.5 averages two batches over 1.5)."""
+    _, ours = _classifier_pair(TINY)
+    loader = _loaders(csv_files, tokenizer)[1]
+    for bad in (0, -1, 1.5, True):
+        for fn in (ch06.calc_loss_loader, ch06.calc_accuracy_loader):
+            with pytest.raises(ValueError, match="num_batches must be a positive int or None"):
+                fn(loader, ours, "cpu", num_batches=bad)
+        with pytest.raises(ValueError, match="eval_iter must be a positive int or None"):
+            ch06.evaluate_model(ours, loader, loader, "cpu", bad)
+    with pytest.raises(TypeError, match="pad_token_id must be an int token id"):
+        ch06.classify_review("hi", ours, tokenizer, "cpu", max_length=4, pad_token_id=0.5)

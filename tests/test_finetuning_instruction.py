@@ -115,6 +115,9 @@ def test_bad_collate_inputs_are_clear_errors():
             ch07.custom_collate_fn([[1, 2]], allowed_max_length=bad)
     with pytest.raises(TypeError, match="ignore_index"):
         ch07.custom_collate_fn([[1, 2]], ignore_index=None)
+    for fn in (ch07.custom_collate_draft_1, ch07.custom_collate_draft_2, ch07.custom_collate_fn):
+        with pytest.raises(TypeError, match="pad_token_id must be an int token id"):
+            fn([[1, 2]], pad_token_id=1.5)  # its targets would never match 1.5: no padding masked
 
 
 def _loaders(tokenizer, data, batch_size=4, allowed_max_length=40):
@@ -201,6 +204,32 @@ def test_row_groups():
     assert _row_groups([10, 0, 100, 90, 50, 86, 84]) == [([2, 3, 5], 100), ([6], 84), ([4], 50), ([0], 10)]
     assert _row_groups([10, 0, 100, 90], split=False) == [([2, 3, 0], 100)]
     assert _row_groups([0, 0]) == [] and _row_groups([0], split=False) == []
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_inputs_the_cut_rows_would_hide_fail_or_count_as_in_the_reference(backend):
+    """Rows are cut at their last kept target only for one target per input token within the model's positions:
+    other targets and longer inputs get the reference's computation (its value, or its error)."""
+    ref_ch05 = reference("ch05")
+    ref, ours = twin_models({**TINY, "vocab_size": 300, "context_length": 8})
+    ref.eval(), ours.eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 300, (2, 6), generator=g)
+    with ops.use_backend(backend):
+        for shape in ((2, 5), (1, 6), (3, 6)):
+            with pytest.raises(ValueError):
+                ch07.calc_loss_batch(x, torch.randint(0, 300, shape, generator=g), ours, "cpu")
+        for shape in ((12,), (2, 6, 1)):  # as many targets as tokens: the reference flattens them
+            y = torch.randint(0, 300, shape, generator=g)
+            expected = ref_ch05.calc_loss_batch(x, y, ref, "cpu")
+            torch.testing.assert_close(ch07.calc_loss_batch(x, y, ours, "cpu"), expected, rtol=1e-5, atol=1e-5)
+        longer = torch.randint(0, 300, (2, 10), generator=g)  # past the 8 positions, its last targets ignored
+        targets = longer.clone()
+        targets[:, 6:] = -100
+        with pytest.raises(IndexError):
+            ref_ch05.calc_loss_batch(longer, targets, ref, "cpu")
+        with pytest.raises(IndexError):
+            ch07.calc_loss_batch(longer, targets, ours, "cpu")
 
 
 def test_a_batch_without_targets_gives_nan_like_the_reference():

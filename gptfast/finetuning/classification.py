@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from .. import ops
 from ..files import atomic_savefig, atomic_write
-from ..training.loops import evaluate_losses, mean_batch_loss
+from ..training.loops import batches_to_use, evaluate_losses, mean_batch_loss
 from ..training.optimizers import fused_optimizer_steps
 from .heads import last_token_logits
 
@@ -93,6 +93,7 @@ class SpamDataset(Dataset):
 
         if max_length is not None and (not _is_int(max_length) or max_length < 1):
             raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+        require_token_id("pad_token_id", pad_token_id)
         self.data = pd.read_csv(csv_file)
         for column in ("Text", "Label"):
             if column not in self.data.columns:
@@ -110,8 +111,9 @@ class SpamDataset(Dataset):
         labels = self.data["Label"]
         # Whole numbers written as floats (1.0) are class ids too, as in the reference; 1.5 or NaN is no class
         # (the reference's torch.tensor(label, dtype=torch.long) would truncate it silently).
+        # An infinite label, or one past int64, would turn into -2**63.
         whole_floats = pd.api.types.is_float_dtype(labels) and bool(
-            (labels.notna() & (labels == labels.round())).all())
+            (labels.notna() & (labels == labels.round()) & (labels.abs() < 2.0**63)).all())
         # An empty file (a split that came out empty) reads as an object column: an empty data set, as the reference's.
         if len(labels) > 0 and not (pd.api.types.is_integer_dtype(labels) or whole_floats):
             raise ValueError(f"csv_file {str(csv_file)!r}: Label must hold integer class ids (e.g. ham 0, spam 1), "
@@ -133,6 +135,13 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def require_token_id(name: str, value) -> None:
+    """``TypeError`` naming ``name`` unless ``value`` is an int token id (a float would pad with its truncation,
+    and targets compared with 1.5 would never match it)."""
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int token id, got {value!r}")
+
+
 def _text(value, row):
     if not isinstance(value, str):
         raise TypeError(f"csv_file row {row}: Text must be a string, got {value!r}")
@@ -142,14 +151,10 @@ def _text(value, row):
 # ----------------------------------------------------------------------------- loss, accuracy, training
 
 
-def _limit(data_loader, num_batches):
-    return len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
-
-
 def calc_accuracy_loader(data_loader, model, device, num_batches=None):
     """Share of examples whose last-token argmax equals the label, over the first ``num_batches`` batches."""
     model.eval()
-    num_batches = _limit(data_loader, num_batches)
+    num_batches = batches_to_use(data_loader, num_batches)
     correct, seen = 0, 0
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i >= num_batches:
@@ -247,6 +252,7 @@ def classify_review(text, model, tokenizer, device, max_length=None, pad_token_i
     if max_length is not None and (not _is_int(max_length) or not 1 <= max_length <= context_length):
         raise ValueError(f"max_length must be an int in [1, {context_length}] (the model's context), "
                          f"got {max_length!r}")
+    require_token_id("pad_token_id", pad_token_id)
     input_ids = tokenizer.encode(text)[:context_length if max_length is None else max_length]
     if max_length is not None:
         input_ids += [pad_token_id] * (max_length - len(input_ids))

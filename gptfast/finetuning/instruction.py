@@ -32,6 +32,7 @@ from ..ch05 import text_to_token_ids
 from ..files import atomic_write_text
 from ..generation import generate_batch
 from ..training.loops import evaluate_losses, mean_batch_loss, train_simple_with_loss
+from .classification import require_token_id
 from .heads import final_hidden_states, head_loss, is_book_gpt, packed_hidden_states, reference_numerics
 
 # ----------------------------------------------------------------------------- data
@@ -95,6 +96,7 @@ def _is_tiktoken(tokenizer) -> bool:
 
 def _padded_batch(batch, pad_token_id):
     """``(B, longest + 1)`` int64: each sequence, then ``pad_token_id`` to the end (at least one)."""
+    require_token_id("pad_token_id", pad_token_id)
     if not isinstance(batch, (list, tuple)) or len(batch) == 0:
         raise ValueError("batch must be a non-empty list of token-id sequences")
     rows = []
@@ -155,8 +157,11 @@ def calc_loss_batch(input_batch, target_batch, model, device, ignore_index=-100)
     """
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
     keep = target_batch != ignore_index
-    if reference_numerics() or not is_book_gpt(model) or not bool(keep.any()):
-        # The reference's way (also for a batch without any target: its loss is NaN, as there).
+    if reference_numerics() or not is_book_gpt(model) or not _cuttable(input_batch, target_batch, model) \
+            or not bool(keep.any()):
+        # The reference's way (also for a batch without any target: its loss is NaN, as there; and for inputs the
+        # cut rows would hide: targets of another shape, more tokens than the model has positions, which the
+        # reference's forward and loss refuse).
         logits = model(input_batch)
         return ops.cross_entropy(logits.flatten(0, 1), target_batch.flatten(), ignore_index=ignore_index)
     lengths = _needed_lengths(keep)
@@ -178,6 +183,13 @@ def calc_loss_batch(input_batch, target_batch, model, device, ignore_index=-100)
         hidden.append(states[group_keep])
         targets.append(target_batch.index_select(0, index)[:, :length].flatten()[group_keep])
     return head_loss(torch.cat(hidden), model.out_head, torch.cat(targets), ignore_index=ignore_index)
+
+
+def _cuttable(input_batch, target_batch, model) -> bool:
+    """Whether rows may be cut at their last kept target: one target per input token, ``(batch, tokens)``, and
+    no more tokens than the model has positions (cut rows would pass what the whole rows do not)."""
+    return (input_batch.dim() == 2 and target_batch.shape == input_batch.shape
+            and input_batch.shape[1] <= model.pos_emb.num_embeddings)
 
 
 def _needed_lengths(keep):

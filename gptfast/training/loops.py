@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -37,12 +38,22 @@ def calc_loss_batch(input_batch, target_batch, model, device):
     return next_token_loss(model, input_batch, target_batch)
 
 
-def mean_batch_loss(loss_batch, data_loader, model, device, num_batches=None):
+def batches_to_use(data_loader, num_batches, name="num_batches") -> int:
+    """How many of ``data_loader``'s batches a ``num_batches`` limit takes (all for ``None``); a limit that is not
+    a positive int is a ``ValueError`` naming ``name`` (the reference divides by it: 0 fails, -1 gives -0.0)."""
+    if num_batches is None:
+        return len(data_loader)
+    if isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral) or num_batches < 1:
+        raise ValueError(f"{name} must be a positive int or None, got {num_batches!r}")
+    return min(int(num_batches), len(data_loader))
+
+
+def mean_batch_loss(loss_batch, data_loader, model, device, num_batches=None, name="num_batches"):
     """Average of ``loss_batch(input_batch, target_batch, model, device)`` over the first ``num_batches``
     batches (all by default); NaN for an empty loader.  Every ``calc_loss_loader`` is this with its own loss."""
+    num_batches = batches_to_use(data_loader, num_batches, name)
     if len(data_loader) == 0:
         return float("nan")
-    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
     total = 0.0
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i >= num_batches:
@@ -56,8 +67,8 @@ def evaluate_losses(loss_batch, model, train_loader, val_loader, device, eval_it
     in eval mode without gradients; the model is left in training mode."""
     model.eval()
     with torch.no_grad():
-        train_loss = mean_batch_loss(loss_batch, train_loader, model, device, num_batches=eval_iter)
-        val_loss = mean_batch_loss(loss_batch, val_loader, model, device, num_batches=eval_iter)
+        train_loss = mean_batch_loss(loss_batch, train_loader, model, device, num_batches=eval_iter, name="eval_iter")
+        val_loss = mean_batch_loss(loss_batch, val_loader, model, device, num_batches=eval_iter, name="eval_iter")
     model.train()
     return train_loss, val_loss
 
