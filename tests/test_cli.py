@@ -289,7 +289,7 @@ def test_a_train_run_stopped_after_making_out_dir_leaves_no_empty_folder(tmp_pat
         assert (tmp_path / "new" / "run").is_dir()  # made before training
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loops, "train_model_simple", interrupted)
+    monkeypatch.setattr(loops, "train_simple_with_loss", interrupted)
     monkeypatch.setenv("GPTFAST_KEEP_HOST_MEMORY", "0")
     assert _train(tmp_path / "new" / "run") == 130
     assert capsys.readouterr().err == "gptfast train: interrupted\n"
