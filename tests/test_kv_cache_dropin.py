@@ -9,6 +9,7 @@ of the whole sequence, and cached generation against uncached generation.
 import importlib
 import inspect
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,6 +80,7 @@ def test_the_model_has_reset_kv_cache_and_the_reference_api_of_the_cache():
     assert cache.get_all() == [None, None, None]
     with pytest.raises(ValueError, match="n_layers"):
         KVCache(0)
+    assert KVCache(np.int64(2)).get_all() == [None, None]  # a numpy count, as the reference's list takes it
 
 
 # ----------------------------------------------------------------------------- numbers

@@ -466,6 +466,26 @@ def test_bad_token_ids_are_clear_errors():
         o(torch.tensor([[101]]))
 
 
+def test_token_ids_of_an_embedding_grown_for_added_tokens_are_looked_up_as_in_the_reference():
+    """Ids are checked against the embedding's rows, not the config's vocabulary: a model whose embedding and head
+    were grown (tokens added for fine-tuning, the config left as built) takes the new ids, as the reference does."""
+    import llms_from_scratch.kv_cache.qwen3 as ref_cached
+    import gptfast.kv_cache.qwen3 as ours_cached
+
+    cfg = tiny_cfg(2)
+    for ref_module, our_module in ((ref, ours), (ref_cached, ours_cached)):
+        r, o = seeded_pair(ref_module, our_module, "Qwen3Model", cfg, 123)
+        for model in (r, o):
+            torch.manual_seed(4)
+            model.tok_emb = torch.nn.Embedding(cfg["vocab_size"] + 10, cfg["emb_dim"])
+            model.out_head = torch.nn.Linear(cfg["emb_dim"], cfg["vocab_size"] + 10, bias=False)
+        idx = torch.tensor([[1, cfg["vocab_size"] + 5]])
+        with ops.use_backend("torch"):
+            assert torch.equal(o(idx), r(idx))
+        with pytest.raises(ValueError, match=f"token id {cfg['vocab_size'] + 10}"):
+            o(torch.tensor([[cfg["vocab_size"] + 10]]))
+
+
 def test_model_compiles_as_one_graph_with_the_same_logits():
     # The reference's README quotes torch.compile speeds: the drop-in must compile without graph breaks.
     cfg = tiny_cfg(2)

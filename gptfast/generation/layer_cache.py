@@ -12,6 +12,8 @@ given, so any model written against the book's API can use it), and adds
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .cache import KVCache as StaticKVCache
@@ -31,8 +33,9 @@ class KVCache:
     """
 
     def __init__(self, n_layers):
-        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+        if isinstance(n_layers, bool) or not isinstance(n_layers, numbers.Integral) or n_layers < 1:
             raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
+        n_layers = int(n_layers)  # a numpy integer too, as the reference's list takes it
         self.cache = [None] * n_layers
         # Which entries are views of ``_store`` (so ``append`` only writes the new positions).
         self._in_store = [False] * n_layers
@@ -148,8 +151,9 @@ class RowKVCache:
 
     def __init__(self, n_layers, batch_size):
         for name, value in (("n_layers", n_layers), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        n_layers, batch_size = int(n_layers), int(batch_size)
         self.batch_size = batch_size
         self._lengths = [[0] * batch_size for _ in range(n_layers)]  # tokens of each row held in the buffers
         self._given = [[None] * batch_size for _ in range(n_layers)]  # entries set through update()

@@ -93,7 +93,8 @@ class CachedDecoder:
     def hidden_states(self, in_idx, cache=None):
         """Final-norm hidden states ``(batch, tokens, emb_dim)`` in the config's dtype: :meth:`forward` without
         the output head (the cache and ``current_pos`` move on alike)."""
-        layers.check_token_ids(in_idx, self.cfg["vocab_size"], self.cos.shape[0])
+        rows = layers.embedding_rows(self.tok_emb, self.cfg["vocab_size"])
+        layers.check_token_ids(in_idx, rows, self.cos.shape[0])
         start = claim_positions(self, in_idx.shape[1], cache)
         try:
             x = self.tok_emb(in_idx)

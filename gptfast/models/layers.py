@@ -41,6 +41,13 @@ def require_divisible(name: str, value: int, by_name: str, by: int) -> None:
         raise ValueError(f"{name} ({value}) must be divisible by {by_name} ({by})")
 
 
+def embedding_rows(tok_emb, vocab_size: int) -> int:
+    """The token ids ``tok_emb`` looks up: its rows (an embedding grown for added tokens has more than the config
+    says), or ``vocab_size`` for a module that does not say."""
+    rows = getattr(tok_emb, "num_embeddings", None)
+    return rows if isinstance(rows, int) else vocab_size
+
+
 def check_token_ids(in_idx: torch.Tensor, vocab_size: int, context_length: int) -> None:
     """Token ids must be a ``(batch, tokens)`` integer tensor within the vocabulary and context.
 

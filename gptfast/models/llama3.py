@@ -192,7 +192,8 @@ class _Llama3Base(nn.Module):
 
     def hidden_states(self, in_idx):
         """Final-norm hidden states ``(b, t, emb_dim)`` in the config's dtype: everything but the output head."""
-        layers.check_token_ids(in_idx, self.cfg["vocab_size"], self.cos.shape[0])
+        rows = layers.embedding_rows(self.tok_emb, self.cfg["vocab_size"])
+        layers.check_token_ids(in_idx, rows, self.cos.shape[0])
         x = self._run_blocks(self.tok_emb(in_idx))
         return self.final_norm(x).to(self.cfg["dtype"])
 

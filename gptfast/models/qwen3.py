@@ -247,7 +247,8 @@ class Qwen3Model(nn.Module):
 
     def hidden_states(self, in_idx):
         """Final-norm hidden states ``(b, t, emb_dim)`` in the config's dtype: everything but the output head."""
-        layers.check_token_ids(in_idx, self.cfg["vocab_size"], self.cos.shape[0])
+        rows = layers.embedding_rows(self.tok_emb, self.cfg["vocab_size"])
+        layers.check_token_ids(in_idx, rows, self.cos.shape[0])
         x = self.tok_emb(in_idx)
         # The reference's causal mask, which gptfast's attention recognises (the fused op stands in for it).
         mask = layers.causal_mask(x.shape[1], x.shape[1], x.device)

@@ -220,7 +220,8 @@ class Qwen3Model(qwen3.Qwen3Model):
     def hidden_states(self, in_idx, cache=None, start_pos=None):
         """Final-norm hidden states ``(batch, tokens, emb_dim)`` in the config's dtype: :meth:`forward` without
         the output head."""
-        layers.check_token_ids(in_idx, self.cfg["vocab_size"], self.cos.shape[0])
+        rows = layers.embedding_rows(self.tok_emb, self.cfg["vocab_size"])
+        layers.check_token_ids(in_idx, rows, self.cos.shape[0])
         batch, num_tokens = in_idx.shape
         if batch == 0 or num_tokens == 0:
             raise ValueError(f"in_idx must hold at least one row and one token, got shape {tuple(in_idx.shape)}")
