@@ -311,6 +311,25 @@ def test_under_autocast_the_loss_is_float32_as_torchs(backend, device, dtype):
     torch.testing.assert_close(got.mean().cpu(), expected.cpu(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend,device,dtype", backend_cases("linear_cross_entropy", dtypes=(torch.bfloat16,)))
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_under_autocast_the_linear_loss_is_float32_as_torchs(backend, device, dtype, grad):
+    """Autocast multiplies in bf16 and runs the loss in float32: the linear loss's float32 result must not be a
+    bf16-rounded one (4.0 for 4.0059, steps of 0.0625 near 11)."""
+    g = torch.Generator().manual_seed(6)
+    hidden = (torch.randn(8, 32, generator=g) * 2).to(device).requires_grad_(grad)
+    weight = torch.randn(50, 32, generator=g).to(device).requires_grad_(grad)
+    targets = torch.randint(0, 50, (8,), generator=g).to(device)
+    with torch.autocast(torch.device(device).type, dtype=dtype), torch.set_grad_enabled(grad):
+        expected = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight), targets,
+                                                     reduction="none")
+        for reduction in ("mean", "sum", "none"):
+            got = ops.linear_cross_entropy(hidden, weight, targets, reduction=reduction, backend=backend)
+            assert got.dtype == torch.float32
+            want = {"mean": expected.mean(), "sum": expected.sum(), "none": expected}[reduction]
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("backend,device", backend_devices())
 def test_uint8_targets_are_class_indices_as_in_torch(backend, device):
     g = torch.Generator().manual_seed(3)

@@ -352,7 +352,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, kernel, op_name):
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, kernel, op_name, result_dtype):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         precompute = reduction != "none" and any(need)
         loss_rows, gh, gw, gb = _linear_ce_chunks(kernel, hidden, weight, bias, targets, ignore_index, None,
@@ -362,7 +362,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.op_name = op_name
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, targets)
-            return loss_rows.to(hidden.dtype)
+            return loss_rows.to(result_dtype)
         ignored = targets == ignore_index
         kept = targets.numel() - ignored.sum()
         ctx.grads, ctx.kept = (gh, gw, gb), kept
@@ -371,7 +371,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # dynamo refuses the guard's mutation there.
         ctx.saved_gradient = None if torch.compiler.is_compiling() else _SavedGradient(op_name)
         total = loss_rows.sum()
-        return (total / kept if reduction == "mean" else total).to(hidden.dtype)
+        return (total / kept if reduction == "mean" else total).to(result_dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -397,7 +397,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gw = gw.to(ctx.weight_dtype) if gw is not None else None
         gb = gb.to(ctx.weight_dtype) if gb is not None else None
         gh, gw, gb = guard_second_derivative(second_derivative_message(ctx.op_name), (gh, gw, gb), anchors)
-        return gh, gw, gb, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(ops, hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean"):
@@ -406,12 +406,17 @@ def fused_linear_cross_entropy(ops, hidden, weight, targets, *, bias=None, ignor
     if torch.is_autocast_enabled(device_type) and hidden.dtype != torch.float64:  # (autocast leaves float64)
         # As under autocast F.linear multiplies in the autocast dtype and F.cross_entropy returns float32:
         # the chunks take the cast inputs with autocast off (their out= products keep the dtypes given).
+        # The loss is reduced in float32 from the float32 row losses, never rounded to 16 bits on the way.
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            loss = fused_linear_cross_entropy(ops, hidden.to(dtype), weight.to(dtype), targets,
-                                              bias=None if bias is None else bias.to(dtype),
-                                              ignore_index=ignore_index, reduction=reduction)
-        return loss.float()
+            return _linear_cross_entropy(ops, hidden.to(dtype), weight.to(dtype), targets,
+                                         None if bias is None else bias.to(dtype), ignore_index, reduction,
+                                         torch.float32)
+    return _linear_cross_entropy(ops, hidden, weight, targets, bias, ignore_index, reduction, hidden.dtype)
+
+
+def _linear_cross_entropy(ops, hidden, weight, targets, bias, ignore_index, reduction, result_dtype):
+    """:func:`fused_linear_cross_entropy` with the loss returned in ``result_dtype``."""
     kernel = _gradient_in_place(kernels(ops).cross_entropy_fwd, _inplace_kernel(ops))
     op_name = f"{ops}::cross_entropy_fwd (linear cross-entropy)" if isinstance(ops, str) else "linear cross-entropy"
     flat = hidden.reshape(hidden.shape[:-1].numel(), hidden.shape[-1]).contiguous()  # (-1 cannot size H = 0)
@@ -421,6 +426,7 @@ def fused_linear_cross_entropy(ops, hidden, weight, targets, *, bias=None, ignor
         # forward would otherwise compute the gradients (it cannot see that grad mode was off).
         loss_rows, *_ = _linear_ce_chunks(kernel, flat, weight, bias, flat_targets, int(ignore_index), None,
                                           (False, False, False))
-        return reduce_loss(loss_rows, targets, ignore_index, reduction, hidden.dtype)
-    loss = _LinearCrossEntropy.apply(flat, weight, bias, flat_targets, int(ignore_index), reduction, kernel, op_name)
+        return reduce_loss(loss_rows, targets, ignore_index, reduction, result_dtype)
+    loss = _LinearCrossEntropy.apply(flat, weight, bias, flat_targets, int(ignore_index), reduction, kernel, op_name,
+                                     result_dtype)
     return loss.view(targets.shape) if reduction == "none" else loss
