@@ -104,6 +104,29 @@ def test_only_the_groups_that_can_take_it_are_fused():
         assert [group["fused"] for group in optimizer.param_groups] == [True, None, None]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16_bit_parameters_keep_the_books_update(dtype):
+    """The book's AdamW computes in the parameters' dtype, the fused one in float32: in float16 eps=1e-8 rounds to
+    0, so a parameter without gradient turns NaN in the book's update and stays finite in the fused one."""
+    from gptfast.training.optimizers import chapter_adamw
+
+    def trained(backend):
+        torch.manual_seed(0)
+        weights = torch.nn.Parameter(torch.ones(4, dtype=dtype))
+        with ops.use_backend(backend):
+            optimizer = chapter_adamw([weights], lr=0.1, weight_decay=0.0)
+            assert optimizer.param_groups[0].get("fused") in (None, False)
+            with fused_optimizer_steps(optimizer):
+                assert optimizer.param_groups[0]["fused"] in (None, False)
+                weights.grad = torch.tensor([1.0, 0.0, -1.0, 0.0], dtype=dtype)
+                optimizer.step()
+        return weights.detach()
+
+    fused_backend, book = trained("auto"), trained("torch")
+    torch.testing.assert_close(fused_backend, book, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(book).any() == (dtype == torch.float16)
+
+
 def test_a_torch_without_fused_cpu_kernels_keeps_the_books_path(monkeypatch):
     from gptfast.training import optimizers
 

@@ -32,9 +32,13 @@ def chapter_adamw(params, lr, weight_decay):
 
 
 def _fusable_parameter(p) -> bool:
-    """A dense floating-point parameter on a device this torch has fused Adam kernels for."""
+    """A dense float32/float64 parameter on a device this torch has fused Adam kernels for.
+
+    16-bit parameters keep the book's implementation: it computes in their dtype (float16 even rounds eps=1e-8
+    to 0, so a parameter without gradient turns NaN), the fused one in float32, a difference beyond rounding.
+    """
     on_fused_device = p.device.type == "cuda" or (p.device.type == "cpu" and _torch_fuses_adam_on_cpu())
-    return on_fused_device and p.dtype.is_floating_point and not p.is_sparse
+    return on_fused_device and p.dtype in (torch.float32, torch.float64) and not p.is_sparse
 
 
 def _torch_fuses_adam_on_cpu() -> bool:
