@@ -6,8 +6,9 @@ from __future__ import annotations
 def usable_device(name: str, flag: str = "--device"):
     """``torch.device(name)`` when a tensor can be made there now; else a ``ValueError`` naming ``flag``.
 
-    Training and generation need a device that holds data, so ``meta`` is refused, and one small allocation
-    catches the rest (an absent CUDA or MPS, a CUDA index past the device count) before the model is built.
+    Training and generation need a device that holds data, so ``meta`` is refused. CUDA is checked by its
+    device count (an allocation would make a context on that GPU in every process torchrun starts); other
+    devices (an absent MPS, say) by one small allocation, before the model is built.
     """
     import torch
 
@@ -21,6 +22,8 @@ def usable_device(name: str, flag: str = "--device"):
         raise ValueError(f"{flag} {name}: CUDA is not available here (this torch: {torch.__version__})")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"{flag} {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "cuda":
+        return device
     try:
         torch.empty(1, device=device)
     except (RuntimeError, NotImplementedError) as exc:
