@@ -347,11 +347,11 @@ def test_batch_limits_that_are_not_positive_ints_are_named(csv_files, tokenizer)
     """The reference divides by the limit (0 fails, -1 gives -0.0, 1.5 averages two batches over 1.5)."""
     _, ours = _classifier_pair(TINY)
     loader = _loaders(csv_files, tokenizer)[1]
-    for bad in (0, -1, 1.5, True):
+    for bad, error in ((0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)):
         for fn in (ch06.calc_loss_loader, ch06.calc_accuracy_loader):
-            with pytest.raises(ValueError, match="num_batches must be a positive int or None"):
+            with pytest.raises(error, match="num_batches must be"):
                 fn(loader, ours, "cpu", num_batches=bad)
-        with pytest.raises(ValueError, match="eval_iter must be a positive int or None"):
+        with pytest.raises(error, match="eval_iter must be"):
             ch06.evaluate_model(ours, loader, loader, "cpu", bad)
     with pytest.raises(TypeError, match="pad_token_id must be an int token id"):
         ch06.classify_review("hi", ours, tokenizer, "cpu", max_length=4, pad_token_id=0.5)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple
 
 import torch
@@ -11,6 +10,7 @@ import torch
 from .. import ops
 from ..files import atomic_savefig
 from ..generation import generate_text_simple
+from ..models.layers import require_positive_int
 from ..tokenizer import ENDOFTEXT
 from .optimizers import fused_optimizer_steps
 
@@ -40,12 +40,10 @@ def calc_loss_batch(input_batch, target_batch, model, device):
 
 def batches_to_use(data_loader, num_batches, name="num_batches") -> int:
     """How many of ``data_loader``'s batches a ``num_batches`` limit takes (all for ``None``); a limit that is not
-    a positive int is a ``ValueError`` naming ``name`` (the reference divides by it: 0 fails, -1 gives -0.0)."""
+    a positive int is an error naming ``name`` (the reference divides by it: 0 fails, -1 gives -0.0)."""
     if num_batches is None:
         return len(data_loader)
-    if isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral) or num_batches < 1:
-        raise ValueError(f"{name} must be a positive int or None, got {num_batches!r}")
-    return min(int(num_batches), len(data_loader))
+    return min(require_positive_int(name, num_batches), len(data_loader))
 
 
 def mean_batch_loss(loss_batch, data_loader, model, device, num_batches=None, name="num_batches"):
