@@ -1117,15 +1117,16 @@ def test_generation_runner_hands_the_cache_kv_heads_to_the_op(monkeypatch, backe
 
 
 @pytest.mark.parametrize("backend,device,dtype", backend_cases("causal_attention", dtypes=(torch.bfloat16,)))
-def test_under_autocast_float32_inputs_are_attended_in_its_dtype_as_torchs(backend, device, dtype):
+@pytest.mark.parametrize("given", [torch.float32, torch.float16], ids=str)
+def test_under_autocast_inputs_are_attended_in_its_dtype_as_torchs(backend, device, dtype, given):
     """Autocast runs the torch path's products in its dtype, so the output is in it; a fused backend, one op
-    autocast does not cast, takes its inputs cast the same way (and their gradients flow back in float32)."""
+    autocast does not cast, takes its inputs cast the same way (and their gradients flow back in theirs)."""
     g = torch.Generator().manual_seed(9)
-    q, k, v = (torch.randn(1, 4, 6, 16, generator=g).to(device).requires_grad_(True) for _ in range(3))
+    q, k, v = (torch.randn(1, 4, 6, 16, generator=g).to(device, given).requires_grad_(True) for _ in range(3))
     with torch.autocast(torch.device(device).type, dtype=dtype):
         expected = ops.causal_attention(q, k[:, :2], v[:, :2], backend="torch")
         got = ops.causal_attention(q, k[:, :2], v[:, :2], backend=backend)
     assert got.dtype == expected.dtype == dtype
     parity.assert_close(got.float(), expected.float(), dtype, "attention under autocast")
     got.float().sum().backward()
-    assert q.grad.dtype == k.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+    assert q.grad.dtype == k.grad.dtype == given and torch.isfinite(q.grad).all()

@@ -645,11 +645,12 @@ BF16_CASES = [case for case in CASES if case.values[2] == torch.bfloat16]
 
 
 @pytest.mark.parametrize("backend,device,dtype", BF16_CASES)
-def test_under_autocast_float32_inputs_are_multiplied_in_its_dtype_as_torchs(backend, device, dtype):
-    """As ``F.linear`` under autocast: float32 inputs cast to its dtype, the product in it."""
+@pytest.mark.parametrize("given", [torch.float32, torch.float16], ids=str)
+def test_under_autocast_inputs_are_multiplied_in_its_dtype_as_torchs(backend, device, dtype, given):
+    """As ``F.linear`` under autocast: float32 (or float16) inputs cast to its dtype, the product in it."""
     g = torch.Generator().manual_seed(4)
     x, weight, bias = torch.randn(3, 40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
-    x, weight, bias = x.to(device), weight.to(device), bias.to(device)
+    x, weight, bias = x.to(device, given), weight.to(device, given), bias.to(device, given)
     with torch.autocast(torch.device(device).type, dtype=dtype):
         expected = F.linear(x, weight, bias)
         got = ops.decode_linear(x, weight, bias, backend=backend)

@@ -366,7 +366,7 @@ def resolve(op: str, device: torch.device, args=(), kwargs=None, backend: str | 
 
 
 def autocast_inputs(*tensors):
-    """``tensors`` as autocast hands them to a matrix product: float32 ones (float64 is left alone) in the
+    """``tensors`` as autocast hands them to a matrix product: floating ones (float64 is left alone) in the
     autocast dtype while autocast is on for their device, the others (and ``None``) as they are.  The fused
     kernels are one op each, which autocast does not cast; the torch path's products are cast by autocast
     itself, so it takes the tensors as given."""
@@ -374,7 +374,8 @@ def autocast_inputs(*tensors):
     if first is None or not torch.is_autocast_enabled(first.device.type):
         return tensors
     dtype = torch.get_autocast_dtype(first.device.type)
-    return tuple(t.to(dtype) if t is not None and t.dtype == torch.float32 else t for t in tensors)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
 
 
 # What eager code holds: tensors and parameters (tracers' fake, functional and proxy tensors are other subclasses).
