@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from . import linear
 from ._autograd import first_order_only, guard_second_derivative, second_derivative_message
-from ._dispatch import is_tracing, kernels, without_graph
+from ._dispatch import autocast_inputs, is_tracing, kernels, without_graph
 
 # Logits elements per chunk of the linear cross-entropy: ~64 MB in float32 (about 330 tokens of
 # GPT-2's vocabulary on a CPU, large enough for efficient matmuls).
@@ -407,11 +407,10 @@ def fused_linear_cross_entropy(ops, hidden, weight, targets, *, bias=None, ignor
         # As under autocast F.linear multiplies in the autocast dtype and F.cross_entropy returns float32:
         # the chunks take the cast inputs with autocast off (their out= products keep the dtypes given).
         # The loss is reduced in float32 from the float32 row losses, never rounded to 16 bits on the way.
-        dtype = torch.get_autocast_dtype(device_type)
+        # (hidden, weight and bias share one dtype: the front door checks it.)
+        hidden, weight, bias = autocast_inputs(hidden, weight, bias)
         with torch.autocast(device_type, enabled=False):
-            return _linear_cross_entropy(ops, hidden.to(dtype), weight.to(dtype), targets,
-                                         None if bias is None else bias.to(dtype), ignore_index, reduction,
-                                         torch.float32)
+            return _linear_cross_entropy(ops, hidden, weight, targets, bias, ignore_index, reduction, torch.float32)
     return _linear_cross_entropy(ops, hidden, weight, targets, bias, ignore_index, reduction, hidden.dtype)
 
 
