@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from .. import ops
 from ..ch05 import text_to_token_ids
 from ..files import atomic_write_text
-from ..generation import generate_batch
+from ..generation import context_length, generate_batch
 from ..training.loops import evaluate_losses, mean_batch_loss, train_simple_with_loss
 from .classification import require_token_id
 from .heads import final_hidden_states, head_loss, is_book_gpt, packed_hidden_states, reference_numerics
@@ -189,7 +189,7 @@ def _cuttable(input_batch, target_batch, model) -> bool:
     """Whether rows may be cut at their last kept target: one target per input token, ``(batch, tokens)``, and
     no more tokens than the model has positions (cut rows would pass what the whole rows do not)."""
     return (input_batch.dim() == 2 and target_batch.shape == input_batch.shape
-            and input_batch.shape[1] <= model.pos_emb.num_embeddings)
+            and input_batch.shape[1] <= context_length(model))
 
 
 def _needed_lengths(keep):

@@ -36,6 +36,7 @@ import time
 import torch
 
 from .. import ops
+from ..models.layers import embedding_rows
 from ..ops._checks import INTEGER_DTYPES, as_int
 from .cache import KVCache, context_length, is_decodable, prepare_model, walk_needs_probe, walk_reproduces_forward
 from .cuda_graphs import captured_decoder, graph_capturable
@@ -373,7 +374,7 @@ class Decoder:
         length = min(self.context_size, max(self.prompt_lens) + self.max_new_tokens - 1)
         if length < 2:
             return True  # the run never attends over more than the prompt's one position
-        width = getattr(self.model.tok_emb, "num_embeddings", None) or self.logits.shape[-1]
+        width = embedding_rows(self.model.tok_emb, self.logits.shape[-1])
         generator = torch.Generator(device=self.device).manual_seed(0)
         tokens = torch.randint(0, width, (1, length), generator=generator, device=self.device)
         cache = KVCache.for_model(self.model, 1, length)
