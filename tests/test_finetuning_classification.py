@@ -285,6 +285,24 @@ def test_hooks_and_overridden_forwards_are_honoured_by_the_loss_shortcuts(where)
     torch.testing.assert_close(ch06.calc_loss_batch(idx, labels, model, "cpu"), expected)
 
 
+@pytest.mark.parametrize("where", ["feed-forward", "first norm", "query projection", "final norm"])
+def test_hooks_on_sub_layers_are_honoured_by_the_loss_shortcuts(where):
+    """A hook that mixes positions, on any layer the last-token shortcut calls on the last position only,
+    makes the loss the one the model's forward gives (the hook then sees every position)."""
+    cfg = {**TINY, "drop_rate": 0.0}
+    _, model = _classifier_pair(cfg)
+    idx = torch.randint(0, cfg["vocab_size"], (3, 7), generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 1])
+    last = model.trf_blocks[-1]
+    target = {"feed-forward": last.ff, "first norm": last.norm1, "query projection": last.att.W_query,
+              "final norm": model.final_norm}[where]
+    target.register_forward_hook(lambda module, args, output: output - output.mean(dim=1, keepdim=True))
+    assert not heads.is_book_gpt(model)
+    with ops.use_backend("torch"):
+        expected = torch.nn.functional.cross_entropy(model(idx)[:, -1, :], labels)
+    torch.testing.assert_close(ch06.calc_loss_batch(idx, labels, model, "cpu"), expected)
+
+
 def test_a_model_without_transformer_blocks_still_classifies():
     cfg = {**TINY, "n_layers": 0, "drop_rate": 0.0}
     _, ours = twin_models(cfg)
@@ -355,3 +373,24 @@ def test_batch_limits_that_are_not_positive_ints_are_named(csv_files, tokenizer)
             ch06.evaluate_model(ours, loader, loader, "cpu", bad)
     with pytest.raises(TypeError, match="pad_token_id must be an int token id"):
         ch06.classify_review("hi", ours, tokenizer, "cpu", max_length=4, pad_token_id=0.5)
+
+
+def test_probability_targets_give_the_reference_loss():
+    """Class probabilities as targets (which torch's cross-entropy takes) give the reference's loss: bitwise
+    on backend "torch", within fp32 rounding on the default backend."""
+    ref, ours = _classifier_pair({**TINY, "drop_rate": 0.0})
+    idx = torch.randint(0, TINY["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(3))
+    targets = torch.tensor([[0.2, 0.8], [1.0, 0.0]])
+    expected = ref_ch06.calc_loss_batch(idx, targets, ref, "cpu")
+    with ops.use_backend("torch"):
+        assert torch.equal(ch06.calc_loss_batch(idx, targets, ours, "cpu"), expected)
+    torch.testing.assert_close(ch06.calc_loss_batch(idx, targets, ours, "cpu"), expected)
+
+
+def test_token_ids_without_a_batch_axis_are_refused_by_name():
+    _, ours = _classifier_pair({**TINY, "drop_rate": 0.0})
+    idx = torch.randint(0, TINY["vocab_size"], (5,))
+    with pytest.raises(ValueError, match="in_idx"):
+        ch06.calc_loss_batch(idx, torch.tensor([1]), ours, "cpu")
+    with pytest.raises(ValueError, match="in_idx"):
+        ch06.calc_accuracy_loader([(idx, torch.tensor([1]))], ours, "cpu")

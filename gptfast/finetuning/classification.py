@@ -168,9 +168,16 @@ def calc_accuracy_loader(data_loader, model, device, num_batches=None):
 
 
 def calc_loss_batch(input_batch, target_batch, model, device):
-    """Cross-entropy of the last position's logits against the class labels (``gptfast.ops.cross_entropy``)."""
+    """Cross-entropy of the last position's logits against the class labels (``gptfast.ops.cross_entropy``).
+
+    Floating-point targets (class probabilities, as ``torch.nn.functional.cross_entropy`` takes them)
+    go to torch's cross-entropy, as in the reference; the fused op takes class indices only.
+    """
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    return ops.cross_entropy(last_token_logits(model, input_batch), target_batch)
+    logits = last_token_logits(model, input_batch)
+    if target_batch.is_floating_point():
+        return torch.nn.functional.cross_entropy(logits, target_batch)
+    return ops.cross_entropy(logits, target_batch)
 
 
 def calc_loss_loader(data_loader, model, device, num_batches=None):

@@ -35,16 +35,20 @@ def reference_numerics() -> bool:
 
 
 def is_book_gpt(model) -> bool:
-    """True for gptfast's ``GPTModel`` whose blocks are the book's (the layout the shortcuts rely on), each of
-    the model, its ``trf_blocks`` sequence, its blocks, their attention and the output head running its own
-    forward (no hook, no override; the shortcuts call the head on fewer positions than the model's forward
-    does), and each attention core the fused op (:func:`runs_fused_core`)."""
+    """True for gptfast's ``GPTModel`` whose blocks are the book's (the layout the shortcuts rely on), every
+    module in it running its own forward (no hook, no override), and each attention core the fused op
+    (:func:`runs_fused_core`).
+
+    Every module counts, not only the blocks: the shortcuts call the sub-layers (norms, projections,
+    feed-forward, head) on fewer or packed positions, so a hook on any of them would see other shapes
+    and could change the loss.
+    """
     if not (isinstance(model, GPTModel) and type(model.trf_blocks) is torch.nn.Sequential):
         return False
     blocks = list(model.trf_blocks)
     return all(isinstance(block, TransformerBlock) and isinstance(block.att, MultiHeadAttention)
                and runs_fused_core(block.att) for block in blocks) and all(
-        runs_own_forward(m) for m in (model, model.trf_blocks, model.out_head, *blocks, *(b.att for b in blocks)))
+        runs_own_forward(m) for m in model.modules())
 
 
 def _embed(model, idx):
@@ -120,7 +124,8 @@ def last_token_hidden(model, idx):
 
 def last_token_logits(model, idx):
     """Logits of the last position, ``(b, num_outputs)``: the reference's ``model(idx)[:, -1, :]``."""
-    if reference_numerics() or not is_book_gpt(model):
+    # Input of another shape goes through the model's forward, whose checks name what is wrong with it.
+    if reference_numerics() or not is_book_gpt(model) or not (torch.is_tensor(idx) and idx.dim() == 2):
         return model(idx)[:, -1, :]
     return model.out_head(last_token_hidden(model, idx))
 
