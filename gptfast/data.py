@@ -11,6 +11,17 @@ from .resources import default_text
 from .tokenizer import ENDOFTEXT, get_tokenizer
 
 
+def _token_id_tensor(ids):
+    """``ids`` (the tokenizer's output) as an int64 tensor; ids that are not integers are a ``TypeError``.
+
+    Converting with ``dtype=torch.long`` straight away would cut 1.5 to 1, a valid-looking id.
+    """
+    values = torch.as_tensor(ids)
+    if values.numel() and (values.is_floating_point() or values.is_complex() or values.dtype == torch.bool):
+        raise TypeError(f"tokenizer.encode must return integer token ids, got {values.dtype} values")
+    return values.to(torch.long)
+
+
 class GPTDatasetV1(Dataset):
     """Overlapping ``(input, target)`` windows of ``max_length`` tokens, ``stride`` apart.
 
@@ -23,7 +34,7 @@ class GPTDatasetV1(Dataset):
         if max_length < 1 or stride < 1:
             raise ValueError(f"max_length and stride must be >= 1, got {max_length} and {stride}")
         self.tokenizer = tokenizer
-        token_ids = torch.tensor(tokenizer.encode(txt, allowed_special={ENDOFTEXT}), dtype=torch.long)
+        token_ids = _token_id_tensor(tokenizer.encode(txt, allowed_special={ENDOFTEXT}))
         # Windows start at 0, stride, ... while a full input plus its shifted target fits.
         windows = token_ids.unfold(0, max_length + 1, stride) if len(token_ids) > max_length else \
             token_ids.new_empty((0, max_length + 1))

@@ -112,3 +112,17 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="no optimizer state"):
         model = GPTModel(CFG)
         load_checkpoint(tmp_path / "c.pth", model, torch.optim.AdamW(model.parameters()))
+
+
+@pytest.mark.parametrize("ids", [[1.5, 2.7, 3.9, 4.2], [True, False, True]])
+def test_token_ids_that_are_not_integers_are_refused(ids):
+    """A tokenizer that returns floats (or bools) is an error, not ids cut to integers."""
+
+    class OddTokenizer:
+        def encode(self, text, allowed_special=None):
+            return ids
+
+    with pytest.raises(TypeError, match="tokenizer.encode"):
+        GPTDatasetV1("x", OddTokenizer(), max_length=2, stride=1)
+    OddTokenizer.encode = lambda self, text, allowed_special=None: [3, 1, 4, 1]
+    assert GPTDatasetV1("x", OddTokenizer(), max_length=2, stride=1)[1][1].tolist() == [4, 1]
