@@ -138,6 +138,16 @@ def test_spam_dataset_matches_the_reference(csv_files, tokenizer, max_length, pa
     # Items are copies: changing one leaves the dataset as it was.
     ours[0][0].zero_()
     assert torch.equal(ours[0][0], ref[0][0])
+    # Items are read from encoded_texts and data at each call, as the reference's: edits show in them.
+    for ds in (ours, ref):
+        ds.data.loc[0, "Label"] = 1 - int(ds.data.loc[0, "Label"])
+        ds.encoded_texts[1] = [7] * ds.max_length
+    for i in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(ours[i], ref[i]))
+    ours.data["Label"] = ours.data["Label"].astype(float)
+    ours.data.loc[0, "Label"] = 0.5
+    with pytest.raises(ValueError, match="item 0: Label must be an integer class id"):
+        ours[0]
 
 
 def _classifier_pair(cfg, seed=123):

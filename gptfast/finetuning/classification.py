@@ -9,6 +9,7 @@ number is bitwise the reference's.
 
 from __future__ import annotations
 
+import math
 import numbers
 import urllib.request
 import zipfile
@@ -105,30 +106,37 @@ class SpamDataset(Dataset):
             self.max_length = max_length
             self.encoded_texts = [ids[:max_length] for ids in self.encoded_texts]
         self.encoded_texts = [ids + [pad_token_id] * (self.max_length - len(ids)) for ids in self.encoded_texts]
-        # One tensor each for all items: __getitem__ then indexes instead of converting lists.
-        self._inputs = torch.tensor(self.encoded_texts, dtype=torch.long).view(len(self.encoded_texts),
-                                                                                self.max_length)
         labels = self.data["Label"]
         # Whole numbers written as floats (1.0) are class ids too, as in the reference; 1.5 or NaN is no class
         # (the reference's torch.tensor(label, dtype=torch.long) would truncate it silently).
         # An infinite label, or one past int64, would turn into -2**63.
-        whole_floats = pd.api.types.is_float_dtype(labels) and bool(
-            (labels.notna() & (labels == labels.round()) & (labels.abs() < 2.0**63)).all())
+        whole_floats = pd.api.types.is_float_dtype(labels) and bool(labels.map(_is_class_id).all())
         # An empty file (a split that came out empty) reads as an object column: an empty data set, as the reference's.
         if len(labels) > 0 and not (pd.api.types.is_integer_dtype(labels) or whole_floats):
             raise ValueError(f"csv_file {str(csv_file)!r}: Label must hold integer class ids (e.g. ham 0, spam 1), "
                              f"got dtype {labels.dtype}")
-        self._labels = torch.tensor(labels.to_numpy(dtype="int64") if len(labels) == 0 else labels.to_numpy(),
-                                    dtype=torch.long)
 
     def __getitem__(self, index):
-        return self._inputs[index].clone(), self._labels[index].clone()
+        # Read from encoded_texts and data on every call, as the reference does, so that an edit to either
+        # shows in the items.
+        label = self.data["Label"].iat[index]
+        if not _is_class_id(label):
+            raise ValueError(f"SpamDataset item {index}: Label must be an integer class id, got {label!r}")
+        return torch.tensor(self.encoded_texts[index], dtype=torch.long), torch.tensor(int(label), dtype=torch.long)
 
     def __len__(self):
         return len(self.data)
 
     def _longest_encoded_length(self):
         return max((len(ids) for ids in self.encoded_texts), default=0)
+
+
+def _is_class_id(value) -> bool:
+    """True for an integer, or a float holding a whole number within int64 (a label read as 1.0)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return True
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+        and float(value).is_integer() and abs(value) < 2.0**63
 
 
 def _is_int(value) -> bool:
