@@ -404,3 +404,17 @@ def test_token_ids_without_a_batch_axis_are_refused_by_name():
         ch06.calc_loss_batch(idx, torch.tensor([1]), ours, "cpu")
     with pytest.raises(ValueError, match="in_idx"):
         ch06.calc_accuracy_loader([(idx, torch.tensor([1]))], ours, "cpu")
+
+
+@pytest.mark.parametrize("bad", [dict(eval_freq=0), dict(eval_iter=0), dict(eval_freq=1.5)])
+def test_evaluation_settings_are_checked_before_the_first_step(bad):
+    """A bad eval_freq or eval_iter is an error naming it, raised before any step changes the model."""
+    _, model = _classifier_pair({**TINY, "drop_rate": 0.0})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = (torch.randint(0, TINY["vocab_size"], (2, 5)), torch.tensor([0, 1]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    settings = {"eval_freq": 1, "eval_iter": 1, **bad}
+    error = TypeError if isinstance(next(iter(bad.values())), float) else ValueError
+    with pytest.raises(error, match=next(iter(bad))):
+        ch06.train_classifier_simple(model, [batch], [batch], optimizer, "cpu", 1, **settings)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

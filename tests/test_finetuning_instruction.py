@@ -102,14 +102,20 @@ def test_the_books_collate_example():
     # Tensors and tuples as items; the input lists are not modified.
     assert torch.equal(ch07.custom_collate_fn([torch.tensor([0, 1, 2, 3, 4]), (5, 6), [7, 8, 9]])[1], targets)
     assert batch == [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    # Lists of 0-d tensors (list(torch.tensor(...))), as the reference collates them.
+    tensor_rows = [list(torch.tensor(row)) for row in batch]
+    for fn in (ch07.custom_collate_draft_1, ch07.custom_collate_draft_2, ch07.custom_collate_fn):
+        _assert_same(fn(tensor_rows), getattr(ref_ch07, fn.__name__)(tensor_rows))
 
 
 def test_bad_collate_inputs_are_clear_errors():
     for fn in (ch07.custom_collate_draft_1, ch07.custom_collate_draft_2, ch07.custom_collate_fn):
         with pytest.raises(ValueError, match="batch must be a non-empty list"):
             fn([])
-        with pytest.raises(TypeError, match=r"batch\[1\]"):
+        with pytest.raises(TypeError, match=r"batch\[1\] must hold int token ids, got an element of type str"):
             fn([[1, 2], ["a"]])
+        with pytest.raises(TypeError, match=r"batch\[0\] must hold int token ids, got an element of type Tensor"):
+            fn([[torch.tensor(1.5)]])
     for bad in (0, -3, 1.5):
         with pytest.raises(ValueError, match="allowed_max_length"):
             ch07.custom_collate_fn([[1, 2]], allowed_max_length=bad)

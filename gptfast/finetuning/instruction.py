@@ -94,18 +94,29 @@ def _is_tiktoken(tokenizer) -> bool:
 # ----------------------------------------------------------------------------- collate
 
 
+def _token_id_row(item, i):
+    """``batch[i]`` as a list of ints: a sequence of ints or of 0-d integer tensors, or a 1-D integer tensor."""
+    if isinstance(item, torch.Tensor):
+        item = item.tolist()
+    if not isinstance(item, (list, tuple)):
+        raise TypeError(f"batch[{i}] must be a sequence of int token ids, got {type(item).__name__}")
+    row = []
+    for token in item:
+        if isinstance(token, torch.Tensor) and token.dim() == 0 and not token.is_floating_point() \
+                and not token.is_complex():
+            token = token.item()
+        if not isinstance(token, numbers.Integral):
+            raise TypeError(f"batch[{i}] must hold int token ids, got an element of type {type(token).__name__}")
+        row.append(token)
+    return row
+
+
 def _padded_batch(batch, pad_token_id):
     """``(B, longest + 1)`` int64: each sequence, then ``pad_token_id`` to the end (at least one)."""
     require_token_id("pad_token_id", pad_token_id)
     if not isinstance(batch, (list, tuple)) or len(batch) == 0:
         raise ValueError("batch must be a non-empty list of token-id sequences")
-    rows = []
-    for i, item in enumerate(batch):
-        if isinstance(item, torch.Tensor):
-            item = item.tolist()
-        if not isinstance(item, (list, tuple)) or not all(isinstance(t, numbers.Integral) for t in item):
-            raise TypeError(f"batch[{i}] must be a sequence of int token ids, got {type(item).__name__}")
-        rows.append(item)
+    rows = [_token_id_row(item, i) for i, item in enumerate(batch)]
     width = max(len(row) for row in rows) + 1
     return torch.tensor([list(row) + [pad_token_id] * (width - len(row)) for row in rows], dtype=torch.long)
 
