@@ -284,6 +284,9 @@ def load_gpt2_params_from_tf_ckpt(ckpt_path, settings):
 # What a failed transfer raises; a local write error (a missing folder, a full disk) is not one of
 # them and propagates as it is instead of being reported as a connection problem.
 _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, ssl.SSLError)
+# Seconds a connection may wait for the server (to connect, or for the next bytes): a stalled server is then
+# a TimeoutError instead of a download that never ends.
+DOWNLOAD_TIMEOUT_S = 60
 
 
 def download_file(url, destination, backup_url=None):
@@ -297,7 +300,7 @@ def download_file(url, destination, backup_url=None):
     from tqdm import tqdm
 
     def attempt(address):
-        with urllib.request.urlopen(address, timeout=60) as response:
+        with urllib.request.urlopen(address, timeout=DOWNLOAD_TIMEOUT_S) as response:
             size = int(response.headers.get("Content-Length", 0) or 0)
             if os.path.exists(destination) and size and os.path.getsize(destination) == size:
                 return
@@ -364,8 +367,10 @@ def hf_state_dict_to_params(state_dict) -> dict:
     def arr(key):
         if key not in sd:
             raise ValueError(f"Hugging Face GPT-2 weights lack {key!r}")
-        value = _as_float_tensor(sd[key], repr(key))
-        return value.float().cpu().numpy()
+        value = _as_float_tensor(sd[key], repr(key)).cpu()
+        # numpy has no bfloat16, and float32 holds every bfloat16 exactly; the other dtypes stay as they are,
+        # so a float64 weight is rounded once, to the model's dtype, and a finite one is never called inf.
+        return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
 
     indices = {int(m.group(3)) for k in sd if (m := _HF_KEY.fullmatch(k)) and m.group(3) is not None}
     n_layers = 1 + max(indices, default=-1)
@@ -414,8 +419,10 @@ def check_safetensors_header(path) -> None:
             pass
 
 
-def _index_shards(index: Path, folder: Path) -> list:
-    """The shard files a ``model.safetensors.index.json`` names, each problem of the index named with it."""
+def read_weight_map(index) -> dict:
+    """The ``weight_map`` (tensor name -> shard file name) of a ``model.safetensors.index.json``, or a
+    ``ValueError`` naming the index when it is no JSON object with such a map."""
+    index = Path(index)
     if index.is_dir():
         raise ValueError(f"{index} is a folder, not the JSON index of the weight files")
     try:
@@ -425,7 +432,12 @@ def _index_shards(index: Path, folder: Path) -> list:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(f"{index} has no 'weight_map' of tensor names to shard files")
-    return [path_inside(folder, shard) for shard in sorted(set(weight_map.values()))]
+    return weight_map
+
+
+def _index_shards(index: Path, folder: Path) -> list:
+    """The shard files a ``model.safetensors.index.json`` names, each problem of the index named with it."""
+    return [path_inside(folder, shard) for shard in sorted(set(read_weight_map(index).values()))]
 
 
 def check_safetensors_folder(folder) -> None:

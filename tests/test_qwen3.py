@@ -1,5 +1,6 @@
 """gptfast.qwen3 against ``llms_from_scratch.qwen3``: same API, same parameters, same logits."""
 
+import http.client
 import io
 import json
 import os
@@ -19,7 +20,9 @@ from hf_checkpoints import random_hf_state_dict, write_checkpoint, write_qwen3_t
 
 ref = pytest.importorskip("llms_from_scratch.qwen3", reason="llms-from-scratch is a test dependency")
 import gptfast.qwen3 as ours  # noqa: E402
-from gptfast.models import hub  # noqa: E402
+from gptfast import weights  # noqa: E402
+from gptfast.models import hf_folder, hub  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 
 def tiny_cfg(n_kv_groups=2, qk_norm=True, dtype=torch.float32, num_experts=0, head_dim=8, **extra):
@@ -301,7 +304,7 @@ class _FakeResponse(io.BytesIO):
 def test_download_writes_the_file_once_and_reuses_it(tmp_path, monkeypatch, capsys):
     urls = []
 
-    def fake_urlopen(url):
+    def fake_urlopen(url, timeout=None):
         urls.append(url)
         return _FakeResponse(b'{"hello": 1}')
 
@@ -324,7 +327,7 @@ def test_download_writes_the_file_once_and_reuses_it(tmp_path, monkeypatch, caps
 
 
 def test_failed_download_names_the_url_and_leaves_no_file(tmp_path, monkeypatch):
-    def offline(url):
+    def offline(url, timeout=None):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(hub.urllib.request, "urlopen", offline)
@@ -336,7 +339,7 @@ def test_failed_download_names_the_url_and_leaves_no_file(tmp_path, monkeypatch)
         def read(self, *args):
             raise ConnectionResetError("cut off")
 
-    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda url: Broken(b""))
+    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda url, timeout=None: Broken(b""))
     with pytest.raises(OSError, match="cut off"):
         ours.download_from_huggingface("x/y", "tokenizer.json", str(tmp_path))
     assert list(tmp_path.iterdir()) == []  # no truncated file a later run would take for the real one
@@ -344,14 +347,14 @@ def test_failed_download_names_the_url_and_leaves_no_file(tmp_path, monkeypatch)
 
 def test_a_refused_download_keeps_urllibs_error_types(tmp_path, monkeypatch):
     """Code written for the reference catches ``HTTPError`` (and reads its code) or ``URLError``."""
-    def not_found(url):
+    def not_found(url, timeout=None):
         raise urllib.error.HTTPError(url, 404, "Not Found", {}, None)
 
     monkeypatch.setattr(hub.urllib.request, "urlopen", not_found)
     with pytest.raises(urllib.error.HTTPError, match=r"resolve/main/tokenizer.json.*Not Found") as caught:
         ours.download_from_huggingface("x/y", "tokenizer.json", str(tmp_path))
     assert caught.value.code == 404 and caught.value.url.endswith("/x/y/resolve/main/tokenizer.json")
-    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda url: (_ for _ in ()).throw(
+    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda url, timeout=None: (_ for _ in ()).throw(
         urllib.error.URLError("no network")))
     with pytest.raises(urllib.error.URLError, match="no network"):
         ours.download_from_huggingface("x/y", "tokenizer.json", str(tmp_path))
@@ -360,14 +363,110 @@ def test_a_refused_download_keeps_urllibs_error_types(tmp_path, monkeypatch):
 
 def test_a_cut_short_download_is_an_error_and_leaves_no_file(tmp_path, monkeypatch):
     """A server closing early reads as a normal end of data: the announced length tells it apart."""
-    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda url: _FakeResponse(b'{"hel', length=12))
+    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda url, timeout=None: _FakeResponse(b'{"hel', length=12))
     with pytest.raises(OSError, match="closed after 5 of 12 bytes"):
         ours.download_from_huggingface("x/y", "tokenizer.json", str(tmp_path))
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_download_waits_for_a_stalled_server_no_longer_than_the_gpt2_download(tmp_path, monkeypatch):
+    timeouts = []
+
+    def fake_urlopen(url, timeout=None):
+        timeouts.append(timeout)
+        return _FakeResponse(b"{}")
+
+    monkeypatch.setattr(hub.urllib.request, "urlopen", fake_urlopen)
+    ours.download_from_huggingface("x/y", "config.json", str(tmp_path))
+    assert timeouts == [weights.DOWNLOAD_TIMEOUT_S] and 0 < weights.DOWNLOAD_TIMEOUT_S <= 60
+
+
+def test_a_cut_short_chunked_download_is_the_named_download_error(tmp_path, monkeypatch):
+    """A chunked body cut off mid-chunk raises http.client's IncompleteRead, which is no OSError."""
+    class CutChunk(_FakeResponse):
+        def read(self, *args):
+            raise http.client.IncompleteRead(b"partial", 249)
+
+    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda url, timeout=None: CutChunk(b"", length=0))
+    with pytest.raises(OSError, match=r"could not download https://huggingface.co/x/y/resolve/main/config.json"):
+        ours.download_from_huggingface("x/y", "config.json", str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _two_shards(folder, first, second, weight_map):
+    folder.mkdir()
+    save_file(first, str(folder / "a.safetensors"))
+    save_file(second, str(folder / "b.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+def test_each_tensor_comes_from_the_shard_the_index_names_and_from_no_other(tmp_path):
+    names = {"x": "a.safetensors", "y": "b.safetensors"}
+    stale = _two_shards(tmp_path / "stale", {"x": torch.ones(2)}, {"x": torch.zeros(2), "y": torch.ones(1)}, names)
+    with pytest.raises(ValueError, match=r"tensor 'x' is in two shards, 'a.safetensors' and 'b.safetensors'"):
+        hub.load_safetensors_folder(stale)
+    moved = _two_shards(tmp_path / "moved", {"y": torch.ones(1)}, {"x": torch.ones(2)}, names)
+    with pytest.raises(ValueError, match=r"puts tensor 'x' in 'a.safetensors', but it is in 'b.safetensors'"):
+        hub.load_safetensors_folder(moved)
+    good = _two_shards(tmp_path / "good", {"x": torch.ones(2)}, {"y": torch.zeros(1)}, names)
+    loaded = hub.load_safetensors_folder(good)
+    assert set(loaded) == {"x", "y"} and torch.equal(loaded["x"], torch.ones(2))
+
+
+@pytest.mark.parametrize("index", ["[]", '{"weight_map": {"x": 3}}', '{"weight_map": {"x": null}}', "not json"])
+def test_a_malformed_shard_index_is_a_value_error_naming_it(tmp_path, index):
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json (has no 'weight_map'|is not a JSON file)"):
+        hub.load_safetensors_folder(tmp_path)
+
+
+def _hf_qwen3_config(folder, **change):
+    """A tiny Qwen3 ``config.json`` (bf16, tied head) in ``folder``; returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    hf = {"model_type": "qwen3", "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "head_dim": 8, "num_hidden_layers": 2, "intermediate_size": 48, "max_position_embeddings": 32,
+          "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "vocab_size": 64, "tie_word_embeddings": True,
+          "torch_dtype": "bfloat16", **change}
+    (folder / "config.json").write_text(json.dumps(hf))
+    return folder
+
+
+def _hf_qwen3_weights(folder):
+    """Random weights, under the Hub's names, for the model the folder's config.json describes."""
+    with torch.device("meta"):
+        model = ours.Qwen3Model(hf_folder.read_config(folder)[1])
+    return random_hf_state_dict(model, tie_embeddings=True)
+
+
+def test_a_quantized_checkpoint_is_refused_not_loaded_as_other_weights(tmp_path):
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    folder = _hf_qwen3_config(tmp_path / "fp8", quantization_config=fp8)
+    with pytest.raises(ValueError, match=r"fp8.config\.json: quantization_config .*'fp8'.* is not supported"):
+        hf_folder.read_config(folder)
+    # float8 codes without a quantization_config: cast to bf16 they would be other numbers
+    folder = _hf_qwen3_config(tmp_path / "codes")
+    params = _hf_qwen3_weights(folder)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    params[name] = params[name].to(torch.float8_e4m3fn)
+    write_checkpoint(params, folder)
+    with pytest.raises(ValueError, match=rf"tensor '{name}' has dtype torch.float8_e4m3fn"):
+        hf_folder.load_model(folder)
+
+
+def test_a_weight_the_requested_dtype_cannot_hold_is_refused_not_made_inf(tmp_path, capsys):
+    folder = _hf_qwen3_config(tmp_path)
+    params = _hf_qwen3_weights(folder)
+    params["model.layers.0.mlp.down_proj.weight"][0, 0] = 1e5  # a bfloat16 holds it, a float16 does not
+    write_checkpoint(params, folder)
+    with pytest.raises(ValueError, match=r"trf_blocks.0.ff.fc3.weight has values too large for torch.float16"):
+        hf_folder.load_model(folder, dtype=torch.float16)
+    model, _, _ = hf_folder.load_model(folder)
+    assert model.trf_blocks[0].ff.fc3.weight[0, 0].item() == 99840.0  # 1e5 in bfloat16
+
+
 def test_file_names_cannot_lead_outside_the_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda url: _FakeResponse(b"{}"))
+    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda url, timeout=None: _FakeResponse(b"{}"))
     with pytest.raises(ValueError, match="leads outside"):
         ours.download_from_huggingface("x/y", "../escaped.json", str(tmp_path / "sub"))
     assert not (tmp_path / "escaped.json").exists()

@@ -345,6 +345,20 @@ def test_bf16_safetensors_load(tmp_path):
     assert torch.equal(model.trf_blocks[1].att.W_value.weight, sd["h.1.attn.c_attn.weight"].float()[:, 2 * D:].T)
 
 
+def test_float64_safetensors_load_without_a_detour_through_float32(tmp_path):
+    """A float64 weight is rounded once, to the model's dtype: a float64 model holds it exactly, and a finite
+    value too large for a float32 model is named as such, not as a NaN or inf in the file."""
+    sd = {k: v.double() + 1e-12 for k, v in _hf_state_dict(_openai_params(CFG, seed=6)).items()}
+    model = weights.load_hf_gpt2_into_gpt(GPTModel(CFG).double(), _save(sd, tmp_path / "f64.safetensors"))
+    assert torch.equal(model.tok_emb.weight, sd["wte.weight"])
+    sd["wte.weight"][0, 0] = 1e300
+    model = GPTModel(CFG).double()
+    model = weights.load_hf_gpt2_into_gpt(model, _save(sd, tmp_path / "big.safetensors"))
+    assert model.tok_emb.weight[0, 0].item() == 1e300
+    with pytest.raises(ValueError, match=r"wte has values too large for the model's torch.float32"):
+        weights.load_hf_gpt2_into_gpt(GPTModel(CFG), tmp_path / "big.safetensors")
+
+
 def test_safetensors_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="safetensors file not found"):
         weights.load_hf_gpt2_into_gpt(GPTModel(CFG), tmp_path / "nope.safetensors")

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from . import llama3, qwen3
+from ..weights import _TORCH_FLOATS, _all_finite
 from .hub import load_safetensors_folder
 
 CONFIG_NAME = "config.json"
@@ -66,6 +67,11 @@ def _get(hf: dict, key: str, path: Path, kind=int):
 
 def _refuse_unsupported(hf: dict, path: Path, family: str) -> None:
     """Settings the book's modules do not compute: loading would give a model with other numbers."""
+    if hf.get("quantization_config") is not None:
+        # Quantized weights (FP8 codes, packed integers) need their scales applied; read as plain floats
+        # they would be other weights.
+        raise ValueError(f"{path}: quantization_config {hf['quantization_config']!r} is not supported: the book's "
+                         f"models load unquantized float16 / bfloat16 / float32 weights")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (the book's models use silu)")
     for key in ("attention_bias", "mlp_bias"):
@@ -173,10 +179,12 @@ def load_model(folder, dtype=None, device="cpu"):
     if dtype is not None:
         cfg["dtype"] = dtype
     params = load_safetensors_folder(folder)
-    not_floating = next((name for name, t in params.items() if not t.is_floating_point()), None)
-    if not_floating is not None:  # the loaders would make it a parameter: torch's error names neither
+    # An integer would fail in the loaders with an error naming neither; a float8 tensor holds quantized codes
+    # that, cast, would load as other numbers.
+    not_floating = next((name for name, t in params.items() if t.dtype not in _TORCH_FLOATS), None)
+    if not_floating is not None:
         raise ValueError(f"{folder}: tensor {not_floating!r} has dtype {params[not_floating].dtype}; a Llama 3 / "
-                         "Qwen3 checkpoint's tensors are floating point")
+                         "Qwen3 checkpoint's tensors are float16, bfloat16, float32 or float64")
     if tied:
         params = {name: tensor for name, tensor in params.items() if name != "lm_head.weight"}
     elif "lm_head.weight" not in params:
@@ -195,23 +203,31 @@ def load_model(folder, dtype=None, device="cpu"):
     left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"{folder}: the loader filled no value for {', '.join(left[:3])}")
-    _cast_parameters(model, built)
+    _cast_parameters(model, built, folder)
     if tied:  # the loaders give the head a copy of the embedding; inference needs only the one tensor
         model.out_head.weight = model.tok_emb.weight
     return model.to(device).eval(), cfg, family
 
 
-def _cast_parameters(model, dtypes) -> None:
+def _cast_parameters(model, dtypes, folder) -> None:
     """Each parameter in the dtype the model built from the config gave it (``dtypes``, by name).
 
     The loaders copy the checkpoint's tensors as they are, so a bf16 checkpoint loaded for ``--dtype float32``
     would otherwise mix dtypes.  Norm scales the book keeps in float32 hold the checkpoint's values exactly.
+    A finite weight the dtype cannot hold (a bf16 1e5 as float16) is a ``ValueError`` naming it: cast, it would
+    be inf.
     """
     for module_name, module in model.named_modules():
         for name, p in list(module._parameters.items()):
-            wanted = dtypes.get(f"{module_name}.{name}" if module_name else name)
+            full_name = f"{module_name}.{name}" if module_name else name
+            wanted = dtypes.get(full_name)
             if p is not None and wanted is not None and p.dtype != wanted:
-                module._parameters[name] = torch.nn.Parameter(p.detach().to(wanted), requires_grad=p.requires_grad)
+                cast = p.detach().to(wanted)
+                if not _all_finite(cast) and _all_finite(p.detach()):
+                    raise ValueError(f"{folder}: {full_name} has values too large for {wanted} (largest magnitude "
+                                     f"{p.detach().abs().max().item():g}): load it in the checkpoint's dtype or "
+                                     "float32")
+                module._parameters[name] = torch.nn.Parameter(cast, requires_grad=p.requires_grad)
 
 
 @dataclass

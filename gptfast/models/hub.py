@@ -7,7 +7,6 @@ that a later run would take for the real one.
 
 from __future__ import annotations
 
-import json
 import os
 import urllib.error
 import urllib.request
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..files import path_inside, save_response
+from ..weights import _NETWORK_ERRORS, DOWNLOAD_TIMEOUT_S, read_weight_map
 
 __all__ = ["HF_BASE_URL", "download_from_huggingface", "download_from_huggingface_from_snapshots",
            "load_safetensors_folder", "assign", "load_tensor_into", "hf_blocks_to_fill"]
@@ -28,9 +28,10 @@ SHARD_INDEX = "model.safetensors.index.json"
 def download_from_huggingface(repo_id, filename, local_dir, revision="main"):
     """Download ``filename`` of Hub repository ``repo_id`` into ``local_dir`` unless it is already there.
 
-    Returns the local path.  A failed or cut-short download raises ``OSError`` naming the URL
-    (``urllib``'s ``HTTPError`` with the server's code, as in the reference, when the server refused)
-    and leaves nothing behind; a ``filename`` leading outside ``local_dir`` is a ``ValueError``.
+    Returns the local path.  A failed, stalled (no bytes for ``DOWNLOAD_TIMEOUT_S`` seconds) or cut-short
+    download raises ``OSError`` naming the URL (``urllib``'s ``HTTPError`` with the server's code, as in the
+    reference, when the server refused) and leaves nothing behind; a ``filename`` leading outside
+    ``local_dir`` is a ``ValueError``.
     """
     url = f"{HF_BASE_URL}/{repo_id}/resolve/{revision}/{filename}"
     path_inside(local_dir, filename)  # refuses a filename leading outside local_dir
@@ -41,14 +42,14 @@ def download_from_huggingface(repo_id, filename, local_dir, revision="main"):
         return dest_path
     print(f"Downloading {url} to {dest_path}...")
     try:
-        with urllib.request.urlopen(url) as response:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
             save_response(response, dest_path)
-    except OSError as exc:
+    except (OSError, *_NETWORK_ERRORS) as exc:  # http.client's errors (a cut-short chunk) are no OSError
         raise _download_error(exc, f"could not download {url} to {dest_path}") from exc
     return dest_path
 
 
-def _download_error(exc: OSError, message: str) -> OSError:
+def _download_error(exc: Exception, message: str) -> OSError:
     """``exc`` as the same kind of error (``HTTPError`` with its code, ``URLError``, ``OSError``), its message
     naming what failed: code catching the reference's ``urllib`` errors keeps working."""
     reason = getattr(exc, "reason", None) or exc
@@ -63,30 +64,45 @@ def load_safetensors_folder(folder):
     """All tensors of the Hugging Face checkpoint in ``folder``, as one ``{name: tensor}`` dict.
 
     Reads ``model.safetensors.index.json`` and its shards when present, else the
-    single ``model.safetensors``.
+    single ``model.safetensors``.  Each tensor the index names comes from the shard it names it in; a
+    tensor held by two shards, or missing from its shard, is a ``ValueError``: which copy to take would
+    depend on the order the shards are read in.
     """
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     index_path, single_path = folder / SHARD_INDEX, folder / SINGLE_FILE
     if index_path.exists():
-        with open(index_path, encoding="utf-8") as handle:
-            weight_map = json.load(handle).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index_path} has no 'weight_map' of tensor names to shard files")
-        weights = {}
-        for shard in sorted(set(weight_map.values())):
-            shard_path = path_inside(folder, shard)
-            if not shard_path.is_file():
-                raise FileNotFoundError(f"{index_path} names shard {shard!r}, which is not in {folder}")
-            weights.update(load_file(str(shard_path)))
-        missing = sorted(set(weight_map) - set(weights))
-        if missing:
-            raise ValueError(f"{index_path} lists tensors no shard holds, e.g. {missing[:3]}")
-        return weights
+        return _load_shards(index_path, folder)
     if single_path.exists():
+        from safetensors.torch import load_file
+
         return load_file(str(single_path))
     raise FileNotFoundError(f"No {SINGLE_FILE} or {SHARD_INDEX} found in {folder}.")
+
+
+def _load_shards(index_path: Path, folder: Path) -> dict:
+    """The tensors of the shards ``index_path`` names, each checked to be in its named shard and no other."""
+    from safetensors import safe_open
+
+    weight_map = read_weight_map(index_path)
+    holder = {}  # tensor name -> the shard it was read from
+    weights = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = path_inside(folder, shard)
+        if not shard_path.is_file():
+            raise FileNotFoundError(f"{index_path} names shard {shard!r}, which is not in {folder}")
+        with safe_open(str(shard_path), framework="pt") as handle:
+            for name in handle.keys():
+                if name in holder:
+                    raise ValueError(f"{folder}: tensor {name!r} is in two shards, {holder[name]!r} and {shard!r}")
+                holder[name] = shard
+                weights[name] = handle.get_tensor(name)
+    misplaced = sorted(name for name, shard in weight_map.items() if holder.get(name) != shard)
+    if misplaced:
+        name = misplaced[0]
+        where = f"is in {holder[name]!r}" if name in holder else "is in no shard"
+        raise ValueError(f"{index_path} puts tensor {name!r} in {weight_map[name]!r}, but it {where}"
+                         + (f" ({len(misplaced)} tensors in all)" if len(misplaced) > 1 else ""))
+    return weights
 
 
 def download_from_huggingface_from_snapshots(repo_id, local_dir):
