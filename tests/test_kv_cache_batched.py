@@ -256,6 +256,74 @@ def test_a_cache_filled_under_inference_mode_goes_on_outside_it():
         assert torch.equal(got, want)
 
 
+def test_a_backward_through_two_cached_calls_gives_the_references_gradients():
+    """The second call's keys follow the first's in the cache; the first call's backward still reads its own."""
+    r, o = pair(qwen_cfg(2))
+    x = torch.randint(0, 101, (2, 6))
+    grads = {}
+    for name, model, cache in (("reference", r, ref_utils.KVCache(2, 2)), ("gptfast", o, utils.KVCache(2, 2))):
+        model.reset_kv_cache(2)
+        first = model(x, cache=cache, start_pos=model.current_pos.clone())
+        model.current_pos += 6
+        second = model(x[:, :1], cache=cache, start_pos=model.current_pos.clone())
+        (first.sum() + second.sum()).backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters()}
+    for n, want in grads["reference"].items():
+        torch.testing.assert_close(grads["gptfast"][n], want, atol=1e-4, rtol=1e-4, msg=n)
+
+
+def test_an_earlier_cached_call_keeps_its_backward_when_only_the_queries_need_gradients():
+    _, o = pair(qwen_cfg(2))
+    for name, p in o.named_parameters():
+        p.requires_grad_(name == "trf_blocks.0.att.W_query.weight")
+    x = torch.randint(0, 101, (2, 8))
+    cache = utils.KVCache(2, 2)
+    o(x[:, :5], cache=cache, start_pos=torch.tensor([0, 0]))
+    second = o(x[:, 5:6], cache=cache, start_pos=torch.tensor([5, 5])).sum()
+    o(x[:, 6:7], cache=cache, start_pos=torch.tensor([6, 6]))
+    second.backward()  # the third call must not have written over keys the second call's backward reads
+    assert o.trf_blocks[0].att.W_query.weight.grad.abs().sum() > 0
+
+
+def test_entries_handed_out_keep_their_values_when_a_branch_is_restored():
+    """Save the entries, go on, restore them, take another branch, then restore the first branch: the
+    continuation equals the uncached pass, as with the reference's entries (tensors of their own)."""
+    _, o = pair(qwen_cfg(2, context_length=16))
+    prompt, a, b, c = torch.randint(0, 101, (1, 5)), torch.tensor([[7]]), torch.tensor([[9]]), torch.tensor([[11]])
+    with torch.no_grad():
+        cache = utils.KVCache(2, 1)
+        o(prompt, cache=cache, start_pos=torch.tensor([0]))
+        fork = [cache.get(i, 0) for i in range(2)]
+        o(a, cache=cache, start_pos=torch.tensor([5]))
+        branch_a = [cache.get(i, 0) for i in range(2)]
+        for i, entry in enumerate(fork):
+            cache.update(i, 0, entry)
+        o(b, cache=cache, start_pos=torch.tensor([5]))
+        for i, entry in enumerate(branch_a):
+            cache.update(i, 0, entry)
+        got = o(c, cache=cache, start_pos=torch.tensor([6]))[0, -1]
+        want = o(torch.cat([prompt, a, c], 1))[0, -1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_an_entry_handed_out_keeps_its_values_when_its_row_is_cleared_and_refilled():
+    _, o = pair(qwen_cfg(2))
+    x = torch.randint(0, 101, (2, 6))
+    with torch.no_grad():
+        cache = utils.KVCache(2, 2)
+        o(x[:, :5], cache=cache, start_pos=torch.tensor([0, 0]))
+        kept = cache.get(1, 0)
+        snapshot = [t.clone() for t in kept]
+        for layer in range(2):
+            cache.update(layer, 0, None)
+        o(x[:, 5:], cache=cache, start_pos=torch.tensor([0, 5]))  # row 0 starts again at position 0
+        assert cache.row_lengths(1) == [1, 6]
+        buffer = cache.get(1, 1)[0].untyped_storage().data_ptr()
+        o(x[:, :1], cache=cache, start_pos=torch.tensor([1, 6]))  # past what get() handed out: written in place
+        assert cache.get(1, 1)[0].untyped_storage().data_ptr() == buffer
+    assert all(torch.equal(t, want) for t, want in zip(kept, snapshot))
+
+
 # ----------------------------------------------------------------------------- generation
 
 

@@ -213,6 +213,48 @@ def test_a_cache_filled_through_update_is_continued():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_entries_handed_out_keep_their_values_when_a_branch_is_restored():
+    """Save the entries, go on, restore them, take another branch, then restore the first branch: the
+    continuation equals the uncached pass, as with the reference's entries (tensors of their own)."""
+    _, ours = models(seed=0)
+    prompt, a, b, c = ids(1, 5), torch.tensor([[7]]), torch.tensor([[9]]), torch.tensor([[11]])
+    with torch.no_grad():
+        cache = KVCache(CFG["n_layers"])
+        ours(prompt, cache=cache)
+        fork = list(cache.get_all())
+        ours(a, cache=cache)
+        branch_a = list(cache.get_all())
+        for i, entry in enumerate(fork):
+            cache.update(i, entry)
+        ours.current_pos = 5
+        ours(b, cache=cache)
+        for i, entry in enumerate(branch_a):
+            cache.update(i, entry)
+        ours.current_pos = 6
+        got = ours(c, cache=cache)[0, -1]
+        ours.reset_kv_cache()
+        want = ours(torch.cat([prompt, a, c], 1))[0, -1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_an_entry_handed_out_keeps_its_values_when_its_layer_is_cleared_and_refilled():
+    _, ours = models(seed=0)
+    x = ids(1, 8)
+    with torch.no_grad():
+        cache = KVCache(CFG["n_layers"])
+        ours(x[:, :5], cache=cache)
+        kept = cache.get(0)
+        snapshot = [t.clone() for t in kept]
+        for i in range(CFG["n_layers"]):
+            cache.update(i, None)
+        ours.current_pos = 0
+        ours(x[:, 5:7], cache=cache)
+        buffer = cache.get(0)[0].untyped_storage().data_ptr()
+        ours(x[:, 7:], cache=cache)  # past what get() handed out: written in place
+        assert cache.get(0)[0].untyped_storage().data_ptr() == buffer
+    assert all(torch.equal(t, want) for t, want in zip(kept, snapshot))
+
+
 def test_cached_forward_keeps_gradients():
     _, ours = models(seed=6)
     ours.train()

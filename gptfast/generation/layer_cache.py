@@ -36,44 +36,56 @@ class KVCache:
         if isinstance(n_layers, bool) or not isinstance(n_layers, numbers.Integral) or n_layers < 1:
             raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
         n_layers = int(n_layers)  # a numpy integer too, as the reference's list takes it
-        self.cache = [None] * n_layers
+        self._entries = [None] * n_layers
         # Which entries are views of ``_store`` (so ``append`` only writes the new positions).
         self._in_store = [False] * n_layers
+        # Positions of each layer's buffers handed out as views since they were made: ``append`` moves a layer
+        # to new buffers before writing any of them, so an entry handed out keeps its values (copy on write).
+        self._lent = [0] * n_layers
         self._store: StaticKVCache | None = None
 
     # -- the reference's API --------------------------------------------------------------
 
+    @property
+    def cache(self):
+        """The list of every layer's entry (the reference's attribute)."""
+        return self.get_all()
+
     def get(self, layer_idx):
         """Layer ``layer_idx``'s ``(keys, values)``, or ``None`` when nothing is cached."""
-        return self.cache[layer_idx]
+        self._lend(layer_idx)
+        return self._entries[layer_idx]
 
     def update(self, layer_idx, value):
         """Replace layer ``layer_idx``'s entry with ``value`` (a ``(keys, values)`` pair or ``None``)."""
-        self.cache[layer_idx] = value
+        self._entries[layer_idx] = value
         self._in_store[layer_idx] = False
 
     def get_all(self):
         """The list of every layer's entry."""
-        return self.cache
+        for i in range(len(self._entries)):
+            self._lend(i)
+        return self._entries
 
     def reset(self):
         """Forget every entry.  The next sequence gets new buffers: entries handed out before stay as they were
         (the reference's are tensors of their own), at the cost of one allocation per sequence."""
-        for i in range(len(self.cache)):
-            self.cache[i] = None
+        for i in range(len(self._entries)):
+            self._entries[i] = None
             self._in_store[i] = False
+            self._lent[i] = 0
         self._store = None
 
     # -- gptfast's additions --------------------------------------------------------------
 
     def num_tokens(self, layer_idx=0) -> int:
         """Tokens cached for layer ``layer_idx`` (0 when its entry is empty)."""
-        entry = self.cache[layer_idx]
+        entry = self._entries[layer_idx]
         return 0 if entry is None else entry[0].shape[2]
 
     def batch_size(self) -> int | None:
         """Rows of the cached entries, or ``None`` when every entry is empty."""
-        for entry in self.cache:
+        for entry in self._entries:
             if entry is not None:
                 return entry[0].shape[0]
         return None
@@ -83,13 +95,13 @@ class KVCache:
 
         Called before any work, so a refused call leaves the cache as it was.
         """
-        if len(self.cache) != len(model.trf_blocks):
-            raise ValueError(f"cache has {len(self.cache)} layers but the model has {len(model.trf_blocks)}")
+        if len(self._entries) != len(model.trf_blocks):
+            raise ValueError(f"cache has {len(self._entries)} layers but the model has {len(model.trf_blocks)}")
         held = self.batch_size()
         if held is not None and held != batch:
             raise ValueError(f"the cache holds {held} rows but the input has {batch}; call reset() first")
         limit = context_length(model)
-        cached = max(self.num_tokens(i) for i in range(len(self.cache)))
+        cached = max(self.num_tokens(i) for i in range(len(self._entries)))
         if cached + new_tokens > limit:
             raise ValueError(
                 f"{new_tokens} new tokens after the {cached} cached ones would outgrow the cache "
@@ -102,9 +114,10 @@ class KVCache:
         (sized for ``model``, allocated on first use).  With autograd recording for anything
         of the model, the pair is concatenated instead, as the reference does: an earlier
         call's backward may have saved the keys (for its queries' gradient, say), and writing
-        into the shared buffers would break it.
+        into the shared buffers would break it.  Positions handed out before (``get``,
+        ``get_all``) are never written over: the layer moves to new buffers first.
         """
-        entry = self.cache[layer_idx]
+        entry = self._entries[layer_idx]
         if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad
                                         or any(p.requires_grad for p in model.parameters())):
             if entry is not None:
@@ -113,15 +126,33 @@ class KVCache:
             return keys, values
         start, end = self.num_tokens(layer_idx), self.num_tokens(layer_idx) + keys.shape[2]
         store = self._store_for(model, keys)
+        copy_in = entry is not None and not self._in_store[layer_idx]  # an entry set by update(): copied in once
+        if self._lent[layer_idx] > (0 if copy_in else start):
+            self._unshare(store, layer_idx, keep=0 if copy_in else start)
         k_buf, v_buf = store.keys[layer_idx], store.values[layer_idx]
-        if entry is not None and not self._in_store[layer_idx]:  # an entry set by update(): copy it in once
+        if copy_in:
             k_buf[:, :, :start].copy_(entry[0])
             v_buf[:, :, :start].copy_(entry[1])
         k_buf[:, :, start:end].copy_(keys)
         v_buf[:, :, start:end].copy_(values)
-        self.cache[layer_idx] = (k_buf[:, :, :end], v_buf[:, :, :end])
+        self._entries[layer_idx] = (k_buf[:, :, :end], v_buf[:, :, :end])
         self._in_store[layer_idx] = True
-        return self.cache[layer_idx]
+        return self._entries[layer_idx]
+
+    def _lend(self, layer_idx):
+        """Note that layer ``layer_idx``'s entry leaves the cache: its buffer positions are not written again."""
+        if self._in_store[layer_idx]:
+            self._lent[layer_idx] = max(self._lent[layer_idx], self.num_tokens(layer_idx))
+
+    def _unshare(self, store, layer_idx, keep):
+        """Give layer ``layer_idx`` new buffers holding the old ones' first ``keep`` positions; the old buffers
+        stay with the entries handed out."""
+        for buffers in (store.keys, store.values):
+            old = buffers[layer_idx]
+            new = torch.zeros_like(old)
+            new[:, :, :keep].copy_(old[:, :, :keep])
+            buffers[layer_idx] = new
+        self._lent[layer_idx] = 0
 
     def _store_for(self, model, keys):
         """The preallocated buffers, (re)allocated when the batch, dtype or device changed."""
@@ -131,8 +162,9 @@ class KVCache:
                 or store.keys[0].device != keys.device or not writable_here(store.keys[0]):
             att = model.trf_blocks[0].att
             # Entries living in the old buffers are copied into the new ones by append().
-            self._in_store = [False] * len(self.cache)
-            store = StaticKVCache(len(self.cache), batch, att.num_heads, context_length(model), att.head_dim,
+            self._in_store = [False] * len(self._entries)
+            self._lent = [0] * len(self._entries)
+            store = StaticKVCache(len(self._entries), batch, att.num_heads, context_length(model), att.head_dim,
                                   dtype=keys.dtype, device=keys.device)
             self._store = store
         return store
@@ -146,7 +178,8 @@ class RowKVCache:
     reference does.  gptfast's batched models call :meth:`extend` instead, which writes
     only the new positions of every row into per-layer buffers (grown by doubling, so
     a step copies nothing of the past) and returns the whole batch's keys and values
-    as views; ``get`` then hands out views of those buffers.
+    as views; ``get`` then hands out views of those buffers, whose positions are never
+    written again (a later write moves the layer to new buffers first).
     """
 
     def __init__(self, n_layers, batch_size):
@@ -158,6 +191,8 @@ class RowKVCache:
         self._lengths = [[0] * batch_size for _ in range(n_layers)]  # tokens of each row held in the buffers
         self._given = [[None] * batch_size for _ in range(n_layers)]  # entries set through update()
         self._buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+        # Positions of each row of the layer's buffers handed out by get() since the buffers were made.
+        self._lent = [[0] * batch_size for _ in range(n_layers)]
 
     # -- the reference's API --------------------------------------------------------------
 
@@ -172,14 +207,20 @@ class RowKVCache:
 
     def get(self, layer_idx, batch_idx):
         """Row ``batch_idx``'s ``(keys, values)`` of layer ``layer_idx``, or ``None`` when nothing is cached."""
-        given = self._given[layer_idx][batch_idx]
+        row = range(self.batch_size)[batch_idx]  # a negative index counts from the end, as in a list
+        lent = self._lent[layer_idx]
+        lent[row] = max(lent[row], self._lengths[layer_idx][row])
+        return self._held(layer_idx, row)
+
+    def _held(self, layer_idx, row):
+        """Row ``row``'s entry: the one given to ``update``, a view of the buffers, or ``None``."""
+        given = self._given[layer_idx][row]
         if given is not None:
             return given
-        n = self._lengths[layer_idx][batch_idx]
+        n = self._lengths[layer_idx][row]
         if n == 0:
             return None
         keys, values = self._buffers[layer_idx]
-        row = range(self.batch_size)[batch_idx]  # a negative index counts from the end, as in a list
         return keys[row:row + 1, :, :n], values[row:row + 1, :, :n]
 
     def update(self, layer_idx, batch_idx, value):
@@ -197,6 +238,7 @@ class RowKVCache:
             self._lengths[i] = [0] * self.batch_size
             self._given[i] = [None] * self.batch_size
             self._buffers[i] = None
+            self._lent[i] = [0] * self.batch_size
 
     # -- gptfast's additions --------------------------------------------------------------
 
@@ -211,14 +253,21 @@ class RowKVCache:
         ``starts`` is a list of ints, each row's cached length (checked by the caller).
         Returns the batch's ``(keys, values)`` over positions ``0 .. max(starts) + new - 1``,
         views of the buffers; a row's positions past its own end hold stale values that
-        the caller's mask hides.
+        the caller's mask hides.  With autograd recording, the pair is concatenated
+        instead, as the reference does: an earlier call's backward may have saved the
+        keys, and writing into the shared buffers would break it.
         """
         batch, _, new, _ = keys.shape
         if batch != self.batch_size:
             raise ValueError(f"the cache has {self.batch_size} rows but the input has {batch}")
+        if torch.is_grad_enabled():
+            # Whatever needs gradients (the keys, or only the queries attending over them) saves these keys.
+            return self._extend_by_concatenation(layer_idx, keys, values, starts)
         ends = [s + new for s in starts]
-        k_buf, v_buf = self._buffers_for(layer_idx, keys, values, max(ends))
         given = self._given[layer_idx]
+        lent = self._lent[layer_idx]
+        overwrites_lent = any(n > (0 if g is not None else s) for n, g, s in zip(lent, given, starts))
+        k_buf, v_buf = self._buffers_for(layer_idx, keys, values, max(ends), remake=overwrites_lent)
         for b, entry in enumerate(given):
             if entry is not None:  # set by update(): copied into the buffers once
                 n = entry[0].shape[2]
@@ -237,8 +286,29 @@ class RowKVCache:
         end = max(ends)
         return k_buf[:, :, :end], v_buf[:, :, :end]
 
-    def _buffers_for(self, layer_idx, keys, values, needed):
-        """Layer ``layer_idx``'s buffers with room for ``needed`` positions, reallocated (doubling) when short."""
+    def _extend_by_concatenation(self, layer_idx, keys, values, starts):
+        """:meth:`extend` into new tensors: each row's entry followed by its new keys, rows shorter than the
+        longest padded with zeros (masked by the caller); the rows become entries of their own."""
+        new = keys.shape[2]
+        end = max(starts) + new
+        rows_k, rows_v = [], []
+        for b in range(self.batch_size):
+            k_row, v_row = keys[b:b + 1], values[b:b + 1]
+            held = self._held(layer_idx, b)
+            if held is not None:
+                k_row, v_row = torch.cat([held[0], k_row], dim=2), torch.cat([held[1], v_row], dim=2)
+            pad = (0, 0, 0, end - k_row.shape[2])
+            rows_k.append(torch.nn.functional.pad(k_row, pad))
+            rows_v.append(torch.nn.functional.pad(v_row, pad))
+        k_all, v_all = torch.cat(rows_k, dim=0), torch.cat(rows_v, dim=0)
+        for b, s in enumerate(starts):
+            self._given[layer_idx][b] = (k_all[b:b + 1, :, :s + new], v_all[b:b + 1, :, :s + new])
+            self._lengths[layer_idx][b] = 0
+        return k_all, v_all
+
+    def _buffers_for(self, layer_idx, keys, values, needed, remake=False):
+        """Layer ``layer_idx``'s buffers with room for ``needed`` positions, reallocated (doubling) when short,
+        or remade when ``remake`` (positions handed out are about to be written)."""
         current = self._buffers[layer_idx]
         capacity = max(needed, 64)
         if current is not None:
@@ -246,12 +316,12 @@ class RowKVCache:
             fits = (k_old.shape[1] == keys.shape[1] and k_old.shape[3] == keys.shape[3]
                     and v_old.shape[3] == values.shape[3] and k_old.dtype == keys.dtype
                     and v_old.dtype == values.dtype and k_old.device == keys.device)
-            if fits and k_old.shape[2] >= needed and writable_here(k_old):
+            if fits and k_old.shape[2] >= needed and writable_here(k_old) and not remake:
                 return current
             if not fits and any(self._lengths[layer_idx]):
                 raise ValueError(f"cached keys {tuple(k_old.shape)} ({k_old.dtype}) do not fit the new keys "
                                  f"{tuple(keys.shape)} ({keys.dtype}); call reset() for a new batch")
-            if fits:  # grown by doubling; only remade (same size) when inference-mode buffers are written outside
+            if fits:  # grown by doubling; only remade (same size) for inference-mode buffers or positions handed out
                 capacity = max(capacity, k_old.shape[2] if k_old.shape[2] >= needed else 2 * k_old.shape[2])
         # Zeros, not empty memory: positions past a row's end are masked, and 0 * NaN would still be NaN.
         k_buf = keys.new_zeros(self.batch_size, keys.shape[1], capacity, keys.shape[3])
@@ -261,4 +331,5 @@ class RowKVCache:
             k_buf[:, :, :held].copy_(current[0])
             v_buf[:, :, :held].copy_(current[1])
         self._buffers[layer_idx] = (k_buf, v_buf)
+        self._lent[layer_idx] = [0] * self.batch_size
         return k_buf, v_buf
