@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from ._checks import require, require_device, require_dtype, require_probability, require_seed, require_shape
 from ._launch import INTERPRETER, dot_precision, launch, next_power_of_2
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -398,11 +399,42 @@ def _check_heads(q: torch.Tensor, k: torch.Tensor) -> None:
         raise ValueError(f"gptfast_triton attention: q's heads must be a whole multiple of k's, got {h} and {h_kv}")
 
 
-def _dropout_args(dropout_p: float, seed: torch.Tensor | None) -> tuple[bool, float]:
+def _check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The shapes the kernels index: q ``(B, H, Tq, D)``, k and v ``(B, H_kv, Tk, D)``, ``1 <= Tq <= Tk``."""
+    require(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, op,
+            f"q, k, v must be 4-D, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    require_device(op, "q", q, k=k, v=v)
+    require(k.dtype == q.dtype and v.dtype == q.dtype, op,
+            f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    require(tuple(k.shape) == tuple(v.shape), op, f"k and v shapes differ: {tuple(k.shape)} and {tuple(v.shape)}")
+    require(q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3], op,
+            f"q and k disagree in batch or head_dim: {tuple(q.shape)} and {tuple(k.shape)}")
+    _check_heads(q, k)
+    require(q.shape[2] >= 1 and q.shape[2] <= k.shape[2], op,
+            f"need 1 <= Tq <= Tk, got Tq {q.shape[2]}, Tk {k.shape[2]}")
+
+
+def _check_backward_inputs(grad_out: torch.Tensor, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """grad_out and out like q; lse the forward's float32 ``(B, H, Tq)``."""
+    op = "attention_bwd"
+    require_device(op, "q", q, grad_out=grad_out, out=out, lse=lse)
+    require(tuple(grad_out.shape) == tuple(q.shape) and tuple(out.shape) == tuple(q.shape), op,
+            f"grad_out and out must have q's shape {tuple(q.shape)}, got {tuple(grad_out.shape)} and "
+            f"{tuple(out.shape)}")
+    require(grad_out.dtype == q.dtype and out.dtype == q.dtype, op,
+            f"grad_out and out must have q's dtype {q.dtype}, got {grad_out.dtype} and {out.dtype}")
+    require_shape(op, "lse", lse, tuple(q.shape[:3]))
+    require_dtype(op, "lse", lse, torch.float32)
+
+
+def _dropout_args(dropout_p: float, seed: torch.Tensor | None, op: str, q: torch.Tensor) -> tuple[bool, float]:
     """(dropout on?, scale of kept weights); p = 1 drops everything, like F.dropout."""
+    require_probability(op, "dropout_p", dropout_p)
     active = dropout_p > 0.0
     if active and seed is None:
         raise ValueError("gptfast_triton attention: dropout_p > 0 needs a seed tensor")
+    if active:
+        require_seed(op, seed, "q", q)
     keep_scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
     return active, keep_scale
 
@@ -411,14 +443,14 @@ def _dropout_args(dropout_p: float, seed: torch.Tensor | None) -> tuple[bool, fl
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float,
                   seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention forward; returns ``(out, lse)`` with lse ``(B, H, Tq)`` float32 (base 2)."""
-    _check_heads(q, k)
+    _check_qkv("attention_fwd", q, k, v)
+    dropout, keep_scale = _dropout_args(dropout_p, seed, "attention_fwd", q)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, h, tq, d = q.shape
     tk = k.shape[2]
     out = torch.empty((b, h, tq, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, h, tq), device=q.device, dtype=torch.float32)
     cfg = _fwd_config(d, q.dtype, tq)
-    dropout, keep_scale = _dropout_args(dropout_p, seed)
     grid = flat_grid(triton.cdiv(tq, cfg["BLOCK_M"]), b * h)
     launch(_attention_fwd_kernel, grid, q, k, v, out, lse, seed if dropout else lse,
            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
@@ -433,7 +465,9 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                   lse: torch.Tensor, scale: float, dropout_p: float,
                   seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of causal attention, recomputing the probabilities from ``lse``."""
-    _check_heads(q, k)
+    _check_qkv("attention_bwd", q, k, v)
+    _check_backward_inputs(grad_out, q, out, lse)
+    dropout, keep_scale = _dropout_args(dropout_p, seed, "attention_bwd", q)
     q, k, v, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, grad_out))
     b, h, tq, d = q.shape
     tk = k.shape[2]
@@ -448,7 +482,6 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     h_kv = k.shape[1]
     dk = torch.empty((b, h_kv, tk, d), device=q.device, dtype=k.dtype)
     dv = torch.empty((b, h_kv, tk, d), device=q.device, dtype=v.dtype)
-    dropout, keep_scale = _dropout_args(dropout_p, seed)
     seed_ptr = seed if dropout else lse  # never read without dropout
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
               h, h // max(h_kv, 1), tq, tk, scale, scale * LOG2E, dropout_p, keep_scale)

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from ._checks import require, require_device
 from ._launch import INTERPRETER, launch, next_power_of_2
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -104,10 +105,22 @@ def launch_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, losses: to
            WRITE_GRAD=write_grad, SCALE_PER_ROW=per_row, **_config(n_cols))
 
 
+def _check_args(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """The kernel reads one target per row of ``logits`` ``(N, V)``."""
+    op = "cross_entropy_fwd"
+    require(logits.dim() == 2, op, f"logits must be (N, V), got {tuple(logits.shape)}")
+    require(logits.shape[1] > 0, op, "logits need at least one class")
+    require_device(op, "logits", logits, targets=targets)
+    require(targets.dim() == 1 and targets.shape[0] == logits.shape[0], op,
+            f"targets must be ({logits.shape[0]},), got {tuple(targets.shape)}")
+    require(targets.dtype in (torch.int64, torch.int32), op, f"targets must be int64 or int32, got {targets.dtype}")
+
+
 @triton_op("gptfast_triton::cross_entropy_fwd", mutates_args=())
 def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                       want_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses ``(N,)`` float32 and, if ``want_grad``, ``softmax - onehot`` ``(N, V)`` (else empty)."""
+    _check_args(logits, targets)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     losses = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from ._checks import require, require_device, require_dtype, require_shape
 from ._launch import INTERPRETER, dot_precision, launch, next_power_of_2
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -76,9 +77,24 @@ def plan(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
     return dict(block_m=block_m, block_k=block_k, splits=splits, tiles_per_split=tiles_per_split)
 
 
+def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """One dtype, one device; weight ``(N, K)`` for x ``(M, K)``, bias ``(N,)``."""
+    op = "decode_linear"
+    require(x.dim() == 2, op, f"x must be (M, K), got {tuple(x.shape)}")
+    require(weight.dim() == 2 and weight.shape[1] == x.shape[1], op,
+            f"weight must be (N, {x.shape[1]}), got {tuple(weight.shape)}")
+    require_device(op, "x", x, weight=weight, bias=bias)
+    require(x.dtype in DTYPES, op, f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    require_dtype(op, "weight", weight, x.dtype)
+    if bias is not None:
+        require_shape(op, "bias", bias, (weight.shape[0],))
+        require_dtype(op, "bias", bias, x.dtype)
+
+
 @triton_op("gptfast_triton::decode_linear", mutates_args=())
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ weight.T + bias``: x ``(M, K)``, weight ``(N, K)``, bias ``(N,)`` or None; out ``(M, N)`` contiguous."""
+    _check_args(x, weight, bias)
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)

@@ -18,6 +18,7 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.library import triton_op
 
+from ._checks import require_floating, require_row_grad
 from ._launch import INTERPRETER, launch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -69,6 +70,7 @@ def _grid(n: int):
 @triton_op("gptfast_triton::gelu_fwd", mutates_args=())
 def gelu_fwd(x: torch.Tensor) -> torch.Tensor:
     """Tanh GELU of ``x``, contiguous, in x's dtype."""
+    require_floating("gelu_fwd", x=x)
     x = x.contiguous()
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     n = x.numel()
@@ -80,6 +82,8 @@ def gelu_fwd(x: torch.Tensor) -> torch.Tensor:
 @triton_op("gptfast_triton::gelu_bwd", mutates_args=())
 def gelu_bwd(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``dx`` recomputed from x."""
+    require_floating("gelu_bwd", x=x)
+    require_row_grad("gelu_bwd", grad_out, x)
     x = x.contiguous()
     g = grad_out.to(x.dtype).contiguous()
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from ._checks import require, require_row_grad, require_rows, require_stat
 from ._launch import launch, load_row_f32, next_power_of_2, row_slices, row_unsupported_reason, row_warps
 
 
@@ -71,6 +72,8 @@ def _layer_norm_bwd_kernel(g_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, part
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, mean, rstd)``: ``x`` ``(N, D)`` normalised, scaled and shifted; float32 statistics ``(N,)``."""
+    require_rows("layer_norm_fwd", x, ("weight", weight), ("bias", bias))
+    require(eps >= 0, "layer_norm_fwd", f"eps must be >= 0, got {eps}")
     x = x.contiguous()
     n, d = x.shape
     out = torch.empty((n, d), device=x.device, dtype=x.dtype)
@@ -87,6 +90,10 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 def layer_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                    rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dweight, dbias)`` for the forward's statistics; the parameter gradients in float32."""
+    require_rows("layer_norm_bwd", x, ("weight", weight))
+    require_row_grad("layer_norm_bwd", grad_out, x)
+    require_stat("layer_norm_bwd", "mean", mean, x)
+    require_stat("layer_norm_bwd", "rstd", rstd, x)
     x = x.contiguous()
     g = grad_out.to(x.dtype).contiguous()
     n, d = x.shape

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from ._checks import require, require_row_grad, require_rows, require_stat
 from ._launch import launch, load_row_f32, next_power_of_2, row_slices, row_unsupported_reason, row_warps
 
 
@@ -59,6 +60,8 @@ def _rms_norm_bwd_kernel(g_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, partial_ptr, N, 
 @triton_op("gptfast_triton::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, rstd)``: ``x`` ``(N, D)`` normalised, scaled by ``weight``; float32 ``rstd`` ``(N,)``."""
+    require_rows("rms_norm_fwd", x, ("weight", weight))
+    require(eps > 0, "rms_norm_fwd", f"eps must be positive, got {eps}")
     x = x.contiguous()
     n, d = x.shape
     out = torch.empty((n, d), device=x.device, dtype=x.dtype)
@@ -73,6 +76,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
 def rms_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                  rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dx, dweight)`` for the forward's ``rstd``; ``dweight`` in the weight's dtype."""
+    _check_bwd(grad_out, x, weight, rstd)
     x = x.contiguous()
     g = grad_out.to(x.dtype).contiguous()
     n, d = x.shape
@@ -84,6 +88,13 @@ def rms_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         launch(_rms_norm_bwd_kernel, (programs,), g, x, weight.contiguous(), rstd.contiguous(), dx, partial, n, d,
                rows_per_program, BLOCK_D=block, **row_warps(block))
     return dx, partial.sum(0).to(weight.dtype)
+
+
+def _check_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> None:
+    """The forward's checks, and ``grad_out`` of x's shape and the forward's float32 ``rstd`` ``(N,)``."""
+    require_rows("rms_norm_bwd", x, ("weight", weight))
+    require_row_grad("rms_norm_bwd", grad_out, x)
+    require_stat("rms_norm_bwd", "rstd", rstd, x)
 
 
 def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, *_) -> str | None:

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from ._checks import require, require_device, require_shape
 from ._launch import launch, next_power_of_2
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,6 +57,19 @@ def _rope_kernel(x_ptr, sb, sh, st, cos_ptr, sin_ptr, pos_ptr, out_ptr, H, T, P,
     tl.store(dst + HALF + cols, y2.to(out_ptr.dtype.element_ty), mask=inside)
 
 
+def _check_args(op: str, name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                positions: torch.Tensor | None) -> None:
+    """``x`` ``(B, H, T, D)`` with D even, tables ``(P, D)``, positions ``(B, T)``, all on x's device."""
+    require(x.dim() == 4, op, f"{name} must be (B, H, T, D), got {tuple(x.shape)}")
+    b, _, t, d = x.shape
+    require(d % 2 == 0, op, f"head_dim must be even, got {d}")
+    require(cos.dim() == 2 and tuple(cos.shape) == tuple(sin.shape) and cos.shape[1] == d, op,
+            f"cos and sin must both be (positions, {d}), got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    require_device(op, name, x, cos=cos, sin=sin, positions=positions)
+    if positions is not None:
+        require_shape(op, "positions", positions, (b, t))
+
+
 def _rope(x, cos, sin, positions, offset, backward):
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -74,6 +88,7 @@ def _rope(x, cos, sin, positions, offset, backward):
 def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None,
              offset: int) -> torch.Tensor:
     """RoPE of ``x`` ``(B, H, T, D)`` at positions ``offset + t`` or ``positions[b, t]``."""
+    _check_args("rope_fwd", "x", x, cos, sin, positions)
     return _rope(x, cos, sin, positions, offset, False)
 
 
@@ -81,6 +96,7 @@ def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: t
 def rope_bwd(grad_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None,
              offset: int) -> torch.Tensor:
     """The gradient of ``rope_fwd`` with respect to ``x``: the transposed rotation of ``grad_out``."""
+    _check_args("rope_bwd", "grad_out", grad_out, cos, sin, positions)
     return _rope(grad_out, cos, sin, positions, offset, True)
 
 

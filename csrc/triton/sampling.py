@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import require, require_device
 from ._launch import INTERPRETER, draw_seed, next_power_of_2
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -202,6 +203,17 @@ def _config(n_rows: int, n_cols: int) -> dict:
     return dict(BLOCK_R=block_r, BLOCK_V=block_v, num_warps=8 if block_r * block_v >= 4096 else 4)
 
 
+def _check_args(logits: torch.Tensor, temperature: torch.Tensor | None, top_k: torch.Tensor | None) -> None:
+    """The kernel reads one temperature and one top-k per row of ``logits`` ``(B, V)``."""
+    op = "sample_next_token"
+    require(logits.dim() == 2 and logits.shape[1] > 0, op, f"logits must be (B, V), got {tuple(logits.shape)}")
+    require_device(op, "logits", logits, temperature=temperature, top_k=top_k)
+    rows = logits.shape[0]
+    for name, per_row in (("temperature", temperature), ("top_k", top_k)):
+        if per_row is not None:
+            require(per_row.numel() == rows, op, f"{name} must be ({rows},), got {tuple(per_row.shape)}")
+
+
 def _sample_next_token(logits, temperature, temperature_value, top_k, top_k_value, generator):
     """Next token per row, ``(B, 1)`` int64.
 
@@ -209,6 +221,7 @@ def _sample_next_token(logits, temperature, temperature_value, top_k, top_k_valu
     ``temperature_value``/``top_k_value`` applies; ``top_k_value`` = V means no top-k).
     A Philox seed is drawn from ``generator`` on the device (none for greedy calls).
     """
+    _check_args(logits, temperature, top_k)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     # The kernel reads per-row values at unit stride (they are B numbers: copying is free).

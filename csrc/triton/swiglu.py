@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from ._checks import require, require_device, require_floating, require_same_shape
 from ._launch import INTERPRETER, launch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -40,6 +41,15 @@ def _swiglu_bwd_kernel(g_ptr, a_ptr, b_ptr, da_ptr, db_ptr, n, BLOCK: tl.constex
     tl.store(db_ptr + offs, (g * a * s).to(db_ptr.dtype.element_ty), mask=inside)
 
 
+def _check_pair(op: str, gate: torch.Tensor, up: torch.Tensor) -> None:
+    """The kernels read ``gate.numel()`` elements of both: one shape, one floating dtype, one device."""
+    require_device(op, "gate", gate, up=up)
+    require(tuple(gate.shape) == tuple(up.shape), op,
+            f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
+    require_floating(op, gate=gate)
+    require(up.dtype == gate.dtype, op, f"up ({up.dtype}) must have gate's dtype {gate.dtype}")
+
+
 def _grid(n: int):
     return (triton.cdiv(n, _BLOCK),)
 
@@ -47,6 +57,7 @@ def _grid(n: int):
 @triton_op("gptfast_triton::swiglu_fwd", mutates_args=())
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up``, contiguous, in gate's dtype."""
+    _check_pair("swiglu_fwd", gate, up)
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
     n = gate.numel()
@@ -58,6 +69,9 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 @triton_op("gptfast_triton::swiglu_bwd", mutates_args=())
 def swiglu_bwd(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(d_gate, d_up)`` recomputed from gate and up."""
+    _check_pair("swiglu_bwd", gate, up)
+    require_device("swiglu_bwd", "gate", gate, grad_out=grad_out)
+    require_same_shape("swiglu_bwd", "grad_out", grad_out, "gate", gate)
     gate, up = gate.contiguous(), up.contiguous()
     g = grad_out.to(gate.dtype).contiguous()
     d_gate = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
