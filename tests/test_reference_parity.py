@@ -359,16 +359,30 @@ def test_train_model_simple_reproduces_the_reference(capsys):
     assert our_out == ref_out  # same progress lines and samples
 
 
-def test_appendix_d_train_model_reproduces_the_reference(capsys):
+def test_appendix_d_train_model_reproduces_the_reference(capsys, monkeypatch):
+    """The same losses, rates and gradients, and clipping on the same steps (this model's gradient norms stay
+    under 1, so a clip on a step the reference skips would not show in the numbers alone)."""
     text = _verdict_text()
-    for orig in (False, True):
+    clip_grad_norm = torch.nn.utils.clip_grad_norm_
+    clipped = []
+
+    def counting_clip(*args, **kwargs):
+        clipped[-1] += 1
+        return clip_grad_norm(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counting_clip)
+    # a warmup of 2.5 steps: both compare the step with it, so the printed version clips from step 3 too
+    for orig, warmup_steps in ((False, 3), (True, 3), (True, 2.5)):
         ref, ours = _pair(TINY)
         with ops.use_backend("torch"):
+            clipped.append(0)
             expected = _run_training(ref_appendix_d, ref_ch02, ref, text, "train_model", n_epochs=2, eval_freq=4,
-                                     eval_iter=1, warmup_steps=3, orig_book_version=orig)
+                                     eval_iter=1, warmup_steps=warmup_steps, orig_book_version=orig)
+            clipped.append(0)
             got = _run_training(appendix_d, ch02, ours, text, "train_model", n_epochs=2, eval_freq=4, eval_iter=1,
-                                warmup_steps=3, orig_book_version=orig)
+                                warmup_steps=warmup_steps, orig_book_version=orig)
         assert got == expected
+        assert clipped[-1] == clipped[-2]
         assert torch.equal(appendix_d.find_highest_gradient(ours), ref_appendix_d.find_highest_gradient(ref))
     capsys.readouterr()
 

@@ -172,3 +172,27 @@ def test_the_books_loops_step_inside_the_block(monkeypatch):
         loops.train_simple_with_loss(loss, model, batches, batches, optimizer, "cpu", 1, 100, 1, "", None)
     assert seen == [True] * 6 + [None] * 2
     assert optimizer.param_groups[0]["fused"] is None
+
+
+@pytest.mark.parametrize("eval_freq, eval_iter, error, name", [
+    (0, 1, ValueError, "eval_freq"), (1, 0, ValueError, "eval_iter"), (1.5, 1, TypeError, "eval_freq"),
+], ids=["eval_freq=0", "eval_iter=0", "eval_freq=1.5"])
+def test_the_books_loops_refuse_a_bad_evaluation_schedule_before_any_step(monkeypatch, eval_freq, eval_iter, error,
+                                                                          name):
+    """The reference fails only at its first evaluation, after a step has changed the model; these fail first."""
+    from gptfast.training import loops
+
+    model = torch.nn.Linear(4, 3)
+    batches = [(torch.randn(2, 4), torch.tensor([0, 2]))] * 2
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    steps = []
+    optimizer.register_step_pre_hook(lambda *a: steps.append(1))
+    loss = lambda x, y, m, d: torch.nn.functional.cross_entropy(m(x), y)  # noqa: E731
+    monkeypatch.setattr(loops, "generate_and_print_sample", lambda *a: None)
+    monkeypatch.setattr(loops, "calc_loss_batch", loss)
+    with pytest.raises(error, match=name):
+        loops.train_model_simple(model, batches, batches, optimizer, "cpu", 1, eval_freq, eval_iter, "", None)
+    with pytest.raises(error, match=name):
+        loops.train_model(model, batches, batches, optimizer, "cpu", 1, eval_freq, eval_iter, "", None,
+                          warmup_steps=1)
+    assert steps == []

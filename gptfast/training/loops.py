@@ -110,6 +110,14 @@ def _batches(loader, progress, epoch, last_epoch):
     return tqdm(loader, desc=f"epoch {epoch + 1}/{last_epoch}", unit="step", leave=False)
 
 
+def require_evaluation_schedule(eval_freq, eval_iter):
+    """Check a loop's ``eval_freq`` and ``eval_iter`` before its first step: a bad value found only at the
+    first evaluation would leave the model already changed by a step."""
+    require_positive_int("eval_freq", eval_freq)
+    if eval_iter is not None:  # None evaluates on every batch, as the reference's loader loss does
+        require_positive_int("eval_iter", eval_iter)
+
+
 class RunSoFar(NamedTuple):
     """What an earlier run of the same training did: its epochs, optimizer steps and input tokens."""
 
@@ -130,6 +138,7 @@ def train_simple_with_loss(loss_batch, model, train_loader, val_loader, optimize
 
     Returns ``(train_losses, val_losses, track_tokens_seen)``.
     """
+    require_evaluation_schedule(eval_freq, eval_iter)
     history = ([], [], [])
     tokens_seen, global_step = so_far.tokens, so_far.steps - 1
     last_epoch = so_far.epochs + num_epochs
@@ -194,6 +203,7 @@ def train_model(model, train_loader, val_loader, optimizer, device,
     :func:`train_simple_with_loss`.
     Returns ``(train_losses, val_losses, track_tokens_seen, track_lrs)``.
     """
+    require_evaluation_schedule(eval_freq, eval_iter)
     history, track_lrs = ([], [], []), []
     tokens_seen, global_step = 0, -1
     peak_lr = optimizer.param_groups[0]["lr"]
@@ -210,8 +220,9 @@ def train_model(model, train_loader, val_loader, optimizer, device,
                 track_lrs.append(lr)
                 loss = calc_loss_batch(input_batch, target_batch, model, device)
                 loss.backward()
-                clip_from = warmup_steps + 1 if orig_book_version else warmup_steps
-                if global_step >= clip_from:
+                # compared as the reference compares: warmup_steps need not be an int
+                past_warmup = global_step > warmup_steps if orig_book_version else global_step >= warmup_steps
+                if past_warmup:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
                 optimizer.step()
                 tokens_seen += input_batch.numel()
