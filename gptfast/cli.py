@@ -17,7 +17,7 @@ from typing import NamedTuple
 # Only the standard library and gptfast.errors at import time: torch and the models are imported by
 # main, where a Ctrl-C during those seconds of importing is caught like any other.
 from .devices import usable_device
-from .errors import OneLineArgumentParser, debug_requested, report_interrupt, run_cli
+from .errors import OneLineArgumentParser, debug_requested, raised_by_interrupt, report_interrupt, run_cli
 
 DEFAULT_PROMPT = "Every effort moves you"
 
@@ -264,15 +264,6 @@ def _restore_random_state(saved, device) -> None:
         set_rng_state(saved, device)
 
 
-def _refuse_diverged(model) -> None:
-    """A model whose parameters are no longer finite (the loss diverged) is an error: saving it would replace the
-    last good checkpoint with one that cannot generate."""
-    bad = next((name for name, p in model.named_parameters() if not bool(p.detach().isfinite().all())), None)
-    if bad is not None:
-        raise RuntimeError(f"training diverged: {bad} is no longer finite (the loss became nan or inf); nothing was "
-                           "saved: lower --lr or check the data")
-
-
 def _train_and_save(args, cfg, device, out_dir: Path, train_loader, val_loader, resume_state) -> int:
     """The checked run: make out-dir, build the model, train, save the checkpoint and the loss plot."""
     import matplotlib
@@ -288,7 +279,7 @@ def _train_and_save(args, cfg, device, out_dir: Path, train_loader, val_loader, 
     from .training.host_memory import keep_freed_host_memory
     from .training.loops import RunSoFar, calc_loss_batch, plot_losses, train_simple_with_loss
     from .training.optimizers import chapter_adamw
-    from .training.pretrain import rng_state
+    from .training.pretrain import refuse_diverged, rng_state
 
     check_writable_dir(out_dir, name="--out-dir")  # before training, not after it
     ckpt_path = out_dir / CHAPTER_CHECKPOINT
@@ -323,7 +314,7 @@ def _train_and_save(args, cfg, device, out_dir: Path, train_loader, val_loader, 
     elapsed = time.perf_counter() - start
     epoch_tokens = _tokens_per_epoch(train_loader)
     print(f"trained in {elapsed:.1f} s ({epoch_tokens * args.epochs / elapsed:.0f} tokens/s)")
-    _refuse_diverged(model)
+    refuse_diverged(model)
     history = {"epochs": history["epochs"] + args.epochs, "steps": history["steps"] + len(train_loader) * args.epochs,
                "tokens": history["tokens"] + epoch_tokens * args.epochs,
                "train_losses": history["train_losses"] + train_losses,
@@ -564,8 +555,8 @@ def main(argv=None) -> int:
     """Entry point of the ``gptfast`` command."""
     try:
         args = build_parser().parse_args(argv)  # the seconds of importing torch and the models
-    except KeyboardInterrupt:
-        if debug_requested():
+    except (KeyboardInterrupt, Exception) as exc:  # torch's import may wrap a Ctrl-C in an error of its own
+        if debug_requested() or not raised_by_interrupt(exc):
             raise
         return report_interrupt(_prog(argv))
     return run_cli(f"gptfast {args.command}", lambda: COMMANDS[args.command](args), debug=args.debug)

@@ -38,13 +38,28 @@ def report_interrupt(prog: str) -> int:
     return EXIT_INTERRUPTED
 
 
+def raised_by_interrupt(exc: BaseException) -> bool:
+    """Whether a Ctrl-C is in ``exc``'s chain of causes: a library (torch's import among them) may turn the
+    ``KeyboardInterrupt`` it was handling into an error of its own."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def run_cli(prog: str, main: Callable[[], int], *, debug: bool = False) -> int:
-    """Run ``main``; turn an expected failure into one stderr line and exit status 2."""
+    """Run ``main``; turn an expected failure into one stderr line and exit status 2 (a Ctrl-C, even one another
+    error wraps, into one line and status 130)."""
     try:
         return main()
     except EXPECTED_ERRORS as exc:
         if debug_requested(debug):
             raise
+        if raised_by_interrupt(exc):
+            return report_interrupt(prog)
         print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

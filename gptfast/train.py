@@ -9,10 +9,11 @@ try:
                                     export_for_generation, flops_per_token, load_initial_weights, lr_at, main,
                                     make_optimizer, model_config, padded_vocab, parse_config, run,
                                     train_from_config)
-except KeyboardInterrupt:  # Ctrl-C during the seconds of importing torch: the script's one line, as later
-    if __name__ != "__main__":
+except (KeyboardInterrupt, Exception) as exc:  # Ctrl-C while torch imports (perhaps wrapped by it): one line
+    from .errors import raised_by_interrupt, report_interrupt
+
+    if __name__ != "__main__" or not raised_by_interrupt(exc):
         raise
-    from .errors import report_interrupt
 
     sys.exit(report_interrupt("gptfast.train"))
 

@@ -171,6 +171,37 @@ def test_resume_takes_the_random_state_of_either_checkpoint_format():
         assert torch.equal(torch.rand(3), expected)
 
 
+class _LoadedOnTheGpu(torch.Tensor):
+    """A saved state tensor as ``map_location="cuda"`` gives it back: it must be moved with ``.cpu()`` first."""
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor)
+
+
+def test_resume_moves_random_states_read_onto_another_device_to_the_cpu(monkeypatch):
+    """``--resume`` reads the checkpoint onto ``--device``; torch takes generator states only as CPU tensors."""
+    from gptfast.cli import _restore_random_state
+    from gptfast.training.pretrain import rng_state
+
+    set_rng_state = torch.set_rng_state
+
+    def cpu_tensors_only(state):
+        if type(state) is not torch.Tensor:
+            raise TypeError("RNG state must be a torch.ByteTensor on the CPU")
+        set_rng_state(state)
+
+    monkeypatch.setattr(torch, "set_rng_state", cpu_tensors_only)
+    cpu = torch.device("cpu")
+    for take in (rng_state, lambda _: torch.get_rng_state()):
+        saved = take(cpu)
+        saved = ({**saved, "torch": saved["torch"].as_subclass(_LoadedOnTheGpu)} if isinstance(saved, dict)
+                 else saved.as_subclass(_LoadedOnTheGpu))
+        expected = torch.rand(3)
+        torch.rand(5)
+        _restore_random_state(saved, cpu)
+        assert torch.equal(torch.rand(3), expected)
+
+
 def test_resume_with_a_different_config_is_an_error(trained, tmp_path, capsys):
     _copy_run(trained, tmp_path)
     assert _train(tmp_path, "--resume", "--context-length", "32") == 2
@@ -318,7 +349,12 @@ _ANNOUNCES_THE_TORCH_IMPORT = textwrap.dedent("""
             if name == "torch":
                 sys.meta_path.remove(self)
                 print("importing torch", flush=True)
-                time.sleep(60)
+                try:
+                    time.sleep(60)
+                except KeyboardInterrupt as exc:
+                    if WRAP:  # as an import may: its own error, raised while handling the Ctrl-C
+                        raise RuntimeError("Failed to load torch") from exc
+                    raise
             return None
 
     sys.meta_path.insert(0, Announce())
@@ -326,10 +362,11 @@ _ANNOUNCES_THE_TORCH_IMPORT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.parametrize("wrap", [False, True], ids=["plain", "wrapped"])
 @pytest.mark.parametrize("module, args, prog", [("gptfast", ["generate", "--checkpoint", "c.pth"], "gptfast generate"),
                                                ("gptfast.train", ["--model", "tiny"], "gptfast.train")])
-def test_ctrl_c_while_the_command_starts_is_one_line_and_status_130(module, args, prog):
-    code = _ANNOUNCES_THE_TORCH_IMPORT.replace('"gptfast"', repr(module))
+def test_ctrl_c_while_the_command_starts_is_one_line_and_status_130(module, args, prog, wrap):
+    code = f"WRAP = {wrap}\n" + _ANNOUNCES_THE_TORCH_IMPORT.replace('"gptfast"', repr(module))
     child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     assert child.stdout.readline() == "importing torch\n"
@@ -667,3 +704,28 @@ def test_generate_names_a_device_that_holds_no_data_before_reading_the_checkpoin
         assert main(["generate", "--checkpoint", str(tmp_path / "none.pth"), "--device", device]) == 2
         out, err = capsys.readouterr()
         assert out == "" and err.startswith(f"gptfast generate: error: --device ") and "none.pth" not in err, err
+
+
+def test_a_ctrl_c_another_error_wraps_is_still_reported_as_an_interrupt(capsys):
+    """Libraries (torch's import among them) may raise their own error while handling the Ctrl-C."""
+    from gptfast.errors import run_cli
+
+    def wrapped_interrupt():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise RuntimeError("Failed to load a library") from exc
+
+    def implicitly_wrapped_interrupt():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise OSError("cannot read a file")
+
+    for body in (wrapped_interrupt, implicitly_wrapped_interrupt):
+        assert run_cli("gptfast train", body) == 130
+        assert capsys.readouterr().err == "gptfast train: interrupted\n"
+    with pytest.raises(RuntimeError):
+        run_cli("gptfast train", wrapped_interrupt, debug=True)
+    assert run_cli("gptfast train", lambda: (_ for _ in ()).throw(RuntimeError("bad"))) == 2
+    assert capsys.readouterr().err == "gptfast train: error: bad\n"

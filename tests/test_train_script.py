@@ -481,3 +481,77 @@ def test_the_validation_loss_weights_every_window_alike(tmp_path):
     with torch.no_grad():
         per_window = [trainer.loss_module(x[None], y[None]).item() for x, y in zip(x_all, y_all)]
     assert trainer.evaluate() == pytest.approx(sum(per_window) / len(per_window), rel=1e-5)
+
+
+def _strict_json(path):
+    """The file's JSON, refusing the NaN and Infinity that Python writes but JSON does not have."""
+    def refuse(constant):
+        raise ValueError(f"{path.name} holds {constant}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_diverged_validation_loss_stops_the_run_before_anything_is_saved(tmp_path, capsys):
+    """The first step's loss is finite (computed before the update), its validation loss is not."""
+    args = without(without(without(BASE, "--lr"), "--min-lr"), "--eval-every")
+    code = train.main([*args, "--lr", "3e38", "--min-lr", "0", "--eval-every", "1", "--max-steps", "3",
+                       "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].endswith("error: val_loss became nan at step 0: lower --lr or check the data")
+    assert not (tmp_path / "ckpt.pt").exists()
+    if (tmp_path / "metrics.json").exists():
+        _strict_json(tmp_path / "metrics.json")
+
+
+def test_diverged_weights_never_replace_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    """Between logged steps no loss is looked at: the save itself refuses parameters that are no longer finite."""
+    train_step = train.Trainer.train_step
+
+    def diverging_after_the_first_step(self, step):
+        loss = train_step(self, step)
+        if step >= 1:
+            with torch.no_grad():
+                self.model.tok_emb.weight.fill_(float("nan"))
+        return loss
+
+    monkeypatch.setattr(train.Trainer, "train_step", diverging_after_the_first_step)
+    code = run_main(tmp_path, "--max-steps", "3", "--eval-every", "10", "--log-every", "10", "--save-every", "1")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "training diverged: tok_emb.weight is no longer finite" in err[-1]
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["step"] == 1
+    assert all(bool(t.isfinite().all()) for t in saved["model_state_dict"].values())
+
+
+def test_a_resume_with_no_steps_left_is_one_line_and_keeps_the_summary(tmp_path, capsys):
+    """A checkpoint at step 4 of 6: ``--stop-at 3`` or ``4`` runs nothing, and a finished run has nothing left.
+    Neither rewrites summary.json (a run of no steps would record no speed and the wrong step count)."""
+    assert run_main(tmp_path, "--max-steps", "6", "--stop-at", "4") == 0
+    summary = (tmp_path / "summary.json").read_text()
+    capsys.readouterr()
+    for stop_at in ("3", "4"):
+        assert run_main(tmp_path, "--max-steps", "6", "--stop-at", stop_at, "--resume") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"already run 4 steps, --stop-at {stop_at} leaves none to run" in err[0]
+        assert (tmp_path / "summary.json").read_text() == summary
+    assert run_main(tmp_path, "--max-steps", "6", "--resume") == 0
+    summary = (tmp_path / "summary.json").read_text()
+    assert json.loads(summary)["steps"] == 6
+    capsys.readouterr()
+    for extra in ([], ["--stop-at", "8"]):
+        assert run_main(tmp_path, "--max-steps", "6", "--resume", *extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "already run all 6 steps of --max-steps 6: give a larger --max-steps" in err[0]
+        assert (tmp_path / "summary.json").read_text() == summary
+
+
+def test_a_validation_split_that_leaves_no_training_window_names_val_fraction(tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("one two three four five six seven eight nine ten " * 8)  # 80 tokens: windows of 33 fit
+    assert run_main(tmp_path / "run", "--data", str(text), "--val-fraction", "0.7", "--max-steps", "1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gptfast.train: error: --val-fraction 0.7 leaves the training split")
+    assert err[0].endswith("less than one window of 33 (--context-length 32): give a smaller --val-fraction")
+    text.write_text("one two three")  # too short whatever the split: the text's error
+    assert run_main(tmp_path / "run", "--data", str(text), "--val-fraction", "0.7", "--max-steps", "1") == 2
+    err = capsys.readouterr().err
+    assert f"error: --data {text} is shorter than one training window" in err and "--val-fraction" not in err

@@ -180,11 +180,29 @@ def rng_state(device: torch.device) -> dict:
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
-    """Restore what :func:`rng_state` saved."""
-    torch.set_rng_state(state["torch"])
+    """Restore what :func:`rng_state` saved, wherever its tensors were loaded (torch takes the states as CPU
+    byte tensors: a checkpoint read with ``map_location="cuda"`` brings them back on the GPU)."""
+    torch.set_rng_state(state["torch"].cpu())
     random.setstate(state["python"])
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def refuse_diverged(model: nn.Module) -> None:
+    """A ``RuntimeError`` when a parameter of ``model`` is no longer finite (the loss diverged): saving it would
+    replace the last good checkpoint with one that cannot generate."""
+    bad = next((name for name, p in model.named_parameters() if not bool(p.detach().isfinite().all())), None)
+    if bad is not None:
+        raise RuntimeError(f"training diverged: {bad} is no longer finite (the loss became nan or inf); nothing was "
+                           "saved: lower --lr or check the data")
+
+
+def require_finite(name: str, value, step: int):
+    """``value`` (a float or None), or the divergence error naming ``name`` and the 0-based ``step`` when it is
+    nan or inf: such a value would also make metrics.json invalid JSON."""
+    if value is not None and not math.isfinite(value):
+        raise RuntimeError(f"{name} became {value} at step {step}: lower --lr or check the data")
+    return value
 
 
 # ----------------------------------------------------------------------------- weights
@@ -277,6 +295,7 @@ class Trainer:
         if not self.is_main:
             cache_file = build_token_cache(data, cache_dir)
         train_tokens, val_tokens = split_tokens(load_tokens(cache_file), config.val_fraction)
+        require_training_window(len(train_tokens), len(val_tokens), self.context_length, config, data)
         train = TokenWindows(train_tokens, self.context_length, config.seed, name=f"--data {data}")
         val = None
         if len(val_tokens) >= self.context_length + 1:
@@ -396,7 +415,9 @@ class Trainer:
         return f"{'/'.join(counts)} tokens, {digest.hexdigest()[:16]}"
 
     def save_checkpoint(self, next_step: int) -> Path:
-        """Write ``ckpt.pt`` atomically, with its checksum (main process only)."""
+        """Write ``ckpt.pt`` atomically, with its checksum (main process only); a model whose parameters are no
+        longer finite is refused (every process, so that none goes on waiting for the others)."""
+        refuse_diverged(self.model)
         path = self.out_dir / CHECKPOINT_NAME
         if not self.is_main:
             return path
@@ -427,6 +448,7 @@ class Trainer:
         if int(state["step"]) > self.config.max_steps:
             raise ValueError(f"--resume: checkpoint {path} has already run {int(state['step'])} steps, more than "
                              f"--max-steps {self.config.max_steps}: give --max-steps {int(state['step'])} or more")
+        require_steps_left(int(state["step"]), self.config, path)
         apply_checkpoint(state, self.model, self.optimizer, source=f"--resume: checkpoint {path}")
         self.scheduler.load_state_dict(state["scheduler_state_dict"])
         # The saved learning rate is the old schedule's; with another --max-steps the next step must run at
@@ -437,6 +459,27 @@ class Trainer:
         set_rng_state(state["rng"], self.device)
         self.start_step = int(state["step"])
         self.history = list(state.get("history", []))
+
+
+def require_training_window(n_train: int, n_val: int, context_length: int, config: PretrainConfig, data) -> None:
+    """A ``ValueError`` naming --val-fraction when the text holds a training window but the validation split
+    leaves the training split less than one (a text too short in itself is --data's error)."""
+    window = context_length + 1
+    if n_train < window <= n_train + n_val:
+        raise ValueError(f"--val-fraction {config.val_fraction} leaves the training split of --data {data} "
+                         f"{n_train} of its {n_train + n_val} tokens, less than one window of {window} "
+                         f"(--context-length {context_length}): give a smaller --val-fraction")
+
+
+def require_steps_left(done: int, config: PretrainConfig, path: Path) -> None:
+    """A ``ValueError`` when a checkpoint that has run ``done`` steps leaves this run nothing to do: the run would
+    otherwise rewrite the finished run's summary (its step count, its speed) with one of no steps."""
+    if config.stop_at is not None and config.stop_at <= done and config.stop_at < config.max_steps:
+        raise ValueError(f"--resume: checkpoint {path} has already run {done} steps, --stop-at {config.stop_at} "
+                         f"leaves none to run: give --stop-at above {done}")
+    if done >= config.max_steps:
+        raise ValueError(f"--resume: checkpoint {path} has already run all {done} steps of --max-steps "
+                         f"{config.max_steps}: give a larger --max-steps to extend the run")
 
 
 def data_path(config: PretrainConfig) -> Path:
@@ -543,18 +586,19 @@ def _run(config: PretrainConfig, rank, world_size, device) -> dict:
         done = step + 1
         evaluate_now = done % config.eval_every == 0 or done == config.max_steps
         if done % config.log_every == 0 or done == last_step or evaluate_now:
-            loss_value = loss.item()  # waits for the device: the timing below covers the whole step
-            if not math.isfinite(loss_value):
-                raise RuntimeError(f"loss became {loss_value} at step {step}: lower --lr or check the data")
+            # .item() waits for the device: the timing below covers the whole step
+            loss_value = require_finite("loss", loss.item(), step)
+            grad_norm = None if trainer.grad_norm is None else require_finite("grad_norm", float(trainer.grad_norm),
+                                                                               step)
             dt = time.perf_counter() - t0
             tps = trainer.tokens_per_step / dt
             mfu = None if trainer.peak_flops is None else \
                 tps * trainer.flops_per_token / (trainer.peak_flops * world_size)
             row = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tps, "mfu": mfu,
-                   "grad_norm": None if trainer.grad_norm is None else float(trainer.grad_norm),
+                   "grad_norm": grad_norm,
                    "elapsed_s": time.perf_counter() - start_time}
             if evaluate_now:
-                row["val_loss"] = trainer.evaluate()
+                row["val_loss"] = require_finite("val_loss", trainer.evaluate(), step)
             trainer.history.append(row)
             rates.append(tps)
             if trainer.is_main:
