@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -46,6 +47,32 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _new_temporary_file(target: Path) -> tuple[int, Path]:
+    """A new ``.<name>.<random>.tmp`` beside ``target``, opened for writing: its fd and path.
+
+    Created with mode 0666 less the umask, as ``open`` creates a file; ``tempfile.mkstemp`` makes it 0600, and
+    reading the umask means setting it, which would change it for the whole process for a moment.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(target.parent))
+
+
+def _keep_mode_of(target: Path, tmp: Path) -> None:
+    """Give ``tmp`` the permissions of the ``target`` it replaces, so that a replaced file keeps them (a new
+    one keeps the umask's)."""
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return
+    os.chmod(tmp, mode & 0o7777)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
     """Open a temporary file beside ``path`` for writing; on success rename it over ``path``.
@@ -58,17 +85,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> It
         raise ValueError(f"mode must be 'w', 'wt' or 'wb', got {mode!r}")
     target = Path(path)
     folder = target.parent
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    tmp = Path(tmp_name)
+    fd, tmp = _new_temporary_file(target)
     try:
         with os.fdopen(fd, mode, **open_kwargs) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        # mkstemp creates the file 0600; a user's file should get the usual umask-based mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        _keep_mode_of(target, tmp)
         os.replace(tmp, target)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):

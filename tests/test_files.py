@@ -111,6 +111,17 @@ def test_successful_writes_replace_the_file_with_the_usual_mode(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+def test_a_replaced_file_keeps_its_permissions_and_the_umask_is_never_changed(tmp_path, monkeypatch):
+    """Setting the umask to read it would change it for every thread of the process for that moment."""
+    target = tmp_path / "ckpt.pt"
+    target.write_bytes(b"OLD")
+    target.chmod(0o640)
+    monkeypatch.setattr(os, "umask", lambda *a: pytest.fail("atomic_write changed the umask"))
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new" and stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
 def test_atomic_savefig_writes_a_png(tmp_path):
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
