@@ -608,6 +608,17 @@ def test_decode_steps_run_with_the_faster_thread_count(monkeypatch, slow_threads
     assert torch.get_num_threads() == 2
 
 
+@pytest.mark.parametrize("value", ["two", "0", "-1", "1.5"])
+def test_a_bad_decode_thread_count_is_named(monkeypatch, value):
+    import gptfast.generation.decoding as decoding
+
+    monkeypatch.setenv("GPTFAST_DECODE_THREADS", value)
+    with pytest.raises(ValueError, match="GPTFAST_DECODE_THREADS"):
+        decoding.DecodeThreads()
+    monkeypatch.setenv("GPTFAST_DECODE_THREADS", " ")
+    assert decoding.DecodeThreads().chosen in (None, 1)
+
+
 def test_bfloat16_decoding_agrees_with_float32():
     model = make_model()
     converted = prepare_model(model, torch.bfloat16)

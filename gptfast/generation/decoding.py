@@ -152,6 +152,20 @@ def _eos_tensor(eos_id, batch, device):
 # ----------------------------------------------------------------------------- the decoding loop
 
 
+def _fixed_decode_threads() -> int | None:
+    """``$GPTFAST_DECODE_THREADS`` as a positive thread count, or None where it is unset or empty."""
+    text = os.environ.get("GPTFAST_DECODE_THREADS", "").strip()
+    if not text:
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"GPTFAST_DECODE_THREADS must be a positive whole number of threads, got {text!r}")
+    return count
+
+
 class DecodeThreads:
     """The torch thread count for CPU decode steps: torch's own setting or one thread, whichever is faster.
 
@@ -168,9 +182,9 @@ class DecodeThreads:
     """
 
     def __init__(self):
-        fixed = os.environ.get("GPTFAST_DECODE_THREADS")
+        fixed = _fixed_decode_threads()
         current = torch.get_num_threads()
-        self.chosen = int(fixed) if fixed else (current if current == 1 else None)
+        self.chosen = fixed if fixed else (current if current == 1 else None)
         self.candidates = [current, 1]
         self.best = {n: float("inf") for n in self.candidates}
         self.trials = 0
