@@ -8,6 +8,7 @@ exits with status 130.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 import time
@@ -118,6 +119,9 @@ DEFAULT_LR, DEFAULT_WEIGHT_DECAY = 4e-4, 0.1  # chapter 5's AdamW
 # Entries of the chapter checkpoint beside the reference's two: the CPU random state at its end, and the
 # losses of every run that led to it (the loss plot of a resumed run covers them all).
 RNG_KEY, HISTORY_KEY = "rng_state", "history"
+# And the settings that decide which batches its steps saw: a resumed run must keep them (see _run_settings).
+RUN_KEY = "run"
+_SETTING_FLAGS = {"batch_size": "--batch-size", "train_ratio": "--train-ratio", "seed": "--seed"}
 LOSS_PLOT = "loss-plot.png"
 
 
@@ -176,6 +180,41 @@ def _read_resume_state(ckpt_path: Path, cfg: dict, device):
     return state
 
 
+def _run_settings(args, text: str) -> dict:
+    """The settings of this run that decide which batches a step sees: the text (by its SHA-256, with the file
+    it came from for messages), the batch size, the split and the seed the loaders and the model start from."""
+    return {"data_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "data": str(Path(args.data).resolve()) if args.data is not None else None,
+            "batch_size": args.batch_size, "train_ratio": args.train_ratio, "seed": args.seed}
+
+
+def _data_name(path) -> str:
+    return repr(path) if path is not None else "the embedded the-verdict"
+
+
+def _check_resume_settings(resume_state: dict, settings: dict, ckpt_path: Path) -> None:
+    """``ValueError`` naming each flag in which ``--resume`` differs from the run that wrote the checkpoint.
+
+    A run resumed on another text, split, batch size or seed would go on with batches the saved run never
+    drew (a forgotten ``--data`` would train the rest of the run on the-verdict); a checkpoint that recorded
+    no settings (the reference's, or one written before they were kept) is not checked.
+    """
+    saved = resume_state.get(RUN_KEY)
+    if not isinstance(saved, dict):
+        return
+    diffs = []
+    if saved.get("data_sha256", settings["data_sha256"]) != settings["data_sha256"]:
+        was, now = _data_name(saved.get("data")), _data_name(settings["data"])
+        diffs.append(f"--data: checkpoint {was}, now {now}" if was != now else
+                     f"--data: the text of {now} has changed since the checkpoint was written")
+    for key, flag in _SETTING_FLAGS.items():
+        if key in saved and saved[key] != settings[key]:
+            diffs.append(f"{flag}: checkpoint {saved[key]!r}, now {settings[key]!r}")
+    if diffs:
+        raise ValueError(f"--resume: checkpoint {ckpt_path} was trained with other settings ({'; '.join(diffs)}): "
+                         "give the checkpoint's, or --overwrite to start a new run")
+
+
 def _read_data(path) -> str:
     """The text of ``--data`` (the-verdict without it); a folder, a missing or a non-UTF-8 file is named."""
     from .data import load_text
@@ -221,11 +260,14 @@ def run_train(args) -> int:
     _check_out_dir(args, out_dir)
     resume_state = _read_resume_state(out_dir / CHAPTER_CHECKPOINT, cfg, device) if args.resume else None
     text = _read_data(args.data)
+    settings = _run_settings(args, text)
+    if resume_state is not None:
+        _check_resume_settings(resume_state, settings, out_dir / CHAPTER_CHECKPOINT)
     # The chapter's order: seed and build the loaders, then seed again and build the model, so the
     # shuffling and dropout draws of `--backend torch` follow the book's run.
     train_loader, val_loader = _chapter_loaders(args, text, cfg)
     with removing_new_empty_dirs(out_dir):
-        return _train_and_save(args, cfg, device, out_dir, train_loader, val_loader, resume_state)
+        return _train_and_save(args, cfg, device, out_dir, train_loader, val_loader, resume_state, settings)
 
 
 def _tokens_per_epoch(loader) -> int:
@@ -264,7 +306,7 @@ def _restore_random_state(saved, device) -> None:
         set_rng_state(saved, device)
 
 
-def _train_and_save(args, cfg, device, out_dir: Path, train_loader, val_loader, resume_state) -> int:
+def _train_and_save(args, cfg, device, out_dir: Path, train_loader, val_loader, resume_state, settings) -> int:
     """The checked run: make out-dir, build the model, train, save the checkpoint and the loss plot."""
     import matplotlib
     import torch
@@ -320,7 +362,8 @@ def _train_and_save(args, cfg, device, out_dir: Path, train_loader, val_loader, 
                "train_losses": history["train_losses"] + train_losses,
                "val_losses": history["val_losses"] + val_losses,
                "tokens_seen": history["tokens_seen"] + [int(t) for t in tokens_seen]}
-    save_checkpoint(ckpt_path, model, optimizer, config=cfg, **{RNG_KEY: rng_state(device), HISTORY_KEY: history})
+    save_checkpoint(ckpt_path, model, optimizer, config=cfg,
+                    **{RNG_KEY: rng_state(device), HISTORY_KEY: history, RUN_KEY: settings})
     if not history["train_losses"]:  # no evaluation ran (no epochs, or fewer steps than --eval-freq): nothing to plot
         print(f"saved {ckpt_path} (no loss plot: no evaluation ran)")
         return 0

@@ -209,6 +209,50 @@ def test_resume_with_a_different_config_is_an_error(trained, tmp_path, capsys):
     assert "--resume" in err and "differs" in err and "'context_length': 32" in err
 
 
+def test_the_checkpoint_records_the_settings_that_decide_the_batches(trained):
+    import hashlib
+
+    from gptfast.resources import default_text
+
+    state = torch.load(trained[0] / "model_and_optimizer.pth", weights_only=True)
+    assert state["run"] == {"data_sha256": hashlib.sha256(default_text().encode()).hexdigest(), "data": None,
+                            "batch_size": 4, "train_ratio": 0.9, "seed": 123}
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--seed", "7"], ["--seed: checkpoint 123, now 7"]),
+    (["--batch-size", "2", "--train-ratio", "0.8"], ["--batch-size: checkpoint 4, now 2",
+                                                      "--train-ratio: checkpoint 0.9, now 0.8"]),
+    ("other-text", ["--data: checkpoint the embedded the-verdict, now "]),
+])
+def test_resume_with_other_data_or_batches_is_one_line_naming_the_flags(trained, tmp_path, capsys, flags, named):
+    """A forgotten --data (or another seed, split or batch size) would go on with batches the saved run never
+    drew; the checkpoint is left as it was."""
+    run = _copy_run(trained, tmp_path / "run")
+    if flags == "other-text":
+        other = tmp_path / "other.txt"
+        other.write_text("A different story altogether. " * 400, encoding="utf-8")
+        flags = ["--data", str(other)]
+    before = (run / "model_and_optimizer.pth").read_bytes()
+    assert _train(run, "--resume", *flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "--resume" in err and "--overwrite" in err and all(text in err for text in named), err
+    assert (run / "model_and_optimizer.pth").read_bytes() == before
+
+
+def test_resume_on_a_data_file_whose_text_changed_says_so(tmp_path, capsys):
+    data = tmp_path / "story.txt"
+    data.write_text("Every effort moves you forward, one step at a time. " * 300, encoding="utf-8")
+    run = tmp_path / "run"
+    assert _train(run, "--data", str(data), "--eval-freq", "100") == 0
+    data.write_text("Every effort moves you backward, one step at a time. " * 300, encoding="utf-8")
+    assert _train(run, "--resume", "--data", str(data), "--eval-freq", "100") == 2
+    assert f"the text of {str(data.resolve())!r} has changed" in capsys.readouterr().err
+    data.write_text("Every effort moves you forward, one step at a time. " * 300, encoding="utf-8")
+    assert _train(run, "--resume", "--data", str(data), "--eval-freq", "100") == 0  # the same text resumes
+
+
 def test_train_with_missing_data_file_is_a_clear_error(tmp_path, capsys):
     assert _train(tmp_path, "--data", str(tmp_path / "missing.txt")) == 2
     assert "data file not found" in capsys.readouterr().err
