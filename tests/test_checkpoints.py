@@ -1,6 +1,7 @@
 """The one checkpoint format and loader: checksums, every kind of bad file, and loads that change nothing."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -129,6 +130,23 @@ def test_every_kind_of_bad_file_is_a_value_error_and_changes_nothing(tmp_path):
 def test_config_with_missing_keys_or_wrong_types(tmp_path, config, message):
     write_checkpoint(tmp_path / "c.pth", {"model_state_dict": GPTModel(CFG).state_dict(), "config": config})
     with pytest.raises(ValueError, match=message):
+        model_from_checkpoint(tmp_path / "c.pth")
+
+
+@pytest.mark.parametrize("config,message", [
+    ({**CFG, "context_length": 1 << 20}, "'pos_emb.weight' is"),
+    ({**CFG, "vocab_size": 7}, "'tok_emb.weight' is"),
+    ({**CFG, "n_layers": 5}, "transformer blocks, the config's 'n_layers' is 5"),
+])
+def test_a_config_that_does_not_fit_the_weights_is_refused_before_a_model_is_built(tmp_path, monkeypatch, config,
+                                                                                    message):
+    """A context of 2^20 positions would make each block's causal mask a 2^40-entry tensor before the weights'
+    shapes were compared."""
+    import gptfast.models.gpt as gpt
+
+    write_checkpoint(tmp_path / "c.pth", {"model_state_dict": GPTModel(CFG).state_dict(), "config": config})
+    monkeypatch.setattr(gpt, "GPTModel", lambda *a: pytest.fail("a model was built"))
+    with pytest.raises(ValueError, match="config does not fit its weights.*" + re.escape(message)):
         model_from_checkpoint(tmp_path / "c.pth")
 
 

@@ -290,6 +290,28 @@ def trim_vocabulary(model, vocab_size: int = GPT2_VOCAB_SIZE):
     return model
 
 
+def check_config_fits_weights(config: dict, model_state: dict, source="checkpoint") -> None:
+    """``ValueError`` unless the embeddings and the block count of ``model_state`` are those ``config`` describes.
+
+    Checked before a model of ``config`` is built: a context length or vocabulary the weights do not have
+    would otherwise size the embeddings and every block's causal mask (context_length² entries) first.
+    """
+    expected = {"tok_emb.weight": (config["vocab_size"], config["emb_dim"]),
+                "pos_emb.weight": (config["context_length"], config["emb_dim"])}
+    problems = []
+    for key, shape in expected.items():
+        tensor = model_state.get(key)
+        if tensor is None:
+            problems.append(f"no {key!r}")
+        elif tuple(tensor.shape) != shape:
+            problems.append(f"{key!r} is {tuple(tensor.shape)}, the config needs {shape}")
+    blocks = {key.split(".")[1] for key in model_state if key.startswith("trf_blocks.")}
+    if len(blocks) != config["n_layers"]:
+        problems.append(f"{len(blocks)} transformer blocks, the config's 'n_layers' is {config['n_layers']}")
+    if problems:
+        raise ValueError(f"{source}: its config does not fit its weights: " + "; ".join(problems))
+
+
 def model_from_checkpoint(path, default_config=None, map_location="cpu"):
     """A ``GPTModel`` built from a checkpoint's ``config`` (or ``default_config``) with its weights.
 
@@ -303,6 +325,7 @@ def model_from_checkpoint(path, default_config=None, map_location="cpu"):
     if config is None:
         raise ValueError(f"checkpoint {path} has no config; the model size is unknown")
     config = dict(check_config(config, f"checkpoint {path}: config"))
+    check_config_fits_weights(config, state[MODEL_KEY], f"checkpoint {path}")
     model = GPTModel(config)
     apply_checkpoint(state, model, source=f"checkpoint {path}")
     if config["vocab_size"] > GPT2_VOCAB_SIZE:
