@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kFwdThreads) attention_fwd_kernel(const FwdPar
   const int row_base = q0 + warp * 16;
   const int rows[2] = {row_base + g, row_base + g + 8};
   const int pos[2] = {offset + rows[0], offset + rows[1]};
-  const uint32_t bh = static_cast<uint32_t>(b * p.shape.heads + h);
+  const uint32_t bh = static_cast<uint32_t>(static_cast<int64_t>(b) * p.shape.heads + h);  // as the bwd
   const bool dropout = p.dropout.enabled;
   const uint2 seed_key = dropout ? dropout_key(p.dropout) : make_uint2(0u, 0u);
 

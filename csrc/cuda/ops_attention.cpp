@@ -160,6 +160,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& g
               "gptfast_cuda attention_bwd: grad_out and out must have q's shape ", q_in.sizes());
   TORCH_CHECK(grad_out.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(),
               "gptfast_cuda attention_bwd: grad_out and out must have q's dtype");
+  TORCH_CHECK(grad_out.device() == q_in.device() && out_in.device() == q_in.device(),
+              "gptfast_cuda attention_bwd: grad_out and out must be on q's device ", q_in.device(), ", got ",
+              grad_out.device(), " and ", out_in.device());
   TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.dim() == 3 && lse_in.size(0) == shape.batch &&
                   lse_in.size(1) == shape.heads && lse_in.size(2) == shape.tq && lse_in.device() == q_in.device(),
               "gptfast_cuda attention_bwd: lse must be the float32 (B, H, Tq) tensor from attention_fwd");
