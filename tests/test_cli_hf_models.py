@@ -67,7 +67,7 @@ def test_a_real_config_json_reads_as_the_books_config(tmp_path, config_json, exp
     ({"attention_bias": True}, "attention_bias"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"rms_norm_eps": 1e-5}, "rms_norm_eps"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling"),
     ({"hidden_size": "1024"}, "'hidden_size' must be a positive integer"),
     ({"num_hidden_layers": None}, "'num_hidden_layers' must be a positive integer"),
     ({"num_hidden_layers": -1}, "'num_hidden_layers' must be a positive integer, got -1"),
@@ -112,6 +112,51 @@ def test_a_mixture_config_without_norm_topk_prob_is_refused_as_hugging_faces_def
 def test_llama_without_rope_scaling_reads_as_no_frequency_scaling(tmp_path):
     _, cfg = hf_folder.read_config(_write_config(tmp_path, {**LLAMA32_1B_CONFIG_JSON, "rope_scaling": None}))
     assert cfg["rope_freq"] is None
+
+
+def _as_transformers_5(config_json):
+    """``config_json`` as transformers 5 writes it: theta and scaling in one ``rope_parameters`` dict."""
+    config = {k: v for k, v in config_json.items() if k not in ("rope_theta", "rope_scaling")}
+    config["rope_parameters"] = {**(config_json.get("rope_scaling") or {"rope_type": "default"}),
+                                 "rope_theta": config_json["rope_theta"]}
+    return config
+
+
+@pytest.mark.parametrize("config_json", [QWEN3_06B_CONFIG_JSON, LLAMA32_1B_CONFIG_JSON, QWEN3_MOE_CONFIG_JSON],
+                         ids=["qwen3-0.6b", "llama3.2-1b", "qwen3-30b-a3b"])
+def test_a_transformers_5_config_reads_as_the_transformers_4_one(tmp_path, config_json):
+    """Read as missing, Llama 3's frequency scaling would go and every position past the first would rotate
+    differently."""
+    expected = hf_folder.read_config(_write_config(tmp_path / "v4", config_json))
+    assert hf_folder.read_config(_write_config(tmp_path / "v5", _as_transformers_5(config_json))) == expected
+    both = {**config_json, "rope_parameters": _as_transformers_5(config_json)["rope_parameters"]}
+    assert hf_folder.read_config(_write_config(tmp_path / "both", both)) == expected
+
+
+@pytest.mark.parametrize("case, message", [
+    ("other-theta", "disagree with rope_parameters"),
+    ("other-factor", "disagree with rope_parameters"),
+    ("scaling-dropped", "disagree with rope_parameters"),
+    ("per-layer-type", "one dict with a 'rope_theta'"),
+    ("linear", "not Llama 3's"),
+])
+def test_rope_parameters_that_disagree_or_the_book_has_not_are_refused(tmp_path, case, message):
+    v5 = _as_transformers_5(LLAMA32_1B_CONFIG_JSON)
+    params = v5["rope_parameters"]
+    config = {
+        "other-theta": {**LLAMA32_1B_CONFIG_JSON, "rope_parameters": {**params, "rope_theta": 10000.0}},
+        "other-factor": {**LLAMA32_1B_CONFIG_JSON, "rope_parameters": {**params, "factor": 8.0}},
+        "scaling-dropped": {**LLAMA32_1B_CONFIG_JSON, "rope_parameters": {"rope_type": "default",
+                                                                         "rope_theta": 500000.0}},
+        "per-layer-type": {**v5, "rope_parameters": {"full_attention": params}},
+        "linear": {**v5, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}},
+    }[case]
+    with pytest.raises(ValueError, match=message):
+        hf_folder.read_config(_write_config(tmp_path, config))
+    qwen = _as_transformers_5(QWEN3_06B_CONFIG_JSON)
+    qwen["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}
+    with pytest.raises(ValueError, match="not supported for Qwen3"):
+        hf_folder.read_config(_write_config(tmp_path / "qwen", qwen))
 
 
 # ----------------------------------------------------------------------------- tiny folders, end to end

@@ -81,9 +81,9 @@ def _refuse_unsupported(hf: dict, path: Path, family: str) -> None:
     if not isinstance(eps, (int, float)) or abs(eps - NORM_EPS[family]) > 1e-12:
         raise ValueError(f"{path}: rms_norm_eps {eps!r} differs from the {NORM_EPS[family]} the book's {family} "
                          "norms use")
-    scaling = hf.get("rope_scaling")
+    _, scaling = _rope_settings(hf, path)
     if family == "qwen3" and scaling:
-        raise ValueError(f"{path}: rope_scaling {scaling!r} is not supported for Qwen3 (the book's has none)")
+        raise ValueError(f"{path}: rope scaling {scaling!r} is not supported for Qwen3 (the book's has none)")
     if family == "llama3" and "head_dim" in hf and "hidden_size" in hf and "num_attention_heads" in hf \
             and hf["head_dim"] * hf["num_attention_heads"] != hf["hidden_size"]:
         raise ValueError(f"{path}: head_dim {hf['head_dim']!r} is not hidden_size / num_attention_heads, the only "
@@ -108,14 +108,44 @@ def _dtype(hf: dict, path: Path) -> torch.dtype:
     return DTYPES[name]
 
 
+def _rope_type(settings: dict) -> str:
+    return settings.get("rope_type", settings.get("type", "default"))
+
+
+def _rope_settings(hf: dict, path: Path) -> tuple[float, dict | None]:
+    """``(rope_theta, scaling)`` of a ``config.json``: the flat ``rope_theta`` and ``rope_scaling`` transformers 4
+    writes, or the ``rope_parameters`` dict of transformers 5 (its ``rope_type`` "default" is no scaling).
+
+    A file holding both that disagree is refused: either reading would be a guess.
+    """
+    params = hf.get("rope_parameters")
+    if params is None:
+        scaling = hf.get("rope_scaling") or None
+        if scaling is not None and not isinstance(scaling, dict):
+            raise ValueError(f"{path}: rope_scaling must be a dict, got {scaling!r}")
+        return _get(hf, "rope_theta", path, float), scaling
+    if not isinstance(params, dict) or "rope_theta" not in params:
+        # Per-layer-type parameters ({"full_attention": {...}, ...}) belong to hybrid models the book has not.
+        raise ValueError(f"{path}: rope_parameters must be one dict with a 'rope_theta', got {params!r}")
+    theta = _get(params, "rope_theta", path, float)
+    scaling = None if _rope_type(params) == "default" else params
+    flat_theta, flat_scaling = hf.get("rope_theta"), hf.get("rope_scaling") or None
+    if (flat_theta is not None and flat_theta != theta) or (
+            flat_scaling is not None and (not isinstance(flat_scaling, dict) or scaling is None
+                                          or any(params.get(k) != v for k, v in flat_scaling.items()
+                                                 if k not in ("type", "rope_type")))):
+        raise ValueError(f"{path}: rope_theta {flat_theta!r} / rope_scaling {flat_scaling!r} disagree with "
+                         f"rope_parameters {params!r}")
+    return theta, scaling
+
+
 def _llama_rope_freq(hf: dict, path: Path):
-    """Llama 3's frequency scaling (``rope_scaling`` of type ``llama3``) as the book's ``rope_freq``; ``None``
-    without scaling."""
-    scaling = hf.get("rope_scaling")
+    """Llama 3's frequency scaling (rope type ``llama3``) as the book's ``rope_freq``; ``None`` without scaling."""
+    _, scaling = _rope_settings(hf, path)
     if not scaling:
         return None
-    if not isinstance(scaling, dict) or scaling.get("rope_type", scaling.get("type")) != "llama3":
-        raise ValueError(f"{path}: rope_scaling {scaling!r} is not Llama 3's (rope_type 'llama3')")
+    if _rope_type(scaling) != "llama3":
+        raise ValueError(f"{path}: rope scaling {scaling!r} is not Llama 3's (rope_type 'llama3')")
     return {"factor": _get(scaling, "factor", path, float),
             "low_freq_factor": _get(scaling, "low_freq_factor", path, float),
             "high_freq_factor": _get(scaling, "high_freq_factor", path, float),
@@ -153,7 +183,7 @@ def _config_from(hf: dict, path: Path) -> tuple[str, dict]:
         cfg["head_dim"] = _get(hf, "head_dim", path) if "head_dim" in hf else emb_dim // n_heads
         cfg["qk_norm"] = True
     cfg["n_kv_groups"] = _get(hf, "num_key_value_heads", path) if "num_key_value_heads" in hf else n_heads
-    cfg["rope_base"] = _get(hf, "rope_theta", path, float)
+    cfg["rope_base"] = _rope_settings(hf, path)[0]
     cfg["dtype"] = _dtype(hf, path)
     if family == "llama3":
         cfg["rope_freq"] = _llama_rope_freq(hf, path)
