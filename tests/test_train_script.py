@@ -439,13 +439,13 @@ def test_every_output_file_is_written_atomically(tmp_path, monkeypatch):
     import gptfast.files as files
 
     written = []
-    real = files.tempfile.mkstemp
+    real = files._new_temporary_file
 
-    def recording(*args, prefix="", **kwargs):  # atomic_write's temporary files are named ".<target>."
-        written.append(prefix[1:-1])
-        return real(*args, prefix=prefix, **kwargs)
+    def recording(target):  # the temporary file atomic_write renames over target
+        written.append(target.name)
+        return real(target)
 
-    monkeypatch.setattr(files.tempfile, "mkstemp", recording)
+    monkeypatch.setattr(files, "_new_temporary_file", recording)
     assert run_main(tmp_path, "--max-steps", "3") == 0
     names = set(written)
     assert {"ckpt.pt", "model.pth", "metrics.csv", "metrics.json", "summary.json", "loss.png"} <= names
