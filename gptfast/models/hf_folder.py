@@ -65,7 +65,7 @@ def _get(hf: dict, key: str, path: Path, kind=int):
     return kind(value)
 
 
-def _refuse_unsupported(hf: dict, path: Path, family: str) -> None:
+def _refuse_unsupported(hf: dict, path: Path, family: str, rope_scaling: dict | None) -> None:
     """Settings the book's modules do not compute: loading would give a model with other numbers."""
     if hf.get("quantization_config") is not None:
         # Quantized weights (FP8 codes, packed integers) need their scales applied; read as plain floats
@@ -81,9 +81,8 @@ def _refuse_unsupported(hf: dict, path: Path, family: str) -> None:
     if not isinstance(eps, (int, float)) or abs(eps - NORM_EPS[family]) > 1e-12:
         raise ValueError(f"{path}: rms_norm_eps {eps!r} differs from the {NORM_EPS[family]} the book's {family} "
                          "norms use")
-    _, scaling = _rope_settings(hf, path)
-    if family == "qwen3" and scaling:
-        raise ValueError(f"{path}: rope scaling {scaling!r} is not supported for Qwen3 (the book's has none)")
+    if family == "qwen3" and rope_scaling:
+        raise ValueError(f"{path}: rope scaling {rope_scaling!r} is not supported for Qwen3 (the book's has none)")
     if family == "llama3" and "head_dim" in hf and "hidden_size" in hf and "num_attention_heads" in hf \
             and hf["head_dim"] * hf["num_attention_heads"] != hf["hidden_size"]:
         raise ValueError(f"{path}: head_dim {hf['head_dim']!r} is not hidden_size / num_attention_heads, the only "
@@ -139,9 +138,8 @@ def _rope_settings(hf: dict, path: Path) -> tuple[float, dict | None]:
     return theta, scaling
 
 
-def _llama_rope_freq(hf: dict, path: Path):
-    """Llama 3's frequency scaling (rope type ``llama3``) as the book's ``rope_freq``; ``None`` without scaling."""
-    _, scaling = _rope_settings(hf, path)
+def _llama_rope_freq(scaling: dict | None, path: Path):
+    """Llama 3's frequency ``scaling`` (rope type ``llama3``) as the book's ``rope_freq``; ``None`` without it."""
     if not scaling:
         return None
     if _rope_type(scaling) != "llama3":
@@ -172,7 +170,8 @@ def _config_from(hf: dict, path: Path) -> tuple[str, dict]:
     if model_type not in FAMILIES:
         raise ValueError(f"{path}: model_type {model_type!r} is not one of {', '.join(FAMILIES)}")
     family = FAMILIES[model_type]
-    _refuse_unsupported(hf, path, family)
+    rope_base, rope_scaling = _rope_settings(hf, path)
+    _refuse_unsupported(hf, path, family, rope_scaling)
     emb_dim, n_heads = _get(hf, "hidden_size", path), _get(hf, "num_attention_heads", path)
     cfg = {"vocab_size": _get(hf, "vocab_size", path),
            "context_length": _get(hf, "max_position_embeddings", path),
@@ -183,10 +182,10 @@ def _config_from(hf: dict, path: Path) -> tuple[str, dict]:
         cfg["head_dim"] = _get(hf, "head_dim", path) if "head_dim" in hf else emb_dim // n_heads
         cfg["qk_norm"] = True
     cfg["n_kv_groups"] = _get(hf, "num_key_value_heads", path) if "num_key_value_heads" in hf else n_heads
-    cfg["rope_base"] = _rope_settings(hf, path)[0]
+    cfg["rope_base"] = rope_base
     cfg["dtype"] = _dtype(hf, path)
     if family == "llama3":
-        cfg["rope_freq"] = _llama_rope_freq(hf, path)
+        cfg["rope_freq"] = _llama_rope_freq(rope_scaling, path)
     if model_type == "qwen3_moe":
         cfg.update(num_experts=_get(hf, "num_experts", path), num_experts_per_tok=_get(hf, "num_experts_per_tok", path),
                    moe_intermediate_size=_get(hf, "moe_intermediate_size", path))
