@@ -213,6 +213,25 @@ def test_a_cache_filled_through_update_is_continued():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_entries_assigned_into_the_cache_list_are_continued():
+    """The reference's ``cache`` is a plain list: an entry set by item assignment is the one continued, as one
+    set through ``update`` is (not the buffers the replaced entry lived in)."""
+    _, ours = models(seed=4)
+    x, y = ids(2, 9, seed=1), ids(2, 9, seed=2)
+    with torch.no_grad():
+        cache, other = KVCache(CFG["n_layers"]), KVCache(CFG["n_layers"])
+        ours(x[:, :4], use_cache=True, cache=cache)
+        ours.current_pos = 0
+        ours(y[:, :4], use_cache=True, cache=other)
+        for i, entry in enumerate(other.get_all()):
+            cache.cache[i] = tuple(t.clone() for t in entry)
+        ours.current_pos = 4
+        got = ours(y[:, 4:], use_cache=True, cache=cache)
+        ours.reset_kv_cache()
+        want = ours(y)[:, 4:]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_entries_handed_out_keep_their_values_when_a_branch_is_restored():
     """Save the entries, go on, restore them, take another branch, then restore the first branch: the
     continuation equals the uncached pass, as with the reference's entries (tensors of their own)."""

@@ -37,8 +37,10 @@ class KVCache:
             raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
         n_layers = int(n_layers)  # a numpy integer too, as the reference's list takes it
         self._entries = [None] * n_layers
-        # Which entries are views of ``_store`` (so ``append`` only writes the new positions).
-        self._in_store = [False] * n_layers
+        # The entry ``append`` last made of ``_store``'s buffers, per layer: while the layer's entry is that very
+        # pair, ``append`` only writes the new positions.  Compared by identity, so an entry replaced any way
+        # (``update``, or an item of the list ``cache``/``get_all`` hands out) is copied in instead.
+        self._store_views: list[tuple | None] = [None] * n_layers
         # Positions of each layer's buffers handed out as views since they were made: ``append`` moves a layer
         # to new buffers before writing any of them, so an entry handed out keeps its values (copy on write).
         self._lent = [0] * n_layers
@@ -59,7 +61,6 @@ class KVCache:
     def update(self, layer_idx, value):
         """Replace layer ``layer_idx``'s entry with ``value`` (a ``(keys, values)`` pair or ``None``)."""
         self._entries[layer_idx] = value
-        self._in_store[layer_idx] = False
 
     def get_all(self):
         """The list of every layer's entry."""
@@ -72,7 +73,7 @@ class KVCache:
         (the reference's are tensors of their own), at the cost of one allocation per sequence."""
         for i in range(len(self._entries)):
             self._entries[i] = None
-            self._in_store[i] = False
+            self._store_views[i] = None
             self._lent[i] = 0
         self._store = None
 
@@ -126,7 +127,7 @@ class KVCache:
             return keys, values
         start, end = self.num_tokens(layer_idx), self.num_tokens(layer_idx) + keys.shape[2]
         store = self._store_for(model, keys)
-        copy_in = entry is not None and not self._in_store[layer_idx]  # an entry set by update(): copied in once
+        copy_in = entry is not None and not self._in_store(layer_idx)  # an entry set from outside: copied in once
         if self._lent[layer_idx] > (0 if copy_in else start):
             self._unshare(store, layer_idx, keep=0 if copy_in else start)
         k_buf, v_buf = store.keys[layer_idx], store.values[layer_idx]
@@ -135,13 +136,17 @@ class KVCache:
             v_buf[:, :, :start].copy_(entry[1])
         k_buf[:, :, start:end].copy_(keys)
         v_buf[:, :, start:end].copy_(values)
-        self._entries[layer_idx] = (k_buf[:, :, :end], v_buf[:, :, :end])
-        self._in_store[layer_idx] = True
+        self._entries[layer_idx] = self._store_views[layer_idx] = (k_buf[:, :, :end], v_buf[:, :, :end])
         return self._entries[layer_idx]
+
+    def _in_store(self, layer_idx) -> bool:
+        """Whether layer ``layer_idx``'s entry is the view of the buffers ``append`` last made for it."""
+        entry = self._entries[layer_idx]
+        return entry is not None and entry is self._store_views[layer_idx]
 
     def _lend(self, layer_idx):
         """Note that layer ``layer_idx``'s entry leaves the cache: its buffer positions are not written again."""
-        if self._in_store[layer_idx]:
+        if self._in_store(layer_idx):
             self._lent[layer_idx] = max(self._lent[layer_idx], self.num_tokens(layer_idx))
 
     def _unshare(self, store, layer_idx, keep):
@@ -162,7 +167,7 @@ class KVCache:
                 or store.keys[0].device != keys.device or not writable_here(store.keys[0]):
             att = model.trf_blocks[0].att
             # Entries living in the old buffers are copied into the new ones by append().
-            self._in_store = [False] * len(self._entries)
+            self._store_views = [None] * len(self._entries)
             self._lent = [0] * len(self._entries)
             store = StaticKVCache(len(self._entries), batch, att.num_heads, context_length(model), att.head_dim,
                                   dtype=keys.dtype, device=keys.device)
