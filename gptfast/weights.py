@@ -283,7 +283,7 @@ def load_gpt2_params_from_tf_ckpt(ckpt_path, settings):
 
 # What a failed transfer raises; a local write error (a missing folder, a full disk) is not one of
 # them and propagates as it is instead of being reported as a connection problem.
-_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, ssl.SSLError)
+NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, ssl.SSLError)
 # Seconds a connection may wait for the server (to connect, or for the next bytes): a stalled server is then
 # a TimeoutError instead of a download that never ends.
 DOWNLOAD_TIMEOUT_S = 60
@@ -314,7 +314,7 @@ def download_file(url, destination, backup_url=None):
         try:
             attempt(address)
             return
-        except _NETWORK_ERRORS as exc:
+        except NETWORK_ERRORS as exc:
             errors.append(f"{address}: {exc}")
     raise ConnectionError("could not download " + os.path.basename(destination) + ":\n  " + "\n  ".join(errors))
 

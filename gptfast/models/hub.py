@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..files import path_inside, save_response
-from ..weights import _NETWORK_ERRORS, DOWNLOAD_TIMEOUT_S, read_weight_map
+from ..weights import DOWNLOAD_TIMEOUT_S, NETWORK_ERRORS, read_weight_map
 
 __all__ = ["HF_BASE_URL", "download_from_huggingface", "download_from_huggingface_from_snapshots",
            "load_safetensors_folder", "assign", "load_tensor_into", "hf_blocks_to_fill"]
@@ -44,7 +44,7 @@ def download_from_huggingface(repo_id, filename, local_dir, revision="main"):
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
             save_response(response, dest_path)
-    except (OSError, *_NETWORK_ERRORS) as exc:  # http.client's errors (a cut-short chunk) are no OSError
+    except (OSError, *NETWORK_ERRORS) as exc:  # http.client's errors (a cut-short chunk) are no OSError
         raise _download_error(exc, f"could not download {url} to {dest_path}") from exc
     return dest_path
 
