@@ -445,9 +445,6 @@ class Trainer:
             raise ValueError(f"--resume: {exc}") from None
         check_resume_state(state, path)
         check_resume_config(state, self.cfg, self.signature(), path)
-        if int(state["step"]) > self.config.max_steps:
-            raise ValueError(f"--resume: checkpoint {path} has already run {int(state['step'])} steps, more than "
-                             f"--max-steps {self.config.max_steps}: give --max-steps {int(state['step'])} or more")
         require_steps_left(int(state["step"]), self.config, path)
         apply_checkpoint(state, self.model, self.optimizer, source=f"--resume: checkpoint {path}")
         self.scheduler.load_state_dict(state["scheduler_state_dict"])
@@ -477,7 +474,10 @@ def require_steps_left(done: int, config: PretrainConfig, path: Path) -> None:
     if config.stop_at is not None and config.stop_at <= done and config.stop_at < config.max_steps:
         raise ValueError(f"--resume: checkpoint {path} has already run {done} steps, --stop-at {config.stop_at} "
                          f"leaves none to run: give --stop-at above {done}")
-    if done >= config.max_steps:
+    if done > config.max_steps:
+        raise ValueError(f"--resume: checkpoint {path} has already run {done} steps, more than --max-steps "
+                         f"{config.max_steps}: give a --max-steps above {done} to extend the run")
+    if done == config.max_steps:
         raise ValueError(f"--resume: checkpoint {path} has already run all {done} steps of --max-steps "
                          f"{config.max_steps}: give a larger --max-steps to extend the run")
 
