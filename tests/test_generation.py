@@ -418,6 +418,18 @@ def test_unset_per_row_top_k_keeps_every_logit_of_a_wrapped_head():
     assert generate(model, prompt(1, 4), 3, 16).shape == (1, 7)
 
 
+def test_a_top_k_past_the_vocabulary_of_a_lora_head_is_refused_before_the_prompt_runs():
+    from gptfast import appendix_e
+
+    model = make_model()
+    appendix_e.replace_linear_with_lora(model, rank=2, alpha=4)
+    calls = []
+    model.tok_emb.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match="top_k"):
+        generate(model, prompt(1, 4), 3, 16, top_k=CFG["vocab_size"] + 1)
+    assert calls == []
+
+
 def test_a_patched_linear_forward_is_used_and_kept():
     """A forward set on an ``nn.Linear`` instance (as wrappers do) computes the layer, and it is still there after
     generation (the decode-time routing never replaces or removes it)."""

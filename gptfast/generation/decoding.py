@@ -92,9 +92,14 @@ def vocab_size(model):
 
 
 def logits_size(model):
-    """Columns of the model's logits: its ``out_head``'s outputs (a classifier's head may have 2), or None when
-    only the first logits can tell."""
+    """Columns of the model's logits: its ``out_head``'s outputs (a classifier's head may have 2; a LoRA-wrapped
+    head those of the layer it wraps), or None when only the first logits can tell."""
+    from ..finetuning.lora import LinearWithLoRA  # (the fine-tuning package imports generation)
+    from ..models.blocks import runs_own_forward
+
     head = getattr(model, "out_head", None)
+    if isinstance(head, LinearWithLoRA) and runs_own_forward(head):
+        head = head.linear  # linear(x) + lora(x): the low-rank part has the wrapped layer's outputs
     return head.out_features if isinstance(head, torch.nn.Linear) else None
 
 
