@@ -386,6 +386,71 @@ def test_triton_gpu_tile_sizes_in_the_interpreter(monkeypatch):
     assert parity.top_k_support(logits, 50).gather(1, tokens).all()
 
 
+def _triton_exponential(word0: torch.Tensor, word1: torch.Tensor) -> torch.Tensor:
+    """The Triton sampler's Exp(1) draw for given pairs of 32-bit words (int64 holders of uint32 values)."""
+    import triton
+
+    device = "cpu" if parity.INTERPRETER else "cuda"
+    out = torch.empty(word0.numel(), dtype=torch.float32, device=device)
+    _exponential_kernel()[(1,)](word0.to(device), word1.to(device), out, word0.numel(),
+                                BLOCK=triton.next_power_of_2(word0.numel()))
+    return out.cpu()
+
+
+def _exponential_kernel():
+    """A one-program kernel applying the sampler's ``_exponential`` (its globals must be module-level names)."""
+    global _EXPONENTIAL_KERNEL, _triton_sampling, tl
+    if _EXPONENTIAL_KERNEL is None:
+        import triton
+        import triton.language as tl
+        from gptfast.triton_kernels import sampling as _triton_sampling
+
+        @triton.jit
+        def apply(w0_ptr, w1_ptr, out_ptr, n, BLOCK: tl.constexpr):
+            offs = tl.arange(0, BLOCK)
+            ok = offs < n
+            w0 = tl.load(w0_ptr + offs, mask=ok, other=0).to(tl.uint32)
+            w1 = tl.load(w1_ptr + offs, mask=ok, other=0).to(tl.uint32)
+            tl.store(out_ptr + offs, _triton_sampling._exponential(w0, w1), mask=ok)
+
+        _EXPONENTIAL_KERNEL = apply
+    return _EXPONENTIAL_KERNEL
+
+
+_EXPONENTIAL_KERNEL = _triton_sampling = tl = None
+
+
+def _exponential_oracle(word0: torch.Tensor, word1: torch.Tensor) -> torch.Tensor:
+    """-log1p(-v) in float64 for the point v the two words pick (23 bits each; bucket midpoints from 1/2 up)."""
+    high = (word0 >> 9).double() * 2.0**-23
+    v = torch.where(high < 0.5, high + ((word1 >> 9).double() + 0.5) * 2.0**-46, high + 2.0**-24)
+    return -torch.log1p(-v), v
+
+
+@pytest.mark.skipif(not (parity.INTERPRETER or parity.HAS_CUDA) or "triton" not in ops.available_backends(),
+                    reason="needs the Triton interpreter or a GPU")
+def test_triton_exponential_draws_are_exact_and_reach_far_into_the_tail():
+    """Small draws decide how unlikely a token can be and still be sampled: they must reach ~2**-47."""
+    edges = [0, 1, 511, 512, 1023, 2**16, 2**31 - 1, 2**31, 2**32 - 512, 2**32 - 1]
+    gen = torch.Generator().manual_seed(0)
+    word0 = torch.cat([torch.tensor([e for e in edges for _ in edges]), torch.randint(0, 2**32, (4000,), generator=gen)])
+    word1 = torch.cat([torch.tensor(edges * len(edges)), torch.randint(0, 2**32, (4000,), generator=gen)])
+    # Around the series/log switch at 1/16 and the sum/midpoint switch at 1/2, with the lowest and highest word1.
+    around = [(2**19 - 1) << 9, 2**19 << 9, (2**19 + 1) << 9, (2**22 - 1) << 9, 2**22 << 9, (2**22 + 1) << 9]
+    word0 = torch.cat([word0, torch.tensor(around * 2)])
+    word1 = torch.cat([word1, torch.tensor([0] * len(around) + [2**32 - 1] * len(around))])
+    draws = _triton_exponential(word0, word1).double()
+    oracle, v = _exponential_oracle(word0, word1)
+    assert torch.isfinite(draws).all() and (draws > 0).all()
+    # Below 1/16 (the series): a few fp32 roundings.  Above: v itself is rounded to fp32 and the GPU's
+    # fp32 log is good to ~1e-7 absolute, so E (> 0.064) to ~2e-6 relative.
+    small = v < 1 / 16
+    torch.testing.assert_close(draws[small], oracle[small], rtol=4e-7, atol=0)
+    torch.testing.assert_close(draws[~small], oracle[~small], rtol=2e-6 if parity.INTERPRETER else 4e-6, atol=0)
+    assert draws.min() < 2.0**-46  # -log(E) > 31.9: tokens 30 (x - max) / T below the top are still drawn
+    assert draws.max() > 16.0  # and the top token's Gumbel noise reaches down to -2.8
+
+
 # --------------------------------------------------------------------------- GPU only
 
 

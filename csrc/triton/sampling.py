@@ -7,8 +7,9 @@ at or above that threshold is kept, so ties at the k-th value survive, as in the
 reference.
 
 The draw itself is a Gumbel-max over the kept tokens: ``argmax(x / T + G)`` with
-``G = -log(-log(U))`` has exactly the distribution ``softmax(x / T)`` restricted to the
-kept set.  ``U`` comes from Philox (``tl.rand``) keyed by a seed tensor drawn from
+``G = -log(E)``, ``E ~ Exp(1)``, has exactly the distribution ``softmax(x / T)`` restricted
+to the kept set.  ``E`` is made from two Philox words (``tl.randint4x``, see
+``_exponential``) keyed by a seed tensor drawn from
 torch's generator on the device, so there is no host synchronisation and the op can
 be captured in a CUDA graph.  Rows with temperature 0 take the plain argmax (first
 index on ties, like ``torch.argmax``).
@@ -105,6 +106,35 @@ def _kth_largest_key(row_base, row_ok, k, n_cols, BLOCK_R: tl.constexpr, BLOCK_V
     return lo
 
 
+_TWO_POW_M23 = tl.constexpr(1.1920928955078125e-07)
+_TWO_POW_M24 = tl.constexpr(5.9604644775390625e-08)
+_TWO_POW_M46 = tl.constexpr(1.4210854715202004e-14)
+
+
+@triton.jit
+def _exponential(word0, word1):
+    """An Exp(1) draw ``-log(1 - v)`` from two uniform 32-bit words: finite, > 0, down to ~2**-47.
+
+    ``word0`` picks one of 2**23 equal buckets of [0, 1) and ``word1`` the point inside it.
+    Below 1/2 fp32 holds that sum to 24 significant bits, so ``v`` keeps its relative
+    precision down to 2**-47; from 1/2 up ``v`` is the bucket's midpoint, which keeps it
+    exact and below 1 (a sum could round up to 1 and give an infinite draw).
+
+    Small draws are what let a token far below the top one win the race, so their
+    resolution sets how far into the tail the sampler reaches: a token ``Δ = (x_top - x) / T``
+    below needs ``E`` about ``e**-Δ``, which ``-log(tl.rand())`` (never above 1 - 2**-23,
+    so never below 1.2e-7) cannot give beyond Δ ≈ 16; here the limit is Δ ≈ 32, where
+    each token left out has probability below 1e-13.
+    """
+    high = (word0 >> 9).to(tl.float32) * _TWO_POW_M23
+    low = ((word1 >> 9).to(tl.float32) + 0.5) * _TWO_POW_M46
+    v = tl.where(high < 0.5, high + low, high + _TWO_POW_M24)
+    # -log1p(-v) by its series below 1/16 (error < v**7): the GPU's fp32 log has an
+    # absolute, not relative, error near 1, which would swamp the small draws.
+    series = v * (1.0 + v * (0.5 + v * (1.0 / 3.0 + v * (0.25 + v * (0.2 + v * (1.0 / 6.0))))))
+    return tl.where(v < 0.0625, series, -tl.log(1.0 - v))
+
+
 @triton.jit
 def _row_argmax(row_base, row_ok, n_cols, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     """torch.argmax of each row (the first NaN wins, else the first maximum), and the row's max.
@@ -177,8 +207,8 @@ def _sample_kernel(logits_ptr, row_stride, out_ptr, seed_ptr, temperature_ptr, t
             cols = start + tl.arange(0, BLOCK_V)
             ok = draw_rows[:, None] & (cols[None, :] < n_cols)
             x = tl.load(row_base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-            u = tl.rand(row_seed[:, None], tl.broadcast_to(cols[None, :], [BLOCK_R, BLOCK_V]))
-            gumbel = -tl.log(-tl.log(u))
+            word0, word1, _, _ = tl.randint4x(row_seed[:, None], tl.broadcast_to(cols[None, :], [BLOCK_R, BLOCK_V]))
+            gumbel = -tl.log(_exponential(word0, word1))
             # A -inf logit is never kept: at T = inf its (-inf) * 0 would be a NaN score (softmax(x / T) tends to
             # uniform over the finite logits).
             kept = ok & (_ordered_key(x).to(tl.int64) >= threshold[:, None]) & (x > float("-inf"))
@@ -189,7 +219,7 @@ def _sample_kernel(logits_ptr, row_stride, out_ptr, seed_ptr, temperature_ptr, t
             better = block_best > best_score
             best_index = tl.where(better, block_index, best_index)
             best_score = tl.where(better, block_best, best_score)
-        # Every kept score -inf (a 2**-24-probability tie of extremes) also falls back to the argmax.
+        # Every kept score -inf ((x - max) / T overflowing for all of them) also falls back to the argmax.
         drawn = drawable & (best_index < n_cols)
         tl.store(out_ptr + rows, tl.where(drawn, best_index, greedy_index), mask=row_ok)
 
