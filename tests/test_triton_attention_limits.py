@@ -76,3 +76,37 @@ def test_int64_offset_path_matches_the_int32_path(monkeypatch, shape, dropout_p)
         leaves = [t.double().requires_grad_(True) for t in base]
         expected = ops.causal_attention(*(t.transpose(1, 2) for t in leaves), backend="torch")
         torch.testing.assert_close(results[1][0].double(), expected.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_only_dropout_limits_the_sequence_product():
+    """Tq*Tk past 2**31 overflows only the dropout counter: without dropout the kernels still serve the call."""
+    from gptfast.ops import triton_ops
+
+    q = torch.empty(1, 2, 46_341, 64, device="meta")  # 46341**2 > 2**31 - 1
+    assert triton_ops.supports("causal_attention", q, q, q, dropout_p=0.0, training=True) is None
+    assert triton_ops.supports("causal_attention", q, q, q, dropout_p=0.1, training=False) is None
+    reason = triton_ops.supports("causal_attention", q, q, q, dropout_p=0.1, training=True)
+    assert reason is not None and "dropout" in reason
+    short = torch.empty(1, 2, 46_340, 64, device="meta")
+    assert triton_ops.supports("causal_attention", short, short, short, dropout_p=0.1, training=True) is None
+
+
+@pytest.mark.skipif(not INTERPRETER and not torch.cuda.is_available(), reason="needs the interpreter or a GPU")
+@pytest.mark.parametrize("op", ["attention_fwd", "attention_bwd"])
+def test_raw_kernels_refuse_dropout_past_the_counter_range(monkeypatch, op):
+    """Called directly, the kernels check the limit themselves, before any launch (the tensors are only 12 MB)."""
+
+    def launched(*_args, **_kwargs):
+        raise AssertionError("a kernel was launched before the check")
+
+    monkeypatch.setattr(_attention_module(), "launch", launched)
+    device = "cpu" if INTERPRETER else "cuda"
+    q = torch.zeros(1, 1, 46_341, 16, device=device)
+    seed = torch.zeros(1, dtype=torch.int64, device=device)
+    kernel = getattr(torch.ops.gptfast_triton, op)
+    if op == "attention_fwd":
+        args = (q, q, q, 1.0, 0.1, seed)
+    else:
+        args = (q, q, q, q, q, torch.zeros(1, 1, 46_341, device=device), 1.0, 0.1, seed)
+    with pytest.raises(RuntimeError, match=r"dropout needs Tq\*Tk <= 2\*\*31 - 1"):
+        kernel(*args)

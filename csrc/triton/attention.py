@@ -427,7 +427,8 @@ def _check_backward_inputs(grad_out: torch.Tensor, q: torch.Tensor, out: torch.T
     require_dtype(op, "lse", lse, torch.float32)
 
 
-def _dropout_args(dropout_p: float, seed: torch.Tensor | None, op: str, q: torch.Tensor) -> tuple[bool, float]:
+def _dropout_args(dropout_p: float, seed: torch.Tensor | None, op: str, q: torch.Tensor,
+                  k_len: int) -> tuple[bool, float]:
     """(dropout on?, scale of kept weights); p = 1 drops everything, like F.dropout."""
     require_probability(op, "dropout_p", dropout_p)
     active = dropout_p > 0.0
@@ -435,6 +436,8 @@ def _dropout_args(dropout_p: float, seed: torch.Tensor | None, op: str, q: torch
         raise ValueError("gptfast_triton attention: dropout_p > 0 needs a seed tensor")
     if active:
         require_seed(op, seed, "q", q)
+        require(q.shape[2] * k_len <= MAX_TOKENS_SQUARED, op,
+                f"dropout needs Tq*Tk <= 2**31 - 1 (its int32 counter), got {q.shape[2]} x {k_len}")
     keep_scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
     return active, keep_scale
 
@@ -444,7 +447,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
                   seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention forward; returns ``(out, lse)`` with lse ``(B, H, Tq)`` float32 (base 2)."""
     _check_qkv("attention_fwd", q, k, v)
-    dropout, keep_scale = _dropout_args(dropout_p, seed, "attention_fwd", q)
+    dropout, keep_scale = _dropout_args(dropout_p, seed, "attention_fwd", q, k.shape[2])
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, h, tq, d = q.shape
     tk = k.shape[2]
@@ -467,7 +470,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     """Gradients ``(dq, dk, dv)`` of causal attention, recomputing the probabilities from ``lse``."""
     _check_qkv("attention_bwd", q, k, v)
     _check_backward_inputs(grad_out, q, out, lse)
-    dropout, keep_scale = _dropout_args(dropout_p, seed, "attention_bwd", q)
+    dropout, keep_scale = _dropout_args(dropout_p, seed, "attention_bwd", q, k.shape[2])
     q, k, v, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, grad_out))
     b, h, tq, d = q.shape
     tk = k.shape[2]
@@ -494,13 +497,13 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     return dq, dk, dv
 
 
-def unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
-    """``None`` if these kernels can run this attention call, else why not."""
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, dropout: bool) -> str | None:
+    """``None`` if these kernels can run this attention call (with attention dropout or not), else why not."""
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype} is not supported (float32/float16/bfloat16)"
     if q.shape[-1] not in HEAD_DIMS:
         return f"head_dim {q.shape[-1]} is not supported (one of {HEAD_DIMS})"
-    if q.shape[2] * k.shape[2] > MAX_TOKENS_SQUARED:
+    if dropout and q.shape[2] * k.shape[2] > MAX_TOKENS_SQUARED:
         return f"Tq*Tk = {q.shape[2] * k.shape[2]} exceeds the dropout counter range 2**31"
     return None
 

@@ -59,7 +59,8 @@ def supports(op: str, *args, **kwargs) -> str | None:
         return (f"Triton's interpreter (TRITON_INTERPRET=1) computes {x.dtype} tl.dot wrongly; "
                 "use float32, or a GPU without the interpreter")
     if op == "causal_attention":
-        return _kernels["attention"].unsupported_reason(args[0], args[1])
+        dropout = bool(kwargs.get("training")) and kwargs.get("dropout_p", 0.0) > 0.0
+        return _kernels["attention"].unsupported_reason(args[0], args[1], dropout)
     if op in ("rms_norm", "layer_norm", "swiglu", "gelu", "dropout", "rope", "decode_linear"):
         return _kernels[op].unsupported_reason(*args[:3])
     if op == "linear_cross_entropy" and kwargs.get("bias") is not None and kwargs["bias"].dtype != x.dtype:
