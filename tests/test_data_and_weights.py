@@ -126,3 +126,27 @@ def test_token_ids_that_are_not_integers_are_refused(ids):
         GPTDatasetV1("x", OddTokenizer(), max_length=2, stride=1)
     OddTokenizer.encode = lambda self, text, allowed_special=None: [3, 1, 4, 1]
     assert GPTDatasetV1("x", OddTokenizer(), max_length=2, stride=1)[1][1].tolist() == [4, 1]
+
+
+def test_an_uninstalled_checkout_reads_its_own_data_folder(tmp_path):
+    """Run from a checkout on sys.path (no install, so no ``gptfast.embedded``), the text and ranks come from data/."""
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    checkout = tmp_path / "checkout"
+    shutil.copytree(repo / "gptfast", checkout / "gptfast", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copytree(repo / "data", checkout / "data")
+    # -S: no site-packages .pth files, so the editable install's finder cannot supply gptfast.embedded.
+    script = (f"import sys; sys.path[:0] = [{str(checkout)!r}, {sysconfig.get_paths()['purelib']!r}]\n"
+              "import gptfast.resources as r, gptfast.tokenizer as t\n"
+              "assert r.resource_path('the-verdict.txt').parent.parent == __import__('pathlib').Path("
+              f"{str(checkout)!r}), r.resource_path('the-verdict.txt')\n"
+              "print(len(r.default_text()), len(t.get_tokenizer().encode(r.default_text())))\n")
+    done = subprocess.run([sys.executable, "-S", "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["20479", "5145"]
