@@ -427,10 +427,8 @@ def _exponential_oracle(word0: torch.Tensor, word1: torch.Tensor) -> torch.Tenso
     return -torch.log1p(-v), v
 
 
-@pytest.mark.skipif(not (parity.INTERPRETER or parity.HAS_CUDA) or "triton" not in ops.available_backends(),
-                    reason="needs the Triton interpreter or a GPU")
-def test_triton_exponential_draws_are_exact_and_reach_far_into_the_tail():
-    """Small draws decide how unlikely a token can be and still be sampled: they must reach ~2**-47."""
+def _exponential_words() -> tuple[torch.Tensor, torch.Tensor]:
+    """Word pairs for the exponential draws: every pair of edge words, random ones, and the switch points."""
     edges = [0, 1, 511, 512, 1023, 2**16, 2**31 - 1, 2**31, 2**32 - 512, 2**32 - 1]
     gen = torch.Generator().manual_seed(0)
     word0 = torch.cat([torch.tensor([e for e in edges for _ in edges]), torch.randint(0, 2**32, (4000,), generator=gen)])
@@ -439,16 +437,29 @@ def test_triton_exponential_draws_are_exact_and_reach_far_into_the_tail():
     around = [(2**19 - 1) << 9, 2**19 << 9, (2**19 + 1) << 9, (2**22 - 1) << 9, 2**22 << 9, (2**22 + 1) << 9]
     word0 = torch.cat([word0, torch.tensor(around * 2)])
     word1 = torch.cat([word1, torch.tensor([0] * len(around) + [2**32 - 1] * len(around))])
-    draws = _triton_exponential(word0, word1).double()
+    return word0, word1
+
+
+def _check_exponential_draws(draws: torch.Tensor, word0: torch.Tensor, word1: torch.Tensor, rtol_above: float):
+    """Draws equal -log1p(-v) of the words' point v, are finite and > 0, and reach far into the tail."""
     oracle, v = _exponential_oracle(word0, word1)
     assert torch.isfinite(draws).all() and (draws > 0).all()
-    # Below 1/16 (the series): a few fp32 roundings.  Above: v itself is rounded to fp32 and the GPU's
-    # fp32 log is good to ~1e-7 absolute, so E (> 0.064) to ~2e-6 relative.
+    # Below 1/16 (Triton's series): a few fp32 roundings.  Above, v itself is rounded to fp32.
     small = v < 1 / 16
     torch.testing.assert_close(draws[small], oracle[small], rtol=4e-7, atol=0)
-    torch.testing.assert_close(draws[~small], oracle[~small], rtol=2e-6 if parity.INTERPRETER else 4e-6, atol=0)
+    torch.testing.assert_close(draws[~small], oracle[~small], rtol=rtol_above, atol=0)
     assert draws.min() < 2.0**-46  # -log(E) > 31.9: tokens 30 (x - max) / T below the top are still drawn
     assert draws.max() > 16.0  # and the top token's Gumbel noise reaches down to -2.8
+
+
+@pytest.mark.skipif(not (parity.INTERPRETER or parity.HAS_CUDA) or "triton" not in ops.available_backends(),
+                    reason="needs the Triton interpreter or a GPU")
+def test_triton_exponential_draws_are_exact_and_reach_far_into_the_tail():
+    """Small draws decide how unlikely a token can be and still be sampled: they must reach ~2**-47."""
+    word0, word1 = _exponential_words()
+    # Above 1/16 the GPU's fp32 log is good to ~1e-7 absolute, so E (> 0.064) to ~2e-6 relative.
+    _check_exponential_draws(_triton_exponential(word0, word1).double(), word0, word1,
+                             rtol_above=2e-6 if parity.INTERPRETER else 4e-6)
 
 
 # --------------------------------------------------------------------------- GPU only
@@ -532,7 +543,7 @@ def test_cuda_binding_rejects_bad_per_row_tensors():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None and not pathlib.Path("/usr/local/bin/nvcc").exists(),
                     reason="needs nvcc")
-def test_philox_header_matches_random123_known_answers(tmp_path):
+def test_philox_header_matches_random123_known_answers_and_its_exponential_draws(tmp_path):
     nvcc = shutil.which("nvcc") or "/usr/local/bin/nvcc"
     src = tmp_path / "kat.cu"
     src.write_text(r"""
@@ -546,16 +557,20 @@ int main() {
     const uint4 r = gptfast::philox4x32_10(keys[i], ctrs[i]);
     std::printf("%08x %08x %08x %08x\n", r.x, r.y, r.z, r.w);
   }
-  std::printf("%.9g %.9g\n", gptfast::philox_uint_to_uniform(0u), gptfast::philox_uint_to_uniform(0xffffffffu));
+  unsigned int w0, w1;
+  while (std::scanf("%u %u", &w0, &w1) == 2) std::printf("%.9e\n", gptfast::philox_exponential(w0, w1));
 }
 """)
     exe = tmp_path / "kat"
     subprocess.run([nvcc, "-std=c++17", "-I", str(REPO / "csrc" / "cuda"), str(src), "-o", str(exe)],
                    check=True, capture_output=True, timeout=300)
-    lines = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()
+    word0, word1 = _exponential_words()
+    pairs = "".join(f"{a} {b}\n" for a, b in zip(word0.tolist(), word1.tolist()))
+    lines = subprocess.run([str(exe)], input=pairs, check=True, capture_output=True, text=True).stdout.splitlines()
     # Random123's kat_vectors for philox4x32_10.
     assert lines[:3] == ["6627e8d5 e169c58d bc57ac4c 9b00dbd8",
                          "408f276d 41c83b0e a20bc7c6 6d5451fd",
                          "d16cfe09 94fdcceb 5001e420 24126ea1"]
-    low, high = (float(v) for v in lines[3].split())
-    assert 0.0 < low < 1e-9 and high == 1.0
+    # The exponential draws of the CUDA sampler: the same construction as the Triton one's, checked the same way.
+    _check_exponential_draws(torch.tensor([float(v) for v in lines[3:]], dtype=torch.float64), word0, word1,
+                             rtol_above=4e-7)

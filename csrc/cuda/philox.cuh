@@ -64,23 +64,27 @@ __host__ __device__ inline uint4 philox4x32_10(uint2 key, uint4 counter) {
   return philox_detail::philox_round(counter, key);
 }
 
-// A 32-bit word mapped to a float in (0, 1]: never 0, so -log(u) is finite.
-__host__ __device__ inline float philox_uint_to_uniform(unsigned int x) {
-  // 2^-32 * x lies in [0, 1); adding half a step keeps it off 0, and the float
-  // rounding of values near 1 can give exactly 1.0f, which is allowed.
-  return (static_cast<float>(x) + 0.5f) * 2.3283064365386963e-10f;
+// An Exp(1) draw -log(1 - v) from two uniform 32-bit words: finite, > 0, and down to 2^-47.
+// word0 picks one of 2^23 equal buckets of [0, 1), word1 the point inside it.  Below 1/2 a
+// float holds that sum to 24 significant bits; from 1/2 up v is the bucket's midpoint, exact
+// and below 1 (a rounded sum could reach 1 and give an infinite draw).  Small draws are what
+// let a token far below the top one win an exponential race, so their resolution sets how far
+// into the tail a sampler reaches: (x_top - x) / T up to ~32 here, ~22 from one word.  The
+// Triton sampler builds its draws the same way.
+__host__ __device__ inline float philox_exponential(unsigned int word0, unsigned int word1) {
+  const float high = static_cast<float>(word0 >> 9) * 0x1p-23f;
+  const float v = high < 0.5f ? high + (static_cast<float>(word1 >> 9) + 0.5f) * 0x1p-46f : high + 0x1p-24f;
+  return -log1pf(-v);
 }
 
-// Four uniform floats in (0, 1] for (seed, subsequence, offset).
-__device__ inline float4 philox_uniform4(unsigned long long seed, unsigned long long subsequence,
-                                         unsigned long long offset) {
+// The four words of (seed, subsequence, offset) in the stream layout above.
+__device__ inline uint4 philox_words4(unsigned long long seed, unsigned long long subsequence,
+                                      unsigned long long offset) {
   const uint2 key = make_uint2(static_cast<unsigned int>(seed), static_cast<unsigned int>(seed >> 32));
   const uint4 counter = make_uint4(static_cast<unsigned int>(offset), static_cast<unsigned int>(offset >> 32),
                                    static_cast<unsigned int>(subsequence),
                                    static_cast<unsigned int>(subsequence >> 32));
-  const uint4 bits = philox4x32_10(key, counter);
-  return make_float4(philox_uint_to_uniform(bits.x), philox_uint_to_uniform(bits.y),
-                     philox_uint_to_uniform(bits.z), philox_uint_to_uniform(bits.w));
+  return philox4x32_10(key, counter);
 }
 
 }  // namespace gptfast

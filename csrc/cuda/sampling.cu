@@ -7,8 +7,8 @@
 //   3. an exponential race over the kept values: token j wins with probability
 //      softmax(x / T)_j restricted to the kept set, because
 //      argmax_j (x_j - max) / T - log(E_j), E_j ~ Exp(1) independent, is a Gumbel-max draw.
-//      E_j = -log1p(-u_j) with u_j in (0, 1] from Philox4x32-10 (seed, subsequence = row,
-//      counter = offset / 4 + j / 4), so the draw needs no normalisation and no second pass.
+//      E_j = philox_exponential of two words of Philox4x32-10 (seed, subsequence = row,
+//      counter = offset / 4 + j / 2), so the draw needs no normalisation and no second pass.
 // Rows whose temperature is not > 0 (or so small that 1 / T overflows) return the
 // argmax; a row with NaN logits returns its first NaN's index (as torch.argmax does).
 //
@@ -164,23 +164,23 @@ __global__ void __launch_bounds__(BLOCK)
     threshold = kth_largest_key<T, BLOCK>(row, vocab, k, radix);
   }
 
-  // 3. exponential race over the kept values, 4 values per Philox call.
+  // 3. exponential race over the kept values: one Philox call, two words per value, serves two values.
   const PhiloxState state = unpack_philox(rng);
   const unsigned long long first_counter = state.offset / 4;
   float best_score = -INFINITY;
   int64_t best_index = vocab;  // sentinel: nothing kept scored
-  const int64_t groups = (vocab + 3) / 4;
-  for (int64_t group = threadIdx.x; group < groups; group += BLOCK) {
-    const float4 u4 = philox_uniform4(state.seed, static_cast<unsigned long long>(r), first_counter + group);
-    const float u[4] = {u4.x, u4.y, u4.z, u4.w};
+  const int64_t pairs = (vocab + 1) / 2;
+  for (int64_t pair = threadIdx.x; pair < pairs; pair += BLOCK) {
+    const uint4 words = philox_words4(state.seed, static_cast<unsigned long long>(r), first_counter + pair);
+    const float exponentials[2] = {philox_exponential(words.x, words.y), philox_exponential(words.z, words.w)};
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int64_t j = group * 4 + c;
+    for (int c = 0; c < 2; ++c) {
+      const int64_t j = pair * 2 + c;
       if (j >= vocab) break;
       const float x = to_float(row[j]);
       if (float_to_key(x) < threshold) continue;
-      const float exponential = -log1pf(-u[c]);  // in (0, inf]; never 0, so the log is finite or -inf score
-      const float score = (x - max_value) * inv_temp - __logf(exponential);
+      // exponentials[c] is finite and > 0, so the score is finite unless (x - max) / T overflows to -inf.
+      const float score = (x - max_value) * inv_temp - __logf(exponentials[c]);
       // -inf never wins (best_score starts there), so an all -inf row keeps the sentinel.
       if (score > best_score || (score == best_score && score > -INFINITY && j < best_index)) {
         best_score = score;
@@ -217,7 +217,7 @@ cudaError_t launch_typed(const void* logits, int64_t row_stride, int64_t rows, i
 
 }  // namespace
 
-int64_t sampling_philox_counters(int64_t vocab) { return (vocab + 3) / 4; }
+int64_t sampling_philox_counters(int64_t vocab) { return (vocab + 1) / 2; }
 
 cudaError_t launch_sample_next_token(const void* logits, int64_t row_stride, FloatType dtype, int64_t rows,
                                      int64_t vocab, const float* temperature, float temperature_value,
