@@ -154,15 +154,16 @@ def _check_start_context(text: str) -> None:
         raise ValueError("--start-context is empty: each epoch's sample continues it, give at least one token")
 
 
-def _check_out_dir(args, out_dir: Path) -> None:
+def _check_out_dir(args) -> Path:
     """``--out-dir`` can hold the run's files, and a checkpoint already there is replaced only on request."""
     from .files import check_dir_path, check_output_files
 
-    check_dir_path(out_dir, name="--out-dir")
+    out_dir = check_dir_path(args.out_dir, name="--out-dir")
     check_output_files(out_dir, (CHAPTER_CHECKPOINT, LOSS_PLOT), name="--out-dir")
     if (out_dir / CHAPTER_CHECKPOINT).exists() and not (args.resume or args.overwrite):
         raise ValueError(f"--out-dir {str(out_dir)!r} already holds a checkpoint ({CHAPTER_CHECKPOINT}): pass "
                          "--resume to continue it or --overwrite to replace it")
+    return out_dir
 
 
 def _read_resume_state(ckpt_path: Path, cfg: dict, device):
@@ -256,8 +257,7 @@ def run_train(args) -> int:
     device = usable_device(args.device)
     _select_backend(args.backend)
     cfg = _model_config(args)
-    out_dir = Path(args.out_dir)
-    _check_out_dir(args, out_dir)
+    out_dir = _check_out_dir(args)
     resume_state = _read_resume_state(out_dir / CHAPTER_CHECKPOINT, cfg, device) if args.resume else None
     text = _read_data(args.data)
     settings = _run_settings(args, text)

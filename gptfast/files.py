@@ -158,6 +158,9 @@ def atomic_savefig(figure, path: str | os.PathLike, **savefig_kwargs) -> None:
 def check_dir_path(path: str | os.PathLike, *, name: str = "out_dir") -> Path:
     """``ValueError`` naming ``name`` when ``path`` is a file or lies below one; creates nothing, so a run can
     check its folders with its other input before it makes any of them.  Returns ``path`` as a Path."""
+    if os.fspath(path) == "":
+        # Path("") is the current folder: an unset shell variable would silently write there.
+        raise ValueError(f"{name} is empty: name a folder ('.' for the current one)")
     folder = Path(path)
     for parent in (folder, *folder.parents):
         if parent.exists() and not parent.is_dir():

@@ -773,3 +773,12 @@ def test_a_ctrl_c_another_error_wraps_is_still_reported_as_an_interrupt(capsys):
         run_cli("gptfast train", wrapped_interrupt, debug=True)
     assert run_cli("gptfast train", lambda: (_ for _ in ()).throw(RuntimeError("bad"))) == 2
     assert capsys.readouterr().err == "gptfast train: error: bad\n"
+
+
+def test_an_empty_out_dir_is_refused_by_every_training_command(tmp_path, capsys, monkeypatch):
+    """``--out-dir ''`` (an unset shell variable) would be the current folder: refused before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    for argv in (["train", "--model", "tiny", "--epochs", "1", "--out-dir", ""],
+                 ["train-gpu", "--model", "tiny", "--device", "cpu", "--max-steps", "1", "--out-dir", ""]):
+        assert "--out-dir is empty" in _one_line_error(capsys, argv)
+    assert list(tmp_path.iterdir()) == []
