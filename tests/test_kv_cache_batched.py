@@ -387,6 +387,21 @@ def test_cached_generation_past_the_context_equals_uncached_generation():
     assert torch.equal(cached, uncached)
 
 
+def test_torch_backend_16_bit_generation_past_the_context_slides_the_window():
+    """The reference's own loop (taken for 16-bit weights under backend "torch") matches it while positions last,
+    then, like the default path, runs the last context_length tokens each step instead of failing."""
+    r, o = pair(qwen_cfg(2, dtype=torch.bfloat16, context_length=16))
+    idx = torch.randint(0, 101, (2, 10), generator=torch.Generator().manual_seed(0))
+    with ops.use_backend("torch"):
+        out = generate.generate_text_simple(o, idx, max_new_tokens=12)  # 22 tokens > 16 positions
+        assert out.shape == (2, 22) and torch.equal(o.current_pos, torch.full((2,), 22))
+        assert torch.equal(out[:, :16], ref_generate.generate_text_simple(r, idx, 6))
+        with torch.no_grad():
+            for t in range(16, 22):
+                window = o(out[:, :t][:, -16:], cache=None, start_pos=None)
+                assert torch.equal(out[:, t], window[:, -1].argmax(dim=-1)), t
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -27,7 +27,7 @@ import torch
 from .. import ops
 from ..generate import trim_input_tensor  # noqa: F401  (the reference re-exports it here)
 from ..generation import api
-from ..generation.cache import is_decodable, is_rotary
+from ..generation.cache import context_length, is_decodable, is_rotary
 from ..generation.decoding import check_idx, require_int
 from ..kv_cache.generate import reference_cached_generation
 from ..models.qwen3_batched import rotates_in_float32
@@ -79,8 +79,13 @@ def _uncached(model, idx, max_new_tokens, ctx_len):
 
 
 def _protocol_cached(model, idx, max_new_tokens, ctx_len):
-    """The reference's cached loop for models gptfast's decoder cannot walk (no unused last step)."""
+    """The reference's cached loop for models gptfast's decoder cannot walk (no unused last step).
+
+    Past the model's positions, where the reference's RoPE reuses its last angle, the window slides as in
+    :func:`reference_cache_window`: each step runs the last ``context_length`` tokens without the cache.
+    """
     batch = idx.shape[0]
+    limit = context_length(model)
     cache = KVCache(n_layers=model.cfg["n_layers"], batch_size=batch)
     model.reset_kv_cache(batch_size=batch, device=idx.device)
     with torch.no_grad():
@@ -90,8 +95,10 @@ def _protocol_cached(model, idx, max_new_tokens, ctx_len):
         for step in range(max_new_tokens):
             next_token = logits[:, -1].argmax(dim=-1, keepdim=True)
             idx = torch.cat([idx, next_token], dim=1)
-            if step + 1 < max_new_tokens:
+            if step + 1 < max_new_tokens and int(model.current_pos.max()) < limit:
                 logits = model(next_token, cache=cache, start_pos=model.current_pos.clone())
+            elif step + 1 < max_new_tokens:
+                logits = model(idx[:, -limit:], cache=None, start_pos=None)
             model.current_pos += 1
     return idx
 
