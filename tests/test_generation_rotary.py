@@ -259,3 +259,17 @@ def test_a_bad_context_size_is_named_before_any_work():
     import gptfast.kv_cache_batched.generate as batched_generate
     with pytest.raises(ValueError, match="context_size must be >= 1"):
         batched_generate.generate_text_simple(batched, idx, 5, context_size=-1)
+
+
+def test_a_kv_cache_stream_touches_the_model_only_once_started():
+    """Like the reference's generator, creating the stream neither switches the model to eval nor resets its
+    position; the first next() does both."""
+    torch.manual_seed(4)
+    for module in (ref_kv_qwen, qwen_cached):
+        model = module.Qwen3Model(qwen_cfg(2)).train()
+        model.current_pos = 5
+        stream = (ref_kv_generate if module is ref_kv_qwen else kv_generate).generate_text_simple_stream(
+            model, torch.randint(0, 101, (1, 6)), max_new_tokens=2)
+        assert model.training and model.current_pos == 5, module.__name__
+        next(stream)
+        assert not model.training and model.current_pos != 5, module.__name__

@@ -65,11 +65,18 @@ def generate_text_simple_stream(model, token_ids, max_new_tokens, eos_token_id=N
     prompt, as the reference's stream does (which takes ``context_size`` but does not
     use it), and slides a window only past the model's context length; a GPT-layout
     model slides it past ``context_size`` (default: the model's context length), as in
-    :func:`generate_text_simple`.  Arguments are checked when this is called, before
-    the first token.
+    :func:`generate_text_simple`.  ``max_new_tokens`` is checked when this is called;
+    everything else, the model's evaluation mode and cache reset included, happens at
+    the first ``next()``, as in the reference's generator, so a stream never started
+    leaves the model as it was.
     """
-    model.eval()
     max_new_tokens = require_int("max_new_tokens", max_new_tokens, 0)
+    return _until_eos(_stream(model, token_ids, max_new_tokens, context_size), eos_token_id)
+
+
+def _stream(model, token_ids, max_new_tokens, context_size):
+    """The stream's tokens; its body (model.eval(), the reset, the decoder) runs from the first next()."""
+    model.eval()
     if is_decodable(model) and is_rotary(model):
         _reset(model)
         prompt, window = reference_cache_window(model, token_ids, max_new_tokens, None)
@@ -79,7 +86,7 @@ def generate_text_simple_stream(model, token_ids, max_new_tokens, eos_token_id=N
         tokens = api.generate_stream(model, token_ids, max_new_tokens, context_size or context_length(model))
     else:
         tokens = _protocol_stream(model, token_ids, max_new_tokens)
-    return _until_eos(tokens, eos_token_id)
+    yield from tokens
 
 
 # ----------------------------------------------------------------------------- helpers
