@@ -18,7 +18,8 @@ from typing import NamedTuple
 # Only the standard library and gptfast.errors at import time: torch and the models are imported by
 # main, where a Ctrl-C during those seconds of importing is caught like any other.
 from .devices import usable_device
-from .errors import OneLineArgumentParser, debug_requested, raised_by_interrupt, report_interrupt, run_cli
+from .errors import (OneLineArgumentParser, debug_requested, interrupts_deferred, raised_by_interrupt, report_interrupt,
+                     run_cli)
 
 DEFAULT_PROMPT = "Every effort moves you"
 
@@ -308,12 +309,16 @@ def _restore_random_state(saved, device) -> None:
 
 def _train_and_save(args, cfg, device, out_dir: Path, train_loader, val_loader, resume_state, settings) -> int:
     """The checked run: make out-dir, build the model, train, save the checkpoint and the loss plot."""
-    import matplotlib
     import torch
+
+    with interrupts_deferred():  # the loss plot's imports, done now: a Ctrl-C inside them would be lost
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
 
     from . import ops
 
-    matplotlib.use("Agg")
     from .files import check_writable_dir
     from .models.gpt import GPTModel
     from .tokenizer import get_tokenizer
@@ -597,7 +602,9 @@ def _prog(argv) -> str:
 def main(argv=None) -> int:
     """Entry point of the ``gptfast`` command."""
     try:
-        args = build_parser().parse_args(argv)  # the seconds of importing torch and the models
+        with interrupts_deferred():  # the seconds of importing torch and the models
+            parser = build_parser()
+        args = parser.parse_args(argv)
     except (KeyboardInterrupt, Exception) as exc:  # torch's import may wrap a Ctrl-C in an error of its own
         if debug_requested() or not raised_by_interrupt(exc):
             raise

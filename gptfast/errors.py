@@ -8,9 +8,12 @@ expected failures: the user gets ``<prog>: error: <what is wrong>`` and exit sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
-from typing import Callable
+import threading
+from typing import Callable, Iterator
 
 # FileNotFoundError, PermissionError, disk-full errors ... are OSErrors; torch reports most
 # device and shape problems as RuntimeError.
@@ -30,6 +33,28 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         text = f"{exc.strerror}: {exc.filename}"
     return text or type(exc).__name__
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C back until the body is done, then raise it as ``KeyboardInterrupt``.
+
+    For the heavy imports (torch, numpy, matplotlib): a ``KeyboardInterrupt`` raised inside their C-level module
+    set-up may be swallowed there (the run goes on as if no Ctrl-C came) or leave a module half made (a later,
+    unrelated error).  Only in the main thread, and only while Python's default handler is installed.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def report_interrupt(prog: str) -> int:
