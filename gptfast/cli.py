@@ -18,8 +18,8 @@ from typing import NamedTuple
 # Only the standard library and gptfast.errors at import time: torch and the models are imported by
 # main, where a Ctrl-C during those seconds of importing is caught like any other.
 from .devices import usable_device
-from .errors import (OneLineArgumentParser, debug_requested, interrupts_deferred, raised_by_interrupt, report_interrupt,
-                     run_cli)
+from .errors import (OneLineArgumentParser, debug_requested, interrupts_deferred, non_empty_path, raised_by_interrupt,
+                     report_interrupt, run_cli)
 
 DEFAULT_PROMPT = "Every effort moves you"
 
@@ -57,7 +57,7 @@ def build_parser() -> OneLineArgumentParser:
                    description=pretrain.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     train = sub.add_parser("train", help="pretrain on a text file (default: the embedded the-verdict)")
-    train.add_argument("--data", default=None, help="UTF-8 text file (default: the-verdict, shipped with gptfast)")
+    train.add_argument("--data", default=None, type=non_empty_path, help="UTF-8 text file (default: the-verdict, shipped with gptfast)")
     train.add_argument("--model", default="gpt2-ctx256",
                        choices=["gpt2-ctx256", "tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"],
                        help="gpt2-ctx256 is the book's 124M config with context 256")
@@ -73,7 +73,7 @@ def build_parser() -> OneLineArgumentParser:
     train.add_argument("--start-context", default=DEFAULT_PROMPT)
     train.add_argument("--seed", type=int, default=123)
     train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    train.add_argument("--out-dir", default="runs/verdict", help="checkpoint and loss plot go here")
+    train.add_argument("--out-dir", default="runs/verdict", type=non_empty_path, help="checkpoint and loss plot go here")
     keep = train.add_mutually_exclusive_group()
     keep.add_argument("--resume", action="store_true", help="continue from out-dir's checkpoint")
     keep.add_argument("--overwrite", action="store_true",
@@ -84,12 +84,14 @@ def build_parser() -> OneLineArgumentParser:
     gen = sub.add_parser("generate", help="stream text from a checkpoint, GPT-2 safetensors weights or a Hugging "
                                           "Face Llama 3 / Qwen3 folder")
     source = gen.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint written by `gptfast train` or `gptfast train-gpu`")
-    source.add_argument("--safetensors", help="Hugging Face GPT-2 model.safetensors (or its folder), or a Llama 3 / "
-                                              "Qwen3 model folder (its config.json says which)")
+    source.add_argument("--checkpoint", type=non_empty_path,
+                        help="a checkpoint written by `gptfast train` or `gptfast train-gpu`")
+    source.add_argument("--safetensors", type=non_empty_path,
+                        help="Hugging Face GPT-2 model.safetensors (or its folder), or a Llama 3 / Qwen3 model folder "
+                             "(its config.json says which)")
     gen.add_argument("--model", default=None, choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"],
                      help="GPT-2 size of the safetensors weights (default gpt2)")
-    gen.add_argument("--tokenizer", default=None,
+    gen.add_argument("--tokenizer", default=None, type=non_empty_path,
                      help="Llama 3 / Qwen3: the tokenizer file (default: the folder's tokenizer.json for Qwen3, "
                           "original/tokenizer.model for Llama 3)")
     gen.add_argument("--chat", action="store_true",

@@ -93,6 +93,14 @@ def run_cli(prog: str, main: Callable[[], int], *, debug: bool = False) -> int:
         return report_interrupt(prog)
 
 
+def non_empty_path(value: str) -> str:
+    """argparse ``type`` of a file or folder flag: an empty value (an unset shell variable) would mean the current
+    folder, or no file at all, so it is refused rather than reinterpreted."""
+    if value == "":
+        raise argparse.ArgumentTypeError("is empty: name a file or folder ('.' for the current folder)")
+    return value
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line on stderr, as the commands' other errors, with
     argparse's exit status 2: the usage block would bury the line that says what is wrong.

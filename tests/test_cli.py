@@ -780,12 +780,23 @@ def test_a_ctrl_c_another_error_wraps_is_still_reported_as_an_interrupt(capsys):
     assert capsys.readouterr().err == "gptfast train: error: bad\n"
 
 
+def _flag_error(capsys, argv):
+    """Run ``gptfast argv`` in-process, refused by its parser (exit status 2); return its single stderr line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
 def test_an_empty_out_dir_is_refused_by_every_training_command(tmp_path, capsys, monkeypatch):
     """``--out-dir ''`` (an unset shell variable) would be the current folder: refused before anything is written."""
     monkeypatch.chdir(tmp_path)
     for argv in (["train", "--model", "tiny", "--epochs", "1", "--out-dir", ""],
                  ["train-gpu", "--model", "tiny", "--device", "cpu", "--max-steps", "1", "--out-dir", ""]):
-        assert "--out-dir is empty" in _one_line_error(capsys, argv)
+        assert "argument --out-dir: is empty" in _flag_error(capsys, argv)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -809,3 +820,20 @@ def test_interrupts_deferred_holds_a_ctrl_c_until_the_body_is_done():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "--model", "tiny", "--data", ""], "--data"),
+    (["generate", "--checkpoint", ""], "--checkpoint"),
+    (["generate", "--safetensors", ""], "--safetensors"),
+    (["generate", "--safetensors", "folder", "--tokenizer", ""], "--tokenizer"),
+    (["train-gpu", "--model", "tiny", "--data", ""], "--data"),
+    (["train-gpu", "--model", "tiny", "--init-from", ""], "--init-from"),
+    (["train-gpu", "--model", "tiny", "--cache-dir", ""], "--cache-dir"),
+])
+def test_an_empty_path_flag_is_refused_naming_it(argv, flag, capsys, tmp_path, monkeypatch):
+    """An empty value would be read as the current folder (every text file in it, for --data) or as no value."""
+    monkeypatch.chdir(tmp_path)
+    line = _flag_error(capsys, argv)
+    assert f"argument {flag}: is empty" in line, line
+    assert list(tmp_path.iterdir()) == []

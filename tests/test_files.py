@@ -198,3 +198,8 @@ def test_check_dir_path_refuses_a_file_and_makes_nothing(tmp_path):
             check_dir_path(path, name="--out-dir")
     assert check_dir_path(tmp_path / "new" / "sub") == tmp_path / "new" / "sub"
     assert not (tmp_path / "new").exists()
+
+
+def test_check_dir_path_refuses_an_empty_path(tmp_path):
+    with pytest.raises(ValueError, match="out_dir is empty"):
+        check_dir_path("")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .. import ops
 from ..devices import usable_device
-from ..errors import OneLineArgumentParser
+from ..errors import OneLineArgumentParser, non_empty_path
 from ..models.gpt_config import MODEL_NAMES
 
 MODEL_CHOICES = ("tiny", *MODEL_NAMES)
@@ -108,9 +108,10 @@ def build_parser(add_help: bool = True, description: str | None = None) -> argpa
     p = OneLineArgumentParser(prog="python -m gptfast.train", description=description, add_help=add_help,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=d.model, help=f"model size: one of {', '.join(MODEL_CHOICES)}")
-    p.add_argument("--data", default=d.data,
+    p.add_argument("--data", default=d.data, type=non_empty_path,
                    help="a text file or a folder of them (default: the-verdict, shipped with gptfast)")
-    p.add_argument("--cache-dir", default=d.cache_dir, help="token cache folder (default: OUT_DIR/token_cache)")
+    p.add_argument("--cache-dir", default=d.cache_dir, type=non_empty_path,
+                   help="token cache folder (default: OUT_DIR/token_cache)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="last part of the tokens held out")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch per process")
     p.add_argument("--context-length", type=int, default=d.context_length,
@@ -139,9 +140,10 @@ def build_parser(add_help: bool = True, description: str | None = None) -> argpa
                    help="torch.compile the model and loss (default: on for CUDA, off for CPU)")
     p.add_argument("--backend", default=d.backend, choices=ops.BACKEND_CHOICES,
                    help="gptfast.ops backend for attention and the loss (default: $GPTFAST_BACKEND or auto)")
-    p.add_argument("--out-dir", default=d.out_dir, help="checkpoints, metrics and the loss plot go here")
+    p.add_argument("--out-dir", default=d.out_dir, type=non_empty_path,
+                   help="checkpoints, metrics and the loss plot go here")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
-    p.add_argument("--init-from", default=d.init_from,
+    p.add_argument("--init-from", default=d.init_from, type=non_empty_path,
                    help="start from weights: a gptfast/llms-from-scratch checkpoint, or GPT-2 model.safetensors "
                         "(file or folder)")
     p.add_argument("--peak-tflops", type=float, default=d.peak_tflops,
