@@ -186,3 +186,17 @@ def test_padded_vocabularies_are_cut_so_padded_rows_never_win(tmp_path):
     out = generate(loaded, idx, 5, 16)
     assert int(out.max()) < 50257
     assert trim_vocabulary(loaded) is loaded and loaded.out_head.weight.shape[0] == 50257  # already cut: no-op
+
+
+def test_a_plain_pickle_file_is_one_error_and_no_warning(tmp_path):
+    """torch warns about a pickle protocol not its own; that would be more lines next to the one-line error."""
+    import pickle
+    import warnings
+
+    path = tmp_path / "pickled.pth"
+    path.write_bytes(pickle.dumps({"x": 1}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="cannot be read"):
+            read_checkpoint(path)
+    assert [str(w.message) for w in caught] == []

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import numbers
+import warnings
 from pathlib import Path
 
 import torch
@@ -163,7 +164,11 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     if path.stat().st_size == 0:
         raise ValueError(f"checkpoint {path} is empty (0 bytes)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch's note on a pickle protocol other than its own would add lines to the one-line error below
+            # (or to a good read): which protocol wrote the file does not matter to the user.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors all mean: not a checkpoint we can read
         # The parser's own message ("invalid load key", "PytorchStreamReader failed ...") rarely helps a
         # user; --debug shows it with the traceback.
