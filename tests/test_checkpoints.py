@@ -200,3 +200,17 @@ def test_a_plain_pickle_file_is_one_error_and_no_warning(tmp_path):
         with pytest.raises(ValueError, match="cannot be read"):
             read_checkpoint(path)
     assert [str(w.message) for w in caught] == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_holding_nan_or_inf_are_refused_when_read(tmp_path, bad):
+    """A diverged run's weights (saved without the checksum, as the reference saves) are refused, naming a weight."""
+    model = GPTModel({"vocab_size": 11, "context_length": 4, "emb_dim": 8, "n_heads": 2, "n_layers": 1,
+                      "drop_rate": 0.0, "qkv_bias": False})
+    state = model.state_dict()
+    state["trf_blocks.0.ff.layers.0.weight"][1, 2] = bad
+    torch.save({"model_state_dict": state}, tmp_path / "diverged.pth")
+    with pytest.raises(ValueError, match=r"'trf_blocks.0.ff.layers.0.weight' holds NaN or inf"):
+        read_checkpoint(tmp_path / "diverged.pth")
+    with pytest.raises(ValueError, match="holds NaN or inf"):
+        model_from_checkpoint(tmp_path / "diverged.pth")  # `gptfast generate --checkpoint`: before any model is built

@@ -154,7 +154,7 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     Returns a dict with at least ``model_state_dict`` (a bare ``state_dict`` file is
     wrapped).  Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for
     anything else: a folder, an empty, truncated, corrupt or foreign file, a checksum
-    mismatch, or a ``config`` entry with missing keys or wrong types.
+    mismatch, weights holding NaN or inf, or a ``config`` entry with missing keys or wrong types.
     """
     path = Path(path)
     if not path.exists():
@@ -179,9 +179,19 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     if not isinstance(state, dict) or not _is_state_dict(state.get(MODEL_KEY)):
         raise ValueError(f"checkpoint {path} holds no model state_dict ({MODEL_KEY!r} of named tensors)")
     _verify_checksum(state, path)
+    _require_finite_weights(state[MODEL_KEY], path)
     if "config" in state:
         check_config(state["config"], f"checkpoint {path}: config")
     return state
+
+
+def _require_finite_weights(model_state: dict, path) -> None:
+    """``ValueError`` naming the first weight holding NaN or inf: a diverged run's weights generate garbage (greedy
+    decoding still "works") and resume into NaN losses, so such a file is refused as soon as it is read."""
+    for name, tensor in model_state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"checkpoint {path}: weight {name!r} holds NaN or inf (a diverged run?); "
+                             "it cannot be used")
 
 
 def check_model_state(model, model_state: dict, source) -> None:
