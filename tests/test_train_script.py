@@ -555,3 +555,29 @@ def test_a_validation_split_that_leaves_no_training_window_names_val_fraction(tm
     assert run_main(tmp_path / "run", "--data", str(text), "--val-fraction", "0.7", "--max-steps", "1") == 2
     err = capsys.readouterr().err
     assert f"error: --data {text} is shorter than one training window" in err and "--val-fraction" not in err
+
+
+def test_a_context_longer_than_the_data_can_hold_is_refused_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+    from gptfast.training import pretrain
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(pretrain, "build_model", no_model)
+    data = tmp_path / "short.txt"
+    data.write_text("x" * 100)
+    assert run_main(tmp_path / "out", "--data", str(data), "--context-length", "100", "--max-steps", "1") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "shorter than one training window: its 100 bytes" in err, err
+    assert "--context-length 100 needs at least 101" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_larger_than_the_training_windows_is_refused_before_training(tmp_path, capsys):
+    data = tmp_path / "words.txt"
+    data.write_text(" word" * 60)  # 60 tokens, 54 in the training split at --val-fraction 0.1
+    assert run_main(tmp_path / "out", "--data", str(data), "--context-length", "16", "--batch-size", "39",
+                    "--val-fraction", "0.1", "--max-steps", "1") == 2
+    err = capsys.readouterr()
+    assert len(err.err.strip().splitlines()) == 1 and "--batch-size 39 is more than the 38 windows" in err.err, err.err
+    assert "step" not in err.out

@@ -262,6 +262,7 @@ class Trainer:
         check_run_paths(config)  # before any folder is made
         self.cfg = model_config(config)  # the model's config dict (GPTModel(cfg))
         self.context_length = self.cfg["context_length"]
+        require_data_for_a_window(config, self.context_length)  # before a model of that context is built
         # The model and --init-from's weights before any folder or token cache is made: a file that does not
         # fit is refused leaving nothing behind.
         self.model = build_model(self.cfg, config.seed).to(self.device)
@@ -296,6 +297,10 @@ class Trainer:
             cache_file = build_token_cache(data, cache_dir)
         train_tokens, val_tokens = split_tokens(load_tokens(cache_file), config.val_fraction)
         require_training_window(len(train_tokens), len(val_tokens), self.context_length, config, data)
+        windows = len(train_tokens) - self.context_length
+        if config.batch_size > windows:  # found now, not by the memory a batch of them would take
+            raise ValueError(f"--batch-size {config.batch_size} is more than the {windows} windows of "
+                             f"{self.context_length + 1} tokens the training split of --data {data} holds")
         train = TokenWindows(train_tokens, self.context_length, config.seed, name=f"--data {data}")
         val = None
         if len(val_tokens) >= self.context_length + 1:
@@ -456,6 +461,17 @@ class Trainer:
         set_rng_state(state["rng"], self.device)
         self.start_step = int(state["step"])
         self.history = list(state.get("history", []))
+
+
+def require_data_for_a_window(config: PretrainConfig, context_length: int) -> None:
+    """A ``ValueError`` naming --context-length when --data cannot hold one window of it, found from the files'
+    sizes before anything is tokenised or built (a GPT-2 token is at least one byte)."""
+    files = find_text_files(data_path(config))
+    most_tokens = sum(f.stat().st_size for f in files) + len(files) - 1  # an end-of-text token between files
+    if context_length + 1 > most_tokens:
+        raise ValueError(f"--data {data_path(config)} is shorter than one training window: its {most_tokens} bytes "
+                         f"of text hold at most {most_tokens} tokens, and --context-length {context_length} needs at "
+                         f"least {context_length + 1} (use more text or a shorter --context-length)")
 
 
 def require_training_window(n_train: int, n_val: int, context_length: int, config: PretrainConfig, data) -> None:
