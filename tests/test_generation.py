@@ -696,6 +696,13 @@ def test_bad_input_gets_clear_errors():
             generate_batch(model, [[1], [2]], 5, **kwargs)
     with pytest.raises(ValueError, match="pad_id must fit in int64"):
         generate_batch(model, [[1], [2]], 5, pad_id=2**70)
+    # booleans among per-row numbers (torch.as_tensor would read them as 1 / 1.0), ids past int64
+    for kwargs in (dict(eos_id=[True, 2]), dict(temperature=1.0, top_k=[True, 3]), dict(temperature=[True, 1.0])):
+        with pytest.raises(TypeError, match="must hold numbers, not booleans"):
+            generate_batch(model, [[1], [2]], 5, **kwargs)
+    for eos_id in (2**63, [2**63, 1], [1, -2**63 - 1]):
+        with pytest.raises(ValueError, match="eos_id must fit in int64"):
+            generate_batch(model, [[1], [2]], 5, eos_id=eos_id)
     if not HAS_CUDA:
         with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA model"):
             generate_batch(model, [[1]], 5, cuda_graph=True)

@@ -129,10 +129,22 @@ def _per_row(name, value, batch, device, dtype):
 
 def _as_numbers(name, value, device):
     """``value`` as a tensor of numbers, or a ``TypeError`` naming ``name`` (a string, or None among numbers)."""
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            # torch.as_tensor([True, 2]) is [1, 2]: the bool would pass as a number unseen.
+            if isinstance(item, bool):
+                raise TypeError(f"{name} must hold numbers, not booleans, got {value!r}")
+            _require_int64(name, item)
     try:
         return torch.as_tensor(value, device=device)
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"{name} must be a number or one number per prompt, got {value!r}") from None
+
+
+def _require_int64(name, value) -> None:
+    """``ValueError`` naming ``name`` for a Python integer outside int64 (torch's own error names nothing)."""
+    if isinstance(value, numbers.Integral) and not -2**63 <= int(value) < 2**63:
+        raise ValueError(f"{name} must fit in int64, got {value}")
 
 
 def _eos_tensor(eos_id, batch, device):
@@ -141,6 +153,7 @@ def _eos_tensor(eos_id, batch, device):
         return None
     eos_id = as_int(eos_id)
     if isinstance(eos_id, numbers.Integral) and not isinstance(eos_id, bool):
+        _require_int64("eos_id", eos_id)
         return torch.full((batch,), int(eos_id), dtype=torch.long, device=device)
     if isinstance(eos_id, bool):
         raise TypeError("eos_id must be None, an int or one int per row, got bool")
