@@ -1,6 +1,7 @@
 """gptfast.kv_cache_batched.{qwen3,generate,utils} against ``llms_from_scratch.kv_cache_batched``."""
 
 import inspect
+import itertools
 
 import pytest
 import torch
@@ -178,10 +179,18 @@ def test_kv_cache_has_the_references_interface():
         cache.update(1, 2, pair_kv)
     assert ours.get_layer(1) == theirs.get_layer(1) and ours.get(1, 2) is pair_kv
     assert ours.get(0, 0) is None and ours.cache[1][2] is pair_kv and len(ours.cache) == 2
-    with pytest.raises(TypeError):
-        ours.cache[1][2] = None  # read-only: a write that would be lost is refused
+    # .cache is the reference's writable list of lists: item assignment, of an entry or of a whole layer, updates
+    other = (torch.full((1, 2, 3, 8), 2.0), torch.full((1, 2, 3, 8), 3.0))
+    for cache in (ours, theirs):
+        cache.cache[0][-1] = other
+        cache.cache[1] = [other, None, None]
+    for layer, row in itertools.product(range(2), range(3)):
+        assert ours.get(layer, row) is theirs.get(layer, row), (layer, row)
+    assert ours.cache == theirs.cache and list(ours.cache[0]) == theirs.cache[0] and len(ours.cache[1]) == 3
+    with pytest.raises(ValueError, match="holds 3 rows"):
+        ours.cache[0] = [None]
     ours.reset()
-    assert ours.cache == ((None,) * 3, (None,) * 3)
+    assert ours.cache == [[None] * 3, [None] * 3]
     for bad in (0, -1, True, 2.0):
         with pytest.raises(ValueError, match="batch_size"):
             utils.KVCache(2, bad)

@@ -203,8 +203,9 @@ class RowKVCache:
 
     @property
     def cache(self):
-        """Every entry, ``cache[layer_idx][batch_idx]``: read-only tuples (entries are views; write with ``update``)."""
-        return tuple(tuple(self.get_layer(i)) for i in range(len(self._lengths)))
+        """Every entry, ``cache[layer_idx][batch_idx]``, as the reference's list of lists: reads are :meth:`get`,
+        item assignments (of an entry, or of a whole layer's list) are :meth:`update`."""
+        return _CacheLayers(self)
 
     @property
     def n_layers(self) -> int:
@@ -338,3 +339,66 @@ class RowKVCache:
         self._buffers[layer_idx] = (k_buf, v_buf)
         self._lent[layer_idx] = [0] * self.batch_size
         return k_buf, v_buf
+
+
+class _CacheLayer:
+    """Live view of one layer of a :class:`RowKVCache` with the reference's list behaviour (index, assign,
+    iterate, compare with a list)."""
+
+    def __init__(self, owner: RowKVCache, layer_idx: int):
+        self._owner, self._layer = owner, layer_idx
+
+    def __len__(self) -> int:
+        return self._owner.batch_size
+
+    def __getitem__(self, batch_idx):
+        if isinstance(batch_idx, slice):
+            return [self._owner.get(self._layer, b) for b in range(self._owner.batch_size)[batch_idx]]
+        return self._owner.get(self._layer, batch_idx)
+
+    def __setitem__(self, batch_idx, value):
+        if isinstance(batch_idx, slice):
+            raise TypeError("assign the cache's entries one row at a time (cache[layer][row] = entry)")
+        self._owner.update(self._layer, range(self._owner.batch_size)[batch_idx], value)
+
+    def __iter__(self):
+        return iter(self[:])
+
+    def __eq__(self, other):
+        return list(self) == (list(other) if isinstance(other, (list, tuple, _CacheLayer)) else other)
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
+class _CacheLayers:
+    """Live view of every layer of a :class:`RowKVCache` (``cache.cache``), a list of :class:`_CacheLayer`."""
+
+    def __init__(self, owner: RowKVCache):
+        self._owner = owner
+
+    def __len__(self) -> int:
+        return self._owner.n_layers
+
+    def __getitem__(self, layer_idx):
+        layers = [_CacheLayer(self._owner, i) for i in range(self._owner.n_layers)]
+        return layers[layer_idx]
+
+    def __setitem__(self, layer_idx, entries):
+        """A whole layer's list of entries, one per row, as ``cache.cache[i] = [...]`` replaces it in the reference."""
+        layer = range(self._owner.n_layers)[layer_idx]
+        entries = list(entries)
+        if len(entries) != self._owner.batch_size:
+            raise ValueError(f"a layer holds {self._owner.batch_size} rows' entries, got {len(entries)}")
+        for row, entry in enumerate(entries):
+            self._owner.update(layer, row, entry)
+
+    def __iter__(self):
+        return (_CacheLayer(self._owner, i) for i in range(self._owner.n_layers))
+
+    def __eq__(self, other):
+        return [list(layer) for layer in self] == [list(layer) for layer in other] \
+            if isinstance(other, (list, tuple, _CacheLayers)) else NotImplemented
+
+    def __repr__(self) -> str:
+        return repr([list(layer) for layer in self])
