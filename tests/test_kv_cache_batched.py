@@ -490,3 +490,15 @@ def test_blocks_the_fast_path_cannot_run_are_called_as_the_reference_calls_them(
             r.current_pos += chunk.shape[1]
             o.current_pos += chunk.shape[1]
             torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_an_input_of_no_tokens_gives_empty_logits_as_the_reference():
+    r, o = pair(qwen_cfg(2))
+    empty = torch.zeros((2, 0), dtype=torch.long)
+    assert o(empty).shape == r(empty).shape == (2, 0, 101)
+    cache = utils.KVCache(n_layers=2, batch_size=2)
+    o.reset_kv_cache(batch_size=2, device="cpu")
+    assert o(empty, cache=cache, start_pos=o.current_pos).shape == (2, 0, 101)
+    assert cache.get(0, 0) is None  # nothing cached
+    with pytest.raises(ValueError, match="at least one row"):
+        o(torch.zeros((0, 3), dtype=torch.long))

@@ -223,13 +223,15 @@ class Qwen3Model(qwen3.Qwen3Model):
         rows = layers.embedding_rows(self.tok_emb, self.cfg["vocab_size"])
         layers.check_token_ids(in_idx, rows, self.cos.shape[0])
         batch, num_tokens = in_idx.shape
-        if batch == 0 or num_tokens == 0:
-            raise ValueError(f"in_idx must hold at least one row and one token, got shape {tuple(in_idx.shape)}")
+        if batch == 0:
+            raise ValueError(f"in_idx must hold at least one row, got shape {tuple(in_idx.shape)}")
         if cache is None:
             starts = [0] * batch
         else:
             starts = check_start_pos(start_pos, batch, num_tokens, self.cos.shape[0])
             self._check_cache(cache, batch, starts)
+        if num_tokens == 0:  # no token: empty states, the cache untouched (the reference's result too)
+            return self.final_norm(self.tok_emb(in_idx)).to(self.cfg["dtype"])
         x = self.tok_emb(in_idx)
         if cache is not None and not isinstance(cache, KVCache) or not self._blocks_run_rows():
             x = self._forward_row_lists(x, cache, starts)
