@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 # Only the standard library and gptfast.errors at import time: torch and the models are imported by
-# main, where a Ctrl-C during those seconds of importing is caught like any other.
+# main, which holds a Ctrl-C back during those seconds of importing and then reports it like any other.
 from .devices import usable_device
 from .errors import (OneLineArgumentParser, debug_requested, interrupts_deferred, non_empty_path, raised_by_interrupt,
                      report_interrupt, run_cli)
@@ -57,7 +57,8 @@ def build_parser() -> OneLineArgumentParser:
                    description=pretrain.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     train = sub.add_parser("train", help="pretrain on a text file (default: the embedded the-verdict)")
-    train.add_argument("--data", default=None, type=non_empty_path, help="UTF-8 text file (default: the-verdict, shipped with gptfast)")
+    train.add_argument("--data", default=None, type=non_empty_path,
+                       help="UTF-8 text file (default: the-verdict, shipped with gptfast)")
     train.add_argument("--model", default="gpt2-ctx256",
                        choices=["gpt2-ctx256", "tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"],
                        help="gpt2-ctx256 is the book's 124M config with context 256")
@@ -73,7 +74,8 @@ def build_parser() -> OneLineArgumentParser:
     train.add_argument("--start-context", default=DEFAULT_PROMPT)
     train.add_argument("--seed", type=int, default=123)
     train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    train.add_argument("--out-dir", default="runs/verdict", type=non_empty_path, help="checkpoint and loss plot go here")
+    train.add_argument("--out-dir", default="runs/verdict", type=non_empty_path,
+                       help="checkpoint and loss plot go here")
     keep = train.add_mutually_exclusive_group()
     keep.add_argument("--resume", action="store_true", help="continue from out-dir's checkpoint")
     keep.add_argument("--overwrite", action="store_true",
