@@ -171,12 +171,12 @@ def _loaders(csv_files, tokenizer, batch_size=4):
             DataLoader(val, batch_size=batch_size, drop_last=False))
 
 
-def _train(module, model, loaders, epochs=1):
+def _train(module, model, loaders, epochs=1, eval_iter=2):
     torch.manual_seed(5)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.1)
     torch.manual_seed(7)  # dropout draws and the shuffling of the train loader
     return module.train_classifier_simple(model, *loaders, optimizer, "cpu", num_epochs=epochs, eval_freq=2,
-                                          eval_iter=2)
+                                          eval_iter=eval_iter)
 
 
 def test_one_training_epoch_is_bitwise_the_reference_with_the_torch_backend(csv_files, tokenizer, capsys):
@@ -191,6 +191,16 @@ def test_one_training_epoch_is_bitwise_the_reference_with_the_torch_backend(csv_
     assert our_out == ref_out and "Training accuracy" in our_out
     assert_same_state(ours, ref)
     assert len(got[0]) >= 2 and got[-1] == len(loaders[0]) * 4
+
+
+def test_eval_iter_none_evaluates_every_batch_as_the_reference_does(csv_files, tokenizer, capsys):
+    ref, ours = _classifier_pair(TINY)
+    loaders = _loaders(csv_files, tokenizer)
+    with ops.use_backend("torch"):
+        expected = _train(ref_ch06, ref, loaders, eval_iter=None)
+        got = _train(ch06, ours, loaders, eval_iter=None)
+    assert got == expected
+    assert_same_state(ours, ref)
 
 
 def test_one_training_epoch_matches_the_reference_on_the_fast_path(csv_files, tokenizer, capsys):

@@ -20,8 +20,7 @@ from torch.utils.data import Dataset
 
 from .. import ops
 from ..files import atomic_savefig, atomic_write
-from ..models.layers import require_positive_int
-from ..training.loops import batches_to_use, evaluate_losses, mean_batch_loss
+from ..training.loops import batches_to_use, evaluate_losses, mean_batch_loss, require_evaluation_schedule
 from ..training.optimizers import fused_optimizer_steps
 from .heads import last_token_logits
 
@@ -208,8 +207,7 @@ def train_classifier_simple(model, train_loader, val_loader, optimizer, device, 
     Returns ``(train_losses, val_losses, train_accs, val_accs, examples_seen)``.
     """
     # Checked before the first step, which would otherwise change the model before the first evaluation fails.
-    require_positive_int("eval_freq", eval_freq)
-    require_positive_int("eval_iter", eval_iter)
+    require_evaluation_schedule(eval_freq, eval_iter)
     train_losses, val_losses, train_accs, val_accs = [], [], [], []
     examples_seen, global_step = 0, -1
     with fused_optimizer_steps(optimizer):
