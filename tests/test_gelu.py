@@ -204,3 +204,12 @@ def test_bad_arguments_are_named_before_any_kernel():
             ops.gelu(x.long(), backend=backend)
         with pytest.raises(TypeError, match="x must be a floating"):
             ops.gelu(x.to(torch.complex64), backend=backend)
+
+
+def test_a_0_dim_16_bit_input_keeps_the_books_promotion_on_the_torch_backend():
+    """The book's module on a 0-dim bf16 x returns float32 (its sqrt(2/pi) is a 0-dim float32 tensor); the oracle
+    follows it, as the docstring says, while the fused backends keep x's dtype."""
+    ref_ch04 = pytest.importorskip("llms_from_scratch.ch04")
+    x = torch.tensor(0.7, dtype=torch.bfloat16)
+    assert ref_ch04.GELU()(x).dtype == ops.gelu(x, backend="torch").dtype == torch.float32
+    assert ops.gelu(x[None], backend="torch").dtype == torch.bfloat16

@@ -204,7 +204,8 @@ def gelu(x, *, backend=None):
 
     The book's ``GELU`` module (``sqrt(2/pi)`` at its float32 value); fused backends compute
     in float32 and round once, and their backward recomputes from ``x``.  Returns ``x``'s shape
-    and dtype.
+    and dtype; the one exception is the ``torch`` backend on a 0-dim 16-bit ``x``, which returns
+    float32 as the book's module does (two 0-dim tensors promote to the wider dtype).
     """
     _checks.check_gelu(x)
     _, fn = resolve("gelu", x.device, (x,), {}, backend)
