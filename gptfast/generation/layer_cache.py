@@ -365,7 +365,7 @@ class _CacheLayer:
         return iter(self[:])
 
     def __eq__(self, other):
-        return list(self) == (list(other) if isinstance(other, (list, tuple, _CacheLayer)) else other)
+        return list(self) == list(other) if isinstance(other, (list, tuple, _CacheLayer)) else NotImplemented
 
     def __repr__(self) -> str:
         return repr(list(self))
@@ -381,8 +381,10 @@ class _CacheLayers:
         return self._owner.n_layers
 
     def __getitem__(self, layer_idx):
-        layers = [_CacheLayer(self._owner, i) for i in range(self._owner.n_layers)]
-        return layers[layer_idx]
+        layers = range(self._owner.n_layers)[layer_idx]
+        if isinstance(layers, range):  # a slice
+            return [_CacheLayer(self._owner, i) for i in layers]
+        return _CacheLayer(self._owner, layers)
 
     def __setitem__(self, layer_idx, entries):
         """A whole layer's list of entries, one per row, as ``cache.cache[i] = [...]`` replaces it in the reference."""
@@ -394,11 +396,12 @@ class _CacheLayers:
             self._owner.update(layer, row, entry)
 
     def __iter__(self):
-        return (_CacheLayer(self._owner, i) for i in range(self._owner.n_layers))
+        return iter(self[:])
 
     def __eq__(self, other):
-        return [list(layer) for layer in self] == [list(layer) for layer in other] \
-            if isinstance(other, (list, tuple, _CacheLayers)) else NotImplemented
+        if not isinstance(other, (list, tuple, _CacheLayers)):
+            return NotImplemented
+        return [list(layer) for layer in self] == [list(layer) for layer in other]
 
     def __repr__(self) -> str:
         return repr([list(layer) for layer in self])

@@ -95,10 +95,11 @@ def _protocol_cached(model, idx, max_new_tokens, ctx_len):
         for step in range(max_new_tokens):
             next_token = logits[:, -1].argmax(dim=-1, keepdim=True)
             idx = torch.cat([idx, next_token], dim=1)
-            if step + 1 < max_new_tokens and int(model.current_pos.max()) < limit:
-                logits = model(next_token, cache=cache, start_pos=model.current_pos.clone())
-            elif step + 1 < max_new_tokens:
-                logits = model(idx[:, -limit:], cache=None, start_pos=None)
+            if step + 1 < max_new_tokens:
+                if int(model.current_pos.max()) < limit:
+                    logits = model(next_token, cache=cache, start_pos=model.current_pos.clone())
+                else:  # no position left for the new token: the window slides
+                    logits = model(idx[:, -limit:], cache=None, start_pos=None)
             model.current_pos += 1
     return idx
 
