@@ -431,8 +431,9 @@ def _exponential_words() -> tuple[torch.Tensor, torch.Tensor]:
     """Word pairs for the exponential draws: every pair of edge words, random ones, and the switch points."""
     edges = [0, 1, 511, 512, 1023, 2**16, 2**31 - 1, 2**31, 2**32 - 512, 2**32 - 1]
     gen = torch.Generator().manual_seed(0)
-    word0 = torch.cat([torch.tensor([e for e in edges for _ in edges]), torch.randint(0, 2**32, (4000,), generator=gen)])
-    word1 = torch.cat([torch.tensor(edges * len(edges)), torch.randint(0, 2**32, (4000,), generator=gen)])
+    random_words = [torch.randint(0, 2**32, (4000,), generator=gen) for _ in range(2)]
+    word0 = torch.cat([torch.tensor([e for e in edges for _ in edges]), random_words[0]])
+    word1 = torch.cat([torch.tensor(edges * len(edges)), random_words[1]])
     # Around the series/log switch at 1/16 and the sum/midpoint switch at 1/2, with the lowest and highest word1.
     around = [(2**19 - 1) << 9, 2**19 << 9, (2**19 + 1) << 9, (2**22 - 1) << 9, 2**22 << 9, (2**22 + 1) << 9]
     word0 = torch.cat([word0, torch.tensor(around * 2)])
