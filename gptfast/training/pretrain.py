@@ -259,10 +259,10 @@ class Trainer:
         self.dtype = config.dtype or ("bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
                                       else "fp32")
         self.amp_dtype = torch.bfloat16 if self.dtype == "bf16" else None
-        check_run_paths(config)  # before any folder is made
+        text_files = check_run_paths(config)  # before any folder is made
         self.cfg = model_config(config)  # the model's config dict (GPTModel(cfg))
         self.context_length = self.cfg["context_length"]
-        require_data_for_a_window(config, self.context_length)  # before a model of that context is built
+        require_data_for_a_window(text_files, config, self.context_length)  # before a model of that context is built
         # The model and --init-from's weights before any folder or token cache is made: a file that does not
         # fit is refused leaving nothing behind.
         self.model = build_model(self.cfg, config.seed).to(self.device)
@@ -463,10 +463,9 @@ class Trainer:
         self.history = list(state.get("history", []))
 
 
-def require_data_for_a_window(config: PretrainConfig, context_length: int) -> None:
-    """A ``ValueError`` naming --context-length when --data cannot hold one window of it, found from the files'
-    sizes before anything is tokenised or built (a GPT-2 token is at least one byte)."""
-    files = find_text_files(data_path(config))
+def require_data_for_a_window(files: list[Path], config: PretrainConfig, context_length: int) -> None:
+    """A ``ValueError`` naming --context-length when --data's text ``files`` cannot hold one window of it, found
+    from their sizes before anything is tokenised or built (a GPT-2 token is at least one byte)."""
     most_tokens = sum(f.stat().st_size for f in files) + len(files) - 1  # an end-of-text token between files
     if context_length + 1 > most_tokens:
         raise ValueError(f"--data {data_path(config)} is shorter than one training window: its {most_tokens} bytes "
@@ -510,18 +509,19 @@ def token_cache_dir(config: PretrainConfig) -> Path:
     return Path(config.cache_dir) if config.cache_dir else Path(config.out_dir) / "token_cache"
 
 
-def check_run_paths(config: PretrainConfig) -> None:
+def check_run_paths(config: PretrainConfig) -> list[Path]:
     """The run's paths, checked before any folder is made: ``--out-dir`` and ``--cache-dir`` are folders or can be,
     ``--data`` holds text, ``--init-from`` exists, and OUT_DIR's checkpoint is there for ``--resume`` and only
-    then (:func:`check_outputs_writable`)."""
+    then (:func:`check_outputs_writable`).  Returns --data's text files."""
     out_dir = check_dir_path(config.out_dir, name="--out-dir")
     check_dir_path(token_cache_dir(config), name="--cache-dir")
     check_outputs_writable(out_dir, resume=config.resume)
     if config.resume and not (out_dir / CHECKPOINT_NAME).is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {out_dir / CHECKPOINT_NAME}")
-    find_text_files(data_path(config))
+    text_files = find_text_files(data_path(config))
     if config.init_from and not Path(config.init_from).exists():
         raise FileNotFoundError(f"--init-from path not found: {config.init_from}")
+    return text_files
 
 
 # What a run writes into --out-dir (besides the token cache).
