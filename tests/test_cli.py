@@ -442,7 +442,8 @@ def _train_gpu(out_dir, *flags):
     return ["train-gpu", "--model", "tiny", "--device", "cpu", "--no-progress", "--out-dir", str(out_dir), *flags]
 
 
-@pytest.mark.parametrize("case", ["cache-dir-is-a-file", "resume-and-init-from", "missing-init-from", "not-utf8"])
+@pytest.mark.parametrize("case", ["cache-dir-is-a-file", "resume-and-init-from", "missing-init-from", "not-utf8",
+                                  "stop-at-past-max-steps"])
 def test_train_gpu_names_bad_paths_and_flags_and_leaves_no_folder_it_made(tmp_path, capsys, monkeypatch, case):
     monkeypatch.setenv("GPTFAST_KEEP_HOST_MEMORY", "0")  # the test process keeps its malloc settings
     a_file = tmp_path / "tiny.txt"
@@ -455,6 +456,8 @@ def test_train_gpu_names_bad_paths_and_flags_and_leaves_no_folder_it_made(tmp_pa
         "resume-and-init-from": (["--resume", "--init-from", str(a_file)], "--init-from and --resume do not go"),
         "missing-init-from": (["--init-from", str(tmp_path / "none.pt")], "--init-from path not found"),
         "not-utf8": (["--data", str(not_utf8)], f"--data: {not_utf8} is not UTF-8 text: byte 0xe9 at offset 3"),
+        "stop-at-past-max-steps": (["--max-steps", "2", "--stop-at", "3"],
+                                   "--stop-at 3 is past --max-steps 2, where the run ends"),
     }[case]
     line = _one_line_error(capsys, _train_gpu(tmp_path / "new" / "run", *flags))
     assert message in line, line

@@ -537,7 +537,7 @@ def test_a_resume_with_no_steps_left_is_one_line_and_keeps_the_summary(tmp_path,
     summary = (tmp_path / "summary.json").read_text()
     assert json.loads(summary)["steps"] == 6
     capsys.readouterr()
-    for extra in ([], ["--stop-at", "8"]):
+    for extra in ([], ["--stop-at", "6"]):
         assert run_main(tmp_path, "--max-steps", "6", "--resume", *extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "already run all 6 steps of --max-steps 6: give a larger --max-steps" in err[0]

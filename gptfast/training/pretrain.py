@@ -589,7 +589,7 @@ def _run(config: PretrainConfig, rank, world_size, device) -> dict:
               f"{world_size} process(es) on {trainer.device}, {trainer.dtype}, backend {ops.get_backend()}, "
               f"{trainer.tokens_per_step:,} tokens/step, {len(trainer.train_data.tokens):,} training tokens")
     save_every = config.save_every or config.eval_every
-    last_step = min(config.max_steps, config.stop_at or config.max_steps)
+    last_step = config.stop_at or config.max_steps  # validate() keeps --stop-at within --max-steps
     from tqdm import tqdm
 
     bar = tqdm(total=last_step, initial=trainer.start_step, unit="step", dynamic_ncols=True,

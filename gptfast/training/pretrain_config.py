@@ -73,6 +73,10 @@ class PretrainConfig:
         for name in ("context_length", "save_every", "stop_at"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.stop_at is not None and self.stop_at > self.max_steps:
+            # The run ends at --max-steps whatever --stop-at says: a later stop would be silently cut short.
+            raise ValueError(f"--stop-at {self.stop_at} is past --max-steps {self.max_steps}, where the run ends: "
+                             f"give --stop-at <= {self.max_steps} or a larger --max-steps")
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip", "dropout", "val_fraction", "peak_tflops"):
