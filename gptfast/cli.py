@@ -18,8 +18,8 @@ from typing import NamedTuple
 # Only the standard library and gptfast.errors at import time: torch and the models are imported by
 # main, which holds a Ctrl-C back during those seconds of importing and then reports it like any other.
 from .devices import usable_device
-from .errors import (OneLineArgumentParser, debug_requested, interrupts_deferred, non_empty_path, raised_by_interrupt,
-                     report_interrupt, run_cli)
+from .errors import (OneLineArgumentParser, debug_requested, interrupts_deferred, non_empty_path, one_line,
+                     raised_by_interrupt, report_interrupt, run_cli)
 
 DEFAULT_PROMPT = "Every effort moves you"
 
@@ -229,6 +229,8 @@ def _read_data(path) -> str:
         return load_text(path)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"--data: {exc}") from None
+    except OSError as exc:
+        raise OSError(f"--data: {one_line(exc)}") from None
     except ValueError as exc:
         raise ValueError(f"--data: {exc}") from None
 

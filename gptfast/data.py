@@ -88,12 +88,19 @@ def load_text(path=None) -> str:
 
 def read_utf8_text(path: Path, name: str = "") -> str:
     """The text of ``path``; a file that is not UTF-8 is a ``ValueError`` saying ``{name}{path}`` and its first
-    bad byte."""
+    bad byte, a failed read an ``OSError`` saying the same."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"{name}{path} is not UTF-8 text: byte {exc.object[exc.start]:#04x} at offset "
                          f"{exc.start} ({exc.reason})") from None
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        # A read that fails after the open (an I/O error) carries no file name: the message would not say which.
+        error = OSError(f"could not read {name}{path}: {exc.strerror or exc}")
+        error.errno = exc.errno
+        raise error from exc
 
 
 def train_val_loaders(text, cfg, batch_size=2, train_ratio=0.90, seed=123):

@@ -332,6 +332,26 @@ def test_train_names_data_it_cannot_read_before_it_makes_out_dir(tmp_path, capsy
         assert not (tmp_path / "o").exists()
 
 
+def test_train_names_data_whose_read_fails_without_a_file_name(tmp_path, capsys, monkeypatch):
+    """An I/O error raised by the read itself (as ``/proc/self/mem`` gives) carries no file name of its own."""
+    import errno
+    from pathlib import Path
+
+    bad = tmp_path / "unreadable.txt"
+    bad.write_text("some text")
+    read_text = Path.read_text
+
+    def failing_read(self, *args, **kwargs):
+        if self == bad:
+            raise OSError(errno.EIO, "Input/output error")
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", failing_read)
+    line = _one_line_error(capsys, ["train", "--model", "tiny", "--out-dir", str(tmp_path / "o"), "--data", str(bad)])
+    assert line == f"gptfast train: error: --data: could not read data file {bad}: Input/output error", line
+    assert not (tmp_path / "o").exists()
+
+
 def test_train_replaces_a_checkpoint_only_with_overwrite(trained, tmp_path, capsys):
     _copy_run(trained, tmp_path)
     ckpt = tmp_path / "model_and_optimizer.pth"
