@@ -28,7 +28,7 @@ def _add_common_flags(parser):
     from . import ops
 
     parser.add_argument("--backend", default=None, choices=ops.BACKEND_CHOICES,
-                        help="kernel backend for attention, loss and sampling (default: $GPTFAST_BACKEND or auto)")
+                        help="gptfast.ops kernel backend of every fused op (default: $GPTFAST_BACKEND or auto)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or GPTFAST_DEBUG=1)")
 
 

@@ -12,7 +12,8 @@ serves the tensors' device and has been measured faster than the torch path.
 Layout: ``_checks`` (validation), ``_dispatch`` (backend registry and selection),
 ``torch_ops`` (the oracle), one module per op above the kernels (``attention``,
 ``loss`` for the cross-entropy and the linear cross-entropy, ``sampling``, ``normalization``
-for RMSNorm, ``activation`` for SwiGLU and GELU, ``rotary`` for RoPE; not named after the functions of
+for RMSNorm and LayerNorm, ``activation`` for SwiGLU and GELU, ``regularization`` for dropout, ``rotary``
+for RoPE, ``linear`` for ``decode_linear``; not named after the functions of
 this package, which would shadow them), and one thin loader
 per kernel backend (``cpu_ops``, ``cuda_ops``, ``triton_ops``).  The kernels' torch-op
 schemas are listed in csrc/schemas.h.
@@ -250,7 +251,7 @@ def decode_linear(x, weight, bias=None, *, backend=None):
     fused kernels read each weight row once for all rows of ``x`` and accumulate in
     float32 (16-bit weights widened in registers); they are valid for any row count but
     built for the one to a few rows of a decode step.  Differentiable (plain-torch backward).
-    Kernels on cpu, cuda and triton; decode steps route to it on CPU only (2-16 rows), GPU
+    Kernels on cpu, cuda and triton; decode steps route to it on CPU only (1-16 rows), GPU
     routing waits for a GPU measurement.
     """
     _checks.check_decode_linear(x, weight, bias)

@@ -2,7 +2,7 @@
 
 A backend is a thin loader module: it loads its kernels (a C++ extension or the
 Triton kernel package) and exposes one function per op it implements, bound to the
-op modules (``attention``, ``loss``, ``sampling``) that hold everything above
+op modules (``attention``, ``loss``, ``sampling``, ...) that hold everything above
 the kernels.  Modules are imported lazily, the first time a backend is considered, so
 importing gptfast never builds or loads a kernel.
 

@@ -3,7 +3,7 @@ AVX-512 build ``gptfast._C_cpu_avx512`` on a CPU that torch reports as AVX512, w
 
 Everything above the kernels (fakes, autograd, reductions, argument conventions) is in
 the op modules (``attention``, ``loss``, ``sampling``, ``normalization``, ``activation``,
-``rotary``, ``linear``); this module loads the
+``regularization``, ``rotary``, ``linear``); this module loads the
 extension, registers those for the ``gptfast_cpu`` namespace and binds the ops to it.
 """
 
@@ -36,8 +36,8 @@ DEVICES = ("cpu",)
 # dispatch costs more than it saves (1 x 3072 bf16: 14 against 8 us), which a decode plan avoids by
 # binding the kernel.
 # decode_linear, 8 rows (K=1024, N=3072 and the 151936-row head, fp32 and bf16): 2.5-4x; one row
-# measured from 1.3x faster to slower on a busy machine, so the decode routing
-# (gptfast/generation/runner.py) sends it 2-16 rows only.
+# measured from 1.3x faster to slower on a busy machine, 1.15-2x on a quiet one; the decode routing
+# (gptfast/generation/runner.py, which has the figures) sends it 1-16 rows.
 # dropout (2 x 256 x 768 fp32, p 0.1, AVX-512 build): 0.27 ms against F.dropout's 3.5 ms (its Bernoulli draws).
 AUTO_OPS = frozenset({"causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token",
                       "rms_norm", "layer_norm", "gelu", "dropout", "rope", "decode_linear", "swiglu"})

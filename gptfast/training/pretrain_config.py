@@ -143,7 +143,7 @@ def build_parser(add_help: bool = True, description: str | None = None) -> argpa
     p.add_argument("--compile", default=d.compile, action=argparse.BooleanOptionalAction,
                    help="torch.compile the model and loss (default: on for CUDA, off for CPU)")
     p.add_argument("--backend", default=d.backend, choices=ops.BACKEND_CHOICES,
-                   help="gptfast.ops backend for attention and the loss (default: $GPTFAST_BACKEND or auto)")
+                   help="gptfast.ops backend of every fused op (default: $GPTFAST_BACKEND or auto)")
     p.add_argument("--out-dir", default=d.out_dir, type=non_empty_path,
                    help="checkpoints, metrics and the loss plot go here")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
