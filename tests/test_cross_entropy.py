@@ -634,6 +634,11 @@ def test_cpu_inplace_kernel_writes_the_out_of_place_gradient_over_the_logits(dty
     torch.testing.assert_close(buffer, grad, rtol=0, atol=0, equal_nan=True)
     with pytest.raises(RuntimeError, match="contiguous"):
         torch.ops.gptfast_cpu.cross_entropy_fwd_inplace(logits.t().contiguous().t(), targets, -100)
+    bad_targets, untouched = targets.clone(), logits.clone()
+    bad_targets[-1] = 77  # the last row's: every row before it would already be written
+    with pytest.raises(RuntimeError, match="target 77 in row 8 is outside"):
+        torch.ops.gptfast_cpu.cross_entropy_fwd_inplace(untouched, bad_targets, -100)
+    torch.testing.assert_close(untouched, logits, rtol=0, atol=0, equal_nan=True)
     torch.library.opcheck(torch.ops.gptfast_cpu.cross_entropy_fwd_inplace.default, (logits.clone(), targets, -100),
                           test_utils=("test_schema", "test_faketensor"))
 

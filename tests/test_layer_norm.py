@@ -194,6 +194,20 @@ def test_huge_tiny_and_denormal_rows(backend, device, dtype, magnitude):
         assert_close_at_scale(mine, theirs, dtype, f"{backend} {name} at {magnitude}")
 
 
+@pytest.mark.parametrize("backend, device, dtype", backend_cases("layer_norm", dtypes=(torch.float32,)) + [
+    pytest.param("cpu", "cpu", torch.float64, marks=[needs_cpu_backend], id="cpu-cpu-float64")])
+@pytest.mark.parametrize("value", [123456.7, -3.3e7, 1e30, 0.1], ids=["1e5", "-3e7", "1e30", "0.1"])
+def test_constant_rows_far_from_zero_normalise_to_zero(backend, device, dtype, value):
+    """A constant row's deviations are all 0: a mean an ulp off would make each deviation that ulp, and with a
+    variance of ulp^2 >> eps every xhat +-1 (the output then weight + bias instead of bias)."""
+    width = 100 if value != 1e30 else 37
+    x = torch.full((3, width), value, dtype=dtype, device=device)
+    w = torch.randn(width, generator=torch.Generator().manual_seed(4)).to(device=device, dtype=dtype)
+    b = torch.randn(width, generator=torch.Generator().manual_seed(5)).to(device=device, dtype=dtype)
+    out = ops.layer_norm(x, w, b, backend=backend)
+    torch.testing.assert_close(out, b.expand_as(out), rtol=0, atol=0)  # (the book's lines, the oracle, are not)
+
+
 @needs_cpu_backend
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_results_do_not_depend_on_the_thread_count(dtype):

@@ -550,3 +550,59 @@ def test_rope_tables_that_need_a_gradient_take_the_torch_path(backend):
     with ops.use_backend("auto"):
         ops.rope(x, cos, sin).sum().backward()
     assert cos.grad is not None and sin.grad is not None
+
+
+# ----------------------------------------------------------------------------- the raw CPU kernels' own checks
+# What a direct caller of ``torch.ops.gptfast_cpu`` gets: an error, never unwritten memory or a truncated index.
+
+
+def _raw_cpu_ops():
+    if "cpu" not in AVAILABLE:
+        pytest.skip("the cpu backend is not built")
+    from gptfast.ops import cpu_ops  # noqa: F401  (registers the fakes and autograd)
+    return torch.ops.gptfast_cpu
+
+
+def test_raw_norm_kernels_refuse_rows_of_no_elements():
+    kernels = _raw_cpu_ops()
+    with pytest.raises(RuntimeError, match="rows must hold at least one element"):
+        kernels.rms_norm_fwd(torch.randn(3, 0), torch.randn(0), 1e-6)
+    with pytest.raises(RuntimeError, match="rows must hold at least one element"):
+        kernels.layer_norm_fwd(torch.randn(3, 0), torch.randn(0), torch.randn(0), 1e-5)
+
+
+def test_raw_kernels_refuse_float_indices_instead_of_truncating_them():
+    kernels = _raw_cpu_ops()
+    logits = torch.randn(4, 9)
+    with pytest.raises(RuntimeError, match="top_k must be an integer"):
+        kernels.sample_next_token(logits, None, 1.0, torch.full((4,), 0.2), 9, None)
+    with pytest.raises(RuntimeError, match="temperature must be a floating"):
+        kernels.sample_next_token(logits, torch.ones(2, 2), 0.0, None, 9, None)
+    x = torch.randn(1, 1, 3, 8)
+    cos, sin = torch.randn(10, 8), torch.randn(10, 8)
+    with pytest.raises(RuntimeError, match="positions must be an integer"):
+        kernels.rope_fwd(x, cos, sin, torch.tensor([[0.5, 1.9, 7.99]]), 0)
+    # The same calls with integer indices run.
+    assert kernels.sample_next_token(logits, None, 1.0, torch.full((4,), 2), 9, None).shape == (4, 1)
+    assert kernels.rope_fwd(x, cos, sin, torch.tensor([[0, 1, 7]]), 0).shape == x.shape
+
+
+@pytest.mark.parametrize("case", ["sample_next_token", "cross_entropy_fwd", "rms_norm_fwd", "rope_fwd", "gelu_bwd"])
+def test_raw_kernels_refuse_meta_tensors_mixed_with_real_ones(case):
+    """The Meta key wins such a call's dispatch: without the check the fake answered with unwritten memory."""
+    kernels = _raw_cpu_ops()
+    meta = dict(device="meta")
+    call = {
+        "sample_next_token": lambda: kernels.sample_next_token(torch.randn(2, 5), torch.ones(2, **meta), 0.0, None,
+                                                               5, None),
+        "cross_entropy_fwd": lambda: kernels.cross_entropy_fwd(torch.randn(2, 3), torch.tensor([0, 1], **meta), -100,
+                                                               False),
+        "rms_norm_fwd": lambda: kernels.rms_norm_fwd(torch.randn(2, 4), torch.ones(4, **meta), 1e-6),
+        "rope_fwd": lambda: kernels.rope_fwd(torch.randn(1, 1, 2, 4), torch.randn(4, 4, **meta), torch.randn(4, 4),
+                                             None, 0),
+        "gelu_bwd": lambda: kernels.gelu_bwd(torch.randn(4, **meta), torch.randn(4)),
+    }[case]
+    with pytest.raises(RuntimeError, match="must all be on one device, got cpu, meta"):
+        call()
+    # All on the meta device, a call is shape propagation, as torch.compile's tracing needs.
+    assert kernels.rms_norm_fwd(torch.randn(2, 4, **meta), torch.ones(4, **meta), 1e-6)[0].device.type == "meta"

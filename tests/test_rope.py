@@ -10,6 +10,7 @@ argument checks (positions outside the tables included).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -177,6 +178,8 @@ def test_bad_arguments_are_named_before_any_kernel():
             ops.rope(x, cos, sin, offset=-1, backend=backend)
         with pytest.raises(TypeError, match="offset must be an int"):
             ops.rope(x, cos, sin, offset=1.0, backend=backend)
+        with pytest.raises(ValueError, match="lie outside the RoPE tables"):  # numpy's sum would wrap to negative
+            ops.rope(x, cos, sin, offset=np.int64(2**63 - 1), backend=backend)
         with pytest.raises(ValueError, match="positions contains 10, outside"):
             ops.rope(x, cos, sin, positions=torch.tensor([[0, 1, 2], [8, 9, 10]]), backend=backend)
         with pytest.raises(ValueError, match="positions contains -1, outside"):
@@ -187,6 +190,18 @@ def test_bad_arguments_are_named_before_any_kernel():
             ops.rope(x, cos, sin, positions=torch.zeros(2, 3), backend=backend)
         with pytest.raises(TypeError, match="cos must be a floating"):
             ops.rope(x, cos.long(), sin, backend=backend)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("name", ["rope_fwd", "rope_bwd"])
+def test_the_cpu_kernel_refuses_an_offset_whose_last_position_overflows(name):
+    """The kernel's own check: offset + T would wrap past 2^63 and pass a plain sum test, reading far outside."""
+    x, cos, sin, _ = _inputs(1, 1, 2, 8, context=4)
+    kernel = getattr(torch.ops.gptfast_cpu, name)
+    for offset in (2**63 - 1, 2**63 - 2, 3, -1):
+        with pytest.raises(RuntimeError, match="lie outside the tables"):
+            kernel(x, cos, sin, None, offset)
+    assert torch.isfinite(kernel(x, cos, sin, None, 2)).all()  # the last window inside the tables
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_backend)])

@@ -131,12 +131,22 @@ at::Tensor loss_rows_for(const at::Tensor& logits) {
   return at::empty({logits.size(0)}, logits.options().dtype(acc));
 }
 
+// Every target checked before any row is written: the in-place op would otherwise fail with the
+// rows before the bad one already overwritten by their gradients.
+void check_targets_before_writing(const at::Tensor& targets, int64_t V, int64_t ignore_index) {
+  const int64_t* t = targets.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < targets.numel(); ++r)
+    TORCH_CHECK(t[r] == ignore_index || (t[r] >= 0 && t[r] < V), "gptfast_cpu cross_entropy: target ", t[r],
+                " in row ", r, " is outside [0, ", V, ") and is not ignore_index");
+}
+
 }  // namespace
 
 at::Tensor cross_entropy_fwd_inplace(at::Tensor& logits, const at::Tensor& targets_in, int64_t ignore_index) {
   check_cross_entropy_args(logits, targets_in);
   TORCH_CHECK(logits.is_contiguous(), "gptfast_cpu cross_entropy_fwd_inplace: logits must be contiguous");
   const at::Tensor targets = targets_in.to(at::kLong).contiguous();
+  check_targets_before_writing(targets, logits.size(1), ignore_index);
   at::Tensor loss = loss_rows_for(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gptfast_cpu_cross_entropy_", [&] {
     cross_entropy_impl<scalar_t>(logits, targets, ignore_index, loss, &logits);

@@ -1,7 +1,9 @@
 // LayerNorm for CPU, forward and backward, over the rows of a (N, D) tensor.
 //
 // Forward, per row, in the accumulation dtype (float32, or double for double inputs): the mean,
-// then the biased variance as the mean of squared deviations (a second sweep over the row while
+// corrected by the mean of the deviations from it (the plain sum may land an ulp off; for a
+// constant or near-constant row far from 0 that ulp is the whole deviation, and xhat would be
+// +-1 instead of 0), then the biased variance as the mean of squared deviations (a second sweep over the row while
 // it is still in L1: steadier than sum(x^2) - mean^2 when the mean is large), rstd =
 // 1 / sqrt(var + eps) and out = (x - mean) * rstd * weight + bias, rounded once to x's dtype.
 // Rows run in parallel; 16-bit rows are widened into a per-thread buffer first.
@@ -41,7 +43,8 @@ void layer_norm_fwd_impl(const at::Tensor& x, const at::Tensor& w_acc, const at:
     std::vector<T> row_buf(kWide ? 0 : D), y_buf(kWide ? 0 : D);
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = widen(x_all + r * D, D, row_buf.data());
-      const T mu = sum_of(xr, D, [](auto v) { return v; }) * inv_d;
+      const T mu0 = sum_of(xr, D, [](auto v) { return v; }) * inv_d;
+      const T mu = mu0 + sum_of(xr, D, [mu0](auto v) { return v - decltype(v)(mu0); }) * inv_d;
       const T var = sum_of(xr, D, [mu](auto v) { const auto d = v - decltype(v)(mu); return d * d; }) * inv_d;
       const T rs = T(1) / std::sqrt(var + static_cast<T>(eps));
       mean_all[r] = mu;
@@ -143,6 +146,8 @@ void check_param(const at::Tensor& x, const at::Tensor& p, const char* name) {
 
 void check_x(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2, "gptfast_cpu layer_norm: x must be (N, D), got ", x.sizes());
+  // D = 0 has no statistics to give: mean and rstd would be left unwritten.
+  TORCH_CHECK(x.size(1) > 0, "gptfast_cpu layer_norm: x's rows must hold at least one element, got ", x.sizes());
   TORCH_CHECK(x.device().is_cpu(), "gptfast_cpu layer_norm: x must be on the CPU");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "gptfast_cpu layer_norm: x must be floating");
 }

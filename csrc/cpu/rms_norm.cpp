@@ -104,6 +104,8 @@ void check_rows(const at::Tensor& t, const char* name, int64_t N, int64_t D) {
 
 void check_weight(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.dim() == 2, "gptfast_cpu rms_norm: x must be (N, D), got ", x.sizes());
+  // D = 0 has no statistics to give: rstd would be left unwritten.
+  TORCH_CHECK(x.size(1) > 0, "gptfast_cpu rms_norm: x's rows must hold at least one element, got ", x.sizes());
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "gptfast_cpu rms_norm: x and weight must be on the CPU");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), "gptfast_cpu rms_norm: weight must be (",
               x.size(1), "), got ", weight.sizes());

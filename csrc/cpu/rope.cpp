@@ -78,14 +78,18 @@ at::Tensor rope_apply(const at::Tensor& x_in, const at::Tensor& cos_in, const at
   if (positions_in.has_value()) {
     TORCH_CHECK(positions_in->dim() == 2 && positions_in->size(0) == B && positions_in->size(1) == Tn,
                 "gptfast_cpu rope: positions must be (", B, ", ", Tn, "), got ", positions_in->sizes());
+    TORCH_CHECK(at::isIntegralType(positions_in->scalar_type(), /*includeBool=*/false) &&
+                    positions_in->device().is_cpu(),
+                "gptfast_cpu rope: positions must be an integer CPU tensor, got ", positions_in->scalar_type());
     positions = positions_in->to(at::kLong).contiguous();
     if (positions.numel() > 0) {
       const int64_t lo = positions.min().item<int64_t>(), hi = positions.max().item<int64_t>();
       TORCH_CHECK(lo >= 0 && hi < P, "gptfast_cpu rope: positions must lie in [0, ", P, "), got ", lo, "..", hi);
     }
   } else {
-    TORCH_CHECK(offset >= 0 && offset + Tn <= P, "gptfast_cpu rope: positions ", offset, "..", offset + Tn - 1,
-                " lie outside the tables' ", P, " positions");
+    // offset <= P - Tn rather than offset + Tn <= P: the sum wraps for an offset near 2^63.
+    TORCH_CHECK(offset >= 0 && offset <= P - Tn, "gptfast_cpu rope: positions from ", offset, " (", Tn,
+                " tokens) lie outside the tables' ", P, " positions");
   }
   const at::Tensor x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -190,11 +190,18 @@ at::Tensor sample_next_token(const at::Tensor& logits_in, const c10::optional<at
   const at::Tensor logits = logits_in.contiguous();
   at::Tensor temperatures, top_ks;
   if (temperature_in.has_value()) {
-    TORCH_CHECK(temperature_in->numel() == B, "gptfast_cpu sample_next_token: temperature must be (B,)");
+    TORCH_CHECK(temperature_in->dim() == 1 && temperature_in->size(0) == B &&
+                    at::isFloatingType(temperature_in->scalar_type()) && temperature_in->device().is_cpu(),
+                "gptfast_cpu sample_next_token: temperature must be a floating (", B, ",) CPU tensor, got ",
+                temperature_in->scalar_type(), " ", temperature_in->sizes());
     temperatures = temperature_in->to(at::kFloat).contiguous();
   }
   if (top_k_in.has_value()) {
-    TORCH_CHECK(top_k_in->numel() == B, "gptfast_cpu sample_next_token: top_k must be (B,)");
+    // An integer type only: a float top_k would be truncated (0.2 to 0, "keep every token").
+    TORCH_CHECK(top_k_in->dim() == 1 && top_k_in->size(0) == B &&
+                    at::isIntegralType(top_k_in->scalar_type(), /*includeBool=*/false) && top_k_in->device().is_cpu(),
+                "gptfast_cpu sample_next_token: top_k must be an integer (", B, ",) CPU tensor, got ",
+                top_k_in->scalar_type(), " ", top_k_in->sizes());
     top_ks = top_k_in->to(at::kLong).contiguous();
   }
   // One uniform per row from the caller's generator; greedy decoding leaves it untouched, as torch does.

@@ -1,7 +1,7 @@
 // LayerNorm forward and backward.
 //
-// Forward: one thread block per row.  The block sums the row (float32) for the mean, then the
-// squared deviations from it for the biased variance (steadier than sum(x^2) - mean^2), every
+// Forward: one thread block per row.  The block sums the row (float32) for the mean (corrected by
+// the mean deviation from it), then the squared deviations from it for the biased variance (steadier than sum(x^2) - mean^2), every
 // thread gets mean and rstd, then writes (x - mean) * rstd * weight + bias rounded once to x's
 // dtype.
 //
@@ -28,7 +28,12 @@ __global__ void __launch_bounds__(BLOCK)
   const T* row = x + r * dim;
   float s = 0.0f;
   for (int64_t j = threadIdx.x; j < dim; j += BLOCK) s += to_float(row[j]);
-  const float mu = block_sum<BLOCK>(s, scratch) / static_cast<float>(dim);
+  const float mu0 = block_sum<BLOCK>(s, scratch) / static_cast<float>(dim);
+  // Corrected by the mean deviation from it: an ulp off, mu0 would be the whole deviation of a constant row far
+  // from 0 (xhat +-1 instead of 0).
+  float sd = 0.0f;
+  for (int64_t j = threadIdx.x; j < dim; j += BLOCK) sd += to_float(row[j]) - mu0;
+  const float mu = mu0 + block_sum<BLOCK>(sd, scratch) / static_cast<float>(dim);
   float ss = 0.0f;
   for (int64_t j = threadIdx.x; j < dim; j += BLOCK) {
     const float d = to_float(row[j]) - mu;

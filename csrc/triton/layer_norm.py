@@ -1,7 +1,7 @@
 """LayerNorm forward and backward in Triton (schemas ``layer_norm_fwd`` / ``layer_norm_bwd``, csrc/schemas.h).
 
 Forward: one program per row; the whole row sits in registers (``BLOCK_D`` is the next
-power of two of ``D``), so the row is read once for the mean, the variance (of the
+power of two of ``D``), so the row is read once for the mean (corrected by the mean deviation from it), the variance (of the
 deviations, biased) and the output.  Math is float32; the result is rounded once to
 ``x``'s dtype.
 
@@ -31,7 +31,10 @@ def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, D, 
     x = load_row_f32(x_ptr, row, D, cols, inside)
     w = load_row_f32(w_ptr, 0, D, cols, inside)
     b = load_row_f32(b_ptr, 0, D, cols, inside)
+    # The mean corrected by the mean deviation from it: off by an ulp, it would be the whole deviation of a
+    # constant row far from 0 (xhat +-1 instead of 0).
     mean = tl.sum(x, 0) / D
+    mean += tl.sum(tl.where(inside, x - mean, 0.0), 0) / D
     dev = tl.where(inside, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, 0) / D + eps)
     tl.store(mean_ptr + row, mean)

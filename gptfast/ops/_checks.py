@@ -315,6 +315,7 @@ def check_rope(x, cos, sin, offset, positions) -> None:
     require_same_device(x=x, cos=cos, sin=sin)
     if isinstance(offset, bool) or not isinstance(offset, numbers.Integral):
         raise TypeError(f"offset must be an int, got {offset!r}")
+    offset = int(offset)  # a numpy integer would wrap in the sum below, letting a far offset through
     table = cos.shape[0]
     if positions is None:
         if offset < 0 or offset + tokens > table:

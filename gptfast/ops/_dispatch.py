@@ -102,6 +102,25 @@ def _load(name: str) -> ModuleType | None:
 _FUSED_LIMITS: dict = {}
 
 
+def register_fake(op_name: str, fake) -> None:
+    """``torch.library.register_fake(op_name)(fake)``, with a call that mixes meta tensors and real ones refused.
+
+    The Meta key wins the dispatch of such a call, so it reaches the fake instead of the kernel and its checks: the
+    fake would hand back an unwritten tensor on the real tensors' device.  (Under FakeTensorMode every tensor reports
+    the device it stands for, so traced calls never mix.)
+    """
+
+    @functools.wraps(fake)
+    def checked(*args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if len({t.device.type == "meta" for t in tensors}) > 1:
+            devices = ", ".join(sorted({str(t.device) for t in tensors}))
+            raise RuntimeError(f"{op_name}: the tensor arguments must all be on one device, got {devices}")
+        return fake(*args, **kwargs)
+
+    torch.library.register_fake(op_name)(checked)
+
+
 def register_kernels(namespace: str, *, fakes_in_bodies: bool = False) -> None:
     """Register the fakes and autograd of every op in a kernel namespace (the op modules hold them).
 

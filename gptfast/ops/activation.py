@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ._autograd import first_order_only
-from ._dispatch import bound_kernel, kernels, without_graph
+from ._dispatch import bound_kernel, kernels, register_fake, without_graph
 
 
 def _fake_swiglu_fwd(gate, up):
@@ -67,10 +67,10 @@ def _make_gelu_backward(namespace: str):
 def register(namespace: str, *, fakes: bool = True) -> None:
     """Register the autograd formulas (and, with ``fakes``, the fake impls) of ``namespace``'s activation ops."""
     if fakes:
-        torch.library.register_fake(f"{namespace}::swiglu_fwd")(_fake_swiglu_fwd)
-        torch.library.register_fake(f"{namespace}::swiglu_bwd")(_fake_swiglu_bwd)
-        torch.library.register_fake(f"{namespace}::gelu_fwd")(_fake_gelu_fwd)
-        torch.library.register_fake(f"{namespace}::gelu_bwd")(_fake_gelu_bwd)
+        register_fake(f"{namespace}::swiglu_fwd", _fake_swiglu_fwd)
+        register_fake(f"{namespace}::swiglu_bwd", _fake_swiglu_bwd)
+        register_fake(f"{namespace}::gelu_fwd", _fake_gelu_fwd)
+        register_fake(f"{namespace}::gelu_bwd", _fake_gelu_bwd)
     torch.library.register_autograd(f"{namespace}::swiglu_fwd",
                                     first_order_only(f"{namespace}::swiglu", _make_backward(namespace)),
                                     setup_context=_setup_context)

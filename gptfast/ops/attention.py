@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ._autograd import first_order_only
-from ._dispatch import kernels, without_graph
+from ._dispatch import kernels, register_fake, without_graph
 
 # Seeds stay below 2**31 so kernels keyed by Philox can put (batch, head) in the high word.
 SEED_BOUND = 2**31 - 1
@@ -83,10 +83,10 @@ def register(namespace: str, *, fakes: bool = True) -> None:
     ``fakes=False`` for Triton ops, whose fake is their own body.
     """
     if fakes:
-        torch.library.register_fake(f"{namespace}::attention_fwd")(_fake_attention_fwd)
-        torch.library.register_fake(f"{namespace}::attention_bwd")(_fake_attention_bwd)
+        register_fake(f"{namespace}::attention_fwd", _fake_attention_fwd)
+        register_fake(f"{namespace}::attention_bwd", _fake_attention_bwd)
         if hasattr(kernels(namespace), "decode_attention"):
-            torch.library.register_fake(f"{namespace}::decode_attention")(_fake_decode_attention)
+            register_fake(f"{namespace}::decode_attention", _fake_decode_attention)
     torch.library.register_autograd(f"{namespace}::attention_fwd",
                                     first_order_only(f"{namespace}::causal_attention", _make_backward(namespace)),
                                     setup_context=_setup_context)

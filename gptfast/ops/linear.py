@@ -29,7 +29,7 @@ import platform
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import bound_kernel, is_tracing, kernels, without_graph
+from ._dispatch import bound_kernel, is_tracing, kernels, register_fake, without_graph
 
 
 def _fake_decode_linear(x, weight, bias):
@@ -55,7 +55,7 @@ def linear_backward(ctx, grad_out):
 def register(namespace: str, *, fakes: bool = True) -> None:
     """Register the autograd formula (and, with ``fakes``, the fake impl) of ``namespace``'s decode_linear."""
     if fakes:
-        torch.library.register_fake(f"{namespace}::decode_linear")(_fake_decode_linear)
+        register_fake(f"{namespace}::decode_linear", _fake_decode_linear)
     torch.library.register_autograd(f"{namespace}::decode_linear", linear_backward, setup_context=save_linear_inputs)
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from . import linear
 from ._autograd import first_order_only, guard_second_derivative, second_derivative_message
-from ._dispatch import autocast_inputs, is_tracing, kernels, without_graph
+from ._dispatch import autocast_inputs, is_tracing, kernels, register_fake, without_graph
 
 # Logits elements per chunk of the linear cross-entropy: ~64 MB in float32 (about 330 tokens of
 # GPT-2's vocabulary on a CPU, large enough for efficient matmuls).
@@ -91,9 +91,9 @@ def register(namespace: str, *, fakes: bool = True) -> None:
     """Register the autograd formula (and, with ``fakes``, the fake impl) of ``namespace::cross_entropy_fwd``."""
     op_name = f"{namespace}::cross_entropy_fwd"
     if fakes:
-        torch.library.register_fake(op_name)(_fake_cross_entropy_fwd)
+        register_fake(op_name, _fake_cross_entropy_fwd)
         if _inplace_kernel(namespace) is not None:
-            torch.library.register_fake(f"{namespace}::cross_entropy_fwd_inplace")(_fake_cross_entropy_fwd_inplace)
+            register_fake(f"{namespace}::cross_entropy_fwd_inplace", _fake_cross_entropy_fwd_inplace)
 
     def setup_context(ctx, inputs, output):
         _, grad = output

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ._autograd import first_order_only
-from ._dispatch import bound_kernel, kernels, without_graph
+from ._dispatch import bound_kernel, kernels, register_fake, without_graph
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -94,10 +94,10 @@ def _make_layer_norm_backward(namespace: str):
 def register(namespace: str, *, fakes: bool = True) -> None:
     """Register the autograd formulas (and, with ``fakes``, the fake impls) of ``namespace``'s norm ops."""
     if fakes:
-        torch.library.register_fake(f"{namespace}::rms_norm_fwd")(_fake_rms_norm_fwd)
-        torch.library.register_fake(f"{namespace}::rms_norm_bwd")(_fake_rms_norm_bwd)
-        torch.library.register_fake(f"{namespace}::layer_norm_fwd")(_fake_layer_norm_fwd)
-        torch.library.register_fake(f"{namespace}::layer_norm_bwd")(_fake_layer_norm_bwd)
+        register_fake(f"{namespace}::rms_norm_fwd", _fake_rms_norm_fwd)
+        register_fake(f"{namespace}::rms_norm_bwd", _fake_rms_norm_bwd)
+        register_fake(f"{namespace}::layer_norm_fwd", _fake_layer_norm_fwd)
+        register_fake(f"{namespace}::layer_norm_bwd", _fake_layer_norm_bwd)
     torch.library.register_autograd(f"{namespace}::rms_norm_fwd",
                                     first_order_only(f"{namespace}::rms_norm", _make_backward(namespace)),
                                     setup_context=_setup_context)

@@ -22,7 +22,7 @@ import math
 import numpy as np
 import torch
 
-from ._dispatch import kernels, without_graph
+from ._dispatch import kernels, register_fake, without_graph
 from .attention import dropout_seed
 
 
@@ -68,7 +68,7 @@ def _make_backward(namespace: str):
 def register(namespace: str, *, fakes: bool = True) -> None:
     """Register the autograd formula (and, with ``fakes``, the fake impl) of ``namespace``'s dropout op."""
     if fakes:
-        torch.library.register_fake(f"{namespace}::dropout_fwd")(_fake_dropout_fwd)
+        register_fake(f"{namespace}::dropout_fwd", _fake_dropout_fwd)
     torch.library.register_autograd(f"{namespace}::dropout_fwd", _make_backward(namespace),
                                     setup_context=_setup_context)
 

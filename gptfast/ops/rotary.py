@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ._autograd import first_order_only
-from ._dispatch import bound_kernel, kernels, without_graph
+from ._dispatch import bound_kernel, kernels, register_fake, without_graph
 
 
 def _fake_rope(x, cos, sin, positions, offset):
@@ -46,8 +46,8 @@ def _make_backward(namespace: str):
 def register(namespace: str, *, fakes: bool = True) -> None:
     """Register the autograd formula (and, with ``fakes``, the fake impls) of ``namespace``'s RoPE ops."""
     if fakes:
-        torch.library.register_fake(f"{namespace}::rope_fwd")(_fake_rope)
-        torch.library.register_fake(f"{namespace}::rope_bwd")(_fake_rope)
+        register_fake(f"{namespace}::rope_fwd", _fake_rope)
+        register_fake(f"{namespace}::rope_bwd", _fake_rope)
     torch.library.register_autograd(f"{namespace}::rope_fwd",
                                     first_order_only(f"{namespace}::rope", _make_backward(namespace)),
                                     setup_context=_setup_context)

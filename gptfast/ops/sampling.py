@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import kernels
+from ._dispatch import kernels, register_fake
 
 
 def _fake_sample_next_token(logits, temperature, temperature_value, top_k, top_k_value, generator):
@@ -24,7 +24,7 @@ def _fake_sample_next_token(logits, temperature, temperature_value, top_k, top_k
 
 def register(namespace: str) -> None:
     """Register the fake impl of ``namespace::sample_next_token`` (C++ ops; a Triton op's fake is its body)."""
-    torch.library.register_fake(f"{namespace}::sample_next_token")(_fake_sample_next_token)
+    register_fake(f"{namespace}::sample_next_token", _fake_sample_next_token)
 
 
 def kernel_arguments(logits, temperature, top_k):

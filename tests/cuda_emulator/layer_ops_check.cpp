@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "../../csrc/dropout_hash.h"
@@ -195,10 +196,31 @@ void test_layer_norm(int64_t rows, int64_t dim, unsigned seed, bool with_nan) {
         "layer_norm dweight/dbias differ between runs");
 }
 
+// A constant row far from 0 normalises to 0: its output is exactly the bias (a mean an ulp off would make every
+// deviation that ulp and xhat +-1).
+void test_layer_norm_constant_rows(float value, int64_t dim) {
+  const int64_t rows = 3;
+  std::mt19937 rng(static_cast<unsigned>(dim));
+  std::vector<float> x(rows * dim, value), out(rows * dim), mean(rows), rstd(rows);
+  std::vector<float> w = random_values<float>(dim, rng, 1.0f), b = random_values<float>(dim, rng, 1.0f);
+  CHECK(launch_layer_norm_fwd(x.data(), ftype<float>(), w.data(), b.data(), rows, dim, 1e-5f, out.data(), mean.data(),
+                              rstd.data(), nullptr) == cudaSuccess, "layer_norm_fwd launch");
+  int bad = 0;
+  for (int64_t i = 0; i < rows * dim; ++i) bad += out[i] != b[i % dim];
+  CHECK(bad == 0 && mean[0] == value, "layer_norm constant rows of %g, dim=%lld: %d outputs are not the bias",
+        static_cast<double>(value), (long long)dim, bad);
+}
+
 template <typename T>
 void run_layer_norm(bool quick) {
   std::printf("layer_norm %s\n", tname<T>());
   std::fflush(stdout);
+  if (std::is_same_v<T, float>)
+    for (int64_t dim : {100, 769, 4100}) {
+      test_layer_norm_constant_rows(123456.7f, dim);
+      test_layer_norm_constant_rows(-3.3e7f, dim);
+      test_layer_norm_constant_rows(0.1f, dim);
+    }
   const std::vector<int64_t> dims = quick ? std::vector<int64_t>{1, 7, 130, 769, 4100}
                                           : std::vector<int64_t>{1, 2, 7, 64, 130, 513, 769, 1030, 2048, 4100, 8200};
   for (int64_t dim : dims)
