@@ -582,6 +582,10 @@ def test_raw_kernels_refuse_float_indices_instead_of_truncating_them():
     cos, sin = torch.randn(10, 8), torch.randn(10, 8)
     with pytest.raises(RuntimeError, match="positions must be an integer"):
         kernels.rope_fwd(x, cos, sin, torch.tensor([[0.5, 1.9, 7.99]]), 0)
+    with pytest.raises(RuntimeError, match=r"top_k must be in \[1, 9\], got 0 in row 1"):  # not "keep all"
+        kernels.sample_next_token(logits, None, 1.0, torch.tensor([3, 0, 2, 9]), 9, None)
+    with pytest.raises(RuntimeError, match=r"top_k must be in \[1, 9\], got 0"):
+        kernels.sample_next_token(logits, None, 1.0, None, 0, None)
     # The same calls with integer indices run.
     assert kernels.sample_next_token(logits, None, 1.0, torch.full((4,), 2), 9, None).shape == (4, 1)
     assert kernels.rope_fwd(x, cos, sin, torch.tensor([[0, 1, 7]]), 0).shape == x.shape

@@ -67,6 +67,22 @@ CASES = [
      lambda N: N.sample_next_token(_x(3, 5), torch.ones(1), 0.0, None, 5, None)),
     ("sample_short_top_k", "top_k must be",
      lambda N: N.sample_next_token(_x(3, 5), None, 1.0, torch.ones(2, dtype=torch.int64), 5, None)),
+    ("sample_float_top_k", "top_k must be an integer",
+     lambda N: N.sample_next_token(_x(3, 5), None, 1.0, torch.full((3,), 0.2), 5, None)),
+    ("sample_2d_temperature", "temperature must be",
+     lambda N: N.sample_next_token(_x(4, 5), torch.ones(2, 2), 0.0, None, 5, None)),
+    ("sample_integer_temperature", "temperature must be",
+     lambda N: N.sample_next_token(_x(3, 5), torch.ones(3, dtype=torch.int64), 0.0, None, 5, None)),
+    ("rope_fwd_float_positions", "positions must be an integer",
+     lambda N: N.rope_fwd(_x(1, 1, 3, 4), _x(8, 4), _x(8, 4), torch.tensor([[0.5, 1.9, 2.9]]), 0)),
+    ("rope_bwd_bool_positions", "positions must be an integer",
+     lambda N: N.rope_bwd(_x(1, 1, 3, 4), _x(8, 4), _x(8, 4), torch.ones(1, 3, dtype=torch.bool), 0)),
+    ("rms_norm_fwd_empty_rows", "rows must hold at least one element",
+     lambda N: N.rms_norm_fwd(_x(3, 0), _x(0), 1e-6)),
+    ("layer_norm_fwd_empty_rows", "rows must hold at least one element",
+     lambda N: N.layer_norm_fwd(_x(3, 0), _x(0), _x(0), 1e-5)),
+    ("dropout_integer_x", "x must be floating point",
+     lambda N: N.dropout_fwd(torch.ones(4, dtype=torch.int64), 0.5, _seed())),
     ("decode_linear_short_bias", "bias must be", lambda N: N.decode_linear(_x(1, 4), _x(6, 4), _STORE[:2])),
     ("decode_linear_weight_columns", "weight must be", lambda N: N.decode_linear(_x(1, 4), _x(6, 3), None)),
     ("decode_linear_weight_dtype", "weight must have x's dtype|weight must be torch.float32",
@@ -123,3 +139,21 @@ def test_valid_calls_still_run():
     out, lse = triton_ops.attention_fwd(q, kv, kv, 0.25, 0.0, None)
     dq, dk, dv = triton_ops.attention_bwd(torch.ones_like(out), q, kv, kv, out, lse, 0.25, 0.0, None)
     assert dq.shape == q.shape and dk.shape == kv.shape and dv.shape == kv.shape
+
+
+def test_strided_bias_and_lse_are_read_by_their_strides():
+    """A strided (or expanded) bias and lse hold the same values as dense ones: same results, no read past them."""
+    triton_ops, cpu_ops = kernel_namespace("triton"), kernel_namespace("cpu")
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, 32, generator=g), torch.randn(64, 32, generator=g)
+    for bias in (torch.randn(128, generator=g)[::2], torch.randn(1, generator=g).expand(64)):
+        torch.testing.assert_close(triton_ops.decode_linear(x, w, bias), x @ w.T + bias)
+        torch.testing.assert_close(cpu_ops.decode_linear(x, w, bias), x @ w.T + bias)
+    q, kv = torch.randn(1, 2, 5, 16, generator=g), torch.randn(1, 2, 5, 16, generator=g)
+    out, lse = triton_ops.attention_fwd(q, kv, kv, 0.25, 0.0, None)
+    grad = torch.randn(out.shape, generator=g)
+    dense = triton_ops.attention_bwd(grad, q, kv, kv, out, lse, 0.25, 0.0, None)
+    strided_lse = torch.empty(1, 2, 5, 2).select(-1, 0).copy_(lse)  # the same values, every other float32
+    assert not strided_lse.is_contiguous()
+    for got, want in zip(triton_ops.attention_bwd(grad, q, kv, kv, out, strided_lse, 0.25, 0.0, None), dense):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

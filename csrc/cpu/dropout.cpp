@@ -27,6 +27,8 @@ void dropout_block(const scalar_t* x, scalar_t* out, int64_t begin, int64_t end,
 
 at::Tensor dropout_fwd(const at::Tensor& x_in, double p, const at::Tensor& seed) {
   TORCH_CHECK(x_in.device().is_cpu(), "gptfast_cpu dropout: x must be on the CPU");
+  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "gptfast_cpu dropout: x must be floating point, got ",
+              x_in.scalar_type());
   TORCH_CHECK(p >= 0.0 && p <= 1.0, "gptfast_cpu dropout: p must be in [0, 1], got ", p);
   TORCH_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() >= 1,
               "gptfast_cpu dropout: seed must be an int64 CPU tensor with >= 1 element");

@@ -115,7 +115,7 @@ int64_t sample_row(const T* x, int64_t n, int64_t row, double temperature, int64
               "is all -inf"), " and temperature ", temperature, " > 0 asks for a draw");
   const T inv_t = static_cast<T>(1.0 / temperature);
   if (!std::isfinite(inv_t)) return argmax(x, n);  // 1 / T overflows: the draw's limit is the argmax
-  const bool filter = top_k > 0 && top_k < n;
+  const bool filter = top_k < n;  // top_k is in [1, n]: checked by the caller
   // x holds no NaN, so the threshold is a value of the row <= mx and the row's max always survives.
   T threshold = filter ? kth_largest(x, n, top_k, scratch) : neg_inf<T>();
   // T = +inf makes every weight exp((x - max) * 0) = 1, but a -inf logit's (-inf) * 0 is NaN.  The limit
@@ -161,8 +161,9 @@ void sample_impl(const at::Tensor& logits, double temperature, int64_t top_k, co
       const double temp = t_rows != nullptr ? static_cast<double>(t_rows[r]) : temperature;
       const int64_t k = k_rows != nullptr ? k_rows[r] : top_k;
       TORCH_CHECK(temp >= 0.0, "gptfast_cpu sample_next_token: temperature must be >= 0, got ", temp, " in row ", r);
-      TORCH_CHECK(k == 0 || (k >= 1 && k <= n), "gptfast_cpu sample_next_token: top_k must be in [1, ", n,
-                  "], got ", k, " in row ", r);
+      // n (the vocabulary) keeps every token; 0 is refused, as by the CUDA binding and the Python layer.
+      TORCH_CHECK(k >= 1 && k <= n, "gptfast_cpu sample_next_token: top_k must be in [1, ", n, "], got ", k,
+                  " in row ", r);
       const T* x;
       if constexpr (std::is_same_v<scalar_t, T>) {
         x = x_all + r * n;

@@ -38,6 +38,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x_in, const at
   TORCH_CHECK_VALUE(eps > 0, "eps must be positive, got ", eps);
   const at::Tensor x = x_in.contiguous();
   const FloatType dtype = float_type(x, "x");
+  float_type(weight, "weight");  // the dtypes rms_norm_bwd takes: a forward it could not differentiate is refused
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
@@ -228,6 +229,9 @@ at::Tensor rope_apply(const at::Tensor& x_in, const at::Tensor& cos, const at::T
     check_cuda(*positions_in, "positions", x.device());
     TORCH_CHECK_VALUE(positions_in->dim() == 2 && positions_in->size(0) == B && positions_in->size(1) == T,
                       "positions must be (", B, ", ", T, "), got ", positions_in->sizes());
+    // Integers only: the int64 conversion below would truncate float positions silently.
+    TORCH_CHECK_TYPE(at::isIntegralType(positions_in->scalar_type(), /*includeBool=*/false),
+                     "positions must be an integer tensor, got ", positions_in->scalar_type());
     positions = positions_in->to(at::kLong).contiguous();
   }
   const at::Tensor c = cos.to(at::kFloat).contiguous(), s = sin.to(at::kFloat).contiguous();

@@ -49,6 +49,12 @@ def require_floating(op: str, **tensors: torch.Tensor) -> None:
         require(t.dtype in FLOAT_DTYPES, op, f"{name} must be floating point, got {t.dtype}")
 
 
+def require_integer(op: str, name: str, t: torch.Tensor) -> None:
+    """``t`` holds integers (not bool): a float index would be truncated by the kernel's load, silently."""
+    require(not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool, op,
+            f"{name} must be an integer tensor, got {t.dtype}")
+
+
 def require_dtype(op: str, name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
     """``t`` has ``dtype``."""
     require(t.dtype == dtype, op, f"{name} must be {dtype}, got {t.dtype}")
@@ -69,6 +75,8 @@ def require_probability(op: str, name: str, p: float) -> None:
 def require_rows(op: str, x: torch.Tensor, *params: tuple[str, torch.Tensor]) -> None:
     """``x`` is ``(N, D)`` and floating; each named parameter is a floating ``(D,)`` on x's device."""
     require(x.dim() == 2, op, f"x must be (N, D), got {_shape(x)}")
+    # Rows of no element have no statistics (a mean of nothing): refused, as the C++ kernels do.
+    require(x.shape[1] > 0, op, f"x's rows must hold at least one element, got {_shape(x)}")
     require_floating(op, x=x)
     for name, p in params:
         require_device(op, "x", x, **{name: p})

@@ -475,6 +475,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     b, h, tq, d = q.shape
     tk = k.shape[2]
     out = _last_dim_contiguous(out)
+    lse = lse.contiguous()  # the kernels index it as a dense (B, H, Tq) buffer
     # delta_i = sum_j P_ij dP_ij = rowsum(dO * O), also with dropout (O already holds the mask).
     delta = torch.empty((b, h, tq), device=q.device, dtype=torch.float32)
     delta_block = 32 if INTERPRETER else 64

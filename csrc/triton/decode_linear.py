@@ -104,6 +104,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         out.zero_()
         return out if bias is None else out.add_(bias)
     weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()  # the kernel reads bias[col] at col, not col * stride
     p = plan(m, n, k, x.dtype)
     grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(m, p["block_m"]), p["splits"])
     split = p["splits"] > 1

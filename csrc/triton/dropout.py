@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._checks import require_probability, require_seed
+from ._checks import require_floating, require_probability, require_seed
 from ._launch import INTERPRETER, launch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -54,6 +54,7 @@ def _dropout_kernel(x_ptr, out_ptr, seed_ptr, n, threshold, scale, golden, mix1,
 def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     """``x * keep / (1 - p)``, contiguous, in x's dtype."""
     require_probability("dropout_fwd", "p", p)
+    require_floating("dropout_fwd", x=x)  # an integer x would store its scaled values truncated
     require_seed("dropout_fwd", seed, "x", x)
     x = x.contiguous()
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._checks import require, require_device, require_shape
+from ._checks import require, require_device, require_integer, require_shape
 from ._launch import launch, next_power_of_2
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -68,6 +68,7 @@ def _check_args(op: str, name: str, x: torch.Tensor, cos: torch.Tensor, sin: tor
     require_device(op, name, x, cos=cos, sin=sin, positions=positions)
     if positions is not None:
         require_shape(op, "positions", positions, (b, t))
+        require_integer(op, "positions", positions)
 
 
 def _rope(x, cos, sin, positions, offset, backward):

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import require, require_device
+from ._checks import require, require_device, require_floating, require_integer
 from ._launch import INTERPRETER, draw_seed, next_power_of_2
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -241,7 +241,12 @@ def _check_args(logits: torch.Tensor, temperature: torch.Tensor | None, top_k: t
     rows = logits.shape[0]
     for name, per_row in (("temperature", temperature), ("top_k", top_k)):
         if per_row is not None:
-            require(per_row.numel() == rows, op, f"{name} must be ({rows},), got {tuple(per_row.shape)}")
+            require(per_row.dim() == 1 and per_row.shape[0] == rows, op,
+                    f"{name} must be ({rows},), got {tuple(per_row.shape)}")
+    if temperature is not None:
+        require_floating(op, temperature=temperature)
+    if top_k is not None:
+        require_integer(op, "top_k", top_k)  # a float k would be truncated (0.2 to 0, then clamped to 1)
 
 
 def _sample_next_token(logits, temperature, temperature_value, top_k, top_k_value, generator):
