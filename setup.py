@@ -23,6 +23,7 @@ built, with which options, or why not.  ``gptfast.ops.backend_status()`` quotes 
 Build with ``pip install --no-build-isolation -e .`` after installing torch.
 """
 
+import functools
 import glob
 import json
 import os
@@ -107,8 +108,8 @@ def torch_cxx_std():
         return "20" if "c++20" in f.read() else "17"
 
 
-def _compiles(flags, source, link_flags=()):
-    """Whether the C++ compiler builds and links ``source`` with ``flags`` (quietly)."""
+def _compile_error(flags, source, link_flags=()):
+    """None when the C++ compiler builds and links ``source`` with ``flags``, else why not (one line)."""
     cxx = os.environ.get("CXX", "c++")
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "probe.cpp")
@@ -118,9 +119,31 @@ def _compiles(flags, source, link_flags=()):
             proc = subprocess.run([cxx, *os.environ.get("CFLAGS", "").split(), *flags, src, "-o",
                                    os.path.join(tmp, "probe"), *link_flags],
                                   capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.SubprocessError):
-            return False
-        return proc.returncode == 0
+        except OSError as exc:
+            return f"cannot run {cxx!r}: {exc.strerror or exc}"
+        except subprocess.SubprocessError as exc:
+            return f"{cxx!r}: {exc}"
+        if proc.returncode == 0:
+            return None
+        lines = [line.strip() for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+        return f"{cxx!r} exits with status {proc.returncode}" + (f": {lines[0][:300]}" if lines else "")
+
+
+def _compiles(flags, source, link_flags=()):
+    """Whether the C++ compiler builds and links ``source`` with ``flags`` (quietly)."""
+    return _compile_error(flags, source, link_flags) is None
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_problem():
+    """None when the C++ compiler builds a plain program, else the reason no extension can be built.
+
+    Probed before anything else: a compiler that is missing or fails would otherwise be reported as "no OpenMP"
+    and "no AVX2" by the other probes, and torch's build checks it before building any extension, failing the
+    whole install.
+    """
+    error = _compile_error([], "int main() { return 0; }\n")
+    return None if error is None else f"the C++ compiler does not build a plain program ({error})"
 
 
 def openmp_flags():
@@ -209,13 +232,28 @@ def variant_sources(sources, folder):
 # ----------------------------------------------------------------------------- extensions
 
 
+def _no_sources(backend, flag, folder, report):
+    """None, with the reason in ``report``, for a source tree without ``folder``'s kernels; an error if ``flag`` forces
+    the build (a forced build that quietly builds nothing would leave the backend missing unannounced)."""
+    reason = f"not built: this source tree has no {folder} sources"
+    if _flag(flag) == "1":
+        raise RuntimeError(f"{flag}=1 but the {backend} extension cannot be built: {reason}")
+    report[backend] = {"built": False, "reason": reason}
+    return None
+
+
 def cpu_extensions(CppExtension, std, report):
     """The CPU extension and, where it is built, its AVX-512 variant; none (the reason in ``report``)."""
     sources = _sources("csrc/cpu/*.cpp")
     if not sources:
-        return []
+        return _no_sources("cpu", "GPTFAST_BUILD_CPU", "csrc/cpu", report) or []
     if _flag("GPTFAST_BUILD_CPU") == "0":
         report["cpu"] = {"built": False, "reason": "not built: GPTFAST_BUILD_CPU=0 at install time"}
+        return []
+    if compiler_problem() is not None:
+        if _flag("GPTFAST_BUILD_CPU") == "1":
+            raise RuntimeError(f"GPTFAST_BUILD_CPU=1 but {compiler_problem()}")
+        report["cpu"] = {"built": False, "reason": f"not built: {compiler_problem()}"}
         return []
     omp_cflags, omp_lflags, omp_note = openmp_flags()
     simd_flags, simd_note = x86_simd_flags()
@@ -223,7 +261,8 @@ def cpu_extensions(CppExtension, std, report):
     _log(f"CPU extension: C++{std}, OpenMP {omp_note}, SIMD {simd_note}")
     built = [CppExtension(
         "gptfast._C_cpu", sources,
-        extra_compile_args={"cxx": ["-O3", f"-std=c++{std}", *omp_cflags, *simd_flags]},
+        # -g0 after Python's own -g: debug info would make the library ~20x larger (23 MB against ~1 MB).
+        extra_compile_args={"cxx": ["-O3", "-g0", f"-std=c++{std}", *omp_cflags, *simd_flags]},
         extra_link_args=omp_lflags,
     )]
     avx512_flags, avx512_note = x86_avx512_flags(simd_flags)
@@ -234,7 +273,7 @@ def cpu_extensions(CppExtension, std, report):
     _log(f"CPU extension, AVX-512 variant: C++{std}, OpenMP {omp_note}")
     built.append(CppExtension(
         "gptfast._C_cpu_avx512", variant_sources(sources, os.path.join("build", "cpu_avx512_sources")),
-        extra_compile_args={"cxx": ["-O3", f"-std=c++{std}", *omp_cflags, *avx512_flags]},
+        extra_compile_args={"cxx": ["-O3", "-g0", f"-std=c++{std}", *omp_cflags, *avx512_flags]},
         extra_link_args=omp_lflags,
     ))
     return built
@@ -244,7 +283,7 @@ def cuda_extension(CUDAExtension, torch_module, cuda_home, std, report):
     """The CUDA extension, or None (with the reason in ``report``)."""
     sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
     if not sources:
-        return None
+        return _no_sources("cuda", "GPTFAST_BUILD_CUDA", "csrc/cuda", report)
     wanted = _flag("GPTFAST_BUILD_CUDA")
     reason = None
     if wanted == "0":
@@ -253,6 +292,8 @@ def cuda_extension(CUDAExtension, torch_module, cuda_home, std, report):
         reason = f"not built: the installed torch ({torch_module.__version__}) has no CUDA"
     elif cuda_home is None:
         reason = "not built: no CUDA toolkit found (no nvcc on PATH; set CUDA_HOME)"
+    elif compiler_problem() is not None:
+        reason = f"not built: {compiler_problem()}"
     if reason is not None:
         if wanted == "1":
             raise RuntimeError(f"GPTFAST_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
@@ -343,9 +384,11 @@ class TeeOutput:
         return False
 
     def errors(self, limit=3):
-        """The first compiler error lines, else the last lines."""
-        found = list(dict.fromkeys(line.strip() for line in self.lines if re.search(r"\berror\b", line, re.I)
-                                   and not line.startswith(("FAILED:", "ninja: build stopped"))))
+        """The first compiler error lines (a missing compiler's "not found" too), else the last lines."""
+        found = list(dict.fromkeys(
+            line.strip() for line in self.lines
+            if re.search(r"\berror\b|not found|No such file", line, re.I)
+            and not line.startswith(("FAILED:", "ninja: build stopped"))))
         return " | ".join((found or list(self.lines)[-limit:])[:limit])
 
 
@@ -354,35 +397,67 @@ def make_build_ext(BuildExtension, report):
 
     class TolerantBuildExt(BuildExtension):
         failed = ()
+        attempted = ()
 
         def run(self):
             # Editable and --inplace builds leave the extensions in the source tree: the report goes there too.
             self.report_to_source = bool(self.inplace or getattr(self, "editable_mode", False))
             super().run()
 
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as exc:  # noqa: BLE001
+                # torch checks the compiler (its version, its ABI) before it builds any extension: what fails
+                # there fails every extension not yet attempted, each recorded as one that failed.
+                pending = [ext for ext in self.extensions if ext.name not in self.attempted]
+                if not pending:
+                    raise
+                for ext in pending:
+                    self._record(ext, exc, "")
+
         def build_extension(self, ext):
-            key = ext.name.split("._C_")[-1]  # "cpu", "cpu_avx512" or "cuda"
-            forced = _flag({"cuda": "GPTFAST_BUILD_CUDA", "cpu": "GPTFAST_BUILD_CPU",
-                            "cpu_avx512": "GPTFAST_CPU_AVX512"}[key]) == "1"
             tee = TeeOutput()
             try:
                 with tee:
                     super().build_extension(ext)
             except Exception as exc:  # noqa: BLE001  (compiler, linker and ninja errors alike)
-                if forced:
-                    raise
-                message = " ".join(f"{exc}: {tee.errors()}".split())[:600]
+                self._record(ext, exc, tee.errors())
+            else:
+                self._record(ext, None, "")
+
+        def _record(self, ext, exc, compiler_lines):
+            """The outcome of ``ext``'s build in the report; a failure re-raised where the user forced the build."""
+            key = ext.name.split("._C_")[-1]  # "cpu", "cpu_avx512" or "cuda"
+            self.attempted = (*self.attempted, ext.name)
+            if exc is None:
+                report[key] = {**report.get(key, {}), "built": True}
+            else:
+                if _flag({"cuda": "GPTFAST_BUILD_CUDA", "cpu": "GPTFAST_BUILD_CPU",
+                          "cpu_avx512": "GPTFAST_CPU_AVX512"}[key]) == "1":
+                    raise exc
+                # The compiler's own lines first: the exception's text may be a long command line.
+                message = " ".join(" -- ".join(filter(None, (compiler_lines, str(exc)))).split())[:600]
                 report[key] = {**report.get(key, {}), "built": False,
                                "reason": f"build failed at install time: {type(exc).__name__}: {message}"}
                 _log(f"WARNING: {ext.name} failed to build; backend {key!r} will be unavailable "
                      f"(the rest of gptfast installs): {message}")
                 self.failed = (*self.failed, ext.name)
-            else:
-                report[key] = {**report.get(key, {}), "built": True}
+                self._remove_stale_binary(ext)
             report[key]["attempted"] = True
             write_report(report, os.path.dirname(self.get_ext_fullpath(ext.name)))
             if getattr(self, "report_to_source", False):
                 write_report(report, os.path.join(ROOT, "gptfast"))
+
+        def _remove_stale_binary(self, ext):
+            """A failed build leaves no earlier build's binary behind (a reused tree's build/ folder would ship it,
+            loaded and used while the report says the build failed)."""
+            paths = {self.get_ext_fullpath(ext.name)}
+            if getattr(self, "report_to_source", False):
+                paths.add(os.path.join(ROOT, self.get_ext_filename(ext.name)))
+            for path in paths:
+                if os.path.exists(path):
+                    os.remove(path)
 
         def _built_only(self):
             self.extensions = [ext for ext in self.extensions if ext.name not in self.failed]
@@ -403,12 +478,26 @@ def make_build_ext(BuildExtension, report):
     return TolerantBuildExt
 
 
+def _without_torch():
+    """No extension, and the report saying why: torch is not importable here (pip's isolated build by default,
+    or metadata only, as for an sdist).  A build the user forced is an error."""
+    from setuptools.command.build_py import build_py
+
+    reason = ("not built: torch was not importable when gptfast was built (pip builds in an isolated "
+              "environment by default): install torch first, then gptfast with --no-build-isolation")
+    for backend, flag in (("cpu", "GPTFAST_BUILD_CPU"), ("cuda", "GPTFAST_BUILD_CUDA")):
+        if _flag(flag) == "1":
+            raise RuntimeError(f"{flag}=1 but the {backend} extension cannot be built: {reason}")
+    return [], {"build_py": make_build_py(build_py, {"cpu": {"built": False, "reason": reason},
+                                                     "cuda": {"built": False, "reason": reason}})}
+
+
 def extensions():
     try:
         import torch
         from torch.utils import cpp_extension
-    except ImportError:  # metadata-only invocations (sdist) without torch
-        return [], {}
+    except ImportError:
+        return _without_torch()
     report = {}
     cuda_home = find_cuda_home()
     if cuda_home:

@@ -7,8 +7,11 @@ Forced on this machine with setup.py's switches, each into a temporary folder:
    library references no OpenMP runtime and holds no 256-bit (ymm) instruction; loaded in place of
    the installed one, on a CPU reported as lacking AVX2 (``ATEN_CPU_CAPABILITY=default``), backend
    ``cpu`` is available and matches the torch backend on every op (forward and backward).
-2. A compiler that fails (``CFLAGS`` with an unknown flag): ``build_ext`` still succeeds, no
-   extension is left behind, and the report gives the compiler's error as the reason.
+2. A compiler that fails on the kernels (a wrapper that refuses csrc/ sources), built over the
+   portable build: ``build_ext`` still succeeds, the earlier build's extension is removed (not
+   shipped in place of the failed one), and the report gives the compiler's error as the reason.
+3. A compiler that does not run at all (``CXX=/bin/false``, which torch's own compiler check
+   trips on): ``build_ext`` still succeeds, builds nothing, and the report says why.
 
     python scripts/check_portable_build.py [--keep DIR]
 """
@@ -65,8 +68,12 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
-def build(folder: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", os.path.join(folder, "lib"),
+def build(folder: str, env: dict, with_python: bool = False) -> subprocess.CompletedProcess:
+    """``build_ext`` into ``folder`` (``with_python``: ``build_py`` first, which writes the report of a build
+    that attempts no extension)."""
+    lib = os.path.join(folder, "lib")
+    first = ["build_py", "--build-lib", lib] if with_python else []
+    return subprocess.run([sys.executable, "setup.py", "-q", *first, "build_ext", "--build-lib", lib,
                            "--build-temp", os.path.join(folder, "tmp")], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "GPTFAST_BUILD_CUDA": "0", "MAX_JOBS": os.environ.get("MAX_JOBS", "2"),
                                **env})
@@ -111,18 +118,44 @@ def check_portable(folder: str) -> None:
     print("check_portable_build: " + run.stdout.strip().splitlines()[-1])
 
 
+FAILS_ON_KERNELS = '''#!/bin/sh
+case "$*" in *csrc*) echo "error: the compiler refuses this kernel (simulated)" >&2; exit 1 ;; esac
+exec c++ "$@"
+'''
+
+
 def check_failing_compiler(folder: str) -> None:
-    proc = build(folder, {"CFLAGS": "-fgptfast-no-such-flag"})
+    """Over ``folder``'s earlier (successful) build: a compiler that builds plain programs but fails on the kernels."""
+    if extension_path(folder) is None:
+        fail("no earlier build to replace")
+    wrapper = os.path.join(folder, "fails-on-kernels")
+    with open(wrapper, "w") as f:
+        f.write(FAILS_ON_KERNELS)
+    os.chmod(wrapper, 0o755)
+    proc = build(folder, {"CXX": wrapper, "GPTFAST_CPU_OPENMP": "0", "GPTFAST_CPU_AVX2": "0"})
     if proc.returncode != 0:
         fail(f"a failing CPU extension build failed the whole build:\n{proc.stderr[-3000:]}")
     if extension_path(folder) is not None:
-        fail("a failed build left an extension behind")
+        fail("a failed build left the earlier build's extension in place")
     entry = report_of(folder)
     reason = entry.get("reason", "")
-    if entry.get("built") or "build failed" not in reason or "no-such-flag" not in reason:
+    if entry.get("built") or "build failed" not in reason or "refuses this kernel" not in reason:
         fail(f"the report does not give the compiler's error: {entry}")
-    print(f"check_portable_build: failing compiler -> build succeeds without the extension; reason recorded: "
-          f"{reason[:120]}...")
+    print(f"check_portable_build: compiler failing on the kernels -> build succeeds, the earlier extension removed; "
+          f"reason recorded: {reason[:100]}...")
+
+
+def check_compiler_that_does_not_run(folder: str) -> None:
+    proc = build(folder, {"CXX": "/bin/false"}, with_python=True)
+    if proc.returncode != 0:
+        fail(f"a compiler that does not run failed the whole build:\n{proc.stderr[-3000:]}")
+    if extension_path(folder) is not None:
+        fail("a build without a working compiler left an extension")
+    entry = report_of(folder)
+    if entry.get("built") or "does not build a plain program" not in entry.get("reason", ""):
+        fail(f"the report does not say the compiler does not work: {entry}")
+    print(f"check_portable_build: CXX=/bin/false -> build succeeds without the extension; reason recorded: "
+          f"{entry['reason'][:100]}...")
 
 
 def main() -> int:
@@ -131,8 +164,9 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gptfast_portable_") as tmp:
         base = args.keep or tmp
-        check_failing_compiler(os.path.join(base, "failing"))
+        check_compiler_that_does_not_run(os.path.join(base, "no-compiler"))
         check_portable(os.path.join(base, "portable"))
+        check_failing_compiler(os.path.join(base, "portable"))
     print("check_portable_build: OK")
     return 0
 

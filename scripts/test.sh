@@ -6,8 +6,8 @@
 # Steps (each prints its time):
 #   cuda-venv   .venv-cuda with CUDA torch 2.14.1 from the local disk, in the background (disk-bound)
 #   venv+build  .venv with CPU torch 2.13, gptfast editable (the CPU extension)
-#   portable    scripts/check_portable_build.py: no-OpenMP/no-AVX2 build runs; a failing compiler
-#               still installs, with the reason recorded
+#   portable    scripts/check_portable_build.py: no-OpenMP/no-AVX2 build runs; a compiler failing on the
+#               kernels, or not running at all, still installs, with the reason recorded
 #   cuda        scripts/cuda_ci.sh check: build gptfast._C_cuda (sm_90) against CUDA torch, import it
 #               without a GPU, registrations, fakes, SASS (16-byte loads, registers, spills)
 #   tests       pytest -n 2 tests (and the kernels' tests again on the AVX2 build where an AVX-512

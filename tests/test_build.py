@@ -142,6 +142,91 @@ def test_build_report_keeps_a_built_extensions_entry(setup_module, tmp_path):
     assert report["cpu"]["built"] and report["cpu"]["simd"] == "avx2" and report["cuda"]["built"]
 
 
+@pytest.mark.parametrize("backend, flag", [("cpu", "GPTFAST_BUILD_CPU"), ("cuda", "GPTFAST_BUILD_CUDA")])
+def test_a_tree_without_kernel_sources_says_so_and_a_forced_build_fails(setup_module, tmp_path, monkeypatch, backend,
+                                                                        flag):
+    """A source tree lacking csrc (an sdist made without its kernels): the report gives the reason, and a build the
+    user forced fails at install instead of leaving the backend missing unannounced."""
+    monkeypatch.setattr(setup_module, "ROOT", str(tmp_path))
+    build = {"cpu": lambda report: setup_module.cpu_extensions(None, 17, report),
+             "cuda": lambda report: setup_module.cuda_extension(None, torch, None, 17, report)}[backend]
+    report = {}
+    monkeypatch.setenv(flag, "auto")
+    assert not build(report)
+    assert report[backend] == {"built": False, "reason": f"not built: this source tree has no csrc/{backend} sources"}
+    monkeypatch.setenv(flag, "1")
+    with pytest.raises(RuntimeError, match=f"{flag}=1 but the {backend} extension cannot be built"):
+        build({})
+
+
+@pytest.mark.parametrize("cxx, why", [("/bin/false", "'/bin/false' exits with status 1"),
+                                      ("/nonexistent/c++", "cannot run '/nonexistent/c++': No such file or directory")])
+def test_a_compiler_that_does_not_work_is_named_before_any_probe_blames_openmp(setup_module, monkeypatch, cxx, why):
+    """A missing or failing compiler is the reason given, not "no OpenMP"; forced, the build fails at once."""
+    if not pathlib.Path("/bin/false").exists():
+        pytest.skip("no /bin/false here")
+    monkeypatch.setenv("CXX", cxx)
+    monkeypatch.setenv("GPTFAST_BUILD_CPU", "auto")
+    setup_module.compiler_problem.cache_clear()
+    try:
+        report = {}
+        assert setup_module.cpu_extensions(None, 17, report) == []
+        assert report["cpu"]["reason"] == f"not built: the C++ compiler does not build a plain program ({why})"
+        monkeypatch.setenv("GPTFAST_BUILD_CPU", "1")
+        with pytest.raises(RuntimeError, match="GPTFAST_BUILD_CPU=1 but the C.. compiler does not build"):
+            setup_module.cpu_extensions(None, 17, {})
+    finally:
+        setup_module.compiler_problem.cache_clear()
+
+
+def test_a_build_without_torch_records_why_the_backends_are_missing(tmp_path):
+    """pip's default, isolated build cannot import torch: gptfast installs without extensions, and says why."""
+    blocker = tmp_path / "no_torch"
+    blocker.mkdir()
+    (blocker / "torch.py").write_text("raise ImportError('torch is not importable in this build')\n")
+    lib = tmp_path / "lib"
+    env = {**os.environ, "PYTHONPATH": str(blocker), "GPTFAST_BUILD_CPU": "auto", "GPTFAST_BUILD_CUDA": "auto"}
+    command = [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((lib / "gptfast" / "_build.json").read_text())
+    for backend in ("cpu", "cuda"):
+        assert not report[backend]["built"] and "--no-build-isolation" in report[backend]["reason"]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**env, "GPTFAST_BUILD_CPU": "1"})
+    assert proc.returncode != 0 and "GPTFAST_BUILD_CPU=1 but the cpu extension cannot be built" in proc.stderr
+
+
+def test_the_sdist_ships_every_kernel_source_and_the_data(tmp_path):
+    """Whatever setup.py lists when the sdist is made (nothing without torch), the kernels build from the sdist."""
+    # The files as they are in this tree: the sdist is made from a copy holding only them.
+    tree = tmp_path / "tree"
+    for folder in ("csrc", "data", "gptfast"):
+        for path in (REPO / folder).rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".so", ".pyc"):
+                (tree / path.relative_to(REPO)).parent.mkdir(parents=True, exist_ok=True)
+                (tree / path.relative_to(REPO)).write_bytes(path.read_bytes())
+    for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "ARCHITECTURE.md"):
+        (tree / name).write_bytes((REPO / name).read_bytes())
+    # Without torch importable, as in an isolated build: setup.py then lists no extension at all.
+    blocker = tmp_path / "no_torch"
+    blocker.mkdir()
+    (blocker / "torch.py").write_text("raise ImportError('torch is not importable in this build')\n")
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--formats=tar", "-d", str(tmp_path / "dist")],
+                          cwd=tree, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(blocker)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import tarfile
+
+    (archive,) = (tmp_path / "dist").glob("*.tar")
+    with tarfile.open(archive) as tar:
+        shipped = {pathlib.PurePosixPath(*pathlib.PurePosixPath(n).parts[1:]).as_posix() for n in tar.getnames()}
+    wanted = {p.relative_to(tree).as_posix() for folder in ("csrc", "data") for p in (tree / folder).rglob("*")
+              if p.is_file()}
+    assert wanted - shipped == set()
+    assert {"csrc/cpu/cpu_common.h", "csrc/dropout_hash.h", "csrc/cuda/layer_norm.cu"} <= shipped
+
+
 # ----------------------------------------------------------------------------- backend status without extensions
 
 BLOCKED = '''

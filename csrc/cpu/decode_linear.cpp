@@ -443,7 +443,9 @@ void decode_linear_impl(const at::Tensor& x, const at::Tensor& weight, const c10
   constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
   const bool amx = kBf16 && M <= kBf16TileMaxRows && cpu_has_amx_bf16();
   const bool bf16_dot = kBf16 && M >= 2 && M <= kBf16DotMaxRows && cpu_has_bf16_dot();
-  const uint16_t* x16 = kBf16 ? reinterpret_cast<const uint16_t*>(x.const_data_ptr<scalar_t>()) : nullptr;
+  // Read only by the AMX and AVX512-BF16 paths, compiled out of builds without them.
+  [[maybe_unused]] const uint16_t* x16 =
+      kBf16 ? reinterpret_cast<const uint16_t*>(x.const_data_ptr<scalar_t>()) : nullptr;
   // x widened once (M * K floats, small); float32 x is read in place, bf16 x by the dot and tile paths too.
   const at::Tensor x32 = x.scalar_type() == at::kFloat || bf16_dot || amx ? x : x.to(at::kFloat);
   const float* xp = bf16_dot || amx ? nullptr : x32.const_data_ptr<float>();
