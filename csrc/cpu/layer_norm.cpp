@@ -1,12 +1,11 @@
 // LayerNorm for CPU, forward and backward, over the rows of a (N, D) tensor.
 //
-// Forward, per row, in the accumulation dtype (float32, or double for double inputs): the mean,
-// corrected by the mean of the deviations from it (the plain sum may land an ulp off; for a
-// constant or near-constant row far from 0 that ulp is the whole deviation, and xhat would be
-// +-1 instead of 0), then the biased variance as the mean of squared deviations (a second sweep over the row while
-// it is still in L1: steadier than sum(x^2) - mean^2 when the mean is large), rstd =
-// 1 / sqrt(var + eps) and out = (x - mean) * rstd * weight + bias, rounded once to x's dtype.
-// Rows run in parallel; 16-bit rows are widened into a per-thread buffer first.
+// Forward, per row, in the accumulation dtype (float32, or double for double inputs): the mean, corrected by the mean
+// of the deviations from it (the plain sum may land an ulp off; for a constant or near-constant row far from 0 that ulp
+// is the whole deviation, and xhat would be +-1 instead of 0), then the biased variance as the mean of squared
+// deviations (a second sweep over the row while it is still in L1: steadier than sum(x^2) - mean^2 when the mean is
+// large), rstd = 1 / sqrt(var + eps) and out = (x - mean) * rstd * weight + bias, rounded once to x's dtype. Rows run
+// in parallel; 16-bit rows are widened into a per-thread buffer first.
 //
 // Backward, with xhat = (x - mean) * rstd and gw = grad * weight:
 //   dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)),

@@ -1,9 +1,8 @@
 // LayerNorm forward and backward.
 //
-// Forward: one thread block per row.  The block sums the row (float32) for the mean (corrected by
-// the mean deviation from it), then the squared deviations from it for the biased variance (steadier than sum(x^2) - mean^2), every
-// thread gets mean and rstd, then writes (x - mean) * rstd * weight + bias rounded once to x's
-// dtype.
+// Forward: one thread block per row.  The block sums the row (float32) for the mean (corrected by the mean deviation
+// from it), then the squared deviations from it for the biased variance (steadier than sum(x^2) - mean^2), every thread
+// gets mean and rstd, then writes (x - mean) * rstd * weight + bias rounded once to x's dtype.
 //
 // Backward: a fixed number of blocks (a function of the row count only) each take rows
 // r = block, block + grid, ...; per row the block reduces sum(gw) and sum(gw * xhat) with

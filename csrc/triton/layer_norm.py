@@ -1,9 +1,9 @@
 """LayerNorm forward and backward in Triton (schemas ``layer_norm_fwd`` / ``layer_norm_bwd``, csrc/schemas.h).
 
 Forward: one program per row; the whole row sits in registers (``BLOCK_D`` is the next
-power of two of ``D``), so the row is read once for the mean (corrected by the mean deviation from it), the variance (of the
-deviations, biased) and the output.  Math is float32; the result is rounded once to
-``x``'s dtype.
+power of two of ``D``), so the row is read once for the mean (corrected by the mean deviation
+from it), the variance (of the deviations, biased) and the output.  Math is float32; the
+result is rounded once to ``x``'s dtype.
 
 Backward: each program takes a fixed slice of rows, writes their ``dx`` and sums their
 ``grad * xhat`` and ``grad`` into its own float32 rows of two partial buffers; the partials
