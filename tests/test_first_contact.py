@@ -68,6 +68,26 @@ def test_runner_cuts_a_step_at_the_budget_and_skips_the_rest(tmp_path):
     assert "a| started" in log and "never" not in log
 
 
+def test_each_test_gets_a_time_limit_where_pytest_timeout_is_installed(monkeypatch):
+    """A hung kernel then costs one test, not its step's cap; without the plugin the option would stop pytest."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    for installed in (True, False):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, installed=installed: (
+            (object() if installed else None) if name == "pytest_timeout" else real_find_spec(name, *a)))
+        argv = first_contact.pytest_argv("gpu", ["tests"], 4, [])
+        assert (f"--timeout={first_contact.TEST_TIMEOUT_S}" in argv) == installed
+        assert argv[argv.index("-n") + 1] == "4"
+
+
+def test_a_test_step_that_streamed_nothing_still_has_its_summary_line(tmp_path):
+    runner = first_contact.Runner(str(tmp_path), budget_s=60, caps={}, echo=False)
+    runner.step("triton", [sys.executable, "-c", "pass"])
+    text = first_contact.summarize(runner, str(tmp_path / "none.jsonl"), {}, type("Args", (), {"dry_run": True}))
+    assert "tests[triton]: 0 results" in text
+
+
 # The dry run's cuda step: long enough for two pytest workers to start and pass the quick test on a
 # loaded CI machine before the hanging test uses up the cap.
 CUDA_CAP = 90

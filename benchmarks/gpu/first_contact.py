@@ -26,6 +26,7 @@ finished.  Output folder: at most 8 files, never a checkpoint (``first_contact.l
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -155,7 +156,8 @@ def summarize(runner: Runner, results_path: str, environment: dict, args) -> str
     smoke = [r for r in rows if r.get("kind") == "smoke"]
     tests = [r for r in rows if r.get("kind") == "test"]
     benches = [r for r in rows if r.get("kind") == "benchmark"]
-    per_step: dict[str, dict[str, int]] = {}
+    # A test step that streamed nothing (all its time spent starting workers, say) still gets its line.
+    per_step: dict[str, dict[str, int]] = {r.name: {} for r in runner.results if r.name in ("cuda", "triton")}
     for t in tests:
         counts = per_step.setdefault(t.get("step", ""), {})
         counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
@@ -184,7 +186,7 @@ def summarize(runner: Runner, results_path: str, environment: dict, args) -> str
     lines.append(f"smoke: {summary['smoke']['OK']} OK, {summary['smoke']['FAIL']} FAIL, {summary['smoke']['SKIP']} SKIP")
     lines += [f"  FAIL {f}"[:200] for f in summary["smoke_failures"][:15]]
     for step, counts in per_step.items():
-        lines.append(f"tests[{step}]: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+        lines.append(f"tests[{step}]: " + (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "0 results"))
     lines += [f"  FAILED {f}"[:200] for f in summary["test_failures"][:15]]
     lines.append(f"benchmarks recorded: {len(benches)}")
     device = environment.get("device") or "no CUDA device"
@@ -216,9 +218,16 @@ def environment_info() -> dict:
 # ----------------------------------------------------------------------------- plan
 
 
+# Seconds one test may take where pytest-timeout is installed: a hung kernel then costs one test, not its step's cap
+# and every test queued behind it.
+TEST_TIMEOUT_S = 30
+
+
 def pytest_argv(marker: str, paths: list[str], jobs: int, extra: list[str]) -> list[str]:
     argv = [PY, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "pytest_stream", "-m", marker, *paths,
             "-o", "console_output_style=classic", "--tb=line", "-rfE"]
+    if importlib.util.find_spec("pytest_timeout") is not None:  # unknown to pytest without it: exit status 4
+        argv.append(f"--timeout={TEST_TIMEOUT_S}")
     if jobs > 1:
         argv += ["-n", str(jobs)]
     return argv + extra
@@ -230,7 +239,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="total seconds (default 480)")
     parser.add_argument("--dry-run", action="store_true", help="CPU rehearsal: no build, smoke on the torch backend")
     parser.add_argument("--jobs", type=int, default=16, help="build jobs (MAX_JOBS)")
-    parser.add_argument("--test-workers", type=int, default=8, help="xdist workers for the parity tests")
+    parser.add_argument("--test-workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="xdist workers for the parity tests (default: 8, at most the CPU count)")
     parser.add_argument("--tests", nargs="+", default=["tests"], help="test paths")
     parser.add_argument("--bench", nargs="+", default=["benchmarks/test_bench_ops.py"], help="benchmark paths")
     parser.add_argument("--cap", action="append", default=[], metavar="STEP=SECONDS", help="override a step's cap")
