@@ -610,3 +610,70 @@ def test_raw_kernels_refuse_meta_tensors_mixed_with_real_ones(case):
         call()
     # All on the meta device, a call is shape propagation, as torch.compile's tracing needs.
     assert kernels.rms_norm_fwd(torch.randn(2, 4, **meta), torch.ones(4, **meta), 1e-6)[0].device.type == "meta"
+
+
+# ----------------------------------------------------------------------------- forward-mode AD
+# The fused kernels have reverse-mode formulas only. Under forward-mode AD "auto" takes the torch path, and a
+# named fused backend refuses the call: before, the tangent was dropped and came out zero, without an error.
+
+def _forward_mode_cases():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    cos, sin = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    head = torch.randn(11, 8, generator=g)
+    return {
+        "gelu": lambda a: ops.gelu(a),
+        "layer_norm": lambda a: ops.layer_norm(a, w, b),
+        "rms_norm": lambda a: ops.rms_norm(a, w),
+        "swiglu": lambda a: ops.swiglu(a, a * 2),
+        "causal_attention": lambda a: ops.causal_attention(*(a.view(1, 1, 3, 8),) * 3),
+        "rope": lambda a: ops.rope(a.view(1, 1, 3, 8), cos, sin),
+        "cross_entropy": lambda a: ops.cross_entropy(a, torch.tensor([1, 2, 3])),
+        "linear_cross_entropy": lambda a: ops.linear_cross_entropy(a, head, torch.tensor([1, 2, 3])),
+        "decode_linear": lambda a: ops.decode_linear(a, head),
+    }
+
+
+@pytest.mark.parametrize("name", list(_forward_mode_cases()))
+def test_forward_mode_ad_takes_the_torch_path_under_auto_and_is_refused_by_a_fused_backend(name):
+    import torch.autograd.forward_ad as forward_ad
+
+    fn = _forward_mode_cases()[name]
+    g = torch.Generator().manual_seed(1)
+    x, tangent = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
+    with ops.use_backend("torch"):
+        expected = torch.func.jvp(fn, (x,), (tangent,))[1]
+    assert expected.abs().sum() > 0
+    with ops.use_backend("auto"):
+        torch.testing.assert_close(torch.func.jvp(fn, (x,), (tangent,))[1], expected)
+        with forward_ad.dual_level():
+            dual_tangent = forward_ad.unpack_dual(fn(forward_ad.make_dual(x, tangent))).tangent
+        torch.testing.assert_close(dual_tangent, expected)
+    if "cpu" in AVAILABLE:
+        with ops.use_backend("cpu"):
+            with pytest.raises(RuntimeError, match="no forward derivative"):
+                torch.func.jvp(fn, (x,), (tangent,))
+            fn(x)  # outside forward-mode AD the fused kernel serves the same call
+
+
+def test_a_drop_in_model_gives_the_torch_paths_forward_derivative():
+    from gptfast.ch04 import GPTModel
+
+    cfg = {"vocab_size": 50, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 1, "drop_rate": 0.0,
+           "qkv_bias": False}
+    torch.manual_seed(0)
+    model = GPTModel(cfg).eval()
+    idx = torch.randint(0, 50, (2, 8))
+    params = dict(model.named_parameters())
+    name = "trf_blocks.0.ff.layers.0.weight"
+    direction = torch.randn_like(params[name])
+
+    def logits(weight):
+        return torch.func.functional_call(model, {**params, name: weight}, (idx,))
+
+    tangents = {}
+    for backend in ("torch", "auto"):
+        with ops.use_backend(backend):
+            tangents[backend] = torch.func.jvp(logits, (params[name],), (direction,))[1]
+    assert tangents["torch"].abs().sum() > 0
+    torch.testing.assert_close(tangents["auto"], tangents["torch"], rtol=1e-4, atol=1e-5)

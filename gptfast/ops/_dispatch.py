@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
+from torch._functorch import pyfunctorch as _pyfunctorch
 from torch.utils import _python_dispatch
 
 OPS = ("causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm", "layer_norm",
@@ -345,12 +347,31 @@ def _serves(module: ModuleType, op: str, device: torch.device, args, kwargs) -> 
 
 
 def _serves_fused(module: ModuleType, op: str, device: torch.device, args, kwargs) -> str | None:
-    """:func:`_serves` for a fused (kernel) backend: also the op's own limits on fused kernels."""
+    """:func:`_serves` for a fused (kernel) backend: also the op's own limits on fused kernels, and forward-mode AD."""
     reason = _serves(module, op, device, args, kwargs)
     limit = _FUSED_LIMITS.get(op)
     if reason is None and limit is not None and args:
         reason = limit(*args, **kwargs)
-    return reason
+    return reason or forward_mode_reason(args, kwargs)
+
+
+def forward_mode_reason(args=(), kwargs=None) -> str | None:
+    """Why no fused kernel can take a call under forward-mode AD, or None outside it.
+
+    The kernels have reverse-mode formulas only: a tangent (``torch.func.jvp``, or a dual tensor of
+    ``torch.autograd.forward_ad``) would be dropped without an error, its output's tangent zero.  Both tests are
+    cheap outside forward-mode AD: no dual level open, no functorch transform on the stack.
+    """
+    if _forward_ad._current_level >= 0:
+        tensors = (t for t in (*args, *(kwargs or {}).values()) if isinstance(t, torch.Tensor))
+        if any(_forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+            return "an input carries a forward-mode tangent (torch.autograd.forward_ad): the fused kernels have no " \
+                   "forward derivative"
+    if torch._C._functorch.peek_interpreter_stack() is not None and any(
+            interpreter.key() == torch._C._functorch.TransformType.Jvp
+            for interpreter in _pyfunctorch.retrieve_all_functorch_interpreters()):
+        return "inside torch.func.jvp: the fused kernels have no forward derivative"
+    return None
 
 
 def fused_entry_point(op: str, device: torch.device, args=(), kwargs=None):
