@@ -362,6 +362,8 @@ def forward_mode_reason(args=(), kwargs=None) -> str | None:
     ``torch.autograd.forward_ad``) would be dropped without an error, its output's tangent zero.  Both tests are
     cheap outside forward-mode AD: no dual level open, no functorch transform on the stack.
     """
+    if torch.compiler.is_compiling():  # traced graphs take no tangents here; the stack walk would break the graph
+        return None
     if _forward_ad._current_level >= 0:
         tensors = (t for t in (*args, *(kwargs or {}).values()) if isinstance(t, torch.Tensor))
         if any(_forward_ad.unpack_dual(t).tangent is not None for t in tensors):
