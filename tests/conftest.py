@@ -42,7 +42,7 @@ def _backend_selection_reset():
     yield
     from gptfast.ops import _dispatch
 
-    _dispatch._state.backend = None
+    _dispatch._selection.set(None)
     if _STARTING_BACKEND_ENV is None:
         os.environ.pop("GPTFAST_BACKEND", None)
     else:

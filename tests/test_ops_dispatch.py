@@ -1,5 +1,6 @@
 """gptfast.ops: backend selection, error messages, input validation."""
 
+import os
 import subprocess
 import sys
 
@@ -32,6 +33,59 @@ def test_use_backend_as_a_plain_call_sticks_until_changed():
     finally:
         ops.use_backend("auto")
     assert ops.get_backend() == "auto"
+
+
+def test_a_kept_use_backend_object_selects_each_time_it_is_entered():
+    keep = ops.use_backend("torch")
+    try:
+        ops.use_backend("auto")
+        for _ in range(2):
+            with keep:
+                assert ops.get_backend() == "torch"
+            assert ops.get_backend() == "auto"
+    finally:
+        ops.use_backend("auto")
+
+
+def test_the_selection_belongs_to_its_thread_and_asyncio_task():
+    import asyncio
+    import threading
+
+    seen = {}
+    keep = ops.use_backend("torch")  # selects here, in the main thread
+    try:
+        def worker():
+            seen["worker before"] = ops.get_backend()  # its own selection: none, so $GPTFAST_BACKEND or auto
+            with keep:  # entered in another thread: selects there, and restores there
+                seen["worker inside"] = ops.get_backend()
+            seen["worker after"] = ops.get_backend()
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        default = os.environ.get("GPTFAST_BACKEND") or "auto"
+        assert seen == {"worker before": default, "worker inside": "torch", "worker after": default}
+        assert ops.get_backend() == "torch"
+    finally:
+        ops.use_backend("auto")
+
+    async def selecting(started, release):
+        with ops.use_backend("torch"):
+            started.set()
+            await release.wait()  # the other task runs while this one's block is open
+        return ops.get_backend()
+
+    async def other(started, release):
+        await started.wait()
+        backend = ops.get_backend()
+        release.set()
+        return backend
+
+    async def both():
+        started, release = asyncio.Event(), asyncio.Event()
+        return await asyncio.gather(selecting(started, release), other(started, release))
+
+    assert asyncio.run(both()) == ["auto", "auto"]
 
 
 def test_environment_variable_selects_the_backend():

@@ -25,10 +25,10 @@ Contract for a backend module (see ``torch_ops.py`` for the oracle):
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 import os
-import threading
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -81,7 +81,9 @@ BACKEND_CHOICES = ("auto",) + tuple(BACKENDS)
 
 _modules: dict[str, ModuleType] = {}
 _import_errors: dict[str, str] = {}
-_state = threading.local()
+# The selection of use_backend: a context variable, so it holds for the thread (and asyncio task) that made it and
+# the tasks that task starts, and a `with` block around an `await` does not reach other tasks.
+_selection: contextvars.ContextVar[str | None] = contextvars.ContextVar("gptfast_backend", default=None)
 
 
 def _load(name: str) -> ModuleType | None:
@@ -240,6 +242,13 @@ def constant_under_compile(fn):
 
 
 @constant_under_compile
+def _selected() -> str | None:
+    """use_backend's selection here, or None.  A constant of the trace under torch.compile (dynamo cannot trace a
+    context variable's read), as the choice of kernels is."""
+    return _selection.get()
+
+
+@constant_under_compile
 def _import_every_backend() -> int:
     """Import every backend module (once; later calls find them imported) and return how many loaded.
 
@@ -280,7 +289,7 @@ def _check_name(name: str) -> str:
 
 def get_backend() -> str:
     """The backend now selected: ``use_backend``'s choice, else ``$GPTFAST_BACKEND``, else ``"auto"``."""
-    chosen = getattr(_state, "backend", None)
+    chosen = _selected()
     if chosen is None:
         chosen = _check_name(os.environ.get("GPTFAST_BACKEND", "auto") or "auto")
     return chosen
@@ -295,7 +304,7 @@ def check_backend_choice(name: str | None = None) -> str:
     """
     source = "backend"
     if name is None:
-        name = getattr(_state, "backend", None)
+        name = _selected()
         if name is None:
             name, source = os.environ.get("GPTFAST_BACKEND", "auto") or "auto", "GPTFAST_BACKEND"
     if not isinstance(name, str) or name not in BACKEND_CHOICES:
@@ -316,7 +325,10 @@ class use_backend:
         with gptfast.ops.use_backend("torch"):
             ...
 
-    A named backend that cannot run here raises ``RuntimeError`` at once.
+    The selection holds in the thread (or asyncio task) that makes it and in the asyncio tasks it then starts;
+    other threads keep their own (``$GPTFAST_BACKEND`` selects for every thread).  One object may be entered
+    again, in any thread: each ``with`` selects its backend on entry and restores on exit.  A named backend
+    that cannot run here raises ``RuntimeError`` at once.
     """
 
     def __init__(self, name: str):
@@ -326,14 +338,19 @@ class use_backend:
             if reason is not None:
                 raise RuntimeError(f"gptfast backend {name!r} is not available: {reason}")
         self.name = name
-        self._previous = getattr(_state, "backend", None)
-        _state.backend = name
+        self._previous = _selection.get()
+        _selection.set(name)
+        self._just_made = True  # entered now, as `with use_backend(...)`: the call itself made the selection
 
     def __enter__(self) -> "use_backend":
+        if not self._just_made or _selection.get() != self.name:  # kept and entered later, or in another thread
+            self._previous = _selection.get()
+            _selection.set(self.name)
+        self._just_made = False
         return self
 
     def __exit__(self, *exc_info) -> None:
-        _state.backend = self._previous
+        _selection.set(self._previous)
 
 
 def _serves(module: ModuleType, op: str, device: torch.device, args, kwargs) -> str | None:
