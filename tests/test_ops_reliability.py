@@ -677,3 +677,31 @@ def test_a_drop_in_model_gives_the_torch_paths_forward_derivative():
             tangents[backend] = torch.func.jvp(logits, (params[name],), (direction,))[1]
     assert tangents["torch"].abs().sum() > 0
     torch.testing.assert_close(tangents["auto"], tangents["torch"], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- mixed dtypes under autocast
+# As F.linear and matmul under autocast, the product ops take inputs of different floating dtypes there (all cast
+# to autocast's dtype); outside autocast, and with a float64 input, mixed dtypes stay an error.
+
+def _mixed_dtype_calls():
+    g = torch.Generator().manual_seed(2)
+    hidden, head = torch.randn(6, 16, generator=g), torch.randn(50, 16, generator=g).bfloat16()
+    q, kv = torch.randn(1, 2, 4, 8, generator=g), torch.randn(1, 2, 4, 8, generator=g).bfloat16()
+    targets = torch.randint(0, 50, (6,), generator=g)
+    return {
+        "linear_cross_entropy": lambda backend: ops.linear_cross_entropy(hidden, head, targets, bias=torch.zeros(50),
+                                                                         backend=backend),
+        "causal_attention": lambda backend: ops.causal_attention(q, kv, kv, backend=backend),
+        "decode_linear": lambda backend: ops.decode_linear(hidden[:2], head, backend=backend),
+    }
+
+
+@pytest.mark.parametrize("name", list(_mixed_dtype_calls()))
+def test_mixed_dtypes_under_autocast_are_cast_as_autocast_casts_a_product(name):
+    call = _mixed_dtype_calls()[name]
+    with pytest.raises(TypeError, match="must share one dtype"):
+        call("torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = call("torch")
+        if "cpu" in AVAILABLE:  # (the Triton interpreter's bf16 is not trustworthy)
+            torch.testing.assert_close(call("cpu").float(), expected.float(), rtol=2e-2, atol=2e-2)

@@ -68,6 +68,14 @@ def require_same_device(**tensors: torch.Tensor) -> torch.device:
     return first
 
 
+def autocast_unifies(*tensors) -> bool:
+    """True when autocast will cast these floating tensors to its one dtype before the product, as it casts the
+    inputs of ``F.linear`` or ``matmul``: it is on for their device and none is float64 (which it leaves alone).
+    Mixed dtypes are then no error, as they are not for those functions."""
+    present = [t for t in tensors if t is not None]
+    return torch.is_autocast_enabled(present[0].device.type) and all(t.dtype != torch.float64 for t in present)
+
+
 def check_attention(q, k, v, dropout_p, scale, training=False) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         require_tensor(name, t)
@@ -75,7 +83,7 @@ def check_attention(q, k, v, dropout_p, scale, training=False) -> None:
             raise ValueError(f"{name} must be 4-D (batch, heads, tokens, head_dim), got shape {tuple(t.shape)}")
         require_float(name, t)
     require_same_device(q=q, k=k, v=v)
-    if not (q.dtype == k.dtype == v.dtype):
+    if not (q.dtype == k.dtype == v.dtype) and not autocast_unifies(q, k, v):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -127,12 +135,15 @@ def check_targets(targets: torch.Tensor, expected_shape, num_classes: int, ignor
                                    f"ignore_index={ignore_index}")
 
 
-def check_bias(bias, rows: int, dtype: torch.dtype, input_name: str) -> None:
-    """A linear layer's ``bias``: a ``(rows,)`` tensor of its input's ``dtype`` (``input_name`` says which input)."""
+def check_bias(bias, rows: int, dtype: torch.dtype | None, input_name: str) -> None:
+    """A linear layer's ``bias``: a ``(rows,)`` tensor of its input's ``dtype`` (``input_name`` says which input;
+    ``dtype`` None: any floating dtype, autocast casting them all)."""
     require_tensor("bias", bias)
     if bias.shape != (rows,):
         raise ValueError(f"bias must have shape ({rows},), got {tuple(bias.shape)}")
-    if bias.dtype != dtype:
+    if dtype is None:
+        require_float("bias", bias)
+    elif bias.dtype != dtype:
         raise TypeError(f"bias must have {input_name}'s dtype {dtype}, got {bias.dtype}")
 
 
@@ -168,10 +179,11 @@ def check_linear_cross_entropy(hidden, weight, targets, bias, ignore_index, redu
             f"weight must be (V, H) with H={hidden.shape[-1]} to match hidden, got shape {tuple(weight.shape)}")
     require_float("hidden", hidden)
     require_float("weight", weight)
-    if hidden.dtype != weight.dtype:
+    cast = autocast_unifies(hidden, weight, bias)
+    if hidden.dtype != weight.dtype and not cast:
         raise TypeError(f"hidden and weight must share one dtype, got {hidden.dtype} and {weight.dtype}")
     if bias is not None:
-        check_bias(bias, weight.shape[0], hidden.dtype, "hidden")
+        check_bias(bias, weight.shape[0], None if cast else hidden.dtype, "hidden")
         require_same_device(hidden=hidden, bias=bias)
     check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index)
     require_same_device(hidden=hidden, weight=weight, targets=targets)
@@ -347,10 +359,11 @@ def check_decode_linear(x, weight, bias) -> None:
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(f"weight must be (N, K) with K={x.shape[-1]} to match x's last axis, got shape "
                          f"{tuple(weight.shape)}")
-    if weight.dtype != x.dtype:
+    cast = autocast_unifies(x, weight, bias)
+    if weight.dtype != x.dtype and not cast:
         raise TypeError(f"x and weight must share one dtype, got {x.dtype} and {weight.dtype}")
     if bias is not None:
-        check_bias(bias, weight.shape[0], x.dtype, "x")
+        check_bias(bias, weight.shape[0], None if cast else x.dtype, "x")
         require_same_device(x=x, weight=weight, bias=bias)
     else:
         require_same_device(x=x, weight=weight)

@@ -407,7 +407,7 @@ def fused_linear_cross_entropy(ops, hidden, weight, targets, *, bias=None, ignor
         # As under autocast F.linear multiplies in the autocast dtype and F.cross_entropy returns float32:
         # the chunks take the cast inputs with autocast off (their out= products keep the dtypes given).
         # The loss is reduced in float32 from the float32 row losses, never rounded to 16 bits on the way.
-        # (hidden, weight and bias share one dtype: the front door checks it.)
+        # (hidden, weight and bias may differ in dtype here: autocast_inputs gives them its one dtype.)
         hidden, weight, bias = autocast_inputs(hidden, weight, bias)
         with torch.autocast(device_type, enabled=False):
             return _linear_cross_entropy(ops, hidden, weight, targets, bias, ignore_index, reduction, torch.float32)
