@@ -409,10 +409,11 @@ def make_build_ext(BuildExtension, report):
                 super().build_extensions()
             except Exception as exc:  # noqa: BLE001
                 # torch checks the compiler (its version, its ABI) before it builds any extension: what fails
-                # there fails every extension not yet attempted, each recorded as one that failed.
-                pending = [ext for ext in self.extensions if ext.name not in self.attempted]
-                if not pending:
+                # there fails every extension, each recorded as one that failed.  Once one was attempted, an error
+                # here is a forced build's failure, which _record re-raised: it stops the install.
+                if self.attempted:
                     raise
+                pending = list(self.extensions)
                 for ext in pending:
                     self._record(ext, exc, "")
 

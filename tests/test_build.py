@@ -197,6 +197,54 @@ def test_a_build_without_torch_records_why_the_backends_are_missing(tmp_path):
     assert proc.returncode != 0 and "GPTFAST_BUILD_CPU=1 but the cpu extension cannot be built" in proc.stderr
 
 
+class _StandInBuild:
+    """The parts of torch's BuildExtension the tolerant build wraps: ``checks`` fails before any extension (as
+    torch's compiler check does), ``failing`` names the extensions whose build fails."""
+
+    def __init__(self, extensions, tmp_path, checks_fail=False, failing=()):
+        self.extensions, self.inplace, self.tmp_path = extensions, False, tmp_path
+        self.checks_fail, self.failing = checks_fail, failing
+
+    def build_extensions(self):
+        if self.checks_fail:
+            raise RuntimeError("the compiler's version check failed")
+        for ext in self.extensions:
+            self.build_extension(ext)
+
+    def build_extension(self, ext):
+        if ext.name in self.failing:
+            raise RuntimeError(f"compile error in {ext.name}")
+
+    def get_ext_fullpath(self, name):
+        return str(self.tmp_path / (name + ".so"))
+
+    def get_ext_filename(self, name):
+        return name + ".so"
+
+
+def _extensions(*names):
+    import types
+
+    return [types.SimpleNamespace(name=name) for name in names]
+
+
+def test_the_tolerant_build_records_failures_and_stops_on_a_forced_one(setup_module, tmp_path, monkeypatch):
+    names = ("gptfast._C_cpu", "gptfast._C_cpu_avx512")
+    for flag in ("GPTFAST_BUILD_CPU", "GPTFAST_CPU_AVX512", "GPTFAST_BUILD_CUDA"):
+        monkeypatch.setenv(flag, "auto")
+    # A check that fails before any extension: every one recorded as failed, the install goes on.
+    report = {}
+    build = setup_module.make_build_ext(_StandInBuild, report)(_extensions(*names), tmp_path, checks_fail=True)
+    build.build_extensions()
+    assert all("version check failed" in report[key]["reason"] for key in ("cpu", "cpu_avx512"))
+    assert set(build.failed) == set(names)
+    # A forced extension that fails stops the install, even with another extension after it.
+    monkeypatch.setenv("GPTFAST_BUILD_CPU", "1")
+    build = setup_module.make_build_ext(_StandInBuild, {})(_extensions(*names), tmp_path, failing={names[0]})
+    with pytest.raises(RuntimeError, match="compile error in gptfast._C_cpu"):
+        build.build_extensions()
+
+
 def test_the_sdist_ships_every_kernel_source_and_the_data(tmp_path):
     """Whatever setup.py lists when the sdist is made (nothing without torch), the kernels build from the sdist."""
     # The files as they are in this tree: the sdist is made from a copy holding only them.

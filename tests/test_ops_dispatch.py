@@ -47,6 +47,43 @@ def test_a_kept_use_backend_object_selects_each_time_it_is_entered():
         ops.use_backend("auto")
 
 
+def test_one_object_entered_twice_nested_or_by_two_threads_restores_each_block():
+    import threading
+
+    from gptfast.ops import _dispatch
+
+    before = _dispatch._selection.get()
+    keep = ops.use_backend("torch")
+    with keep:
+        with keep:
+            assert ops.get_backend() == "torch"
+        assert ops.get_backend() == "torch"
+    assert _dispatch._selection.get() == before  # made and entered at once: as `with use_backend(...)`
+
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def holds_the_block():
+        with keep:
+            inside.set()
+            release.wait()
+        seen["first thread after"] = _dispatch._selection.get()
+
+    def enters_meanwhile():
+        inside.wait()
+        with ops.use_backend("auto"):
+            with keep:
+                pass
+            seen["second thread inside its own block"] = ops.get_backend()
+        release.set()
+
+    threads = [threading.Thread(target=holds_the_block), threading.Thread(target=enters_meanwhile)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == {"first thread after": None, "second thread inside its own block": "auto"}
+
+
 def test_the_selection_belongs_to_its_thread_and_asyncio_task():
     import asyncio
     import threading

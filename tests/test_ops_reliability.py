@@ -578,6 +578,8 @@ def test_raw_kernels_refuse_float_indices_instead_of_truncating_them():
         kernels.sample_next_token(logits, None, 1.0, torch.full((4,), 0.2), 9, None)
     with pytest.raises(RuntimeError, match="temperature must be a floating"):
         kernels.sample_next_token(logits, torch.ones(2, 2), 0.0, None, 9, None)
+    with pytest.raises(RuntimeError, match="got Long"):  # the right shape, an integer dtype
+        kernels.sample_next_token(logits, torch.ones(4, dtype=torch.int64), 0.0, None, 9, None)
     x = torch.randn(1, 1, 3, 8)
     cos, sin = torch.randn(10, 8), torch.randn(10, 8)
     with pytest.raises(RuntimeError, match="positions must be an integer"):
@@ -694,6 +696,32 @@ def _mixed_dtype_calls():
         "causal_attention": lambda backend: ops.causal_attention(q, kv, kv, backend=backend),
         "decode_linear": lambda backend: ops.decode_linear(hidden[:2], head, backend=backend),
     }
+
+
+def test_meta_tensors_of_one_dtype_still_give_shapes():
+    """The autocast test of mixed dtypes is not asked of one dtype (autocast knows no meta device)."""
+    hidden, weight = torch.randn(6, 16, device="meta"), torch.randn(50, 16, device="meta")
+    loss = ops.linear_cross_entropy(hidden, weight, torch.zeros(6, dtype=torch.long, device="meta"), backend="torch")
+    assert loss.device.type == "meta" and loss.shape == ()
+
+
+def test_the_loss_backend_is_chosen_for_the_inputs_autocast_hands_over(monkeypatch):
+    """A float32 hidden with a bf16 head under autocast: the backends are asked about one dtype, as their paths
+    cast to it; before, a backend refusing mixed dtypes in its own limits was skipped or refused."""
+    from gptfast.ops import _dispatch
+
+    asked = []
+    real = _dispatch.resolve
+    monkeypatch.setattr(_dispatch, "resolve", lambda op, device, args=(), kwargs=None, backend=None: (
+        asked.append({t.dtype for t in (*args[:2], (kwargs or {}).get("bias")) if t is not None}),
+        real(op, device, args, kwargs, backend))[1])
+    import gptfast.ops as front_door
+
+    monkeypatch.setattr(front_door, "resolve", _dispatch.resolve)
+    hidden, head = torch.randn(6, 16), torch.randn(50, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ops.linear_cross_entropy(hidden, head, torch.randint(0, 50, (6,)), bias=torch.zeros(50), backend="torch")
+    assert asked == [{torch.bfloat16}]
 
 
 @pytest.mark.parametrize("name", list(_mixed_dtype_calls()))

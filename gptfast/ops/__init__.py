@@ -122,7 +122,10 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-10
     _checks.check_linear_cross_entropy(hidden, weight, targets, bias, ignore_index, reduction)
     targets = _checks.comparable_targets(targets, ignore_index)
     kwargs = dict(bias=bias, ignore_index=int(ignore_index), reduction=reduction)
-    _, fn = resolve("linear_cross_entropy", hidden.device, (hidden, weight, targets), kwargs, backend)
+    # The backend is chosen for the tensors as autocast hands them over (each backend's path casts them so).
+    hidden_cast, weight_cast, bias_cast = autocast_inputs(hidden, weight, bias)
+    _, fn = resolve("linear_cross_entropy", hidden.device, (hidden_cast, weight_cast, targets),
+                    {**kwargs, "bias": bias_cast}, backend)
     return fn(hidden, weight, targets, **kwargs)
 
 

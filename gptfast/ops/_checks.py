@@ -68,12 +68,21 @@ def require_same_device(**tensors: torch.Tensor) -> torch.device:
     return first
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False for a device autocast does not know (meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def autocast_unifies(*tensors) -> bool:
-    """True when autocast will cast these floating tensors to its one dtype before the product, as it casts the
-    inputs of ``F.linear`` or ``matmul``: it is on for their device and none is float64 (which it leaves alone).
-    Mixed dtypes are then no error, as they are not for those functions."""
-    present = [t for t in tensors if t is not None]
-    return torch.is_autocast_enabled(present[0].device.type) and all(t.dtype != torch.float64 for t in present)
+    """True when these floating tensors differ in dtype and autocast will cast them to its one dtype before the
+    product, as it casts the inputs of ``F.linear`` or ``matmul``: it is on for their device and none is float64
+    (which it leaves alone).  Mixed dtypes are then no error, as they are not for those functions."""
+    present = [t for t in tensors if isinstance(t, torch.Tensor)]  # a non-tensor is refused by its own check
+    return (len({t.dtype for t in present}) > 1 and autocast_enabled(present[0].device.type)
+            and all(t.dtype != torch.float64 for t in present))
 
 
 def check_attention(q, k, v, dropout_p, scale, training=False) -> None:

@@ -37,6 +37,8 @@ import torch.autograd.forward_ad as _forward_ad
 from torch._functorch import pyfunctorch as _pyfunctorch
 from torch.utils import _python_dispatch
 
+from . import _checks
+
 OPS = ("causal_attention", "cross_entropy", "linear_cross_entropy", "sample_next_token", "rms_norm", "layer_norm",
        "swiglu", "gelu", "dropout", "rope", "decode_linear")
 
@@ -84,6 +86,10 @@ _import_errors: dict[str, str] = {}
 # The selection of use_backend: a context variable, so it holds for the thread (and asyncio task) that made it and
 # the tasks that task starts, and a `with` block around an `await` does not reach other tasks.
 _selection: contextvars.ContextVar[str | None] = contextvars.ContextVar("gptfast_backend", default=None)
+# The `with use_backend(...)` blocks open in this context, innermost last: (object, token of its selection, whether
+# its exit also undoes the selection its construction made).  Per context, so threads and tasks sharing one object
+# each restore their own selection.
+_open_blocks: contextvars.ContextVar[tuple] = contextvars.ContextVar("gptfast_backend_blocks", default=())
 
 
 def _load(name: str) -> ModuleType | None:
@@ -338,19 +344,26 @@ class use_backend:
             if reason is not None:
                 raise RuntimeError(f"gptfast backend {name!r} is not available: {reason}")
         self.name = name
-        self._previous = _selection.get()
-        _selection.set(name)
-        self._just_made = True  # entered now, as `with use_backend(...)`: the call itself made the selection
+        self._made = _selection.set(name)  # the plain call's selection
+        self._fresh = True
 
     def __enter__(self) -> "use_backend":
-        if not self._just_made or _selection.get() != self.name:  # kept and entered later, or in another thread
-            self._previous = _selection.get()
-            _selection.set(self.name)
-        self._just_made = False
+        # Entered right after it was made (`with use_backend(...)`): the exit undoes the construction's selection
+        # too, restoring what was selected before the call.
+        undo_made = self._fresh and _selection.get() == self.name
+        self._fresh = False
+        _open_blocks.set(_open_blocks.get() + ((self, _selection.set(self.name), undo_made),))
         return self
 
     def __exit__(self, *exc_info) -> None:
-        _selection.set(self._previous)
+        blocks = _open_blocks.get()
+        i = max(k for k, block in enumerate(blocks) if block[0] is self)  # this object's innermost block here
+        _, token, undo_made = blocks[i]
+        _open_blocks.set(blocks[:i] + blocks[i + 1:])
+        _selection.reset(token)
+        if undo_made:
+            with contextlib.suppress(ValueError):  # made in another context: nothing of it to undo in this one
+                _selection.reset(self._made)
 
 
 def _serves(module: ModuleType, op: str, device: torch.device, args, kwargs) -> str | None:
@@ -430,7 +443,7 @@ def autocast_inputs(*tensors):
     kernels are one op each, which autocast does not cast; the torch path's products are cast by autocast
     itself, so it takes the tensors as given."""
     first = next((t for t in tensors if t is not None), None)
-    if first is None or not torch.is_autocast_enabled(first.device.type):
+    if first is None or not _checks.autocast_enabled(first.device.type):
         return tensors
     dtype = torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
