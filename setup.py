@@ -232,13 +232,12 @@ def variant_sources(sources, folder):
 # ----------------------------------------------------------------------------- extensions
 
 
-def _no_sources(backend, flag, folder, report):
-    """None, with the reason in ``report``, for a source tree without ``folder``'s kernels; an error if ``flag`` forces
-    the build (a forced build that quietly builds nothing would leave the backend missing unannounced)."""
-    reason = f"not built: this source tree has no {folder} sources"
+def _not_built(backend, flag, reason, report):
+    """None, with ``reason`` in ``report``: ``backend``'s extension cannot be built here.  An error if ``flag``
+    forces the build (a forced build that quietly builds nothing would leave the backend missing unannounced)."""
     if _flag(flag) == "1":
         raise RuntimeError(f"{flag}=1 but the {backend} extension cannot be built: {reason}")
-    report[backend] = {"built": False, "reason": reason}
+    report[backend] = {"built": False, "reason": f"not built: {reason}"}
     return None
 
 
@@ -246,15 +245,12 @@ def cpu_extensions(CppExtension, std, report):
     """The CPU extension and, where it is built, its AVX-512 variant; none (the reason in ``report``)."""
     sources = _sources("csrc/cpu/*.cpp")
     if not sources:
-        return _no_sources("cpu", "GPTFAST_BUILD_CPU", "csrc/cpu", report) or []
+        return _not_built("cpu", "GPTFAST_BUILD_CPU", "this source tree has no csrc/cpu sources", report) or []
     if _flag("GPTFAST_BUILD_CPU") == "0":
         report["cpu"] = {"built": False, "reason": "not built: GPTFAST_BUILD_CPU=0 at install time"}
         return []
     if compiler_problem() is not None:
-        if _flag("GPTFAST_BUILD_CPU") == "1":
-            raise RuntimeError(f"GPTFAST_BUILD_CPU=1 but {compiler_problem()}")
-        report["cpu"] = {"built": False, "reason": f"not built: {compiler_problem()}"}
-        return []
+        return _not_built("cpu", "GPTFAST_BUILD_CPU", compiler_problem(), report) or []
     omp_cflags, omp_lflags, omp_note = openmp_flags()
     simd_flags, simd_note = x86_simd_flags()
     report["cpu"] = {"built": False, "openmp": omp_note, "simd": simd_note, "cxx_std": f"c++{std}"}
@@ -283,7 +279,7 @@ def cuda_extension(CUDAExtension, torch_module, cuda_home, std, report):
     """The CUDA extension, or None (with the reason in ``report``)."""
     sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
     if not sources:
-        return _no_sources("cuda", "GPTFAST_BUILD_CUDA", "csrc/cuda", report)
+        return _not_built("cuda", "GPTFAST_BUILD_CUDA", "this source tree has no csrc/cuda sources", report)
     wanted = _flag("GPTFAST_BUILD_CUDA")
     reason = None
     if wanted == "0":
@@ -413,8 +409,7 @@ def make_build_ext(BuildExtension, report):
                 # here is a forced build's failure, which _record re-raised: it stops the install.
                 if self.attempted:
                     raise
-                pending = list(self.extensions)
-                for ext in pending:
+                for ext in self.extensions:
                     self._record(ext, exc, "")
 
         def build_extension(self, ext):
@@ -484,13 +479,12 @@ def _without_torch():
     or metadata only, as for an sdist).  A build the user forced is an error."""
     from setuptools.command.build_py import build_py
 
-    reason = ("not built: torch was not importable when gptfast was built (pip builds in an isolated "
-              "environment by default): install torch first, then gptfast with --no-build-isolation")
+    reason = ("torch was not importable when gptfast was built (pip builds in an isolated environment by "
+              "default): install torch first, then gptfast with --no-build-isolation")
+    report = {}
     for backend, flag in (("cpu", "GPTFAST_BUILD_CPU"), ("cuda", "GPTFAST_BUILD_CUDA")):
-        if _flag(flag) == "1":
-            raise RuntimeError(f"{flag}=1 but the {backend} extension cannot be built: {reason}")
-    return [], {"build_py": make_build_py(build_py, {"cpu": {"built": False, "reason": reason},
-                                                     "cuda": {"built": False, "reason": reason}})}
+        _not_built(backend, flag, reason, report)
+    return [], {"build_py": make_build_py(build_py, report)}
 
 
 def extensions():

@@ -173,7 +173,8 @@ def test_a_compiler_that_does_not_work_is_named_before_any_probe_blames_openmp(s
         assert setup_module.cpu_extensions(None, 17, report) == []
         assert report["cpu"]["reason"] == f"not built: the C++ compiler does not build a plain program ({why})"
         monkeypatch.setenv("GPTFAST_BUILD_CPU", "1")
-        with pytest.raises(RuntimeError, match="GPTFAST_BUILD_CPU=1 but the C.. compiler does not build"):
+        with pytest.raises(RuntimeError, match="GPTFAST_BUILD_CPU=1 but the cpu extension cannot be built: the "
+                                               "C.. compiler does not build"):
             setup_module.cpu_extensions(None, 17, {})
     finally:
         setup_module.compiler_problem.cache_clear()
