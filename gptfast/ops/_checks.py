@@ -85,6 +85,16 @@ def autocast_unifies(*tensors) -> bool:
             and all(t.dtype != torch.float64 for t in present))
 
 
+def check_linear_dtypes(input_name: str, x, weight, bias) -> None:
+    """A product's ``x`` (named ``input_name``), ``weight`` and ``bias`` (or None) share one dtype, unless autocast
+    casts them to its own (:func:`autocast_unifies`); the bias is also checked for its shape."""
+    cast = autocast_unifies(x, weight, bias)
+    if weight.dtype != x.dtype and not cast:
+        raise TypeError(f"{input_name} and weight must share one dtype, got {x.dtype} and {weight.dtype}")
+    if bias is not None:
+        check_bias(bias, weight.shape[0], None if cast else x.dtype, input_name)
+
+
 def check_attention(q, k, v, dropout_p, scale, training=False) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         require_tensor(name, t)
@@ -188,11 +198,8 @@ def check_linear_cross_entropy(hidden, weight, targets, bias, ignore_index, redu
             f"weight must be (V, H) with H={hidden.shape[-1]} to match hidden, got shape {tuple(weight.shape)}")
     require_float("hidden", hidden)
     require_float("weight", weight)
-    cast = autocast_unifies(hidden, weight, bias)
-    if hidden.dtype != weight.dtype and not cast:
-        raise TypeError(f"hidden and weight must share one dtype, got {hidden.dtype} and {weight.dtype}")
+    check_linear_dtypes("hidden", hidden, weight, bias)
     if bias is not None:
-        check_bias(bias, weight.shape[0], None if cast else hidden.dtype, "hidden")
         require_same_device(hidden=hidden, bias=bias)
     check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index)
     require_same_device(hidden=hidden, weight=weight, targets=targets)
@@ -368,11 +375,8 @@ def check_decode_linear(x, weight, bias) -> None:
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(f"weight must be (N, K) with K={x.shape[-1]} to match x's last axis, got shape "
                          f"{tuple(weight.shape)}")
-    cast = autocast_unifies(x, weight, bias)
-    if weight.dtype != x.dtype and not cast:
-        raise TypeError(f"x and weight must share one dtype, got {x.dtype} and {weight.dtype}")
+    check_linear_dtypes("x", x, weight, bias)
     if bias is not None:
-        check_bias(bias, weight.shape[0], None if cast else x.dtype, "x")
         require_same_device(x=x, weight=weight, bias=bias)
     else:
         require_same_device(x=x, weight=weight)
