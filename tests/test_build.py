@@ -180,11 +180,17 @@ def test_a_compiler_that_does_not_work_is_named_before_any_probe_blames_openmp(s
         setup_module.compiler_problem.cache_clear()
 
 
-def test_a_build_without_torch_records_why_the_backends_are_missing(tmp_path):
-    """pip's default, isolated build cannot import torch: gptfast installs without extensions, and says why."""
+def _without_torch_path(tmp_path):
+    """A folder that, first on PYTHONPATH, makes ``import torch`` fail, as in pip's isolated build."""
     blocker = tmp_path / "no_torch"
     blocker.mkdir()
     (blocker / "torch.py").write_text("raise ImportError('torch is not importable in this build')\n")
+    return blocker
+
+
+def test_a_build_without_torch_records_why_the_backends_are_missing(tmp_path):
+    """pip's default, isolated build cannot import torch: gptfast installs without extensions, and says why."""
+    blocker = _without_torch_path(tmp_path)
     lib = tmp_path / "lib"
     env = {**os.environ, "PYTHONPATH": str(blocker), "GPTFAST_BUILD_CPU": "auto", "GPTFAST_BUILD_CUDA": "auto"}
     command = [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)]
@@ -258,9 +264,7 @@ def test_the_sdist_ships_every_kernel_source_and_the_data(tmp_path):
     for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "ARCHITECTURE.md"):
         (tree / name).write_bytes((REPO / name).read_bytes())
     # Without torch importable, as in an isolated build: setup.py then lists no extension at all.
-    blocker = tmp_path / "no_torch"
-    blocker.mkdir()
-    (blocker / "torch.py").write_text("raise ImportError('torch is not importable in this build')\n")
+    blocker = _without_torch_path(tmp_path)
     proc = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--formats=tar", "-d", str(tmp_path / "dist")],
                           cwd=tree, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(blocker)})

@@ -26,6 +26,8 @@ import torch
 
 from gptfast import ops
 
+from parity import kernel_namespace, needs_cpu_backend
+
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AVAILABLE = ops.available_backends()
 
@@ -556,23 +558,18 @@ def test_rope_tables_that_need_a_gradient_take_the_torch_path(backend):
 # What a direct caller of ``torch.ops.gptfast_cpu`` gets: an error, never unwritten memory or a truncated index.
 
 
-def _raw_cpu_ops():
-    if "cpu" not in AVAILABLE:
-        pytest.skip("the cpu backend is not built")
-    from gptfast.ops import cpu_ops  # noqa: F401  (registers the fakes and autograd)
-    return torch.ops.gptfast_cpu
-
-
+@needs_cpu_backend
 def test_raw_norm_kernels_refuse_rows_of_no_elements():
-    kernels = _raw_cpu_ops()
+    kernels = kernel_namespace("cpu")
     with pytest.raises(RuntimeError, match="rows must hold at least one element"):
         kernels.rms_norm_fwd(torch.randn(3, 0), torch.randn(0), 1e-6)
     with pytest.raises(RuntimeError, match="rows must hold at least one element"):
         kernels.layer_norm_fwd(torch.randn(3, 0), torch.randn(0), torch.randn(0), 1e-5)
 
 
+@needs_cpu_backend
 def test_raw_kernels_refuse_float_indices_instead_of_truncating_them():
-    kernels = _raw_cpu_ops()
+    kernels = kernel_namespace("cpu")
     logits = torch.randn(4, 9)
     with pytest.raises(RuntimeError, match="top_k must be an integer"):
         kernels.sample_next_token(logits, None, 1.0, torch.full((4,), 0.2), 9, None)
@@ -593,10 +590,11 @@ def test_raw_kernels_refuse_float_indices_instead_of_truncating_them():
     assert kernels.rope_fwd(x, cos, sin, torch.tensor([[0, 1, 7]]), 0).shape == x.shape
 
 
+@needs_cpu_backend
 @pytest.mark.parametrize("case", ["sample_next_token", "cross_entropy_fwd", "rms_norm_fwd", "rope_fwd", "gelu_bwd"])
 def test_raw_kernels_refuse_meta_tensors_mixed_with_real_ones(case):
     """The Meta key wins such a call's dispatch: without the check the fake answered with unwritten memory."""
-    kernels = _raw_cpu_ops()
+    kernels = kernel_namespace("cpu")
     meta = dict(device="meta")
     call = {
         "sample_next_token": lambda: kernels.sample_next_token(torch.randn(2, 5), torch.ones(2, **meta), 0.0, None,
